@@ -1,0 +1,67 @@
+"""fastfair: fast, memory-lean fairness finetuning of text-to-image diffusion models.
+
+Install (CPU machines): ``pip install -c constraints.txt -e ".[cpu,test]"`` (what
+``make setup`` runs). The ``cpu`` extra pins the CPU build of torch that lies on
+these machines' disk; without it, a machine with no torch would pull a multi-GB
+CUDA build. On a machine that already has torch (e.g. a GPU box with torch 2.11),
+``pip install -e .`` keeps that torch: the core only needs torch >= 2.4.
+
+The native extension ``fastfair._C`` (C++/OpenMP for CPU, CUDA where nvcc and a
+CUDA torch are present) is built only when asked: ``FASTFAIR_BUILD_NATIVE=1``.
+"""
+import os
+
+from setuptools import setup
+
+CORE = [
+    "torch>=2.4",
+    "diffusers>=0.30,<0.50",
+    "transformers>=4.44,<6",
+    "peft>=0.12,<1",
+    "accelerate>=0.33",
+    "safetensors>=0.4",
+    "numpy>=1.24",
+    "scipy>=1.10",
+    "PyYAML>=6",
+    "tqdm>=4.60",
+]
+
+EXTRAS = {
+    # The CPU wheel on this project's machines' disk (DESIGN.md, dependency facts).
+    "cpu": ["torch==2.13.0"],
+    "triton": ["triton>=3.0"],
+    "train": ["deepspeed>=0.14", "tensorboard>=2.14", "matplotlib>=3.7", "pillow>=10"],
+    # 5.x wheels ship no Haar cascades: stay on 4.x.
+    "faces": ["opencv-python-headless>=4.8,<5"],
+    "clip": ["open_clip_torch>=2.24"],
+    "quant": ["bitsandbytes>=0.43"],
+    "native": ["ninja"],
+}
+EXTRAS["test"] = sorted(
+    {"pytest>=8"} | set(EXTRAS["triton"]) | set(EXTRAS["train"]) | set(EXTRAS["faces"]) | set(EXTRAS["native"])
+)
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "cpu" for req in reqs})
+
+
+def native_extensions():
+    """The optional ``fastfair._C`` extension; empty unless FASTFAIR_BUILD_NATIVE=1."""
+    if os.environ.get("FASTFAIR_BUILD_NATIVE", "0") != "1":
+        return [], {}
+    raise SystemExit("FASTFAIR_BUILD_NATIVE=1: the native extension is not available in this version yet")
+
+
+ext_modules, cmdclass = native_extensions()
+
+setup(
+    name="fastfair",
+    version="0.1.0",
+    description="Fast, memory-lean fairness finetuning of text-to-image diffusion models",
+    python_requires=">=3.9",
+    packages=["fastfair", "fastfair.kernels"],
+    package_dir={"fastfair": "fastfair", "fastfair.kernels": "kernels"},
+    include_package_data=True,
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
