@@ -1,0 +1,319 @@
+"""Adjusted direct finetuning (DFT) engine: differentiable DPM-Solver++ sampling at constant memory.
+
+``sample`` runs the sampler with no graph, keeps only the latents z_i of the steps it will backpropagate, and
+returns z_0 through a ``torch.autograd.Function`` whose backward gives exactly the adjusted gradient of the
+seed's Algorithm A.1 (U-Net input detached, the CFG-combined eps's gradient scaled by C_i):
+
+    dL/d eps_i = C_i k_i g,  g = dL/dz_0,  k_i the chain weight of eps_i in z_0 (``fastfair.schedule``)
+    eps_i = eps_u + w (eps_c - eps_u)  =>  dL/d eps_c,i = w C_i k_i g,  dL/d eps_u,i = (1 - w) C_i k_i g
+
+The steps are independent, so the backward recomputes the U-Net at (z_i, t_i) in chunks of steps batched into
+one call and backpropagates those upstream gradients (DESIGN.md, "The one fact the speed rests on").
+Parameter and embedding gradients are summed with ``torch.autograd.grad`` and returned once from the Function,
+so each parameter's gradient is produced exactly once per backward (ZeRO-2 requires it).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import kernels
+from .schedule import COEFFICIENT_MODES, SolverSchedule, solver_schedule
+
+
+@lru_cache(maxsize=64)
+def _cached_schedule(config_json: str, num_steps: int) -> SolverSchedule:
+    return solver_schedule(json.loads(config_json), num_steps)
+
+
+def schedule_for(scheduler: Any, num_steps: int) -> SolverSchedule:
+    """``solver_schedule`` memoized on the scheduler's config (the trainer calls this every iteration)."""
+    config = dict(getattr(scheduler, "config", scheduler))
+    return _cached_schedule(json.dumps(config, sort_keys=True, default=str), int(num_steps))
+
+
+@dataclass
+class _Plan:
+    """Everything the forward decides and the backward needs, besides tensors."""
+
+    unet: torch.nn.Module
+    schedule: SolverSchedule
+    guidance: float
+    use_cfg: bool
+    grad_steps: List[int]            # steps whose gradient is backpropagated (sorted)
+    step_weight: float               # S/K for an unbiased subsample, else 1
+    keep_graph: set                  # steps whose graph is kept from the forward
+    recompute_chunk: int
+    coefficients: str
+    unet_dtype: torch.dtype
+    saved_z: Dict[int, torch.Tensor] = field(default_factory=dict)
+    kept_eps: Dict[int, torch.Tensor] = field(default_factory=dict)
+    # (cond, uncond) as the U-Net sees them in graph-building calls: a fresh leaf where the caller's tensor
+    # requires grad (its gradient is summed over steps and returned once), else the detached tensor.
+    sources: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
+    leaves: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
+    autocast: Optional[Tuple[str, bool, Optional[torch.dtype]]] = None
+
+
+def _unet_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    out = unet(x, t, encoder_hidden_states=emb)
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def _embeddings(cond: torch.Tensor, uncond: Optional[torch.Tensor], batch: int, branches: int) -> torch.Tensor:
+    """[branches*B, L, D] in the U-Net batch layout: [uncond; cond] with CFG, [cond] without."""
+    parts = [cond.expand(batch, *cond.shape[1:])]
+    if branches == 2:
+        parts.insert(0, uncond.expand(batch, *uncond.shape[1:]))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
+                  grad_steps):
+    if not isinstance(z_T, torch.Tensor) or z_T.dim() < 2:
+        raise ValueError("z_T: expected a latent tensor [B, C, H, W]")
+    for name, emb in (("cond", cond), ("uncond", uncond)):
+        if emb is None:
+            continue
+        if emb.dim() != 3 or emb.shape[0] not in (1, z_T.shape[0]):
+            raise ValueError(
+                f"{name}: expected text embeddings [B, L, D] or [1, L, D] with B = z_T.shape[0] = {z_T.shape[0]}, "
+                f"got {tuple(emb.shape)}"
+            )
+    if coefficients not in COEFFICIENT_MODES:
+        raise ValueError(f"coefficients={coefficients!r}: expected one of {COEFFICIENT_MODES}")
+    if recompute_chunk is not None and (not isinstance(recompute_chunk, int) or recompute_chunk < 1):
+        raise ValueError(f"recompute_chunk={recompute_chunk!r}: expected a positive integer or None (= 1 step)")
+    if not isinstance(keep_graph_steps, int) or keep_graph_steps < 0:
+        raise ValueError(f"keep_graph_steps={keep_graph_steps!r}: expected an integer >= 0")
+    if grad_steps is not None and (not isinstance(grad_steps, int) or not 1 <= grad_steps <= num_steps):
+        raise ValueError(f"grad_steps={grad_steps!r}: expected None or an integer in [1, num_steps={num_steps}]")
+    if guidance_scale is None or not float(guidance_scale) == float(guidance_scale):
+        raise ValueError(f"guidance_scale={guidance_scale!r}: expected a number")
+
+
+def _check_deterministic(unet: torch.nn.Module) -> None:
+    # The backward recomputes the U-Net; active dropout would make it differ from the forward's sample.
+    if not unet.training:
+        return
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            raise ValueError(
+                f"unet: dropout {name or type(module).__name__} (p={module.p}) is active; the recompute would not "
+                "match the forward. Call unet.eval() (LoRA dropout included) or set its p to 0."
+            )
+
+
+def _select_grad_steps(num_steps: int, grad_steps: Optional[int], generator) -> Tuple[List[int], float]:
+    if grad_steps is None or grad_steps == num_steps:
+        return list(range(num_steps)), 1.0
+    device = generator.device if generator is not None else "cpu"
+    chosen = torch.randperm(num_steps, generator=generator, device=device)[:grad_steps]
+    return sorted(int(i) for i in chosen.tolist()), num_steps / grad_steps
+
+
+def _autocast_state(device_type: str):
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if enabled else None
+    except TypeError:  # torch < 2.4 had no device_type argument
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+        dtype = None
+    return (device_type, enabled, dtype)
+
+
+def _autocast(state):
+    if state is None or not state[1]:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=state[0], dtype=state[2])
+
+
+def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
+                 record: bool) -> torch.Tensor:
+    """The S solver steps with no graph; when ``record``, keep z_i of the grad steps and the kept graphs."""
+    sched, unet = plan.schedule, plan.unet
+    traj_dtype = torch.float64 if z_T.dtype == torch.float64 else torch.float32
+    z = z_T.detach().to(traj_dtype)
+    batch = z.shape[0]
+    branches = 2 if plan.use_cfg else 1
+    emb_nograd = _embeddings(cond.detach(), None if uncond is None else uncond.detach(), batch, branches)
+    grad_set = set(plan.grad_steps) if record else set()
+    m_prev = None
+    for i in range(sched.num_steps):
+        t = torch.full((branches * batch,), int(sched.timesteps[i]), device=z.device, dtype=torch.long)
+        x = z.to(plan.unet_dtype).repeat(branches, *([1] * (z.dim() - 1)))
+        if i in plan.keep_graph and record:
+            with torch.enable_grad():
+                emb = _embeddings(*plan.sources, batch, branches)
+                eps_graph = _unet_eps(unet, x, t, emb)
+            plan.kept_eps[i] = eps_graph
+            eps = eps_graph.detach()
+        else:
+            if i in grad_set:
+                plan.saved_z[i] = z
+            eps = _unet_eps(unet, x, t, emb_nograd)
+        eps_u, eps_c = (eps[:batch], eps[batch:]) if branches == 2 else (None, eps)
+        z, m_prev = kernels.solver_step(
+            z, eps_c, eps_u, m_prev, guidance=plan.guidance,
+            cz=float(sched.cz[i]), ce=float(sched.ce[i]), a=float(sched.a[i]),
+            b0=float(sched.b0[i]), b1=float(sched.b1[i]),
+        )
+    return z
+
+
+class _AdjustedDFT(torch.autograd.Function):
+    """z_0 = Sampler(z_T, cond, uncond; theta) with the adjusted backward.
+
+    Forward: the S-step sampler (no graph), saving z_i for the steps to backpropagate.
+    Backward (g = dL/dz_0; s_i = C_i k_i, times S/K for a K-step subsample; w the guidance scale):
+        dL/dtheta = sum_i [ w s_i g . d eps_c(z_i, t_i)/dtheta + (1 - w) s_i g . d eps_u(z_i, t_i)/dtheta ]
+        dL/dcond  = sum_i w s_i g . d eps_c/dcond,   dL/duncond = sum_i (1 - w) s_i g . d eps_u/duncond
+        dL/dz_T   = K_T g   (the chain weight of z_T; the U-Net input is detached, B_t = I)
+    Without CFG the single branch has weight 1. The upstream gradients of a chunk of steps are written by
+    ``fastfair.kernels.grad_fanout`` straight into the batched recompute's grad_output.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, z_T, cond, uncond, *params):
+        ctx.plan = plan
+        ctx.params = params
+        ctx.z_T_meta = (z_T.dtype, z_T.requires_grad)
+        return _run_sampler(plan, z_T, cond, uncond, record=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        plan: _Plan = ctx.plan
+        params = ctx.params
+        cond_leaf, uncond_leaf = plan.leaves
+        sched, w = plan.schedule, plan.guidance
+        scales = sched.grad_scales(plan.coefficients) * plan.step_weight
+        need_uncond = plan.use_cfg and (uncond_leaf is not None or len(params) > 0)
+        branch_weights = ([1.0 - w, w] if need_uncond else [w]) if plan.use_cfg else [1.0]
+        inputs = [x for x in (cond_leaf, uncond_leaf) if x is not None] + list(params)
+        sums: List[Optional[torch.Tensor]] = [None] * len(inputs)
+
+        def accumulate(eps: torch.Tensor, upstream: torch.Tensor) -> None:
+            grads = torch.autograd.grad(eps, inputs, upstream, allow_unused=True)
+            for k, gk in enumerate(grads):
+                if gk is not None:
+                    sums[k] = gk if sums[k] is None else sums[k].add_(gk)
+
+        g = g.contiguous()
+        batch = g.shape[0]
+        if inputs:
+            with _autocast(plan.autocast):
+                # The forward ran both CFG branches; an unconnected uncond branch adds nothing.
+                kept_weights = [1.0 - w, w] if plan.use_cfg else [1.0]
+                for i, eps in plan.kept_eps.items():
+                    upstream = kernels.grad_fanout(g, [float(scales[i])], kept_weights, out_dtype=eps.dtype)
+                    accumulate(eps, upstream.view_as(eps))
+                plan.kept_eps.clear()
+                todo = [i for i in plan.grad_steps if i in plan.saved_z]
+                nb = len(branch_weights)
+                for start in range(0, len(todo), plan.recompute_chunk):
+                    chunk = todo[start:start + plan.recompute_chunk]
+                    x = torch.cat([plan.saved_z[i].to(plan.unet_dtype).repeat(nb, *([1] * (g.dim() - 1)))
+                                   for i in chunk])
+                    t = torch.cat([torch.full((nb * batch,), int(sched.timesteps[i]), dtype=torch.long,
+                                              device=g.device) for i in chunk])
+                    with torch.enable_grad():
+                        emb = _embeddings(plan.sources[0], plan.sources[1] if nb == 2 else None, batch, nb)
+                        emb = emb.repeat(len(chunk), 1, 1) if len(chunk) > 1 else emb
+                        eps = _unet_eps(plan.unet, x, t, emb)
+                    upstream = kernels.grad_fanout(g, [float(scales[i]) for i in chunk], branch_weights,
+                                                   out_dtype=eps.dtype)
+                    accumulate(eps, upstream.view_as(eps))
+                    del eps, upstream
+        plan.saved_z.clear()
+
+        grads = dict(zip([id(x) for x in inputs], sums))
+        grad_cond = grads.get(id(cond_leaf)) if cond_leaf is not None else None
+        grad_uncond = grads.get(id(uncond_leaf)) if uncond_leaf is not None else None
+        zT_dtype, zT_requires_grad = ctx.z_T_meta
+        grad_zT = (g * sched.chain_weight_zT).to(zT_dtype) if zT_requires_grad else None
+        grad_params = [grads.get(id(p)) for p in params]
+        return (None, grad_zT, grad_cond, grad_uncond, *grad_params)
+
+
+def sample(
+    unet: torch.nn.Module,
+    scheduler: Any,
+    z_T: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: Optional[torch.Tensor] = None,
+    *,
+    num_steps: int = 20,
+    guidance_scale: float = 7.5,
+    coefficients: str = "paper",
+    recompute_chunk: Optional[int] = None,
+    keep_graph_steps: int = 0,
+    grad_steps: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    unet_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Sample z_0 with DPM-Solver++ so that z_0 carries the adjusted DFT gradient (seed Algorithm A.1).
+
+    Args:
+        unet: a module with diffusers' UNet2DConditionModel call signature
+            (``unet(x, t, encoder_hidden_states=emb).sample``), LoRA-wrapped or not. Its parameters with
+            ``requires_grad`` receive gradients. Must be deterministic (no active dropout).
+        scheduler: a diffusers ``DPMSolverMultistepScheduler`` (or its config); only its config is read.
+        z_T: initial noise [B, C, H, W]; the trajectory is kept in float32 (float64 if z_T is float64).
+        cond, uncond: text embeddings [B or 1, L, D] of the prompt and of the empty prompt. ``uncond=None`` or
+            ``guidance_scale=1`` disables classifier-free guidance. Each receives a gradient when it requires one.
+        num_steps: S, the number of U-Net evaluations.
+        guidance_scale: w in eps = eps_u + w (eps_c - eps_u).
+        coefficients: ``paper`` | ``exact`` | ``none``: the adjustment C_i (``fastfair.schedule``).
+        recompute_chunk: steps batched into one U-Net call in the backward (None = 1: least memory).
+        keep_graph_steps: keep this many steps' graphs from the forward instead of recomputing them.
+        grad_steps: K, backpropagate K of the S steps drawn uniformly without replacement (with ``generator``),
+            scaled by S/K: an unbiased estimate of the full adjusted gradient. None = all steps.
+        unet_dtype: dtype of the U-Net's input (default: the U-Net's ``dtype`` or its first parameter's).
+
+    Returns:
+        z_0 [B, C, H, W] in the trajectory dtype. Differentiable w.r.t. z_T, cond, uncond and the U-Net's
+        trainable parameters when grad mode is on; works inside an outer ``loss.backward()``, DeepSpeed's
+        ``engine.backward()`` and ``torch.autocast`` (the backward recompute runs under the forward's autocast).
+    """
+    _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
+                  grad_steps)
+    guidance = float(guidance_scale)
+    use_cfg = uncond is not None and guidance != 1.0
+    params = tuple(p for p in unet.parameters() if p.requires_grad)
+    if unet_dtype is None:
+        unet_dtype = getattr(unet, "dtype", None) or next(unet.parameters()).dtype
+    needs_grad = torch.is_grad_enabled() and (
+        z_T.requires_grad or cond.requires_grad or (use_cfg and uncond.requires_grad) or len(params) > 0
+    )
+    steps, step_weight = _select_grad_steps(num_steps, grad_steps, generator) if needs_grad else ([], 1.0)
+    plan = _Plan(
+        unet=unet,
+        schedule=schedule_for(scheduler, num_steps),
+        guidance=guidance,
+        use_cfg=use_cfg,
+        grad_steps=steps,
+        step_weight=step_weight,
+        keep_graph=set(steps[:keep_graph_steps]),
+        recompute_chunk=recompute_chunk or 1,
+        coefficients=coefficients,
+        unet_dtype=unet_dtype,
+    )
+    if not needs_grad:
+        with torch.no_grad():
+            return _run_sampler(plan, z_T, cond, uncond if use_cfg else None, record=False)
+
+    _check_deterministic(unet)
+    cond_leaf = cond.detach().requires_grad_() if cond.requires_grad else None
+    uncond_leaf = uncond.detach().requires_grad_() if use_cfg and uncond.requires_grad else None
+    plan.leaves = (cond_leaf, uncond_leaf)
+    plan.sources = (
+        cond_leaf if cond_leaf is not None else cond.detach(),
+        uncond_leaf if uncond_leaf is not None else (uncond.detach() if use_cfg else None),
+    )
+    plan.autocast = _autocast_state(z_T.device.type)
+    return _AdjustedDFT.apply(plan, z_T, cond, uncond if use_cfg else None, *params)

@@ -1,0 +1,262 @@
+"""Noise schedule and DPM-Solver++ per-step coefficients, in float64.
+
+For a diffusers ``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``, orders 1 and 2, multistep)
+and a step count S, every step i = 0..S-1 of the sampler is linear in the current latent z_i, the model output
+eps_i (after classifier-free guidance) and the previous data prediction m_{i-1}:
+
+    m_i     = cz_i * z_i + ce_i * eps_i                      (data / x0 prediction)
+    z_{i+1} = a_i * z_i + b0_i * m_i + b1_i * m_{i-1}        (b1_i = 0 at order 1)
+
+With alpha, sigma the VP-SDE coefficients of the step's noise level (diffusers: alpha = 1/sqrt(s^2+1),
+sigma = s * alpha with s = sqrt((1-abar)/abar)), lambda = log(alpha/sigma), h = lambda_{i+1} - lambda_i,
+c = alpha_{i+1} (1 - e^{-h}):
+
+    order 1 (DDIM):        a = sigma_{i+1}/sigma_i,  b0 = c,                   b1 = 0
+    order 2, midpoint:     a as above,               b0 = c + c/(2 r),         b1 = -c/(2 r)
+    order 2, heun:         e = alpha_{i+1}((e^{-h}-1)/h + 1);  b0 = c + e/r,   b1 = -e/r
+    with r = h_{i-1}/h_i.
+
+Unrolled, z_S = K_T z_T + sum_i k_i eps_i with scalar chain weights (``chain_weights``). With the U-Net input
+detached (the adjusted gradient's B_t = I), dL/d eps_i = C_i k_i dL/dz_S exactly; C_i are the adjustment
+coefficients (``adjustment``):
+
+- ``paper``: C_i = 1/A_{t_i}, A_t = beta_t / (sqrt(abar_t) sqrt(1-abar_t)) (seed Eq. 9), normalized by the
+  geometric mean over the steps (Algorithm A.1);
+- ``exact``: C_i = 1/|k_i|, geometric-mean normalized, so every step gets the same effective weight
+  |C_i k_i| = geomean(|k|) with the chain's own sign (the descent direction is kept);
+- ``none``: C_i = 1 (the plain detached gradient).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+
+COEFFICIENT_MODES = ("paper", "exact", "none")
+
+# Options of DPMSolverMultistepScheduler whose non-default values change the sampler in ways fastfair does not
+# model; each maps to the value fastfair supports.
+_UNSUPPORTED_IF_SET = {
+    "thresholding": False,
+    "use_lu_lambdas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_flow_sigmas": False,
+    "rescale_betas_zero_snr": False,
+    "use_dynamic_shifting": False,
+    "variance_type": None,
+}
+
+
+@dataclass(frozen=True)
+class SolverSchedule:
+    """The per-step coefficients of one S-step DPM-Solver++ trajectory (all float64 numpy arrays of length S).
+
+    timesteps: the integer U-Net timestep of each step (what diffusers' scheduler feeds the U-Net).
+    order: solver order used at each step (1 or 2).
+    cz, ce, a, b0, b1: the step coefficients (module docstring).
+    alphas_cumprod_t, betas_t: abar and beta at each step's timestep (for the ``paper`` coefficients).
+    chain_weights: k_i, the weight of eps_i in z_S; chain_weight_zT: K_T, the weight of z_T in z_S.
+    """
+
+    timesteps: np.ndarray
+    order: np.ndarray
+    cz: np.ndarray
+    ce: np.ndarray
+    a: np.ndarray
+    b0: np.ndarray
+    b1: np.ndarray
+    alphas_cumprod_t: np.ndarray
+    betas_t: np.ndarray
+    chain_weights: np.ndarray
+    chain_weight_zT: float
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def adjustment(self, mode: str) -> np.ndarray:
+        """Adjustment coefficients C [S] for ``mode`` in ``paper`` | ``exact`` | ``none`` (module docstring)."""
+        if mode == "none":
+            return np.ones(self.num_steps)
+        if mode == "paper":
+            A = self.betas_t / (np.sqrt(self.alphas_cumprod_t) * np.sqrt(1.0 - self.alphas_cumprod_t))
+            C = 1.0 / A
+        elif mode == "exact":
+            if np.any(self.chain_weights == 0):
+                raise ValueError("coefficients='exact': a step has chain weight 0 (its eps does not reach z_0)")
+            C = 1.0 / np.abs(self.chain_weights)
+        else:
+            raise ValueError(f"coefficients={mode!r}: expected one of {COEFFICIENT_MODES}")
+        return C / math.exp(np.mean(np.log(C)))
+
+    def grad_scales(self, mode: str) -> np.ndarray:
+        """s_i = C_i k_i [S]: dL/d eps_i = s_i dL/dz_S under the adjusted gradient."""
+        return self.adjustment(mode) * self.chain_weights
+
+
+def _config_of(scheduler_or_config: Any) -> Mapping[str, Any]:
+    config = getattr(scheduler_or_config, "config", scheduler_or_config)
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            "scheduler: expected a diffusers DPMSolverMultistepScheduler or its config mapping, "
+            f"got {type(scheduler_or_config).__name__}"
+        )
+    return config
+
+
+def _check_supported(config: Mapping[str, Any]) -> None:
+    cls = config.get("_class_name", "DPMSolverMultistepScheduler")
+    if cls != "DPMSolverMultistepScheduler":
+        raise ValueError(
+            f"scheduler: {cls} is not supported; use DPMSolverMultistepScheduler.from_config(scheduler.config)"
+        )
+    algo = config.get("algorithm_type", "dpmsolver++")
+    if algo != "dpmsolver++":
+        raise ValueError(f"scheduler algorithm_type={algo!r} is not supported: only 'dpmsolver++' (no SDE variants)")
+    order = config.get("solver_order", 2)
+    if order not in (1, 2):
+        raise ValueError(f"scheduler solver_order={order} is not supported: use 1 or 2")
+    solver_type = config.get("solver_type", "midpoint")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"scheduler solver_type={solver_type!r} is not supported: use 'midpoint' or 'heun'")
+    pred = config.get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(
+            f"scheduler prediction_type={pred!r} is not supported: use 'epsilon', 'v_prediction' or 'sample'"
+        )
+    for key, ok in _UNSUPPORTED_IF_SET.items():
+        if config.get(key, ok) != ok:
+            raise ValueError(f"scheduler option {key}={config.get(key)!r} is not supported (fastfair needs {ok!r})")
+    if config.get("final_sigmas_type", "zero") not in ("zero", "sigma_min"):
+        raise ValueError(f"scheduler final_sigmas_type={config.get('final_sigmas_type')!r}: use 'zero' or 'sigma_min'")
+
+
+def betas_float64(config: Mapping[str, Any]) -> np.ndarray:
+    """The training noise schedule beta_1..beta_T in float64 (diffusers builds it in float32)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    trained = config.get("trained_betas")
+    if trained is not None:
+        return np.asarray(trained, dtype=np.float64)
+    kind = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+    if kind == "linear":
+        return np.linspace(start, end, T, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+        def abar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return np.array([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=np.float64)
+    raise ValueError(f"scheduler beta_schedule={kind!r} is not supported")
+
+
+def _diffusers_timesteps(config: Mapping[str, Any], num_steps: int) -> np.ndarray:
+    """The exact integer timesteps diffusers' scheduler uses (spacing, offset, Karras, clipping: its own code)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler.from_config(dict(config))
+    scheduler.set_timesteps(num_steps)
+    return scheduler.timesteps.cpu().numpy().astype(np.int64)
+
+
+def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_steps: int) -> SolverSchedule:
+    """Coefficients (float64) of the ``num_steps``-step trajectory of a DPMSolverMultistepScheduler.
+
+    Reproduces diffusers' timesteps, sigmas, per-step orders and final step for the options Stable Diffusion
+    pipelines use (timestep_spacing, steps_offset, use_karras_sigmas, final_sigmas_type, lower_order_final,
+    euler_at_final, solver_type, prediction_type); raises ValueError naming any other option that is set.
+    """
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}: expected a positive integer")
+    config = _config_of(scheduler_or_config)
+    _check_supported(config)
+    S = int(num_steps)
+
+    betas = betas_float64(config)
+    abar = np.cumprod(1.0 - betas)
+    sigmas_train = np.sqrt((1.0 - abar) / abar)
+    timesteps = _diffusers_timesteps(config, S)
+    if len(timesteps) != S:
+        raise ValueError(f"scheduler produced {len(timesteps)} timesteps for num_steps={S}")
+
+    if config.get("use_karras_sigmas", False):
+        rho = 7.0
+        lo, hi = sigmas_train[0] ** (1 / rho), sigmas_train[-1] ** (1 / rho)
+        sig = (hi + np.linspace(0, 1, S) * (lo - hi)) ** rho
+    else:
+        sig = np.interp(timesteps.astype(np.float64), np.arange(len(sigmas_train)), sigmas_train)
+    sigma_last = sigmas_train[0] if config.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
+    sig = np.concatenate([sig, [sigma_last]])
+
+    alpha = 1.0 / np.sqrt(sig**2 + 1.0)
+    sigma = sig * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)  # +inf at a zero final sigma
+
+    pred = config.get("prediction_type", "epsilon")
+    if pred == "epsilon":
+        cz, ce = 1.0 / alpha[:S], -sigma[:S] / alpha[:S]
+    elif pred == "v_prediction":
+        cz, ce = alpha[:S].copy(), -sigma[:S]
+    else:  # sample
+        cz, ce = np.zeros(S), np.ones(S)
+
+    solver_order = int(config.get("solver_order", 2))
+    lower_order_final_cfg = bool(config.get("lower_order_final", True))
+    euler_at_final = bool(config.get("euler_at_final", False))
+    final_zero = config.get("final_sigmas_type", "zero") == "zero"
+    heun = config.get("solver_type", "midpoint") == "heun"
+
+    order = np.ones(S, dtype=np.int64)
+    a, b0, b1 = np.zeros(S), np.zeros(S), np.zeros(S)
+    for i in range(S):
+        lower_order_final = i == S - 1 and (euler_at_final or (lower_order_final_cfg and S < 15) or final_zero)
+        use_first = solver_order == 1 or i == 0 or lower_order_final
+        h = lam[i + 1] - lam[i]
+        a[i] = sigma[i + 1] / sigma[i]
+        c = alpha[i + 1] * -math.expm1(-h)  # alpha_t (1 - e^{-h}); exact at h = inf
+        if use_first:
+            b0[i] = c
+            continue
+        order[i] = 2
+        r = (lam[i] - lam[i - 1]) / h
+        e = alpha[i + 1] * (math.expm1(-h) / h + 1.0) if heun else 0.5 * c
+        b0[i], b1[i] = c + e / r, -e / r
+
+    # Unroll: z_i and m_i as coefficient vectors over [z_T, eps_0, ..., eps_{S-1}].
+    z_coef = np.zeros(S + 1)
+    z_coef[0] = 1.0
+    m_prev = np.zeros(S + 1)
+    for i in range(S):
+        m = cz[i] * z_coef
+        m[i + 1] += ce[i]
+        z_coef = a[i] * z_coef + b0[i] * m + b1[i] * m_prev
+        m_prev = m
+
+    t_idx = timesteps.clip(0, len(betas) - 1)
+    return SolverSchedule(
+        timesteps=timesteps,
+        order=order,
+        cz=np.asarray(cz, dtype=np.float64),
+        ce=np.asarray(ce, dtype=np.float64),
+        a=a,
+        b0=b0,
+        b1=b1,
+        alphas_cumprod_t=abar[t_idx],
+        betas_t=betas[t_idx],
+        chain_weights=z_coef[1:].copy(),
+        chain_weight_zT=float(z_coef[0]),
+    )
+
+
+def step_list(schedule: SolverSchedule) -> Sequence[dict]:
+    """The per-step scalars as plain Python floats, in the keyword form ``fastfair.kernels.solver_step`` takes."""
+    return [
+        dict(cz=float(schedule.cz[i]), ce=float(schedule.ce[i]), a=float(schedule.a[i]),
+             b0=float(schedule.b0[i]), b1=float(schedule.b1[i]))
+        for i in range(schedule.num_steps)
+    ]

@@ -1,0 +1,114 @@
+"""fastfair.schedule against diffusers' DPMSolverMultistepScheduler and against autograd."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from fastfair.schedule import solver_schedule
+from fastfair.testing import tiny_scheduler
+
+
+def toy_model(z, t):
+    # A smooth, nonlinear stand-in for a U-Net (depends on the latent and the timestep).
+    return torch.tanh(0.7 * z + 0.001 * t) + 0.1 * torch.sin(3 * z)
+
+
+def run_fastfair(ss, z_T):
+    z, m_prev = z_T.double(), None
+    for i in range(ss.num_steps):
+        m = ss.cz[i] * z + ss.ce[i] * toy_model(z, int(ss.timesteps[i]))
+        z_next = ss.a[i] * z + ss.b0[i] * m
+        if ss.b1[i] != 0:
+            z_next = z_next + ss.b1[i] * m_prev
+        z, m_prev = z_next, m
+    return z
+
+
+OPTIONS = list(itertools.product(
+    ["linspace", "leading", "trailing"], ["zero", "sigma_min"], [True, False], [False, True], [0, 1],
+))
+
+
+@pytest.mark.parametrize("spacing,final,lower_final,karras,offset", OPTIONS)
+@pytest.mark.parametrize("steps", [1, 2, 5, 20])
+def test_trajectory_matches_diffusers(spacing, final, lower_final, karras, offset, steps):
+    sch = tiny_scheduler(timestep_spacing=spacing, final_sigmas_type=final, lower_order_final=lower_final,
+                         use_karras_sigmas=karras, steps_offset=offset)
+    sch.set_timesteps(steps)
+    z_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+    z = z_T.clone()
+    for t in sch.timesteps:
+        z = sch.step(toy_model(z, t), t, z).prev_sample
+    ss = solver_schedule(sch, steps)
+    assert np.array_equal(ss.timesteps, sch.timesteps.numpy())
+    ours = run_fastfair(ss, z_T)
+    assert ((ours - z.double()).norm() / z.double().norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("config", [
+    dict(prediction_type="v_prediction"), dict(solver_type="heun"), dict(solver_order=1),
+    dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), dict(beta_schedule="squaredcos_cap_v2"),
+    dict(euler_at_final=True, final_sigmas_type="sigma_min"), dict(prediction_type="sample"),
+])
+def test_other_supported_options_match_diffusers(config):
+    sch = tiny_scheduler(**config)
+    for steps in (3, 20):
+        sch.set_timesteps(steps)
+        z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        z = z_T.clone()
+        for t in sch.timesteps:
+            z = sch.step(toy_model(z, t), t, z).prev_sample
+        ours = run_fastfair(solver_schedule(sch.config, steps), z_T)
+        assert ((ours - z.double()).norm() / z.double().norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("key,value", [
+    ("algorithm_type", "sde-dpmsolver++"), ("solver_order", 3), ("thresholding", True),
+    ("use_lu_lambdas", True), ("use_exponential_sigmas", True), ("rescale_betas_zero_snr", True),
+    ("prediction_type", "flow_prediction"),
+])
+def test_unsupported_options_raise_naming_them(key, value):
+    config = dict(tiny_scheduler().config)
+    config[key] = value
+    with pytest.raises(ValueError, match=key):
+        solver_schedule(config, 10)
+
+
+def test_bad_step_count_and_scheduler_type():
+    with pytest.raises(ValueError, match="num_steps"):
+        solver_schedule(tiny_scheduler(), 0)
+    with pytest.raises(TypeError, match="scheduler"):
+        solver_schedule(42, 10)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 20])
+def test_chain_weights_are_the_autograd_derivatives(steps):
+    """k_i = dz_S/d eps_i and K_T = dz_S/dz_T for the linear solver chain, found by autograd."""
+    ss = solver_schedule(tiny_scheduler(), steps)
+    z_T = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    eps = torch.zeros(steps, dtype=torch.float64, requires_grad=True)
+    z, m_prev = z_T, None
+    for i in range(steps):
+        m = ss.cz[i] * z + ss.ce[i] * eps[i]
+        z_next = ss.a[i] * z + ss.b0[i] * m
+        z = z_next + ss.b1[i] * m_prev if ss.b1[i] != 0 else z_next
+        m_prev = m
+    d_zT, d_eps = torch.autograd.grad(z.sum(), [z_T, eps])
+    np.testing.assert_allclose(d_eps.numpy(), ss.chain_weights, rtol=1e-12, atol=1e-14)
+    assert d_zT.item() == pytest.approx(ss.chain_weight_zT, rel=1e-12, abs=1e-14)
+
+
+def test_adjustment_modes():
+    ss = solver_schedule(tiny_scheduler(), 20)
+    abar, beta = ss.alphas_cumprod_t, ss.betas_t
+    paper_raw = np.sqrt(abar) * np.sqrt(1 - abar) / beta  # 1 / A_t, Eq. 9 with abar (DESIGN.md)
+    paper = ss.adjustment("paper")
+    np.testing.assert_allclose(paper, paper_raw / np.exp(np.log(paper_raw).mean()), rtol=1e-12)
+    assert np.exp(np.log(paper).mean()) == pytest.approx(1.0)
+    effective = ss.grad_scales("exact")
+    np.testing.assert_allclose(effective, effective[0], rtol=1e-12)  # every step weighs the same
+    assert np.all(np.sign(effective) == np.sign(ss.chain_weights))  # the descent direction is kept
+    np.testing.assert_array_equal(ss.adjustment("none"), np.ones(20))
+    with pytest.raises(ValueError, match="coefficients"):
+        ss.adjustment("bogus")
