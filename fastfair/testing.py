@@ -44,3 +44,39 @@ def tiny_scheduler(**overrides):
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(**{**SD15_SCHEDULER, **overrides})
+
+
+class TinyCondNet(torch.nn.Module):
+    """A very small text-conditioned noise predictor with UNet2DConditionModel's call signature.
+
+    eps = conv_out(silu(conv_in(x) + time_mlp(t) + cross_attention(pixels -> text))): nonlinear in x, t and
+    the text embeddings, so gradient tests detect a wrong chain, at a fraction of a diffusers U-Net's
+    per-call overhead. Used where many U-Net calls are needed; tests of real diffusers/peft wiring use
+    ``tiny_unet``.
+    """
+
+    def __init__(self, channels: int = 4, hidden: int = 8, text_dim: int = 16, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv_in = torch.nn.Conv2d(channels, hidden, 3, padding=1)
+        self.time_mlp = torch.nn.Linear(2, hidden)
+        self.to_q = torch.nn.Linear(hidden, hidden)
+        self.to_k = torch.nn.Linear(text_dim, hidden)
+        self.to_v = torch.nn.Linear(text_dim, hidden)
+        self.conv_out = torch.nn.Conv2d(hidden, channels, 3, padding=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def forward(self, x, t, encoder_hidden_states):
+        from types import SimpleNamespace
+
+        h = self.conv_in(x)
+        tt = t.to(h.dtype)[:, None] / 1000.0
+        h = h + self.time_mlp(torch.cat([tt.sin(), tt.cos()], dim=1))[:, :, None, None]
+        q = self.to_q(h.flatten(2).transpose(1, 2))                          # [B, HW, hidden]
+        k, v = self.to_k(encoder_hidden_states), self.to_v(encoder_hidden_states)
+        attn = torch.softmax(q @ k.transpose(1, 2) / k.shape[-1] ** 0.5, dim=-1) @ v
+        h = h + attn.transpose(1, 2).reshape(h.shape)
+        return SimpleNamespace(sample=self.conv_out(torch.nn.functional.silu(h)))
