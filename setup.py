@@ -11,7 +11,7 @@ CUDA torch are present) is built only when asked: ``FASTFAIR_BUILD_NATIVE=1``.
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CORE = [
     "torch>=2.4",
@@ -44,10 +44,30 @@ EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "cpu" fo
 
 
 def native_extensions():
-    """The optional ``fastfair._C`` extension; empty unless FASTFAIR_BUILD_NATIVE=1."""
+    """The optional ``fastfair._C`` extension, empty unless FASTFAIR_BUILD_NATIVE=1: C++/OpenMP CPU kernels
+    always, CUDA kernels too when torch is a CUDA build and nvcc is found (FASTFAIR_BUILD_CUDA=0 skips them).
+    Sources and flags live in kernels/native.py. It compiles against the installed torch, so build it with
+    ``FASTFAIR_BUILD_NATIVE=1 pip install --no-build-isolation -e .`` after torch is installed."""
     if os.environ.get("FASTFAIR_BUILD_NATIVE", "0") != "1":
         return [], {}
-    raise SystemExit("FASTFAIR_BUILD_NATIVE=1: the native extension is not available in this version yet")
+    import runpy
+
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        raise SystemExit("FASTFAIR_BUILD_NATIVE=1 compiles against the installed torch: install torch first, "
+                         "then run `FASTFAIR_BUILD_NATIVE=1 pip install --no-build-isolation -e .`") from None
+    here = os.path.dirname(os.path.abspath(__file__))
+    native = runpy.run_path(os.path.join(here, "kernels", "native.py"))
+    with_cuda = native["cuda_buildable"]() and os.environ.get("FASTFAIR_BUILD_CUDA", "1") != "0"
+    macro = ["-D" + native["CUDA_MACRO"]] if with_cuda else []
+    extension = (CUDAExtension if with_cuda else CppExtension)(
+        "fastfair._C",
+        [os.path.relpath(path, here) for path in native["sources"](with_cuda)],
+        extra_compile_args={"cxx": native["CXX_FLAGS"] + macro, "nvcc": native["NVCC_FLAGS"]},
+        extra_link_args=native["LD_FLAGS"],
+    )
+    return [extension], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = native_extensions()
@@ -57,9 +77,11 @@ setup(
     version="0.1.0",
     description="Fast, memory-lean fairness finetuning of text-to-image diffusion models",
     python_requires=">=3.9",
-    packages=["fastfair", "fastfair.kernels"],
+    # fastfair's subpackages, plus the top-level kernels/ installed as fastfair.kernels (never as `kernels`,
+    # a PyPI name that transformers/diffusers probe for: DESIGN.md, pitfalls).
+    packages=find_packages(include=["fastfair", "fastfair.*"]) + ["fastfair.kernels"],
     package_dir={"fastfair": "fastfair", "fastfair.kernels": "kernels"},
-    include_package_data=True,
+    package_data={"fastfair": ["data/prompts/*.txt", "toy/weights/**/*"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     ext_modules=ext_modules,

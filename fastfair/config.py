@@ -1,0 +1,646 @@
+"""Typed configuration of a training run: a dataclass tree, YAML loading, overrides, validation.
+
+``load_config(path, overrides)``:
+
+1. reads the YAML file; its optional ``base:`` (one path or a list, relative to the file) names files
+   loaded first (recursively) and merged *under* the file's own keys: mappings merge key by key,
+   anything else (lists included) is replaced;
+2. applies ``key.sub=value`` overrides, each replacing the value at its key; the value is parsed with
+   ``yaml.safe_load`` (so ``[19,23]``, ``null``, ``true``, ``{a: 1}`` work), except that a field typed
+   ``str`` keeps the raw text (``output_dir=2024``);
+3. converts the result to `TrainConfig`, checking every value against its field's type and rejecting
+   unknown keys at any depth with a did-you-mean that names the full dotted key.
+
+``validate(cfg, world_size, device)`` checks values (enums, counts, ranges, device support) and
+``check_files(cfg)`` checks the local weight paths; both raise one `ConfigError` listing every problem.
+``save_config`` writes the resolved YAML atomically.
+
+DeepSpeed JSONs (``configs/ds/*.json``) hold concrete values; ``deepspeed_config(cfg, world_size)``
+loads one and overrides what the run decides: ``train_micro_batch_size_per_gpu`` (images per rank),
+``gradient_accumulation_steps`` (1), ``train_batch_size`` (images per prompt), ``gradient_clipping``
+(``optim.grad_clip``) and, when set, ``zero_optimization.stage`` (``deepspeed.zero_stage``).
+"""
+import dataclasses
+import difflib
+import importlib.util
+import json
+import operator
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from fastfair.prompts import list_prompt_sets, template_field
+
+DTYPES = ("fp32", "fp16", "bf16")
+FINETUNE_TARGETS = ("prefix", "text_lora", "unet_lora", "text_unet_lora", "unet_full")
+DIFFUSERS_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+EXPECTED_MODEL_LAYOUT = (
+    "a diffusers folder with " + ", ".join(f"{name}/" for name in DIFFUSERS_SUBFOLDERS)
+    + " (as save_pretrained writes it) or a single Stable Diffusion checkpoint file ("
+    + "/".join(CHECKPOINT_SUFFIXES) + ")"
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the dotted key and the fix."""
+
+
+def setting(default, *, choices=None, min=None, max=None, gt=None, lt=None):
+    """A dataclass field with value constraints that `validate` checks (bounds are inclusive except gt/lt)."""
+    limits = {name: value for name, value in
+              (("choices", choices), ("min", min), ("max", max), ("gt", gt), ("lt", lt)) if value is not None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=limits)
+    return field(default=default, metadata=limits)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""  # local only: EXPECTED_MODEL_LAYOUT
+    dtype: str = setting("fp16", choices=DTYPES)  # frozen weights (seed 0119: float16)
+    attention: str = setting("sdpa", choices=("sdpa", "xformers"))
+    resolution: Optional[int] = setting(None, gt=0)  # image side in pixels; null: the model's own
+
+
+@dataclass
+class LoraConfig:
+    rank: int = setting(50, min=1)
+    alpha: Optional[float] = setting(None, gt=0)  # null: alpha = rank (scale 1)
+    dropout: float = setting(0.0, min=0, lt=1)
+    text_modules: List[str] = setting(["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    unet_modules: List[str] = setting(["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class FinetuneConfig:
+    target: str = setting("text_lora", choices=FINETUNE_TARGETS)
+    prefix_tokens: int = setting(5, min=1)  # soft tokens prepended to the positive prompt (target=prefix)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = setting(20, min=1)
+    num_steps_range: Optional[List[int]] = None  # [low, high], drawn per iteration; replaces num_steps
+    guidance_scale: float = setting(7.5, min=0)
+    coefficients: str = setting("paper", choices=("paper", "exact", "none"))  # DESIGN.md "Adjustment"
+    recompute_chunk: int = setting(1, min=1)  # steps per U-Net call in the backward recompute
+    keep_graph_steps: int = setting(0, min=0)  # steps whose graph is kept instead of recomputed
+    grad_steps: Optional[int] = setting(None, min=1)  # backpropagate K random steps scaled by S/K; null: all
+    memory_budget_gb: Optional[float] = setting(None, gt=0)  # picks keep_graph_steps from a memory budget
+
+
+@dataclass
+class PromptSetConfig:
+    weight: float = setting(1.0, min=0)  # mixture weight; 0 leaves the set out
+    file: Optional[str] = None  # one item per line; null: the shipped set named by this entry's key
+    template: Optional[str] = None  # one {field}, e.g. "a person playing {sport}"; null: the set's own
+
+
+@dataclass
+class DataConfig:
+    sets: Dict[str, PromptSetConfig] = field(default_factory=lambda: {"occupations": PromptSetConfig()})
+    split: str = setting("train", choices=("train", "test"))
+
+
+@dataclass
+class BatchConfig:
+    images_per_prompt: int = setting(24, min=1)  # N, the global batch of one iteration (seed 0121)
+
+    def per_rank(self, world_size: int) -> int:
+        """Images each rank generates; `validate` has checked the division is exact."""
+        return self.images_per_prompt // world_size
+
+
+LossWeight = Union[float, Dict[str, float]]  # one value, or one per attribute name (seed 0123)
+
+
+@dataclass
+class LossConfig:
+    confidence_threshold: float = setting(0.8, min=0, max=1)  # C of the alignment loss
+    face_loss: bool = True
+    lambda_face: float = setting(1.0, min=0)
+    lambda_img_1: LossWeight = 8.0  # target class agrees with the original image's class
+    lambda_img_2: LossWeight = 1.6  # disagrees: outside the face region
+    lambda_img_3: LossWeight = 0.32  # disagrees: inside the face region
+
+
+@dataclass
+class ClassifierConfig:
+    """An attribute classifier. fastfair's classifier files describe themselves: leave the rest null/empty;
+    other files (e.g. the public code's .pt) need architecture and attributes."""
+    path: str = ""
+    architecture: Optional[str] = None  # a fastfair.classifiers architecture, e.g. mobilenet_v3_large
+    input_size: Optional[int] = setting(None, min=1)  # null: the file's, else 224
+    attributes: Dict[str, List[int]] = field(default_factory=dict)  # attribute: its output indices
+
+
+@dataclass
+class FacesConfig:
+    detector: str = setting("opencv", choices=("opencv", "insightface", "mtcnn", "callable"))
+    detector_path: Optional[str] = None  # insightface: the local model folder
+    detector_fn: Optional[str] = None  # detector=callable: "package.module:function"
+    margin: float = setting(0.2, min=0)  # box growth, a fraction of its side
+    bank: Optional[str] = None  # real-face embeddings (safetensors) for the face realism loss
+    embedding: Optional[str] = None  # face embedding model checkpoint (SFNet-20 style)
+
+
+@dataclass
+class SemanticsConfig:
+    clip_backend: str = setting("open_clip", choices=("open_clip", "transformers"))
+    clip_model: str = "ViT-H-14"  # open_clip architecture name
+    clip_path: str = ""  # open_clip checkpoint file, or a transformers CLIP folder
+    dino_path: str = ""  # transformers Dinov2Model folder
+
+
+@dataclass
+class OptimConfig:
+    name: str = setting("adamw", choices=("adamw", "adamw8bit"))
+    lr: float = setting(5e-5, gt=0)
+    betas: List[float] = setting([0.9, 0.999])
+    weight_decay: float = setting(0.01, min=0)
+    eps: float = setting(1e-8, gt=0)
+    grad_clip: Optional[float] = setting(None, gt=0)  # max global grad norm; null: no clipping
+    ema_decay: float = setting(0.999, min=0, lt=1)  # 0: the EMA equals the weights
+    scheduler: str = setting("constant", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = setting(0, min=0)
+
+
+@dataclass
+class PrecisionConfig:
+    mixed: str = setting("fp16", choices=DTYPES)  # autocast dtype; trainable weights stay fp32
+    tf32: bool = True  # TF32 matmuls on CUDA
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = None  # null: <output_dir>/tensorboard
+    log_every: int = setting(10, min=1)
+    image_every: int = setting(200, min=0)  # image grids every that many iterations; 0: never
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: Optional[str] = None  # a JSON like configs/ds/zero2_fp16.json; null: no DeepSpeed JSON
+    zero_stage: Optional[int] = setting(None, choices=(0, 1, 2, 3))  # null: the JSON's own
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = ""
+    max_steps: int = setting(10000, min=1)
+    checkpoint_every: int = setting(200, min=1)
+    keep_last: int = setting(3, min=1)  # newest checkpoints kept
+    keep_every: int = setting(0, min=0)  # also keep every M-th iteration's checkpoint; 0: none
+    resume: str = "auto"  # "auto": latest checkpoint in output_dir if any; "": start fresh; or a path
+    seed: int = setting(0, min=0)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    targets: Dict[str, Any] = field(default_factory=dict)  # handed as is to fastfair.targets
+    loss: LossConfig = field(default_factory=LossConfig)
+    classifiers: Dict[str, ClassifierConfig] = field(default_factory=dict)
+    faces: FacesConfig = field(default_factory=FacesConfig)
+    semantics: SemanticsConfig = field(default_factory=SemanticsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+# ----------------------------------------------------------------------------- typed conversion
+
+def _join(prefix: str, name) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _schema_keys(tp, prefix: str = "") -> List[str]:
+    """Every dotted key of the dataclass tree (keys under free-form mappings not included)."""
+    keys = []
+    for name, sub in typing.get_type_hints(tp).items():
+        keys.append(_join(prefix, name))
+        if dataclasses.is_dataclass(sub):
+            keys += _schema_keys(sub, _join(prefix, name))
+    return keys
+
+
+def _unknown_key(key: str, name: str, tp) -> ConfigError:
+    """The error for key (dotted, ending in name) absent from dataclass tp, with a did-you-mean."""
+    fields = list(typing.get_type_hints(tp))
+    prefix = key[: -len(name)]
+    close = difflib.get_close_matches(name, fields, n=1)
+    if close:
+        guess = prefix + close[0]
+    else:  # misplaced rather than misspelt, e.g. top-level `lr`: look for the name elsewhere in the tree
+        leaves = {full.rsplit(".", 1)[-1]: full for full in _schema_keys(TrainConfig)}
+        close = difflib.get_close_matches(name, list(leaves), n=1)
+        guess = leaves[close[0]] if close else None
+    hint = f" did you mean '{guess}'?" if guess else ""
+    return ConfigError(f"unknown config key '{key}':{hint} (keys here: {', '.join(fields)})")
+
+
+def _convert(value, tp, key: str):
+    """value (parsed YAML) checked against type tp and converted; errors name the dotted key."""
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key or 'the config'}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        for name in value:
+            if name not in hints:
+                raise _unknown_key(_join(key, name), str(name), tp)
+        return tp(**{name: _convert(sub, hints[name], _join(key, name)) for name, sub in value.items()})
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for arm in args:
+            if arm is not type(None):
+                try:
+                    return _convert(value, arm, key)
+                except ConfigError:
+                    continue
+    elif origin is list and isinstance(value, list):
+        return [_convert(item, args[0], f"{key}[{index}]") for index, item in enumerate(value)]
+    elif origin is dict and isinstance(value, dict):
+        return {_convert(name, args[0], key): _convert(sub, args[1], _join(key, name))
+                for name, sub in value.items()}
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 5e-5 (no dot) as a string; accept what float() reads.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _field_type(path: List[str]):
+    """The declared type at a dotted path of TrainConfig (Any below free-form mappings)."""
+    tp, walked = TrainConfig, []
+    for name in path:
+        walked.append(name)
+        if tp is Any:
+            return Any
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if name not in hints:
+                raise _unknown_key(".".join(walked), name, tp)
+            tp = hints[name]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            raise ConfigError(f"'{'.'.join(walked[:-1])}' is {_type_name(tp)}: it has no key '{name}'")
+    return tp
+
+
+def _accepts_str(tp) -> bool:
+    return tp is str or (typing.get_origin(tp) is Union and str in typing.get_args(tp))
+
+
+def parse_override(text: str):
+    """'a.b=value' -> (['a', 'b'], value): YAML-parsed, raw text for a str field, type-checked."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key component in '{key}'")
+    tp = _field_type(path)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
+    if _accepts_str(tp) and not isinstance(value, (str, list, dict)):
+        optional_null = value is None and type(None) in typing.get_args(tp)
+        value = None if optional_null else raw  # `output_dir=2024` is a path, not a number
+    _convert(value, tp, ".".join(path))
+    return path, value
+
+
+# ----------------------------------------------------------------------------- YAML files
+
+def _merge(base: dict, top: dict) -> dict:
+    """top over base: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for name, value in top.items():
+        both_maps = isinstance(value, dict) and isinstance(merged.get(name), dict)
+        merged[name] = _merge(merged[name], value) if both_maps else value
+    return merged
+
+
+def _read_yaml(path: Path, including: tuple = ()) -> dict:
+    """A YAML mapping with its `base:` files merged under it (recursively, cycles refused)."""
+    path = path.resolve()
+    if path in including:
+        raise ConfigError(f"{path}: circular base: {' -> '.join(str(p) for p in including + (path,))}")
+    if not path.is_file():
+        via = f" (named by base: in {including[-1]})" if including else ""
+        raise ConfigError(f"config file not found: {path}{via}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+    bases = data.pop("base", [])
+    merged = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _read_yaml(path.parent / base, including + (path,)))
+    return _merge(merged, data)
+
+
+def load_config(path, overrides=()) -> TrainConfig:
+    """Read a YAML config (with its bases), apply 'key.sub=value' overrides, return a typed TrainConfig."""
+    data = _read_yaml(Path(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for name in keys[:-1]:
+            if not isinstance(node.get(name), dict):
+                node[name] = {}
+            node = node[name]
+        node[keys[-1]] = value
+    try:
+        return _convert(data, TrainConfig, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path} (with its bases and overrides): {error}") from None
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path) -> None:
+    """Write the resolved config as YAML atomically (a temp file in the same folder, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        try:
+            yaml.safe_dump(config_to_dict(cfg), tmp, sort_keys=False, default_flow_style=False)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, path)
+
+
+# ----------------------------------------------------------------------------- validation
+
+_BOUNDS = {"min": (">=", operator.ge), "max": ("<=", operator.le), "gt": (">", operator.gt), "lt": ("<", operator.lt)}
+
+
+def _limit_problems(node, key: str = "") -> List[str]:
+    """Every `setting` constraint broken anywhere in the tree."""
+    if isinstance(node, dict):
+        return [p for name, sub in node.items() for p in _limit_problems(sub, _join(key, name))]
+    if not dataclasses.is_dataclass(node):
+        return []
+    problems = []
+    for spec in dataclasses.fields(node):
+        value, limits, name = getattr(node, spec.name), spec.metadata, _join(key, spec.name)
+        problems += _limit_problems(value, name)
+        if value is None or not limits:
+            continue
+        if "choices" in limits and value not in limits["choices"]:
+            options = ", ".join(str(option) for option in limits["choices"])
+            problems.append(f"{name}={value!r} is not allowed: use one of {options}")
+        for bound, (symbol, holds) in _BOUNDS.items():
+            if bound in limits and not holds(value, limits[bound]):
+                problems.append(f"{name}={value!r} must be {symbol} {limits[bound]}")
+    return problems
+
+
+def _weight_problems(key: str, weight: LossWeight) -> List[str]:
+    values = weight.items() if isinstance(weight, dict) else [(None, weight)]
+    return [f"{_join(key, name) if name else key}={value} must be >= 0" for name, value in values if value < 0]
+
+
+def _device_problems(cfg: TrainConfig, device) -> List[str]:
+    device_type = str(device).split(":")[0]  # "cuda:1" or torch.device("cuda", 1) -> "cuda"
+    problems = []
+    if device_type == "cpu":
+        for key, dtype in (("model.dtype", cfg.model.dtype), ("precision.mixed", cfg.precision.mixed)):
+            if dtype == "fp16":
+                problems.append(f"{key}=fp16 needs a CUDA device; this run is on cpu: use {key}=bf16 or fp32")
+    if cfg.model.attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            problems.append("model.attention=xformers but xformers is not installed: "
+                            "pip install xformers, or use model.attention=sdpa")
+        if device_type != "cuda":
+            problems.append(f"model.attention=xformers needs CUDA (device is {device_type}): "
+                            "use model.attention=sdpa")
+    return problems
+
+
+def _sampler_problems(sampler: SamplerConfig) -> List[str]:
+    problems, fewest_steps = [], sampler.num_steps
+    if sampler.num_steps_range is not None:
+        steps = sampler.num_steps_range
+        if len(steps) != 2 or not 1 <= steps[0] <= steps[-1]:
+            problems.append(f"sampler.num_steps_range={steps} must be [low, high] with 1 <= low <= high")
+        else:
+            fewest_steps = steps[0]
+    if sampler.grad_steps is not None and sampler.grad_steps > fewest_steps:
+        problems.append(f"sampler.grad_steps={sampler.grad_steps} exceeds the fewest sampling steps "
+                        f"({fewest_steps}): lower it or set it to null (all steps)")
+    if sampler.memory_budget_gb is not None and sampler.keep_graph_steps:
+        problems.append("sampler.memory_budget_gb and sampler.keep_graph_steps are both set: the budget picks "
+                        "keep_graph_steps, so set one of them (keep_graph_steps=0 or memory_budget_gb=null)")
+    return problems
+
+
+def _data_problems(data: DataConfig) -> List[str]:
+    problems = []
+    if not any(spec.weight > 0 for spec in data.sets.values()):
+        problems.append("data.sets: no prompt set with weight > 0: add one, e.g. data.sets.occupations.weight=1")
+    for name, spec in data.sets.items():
+        if spec.file is None and name not in list_prompt_sets():
+            problems.append(f"data.sets.{name}: no shipped prompt set '{name}' (shipped: "
+                            f"{', '.join(list_prompt_sets())}); set data.sets.{name}.file to a text file")
+        if spec.template is not None:
+            try:
+                template_field(spec.template)
+            except ValueError as error:
+                problems.append(f"data.sets.{name}.template: {error}")
+    return problems
+
+
+def _finetune_problems(cfg: TrainConfig) -> List[str]:
+    target, lora = cfg.finetune.target, cfg.finetune.lora
+    problems = []
+    if target in ("text_lora", "text_unet_lora") and not lora.text_modules:
+        problems.append(f"finetune.lora.text_modules is empty but finetune.target={target}: name the layers")
+    if target in ("unet_lora", "text_unet_lora") and not lora.unet_modules:
+        problems.append(f"finetune.lora.unet_modules is empty but finetune.target={target}: name the layers")
+    return problems
+
+
+def _classifier_problems(classifiers: Dict[str, ClassifierConfig]) -> List[str]:
+    problems = [] if classifiers else ["classifiers is empty: name the classifier(s) of the alignment loss"]
+    for name, spec in classifiers.items():
+        indices = [index for group in spec.attributes.values() for index in group]
+        if not all(spec.attributes.values()):
+            problems.append(f"classifiers.{name}.attributes: give each attribute its output indices, "
+                            "e.g. {gender: [0, 1], race: [2, 3, 4, 5]}")
+        if len(set(indices)) != len(indices) or any(index < 0 for index in indices):
+            problems.append(f"classifiers.{name}.attributes: output indices must be distinct and >= 0, "
+                            f"got {spec.attributes}")
+    return problems
+
+
+def _target_problems(cfg: TrainConfig) -> List[str]:
+    """targets parse (fastfair.targets), and agree with the classifiers and the per-attribute loss weights."""
+    from fastfair.targets import load_targets  # imports torch: only when validating
+
+    if not cfg.targets:
+        return ["targets is empty: declare the attributes and their target distribution (fastfair.targets)"]
+    try:
+        attributes = {attribute.name: attribute for attribute in load_targets(cfg.targets).attributes}
+    except (TypeError, ValueError) as error:
+        return [str(error)]
+    problems = []
+    for level in (1, 2, 3):
+        key, weight = f"loss.lambda_img_{level}", getattr(cfg.loss, f"lambda_img_{level}")
+        unknown = sorted(set(weight) - set(attributes)) if isinstance(weight, dict) else []
+        if unknown:
+            problems.append(f"{key} names {unknown}, not targets attributes: use {', '.join(attributes)}")
+    if not cfg.classifiers or any(not spec.attributes for spec in cfg.classifiers.values()):
+        return problems  # with a self-describing classifier file, its head is known only once loaded
+    declared = {name: (f"classifiers.{clf}.attributes.{name}", indices)
+                for clf, spec in cfg.classifiers.items() for name, indices in spec.attributes.items()}
+    for name, attribute in attributes.items():
+        if name not in declared:
+            problems.append(f"targets attribute '{name}' is predicted by no classifier: add it to "
+                            "classifiers.<name>.attributes")
+        elif sorted(declared[name][1]) != sorted(attribute.indices):
+            key, indices = declared[name]
+            problems.append(f"targets attribute '{name}' reads classifier outputs {sorted(attribute.indices)} "
+                            f"but {key} is {indices}: make them agree")
+    return problems
+
+
+def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
+    """Check cfg for a run on world_size ranks of device type `device`; raise ConfigError listing every problem.
+
+    Local files are not looked at: see `check_files`.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    problems = _limit_problems(cfg)
+    if not cfg.output_dir:
+        problems.append("output_dir is empty: set output_dir=DIR (checkpoints and the resolved config go there)")
+    if cfg.checkpoint_every > 0 and cfg.keep_every % cfg.checkpoint_every:
+        problems.append(f"keep_every={cfg.keep_every} is not a multiple of checkpoint_every="
+                        f"{cfg.checkpoint_every}: those checkpoints would never be written")
+    if cfg.batch.images_per_prompt % world_size:
+        problems.append(f"batch.images_per_prompt={cfg.batch.images_per_prompt} is not divisible by the "
+                        f"world size {world_size}: use a multiple of {world_size} or change the rank count")
+    if len(cfg.optim.betas) != 2 or not all(0 <= beta < 1 for beta in cfg.optim.betas):
+        problems.append(f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1)")
+    if cfg.faces.detector == "callable" and ":" not in (cfg.faces.detector_fn or ""):
+        problems.append("faces.detector=callable needs faces.detector_fn='package.module:function'")
+    for level in (1, 2, 3):
+        problems += _weight_problems(f"loss.lambda_img_{level}", getattr(cfg.loss, f"lambda_img_{level}"))
+    problems += _sampler_problems(cfg.sampler) + _data_problems(cfg.data) + _finetune_problems(cfg)
+    problems += _classifier_problems(cfg.classifiers) + _target_problems(cfg) + _device_problems(cfg, device)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------- local files
+
+def _model_path_problems(pretrained: str) -> List[str]:
+    where = Path(pretrained)
+    if not pretrained:
+        return [f"model.pretrained is empty: point it at {EXPECTED_MODEL_LAYOUT}"]
+    if where.is_dir():
+        missing = [name for name in DIFFUSERS_SUBFOLDERS if not (where / name).is_dir()]
+        if missing:
+            return [f"model.pretrained={pretrained} lacks {', '.join(m + '/' for m in missing)}: "
+                    f"expected {EXPECTED_MODEL_LAYOUT}"]
+        return []
+    if where.is_file() and where.suffix in CHECKPOINT_SUFFIXES:
+        return []
+    state = "is not a checkpoint file" if where.exists() else "does not exist"
+    return [f"model.pretrained={pretrained} {state}: expected {EXPECTED_MODEL_LAYOUT}"]
+
+
+def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
+    try:
+        ds = json.loads(Path(cfg.deepspeed.config).read_text())
+    except (OSError, ValueError) as error:
+        return [f"deepspeed.config={cfg.deepspeed.config} cannot be read as JSON ({error})"]
+    enabled = [name for name in ("fp16", "bf16") if ds.get(name, {}).get("enabled", False)]
+    wanted = [] if cfg.precision.mixed == "fp32" else [cfg.precision.mixed]
+    if enabled != wanted:
+        return [f"deepspeed.config={cfg.deepspeed.config} enables {enabled or 'neither fp16 nor bf16'} but "
+                f"precision.mixed={cfg.precision.mixed}: pick the JSON that matches (configs/ds/*_"
+                f"{cfg.precision.mixed}.json) or change precision.mixed"]
+    return []
+
+
+def check_files(cfg: TrainConfig) -> None:
+    """Check that every local path the run reads exists with the expected layout; raise ConfigError."""
+    problems = _model_path_problems(cfg.model.pretrained)
+    needed = [(f"classifiers.{name}.path", spec.path) for name, spec in cfg.classifiers.items()]
+    needed += [("semantics.clip_path", cfg.semantics.clip_path), ("semantics.dino_path", cfg.semantics.dino_path)]
+    needed += [(f"data.sets.{name}.file", spec.file) for name, spec in cfg.data.sets.items() if spec.file]
+    if cfg.loss.face_loss and cfg.loss.lambda_face > 0:
+        needed += [("faces.bank", cfg.faces.bank), ("faces.embedding", cfg.faces.embedding)]
+    if cfg.faces.detector == "insightface":
+        needed.append(("faces.detector_path", cfg.faces.detector_path))
+    if cfg.resume not in ("auto", ""):
+        needed.append(("resume", cfg.resume))
+    for key, path in needed:
+        if not path:
+            problems.append(f"{key} is empty: set it to a local file or folder")
+        elif not Path(path).exists():
+            problems.append(f"{key}={path} does not exist")
+    if cfg.deepspeed.config:
+        problems += _deepspeed_problems(cfg)
+    if problems:
+        raise ConfigError("missing or malformed files:\n  " + "\n  ".join(problems))
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON named by cfg.deepspeed.config (none: an empty one) with the run's own values set."""
+    ds = json.loads(Path(cfg.deepspeed.config).read_text()) if cfg.deepspeed.config else {}
+    ds.update(train_micro_batch_size_per_gpu=cfg.batch.per_rank(world_size), gradient_accumulation_steps=1,
+              train_batch_size=cfg.batch.images_per_prompt, gradient_clipping=cfg.optim.grad_clip or 0.0)
+    if cfg.deepspeed.zero_stage is not None:
+        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.deepspeed.zero_stage}
+    return ds

@@ -1,0 +1,311 @@
+"""fastfair.config: shipped configs, YAML includes, overrides, did-you-mean, validation, file checks."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fastfair.config import (
+    DIFFUSERS_SUBFOLDERS, ConfigError, TrainConfig, check_files, config_to_dict, deepspeed_config, load_config,
+    parse_override, save_config, validate,
+)
+from fastfair.targets import load_targets
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith("_"))
+DS_JSONS = sorted((CONFIGS / "ds").glob("*.json"))
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+GENDER = {"name": "gender", "classes": {"female": 0, "male": 1}, "probabilities": "uniform"}
+RACE = {"name": "race", "classes": {"WMELH": 2, "Asian": 3, "Black": 4, "Indian": 5}, "probabilities": "uniform"}
+
+
+def minimal(tmp_path, **extra) -> Path:
+    """A valid config file: gender and race targets from one classifier, fp32 on CPU."""
+    data = {"output_dir": str(tmp_path / "run"), "model": {"dtype": "fp32"}, "precision": {"mixed": "fp32"},
+            "classifiers": {"c": {"path": "clf.safetensors", "attributes": {"gender": [0, 1], "race": [2, 3, 4, 5]}}},
+            "targets": {"form": "independent", "attributes": [GENDER, RACE]}}
+    return write(tmp_path / "run.yaml", {**data, **extra})
+
+
+def test_the_brief_configs_are_shipped():
+    names = {path.stem for path in SHIPPED}
+    assert {"gender", "race", "gender_race", "gender_race_age", "multi_concept", "prefix", "unet_lora",
+            "text_unet_lora"} <= names
+    assert {path.name for path in DS_JSONS} == {"zero1_fp16.json", "zero2_fp16.json", "zero1_bf16.json",
+                                                 "zero2_bf16.json"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
+def test_shipped_config_loads_validates_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    for world_size in (1, 8):  # 8 GPUs as in the seed
+        validate(cfg, world_size=world_size, device="cuda")
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("gender", dict(max_steps=10000, n=24, c=0.8, face=1.0, img=(8.0, 1.6, 0.32))),
+    ("race", dict(max_steps=12000, n=32, c=0.8, face=0.1, img=(6.0, 3.6, 1.08))),
+    ("gender_race", dict(max_steps=14000, n=32, c=0.6, face=0.1,
+                         img=(8.0, {"gender": 1.6, "race": 4.8}, {"gender": 0.32, "race": 1.44}))),
+])
+def test_shipped_hyperparameters_follow_the_seed(name, expected):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert (cfg.max_steps, cfg.checkpoint_every, cfg.optim.lr) == (expected["max_steps"], 200, 5e-5)
+    assert (cfg.batch.images_per_prompt, cfg.loss.confidence_threshold) == (expected["n"], expected["c"])
+    assert cfg.loss.lambda_face == expected["face"]
+    weights = (cfg.loss.lambda_img_1, cfg.loss.lambda_img_2, cfg.loss.lambda_img_3)
+    assert weights == pytest.approx(expected["img"]) if isinstance(weights[1], float) else weights == expected["img"]
+    assert (cfg.finetune.target, cfg.finetune.lora.rank) == ("text_lora", 50)
+
+
+def test_variants_inherit_and_change_only_their_part():
+    gender = load_config(CONFIGS / "gender.yaml")
+    for name, target in (("prefix", "prefix"), ("unet_lora", "unet_lora"), ("text_unet_lora", "text_unet_lora")):
+        variant = load_config(CONFIGS / f"{name}.yaml")
+        assert variant.finetune.target == target and variant.output_dir != gender.output_dir
+        assert (variant.loss, variant.targets, variant.classifiers) == (gender.loss, gender.targets, gender.classifiers)
+    assert load_config(CONFIGS / "prefix.yaml").finetune.prefix_tokens == 5
+    joint, = load_targets(load_config(CONFIGS / "gender_race.yaml").targets).groups()
+    assert joint.attributes == ("gender", "race") and joint.target.tolist() == [1 / 8] * 8
+    conditional, = load_targets(load_config(CONFIGS / "gender_race_age.yaml").targets).groups()
+    assert conditional.attributes == ("gender", "race", "age")
+    assert conditional.target.tolist() == pytest.approx([1 / 8 * 0.75, 1 / 8 * 0.25] * 8, abs=1e-15)
+    mixture = load_config(CONFIGS / "multi_concept.yaml").data.sets
+    assert set(mixture) == {"occupations", "sports", "styled_occupations", "descriptors"}
+
+
+def test_base_include_merges_under_the_files_own_keys(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "root.yaml", {"max_steps": 7, "optim": {"lr": 0.1, "betas": [0.5, 0.6]},
+                                           "sampler": {"num_steps": 9}})
+    write(tmp_path / "sub" / "mid.yaml", {"base": "root.yaml", "optim": {"lr": 0.2}, "seed": 3})
+    top = minimal(tmp_path, base=["sub/mid.yaml"], optim={"betas": [0.1, 0.2]}, sampler={"guidance_scale": 2})
+    cfg = load_config(top)
+    assert (cfg.max_steps, cfg.seed, cfg.sampler.num_steps, cfg.sampler.guidance_scale) == (7, 3, 9, 2.0)
+    assert (cfg.optim.lr, cfg.optim.betas) == (0.2, [0.1, 0.2])  # nested key from mid; list replaced by top
+
+
+def test_base_errors_name_the_files(tmp_path):
+    write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="circular base"):
+        load_config(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", {"base": "missing.yaml"})
+    with pytest.raises(ConfigError, match=r"missing\.yaml \(named by base: in .*c\.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("override, attribute, value", [
+    ("optim.lr=1e-4", "optim.lr", 1e-4),  # PyYAML alone would read a string
+    ("sampler.num_steps_range=[19, 23]", "sampler.num_steps_range", [19, 23]),
+    ("sampler.num_steps_range=null", "sampler.num_steps_range", None),
+    ("optim.grad_clip=1", "optim.grad_clip", 1.0),
+    ("precision.tf32=false", "precision.tf32", False),
+    ("output_dir=2024", "output_dir", "2024"),  # a str field keeps the raw text
+    ("resume=", "resume", ""),
+    ("deepspeed.config=", "deepspeed.config", None),
+    ("loss.lambda_img_2={gender: 1, race: 2.5}", "loss.lambda_img_2", {"gender": 1.0, "race": 2.5}),
+    ("data.sets.sports.weight=0.5", "data.sets.sports", {"weight": 0.5, "file": None, "template": None}),
+    ("targets.form=joint", "targets.form", "joint"),
+])
+def test_overrides_are_parsed_and_typed(tmp_path, override, attribute, value):
+    data = config_to_dict(load_config(minimal(tmp_path), [override]))
+    for name in attribute.split("."):
+        data = data[name]
+    assert data == value and type(data) is type(value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr': did you mean 'optim.lr'?"),
+    ("lr=1", "unknown config key 'lr': did you mean 'optim.lr'?"),
+    ("optm.lr=1", "unknown config key 'optm': did you mean 'optim'?"),
+    ("sampler.guidance=3", "did you mean 'sampler.guidance_scale'?"),
+    ("data.sets.sports.wieght=1", "unknown config key 'data.sets.sports.wieght': did you mean 'data.sets.sports.weight'"),
+    ("classifiers.c.atributes={}", "did you mean 'classifiers.c.attributes'"),
+    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("max_steps=1.5", "max_steps: expected int, got 1.5"),
+    ("precision.tf32=1", "precision.tf32: expected bool, got 1"),
+    ("optim.betas=[0.9, x]", "optim.betas[1]: expected float"),
+    ("model.pretrained.path=x", "'model.pretrained' is str: it has no key 'path'"),
+    ("max_steps", "expected key.sub=value"),
+    ("optim..lr=1", "empty key component"),
+])
+def test_bad_overrides_are_explained(override, message):
+    with pytest.raises(ConfigError) as error:
+        parse_override(override)
+    assert message in str(error.value)
+
+
+def test_unknown_yaml_key_at_depth_names_the_full_dotted_key(tmp_path):
+    path = minimal(tmp_path, finetune={"lora": {"rnak": 4}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'finetune\.lora\.rnak': did you mean "
+                                          r"'finetune\.lora\.rank'\?"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"sampler: expected a mapping, got 3"):
+        load_config(minimal(tmp_path, sampler=3))
+    (tmp_path / "broken.yaml").write_text("optim: [1,\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_save_config_is_atomic_and_complete(tmp_path):
+    cfg = load_config(minimal(tmp_path), ["seed=5"])
+    target = tmp_path / "out" / "config.yaml"
+    save_config(cfg, target)
+    save_config(cfg, target)  # replacing an existing file
+    assert [path.name for path in target.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
+    assert yaml.safe_load(target.read_text()) == config_to_dict(cfg)
+    assert load_config(target) == cfg
+
+
+def test_a_minimal_config_validates_on_cpu(tmp_path):
+    validate(load_config(minimal(tmp_path)), world_size=2, device="cpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.dtype=fp16"], "model.dtype=fp16 needs a CUDA device; this run is on cpu"),
+    (["precision.mixed=fp16"], "precision.mixed=fp16 needs a CUDA device"),
+    (["finetune.target=lora"], "finetune.target='lora' is not allowed: use one of prefix, text_lora"),
+    (["sampler.coefficients=exactly"], "sampler.coefficients='exactly' is not allowed"),
+    (["optim.name=sgd"], "optim.name='sgd' is not allowed: use one of adamw, adamw8bit"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage=4 is not allowed"),
+    (["max_steps=0"], "max_steps=0 must be >= 1"),
+    (["checkpoint_every=0"], "checkpoint_every=0 must be >= 1"),
+    (["finetune.lora.rank=-2"], "finetune.lora.rank=-2 must be >= 1"),
+    (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
+    (["optim.ema_decay=1"], "optim.ema_decay=1.0 must be < 1"),
+    (["loss.confidence_threshold=1.5"], "loss.confidence_threshold=1.5 must be <= 1"),
+    (["data.sets.sports.weight=-1"], "data.sets.sports.weight=-1.0 must be >= 0"),
+    (["loss.lambda_img_2={race: -1}"], "loss.lambda_img_2.race=-1.0 must be >= 0"),
+    (["sampler.num_steps_range=[23, 19]"], "sampler.num_steps_range=[23, 19] must be [low, high]"),
+    (["sampler.num_steps_range=[20]"], "must be [low, high]"),
+    (["sampler.num_steps_range=[5, 9]", "sampler.grad_steps=6"], "sampler.grad_steps=6 exceeds the fewest"),
+    (["sampler.memory_budget_gb=20", "sampler.keep_graph_steps=3"], "both set"),
+    (["batch.images_per_prompt=9"], "batch.images_per_prompt=9 is not divisible by the world size 2"),
+    (["output_dir="], "output_dir is empty"),
+    (["keep_every=300", "checkpoint_every=200"], "keep_every=300 is not a multiple of checkpoint_every=200"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)"),
+    (["targets={}"], "targets is empty"),
+    (["targets.form=sideways"], "targets.form must be one of"),  # fastfair.targets' own check
+    (["classifiers={}"], "classifiers is empty"),
+    (["classifiers.c.attributes={gender: [0, 1]}"], "targets attribute 'race' is predicted by no classifier"),
+    (["classifiers.c.attributes={gender: [1, 2], race: [3, 4, 5, 6]}"],
+     "targets attribute 'gender' reads classifier outputs [0, 1] but classifiers.c.attributes.gender is [1, 2]"),
+    (["loss.lambda_img_3={gender: 1, rase: 2}"], "loss.lambda_img_3 names ['rase'], not targets attributes"),
+    (["data.sets.occupations.weight=0"], "no prompt set with weight > 0"),
+    (["data.sets.poems.weight=1"], "data.sets.poems: no shipped prompt set 'poems'"),
+    (["data.sets.occupations.template=a {x} and {y}"], "data.sets.occupations.template: template"),
+    (["finetune.target=unet_lora", "finetune.lora.unet_modules=[]"], "finetune.lora.unet_modules is empty"),
+    (["faces.detector=callable"], "faces.detector=callable needs faces.detector_fn"),
+    (["classifiers.c.attributes={gender: [0, 1], race: [1, 2, 3, 4]}"], "output indices must be distinct"),
+    (["classifiers.c.attributes={gender: [0, 1], race: []}"], "classifiers.c.attributes: give each attribute"),
+    (["model.attention=xformers"], "model.attention=xformers needs CUDA"),
+])
+def test_validate_names_the_key_and_the_fix(tmp_path, overrides, message):
+    cfg = load_config(minimal(tmp_path), overrides)
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, world_size=2, device="cpu")
+    assert message in str(error.value)
+
+
+def test_validate_lists_every_problem_and_checks_its_arguments(tmp_path):
+    cfg = load_config(minimal(tmp_path), ["max_steps=0", "optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"(?s)max_steps=0.*optim\.lr=-1\.0"):
+        validate(cfg)
+    with pytest.raises(ValueError, match="world_size must be a positive int"):
+        validate(load_config(minimal(tmp_path)), world_size=0)
+
+
+def test_fp16_is_fine_on_cuda_and_bf16_on_cpu(tmp_path):
+    validate(load_config(minimal(tmp_path), ["model.dtype=fp16", "precision.mixed=fp16"]), device="cuda:1")
+    validate(load_config(minimal(tmp_path), ["model.dtype=bf16", "precision.mixed=bf16"]), device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="precision.mixed=fp16 needs a CUDA device"):
+        validate(load_config(minimal(tmp_path), ["precision.mixed=fp16"]), device=torch.device("cpu"))
+
+
+def diffusers_folder(root: Path, skip=()) -> Path:
+    for name in DIFFUSERS_SUBFOLDERS:
+        if name not in skip:
+            (root / name).mkdir(parents=True)
+    return root
+
+
+def config_with_files(tmp_path, **paths) -> TrainConfig:
+    """A config whose every file exists (empty files stand in for weights) unless paths overrides one."""
+    tmp_path.mkdir(exist_ok=True)
+    files = {}
+    for name in ("clf.safetensors", "bank.safetensors", "sfnet.pth", "clip.bin"):
+        files[name] = tmp_path / name
+        files[name].touch()
+    (tmp_path / "dino").mkdir()
+    settings = {"model.pretrained": diffusers_folder(tmp_path / "sd"), "classifiers.c.path": files["clf.safetensors"],
+                "faces.bank": files["bank.safetensors"], "faces.embedding": files["sfnet.pth"],
+                "semantics.clip_path": files["clip.bin"], "semantics.dino_path": tmp_path / "dino", **paths}
+    return load_config(minimal(tmp_path), [f"{key}={value}" for key, value in settings.items()])
+
+
+def test_check_files_accepts_a_complete_layout(tmp_path):
+    check_files(config_with_files(tmp_path))
+    (tmp_path / "model.safetensors").touch()
+    check_files(config_with_files(tmp_path / "b", **{"model.pretrained": tmp_path / "model.safetensors"}))
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"model.pretrained": ""}, "model.pretrained is empty: point it at a diffusers folder with unet/, vae/"),
+    ({"model.pretrained": "nowhere"}, "model.pretrained=nowhere does not exist: expected a diffusers folder"),
+    ({"model.pretrained": "half"}, "lacks vae/, scheduler/: expected a diffusers folder with unet/"),
+    ({"model.pretrained": "weights.bin"}, "is not a checkpoint file: expected"),
+    ({"faces.bank": "missing.safetensors"}, "faces.bank=missing.safetensors does not exist"),
+    ({"semantics.dino_path": ""}, "semantics.dino_path is empty"),
+    ({"resume": "no/such/checkpoint"}, "resume=no/such/checkpoint does not exist"),
+    ({"deepspeed.config": str(CONFIGS / "ds" / "zero2_fp16.json")}, "enables ['fp16'] but precision.mixed=fp32"),
+])
+def test_check_files_names_the_key_and_the_expected_layout(tmp_path, monkeypatch, setting, message):
+    monkeypatch.chdir(tmp_path)
+    diffusers_folder(tmp_path / "half", skip=("vae", "scheduler"))
+    (tmp_path / "weights.bin").touch()
+    cfg = config_with_files(tmp_path, **setting)
+    with pytest.raises(ConfigError) as error:
+        check_files(cfg)
+    assert message in str(error.value)
+
+
+def test_face_files_are_needed_only_with_the_face_loss(tmp_path):
+    check_files(config_with_files(tmp_path, **{"faces.bank": "", "faces.embedding": "", "loss.face_loss": "false"}))
+
+
+@pytest.mark.parametrize("path", DS_JSONS, ids=lambda path: path.stem)
+def test_deepspeed_jsons_are_concrete_and_match_their_names(path, tmp_path):
+    ds = json.loads(path.read_text())
+    assert "auto" not in path.read_text()
+    stage, precision = path.stem.split("_")
+    assert ds["zero_optimization"]["stage"] == int(stage[-1])
+    assert {name for name in ("fp16", "bf16") if ds.get(name, {}).get("enabled")} == {precision}
+    if precision == "fp16":
+        assert ds["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
+    cfg = config_with_files(tmp_path, **{"deepspeed.config": path, "precision.mixed": precision,
+                                         "batch.images_per_prompt": 32, "optim.grad_clip": 1.0})
+    check_files(cfg)
+    resolved = deepspeed_config(cfg, world_size=8)
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["train_batch_size"]) == (4, 32)
+    assert (resolved["gradient_accumulation_steps"], resolved["gradient_clipping"]) == (1, 1.0)
+    cfg.deepspeed.zero_stage = 3
+    assert deepspeed_config(cfg, 8)["zero_optimization"]["stage"] == 3
+
+
+def test_deepspeed_parses_the_shipped_jsons():
+    runtime_config = pytest.importorskip("deepspeed.runtime.config")
+    for path in DS_JSONS:
+        parsed = runtime_config.DeepSpeedConfig(json.loads(path.read_text()))
+        assert parsed.zero_optimization_stage == int(path.stem[4])
+        assert parsed.float16_config.enabled == path.stem.endswith("fp16")
+        assert parsed.bfloat16_config.enabled == path.stem.endswith("bf16")

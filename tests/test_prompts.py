@@ -1,0 +1,133 @@
+"""fastfair.prompts: shipped set sizes and disjointness, templates, the resumable mixture sampler."""
+import collections
+import json
+
+import pytest
+
+from fastfair.config import DataConfig, PromptSetConfig
+from fastfair.prompts import (
+    OCCUPATION_TEMPLATE, PROMPT_DIR, SPORT_TEMPLATE, PromptMixture, build_prompt_mixture, fill_template,
+    indefinite_article, list_prompt_sets, load_prompt_file, load_prompt_set, read_lines, template_field,
+)
+
+SIZES = {  # seed 0120 and 0134: (train, test)
+    "occupations": (1000, 50), "sports": (250, 50), "styled_occupations": (150, 19), "descriptors": (40, 10),
+}
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_shipped_sets_have_the_seed_sizes_and_are_disjoint(name):
+    train, test = read_lines(PROMPT_DIR / f"{name}_train.txt"), read_lines(PROMPT_DIR / f"{name}_test.txt")
+    min_train, n_test = SIZES[name]
+    assert len(test) == n_test and (len(train) >= min_train if name == "occupations" else len(train) == min_train)
+    assert not {line.lower() for line in train} & {line.lower() for line in test}
+    assert len(load_prompt_set(name, "train")) == len(train) and len(load_prompt_set(name, "test")) == n_test
+
+
+def test_no_line_repeats_and_no_blank_lines():
+    for path in PROMPT_DIR.glob("*.txt"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        assert lines == read_lines(path), path.name  # read_lines also raises on a case-insensitive repeat
+
+
+def test_list_prompt_sets_names_the_shipped_files():
+    assert sorted(list_prompt_sets()) == sorted(SIZES)
+    assert {path.name for path in PROMPT_DIR.glob("*.txt")} == {
+        f"{name}_{split}.txt" for name in SIZES for split in ("train", "test")}
+
+
+def test_templated_prompts():
+    assert "a photo of the face of an electrical and electronics repairer, a person" in load_prompt_set(
+        "occupations", "test")  # the seed's unseen test prompt (0126)
+    assert load_prompt_set("sports", "train")[0].startswith("a person playing ")
+    styled = load_prompt_set("styled_occupations", "test")
+    assert styled == read_lines(PROMPT_DIR / "styled_occupations_test.txt")  # full prompts, no template
+    styled_tagged = load_prompt_set("styled_occupations", "test", template="{prompt}, 4k")
+    assert styled_tagged == [prompt + ", 4k" for prompt in styled]
+
+
+@pytest.mark.parametrize("item, article", [
+    ("nurse", "a"), ("electrician", "an"), ("urologist", "a"), ("university lecturer", "a"),
+    ("umpire", "an"), ("IT manager", "an"), ("UX designer", "a"), ("FBI agent", "an"), ("hourly worker", "an"),
+])
+def test_indefinite_article(item, article):
+    assert indefinite_article(item) == article
+    assert fill_template(OCCUPATION_TEMPLATE, item) == f"a photo of the face of {article} {item}, a person"
+
+
+def test_fill_template_keeps_other_text_and_capitals():
+    assert fill_template("A {job} at work", "engineer") == "An engineer at work"
+    assert fill_template("an {job}, a portrait", "baker") == "a baker, a portrait"
+    assert fill_template("banana {x}", "apple") == "banana apple"  # 'a' only as a word
+    assert fill_template(SPORT_TEMPLATE, "ice hockey") == "a person playing ice hockey"
+    assert fill_template("{{literal}} {x}", "y") == "{literal} y"
+
+
+@pytest.mark.parametrize("template", ["no field", "{a} {b}", "{}", "{a!r}", "{a:>5}"])
+def test_template_field_rejects_anything_but_one_plain_field(template):
+    with pytest.raises(ValueError, match="exactly one plain named field"):
+        template_field(template)
+
+
+def test_user_files_and_bad_arguments(tmp_path):
+    path = tmp_path / "jobs.txt"
+    path.write_text("# my jobs\nastronomer\n\n  baker \n")
+    assert load_prompt_file(path) == ["astronomer", "baker"]
+    assert load_prompt_file(path, OCCUPATION_TEMPLATE)[0] == "a photo of the face of an astronomer, a person"
+    path.write_text("baker\nBaker\n")
+    with pytest.raises(ValueError, match=r"jobs\.txt:2: 'Baker' repeats line 1"):
+        read_lines(path)
+    with pytest.raises(ValueError, match="unknown prompt set 'poems'"):
+        load_prompt_set("poems")
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_prompt_set("sports", "val")
+
+
+SETS = {"big": [f"b{i}" for i in range(30)], "small": [f"s{i}" for i in range(7)]}
+
+
+def test_mixture_follows_the_weights_and_covers_each_set_per_pass():
+    mixture = PromptMixture(SETS, {"big": 3.0, "small": 1.0}, seed=1)
+    draws = [mixture.draw() for _ in range(4000)]
+    counts = collections.Counter(name for name, _ in draws)
+    assert abs(counts["big"] / 4000 - 0.75) < 0.03  # binomial std 0.007
+    small = [prompt for name, prompt in draws if name == "small"]
+    for start in range(0, len(small) - 7, 7):  # every pass shows each prompt once, reshuffled
+        assert sorted(small[start:start + 7]) == sorted(SETS["small"])
+    assert small[:7] != small[7:14]
+
+
+def test_mixture_resumes_exactly_from_its_state():
+    straight = PromptMixture(SETS, {"big": 1.0, "small": 2.0}, seed=5)
+    expected = [straight.draw() for _ in range(60)]
+    first = PromptMixture(SETS, {"big": 1.0, "small": 2.0}, seed=5)
+    head = [first.draw() for _ in range(23)]
+    state = json.loads(json.dumps(first.state_dict()))  # plain data: fits any checkpoint format
+    resumed = PromptMixture(SETS, {"big": 1.0, "small": 2.0}, seed=5)
+    resumed.load_state_dict(state)
+    assert head + [resumed.draw() for _ in range(37)] == expected
+    other_seed = PromptMixture(SETS, {"big": 1.0, "small": 2.0}, seed=6)
+    assert [other_seed.draw() for _ in range(60)] != expected
+    with pytest.raises(ValueError, match="prompt mixture state is for seed 5"):
+        other_seed.load_state_dict(state)
+
+
+def test_mixture_weights_are_checked_and_zero_weight_sets_left_out():
+    assert {PromptMixture(SETS, {"big": 0.0, "small": 1.0}).draw()[0] for _ in range(20)} == {"small"}
+    for weights, message in (({"big": 1.0}, "same sets"), ({"big": -1.0, "small": 1.0}, "finite and >= 0"),
+                             ({"big": 0.0, "small": 0.0}, "weight > 0")):
+        with pytest.raises(ValueError, match=message):
+            PromptMixture(SETS, weights)
+    with pytest.raises(ValueError, match="no prompts"):
+        PromptMixture({"empty": []}, {"empty": 1.0})
+
+
+def test_mixture_from_a_data_config(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("chess\ngo\n")
+    data = DataConfig(sets={"sports": PromptSetConfig(weight=1.0),
+                            "mine": PromptSetConfig(weight=1.0, file=str(path), template=SPORT_TEMPLATE)},
+                      split="test")
+    mixture = build_prompt_mixture(data, seed=0)
+    assert mixture.sets["sports"] == load_prompt_set("sports", "test")
+    assert mixture.sets["mine"] == ["a person playing chess", "a person playing go"]
