@@ -1,0 +1,51 @@
+"""Alignment targets over the global batch (all `torch.distributed` ranks together).
+
+The expected-OT targets of one image depend on every other image in the batch, so with data
+parallelism they are computed on the concatenation of all ranks' rows: gather the probabilities,
+compute the targets once on one rank, broadcast them, and give each rank the rows of its images.
+Ranks may hold different numbers of images.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .alignment import expected_ot_targets
+
+
+def global_expected_ot_targets(probs, target, valid=None, group=None, **ot_kwargs):
+    """`expected_ot_targets` of this rank's rows, computed over all ranks' rows of `group`.
+
+    probs: [N_rank, K]; valid: optional [N_rank] bool (rows excluded from the OT get q = 0);
+    ot_kwargs: method, num_samples, generator (used on the computing rank only).
+    Returns [N_rank, K], the same as the single-process result on the concatenated batch.
+    Without an initialized process group (or with one rank) it is `expected_ot_targets`.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return expected_ot_targets(probs, target, valid=valid, **ot_kwargs)
+    if valid is None:
+        valid = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+    all_probs, sizes = gather_rows(probs.detach(), group)
+    all_valid, _ = gather_rows(valid.to(probs.device, torch.uint8), group)  # gloo has no bool
+    src = dist.get_process_group_ranks(group)[0] if group is not None else 0
+    if dist.get_rank() == src:
+        q = expected_ot_targets(all_probs.double(), target, valid=all_valid.bool(), **ot_kwargs)
+    else:
+        q = torch.empty(all_probs.shape, dtype=torch.float64, device=probs.device)
+    dist.broadcast(q, src=src, group=group)
+    start = sum(sizes[: dist.get_rank(group)])
+    return q[start:start + probs.shape[0]].to(probs.dtype)
+
+
+def gather_rows(x, group=None):
+    """All-gather [n_rank, ...] tensors of different lengths: ([sum n_rank, ...], [n_rank per rank])."""
+    world = dist.get_world_size(group)
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes),) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sizes

@@ -1,0 +1,155 @@
+"""Semantics preserving loss with tiny random CLIP / DINOv2 models loaded from temp directories."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastfair.losses import Preprocess, SemanticsLoss, load_semantic_encoder
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def built_models():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    return {"clip": CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, projection_dim=16, **TINY)).eval(),
+            "dino": Dinov2Model(Dinov2Config(image_size=32, **TINY)).eval()}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, built_models):
+    """The CLIP vision tower saved without preprocessor config (defaults), the DINOv2 with one."""
+    root = tmp_path_factory.mktemp("semantic_models")
+    for name, model in built_models.items():
+        model.save_pretrained(root / name)
+    (root / "dino" / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}, "do_center_crop": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def semantics(model_dirs):
+    return SemanticsLoss.from_config({
+        "clip": {"backend": "clip", "path": str(model_dirs / "clip")},
+        "dino": {"backend": "dinov2", "path": str(model_dirs / "dino")},
+    })
+
+
+def images(seed, n=2, size=48):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_loaded_models_and_preprocessing(built_models, semantics):
+    x = images(0, size=32)
+    pixels = {name: encoder.preprocess(x) for name, encoder in semantics.encoders.items()}
+    with torch.no_grad():
+        assert torch.allclose(semantics.encoders["clip"](x),
+                              built_models["clip"](pixel_values=pixels["clip"]).image_embeds, atol=1e-6)
+        assert torch.allclose(semantics.encoders["dino"](x),
+                              built_models["dino"](pixel_values=pixels["dino"]).pooler_output, atol=1e-6)
+    clip = semantics.encoders["clip"].preprocess
+    assert clip == Preprocess(32, (32, 32), (0.48145466, 0.4578275, 0.40821073),
+                              (0.26862954, 0.26130258, 0.27577711), "bicubic")
+    assert semantics.encoders["dino"].preprocess.resize == 40
+
+
+def test_zero_for_identical_images_and_grad_only_to_finetuned(semantics):
+    finetuned = images(1).requires_grad_(True)
+    originals = images(1).requires_grad_(True)
+    original_embeddings = semantics.embed_originals(originals)
+    assert all(not e.requires_grad for e in original_embeddings.values())
+    losses = semantics(finetuned, original_embeddings)
+    assert set(losses) == {"clip", "dino"}
+    for value in losses.values():
+        assert value.shape == (2,) and value.abs().max() < 1e-5
+    different = semantics(images(2), original_embeddings)
+    assert all((value > 1e-4).all() for value in different.values())
+    # grads through the cosine (at identical images the loss is at its minimum: use different ones)
+    moved = (finetuned + 0.3 * images(3)).detach().requires_grad_(True)
+    sum(semantics(moved, original_embeddings).values()).sum().backward()
+    assert moved.grad is not None and torch.isfinite(moved.grad).all() and moved.grad.abs().sum() > 0
+    assert originals.grad is None
+    assert all(not p.requires_grad for p in semantics.parameters())
+
+
+def test_encoders_stay_frozen_in_eval(semantics):
+    semantics.train()
+    assert not any(m.training for encoder in semantics.encoders.values() for m in encoder.modules())
+
+
+def test_preprocess_matches_the_transformers_processor():
+    """Resize (bicubic, antialiased), center crop and normalize like the PIL-based processor."""
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 24, "width": 24})
+    image = images(4, n=1, size=64)[:, :, :, :56]  # 64 x 56: resize to 36 x 32, crop 24 x 24
+    pixels = ((image[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    expected = processor(images=pixels, return_tensors="np")["pixel_values"][0]
+    mine = Preprocess(32, (24, 24), tuple(processor.image_mean), tuple(processor.image_std), "bicubic")
+    got = mine(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1)[0].numpy()
+    assert got.shape == expected.shape == (3, 24, 24)
+    # PIL resamples in 8 bit; a wrong crop offset, channel order or mean/std gives errors > 0.5
+    assert np.abs(got - expected).mean() < 0.02  # (bilinear instead of bicubic: 0.09)
+
+
+def test_bad_encoder_specs_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        load_semantic_encoder("siglip", path=str(tmp_path))
+    with pytest.raises(ValueError, match="needs `path`, a local model directory"):
+        load_semantic_encoder("clip", path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="needs model_name .* and checkpoint, a local file"):
+        load_semantic_encoder("open_clip", model_name="ViT-H-14", checkpoint=str(tmp_path / "none.bin"))
+    with pytest.raises(ValueError, match=r"semantics config 'clip': a mapping with fields from .*'size': 224"):
+        SemanticsLoss.from_config({"clip": {"backend": "clip", "path": str(tmp_path), "size": 224}})
+    with pytest.raises(ValueError, match="resize .* must be >= the crop size"):
+        Preprocess(16, (32, 32), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ValueError, match=r"images must be \[N, 3, H, W\]"):
+        Preprocess(32, (32, 32), (0.5,) * 3, (0.5,) * 3)(torch.zeros(1, 1, 32, 32))
+
+
+def _open_clip_importable():
+    try:
+        import open_clip  # noqa: F401
+    except Exception as err:  # missing, or torchvision failing beside this torch
+        return f"open_clip is not importable here ({type(err).__name__}: {err})"
+    return None
+
+
+OPEN_CLIP_SKIP = _open_clip_importable() if importlib.util.find_spec("open_clip") else "open_clip_torch is not installed"
+
+
+def test_open_clip_without_the_package_says_how_to_install(tmp_path):
+    if OPEN_CLIP_SKIP is None:
+        pytest.skip("open_clip is importable here; the backend is tested below")
+    checkpoint = tmp_path / "model.bin"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ImportError, match=r"open_clip_torch and an importable torchvision"):
+        load_semantic_encoder("open_clip", model_name="ViT-H-14", checkpoint=str(checkpoint))
+
+
+@pytest.mark.skipif(OPEN_CLIP_SKIP is not None, reason=OPEN_CLIP_SKIP or "")
+def test_open_clip_backend(tmp_path):
+    import open_clip
+
+    (tmp_path / "tiny-vit.json").write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(tmp_path / "tiny-vit.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-vit")
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    encoder = load_semantic_encoder("open_clip", model_name="tiny-vit", checkpoint=str(tmp_path / "tiny.pt"))
+    assert torch.equal(encoder.model.state_dict()["conv1.weight"], model.visual.state_dict()["conv1.weight"])
+    loss = SemanticsLoss({"clip": encoder})
+    x = images(5).requires_grad_(True)
+    assert loss(x, loss.embed_originals(x))["clip"].abs().max() < 1e-5
+    moved = (x + 0.3 * images(6)).detach().requires_grad_(True)
+    loss(moved, loss.embed_originals(x))["clip"].sum().backward()
+    assert torch.isfinite(moved.grad).all() and moved.grad.abs().sum() > 0
