@@ -1,0 +1,168 @@
+"""Labelled face folders for classifier training: FairFace- and CelebA-style label tables.
+
+Tables: a CSV with a header (FairFace: ``file,age,gender,race,...``; CelebA as CSV:
+``image_id,5_o_Clock_Shadow,...,Young`` with 1/-1), or CelebA's ``list_attr_celeba.txt`` (a count
+line, a line of 40 names, then ``file v1 ... v40``). Attributes:
+- ``gender``: a ``gender`` column (Male/Female, M/F) or CelebA's ``Male`` (1 / -1 or 0) -> female/male;
+- ``race``: FairFace's seven races mapped to seed 0120's four groups (White, Middle Eastern,
+  Latino_Hispanic -> WMELH; East/Southeast Asian -> Asian; Black; Indian), or the four names;
+- ``age``: FairFace's buckets or a number (< 40 young, else old), or CelebA's ``Young`` column;
+- ``celeba40``: all 40 CelebA columns, each no/yes;
+- any other name: a column of class names (classes sorted, numerically when all are integers).
+"""
+import csv
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fastfair.classifiers.heads import AGE, BINARY, CELEBA_ATTRIBUTES, GENDER, RACE, Attribute, AttributeHead
+
+FILE_COLUMNS = ("file", "image_id", "filename", "image", "path")
+RACE_GROUPS = {"white": "WMELH", "middle eastern": "WMELH", "latino hispanic": "WMELH", "wmelh": "WMELH",
+               "east asian": "Asian", "southeast asian": "Asian", "asian": "Asian", "black": "Black",
+               "indian": "Indian"}
+GENDER_NAMES = {"male": "male", "m": "male", "man": "male", "female": "female", "f": "female", "woman": "female"}
+YOUNG_BUCKETS = {"0-2", "3-9", "10-19", "20-29", "30-39"}
+OLD_BUCKETS = {"40-49", "50-59", "60-69", "more than 70", "70+"}
+
+
+class LabelTable:
+    """Rows of a label file: ``files`` [M] and ``columns`` {name: [M] strings}."""
+
+    def __init__(self, files: List[str], columns: Dict[str, List[str]], source: str):
+        self.files, self.columns, self.source = files, columns, source
+
+    def __len__(self):
+        return len(self.files)
+
+    def column(self, name: str) -> List[str]:
+        if name not in self.columns:
+            raise ValueError(f"{self.source} has no column {name!r}; its columns are {sorted(self.columns)}")
+        return self.columns[name]
+
+
+def read_label_table(path: str) -> LabelTable:
+    """Parse a CSV with a header, or CelebA's whitespace-separated attribute list."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"label file not found: {path}")
+    with open(path, newline="") as handle:
+        text = handle.read()
+    lines = text.splitlines()
+    if lines and lines[0].strip().isdigit():  # list_attr_celeba.txt
+        names = lines[1].split()
+        rows = [line.split() for line in lines[2:] if line.strip()]
+        bad = [r[0] for r in rows if len(r) != len(names) + 1][:3]
+        if bad:
+            raise ValueError(f"{path}: rows {bad} do not have a file name and {len(names)} values")
+        return LabelTable([r[0] for r in rows], {n: [r[i + 1] for r in rows] for i, n in enumerate(names)}, path)
+    reader = csv.DictReader(lines)
+    header = reader.fieldnames or []
+    file_column = next((c for c in FILE_COLUMNS if c in header), None)
+    if file_column is None:
+        raise ValueError(f"{path}: no file-name column; expected one of {FILE_COLUMNS}, found {header}")
+    rows = list(reader)
+    columns = {c: [(row[c] or "").strip() for row in rows] for c in header if c != file_column}
+    return LabelTable([row[file_column].strip() for row in rows], columns, path)
+
+
+def _normalized(value: str) -> str:
+    return " ".join(value.replace("_", " ").replace("-", " ").lower().split())
+
+
+def _lookup(values: Sequence[str], mapping, classes, where: str) -> List[int]:
+    labels = []
+    for row, value in enumerate(values):
+        name = mapping(value)
+        if name is None:
+            raise ValueError(f"{where}, row {row + 1}: cannot read {value!r} as one of {classes}")
+        labels.append(classes.index(name))
+    return labels
+
+
+def _celeba_flag(value: str):
+    return {"1": "yes", "-1": "no", "0": "no"}.get(value.strip())
+
+
+def _age_group(value: str):
+    text = value.strip().lower()
+    if text in YOUNG_BUCKETS or text in {"young"}:
+        return "young"
+    if text in OLD_BUCKETS or text in {"old"}:
+        return "old"
+    try:
+        return "young" if float(text) < 40 else "old"
+    except ValueError:
+        return None
+
+
+def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]]:
+    """One attribute's classes and per-row class indices (see the module docstring for the rules)."""
+    where = f"{table.source}, attribute {name!r}"
+    if name == "gender":
+        if "gender" in table.columns:
+            return Attribute("gender", GENDER), _lookup(table.columns["gender"], lambda v: GENDER_NAMES.get(
+                v.strip().lower()), GENDER, where)
+        flags = _lookup(table.column("Male"), _celeba_flag, BINARY, where + " (CelebA column 'Male')")
+        return Attribute("gender", GENDER), flags  # no=female (0), yes=male (1)
+    if name == "race":
+        return Attribute("race", RACE), _lookup(table.column("race"), lambda v: RACE_GROUPS.get(_normalized(v)),
+                                                RACE, where)
+    if name == "age":
+        if "age" in table.columns:
+            return Attribute("age", AGE), _lookup(table.columns["age"], _age_group, AGE, where)
+        young = _lookup(table.column("Young"), _celeba_flag, BINARY, where + " (CelebA column 'Young')")
+        return Attribute("age", AGE), [1 - flag for flag in young]  # Young=1 -> young (0)
+    values = table.column(name)
+    distinct = sorted(set(values), key=lambda v: (int(v), v) if v.lstrip("-").isdigit() else (0, v))
+    if len(distinct) < 2:
+        raise ValueError(f"{where}: needs at least 2 distinct values, found {distinct}")
+    return Attribute(name, tuple(distinct)), [distinct.index(v) for v in values]
+
+
+def resolve_labels(table: LabelTable, names: Sequence[str]) -> Tuple[AttributeHead, torch.Tensor]:
+    """(head, labels [M, A] long) for attribute names; ``celeba40`` expands to the 40 CelebA attributes."""
+    names = list(CELEBA_ATTRIBUTES) if list(names) == ["celeba40"] else list(names)
+    attributes, columns = [], []
+    for name in names:
+        if name in CELEBA_ATTRIBUTES and name in table.columns:
+            attribute = Attribute(name, BINARY)
+            labels = _lookup(table.columns[name], _celeba_flag, BINARY, f"{table.source}, column {name!r}")
+        else:
+            attribute, labels = attribute_labels(table, name)
+        attributes.append(attribute)
+        columns.append(labels)
+    return AttributeHead(attributes), torch.tensor(columns, dtype=torch.long).T.reshape(len(table), len(names))
+
+
+def load_face_image(path: str, size: int) -> torch.Tensor:
+    """[3, size, size] in [-1, 1]: shorter side resized to ``size`` (antialiased), centre crop."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = size / min(image.size)
+            width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((width, height), Image.BILINEAR)
+            left, top = (width - size) // 2, (height - size) // 2
+            rgb = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read training image {path}: {error}") from error
+    return torch.from_numpy(rgb).permute(2, 0, 1) / 127.5 - 1
+
+
+class LabelledFaces(Dataset):
+    """(image [3, S, S] in [-1, 1], labels [A] long) for the table's rows ``indices``."""
+
+    def __init__(self, root: str, table: LabelTable, labels: torch.Tensor, indices: Sequence[int], size: int):
+        self.root, self.table, self.labels, self.indices, self.size = root, table, labels, list(indices), size
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        row = self.indices[item]
+        return load_face_image(os.path.join(self.root, self.table.files[row]), self.size), self.labels[row]

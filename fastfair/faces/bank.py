@@ -1,0 +1,105 @@
+"""The bank of real-face embeddings D_F (seed Eq. 8) and its nearest-neighbour search.
+
+File format (safetensors): tensor ``embeddings`` [M, D] (float16 or float32, unit rows) and metadata
+``files`` (JSON list of the M source file names, relative to the image folder), ``format``
+(``fastfair-face-bank-1``) and free-form build settings.
+"""
+import json
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fastfair.faces.files import save_safetensors
+
+BANK_FORMAT = "fastfair-face-bank-1"
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FaceBank:
+    """Unit embeddings [M, D] (kept float32 for the search) and their source file names.
+
+    nearest(queries) runs without grad: by chunked matrix products, or faiss (exact inner-product
+    index) when ``use_faiss`` is True, or None and faiss imports.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, files: Optional[List[str]] = None,
+                 info: Optional[Dict[str, str]] = None, use_faiss: Optional[bool] = None):
+        if embeddings.dim() != 2 or embeddings.shape[0] == 0:
+            raise ValueError(f"bank embeddings must be [M, D] with M >= 1, got {tuple(embeddings.shape)}")
+        files = list(files) if files is not None else [str(i) for i in range(embeddings.shape[0])]
+        if len(files) != embeddings.shape[0]:
+            raise ValueError(f"{len(files)} file names for {embeddings.shape[0]} bank embeddings")
+        self.embeddings = F.normalize(embeddings.detach().float(), dim=-1)
+        self.files, self.info = files, dict(info or {})
+        if use_faiss and not faiss_available():
+            raise ImportError("use_faiss=True but faiss is not importable: pip install faiss-cpu (or faiss-gpu)")
+        self.use_faiss = faiss_available() if use_faiss is None else use_faiss
+        self._index = None
+
+    def __len__(self):
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def to(self, device) -> "FaceBank":
+        self.embeddings = self.embeddings.to(device)
+        return self
+
+    @classmethod
+    def load(cls, path: str, device="cpu", use_faiss: Optional[bool] = None) -> "FaceBank":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(device)) as handle:
+            metadata = dict(handle.metadata() or {})
+            if "embeddings" not in handle.keys():
+                raise ValueError(f"{path} is not a face bank: it has no 'embeddings' tensor")
+            embeddings = handle.get_tensor("embeddings")
+        files = json.loads(metadata.pop("files", "null"))
+        return cls(embeddings, files, metadata, use_faiss=use_faiss)
+
+    def save(self, path: str, dtype=torch.float32):
+        metadata = {**self.info, "format": BANK_FORMAT, "files": json.dumps(self.files)}
+        save_safetensors({"embeddings": self.embeddings.to(dtype)}, path, metadata)
+
+    @torch.no_grad()
+    def nearest(self, queries: torch.Tensor, chunk_size: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
+        """queries [N, D] -> (indices [N] long, cosine similarities [N] float32) of each nearest bank row."""
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [N, {self.dim}], got {tuple(queries.shape)}")
+        queries = F.normalize(queries.detach().float(), dim=-1)
+        if self.use_faiss:
+            return self._nearest_faiss(queries)
+        self.embeddings = bank = self.embeddings.to(queries.device)  # moved once, not on every call
+        best = torch.full((queries.shape[0],), -float("inf"), device=queries.device)
+        index = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+        for start in range(0, len(self), chunk_size):
+            similarity, where = (queries @ bank[start:start + chunk_size].T).max(dim=1)
+            better = similarity > best
+            best = torch.where(better, similarity, best)
+            index = torch.where(better, where + start, index)
+        return index, best
+
+    def _nearest_faiss(self, queries):
+        import faiss
+
+        if self._index is None:
+            self._index = faiss.IndexFlatIP(self.dim)
+            self._index.add(self.embeddings.cpu().numpy())
+        similarity, index = self._index.search(queries.cpu().numpy(), 1)
+        return (torch.from_numpy(index[:, 0]).long().to(queries.device),
+                torch.from_numpy(similarity[:, 0]).to(queries.device))
+
+    def neighbours(self, queries: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
+        """The nearest bank embedding of each query, [N, D] (no grad): the target of the face loss."""
+        index, _ = self.nearest(queries, chunk_size)
+        return self.embeddings.to(queries.device)[index.to(self.embeddings.device)]

@@ -1,0 +1,196 @@
+"""Build a face bank from a folder of real faces: detect, align, embed, save.
+
+    python -m fastfair.faces.build_bank --images DIR --out bank.safetensors --embedder sfnet20.pth
+
+Every image file below DIR (sorted by relative path) is read, its largest face detected and aligned
+to 112 x 112, embedded (flip-sum, unit norm) and stored with its file name. Unreadable images and
+images without a face are skipped and counted. Progress is saved atomically to
+``OUT.partial.safetensors`` every few batches; running the same command again resumes from it (the
+result equals an uninterrupted build), ``--restart`` discards it.
+"""
+import argparse
+import importlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastfair.faces.align import align_faces
+from fastfair.faces.bank import FaceBank
+from fastfair.faces.detect import get_detector
+from fastfair.faces.embed import FaceEmbedder, load_face_embedder
+from fastfair.faces.files import save_safetensors
+from fastfair.faces.regions import locate_faces
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class BankProgress:
+    """What a (partial) build has done: embedded files in order, and the skipped ones."""
+
+    embedded: List[str] = field(default_factory=list)
+    unreadable: List[str] = field(default_factory=list)
+    no_face: List[str] = field(default_factory=list)
+    settings: str = ""
+
+    def done(self) -> set:
+        return set(self.embedded) | set(self.unreadable) | set(self.no_face)
+
+
+def list_images(folder: str) -> List[str]:
+    """Image files below ``folder`` as sorted relative paths (by suffix; unreadable ones are found later)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--images folder not found: {folder}")
+    found = []
+    for root, _, names in os.walk(folder):
+        found += [os.path.relpath(os.path.join(root, n), folder) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(found)
+
+
+def read_image(path: str) -> Optional[torch.Tensor]:
+    """[1, 3, H, W] in [-1, 1], or None when the file cannot be decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    if rgb.ndim != 3 or min(rgb.shape[:2]) == 0:
+        return None
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None] / 127.5 - 1
+
+
+def partial_path(out: str) -> str:
+    return out + ".partial.safetensors"
+
+
+def load_progress(out: str, settings: str):
+    """(progress, embeddings list) from the partial file, or fresh ones when there is none."""
+    path = partial_path(out)
+    if not os.path.isfile(path):
+        return BankProgress(settings=settings), []
+    from safetensors.torch import load_file
+    from fastfair.faces.files import read_safetensors_metadata
+
+    progress = BankProgress(**json.loads(read_safetensors_metadata(path)["progress"]))
+    if progress.settings != settings:
+        raise ValueError(f"{path} was made with other settings ({progress.settings}); "
+                         "rerun with those settings, or pass --restart to start over")
+    embeddings = load_file(path)["embeddings"]
+    return progress, [embeddings] if embeddings.numel() else []
+
+
+def save_progress(out: str, progress: BankProgress, embeddings: List[torch.Tensor]):
+    stacked = torch.cat(embeddings) if embeddings else torch.zeros(0, 0)
+    save_safetensors({"embeddings": stacked}, partial_path(out), {"progress": json.dumps(asdict(progress))})
+
+
+def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", batch_size: int = 32,
+               save_every: int = 8, dtype=torch.float32, device="cpu", restart: bool = False,
+               settings: str = "", progress_bar: bool = True) -> dict:
+    """Build (or resume) the bank; returns a summary dict of counts.
+
+    embedder: aligned faces [N, 3, 112, 112] in [-1, 1] -> unit embeddings [N, D] (e.g. a FaceEmbedder);
+    detector: a backend name, Detector or callable; save_every: batches between progress saves;
+    settings: a string identifying the embedder/detector, checked on resume.
+    """
+    if batch_size < 1 or save_every < 1:
+        raise ValueError(f"batch_size and save_every must be >= 1, got {batch_size} and {save_every}")
+    detector = get_detector(detector)
+    files = list_images(image_dir)
+    if restart and os.path.exists(partial_path(out)):
+        os.remove(partial_path(out))
+    progress, embeddings = load_progress(out, settings)
+    done = progress.done()
+    todo = [name for name in files if name not in done]
+    input_size = getattr(embedder, "input_size", 112)
+    pending_faces, pending_names, batches = [], [], 0
+
+    def flush():
+        nonlocal batches
+        with torch.no_grad():
+            embeddings.append(embedder(torch.cat(pending_faces).to(device)).float().cpu())
+        progress.embedded += pending_names
+        pending_faces.clear(), pending_names.clear()
+        batches += 1
+        if batches % save_every == 0:
+            save_progress(out, progress, embeddings)
+
+    for name in tqdm(todo, desc="face bank", unit="img", disable=not progress_bar, initial=len(done),
+                     total=len(files)):
+        image = read_image(os.path.join(image_dir, name))
+        if image is None:
+            progress.unreadable.append(name)
+            continue
+        regions = locate_faces(image, detector)
+        if not bool(regions.found[0]):
+            progress.no_face.append(name)
+            continue
+        pending_faces.append(align_faces(image, regions.landmarks.float(), size=input_size))
+        pending_names.append(name)
+        if len(pending_faces) == batch_size:
+            flush()
+    if pending_faces:
+        flush()
+    summary = {"images": len(files), "embedded": len(progress.embedded), "unreadable": len(progress.unreadable),
+               "no_face": len(progress.no_face)}
+    if not progress.embedded:
+        raise ValueError(f"no face was embedded from {len(files)} image(s) in {image_dir}: nothing to save")
+    info = {"settings": settings, "summary": json.dumps(summary)}
+    FaceBank(torch.cat(embeddings), progress.embedded, info, use_faiss=False).save(out, dtype=dtype)
+    if os.path.exists(partial_path(out)):
+        os.remove(partial_path(out))
+    return summary
+
+
+def import_factory(spec: str) -> Callable:
+    """'package.module:function' -> the object it names."""
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise ValueError(f"--embedder-factory must look like 'package.module:function', got {spec!r}")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastfair.faces.build_bank", description=__doc__.split("\n")[0])
+    parser.add_argument("--images", required=True, help="folder of real face images (searched recursively)")
+    parser.add_argument("--out", required=True, help="bank file to write (.safetensors)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--embedder", help="local SFNet checkpoint (opensphere layout, .pth or .safetensors)")
+    source.add_argument("--embedder-factory", help="'module:function' returning a [N,3,112,112] -> [N,D] model")
+    parser.add_argument("--detector", default="opencv", help="opencv | insightface | mtcnn | none (whole image)")
+    parser.add_argument("--no-flip", action="store_true", help="do not add the mirrored face's features")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--save-every", type=int, default=8, help="batches between progress saves")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embeddings")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--restart", action="store_true", help="ignore a partial build and start over")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.embedder:
+        embedder = load_face_embedder(args.embedder, flip=not args.no_flip)
+    else:
+        network = import_factory(args.embedder_factory)()
+        embedder = FaceEmbedder(network, flip=not args.no_flip)
+    if isinstance(embedder, torch.nn.Module):
+        embedder = embedder.to(args.device).eval()
+    settings = json.dumps({"embedder": args.embedder or args.embedder_factory, "detector": args.detector,
+                           "flip": not args.no_flip})
+    summary = build_bank(args.images, args.out, embedder, args.detector, args.batch_size, args.save_every,
+                         getattr(torch, args.dtype), args.device, args.restart, settings)
+    print(f"face bank: embedded {summary['embedded']} of {summary['images']} images; skipped "
+          f"{summary['unreadable']} unreadable and {summary['no_face']} without a face -> {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The face detection interface: images in [-1, 1] -> per image a list of faces.
+
+Every backend sees one image at a time as a uint8 RGB array [H, W, 3] (what
+off-the-shelf detectors take) and returns ``Face`` records in that image's pixel
+coordinates. Detection never carries gradient: ``Detector.detect`` runs under
+``torch.no_grad`` and works on a detached copy.
+
+Coordinates: boxes are continuous (a box covering all of a W x H image is
+(0, 0, W, H)); landmarks are pixel-index coordinates (pixel centres at integers,
+the OpenCV / insightface convention), in the order left eye, right eye, nose,
+left mouth corner, right mouth corner (the viewer's left).
+"""
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Face:
+    """One detected face: ``box`` (x0, y0, x1, y1), ``score``, optional ``landmarks`` [5, 2] (x, y)."""
+
+    box: tuple
+    score: float = 1.0
+    landmarks: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        box = tuple(float(v) for v in self.box)
+        if len(box) != 4 or not box[2] > box[0] or not box[3] > box[1]:
+            raise ValueError(f"Face.box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {self.box}")
+        self.box = box
+        self.score = float(self.score)
+        if self.landmarks is not None:
+            self.landmarks = np.asarray(self.landmarks, dtype=np.float64).reshape(5, 2)
+
+
+def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3] (a detached CPU copy)."""
+    check_images(images)
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def check_images(images) -> None:
+    """Raise unless ``images`` is a float tensor [N, 3, H, W]."""
+    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a tensor [N, 3, H, W] in [-1, 1], got {shape}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point in [-1, 1], got {images.dtype}")
+
+
+class Detector:
+    """Base class: subclasses implement ``detect_array(rgb) -> list of Face``."""
+
+    def detect_array(self, rgb: np.ndarray) -> List[Face]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def detect(self, images: torch.Tensor) -> List[List[Face]]:
+        """images [N, 3, H, W] in [-1, 1] -> N lists of faces (possibly empty)."""
+        return [list(self.detect_array(rgb)) for rgb in to_uint8_rgb(images)]
+
+    __call__ = detect
+
+
+def as_face(item) -> Face:
+    """Accept a Face, a dict with box/score/landmarks, or a sequence (x0, y0, x1, y1[, score])."""
+    if isinstance(item, Face):
+        return item
+    if isinstance(item, dict):
+        return Face(item["box"], item.get("score", 1.0), item.get("landmarks"))
+    values = [float(v) for v in item]
+    if len(values) not in (4, 5):
+        raise ValueError(f"a detected face must be (x0, y0, x1, y1[, score]), a dict or a Face, got {item!r}")
+    return Face(values[:4], values[4] if len(values) == 5 else 1.0)
+
+
+class CallableDetector(Detector):
+    """Plug in any detector function.
+
+    ``batched=False``: ``fn(rgb uint8 [H, W, 3]) -> faces`` per image.
+    ``batched=True``: ``fn(images [N, 3, H, W] in [-1, 1]) -> N lists of faces`` (called under no_grad).
+    A face may be a ``Face``, a dict (box, score, landmarks) or (x0, y0, x1, y1[, score]).
+    """
+
+    def __init__(self, fn: Callable, batched: bool = False):
+        if not callable(fn):
+            raise TypeError(f"CallableDetector needs a callable, got {type(fn).__name__}")
+        self.fn, self.batched = fn, batched
+
+    def detect_array(self, rgb):
+        return [as_face(face) for face in self.fn(rgb)]
+
+    @torch.no_grad()
+    def detect(self, images):
+        if not self.batched:
+            return super().detect(images)
+        check_images(images)
+        per_image = list(self.fn(images.detach()))
+        if len(per_image) != images.shape[0]:
+            raise ValueError(f"batched detector returned {len(per_image)} lists for {images.shape[0]} images")
+        return [[as_face(face) for face in faces] for faces in per_image]
+
+    __call__ = detect
+
+
+class WholeImageDetector(Detector):
+    """Treats every image as one face filling the frame: for folders of already-cropped faces."""
+
+    def detect_array(self, rgb):
+        height, width = rgb.shape[:2]
+        return [Face((0, 0, width, height))]
+
+
+class FallbackDetector(Detector):
+    """Detectors tried in order: each image takes the faces of the first one that finds any.
+
+    The public code did this with insightface, then face_recognition for the images it missed.
+    """
+
+    def __init__(self, detectors: Sequence):
+        if not detectors:
+            raise ValueError("FallbackDetector needs at least one detector")
+        self.detectors = [get_detector(d) for d in detectors]
+
+    @torch.no_grad()
+    def detect(self, images):
+        results = self.detectors[0].detect(images)
+        for detector in self.detectors[1:]:
+            missed = [i for i, faces in enumerate(results) if not faces]
+            if not missed:
+                break
+            for i, faces in zip(missed, detector.detect(images[missed])):
+                results[i] = faces
+        return results
+
+    __call__ = detect
+
+
+BACKENDS = ("opencv", "insightface", "mtcnn", "none")
+
+
+def get_detector(spec: Union[str, Detector, Callable, list] = "opencv", **options) -> Detector:
+    """A detector from a backend name (``opencv``, ``insightface``, ``mtcnn``, ``none``), a Detector, a
+    callable (see ``CallableDetector``), or a list of these tried in order (``FallbackDetector``).
+
+    ``options`` go to the backend's constructor (e.g. ``root=`` for insightface).
+    """
+    if isinstance(spec, Detector):
+        return spec
+    if isinstance(spec, (list, tuple)):
+        return FallbackDetector(spec)
+    if callable(spec):
+        return CallableDetector(spec, **options)
+    if spec == "opencv":
+        from fastfair.faces.haar import HaarDetector
+
+        return HaarDetector(**options)
+    if spec == "insightface":
+        from fastfair.faces.insightface_backend import InsightFaceDetector
+
+        return InsightFaceDetector(**options)
+    if spec == "mtcnn":
+        from fastfair.faces.mtcnn_backend import MTCNNDetector
+
+        return MTCNNDetector(**options)
+    if spec == "none":
+        return WholeImageDetector()
+    raise ValueError(f"unknown face detector {spec!r}: use one of {BACKENDS}, a Detector or a callable")
+
+
+def faces_from_arrays(boxes: Sequence, scores: Optional[Sequence] = None, landmarks: Optional[Sequence] = None):
+    """Zip a backend's parallel arrays (boxes [n, 4], scores [n], landmarks [n, 5, 2]) into Faces."""
+    faces = []
+    for i, box in enumerate([] if boxes is None else boxes):
+        score = 1.0 if scores is None else scores[i]
+        points = None if landmarks is None else landmarks[i]
+        faces.append(Face(tuple(box[:4]), score, points))
+    return faces

@@ -1,0 +1,67 @@
+"""Local weight files in and out: state dicts from .safetensors or torch pickles, atomic writes.
+
+Atomic: write to a temporary file in the same folder, then ``os.replace`` it over the target, so a
+kill during a save leaves the previous file intact.
+"""
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Dict, Optional
+
+import torch
+
+
+def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (``.pt``/``.pth``/``.bin``, loaded weights-only).
+
+    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` containers and DataParallel's ``module.`` prefix
+    (the public SFNet checkpoint was saved from ``nn.DataParallel``).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(handle)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None):
+    """Atomically write tensors (made contiguous, on CPU) with string metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
+
+
+def read_safetensors_metadata(path: str) -> Dict[str, str]:
+    """The string metadata of a safetensors file (empty dict when none)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return dict(handle.metadata() or {})

@@ -1,0 +1,84 @@
+"""From detections to one face region per image: the largest-face rule, clipping, square crop boxes.
+
+Seed 0109 / 0124: an image with several faces is represented by the one covering the largest area;
+an image without a face is marked (``found`` False) and gets the whole image as a stand-in region so
+that every downstream tensor stays finite.
+"""
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from fastfair.faces.align import template_in_box
+from fastfair.faces.detect import Detector, Face, get_detector
+
+
+@dataclass
+class FaceRegions:
+    """One face per image, as tensors (N images, float64 coordinates).
+
+    found [N] bool; boxes [N, 4] the chosen detector box clipped to the image (x0, y0, x1, y1);
+    crop_boxes [N, 4] squares around ``boxes`` enlarged by the margin (they may leave the image);
+    landmarks [N, 5, 2] the detector's, or estimated from the box; has_landmarks [N] bool; scores [N].
+    The face-region mask of the semantics loss is ``fastfair.losses.weights.face_box_mask(boxes, H, W, found)``.
+    """
+
+    found: torch.Tensor
+    boxes: torch.Tensor
+    crop_boxes: torch.Tensor
+    landmarks: torch.Tensor
+    has_landmarks: torch.Tensor
+    scores: torch.Tensor
+
+
+def clipped_area(face: Face, height: int, width: int) -> float:
+    """Area of the face's box inside the image (the public code's largest-face criterion)."""
+    x0, y0, x1, y1 = face.box
+    return max(0.0, min(x1, width) - max(x0, 0)) * max(0.0, min(y1, height) - max(y0, 0))
+
+
+def square_boxes(boxes: torch.Tensor, margin: float) -> torch.Tensor:
+    """Squares centred on boxes [N, 4], side = longer side * (1 + margin)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).max(dim=1, keepdim=True).values * (1 + margin) / 2
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
+def select_largest(detections: List[List[Face]], height: int, width: int, margin: float = 0.5,
+                   device: Optional[torch.device] = None) -> FaceRegions:
+    """Apply the largest-face rule to N lists of faces of H x W images; see ``FaceRegions``.
+
+    margin: how much the square crop box exceeds the face box (0.5 = the public code's expand_coef).
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    whole = (0.0, 0.0, float(width), float(height))
+    count = len(detections)
+    found = torch.zeros(count, dtype=torch.bool)
+    boxes = torch.tensor([whole] * count, dtype=torch.float64).reshape(count, 4)
+    scores = torch.zeros(count, dtype=torch.float64)
+    has_landmarks = torch.zeros(count, dtype=torch.bool)
+    landmarks = torch.zeros(count, 5, 2, dtype=torch.float64)
+    for i, faces in enumerate(detections):
+        visible = [face for face in faces if clipped_area(face, height, width) > 0]
+        if not visible:
+            continue
+        face = max(visible, key=lambda f: clipped_area(f, height, width))
+        x0, y0, x1, y1 = face.box
+        boxes[i] = torch.tensor([max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)], dtype=torch.float64)
+        found[i], scores[i] = True, face.score
+        if face.landmarks is not None:
+            landmarks[i], has_landmarks[i] = torch.from_numpy(face.landmarks), True
+    estimated = template_in_box(boxes)
+    landmarks = torch.where(has_landmarks[:, None, None], landmarks, estimated)
+    regions = FaceRegions(found, boxes, square_boxes(boxes, margin), landmarks, has_landmarks, scores)
+    if device is not None:
+        regions = FaceRegions(*(getattr(regions, f).to(device) for f in FaceRegions.__dataclass_fields__))
+    return regions
+
+
+def locate_faces(images: torch.Tensor, detector="opencv", margin: float = 0.5) -> FaceRegions:
+    """Detect (no grad) and select the largest face of each image [N, 3, H, W] in [-1, 1]."""
+    detector = detector if isinstance(detector, Detector) else get_detector(detector)
+    detections = detector.detect(images)
+    return select_largest(detections, images.shape[-2], images.shape[-1], margin, device=images.device)

@@ -1,0 +1,119 @@
+"""Classifier architectures, state-dict layout, heads, files, and label-table parsing."""
+import pytest
+import torch
+
+from fastfair.classifiers.data import read_label_table, resolve_labels
+from fastfair.classifiers.heads import AttributeHead, celeba_head, head_from_names
+from fastfair.classifiers.mobilenet_v3 import MobileNetV3Large
+from fastfair.classifiers.model import AttributeClassifier, load_classifier, save_classifier
+
+
+def test_mobilenet_v3_large_matches_torchvisions_layout():
+    network = MobileNetV3Large(1000)
+    assert sum(p.numel() for p in network.parameters()) == 5_483_032  # torchvision's documented count
+    shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    assert len(shapes) == 312
+    expected = {
+        "features.0.0.weight": (16, 3, 3, 3), "features.0.1.running_var": (16,),
+        "features.1.block.0.0.weight": (16, 1, 3, 3),  # first block: no expansion, depthwise first
+        "features.4.block.2.fc1.weight": (24, 72, 1, 1), "features.13.block.2.fc1.weight": (168, 672, 1, 1),
+        "features.15.block.3.0.weight": (160, 960, 1, 1), "features.16.0.weight": (960, 160, 1, 1),
+        "classifier.0.weight": (1280, 960), "classifier.3.weight": (1000, 1280),
+    }
+    assert {k: shapes[k] for k in expected} == expected
+    assert "features.1.block.2.0.weight" not in shapes  # no SE in block 1
+
+
+def test_fairface_head_classifier_roundtrips_through_a_file_in_torchvision_layout(tmp_path):
+    head = head_from_names(["gender", "race", "age"])
+    assert head.num_outputs == 8 and head.slices["race"] == slice(2, 6)
+    torch.manual_seed(0)
+    classifier = AttributeClassifier(head).eval()
+    path = str(tmp_path / "clf.safetensors")
+    save_classifier(classifier, path)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(path))
+    assert keys == set(MobileNetV3Large(8).state_dict()) and "classifier.3.weight" in keys
+    loaded = load_classifier(path)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert loaded.head == head and torch.equal(loaded(images), classifier(images))
+    probabilities = loaded.probabilities(images)
+    assert probabilities["race"].shape == (2, 4) and torch.allclose(probabilities["age"].sum(-1), torch.ones(2))
+
+
+def test_public_code_state_dicts_load_given_the_head(tmp_path):
+    # the public gender classifier: torchvision mobilenet_v3_large with classifier[3] = Linear(1280, 80)
+    network = MobileNetV3Large(80)
+    torch.save(network.state_dict(), tmp_path / "public.pt")
+    with pytest.raises(ValueError, match="pass head="):
+        load_classifier(str(tmp_path / "public.pt"))
+    loaded = load_classifier(str(tmp_path / "public.pt"), head=celeba_head())
+    images = torch.rand(1, 3, 32, 32)
+    male = loaded.probabilities(images)["Male"]
+    logits = network.eval()(images)
+    assert torch.allclose(male, logits.view(1, 40, 2)[:, 20].softmax(-1), atol=1e-6)  # the public code's reading
+    with pytest.raises(ValueError, match="has 80 outputs"):
+        load_classifier(str(tmp_path / "public.pt"), head=head_from_names(["gender"]))
+
+
+def test_small_cnn_file_and_head_mismatch(tmp_path):
+    head = head_from_names(["gender"])
+    path = str(tmp_path / "small.safetensors")
+    save_classifier(AttributeClassifier(head, "small_cnn", input_size=32, width=4), path)
+    loaded = load_classifier(path)
+    assert loaded.arch == "small_cnn" and loaded.input_size == 32 and loaded(torch.zeros(3, 3, 32, 32)).shape == (3, 2)
+    with pytest.raises(ValueError, match="was asked for"):
+        load_classifier(path, head=head_from_names(["race"]))
+    with pytest.raises(ValueError, match="declares 2"):
+        head.split(torch.zeros(1, 3))
+
+
+def test_heads_validate_and_serialize():
+    head = head_from_names(["gender", "race"])
+    assert AttributeHead.from_json(head.to_json()) == head and head.describe() == "gender(2) | race(4)"
+    assert celeba_head().num_outputs == 80 and celeba_head().index("Male") == 20
+    with pytest.raises(ValueError, match="unknown attribute"):
+        head_from_names(["hair"])
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_fairface_csv_maps_seven_races_to_four_groups_and_age_buckets(tmp_path):
+    rows = [("White", "Male", "20-29"), ("Middle Eastern", "Female", "40-49"), ("Latino_Hispanic", "Male", "3-9"),
+            ("East Asian", "Female", "more than 70"), ("Southeast Asian", "Male", "30-39"), ("Black", "Female", "0-2"),
+            ("Indian", "Male", "60-69")]
+    text = "file,age,gender,race,service_test\n" + "".join(
+        f"train/{i}.jpg,{age},{gender},{race},True\n" for i, (race, gender, age) in enumerate(rows))
+    head, labels = resolve_labels(read_label_table(write(tmp_path, "fairface.csv", text)), ["gender", "race", "age"])
+    assert head == head_from_names(["gender", "race", "age"])
+    assert labels[:, 1].tolist() == [0, 0, 0, 1, 1, 2, 3]  # WMELH x3, Asian x2, Black, Indian
+    assert labels[:, 0].tolist() == [1, 0, 1, 0, 1, 0, 1]  # male = 1
+    assert labels[:, 2].tolist() == [0, 1, 0, 1, 0, 0, 1]  # young (< 40) = 0
+    bad = write(tmp_path, "bad.csv", "file,race\na.jpg,Martian\n")
+    with pytest.raises(ValueError, match="row 1: cannot read 'Martian'"):
+        resolve_labels(read_label_table(bad), ["race"])
+    with pytest.raises(ValueError, match="no column 'race'"):
+        resolve_labels(read_label_table(write(tmp_path, "norace.csv", "file,x\na.jpg,1\n")), ["race"])
+
+
+def test_celeba_attribute_list_and_csv(tmp_path):
+    from fastfair.classifiers.heads import CELEBA_ATTRIBUTES
+
+    values = [["1" if j % 3 == 0 else "-1" for j in range(40)], ["-1" if j % 3 == 0 else "1" for j in range(40)]]
+    txt = "2\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "".join(
+        f"00000{i + 1}.jpg  " + " ".join(v) + "\n" for i, v in enumerate(values))
+    table = read_label_table(write(tmp_path, "list_attr_celeba.txt", txt))
+    assert table.files == ["000001.jpg", "000002.jpg"]
+    head, labels = resolve_labels(table, ["celeba40"])
+    assert head == celeba_head() and labels[0, :4].tolist() == [1, 0, 0, 1]
+    gender_age, labels = resolve_labels(table, ["gender", "age"])  # from the Male and Young columns
+    assert labels.tolist() == [[0, 0], [1, 1]]  # Male(20): -1, 1; Young(39): 1 -> young(0), -1 -> old(1)
+    csv_text = "image_id," + ",".join(CELEBA_ATTRIBUTES) + "\n" + "".join(
+        f"00000{i + 1}.jpg," + ",".join(v) + "\n" for i, v in enumerate(values))
+    _, from_csv = resolve_labels(read_label_table(write(tmp_path, "attrs.csv", csv_text)), ["celeba40"])
+    assert torch.equal(from_csv, resolve_labels(table, ["celeba40"])[1])

@@ -1,0 +1,112 @@
+"""Building a face bank from a folder: skips, resume after an interruption, the CLI."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastfair.faces.align import align_faces
+from fastfair.faces.bank import FaceBank
+from fastfair.faces.build_bank import build_bank, main, partial_path, read_image
+from fastfair.faces.detect import CallableDetector
+from fastfair.faces.embed import FaceEmbedder
+from fastfair.faces.regions import locate_faces
+from fastfair.faces.sfnet import SFNet
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """7 readable images (2 in a subfolder; 'blank' has no face), one corrupt file, one text file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "faces"
+    (root / "sub").mkdir(parents=True)
+    for i in range(7):
+        size = (40 + 4 * i, 48)
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        name = f"sub/img{i}.png" if i >= 5 else f"img{i}.jpg"
+        Image.fromarray(pixels).save(root / name, quality=95)
+    Image.fromarray(np.zeros((48, 48, 3), dtype=np.uint8)).save(root / "blank.png")
+    (root / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (root / "notes.txt").write_text("ignored")
+    return str(root)
+
+
+def centre_face(rgb):
+    """A toy detector: a centred face, unless the image is black."""
+    height, width = rgb.shape[:2]
+    return [] if rgb.max() == 0 else [(width * 0.2, height * 0.2, width * 0.8, height * 0.8, 1.0)]
+
+
+def tiny_embedder():
+    torch.manual_seed(0)
+    return FaceEmbedder(SFNet(depths=(0, 1, 0, 0), channels=(4, 4, 4, 4), out_dim=8).eval())
+
+
+class Interrupting:
+    """Wraps an embedder; raises KeyboardInterrupt on call number ``stop`` (counting from 1)."""
+
+    def __init__(self, embedder, stop):
+        self.embedder, self.stop, self.calls = embedder, stop, 0
+        self.input_size = embedder.input_size
+
+    def __call__(self, faces):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return self.embedder(faces)
+
+
+def test_build_skips_unreadable_and_faceless_images_and_embeds_aligned_faces(folder, tmp_path):
+    embedder, detector = tiny_embedder(), CallableDetector(centre_face)
+    out = str(tmp_path / "bank.safetensors")
+    summary = build_bank(folder, out, embedder, detector, batch_size=2, progress_bar=False)
+    assert summary == {"images": 9, "embedded": 7, "unreadable": 1, "no_face": 1}
+    bank = FaceBank.load(out, use_faiss=False)
+    assert bank.files == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg", "sub/img5.png", "sub/img6.png"]
+    image = read_image(os.path.join(folder, "sub/img5.png"))
+    with torch.no_grad():
+        direct = embedder(align_faces(image, locate_faces(image, detector).landmarks.float()))
+    assert torch.allclose(bank.embeddings[5], direct[0], atol=1e-6)
+    assert not os.path.exists(partial_path(out))
+
+
+def test_resume_after_an_interruption_gives_the_same_bank(folder, tmp_path):
+    embedder, detector = tiny_embedder(), CallableDetector(centre_face)
+    straight = str(tmp_path / "straight.safetensors")
+    build_bank(folder, straight, embedder, detector, batch_size=2, progress_bar=False)
+    out = str(tmp_path / "resumed.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        build_bank(folder, out, Interrupting(embedder, stop=3), detector, batch_size=2, save_every=1,
+                   progress_bar=False)
+    assert os.path.exists(partial_path(out)) and not os.path.exists(out)
+    counting = Interrupting(embedder, stop=0)
+    build_bank(folder, out, counting, detector, batch_size=2, save_every=1, progress_bar=False)
+    assert counting.calls == 2  # only the 3 faces after the 4 saved ones were embedded again
+    first, second = FaceBank.load(straight, use_faiss=False), FaceBank.load(out, use_faiss=False)
+    assert first.files == second.files
+    assert torch.allclose(first.embeddings, second.embeddings, atol=1e-6)
+    assert not os.path.exists(partial_path(out))
+
+
+def test_resume_refuses_other_settings_unless_restarted(folder, tmp_path):
+    embedder, detector = tiny_embedder(), CallableDetector(centre_face)
+    out = str(tmp_path / "bank.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        build_bank(folder, out, Interrupting(embedder, stop=2), detector, batch_size=2, save_every=1,
+                   settings="a", progress_bar=False)
+    with pytest.raises(ValueError, match="other settings"):
+        build_bank(folder, out, embedder, detector, settings="b", progress_bar=False)
+    summary = build_bank(folder, out, embedder, detector, settings="b", restart=True, progress_bar=False)
+    assert summary["embedded"] == 7
+
+
+def test_cli_builds_a_bank_with_a_local_sfnet_checkpoint(folder, tmp_path, capsys):
+    weights = str(tmp_path / "sfnet.pth")
+    torch.save(tiny_embedder().network.state_dict(), weights)
+    out = str(tmp_path / "cli.safetensors")
+    main(["--images", folder, "--out", out, "--embedder", weights, "--detector", "none", "--batch-size", "4"])
+    assert "embedded 8 of 9 images; skipped 1 unreadable and 0 without a face" in capsys.readouterr().out
+    bank = FaceBank.load(out, use_faiss=False)
+    assert len(bank) == 8 and bank.dim == 8
+    assert torch.allclose(bank.embeddings.norm(dim=1), torch.ones(8), atol=1e-5)

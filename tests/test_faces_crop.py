@@ -1,0 +1,121 @@
+"""Differentiable crops and 5-point alignment: exactness against references, finite-difference gradients."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastfair.faces.align import TEMPLATE_112, align_faces, invert_similarity, similarity_transform, template
+from fastfair.faces.crop import crop_boxes, warp_affine
+
+
+def bilinear_reference(image, matrix, out_h, out_w, fill):
+    """Loop-by-pixel bilinear warp in float64 numpy (cv2 WARP_INVERSE_MAP semantics, constant border)."""
+    channels, height, width = image.shape
+    out = np.zeros((channels, out_h, out_w))
+    for v in range(out_h):
+        for u in range(out_w):
+            x, y = matrix @ np.array([u, v, 1.0])
+            x0, y0 = math.floor(x), math.floor(y)
+            value = np.zeros(channels)
+            for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+                for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+                    pixel = image[:, yy, xx] if 0 <= yy < height and 0 <= xx < width else np.full(channels, fill)
+                    value += wy * wx * pixel
+            out[:, v, u] = value
+    return out
+
+
+def rotation_matrix(angle, scale, tx, ty):
+    c, s = scale * math.cos(angle), scale * math.sin(angle)
+    return torch.tensor([[[c, -s, tx], [s, c, ty]]], dtype=torch.float64)
+
+
+def test_warp_affine_matches_bilinear_reference_in_float64():
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 9, 11, dtype=torch.float64) * 2 - 1
+    matrix = rotation_matrix(0.3, 1.3, -1.7, 0.4)  # parts of the output fall outside the image
+    warped = warp_affine(image, matrix, (7, 8), fill=-1.0)
+    expected = bilinear_reference(image[0].numpy(), matrix[0].numpy(), 7, 8, -1.0)
+    np.testing.assert_allclose(warped[0].numpy(), expected, atol=1e-12)
+
+
+def test_crop_of_whole_image_is_identity_and_integer_box_is_a_slice():
+    image = torch.rand(2, 3, 16, 20, dtype=torch.float64)
+    whole = torch.tensor([[0, 0, 20, 16]] * 2, dtype=torch.float64)
+    assert torch.allclose(warp_affine(image, translation_matrices(whole), (16, 20)), image, atol=1e-12)
+    box = torch.tensor([[3, 2, 11, 10], [8, 5, 16, 13]], dtype=torch.float64)
+    crops = crop_boxes(image, box, size=8)
+    assert torch.allclose(crops[0], image[0, :, 2:10, 3:11], atol=1e-12)
+    assert torch.allclose(crops[1], image[1, :, 5:13, 8:16], atol=1e-12)
+
+
+def translation_matrices(boxes):
+    """Maps that shift by the boxes' corners at scale 1 (an output as large as the box)."""
+    zero = torch.zeros(len(boxes), dtype=torch.float64)
+    one = torch.ones_like(zero)
+    return torch.stack([torch.stack([one, zero, boxes[:, 0]], -1), torch.stack([zero, one, boxes[:, 1]], -1)], 1)
+
+
+def test_half_precision_images_are_sampled_at_float32_coordinates():
+    image = torch.rand(1, 3, 512, 512) * 2 - 1
+    boxes = torch.tensor([[301.3, 287.9, 433.6, 420.2]])
+    reference = crop_boxes(image, boxes, size=64)
+    crops = crop_boxes(image.to(torch.bfloat16), boxes, size=64)
+    assert crops.dtype == torch.bfloat16
+    assert (crops.float() - reference).abs().max() < 0.02  # bfloat16 pixel rounding only
+
+
+def test_crop_outside_the_image_reads_the_fill_value():
+    image = torch.zeros(1, 3, 8, 8, dtype=torch.float64)
+    crops = crop_boxes(image, torch.tensor([[-8.0, 0, 0, 8]], dtype=torch.float64), size=8, fill=-1.0)
+    assert torch.allclose(crops, torch.full_like(crops, -1.0))
+
+
+def test_crop_and_align_gradients_match_finite_differences_in_float64():
+    torch.manual_seed(1)
+    image = (torch.rand(2, 3, 6, 7, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    boxes = torch.tensor([[0.6, 0.3, 5.1, 4.8], [-1.0, 1.5, 4.7, 7.2]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: crop_boxes(x, boxes, size=4), (image,))
+    shift = torch.tensor([[[0.3, 0.2]], [[0.9, -0.4]]], dtype=torch.float64)
+    points = template(112)[None] * 0.05 + shift  # landmarks of a ~5-pixel face, a different one per image
+    assert torch.autograd.gradcheck(lambda x: align_faces(x, points, size=6), (image,))
+
+
+def test_similarity_fit_recovers_a_known_transform_and_is_least_squares():
+    known = rotation_matrix(-0.4, 2.5, 30.0, -12.0)
+    source = torch.rand(3, 5, 2, dtype=torch.float64) * 100
+    target = source @ known[0, :, :2].T + known[0, :, 2]
+    fitted = similarity_transform(source, target)
+    assert torch.allclose(fitted, known.expand(3, 2, 3), atol=1e-9)
+    assert torch.allclose(invert_similarity(fitted)[0, :, :2] @ known[0, :, :2], torch.eye(2, dtype=torch.float64))
+    # noisy points: the closed form equals the linear least-squares solution over (a, b, tx, ty)
+    noisy = target[0] + torch.randn(5, 2, dtype=torch.float64)
+    x, y = source[0, :, 0].numpy(), source[0, :, 1].numpy()
+    rows = np.concatenate([np.stack([x, -y, np.ones(5), np.zeros(5)], 1), np.stack([y, x, np.zeros(5), np.ones(5)], 1)])
+    a, b, tx, ty = np.linalg.lstsq(rows, np.concatenate([noisy[:, 0].numpy(), noisy[:, 1].numpy()]), rcond=None)[0]
+    expected = np.array([[a, -b, tx], [b, a, ty]])
+    np.testing.assert_allclose(similarity_transform(source[:1], noisy)[0].numpy(), expected, atol=1e-9)
+
+
+def test_align_undoes_a_similarity_warp_of_an_aligned_face():
+    # a smooth "aligned face", placed into a larger image by a known similarity, is recovered by alignment
+    v, u = torch.meshgrid(torch.arange(112.0), torch.arange(112.0), indexing="ij")
+    face = torch.stack([torch.sin(u / 9), torch.cos(v / 7), torch.sin((u + v) / 11)])[None].double()
+    to_image = rotation_matrix(0.25, 1.6, 60.0, 40.0)  # aligned-crop index -> image index
+    image = warp_affine(face, invert_similarity(to_image), (260, 280), fill=-1.0)
+    landmarks = (TEMPLATE_112 @ to_image[0, :, :2].T + to_image[0, :, 2])[None]
+    aligned = align_faces(image, landmarks, size=112)
+    assert (aligned - face)[..., 4:-4, 4:-4].abs().max() < 0.02  # two bilinear resamplings of a smooth image
+
+
+def test_bad_shapes_raise_clear_errors():
+    image = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="boxes must be"):
+        crop_boxes(image, torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="landmarks must be"):
+        align_faces(image, torch.zeros(2, 4, 2))
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        crop_boxes(torch.zeros(3, 8, 8), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="coincide"):
+        similarity_transform(torch.ones(1, 5, 2), TEMPLATE_112)

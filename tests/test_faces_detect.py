@@ -1,0 +1,152 @@
+"""Face detection: the Haar backend on a real photograph, the largest-face rule, boxes, hooks, adapters."""
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from fastfair.faces.detect import CallableDetector, Face, get_detector, to_uint8_rgb
+from fastfair.faces.regions import locate_faces, select_largest, square_boxes
+
+
+def photograph():
+    """Grace Hopper's portrait, shipped with matplotlib (a test dependency), as [1, 3, H, W] in [-1, 1]."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None] / 127.5 - 1
+
+
+def test_haar_finds_the_face_on_a_photograph_and_none_on_noise():
+    pytest.importorskip("cv2")
+    image = photograph()  # 600 x 512; her face spans roughly x 150-380, y 100-330
+    noise = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    regions = locate_faces(torch.cat([image[..., 90:346, 138:394], noise]), "opencv")
+    assert regions.found.tolist() == [True, False, False]
+    regions = locate_faces(image, "opencv")
+    x0, y0, x1, y1 = regions.boxes[0].tolist()
+    assert 120 < x0 < 200 and 80 < y0 < 150 and 330 < x1 < 420 and 280 < y1 < 360
+    assert not regions.has_landmarks[0]  # Haar gives none: they are estimated from the box
+    assert (regions.landmarks[0, :, 0] > x0).all() and (regions.landmarks[0, :, 1] < y1).all()
+
+
+def test_largest_face_rule_counts_only_the_area_inside_the_image():
+    faces = [
+        [Face((0, 0, 10, 10), 0.9), Face((-60, 0, 20, 30), 0.8), Face((30, 30, 55, 50), 0.7)],  # areas 100, 600, 500
+        [],
+        [Face((40, 40, 90, 90), 0.5)],  # only 24 x 24 of it inside
+    ]
+    regions = select_largest(faces, height=64, width=64, margin=0.5)
+    assert regions.found.tolist() == [True, False, True]
+    assert regions.boxes[0].tolist() == [0, 0, 20, 30]  # clipped to the image
+    assert regions.boxes[1].tolist() == [0, 0, 64, 64]  # no face: the whole image stands in
+    assert regions.boxes[2].tolist() == [40, 40, 64, 64]
+    assert regions.scores.tolist() == [0.8, 0.0, 0.5]
+    # squares: side = longer side * 1.5, centred on the clipped box
+    assert regions.crop_boxes[0].tolist() == [-12.5, -7.5, 32.5, 37.5]
+
+
+def test_square_boxes_margin_zero_keeps_the_longer_side():
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]], dtype=torch.float64)
+    assert square_boxes(boxes, 0.0).tolist() == [[0.0, 20.0, 40.0, 60.0]]
+    with pytest.raises(ValueError, match="margin"):
+        select_largest([[]], 8, 8, margin=-0.1)
+
+
+def test_callable_detectors_per_image_and_batched():
+    images = torch.zeros(2, 3, 32, 32)
+    images[1] = 1.0
+    seen = []
+
+    def per_image(rgb):
+        seen.append((rgb.dtype, rgb.shape, int(rgb[0, 0, 0])))
+        return [(2, 3, 12, 14, 0.7)] if rgb.mean() > 200 else []
+
+    regions = locate_faces(images, CallableDetector(per_image))
+    assert seen == [(np.uint8, (32, 32, 3), 128), (np.uint8, (32, 32, 3), 255)]
+    assert regions.found.tolist() == [False, True] and regions.boxes[1].tolist() == [2, 3, 12, 14]
+
+    points = np.arange(10.0).reshape(5, 2) + 5
+    batched = CallableDetector(lambda x: [[{"box": (1, 1, 9, 9), "landmarks": points}] for _ in x], batched=True)
+    regions = locate_faces(images.requires_grad_(True), batched)
+    assert regions.has_landmarks.all() and torch.equal(regions.landmarks[0], torch.from_numpy(points))
+
+
+def test_fallback_detector_asks_the_next_detector_only_for_missed_images():
+    images = torch.zeros(3, 3, 16, 16)
+    images[1] = 1.0
+    asked = []
+
+    def second(batch):
+        asked.append(batch.shape[0])
+        return [[(0, 0, 4, 4)] for _ in batch]
+
+    first = CallableDetector(lambda rgb: [(1, 1, 9, 9)] if rgb.mean() > 200 else [])
+    faces = get_detector([first, CallableDetector(second, batched=True)]).detect(images)
+    assert asked == [2]
+    assert [f[0].box for f in faces] == [(0, 0, 4, 4), (1, 1, 9, 9), (0, 0, 4, 4)]
+
+
+def test_detection_input_and_spec_errors():
+    with pytest.raises(ValueError, match="unknown face detector"):
+        get_detector("retina")
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        to_uint8_rgb(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match="x1 > x0"):
+        Face((5, 5, 5, 9))
+    with pytest.raises(ValueError, match="lists for"):
+        CallableDetector(lambda x: [[]], batched=True).detect(torch.zeros(2, 3, 4, 4))
+
+
+def test_insightface_adapter_passes_bgr_and_reads_bbox_kps(monkeypatch, tmp_path):
+    (tmp_path / "models" / "buffalo_l").mkdir(parents=True)
+    calls = {}
+
+    class FakeFaceAnalysis:
+        def __init__(self, name, root, allowed_modules, providers):
+            calls["init"] = (name, root, allowed_modules)
+
+        def prepare(self, ctx_id, det_size):
+            calls["prepare"] = det_size
+
+        def get(self, bgr):
+            calls["pixel"] = bgr[0, 0].tolist()
+            face = types.SimpleNamespace(bbox=np.array([4.0, 5.0, 20.0, 25.0]), det_score=0.93,
+                                         kps=np.arange(10.0).reshape(5, 2))
+            return [face]
+
+    app = types.ModuleType("insightface.app")
+    app.FaceAnalysis = FakeFaceAnalysis
+    monkeypatch.setitem(sys.modules, "insightface", types.ModuleType("insightface"))
+    monkeypatch.setitem(sys.modules, "insightface.app", app)
+    image = torch.full((1, 3, 32, 32), -1.0)
+    image[:, 0] = 1.0  # pure red in RGB
+    faces = get_detector("insightface", root=str(tmp_path)).detect(image)
+    assert calls["pixel"] == [0, 0, 255]  # BGR
+    assert calls["init"] == ("buffalo_l", str(tmp_path), ["detection"])
+    assert faces[0][0].box == (4.0, 5.0, 20.0, 25.0) and faces[0][0].landmarks.shape == (5, 2)
+    with pytest.raises(FileNotFoundError, match="model pack not found"):
+        get_detector("insightface", root=str(tmp_path / "missing"))
+
+
+def test_mtcnn_adapter_reads_boxes_probs_landmarks(monkeypatch):
+    class FakeMTCNN:
+        def __init__(self, **options):
+            pass
+
+        def detect(self, rgb, landmarks):
+            if rgb.mean() < 10:
+                return None, None, None
+            return np.array([[1.0, 2.0, 11.0, 12.0]]), np.array([0.99]), np.ones((1, 5, 2))
+
+    module = types.ModuleType("facenet_pytorch")
+    module.MTCNN = FakeMTCNN
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", module)
+    images = torch.full((2, 3, 16, 16), -1.0)
+    images[1] = 1.0
+    faces = get_detector("mtcnn").detect(images)
+    assert faces[0] == [] and faces[1][0].box == (1.0, 2.0, 11.0, 12.0) and faces[1][0].score == 0.99
