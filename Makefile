@@ -6,10 +6,12 @@ BIN := $(VENV)/bin
 .PHONY: setup demo test
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py constraints.txt
+$(VENV)/.installed: setup.py constraints.txt $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[cpu,test]"
+	# Native kernels (fastfair._C): compiled against the torch just installed, hence no build isolation.
+	FASTFAIR_BUILD_NATIVE=1 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 demo: setup

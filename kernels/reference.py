@@ -25,9 +25,11 @@ def solver_step_torch(
     a: float,
     b0: float,
     b1: float,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One solver step, unfused. z, m_prev: [B, ...] in the trajectory dtype (fp32 or fp64);
-    eps_c, eps_u: [B, ...] in any float dtype (upcast to z's dtype). Returns (z_next, m), z's dtype."""
+    eps_c, eps_u: [B, ...] in any float dtype (upcast to z's dtype). Returns (z_next, m), z's dtype,
+    written into ``out = (z_next, m)`` when given. m_prev is read only when b1 != 0."""
     eps = eps_c.to(z.dtype)
     if eps_u is not None:
         eps_u = eps_u.to(z.dtype)
@@ -38,7 +40,11 @@ def solver_step_torch(
         if m_prev is None:
             raise ValueError("solver_step: b1 != 0 (second-order step) needs m_prev")
         z_next = z_next + b1 * m_prev
-    return z_next, m
+    if out is None:
+        return z_next, m
+    out[0].copy_(z_next)
+    out[1].copy_(m)
+    return out
 
 
 def grad_fanout_torch(
@@ -51,7 +57,7 @@ def grad_fanout_torch(
 ) -> torch.Tensor:
     """Upstream gradients of a chunk of steps. g: [B, ...]; returns [len(scales), len(branch_weights), B, ...]
     with out[j, b] = scales[j] * branch_weights[b] * g, computed in g's dtype (or fp32 if lower) then cast."""
-    out_dtype = out_dtype or g.dtype
+    out_dtype = out_dtype or (out.dtype if out is not None else g.dtype)
     compute = g if g.dtype in (torch.float32, torch.float64) else g.float()
     if out is None:
         out = torch.empty((len(scales), len(branch_weights)) + tuple(g.shape), dtype=out_dtype, device=g.device)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU check: on a CUDA machine, build the native extension with CUDA, run the GPU tests and the benchmarks,
+# write logs and JSON under $1 (default bench/results/gpu), and print a summary table last.
+# Usage: bench/gpu_check.sh [OUT_DIR]      (PYTHON=... picks the interpreter; must finish in < 8 min on one H200)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-bench/results/gpu}"
+PYTHON="${PYTHON:-python}"
+mkdir -p "$OUT"
+step() { echo "== $(date +%T) $*" >&2; }
+
+step "device"
+"$PYTHON" - <<'PY' | tee "$OUT/device.txt"
+import torch
+assert torch.cuda.is_available(), "no CUDA device: this script is for a GPU machine"
+print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+PY
+
+step "build fastfair._C with CUDA (log: $OUT/build_native.log)"
+if ! FASTFAIR_BUILD_NATIVE=1 MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" -m pip install --no-build-isolation --no-deps -e . \
+    > "$OUT/build_native.log" 2>&1; then
+  tail -n 60 "$OUT/build_native.log"
+  exit 1
+fi
+"$PYTHON" -c "import torch, fastfair._C; assert torch.ops.fastfair.has_cuda(), 'fastfair._C was built without CUDA'"
+
+step "kernel tests (log: $OUT/tests_kernels.log)"
+"$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_kernels_native.py tests/test_kernels_triton.py \
+  tests/test_kernels_dispatch.py 2>&1 | tee "$OUT/tests_kernels.log"
+
+step "kernel benchmark (log: $OUT/kernels.log)"
+"$PYTHON" bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+
+# ==== engine / trainer benchmarks (lead): add them here, writing logs and JSON under "$OUT" ====
+
+# ==== end of engine / trainer benchmarks ====
+
+step "summary"
+{
+  echo "kernel tests: $(tail -n 1 "$OUT/tests_kernels.log")"
+  echo
+  "$PYTHON" bench/kernels.py --summarize "$OUT/kernels.json"
+} | tee "$OUT/summary.md"

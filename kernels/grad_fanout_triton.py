@@ -1,0 +1,43 @@
+"""Triton backend of ``grad_fanout``: kernel, launcher, functional wrapper.
+
+One program loads BLOCK elements of g once (upcast to fp32, or kept fp64) and, for every (step, branch)
+coefficient c = scales[j] * branch_weights[b], stores c * g into that copy of the output, in the output's
+dtype. The coefficients are read from a small float64 tensor; offsets are int64.
+"""
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_support import LAUNCH_OPTIONS, block_size
+
+
+@triton.jit
+def grad_fanout_kernel(g_ptr, coef_ptr, out_ptr, n_elements, n_coefs, COMPUTE: tl.constexpr, NARROW: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    g = tl.load(g_ptr + offsets, mask=mask).to(COMPUTE)
+    dst = out_ptr + offsets
+    for c in range(n_coefs):
+        value = tl.load(coef_ptr + c).to(COMPUTE) * g
+        if NARROW:
+            # fp16/bf16 outputs round via fp32, as torch's casts do (and the interpreter mis-casts fp64 -> bf16)
+            value = value.to(tl.float32)
+        tl.store(dst, value.to(out_ptr.dtype.element_ty), mask=mask)
+        dst += n_elements  # the next (step, branch) copy; pointer arithmetic is 64-bit
+
+
+def grad_fanout_triton(g: torch.Tensor, scales: List[float], branch_weights: List[float],
+                       out: torch.Tensor) -> torch.Tensor:
+    """Writes out[j, b] = scales[j] * branch_weights[b] * g; arguments as validated by
+    ``fastfair.kernels.grad_fanout``."""
+    n = g.numel()
+    # Products in double, as the reference forms float(s) * float(w) before scaling g.
+    coefs = torch.tensor([s * w for s in scales for w in branch_weights], dtype=torch.float64, device=g.device)
+    compute = tl.float64 if g.dtype == torch.float64 else tl.float32
+    block = block_size()
+    grad_fanout_kernel[(triton.cdiv(n, block),)](g, coefs, out, n, coefs.numel(), COMPUTE=compute,
+                                                 NARROW=out.element_size() == 2, BLOCK=block, **LAUNCH_OPTIONS)
+    return out

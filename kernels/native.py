@@ -1,0 +1,105 @@
+"""The native backend's library: ``fastfair._C`` (C++/OpenMP CPU kernels, CUDA kernels when built with CUDA),
+compiled from ``csrc/``; importing it registers the ops ``torch.ops.fastfair.{solver_step_out,grad_fanout_out}``.
+
+Built at install time with ``FASTFAIR_BUILD_NATIVE=1 pip install --no-build-isolation -e .`` (setup.py reads
+the source lists and flags below), or compiled on demand from a source checkout by ``load(jit=True)``
+(torch.utils.cpp_extension.load, cached under TORCH_EXTENSIONS_DIR; about a minute the first time).
+
+This file imports nothing from fastfair so that setup.py can read it with runpy before fastfair is installed.
+"""
+import importlib
+import os
+import shutil
+import warnings
+from typing import Dict, List, Optional
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+CPU_SOURCES = ["ops.cpp", "solver_step_cpu.cpp", "grad_fanout_cpu.cpp"]
+CUDA_SOURCES = ["register_cuda.cpp", "solver_step_cuda.cu", "grad_fanout_cuda.cu"]
+CXX_FLAGS = ["-O3", "-fopenmp"]
+NVCC_FLAGS = ["-O3"]  # no fast-math: the kernels must round like the torch reference
+LD_FLAGS = ["-fopenmp"]
+CUDA_MACRO = "FASTFAIR_WITH_CUDA"  # tells ops.cpp that register_cuda.cpp is linked in
+
+BUILD_HINT = ("build it with `FASTFAIR_BUILD_NATIVE=1 pip install --no-build-isolation -e .` "
+              "or call fastfair.kernels.native.load(jit=True) from a source checkout")
+
+_state: Dict[str, object] = {"ops": None, "error": None, "tried_import": False, "has_cuda": None}
+
+
+def cuda_buildable() -> bool:
+    """Whether this torch can build CUDA sources here: a CUDA torch and nvcc under CUDA_HOME."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None and (
+        os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None)
+
+
+def sources(with_cuda: bool) -> List[str]:
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
+    return [os.path.join(CSRC, name) for name in names]
+
+
+def _registered() -> bool:
+    import torch
+
+    return hasattr(torch.ops, "fastfair") and hasattr(torch.ops.fastfair, "solver_step_out")
+
+
+def _jit_build(verbose: bool) -> None:
+    from torch.utils.cpp_extension import load as cpp_load
+
+    if not all(os.path.exists(path) for path in sources(False)):
+        _state["error"] = f"csrc/ is not shipped with this install ({CSRC}); {BUILD_HINT}"
+        return
+    with_cuda = cuda_buildable()
+    macro = [f"-D{CUDA_MACRO}"] if with_cuda else []
+    try:
+        cpp_load(name="fastfair_C", sources=sources(with_cuda), extra_cflags=CXX_FLAGS + macro,
+                 extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=LD_FLAGS, is_python_module=False, verbose=verbose)
+    except Exception as err:  # a compiler error: keep the reason for unavailable_reason()
+        _state["error"] = f"JIT build of csrc/ failed: {err}"
+
+
+def _warn_if_stale(library: str) -> None:
+    # An editable install keeps the built library beside sources that may have changed since.
+    paths = [os.path.join(CSRC, name) for name in os.listdir(CSRC)] if os.path.isdir(CSRC) else []
+    if paths and max(map(os.path.getmtime, paths)) > os.path.getmtime(library):
+        warnings.warn(f"{library} is older than {CSRC}; rebuild it (`make setup`, or "
+                      "`FASTFAIR_BUILD_NATIVE=1 pip install --no-build-isolation --no-deps -e .`)", stacklevel=3)
+
+
+def load(jit: bool = False, verbose: bool = False):
+    """``torch.ops.fastfair`` once the native ops are registered, else None (reason: ``unavailable_reason``).
+    Tries ``import fastfair._C`` once per process; with jit=True and no installed build, compiles csrc/."""
+    if _state["ops"] is None and (jit or not _state["tried_import"]):
+        _state["tried_import"] = True
+        if not _registered():
+            try:
+                _warn_if_stale(importlib.import_module("fastfair._C").__file__)
+            except ImportError as err:
+                _state["error"] = f"fastfair._C is not installed ({err}); {BUILD_HINT}"
+        if not _registered() and jit:
+            _jit_build(verbose)
+        if _registered():
+            import torch
+
+            _state["ops"], _state["error"] = torch.ops.fastfair, None
+    return _state["ops"]
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    """None when native kernels can run on tensors of this device type, else why not."""
+    ops = load()
+    if ops is None:
+        return str(_state["error"])
+    if device_type == "cpu":
+        return None
+    if device_type == "cuda":
+        if _state["has_cuda"] is None:
+            _state["has_cuda"] = bool(ops.has_cuda())
+        if not _state["has_cuda"]:
+            return "fastfair._C was built without CUDA (building it needs a CUDA torch and nvcc); rebuild it"
+        return None
+    return f"there are no native kernels for {device_type} tensors"

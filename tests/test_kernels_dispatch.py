@@ -1,0 +1,148 @@
+"""The kernel dispatcher: backend choice (FASTFAIR_KERNELS / backend=), argument checks, the torch backend's
+out= buffers and the fan-out layout. Backend numerics are in test_kernels_native.py / test_kernels_triton.py."""
+import warnings
+
+import pytest
+import torch
+
+import fastfair.kernels as K
+from fastfair.kernels import dispatch, native, testing
+
+CPU = torch.device("cpu")
+STEP = dict(guidance=7.5, cz=1.2, ce=-0.4, a=0.9, b0=0.3, b1=-0.1)
+
+
+def test_env_is_read_at_call_time_and_keyword_wins(monkeypatch):
+    monkeypatch.setenv("FASTFAIR_KERNELS", "torch")
+    assert K.resolve_backend(CPU) == "torch"
+    monkeypatch.setenv("FASTFAIR_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="FASTFAIR_KERNELS='cuda-please'"):
+        K.resolve_backend(CPU)
+    assert K.resolve_backend(CPU, backend="torch") == "torch"
+    with pytest.raises(ValueError, match="backend='fast'"):
+        K.resolve_backend(CPU, backend="fast")
+
+
+@pytest.mark.parametrize("native_reason, expected", [("not built", "torch"), (None, "native")])
+def test_auto_picks_fastest_available_quietly(monkeypatch, native_reason, expected):
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type: native_reason)
+    monkeypatch.delenv("FASTFAIR_KERNELS", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert K.resolve_backend(CPU) == expected
+    # No auto choice ever interprets Triton, and unknown devices fall back to torch.
+    assert K.resolve_backend(torch.device("meta")) == "torch"
+
+
+def test_explicit_unavailable_backend_says_why(monkeypatch):
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type: "fastfair._C is not installed")
+    with pytest.raises(RuntimeError, match="'native' cannot run on cpu tensors: fastfair._C is not installed"):
+        K.solver_step(torch.zeros(2), torch.zeros(2), None, None, **STEP | dict(b1=0.0), backend="native")
+    if dispatch.triton_support.interpreting():
+        pytest.skip("this process interprets Triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        K.grad_fanout(torch.zeros(2), [1.0], [1.0], backend="triton")
+
+
+z4 = torch.zeros(2, 4, 3, 3)
+BAD_STEPS = [
+    (dict(z=z4.half()), TypeError, "z has dtype torch.float16"),
+    (dict(z=z4.numpy()), TypeError, "z must be a torch.Tensor"),
+    (dict(eps_c=torch.zeros(2, 4, 3)), ValueError, r"eps_c has shape \(2, 4, 3\), expected \(2, 4, 3, 3\)"),
+    (dict(eps_c=z4.long()), TypeError, "eps_c has dtype torch.int64"),
+    (dict(eps_u=z4.half()), TypeError, "eps_u is torch.float16 but eps_c is torch.float32"),
+    (dict(eps_u=torch.zeros(2, 4, 3, 3, device="meta")), ValueError, "eps_u is on meta but z is on cpu"),
+    (dict(m_prev=None), ValueError, "b1 != 0 .* needs m_prev"),
+    (dict(m_prev=z4.double()), TypeError, "m_prev has dtype torch.float64"),
+    (dict(out=(z4.clone(),)), TypeError, r"out must be a pair \(z_next, m\)"),
+    (dict(out=(z4.clone(), z4.clone().transpose(2, 3))), ValueError, r"out\[1\] \(m\) must be contiguous"),
+    (dict(out=(z4.clone(), z4.clone().double())), TypeError, r"out\[1\] \(m\) has dtype torch.float64"),
+    (dict(out="z"), TypeError, "out must be a pair"),
+]
+
+
+@pytest.mark.parametrize("bad, error, match", BAD_STEPS, ids=[m for _, _, m in BAD_STEPS])
+def test_solver_step_rejects_bad_arguments(bad, error, match):
+    args = dict(z=z4, eps_c=z4.clone(), eps_u=z4.clone(), m_prev=z4.clone())
+    args.update(bad)
+    out = args.pop("out", None)
+    with pytest.raises(error, match=match):
+        K.solver_step(args["z"], args["eps_c"], args["eps_u"], args["m_prev"], **STEP, out=out, backend="torch")
+
+
+def test_outputs_must_not_overlap_inputs():
+    z, eps = torch.randn(2, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"out\[0\] \(z_next\) overlaps"):
+        K.solver_step(z, eps, None, None, **STEP | dict(b1=0.0), out=(z, torch.empty_like(z)))
+    with pytest.raises(ValueError, match=r"out\[1\] \(m\) overlaps"):
+        K.solver_step(z, eps, None, None, **STEP | dict(b1=0.0), out=(torch.empty_like(z), eps))
+    buffer = torch.empty(2, 2, 8)  # the two outputs share 8 elements
+    with pytest.raises(ValueError, match=r"out\[1\] \(m\) overlaps"):
+        K.solver_step(z, eps, None, None, **STEP | dict(b1=0.0), out=(buffer[0], buffer.view(-1)[8:24].view(2, 8)))
+    with pytest.raises(ValueError, match="out overlaps"):
+        K.grad_fanout(eps, [1.0], [1.0], out=eps.view(1, 1, 2, 8))
+
+
+BAD_FANOUTS = [
+    (dict(g=[1.0, 2.0]), TypeError, "g must be a torch.Tensor"),
+    (dict(scales=1.0), TypeError, "scales and branch_weights must be sequences of numbers"),
+    (dict(out_dtype=torch.int32), TypeError, "out_dtype torch.int32 is not a float dtype"),
+    (dict(out=torch.zeros(2, 2, 3, 4)), ValueError, r"out has shape \(2, 2, 3, 4\), expected \(2, 1, 3, 4\)"),
+    (dict(out=torch.zeros(2, 1, 3, 4), out_dtype=torch.float16), TypeError, "out has dtype torch.float32 but"),
+    (dict(out=torch.zeros(2, 1, 4, 3).transpose(2, 3)), ValueError, "out must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("bad, error, match", BAD_FANOUTS, ids=[m for _, _, m in BAD_FANOUTS])
+def test_grad_fanout_rejects_bad_arguments(bad, error, match):
+    args = dict(g=torch.zeros(3, 4), scales=[1.0, 2.0], branch_weights=[1.0], out_dtype=None, out=None)
+    args.update(bad)
+    with pytest.raises(error, match=match):
+        K.grad_fanout(args["g"], args["scales"], args["branch_weights"], out_dtype=args["out_dtype"],
+                      out=args["out"], backend="torch")
+
+
+def test_fanout_layout_is_step_major_then_branch_exact_in_float64():
+    """out[j, b] = scales[j] * branch_weights[b] * g, float64 exact; out's dtype is the default out_dtype."""
+    g = torch.randn(2, 3, dtype=torch.float64)
+    scales, weights = [0.5, -2.0, 3.25], [-6.5, 7.5]
+    out = torch.full((3, 2, 2, 3), float("nan"), dtype=torch.float64)
+    assert K.grad_fanout(g, scales, weights, out=out) is out
+    for j, s in enumerate(scales):
+        for b, w in enumerate(weights):
+            assert torch.equal(out[j, b], g * (s * w))
+    assert K.grad_fanout(g.float(), scales, weights, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert K.grad_fanout(g, [], weights).shape == (0, 2, 2, 3)
+
+
+def test_solver_step_reference_math_float64():
+    """The torch backend is the DESIGN.md step, evaluated by hand in float64, with out= buffers filled."""
+    (z, eps_c, eps_u, m_prev), s = testing.step_inputs(testing.StepCase((2, 5), torch.float64, torch.float64,
+                                                                        True, 2))
+    eps = eps_u + s["guidance"] * (eps_c - eps_u)
+    m = s["cz"] * z + s["ce"] * eps
+    z_next = s["a"] * z + s["b0"] * m + s["b1"] * m_prev
+    out = (torch.full_like(z, float("nan")), torch.full_like(z, float("nan")))
+    got = K.solver_step(z, eps_c, eps_u, m_prev, **s, out=out, backend="torch")
+    assert got[0] is out[0] and got[1] is out[1]
+    torch.testing.assert_close(got[1], m, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(got[0], z_next, rtol=1e-15, atol=1e-15)
+
+
+def test_non_contiguous_inputs_are_accepted():
+    (z, eps_c, eps_u, m_prev), s = testing.step_inputs(testing.StepCase((4, 6), torch.float32, torch.float32,
+                                                                        True, 2))
+    t = [x.t().contiguous().t() for x in (z, eps_c, eps_u, m_prev)]
+    got = K.solver_step(*t, **s)
+    want = K.solver_step_torch(z, eps_c, eps_u, m_prev, **s)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **testing.STEP_TOL[torch.float32])
+
+
+def test_order1_ignores_m_prev_torch():
+    testing.check_order1_ignores_m_prev("torch")
+
+
+def test_scalars_must_be_numbers():
+    with pytest.raises(TypeError, match="guidance, cz, ce, a, b0, b1 must be numbers"):
+        K.solver_step(z4, z4, None, None, **STEP | dict(guidance="high", b1=0.0))

@@ -1,0 +1,131 @@
+"""The native backend (csrc/: C++/OpenMP on CPU, CUDA) against the torch reference.
+
+Without an installed fastfair._C the module JIT-builds csrc/ once (cached by torch under TORCH_EXTENSIONS_DIR).
+The CUDA sources are compile-checked with nvcc even without a CUDA torch; CUDA runs skip without a GPU.
+"""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fastfair.kernels import grad_fanout, grad_fanout_torch, native, testing
+
+CASE_ARGS = dict(ids=testing.case_id)
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_ops():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler to build fastfair._C")
+    ops = native.load(jit=True)
+    if ops is None:
+        pytest.fail(native.unavailable_reason("cpu"))
+    return ops
+
+
+@pytest.fixture
+def one_thread():
+    with testing.torch_threads(1):
+        yield
+
+
+@pytest.mark.parametrize("case", testing.step_cases(), **CASE_ARGS)
+def test_solver_step_cpu(case, one_thread):
+    testing.check_solver_step("native", case)
+
+
+@pytest.mark.parametrize("case", testing.fanout_cases(), **CASE_ARGS)
+def test_grad_fanout_cpu(case, one_thread):
+    testing.check_grad_fanout("native", case)
+
+
+def test_threaded_chunks():
+    """Several OpenMP chunks (grain 2^14 elements), each written once and in the right place."""
+    with testing.torch_threads(2):
+        testing.check_solver_step("native", testing.StepCase((5, 4, 61, 67), torch.float32, torch.bfloat16, True, 2))
+        testing.check_grad_fanout("native", testing.FanoutCase((5, 4, 61, 67), torch.float32, torch.float16, 3, 2))
+
+
+def test_order1_ignores_m_prev_cpu():
+    testing.check_order1_ignores_m_prev("native")
+
+
+def test_op_checks_guard_direct_calls(native_ops):
+    """torch.ops.fastfair.* check sizes themselves: a direct call with a short buffer raises, never overruns."""
+    z = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="z_next has shape"):
+        native_ops.solver_step_out(z, z, None, None, torch.empty(3), torch.empty_like(z), 1.0, 1.0, 1.0, 1.0,
+                                   1.0, 0.0)
+    with pytest.raises(ValueError, match="needs m_prev"):
+        native_ops.solver_step_out(z, z, None, None, torch.empty_like(z), torch.empty_like(z), 1.0, 1.0, 1.0,
+                                   1.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="out has"):
+        native_ops.grad_fanout_out(z, [1.0, 2.0], [1.0], torch.empty(1, 1, *z.shape))
+
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def _require_native_cuda():
+    reason = native.unavailable_reason("cuda")
+    if reason:
+        pytest.skip(reason)
+
+
+@cuda_only
+@pytest.mark.parametrize("case", testing.step_cases(), **CASE_ARGS)
+def test_solver_step_cuda(case):
+    _require_native_cuda()
+    testing.check_solver_step("native", case, "cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("case", testing.fanout_cases(), **CASE_ARGS)
+def test_grad_fanout_cuda(case):
+    _require_native_cuda()
+    testing.check_grad_fanout("native", case, "cuda")
+
+
+@cuda_only
+def test_cuda_misaligned_and_graph_capture():
+    """A view starting 1 element in takes the unvectorized path; the step loop captures in a CUDA graph."""
+    _require_native_cuda()
+    g = torch.randn(4 * 64 + 1, device="cuda")[1:].view(4, 64)
+    out = torch.full((2, 1, 4, 64), float("nan"), device="cuda")
+    torch.testing.assert_close(grad_fanout(g, [2.0, 3.0], [1.0], out=out, backend="native"),
+                               grad_fanout_torch(g, [2.0, 3.0], [1.0]))
+    testing.check_order1_ignores_m_prev("native", "cuda")
+    testing.check_cuda_graph_capture("native")
+
+
+def _cuda_compile_commands(tmp_path):
+    """nvcc --ptx of each .cu (the front end checks host and device code, then device codegen for sm_90) and a
+    syntax check of the CUDA registration file, with torch's headers. A CPU torch wheel lacks c10's generated
+    cuda_cmake_macros.h, which only matters on Windows: C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it."""
+    include = os.path.join(os.path.dirname(torch.__file__), "include")
+    common = ["-I", include, "-I", os.path.join(include, "torch", "csrc", "api", "include"), "-std=c++20",
+              "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
+    commands = [[NVCC, "--ptx", "-arch=sm_90", "-O3", *common, "-D__CUDA_NO_HALF_OPERATORS__",
+                 "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                 os.path.join(native.CSRC, name), "-o", str(tmp_path / (name + ".ptx"))]
+                for name in native.CUDA_SOURCES if name.endswith(".cu")]
+    commands.append(["c++", "-fsyntax-only", *common, os.path.join(native.CSRC, "register_cuda.cpp")])
+    return commands
+
+
+NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+
+
+@pytest.mark.skipif(not os.path.exists(NVCC), reason="nvcc not found")
+def test_cuda_sources_compile(tmp_path):
+    commands = _cuda_compile_commands(tmp_path)
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in commands]
+    failures = []
+    for cmd, proc in zip(commands, procs):
+        output, _ = proc.communicate(timeout=600)
+        if proc.returncode:
+            failures.append(f"{' '.join(cmd)}\n{output[-4000:]}")
+    assert not failures, "\n\n".join(failures)

@@ -1,0 +1,97 @@
+"""The Triton backend against the torch reference.
+
+On CUDA the kernels run compiled, in this process. Without CUDA they run in Triton's interpreter, which needs
+TRITON_INTERPRET=1 before triton is imported: test_interpreted_in_subprocess reruns this file in a child
+process with it set, leaving this process's triton (if any) untouched. test_compiles_for_sm90 compiles the
+kernels for an H100/H200 target without a GPU, which checks the compiled path's typing and lowering.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastfair.kernels import testing
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RUNS_HERE = HAS_TRITON and (INTERPRETING or DEVICE == "cuda")
+CASE_ARGS = dict(ids=testing.case_id)
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+runs_here = pytest.mark.skipif(not RUNS_HERE, reason="Triton runs on CPU only interpreted: see the subprocess test")
+
+
+@pytest.fixture
+def one_thread():
+    with testing.torch_threads(1):  # the reference side runs on the CPU too
+        yield
+
+
+@runs_here
+@pytest.mark.parametrize("case", testing.step_cases(), **CASE_ARGS)
+def test_solver_step(case, one_thread):
+    testing.check_solver_step("triton", case, DEVICE)
+
+
+@runs_here
+@pytest.mark.parametrize("case", testing.fanout_cases(), **CASE_ARGS)
+def test_grad_fanout(case, one_thread):
+    testing.check_grad_fanout("triton", case, DEVICE)
+
+
+@runs_here
+def test_order1_ignores_m_prev():
+    testing.check_order1_ignores_m_prev("triton", DEVICE)
+
+
+@runs_here
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_cuda_graph_capture():
+    testing.check_cuda_graph_capture("triton")
+
+
+@pytest.mark.skipif(RUNS_HERE or DEVICE == "cuda", reason="the Triton tests run in this process")
+def test_interpreted_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+@pytest.mark.skipif(INTERPRETING or DEVICE == "cuda", reason="interpreted, or compiled for real on this GPU")
+def test_compiles_for_sm90():
+    """Both kernels lower to PTX for sm_90 in the dtype combinations the engine uses, with the float64
+    scalars kept float64 up to the one rounding into the compute dtype."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastfair.kernels.grad_fanout_triton import grad_fanout_kernel
+    from fastfair.kernels.solver_step_triton import solver_step_kernel
+    from fastfair.kernels.triton_support import LAUNCH_OPTIONS
+
+    def ptx(kernel, signature, constexprs):
+        source = ASTSource(kernel, signature, constexprs=constexprs)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS).asm["ptx"]
+
+    flags = dict(HAS_UNCOND=True, HAS_PREV=True, BLOCK=1024)
+    for traj, eps in (("fp32", "fp16"), ("fp32", "bf16"), ("fp64", "fp64")):
+        signature = {name: f"*{traj}" for name in ("z_ptr", "m_prev_ptr", "z_next_ptr", "m_ptr")}
+        signature.update(eps_c_ptr=f"*{eps}", eps_u_ptr=f"*{eps}", n_elements="i64")
+        signature.update({name: "fp64" for name in ("guidance", "cz", "ce", "a", "b0", "b1")})
+        signature.update({name: "constexpr" for name in flags})
+        code = ptx(solver_step_kernel, signature, flags)
+        assert ".param .f64" in code
+        if traj == "fp32":
+            assert "cvt.rn.f32.f64" in code and "mul.f64" not in code  # scalars rounded once, math in fp32
+    for g, out in (("fp32", "bf16"), ("fp64", "fp16"), ("fp32", "fp32")):
+        signature = dict(g_ptr=f"*{g}", coef_ptr="*fp64", out_ptr=f"*{out}", n_elements="i64", n_coefs="i32",
+                         COMPUTE="constexpr", NARROW="constexpr", BLOCK="constexpr")
+        constexprs = dict(COMPUTE=tl.float64 if g == "fp64" else tl.float32, NARROW=out != "fp32", BLOCK=1024)
+        assert "st.global" in ptx(grad_fanout_kernel, signature, constexprs)
