@@ -51,6 +51,7 @@ class _Plan:
     recompute_chunk: int
     coefficients: str
     unet_dtype: torch.dtype
+    frozen_rows: int = 0             # leading batch rows sampled along without gradient
     saved_z: Dict[int, torch.Tensor] = field(default_factory=dict)
     kept_eps: Dict[int, torch.Tensor] = field(default_factory=dict)
     # (cond, uncond) as the U-Net sees them in graph-building calls: a fresh leaf where the caller's tensor
@@ -65,16 +66,23 @@ def _unet_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torc
     return out.sample if hasattr(out, "sample") else out[0]
 
 
-def _embeddings(cond: torch.Tensor, uncond: Optional[torch.Tensor], batch: int, branches: int) -> torch.Tensor:
-    """[branches*B, L, D] in the U-Net batch layout: [uncond; cond] with CFG, [cond] without."""
-    parts = [cond.expand(batch, *cond.shape[1:])]
+def _rows(emb: torch.Tensor, start: int) -> torch.Tensor:
+    """Rows start: of per-image embeddings [B, L, D]; a shared [1, L, D] embedding as is."""
+    return emb if emb.shape[0] == 1 or start == 0 else emb[start:]
+
+
+def _embeddings(cond: torch.Tensor, uncond: Optional[torch.Tensor], batch: int, branches: int,
+                start: int = 0) -> torch.Tensor:
+    """[branches*b, L, D] in the U-Net batch layout, [uncond; cond] with CFG, [cond] without, for the b = batch
+    images from row ``start`` on."""
+    parts = [_rows(cond, start).expand(batch, *cond.shape[1:])]
     if branches == 2:
-        parts.insert(0, uncond.expand(batch, *uncond.shape[1:]))
+        parts.insert(0, _rows(uncond, start).expand(batch, *uncond.shape[1:]))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps):
+                  grad_steps, frozen_rows):
     if not isinstance(z_T, torch.Tensor) or z_T.dim() < 2:
         raise ValueError("z_T: expected a latent tensor [B, C, H, W]")
     for name, emb in (("cond", cond), ("uncond", uncond)):
@@ -91,6 +99,8 @@ def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, re
         raise ValueError(f"recompute_chunk={recompute_chunk!r}: expected a positive integer or None (= 1 step)")
     if not isinstance(keep_graph_steps, int) or keep_graph_steps < 0:
         raise ValueError(f"keep_graph_steps={keep_graph_steps!r}: expected an integer >= 0")
+    if not isinstance(frozen_rows, int) or not 0 <= frozen_rows < z_T.shape[0]:
+        raise ValueError(f"frozen_rows={frozen_rows!r}: expected an integer in [0, batch={z_T.shape[0]})")
     if grad_steps is not None and (not isinstance(grad_steps, int) or not 1 <= grad_steps <= num_steps):
         raise ValueError(f"grad_steps={grad_steps!r}: expected None or an integer in [1, num_steps={num_steps}]")
     if guidance_scale is None or not float(guidance_scale) == float(guidance_scale):
@@ -155,7 +165,7 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
             eps = eps_graph.detach()
         else:
             if i in grad_set:
-                plan.saved_z[i] = z
+                plan.saved_z[i] = z[plan.frozen_rows:]
             eps = _unet_eps(unet, x, t, emb_nograd)
         eps_u, eps_c = (eps[:batch], eps[batch:]) if branches == 2 else (None, eps)
         z, m_prev = kernels.solver_step(
@@ -203,8 +213,12 @@ class _AdjustedDFT(torch.autograd.Function):
                 if gk is not None:
                     sums[k] = gk if sums[k] is None else sums[k].add_(gk)
 
+        if plan.frozen_rows:  # rows sampled along without gradient: their dL/dz_0 is ignored
+            g = g.clone()
+            g[:plan.frozen_rows] = 0
         g = g.contiguous()
-        batch = g.shape[0]
+        g_rows = g[plan.frozen_rows:]
+        batch = g_rows.shape[0]
         if inputs:
             with _autocast(plan.autocast):
                 # The forward ran both CFG branches; an unconnected uncond branch adds nothing.
@@ -222,10 +236,11 @@ class _AdjustedDFT(torch.autograd.Function):
                     t = torch.cat([torch.full((nb * batch,), int(sched.timesteps[i]), dtype=torch.long,
                                               device=g.device) for i in chunk])
                     with torch.enable_grad():
-                        emb = _embeddings(plan.sources[0], plan.sources[1] if nb == 2 else None, batch, nb)
+                        emb = _embeddings(plan.sources[0], plan.sources[1] if nb == 2 else None, batch, nb,
+                                          plan.frozen_rows)
                         emb = emb.repeat(len(chunk), 1, 1) if len(chunk) > 1 else emb
                         eps = _unet_eps(plan.unet, x, t, emb)
-                    upstream = kernels.grad_fanout(g, [float(scales[i]) for i in chunk], branch_weights,
+                    upstream = kernels.grad_fanout(g_rows, [float(scales[i]) for i in chunk], branch_weights,
                                                    out_dtype=eps.dtype)
                     accumulate(eps, upstream.view_as(eps))
                     del eps, upstream
@@ -255,6 +270,7 @@ def sample(
     grad_steps: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     unet_dtype: Optional[torch.dtype] = None,
+    frozen_rows: int = 0,
 ) -> torch.Tensor:
     """Sample z_0 with DPM-Solver++ so that z_0 carries the adjusted DFT gradient (seed Algorithm A.1).
 
@@ -274,6 +290,10 @@ def sample(
         grad_steps: K, backpropagate K of the S steps drawn uniformly without replacement (with ``generator``),
             scaled by S/K: an unbiased estimate of the full adjusted gradient. None = all steps.
         unet_dtype: dtype of the U-Net's input (default: the U-Net's ``dtype`` or its first parameter's).
+        frozen_rows: the first ``frozen_rows`` images are sampled in the same U-Net calls but carry no gradient
+            (their dL/dz_0 is ignored and the backward does not recompute them): the frozen model's images batched
+            with the finetuned ones when only the text side differs. cond/uncond must then be per-image [B, L, D]
+            or shared [1, L, D].
 
     Returns:
         z_0 [B, C, H, W] in the trajectory dtype. Differentiable w.r.t. z_T, cond, uncond and the U-Net's
@@ -281,7 +301,7 @@ def sample(
         ``engine.backward()`` and ``torch.autocast`` (the backward recompute runs under the forward's autocast).
     """
     _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps)
+                  grad_steps, frozen_rows)
     guidance = float(guidance_scale)
     use_cfg = uncond is not None and guidance != 1.0
     params = tuple(p for p in unet.parameters() if p.requires_grad)
@@ -302,6 +322,7 @@ def sample(
         recompute_chunk=recompute_chunk or 1,
         coefficients=coefficients,
         unet_dtype=unet_dtype,
+        frozen_rows=frozen_rows,
     )
     if not needs_grad:
         with torch.no_grad():

@@ -187,3 +187,26 @@ def test_input_errors_name_the_argument():
     unet.conv_in = torch.nn.Sequential(torch.nn.Dropout(0.1), unet.conv_in)
     with pytest.raises(ValueError, match="dropout"):
         sample(unet, SCHED, z_T, cond, uncond, num_steps=2)
+
+
+def test_frozen_rows_ride_along_without_gradient(monkeypatch):
+    """frozen_rows: the leading images share the U-Net calls but are neither backpropagated nor recomputed."""
+    unet, train, z_T, cond, uncond, target = make_problem(batch=2)
+    frozen_cond = torch.randn(2, 5, 16, dtype=torch.float64)
+    both_cond = torch.cat([frozen_cond, cond])
+    z0_alone = sample(unet, SCHED, z_T, cond, uncond, num_steps=4)
+    g_alone = torch.autograd.grad(((z0_alone - target) ** 2).sum(), [cond, uncond] + train)
+
+    recomputed = []
+    original = dft._unet_eps
+    monkeypatch.setattr(dft, "_unet_eps", lambda u, x, t, e: (recomputed.append(x.shape[0])
+                                                              if torch.is_grad_enabled() else None) or original(u, x, t, e))
+    z0 = sample(unet, SCHED, torch.cat([z_T, z_T]), both_cond, uncond, num_steps=4, frozen_rows=2, recompute_chunk=4)
+    loss = ((z0[2:] - target) ** 2).sum() + 100 * z0[:2].sum()  # the frozen rows' gradient must be ignored
+    g_both = torch.autograd.grad(loss, [both_cond, uncond] + train)
+    assert recomputed == [4 * 2 * 2]  # 4 steps x 2 CFG branches x 2 grad rows
+    assert (z0[2:].detach() - z0_alone.detach()).abs().max() < 1e-12
+    assert g_both[0][:2].abs().max() == 0
+    assert max_rel([g_both[0][2:]] + list(g_both[1:]), g_alone) <= 1e-10
+    with pytest.raises(ValueError, match="frozen_rows"):
+        sample(unet, SCHED, z_T, cond, uncond, frozen_rows=2)
