@@ -139,11 +139,13 @@ class ClassifierConfig:
     architecture: Optional[str] = None  # a fastfair.classifiers architecture, e.g. mobilenet_v3_large
     input_size: Optional[int] = setting(None, min=1)  # null: the file's, else 224
     attributes: Dict[str, List[int]] = field(default_factory=dict)  # attribute: its output indices
+    factory: Optional[str] = None  # "package.module:function"(spec) -> a module images -> logits (e.g. the toy's)
 
 
 @dataclass
 class FacesConfig:
-    detector: str = setting("opencv", choices=("opencv", "insightface", "mtcnn", "callable"))
+    # none: the whole image is the face (WholeImageDetector)
+    detector: str = setting("opencv", choices=("opencv", "insightface", "mtcnn", "callable", "none"))
     detector_path: Optional[str] = None  # insightface: the local model folder
     detector_fn: Optional[str] = None  # detector=callable: "package.module:function"
     margin: float = setting(0.2, min=0)  # box growth, a fraction of its side
@@ -616,7 +618,8 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
 def check_files(cfg: TrainConfig) -> None:
     """Check that every local path the run reads exists with the expected layout; raise ConfigError."""
     problems = _model_path_problems(cfg.model.pretrained)
-    needed = [(f"classifiers.{name}.path", spec.path) for name, spec in cfg.classifiers.items()]
+    needed = [(f"classifiers.{name}.path", spec.path) for name, spec in cfg.classifiers.items()
+              if spec.path or not spec.factory]  # a factory may build its classifier without a file
     needed += [("semantics.clip_path", cfg.semantics.clip_path), ("semantics.dino_path", cfg.semantics.dino_path)]
     needed += [(f"data.sets.{name}.file", spec.file) for name, spec in cfg.data.sets.items() if spec.file]
     if cfg.loss.face_loss and cfg.loss.lambda_face > 0:

@@ -55,10 +55,10 @@ def decode(vae, z0: torch.Tensor) -> torch.Tensor:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/demo", help="output directory")
-    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps per sample")
     parser.add_argument("--images", type=int, default=4, help="images per iteration")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from tqdm import tqdm

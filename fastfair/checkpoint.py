@@ -1,0 +1,112 @@
+"""Training checkpoints: atomic writes, retention, resume.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/step_<iteration:08d>/`` holding
+- ``weights.safetensors`` and ``ema.safetensors``: the trainable weights and their EMA, by stable name;
+- ``state.pt``: optimizer and LR-scheduler state, RNG states, iteration, prompt-mixture position, counters
+  (read back with ``torch.load(weights_only=True)``: only tensors and plain Python values are stored).
+It is written into a hidden temp folder and renamed into place, so a kill during a save leaves the last
+good checkpoint untouched. Retention keeps the newest ``keep_last`` plus every ``keep_every``-th iteration.
+"""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dir(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir) -> Dict[int, Path]:
+    """{iteration: folder} of the complete checkpoints under output_dir (temp folders excluded)."""
+    root = checkpoint_dir(output_dir)
+    found = {}
+    for folder in root.iterdir() if root.is_dir() else []:
+        match = _NAME.match(folder.name)
+        if match and (folder / "state.pt").is_file():
+            found[int(match.group(1))] = folder
+    return dict(sorted(found.items()))
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU (and CUDA) generator states as tensors and plain values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _contiguous_cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+
+
+def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor],
+                    state: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
+    """Write checkpoint `iteration` atomically, then prune old ones; returns its folder."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last}: keep at least the newest checkpoint")
+    root = checkpoint_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{iteration:08d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_contiguous_cpu(weights), str(tmp / "weights.safetensors"))
+    save_file(_contiguous_cpu(ema), str(tmp / "ema.safetensors"))
+    torch.save({**state, "iteration": iteration, "rng": rng_state()}, tmp / "state.pt")
+    if final.exists():  # a rerun writing the same iteration: replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    prune(output_dir, keep_last, keep_every)
+    return final
+
+
+def prune(output_dir, keep_last: int, keep_every: int) -> None:
+    """Delete checkpoints that are neither among the newest keep_last nor at a multiple of keep_every."""
+    found = list_checkpoints(output_dir)
+    newest = set(list(found)[-keep_last:])
+    for iteration, folder in found.items():
+        if iteration not in newest and not (keep_every and iteration % keep_every == 0):
+            shutil.rmtree(folder)
+
+
+def resolve_resume(resume: str, output_dir) -> Optional[Path]:
+    """'' -> None (fresh start); 'auto' -> the newest checkpoint in output_dir or None; else that folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[max(found)] if found else None
+    path = Path(resume)
+    if not (path / "state.pt").is_file():
+        raise ValueError(f"resume={resume}: not a checkpoint folder (expected {path}/state.pt, weights.safetensors, "
+                         "ema.safetensors)")
+    return path
+
+
+def load_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], dict]:
+    """(weights, ema, state) of a checkpoint folder; RNG states are restored by the caller (`set_rng_state`)."""
+    path = Path(path)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return load_file(str(path / "weights.safetensors")), load_file(str(path / "ema.safetensors")), state

@@ -1,0 +1,101 @@
+"""Export a training checkpoint for diffusers: ``python -m fastfair.export CKPT --out DIR [--weights ema|raw]``.
+
+Writes into DIR
+- ``pytorch_lora_weights.safetensors`` (LoRA targets): the format ``StableDiffusionPipeline.load_lora_weights``
+  reads, with the LoRA rank/alpha/modules as adapter metadata;
+- ``prefix.safetensors`` (prefix target): the soft tokens as a textual-inversion embedding ``{"emb_params":
+  [N, D]}``; ``pipe.load_textual_inversion(file, token=PREFIX_TOKEN)`` then a prompt starting with
+  ``PREFIX_TOKEN`` places them right after the start token, as in training;
+- ``unet/`` (full finetuning): the U-Net, ``save_pretrained`` layout.
+The EMA weights are exported by default (they are what is evaluated). The run's resolved config is read from
+``<output_dir>/config.yaml`` next to ``checkpoints/``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+from fastfair.checkpoint import load_checkpoint
+from fastfair.config import load_config
+
+PREFIX_TOKEN = "<fastfair-prefix>"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PREFIX_FILE = "prefix.safetensors"
+
+
+def _peft_to_diffusers(weights: dict, part: str) -> dict:
+    """{'<part>.<module>.lora_A.default.weight': t} -> {'<module>.lora_A.weight': t} for one model part."""
+    start = part + "."
+    return {name[len(start):].replace(".default.", "."): t for name, t in weights.items() if name.startswith(start)}
+
+
+def _lora_metadata(lora, modules) -> dict:
+    return {"r": lora.rank, "lora_alpha": lora.alpha or lora.rank, "target_modules": list(modules)}
+
+
+def export(checkpoint_dir, out, weights: str = "ema") -> Path:
+    """Write the checkpoint's finetuned weights in diffusers' formats (module docstring); returns out."""
+    from diffusers import StableDiffusionPipeline
+
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    config_path = checkpoint_dir.parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise ValueError(f"{checkpoint_dir}: no run config at {config_path} (export reads the checkpoint inside "
+                         "<output_dir>/checkpoints/ with <output_dir>/config.yaml beside it)")
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights={weights!r}: expected 'ema' or 'raw'")
+    cfg = load_config(config_path)
+    raw, ema, _ = load_checkpoint(checkpoint_dir)
+    tensors = ema if weights == "ema" else raw
+    target, lora = cfg.finetune.target, cfg.finetune.lora
+    out.mkdir(parents=True, exist_ok=True)
+    if target == "prefix":
+        from safetensors.torch import save_file
+
+        (prefix,) = tensors.values()
+        save_file({"emb_params": prefix.contiguous()}, str(out / PREFIX_FILE))
+    elif target == "unet_full":
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(Path(cfg.model.pretrained) / "unet", local_files_only=True)
+        unet.load_state_dict(_peft_to_diffusers(tensors, "unet"))
+        unet.save_pretrained(out / "unet")
+    else:
+        unet_layers, text_layers = _peft_to_diffusers(tensors, "unet"), _peft_to_diffusers(tensors, "text_encoder")
+        StableDiffusionPipeline.save_lora_weights(
+            out, unet_lora_layers=unet_layers or None, text_encoder_lora_layers=text_layers or None,
+            unet_lora_adapter_metadata=_lora_metadata(lora, lora.unet_modules) if unet_layers else None,
+            text_encoder_lora_adapter_metadata=_lora_metadata(lora, lora.text_modules) if text_layers else None)
+    return out
+
+
+def load_into_pipeline(pipe, lora_dir) -> str:
+    """Apply an export folder to a StableDiffusionPipeline; returns the text to put before each prompt."""
+    lora_dir = Path(lora_dir)
+    if (lora_dir / PREFIX_FILE).is_file():
+        pipe.load_textual_inversion(str(lora_dir / PREFIX_FILE), token=PREFIX_TOKEN)
+        return PREFIX_TOKEN + " "
+    if (lora_dir / "unet").is_dir():
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(lora_dir / "unet", local_files_only=True).to(
+            pipe.device, pipe.unet.dtype)
+        return ""
+    if (lora_dir / LORA_FILE).is_file():
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
+        return ""
+    raise ValueError(f"--lora {lora_dir}: expected {LORA_FILE}, {PREFIX_FILE} or unet/ written by fastfair.export")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Export a fastfair checkpoint for diffusers.")
+    parser.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/gender/checkpoints/step_00000200")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA (default) or raw weights")
+    args = parser.parse_args(argv)
+    print(export(args.checkpoint, args.out, args.weights))
+
+
+if __name__ == "__main__":
+    main()

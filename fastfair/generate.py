@@ -1,0 +1,56 @@
+"""Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR --lora EXPORT_DIR --prompt TEXT
+--num-images N --out DIR [--steps 20 --guidance 7.5 --seed 0 --dtype fp32]``; writes DIR/<index>.png."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from fastfair.export import load_into_pipeline
+from fastfair.models import load_stable_diffusion
+
+
+def generate(model, lora, prompt: str, num_images: int, out, steps: int = 20, guidance: float = 7.5,
+             seed: int = 0, dtype: str = "fp32", device: str = "cpu") -> list:
+    """Images of `prompt` from the model with the exported weights (None: the base model); returns the PNG paths."""
+    from diffusers import StableDiffusionPipeline
+
+    if num_images < 1:
+        raise ValueError(f"num_images={num_images}: expected at least 1")
+    parts = load_stable_diffusion(model, dtype, device=device, key="--model")
+    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False).to(device)
+    prefix = load_into_pipeline(pipe, lora) if lora else ""
+    generator = torch.Generator(device).manual_seed(seed)
+    images = pipe(prefix + prompt, num_images_per_prompt=num_images, num_inference_steps=steps,
+                  guidance_scale=guidance, generator=generator).images
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{index:05d}.png" for index in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return paths
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Generate images with a fastfair-finetuned model.")
+    parser.add_argument("--model", required=True, help="diffusers folder or single-file SD checkpoint")
+    parser.add_argument("--lora", default=None, help="folder written by python -m fastfair.export")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--num-images", type=int, default=4)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for path in generate(args.model, args.lora, args.prompt, args.num_images, args.out, args.steps, args.guidance,
+                         args.seed, args.dtype, device):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Load the parts of a Stable Diffusion model from local files (never a hub).
+
+``load_stable_diffusion(pretrained, dtype, attention)`` accepts
+- a diffusers folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``, as ``save_pretrained`` writes it), or
+- a single-file SD checkpoint (.safetensors/.ckpt), read by diffusers' ``from_single_file`` with a local
+  diffusers folder as ``config`` (the architecture; its weights are not read).
+Every part comes back frozen (``requires_grad=False``), in eval mode and in ``dtype``; `fastfair.finetune`
+then adds the trainable weights in fp32. The scheduler is always a ``DPMSolverMultistepScheduler`` built from
+the folder's scheduler config (the engine's solver).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from fastfair.config import CHECKPOINT_SUFFIXES, DIFFUSERS_SUBFOLDERS, EXPECTED_MODEL_LAYOUT
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StableDiffusionParts:
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: Any  # DPMSolverMultistepScheduler
+
+
+def torch_dtype(name) -> torch.dtype:
+    """'fp32' | 'fp16' | 'bf16' (or a torch.dtype) -> torch.dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"dtype={name!r}: expected one of {tuple(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+def _missing_layout(path: Path, key: str) -> ValueError:
+    state = "lacks " + ", ".join(f"{n}/" for n in DIFFUSERS_SUBFOLDERS if not (path / n).is_dir()) \
+        if path.is_dir() else ("is not a checkpoint file" if path.exists() else "does not exist")
+    return ValueError(f"{key}={path} {state}: expected {EXPECTED_MODEL_LAYOUT}")
+
+
+def _from_folder(path: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return (CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
+            CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
+            UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True),
+            AutoencoderKL.from_pretrained(path / "vae", local_files_only=True))
+
+
+def _from_single_file(path: Path, config: Optional[str], key: str):
+    from diffusers import StableDiffusionPipeline
+
+    if not config or not Path(config).is_dir():
+        raise ValueError(f"{key}={path} is a single checkpoint file: also give a local diffusers folder with the "
+                         f"architecture (config=..., {EXPECTED_MODEL_LAYOUT}); got config={config!r}")
+    pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                    safety_checker=None)
+    return pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+
+
+def set_attention(unet: torch.nn.Module, attention: str) -> None:
+    """'sdpa' (PyTorch scaled-dot-product attention, diffusers' default) or 'xformers' (CUDA only)."""
+    if attention == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    elif attention == "xformers":
+        if importlib.util.find_spec("xformers") is None or not torch.cuda.is_available():
+            raise ValueError("attention=xformers needs xformers installed and a CUDA device: use attention=sdpa")
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        raise ValueError(f"attention={attention!r}: expected 'sdpa' or 'xformers'")
+
+
+def load_stable_diffusion(pretrained, dtype="fp32", attention: str = "sdpa", device="cpu",
+                          config: Optional[str] = None, key: str = "model.pretrained") -> StableDiffusionParts:
+    """Frozen SD parts from a local diffusers folder or single-file checkpoint (module docstring).
+
+    key names the config entry in error messages; config: a diffusers folder for a single-file checkpoint.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    path = Path(str(pretrained))
+    if not str(pretrained):
+        raise ValueError(f"{key} is empty: point it at {EXPECTED_MODEL_LAYOUT}")
+    if path.is_dir() and all((path / name).is_dir() for name in DIFFUSERS_SUBFOLDERS):
+        tokenizer, text_encoder, unet, vae = _from_folder(path)
+        scheduler_dir = path / "scheduler"
+    elif path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+        tokenizer, text_encoder, unet, vae = _from_single_file(path, config, key)
+        scheduler_dir = Path(config) / "scheduler"
+    else:
+        raise _missing_layout(path, key)
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(scheduler_dir, local_files_only=True)
+    dtype = torch_dtype(dtype)
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    set_attention(unet, attention)
+    return StableDiffusionParts(tokenizer, text_encoder, unet, vae, scheduler)

@@ -1,0 +1,16 @@
+"""Training entry point: ``python fastfair/train.py --config configs/<exp>.yaml [key=value ...]``, also under
+``torchrun`` (and the ``deepspeed`` launcher).
+
+Run as a script, Python puts this file's folder (``fastfair/``) first on sys.path, where ``evaluate.py`` and
+friends would shadow packages that libraries import (DESIGN.md, pitfalls): drop it before importing anything.
+"""
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+from fastfair.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

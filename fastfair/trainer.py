@@ -1,0 +1,419 @@
+"""The fairness finetuning loop (seed paragraphs 0119-0123, 0129-0134).
+
+One iteration, on each rank for its share of the global batch of N images of one prompt:
+
+    prompt            <- the prompt mixture (the same draw on every rank)
+    z_T, S            <- N noises (this rank's rows) and the step count, both a function of (seed, iteration)
+    originals         <- frozen model sample from z_T, no grad
+    images            <- finetuned model sample from z_T with fastfair.dft.sample (the adjusted gradient);
+                         text-only targets share the U-Net calls with the originals
+    faces, probs      <- largest face of each image, classifier probabilities of its crop
+    q                 <- expected-OT targets over the global batch (fastfair.losses.global_batch)
+    loss              <- L_align + lambda_img L_img + lambda_face L_face (fastfair.losses.weights)
+    backward, all-reduce grads, skip the step if any is non-finite, clip, optimizer step, EMA
+
+Launch: plain ``python fastfair/train.py`` (a 1-process gloo group is set up here), or ``torchrun``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastfair import checkpoint
+from fastfair.config import TrainConfig, check_files, load_config, save_config, validate
+from fastfair.dft import sample
+from fastfair.finetune import FinetunedModel
+from fastfair.models import load_stable_diffusion, torch_dtype
+from fastfair.prompts import build_prompt_mixture
+
+
+# ----------------------------------------------------------------------------- process group
+
+def init_distributed(device_type: str = "cpu") -> bool:
+    """Join the launcher's process group (torchrun sets RANK/WORLD_SIZE), or create a 1-process one.
+    Returns True when this call created the group (the caller destroys it)."""
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        store = tempfile.NamedTemporaryFile(prefix="fastfair-pg-", delete=False).name
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    return True
+
+
+@contextlib.contextmanager
+def process_group(device_type: str = "cpu"):
+    """`init_distributed` for the duration of a block; destroys the group only if it created it."""
+    created = init_distributed(device_type)
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def load_callable(spec: str, key: str):
+    """'package.module:function' -> the function; errors name the config key."""
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{key}={spec!r}: cannot import it ({error}); expected 'package.module:function'") from None
+
+
+# ----------------------------------------------------------------------------- the judging models
+
+@dataclass
+class Judges:
+    """Frozen models that score images: classifiers by attribute, face detector, semantics, face embedding."""
+
+    classifiers: Dict[str, nn.Module]  # attribute name -> classifier whose logits hold its indices
+    detector: object
+    semantics: nn.Module
+    face_embedder: Optional[nn.Module]
+    face_bank: Optional[object]
+
+
+def _classifier(name, spec, device):
+    from fastfair.classifiers import load_classifier
+
+    if spec.factory:
+        module = load_callable(spec.factory, f"classifiers.{name}.factory")(spec)
+    else:
+        module = load_classifier(spec.path, arch=spec.architecture,
+                                 **({"input_size": spec.input_size} if spec.input_size else {}))
+    return module.to(device).eval().requires_grad_(False)
+
+
+def build_judges(cfg: TrainConfig, device) -> Judges:
+    from fastfair.faces import FaceBank, get_detector, load_face_embedder
+    from fastfair.losses import SemanticsLoss
+
+    classifiers = {}
+    for name, spec in cfg.classifiers.items():
+        module = _classifier(name, spec, device)
+        attributes = spec.attributes or [a.name for a in module.head.attributes]
+        classifiers.update({attribute: module for attribute in attributes})
+    faces = cfg.faces
+    if faces.detector == "callable":
+        detector = get_detector(load_callable(faces.detector_fn, "faces.detector_fn"))
+    else:
+        detector = get_detector(faces.detector, **({"root": faces.detector_path} if faces.detector_path else {}))
+    sem = cfg.semantics
+    clip = ({"backend": "open_clip", "model_name": sem.clip_model, "checkpoint": sem.clip_path}
+            if sem.clip_backend == "open_clip" else {"backend": "clip", "path": sem.clip_path})
+    semantics = SemanticsLoss.from_config({"clip": clip, "dino": {"backend": "dinov2", "path": sem.dino_path}},
+                                          device=device)
+    use_face = cfg.loss.face_loss and cfg.loss.lambda_face > 0
+    embedder = load_face_embedder(faces.embedding).to(device) if use_face else None
+    bank = FaceBank.load(faces.bank, device=device) if use_face else None
+    return Judges(classifiers, detector, semantics, embedder, bank)
+
+
+# ----------------------------------------------------------------------------- EMA
+
+class EMA:
+    """fp32 exponential moving average of named parameters: ema <- decay ema + (1 - decay) p."""
+
+    def __init__(self, params: Dict[str, nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: Dict[str, nn.Parameter]) -> None:
+        for name, p in params.items():
+            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+
+
+def _lr_lambda(cfg: TrainConfig):
+    warmup, total, kind = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return {"constant": 1.0, "linear": max(0.0, 1 - progress),
+                "cosine": 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))}[kind]
+    return factor
+
+
+def build_optimizer(cfg: TrainConfig, params):
+    o = cfg.optim
+    if o.name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    """Builds everything a config names and runs `train()`; `iteration(it)` is one step of the loop."""
+
+    def __init__(self, cfg: TrainConfig, device="cpu"):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        validate(cfg, self.world, self.device)
+        check_files(cfg)
+        parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.dtype, cfg.model.attention, self.device)
+        self.vae, self.scheduler = parts.vae, parts.scheduler
+        torch.manual_seed(cfg.seed)  # LoRA's random init: the same on every rank and in every run of this seed
+        self.model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
+                                    cfg.finetune.prefix_tokens, cfg.finetune.lora)
+        self.judges = build_judges(cfg, self.device)
+        from fastfair.losses import LossWeights
+        from fastfair.targets import load_targets
+
+        self.targets = load_targets(cfg.targets)
+        self.groups = self.targets.groups()
+        self.loss_weights = LossWeights(cfg.loss.lambda_img_1, cfg.loss.lambda_img_2, cfg.loss.lambda_img_3,
+                                        cfg.loss.lambda_face)
+        self.mixture = build_prompt_mixture(cfg.data, cfg.seed)
+        self.optimizer, self.lr_scheduler = build_optimizer(cfg, self.model.parameters())
+        self.ema = EMA(self.model.trainable, cfg.optim.ema_decay)
+        self.start, self.skipped = 0, 0
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = (cfg.model.resolution or self.model.unet.config.sample_size * scale) // scale
+        self.latent_shape = (self.model.unet.config.in_channels, side, side)
+
+    def _autocast(self):
+        mixed = self.cfg.precision.mixed
+        if mixed == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch_dtype(mixed))
+
+    # --- randomness: a pure function of (seed, iteration), identical on every rank and after a resume
+    def _noise_and_steps(self, it: int):
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + it)
+        n = self.cfg.batch.images_per_prompt
+        z_T = torch.randn((n,) + self.latent_shape, generator=generator)
+        per_rank = self.cfg.batch.per_rank(self.world)
+        z_T = z_T[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device)
+        low, high = self.cfg.sampler.num_steps_range or (self.cfg.sampler.num_steps,) * 2
+        steps = int(np.random.default_rng([self.cfg.seed, 2, it]).integers(low, high + 1))
+        return z_T, steps, generator
+
+    def _sample(self, unet, z_T, cond, uncond, steps, generator, frozen_rows=0):
+        s = self.cfg.sampler
+        return sample(unet, self.scheduler, z_T, cond, uncond, num_steps=steps, guidance_scale=s.guidance_scale,
+                      coefficients=s.coefficients, recompute_chunk=s.recompute_chunk,
+                      keep_graph_steps=s.keep_graph_steps, grad_steps=s.grad_steps, generator=generator,
+                      frozen_rows=frozen_rows)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
+
+    def generate_pair(self, prompt: str, z_T, steps, generator):
+        """(originals, images) [n, 3, H, W] from the same noise; only `images` carries a graph."""
+        m, n = self.model, z_T.shape[0]
+        cond_orig, uncond_orig = m.encode_original([prompt]), m.encode_original([""])
+        cond, uncond = m.encode([prompt]), m.encode([""], positive=False)
+        if not m.trains_unet:  # same U-Net: both halves in the same calls; the original half is not recomputed
+            both = lambda a, b: torch.cat([a.expand(n, -1, -1), b.expand(n, -1, -1)])  # noqa: E731
+            z0 = self._sample(m.unet, torch.cat([z_T, z_T]), both(cond_orig, cond), both(uncond_orig, uncond),
+                              steps, generator, frozen_rows=n)
+            z0_orig, z0 = z0[:n].detach(), z0[n:]
+        else:
+            with m.original_unet() as frozen, torch.no_grad():
+                z0_orig = self._sample(frozen, z_T, cond_orig, uncond_orig, steps, generator)
+            z0 = self._sample(m.unet, z_T, cond, uncond, steps, generator)
+        with torch.no_grad():
+            originals = self._decode(z0_orig)
+        return originals, self._decode(z0)
+
+    def _attribute_logits(self, images, regions) -> dict:
+        from fastfair.faces import crop_boxes
+
+        logits, cache = {}, {}
+        for name, classifier in self.judges.classifiers.items():
+            if id(classifier) not in cache:
+                crops = crop_boxes(images, regions.crop_boxes.to(images.dtype), classifier.input_size)
+                cache[id(classifier)] = classifier(crops).float()
+            logits[name] = cache[id(classifier)]
+        return self.targets.attribute_logits(logits)
+
+    def losses(self, originals: torch.Tensor, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The combined loss and its parts (fastfair.losses.weights.combine_losses) for this rank's images."""
+        from fastfair.faces import align_faces, locate_faces
+        from fastfair.losses import (alignment_loss, face_box_mask, global_expected_ot_targets, scale_gradient,
+                                     semantic_weights, target_disagreement)
+        from fastfair.losses.face import face_realism_loss, original_is_target
+
+        margin, threshold = self.cfg.faces.margin, self.cfg.loss.confidence_threshold
+        with torch.no_grad():
+            regions_orig = locate_faces(originals.clamp(-1, 1), self.judges.detector, margin)
+            orig_logits = self._attribute_logits(originals, regions_orig)
+        regions = locate_faces(images.detach().clamp(-1, 1), self.judges.detector, margin)
+        logits = self._attribute_logits(images, regions)
+        align = images.new_zeros(images.shape[0])
+        target_classes, use_original = {}, regions.found & regions_orig.found
+        for group in self.groups:
+            log_p = group.log_probs(logits)
+            q = global_expected_ot_targets(log_p.detach().exp().double(), group.target, valid=regions.found)
+            align = align + alignment_loss(log_p, q.to(log_p), threshold, mask=regions.found, reduction="none")
+            cells = q.argmax(-1)
+            target_classes.update(group.attribute_classes(cells))
+            orig_probs = group.log_probs(orig_logits).exp()
+            use_original &= original_is_target(orig_probs, torch.where(q.sum(-1) > 0, cells, -1))
+        original_classes = {name: value.argmax(-1) for name, value in orig_logits.items()}
+        differs = target_disagreement(target_classes, original_classes, regions_orig.found)
+        mask = face_box_mask(regions.boxes, images.shape[-2], images.shape[-1], regions.found)
+        image_weight, pixel_map = semantic_weights(differs, regions.found, mask, self.loss_weights)
+        with torch.no_grad():
+            original_embeddings = self.judges.semantics.embed_originals(originals)
+        semantics = self.judges.semantics(scale_gradient(images, pixel_map), original_embeddings)
+        face = images.new_zeros(images.shape[0])
+        if self.judges.face_embedder is not None:
+            embed, size = self.judges.face_embedder, self.judges.face_embedder.input_size
+            with torch.no_grad():
+                orig_faces = embed(align_faces(originals, regions_orig.landmarks.to(originals), size))
+            faces = embed(align_faces(images, regions.landmarks.to(images), size))
+            face = face_realism_loss(faces, self.judges.face_bank, orig_faces, use_original) * regions.found
+        from fastfair.losses import combine_losses
+
+        return combine_losses(align, semantics, face, image_weight, self.loss_weights)
+
+    def _reduce_grads(self) -> bool:
+        """Average gradients over ranks; True when all of them are finite (the step may be taken)."""
+        params = self.model.parameters()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if self.world > 1:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+        return all(bool(torch.isfinite(p.grad).all()) for p in params)
+
+    def iteration(self, it: int) -> Dict[str, float]:
+        """One optimization step (module docstring); returns the loss parts as floats."""
+        _, prompt = self.mixture.draw()
+        z_T, steps, generator = self._noise_and_steps(it)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            originals, images = self.generate_pair(prompt, z_T, steps, generator)
+            parts = self.losses(originals, images)
+        parts["loss"].backward()
+        if self._reduce_grads():
+            if self.cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.ema.update(self.model.trainable)
+        else:
+            self.skipped += 1
+        self.last_images = (originals.detach(), images.detach())
+        return {name: float(value.detach()) for name, value in parts.items()}
+
+    # --- checkpoints
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "mixture": self.mixture.state_dict(), "skipped": self.skipped}
+
+    def save(self, it: int) -> None:
+        if self.rank == 0:
+            weights = {name: p.detach() for name, p in self.model.trainable.items()}
+            checkpoint.save_checkpoint(self.cfg.output_dir, it, weights, self.ema.shadow, self.state(),
+                                       self.cfg.keep_last, self.cfg.keep_every)
+        dist.barrier()
+
+    def resume(self, path) -> None:
+        weights, ema, state = checkpoint.load_checkpoint(path)
+        if set(weights) != set(self.model.trainable):
+            raise ValueError(f"resume={path}: its weights {sorted(weights)[:3]}... are not this run's trainable "
+                             f"weights {sorted(self.model.trainable)[:3]}... (another finetune.target?)")
+        with torch.no_grad():
+            for name, p in self.model.trainable.items():
+                p.copy_(weights[name])
+                self.ema.shadow[name].copy_(ema[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.mixture.load_state_dict(state["mixture"])
+        self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        path = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
+        if path is not None:
+            self.resume(path)
+        if self.rank == 0:
+            save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        writer = _summary_writer(cfg) if self.rank == 0 else None
+        bar = tqdm(range(self.start, cfg.max_steps), initial=self.start, total=cfg.max_steps,
+                   disable=self.rank != 0)
+        for it in bar:
+            began = time.perf_counter()
+            parts = self.iteration(it)
+            parts["images_per_s"] = cfg.batch.images_per_prompt / (time.perf_counter() - began)
+            parts["skipped_steps"] = self.skipped
+            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if "/" not in k})
+            if writer is not None and (it + 1) % cfg.logging.log_every == 0:
+                for name, value in parts.items():
+                    writer.add_scalar(name, value, it + 1)
+            if self.rank == 0 and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
+                save_grid(*self.last_images, Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png")
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.max_steps:
+                self.save(it + 1)
+
+
+def _summary_writer(cfg: TrainConfig):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(cfg.logging.tensorboard_dir or str(Path(cfg.output_dir) / "tensorboard"))
+
+
+def save_grid(originals: torch.Tensor, images: torch.Tensor, path: Path) -> None:
+    """PNG with the originals on the top row and the finetuned images (same noise) below."""
+    from PIL import Image
+
+    rows = [torch.cat(list(batch.float().clamp(-1, 1).cpu()), dim=-1) for batch in (originals, images)]
+    pixels = ((torch.cat(rows, dim=-2) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Fairness finetuning of a diffusion model (fastfair).")
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/gender.yaml")
+    parser.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (same as deepspeed.config=...)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. max_steps=2")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed_config}"] if args.deepspeed_config else [])
+    cfg = load_config(args.config, overrides)
+    if cfg.deepspeed.config:
+        raise NotImplementedError("deepspeed.config: the DeepSpeed engine is not wired into this trainer yet; "
+                                  "run without it (plain python or torchrun data parallel)")
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+    with process_group(device.split(":")[0]):
+        Trainer(cfg, device).train()

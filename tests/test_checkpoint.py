@@ -1,0 +1,84 @@
+"""Checkpoints: atomic folders, retention, and resume that continues bit for bit (fp32, CPU)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastfair import checkpoint
+from fastfair.config import load_config
+from fastfair.trainer import Trainer, process_group
+from test_trainer_world import make_world, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _save(root, iteration, **kwargs):
+    weights = {"w": torch.full((2,), float(iteration))}
+    return checkpoint.save_checkpoint(root, iteration, weights, weights, {"note": "x"}, **kwargs)
+
+
+def test_retention_keeps_last_and_every(tmp_path):
+    for iteration in range(1, 8):
+        _save(tmp_path, iteration, keep_last=2, keep_every=3)
+    assert list(checkpoint.list_checkpoints(tmp_path)) == [3, 6, 7]
+    weights, ema, state = checkpoint.load_checkpoint(checkpoint.resolve_resume("auto", tmp_path))
+    assert state["iteration"] == 7 and torch.equal(weights["w"], torch.full((2,), 7.0))
+
+
+def test_interrupted_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
+    _save(tmp_path, 1)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2)
+    assert list(checkpoint.list_checkpoints(tmp_path)) == [1]
+    assert checkpoint.resolve_resume("auto", tmp_path).name == "step_00000001"
+
+
+def test_resume_arguments(tmp_path):
+    assert checkpoint.resolve_resume("", tmp_path) is None
+    assert checkpoint.resolve_resume("auto", tmp_path) is None
+    with pytest.raises(ValueError, match="resume=.*not a checkpoint folder"):
+        checkpoint.resolve_resume(str(tmp_path), tmp_path)
+
+
+def test_rng_state_roundtrip(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = checkpoint.rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_two_plus_two_equals_four_bitwise(tmp_path):
+    """4 iterations straight (in process) == 2, then a resume to 4 by the script `python fastfair/train.py`."""
+    world = make_world(tmp_path / "world")
+    straight = load_config(write_config(tmp_path / "a", world, "text_unet_lora"), ["max_steps=4"])
+    with process_group():
+        Trainer(straight).train()
+        halves = load_config(write_config(tmp_path / "b", world, "text_unet_lora"), ["max_steps=2"])
+        Trainer(halves).train()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"))
+    run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config",
+                          str(tmp_path / "b" / "config.yaml"), "max_steps=4", "resume=auto"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("weights.safetensors", "ema.safetensors"):
+        a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step_00000004" / name))
+        b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step_00000004" / name))
+        assert set(a) == set(b) and len(a) > 0
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    a_state = torch.load(tmp_path / "a" / "run" / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
+    assert a_state["mixture"]["draws"] == 4

@@ -1,0 +1,64 @@
+"""Export a checkpoint, load it into a diffusers StableDiffusionPipeline: the same model as in training; generate."""
+import pytest
+import torch
+
+from fastfair.config import load_config
+from fastfair.export import export, load_into_pipeline
+from fastfair.trainer import Trainer
+from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
+
+
+def _trained(tmp_path, world, target):
+    # ema_decay 0: the exported (EMA) weights are the trainer's current weights
+    cfg = load_config(write_config(tmp_path, world, target), ["max_steps=1", "optim.ema_decay=0", "optim.lr=0.05"])
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer, tmp_path / "run" / "checkpoints" / "step_00000001"
+
+
+def _pipeline(world):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(world["sd"], local_files_only=True, safety_checker=None)
+
+
+def _eps(unet, emb):
+    torch.manual_seed(1)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    return unet(x, t, encoder_hidden_states=emb).sample
+
+
+@pytest.mark.parametrize("target", ["text_unet_lora", "prefix"])
+def test_exported_pipeline_matches_training_model(tmp_path, world, target):
+    trainer, ckpt = _trained(tmp_path, world, target)
+    out = export(ckpt, tmp_path / "export")
+    pipe = _pipeline(world)
+    base_emb = pipe.encode_prompt("ab", "cpu", 1, False)[0]
+    prefix = load_into_pipeline(pipe, out)
+    model = trainer.model
+    with torch.no_grad():
+        expected = model.encode(["ab"])
+        got = pipe.encode_prompt(prefix + "ab", "cpu", 1, False)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, base_emb, atol=1e-4)  # the export changed the model
+        torch.testing.assert_close(_eps(pipe.unet, expected), _eps(model.unet, expected), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_cli_writes_images(tmp_path, world):
+    from PIL import Image
+
+    from fastfair.generate import main
+
+    _, ckpt = _trained(tmp_path, world, "text_lora")
+    export(ckpt, tmp_path / "export")
+    main(["--model", str(world["sd"]), "--lora", str(tmp_path / "export"), "--prompt", "a cook",
+          "--num-images", "2", "--out", str(tmp_path / "images"), "--steps", "2"])
+    files = sorted((tmp_path / "images").iterdir())
+    assert [f.name for f in files] == ["00000.png", "00001.png"]
+    assert Image.open(files[0]).size == (16, 16)
+
+
+def test_export_needs_run_config(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ValueError, match="no run config"):
+        export(tmp_path / "ckpt", tmp_path / "out")

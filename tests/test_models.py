@@ -1,0 +1,91 @@
+"""fastfair.models loads a saved tiny SD folder; fastfair.finetune adds exactly the trainable weights asked for."""
+import pytest
+import torch
+
+from fastfair.config import LoraConfig
+from fastfair.finetune import FinetunedModel
+from fastfair.models import load_stable_diffusion
+from test_trainer_world import save_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("sd") / "sd")
+
+
+def test_loads_folder_frozen_in_dtype(sd_dir):
+    from diffusers import DPMSolverMultistepScheduler
+
+    parts = load_stable_diffusion(sd_dir, dtype="bf16")
+    assert isinstance(parts.scheduler, DPMSolverMultistepScheduler)
+    for module in (parts.text_encoder, parts.unet, parts.vae):
+        assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in module.parameters())
+    assert not parts.unet.training
+
+
+def test_missing_layout_names_key_and_layout(tmp_path, sd_dir):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ValueError, match=r"model.pretrained=.* lacks .*vae/.*expected a diffusers folder"):
+        load_stable_diffusion(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_stable_diffusion(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="xformers"):
+        load_stable_diffusion(sd_dir, attention="xformers")
+
+
+def _model(sd_dir, target, **kwargs):
+    parts = load_stable_diffusion(sd_dir, dtype="bf16")
+    return FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, target,
+                          lora=LoraConfig(rank=4, text_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                                "fc2"]), **kwargs)
+
+
+@pytest.mark.parametrize("target,prefix", [("prefix", "text_encoder"), ("text_lora", "text_encoder"),
+                                           ("unet_lora", "unet"), ("text_unet_lora", None), ("unet_full", "unet")])
+def test_trainable_weights_fp32_and_where_asked(sd_dir, target, prefix):
+    model = _model(sd_dir, target, prefix_tokens=3)
+    names = list(model.trainable)
+    assert names and all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    if prefix:
+        assert all(n.startswith(prefix) for n in names)
+    else:
+        assert {n.split(".")[0] for n in names} == {"text_encoder", "unet"}
+    if "lora" in target:
+        assert all("lora_" in n for n in names)
+    if target == "text_lora":  # every named layer of every block carries a LoRA pair
+        assert sum("lora_A" in n for n in names) == 2 * 6
+    if target == "prefix":
+        assert len(names) == 1 and names[0].endswith("embeddings.token_embedding.prefix")
+        assert model.prefix.prefix.shape == (3, 16)
+
+
+def test_prefix_only_in_positive_prompt_and_original_untouched(sd_dir):
+    model = _model(sd_dir, "prefix", prefix_tokens=2)
+    with torch.no_grad():
+        model.prefix.prefix.normal_()
+    original = model.encode_original(["a cat"])
+    assert torch.equal(model.encode(["a cat"], positive=False), original)
+    cond = model.encode(["a cat"])
+    assert cond.shape == original.shape and not torch.equal(cond, original)
+    # the start token is before the prefix and the causal mask hides what follows: its output is unchanged
+    torch.testing.assert_close(cond[:, 0], original[:, 0])
+    cond.float().sum().backward()
+    assert model.prefix.prefix.grad.abs().sum() > 0
+
+
+def test_lora_adapters_off_for_original(sd_dir):
+    model = _model(sd_dir, "text_lora")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    assert not torch.equal(model.encode(["a dog"]), model.encode_original(["a dog"]))
+    assert torch.equal(model.encode_original(["a dog"]), _model(sd_dir, "prefix").encode_original(["a dog"]))
+
+
+def test_unet_full_keeps_frozen_copy(sd_dir):
+    model = _model(sd_dir, "unet_full")
+    with model.original_unet() as unet:
+        assert unet is not model.unet and not any(p.requires_grad for p in unet.parameters())
+    model = _model(sd_dir, "unet_lora")
+    with model.original_unet() as unet:
+        assert unet is model.unet

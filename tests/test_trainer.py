@@ -1,0 +1,69 @@
+"""Two iterations of the trainer for every finetuning target on tiny random models loaded from disk."""
+import pytest
+import torch
+
+from fastfair.config import FINETUNE_TARGETS, load_config
+from fastfair.trainer import Trainer
+from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
+
+
+def _snapshot(trainer):
+    modules = {"text_encoder": trainer.model.text_encoder, "unet": trainer.model.unet, "vae": trainer.vae}
+    return {f"{part}.{name}": p.detach().clone() for part, module in modules.items()
+            for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("target", FINETUNE_TARGETS)
+def test_two_iterations_train_only_the_target(tmp_path, world, target):
+    cfg = load_config(write_config(tmp_path, world, target, face_loss=target == "text_lora"))
+    trainer = Trainer(cfg)
+    before = _snapshot(trainer)
+    parts = [trainer.iteration(it) for it in range(2)]
+    after = _snapshot(trainer)
+    for part in parts:
+        assert all(torch.isfinite(torch.tensor(v)) for v in part.values()), part
+        assert part["loss"] > 0
+    assert parts[1]["img"] > 1e-6  # LoRA starts as the identity (img = 0); after one step the images differ
+    if target == "text_lora":
+        assert parts[0]["face"] > 0
+    assert trainer.skipped == 0
+    trainable = set(trainer.model.trainable)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == trainable  # every trainable weight moved, nothing else did
+    ema = trainer.ema.shadow  # decay 0.5 after two steps: strictly between the start and the weights
+    name = next(iter(trainable))
+    assert not torch.equal(ema[name], after[name]) and not torch.equal(ema[name], before[name])
+
+
+def test_train_writes_checkpoints_config_and_grids(tmp_path, world):
+    from safetensors.torch import load_file
+
+    cfg = load_config(write_config(tmp_path, world, "prefix"))
+    Trainer(cfg).train()
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "images").iterdir()) == ["step_00000001.png", "step_00000002.png"]
+    ckpt = run / "checkpoints" / "step_00000002"
+    names = set(load_file(str(ckpt / "weights.safetensors")))
+    assert len(names) == 1 and names == set(load_file(str(ckpt / "ema.safetensors")))
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["iteration"] == 2 and state["mixture"]["draws"] == 2
+    assert {"optimizer", "lr_scheduler", "rng", "skipped"} <= set(state)
+
+
+def test_nonfinite_gradient_skips_the_step(tmp_path, world):
+    cfg = load_config(write_config(tmp_path, world, "prefix"))
+    trainer = Trainer(cfg)
+    prefix = trainer.model.prefix.prefix
+    prefix.register_hook(lambda grad: grad * float("nan"))
+    before = prefix.detach().clone()
+    trainer.iteration(0)
+    assert trainer.skipped == 1 and torch.equal(prefix.detach(), before)
+
+
+def test_batch_not_divisible_by_ranks_is_refused(tmp_path, world):
+    from fastfair.config import ConfigError, validate
+
+    cfg = load_config(write_config(tmp_path, world), ["batch.images_per_prompt=3"])
+    with pytest.raises(ConfigError, match="not divisible by the world size 2"):
+        validate(cfg, world_size=2)

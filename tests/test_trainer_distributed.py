@@ -1,0 +1,45 @@
+"""Data parallel: `torchrun --nproc_per_node=2 fastfair/train.py` (gloo, 2 images per rank) trains the same
+weights as one process with the whole batch of 4 (global-batch alignment targets, averaged gradients)."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fastfair.config import load_config
+from fastfair.trainer import Trainer, process_group
+from test_trainer_world import make_world, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    world = make_world(tmp_path / "world")
+    config = write_config(tmp_path / "two", world, "text_unet_lora")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"), MASTER_ADDR="127.0.0.1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO / "fastfair" / "train.py"), "--config", str(config)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    with process_group():
+        Trainer(load_config(write_config(tmp_path / "one", world, "text_unet_lora"))).train()
+    start = {}
+    for name in ("weights.safetensors", "ema.safetensors"):
+        one = load_file(str(tmp_path / "one" / "run" / "checkpoints" / "step_00000002" / name))
+        two = load_file(str(tmp_path / "two" / "run" / "checkpoints" / "step_00000002" / name))
+        assert set(one) == set(two) and one
+        for key in one:  # Adam moves each weight by ~lr = 1e-2 per step; summation order changes ~1e-6 of it
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=5e-5)
+        start = one
+    first = load_file(str(tmp_path / "one" / "run" / "checkpoints" / "step_00000001" / "weights.safetensors"))
+    assert any(not torch.equal(first[k], start[k]) for k in first)  # training moved the weights
