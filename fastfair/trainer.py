@@ -189,6 +189,13 @@ class Trainer:
                                         cfg.loss.lambda_face)
         self.mixture = build_prompt_mixture(cfg.data, cfg.seed)
         self.optimizer, self.lr_scheduler = build_optimizer(cfg, self.model.parameters())
+        self.engine = None  # DeepSpeed: reduces, scales, clips and steps the trainable parameters (fastfair.zero)
+        if cfg.deepspeed.config:
+            from fastfair import zero
+            from fastfair.config import deepspeed_config
+
+            self.engine = zero.deepspeed_engine(deepspeed_config(cfg, self.world), self.model.trainable,
+                                                self.optimizer, self.lr_scheduler)
         self.ema = EMA(self.model.trainable, cfg.optim.ema_decay)
         self.start, self.skipped = 0, 0
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -292,8 +299,25 @@ class Trainer:
 
         return combine_losses(align, semantics, face, image_weight, self.loss_weights)
 
-    def _reduce_grads(self) -> bool:
-        """Average gradients over ranks; True when all of them are finite (the step may be taken)."""
+    def _deepspeed_step(self, loss: torch.Tensor) -> None:
+        """engine.backward + engine.step; a non-finite loss on any rank, or an fp16 overflow (DeepSpeed's loss
+        scaler skips that step itself), counts as a skipped step."""
+        finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            self.skipped += 1
+            return
+        skipped_before = self.engine.skipped_steps
+        self.engine.backward(loss)
+        self.engine.step()
+        if self.engine.skipped_steps == skipped_before:
+            self.ema.update(self.model.trainable)
+        else:
+            self.skipped += 1
+
+    def _backward_and_reduce(self, loss: torch.Tensor) -> bool:
+        """Backward, then average gradients over ranks; True when all of them are finite (step may be taken)."""
+        loss.backward()
         params = self.model.parameters()
         for p in params:
             if p.grad is None:
@@ -311,8 +335,9 @@ class Trainer:
         with self._autocast():
             originals, images = self.generate_pair(prompt, z_T, steps, generator)
             parts = self.losses(originals, images)
-        parts["loss"].backward()
-        if self._reduce_grads():
+        if self.engine is not None:
+            self._deepspeed_step(parts["loss"])
+        elif self._backward_and_reduce(parts["loss"]):
             if self.cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
@@ -325,17 +350,28 @@ class Trainer:
 
     # --- checkpoints
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+        return {"optimizer": self.optimizer.state_dict() if self.engine is None else None,
+                "lr_scheduler": self.lr_scheduler.state_dict(),
                 "mixture": self.mixture.state_dict(), "skipped": self.skipped}
 
     def save(self, it: int) -> None:
+        shards = None
+        if self.engine is not None:  # every rank's ZeRO partition of the optimizer state, gathered on rank 0
+            from fastfair import zero
+
+            shards = zero.gather_optimizer_shards(self.engine)
         if self.rank == 0:
             weights = {name: p.detach() for name, p in self.model.trainable.items()}
-            checkpoint.save_checkpoint(self.cfg.output_dir, it, weights, self.ema.shadow, self.state(),
+            state = self.state() if shards is None else {**self.state(), "zero_shards": shards}
+            checkpoint.save_checkpoint(self.cfg.output_dir, it, weights, self.ema.shadow, state,
                                        self.cfg.keep_last, self.cfg.keep_every)
         dist.barrier()
 
     def resume(self, path) -> None:
+        if self.engine is not None:
+            from fastfair import zero
+
+            zero.allow_deepspeed_state_in_weights_only_load()
         weights, ema, state = checkpoint.load_checkpoint(path)
         if set(weights) != set(self.model.trainable):
             raise ValueError(f"resume={path}: its weights {sorted(weights)[:3]}... are not this run's trainable "
@@ -344,7 +380,15 @@ class Trainer:
             for name, p in self.model.trainable.items():
                 p.copy_(weights[name])
                 self.ema.shadow[name].copy_(ema[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.engine is not None:
+            if "zero_shards" not in state:
+                raise ValueError(f"resume={path}: a checkpoint of a run without DeepSpeed; resume it without "
+                                 "deepspeed.config")
+            zero.load_optimizer_shard(self.engine, state["zero_shards"])
+        elif state["optimizer"] is None:
+            raise ValueError(f"resume={path}: a checkpoint of a DeepSpeed run; resume it with its deepspeed.config")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.mixture.load_state_dict(state["mixture"])
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
@@ -408,9 +452,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed_config}"] if args.deepspeed_config else [])
     cfg = load_config(args.config, overrides)
-    if cfg.deepspeed.config:
-        raise NotImplementedError("deepspeed.config: the DeepSpeed engine is not wired into this trainer yet; "
-                                  "run without it (plain python or torchrun data parallel)")
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)

@@ -43,3 +43,33 @@ def test_two_processes_equal_one(tmp_path):
         start = one
     first = load_file(str(tmp_path / "one" / "run" / "checkpoints" / "step_00000001" / "weights.safetensors"))
     assert any(not torch.equal(first[k], start[k]) for k in first)  # training moved the weights
+
+
+def test_deepspeed_zero2_with_resume_equals_plain_run(tmp_path):
+    """`fastfair/train.py --deepspeed_config` (ZeRO-2, fp32, 2 processes): 1 iteration, then a resume from its
+    checkpoint (optimizer shards included) to 2, trains the same weights as one plain process for 2."""
+    import json
+
+    world = make_world(tmp_path / "world")
+    ds_json = tmp_path / "zero2_fp32.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10**9}))
+    config = write_config(tmp_path / "ds", world, "text_unet_lora")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"), MASTER_ADDR="127.0.0.1")
+    for max_steps in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(REPO / "fastfair" / "train.py"), "--config", str(config), "--deepspeed_config", str(ds_json),
+               f"max_steps={max_steps}", "resume=auto"]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ckpt = tmp_path / "ds" / "run" / "checkpoints"
+    state = torch.load(ckpt / "step_00000002" / "state.pt", weights_only=False)
+    assert len(state["zero_shards"]) == 2 and state["optimizer"] is None
+
+    with process_group():
+        Trainer(load_config(write_config(tmp_path / "one", world, "text_unet_lora"))).train()
+    for name in ("weights.safetensors", "ema.safetensors"):
+        one = load_file(str(tmp_path / "one" / "run" / "checkpoints" / "step_00000002" / name))
+        ds = load_file(str(ckpt / "step_00000002" / name))
+        assert set(one) == set(ds) and one
+        for key in one:
+            torch.testing.assert_close(ds[key], one[key], rtol=1e-4, atol=5e-5)
