@@ -185,6 +185,7 @@ class Trainer:
 
         self.targets = load_targets(cfg.targets)
         self.groups = self.targets.groups()
+        self._check_classifier_outputs()
         self.loss_weights = LossWeights(cfg.loss.lambda_img_1, cfg.loss.lambda_img_2, cfg.loss.lambda_img_3,
                                         cfg.loss.lambda_face)
         self.mixture = build_prompt_mixture(cfg.data, cfg.seed)
@@ -201,6 +202,20 @@ class Trainer:
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         side = (cfg.model.resolution or self.model.unet.config.sample_size * scale) // scale
         self.latent_shape = (self.model.unet.config.in_channels, side, side)
+
+    @torch.no_grad()
+    def _check_classifier_outputs(self) -> None:
+        """Fail at start, not at the first iteration, when a classifier has fewer outputs than the targets read."""
+        outputs = {}
+        for attribute, classifier in self.judges.classifiers.items():
+            side = classifier.input_size
+            outputs[attribute] = torch.zeros(1, classifier(torch.zeros(1, 3, side, side, device=self.device)).shape[-1])
+        try:
+            self.targets.attribute_logits(outputs)
+        except KeyError as error:
+            raise ValueError(f"classifiers: no classifier gives the target attribute {error}") from None
+        except ValueError as error:
+            raise ValueError(f"classifiers: {error}; check the classifier file against the targets' indices") from None
 
     def _autocast(self):
         mixed = self.cfg.precision.mixed

@@ -67,3 +67,12 @@ def test_batch_not_divisible_by_ranks_is_refused(tmp_path, world):
     cfg = load_config(write_config(tmp_path, world), ["batch.images_per_prompt=3"])
     with pytest.raises(ConfigError, match="not divisible by the world size 2"):
         validate(cfg, world_size=2)
+
+
+def test_classifier_too_small_for_the_targets_fails_at_start(tmp_path, world):
+    from fastfair.trainer import process_group
+
+    cfg = load_config(write_config(tmp_path, world), ["targets.attributes=[{name: gender, classes: {female: 0, "
+                                                      "male: 7}, probabilities: uniform}]"])
+    with process_group(), pytest.raises(ValueError, match="classifiers: .*index 7"):
+        Trainer(cfg)
