@@ -312,7 +312,25 @@ class Trainer:
             face = face_realism_loss(faces, self.judges.face_bank, orig_faces, use_original) * regions.found
         from fastfair.losses import combine_losses
 
-        return combine_losses(align, semantics, face, image_weight, self.loss_weights)
+        return {**combine_losses(align, semantics, face, image_weight, self.loss_weights),
+                **self._batch_statistics(logits, regions.found)}
+
+    @torch.no_grad()
+    def _batch_statistics(self, logits: dict, found: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Class frequencies and bias (seed 0124) of the global batch's finetuned images, per attribute, for
+        logging (keys with a '/', kept off the progress bar); images without a face are left out."""
+        from fastfair.losses.global_batch import gather_rows
+        from fastfair.metrics import bias, class_frequencies
+
+        stats = {}
+        for a in self.targets.attributes:
+            labels = torch.where(found, logits[a.name].argmax(-1), torch.full_like(found, -1, dtype=torch.long))
+            labels = gather_rows(labels)[0] if self.world > 1 else labels
+            freqs = class_frequencies(labels.cpu().numpy(), len(a.classes)).freqs
+            if len(a.classes) > 1:
+                stats[f"bias/{a.name}"] = torch.tensor(bias(freqs))
+            stats.update({f"freq/{a.name}/{c}": torch.tensor(f) for c, f in zip(a.classes, freqs)})
+        return stats
 
     def _deepspeed_step(self, loss: torch.Tensor) -> None:
         """engine.backward + engine.step; a non-finite loss on any rank, or an fp16 overflow (DeepSpeed's loss
@@ -426,6 +444,7 @@ class Trainer:
             parts = self.iteration(it)
             parts["images_per_s"] = cfg.batch.images_per_prompt / (time.perf_counter() - began)
             parts["skipped_steps"] = self.skipped
+            parts["peak_memory_gb"] = _peak_memory_bytes(self.device) / 2**30
             bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if "/" not in k})
             if writer is not None and (it + 1) % cfg.logging.log_every == 0:
                 for name, value in parts.items():
@@ -434,6 +453,15 @@ class Trainer:
                 save_grid(*self.last_images, Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png")
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.max_steps:
                 self.save(it + 1)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: peak allocated by torch; CPU: the process's peak resident set (ru_maxrss, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _summary_writer(cfg: TrainConfig):

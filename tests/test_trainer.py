@@ -76,3 +76,14 @@ def test_classifier_too_small_for_the_targets_fails_at_start(tmp_path, world):
                                                       "male: 7}, probabilities: uniform}]"])
     with process_group(), pytest.raises(ValueError, match="classifiers: .*index 7"):
         Trainer(cfg)
+
+
+def test_iteration_reports_batch_class_frequencies_and_bias(tmp_path, world):
+    from fastfair.trainer import process_group
+
+    with process_group():
+        parts = Trainer(load_config(write_config(tmp_path, world))).iteration(0)
+    female, male = parts["freq/gender/female"], parts["freq/gender/male"]
+    assert female + male == pytest.approx(1.0)
+    assert parts["bias/gender"] == pytest.approx(abs(female - male))
+    assert {female * 4, male * 4} <= set(range(5))  # frequencies of a batch of 4 images
