@@ -540,6 +540,10 @@ def _target_problems(cfg: TrainConfig) -> List[str]:
         unknown = sorted(set(weight) - set(attributes)) if isinstance(weight, dict) else []
         if unknown:
             problems.append(f"{key} names {unknown}, not targets attributes: use {', '.join(attributes)}")
+        missing = [name for name in attributes if name not in weight] if isinstance(weight, dict) else []
+        if missing:
+            problems.append(f"{key} gives no weight for targets attribute(s) {missing}: give one per attribute "
+                            "or a single number")
     if not cfg.classifiers or any(not spec.attributes for spec in cfg.classifiers.values()):
         return problems  # with a self-describing classifier file, its head is known only once loaded
     declared = {name: (f"classifiers.{clf}.attributes.{name}", indices)

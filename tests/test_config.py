@@ -309,3 +309,12 @@ def test_deepspeed_parses_the_shipped_jsons():
         assert parsed.zero_optimization_stage == int(path.stem[4])
         assert parsed.float16_config.enabled == path.stem.endswith("fp16")
         assert parsed.bfloat16_config.enabled == path.stem.endswith("bf16")
+
+
+def test_per_attribute_weights_must_cover_every_target_attribute():
+    cfg = load_config(CONFIGS / "gender_race.yaml", [
+        "targets.attributes=[{name: gender, classes: {female: 0, male: 1}, probabilities: uniform},"
+        " {name: age, classes: {young: 6, old: 7}, probabilities: uniform}]",
+        "classifiers.fairface.attributes={gender: [0, 1], age: [6, 7]}"])
+    with pytest.raises(ConfigError, match=r"loss.lambda_img_2 gives no weight for targets attribute\(s\) \['age'\]"):
+        validate(cfg, device="cuda")
