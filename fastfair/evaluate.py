@@ -1,0 +1,182 @@
+"""Evaluate a base model and a finetuned one: ``python -m fastfair.evaluate --model SD_DIR|toy
+[--finetuned CKPT_OR_EXPORT] --classifier CLF.safetensors --prompts occupations:test --out DIR``.
+
+Steps (seed 0124-0135): generate `--images-per-prompt` images per prompt with both models from paired noise
+into a resumable PNG cache (`fastfair.evaluation.cache`); classify each image's largest face and score CLIP-T,
+CLIP-I, DINO (`fastfair.evaluation.scoring`) and, optionally, FID (`fastfair.evaluation.fid`); per-prompt
+metrics and their mean ± std over prompts (`fastfair.metrics`), for each `--guidance-scales` value; then
+metrics.json, per_prompt.csv, summary.md, the Fig. 9 plots, image grids and report.html (`fastfair.evaluation.report`).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path
+from fastfair.evaluation.report import write_report
+from fastfair.evaluation.scoring import Scorer, attribute_sets, default_images_per_prompt, load_classifiers
+from fastfair.evaluation.sources import load_sources
+from fastfair.metrics import summarize
+from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
+
+
+def load_prompts(spec: str, max_prompts: Optional[int] = None) -> list:
+    """'name:split' of a shipped set (split defaults to test), or a text file of full prompts; first N."""
+    name, _, split = spec.partition(":")
+    if name in list_prompt_sets():
+        prompts = load_prompt_set(name, split or "test")
+    elif Path(spec).is_file():
+        prompts = load_prompt_file(spec)
+    else:
+        raise ValueError(f"--prompts {spec}: not a file and not a shipped set (NAME[:SPLIT] with NAME in "
+                         f"{list_prompt_sets()}, SPLIT in {SPLITS})")
+    if max_prompts is not None and max_prompts < 1:
+        raise ValueError(f"--max-prompts {max_prompts}: expected at least 1")
+    return prompts[:max_prompts]
+
+
+def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out, finetuned: Optional[str] = None,
+             attributes: Optional[Sequence[str]] = None, targets: Optional[Dict[str, Sequence[float]]] = None,
+             joint: Optional[Sequence[str]] = None, images_per_prompt: Optional[int] = None,
+             guidance_scales: Sequence[float] = (7.5,), num_steps: int = 20, seed: int = 0, batch_size: int = 8,
+             detector="opencv", margin: float = 0.5, clip=None, dino=None, dtype: str = "fp32",
+             weights: str = "ema", device: Optional[str] = None, grid_columns: int = 8,
+             fid_reference=None, fid_inception=None, progress: bool = True) -> dict:
+    """Run the whole evaluation (module docstring); returns the results dict (also in metrics.json) with
+    ``generated``: the cache paths this call had to generate."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    if not classifiers:
+        raise ValueError("--classifier: give at least one attribute classifier file")
+    if num_steps < 1 or batch_size < 1:
+        raise ValueError(f"--steps {num_steps} and --batch-size {batch_size} must be >= 1")
+    if bool(fid_reference) != bool(fid_inception):
+        raise ValueError("FID needs both --fid-reference (a folder of real images) and --fid-inception (weights)")
+    judges, classes = load_classifiers(classifiers, attributes, device)
+    joint = list(joint) if joint is not None else (list(classes) if len(classes) >= 2 else [])
+    sets = attribute_sets(classes, targets or {}, joint)
+    count = images_per_prompt or default_images_per_prompt(sets)
+    if count < 1:
+        raise ValueError(f"--images-per-prompt {count}: expected at least 1")
+
+    vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_config = sources["base"].unet.config
+    latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    settings = {"model": str(model), "finetuned": str(finetuned or ""), "weights": weights, "steps": num_steps,
+                "seed": seed, "dtype": dtype, "resolution": unet_config.sample_size * scale}
+    out = Path(out)
+    cache = ImageCache(out / "images", settings)
+    jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales for m in sources
+            for p, prompt in enumerate(prompts) for j in range(count)]
+    generate_missing(cache, jobs, sources, vae, scheduler, latent_shape, num_steps, batch_size, device, progress)
+
+    scorer = Scorer(judges, detector, margin, clip, dino, device)
+    fid = _fid_scorer(fid_reference, fid_inception, device) if fid_reference else None
+    results = {"settings": {**settings, "images_per_prompt": count, "guidance_scales": list(guidance_scales),
+                            "classifiers": [str(c) for c in classifiers],
+                            "detector": getattr(detector, "__name__", str(detector))},
+               "prompts": list(prompts), "guidance": {},
+               "attribute_sets": [{"name": s.name, "attributes": list(s.attributes), "classes": list(s.classes),
+                                   "target": list(s.target)} for s in sets]}
+    for g in guidance_scales:
+        by_model = {m: {"per_prompt": {}, "images": {}} for m in sources}
+        features = {m: [] for m in sources}
+        for p, prompt in enumerate(prompts):
+            paths = {m: [image_path(g, m, p, j) for j in range(count)] for m in sources}
+            images = {m: from_png([cache.path(path) for path in paths[m]]) for m in sources}
+            for m in sources if fid else ():
+                features[m].append(fid(images[m]))
+            for m, row in scorer.score_prompt(prompt, images, sets, {k: len(v) for k, v in classes.items()}).items():
+                by_model[m]["per_prompt"][prompt] = row
+                by_model[m]["images"][prompt] = paths[m]
+        for m, data in by_model.items():
+            data["summary"] = summarize(data["per_prompt"])
+            if fid:
+                data["fid"] = fid.distance(np.concatenate(features[m]))
+        results["guidance"][f"{g:g}"] = by_model
+    write_report(results, out, cache.root, grid_columns)
+    return {**results, "generated": list(cache.generated)}
+
+
+def _fid_scorer(reference, inception, device):
+    """The extractor, with ``distance(features)``: FID of generated features to the reference folder's."""
+    from fastfair.evaluation.fid import FeatureExtractor, frechet_distance, reference_images
+
+    extractor = FeatureExtractor(inception, device)
+    # one image at a time: reference images may differ in size
+    reference = np.concatenate([extractor(from_png([path])) for path in reference_images(reference)])
+    extractor.distance = lambda generated: frechet_distance(generated, reference)
+    return extractor
+
+
+def _targets(items: Sequence[str]) -> Dict[str, list]:
+    targets = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        try:
+            targets[name] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--target {item!r}: expected ATTRIBUTE=P1,P2,... (class order of the classifier), "
+                             "e.g. age=0.75,0.25") from None
+    return targets
+
+
+def _detector(spec: str):
+    if ":" in spec:  # package.module:function
+        from fastfair.trainer import load_callable
+
+        return load_callable(spec, "--detector")
+    return spec
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate bias and semantics preservation of a (finetuned) model.")
+    parser.add_argument("--model", required=True, help="diffusers folder, single-file checkpoint, or 'toy'")
+    parser.add_argument("--finetuned", help="training checkpoint folder or a python -m fastfair.export folder")
+    parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="checkpoint weights to use")
+    parser.add_argument("--classifier", action="append", required=True, help="attribute classifier (repeatable)")
+    parser.add_argument("--attributes", help="comma-separated attributes (default: all the classifiers predict)")
+    parser.add_argument("--joint", help="attributes whose intersection is evaluated (default: all, when >= 2)")
+    parser.add_argument("--target", action="append", default=[], help="ATTRIBUTE=P1,P2,... (default uniform)")
+    parser.add_argument("--prompts", default="occupations:test", help="NAME[:SPLIT] of a shipped set, or a file")
+    parser.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
+    parser.add_argument("--images-per-prompt", type=int, help="default 60 / 80 / 160 for K = 2 / 4 / 8 classes")
+    parser.add_argument("--guidance-scales", default="7.5", help="comma-separated, e.g. 3,5,7.5,10")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--detector", default="opencv", help="opencv | insightface | mtcnn | none | module:function")
+    parser.add_argument("--margin", type=float, default=0.5, help="face crop margin (0.5: the public code's)")
+    parser.add_argument("--clip", help="local transformers CLIPModel folder (CLIP-T, CLIP-I)")
+    parser.add_argument("--dino", help="local transformers DINOv2 folder (DINO)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--grid-columns", type=int, default=8)
+    parser.add_argument("--fid-reference", help="folder of real images for FID (optional)")
+    parser.add_argument("--fid-inception", help="TorchScript feature extractor for FID, uint8 [N,3,H,W] -> [N,D]")
+    parser.add_argument("--out", required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
+    try:
+        guidance = [float(v) for v in split(args.guidance_scales)]
+    except ValueError:
+        raise SystemExit(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5") from None
+    evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
+             split(args.attributes), _targets(args.target), split(args.joint), args.images_per_prompt, guidance,
+             args.steps, args.seed, args.batch_size, _detector(args.detector), args.margin, args.clip, args.dino,
+             args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference, args.fid_inception)
+    print(Path(args.out) / "report.html")
+
+
+if __name__ == "__main__":
+    main()

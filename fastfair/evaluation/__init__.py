@@ -1,0 +1,1 @@
+"""The parts of ``python -m fastfair.evaluate``: model sources, the image cache, scoring, the report."""

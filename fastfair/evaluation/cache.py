@@ -1,0 +1,143 @@
+"""The image cache: PNGs on disk plus a manifest, paired noise, and generation of exactly what is missing.
+
+Layout under ``<out>/images/``: ``g<guidance>/<model>/p<prompt index:03d>/<image index:04d>.png`` and
+``manifest.json`` = {"settings": what the images depend on, "images": {relative path: record}}.
+
+Paired noise: image j of a prompt starts from z_T drawn from a generator seeded by (seed, crc32(prompt), j),
+whatever the model, guidance scale or batch it is generated in. So base and finetuned images with the same
+index share their noise, and a resumed run regenerates a missing image exactly.
+
+Resume: an image counts as cached when its PNG exists and the manifest records it for the same prompt text;
+everything else is generated (in batches, with a progress bar) and the manifest is rewritten atomically after
+each batch. A manifest written with other settings (model, steps, seed, ...) is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastfair.dft import sample
+
+MANIFEST = "manifest.json"
+
+
+def noise_seed(seed: int, prompt: str, index: int) -> int:
+    """The torch seed of image `index` of `prompt` (independent of batch, model and guidance)."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(prompt.encode("utf-8")), index]).generate_state(1)[0])
+
+
+def paired_noise(seed: int, prompt: str, indices: Sequence[int], shape) -> torch.Tensor:
+    """z_T [len(indices), *shape] float32 on the CPU: row k from `noise_seed(seed, prompt, indices[k])`."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(
+        noise_seed(seed, prompt, index))) for index in indices])
+
+
+def image_path(guidance: float, model: str, prompt_index: int, index: int) -> str:
+    """The cache-relative path of one image."""
+    return f"g{guidance:g}/{model}/p{prompt_index:03d}/{index:04d}.png"
+
+
+def to_pil(images: torch.Tensor) -> List[Image.Image]:
+    """[N, 3, H, W] in [-1, 1] -> N RGB images (uint8)."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(array) for array in pixels]
+
+
+def from_png(paths: Sequence[Path]) -> torch.Tensor:
+    """PNG files -> [N, 3, H, W] float32 in [-1, 1]."""
+    arrays = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) for path in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Job:
+    """One image to produce: where it goes and what it shows."""
+
+    path: str
+    model: str
+    guidance: float
+    prompt_index: int
+    prompt: str
+    index: int
+
+
+class ImageCache:
+    """PNG cache with a manifest; `generated` lists the paths this object wrote (the resume check)."""
+
+    def __init__(self, root, settings: dict):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
+        self.manifest = {"settings": self.settings, "images": {}}
+        if (self.root / MANIFEST).is_file():
+            stored = json.loads((self.root / MANIFEST).read_text())
+            if stored.get("settings") != self.settings:
+                changed = sorted(k for k in set(stored.get("settings", {})) | set(self.settings)
+                                 if stored.get("settings", {}).get(k) != self.settings.get(k))
+                raise ValueError(f"{self.root}: cached images were made with other settings ({', '.join(changed)}); "
+                                 "use another --out or delete the folder")
+            self.manifest = stored
+        self.generated: List[str] = []
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def has(self, job: Job) -> bool:
+        record = self.manifest["images"].get(job.path)
+        return record is not None and record["prompt"] == job.prompt and self.path(job.path).is_file()
+
+    def missing(self, jobs: Sequence[Job]) -> List[Job]:
+        return [job for job in jobs if not self.has(job)]
+
+    def store(self, jobs: Sequence[Job], images: torch.Tensor) -> None:
+        """Write the PNGs of jobs (images [N, 3, H, W] in [-1, 1]), then record them in the manifest."""
+        for job, image in zip(jobs, to_pil(images)):
+            target = self.path(job.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target)
+            self.manifest["images"][job.path] = {"prompt": job.prompt, "index": job.index, "model": job.model,
+                                                 "guidance": job.guidance,
+                                                 "noise_seed": noise_seed(self.settings["seed"], job.prompt,
+                                                                          job.index)}
+            self.generated.append(job.path)
+        _write_json(self.root / MANIFEST, self.manifest)
+
+
+@torch.no_grad()
+def generate_missing(cache: ImageCache, jobs: Sequence[Job], sources: Dict, vae, scheduler, latent_shape,
+                     num_steps: int, batch_size: int, device="cpu", progress: bool = True) -> int:
+    """Sample and store every job the cache lacks, `batch_size` images per U-Net call; returns how many."""
+    from tqdm.auto import tqdm
+
+    todo = cache.missing(jobs)
+    groups: Dict[tuple, List[Job]] = {}
+    for job in todo:  # one prompt, model and guidance per batch: one embedding pair
+        groups.setdefault((job.model, job.guidance, job.prompt), []).append(job)
+    bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress or not todo)
+    for (model, guidance, prompt), group in groups.items():
+        source = sources[model]
+        cond, uncond = source.embeddings(prompt)
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            z_T = paired_noise(cache.settings["seed"], prompt, [job.index for job in batch], latent_shape)
+            z_0 = sample(source.unet, scheduler, z_T.to(device), cond, uncond, num_steps=num_steps,
+                         guidance_scale=guidance)
+            images = vae.decode((z_0 / vae.config.scaling_factor).to(vae.dtype)).sample
+            cache.store(batch, images)
+            bar.update(len(batch))
+    bar.close()
+    return len(todo)

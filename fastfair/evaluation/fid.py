@@ -1,0 +1,52 @@
+"""Optional FID against a folder of reference images, with Inception weights the user supplies locally.
+
+    FID = ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))      (features' means mu, covariances S)
+
+The feature extractor is a TorchScript file mapping uint8 images [N, 3, H, W] to features [N, D] (wrap the
+Inception-v3 of your choice with ``torch.jit.script``/``trace``; nothing is downloaded).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between feature sets a [N, D] and b [M, D] (float64; N, M >= 2)."""
+    from scipy import linalg
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"FID needs two feature sets [N >= 2, D] of the same D, got {a.shape} and {b.shape}")
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root = linalg.sqrtm(cov_a @ cov_b)
+    root = root.real if np.iscomplexobj(root) else root  # numerical noise of a PSD product
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+class FeatureExtractor:
+    """The user's TorchScript extractor; ``__call__(images [N, 3, H, W] in [-1, 1]) -> [N, D] numpy``."""
+
+    def __init__(self, path, device="cpu", batch_size: int = 32):
+        if not Path(path).is_file():
+            raise ValueError(f"--fid-inception {path}: expected a local TorchScript file (uint8 [N,3,H,W] -> [N,D])")
+        self.model = torch.jit.load(str(path), map_location=device).eval()
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return torch.cat([self.model(pixels[i:i + self.batch_size].to(self.device)).float().cpu()
+                          for i in range(0, len(pixels), self.batch_size)]).double().numpy()
+
+
+def reference_images(folder) -> list:
+    """The image files of a reference folder (sorted); ValueError when it holds fewer than 2."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise ValueError(f"--fid-reference {folder}: needs at least 2 images ({', '.join(IMAGE_SUFFIXES)})")
+    return files

@@ -1,0 +1,205 @@
+"""Evaluation outputs from the results dict that `fastfair.evaluate.evaluate` builds.
+
+results = {"settings": {...}, "prompts": [...], "attribute_sets": [{"name", "classes", "target"}],
+           "guidance": {"<g>": {"<model>": {"per_prompt": {prompt: flat row}, "summary": {key: mean/std}}}}}
+
+Files written under the output folder (paths relative to it, as the HTML links them):
+- ``metrics.json``: the results dict (NaN, a metric without data, written as null);
+- ``per_prompt.csv``: one row per (guidance, model, prompt);
+- ``summary.md``: the seed's Tables 1-2 shape (models as rows; bias per attribute set, CLIP-T, CLIP-I, DINO
+  as mean ± std over prompts), then the other protocols (TV, KL, FD, Delta) and the images without a face;
+- ``plots/g<g>_<set>.png``: Fig. 9: one class's frequency per prompt, base vs finetuned, with its target line;
+- ``grids/g<g>/p<index>.png``: base images on the top row, finetuned below, the same noise per column;
+- ``report.html``: one self-contained page (inline CSS, no scripts) with the tables, linking all of the above.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+MODEL_NAMES = {"base": "Original", "finetuned": "Finetuned"}
+OTHER_PROTOCOLS = (("total_variation", "TV"), ("kl", "KL"), ("fairness_discrepancy", "FD"), ("delta", "Δ"))
+SEMANTICS = (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"))
+
+
+def mean_pm_std(stats) -> str:
+    """{'mean': .67, 'std': .29} -> '.67±.29' (the seed's style); '—' when there is no value."""
+    if not stats or stats.get("count", 0) == 0 or math.isnan(stats["mean"]):
+        return "—"
+    short = lambda x: f"{x:.2f}".replace("0.", ".", 1) if abs(x) < 1 else f"{x:.2f}"  # noqa: E731
+    return short(stats["mean"]) + ("" if math.isnan(stats["std"]) else "±" + short(stats["std"]))
+
+
+def plot_class(attribute_set: dict) -> str:
+    """The class Fig. 9 plots: the one with the smallest target probability (the first on ties)."""
+    target = attribute_set["target"]
+    return attribute_set["classes"][target.index(min(target))]
+
+
+def table_rows(results: dict) -> (List[str], List[List[str]]):
+    """(header, rows) of the summary: per guidance scale and model, bias per set then semantics, then the
+    other protocols per set and the face-less count."""
+    sets = [s["name"] for s in results["attribute_sets"]]
+    header = (["Guidance", "Model"] + [f"Bias {name} ↓" for name in sets] + [f"{label} ↑" for _, label in SEMANTICS]
+              + [f"{label} {name}" for name in sets for key, label in OTHER_PROTOCOLS
+                 if key != "delta" or len(_set(results, name)["classes"]) == 2] + ["No face"])
+    with_fid = any("fid" in data for models in results["guidance"].values() for data in models.values())
+    header += ["FID ↓"] if with_fid else []
+    rows = []
+    for guidance, models in results["guidance"].items():
+        for model, data in models.items():
+            summary = data["summary"]
+            row = [guidance, MODEL_NAMES.get(model, model)] + [mean_pm_std(summary.get(f"{n}.bias")) for n in sets]
+            row += [mean_pm_std(summary.get(key)) for key, _ in SEMANTICS]
+            row += [mean_pm_std(summary.get(f"{n}.{key}")) for n in sets for key, _ in OTHER_PROTOCOLS
+                    if key != "delta" or len(_set(results, n)["classes"]) == 2]
+            total = sum(row_["num_images"] for row_ in data["per_prompt"].values())
+            row.append(f"{summary['no_face']['total']}/{total}")
+            rows.append(row + ([f"{data['fid']:.2f}" if "fid" in data else "—"] if with_fid else []))
+    return header, rows
+
+
+def _set(results: dict, name: str) -> dict:
+    return next(s for s in results["attribute_sets"] if s["name"] == name)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def write_csv(results: dict, path: Path) -> None:
+    columns: Dict[str, None] = {}
+    records = []
+    for guidance, models in results["guidance"].items():
+        for model, data in models.items():
+            for prompt, row in data["per_prompt"].items():
+                records.append({"guidance": guidance, "model": model, "prompt": prompt, **row})
+                columns.update(dict.fromkeys(records[-1]))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def write_plots(results: dict, folder: Path) -> List[Path]:
+    """Fig. 9 per guidance scale and single-attribute set; returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for guidance, models in results["guidance"].items():
+        for attribute_set in results["attribute_sets"]:
+            if len(attribute_set["attributes"]) != 1:
+                continue
+            name, cls = attribute_set["name"], plot_class(attribute_set)
+            key = f"{name}.freq.{cls}"
+            fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(results["prompts"]) + 2), 3.5))
+            for model, style in (("finetuned", "o"), ("base", "s-")):
+                if model in models:
+                    values = [models[model]["per_prompt"][p][key] for p in results["prompts"]]
+                    ax.plot(range(len(values)), values, style, label=MODEL_NAMES[model])
+            target = attribute_set["target"][attribute_set["classes"].index(cls)]
+            ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:.0%}")
+            ax.set_xticks(range(len(results["prompts"])))
+            ax.set_xticklabels([_short(p) for p in results["prompts"]], rotation=60, ha="right", fontsize=7)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel(f"frequency of {name} = {cls}")
+            ax.set_title(f"guidance {guidance}")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            paths.append(folder / f"g{guidance}_{_slug(name)}.png")
+            fig.savefig(paths[-1], dpi=100)
+            plt.close(fig)
+    return paths
+
+
+def _short(prompt: str, width: int = 32) -> str:
+    return prompt if len(prompt) <= width else prompt[:width - 1] + "…"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def write_grid(rows: Sequence[Sequence[Path]], path: Path) -> Path:
+    """Image files in rows (base row over finetuned row) pasted into one PNG."""
+    from PIL import Image
+
+    images = [[Image.open(p).convert("RGB") for p in row] for row in rows]
+    width, height = images[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in images), height * len(images)), "white")
+    for y, row in enumerate(images):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * width, y * height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def write_html(results: dict, out: Path, files: Dict[str, List[str]]) -> Path:
+    """report.html: settings, the summary table, links to the data files, the plots and the grids."""
+    header, rows = table_rows(results)
+    cell = lambda tag, text: f"<{tag}>{html.escape(str(text))}</{tag}>"  # noqa: E731
+    table = ("<table><tr>" + "".join(cell("th", h) for h in header) + "</tr>"
+             + "".join("<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows) + "</table>")
+    settings = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>"
+                       for k, v in results["settings"].items())
+    links = " · ".join(f'<a href="{html.escape(f)}">{html.escape(f)}</a>' for f in files["data"])
+    plots = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(f)}"></figure>' for f in files["plots"])
+    grids = "".join(f'<figure><figcaption>{html.escape(caption)}</figcaption><a href="{html.escape(f)}">'
+                    f'<img class="grid" src="{html.escape(f)}" alt="{html.escape(caption)}"></a></figure>'
+                    for caption, f in files["grids"])
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>fastfair evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #bbb;padding:3px 8px;text-align:center}}img.grid{{image-rendering:pixelated;min-width:256px}}
+figure{{display:inline-block;margin:0.5em}}</style></head><body>
+<h1>fastfair evaluation</h1><ul>{settings}</ul>
+<h2>Summary (mean ± std over {len(results["prompts"])} prompts)</h2>{table}
+<p>Images without a face are left out of the class frequencies and counted in the last column.</p>
+<p>Data: {links}</p><h2>Class frequency per prompt</h2>{plots}
+<h2>Images (top: original, bottom: finetuned, same noise per column)</h2>{grids}
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _nan_to_null(value):
+    """NaN (a metric without data) -> None, so metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {key: _nan_to_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_null(item) for item in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_report(results: dict, out, cache_root, grid_columns: int = 8) -> Dict[str, Path]:
+    """Every output file of the module docstring; returns {kind: path} of the main ones."""
+    out = Path(out)
+    (out / "metrics.json").write_text(json.dumps(_nan_to_null(results), indent=1, allow_nan=False), encoding="utf-8")
+    write_csv(results, out / "per_prompt.csv")
+    header, rows = table_rows(results)
+    (out / "summary.md").write_text("# fastfair evaluation\n\n" + markdown_table(header, rows), encoding="utf-8")
+    plots = write_plots(results, out / "plots")
+    grids = []
+    for guidance, models in results["guidance"].items():
+        for index, prompt in enumerate(results["prompts"]):
+            rows_of_files = [[Path(cache_root) / p for p in models[m]["images"][prompt][:grid_columns]]
+                             for m in models]
+            grids.append((f"guidance {guidance}: {prompt}",
+                          write_grid(rows_of_files, out / "grids" / f"g{guidance}" / f"p{index:03d}.png")))
+    relative = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
+    files = {"data": ["metrics.json", "per_prompt.csv", "summary.md"], "plots": [relative(p) for p in plots],
+             "grids": [(caption, relative(p)) for caption, p in grids]}
+    return {"html": write_html(results, out, files), "metrics": out / "metrics.json",
+            "csv": out / "per_prompt.csv", "summary": out / "summary.md"}

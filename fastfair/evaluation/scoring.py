@@ -1,0 +1,201 @@
+"""Scoring cached images: attribute labels by the largest face, bias metrics, CLIP-T / CLIP-I / DINO.
+
+Labels (seed 0124): each image is classified by its largest detected face (`fastfair.faces.locate_faces`),
+cropped to the classifier's input; an image without a face gets the label -1, is left out of the
+frequencies' denominator and counted in ``no_face`` (`fastfair.metrics`).
+
+Semantics (seed Table 1), per prompt, the mean over its images of
+- CLIP-T = cos(CLIP image embedding, CLIP text embedding of the prompt), for each model;
+- CLIP-I = cos(CLIP(finetuned image j), CLIP(base image j)), DINO likewise with DINOv2: same noise j.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastfair.metrics import binary_delta, frequency_metrics, joint_labels
+
+NO_FACE = -1
+
+
+@dataclass(frozen=True)
+class AttributeSet:
+    """What one bias row is computed over: one attribute, or the intersection of several (row-major cells)."""
+
+    name: str  # "gender", or "gender x race"
+    attributes: tuple
+    classes: tuple  # class names, cells of an intersection joined by "/"
+    target: tuple  # probabilities of the classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequence[float]],
+                   joint: Sequence[str] = ()) -> List[AttributeSet]:
+    """One set per attribute (in `classes` order), plus the intersection of `joint` (>= 2 attributes)
+    whose target is the product of the marginals. targets: {attribute: probabilities}, default uniform."""
+    sets = []
+    for name, names in classes.items():
+        target = tuple(float(p) for p in targets.get(name, [1.0 / len(names)] * len(names)))
+        if len(target) != len(names) or abs(sum(target) - 1) > 1e-6 or min(target) < 0:
+            raise ValueError(f"--target {name}: expected {len(names)} probabilities ({', '.join(names)}) >= 0 "
+                             f"summing to 1, got {list(target)}")
+        sets.append(AttributeSet(name, (name,), tuple(names), target))
+    unknown = [name for name in joint if name not in classes]
+    if unknown:
+        raise ValueError(f"--joint {','.join(joint)}: {unknown} not among the evaluated attributes {list(classes)}")
+    if len(joint) >= 2:
+        parts = [next(s for s in sets if s.name == name) for name in joint]
+        cells = itertools.product(*[zip(s.classes, s.target) for s in parts])
+        names, probs = zip(*[("/".join(c for c, _ in cell), float(np.prod([p for _, p in cell]))) for cell in cells])
+        sets.append(AttributeSet(" x ".join(joint), tuple(joint), names, probs))
+    return sets
+
+
+def default_images_per_prompt(sets: Sequence[AttributeSet]) -> int:
+    """Seed 0124: 60 / 80 / 160 images for gender (K = 2) / race (K = 4) / their intersection (K = 8)."""
+    largest = max(s.num_classes for s in sets)
+    return 60 if largest <= 2 else 80 if largest <= 4 else 160
+
+
+def set_metrics(labels: Dict[str, np.ndarray], attribute_set: AttributeSet, class_counts: Dict[str, int]) -> dict:
+    """Flat metrics of one attribute set: '<set>.bias', '.total_variation', '.kl', '.fairness_discrepancy',
+    '.delta' (two classes), '.freq.<class>'."""
+    s = attribute_set
+    if len(s.attributes) == 1:
+        cells = labels[s.attributes[0]]
+    else:
+        cells = joint_labels([labels[a] for a in s.attributes], [class_counts[a] for a in s.attributes], NO_FACE)
+    metrics = frequency_metrics(cells, s.num_classes, s.target, NO_FACE)
+    row = {f"{s.name}.{key}": metrics[key] for key in ("bias", "total_variation", "kl", "fairness_discrepancy")}
+    if s.num_classes == 2:
+        row[f"{s.name}.delta"] = binary_delta(metrics["freqs"][0])
+    row.update({f"{s.name}.freq.{c}": float(f) for c, f in zip(s.classes, metrics["freqs"])})
+    return row
+
+
+def _cosine_mean(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+
+
+class Scorer:
+    """Frozen judges: classifiers by attribute, a face detector, optional CLIP (image + text) and DINOv2."""
+
+    def __init__(self, classifiers: Dict[str, torch.nn.Module], detector, margin: float = 0.5, clip_dir=None,
+                 dino_dir=None, device="cpu", batch_size: int = 32):
+        from fastfair.faces import get_detector
+
+        self.classifiers, self.margin, self.device = classifiers, margin, torch.device(device)
+        self.detector, self.batch_size = get_detector(detector), batch_size
+        self.clip = self.dino = None
+        if clip_dir:
+            self.clip, self.clip_tokenizer, self.clip_preprocess = _load_clip(clip_dir, self.device)
+        if dino_dir:
+            from fastfair.losses import load_semantic_encoder
+
+            self.dino = load_semantic_encoder("dinov2", str(dino_dir), device=self.device)
+
+    @torch.no_grad()
+    def _batched(self, fn, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(images[i:i + self.batch_size].to(self.device)).float().cpu()
+                          for i in range(0, len(images), self.batch_size)])
+
+    @torch.no_grad()
+    def labels(self, images: torch.Tensor) -> Dict[str, np.ndarray]:
+        """{attribute: [N] class index of the largest face's crop, NO_FACE where no face was found}."""
+        from fastfair.faces import crop_boxes, locate_faces
+
+        regions = locate_faces(images, self.detector, self.margin)
+        found = regions.found.cpu().numpy()
+        labels, logits = {}, {}
+        for name, classifier in self.classifiers.items():
+            if id(classifier) not in logits:  # one forward per classifier, however many attributes it has
+                crops = crop_boxes(images, regions.crop_boxes.to(images.dtype), classifier.input_size)
+                logits[id(classifier)] = classifier.head.split(self._batched(classifier, crops))
+            predicted = logits[id(classifier)][name].argmax(-1).numpy()
+            labels[name] = np.where(found, predicted, NO_FACE)
+        return labels
+
+    def _clip_images(self, images):
+        return self._batched(lambda x: _features(self.clip.get_image_features(
+            pixel_values=self.clip_preprocess(x))), images)
+
+    @torch.no_grad()
+    def _clip_text(self, prompt: str) -> torch.Tensor:
+        tokens = self.clip_tokenizer([prompt], padding="max_length", truncation=True, return_tensors="pt")
+        return _features(self.clip.get_text_features(**tokens.to(self.device))).float().cpu()
+
+    def semantics(self, prompt: str, images: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+        """{model: {"clip_t", and for "finetuned" also "clip_i", "dino"}} (NaN without CLIP / DINOv2)."""
+        nan = float("nan")
+        scores = {model: {"clip_t": nan} for model in images}
+        if "finetuned" in images:
+            scores["finetuned"].update(clip_i=nan, dino=nan)
+        if self.clip is not None:
+            text = self._clip_text(prompt)
+            embedded = {model: self._clip_images(batch) for model, batch in images.items()}
+            for model, embedding in embedded.items():
+                scores[model]["clip_t"] = _cosine_mean(embedding, text)
+            if "finetuned" in images:
+                scores["finetuned"]["clip_i"] = _cosine_mean(embedded["finetuned"], embedded["base"])
+        if self.dino is not None and "finetuned" in images:
+            scores["finetuned"]["dino"] = _cosine_mean(self._batched(self.dino, images["finetuned"]),
+                                                       self._batched(self.dino, images["base"]))
+        return scores
+
+    def score_prompt(self, prompt: str, images: Dict[str, torch.Tensor], sets: Sequence[AttributeSet],
+                     class_counts: Dict[str, int]) -> Dict[str, dict]:
+        """{model: flat row} for one prompt's images {model: [N, 3, H, W] in [-1, 1]}."""
+        semantics = self.semantics(prompt, images)
+        rows = {}
+        for model, batch in images.items():
+            labels = self.labels(batch)
+            row = {"num_images": int(len(batch)),
+                   "no_face": int((next(iter(labels.values())) == NO_FACE).sum()) if labels else 0}
+            for attribute_set in sets:
+                row.update(set_metrics(labels, attribute_set, class_counts))
+            rows[model] = {**row, **semantics[model]}
+        return rows
+
+
+def _features(output) -> torch.Tensor:
+    """transformers < 5 returns the projected features as a tensor, 5.x as ``pooler_output``."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def _load_clip(folder, device):
+    """A full transformers CLIPModel (both towers) and its tokenizer from a local folder."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from fastfair.losses.semantics import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _preprocess_from, _read_json
+
+    model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(device).eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    size = model.config.vision_config.image_size
+    processor = _read_json(f"{folder}/preprocessor_config.json")
+    return model, tokenizer, _preprocess_from(processor, size, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+def load_classifiers(paths: Sequence[str], attributes: Optional[Sequence[str]] = None, device="cpu"):
+    """({attribute: classifier}, {attribute: class names}) from classifier files; the first file that
+    predicts an attribute judges it; attributes (default: all the files predict) selects and orders them."""
+    from fastfair.classifiers import load_classifier
+
+    judges, classes = {}, {}
+    for path in paths:
+        classifier = load_classifier(str(path)).to(device).eval().requires_grad_(False)
+        for attribute in classifier.head.attributes:
+            if attribute.name not in judges:
+                judges[attribute.name], classes[attribute.name] = classifier, attribute.classes
+    wanted = list(attributes) if attributes else list(judges)
+    unknown = [name for name in wanted if name not in judges]
+    if unknown:
+        raise ValueError(f"--attributes: no classifier predicts {unknown}; the classifiers predict {list(judges)}")
+    return {name: judges[name] for name in wanted}, {name: classes[name] for name in wanted}

@@ -1,0 +1,120 @@
+"""The models an evaluation samples from: the base model and, optionally, a finetuned one.
+
+Both are an `ImageSource`: a U-Net plus ``embeddings(prompt) -> (cond [1, L, D], uncond [1, L, D])``; the
+VAE, scheduler and noise are shared, so the same noise gives paired images (`fastfair.evaluation.cache`).
+
+- base: a local diffusers folder / single-file checkpoint, or a registered name (``toy``, see `resolve_model`);
+- finetuned: a training checkpoint folder (``<output_dir>/checkpoints/step_*``, with the run's config.yaml
+  two levels up) or a folder written by ``python -m fastfair.export`` (LoRA, prefix tokens or a full U-Net).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from fastfair.models import load_stable_diffusion
+
+
+def _toy_pipeline() -> str:
+    try:
+        from fastfair.toy.files import PIPELINE, weights_path
+    except ImportError as error:
+        raise ValueError(f"--model toy: the toy world is not part of this install ({error})") from None
+    try:
+        return weights_path(PIPELINE)
+    except FileNotFoundError as error:
+        raise ValueError(f"--model toy: the toy weights are not installed: {error}") from None
+
+
+# name -> function returning the local diffusers folder of that model (raises ValueError when absent)
+MODEL_REGISTRY: Dict[str, Callable[[], str]] = {"toy": _toy_pipeline}
+
+
+def resolve_model(model: str) -> str:
+    """A registered model name (``toy``) -> its local folder; anything else is taken as a local path."""
+    if model in MODEL_REGISTRY:
+        return str(MODEL_REGISTRY[model]())
+    if not Path(model).exists():
+        raise ValueError(f"--model {model}: no such file or folder, and not a registered name "
+                         f"({', '.join(MODEL_REGISTRY)})")
+    return model
+
+
+@dataclass
+class ImageSource:
+    """A U-Net and its text embeddings; ``embeddings(prompt)`` -> (cond, uncond), each [1, L, D]."""
+
+    unet: torch.nn.Module
+    embeddings: Callable[[str], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _pipeline(parts):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def _pipeline_source(pipe, prefix: str = "") -> ImageSource:
+    """Embeddings the way diffusers' pipeline computes them (LoRA scale, textual-inversion tokens)."""
+    def embeddings(prompt):
+        cond, uncond = pipe.encode_prompt(prefix + prompt, pipe.text_encoder.device, 1, True, "")
+        return cond, uncond
+    return ImageSource(pipe.unet, embeddings)
+
+
+def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
+    from fastfair.checkpoint import load_checkpoint
+    from fastfair.config import load_config
+    from fastfair.finetune import FinetunedModel
+
+    config_path = folder.parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise ValueError(f"--finetuned {folder}: a training checkpoint needs its run config at {config_path}")
+    cfg = load_config(config_path)
+    model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
+                           cfg.finetune.prefix_tokens, cfg.finetune.lora)
+    raw, ema, _ = load_checkpoint(folder)
+    tensors = ema if weights == "ema" else raw
+    missing = sorted(set(model.trainable) ^ set(tensors))
+    if missing:
+        raise ValueError(f"--finetuned {folder}: its weights do not match finetune.target="
+                         f"{cfg.finetune.target} of {config_path} (differing names, e.g. {missing[:3]})")
+    with torch.no_grad():
+        for name, param in model.trainable.items():
+            param.copy_(tensors[name])
+
+    def embeddings(prompt):
+        with torch.no_grad():
+            return model.encode([prompt]), model.encode([""], positive=False)
+    return ImageSource(model.unet, embeddings)
+
+
+def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32", device="cpu",
+                 weights: str = "ema"):
+    """(vae, scheduler, {"base": ImageSource, "finetuned": ImageSource}) ready to sample, frozen."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"--weights {weights!r}: expected 'ema' or 'raw'")
+    path = resolve_model(model)
+    base = load_stable_diffusion(path, dtype, device=device, key="--model")
+    sources = {"base": _pipeline_source(_pipeline(base).to(device))}
+    if finetuned:
+        folder = Path(finetuned)
+        parts = load_stable_diffusion(path, dtype, device=device, key="--model")
+        if (folder / "state.pt").is_file():
+            sources["finetuned"] = _checkpoint_source(parts, folder, weights)
+        elif folder.is_dir():
+            from fastfair.export import load_into_pipeline
+
+            pipe = _pipeline(parts).to(device)
+            sources["finetuned"] = _pipeline_source(pipe, load_into_pipeline(pipe, folder))
+        else:
+            raise ValueError(f"--finetuned {finetuned}: expected a checkpoint folder (with state.pt) or a folder "
+                             "written by python -m fastfair.export")
+        parts.text_encoder.to(device)
+        sources["finetuned"].unet.to(device)
+    return base.vae, base.scheduler, sources

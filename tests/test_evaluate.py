@@ -1,0 +1,241 @@
+"""python -m fastfair.evaluate on tiny random models loaded from disk: outputs, HTML links, paired noise, resume."""
+import csv
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastfair.evaluate import evaluate, main
+from fastfair.evaluation.cache import from_png, paired_noise
+from fastfair.evaluation.fid import frechet_distance
+from fastfair.evaluation.report import mean_pm_std
+from fastfair.evaluation.scoring import attribute_sets, default_images_per_prompt, set_metrics
+from fastfair.evaluation.sources import resolve_model
+from test_trainer_world import MAX_TOKENS, make_world, write_config, write_tokenizer
+
+PROMPTS = ["a photo of the face of a nurse, a person", "a photo of the face of a pilot, a person"]
+
+
+def odd_corner_has_no_face(rgb):
+    """A detector: no face when the top-left red value is odd, else the centre half of the image."""
+    h, w = rgb.shape[:2]
+    return [] if rgb[0, 0, 0] % 2 else [(w / 4, h / 4, 3 * w / 4, 3 * h / 4)]
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A transformers CLIPModel (text and vision towers) with its tokenizer, at 16 px."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = write_tokenizer(folder)
+    ids = dict(bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    text = dict(**small, **ids, vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(**small, image_size=16, patch_size=8),
+                         projection_dim=8)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_identity_checkpoint(root: Path, world: dict) -> Path:
+    """A text-LoRA training checkpoint whose LoRA B matrices are zero: the finetuned model equals the base."""
+    from fastfair.checkpoint import save_checkpoint
+    from fastfair.config import load_config
+    from fastfair.finetune import FinetunedModel
+    from fastfair.models import load_stable_diffusion
+
+    cfg = load_config(write_config(root, world))
+    (Path(cfg.output_dir)).mkdir(parents=True)
+    (Path(cfg.output_dir) / "config.yaml").write_text((root / "config.yaml").read_text())
+    parts = load_stable_diffusion(cfg.model.pretrained)
+    model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
+                           cfg.finetune.prefix_tokens, cfg.finetune.lora)
+    weights = {name: p.detach() for name, p in model.trainable.items()}
+    assert all(w.abs().max() == 0 for n, w in weights.items() if "lora_B" in n)  # peft's init: an identity
+    return save_checkpoint(cfg.output_dir, 1, weights, weights, {})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    world = make_world(root)
+    world["clip_full"] = save_tiny_clip(root / "clip_full")
+    world["checkpoint"] = save_identity_checkpoint(root / "train", world)
+    return world
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for key, value in attrs if key in ("href", "src")]
+
+
+def run(files, out, **overrides):
+    options = dict(model=str(files["sd"]), classifiers=[str(files["classifier"])], prompts=PROMPTS, out=out,
+                   finetuned=str(files["checkpoint"]), images_per_prompt=3, guidance_scales=(2.0, 5.0), num_steps=2,
+                   batch_size=2, detector=odd_corner_has_no_face, clip=str(files["clip_full"]),
+                   dino=str(files["dino"]), device="cpu", progress=False)
+    return evaluate(**{**options, **overrides})
+
+
+def test_full_run_outputs_pairing_and_resume(files, tmp_path):
+    out = tmp_path / "eval"
+    results = run(files, out)
+    assert len(results["generated"]) == 2 * 2 * 2 * 3  # guidance x model x prompt x image
+
+    for name in ("metrics.json", "per_prompt.csv", "summary.md", "report.html", "images/manifest.json"):
+        assert (out / name).is_file(), name
+    links = Links()
+    links.feed((out / "report.html").read_text())
+    assert any(link.startswith("plots/") for link in links.links) and any("grids/g5/" in l for l in links.links)
+    for link in links.links:
+        assert (out / link).is_file(), link
+    with open(out / "per_prompt.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 2 * 2 * 2
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    no_faces = [row["no_face"] for models in metrics["guidance"].values() for data in models.values()
+                for row in data["per_prompt"].values()]
+    assert 0 < sum(no_faces) < 3 * len(no_faces)  # the run has images with and without a face
+    for guidance, models in metrics["guidance"].items():
+        for model, data in models.items():
+            for p, prompt in enumerate(PROMPTS):
+                # faces missing in the cached PNGs are counted, and only the rest are classified
+                pixels = from_png([out / "images" / path for path in data["images"][prompt]])
+                rgb = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                no_face = sum(not odd_corner_has_no_face(image) for image in rgb)
+                row = data["per_prompt"][prompt]
+                assert row["no_face"] == no_face and row["num_images"] == 3
+                if no_face < 3:
+                    assert row["gender.freq.female"] + row["gender.freq.male"] == pytest.approx(1)
+            assert data["summary"]["no_face"]["total"] == sum(r["no_face"] for r in data["per_prompt"].values())
+        # paired noise: the identity checkpoint reproduces every base image exactly
+        for prompt in PROMPTS:
+            base, tuned = (from_png([out / "images" / p for p in models[m]["images"][prompt]])
+                           for m in ("base", "finetuned"))
+            assert torch.equal(base, tuned)
+            assert models["finetuned"]["per_prompt"][prompt]["clip_i"] == pytest.approx(1)
+            assert models["finetuned"]["per_prompt"][prompt]["dino"] == pytest.approx(1)
+            assert -1 <= models["base"]["per_prompt"][prompt]["clip_t"] <= 1
+
+    # resume: exactly the deleted images are generated again, the others are not touched
+    images = out / "images"
+    deleted = ["g2/base/p000/0001.png", "g5/finetuned/p001/0002.png", "g5/base/p001/0000.png"]
+    before = {p: p.stat().st_mtime_ns for p in images.rglob("*.png")}
+    for path in deleted:
+        (images / path).unlink()
+    again = run(files, out)
+    assert sorted(again["generated"]) == sorted(deleted)
+    for path, mtime in before.items():
+        if path.relative_to(images).as_posix() not in deleted:
+            assert path.stat().st_mtime_ns == mtime
+    assert json.loads((out / "metrics.json").read_text())["guidance"] == metrics["guidance"]
+
+    with pytest.raises(ValueError, match="other settings.*steps"):
+        run(files, out, num_steps=3)
+
+
+def test_cli_with_exported_unet_and_prompt_file(files, tmp_path):
+    from fastfair.testing import tiny_unet
+
+    export = tmp_path / "export"
+    tiny_unet(seed=1, cross_attention_dim=16).save_pretrained(export / "unet")
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS + ["a photo of the face of a chef, a person"]) + "\n")
+    extractor = torch.jit.script(PixelStatistics())
+    extractor.save(str(tmp_path / "features.pt"))
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for index, size in enumerate((16, 24, 16)):  # sizes may differ
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            reference / f"{index}.png")
+    out = tmp_path / "cli"
+    main(["--model", str(files["sd"]), "--finetuned", str(export), "--classifier", str(files["classifier"]),
+          "--prompts", str(prompt_file), "--max-prompts", "1", "--images-per-prompt", "2", "--steps", "2",
+          "--guidance-scales", "3", "--detector", "none", "--target", "gender=0.25,0.75", "--device", "cpu",
+          "--fid-reference", str(reference), "--fid-inception", str(tmp_path / "features.pt"), "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prompts"] == PROMPTS[:1] and metrics["attribute_sets"][0]["target"] == [0.25, 0.75]
+    models = metrics["guidance"]["3"]
+    base, tuned = (from_png([out / "images" / p for p in models[m]["images"][PROMPTS[0]]]) for m in models)
+    assert not torch.equal(base, tuned)  # the exported U-Net is used
+    row = models["base"]["per_prompt"][PROMPTS[0]]
+    assert row["no_face"] == 0 and row["clip_t"] is None  # detector "none"; no CLIP given (NaN -> null)
+    assert row["gender.total_variation"] == pytest.approx(abs(row["gender.freq.female"] - 0.25))
+    assert (out / "plots" / "g3_gender.png").is_file() and (out / "grids" / "g3" / "p000.png").is_file()
+    assert "Bias gender" in (out / "summary.md").read_text() and "FID" in (out / "summary.md").read_text()
+    assert all(np.isfinite(models[m]["fid"]) and models[m]["fid"] > 0 for m in models)
+
+
+class PixelStatistics(torch.nn.Module):
+    """A stand-in Inception: uint8 [N, 3, H, W] -> per-channel mean and std [N, 6]."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().flatten(2) / 255
+        return torch.cat([x.mean(-1), x.std(-1)], dim=1)
+
+
+def test_frechet_distance_against_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 3))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+    # 1-d: (mu_a - mu_b)^2 + var_a + var_b - 2 sqrt(var_a var_b)
+    x, y = rng.normal(1, 2, (40, 1)), rng.normal(-1, 0.5, (30, 1))
+    va, vb = x.var(ddof=1), y.var(ddof=1)
+    expected = (x.mean() - y.mean()) ** 2 + va + vb - 2 * np.sqrt(va * vb)
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-9)
+    # a shift by d adds ||d||^2
+    assert frechet_distance(a, a + [1.0, 2.0, 0.0]) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(a, a[:, :2])
+
+
+def test_paired_noise_is_independent_of_the_batch():
+    full = paired_noise(7, "a prompt", [0, 1, 2], (4, 8, 8))
+    assert torch.equal(paired_noise(7, "a prompt", [2], (4, 8, 8))[0], full[2])
+    assert not torch.equal(full[0], full[1])
+    assert not torch.equal(paired_noise(7, "another prompt", [0], (4, 8, 8))[0], full[0])
+
+
+def test_intersection_metrics_and_defaults():
+    classes = {"gender": ("female", "male"), "race": ("a", "b", "c", "d")}
+    sets = attribute_sets(classes, {"gender": [0.25, 0.75]}, joint=["gender", "race"])
+    joint = sets[-1]
+    assert joint.name == "gender x race" and joint.num_classes == 8
+    assert joint.target[0] == pytest.approx(0.25 / 4) and joint.target[4] == pytest.approx(0.75 / 4)
+    assert [default_images_per_prompt(sets[:1]), default_images_per_prompt(sets[1:2]),
+            default_images_per_prompt(sets)] == [60, 80, 160]
+    # 4 images with a face: (female, a), (female, a), (male, b), (male, d); one without a face
+    labels = {"gender": np.array([0, 0, 1, 1, -1]), "race": np.array([0, 0, 1, 3, 2])}
+    row = set_metrics(labels, joint, {"gender": 2, "race": 4})
+    freqs = np.array([0.5, 0, 0, 0, 0, 0.25, 0, 0.25])
+    pairs = [abs(a - b) for i, a in enumerate(freqs) for b in freqs[i + 1:]]
+    assert row["gender x race.bias"] == pytest.approx(sum(pairs) / 28)
+    assert row["gender x race.total_variation"] == pytest.approx(0.5 * np.abs(freqs - joint.target).sum())
+    gender = set_metrics(labels, sets[0], {"gender": 2, "race": 4})
+    assert gender["gender.delta"] == pytest.approx(0) and gender["gender.freq.female"] == 0.5
+    with pytest.raises(ValueError, match="--target gender"):
+        attribute_sets(classes, {"gender": [0.5, 0.6]})
+    with pytest.raises(ValueError, match="--joint"):
+        attribute_sets(classes, {}, joint=["gender", "age"])
+
+
+def test_mean_pm_std_uses_the_seed_style():
+    assert mean_pm_std({"mean": 0.674, "std": 0.29, "count": 3}) == ".67±.29"
+    assert mean_pm_std({"mean": float("nan"), "std": float("nan"), "count": 0}) == "—"
+
+
+def test_toy_model_name_without_weights_is_a_clear_error(monkeypatch, tmp_path):
+    files = pytest.importorskip("fastfair.toy.files")
+    monkeypatch.setattr(files, "WEIGHTS_DIR", tmp_path / "no-weights")
+    with pytest.raises(ValueError, match="toy weights are not installed"):
+        resolve_model("toy")
+    with pytest.raises(ValueError, match="not a registered name"):
+        resolve_model(str(tmp_path / "missing"))
