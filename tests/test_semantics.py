@@ -153,3 +153,28 @@ def test_open_clip_backend(tmp_path):
     moved = (x + 0.3 * images(6)).detach().requires_grad_(True)
     loss(moved, loss.embed_originals(x))["clip"].sum().backward()
     assert torch.isfinite(moved.grad).all() and moved.grad.abs().sum() > 0
+
+
+def test_full_clip_model_folder_keeps_its_projection(tmp_path):
+    """A CLIPModel folder (both towers, as laion's ViT-H-14 ships) loads with the model's projection_dim, giving
+    exactly CLIPModel.get_image_features, not a re-initialized projection of the nested default size."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from fastfair.losses.semantics import load_semantic_encoder
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(small, vocab_size=50, max_position_embeddings=8),
+                        vision_config=dict(small, image_size=16, patch_size=8), projection_dim=8)
+    full = CLIPModel(config).eval()
+    full.save_pretrained(tmp_path / "clip")
+    encoder = load_semantic_encoder("clip", str(tmp_path / "clip"))
+    pixels = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ours = encoder.model(pixel_values=pixels).image_embeds
+        expected = full.get_image_features(pixel_values=pixels)
+    expected = getattr(expected, "image_embeds", expected)
+    if not torch.is_tensor(expected):
+        expected = expected.pooler_output
+    assert ours.shape == (2, 8)
+    torch.testing.assert_close(ours, expected)

@@ -133,7 +133,10 @@ def load_semantic_encoder(backend, path=None, model_name=None, checkpoint=None, 
     from transformers import CLIPVisionModelWithProjection, Dinov2Model
 
     model_class = CLIPVisionModelWithProjection if backend == "clip" else Dinov2Model
-    model = model_class.from_pretrained(path, local_files_only=True, **_load_kwargs(dtype, load_in_8bit, device))
+    kwargs = _load_kwargs(dtype, load_in_8bit, device)
+    if backend == "clip":
+        kwargs.update(_clip_vision_config(path))
+    model = model_class.from_pretrained(path, local_files_only=True, **kwargs)
     if not load_in_8bit:
         model = model.to(device)
     processor = _read_json(os.path.join(path, "preprocessor_config.json"))
@@ -143,6 +146,20 @@ def load_semantic_encoder(backend, path=None, model_name=None, checkpoint=None, 
         return SemanticEncoder(model, preprocess, lambda m, x: m(pixel_values=x).image_embeds)
     preprocess = _preprocess_from(processor, 256, 224, IMAGENET_MEAN, IMAGENET_STD)
     return SemanticEncoder(model, preprocess, lambda m, x: m(pixel_values=x).pooler_output)
+
+
+def _clip_vision_config(path: str) -> dict:
+    """For a full CLIPModel folder (both towers, e.g. laion/CLIP-ViT-H-14's), the vision config with the
+    model's own projection_dim: the nested vision_config carries the default (512), and loading the vision tower
+    with it would silently re-initialize a wrongly sized image projection."""
+    config = _read_json(os.path.join(path, "config.json")) or {}
+    if config.get("model_type") != "clip":
+        return {}
+    from transformers import CLIPVisionConfig
+
+    vision = dict(config.get("vision_config") or {})
+    vision["projection_dim"] = config.get("projection_dim", vision.get("projection_dim", 512))
+    return {"config": CLIPVisionConfig(**{k: v for k, v in vision.items() if k != "model_type"})}
 
 
 def _load_kwargs(dtype, load_in_8bit, device):
