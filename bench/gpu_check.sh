@@ -32,6 +32,11 @@ step "kernel benchmark (log: $OUT/kernels.log)"
 "$PYTHON" bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 
 # ==== engine / trainer benchmarks (lead): add them here, writing logs and JSON under "$OUT" ====
+step "training iteration, baseline vs fastfair, sd15 shapes at 512x512 (log: $OUT/train_step.log)"
+# 2 images, 20 steps, 1 round of (warm-up + 1 timed iteration) per implementation, then memory versus steps
+# (budget ~5 min on one H200: model build/save ~1 min, five configurations, four sweep points per impl).
+"$PYTHON" bench/train_step.py --model sd15 --images 2 --steps 20 --rounds 1 --iters 1 \
+  --sweep-steps 5,10,40 --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
 
 # ==== end of engine / trainer benchmarks ====
 
@@ -40,4 +45,6 @@ step "summary"
   echo "kernel tests: $(tail -n 1 "$OUT/tests_kernels.log")"
   echo
   "$PYTHON" bench/kernels.py --summarize "$OUT/kernels.json"
+  echo
+  cat "$OUT/train_step.md"
 } | tee "$OUT/summary.md"

@@ -5,12 +5,8 @@
 Each (impl, steps) runs in a fresh subprocess. The model is a small Stable-Diffusion-shaped U-Net (SD's block
 layout at reduced width) with its cross-attention trainable, CFG on, on CUDA when present, else CPU.
 
-peak_bytes is the peak above the level reached after the model, inputs and one warm-up forward are in memory:
-- CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before.
-- CPU: the process's peak resident set (VmHWM in /proc/self/status, reset by writing 5 to
-  /proc/self/clear_refs) minus its resident set before the run. The worker sets glibc's mmap threshold to
-  64 KiB (MALLOC_MMAP_THRESHOLD_) so every tensor buffer is its own mapping, returned to the OS when freed:
-  the resident set then follows the live tensors, and repeated runs agree to about a percent.
+peak_bytes is the peak above the level reached after the model, inputs and one warm-up forward are in memory,
+measured by ``bench/_memory.py`` (CUDA allocator peak; on CPU the peak resident set).
 """
 import argparse
 import json
@@ -19,13 +15,8 @@ import subprocess
 import sys
 import time
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memory import PeakMemory, worker_env  # noqa: E402
 
 
 def worker(impl: str, steps: int, size: int, batch: int) -> dict:
@@ -50,23 +41,13 @@ def worker(impl: str, steps: int, size: int, batch: int) -> dict:
     with torch.no_grad():  # warm-up: lazily allocated buffers, kernels
         fn(unet, tiny_scheduler(), z_T, cond, uncond, num_steps=2)
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss_kib("VmRSS") * 1024
+    memory = PeakMemory(device)
+    memory.start()
     start = time.perf_counter()
     z0 = fn(unet, tiny_scheduler(), z_T, cond, uncond, num_steps=steps)
     z0.square().mean().backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _rss_kib("VmHWM") * 1024 - base
-    return {"impl": impl, "steps": steps, "peak_bytes": int(peak), "seconds": time.perf_counter() - start,
+    peak = memory.peak()
+    return {"impl": impl, "steps": steps, "peak_bytes": peak, "seconds": time.perf_counter() - start,
             "device": device, "latent": [batch, 4, size, size]}
 
 
@@ -96,7 +77,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.size, args.batch)))
         return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = worker_env()
     results = []
     for impl in args.impls.split(","):
         for steps in [int(s) for s in args.steps.split(",")]:

@@ -1,0 +1,492 @@
+"""One training iteration: the baseline (bench/baseline.py) versus fastfair, time, memory and FLOPs (issue 9).
+
+    python bench/train_step.py --model tiny|sd15 --images N --steps S --json OUT.json
+           [--resolution PX] [--micro-batch M] [--rounds R] [--iters I] [--sweep-steps 5,10,20,40]
+           [--sweep-images 1,2,4] [--budget-gib G]
+
+Implementations (JSON ``impl``), on the same models (built from configs with random weights, saved and loaded
+back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA (the public code's target):
+- ``baseline``: the public code's iteration with its classic attention (``AttnProcessor``);
+- ``baseline_sdpa``: the same with PyTorch SDPA attention (the reference for every ratio);
+- ``fastfair``: ``fastfair.dft.sample``, exact adjusted gradient, every step recomputed (lean: least memory);
+- ``fastfair_fast``: keeps the graphs of k steps, k = as many as fit in baseline_sdpa's peak: estimated from the
+  lean peak P_0 and the peak P_1 of one extra iteration with one kept graph (measured in the lean worker):
+  k = floor((P_base - P_0) / (P_1 - P_0)), clipped to [0, S];
+- ``fastfair_k5``: ``grad_steps=5`` (unbiased subsample of 5 of the S steps).
+Each configuration runs in its own subprocess (warm-up iteration, then ``--iters`` timed ones); the rounds run
+the configurations interleaved, and the table reports medians over all timed iterations (time) and over rounds
+(memory). peak_bytes: the iteration's peak above the level after models, optimizer state and warm-up
+(``bench/_memory.py``). Phases: sampling (every sampler forward), decode_losses (decode, judges, targets; for
+fastfair also the backward to dL/dz_0), backward (the unroll's backward: baseline through the checkpointed
+graph, decoder and judges; fastfair the recompute), optimizer (AdamW step).
+
+The loss (``Objective``): alignment cross-entropy of a face classifier on the image's centre crop (no detector:
+detection is not differentiable and costs the same in both) to the expected-OT targets of a uniform gender
+distribution, plus 1 - cos of CLIP and DINOv2 embeddings against the frozen model's image of the same noise.
+Models: ``tiny`` (test-sized, tests/test_trainer_world.py's builders) or ``sd15`` (SD 1.5 shapes: U-Net 860M,
+VAE, CLIP ViT-L/14 text encoder; CLIP ViT-H/14 and DINOv2 ViT-B/14 vision towers; MobileNetV3-Large
+classifier). CUDA: fp16 frozen weights, fp32 LoRA; CPU: fp32. FLOP model: bench/flops.py.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _memory import PeakMemory, worker_env  # noqa: E402
+from baseline import baseline_iteration, set_classic_attention  # noqa: E402
+from flops import count_flops, iteration_flops, matmul_rate  # noqa: E402
+
+IMPLS = ("baseline_sdpa", "baseline", "fastfair", "fastfair_k5", "fastfair_fast")
+PROMPT = "a photo of the face of a doctor"
+GUIDANCE = 7.5
+
+
+# ----------------------------------------------------------------------------- the objective
+
+class Objective:
+    """decode(z) -> images [N, 3, H, W]; logits(images) -> [N, K] of the classifier on the centre crop;
+    targets(logits) -> expected-OT q [N, K] for a uniform target; embed_originals(images) -> {name: [N, D]};
+    loss(images, logits, q, originals, total) = sum_rows (CE_q + sum_enc (1 - cos)) / total."""
+
+    def __init__(self, vae, classifier, semantics):
+        self.vae, self.classifier, self.semantics = vae, classifier, semantics
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        crop = images[..., h // 4:h - h // 4, w // 4:w - w // 4]
+        size = self.classifier.input_size
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+        dtype = next(self.classifier.parameters()).dtype
+        return self.classifier(crop.to(dtype)).float()
+
+    def targets(self, logits: torch.Tensor) -> torch.Tensor:
+        from fastfair.losses import expected_ot_targets
+
+        probs = logits.detach().double().softmax(-1)
+        uniform = torch.full((probs.shape[-1],), 1.0 / probs.shape[-1], dtype=torch.float64)
+        return expected_ot_targets(probs, uniform).to(logits.dtype)
+
+    def embed_originals(self, images: torch.Tensor) -> dict:
+        return self.semantics.embed_originals(images)
+
+    def loss(self, images, logits, q, originals, total: int) -> torch.Tensor:
+        from fastfair.losses import alignment_loss
+
+        semantic = sum(v.sum() for v in self.semantics(images, originals).values())
+        return (alignment_loss(logits, q, 0.0, reduction="sum") + semantic) / total
+
+
+def baseline_step(model, scheduler, objective, z_T, prompt, *, num_steps, micro_batch=None, phase=None):
+    """The baseline's gradient for ``objective`` (bench/baseline.py with this module's loss interface)."""
+    class _Judged:  # baseline.py's objective interface: targets from images, loss from images
+        decode, embed_originals = objective.decode, objective.embed_originals
+
+        @staticmethod
+        def targets(images):
+            return objective.targets(objective.logits(images))
+
+        @staticmethod
+        def loss(images, q, originals, total):
+            return objective.loss(images, objective.logits(images), q, originals, total)
+
+    kwargs = {"phase": phase} if phase is not None else {}
+    return baseline_iteration(model, scheduler, _Judged, z_T, prompt, num_steps=num_steps,
+                              guidance_scale=GUIDANCE, micro_batch=micro_batch, **kwargs)
+
+
+def fastfair_step(model, scheduler, objective, z_T, prompt, *, num_steps, phase=None, **engine):
+    """fastfair's iteration gradient: frozen and finetuned rows in the same sampler calls (``frozen_rows``), the
+    loss's dL/dz_0, then the adjusted backward of ``fastfair.dft.sample`` (engine: its keyword options)."""
+    from fastfair.dft import sample
+
+    phase = phase or (lambda name: contextlib.nullcontext())
+    n = z_T.shape[0]
+    both = lambda a, b: torch.cat([a.expand(n, -1, -1), b.expand(n, -1, -1)])  # noqa: E731
+    with phase("sampling"):
+        cond = both(model.encode_original([prompt]), model.encode([prompt]))
+        uncond = both(model.encode_original([""]), model.encode([""], positive=False))
+        z0 = sample(model.unet, scheduler, torch.cat([z_T, z_T]), cond, uncond, num_steps=num_steps,
+                    guidance_scale=GUIDANCE, coefficients="paper", frozen_rows=n, **engine)
+    with phase("decode_losses"):
+        with torch.no_grad():
+            originals = objective.embed_originals(objective.decode(z0[:n]))
+        leaf = z0[n:].detach().requires_grad_()
+        images = objective.decode(leaf)
+        logits = objective.logits(images)
+        loss = objective.loss(images, logits, objective.targets(logits), originals, n)
+        loss.backward()
+    with phase("backward"):
+        z0.backward(torch.cat([torch.zeros_like(leaf.grad), leaf.grad]))
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------- models on disk
+
+def _tests_helpers():
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import test_trainer_world
+
+    return test_trainer_world
+
+
+def save_models(kind: str, root: Path, resolution: int) -> dict:
+    """Write the models of ``kind`` under root; returns the paths the workers load."""
+    root = Path(root)
+    world = _tests_helpers()
+    if kind == "tiny":
+        files = world.make_world(root)
+        return {k: str(v) for k, v in files.items()}
+    if kind != "sd15":
+        raise ValueError(f"--model {kind!r}: expected 'tiny' or 'sd15'")
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection,
+                              Dinov2Config, Dinov2Model)
+
+    from fastfair.classifiers import AttributeClassifier, head_from_names, save_classifier
+    from fastfair.testing import SD15_SCHEDULER
+
+    torch.manual_seed(0)
+    tokenizer = world.write_tokenizer(root / "_vocab")
+    tokenizer.model_max_length = 77
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=768,
+                                        bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1,
+                                        pad_token_id=len(tokenizer) - 1))
+    unet = UNet2DConditionModel(sample_size=resolution // 8, cross_attention_dim=768)  # SD 1.x's U-Net
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        sample_size=resolution, scaling_factor=0.18215)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                            scheduler=DPMSolverMultistepScheduler(**SD15_SCHEDULER), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(root / "sd")
+    vision = dict(image_size=224, patch_size=14)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                   num_attention_heads=16, projection_dim=1024, **vision)
+                                  ).save_pretrained(root / "clip")
+    Dinov2Model(Dinov2Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                             **vision)).save_pretrained(root / "dino")
+    processor = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "resample": 3}
+    for name in ("clip", "dino"):
+        (root / name / "preprocessor_config.json").write_text(json.dumps(processor))
+    save_classifier(AttributeClassifier(head_from_names(["gender"]), "mobilenet_v3_large", input_size=224),
+                    str(root / "gender.safetensors"))
+    return {"sd": str(root / "sd"), "classifier": str(root / "gender.safetensors"), "clip": str(root / "clip"),
+            "dino": str(root / "dino")}
+
+
+# ----------------------------------------------------------------------------- one configuration (worker)
+
+class PhaseTimer:
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - start
+
+
+def load_setup(paths: dict, device: str, lora_rank: int):
+    """(model, scheduler, objective, optimizer) from the saved files, through fastfair's loaders."""
+    from fastfair.classifiers import load_classifier
+    from fastfair.finetune import FinetunedModel
+    from fastfair.losses import SemanticsLoss
+    from fastfair.models import load_stable_diffusion
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    parts = load_stable_diffusion(paths["sd"], dtype, "sdpa", device)
+    torch.manual_seed(0)
+    lora = SimpleNamespace(rank=lora_rank, alpha=None, dropout=0.0, unet_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                           text_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, "text_lora", lora=lora)
+    classifier = load_classifier(paths["classifier"]).to(device, dtype).requires_grad_(False)
+    semantics = SemanticsLoss.from_config({"clip": {"backend": "clip", "path": paths["clip"]},
+                                           "dino": {"backend": "dinov2", "path": paths["dino"]}}, dtype, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    return model, parts.scheduler, Objective(parts.vae, classifier, semantics), optimizer
+
+
+def unit_flops(model, objective, latent, device) -> dict:
+    """The FLOP model's units (bench/flops.py) at these shapes."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = model.unet
+    processors = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor())  # explicit matmuls: counted on every device
+    z = torch.randn(1, *latent, device=device, dtype=unet.dtype)
+    emb = model.encode_original([PROMPT])
+    t = torch.tensor([500], device=device)
+    units = {"unet": count_flops(lambda: unet(z, t, encoder_hidden_states=emb.to(unet.dtype))),
+             "text": count_flops(lambda: model.encode_original([PROMPT]))}
+    unet.set_attn_processor(processors)
+    with torch.no_grad():
+        images = objective.decode(z.float())
+    units["vae_decode"] = count_flops(lambda: objective.decode(z.float()))
+    units["embed"] = count_flops(lambda: objective.embed_originals(images))
+    units["judges"] = units["embed"] + count_flops(lambda: objective.logits(images))
+    return units
+
+
+def worker(cfg: dict) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(cfg["threads"])
+    impl, steps, n = cfg["impl"], cfg["steps"], cfg["images"]
+    model, scheduler, objective, optimizer = load_setup(cfg["paths"], device, cfg["lora_rank"])
+    if impl == "baseline":
+        set_classic_attention(model.unet)
+    latent = (model.unet.config.in_channels, cfg["latent"], cfg["latent"])
+    z_T = torch.randn((n,) + latent, generator=torch.Generator().manual_seed(0)).to(device)
+    engine = {"fastfair_k5": {"grad_steps": min(5, steps), "generator": torch.Generator().manual_seed(0)},
+              "fastfair_fast": {"keep_graph_steps": cfg.get("keep_graph_steps", 0)}}.get(impl, {})
+
+    def iteration(timer, **extra):
+        optimizer.zero_grad(set_to_none=True)
+        if impl.startswith("baseline"):
+            baseline_step(model, scheduler, objective, z_T, PROMPT, num_steps=steps,
+                          micro_batch=cfg.get("micro_batch"), phase=timer)
+        else:
+            fastfair_step(model, scheduler, objective, z_T, PROMPT, num_steps=steps, phase=timer,
+                          **{**engine, **extra})
+        with timer("optimizer"):
+            optimizer.step()
+
+    for _ in range(cfg["warmup"]):
+        iteration(PhaseTimer(device))
+    memory = PeakMemory(device)
+    memory.start()
+    times, phases = [], defaultdict(list)
+    for _ in range(cfg["iters"]):
+        timer = PhaseTimer(device)
+        start = time.perf_counter()
+        iteration(timer)
+        times.append(time.perf_counter() - start)
+        for name, value in timer.seconds.items():
+            phases[name].append(value)
+    result = {"impl": impl, "model": cfg["model"], "images": n, "steps": steps, "device": device,
+              "s_per_iter_samples": times, "phases_samples": dict(phases), "peak_bytes": memory.peak(),
+              "micro_batch": cfg.get("micro_batch") or n, "latent": list(latent)}
+    if impl == "fastfair" and cfg.get("probe_keep"):  # one kept graph: the per-step cost for fastfair_fast
+        memory.start()
+        iteration(PhaseTimer(device), keep_graph_steps=1)
+        result["peak_bytes_keep1"] = memory.peak()
+    if cfg.get("count_flops"):
+        result["unit_flops"] = unit_flops(model, objective, latent, device)
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        result["matmul_flops_per_s"] = matmul_rate(device, dtype)
+        if device == "cuda":
+            result["device_name"] = torch.cuda.get_device_name(0)
+    return result
+
+
+# ----------------------------------------------------------------------------- the run (parent)
+
+def run_worker(cfg: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], env=worker_env(),
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {cfg['impl']} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def keep_for_budget(budget: int, lean: int, keep1: int, steps: int) -> int:
+    """Kept graphs that fit in ``budget`` bytes: P(k) = P_0 + k (P_1 - P_0)."""
+    per_step = keep1 - lean
+    if per_step <= 0:
+        return steps
+    return max(0, min(steps, math.floor((budget - lean) / per_step)))
+
+
+def summarize(runs: list, args, flops_info: dict) -> list:
+    """One row per impl: medians, ratios against baseline_sdpa, the FLOP model beside the measurement."""
+    rows = []
+    for impl in [i for i in IMPLS if any(r["impl"] == i for r in runs)]:
+        mine = [r for r in runs if r["impl"] == impl]
+        times = [t for r in mine for t in r["s_per_iter_samples"]]
+        phases = {name: statistics.median([v for r in mine for v in r["phases_samples"].get(name, [])])
+                  for name in mine[0]["phases_samples"]}
+        row = {"impl": impl, "model": args.model, "images": args.images, "steps": args.steps,
+               "s_per_iter": statistics.median(times), "peak_bytes": int(statistics.median(r["peak_bytes"] for r in mine)),
+               "phases_s": phases, "timed_iterations": len(times), "micro_batch": mine[0]["micro_batch"]}
+        row["s_per_image"] = row["s_per_iter"] / args.images
+        keep = mine[0].get("keep_graph_steps", 0)
+        if impl == "fastfair_fast":
+            row["keep_graph_steps"] = keep
+        if flops_info:
+            micro = math.ceil(args.images / row["micro_batch"]) if impl.startswith("baseline") else 1
+            model_flops = iteration_flops(impl, flops_info["unit_flops"], args.images, args.steps, micro, keep,
+                                          min(5, args.steps) if impl == "fastfair_k5" else None)
+            row["model_flops"] = model_flops
+            row["achieved_flops_per_s"] = model_flops["total"] / row["s_per_iter"]
+            row["floor_s"] = model_flops["total"] / flops_info["matmul_flops_per_s"]
+            row["s_over_floor"] = row["s_per_iter"] / row["floor_s"]
+        rows.append(row)
+    ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
+    for row in rows:
+        if ref is not None:
+            row["speedup_per_image_vs_baseline_sdpa"] = ref["s_per_image"] / row["s_per_image"]
+            row["peak_vs_baseline_sdpa"] = row["peak_bytes"] / max(ref["peak_bytes"], 1)
+            if "model_flops" in row:
+                row["model_speedup_vs_baseline_sdpa"] = ref["model_flops"]["total"] / row["model_flops"]["total"]
+    return rows
+
+
+def markdown(rows: list, sweep: list, meta: dict) -> str:
+    lines = [f"Device: {meta['device']}; model {meta['model']}, {meta['images']} images, {meta['steps']} steps, "
+             f"latent {meta['latent']}; {meta['date']}. Medians of {meta['rounds']} interleaved rounds.", "",
+             "| impl | s/iter | s/image | speedup vs baseline_sdpa | FLOP-model speedup | peak MiB | peak / "
+             "baseline_sdpa | sampling s | decode+losses s | backward s | optimizer s | model TFLOP | "
+             "achieved TFLOP/s | floor s | s / floor |", "|" + "---|" * 15]
+    for r in rows:
+        ph, mf = r["phases_s"], r.get("model_flops", {})
+        lines.append(
+            f"| {r['impl']}{' (k=%d)' % r['keep_graph_steps'] if 'keep_graph_steps' in r else ''} "
+            f"| {r['s_per_iter']:.3f} | {r['s_per_image']:.3f} | {r.get('speedup_per_image_vs_baseline_sdpa', 0):.2f} "
+            f"| {r.get('model_speedup_vs_baseline_sdpa', 0):.2f} | {r['peak_bytes'] / 2**20:.1f} "
+            f"| {r.get('peak_vs_baseline_sdpa', 0):.3f} | {ph.get('sampling', 0):.3f} | {ph.get('decode_losses', 0):.3f} "
+            f"| {ph.get('backward', 0):.3f} | {ph.get('optimizer', 0):.4f} | {mf.get('total', 0) / 1e12:.4f} "
+            f"| {r.get('achieved_flops_per_s', 0) / 1e12:.4f} | {r.get('floor_s', 0):.4f} | {r.get('s_over_floor', 0):.1f} |")
+    if meta.get("matmul_flops_per_s"):
+        lines += ["", f"Measured dense matmul rate: {meta['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s "
+                      f"({meta['matmul_dtype']}); FLOP model: bench/flops.py."]
+    if sweep:
+        lines += ["", "Peak memory (MiB) versus steps and images (one iteration each):", "",
+                  "| impl | images | steps | peak MiB |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['impl']} | {r['images']} | {r['steps']} | {r['peak_bytes'] / 2**20:.1f} |" for r in sweep]
+        for line in meta.get("fits", []):
+            lines.append("\n" + line)
+    return "\n".join(lines)
+
+
+def largest_batch(sweep: list, impl: str, steps: int, budget: int):
+    """Images per batch that fit ``budget`` by the line through the two largest measured batches."""
+    points = sorted((r["images"], r["peak_bytes"]) for r in sweep if r["impl"] == impl and r["steps"] == steps)
+    if len(points) < 2:
+        return None
+    (n0, p0), (n1, p1) = points[-2:]
+    slope = (p1 - p0) / (n1 - n0)
+    return None if slope <= 0 else int((budget - p0) / slope + n0)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 sd15 on CUDA, 128 sd15 "
+                        "on CPU, 16 tiny)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="baseline gradient micro-batch (default N)")
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=2, help="timed iterations per configuration and round")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1 if not torch.cuda.is_available() else 4)
+    parser.add_argument("--sweep-steps", default="", help="e.g. 5,10,20,40: peak memory versus steps")
+    parser.add_argument("--sweep-images", default="", help="e.g. 1,2,4: peak memory versus images")
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="memory budget for the largest-batch estimate (default: baseline_sdpa's peak)")
+    parser.add_argument("--models-dir", default=None, help="reuse/keep the saved models here")
+    parser.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = set(impls) - set(IMPLS)
+    if unknown or args.images < 1 or args.steps < 1:
+        raise ValueError(f"--impls {sorted(unknown)} unknown (choose from {IMPLS}); --images/--steps must be >= 1")
+    cuda = torch.cuda.is_available()
+    resolution = args.resolution or ({"tiny": 16, "sd15": 512 if cuda else 128}[args.model])
+    tmp = tempfile.TemporaryDirectory(prefix="fastfair-bench-") if args.models_dir is None else None
+    root = Path(args.models_dir or tmp.name)
+    paths_file = root / "paths.json"
+    if paths_file.exists():
+        paths = json.loads(paths_file.read_text())
+    else:
+        print(f"saving {args.model} models to {root}", flush=True)
+        paths = save_models(args.model, root, resolution)
+        paths_file.write_text(json.dumps(paths))
+    base = {"model": args.model, "images": args.images, "steps": args.steps, "paths": paths,
+            "latent": resolution // (8 if args.model == "sd15" else 2), "lora_rank": 50 if args.model == "sd15" else 4,
+            "threads": args.threads, "warmup": args.warmup, "iters": args.iters, "micro_batch": args.micro_batch}
+    runs, keep, flops_info = [], None, {}
+    for round_ in range(args.rounds):
+        for impl in impls:
+            cfg = dict(base, impl=impl, probe_keep=round_ == 0, count_flops=not flops_info and round_ == 0)
+            if impl == "fastfair_fast":
+                if keep is None:
+                    ref = next((r for r in runs if r["impl"] == "baseline_sdpa"), None)
+                    lean = next((r for r in runs if "peak_bytes_keep1" in r), None)
+                    if ref is None or lean is None:
+                        raise ValueError("fastfair_fast needs baseline_sdpa and fastfair earlier in --impls")
+                    keep = keep_for_budget(ref["peak_bytes"], lean["peak_bytes"], lean["peak_bytes_keep1"],
+                                           args.steps)
+                cfg["keep_graph_steps"] = keep
+            result = run_worker(cfg)
+            result["keep_graph_steps"] = cfg.get("keep_graph_steps", 0)
+            if "unit_flops" in result:
+                flops_info = result
+            runs.append(result)
+            print(f"round {round_} {impl:14s} s/iter={statistics.median(result['s_per_iter_samples']):8.3f} "
+                  f"peak={result['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+    sweep = []
+    sweep_steps = [int(s) for s in args.sweep_steps.split(",") if s]
+    sweep_images = [int(s) for s in args.sweep_images.split(",") if s]
+    for impl in [i for i in ("baseline_sdpa", "fastfair") if i in impls]:
+        for steps, images in [(s, args.images) for s in sweep_steps] + [(args.steps, n) for n in sweep_images]:
+            r = run_worker(dict(base, impl=impl, steps=steps, images=images, iters=1, micro_batch=None))
+            sweep.append({k: r[k] for k in ("impl", "images", "steps", "peak_bytes")})
+            print(f"sweep {impl:14s} images={images} steps={steps} peak={r['peak_bytes'] / 2**20:.1f} MiB", flush=True)
+    rows = summarize(runs, args, flops_info)
+    meta = {"device": flops_info.get("device_name", runs[0]["device"]), "model": args.model, "images": args.images,
+            "steps": args.steps, "latent": runs[0]["latent"], "rounds": args.rounds,
+            "date": time.strftime("%Y-%m-%d"), "matmul_flops_per_s": flops_info.get("matmul_flops_per_s"),
+            "matmul_dtype": "fp16" if cuda else "fp32", "unit_flops": flops_info.get("unit_flops")}
+    ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
+    budget = int(args.budget_gib * 2**30) if args.budget_gib else (ref["peak_bytes"] if ref else None)
+    if sweep_images and budget:
+        meta["fits"] = [f"Largest batch within {budget / 2**20:.0f} MiB (linear in images, estimated): {impl} "
+                        f"{largest_batch(sweep, impl, args.steps, budget)}" for impl in ("baseline_sdpa", "fastfair")
+                        if impl in impls]
+    table = markdown(rows, sweep, meta)
+    print(table)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"device": meta["device"], "meta": meta, "results": rows, "sweep": sweep, "runs": runs}, f,
+                      indent=1)
+        command = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
+            f.write(f"Command: `{command}`\n\n{table}\n")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""bench/baseline.py computes the same adjusted gradient as fastfair.dft.sample; bench/train_step.py runs."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import train_step  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    paths = train_step.save_models("tiny", tmp_path_factory.mktemp("bench"), 16)
+    model, scheduler, objective, _ = train_step.load_setup(paths, "cpu", lora_rank=4)
+    for module in (model.text_encoder, model.unet, objective.vae, objective.classifier, objective.semantics):
+        module.double()
+    return paths, model, scheduler, objective
+
+
+def _grads(step, **kwargs):
+    params = kwargs["model"].parameters()
+    for p in params:
+        p.grad = None
+    step(**kwargs)
+    return [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("micro_batch", [None, 1])
+def test_baseline_gradient_equals_fastfair(setup, micro_batch):
+    _, model, scheduler, objective = setup
+    z_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    common = dict(model=model, scheduler=scheduler, objective=objective, z_T=z_T, prompt="a doctor", num_steps=3)
+    ours = _grads(train_step.fastfair_step, **common)
+    theirs = _grads(train_step.baseline_step, micro_batch=micro_batch, **common)
+    assert sum(float(g.abs().sum()) for g in ours) > 0
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_baseline_gradient_differs_from_unadjusted_coefficients(setup, monkeypatch):
+    # the check above must be able to fail: fastfair with other coefficients gives another gradient
+    _, model, scheduler, objective = setup
+    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    common = dict(model=model, scheduler=scheduler, objective=objective, z_T=z_T, prompt="a nurse", num_steps=3)
+    theirs = _grads(train_step.baseline_step, **common)
+    import fastfair.dft as dft
+
+    original = dft.sample
+    monkeypatch.setattr(dft, "sample", lambda *a, **k: original(*a, **{**k, "coefficients": "none"}))
+    ours = _grads(train_step.fastfair_step, **common)
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, theirs)) > 1e-6
+
+
+def test_micro_batch_is_validated(setup):
+    _, model, scheduler, objective = setup
+    with pytest.raises(ValueError, match="micro_batch"):
+        train_step.baseline_step(model, scheduler, objective, torch.zeros(1, 4, 8, 8, dtype=torch.float64),
+                                 "x", num_steps=2, micro_batch=0)
+
+
+def test_train_step_cli_end_to_end(setup, tmp_path):
+    paths, *_ = setup
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "paths.json").write_text(json.dumps(paths))
+    out = tmp_path / "r.json"
+    train_step.main(["--model", "tiny", "--images", "1", "--steps", "2", "--rounds", "1", "--iters", "1",
+                     "--warmup", "0", "--models-dir", str(models), "--json", str(out),
+                     "--impls", "baseline_sdpa,fastfair,fastfair_fast"])
+    data = json.loads(out.read_text())
+    assert [r["impl"] for r in data["results"]] == ["baseline_sdpa", "fastfair", "fastfair_fast"]
+    for row in data["results"]:
+        assert row["s_per_iter"] > 0 and row["peak_bytes"] >= 0 and row["model_flops"]["total"] > 0
+        assert set(row["phases_s"]) == {"sampling", "decode_losses", "backward", "optimizer"}
+    assert data["results"][1]["model_speedup_vs_baseline_sdpa"] > 1
+    assert "| fastfair_fast (k=" in out.with_suffix(".md").read_text()
+
+
+def test_largest_batch_and_kept_graphs_for_a_budget():
+    sweep = [{"impl": "fastfair", "images": n, "steps": 20, "peak_bytes": 100 + 10 * n} for n in (1, 2)]
+    assert train_step.largest_batch(sweep, "fastfair", 20, 200) == 10
+    assert train_step.keep_for_budget(budget=200, lean=100, keep1=130, steps=20) == 3
+    assert train_step.keep_for_budget(budget=90, lean=100, keep1=130, steps=20) == 0
