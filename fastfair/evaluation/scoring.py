@@ -174,13 +174,11 @@ def _load_clip(folder, device):
     """A full transformers CLIPModel (both towers) and its tokenizer from a local folder."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    from fastfair.losses.semantics import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _preprocess_from, _read_json
+    from fastfair.losses.semantics import clip_preprocess
 
     model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(device).eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    size = model.config.vision_config.image_size
-    processor = _read_json(f"{folder}/preprocessor_config.json")
-    return model, tokenizer, _preprocess_from(processor, size, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    return model, tokenizer, clip_preprocess(str(folder), model.config.vision_config.image_size)
 
 
 def load_classifiers(paths: Sequence[str], attributes: Optional[Sequence[str]] = None, device="cpu"):

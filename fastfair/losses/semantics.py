@@ -139,11 +139,10 @@ def load_semantic_encoder(backend, path=None, model_name=None, checkpoint=None, 
     model = model_class.from_pretrained(path, local_files_only=True, **kwargs)
     if not load_in_8bit:
         model = model.to(device)
-    processor = _read_json(os.path.join(path, "preprocessor_config.json"))
     if backend == "clip":
-        size = model.config.image_size
-        preprocess = _preprocess_from(processor, size, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        preprocess = clip_preprocess(path, model.config.image_size)
         return SemanticEncoder(model, preprocess, lambda m, x: m(pixel_values=x).image_embeds)
+    processor = _read_json(os.path.join(path, "preprocessor_config.json"))
     preprocess = _preprocess_from(processor, 256, 224, IMAGENET_MEAN, IMAGENET_STD)
     return SemanticEncoder(model, preprocess, lambda m, x: m(pixel_values=x).pooler_output)
 
@@ -176,6 +175,13 @@ def _load_kwargs(dtype, load_in_8bit, device):
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes while placing the weights
     return kwargs
+
+
+def clip_preprocess(path: str, size: int) -> Preprocess:
+    """The differentiable preprocessing of a local transformers CLIP folder (its preprocessor_config.json, else
+    OpenAI CLIP's mean/std) at the model's image size."""
+    processor = _read_json(os.path.join(path, "preprocessor_config.json"))
+    return _preprocess_from(processor, size, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
 def _read_json(file):
