@@ -23,7 +23,7 @@ graph, decoder and judges; fastfair the recompute), optimizer (AdamW step).
 The loss (``Objective``): alignment cross-entropy of a face classifier on the image's centre crop (no detector:
 detection is not differentiable and costs the same in both) to the expected-OT targets of a uniform gender
 distribution, plus 1 - cos of CLIP and DINOv2 embeddings against the frozen model's image of the same noise.
-Models: ``tiny`` (test-sized, tests/test_trainer_world.py's builders) or ``sd15`` (SD 1.5 shapes: U-Net 860M,
+Models: ``tiny`` (test-sized, fastfair.testing.make_world) or ``sd15`` (SD 1.5 shapes: U-Net 860M,
 VAE, CLIP ViT-L/14 text encoder; CLIP ViT-H/14 and DINOv2 ViT-B/14 vision towers; MobileNetV3-Large
 classifier). CUDA: fp16 frozen weights, fp32 LoRA; CPU: fp32. FLOP model: bench/flops.py.
 """
@@ -141,19 +141,13 @@ def fastfair_step(model, scheduler, objective, z_T, prompt, *, num_steps, phase=
 
 # ----------------------------------------------------------------------------- models on disk
 
-def _tests_helpers():
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    import test_trainer_world
-
-    return test_trainer_world
-
-
 def save_models(kind: str, root: Path, resolution: int) -> dict:
     """Write the models of ``kind`` under root; returns the paths the workers load."""
     root = Path(root)
-    world = _tests_helpers()
     if kind == "tiny":
-        files = world.make_world(root)
+        from fastfair.testing import make_world
+
+        files = make_world(root)
         return {k: str(v) for k, v in files.items()}
     if kind != "sd15":
         raise ValueError(f"--model {kind!r}: expected 'tiny' or 'sd15'")
@@ -165,7 +159,9 @@ def save_models(kind: str, root: Path, resolution: int) -> dict:
     from fastfair.testing import SD15_SCHEDULER
 
     torch.manual_seed(0)
-    tokenizer = world.write_tokenizer(root / "_vocab")
+    from fastfair.testing import write_tokenizer
+
+    tokenizer = write_tokenizer(root / "_vocab")
     tokenizer.model_max_length = 77
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
