@@ -1,0 +1,60 @@
+"""Where the toy weights live and how a small model is stored: ``NAME.safetensors`` + ``NAME.json``."""
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from fastfair.faces.files import save_safetensors
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+PIPELINE = "pipeline"  # the diffusers folder inside the weights folder
+BUILD_RECORD = "build.json"
+
+
+def weights_path(name: str, weights_dir: Optional[str] = None) -> str:
+    """Path of ``name`` in the weights folder (default: the shipped one); FileNotFoundError if missing."""
+    path = os.path.join(weights_dir or WEIGHTS_DIR, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: the toy weights are made by `python -m fastfair.toy.build"
+                                f"{'' if weights_dir is None else ' --out ' + str(weights_dir)}`")
+    return path
+
+
+def save_module(module: torch.nn.Module, folder: str, name: str, config: Dict) -> None:
+    """Write the module's state dict to NAME.safetensors and its config (JSON-serializable) to NAME.json."""
+    os.makedirs(folder, exist_ok=True)
+    save_safetensors(module.state_dict(), os.path.join(folder, name + ".safetensors"))
+    with open(os.path.join(folder, name + ".json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+
+
+def load_module_files(name: str, weights_dir: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """(state dict, config) stored by ``save_module``."""
+    from safetensors.torch import load_file
+
+    state = load_file(weights_path(name + ".safetensors", weights_dir))
+    with open(weights_path(name + ".json", weights_dir), encoding="utf-8") as handle:
+        return state, json.load(handle)
+
+
+def make_world_readable(folder: str) -> None:
+    """chmod 644 every file under folder (atomic saves create 600 temporary files)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
+
+
+def weight_checksums(folder: str) -> Dict[str, str]:
+    """{relative path: sha256} of every .safetensors file under folder, sorted by path."""
+    sums = {}
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        sums[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return sums
+
+
+def combined_checksum(sums: Dict[str, str]) -> str:
+    """One sha256 over the sorted (path, sha256) pairs: the build's fingerprint."""
+    return hashlib.sha256("".join(f"{path}\t{digest}\n" for path, digest in sorted(sums.items())).encode()).hexdigest()

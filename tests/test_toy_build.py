@@ -1,0 +1,52 @@
+"""`python -m fastfair.toy.build --quick`: runs, is deterministic, and its output loads like the shipped weights."""
+import json
+import subprocess
+import sys
+
+import torch
+
+from fastfair.toy import load_toy_classifier, load_toy_detector, load_toy_face_bank, toy_pipeline_path
+from fastfair.toy.files import BUILD_RECORD, combined_checksum, weight_checksums
+
+EXPECTED_FILES = {
+    "classifier_eval.safetensors", "classifier_train.safetensors", "detector.safetensors",
+    "face_bank.safetensors", "pipeline/text_encoder/model.safetensors",
+    "pipeline/unet/diffusion_pytorch_model.safetensors", "pipeline/vae/diffusion_pytorch_model.safetensors",
+}
+
+
+def quick_builds(*outs) -> list:
+    """Run the CLI into each folder, in parallel fresh processes (the build switches torch to deterministic
+    mode); return the printed checksums."""
+    command = [sys.executable, "-m", "fastfair.toy.build", "--quick", "--out"]
+    runs = [subprocess.Popen(command + [str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for out in outs]
+    checksums = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-3000:]
+        checksums.append([line for line in stdout.splitlines() if line.startswith("checksum: ")][-1].split()[-1])
+    return checksums
+
+
+def test_quick_build_is_deterministic_and_its_output_loads(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    checksum, again = quick_builds(first, second)
+    assert again == checksum
+
+    record = json.loads((first / BUILD_RECORD).read_text())
+    sums = weight_checksums(str(first))
+    assert set(sums) == EXPECTED_FILES
+    assert record["files"] == sums and record["checksum"] == combined_checksum(sums) == checksum
+
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(toy_pipeline_path(str(first)), safety_checker=None,
+                                                       requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline("a photo of the face of a judge, a person", num_inference_steps=2, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images * 2 - 1
+    assert images.shape == (1, 3, 32, 32)
+    assert load_toy_classifier("eval", weights_dir=str(first))(images).shape == (1, 8)
+    assert len(load_toy_detector(weights_dir=str(first))(images)) == 1
+    assert len(load_toy_face_bank(weights_dir=str(first))) == record["settings"]["bank_size"]

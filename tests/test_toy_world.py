@@ -1,0 +1,121 @@
+"""The toy world's parts that need no trained weights: portraits, captions, tokenizer, augmentation, box coding."""
+import os
+
+import pytest
+import torch
+
+from fastfair.toy import captions
+from fastfair.toy.augment import random_blur
+from fastfair.toy.detector import STRIDE, decode_boxes, detection_targets
+from fastfair.toy.tokenizer import build_tokenizer, save_tokenizer, words_of
+from fastfair.toy.world import ATTRIBUTES, SKIN_TONES, draw_portraits, draw_random_portraits
+
+
+def labels(gender, race, age, count=4):
+    return {name: torch.full((count,), value) for name, value in (("gender", gender), ("race", race), ("age", age))}
+
+
+def draw(seed, **values):
+    return draw_portraits(labels(**values), torch.Generator().manual_seed(seed))
+
+
+def test_portraits_are_deterministic_for_a_seed():
+    first, again, other = draw_random_portraits(8, 3), draw_random_portraits(8, 3), draw_random_portraits(8, 4)
+    assert first.images.shape == (8, 3, 32, 32)
+    assert torch.equal(first.images, again.images) and torch.equal(first.boxes, again.boxes)
+    assert not torch.equal(first.images, other.images)
+    assert first.images.min() >= -1 and first.images.max() <= 1
+
+
+def pixel(images, x, y):
+    """[N, 3] colours at per-image continuous coordinates x, y [N]."""
+    rows, cols = y.long().clamp(0, 31), x.long().clamp(0, 31)
+    return images[torch.arange(len(images)), :, rows, cols]
+
+
+def test_each_attribute_changes_its_own_cue_only():
+    base = draw(0, gender=1, race=0, age=0)  # short dark hair, light skin
+    x0, y0, x1, y1 = base.boxes.unbind(1)
+    centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2 + 0.15 * (y1 - y0)  # between the eyes and the mouth
+    beside_face = (x1 + 1.5, centre_y)  # where long hair falls, right of the face
+    above_forehead = (centre_x, y0 + 0.08 * (y1 - y0))  # the hair cap
+
+    other_race = draw(0, gender=1, race=2, age=0)
+    face_colour = (pixel(other_race.images, centre_x, centre_y) + 1) / 2
+    assert torch.allclose(face_colour, SKIN_TONES[2].expand_as(face_colour), atol=0.06)
+    # only the faint anti-aliasing tail of the face edge reaches the hair's place
+    assert torch.allclose(pixel(other_race.images, *beside_face), pixel(base.images, *beside_face), atol=0.06)
+
+    long_hair = draw(0, gender=0, race=0, age=0)
+    assert (pixel(long_hair.images, *beside_face) - pixel(base.images, *beside_face)).abs().amax(1).min() > 0.1
+    assert torch.allclose(pixel(long_hair.images, centre_x, centre_y), pixel(base.images, centre_x, centre_y),
+                          atol=0.01)
+
+    old = draw(0, gender=1, race=0, age=1)  # grey hair is light: brighter hair cap
+    assert (pixel(old.images, *above_forehead).mean(1) - pixel(base.images, *above_forehead).mean(1)).min() > 0.5
+    assert torch.allclose(pixel(old.images, centre_x, centre_y), pixel(base.images, centre_x, centre_y), atol=0.01)
+    assert torch.equal(old.boxes, base.boxes)  # nuisance does not depend on the attributes
+
+
+def test_bad_labels_are_rejected():
+    with pytest.raises(ValueError, match="keys"):
+        draw_portraits({"gender": torch.zeros(2, dtype=torch.long)}, torch.Generator())
+    bad = labels(0, 4, 0)
+    with pytest.raises(ValueError, match="race"):
+        draw_portraits(bad, torch.Generator())
+
+
+def test_concepts_are_skewed_and_splits_disjoint():
+    for concept in captions.CONCEPTS:
+        for name, classes in ATTRIBUTES.items():
+            assert len(concept.probabilities[name]) == len(classes)
+            assert sum(concept.probabilities[name]) == pytest.approx(1.0)
+        if concept.kind != "person":
+            assert max(concept.probabilities["gender"]) >= 0.85
+    train = {c.name for c in captions.concepts("train")}
+    heldout = {c.name for c in captions.concepts("heldout")}
+    assert len(heldout) == 14 and not train & heldout
+    assert "a photo of the face of an accountant, a person" in captions.prompts("heldout", "occupation")
+    with pytest.raises(ValueError, match="split"):
+        captions.concepts("test")
+
+
+def test_sampled_captions_follow_each_concepts_skew():
+    prompts, sampled = captions.sample_captions(20000, torch.Generator().manual_seed(0))
+    for concept in captions.concepts("train", "occupation")[:4]:
+        rows = torch.tensor([p == concept.prompt for p in prompts])
+        female = (sampled["gender"][rows] == 0).double().mean().item()
+        assert rows.sum() > 400
+        assert female == pytest.approx(concept.probabilities["gender"][0], abs=0.05)
+
+
+def test_tokenizer_needs_no_download_and_keeps_toy_words_whole(tmp_path):
+    texts = [c.prompt for c in captions.CONCEPTS]
+    tokenizer = build_tokenizer(texts)
+    assert all(len(tokenizer(word, add_special_tokens=False).input_ids) == 1 for word in words_of(texts))
+    save_tokenizer(tokenizer, str(tmp_path))
+    os.remove(tmp_path / "tokenizer.json")  # what an older transformers' slow CLIPTokenizer reads
+    from transformers import CLIPTokenizer
+
+    reloaded = CLIPTokenizer.from_pretrained(str(tmp_path))
+    assert [reloaded(t).input_ids for t in texts] == [tokenizer(t).input_ids for t in texts]
+    unknown = reloaded("a zebra!").input_ids
+    assert reloaded.unk_token_id not in unknown[1:-1] and len(unknown) > 4
+
+
+def test_blur_keeps_flat_images_and_smooths_noise():
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.full((3, 3, 16, 16), 0.3)
+    assert torch.allclose(random_blur(flat, generator), flat, atol=1e-6)
+    noise = torch.randn(64, 3, 16, 16, generator=generator)
+    assert random_blur(noise, generator).std() < 0.8 * noise.std()
+
+
+def test_detector_box_coding_round_trips():
+    boxes = torch.tensor([[5.3, 7.1, 17.9, 22.4], [12.0, 3.0, 20.5, 14.0]])
+    scores, regression = detection_targets(boxes, 32 // STRIDE)
+    decoded = decode_boxes(regression)  # every cell decodes to the same true box
+    assert torch.allclose(decoded, boxes[:, :, None, None].expand_as(decoded), atol=1e-4)
+    peak = scores.flatten(1).argmax(1)
+    centre_cells = (((boxes[:, 1] + boxes[:, 3]) / 2 // STRIDE) * 8 + (boxes[:, 0] + boxes[:, 2]) / 2 // STRIDE).long()
+    assert torch.equal(peak, centre_cells)
