@@ -61,6 +61,11 @@ class _Plan:
     autocast: Optional[Tuple[str, bool, Optional[torch.dtype]]] = None
 
 
+def unet_input_dtype(unet: torch.nn.Module) -> torch.dtype:
+    """The dtype the U-Net's input is cast to: its ``dtype`` attribute (diffusers models) or its first parameter's."""
+    return getattr(unet, "dtype", None) or next(unet.parameters()).dtype
+
+
 def _unet_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     out = unet(x, t, encoder_hidden_states=emb)
     return out.sample if hasattr(out, "sample") else out[0]
@@ -306,7 +311,7 @@ def sample(
     use_cfg = uncond is not None and guidance != 1.0
     params = tuple(p for p in unet.parameters() if p.requires_grad)
     if unet_dtype is None:
-        unet_dtype = getattr(unet, "dtype", None) or next(unet.parameters()).dtype
+        unet_dtype = unet_input_dtype(unet)
     needs_grad = torch.is_grad_enabled() and (
         z_T.requires_grad or cond.requires_grad or (use_cfg and uncond.requires_grad) or len(params) > 0
     )

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from .dft import _unet_eps, schedule_for
+from .dft import _unet_eps, schedule_for, unet_input_dtype
 
 
 def reference_sample(
@@ -44,7 +44,7 @@ def reference_sample(
     emb = cond.expand(batch, *cond.shape[1:])
     if use_cfg:
         emb = torch.cat([uncond.expand(batch, *uncond.shape[1:]), emb])
-    unet_dtype = getattr(unet, "dtype", None) or next(unet.parameters()).dtype
+    unet_dtype = unet_input_dtype(unet)
 
     if step == "diffusers":
         from diffusers import DPMSolverMultistepScheduler
