@@ -2,7 +2,8 @@
 
 ``load_config(path, overrides)``:
 
-1. reads the YAML file; its optional ``base:`` (one path or a list, relative to the file) names files
+1. reads the YAML file (a path, or ``pkg://package/file.yaml`` for one shipped in a package); its optional
+   ``base:`` (one path or a list, relative to the file, or ``pkg://``) names files
    loaded first (recursively) and merged *under* the file's own keys: mappings merge key by key,
    anything else (lists included) is replaced;
 2. applies ``key.sub=value`` overrides, each replacing the value at its key; the value is parsed with
@@ -34,6 +35,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from fastfair.hooks import resolve_package_path
 from fastfair.prompts import list_prompt_sets, template_field
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -101,6 +103,7 @@ class PromptSetConfig:
     weight: float = setting(1.0, min=0)  # mixture weight; 0 leaves the set out
     file: Optional[str] = None  # one item per line; null: the shipped set named by this entry's key
     template: Optional[str] = None  # one {field}, e.g. "a person playing {sport}"; null: the set's own
+    factory: Optional[str] = None  # "package.module:function"(split) -> prompts, e.g. the toy world's
 
 
 @dataclass
@@ -151,6 +154,7 @@ class FacesConfig:
     margin: float = setting(0.2, min=0)  # box growth, a fraction of its side
     bank: Optional[str] = None  # real-face embeddings (safetensors) for the face realism loss
     embedding: Optional[str] = None  # face embedding model checkpoint (SFNet-20 style)
+    embedding_fn: Optional[str] = None  # or "package.module:function"() -> a FaceEmbedder (replaces embedding)
 
 
 @dataclass
@@ -159,6 +163,7 @@ class SemanticsConfig:
     clip_model: str = "ViT-H-14"  # open_clip architecture name
     clip_path: str = ""  # open_clip checkpoint file, or a transformers CLIP folder
     dino_path: str = ""  # transformers Dinov2Model folder
+    factory: Optional[str] = None  # or "package.module:function"(this config) -> a SemanticsLoss (paths unused)
 
 
 @dataclass
@@ -380,13 +385,35 @@ def _read_yaml(path: Path, including: tuple = ()) -> dict:
     bases = data.pop("base", [])
     merged = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        merged = _merge(merged, _read_yaml(path.parent / base, including + (path,)))
+        merged = _merge(merged, _read_yaml(path.parent / resolve_package_path(base, "base"), including + (path,)))
     return _merge(merged, data)
 
 
+def _path_fields(cfg: TrainConfig):
+    """(object, attribute, dotted key) of every field that holds a local path."""
+    yield cfg.model, "pretrained", "model.pretrained"
+    for name, spec in cfg.classifiers.items():
+        yield spec, "path", f"classifiers.{name}.path"
+    for name, spec in cfg.data.sets.items():
+        yield spec, "file", f"data.sets.{name}.file"
+    for attribute in ("detector_path", "bank", "embedding"):
+        yield cfg.faces, attribute, f"faces.{attribute}"
+    for attribute in ("clip_path", "dino_path"):
+        yield cfg.semantics, attribute, f"semantics.{attribute}"
+
+
+def resolve_package_paths(cfg: TrainConfig) -> TrainConfig:
+    """Replace every 'pkg://package/path' value of a path field by the file's location in the installed
+    package (fastfair.hooks); the shipped toy config names its weights this way."""
+    for owner, attribute, key in _path_fields(cfg):
+        setattr(owner, attribute, resolve_package_path(getattr(owner, attribute), key))
+    return cfg
+
+
 def load_config(path, overrides=()) -> TrainConfig:
-    """Read a YAML config (with its bases), apply 'key.sub=value' overrides, return a typed TrainConfig."""
-    data = _read_yaml(Path(path))
+    """Read a YAML config (with its bases), apply 'key.sub=value' overrides, return a typed TrainConfig
+    whose 'pkg://' paths are resolved (`resolve_package_paths`)."""
+    data = _read_yaml(Path(resolve_package_path(str(path), "config")))
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -396,8 +423,8 @@ def load_config(path, overrides=()) -> TrainConfig:
             node = node[name]
         node[keys[-1]] = value
     try:
-        return _convert(data, TrainConfig, "")
-    except ConfigError as error:
+        return resolve_package_paths(_convert(data, TrainConfig, ""))
+    except (ConfigError, ValueError) as error:
         raise ConfigError(f"{path} (with its bases and overrides): {error}") from None
 
 
@@ -490,9 +517,10 @@ def _data_problems(data: DataConfig) -> List[str]:
     if not any(spec.weight > 0 for spec in data.sets.values()):
         problems.append("data.sets: no prompt set with weight > 0: add one, e.g. data.sets.occupations.weight=1")
     for name, spec in data.sets.items():
-        if spec.file is None and name not in list_prompt_sets():
+        if spec.file is None and spec.factory is None and name not in list_prompt_sets():
             problems.append(f"data.sets.{name}: no shipped prompt set '{name}' (shipped: "
-                            f"{', '.join(list_prompt_sets())}); set data.sets.{name}.file to a text file")
+                            f"{', '.join(list_prompt_sets())}); set data.sets.{name}.file to a text file "
+                            "or data.sets.{name}.factory to 'package.module:function'")
         if spec.template is not None:
             try:
                 template_field(spec.template)
@@ -559,6 +587,16 @@ def _target_problems(cfg: TrainConfig) -> List[str]:
     return problems
 
 
+def _hook_problems(cfg: TrainConfig) -> List[str]:
+    """Every 'package.module:function' value must have that form (it is imported when the run starts)."""
+    hooks = [("faces.detector_fn", cfg.faces.detector_fn), ("faces.embedding_fn", cfg.faces.embedding_fn),
+             ("semantics.factory", cfg.semantics.factory)]
+    hooks += [(f"classifiers.{name}.factory", spec.factory) for name, spec in cfg.classifiers.items()]
+    hooks += [(f"data.sets.{name}.factory", spec.factory) for name, spec in cfg.data.sets.items()]
+    return [f"{key}={value!r}: expected 'package.module:function'" for key, value in hooks
+            if value is not None and (value.count(":") != 1 or not all(value.split(":")))]
+
+
 def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
     """Check cfg for a run on world_size ranks of device type `device`; raise ConfigError listing every problem.
 
@@ -577,8 +615,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
                         f"world size {world_size}: use a multiple of {world_size} or change the rank count")
     if len(cfg.optim.betas) != 2 or not all(0 <= beta < 1 for beta in cfg.optim.betas):
         problems.append(f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1)")
-    if cfg.faces.detector == "callable" and ":" not in (cfg.faces.detector_fn or ""):
+    if cfg.faces.detector == "callable" and not cfg.faces.detector_fn:
         problems.append("faces.detector=callable needs faces.detector_fn='package.module:function'")
+    problems += _hook_problems(cfg)
     for level in (1, 2, 3):
         problems += _weight_problems(f"loss.lambda_img_{level}", getattr(cfg.loss, f"lambda_img_{level}"))
     problems += _sampler_problems(cfg.sampler) + _data_problems(cfg.data) + _finetune_problems(cfg)
@@ -624,10 +663,14 @@ def check_files(cfg: TrainConfig) -> None:
     problems = _model_path_problems(cfg.model.pretrained)
     needed = [(f"classifiers.{name}.path", spec.path) for name, spec in cfg.classifiers.items()
               if spec.path or not spec.factory]  # a factory may build its classifier without a file
-    needed += [("semantics.clip_path", cfg.semantics.clip_path), ("semantics.dino_path", cfg.semantics.dino_path)]
+    if not cfg.semantics.factory:  # a factory builds its encoders without these files
+        needed += [("semantics.clip_path", cfg.semantics.clip_path),
+                   ("semantics.dino_path", cfg.semantics.dino_path)]
     needed += [(f"data.sets.{name}.file", spec.file) for name, spec in cfg.data.sets.items() if spec.file]
     if cfg.loss.face_loss and cfg.loss.lambda_face > 0:
-        needed += [("faces.bank", cfg.faces.bank), ("faces.embedding", cfg.faces.embedding)]
+        needed.append(("faces.bank", cfg.faces.bank))
+        if not cfg.faces.embedding_fn:
+            needed.append(("faces.embedding", cfg.faces.embedding))
     if cfg.faces.detector == "insightface":
         needed.append(("faces.detector_path", cfg.faces.detector_path))
     if cfg.resume not in ("auto", ""):

@@ -176,7 +176,11 @@ def build_prompt_mixture(data, seed: int) -> PromptMixture:
     """The mixture a `fastfair.config.DataConfig` describes."""
     sets, weights = {}, {}
     for name, spec in data.sets.items():
-        if spec.file:
+        if spec.factory:
+            from fastfair.hooks import load_callable
+
+            sets[name] = list(load_callable(spec.factory, f"data.sets.{name}.factory")(data.split))
+        elif spec.file:
             sets[name] = load_prompt_file(spec.file, spec.template)
         else:
             sets[name] = load_prompt_set(name, data.split, spec.template)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import math
 import os
 import tempfile
@@ -36,6 +35,7 @@ from fastfair import checkpoint
 from fastfair.config import TrainConfig, check_files, load_config, save_config, validate
 from fastfair.dft import sample
 from fastfair.finetune import FinetunedModel
+from fastfair.hooks import load_callable
 from fastfair.models import load_stable_diffusion, torch_dtype
 from fastfair.prompts import build_prompt_mixture
 
@@ -65,15 +65,6 @@ def process_group(device_type: str = "cpu"):
     finally:
         if created:
             dist.destroy_process_group()
-
-
-def load_callable(spec: str, key: str):
-    """'package.module:function' -> the function; errors name the config key."""
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"{key}={spec!r}: cannot import it ({error}); expected 'package.module:function'") from None
 
 
 # ----------------------------------------------------------------------------- the judging models
@@ -115,12 +106,18 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
     else:
         detector = get_detector(faces.detector, **({"root": faces.detector_path} if faces.detector_path else {}))
     sem = cfg.semantics
-    clip = ({"backend": "open_clip", "model_name": sem.clip_model, "checkpoint": sem.clip_path}
-            if sem.clip_backend == "open_clip" else {"backend": "clip", "path": sem.clip_path})
-    semantics = SemanticsLoss.from_config({"clip": clip, "dino": {"backend": "dinov2", "path": sem.dino_path}},
-                                          device=device)
+    if sem.factory:
+        semantics = load_callable(sem.factory, "semantics.factory")(sem).to(device)
+    else:
+        clip = ({"backend": "open_clip", "model_name": sem.clip_model, "checkpoint": sem.clip_path}
+                if sem.clip_backend == "open_clip" else {"backend": "clip", "path": sem.clip_path})
+        semantics = SemanticsLoss.from_config({"clip": clip, "dino": {"backend": "dinov2", "path": sem.dino_path}},
+                                              device=device)
     use_face = cfg.loss.face_loss and cfg.loss.lambda_face > 0
-    embedder = load_face_embedder(faces.embedding).to(device) if use_face else None
+    embedder = None
+    if use_face:
+        embedder = (load_callable(faces.embedding_fn, "faces.embedding_fn")() if faces.embedding_fn
+                    else load_face_embedder(faces.embedding)).to(device)
     bank = FaceBank.load(faces.bank, device=device) if use_face else None
     return Judges(classifiers, detector, semantics, embedder, bank)
 
@@ -202,6 +199,10 @@ class Trainer:
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         side = (cfg.model.resolution or self.model.unet.config.sample_size * scale) // scale
         self.latent_shape = (self.model.unet.config.in_channels, side, side)
+        from fastfair.memory_budget import MemoryBudget
+
+        budget = cfg.sampler.memory_budget_gb
+        self.memory_budget = MemoryBudget(budget) if budget else None  # picks keep_graph_steps per batch shape
 
     @torch.no_grad()
     def _check_classifier_outputs(self) -> None:
@@ -236,10 +237,12 @@ class Trainer:
 
     def _sample(self, unet, z_T, cond, uncond, steps, generator, frozen_rows=0):
         s = self.cfg.sampler
+        keep = s.keep_graph_steps
+        if self.memory_budget is not None and torch.is_grad_enabled():  # only the graph-building pass
+            keep = self.memory_budget.keep_graph_steps(unet, z_T, cond, uncond, steps, s.guidance_scale)
         return sample(unet, self.scheduler, z_T, cond, uncond, num_steps=steps, guidance_scale=s.guidance_scale,
-                      coefficients=s.coefficients, recompute_chunk=s.recompute_chunk,
-                      keep_graph_steps=s.keep_graph_steps, grad_steps=s.grad_steps, generator=generator,
-                      frozen_rows=frozen_rows)
+                      coefficients=s.coefficients, recompute_chunk=s.recompute_chunk, keep_graph_steps=keep,
+                      grad_steps=s.grad_steps, generator=generator, frozen_rows=frozen_rows)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
@@ -450,7 +453,10 @@ class Trainer:
                 for name, value in parts.items():
                     writer.add_scalar(name, value, it + 1)
             if self.rank == 0 and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
-                save_grid(*self.last_images, Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png")
+                pixels = grid_pixels(*self.last_images)
+                save_png(pixels, Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png")
+                if writer is not None:
+                    writer.add_image("originals_over_finetuned", pixels, it + 1, dataformats="HWC")
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.max_steps:
                 self.save(it + 1)
 
@@ -472,12 +478,16 @@ def _summary_writer(cfg: TrainConfig):
     return SummaryWriter(cfg.logging.tensorboard_dir or str(Path(cfg.output_dir) / "tensorboard"))
 
 
-def save_grid(originals: torch.Tensor, images: torch.Tensor, path: Path) -> None:
-    """PNG with the originals on the top row and the finetuned images (same noise) below."""
+def grid_pixels(originals: torch.Tensor, images: torch.Tensor) -> np.ndarray:
+    """uint8 [2H, N W, 3]: the originals [N, 3, H, W] in [-1, 1] on the top row, the finetuned images (same
+    noise) below."""
+    rows = [torch.cat(list(batch.float().clamp(-1, 1).cpu()), dim=-1) for batch in (originals, images)]
+    return ((torch.cat(rows, dim=-2) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def save_png(pixels: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    rows = [torch.cat(list(batch.float().clamp(-1, 1).cpu()), dim=-1) for batch in (originals, images)]
-    pixels = ((torch.cat(rows, dim=-2) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
 

@@ -114,7 +114,7 @@ def test_base_errors_name_the_files(tmp_path):
     ("resume=", "resume", ""),
     ("deepspeed.config=", "deepspeed.config", None),
     ("loss.lambda_img_2={gender: 1, race: 2.5}", "loss.lambda_img_2", {"gender": 1.0, "race": 2.5}),
-    ("data.sets.sports.weight=0.5", "data.sets.sports", {"weight": 0.5, "file": None, "template": None}),
+    ("data.sets.sports.weight=0.5", "data.sets.sports", {"weight": 0.5, "file": None, "template": None, "factory": None}),
     ("targets.form=joint", "targets.form", "joint"),
 ])
 def test_overrides_are_parsed_and_typed(tmp_path, override, attribute, value):

@@ -62,3 +62,33 @@ def test_export_needs_run_config(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(ValueError, match="no run config"):
         export(tmp_path / "ckpt", tmp_path / "out")
+
+
+def test_unet_full_export_is_the_ema_unet_and_generates(tmp_path, world):
+    from fastfair.checkpoint import load_checkpoint
+    from fastfair.dft import sample
+    from fastfair.evaluation.sources import load_sources
+    from fastfair.generate import main
+
+    Trainer(load_config(write_config(tmp_path, world, "unet_full"))).train()  # 2 iterations, EMA decay 0.5
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    raw, ema, _ = load_checkpoint(ckpt)
+    assert any(not torch.equal(ema[name], raw[name]) for name in ema)  # so the check below tells EMA from raw
+    out = export(ckpt, tmp_path / "export")
+    pipe = _pipeline(world)
+    base = {name: t.clone() for name, t in pipe.unet.state_dict().items()}
+    assert load_into_pipeline(pipe, out) == ""
+    exported = pipe.unet.state_dict()
+    assert {f"unet.{name}" for name in exported} == set(ema)
+    for name, t in exported.items():
+        assert torch.equal(t, ema[f"unet.{name}"]), name
+    assert any(not torch.equal(t, base[name]) for name, t in exported.items())  # training changed the U-Net
+    for finetuned in (out, ckpt):  # evaluation's sources (export folder, checkpoint), in bf16 as --dtype bf16
+        _, scheduler, sources = load_sources(str(world["sd"]), str(finetuned), "bf16")
+        source = sources["finetuned"]
+        assert all(torch.equal(t, exported[name].bfloat16()) for name, t in source.unet.state_dict().items())
+        with torch.no_grad():
+            sample(source.unet, scheduler, torch.randn(1, 4, 8, 8), *source.embeddings("a cook"), num_steps=1)
+    main(["--model", str(world["sd"]), "--lora", str(out), "--prompt", "a cook", "--num-images", "2",
+          "--out", str(tmp_path / "images"), "--steps", "2"])
+    assert sorted(f.name for f in (tmp_path / "images").iterdir()) == ["00000.png", "00001.png"]

@@ -76,6 +76,7 @@ def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
     if not config_path.is_file():
         raise ValueError(f"--finetuned {folder}: a training checkpoint needs its run config at {config_path}")
     cfg = load_config(config_path)
+    dtype = parts.unet.dtype  # FinetunedModel makes the trainable weights fp32
     model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
                            cfg.finetune.prefix_tokens, cfg.finetune.lora)
     raw, ema, _ = load_checkpoint(folder)
@@ -87,6 +88,9 @@ def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
     with torch.no_grad():
         for name, param in model.trainable.items():
             param.copy_(tensors[name])
+    if cfg.finetune.target == "unet_full":  # sample in the base's dtype; the training-time frozen copy is unused
+        model.frozen_unet = None
+        model.unet.requires_grad_(False).to(dtype)
 
     def embeddings(prompt):
         with torch.no_grad():

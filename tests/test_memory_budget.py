@@ -1,0 +1,109 @@
+"""fastfair.memory_budget: the saved-tensor count is exact, G is what one more kept step makes the engine hold, the
+budget arithmetic, and sampler.memory_budget_gb's choice reaching fastfair.dft.sample."""
+import contextlib
+
+import pytest
+import torch
+
+from fastfair.dft import sample
+from fastfair.memory_budget import (GIB, MemoryBudget, graph_bytes_per_step, keep_graph_steps_for_budget,
+                                    saved_tensor_bytes)
+from fastfair.testing import tiny_scheduler, tiny_unet
+
+SCHED = tiny_scheduler()
+F64 = 8  # bytes per float64 element
+
+
+def test_saved_bytes_of_a_hand_listed_graph():
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(4, 8).double(), torch.nn.Linear(4, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def forward():
+        h = torch.tanh(lin1(x))   # lin1 saves x (for its weight's grad); tanh saves its result h [5, 8]
+        a, b = h.chunk(2, dim=1)  # mul saves a and b: two views of h's storage, counted once
+        return lin2(a * b)        # lin2 saves a * b [5, 4] and its weight (a parameter: held); output y [5, 3]
+
+    weights = [*lin1.parameters(), *lin2.parameters()]
+    by_hand = (5 * 4 + 5 * 8 + 5 * 4 + 5 * 3) * F64
+    assert saved_tensor_bytes(forward, held=weights) == by_hand
+    assert saved_tensor_bytes(forward) == by_hand + 4 * 3 * F64  # lin2.weight when it is not declared held
+
+
+def _problem(train: str, dtype=torch.float32):
+    unet = tiny_unet(dtype=dtype).requires_grad_(train == "unet")
+    g = torch.Generator().manual_seed(0)
+    z_T = torch.randn(2, 4, 8, 8, generator=g, dtype=dtype)
+    cond = torch.randn(2, 5, 16, generator=g, dtype=dtype).requires_grad_(train == "cond")
+    uncond = torch.randn(1, 5, 16, generator=g, dtype=dtype)
+    return unet, z_T, cond, uncond
+
+
+@pytest.mark.parametrize("train,autocast", [("unet", None), ("unet", torch.bfloat16), ("cond", None)])
+def test_step_bytes_equal_what_one_more_kept_step_holds_in_the_engine(train, autocast):
+    unet, z_T, cond, uncond = _problem(train)
+    region = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
+
+    def engine_holds(keep):  # the engine's forward keeping `keep` graphs; autocast's weight casts counted once
+        with region():
+            return saved_tensor_bytes(lambda: sample(unet, SCHED, z_T, cond, uncond, num_steps=3, guidance_scale=3.0,
+                                                     keep_graph_steps=keep),
+                                      held=[*unet.parameters(), cond, uncond])
+
+    kept_eps = 2 * z_T.numel() * (autocast or torch.float32).itemsize  # [2B, C, H, W], not saved by the graph
+    with region():
+        measured = graph_bytes_per_step(unet, z_T, 500, cond, uncond, 3.0)
+    assert measured == engine_holds(2) - engine_holds(1) + kept_eps
+    assert measured > kept_eps
+
+
+def test_keep_graph_steps_for_budget():
+    assert keep_graph_steps_for_budget(99, 100, 20) == 0  # below one step
+    assert keep_graph_steps_for_budget(300, 100, 20) == 3
+    assert keep_graph_steps_for_budget(350, 100, 20, reserved_bytes=100) == 2
+    assert keep_graph_steps_for_budget(10 ** 15, 100, 20) == 20
+    assert keep_graph_steps_for_budget(50, 100, 20, reserved_bytes=80) == 0  # the lean run is over budget already
+    assert keep_graph_steps_for_budget(1, 0, 20) == 20  # nothing saved per step: every step fits
+    assert keep_graph_steps_for_budget(250.5, 100, 20) == 2
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(budget_bytes=-1), "budget_bytes"), (dict(budget_bytes=float("nan")), "budget_bytes"),
+    (dict(budget_bytes="1GB"), "budget_bytes"), (dict(per_step_bytes=1.5), "per_step_bytes"),
+    (dict(per_step_bytes=-1), "per_step_bytes"), (dict(num_steps=True), "num_steps"),
+    (dict(reserved_bytes=-5), "reserved_bytes"),
+])
+def test_keep_graph_steps_for_budget_rejects_bad_input(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        keep_graph_steps_for_budget(**{**dict(budget_bytes=100, per_step_bytes=10, num_steps=4), **kwargs})
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, "2", True, float("inf")])
+def test_memory_budget_rejects_bad_budget(budget):
+    with pytest.raises(ValueError, match="memory_budget_gb"):
+        MemoryBudget(budget)
+
+
+def test_budget_of_two_and_a_half_steps_keeps_two_and_the_gradient_is_unchanged():
+    unet, z_T, cond, uncond = _problem("unet", torch.float64)
+    cond.requires_grad_()
+    per_step = graph_bytes_per_step(unet, z_T, 0, cond, uncond, 3.0)
+    budget = MemoryBudget(2.5 * per_step / GIB)
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    keep = budget.keep_graph_steps(unet, z_T, cond, uncond, 4, 3.0)
+    assert keep == 2
+    calls.clear()
+    assert budget.keep_graph_steps(unet, z_T, cond, uncond, 4, 3.0) == 2 and not calls  # cached: no U-Net call
+
+    def grads(keep_graph_steps):
+        z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, guidance_scale=3.0,
+                    keep_graph_steps=keep_graph_steps)
+        calls.clear()
+        result = torch.autograd.grad((z0 ** 2).sum(), [cond, *unet.parameters()])
+        return result, len(calls)
+
+    (kept, recomputed_kept), (lean, recomputed_lean) = grads(keep), grads(0)
+    assert (recomputed_kept, recomputed_lean) == (4 - 2, 4)  # the kept steps are not recomputed
+    for a, b in zip(kept, lean):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
