@@ -81,7 +81,7 @@ setup(
     # a PyPI name that transformers/diffusers probe for: DESIGN.md, pitfalls).
     packages=find_packages(include=["fastfair", "fastfair.*"]) + ["fastfair.kernels"],
     package_dir={"fastfair": "fastfair", "fastfair.kernels": "kernels"},
-    package_data={"fastfair": ["data/prompts/*.txt", "toy/weights/**/*"]},
+    package_data={"fastfair": ["data/prompts/*.txt", "toy/weights/**/*", "toy/configs/*.yaml"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     ext_modules=ext_modules,

@@ -82,7 +82,7 @@ class SemanticEncoder(nn.Module):
         return super().train(False)  # frozen: stays in eval mode whatever the trainer asks
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())  # not int8 weights
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)  # not int8
         pixels = self.preprocess(images).to(dtype)
         return self._embed(self.model, pixels).float()
 

@@ -13,9 +13,10 @@
     bank, embedder = load_toy_face_bank(), toy_face_embedder()
 
 Every loader takes ``weights_dir`` (default: the package's ``weights`` folder) to use another build.
-Config hooks (``package.module:function`` strings) for the shipped weights: ``fastfair.toy:detect_faces``
-(a callable face detector), ``fastfair.toy:train_classifier`` and ``fastfair.toy:eval_classifier``
-(classifier factories).
+Config hooks (``package.module:function`` strings, see configs/toy.yaml) for the shipped weights:
+``fastfair.toy:detect_faces`` (a callable face detector), ``fastfair.toy:train_classifier`` and
+``fastfair.toy:eval_classifier`` (classifier factories), ``fastfair.toy:toy_face_embedder``,
+``fastfair.toy:toy_semantics`` (the semantics loss's encoders), ``fastfair.toy:occupation_prompts``.
 """
 import functools
 from typing import Optional
@@ -24,6 +25,7 @@ from fastfair.toy.captions import CONCEPTS, concepts, prompts
 from fastfair.toy.classifiers import load_toy_classifier
 from fastfair.toy.detector import load_toy_detector
 from fastfair.toy.face_bank import load_toy_face_bank, toy_face_embedder
+from fastfair.toy.semantics import toy_semantics
 from fastfair.toy.files import PIPELINE, WEIGHTS_DIR, weights_path
 from fastfair.toy.world import ATTRIBUTES, draw_random_portraits
 
@@ -51,6 +53,12 @@ def detect_faces(images):
     return _shipped_detector()(images)
 
 
+def occupation_prompts(split: str = "train"):
+    """Prompt-set factory (``data.sets.<name>.factory``): the toy occupations of a split; the trainer's "test"
+    is the toy world's held-out split."""
+    return prompts({"test": "heldout"}.get(split, split), "occupation")
+
+
 def train_classifier(spec=None):
     """Classifier factory: the shipped ``train`` classifier (``spec``, e.g. a trainer config entry, is unused)."""
     return load_toy_classifier("train")
@@ -63,4 +71,4 @@ def eval_classifier(spec=None):
 
 __all__ = ["ATTRIBUTES", "CONCEPTS", "WEIGHTS_DIR", "concepts", "detect_faces", "draw_random_portraits",
            "eval_classifier", "load_toy_classifier", "load_toy_detector", "load_toy_face_bank", "load_toy_pipeline",
-           "prompts", "toy_face_embedder", "toy_pipeline_path", "train_classifier"]
+           "occupation_prompts", "prompts", "toy_face_embedder", "toy_pipeline_path", "toy_semantics", "train_classifier"]
