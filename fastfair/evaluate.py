@@ -45,9 +45,10 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
              guidance_scales: Sequence[float] = (7.5,), num_steps: int = 20, seed: int = 0, batch_size: int = 8,
              detector="opencv", margin: float = 0.5, clip=None, dino=None, dtype: str = "fp32",
              weights: str = "ema", device: Optional[str] = None, grid_columns: int = 8,
-             fid_reference=None, fid_inception=None, progress: bool = True) -> dict:
+             fid_reference=None, fid_inception=None, progress: bool = True, semantics=None) -> dict:
     """Run the whole evaluation (module docstring); returns the results dict (also in metrics.json) with
-    ``generated``: the cache paths this call had to generate."""
+    ``generated``: the cache paths this call had to generate. semantics: a `fastfair.losses.SemanticsLoss` or a
+    'package.module:function' returning one (e.g. ``fastfair.toy:toy_semantics``), scored as ``sim_<encoder>``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not prompts:
         raise ValueError("no prompts to evaluate")
@@ -76,11 +77,16 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
             for p, prompt in enumerate(prompts) for j in range(count)]
     generate_missing(cache, jobs, sources, vae, scheduler, latent_shape, num_steps, batch_size, device, progress)
 
-    scorer = Scorer(judges, detector, margin, clip, dino, device)
+    if isinstance(semantics, str):
+        from fastfair.hooks import load_callable
+
+        semantics = load_callable(semantics, "--semantics")(None)
+    scorer = Scorer(judges, detector, margin, clip, dino, device, semantics=semantics)
     fid = _fid_scorer(fid_reference, fid_inception, device) if fid_reference else None
     results = {"settings": {**settings, "images_per_prompt": count, "guidance_scales": list(guidance_scales),
                             "classifiers": [str(c) for c in classifiers],
-                            "detector": getattr(detector, "__name__", str(detector))},
+                            "detector": getattr(detector, "__name__", str(detector)),
+                            "semantic_encoders": list(scorer.encoders)},
                "prompts": list(prompts), "guidance": {},
                "attribute_sets": [{"name": s.name, "attributes": list(s.attributes), "classes": list(s.classes),
                                    "target": list(s.target)} for s in sets]}
@@ -129,7 +135,7 @@ def _targets(items: Sequence[str]) -> Dict[str, list]:
 
 def _detector(spec: str):
     if ":" in spec:  # package.module:function
-        from fastfair.trainer import load_callable
+        from fastfair.hooks import load_callable
 
         return load_callable(spec, "--detector")
     return spec
@@ -155,6 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--margin", type=float, default=0.5, help="face crop margin (0.5: the public code's)")
     parser.add_argument("--clip", help="local transformers CLIPModel folder (CLIP-T, CLIP-I)")
     parser.add_argument("--dino", help="local transformers DINOv2 folder (DINO)")
+    parser.add_argument("--semantics", help="module:function returning a fastfair SemanticsLoss whose encoders "
+                        "score finetuned vs base (e.g. fastfair.toy:toy_semantics)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--grid-columns", type=int, default=8)
@@ -174,7 +182,8 @@ def main(argv=None) -> None:
     evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
              split(args.attributes), _targets(args.target), split(args.joint), args.images_per_prompt, guidance,
              args.steps, args.seed, args.batch_size, _detector(args.detector), args.margin, args.clip, args.dino,
-             args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference, args.fid_inception)
+             args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference, args.fid_inception,
+             semantics=args.semantics)
     print(Path(args.out) / "report.html")
 
 

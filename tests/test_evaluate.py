@@ -239,3 +239,66 @@ def test_toy_model_name_without_weights_is_a_clear_error(monkeypatch, tmp_path):
         resolve_model("toy")
     with pytest.raises(ValueError, match="not a registered name"):
         resolve_model(str(tmp_path / "missing"))
+
+
+def test_pairwise_diversity_against_brute_force():
+    from fastfair.evaluation.scoring import pairwise_diversity
+
+    embeddings = torch.randn(5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pairs = [1 - torch.nn.functional.cosine_similarity(embeddings[i], embeddings[j], dim=0).item()
+             for i in range(5) for j in range(5) if i != j]
+    assert pairwise_diversity(embeddings) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert pairwise_diversity(embeddings[:1].repeat(4, 1)) == pytest.approx(0, abs=1e-12)  # a collapsed set
+    assert np.isnan(pairwise_diversity(embeddings[:1]))
+
+
+def test_custom_semantics_model_is_scored_and_reported(files, tmp_path):
+    """A SemanticsLoss (here the toy world's) scores finetuned vs base per encoder; its columns reach the table."""
+    from fastfair.toy import toy_semantics
+
+    out = tmp_path / "eval"
+    results = run(files, out, clip=None, dino=None, guidance_scales=(2.0,), semantics=toy_semantics())
+    assert results["settings"]["semantic_encoders"] == ["latent", "layout"]
+    models = results["guidance"]["2"]
+    for prompt in PROMPTS:  # the identity checkpoint: the same images, so similarity 1 and equal diversity
+        row = models["finetuned"]["per_prompt"][prompt]
+        assert row["sim_latent"] == pytest.approx(1) and row["sim_layout"] == pytest.approx(1)
+        assert row["diversity"] == pytest.approx(models["base"]["per_prompt"][prompt]["diversity"])
+        assert row["diversity"] > 0
+        assert np.isnan(row["clip_i"])
+    summary = (out / "summary.md").read_text()
+    assert "Sim latent" in summary and "Sim layout" in summary and "Diversity" in summary
+
+
+def _chromium():
+    import shutil
+
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome")
+                 for path in [shutil.which(name)] if path), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium here (Debian: apt-get install chromium)")
+def test_report_renders_in_headless_chromium(files, tmp_path):
+    """The report as a browser shows it: its pictures load (a copy without them renders differently)."""
+    import shutil
+    import subprocess
+
+    out = tmp_path / "eval"
+    run(files, out, guidance_scales=(2.0,))
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    shutil.rmtree(bare / "grids")
+    shutil.rmtree(bare / "plots")
+
+    def screenshot(folder: Path) -> np.ndarray:
+        png = folder.parent / f"{folder.name}.png"
+        subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={folder.parent / (folder.name + '-profile')}", "--window-size=1000,2400",
+                        f"--screenshot={png}", (folder / "report.html").as_uri()],
+                       check=True, capture_output=True, timeout=120)
+        return np.asarray(Image.open(png).convert("RGB"))
+
+    full, without = screenshot(out), screenshot(bare)
+    assert full.shape == without.shape and full.std() > 0
+    assert (full != without).any(axis=-1).mean() > 0.01  # the plots and grids are drawn

@@ -26,6 +26,13 @@ OTHER_PROTOCOLS = (("total_variation", "TV"), ("kl", "KL"), ("fairness_discrepan
 SEMANTICS = (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"))
 
 
+def semantic_columns(results: dict) -> List[tuple]:
+    """(key, label) of the semantics columns: CLIP-T / CLIP-I / DINO, a custom semantics model's encoders
+    (``sim_<name>``), then the diversity of each model's images."""
+    custom = [(f"sim_{name}", f"Sim {name}") for name in results["settings"].get("semantic_encoders", [])]
+    return list(SEMANTICS) + custom + [("diversity", "Diversity")]
+
+
 def mean_pm_std(stats) -> str:
     """{'mean': .67, 'std': .29} -> '.67±.29' (the seed's style); '—' when there is no value."""
     if not stats or stats.get("count", 0) == 0 or math.isnan(stats["mean"]):
@@ -44,7 +51,7 @@ def table_rows(results: dict) -> (List[str], List[List[str]]):
     """(header, rows) of the summary: per guidance scale and model, bias per set then semantics, then the
     other protocols per set and the face-less count."""
     sets = [s["name"] for s in results["attribute_sets"]]
-    header = (["Guidance", "Model"] + [f"Bias {name} ↓" for name in sets] + [f"{label} ↑" for _, label in SEMANTICS]
+    header = (["Guidance", "Model"] + [f"Bias {name} ↓" for name in sets] + [f"{label} ↑" for _, label in semantic_columns(results)]
               + [f"{label} {name}" for name in sets for key, label in OTHER_PROTOCOLS
                  if key != "delta" or len(_set(results, name)["classes"]) == 2] + ["No face"])
     with_fid = any("fid" in data for models in results["guidance"].values() for data in models.values())
@@ -54,7 +61,7 @@ def table_rows(results: dict) -> (List[str], List[List[str]]):
         for model, data in models.items():
             summary = data["summary"]
             row = [guidance, MODEL_NAMES.get(model, model)] + [mean_pm_std(summary.get(f"{n}.bias")) for n in sets]
-            row += [mean_pm_std(summary.get(key)) for key, _ in SEMANTICS]
+            row += [mean_pm_std(summary.get(key)) for key, _ in semantic_columns(results)]
             row += [mean_pm_std(summary.get(f"{n}.{key}")) for n in sets for key, _ in OTHER_PROTOCOLS
                     if key != "delta" or len(_set(results, n)["classes"]) == 2]
             total = sum(row_["num_images"] for row_ in data["per_prompt"].values())

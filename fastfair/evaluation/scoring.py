@@ -6,11 +6,16 @@ frequencies' denominator and counted in ``no_face`` (`fastfair.metrics`).
 
 Semantics (seed Table 1), per prompt, the mean over its images of
 - CLIP-T = cos(CLIP image embedding, CLIP text embedding of the prompt), for each model;
-- CLIP-I = cos(CLIP(finetuned image j), CLIP(base image j)), DINO likewise with DINOv2: same noise j.
+- CLIP-I = cos(CLIP(finetuned image j), CLIP(base image j)), DINO likewise with DINOv2: same noise j;
+- with a custom ``semantics`` model (a `fastfair.losses.SemanticsLoss`, e.g. the toy world's), ``sim_<encoder>``
+  likewise for each of its encoders;
+- diversity (no collapse), for each model: the mean over pairs i != j of the prompt's images of
+  1 - cos(E(image i), E(image j)), E = DINOv2, else the semantics model's first encoder, else CLIP.
 """
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -89,7 +94,7 @@ class Scorer:
     """Frozen judges: classifiers by attribute, a face detector, optional CLIP (image + text) and DINOv2."""
 
     def __init__(self, classifiers: Dict[str, torch.nn.Module], detector, margin: float = 0.5, clip_dir=None,
-                 dino_dir=None, device="cpu", batch_size: int = 32):
+                 dino_dir=None, device="cpu", batch_size: int = 32, semantics=None):
         from fastfair.faces import get_detector
 
         self.classifiers, self.margin, self.device = classifiers, margin, torch.device(device)
@@ -101,6 +106,9 @@ class Scorer:
             from fastfair.losses import load_semantic_encoder
 
             self.dino = load_semantic_encoder("dinov2", str(dino_dir), device=self.device)
+        self.encoders = dict(semantics.encoders.items()) if semantics is not None else {}
+        for encoder in self.encoders.values():
+            encoder.to(self.device)
 
     @torch.no_grad()
     def _batched(self, fn, images: torch.Tensor) -> torch.Tensor:
@@ -133,21 +141,32 @@ class Scorer:
         return _features(self.clip.get_text_features(**tokens.to(self.device))).float().cpu()
 
     def semantics(self, prompt: str, images: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
-        """{model: {"clip_t", and for "finetuned" also "clip_i", "dino"}} (NaN without CLIP / DINOv2)."""
+        """{model: {"clip_t", "diversity", and for "finetuned" also "clip_i", "dino", "sim_<encoder>"}} (NaN
+        without the model that scores it)."""
         nan = float("nan")
-        scores = {model: {"clip_t": nan} for model in images}
+        scores = {model: {"clip_t": nan, "diversity": nan} for model in images}
         if "finetuned" in images:
-            scores["finetuned"].update(clip_i=nan, dino=nan)
+            scores["finetuned"].update(clip_i=nan, dino=nan, **{f"sim_{name}": nan for name in self.encoders})
+        embedded = {name: {model: self._batched(encoder, batch) for model, batch in images.items()}
+                    for name, encoder in self.encoders.items()}
+        if "finetuned" in images:
+            for name, by_model in embedded.items():
+                scores["finetuned"][f"sim_{name}"] = _cosine_mean(by_model["finetuned"], by_model["base"])
         if self.clip is not None:
             text = self._clip_text(prompt)
-            embedded = {model: self._clip_images(batch) for model, batch in images.items()}
-            for model, embedding in embedded.items():
+            embedded["clip"] = {model: self._clip_images(batch) for model, batch in images.items()}
+            for model, embedding in embedded["clip"].items():
                 scores[model]["clip_t"] = _cosine_mean(embedding, text)
             if "finetuned" in images:
-                scores["finetuned"]["clip_i"] = _cosine_mean(embedded["finetuned"], embedded["base"])
-        if self.dino is not None and "finetuned" in images:
-            scores["finetuned"]["dino"] = _cosine_mean(self._batched(self.dino, images["finetuned"]),
-                                                       self._batched(self.dino, images["base"]))
+                scores["finetuned"]["clip_i"] = _cosine_mean(embedded["clip"]["finetuned"], embedded["clip"]["base"])
+        if self.dino is not None:
+            embedded = {"dino": {model: self._batched(self.dino, batch) for model, batch in images.items()},
+                        **embedded}
+            if "finetuned" in images:
+                scores["finetuned"]["dino"] = _cosine_mean(embedded["dino"]["finetuned"], embedded["dino"]["base"])
+        if embedded:  # DINOv2 first, then the custom encoders, then CLIP (insertion order)
+            for model, embedding in next(iter(embedded.values())).items():
+                scores[model]["diversity"] = pairwise_diversity(embedding)
         return scores
 
     def score_prompt(self, prompt: str, images: Dict[str, torch.Tensor], sets: Sequence[AttributeSet],
@@ -163,6 +182,16 @@ class Scorer:
                 row.update(set_metrics(labels, attribute_set, class_counts))
             rows[model] = {**row, **semantics[model]}
         return rows
+
+
+def pairwise_diversity(embeddings: torch.Tensor) -> float:
+    """Mean of 1 - cos over the ordered pairs i != j of embeddings [N, D]; NaN for fewer than two rows."""
+    n = embeddings.shape[0]
+    if n < 2:
+        return float("nan")
+    unit = F.normalize(embeddings.double(), dim=-1)
+    cosines = unit @ unit.T
+    return float(1 - (cosines.sum() - cosines.diagonal().sum()) / (n * (n - 1)))
 
 
 def _features(output) -> torch.Tensor:
@@ -182,13 +211,19 @@ def _load_clip(folder, device):
 
 
 def load_classifiers(paths: Sequence[str], attributes: Optional[Sequence[str]] = None, device="cpu"):
-    """({attribute: classifier}, {attribute: class names}) from classifier files; the first file that
+    """({attribute: classifier}, {attribute: class names}) from classifier files or 'package.module:function'
+    factories (called with None, e.g. ``fastfair.toy:eval_classifier``); the first one that
     predicts an attribute judges it; attributes (default: all the files predict) selects and orders them."""
     from fastfair.classifiers import load_classifier
+    from fastfair.hooks import load_callable
 
     judges, classes = {}, {}
     for path in paths:
-        classifier = load_classifier(str(path)).to(device).eval().requires_grad_(False)
+        if ":" in str(path) and not Path(path).exists():  # a factory, e.g. fastfair.toy:eval_classifier
+            classifier = load_callable(str(path), "--classifier")(None)
+        else:
+            classifier = load_classifier(str(path))
+        classifier = classifier.to(device).eval().requires_grad_(False)
         for attribute in classifier.head.attributes:
             if attribute.name not in judges:
                 judges[attribute.name], classes[attribute.name] = classifier, attribute.classes
