@@ -132,9 +132,17 @@ def test_open_clip_without_the_package_says_how_to_install(tmp_path):
         load_semantic_encoder("open_clip", model_name="ViT-H-14", checkpoint=str(checkpoint))
 
 
+def test_open_clip_hub_and_local_dir_names_are_rejected(tmp_path):
+    checkpoint = tmp_path / "model.bin"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ValueError, match="built-in open_clip name such as 'ViT-H-14', not a schema"):
+        load_semantic_encoder("open_clip", model_name="hf-hub:laion/CLIP-ViT-H-14", checkpoint=str(checkpoint))
+
+
 @pytest.mark.skipif(OPEN_CLIP_SKIP is not None, reason=OPEN_CLIP_SKIP or "")
-def test_open_clip_backend(tmp_path):
+def test_open_clip_backend(tmp_path, monkeypatch):
     import open_clip
+    from PIL import Image
 
     (tmp_path / "tiny-vit.json").write_text(json.dumps({
         "embed_dim": 16,
@@ -143,16 +151,38 @@ def test_open_clip_backend(tmp_path):
     }))
     open_clip.add_model_config(tmp_path / "tiny-vit.json")
     torch.manual_seed(0)
-    model = open_clip.create_model("tiny-vit")
+    model, _, pil_preprocess = open_clip.create_model_and_transforms("tiny-vit")  # random weights, no download
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
     encoder = load_semantic_encoder("open_clip", model_name="tiny-vit", checkpoint=str(tmp_path / "tiny.pt"))
-    assert torch.equal(encoder.model.state_dict()["conv1.weight"], model.visual.state_dict()["conv1.weight"])
+    x = images(5)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), model.eval().encode_image(encoder.preprocess(x)))
+
+    # the differentiable preprocessing against open_clip's PIL one: a 64 x 56 noise image (resize to 36 x 32,
+    # crop 32 x 32) and a flat colour, which isolates mean/std (bilinear instead of bicubic gives 0.09)
+    noise = torch.randint(0, 256, (64, 56, 3), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
+    for pixels, tolerance in ((noise, 0.02), (torch.tensor([30, 140, 220], dtype=torch.uint8).expand(64, 56, 3), 1e-5)):
+        expected = pil_preprocess(Image.fromarray(pixels.numpy()))
+        got = encoder.preprocess(pixels.permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
+        assert got.shape == expected.shape == (3, 32, 32)
+        assert (got - expected).abs().mean() < tolerance
+
     loss = SemanticsLoss({"clip": encoder})
-    x = images(5).requires_grad_(True)
+    x.requires_grad_(True)
     assert loss(x, loss.embed_originals(x))["clip"].abs().max() < 1e-5
     moved = (x + 0.3 * images(6)).detach().requires_grad_(True)
     loss(moved, loss.embed_originals(x))["clip"].sum().backward()
     assert torch.isfinite(moved.grad).all() and moved.grad.abs().sum() > 0
+
+    def squashing(*args, **kwargs):  # a resize mode the differentiable preprocessing does not implement
+        squashed = create_model(*args, **kwargs)
+        squashed.visual.preprocess_cfg = dict(squashed.visual.preprocess_cfg, resize_mode="squash")
+        return squashed
+
+    create_model = open_clip.create_model
+    monkeypatch.setattr(open_clip, "create_model", squashing)
+    with pytest.raises(ValueError, match="resized by the shortest edge are supported.*'squash'"):
+        load_semantic_encoder("open_clip", model_name="tiny-vit", checkpoint=str(tmp_path / "tiny.pt"))
 
 
 def test_full_clip_model_folder_keeps_its_projection(tmp_path):

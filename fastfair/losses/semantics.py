@@ -213,18 +213,27 @@ def _load_open_clip(model_name, checkpoint, dtype, device) -> SemanticEncoder:
     if not model_name or checkpoint is None or not os.path.isfile(checkpoint):
         raise ValueError(f"backend 'open_clip' needs model_name (e.g. 'ViT-H-14') and checkpoint, a local "
                          f"file; got model_name={model_name!r}, checkpoint={checkpoint!r}")
+    if ":" in model_name:  # open_clip would load 'hf-hub:' / 'local-dir:' names from there, ignoring checkpoint
+        raise ValueError(f"backend 'open_clip': model_name must be a built-in open_clip name such as 'ViT-H-14', "
+                         f"not a schema like 'hf-hub:'; got {model_name!r}")
     try:
         import open_clip
     except Exception as err:  # ImportError, or torchvision failing to import beside this torch
         raise ImportError("backend 'open_clip' needs open_clip_torch and an importable torchvision: "
                           "pip install 'fastfair[clip]', or use backend 'clip' with a transformers "
                           f"directory ({type(err).__name__}: {err})") from err
-    model = open_clip.create_model(model_name, pretrained=checkpoint, device=device)
+    # an absolute path is never taken for a pretrained tag (a tag would be downloaded)
+    model = open_clip.create_model(model_name, pretrained=os.path.abspath(checkpoint), device=device)
     visual = model.visual.to(dtype)
     cfg = getattr(visual, "preprocess_cfg", None) or {}
     size = cfg.get("size", getattr(visual, "image_size", 224))
-    size = size if isinstance(size, int) else size[0]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if cfg.get("resize_mode", "shortest") != "shortest" or size[0] != size[1]:
+        raise ValueError(f"open_clip model {model_name!r}: only square inputs resized by the shortest edge are "
+                         f"supported, got size={size}, resize_mode={cfg.get('resize_mode')!r}")
     mean = cfg.get("mean", getattr(visual, "image_mean", None) or OPENAI_CLIP_MEAN)
     std = cfg.get("std", getattr(visual, "image_std", None) or OPENAI_CLIP_STD)
-    preprocess = Preprocess(size, (size, size), tuple(mean), tuple(std), cfg.get("interpolation", "bicubic"))
+    # as open_clip's eval transform: bilinear if asked, else bicubic ('random' is a training-only choice)
+    mode = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
+    preprocess = Preprocess(size[0], size, tuple(mean), tuple(std), mode)
     return SemanticEncoder(visual, preprocess, lambda m, x: m(x))
