@@ -34,11 +34,11 @@ EXTRAS = {
     # 5.x wheels ship no Haar cascades: stay on 4.x.
     "faces": ["opencv-python-headless>=4.8,<5"],
     "clip": ["open_clip_torch>=2.24"],
-    "quant": ["bitsandbytes>=0.43"],
+    "quant": ["bitsandbytes>=0.43"],  # 8-bit AdamW (CPU too from 0.48) and 8-bit encoder loading
     "native": ["ninja"],
 }
 EXTRAS["test"] = sorted(
-    {"pytest>=8"} | set(EXTRAS["triton"]) | set(EXTRAS["train"]) | set(EXTRAS["faces"]) | set(EXTRAS["native"])
+    {"pytest>=8", "bitsandbytes>=0.48"} | set(EXTRAS["triton"]) | set(EXTRAS["train"]) | set(EXTRAS["faces"]) | set(EXTRAS["native"])
 )
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "cpu" for req in reqs})
 
