@@ -1,6 +1,6 @@
 """Demonstration of the adjusted-DFT engine on CPU: finetune a diffusion model with an image-space loss.
 
-    python -m fastfair.demo [--out DIR] [--iters 40] [--steps 20]
+    python -m fastfair.engine_demo [--out DIR] [--iters 60] [--steps 20]
 
 No weights are downloaded: a small Stable-Diffusion-shaped model (U-Net, VAE decoder) is built with random
 weights. The loss is a plain image-space objective, unrelated to fairness: make the decoded images' mean colour
@@ -9,7 +9,8 @@ sampling with classifier-free guidance, with fastfair.dft.sample's exact per-ste
 loss before and after on held-out noise and writes DIR/metrics.json and DIR/before_after.png (same noise,
 before row over after row). Memory against the full-graph reference: bench/unroll_memory.py.
 
-The toy world's debiasing run will replace this as the README's main job once it lands (issue 6).
+The README's main job is the toy world's debiasing run (``python -m fastfair.demo``); this one shows the engine
+alone, on a model with random weights.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def decode(vae, z0: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="out/demo", help="output directory")
+    parser.add_argument("--out", default="out/engine_demo", help="output directory")
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps per sample")
     parser.add_argument("--images", type=int, default=4, help="images per iteration")

@@ -1,0 +1,180 @@
+"""The README's main job: debias the shipped toy model on CPU, then measure it before and after (issue 6).
+
+    python -m fastfair.demo [--out out/demo] [--config gender|gender_race|age|FILE] [--iters N]
+                            [--images-per-prompt 40] [key=value ...]
+
+1. Train: the toy config (``fastfair/toy/configs/<name>.yaml``: text-encoder LoRA, the adjusted DFT gradient
+   through 20-step DPM-Solver++, alignment + semantics + face losses, the toy judges) with
+   `fastfair.trainer.Trainer` into DIR/train; a rerun resumes there (and skips training once it is done).
+2. Evaluate: the original and the finetuned model (EMA weights) on the held-out occupations, which training
+   never saw, the same noise for both, judged by the toy world's *evaluation* classifier (another
+   architecture and seed than the one in the loss) with `fastfair.evaluate` into DIR/eval (report.html,
+   summary.md, per_prompt.csv, grids, plots).
+3. Report: print the before/after table and write DIR/metrics.json
+   ``{"before": {"<set>_bias": ..}, "after": {..}, "reduction": {..}, "semantics": {..}, ...}``,
+   DIR/before_after.png (per held-out occupation, original row over finetuned row, same noise) and
+   DIR/frequencies_<set>.png (Fig. 9: a class's frequency per occupation, before and after, target line).
+
+Bias (seed 0124): mean over class pairs of |freq_i - freq_j| per prompt, mean ± std over prompts.
+Semantics: cos(E(finetuned_j), E(original_j)) of the toy encoders (``sim_latent``, ``sim_layout``,
+`fastfair.toy.semantics`) and each model's image diversity (mean pairwise 1 - cos), to show no collapse.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+CONFIGS = {"gender": "pkg://fastfair.toy/configs/gender.yaml",
+           "gender_race": "pkg://fastfair.toy/configs/gender_race.yaml",
+           "age": "pkg://fastfair.toy/configs/age.yaml"}
+EVAL_CLASSIFIER = "fastfair.toy:eval_classifier"
+SEMANTICS = "fastfair.toy:toy_semantics"
+GRID_COLUMNS = 8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out/demo", help="output directory")
+    parser.add_argument("--config", default="gender", help=f"one of {', '.join(CONFIGS)}, or a YAML file")
+    parser.add_argument("--iters", type=int, help="training iterations (default: the config's max_steps)")
+    parser.add_argument("--images-per-prompt", type=int, default=40, help="evaluation images per occupation")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. optim.lr=2e-3")
+    return parser.parse_args(argv)
+
+
+def train(config: str, out: Path, iters, overrides: List[str]):
+    """Train (or resume) into out; returns (config, the final checkpoint folder)."""
+    from fastfair import checkpoint
+    from fastfair.config import load_config
+    from fastfair.trainer import Trainer, process_group
+
+    extra = [f"output_dir={out}", "resume=auto"] + ([f"max_steps={iters}"] if iters else [])
+    cfg = load_config(CONFIGS.get(config, config), list(overrides) + extra)
+    with process_group("cpu"):
+        Trainer(cfg, "cpu").train()
+    return cfg, checkpoint.resolve_resume("auto", cfg.output_dir)
+
+
+def target_marginals(cfg) -> Dict[str, Dict[str, float]]:
+    """{attribute: {class: probability}}: each target attribute's marginal under the config's targets."""
+    from fastfair.targets import load_targets
+
+    targets, marginals = load_targets(cfg.targets), {}
+    for group in targets.groups():
+        cells = torch.arange(len(group.target))
+        for name, classes in group.attribute_classes(cells).items():
+            names = targets.attribute(name).classes
+            sums = torch.zeros(len(names), dtype=torch.float64).index_add_(0, classes, group.target.double())
+            marginals[name] = {c: float(p) for c, p in zip(names, sums)}
+    return marginals
+
+
+def evaluate_heldout(cfg, finetuned: Path, out: Path, images_per_prompt: int) -> dict:
+    """`fastfair.evaluate.evaluate` on the held-out occupations with the toy judges (module docstring)."""
+    from fastfair.evaluate import evaluate
+    from fastfair.evaluation.scoring import load_classifiers
+    from fastfair.toy import detect_faces, occupation_prompts
+
+    marginals = target_marginals(cfg)
+    _, classes = load_classifiers([EVAL_CLASSIFIER], list(marginals))
+    targets = {}
+    for name, probabilities in marginals.items():
+        if set(probabilities) != set(classes[name]):
+            raise ValueError(f"targets: {name} classes {sorted(probabilities)} differ from the evaluation "
+                             f"classifier's {sorted(classes[name])}; use its class names")
+        targets[name] = [probabilities[c] for c in classes[name]]
+    return evaluate(cfg.model.pretrained, [EVAL_CLASSIFIER], occupation_prompts("test"), out, finetuned=str(finetuned),
+                    attributes=list(marginals), targets=targets, images_per_prompt=images_per_prompt,
+                    guidance_scales=(cfg.sampler.guidance_scale,), num_steps=cfg.sampler.num_steps,
+                    seed=cfg.seed + 1, batch_size=40, detector=detect_faces, margin=cfg.faces.margin,
+                    semantics=SEMANTICS, grid_columns=GRID_COLUMNS)
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_")
+
+
+def summarize_demo(results: dict) -> dict:
+    """The demo's metrics.json content from the evaluation results."""
+    (guidance, models), = results["guidance"].items()
+    before, after = models["base"]["summary"], models["finetuned"]["summary"]
+    metrics = {"before": {}, "after": {}, "reduction": {}, "semantics": {}, "guidance_scale": float(guidance),
+               "prompts": results["prompts"], "images_per_prompt": results["settings"]["images_per_prompt"]}
+    for attribute_set in results["attribute_sets"]:
+        for key in ("bias", "total_variation"):
+            name = f"{_slug(attribute_set['name'])}_{key}"
+            for side, summary in (("before", before), ("after", after)):
+                metrics[side][name] = summary[f"{attribute_set['name']}.{key}"]["mean"]
+                metrics[side][name + "_std"] = summary[f"{attribute_set['name']}.{key}"]["std"]
+            metrics["reduction"][name] = 1 - metrics["after"][name] / metrics["before"][name]
+    for name in results["settings"]["semantic_encoders"]:
+        metrics["semantics"][f"sim_{name}"] = after[f"sim_{name}"]["mean"]
+    metrics["semantics"]["diversity_before"] = before["diversity"]["mean"]
+    metrics["semantics"]["diversity_after"] = after["diversity"]["mean"]
+    metrics["no_face"] = {"before": before["no_face"]["total"], "after": after["no_face"]["total"]}
+    return metrics
+
+
+def table(metrics: dict) -> str:
+    """The before/after table (Markdown)."""
+    lines = ["| held-out occupations | before | after | change |", "|---|---|---|---|"]
+    for name, value in metrics["before"].items():
+        if name.endswith("_std"):
+            continue
+        after = metrics["after"][name]
+        lines.append(f"| {name} ↓ | {value:.3f} ± {metrics['before'][name + '_std']:.3f} | "
+                     f"{after:.3f} ± {metrics['after'][name + '_std']:.3f} | {-100 * metrics['reduction'][name]:+.0f}% |")
+    sem = metrics["semantics"]
+    for key, value in sem.items():
+        if key.startswith("sim_"):
+            lines.append(f"| semantics {key} ↑ | 1 | {value:.3f} | |")
+    lines.append(f"| diversity | {sem['diversity_before']:.3f} | {sem['diversity_after']:.3f} | "
+                 f"{100 * (sem['diversity_after'] / sem['diversity_before'] - 1):+.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def write_pictures(results: dict, eval_dir: Path, out: Path) -> List[Path]:
+    """before_after.png (per prompt: original row over finetuned row, GRID_COLUMNS images) and the Fig. 9 plots."""
+    from fastfair.evaluation.report import write_grid
+
+    (guidance, models), = results["guidance"].items()
+    root = eval_dir / "images"
+    rows = [[root / path for path in models[m]["images"][prompt][:GRID_COLUMNS]]
+            for prompt in results["prompts"] for m in ("base", "finetuned")]
+    written = [write_grid(rows, out / "before_after.png")]
+    for plot in sorted((eval_dir / "plots").glob(f"g{guidance}_*.png")):
+        written.append(out / plot.name.replace(f"g{guidance}_", "frequencies_"))
+        shutil.copyfile(plot, written[-1])
+    return written
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    began = time.perf_counter()
+    cfg, final = train(args.config, out / "train", args.iters, args.overrides)
+    trained = time.perf_counter()
+    results = evaluate_heldout(cfg, final, out / "eval", args.images_per_prompt)
+    metrics = {**summarize_demo(results),
+               "seconds": {"train": trained - began, "evaluate": time.perf_counter() - trained},
+               "config": args.config, "iterations": cfg.max_steps, "checkpoint": str(final)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    pictures = write_pictures(results, out / "eval", out)
+    print("\n" + table(metrics))
+    print(f"{metrics['seconds']['train']:.0f} s training, {metrics['seconds']['evaluate']:.0f} s evaluation; "
+          f"wrote {out / 'metrics.json'}, " + ", ".join(str(p) for p in pictures)
+          + f", and the full report {out / 'eval' / 'report.html'}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
