@@ -47,6 +47,11 @@ EXPECTED_MODEL_LAYOUT = (
     + " (as save_pretrained writes it) or a single Stable Diffusion checkpoint file ("
     + "/".join(CHECKPOINT_SUFFIXES) + ")"
 )
+SINGLE_FILE_CONFIG_LAYOUT = (
+    "a local diffusers folder of the checkpoint's architecture (model_index.json and "
+    + ", ".join(f"{name}/" for name in DIFFUSERS_SUBFOLDERS)
+    + " with their configs, as save_pretrained writes them; its weights are not read)"
+)
 
 
 class ConfigError(ValueError):
@@ -65,6 +70,9 @@ def setting(default, *, choices=None, min=None, max=None, gt=None, lt=None):
 @dataclass
 class ModelConfig:
     pretrained: str = ""  # local only: EXPECTED_MODEL_LAYOUT
+    # a single-file model.pretrained's architecture: a local diffusers folder whose unet/vae/text_encoder/
+    # tokenizer/scheduler configs describe it (SINGLE_FILE_CONFIG_LAYOUT); unused for a diffusers folder
+    config: Optional[str] = None
     dtype: str = setting("fp16", choices=DTYPES)  # frozen weights (seed 0119: float16)
     attention: str = setting("sdpa", choices=("sdpa", "xformers"))
     resolution: Optional[int] = setting(None, gt=0)  # image side in pixels; null: the model's own
@@ -392,6 +400,7 @@ def _read_yaml(path: Path, including: tuple = ()) -> dict:
 def _path_fields(cfg: TrainConfig):
     """(object, attribute, dotted key) of every field that holds a local path."""
     yield cfg.model, "pretrained", "model.pretrained"
+    yield cfg.model, "config", "model.config"
     for name, spec in cfg.classifiers.items():
         yield spec, "path", f"classifiers.{name}.path"
     for name, spec in cfg.data.sets.items():
@@ -628,7 +637,24 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
 
 # ----------------------------------------------------------------------------- local files
 
-def _model_path_problems(pretrained: str) -> List[str]:
+def single_file_config_problems(config: Optional[str], pretrained: str, key: str = "model.config",
+                                pretrained_key: str = "model.pretrained") -> List[str]:
+    """What is wrong with the architecture folder of the single-file checkpoint pretrained ([] if nothing);
+    key/pretrained_key name the settings in the messages (config keys or command-line flags)."""
+    if not config:
+        return [f"{pretrained_key}={pretrained} is a single-file checkpoint, which holds weights only: set {key} "
+                f"to {SINGLE_FILE_CONFIG_LAYOUT}"]
+    where = Path(config)
+    if not where.is_dir():
+        return [f"{key}={config} {'is not a folder' if where.exists() else 'does not exist'}: expected "
+                f"{SINGLE_FILE_CONFIG_LAYOUT}"]
+    missing = [f"{name}/" for name in DIFFUSERS_SUBFOLDERS if not (where / name).is_dir()]
+    missing += [] if (where / "model_index.json").is_file() else ["model_index.json"]
+    return [f"{key}={config} lacks {', '.join(missing)}: expected {SINGLE_FILE_CONFIG_LAYOUT}"] if missing else []
+
+
+def _model_path_problems(model: ModelConfig) -> List[str]:
+    pretrained = model.pretrained
     where = Path(pretrained)
     if not pretrained:
         return [f"model.pretrained is empty: point it at {EXPECTED_MODEL_LAYOUT}"]
@@ -639,7 +665,7 @@ def _model_path_problems(pretrained: str) -> List[str]:
                     f"expected {EXPECTED_MODEL_LAYOUT}"]
         return []
     if where.is_file() and where.suffix in CHECKPOINT_SUFFIXES:
-        return []
+        return single_file_config_problems(model.config, pretrained)
     state = "is not a checkpoint file" if where.exists() else "does not exist"
     return [f"model.pretrained={pretrained} {state}: expected {EXPECTED_MODEL_LAYOUT}"]
 
@@ -660,7 +686,7 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
 
 def check_files(cfg: TrainConfig) -> None:
     """Check that every local path the run reads exists with the expected layout; raise ConfigError."""
-    problems = _model_path_problems(cfg.model.pretrained)
+    problems = _model_path_problems(cfg.model)
     needed = [(f"classifiers.{name}.path", spec.path) for name, spec in cfg.classifiers.items()
               if spec.path or not spec.factory]  # a factory may build its classifier without a file
     if not cfg.semantics.factory:  # a factory builds its encoders without these files

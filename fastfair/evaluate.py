@@ -1,5 +1,6 @@
-"""Evaluate a base model and a finetuned one: ``python -m fastfair.evaluate --model SD_DIR|toy
-[--finetuned CKPT_OR_EXPORT] --classifier CLF.safetensors --prompts occupations:test --out DIR``.
+"""Evaluate a base model and a finetuned one: ``python -m fastfair.evaluate --model SD_DIR|toy|SD_FILE
+[--model-config SD_DIR (with SD_FILE)] [--finetuned CKPT_OR_EXPORT] --classifier CLF.safetensors
+--prompts occupations:test --out DIR``.
 
 Steps (seed 0124-0135): generate `--images-per-prompt` images per prompt with both models from paired noise
 into a resumable PNG cache (`fastfair.evaluation.cache`); classify each image's largest face and score CLIP-T,
@@ -16,6 +17,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from fastfair.config import SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, default_images_per_prompt, load_classifiers
@@ -45,10 +47,12 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
              guidance_scales: Sequence[float] = (7.5,), num_steps: int = 20, seed: int = 0, batch_size: int = 8,
              detector="opencv", margin: float = 0.5, clip=None, dino=None, dtype: str = "fp32",
              weights: str = "ema", device: Optional[str] = None, grid_columns: int = 8,
-             fid_reference=None, fid_inception=None, progress: bool = True, semantics=None) -> dict:
+             fid_reference=None, fid_inception=None, progress: bool = True, semantics=None,
+             model_config: Optional[str] = None) -> dict:
     """Run the whole evaluation (module docstring); returns the results dict (also in metrics.json) with
     ``generated``: the cache paths this call had to generate. semantics: a `fastfair.losses.SemanticsLoss` or a
-    'package.module:function' returning one (e.g. ``fastfair.toy:toy_semantics``), scored as ``sim_<encoder>``."""
+    'package.module:function' returning one (e.g. ``fastfair.toy:toy_semantics``), scored as ``sim_<encoder>``.
+    model_config: the architecture folder (a diffusers folder) when model is a single-file checkpoint."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not prompts:
         raise ValueError("no prompts to evaluate")
@@ -65,7 +69,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     if count < 1:
         raise ValueError(f"--images-per-prompt {count}: expected at least 1")
 
-    vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights)
+    vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
     latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
@@ -144,6 +148,7 @@ def _detector(spec: str):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate bias and semantics preservation of a (finetuned) model.")
     parser.add_argument("--model", required=True, help="diffusers folder, single-file checkpoint, or 'toy'")
+    parser.add_argument("--model-config", help="with a single-file --model: " + SINGLE_FILE_CONFIG_LAYOUT)
     parser.add_argument("--finetuned", help="training checkpoint folder or a python -m fastfair.export folder")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="checkpoint weights to use")
     parser.add_argument("--classifier", action="append", required=True, help="attribute classifier (repeatable)")
@@ -183,7 +188,7 @@ def main(argv=None) -> None:
              split(args.attributes), _targets(args.target), split(args.joint), args.images_per_prompt, guidance,
              args.steps, args.seed, args.batch_size, _detector(args.detector), args.margin, args.clip, args.dino,
              args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference, args.fid_inception,
-             semantics=args.semantics)
+             semantics=args.semantics, model_config=args.model_config)
     print(Path(args.out) / "report.html")
 
 

@@ -1,5 +1,6 @@
-"""Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR --lora EXPORT_DIR --prompt TEXT
---num-images N --out DIR [--steps 20 --guidance 7.5 --seed 0 --dtype fp32]``; writes DIR/<index>.png."""
+"""Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR|SD_FILE [--model-config SD_DIR]
+--lora EXPORT_DIR --prompt TEXT --num-images N --out DIR [--steps 20 --guidance 7.5 --seed 0 --dtype fp32]``;
+writes DIR/<index>.png."""
 from __future__ import annotations
 
 import argparse
@@ -12,13 +13,15 @@ from fastfair.models import load_stable_diffusion
 
 
 def generate(model, lora, prompt: str, num_images: int, out, steps: int = 20, guidance: float = 7.5,
-             seed: int = 0, dtype: str = "fp32", device: str = "cpu") -> list:
-    """Images of `prompt` from the model with the exported weights (None: the base model); returns the PNG paths."""
+             seed: int = 0, dtype: str = "fp32", device: str = "cpu", model_config=None) -> list:
+    """Images of `prompt` from the model with the exported weights (None: the base model); returns the PNG paths.
+    model_config: the diffusers folder of a single-file model's architecture."""
     from diffusers import StableDiffusionPipeline
 
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: expected at least 1")
-    parts = load_stable_diffusion(model, dtype, device=device, key="--model")
+    parts = load_stable_diffusion(model, dtype, device=device, config=model_config, key="--model",
+                                  config_key="--model-config")
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                    unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False).to(device)
@@ -37,6 +40,8 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: int = 20, gu
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Generate images with a fastfair-finetuned model.")
     parser.add_argument("--model", required=True, help="diffusers folder or single-file SD checkpoint")
+    parser.add_argument("--model-config", default=None,
+                        help="with a single-file --model: a local diffusers folder of its architecture")
     parser.add_argument("--lora", default=None, help="folder written by python -m fastfair.export")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--num-images", type=int, default=4)
@@ -48,7 +53,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for path in generate(args.model, args.lora, args.prompt, args.num_images, args.out, args.steps, args.guidance,
-                         args.seed, args.dtype, device):
+                         args.seed, args.dtype, device, args.model_config):
         print(path)
 
 

@@ -17,7 +17,9 @@ from typing import Any, Optional
 
 import torch
 
-from fastfair.config import CHECKPOINT_SUFFIXES, DIFFUSERS_SUBFOLDERS, EXPECTED_MODEL_LAYOUT
+from fastfair.config import (
+    CHECKPOINT_SUFFIXES, DIFFUSERS_SUBFOLDERS, EXPECTED_MODEL_LAYOUT, single_file_config_problems,
+)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,14 +58,15 @@ def _from_folder(path: Path):
             AutoencoderKL.from_pretrained(path / "vae", local_files_only=True))
 
 
-def _from_single_file(path: Path, config: Optional[str], key: str):
+def _from_single_file(path: Path, config: Optional[str], key: str, config_key: str):
     from diffusers import StableDiffusionPipeline
 
-    if not config or not Path(config).is_dir():
-        raise ValueError(f"{key}={path} is a single checkpoint file: also give a local diffusers folder with the "
-                         f"architecture (config=..., {EXPECTED_MODEL_LAYOUT}); got config={config!r}")
+    problems = single_file_config_problems(config, str(path), config_key, key)
+    if problems:
+        raise ValueError(problems[0])
+    # the optional components are not built (a config folder may list them without holding them)
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
-                                                    safety_checker=None)
+                                                    safety_checker=None, feature_extractor=None)
     return pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
 
 
@@ -82,10 +85,12 @@ def set_attention(unet: torch.nn.Module, attention: str) -> None:
 
 
 def load_stable_diffusion(pretrained, dtype="fp32", attention: str = "sdpa", device="cpu",
-                          config: Optional[str] = None, key: str = "model.pretrained") -> StableDiffusionParts:
+                          config: Optional[str] = None, key: str = "model.pretrained",
+                          config_key: str = "model.config") -> StableDiffusionParts:
     """Frozen SD parts from a local diffusers folder or single-file checkpoint (module docstring).
 
-    key names the config entry in error messages; config: a diffusers folder for a single-file checkpoint.
+    config: the architecture folder of a single-file checkpoint (fastfair.config.SINGLE_FILE_CONFIG_LAYOUT);
+    key / config_key name pretrained / config in error messages (config keys or command-line flags).
     """
     from diffusers import DPMSolverMultistepScheduler
 
@@ -96,7 +101,7 @@ def load_stable_diffusion(pretrained, dtype="fp32", attention: str = "sdpa", dev
         tokenizer, text_encoder, unet, vae = _from_folder(path)
         scheduler_dir = path / "scheduler"
     elif path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
-        tokenizer, text_encoder, unet, vae = _from_single_file(path, config, key)
+        tokenizer, text_encoder, unet, vae = _from_single_file(path, config, key, config_key)
         scheduler_dir = Path(config) / "scheduler"
     else:
         raise _missing_layout(path, key)

@@ -191,3 +191,97 @@ def save_tiny_face_models(folder: Path):
     torch.save(net.state_dict(), folder / "sfnet.pth")
     FaceBank(torch.randn(5, 8)).save(str(folder / "bank.safetensors"))
     return folder / "sfnet.pth", folder / "bank.safetensors"
+
+
+# ----------------------------------------------------------------------------- single-file checkpoints
+# The inverse of diffusers' single-file conversion (diffusers/loaders/single_file_utils.py:
+# convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint): each table maps a diffusers
+# module path to its original LDM path; the inner tables rename the layers inside a mapped module.
+
+_UNET_INNER = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_VAE_INNER = {"conv_shortcut": "nin_shortcut", "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+              "to_out.0": "proj_out"}
+
+
+def _unet_paths(config) -> Dict[str, str]:
+    """UNet2DConditionModel module -> LDM module. With L = layers_per_block, down block b's layer j is
+    input_blocks[1 + b(L+1) + j] (resnet .0, attention .1) and its downsampler input_blocks[1 + b(L+1) + L].0.op;
+    up block b's layer j is output_blocks[b(L+1) + j], its upsampler after the last layer's attention (if any)."""
+    L, step = config.layers_per_block, config.layers_per_block + 1
+    paths = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+             "mid_block.resnets.1": "middle_block.2"}
+    for b, up_type in enumerate(config.up_block_types):
+        for j in range(L):
+            paths[f"down_blocks.{b}.resnets.{j}"] = f"input_blocks.{1 + b * step + j}.0"
+            paths[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{1 + b * step + j}.1"
+        for j in range(step):
+            paths[f"up_blocks.{b}.resnets.{j}"] = f"output_blocks.{b * step + j}.0"
+            paths[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{b * step + j}.1"
+        paths[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{1 + b * step + L}.0.op"
+        upsampler = 2 if "CrossAttn" in up_type else 1
+        paths[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{b * step + L}.{upsampler}.conv"
+    return paths
+
+
+def _vae_paths(config) -> Dict[str, str]:
+    """AutoencoderKL module -> LDM module (the LDM decoder numbers its up blocks from the lowest resolution)."""
+    n, L = len(config.block_out_channels), config.layers_per_block
+    paths = {}
+    for side in ("encoder", "decoder"):
+        paths.update({f"{side}.conv_norm_out": f"{side}.norm_out",
+                      f"{side}.mid_block.attentions.0": f"{side}.mid.attn_1",
+                      f"{side}.mid_block.resnets.0": f"{side}.mid.block_1",
+                      f"{side}.mid_block.resnets.1": f"{side}.mid.block_2"})
+    for i in range(n):
+        paths[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+        paths[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{n - 1 - i}.upsample.conv"
+        for j in range(L + 1):
+            paths[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"
+            paths[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.up.{n - 1 - i}.block.{j}"
+    return paths
+
+
+def _to_ldm(state: Dict[str, torch.Tensor], paths: Dict[str, str], inner: Dict[str, str], prefix: str):
+    """Rename every key: its longest module path found in paths is replaced, the layer path below it renamed
+    by inner; keys under no mapped module keep their name. All get prefix."""
+    out = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        head = next((k for k in range(len(parts) - 1, 0, -1) if ".".join(parts[:k]) in paths), None)
+        if head is not None:
+            layer = ".".join(parts[head:-1])
+            key = ".".join(filter(None, (paths[".".join(parts[:head])], inner.get(layer, layer), parts[-1])))
+        out[prefix + key] = tensor.contiguous()
+    return out
+
+
+def ldm_state_dict(unet=None, vae=None, text_encoder=None) -> Dict[str, torch.Tensor]:
+    """The given diffusers/transformers parts' weights under their original single-file (CompVis/LDM) names:
+    model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.text_model.*."""
+    out = {}
+    if unet is not None:
+        out.update(_to_ldm(unet.state_dict(), _unet_paths(unet.config), _UNET_INNER, "model.diffusion_model."))
+    if vae is not None:
+        for key, tensor in _to_ldm(vae.state_dict(), _vae_paths(vae.config), _VAE_INNER, "first_stage_model.").items():
+            projection = ".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight"))
+            out[key] = tensor[:, :, None, None] if projection else tensor  # LDM: 1x1 convolutions
+    if text_encoder is not None:
+        out.update({"cond_stage_model.transformer.text_model." + key.removeprefix("text_model."): tensor.contiguous()
+                    for key, tensor in text_encoder.state_dict().items()})
+    return out
+
+
+def save_tiny_single_file(diffusers_folder: Path, path: Path) -> Path:
+    """A diffusers SD folder's U-Net, VAE and CLIP text encoder written as one original-layout .safetensors
+    checkpoint (`ldm_state_dict`), what diffusers' from_single_file reads back with the folder as config."""
+    from safetensors.torch import save_file
+
+    from fastfair.models import load_stable_diffusion
+
+    parts = load_stable_diffusion(diffusers_folder, "fp32")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(ldm_state_dict(parts.unet, parts.vae, parts.text_encoder), str(path))
+    return Path(path)

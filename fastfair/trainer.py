@@ -171,7 +171,8 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         validate(cfg, self.world, self.device)
         check_files(cfg)
-        parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.dtype, cfg.model.attention, self.device)
+        parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.dtype, cfg.model.attention, self.device,
+                                      config=cfg.model.config)
         self.vae, self.scheduler = parts.vae, parts.scheduler
         torch.manual_seed(cfg.seed)  # LoRA's random init: the same on every rank and in every run of this seed
         self.model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,

@@ -256,7 +256,9 @@ def config_with_files(tmp_path, **paths) -> TrainConfig:
 def test_check_files_accepts_a_complete_layout(tmp_path):
     check_files(config_with_files(tmp_path))
     (tmp_path / "model.safetensors").touch()
-    check_files(config_with_files(tmp_path / "b", **{"model.pretrained": tmp_path / "model.safetensors"}))
+    (tmp_path / "sd" / "model_index.json").touch()  # a single file's architecture: a diffusers folder
+    check_files(config_with_files(tmp_path / "b", **{"model.pretrained": tmp_path / "model.safetensors",
+                                                     "model.config": tmp_path / "sd"}))
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -98,17 +98,21 @@ def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
     return ImageSource(model.unet, embeddings)
 
 
+_KEYS = dict(key="--model", config_key="--model-config")  # how errors name the settings
+
+
 def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32", device="cpu",
-                 weights: str = "ema"):
-    """(vae, scheduler, {"base": ImageSource, "finetuned": ImageSource}) ready to sample, frozen."""
+                 weights: str = "ema", model_config: Optional[str] = None):
+    """(vae, scheduler, {"base": ImageSource, "finetuned": ImageSource}) ready to sample, frozen.
+    model_config: the architecture folder when model is a single-file checkpoint (fastfair.models)."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"--weights {weights!r}: expected 'ema' or 'raw'")
     path = resolve_model(model)
-    base = load_stable_diffusion(path, dtype, device=device, key="--model")
+    base = load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS)
     sources = {"base": _pipeline_source(_pipeline(base).to(device))}
     if finetuned:
         folder = Path(finetuned)
-        parts = load_stable_diffusion(path, dtype, device=device, key="--model")
+        parts = load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS)
         if (folder / "state.pt").is_file():
             sources["finetuned"] = _checkpoint_source(parts, folder, weights)
         elif folder.is_dir():
