@@ -155,10 +155,26 @@ def write_pictures(results: dict, eval_dir: Path, out: Path) -> List[Path]:
     return written
 
 
+def _quiet_libraries() -> None:
+    """Keep the demo's output to its own progress bars and table: diffusers and transformers log load-time
+    notes (float32 casts, image-processor fallbacks) that say nothing about the run, and bitsandbytes (imported
+    by peft and diffusers when installed) warns that an optional hub kernel is missing."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    _quiet_libraries()
     out = Path(args.out)
     began = time.perf_counter()
     cfg, final = train(args.config, out / "train", args.iters, args.overrides)
