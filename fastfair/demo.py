@@ -36,6 +36,7 @@ CONFIGS = {"gender": "pkg://fastfair.toy/configs/gender.yaml",
 EVAL_CLASSIFIER = "fastfair.toy:eval_classifier"
 SEMANTICS = "fastfair.toy:toy_semantics"
 GRID_COLUMNS = 8
+DISPLAY_SCALE = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,6 +141,15 @@ def table(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _enlarge(path: Path, scale: int) -> None:
+    """Nearest-neighbour upscaling in place: 32x32 portraits are too small to read at 1:1."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        large = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    large.save(path)
+
+
 def write_pictures(results: dict, eval_dir: Path, out: Path) -> List[Path]:
     """before_after.png (per prompt: original row over finetuned row, GRID_COLUMNS images) and the Fig. 9 plots."""
     from fastfair.evaluation.report import write_grid
@@ -149,6 +159,7 @@ def write_pictures(results: dict, eval_dir: Path, out: Path) -> List[Path]:
     rows = [[root / path for path in models[m]["images"][prompt][:GRID_COLUMNS]]
             for prompt in results["prompts"] for m in ("base", "finetuned")]
     written = [write_grid(rows, out / "before_after.png")]
+    _enlarge(written[0], DISPLAY_SCALE)
     for plot in sorted((eval_dir / "plots").glob(f"g{guidance}_*.png")):
         written.append(out / plot.name.replace(f"g{guidance}_", "frequencies_"))
         shutil.copyfile(plot, written[-1])

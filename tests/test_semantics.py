@@ -208,3 +208,19 @@ def test_full_clip_model_folder_keeps_its_projection(tmp_path):
         expected = expected.pooler_output
     assert ours.shape == (2, 8)
     torch.testing.assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("backend, name", [("clip", "clip"), ("dinov2", "dino")])
+def test_load_in_8bit_quantizes_and_stays_close(model_dirs, backend, name):
+    """bitsandbytes' CPU backend (>= 0.48) runs transformers' 8-bit loading here: int8 linear weights, outputs
+    within a few per cent of the full-precision encoder, gradients still reach the images."""
+    pytest.importorskip("bitsandbytes")
+    full = load_semantic_encoder(backend, str(model_dirs / name))
+    quantized = load_semantic_encoder(backend, str(model_dirs / name), load_in_8bit=True)
+    assert torch.int8 in {p.dtype for p in quantized.model.parameters()}
+    x = images(7).requires_grad_()
+    reference, out = full(x.detach()), quantized(x)
+    assert (out - reference).abs().max() <= 0.05 * reference.abs().max()
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()  # not a plain sum:
+    # DINOv2's embedding ends in a LayerNorm, whose outputs sum to a constant
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
