@@ -43,6 +43,12 @@ def test_train_writes_checkpoints_config_and_grids(tmp_path, world):
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file()
     assert sorted(p.name for p in (run / "images").iterdir()) == ["step_00000001.png", "step_00000002.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Images("originals_over_finetuned")] == [1, 2]
+    assert {"loss", "align", "images_per_s", "peak_memory_gb", "skipped_steps"} <= set(events.Tags()["scalars"])
     ckpt = run / "checkpoints" / "step_00000002"
     names = set(load_file(str(ckpt / "weights.safetensors")))
     assert len(names) == 1 and names == set(load_file(str(ckpt / "ema.safetensors")))
@@ -114,3 +120,15 @@ def test_adamw8bit_keeps_8bit_state_and_resumes_exactly(tmp_path, world, monkeyp
     assert runs["straight"].keys() == runs["resumed"].keys()
     for key, value in runs["straight"].items():
         assert torch.equal(value, runs["resumed"][key]), key
+
+
+@pytest.mark.parametrize("budget_gb, kept", [(1.0, "all"), (1e-9, "none")])
+def test_memory_budget_picks_the_kept_graphs(tmp_path, world, budget_gb, kept):
+    """sampler.memory_budget_gb decides keep_graph_steps for the finetuned (graph-building) pass only."""
+    cfg = load_config(write_config(tmp_path, world, "unet_lora"), [f"sampler.memory_budget_gb={budget_gb}"])
+    trainer = Trainer(cfg)
+    trainer.iteration(0)
+    decisions = list(trainer.memory_budget._keep.items())
+    assert len(decisions) == 1  # one shape: the frozen pass (no grad) asked nothing
+    (_, steps), keep = decisions[0]
+    assert keep == (steps if kept == "all" else 0)
