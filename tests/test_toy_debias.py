@@ -16,10 +16,18 @@ CONFIGS = ("gender", "gender_race", "age")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_shipped_toy_configs_are_valid_and_find_their_files(name, tmp_path):
+def test_shipped_toy_configs_are_valid_and_train(name, tmp_path):
+    """Each toy config as shipped passes the checks, and one shortened iteration of it trains on the toy model."""
     cfg = load_config(f"pkg://fastfair.toy/configs/{name}.yaml", [f"output_dir={tmp_path}"])
     validate(cfg)
     check_files(cfg)
+    short = load_config(f"pkg://fastfair.toy/configs/{name}.yaml", [
+        f"output_dir={tmp_path}", "batch.images_per_prompt=4", "sampler.num_steps=4", "sampler.grad_steps=2"])
+    with process_group("cpu"):
+        trainer = Trainer(short, "cpu")
+        parts = trainer.iteration(0)
+    assert trainer.skipped == 0 and all(torch.isfinite(torch.tensor(v)) for v in parts.values())
+    assert {f"bias/{a}" for a in ("gender", "race", "age")[:len(trainer.targets.attributes)]} <= set(parts)
 
 
 def _most_skewed_training_prompt():
