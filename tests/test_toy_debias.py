@@ -42,6 +42,7 @@ def test_short_debiasing_run_moves_the_gender_frequency_toward_uniform(tmp_path)
     run = tmp_path / "run"
     cfg = load_config("pkg://fastfair.toy/configs/gender.yaml", [
         f"output_dir={run}", "max_steps=24", "checkpoint_every=24", "logging.image_every=0",
+        "optim.ema_decay=0.9",  # the evaluated EMA must not lag 24 iterations behind
         f"data.sets={{one: {{file: {tmp_path / 'prompt.txt'}}}}}"])
     with process_group("cpu"):
         Trainer(cfg, "cpu").train()
