@@ -27,17 +27,23 @@ ALIGNED_SIZE = 112
 BANK_FILE = "face_bank.safetensors"
 
 
-class ToyFaceEmbedding(nn.Module):
-    """aligned faces [N, 3, S, S] -> [N, 3 * 16 * 16]: average-pooled pixels minus their mean (differentiable)."""
+class PooledPixels(nn.Module):
+    """images [N, 3, H, W] -> [N, 3 * size * size]: average-pooled pixels minus each image's mean
+    (differentiable). The toy face embedding (size 16, on aligned faces) and the toy semantics' layout encoder
+    (size 8, on whole images)."""
 
-    def forward(self, faces: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(faces, POOLED_SIZE).flatten(1)
+    def __init__(self, size: int = POOLED_SIZE):
+        super().__init__()
+        self.size = size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(images, self.size).flatten(1)
         return pooled - pooled.mean(dim=1, keepdim=True)
 
 
 def toy_face_embedder() -> FaceEmbedder:
     """The face embedder the toy bank was built with (flip-summed, unit-normalized, 112x112 input)."""
-    return FaceEmbedder(ToyFaceEmbedding(), flip=True, input_size=ALIGNED_SIZE)
+    return FaceEmbedder(PooledPixels(POOLED_SIZE), flip=True, input_size=ALIGNED_SIZE)
 
 
 @torch.no_grad()

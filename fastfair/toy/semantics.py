@@ -14,23 +14,14 @@ cosine similarities are what the toy demo reports as semantics preservation.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from fastfair.losses.semantics import Preprocess, SemanticEncoder, SemanticsLoss
+from fastfair.toy.face_bank import PooledPixels
 from fastfair.toy.world import IMAGE_SIZE
 
 LAYOUT_SIZE = 8
 # identity preprocessing: [-1, 1] -> [0, 1] -> (x - 0.5) / 0.5 = [-1, 1], the VAE's own input range
 IDENTITY = Preprocess(IMAGE_SIZE, (IMAGE_SIZE, IMAGE_SIZE), (0.5,) * 3, (0.5,) * 3)
-
-
-class Layout(nn.Module):
-    """[N, 3, H, W] -> [N, 3 * 8 * 8]: average-pooled pixels minus their per-image mean."""
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(images, LAYOUT_SIZE).flatten(1)
-        return pooled - pooled.mean(dim=1, keepdim=True)
 
 
 def _vae_latent(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -45,4 +36,4 @@ def toy_semantics(spec=None, weights_dir: Optional[str] = None) -> SemanticsLoss
 
     vae = AutoencoderKL.from_pretrained(weights_path(PIPELINE, weights_dir), subfolder="vae", local_files_only=True)
     return SemanticsLoss({"latent": SemanticEncoder(vae, IDENTITY, _vae_latent),
-                          "layout": SemanticEncoder(Layout(), IDENTITY, lambda model, pixels: model(pixels))})
+                          "layout": SemanticEncoder(PooledPixels(LAYOUT_SIZE), IDENTITY, lambda model, pixels: model(pixels))})
