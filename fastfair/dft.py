@@ -52,6 +52,7 @@ class _Plan:
     coefficients: str
     unet_dtype: torch.dtype
     frozen_rows: int = 0             # leading batch rows sampled along without gradient
+    need_uncond: bool = True         # the backward uses the uncond branch (something trainable is upstream of it)
     saved_z: Dict[int, torch.Tensor] = field(default_factory=dict)
     kept_eps: Dict[int, torch.Tensor] = field(default_factory=dict)
     # (cond, uncond) as the U-Net sees them in graph-building calls: a fresh leaf where the caller's tensor
@@ -148,6 +149,35 @@ def _autocast(state):
     return torch.autocast(device_type=state[0], dtype=state[2])
 
 
+def _graph_rows(batch: int, branches: int, frozen_rows: int, need_uncond: bool) -> List[int]:
+    """Rows of a U-Net call laid out [uncond; cond] (or [cond]) that the backward differentiates: the images
+    from ``frozen_rows`` on, of the cond branch and, when ``need_uncond``, of the uncond branch; in the layout
+    of the backward's recompute ([uncond rows; cond rows] for those images)."""
+    used = [0, 1] if branches == 2 and need_uncond else [branches - 1]
+    return [b * batch + r for b in used for r in range(frozen_rows, batch)]
+
+
+def _kept_step_eps(plan: _Plan, i: int, x: torch.Tensor, t: torch.Tensor, batch: int, branches: int,
+                   emb_nograd: torch.Tensor) -> torch.Tensor:
+    """eps [branches*B, ...] of step i with its graph kept in ``plan.kept_eps[i]`` for the rows the backward
+    uses only; the other rows (frozen images, an uncond branch nothing trainable feeds) run in a no-grad call,
+    so a kept graph costs what a recompute chunk of one step costs, not what the whole batch would."""
+    rows = _graph_rows(batch, branches, plan.frozen_rows, plan.need_uncond)
+    graph_branches = len(rows) // (batch - plan.frozen_rows)
+    with torch.enable_grad():
+        emb = _embeddings(plan.sources[0], plan.sources[1] if graph_branches == 2 else None,
+                          batch - plan.frozen_rows, graph_branches, plan.frozen_rows)
+        eps_graph = _unet_eps(plan.unet, x[rows], t[rows], emb)
+    plan.kept_eps[i] = eps_graph
+    if len(rows) == x.shape[0]:
+        return eps_graph.detach()
+    rest = sorted(set(range(x.shape[0])) - set(rows))
+    eps = torch.empty((x.shape[0], *eps_graph.shape[1:]), dtype=eps_graph.dtype, device=eps_graph.device)
+    eps[rows] = eps_graph.detach()
+    eps[rest] = _unet_eps(plan.unet, x[rest], t[rest], emb_nograd[rest])
+    return eps
+
+
 def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
                  record: bool) -> torch.Tensor:
     """The S solver steps with no graph; when ``record``, keep z_i of the grad steps and the kept graphs."""
@@ -163,11 +193,7 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
         t = torch.full((branches * batch,), int(sched.timesteps[i]), device=z.device, dtype=torch.long)
         x = z.to(plan.unet_dtype).repeat(branches, *([1] * (z.dim() - 1)))
         if i in plan.keep_graph and record:
-            with torch.enable_grad():
-                emb = _embeddings(*plan.sources, batch, branches)
-                eps_graph = _unet_eps(unet, x, t, emb)
-            plan.kept_eps[i] = eps_graph
-            eps = eps_graph.detach()
+            eps = _kept_step_eps(plan, i, x, t, batch, branches, emb_nograd)
         else:
             if i in grad_set:
                 plan.saved_z[i] = z[plan.frozen_rows:]
@@ -207,8 +233,7 @@ class _AdjustedDFT(torch.autograd.Function):
         cond_leaf, uncond_leaf = plan.leaves
         sched, w = plan.schedule, plan.guidance
         scales = sched.grad_scales(plan.coefficients) * plan.step_weight
-        need_uncond = plan.use_cfg and (uncond_leaf is not None or len(params) > 0)
-        branch_weights = ([1.0 - w, w] if need_uncond else [w]) if plan.use_cfg else [1.0]
+        branch_weights = ([1.0 - w, w] if plan.need_uncond else [w]) if plan.use_cfg else [1.0]
         inputs = [x for x in (cond_leaf, uncond_leaf) if x is not None] + list(params)
         sums: List[Optional[torch.Tensor]] = [None] * len(inputs)
 
@@ -226,10 +251,8 @@ class _AdjustedDFT(torch.autograd.Function):
         batch = g_rows.shape[0]
         if inputs:
             with _autocast(plan.autocast):
-                # The forward ran both CFG branches; an unconnected uncond branch adds nothing.
-                kept_weights = [1.0 - w, w] if plan.use_cfg else [1.0]
-                for i, eps in plan.kept_eps.items():
-                    upstream = kernels.grad_fanout(g, [float(scales[i])], kept_weights, out_dtype=eps.dtype)
+                for i, eps in plan.kept_eps.items():  # laid out like a one-step recompute chunk
+                    upstream = kernels.grad_fanout(g_rows, [float(scales[i])], branch_weights, out_dtype=eps.dtype)
                     accumulate(eps, upstream.view_as(eps))
                 plan.kept_eps.clear()
                 todo = [i for i in plan.grad_steps if i in plan.saved_z]
@@ -337,6 +360,7 @@ def sample(
     cond_leaf = cond.detach().requires_grad_() if cond.requires_grad else None
     uncond_leaf = uncond.detach().requires_grad_() if use_cfg and uncond.requires_grad else None
     plan.leaves = (cond_leaf, uncond_leaf)
+    plan.need_uncond = uncond_leaf is not None or len(params) > 0
     plan.sources = (
         cond_leaf if cond_leaf is not None else cond.detach(),
         uncond_leaf if uncond_leaf is not None else (uncond.detach() if use_cfg else None),

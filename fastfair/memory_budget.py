@@ -6,8 +6,8 @@ The finetuned sampling's memory is modelled as linear in the number k of steps w
     P(k) = R + k G,    keep = clamp(floor((budget - R) / G), 0, S)
 
 - G: the bytes one kept step holds until the backward, measured, not guessed: the storages autograd saves during
-  one U-Net call made as the engine makes it (both CFG branches, the run's batch, dtype and autocast), plus the
-  kept eps (`graph_bytes_per_step`). Weights, buffers and the text embeddings exist anyway and are not counted.
+  the graph-building U-Net call made as the engine makes it (the rows it differentiates: frozen rows and an
+  uncond branch nothing trainable feeds are left out; the run's dtype and autocast), plus the kept eps (`graph_bytes_per_step`). Weights, buffers and the text embeddings exist anyway and are not counted.
 - R, "reserved": what the lean run (k = 0) holds anyway besides kept graphs: on CUDA,
   ``torch.cuda.memory_allocated()`` when the decision is taken (weights, optimizer state, ...); on CPU 0, so there
   the budget covers the kept graphs only.
@@ -59,25 +59,31 @@ def saved_tensor_bytes(forward: Callable[[], torch.Tensor], held: Iterable[torch
 
 
 def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
-                         uncond: Optional[torch.Tensor], guidance_scale: float) -> int:
-    """G: the bytes one kept step's graph holds, for one U-Net call as the engine's kept step makes it.
+                         uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0) -> int:
+    """G: the bytes one kept step's graph holds, for the graph-building U-Net call the engine's kept step makes.
 
     latents: z [B, C, H, W]; t: a timestep (activation sizes do not depend on it); cond, uncond: text embeddings
-    [B or 1, L, D] as ``fastfair.dft.sample`` receives them (uncond None or guidance_scale 1: no CFG). Runs one
-    forward under the ambient autocast, under ``saved_tensors_hooks``, with no backward.
+    [B or 1, L, D] as ``fastfair.dft.sample`` receives them (uncond None or guidance_scale 1: no CFG);
+    frozen_rows: as in ``sample``. Like the engine, the graph covers the images from ``frozen_rows`` on, and the
+    uncond branch only when something trainable feeds it (uncond requires grad or the U-Net has trainable
+    parameters). Runs one forward under the ambient autocast, under ``saved_tensors_hooks``, with no backward.
     """
     if not isinstance(latents, torch.Tensor) or latents.dim() < 2:
         raise ValueError("latents: expected a latent tensor [B, C, H, W]")
-    branches = 2 if uncond is not None and float(guidance_scale) != 1.0 else 1
-    batch = latents.shape[0]
+    if not isinstance(frozen_rows, int) or not 0 <= frozen_rows < latents.shape[0]:
+        raise ValueError(f"frozen_rows={frozen_rows!r}: expected an integer in [0, batch={latents.shape[0]})")
+    use_cfg = uncond is not None and float(guidance_scale) != 1.0
+    trainable_unet = any(p.requires_grad for p in unet.parameters())
+    branches = 2 if use_cfg and (uncond.requires_grad or trainable_unet) else 1
+    batch = latents.shape[0] - frozen_rows
     # fresh leaves like the engine's: the embeddings' own graph (text encoder) is not part of a step's
     cond = cond.detach().requires_grad_(cond.requires_grad)
     uncond = uncond.detach().requires_grad_(uncond.requires_grad) if branches == 2 else None
 
     def one_step() -> torch.Tensor:
-        x = latents.detach().to(unet_input_dtype(unet)).repeat(branches, *([1] * (latents.dim() - 1)))
+        x = latents[frozen_rows:].detach().to(unet_input_dtype(unet)).repeat(branches, *([1] * (latents.dim() - 1)))
         steps = torch.full((branches * batch,), int(t), dtype=torch.long, device=latents.device)
-        return _unet_eps(unet, x, steps, _embeddings(cond, uncond, batch, branches))
+        return _unet_eps(unet, x, steps, _embeddings(cond, uncond, batch, branches, frozen_rows))
 
     held = [*unet.parameters(), *unet.buffers(), cond] + ([uncond] if uncond is not None else [])
     trainable = {id(p) for p in unet.parameters() if p.requires_grad}
@@ -124,14 +130,17 @@ class MemoryBudget:
         self._keep: Dict[Tuple, int] = {}
 
     def keep_graph_steps(self, unet: torch.nn.Module, z_T: torch.Tensor, cond: torch.Tensor,
-                         uncond: Optional[torch.Tensor], num_steps: int, guidance_scale: float) -> int:
+                         uncond: Optional[torch.Tensor], num_steps: int, guidance_scale: float,
+                         frozen_rows: int = 0) -> int:
         """The keep_graph_steps to pass to ``fastfair.dft.sample`` with these arguments."""
         shapes = (tuple(z_T.shape), tuple(cond.shape), None if uncond is None else tuple(uncond.shape),
-                  float(guidance_scale) != 1.0)
+                  float(guidance_scale) != 1.0, frozen_rows, cond.requires_grad,
+                  uncond is not None and uncond.requires_grad)
         if (shapes, num_steps) not in self._keep:
             reserved = reserved_now(z_T.device)  # read before the measuring forward: its graph is transient
             if shapes not in self._per_step:
-                self._per_step[shapes] = graph_bytes_per_step(unet, z_T, 0, cond, uncond, guidance_scale)
+                self._per_step[shapes] = graph_bytes_per_step(unet, z_T, 0, cond, uncond, guidance_scale,
+                                                                 frozen_rows)
             self._keep[shapes, num_steps] = keep_graph_steps_for_budget(
                 self.budget_bytes, self._per_step[shapes], num_steps, reserved)
         return self._keep[shapes, num_steps]

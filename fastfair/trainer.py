@@ -240,7 +240,8 @@ class Trainer:
         s = self.cfg.sampler
         keep = s.keep_graph_steps
         if self.memory_budget is not None and torch.is_grad_enabled():  # only the graph-building pass
-            keep = self.memory_budget.keep_graph_steps(unet, z_T, cond, uncond, steps, s.guidance_scale)
+            keep = self.memory_budget.keep_graph_steps(unet, z_T, cond, uncond, steps, s.guidance_scale,
+                                                      frozen_rows)
         return sample(unet, self.scheduler, z_T, cond, uncond, num_steps=steps, guidance_scale=s.guidance_scale,
                       coefficients=s.coefficients, recompute_chunk=s.recompute_chunk, keep_graph_steps=keep,
                       grad_steps=s.grad_steps, generator=generator, frozen_rows=frozen_rows)

@@ -102,8 +102,10 @@ def test_z_T_gradient_and_unadjusted_reference_differs():
     assert max_rel([g_exact], [g_adj]) > 1e-3
 
 
-def test_frozen_unet_text_only_skips_uncond_branch(monkeypatch):
-    """With no trainable U-Net parameter and a frozen uncond, the backward runs only the cond branch."""
+@pytest.mark.parametrize("keep", [0, 2])
+def test_frozen_unet_text_only_skips_uncond_branch(monkeypatch, keep):
+    """With no trainable U-Net parameter and a frozen uncond, the backward runs only the cond branch, and a kept
+    step's graph covers only the cond branch (its uncond rows run in a separate no-grad call)."""
     unet, _, z_T, cond, uncond, target = make_problem(train_names=())
     uncond = uncond.detach()
     batches = []
@@ -115,9 +117,10 @@ def test_frozen_unet_text_only_skips_uncond_branch(monkeypatch):
         return original(unet_, x, t, emb)
 
     monkeypatch.setattr(dft, "_unet_eps", counting)
-    z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, recompute_chunk=2)
+    z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, recompute_chunk=2, keep_graph_steps=keep)
     (g_ours,) = torch.autograd.grad(((z0 - target) ** 2).sum(), [cond])
-    assert batches == [2 * z_T.shape[0]] * 2  # 2 chunks of 2 steps x B (no uncond copy)
+    # kept steps: one graph call of B cond rows each; the rest: chunks of 2 steps x B (no uncond copy)
+    assert batches == [z_T.shape[0]] * keep + [2 * z_T.shape[0]] * ((4 - keep) // 2)
     monkeypatch.setattr(dft, "_unet_eps", original)
     z0 = reference_sample(unet, SCHED, z_T, cond, uncond, num_steps=4)
     (g_ref,) = torch.autograd.grad(((z0 - target) ** 2).sum(), [cond])
@@ -189,8 +192,10 @@ def test_input_errors_name_the_argument():
         sample(unet, SCHED, z_T, cond, uncond, num_steps=2)
 
 
-def test_frozen_rows_ride_along_without_gradient(monkeypatch):
-    """frozen_rows: the leading images share the U-Net calls but are neither backpropagated nor recomputed."""
+@pytest.mark.parametrize("keep", [0, 3])
+def test_frozen_rows_ride_along_without_gradient(monkeypatch, keep):
+    """frozen_rows: the leading images share the U-Net calls but are neither backpropagated nor recomputed, and
+    a kept step's graph leaves them out (they run in a separate no-grad call)."""
     unet, train, z_T, cond, uncond, target = make_problem(batch=2)
     frozen_cond = torch.randn(2, 5, 16, dtype=torch.float64)
     both_cond = torch.cat([frozen_cond, cond])
@@ -201,10 +206,12 @@ def test_frozen_rows_ride_along_without_gradient(monkeypatch):
     original = dft._unet_eps
     monkeypatch.setattr(dft, "_unet_eps", lambda u, x, t, e: (recomputed.append(x.shape[0])
                                                               if torch.is_grad_enabled() else None) or original(u, x, t, e))
-    z0 = sample(unet, SCHED, torch.cat([z_T, z_T]), both_cond, uncond, num_steps=4, frozen_rows=2, recompute_chunk=4)
+    z0 = sample(unet, SCHED, torch.cat([z_T, z_T]), both_cond, uncond, num_steps=4, frozen_rows=2, recompute_chunk=4,
+                keep_graph_steps=keep)
     loss = ((z0[2:] - target) ** 2).sum() + 100 * z0[:2].sum()  # the frozen rows' gradient must be ignored
     g_both = torch.autograd.grad(loss, [both_cond, uncond] + train)
-    assert recomputed == [4 * 2 * 2]  # 4 steps x 2 CFG branches x 2 grad rows
+    # kept steps: 2 CFG branches x 2 grad rows each; then one chunk of the other steps x 2 x 2
+    assert recomputed == [2 * 2] * keep + [(4 - keep) * 2 * 2]
     assert (z0[2:].detach() - z0_alone.detach()).abs().max() < 1e-12
     assert g_both[0][:2].abs().max() == 0
     assert max_rel([g_both[0][2:]] + list(g_both[1:]), g_alone) <= 1e-10

@@ -39,22 +39,30 @@ def _problem(train: str, dtype=torch.float32):
     return unet, z_T, cond, uncond
 
 
-@pytest.mark.parametrize("train,autocast", [("unet", None), ("unet", torch.bfloat16), ("cond", None)])
-def test_step_bytes_equal_what_one_more_kept_step_holds_in_the_engine(train, autocast):
+@pytest.mark.parametrize("train,autocast,frozen_rows", [("unet", None, 0), ("unet", torch.bfloat16, 0),
+                                                       ("cond", None, 0), ("unet", None, 1), ("cond", None, 1)])
+def test_step_bytes_equal_what_one_more_kept_step_holds_in_the_engine(train, autocast, frozen_rows):
     unet, z_T, cond, uncond = _problem(train)
     region = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
 
     def engine_holds(keep):  # the engine's forward keeping `keep` graphs; autocast's weight casts counted once
         with region():
             return saved_tensor_bytes(lambda: sample(unet, SCHED, z_T, cond, uncond, num_steps=3, guidance_scale=3.0,
-                                                     keep_graph_steps=keep),
+                                                     keep_graph_steps=keep, frozen_rows=frozen_rows),
                                       held=[*unet.parameters(), cond, uncond])
 
-    kept_eps = 2 * z_T.numel() * (autocast or torch.float32).itemsize  # [2B, C, H, W], not saved by the graph
+    # the kept eps (not saved by the graph): the differentiated rows only; with a frozen U-Net and uncond nothing
+    # trainable feeds the uncond branch, so its rows run without a graph
+    graph_branches = 2 if train == "unet" else 1
+    kept_eps = graph_branches * z_T[frozen_rows:].numel() * (autocast or torch.float32).itemsize
     with region():
-        measured = graph_bytes_per_step(unet, z_T, 500, cond, uncond, 3.0)
+        measured = graph_bytes_per_step(unet, z_T, 500, cond, uncond, 3.0, frozen_rows=frozen_rows)
     assert measured == engine_holds(2) - engine_holds(1) + kept_eps
     assert measured > kept_eps
+    if frozen_rows or train == "cond":  # the rows left out of the graph make it smaller than the whole call's
+        with region():
+            whole = graph_bytes_per_step(unet, z_T, 500, cond, uncond.detach().requires_grad_(), 3.0)
+        assert measured < 0.75 * whole
 
 
 def test_keep_graph_steps_for_budget():
