@@ -24,9 +24,17 @@ if ! FASTFAIR_BUILD_NATIVE=1 MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" -m pip install
 fi
 "$PYTHON" -c "import torch, fastfair._C; assert torch.ops.fastfair.has_cuda(), 'fastfair._C was built without CUDA'"
 
-step "kernel tests (log: $OUT/tests_kernels.log)"
+step "kernel and engine tests on CUDA (log: $OUT/tests_kernels.log)"
 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_kernels_native.py tests/test_kernels_triton.py \
-  tests/test_kernels_dispatch.py 2>&1 | tee "$OUT/tests_kernels.log"
+  tests/test_kernels_dispatch.py tests/test_dft_cuda.py 2>&1 | tee "$OUT/tests_kernels.log"
+
+step "trainer on CUDA: the toy config, 3 iterations in fp32 and in bf16 autocast (log: $OUT/train_toy.log)"
+for mixed in fp32 bf16; do
+  timeout 180 "$PYTHON" fastfair/train.py --config configs/toy.yaml max_steps=3 checkpoint_every=3 \
+    precision.mixed=$mixed output_dir="$OUT/train_toy_$mixed" 2>&1 | tail -n 5 | tee -a "$OUT/train_toy.log"
+  "$PYTHON" -c "import sys; from fastfair.checkpoint import list_checkpoints as ls; assert ls(sys.argv[1]), \
+    'toy training ($mixed) saved no checkpoint'" "$OUT/train_toy_$mixed"
+done
 
 step "kernel benchmark (log: $OUT/kernels.log)"
 "$PYTHON" bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
@@ -42,7 +50,8 @@ step "training iteration, baseline vs fastfair, sd15 shapes at 512x512 (log: $OU
 
 step "summary"
 {
-  echo "kernel tests: $(tail -n 1 "$OUT/tests_kernels.log")"
+  echo "kernel and engine tests: $(tail -n 1 "$OUT/tests_kernels.log")"
+  echo "toy trainer on CUDA: $(grep -c . "$OUT/train_toy.log") log lines, checkpoints saved in fp32 and bf16"
   echo
   "$PYTHON" bench/kernels.py --summarize "$OUT/kernels.json"
   echo

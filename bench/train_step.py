@@ -9,9 +9,12 @@ back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA 
 - ``baseline``: the public code's iteration with its classic attention (``AttnProcessor``);
 - ``baseline_sdpa``: the same with PyTorch SDPA attention (the reference for every ratio);
 - ``fastfair``: ``fastfair.dft.sample``, exact adjusted gradient, every step recomputed (lean: least memory);
-- ``fastfair_fast``: keeps the graphs of k steps, k = as many as fit in baseline_sdpa's peak: estimated from the
-  lean peak P_0 and the peak P_1 of one extra iteration with one kept graph (measured in the lean worker):
-  k = floor((P_base - P_0) / (P_1 - P_0)), clipped to [0, S];
+- ``fastfair_fast``: keeps the graphs of k steps, k = as many as fit in baseline_sdpa's peak P_base on top of the
+  lean peak P_0: k = floor((P_base - P_0) / G), clipped to [0, S], where G is the exact bytes one kept step's
+  graph holds (``fastfair.memory_budget.graph_bytes_per_step``, the trainer's ``sampler.memory_budget_gb``
+  rule, counted in the lean worker on the iteration's own inputs). Kept graphs add at most k G at any moment,
+  so P_0 + k G bounds the peak (a fit through the peak of one kept graph would not: once the kept graph is
+  smaller than the gap to the lean peak's phase, that peak does not move);
 - ``fastfair_k5``: ``grad_steps=5`` (unbiased subsample of 5 of the S steps).
 Each configuration runs in its own subprocess (warm-up iteration, then ``--iters`` timed ones); the rounds run
 the configurations interleaved, and the table reports medians over all timed iterations (time) and over rounds
@@ -113,6 +116,16 @@ def baseline_step(model, scheduler, objective, z_T, prompt, *, num_steps, micro_
                               guidance_scale=GUIDANCE, micro_batch=micro_batch, **kwargs)
 
 
+def sampler_inputs(model, z_T, prompt):
+    """(z, cond, uncond) of fastfair's sampler call: the frozen model's n rows first, then the finetuned n rows
+    (``frozen_rows=n``), both from the same noise z_T [n, C, H, W]."""
+    n = z_T.shape[0]
+    both = lambda a, b: torch.cat([a.expand(n, -1, -1), b.expand(n, -1, -1)])  # noqa: E731
+    cond = both(model.encode_original([prompt]), model.encode([prompt]))
+    uncond = both(model.encode_original([""]), model.encode([""], positive=False))
+    return torch.cat([z_T, z_T]), cond, uncond
+
+
 def fastfair_step(model, scheduler, objective, z_T, prompt, *, num_steps, phase=None, **engine):
     """fastfair's iteration gradient: frozen and finetuned rows in the same sampler calls (``frozen_rows``), the
     loss's dL/dz_0, then the adjusted backward of ``fastfair.dft.sample`` (engine: its keyword options)."""
@@ -120,11 +133,9 @@ def fastfair_step(model, scheduler, objective, z_T, prompt, *, num_steps, phase=
 
     phase = phase or (lambda name: contextlib.nullcontext())
     n = z_T.shape[0]
-    both = lambda a, b: torch.cat([a.expand(n, -1, -1), b.expand(n, -1, -1)])  # noqa: E731
     with phase("sampling"):
-        cond = both(model.encode_original([prompt]), model.encode([prompt]))
-        uncond = both(model.encode_original([""]), model.encode([""], positive=False))
-        z0 = sample(model.unet, scheduler, torch.cat([z_T, z_T]), cond, uncond, num_steps=num_steps,
+        z, cond, uncond = sampler_inputs(model, z_T, prompt)
+        z0 = sample(model.unet, scheduler, z, cond, uncond, num_steps=num_steps,
                     guidance_scale=GUIDANCE, coefficients="paper", frozen_rows=n, **engine)
     with phase("decode_losses"):
         with torch.no_grad():
@@ -287,10 +298,11 @@ def worker(cfg: dict) -> dict:
     result = {"impl": impl, "model": cfg["model"], "images": n, "steps": steps, "device": device,
               "s_per_iter_samples": times, "phases_samples": dict(phases), "peak_bytes": memory.peak(),
               "micro_batch": cfg.get("micro_batch") or n, "latent": list(latent)}
-    if impl == "fastfair" and cfg.get("probe_keep"):  # one kept graph: the per-step cost for fastfair_fast
-        memory.start()
-        iteration(PhaseTimer(device), keep_graph_steps=1)
-        result["peak_bytes_keep1"] = memory.peak()
+    if impl == "fastfair" and cfg.get("probe_keep"):  # G, one kept step's graph: fastfair_fast's per-step cost
+        from fastfair.memory_budget import graph_bytes_per_step
+
+        z, cond, uncond = sampler_inputs(model, z_T, PROMPT)
+        result["kept_graph_bytes"] = graph_bytes_per_step(model.unet, z, 0, cond, uncond, GUIDANCE, frozen_rows=n)
     if cfg.get("count_flops"):
         result["unit_flops"] = unit_flops(model, objective, latent, device)
         dtype = torch.float16 if device == "cuda" else torch.float32
@@ -310,12 +322,12 @@ def run_worker(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def keep_for_budget(budget: int, lean: int, keep1: int, steps: int) -> int:
-    """Kept graphs that fit in ``budget`` bytes: P(k) = P_0 + k (P_1 - P_0)."""
-    per_step = keep1 - lean
-    if per_step <= 0:
-        return steps
-    return max(0, min(steps, math.floor((budget - lean) / per_step)))
+def keep_for_budget(budget: int, lean: int, per_step: int, steps: int) -> int:
+    """Kept graphs that fit in ``budget`` bytes on top of the lean peak: floor((budget - lean) / per_step) in
+    [0, steps]."""
+    from fastfair.memory_budget import keep_graph_steps_for_budget
+
+    return keep_graph_steps_for_budget(budget, per_step, steps, reserved_bytes=lean)
 
 
 def summarize(runs: list, args, flops_info: dict) -> list:
@@ -370,6 +382,10 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
     if meta.get("matmul_flops_per_s"):
         lines += ["", f"Measured dense matmul rate: {meta['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s "
                       f"({meta['matmul_dtype']}); FLOP model: bench/flops.py."]
+    if meta.get("kept_graph_bytes"):
+        lines += ["", f"fastfair_fast: one kept step's graph holds {meta['kept_graph_bytes'] / 2**20:.1f} MiB "
+                      "(counted exactly, fastfair.memory_budget); k = floor((baseline_sdpa peak - fastfair peak) / "
+                      "that)."]
     if sweep:
         lines += ["", "Peak memory (MiB) versus steps and images (one iteration each):", "",
                   "| impl | images | steps | peak MiB |", "|---|---:|---:|---:|"]
@@ -438,11 +454,13 @@ def main(argv=None) -> None:
             if impl == "fastfair_fast":
                 if keep is None:
                     ref = next((r for r in runs if r["impl"] == "baseline_sdpa"), None)
-                    lean = next((r for r in runs if "peak_bytes_keep1" in r), None)
+                    lean = next((r for r in runs if "kept_graph_bytes" in r), None)
                     if ref is None or lean is None:
                         raise ValueError("fastfair_fast needs baseline_sdpa and fastfair earlier in --impls")
-                    keep = keep_for_budget(ref["peak_bytes"], lean["peak_bytes"], lean["peak_bytes_keep1"],
+                    keep = keep_for_budget(ref["peak_bytes"], lean["peak_bytes"], lean["kept_graph_bytes"],
                                            args.steps)
+                    print(f"fastfair_fast: one kept graph holds {lean['kept_graph_bytes'] / 2**20:.1f} MiB; "
+                          f"keeping {keep} of {args.steps} steps", flush=True)
                 cfg["keep_graph_steps"] = keep
             result = run_worker(cfg)
             result["keep_graph_steps"] = cfg.get("keep_graph_steps", 0)
@@ -463,7 +481,8 @@ def main(argv=None) -> None:
     meta = {"device": flops_info.get("device_name", runs[0]["device"]), "model": args.model, "images": args.images,
             "steps": args.steps, "latent": runs[0]["latent"], "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d"), "matmul_flops_per_s": flops_info.get("matmul_flops_per_s"),
-            "matmul_dtype": "fp16" if cuda else "fp32", "unit_flops": flops_info.get("unit_flops")}
+            "matmul_dtype": "fp16" if cuda else "fp32", "unit_flops": flops_info.get("unit_flops"),
+            "kept_graph_bytes": next((r["kept_graph_bytes"] for r in runs if "kept_graph_bytes" in r), None)}
     ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
     budget = int(args.budget_gib * 2**30) if args.budget_gib else (ref["peak_bytes"] if ref else None)
     if sweep_images and budget:
