@@ -149,28 +149,38 @@ def _autocast(state):
     return torch.autocast(device_type=state[0], dtype=state[2])
 
 
-def _graph_rows(batch: int, branches: int, frozen_rows: int, need_uncond: bool) -> List[int]:
-    """Rows of a U-Net call laid out [uncond; cond] (or [cond]) that the backward differentiates: the images
-    from ``frozen_rows`` on, of the cond branch and, when ``need_uncond``, of the uncond branch; in the layout
-    of the backward's recompute ([uncond rows; cond rows] for those images)."""
-    used = [0, 1] if branches == 2 and need_uncond else [branches - 1]
-    return [b * batch + r for b in used for r in range(frozen_rows, batch)]
+def graph_branches(use_cfg: bool, need_uncond: bool) -> int:
+    """CFG branches a graph-building U-Net call covers: the uncond one only when something trainable feeds it."""
+    return 2 if use_cfg and need_uncond else 1
 
 
-def _kept_step_eps(plan: _Plan, i: int, x: torch.Tensor, t: torch.Tensor, batch: int, branches: int,
+def graph_inputs(z_rows: torch.Tensor, timestep: int, sources: Tuple[torch.Tensor, Optional[torch.Tensor]],
+                 branches: int, frozen_rows: int, unet_dtype: torch.dtype):
+    """(x, t, emb) of a graph-building U-Net call for the b images z_rows [b, C, H, W] (the batch's rows from
+    ``frozen_rows`` on) at one timestep: x [branches*b, C, H, W] in ``unet_dtype``, t [branches*b], emb
+    [branches*b, L, D] laid out [uncond; cond] (or [cond]) from sources = (cond, uncond) as the sampler got them."""
+    b = z_rows.shape[0]
+    x = z_rows.to(unet_dtype).repeat(branches, *([1] * (z_rows.dim() - 1)))
+    t = torch.full((branches * b,), int(timestep), dtype=torch.long, device=z_rows.device)
+    return x, t, _embeddings(sources[0], sources[1] if branches == 2 else None, b, branches, frozen_rows)
+
+
+def _kept_step_eps(plan: _Plan, i: int, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                    emb_nograd: torch.Tensor) -> torch.Tensor:
-    """eps [branches*B, ...] of step i with its graph kept in ``plan.kept_eps[i]`` for the rows the backward
-    uses only; the other rows (frozen images, an uncond branch nothing trainable feeds) run in a no-grad call,
-    so a kept graph costs what a recompute chunk of one step costs, not what the whole batch would."""
-    rows = _graph_rows(batch, branches, plan.frozen_rows, plan.need_uncond)
-    graph_branches = len(rows) // (batch - plan.frozen_rows)
+    """eps [branches*B, ...] of step i (z [B, C, H, W]; x, t, emb_nograd: the whole batch's call) with its graph
+    kept in ``plan.kept_eps[i]`` for the rows the backward uses only, laid out like a one-step recompute; the other
+    rows (frozen images, an uncond branch nothing trainable feeds) run in a no-grad call, so a kept graph costs
+    what a recompute of one step costs, not what the whole batch would."""
+    batch, f = z.shape[0], plan.frozen_rows
+    nb = graph_branches(plan.use_cfg, plan.need_uncond)
+    timestep = int(plan.schedule.timesteps[i])
     with torch.enable_grad():
-        emb = _embeddings(plan.sources[0], plan.sources[1] if graph_branches == 2 else None,
-                          batch - plan.frozen_rows, graph_branches, plan.frozen_rows)
-        eps_graph = _unet_eps(plan.unet, x[rows], t[rows], emb)
+        eps_graph = _unet_eps(plan.unet, *graph_inputs(z[f:], timestep, plan.sources, nb, f, plan.unet_dtype))
     plan.kept_eps[i] = eps_graph
-    if len(rows) == x.shape[0]:
+    if eps_graph.shape[0] == x.shape[0]:
         return eps_graph.detach()
+    first_branch = 2 - nb if plan.use_cfg else 0  # the cond branch sits second in [uncond; cond]
+    rows = [k * batch + r for k in range(first_branch, first_branch + nb) for r in range(f, batch)]
     rest = sorted(set(range(x.shape[0])) - set(rows))
     eps = torch.empty((x.shape[0], *eps_graph.shape[1:]), dtype=eps_graph.dtype, device=eps_graph.device)
     eps[rows] = eps_graph.detach()
@@ -193,7 +203,7 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
         t = torch.full((branches * batch,), int(sched.timesteps[i]), device=z.device, dtype=torch.long)
         x = z.to(plan.unet_dtype).repeat(branches, *([1] * (z.dim() - 1)))
         if i in plan.keep_graph and record:
-            eps = _kept_step_eps(plan, i, x, t, batch, branches, emb_nograd)
+            eps = _kept_step_eps(plan, i, z, x, t, emb_nograd)
         else:
             if i in grad_set:
                 plan.saved_z[i] = z[plan.frozen_rows:]
@@ -233,7 +243,8 @@ class _AdjustedDFT(torch.autograd.Function):
         cond_leaf, uncond_leaf = plan.leaves
         sched, w = plan.schedule, plan.guidance
         scales = sched.grad_scales(plan.coefficients) * plan.step_weight
-        branch_weights = ([1.0 - w, w] if plan.need_uncond else [w]) if plan.use_cfg else [1.0]
+        nb = graph_branches(plan.use_cfg, plan.need_uncond)
+        branch_weights = [1.0 - w, w] if nb == 2 else [w if plan.use_cfg else 1.0]
         inputs = [x for x in (cond_leaf, uncond_leaf) if x is not None] + list(params)
         sums: List[Optional[torch.Tensor]] = [None] * len(inputs)
 
@@ -256,18 +267,13 @@ class _AdjustedDFT(torch.autograd.Function):
                     accumulate(eps, upstream.view_as(eps))
                 plan.kept_eps.clear()
                 todo = [i for i in plan.grad_steps if i in plan.saved_z]
-                nb = len(branch_weights)
                 for start in range(0, len(todo), plan.recompute_chunk):
                     chunk = todo[start:start + plan.recompute_chunk]
-                    x = torch.cat([plan.saved_z[i].to(plan.unet_dtype).repeat(nb, *([1] * (g.dim() - 1)))
-                                   for i in chunk])
-                    t = torch.cat([torch.full((nb * batch,), int(sched.timesteps[i]), dtype=torch.long,
-                                              device=g.device) for i in chunk])
                     with torch.enable_grad():
-                        emb = _embeddings(plan.sources[0], plan.sources[1] if nb == 2 else None, batch, nb,
-                                          plan.frozen_rows)
-                        emb = emb.repeat(len(chunk), 1, 1) if len(chunk) > 1 else emb
-                        eps = _unet_eps(plan.unet, x, t, emb)
+                        calls = [graph_inputs(plan.saved_z[i], int(sched.timesteps[i]), plan.sources, nb,
+                                              plan.frozen_rows, plan.unet_dtype) for i in chunk]
+                        eps = _unet_eps(plan.unet, *(torch.cat(parts) if len(chunk) > 1 else parts[0]
+                                                     for parts in zip(*calls)))
                     upstream = kernels.grad_fanout(g_rows, [float(scales[i]) for i in chunk], branch_weights,
                                                    out_dtype=eps.dtype)
                     accumulate(eps, upstream.view_as(eps))

@@ -7,7 +7,8 @@ The finetuned sampling's memory is modelled as linear in the number k of steps w
 
 - G: the bytes one kept step holds until the backward, measured, not guessed: the storages autograd saves during
   the graph-building U-Net call made as the engine makes it (the rows it differentiates: frozen rows and an
-  uncond branch nothing trainable feeds are left out; the run's dtype and autocast), plus the kept eps (`graph_bytes_per_step`). Weights, buffers and the text embeddings exist anyway and are not counted.
+  uncond branch nothing trainable feeds are left out; the run's dtype and autocast), plus the kept eps
+  (`graph_bytes_per_step`). Weights, buffers and the text embeddings exist anyway and are not counted.
 - R, "reserved": what the lean run (k = 0) holds anyway besides kept graphs: on CUDA,
   ``torch.cuda.memory_allocated()`` when the decision is taken (weights, optimizer state, ...); on CPU 0, so there
   the budget covers the kept graphs only.
@@ -22,7 +23,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from fastfair.dft import _autocast_state, _embeddings, _unet_eps, unet_input_dtype
+from fastfair.dft import _autocast_state, _unet_eps, graph_branches, graph_inputs, unet_input_dtype
 
 GIB = 2 ** 30
 
@@ -73,17 +74,15 @@ def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, c
     if not isinstance(frozen_rows, int) or not 0 <= frozen_rows < latents.shape[0]:
         raise ValueError(f"frozen_rows={frozen_rows!r}: expected an integer in [0, batch={latents.shape[0]})")
     use_cfg = uncond is not None and float(guidance_scale) != 1.0
-    trainable_unet = any(p.requires_grad for p in unet.parameters())
-    branches = 2 if use_cfg and (uncond.requires_grad or trainable_unet) else 1
-    batch = latents.shape[0] - frozen_rows
+    need_uncond = use_cfg and (uncond.requires_grad or any(p.requires_grad for p in unet.parameters()))
+    branches = graph_branches(use_cfg, need_uncond)
     # fresh leaves like the engine's: the embeddings' own graph (text encoder) is not part of a step's
     cond = cond.detach().requires_grad_(cond.requires_grad)
     uncond = uncond.detach().requires_grad_(uncond.requires_grad) if branches == 2 else None
 
     def one_step() -> torch.Tensor:
-        x = latents[frozen_rows:].detach().to(unet_input_dtype(unet)).repeat(branches, *([1] * (latents.dim() - 1)))
-        steps = torch.full((branches * batch,), int(t), dtype=torch.long, device=latents.device)
-        return _unet_eps(unet, x, steps, _embeddings(cond, uncond, batch, branches, frozen_rows))
+        return _unet_eps(unet, *graph_inputs(latents[frozen_rows:].detach(), t, (cond, uncond), branches,
+                                             frozen_rows, unet_input_dtype(unet)))
 
     held = [*unet.parameters(), *unet.buffers(), cond] + ([uncond] if uncond is not None else [])
     trainable = {id(p) for p in unet.parameters() if p.requires_grad}
