@@ -3,24 +3,26 @@
 Units, counted once at the benchmark's shapes (``unit_flops``, torch's FlopCounterMode with attention in its
 math form so that every matmul is seen): U = one U-Net forward for one image and one CFG branch; D = one VAE
 decode of one image; J = the judges on one image (classifier + CLIP + DINO); E = CLIP + DINO alone (embedding an
-original); T = one text-encoder forward of one prompt. A backward that only needs input gradients (frozen
-weights: U-Net, VAE, judges) costs about 1x its forward; the text encoder, whose LoRA weights train, about 2x.
+original); T = one text-encoder forward of one prompt; Ub = the U-Net's backward for one image and branch to its
+inputs only (frozen weights: no weight gradients), counted on a real backward (``count_input_backward_flops``):
+more than U, since attention's backward has twice its forward's matmuls (Ub = U where a table lacks it). The
+VAE's and judges' input-only backwards are taken as 1x their forward; the text encoder's (LoRA trains) as 2x.
 Per iteration, N images, S steps, CFG (2 branches), K = steps backpropagated (S, or grad_steps), k = steps whose
 graph is kept (no recompute), M = gradient micro-batches of the baseline:
 
     baseline   sampling       3 * 2NS U            (finetuned and frozen passes without grad, the graph pass)
                decode/losses  3N D + 2N J              (decode three times; classifier for the targets and CLIP +
                                                        DINO of the originals: N J; the loss: N J)
-               backward       2NS U + 2NS U + N D + N J   (checkpoint recompute, backward, decoder, judges)
+               backward       2NS U + 2NS Ub + N D + N J  (checkpoint recompute, backward, decoder, judges)
                text           (4 + 2M) T forward, 2M * 2T backward
     fastfair   sampling       2 * 2NS U            (frozen and finetuned rows batched in the same calls)
                decode/losses  3N D + 2N J + N E        (decode both, originals, loss, its backward to z_0)
-               backward       2N(K - k) U + 2NK U  (recompute of the steps not kept, backward of K steps)
+               backward       2N(K - k) U + 2NK Ub (recompute of the steps not kept, backward of K steps)
                text           4T forward, 2 * 2T backward
 
-So the U-Net alone gives baseline / fastfair = 10 / 8 = 1.25 (lean), 10 / (6 + 2(S - k)/S) with kept graphs
-(fast), 10 / (4 + 4K/S) with K of S steps (k5: 10/5 = 2); the VAE, judges and text encoder pull those ratios
-towards 1. The floor time is the model's FLOPs at the device's measured dense matmul rate.
+So the U-Net alone gives, with b = Ub / U, baseline / fastfair = (8 + 2b) / (6 + 2b) (lean: 1.25 at b = 1),
+(8 + 2b) / (4 + 2(S - k)/S + 2b) with kept graphs (fast), (8 + 2b) / (4 + 2(1 + b)K/S) with K of S steps (k5: 2
+at b = 1); the VAE, judges and text encoder pull those ratios towards 1. The floor time is the model's FLOPs at the device's measured dense matmul rate.
 """
 from __future__ import annotations
 
@@ -49,21 +51,34 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
+def count_input_backward_flops(forward, inputs) -> int:
+    """FLOPs of the backward of ``forward()`` to ``inputs`` only (frozen weights: no weight gradients), with
+    attention in its math form; the forward itself is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.enable_grad(), _attention_as_matmuls():
+        out = forward()
+        with FlopCounterMode(display=False) as counter:
+            torch.autograd.grad(out, inputs, torch.ones_like(out))
+    return int(counter.get_total_flops())
+
+
 def iteration_flops(impl: str, unit: Dict[str, int], images: int, steps: int, micro_batches: int = 1,
                     keep_graph_steps: int = 0, grad_steps: Optional[int] = None) -> Dict[str, int]:
     """{phase: FLOPs} of one iteration (module docstring) and their "total"; impl "baseline*" or "fastfair*"."""
     U, D, J, E, T = (unit[k] for k in ("unet", "vae_decode", "judges", "embed", "text"))
+    Ub = unit.get("unet_input_backward", U)
     n, s = images, steps
     if impl.startswith("baseline"):
         parts = {"sampling": 3 * 2 * n * s * U,
                  "decode_losses": 3 * n * D + 2 * n * J,
-                 "backward": 2 * 2 * n * s * U + n * D + n * J,
+                 "backward": 2 * n * s * (U + Ub) + n * D + n * J,
                  "text": (4 + 2 * micro_batches) * T + 2 * micro_batches * 2 * T}
     elif impl.startswith("fastfair"):
         k_steps = grad_steps or s
         parts = {"sampling": 2 * 2 * n * s * U,
                  "decode_losses": 3 * n * D + 2 * n * J + n * E,
-                 "backward": 2 * n * (k_steps - min(keep_graph_steps, k_steps)) * U + 2 * n * k_steps * U,
+                 "backward": 2 * n * (k_steps - min(keep_graph_steps, k_steps)) * U + 2 * n * k_steps * Ub,
                  "text": 4 * T + 2 * 2 * T}
     else:
         raise ValueError(f"impl={impl!r}: expected a name starting with 'baseline' or 'fastfair'")

@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _memory import PeakMemory, worker_env  # noqa: E402
 from baseline import baseline_iteration, set_classic_attention  # noqa: E402
-from flops import count_flops, iteration_flops, matmul_rate  # noqa: E402
+from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
 
 IMPLS = ("baseline_sdpa", "baseline", "fastfair", "fastfair_k5", "fastfair_fast")
 PROMPT = "a photo of the face of a doctor"
@@ -249,7 +249,10 @@ def unit_flops(model, objective, latent, device) -> dict:
     z = torch.randn(1, *latent, device=device, dtype=unet.dtype)
     emb = model.encode_original([PROMPT])
     t = torch.tensor([500], device=device)
+    leaf = emb.detach().to(unet.dtype).requires_grad_()  # the recompute's only gradient path (text LoRA)
     units = {"unet": count_flops(lambda: unet(z, t, encoder_hidden_states=emb.to(unet.dtype))),
+             "unet_input_backward": count_input_backward_flops(
+                 lambda: unet(z, t, encoder_hidden_states=leaf).sample, [leaf]),
              "text": count_flops(lambda: model.encode_original([PROMPT]))}
     unet.set_attn_processor(processors)
     with torch.no_grad():

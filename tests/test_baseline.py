@@ -86,3 +86,23 @@ def test_largest_batch_and_kept_graphs_for_a_budget():
     assert train_step.keep_for_budget(budget=200, lean=100, per_step=30, steps=20) == 3
     assert train_step.keep_for_budget(budget=90, lean=100, per_step=30, steps=20) == 0
     assert train_step.keep_for_budget(budget=10 ** 9, lean=100, per_step=30, steps=20) == 20
+
+
+def test_flop_model_counts_input_only_backwards():
+    import flops
+
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(4, 8).requires_grad_(False), torch.nn.Linear(8, 3).requires_grad_(False)
+    x = torch.randn(5, 4, requires_grad=True)
+    # input gradients only: lin2's [5,3]x[3,8] and lin1's [5,8]x[8,4]; no weight gradient, tanh is not a matmul
+    assert flops.count_input_backward_flops(lambda: lin2(torch.tanh(lin1(x))), [x]) == 2 * 5 * 3 * 8 + 2 * 5 * 8 * 4
+    q = torch.randn(2, 6, 4, requires_grad=True)
+    # scores = q q^T: the backward multiplies by q twice (once per operand) -> twice the forward's matmul
+    assert flops.count_input_backward_flops(lambda: q @ q.transpose(1, 2), [q]) == 2 * (2 * 2 * 6 * 6 * 4)
+
+    unit = dict(unet=10, unet_input_backward=15, vae_decode=0, judges=0, embed=0, text=0)  # b = Ub / U = 1.5
+    ratio = lambda impl, **kw: (flops.iteration_flops("baseline", unit, 2, 20)["total"]  # noqa: E731
+                                / flops.iteration_flops(impl, unit, 2, 20, **kw)["total"])
+    assert ratio("fastfair") == pytest.approx((8 + 2 * 1.5) / (6 + 2 * 1.5))
+    assert ratio("fastfair_fast", keep_graph_steps=20) == pytest.approx((8 + 2 * 1.5) / (4 + 2 * 1.5))
+    assert ratio("fastfair_k5", grad_steps=5) == pytest.approx((8 + 2 * 1.5) / (4 + 2 * 2.5 * 5 / 20))
