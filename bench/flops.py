@@ -16,7 +16,8 @@ graph is kept (no recompute), M = gradient micro-batches of the baseline:
                backward       2NS U + 2NS Ub + N D + N J  (checkpoint recompute, backward, decoder, judges)
                text           (4 + 2M) T forward, 2M * 2T backward
     fastfair   sampling       2 * 2NS U            (frozen and finetuned rows batched in the same calls)
-               decode/losses  3N D + 2N J + N E        (decode both, originals, loss, its backward to z_0)
+               decode/losses  4N D + 3N J + N E        (decode both, originals, loss, its backward to z_0; the
+                                                       decoder's and judges' forward again: recomputed activations)
                backward       2N(K - k) U + 2NK Ub (recompute of the steps not kept, backward of K steps)
                text           4T forward, 2 * 2T backward
 
@@ -77,7 +78,7 @@ def iteration_flops(impl: str, unit: Dict[str, int], images: int, steps: int, mi
     elif impl.startswith("fastfair"):
         k_steps = grad_steps or s
         parts = {"sampling": 2 * 2 * n * s * U,
-                 "decode_losses": 3 * n * D + 2 * n * J + n * E,
+                 "decode_losses": 4 * n * D + 3 * n * J + n * E,
                  "backward": 2 * n * (k_steps - min(keep_graph_steps, k_steps)) * U + 2 * n * k_steps * Ub,
                  "text": 4 * T + 2 * 2 * T}
     else:

@@ -16,6 +16,8 @@ back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA 
   so P_0 + k G bounds the peak (a fit through the peak of one kept graph would not: once the kept graph is
   smaller than the gap to the lean peak's phase, that peak does not move);
 - ``fastfair_k5``: ``grad_steps=5`` (unbiased subsample of 5 of the S steps).
+Every fastfair mode recomputes the decoder's (block-wise) and the judges' activations in the backward, as the
+trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``); the baseline keeps them, as published.
 Each configuration runs in its own subprocess (warm-up iteration, then ``--iters`` timed ones); the rounds run
 the configurations interleaved, and the table reports medians over all timed iterations (time) and over rounds
 (memory). peak_bytes: the iteration's peak above the level after models, optimizer state and warm-up
@@ -268,6 +270,12 @@ def worker(cfg: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     impl, steps, n = cfg["impl"], cfg["steps"], cfg["images"]
     model, scheduler, objective, optimizer = load_setup(cfg["paths"], device, cfg["lora_rank"])
+    if impl.startswith("fastfair"):  # the trainer's default loss.recompute_judges; the public code keeps them all
+        from fastfair.recompute import Recomputed, recompute_decoder, recompute_semantics
+
+        recompute_decoder(objective.vae)
+        objective.classifier = Recomputed(objective.classifier)
+        objective.semantics = recompute_semantics(objective.semantics)
     if impl == "baseline":
         set_classic_attention(model.unet)
     latent = (model.unet.config.in_channels, cfg["latent"], cfg["latent"])

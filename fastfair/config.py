@@ -140,6 +140,9 @@ class LossConfig:
     lambda_img_1: LossWeight = 8.0  # target class agrees with the original image's class
     lambda_img_2: LossWeight = 1.6  # disagrees: outside the face region
     lambda_img_3: LossWeight = 0.32  # disagrees: inside the face region
+    # recompute the decoder's and the judges' activations in the backward instead of keeping them all at once
+    # (fastfair.recompute): exact, less memory, one more forward of each
+    recompute_judges: bool = True
 
 
 @dataclass

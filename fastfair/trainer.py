@@ -178,6 +178,8 @@ class Trainer:
         self.model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
                                     cfg.finetune.prefix_tokens, cfg.finetune.lora)
         self.judges = build_judges(cfg, self.device)
+        if cfg.loss.recompute_judges:
+            self._recompute_judges()
         from fastfair.losses import LossWeights
         from fastfair.targets import load_targets
 
@@ -235,6 +237,19 @@ class Trainer:
         low, high = self.cfg.sampler.num_steps_range or (self.cfg.sampler.num_steps,) * 2
         steps = int(np.random.default_rng([self.cfg.seed, 2, it]).integers(low, high + 1))
         return z_T, steps, generator
+
+    def _recompute_judges(self) -> None:
+        """loss.recompute_judges: the decoder block-wise and each judge on its own keep only their inputs; their
+        activations are rebuilt in the backward (fastfair.recompute)."""
+        from fastfair.recompute import Recomputed, recompute_decoder, recompute_semantics
+
+        recompute_decoder(self.vae)
+        wrapped = {}  # one wrapper per classifier object: attributes that share a classifier keep sharing it
+        for name, classifier in self.judges.classifiers.items():
+            self.judges.classifiers[name] = wrapped.setdefault(id(classifier), Recomputed(classifier))
+        self.judges.semantics = recompute_semantics(self.judges.semantics)
+        if self.judges.face_embedder is not None:
+            self.judges.face_embedder = Recomputed(self.judges.face_embedder)
 
     def _sample(self, unet, z_T, cond, uncond, steps, generator, frozen_rows=0):
         s = self.cfg.sampler
