@@ -9,12 +9,13 @@ back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA 
 - ``baseline``: the public code's iteration with its classic attention (``AttnProcessor``);
 - ``baseline_sdpa``: the same with PyTorch SDPA attention (the reference for every ratio);
 - ``fastfair``: ``fastfair.dft.sample``, exact adjusted gradient, every step recomputed (lean: least memory);
-- ``fastfair_fast``: keeps the graphs of k steps, k = as many as fit in baseline_sdpa's peak P_base on top of the
-  lean peak P_0: k = floor((P_base - P_0) / G), clipped to [0, S], where G is the exact bytes one kept step's
-  graph holds (``fastfair.memory_budget.graph_bytes_per_step``, the trainer's ``sampler.memory_budget_gb``
-  rule, counted in the lean worker on the iteration's own inputs). Kept graphs add at most k G at any moment,
-  so P_0 + k G bounds the peak (a fit through the peak of one kept graph would not: once the kept graph is
-  smaller than the gap to the lean peak's phase, that peak does not move);
+- ``fastfair_fast``: keeps the graphs of k steps, k = as many as fit in baseline_sdpa's peak P_base. G, the
+  exact bytes one kept step's graph holds (``fastfair.memory_budget.graph_bytes_per_step``, the trainer's
+  ``sampler.memory_budget_gb`` rule), is counted in the lean worker on the iteration's own inputs. Each kept
+  graph adds at most G at any moment, so P(k + j) <= P(k) + j G: from the lean peak P_0, k_1 = floor((P_base -
+  P_0) / G) fits; the lean worker measures P(k_1) in one more iteration and adds floor((P_base - P(k_1)) / G)
+  (kept graphs live before the backward, where the lean peak often is not, so P(k_1) is usually well below
+  P_0 + k_1 G);
 - ``fastfair_k5``: ``grad_steps=5`` (unbiased subsample of 5 of the S steps).
 Every fastfair mode recomputes the decoder's (block-wise) and the judges' activations in the backward, as the
 trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``); the baseline keeps them, as published.
@@ -313,7 +314,17 @@ def worker(cfg: dict) -> dict:
         from fastfair.memory_budget import graph_bytes_per_step
 
         z, cond, uncond = sampler_inputs(model, z_T, PROMPT)
-        result["kept_graph_bytes"] = graph_bytes_per_step(model.unet, z, 0, cond, uncond, GUIDANCE, frozen_rows=n)
+        per_step = graph_bytes_per_step(model.unet, z, 0, cond, uncond, GUIDANCE, frozen_rows=n)
+        result["kept_graph_bytes"] = per_step
+        if cfg.get("budget_bytes"):  # baseline_sdpa's peak: how many kept graphs fit in it
+            budget = cfg["budget_bytes"]
+            keep = keep_for_budget(budget, result["peak_bytes"], per_step, steps)
+            if 0 < keep < steps:  # one iteration at that k measures P(k); each further graph adds at most G
+                memory.start()
+                iteration(PhaseTimer(device), keep_graph_steps=keep)
+                result["peak_bytes_at_first_keep"] = [keep, memory.peak()]
+                keep += keep_for_budget(budget, memory.peak(), per_step, steps - keep)
+            result["keep_for_budget"] = keep
     if cfg.get("count_flops"):
         result["unit_flops"] = unit_flops(model, objective, latent, device)
         dtype = torch.float16 if device == "cuda" else torch.float32
@@ -333,12 +344,12 @@ def run_worker(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def keep_for_budget(budget: int, lean: int, per_step: int, steps: int) -> int:
-    """Kept graphs that fit in ``budget`` bytes on top of the lean peak: floor((budget - lean) / per_step) in
-    [0, steps]."""
+def keep_for_budget(budget: int, level: int, per_step: int, steps: int) -> int:
+    """Kept graphs that fit in ``budget`` bytes above a measured peak ``level``: floor((budget - level) /
+    per_step) in [0, steps] (each kept graph adds at most per_step bytes at any moment)."""
     from fastfair.memory_budget import keep_graph_steps_for_budget
 
-    return keep_graph_steps_for_budget(budget, per_step, steps, reserved_bytes=lean)
+    return keep_graph_steps_for_budget(budget, per_step, steps, reserved_bytes=level)
 
 
 def summarize(runs: list, args, flops_info: dict) -> list:
@@ -395,8 +406,8 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
                       f"({meta['matmul_dtype']}); FLOP model: bench/flops.py."]
     if meta.get("kept_graph_bytes"):
         lines += ["", f"fastfair_fast: one kept step's graph holds {meta['kept_graph_bytes'] / 2**20:.1f} MiB "
-                      "(counted exactly, fastfair.memory_budget); k = floor((baseline_sdpa peak - fastfair peak) / "
-                      "that)."]
+                      "(counted exactly, fastfair.memory_budget); k: as many as fit in baseline_sdpa's peak "
+                      "(bench/train_step.py's docstring)."]
     if sweep:
         lines += ["", "Peak memory (MiB) versus steps and images (one iteration each):", "",
                   "| impl | images | steps | peak MiB |", "|---|---:|---:|---:|"]
@@ -462,14 +473,15 @@ def main(argv=None) -> None:
     for round_ in range(args.rounds):
         for impl in impls:
             cfg = dict(base, impl=impl, probe_keep=round_ == 0, count_flops=not flops_info and round_ == 0)
+            ref = next((r for r in runs if r["impl"] == "baseline_sdpa"), None)
+            if impl == "fastfair" and ref is not None and "fastfair_fast" in impls:
+                cfg["budget_bytes"] = ref["peak_bytes"]
             if impl == "fastfair_fast":
                 if keep is None:
-                    ref = next((r for r in runs if r["impl"] == "baseline_sdpa"), None)
-                    lean = next((r for r in runs if "kept_graph_bytes" in r), None)
+                    lean = next((r for r in runs if "keep_for_budget" in r), None)
                     if ref is None or lean is None:
                         raise ValueError("fastfair_fast needs baseline_sdpa and fastfair earlier in --impls")
-                    keep = keep_for_budget(ref["peak_bytes"], lean["peak_bytes"], lean["kept_graph_bytes"],
-                                           args.steps)
+                    keep = lean["keep_for_budget"]
                     print(f"fastfair_fast: one kept graph holds {lean['kept_graph_bytes'] / 2**20:.1f} MiB; "
                           f"keeping {keep} of {args.steps} steps", flush=True)
                 cfg["keep_graph_steps"] = keep

@@ -83,9 +83,9 @@ def test_train_step_cli_end_to_end(setup, tmp_path):
 def test_largest_batch_and_kept_graphs_for_a_budget():
     sweep = [{"impl": "fastfair", "images": n, "steps": 20, "peak_bytes": 100 + 10 * n} for n in (1, 2)]
     assert train_step.largest_batch(sweep, "fastfair", 20, 200) == 10
-    assert train_step.keep_for_budget(budget=200, lean=100, per_step=30, steps=20) == 3
-    assert train_step.keep_for_budget(budget=90, lean=100, per_step=30, steps=20) == 0
-    assert train_step.keep_for_budget(budget=10 ** 9, lean=100, per_step=30, steps=20) == 20
+    assert train_step.keep_for_budget(budget=200, level=100, per_step=30, steps=20) == 3
+    assert train_step.keep_for_budget(budget=90, level=100, per_step=30, steps=20) == 0
+    assert train_step.keep_for_budget(budget=10 ** 9, level=100, per_step=30, steps=20) == 20
 
 
 def test_flop_model_counts_input_only_backwards():
