@@ -18,7 +18,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -259,7 +259,6 @@ class _AdjustedDFT(torch.autograd.Function):
             g[:plan.frozen_rows] = 0
         g = g.contiguous()
         g_rows = g[plan.frozen_rows:]
-        batch = g_rows.shape[0]
         if inputs:
             with _autocast(plan.autocast):
                 for i, eps in plan.kept_eps.items():  # laid out like a one-step recompute chunk
