@@ -23,7 +23,8 @@ graph is kept (no recompute), M = gradient micro-batches of the baseline:
 
 So the U-Net alone gives, with b = Ub / U, baseline / fastfair = (8 + 2b) / (6 + 2b) (lean: 1.25 at b = 1),
 (8 + 2b) / (4 + 2(S - k)/S + 2b) with kept graphs (fast), (8 + 2b) / (4 + 2(1 + b)K/S) with K of S steps (k5: 2
-at b = 1); the VAE, judges and text encoder pull those ratios towards 1. The floor time is the model's FLOPs at the device's measured dense matmul rate.
+at b = 1); the VAE, judges and text encoder pull those ratios towards 1. The floor time is the model's FLOPs at
+the device's measured dense matmul rate.
 """
 from __future__ import annotations
 

@@ -272,11 +272,11 @@ def worker(cfg: dict) -> dict:
     impl, steps, n = cfg["impl"], cfg["steps"], cfg["images"]
     model, scheduler, objective, optimizer = load_setup(cfg["paths"], device, cfg["lora_rank"])
     if impl.startswith("fastfair"):  # the trainer's default loss.recompute_judges; the public code keeps them all
-        from fastfair.recompute import Recomputed, recompute_decoder, recompute_semantics
+        from fastfair.recompute import recompute_judges
 
-        recompute_decoder(objective.vae)
-        objective.classifier = Recomputed(objective.classifier)
-        objective.semantics = recompute_semantics(objective.semantics)
+        objective.semantics, judges = recompute_judges(objective.vae, objective.semantics,
+                                                       {"classifier": objective.classifier})
+        objective.classifier = judges["classifier"]
     if impl == "baseline":
         set_classic_attention(model.unet)
     latent = (model.unet.config.in_channels, cfg["latent"], cfg["latent"])

@@ -13,7 +13,7 @@ exact: the models are frozen and deterministic (eval mode), so the gradients are
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -51,7 +51,8 @@ class Recomputed(nn.Module):
 def recompute_decoder(vae: nn.Module) -> nn.Module:
     """Turn on diffusers' block-wise gradient checkpointing of the VAE (the decoder's mid and up blocks keep only
     their inputs); a VAE without it is refused rather than silently left as is."""
-    if not getattr(vae, "_supports_gradient_checkpointing", False) or not hasattr(vae, "enable_gradient_checkpointing"):
+    supported = getattr(vae, "_supports_gradient_checkpointing", False)
+    if not supported or not hasattr(vae, "enable_gradient_checkpointing"):
         raise ValueError(f"loss.recompute_judges: the VAE ({type(vae).__name__}) has no gradient checkpointing; "
                          "set loss.recompute_judges=false")
     vae.enable_gradient_checkpointing()
@@ -68,3 +69,14 @@ def recompute_semantics(semantics: nn.Module) -> nn.Module:
                 encoders[name] = Recomputed(encoder)
         return semantics
     return semantics if isinstance(semantics, Recomputed) else Recomputed(semantics)
+
+
+def recompute_judges(vae: nn.Module, semantics: nn.Module, judges: Dict[str, Optional[nn.Module]]):
+    """``loss.recompute_judges`` on one iteration's models: the decoder block-wise (in place), the semantics per
+    encoder, and every other judge wrapped in ``Recomputed``; names that share one module share one wrapper, None
+    stays None. Returns (semantics, {name: judge})."""
+    recompute_decoder(vae)
+    wrapped: Dict[int, Recomputed] = {}
+    out = {name: None if module is None else wrapped.setdefault(id(module), Recomputed(module))
+           for name, module in judges.items()}
+    return recompute_semantics(semantics), out

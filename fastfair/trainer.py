@@ -241,15 +241,13 @@ class Trainer:
     def _recompute_judges(self) -> None:
         """loss.recompute_judges: the decoder block-wise and each judge on its own keep only their inputs; their
         activations are rebuilt in the backward (fastfair.recompute)."""
-        from fastfair.recompute import Recomputed, recompute_decoder, recompute_semantics
+        from fastfair.recompute import recompute_judges
 
-        recompute_decoder(self.vae)
-        wrapped = {}  # one wrapper per classifier object: attributes that share a classifier keep sharing it
-        for name, classifier in self.judges.classifiers.items():
-            self.judges.classifiers[name] = wrapped.setdefault(id(classifier), Recomputed(classifier))
-        self.judges.semantics = recompute_semantics(self.judges.semantics)
-        if self.judges.face_embedder is not None:
-            self.judges.face_embedder = Recomputed(self.judges.face_embedder)
+        j = self.judges
+        judges = {**{f"classifier/{name}": c for name, c in j.classifiers.items()}, "face": j.face_embedder}
+        j.semantics, wrapped = recompute_judges(self.vae, j.semantics, judges)
+        j.classifiers = {name: wrapped[f"classifier/{name}"] for name in j.classifiers}
+        j.face_embedder = wrapped["face"]
 
     def _sample(self, unet, z_T, cond, uncond, steps, generator, frozen_rows=0):
         s = self.cfg.sampler

@@ -100,3 +100,19 @@ def test_trainer_iteration_is_the_same_with_and_without_recompute(tmp_path, worl
     assert any(g.abs().max() > 0 for g in grads_off.values())
     for name, g in grads_off.items():
         torch.testing.assert_close(grads_on[name], g, rtol=1e-4, atol=1e-7)
+
+
+def test_recompute_judges_shares_one_wrapper_per_module():
+    from diffusers import AutoencoderKL
+
+    from fastfair.losses import SemanticsLoss
+    from fastfair.recompute import recompute_judges
+
+    vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4)
+    shared = Judge()
+    semantics, judges = recompute_judges(vae, SemanticsLoss({"a": Judge()}),
+                                         {"gender": shared, "age": shared, "face": None})
+    assert vae.decoder.gradient_checkpointing
+    assert isinstance(semantics.encoders["a"], Recomputed)
+    assert judges["gender"] is judges["age"] and judges["gender"].module is shared
+    assert judges["face"] is None
