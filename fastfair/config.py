@@ -104,6 +104,7 @@ class SamplerConfig:
     keep_graph_steps: int = setting(0, min=0)  # steps whose graph is kept instead of recomputed
     grad_steps: Optional[int] = setting(None, min=1)  # backpropagate K random steps scaled by S/K; null: all
     memory_budget_gb: Optional[float] = setting(None, gt=0)  # picks keep_graph_steps from a memory budget
+    lean_graph: bool = True  # frozen convs and GEGLU gates save less in graph-building calls; same gradients
 
 
 @dataclass

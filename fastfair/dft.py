@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import kernels
+from .lean_graph import lean_graph as _lean_graph
 from .schedule import COEFFICIENT_MODES, SolverSchedule, solver_schedule
 
 
@@ -53,6 +54,7 @@ class _Plan:
     unet_dtype: torch.dtype
     frozen_rows: int = 0             # leading batch rows sampled along without gradient
     need_uncond: bool = True         # the backward uses the uncond branch (something trainable is upstream of it)
+    lean_graph: bool = True          # graph-building calls run inside fastfair.lean_graph.lean_graph
     saved_z: Dict[int, torch.Tensor] = field(default_factory=dict)
     kept_eps: Dict[int, torch.Tensor] = field(default_factory=dict)
     # (cond, uncond) as the U-Net sees them in graph-building calls: a fresh leaf where the caller's tensor
@@ -174,7 +176,7 @@ def _kept_step_eps(plan: _Plan, i: int, z: torch.Tensor, x: torch.Tensor, t: tor
     batch, f = z.shape[0], plan.frozen_rows
     nb = graph_branches(plan.use_cfg, plan.need_uncond)
     timestep = int(plan.schedule.timesteps[i])
-    with torch.enable_grad():
+    with torch.enable_grad(), _lean_graph(plan.unet, plan.lean_graph):
         eps_graph = _unet_eps(plan.unet, *graph_inputs(z[f:], timestep, plan.sources, nb, f, plan.unet_dtype))
     plan.kept_eps[i] = eps_graph
     if eps_graph.shape[0] == x.shape[0]:
@@ -260,7 +262,7 @@ class _AdjustedDFT(torch.autograd.Function):
         g = g.contiguous()
         g_rows = g[plan.frozen_rows:]
         if inputs:
-            with _autocast(plan.autocast):
+            with _autocast(plan.autocast), _lean_graph(plan.unet, plan.lean_graph):
                 for i, eps in plan.kept_eps.items():  # laid out like a one-step recompute chunk
                     upstream = kernels.grad_fanout(g_rows, [float(scales[i])], branch_weights, out_dtype=eps.dtype)
                     accumulate(eps, upstream.view_as(eps))
@@ -304,6 +306,7 @@ def sample(
     generator: Optional[torch.Generator] = None,
     unet_dtype: Optional[torch.dtype] = None,
     frozen_rows: int = 0,
+    lean_graph: bool = True,
 ) -> torch.Tensor:
     """Sample z_0 with DPM-Solver++ so that z_0 carries the adjusted DFT gradient (seed Algorithm A.1).
 
@@ -327,6 +330,9 @@ def sample(
             (their dL/dz_0 is ignored and the backward does not recompute them): the frozen model's images batched
             with the finetuned ones when only the text side differs. cond/uncond must then be per-image [B, L, D]
             or shared [1, L, D].
+        lean_graph: make the graph-building U-Net calls (kept steps, the recompute) inside
+            ``fastfair.lean_graph.lean_graph``: frozen convolutions and GEGLU gates save less, the gradients are
+            bit-identical. False: plain autograd (to measure the difference).
 
     Returns:
         z_0 [B, C, H, W] in the trajectory dtype. Differentiable w.r.t. z_T, cond, uncond and the U-Net's
@@ -356,6 +362,7 @@ def sample(
         coefficients=coefficients,
         unet_dtype=unet_dtype,
         frozen_rows=frozen_rows,
+        lean_graph=bool(lean_graph),
     )
     if not needs_grad:
         with torch.no_grad():

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 from fastfair.dft import _autocast_state, _unet_eps, graph_branches, graph_inputs, unet_input_dtype
+from fastfair.lean_graph import lean_graph
 
 GIB = 2 ** 30
 
@@ -60,14 +61,15 @@ def saved_tensor_bytes(forward: Callable[[], torch.Tensor], held: Iterable[torch
 
 
 def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
-                         uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0) -> int:
+                         uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0,
+                         lean: bool = True) -> int:
     """G: the bytes one kept step's graph holds, for the graph-building U-Net call the engine's kept step makes.
 
     latents: z [B, C, H, W]; t: a timestep (activation sizes do not depend on it); cond, uncond: text embeddings
     [B or 1, L, D] as ``fastfair.dft.sample`` receives them (uncond None or guidance_scale 1: no CFG);
-    frozen_rows: as in ``sample``. Like the engine, the graph covers the images from ``frozen_rows`` on, and the
-    uncond branch only when something trainable feeds it (uncond requires grad or the U-Net has trainable
-    parameters). Runs one forward under the ambient autocast, under ``saved_tensors_hooks``, with no backward.
+    frozen_rows, lean: ``sample``'s frozen_rows and lean_graph. Like the engine, the graph covers the images from
+    ``frozen_rows`` on, and the uncond branch only when something trainable feeds it (uncond requires grad or the
+    U-Net has trainable parameters), with the engine's ``lean_graph`` setting. Runs one forward under the ambient autocast, under ``saved_tensors_hooks``, with no backward.
     """
     if not isinstance(latents, torch.Tensor) or latents.dim() < 2:
         raise ValueError("latents: expected a latent tensor [B, C, H, W]")
@@ -81,8 +83,9 @@ def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, c
     uncond = uncond.detach().requires_grad_(uncond.requires_grad) if branches == 2 else None
 
     def one_step() -> torch.Tensor:
-        return _unet_eps(unet, *graph_inputs(latents[frozen_rows:].detach(), t, (cond, uncond), branches,
-                                             frozen_rows, unet_input_dtype(unet)))
+        with lean_graph(unet, lean):
+            return _unet_eps(unet, *graph_inputs(latents[frozen_rows:].detach(), t, (cond, uncond), branches,
+                                                 frozen_rows, unet_input_dtype(unet)))
 
     held = [*unet.parameters(), *unet.buffers(), cond] + ([uncond] if uncond is not None else [])
     trainable = {id(p) for p in unet.parameters() if p.requires_grad}
@@ -121,10 +124,11 @@ class MemoryBudget:
     """``sampler.memory_budget_gb`` -> keep_graph_steps; measures G once per input shape and decides once per
     (shape, step count), so repeated iterations cost a dictionary look-up."""
 
-    def __init__(self, budget_gb: float):
+    def __init__(self, budget_gb: float, lean: bool = True):
         if isinstance(budget_gb, bool) or not isinstance(budget_gb, (int, float)) or not 0 < budget_gb < math.inf:
             raise ValueError(f"sampler.memory_budget_gb={budget_gb!r}: expected a positive number of GiB")
         self.budget_bytes = float(budget_gb) * GIB
+        self.lean = bool(lean)  # the engine's lean_graph setting: G is measured as the engine builds graphs
         self._per_step: Dict[Tuple, int] = {}
         self._keep: Dict[Tuple, int] = {}
 
@@ -139,7 +143,7 @@ class MemoryBudget:
             reserved = reserved_now(z_T.device)  # read before the measuring forward: its graph is transient
             if shapes not in self._per_step:
                 self._per_step[shapes] = graph_bytes_per_step(unet, z_T, 0, cond, uncond, guidance_scale,
-                                                                 frozen_rows)
+                                                                 frozen_rows, self.lean)
             self._keep[shapes, num_steps] = keep_graph_steps_for_budget(
                 self.budget_bytes, self._per_step[shapes], num_steps, reserved)
         return self._keep[shapes, num_steps]

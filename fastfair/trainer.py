@@ -205,7 +205,8 @@ class Trainer:
         from fastfair.memory_budget import MemoryBudget
 
         budget = cfg.sampler.memory_budget_gb
-        self.memory_budget = MemoryBudget(budget) if budget else None  # picks keep_graph_steps per batch shape
+        # picks keep_graph_steps per batch shape
+        self.memory_budget = MemoryBudget(budget, cfg.sampler.lean_graph) if budget else None
 
     @torch.no_grad()
     def _check_classifier_outputs(self) -> None:
@@ -257,7 +258,8 @@ class Trainer:
                                                       frozen_rows)
         return sample(unet, self.scheduler, z_T, cond, uncond, num_steps=steps, guidance_scale=s.guidance_scale,
                       coefficients=s.coefficients, recompute_chunk=s.recompute_chunk, keep_graph_steps=keep,
-                      grad_steps=s.grad_steps, generator=generator, frozen_rows=frozen_rows)
+                      grad_steps=s.grad_steps, generator=generator, frozen_rows=frozen_rows,
+                      lean_graph=s.lean_graph)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
