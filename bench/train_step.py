@@ -315,7 +315,9 @@ def worker(cfg: dict) -> dict:
 
         z, cond, uncond = sampler_inputs(model, z_T, PROMPT)
         per_step = graph_bytes_per_step(model.unet, z, 0, cond, uncond, GUIDANCE, frozen_rows=n)
-        result["kept_graph_bytes"] = per_step
+        result["kept_graph_bytes"] = per_step  # with sampler.lean_graph, as the engine builds graphs
+        result["kept_graph_bytes_plain"] = graph_bytes_per_step(model.unet, z, 0, cond, uncond, GUIDANCE,
+                                                                frozen_rows=n, lean=False)
         if cfg.get("budget_bytes"):  # baseline_sdpa's peak: how many kept graphs fit in it
             budget = cfg["budget_bytes"]
             keep = keep_for_budget(budget, result["peak_bytes"], per_step, steps)
@@ -405,8 +407,10 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
         lines += ["", f"Measured dense matmul rate: {meta['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s "
                       f"({meta['matmul_dtype']}); FLOP model: bench/flops.py."]
     if meta.get("kept_graph_bytes"):
+        plain = meta.get("kept_graph_bytes_plain")
         lines += ["", f"fastfair_fast: one kept step's graph holds {meta['kept_graph_bytes'] / 2**20:.1f} MiB "
-                      "(counted exactly, fastfair.memory_budget); k: as many as fit in baseline_sdpa's peak "
+                      + (f"({plain / 2**20:.1f} MiB with plain autograd, without fastfair.lean_graph) " if plain else "")
+                      + "(counted exactly, fastfair.memory_budget); k: as many as fit in baseline_sdpa's peak "
                       "(bench/train_step.py's docstring)."]
     if sweep:
         lines += ["", "Peak memory (MiB) versus steps and images (one iteration each):", "",
@@ -505,7 +509,8 @@ def main(argv=None) -> None:
             "steps": args.steps, "latent": runs[0]["latent"], "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d"), "matmul_flops_per_s": flops_info.get("matmul_flops_per_s"),
             "matmul_dtype": "fp16" if cuda else "fp32", "unit_flops": flops_info.get("unit_flops"),
-            "kept_graph_bytes": next((r["kept_graph_bytes"] for r in runs if "kept_graph_bytes" in r), None)}
+            **{key: next((r[key] for r in runs if key in r), None)
+               for key in ("kept_graph_bytes", "kept_graph_bytes_plain")}}
     ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
     budget = int(args.budget_gib * 2**30) if args.budget_gib else (ref["peak_bytes"] if ref else None)
     if sweep_images and budget:

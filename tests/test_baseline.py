@@ -78,6 +78,8 @@ def test_train_step_cli_end_to_end(setup, tmp_path):
         assert set(row["phases_s"]) == {"sampling", "decode_losses", "backward", "optimizer"}
     assert data["results"][1]["model_speedup_vs_baseline_sdpa"] > 1
     assert "| fastfair_fast (k=" in out.with_suffix(".md").read_text()
+    lean = next(r for r in data["runs"] if "kept_graph_bytes" in r)
+    assert 0 < lean["kept_graph_bytes"] < lean["kept_graph_bytes_plain"]  # fastfair.lean_graph saves less
 
 
 def test_largest_batch_and_kept_graphs_for_a_budget():
