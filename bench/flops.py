@@ -3,12 +3,14 @@
 Units, counted once at the benchmark's shapes (``unit_flops``, torch's FlopCounterMode with attention in its
 math form so that every matmul is seen): U = one U-Net forward for one image and one CFG branch; D = one VAE
 decode of one image; J = the judges on one image (classifier + CLIP + DINO); E = CLIP + DINO alone (embedding an
-original); T = one text-encoder forward of one prompt; Ub = the U-Net's backward for one image and branch to its
+original); T = one text-encoder forward of one prompt; Ua = the part of U that is attention (QK^T and PV);
+Ub = the U-Net's backward for one image and branch to its
 inputs only (frozen weights: no weight gradients), counted on a real backward (``count_input_backward_flops``):
 more than U, since attention's backward has twice its forward's matmuls (Ub = U where a table lacks it). The
 VAE's and judges' input-only backwards are taken as 1x their forward; the text encoder's (LoRA trains) as 2x.
 Per iteration, N images, S steps, CFG (2 branches), K = steps backpropagated (S, or grad_steps), k = steps whose
-graph is kept (no recompute), M = gradient micro-batches of the baseline:
+graph is kept (no recompute), a = steps that keep their attention outputs only (recompute U - Ua), M = gradient
+micro-batches of the baseline:
 
     baseline   sampling       3 * 2NS U            (finetuned and frozen passes without grad, the graph pass)
                decode/losses  3N D + 2N J              (decode three times; classifier for the targets and CLIP +
@@ -18,7 +20,8 @@ graph is kept (no recompute), M = gradient micro-batches of the baseline:
     fastfair   sampling       2 * 2NS U            (frozen and finetuned rows batched in the same calls)
                decode/losses  4N D + 3N J + N E        (decode both, originals, loss, its backward to z_0; the
                                                        decoder's and judges' forward again: recomputed activations)
-               backward       2N(K - k) U + 2NK Ub (recompute of the steps not kept, backward of K steps)
+               backward       2N(K - k - a) U + 2Na (U - Ua) + 2NK Ub  (recompute of the steps not kept, of the
+                                                       attention-kept ones without attention; backward of K steps)
                text           4T forward, 2 * 2T backward
 
 So the U-Net alone gives, with b = Ub / U, baseline / fastfair = (8 + 2b) / (6 + 2b) (lean: 1.25 at b = 1),
@@ -44,13 +47,16 @@ def _attention_as_matmuls():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def count_flops(fn) -> int:
-    """FLOPs of ``fn()`` (matmuls, convolutions, attention as matmuls), run without grad."""
+def count_flops(fn, ops=None) -> int:
+    """FLOPs of ``fn()`` (matmuls, convolutions, attention as matmuls), run without grad; with ``ops`` (aten
+    packets, e.g. ``{torch.ops.aten.bmm}``) only theirs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), _attention_as_matmuls(), FlopCounterMode(display=False) as counter:
         fn()
-    return int(counter.get_total_flops())
+    if ops is None:
+        return int(counter.get_total_flops())
+    return int(sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if op in ops))
 
 
 def count_input_backward_flops(forward, inputs) -> int:
@@ -66,7 +72,8 @@ def count_input_backward_flops(forward, inputs) -> int:
 
 
 def iteration_flops(impl: str, unit: Dict[str, int], images: int, steps: int, micro_batches: int = 1,
-                    keep_graph_steps: int = 0, grad_steps: Optional[int] = None) -> Dict[str, int]:
+                    keep_graph_steps: int = 0, grad_steps: Optional[int] = None,
+                    keep_attention_steps: int = 0) -> Dict[str, int]:
     """{phase: FLOPs} of one iteration (module docstring) and their "total"; impl "baseline*" or "fastfair*"."""
     U, D, J, E, T = (unit[k] for k in ("unet", "vae_decode", "judges", "embed", "text"))
     Ub = unit.get("unet_input_backward", U)
@@ -78,9 +85,12 @@ def iteration_flops(impl: str, unit: Dict[str, int], images: int, steps: int, mi
                  "text": (4 + 2 * micro_batches) * T + 2 * micro_batches * 2 * T}
     elif impl.startswith("fastfair"):
         k_steps = grad_steps or s
+        kept = min(keep_graph_steps, k_steps)
+        attention_kept = min(keep_attention_steps, k_steps - kept)
+        recompute = (k_steps - kept - attention_kept) * U + attention_kept * (U - unit.get("unet_attention", 0))
         parts = {"sampling": 2 * 2 * n * s * U,
                  "decode_losses": 4 * n * D + 3 * n * J + n * E,
-                 "backward": 2 * n * (k_steps - min(keep_graph_steps, k_steps)) * U + 2 * n * k_steps * Ub,
+                 "backward": 2 * n * recompute + 2 * n * k_steps * Ub,
                  "text": 4 * T + 2 * 2 * T}
     else:
         raise ValueError(f"impl={impl!r}: expected a name starting with 'baseline' or 'fastfair'")

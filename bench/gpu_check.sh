@@ -26,7 +26,7 @@ fi
 
 step "kernel and engine tests on CUDA (log: $OUT/tests_kernels.log)"
 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_kernels_native.py tests/test_kernels_triton.py \
-  tests/test_kernels_dispatch.py tests/test_dft_cuda.py tests/test_lean_graph.py 2>&1 | tee "$OUT/tests_kernels.log"
+  tests/test_kernels_dispatch.py tests/test_dft_cuda.py tests/test_lean_graph.py tests/test_keep_attention.py 2>&1 | tee "$OUT/tests_kernels.log"
 
 step "trainer on CUDA: the toy config, 3 iterations in fp32 and in bf16 autocast (log: $OUT/train_toy.log)"
 for mixed in fp32 bf16; do

@@ -9,13 +9,14 @@ back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA 
 - ``baseline``: the public code's iteration with its classic attention (``AttnProcessor``);
 - ``baseline_sdpa``: the same with PyTorch SDPA attention (the reference for every ratio);
 - ``fastfair``: ``fastfair.dft.sample``, exact adjusted gradient, every step recomputed (lean: least memory);
-- ``fastfair_fast``: keeps the graphs of k steps, k = as many as fit in baseline_sdpa's peak P_base. G, the
-  exact bytes one kept step's graph holds (``fastfair.memory_budget.graph_bytes_per_step``, the trainer's
-  ``sampler.memory_budget_gb`` rule), is counted in the lean worker on the iteration's own inputs. Each kept
-  graph adds at most G at any moment, so P(k + j) <= P(k) + j G: from the lean peak P_0, k_1 = floor((P_base -
-  P_0) / G) fits; the lean worker measures P(k_1) in one more iteration and adds floor((P_base - P(k_1)) / G)
-  (kept graphs live before the backward, where the lean peak often is not, so P(k_1) is usually well below
-  P_0 + k_1 G);
+- ``fastfair_fast``: keeps what fits in baseline_sdpa's peak P_base, as the trainer's ``sampler.memory_budget_gb``
+  plans it (``fastfair.memory_budget.keeps_for_budget``): first every step's attention outputs (a steps,
+  ``keep_attention_steps``: G_att bytes each, the attention's share of a recompute saved), then whole graphs (k
+  steps, ``keep_graph_steps``: G bytes each, no recompute). G and G_att are counted exactly in the lean worker on
+  the iteration's own inputs. Each keep adds at most its bytes at any moment: from the lean peak P_0 the plan for
+  P_base - P_0 fits; the lean worker measures the peak P_1 of that plan in one more iteration and extends it by
+  P_base - P_1 (keeps live before the backward, where the lean peak often is not, so P_1 is usually well below
+  P_0 plus the plan's bytes);
 - ``fastfair_k5``: ``grad_steps=5`` (unbiased subsample of 5 of the S steps).
 Every fastfair mode recomputes the decoder's (block-wise) and the judges' activations in the backward, as the
 trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``); the baseline keeps them, as published.
@@ -253,7 +254,10 @@ def unit_flops(model, objective, latent, device) -> dict:
     emb = model.encode_original([PROMPT])
     t = torch.tensor([500], device=device)
     leaf = emb.detach().to(unet.dtype).requires_grad_()  # the recompute's only gradient path (text LoRA)
-    units = {"unet": count_flops(lambda: unet(z, t, encoder_hidden_states=emb.to(unet.dtype))),
+    call = lambda: unet(z, t, encoder_hidden_states=emb.to(unet.dtype))  # noqa: E731
+    # the classic processor's attention is its only batched matmuls: scores (baddbmm) and probs @ V (bmm)
+    units = {"unet": count_flops(call),
+             "unet_attention": count_flops(call, {torch.ops.aten.bmm, torch.ops.aten.baddbmm}),
              "unet_input_backward": count_input_backward_flops(
                  lambda: unet(z, t, encoder_hidden_states=leaf).sample, [leaf]),
              "text": count_flops(lambda: model.encode_original([PROMPT]))}
@@ -282,7 +286,8 @@ def worker(cfg: dict) -> dict:
     latent = (model.unet.config.in_channels, cfg["latent"], cfg["latent"])
     z_T = torch.randn((n,) + latent, generator=torch.Generator().manual_seed(0)).to(device)
     engine = {"fastfair_k5": {"grad_steps": min(5, steps), "generator": torch.Generator().manual_seed(0)},
-              "fastfair_fast": {"keep_graph_steps": cfg.get("keep_graph_steps", 0)}}.get(impl, {})
+              "fastfair_fast": {"keep_graph_steps": cfg.get("keep_graph_steps", 0),
+                                "keep_attention_steps": cfg.get("keep_attention_steps", 0)}}.get(impl, {})
 
     def iteration(timer, **extra):
         optimizer.zero_grad(set_to_none=True)
@@ -310,23 +315,24 @@ def worker(cfg: dict) -> dict:
     result = {"impl": impl, "model": cfg["model"], "images": n, "steps": steps, "device": device,
               "s_per_iter_samples": times, "phases_samples": dict(phases), "peak_bytes": memory.peak(),
               "micro_batch": cfg.get("micro_batch") or n, "latent": list(latent)}
-    if impl == "fastfair" and cfg.get("probe_keep"):  # G, one kept step's graph: fastfair_fast's per-step cost
-        from fastfair.memory_budget import graph_bytes_per_step
+    if impl == "fastfair" and cfg.get("probe_keep"):  # G and G_att per kept step: fastfair_fast's costs
+        from fastfair.memory_budget import attention_bytes_per_step, graph_bytes_per_step, keeps_for_budget
 
         z, cond, uncond = sampler_inputs(model, z_T, PROMPT)
-        per_step = graph_bytes_per_step(model.unet, z, 0, cond, uncond, GUIDANCE, frozen_rows=n)
+        args = (model.unet, z, 0, cond, uncond, GUIDANCE, n)
+        per_step, per_attention = graph_bytes_per_step(*args), attention_bytes_per_step(*args)
         result["kept_graph_bytes"] = per_step  # with sampler.lean_graph, as the engine builds graphs
-        result["kept_graph_bytes_plain"] = graph_bytes_per_step(model.unet, z, 0, cond, uncond, GUIDANCE,
-                                                                frozen_rows=n, lean=False)
-        if cfg.get("budget_bytes"):  # baseline_sdpa's peak: how many kept graphs fit in it
+        result["kept_attention_bytes"] = per_attention
+        result["kept_graph_bytes_plain"] = graph_bytes_per_step(*args, lean=False)
+        if cfg.get("budget_bytes"):  # baseline_sdpa's peak: the kept steps that fit in it
             budget = cfg["budget_bytes"]
-            keep = keep_for_budget(budget, result["peak_bytes"], per_step, steps)
-            if 0 < keep < steps:  # one iteration at that k measures P(k); each further graph adds at most G
-                memory.start()
-                iteration(PhaseTimer(device), keep_graph_steps=keep)
-                result["peak_bytes_at_first_keep"] = [keep, memory.peak()]
-                keep += keep_for_budget(budget, memory.peak(), per_step, steps - keep)
-            result["keep_for_budget"] = keep
+            keeps = keeps_for_budget(max(budget - result["peak_bytes"], 0), per_step, per_attention, steps)
+            if 0 < sum(keeps) and keeps != (steps, 0):  # one iteration at that plan measures its peak; each
+                memory.start()                           # further keep adds at most its bytes
+                iteration(PhaseTimer(device), keep_graph_steps=keeps[0], keep_attention_steps=keeps[1])
+                result["peak_bytes_at_first_plan"] = [list(keeps), memory.peak()]
+                keeps = keeps_for_budget(max(budget - memory.peak(), 0), per_step, per_attention, steps, keeps)
+            result["keeps_for_budget"] = list(keeps)
     if cfg.get("count_flops"):
         result["unit_flops"] = unit_flops(model, objective, latent, device)
         dtype = torch.float16 if device == "cuda" else torch.float32
@@ -346,14 +352,6 @@ def run_worker(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def keep_for_budget(budget: int, level: int, per_step: int, steps: int) -> int:
-    """Kept graphs that fit in ``budget`` bytes above a measured peak ``level``: floor((budget - level) /
-    per_step) in [0, steps] (each kept graph adds at most per_step bytes at any moment)."""
-    from fastfair.memory_budget import keep_graph_steps_for_budget
-
-    return keep_graph_steps_for_budget(budget, per_step, steps, reserved_bytes=level)
-
-
 def summarize(runs: list, args, flops_info: dict) -> list:
     """One row per impl: medians, ratios against baseline_sdpa, the FLOP model beside the measurement."""
     rows = []
@@ -367,12 +365,13 @@ def summarize(runs: list, args, flops_info: dict) -> list:
                "phases_s": phases, "timed_iterations": len(times), "micro_batch": mine[0]["micro_batch"]}
         row["s_per_image"] = row["s_per_iter"] / args.images
         keep = mine[0].get("keep_graph_steps", 0)
+        keep_attention = mine[0].get("keep_attention_steps", 0)
         if impl == "fastfair_fast":
-            row["keep_graph_steps"] = keep
+            row["keep_graph_steps"], row["keep_attention_steps"] = keep, keep_attention
         if flops_info:
             micro = math.ceil(args.images / row["micro_batch"]) if impl.startswith("baseline") else 1
             model_flops = iteration_flops(impl, flops_info["unit_flops"], args.images, args.steps, micro, keep,
-                                          min(5, args.steps) if impl == "fastfair_k5" else None)
+                                          min(5, args.steps) if impl == "fastfair_k5" else None, keep_attention)
             row["model_flops"] = model_flops
             row["achieved_flops_per_s"] = model_flops["total"] / row["s_per_iter"]
             row["floor_s"] = model_flops["total"] / flops_info["matmul_flops_per_s"]
@@ -388,6 +387,12 @@ def summarize(runs: list, args, flops_info: dict) -> list:
     return rows
 
 
+def _keeps_label(row: dict) -> str:
+    if "keep_graph_steps" not in row:
+        return ""
+    return f" (k={row['keep_graph_steps']}, a={row.get('keep_attention_steps', 0)})"
+
+
 def markdown(rows: list, sweep: list, meta: dict) -> str:
     lines = [f"Device: {meta['device']}; model {meta['model']}, {meta['images']} images, {meta['steps']} steps, "
              f"latent {meta['latent']}; {meta['date']}. Medians of {meta['rounds']} interleaved rounds.", "",
@@ -397,7 +402,7 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
     for r in rows:
         ph, mf = r["phases_s"], r.get("model_flops", {})
         lines.append(
-            f"| {r['impl']}{' (k=%d)' % r['keep_graph_steps'] if 'keep_graph_steps' in r else ''} "
+            f"| {r['impl']}{_keeps_label(r)} "
             f"| {r['s_per_iter']:.3f} | {r['s_per_image']:.3f} | {r.get('speedup_per_image_vs_baseline_sdpa', 0):.2f} "
             f"| {r.get('model_speedup_vs_baseline_sdpa', 0):.2f} | {r['peak_bytes'] / 2**20:.1f} "
             f"| {r.get('peak_vs_baseline_sdpa', 0):.3f} | {ph.get('sampling', 0):.3f} | {ph.get('decode_losses', 0):.3f} "
@@ -407,10 +412,12 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
         lines += ["", f"Measured dense matmul rate: {meta['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s "
                       f"({meta['matmul_dtype']}); FLOP model: bench/flops.py."]
     if meta.get("kept_graph_bytes"):
-        plain = meta.get("kept_graph_bytes_plain")
+        plain, attention = meta.get("kept_graph_bytes_plain"), meta.get("kept_attention_bytes")
         lines += ["", f"fastfair_fast: one kept step's graph holds {meta['kept_graph_bytes'] / 2**20:.1f} MiB "
                       + (f"({plain / 2**20:.1f} MiB with plain autograd, without fastfair.lean_graph) " if plain else "")
-                      + "(counted exactly, fastfair.memory_budget); k: as many as fit in baseline_sdpa's peak "
+                      + (f"and a step keeping its attention outputs only {attention / 2**20:.2f} MiB " if attention
+                         else "")
+                      + "(counted exactly, fastfair.memory_budget); k whole graphs and a attention-only keeps: as many as fit in baseline_sdpa's peak "
                       "(bench/train_step.py's docstring)."]
     if sweep:
         lines += ["", "Peak memory (MiB) versus steps and images (one iteration each):", "",
@@ -482,15 +489,17 @@ def main(argv=None) -> None:
                 cfg["budget_bytes"] = ref["peak_bytes"]
             if impl == "fastfair_fast":
                 if keep is None:
-                    lean = next((r for r in runs if "keep_for_budget" in r), None)
+                    lean = next((r for r in runs if "keeps_for_budget" in r), None)
                     if ref is None or lean is None:
                         raise ValueError("fastfair_fast needs baseline_sdpa and fastfair earlier in --impls")
-                    keep = lean["keep_for_budget"]
-                    print(f"fastfair_fast: one kept graph holds {lean['kept_graph_bytes'] / 2**20:.1f} MiB; "
-                          f"keeping {keep} of {args.steps} steps", flush=True)
-                cfg["keep_graph_steps"] = keep
+                    keep = lean["keeps_for_budget"]
+                    print(f"fastfair_fast: a kept graph holds {lean['kept_graph_bytes'] / 2**20:.1f} MiB, a step's "
+                          f"attention outputs {lean['kept_attention_bytes'] / 2**20:.2f} MiB; of {args.steps} steps "
+                          f"keeping {keep[0]} graphs and {keep[1]} attention-only", flush=True)
+                cfg["keep_graph_steps"], cfg["keep_attention_steps"] = keep
             result = run_worker(cfg)
             result["keep_graph_steps"] = cfg.get("keep_graph_steps", 0)
+            result["keep_attention_steps"] = cfg.get("keep_attention_steps", 0)
             if "unit_flops" in result:
                 flops_info = result
             runs.append(result)
@@ -510,7 +519,7 @@ def main(argv=None) -> None:
             "date": time.strftime("%Y-%m-%d"), "matmul_flops_per_s": flops_info.get("matmul_flops_per_s"),
             "matmul_dtype": "fp16" if cuda else "fp32", "unit_flops": flops_info.get("unit_flops"),
             **{key: next((r[key] for r in runs if key in r), None)
-               for key in ("kept_graph_bytes", "kept_graph_bytes_plain")}}
+               for key in ("kept_graph_bytes", "kept_graph_bytes_plain", "kept_attention_bytes")}}
     ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
     budget = int(args.budget_gib * 2**30) if args.budget_gib else (ref["peak_bytes"] if ref else None)
     if sweep_images and budget:

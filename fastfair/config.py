@@ -102,8 +102,9 @@ class SamplerConfig:
     coefficients: str = setting("paper", choices=("paper", "exact", "none"))  # DESIGN.md "Adjustment"
     recompute_chunk: int = setting(1, min=1)  # steps per U-Net call in the backward recompute
     keep_graph_steps: int = setting(0, min=0)  # steps whose graph is kept instead of recomputed
+    keep_attention_steps: int = setting(0, min=0)  # further steps keeping their attention outputs only
     grad_steps: Optional[int] = setting(None, min=1)  # backpropagate K random steps scaled by S/K; null: all
-    memory_budget_gb: Optional[float] = setting(None, gt=0)  # picks keep_graph_steps from a memory budget
+    memory_budget_gb: Optional[float] = setting(None, gt=0)  # picks both keeps above from a memory budget
     lean_graph: bool = True  # frozen convs and GEGLU gates save less in graph-building calls; same gradients
 
 
@@ -519,9 +520,10 @@ def _sampler_problems(sampler: SamplerConfig) -> List[str]:
     if sampler.grad_steps is not None and sampler.grad_steps > fewest_steps:
         problems.append(f"sampler.grad_steps={sampler.grad_steps} exceeds the fewest sampling steps "
                         f"({fewest_steps}): lower it or set it to null (all steps)")
-    if sampler.memory_budget_gb is not None and sampler.keep_graph_steps:
-        problems.append("sampler.memory_budget_gb and sampler.keep_graph_steps are both set: the budget picks "
-                        "keep_graph_steps, so set one of them (keep_graph_steps=0 or memory_budget_gb=null)")
+    for name in ("keep_graph_steps", "keep_attention_steps"):
+        if sampler.memory_budget_gb is not None and getattr(sampler, name):
+            problems.append(f"sampler.memory_budget_gb and sampler.{name} are both set: the budget picks "
+                            f"{name}, so set one of them ({name}=0 or memory_budget_gb=null)")
     return problems
 
 

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import kernels
+from .keep_attention import attention_kept, selective_checkpointing_available
 from .lean_graph import lean_graph as _lean_graph
 from .schedule import COEFFICIENT_MODES, SolverSchedule, solver_schedule
 
@@ -49,6 +50,7 @@ class _Plan:
     grad_steps: List[int]            # steps whose gradient is backpropagated (sorted)
     step_weight: float               # S/K for an unbiased subsample, else 1
     keep_graph: set                  # steps whose graph is kept from the forward
+    keep_attention: set              # steps that keep their attention outputs only (fastfair.keep_attention)
     recompute_chunk: int
     coefficients: str
     unet_dtype: torch.dtype
@@ -90,7 +92,7 @@ def _embeddings(cond: torch.Tensor, uncond: Optional[torch.Tensor], batch: int, 
 
 
 def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps, frozen_rows):
+                  grad_steps, frozen_rows, keep_attention_steps=0):
     if not isinstance(z_T, torch.Tensor) or z_T.dim() < 2:
         raise ValueError("z_T: expected a latent tensor [B, C, H, W]")
     for name, emb in (("cond", cond), ("uncond", uncond)):
@@ -105,8 +107,9 @@ def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, re
         raise ValueError(f"coefficients={coefficients!r}: expected one of {COEFFICIENT_MODES}")
     if recompute_chunk is not None and (not isinstance(recompute_chunk, int) or recompute_chunk < 1):
         raise ValueError(f"recompute_chunk={recompute_chunk!r}: expected a positive integer or None (= 1 step)")
-    if not isinstance(keep_graph_steps, int) or keep_graph_steps < 0:
-        raise ValueError(f"keep_graph_steps={keep_graph_steps!r}: expected an integer >= 0")
+    for name, value in (("keep_graph_steps", keep_graph_steps), ("keep_attention_steps", keep_attention_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r}: expected an integer >= 0")
     if not isinstance(frozen_rows, int) or not 0 <= frozen_rows < z_T.shape[0]:
         raise ValueError(f"frozen_rows={frozen_rows!r}: expected an integer in [0, batch={z_T.shape[0]})")
     if grad_steps is not None and (not isinstance(grad_steps, int) or not 1 <= grad_steps <= num_steps):
@@ -172,12 +175,20 @@ def _kept_step_eps(plan: _Plan, i: int, z: torch.Tensor, x: torch.Tensor, t: tor
     """eps [branches*B, ...] of step i (z [B, C, H, W]; x, t, emb_nograd: the whole batch's call) with its graph
     kept in ``plan.kept_eps[i]`` for the rows the backward uses only, laid out like a one-step recompute; the other
     rows (frozen images, an uncond branch nothing trainable feeds) run in a no-grad call, so a kept graph costs
-    what a recompute of one step costs, not what the whole batch would."""
+    what a recompute of one step costs, not what the whole batch would. A step in ``plan.keep_attention`` keeps
+    its attention outputs only and recomputes the rest of that graph in the backward (``attention_kept``)."""
     batch, f = z.shape[0], plan.frozen_rows
     nb = graph_branches(plan.use_cfg, plan.need_uncond)
-    timestep = int(plan.schedule.timesteps[i])
-    with torch.enable_grad(), _lean_graph(plan.unet, plan.lean_graph):
-        eps_graph = _unet_eps(plan.unet, *graph_inputs(z[f:], timestep, plan.sources, nb, f, plan.unet_dtype))
+    keep = attention_kept if i in plan.keep_attention else lambda fn, *inputs: fn(*inputs)
+    with torch.enable_grad():  # the embeddings' rows too: their gradient reaches the caller's leaves
+        x_graph, t_graph, emb_graph = graph_inputs(z[f:], int(plan.schedule.timesteps[i]), plan.sources, nb, f,
+                                                   plan.unet_dtype)
+
+        def call(x_rows: torch.Tensor, emb_rows: torch.Tensor) -> torch.Tensor:
+            with _lean_graph(plan.unet, plan.lean_graph):  # inside: the attention-only recompute runs it again
+                return _unet_eps(plan.unet, x_rows, t_graph, emb_rows)
+
+        eps_graph = keep(call, x_graph, emb_graph)
     plan.kept_eps[i] = eps_graph
     if eps_graph.shape[0] == x.shape[0]:
         return eps_graph.detach()
@@ -204,7 +215,7 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     for i in range(sched.num_steps):
         t = torch.full((branches * batch,), int(sched.timesteps[i]), device=z.device, dtype=torch.long)
         x = z.to(plan.unet_dtype).repeat(branches, *([1] * (z.dim() - 1)))
-        if i in plan.keep_graph and record:
+        if record and (i in plan.keep_graph or i in plan.keep_attention):
             eps = _kept_step_eps(plan, i, z, x, t, emb_nograd)
         else:
             if i in grad_set:
@@ -302,6 +313,7 @@ def sample(
     coefficients: str = "paper",
     recompute_chunk: Optional[int] = None,
     keep_graph_steps: int = 0,
+    keep_attention_steps: int = 0,
     grad_steps: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     unet_dtype: Optional[torch.dtype] = None,
@@ -323,6 +335,9 @@ def sample(
         coefficients: ``paper`` | ``exact`` | ``none``: the adjustment C_i (``fastfair.schedule``).
         recompute_chunk: steps batched into one U-Net call in the backward (None = 1: least memory).
         keep_graph_steps: keep this many steps' graphs from the forward instead of recomputing them.
+        keep_attention_steps: of the other steps, this many keep only their attention kernels' outputs and
+            recompute the rest in the backward (``fastfair.keep_attention``: a few percent of a kept graph's
+            bytes for the attention's share of the recompute).
         grad_steps: K, backpropagate K of the S steps drawn uniformly without replacement (with ``generator``),
             scaled by S/K: an unbiased estimate of the full adjusted gradient. None = all steps.
         unet_dtype: dtype of the U-Net's input (default: the U-Net's ``dtype`` or its first parameter's).
@@ -340,7 +355,10 @@ def sample(
         ``engine.backward()`` and ``torch.autocast`` (the backward recompute runs under the forward's autocast).
     """
     _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps, frozen_rows)
+                  grad_steps, frozen_rows, keep_attention_steps)
+    if keep_attention_steps and not selective_checkpointing_available():
+        raise RuntimeError(f"keep_attention_steps={keep_attention_steps} needs torch >= 2.4 (selective activation "
+                           f"checkpointing), torch {torch.__version__} has none: set it to 0")
     guidance = float(guidance_scale)
     use_cfg = uncond is not None and guidance != 1.0
     params = tuple(p for p in unet.parameters() if p.requires_grad)
@@ -358,6 +376,7 @@ def sample(
         grad_steps=steps,
         step_weight=step_weight,
         keep_graph=set(steps[:keep_graph_steps]),
+        keep_attention=set(steps[keep_graph_steps:keep_graph_steps + keep_attention_steps]),
         recompute_chunk=recompute_chunk or 1,
         coefficients=coefficients,
         unet_dtype=unet_dtype,

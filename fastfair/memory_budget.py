@@ -1,15 +1,17 @@
-"""Pick the engine's ``keep_graph_steps`` from a memory budget (``sampler.memory_budget_gb``).
+"""Pick the engine's kept steps from a memory budget (``sampler.memory_budget_gb``).
 
-The finetuned sampling's memory is modelled as linear in the number k of steps whose graph is kept (the model
-``bench/train_step.py``'s ``keep_for_budget`` fits to measured peaks):
+The finetuned sampling's memory is modelled as linear in the numbers k of steps whose whole graph is kept and a
+of steps that keep their attention outputs only (``fastfair.keep_attention``):
 
-    P(k) = R + k G,    keep = clamp(floor((budget - R) / G), 0, S)
+    P(k, a) = R + k G + a G_att,    (k, a) = keeps_for_budget(budget - R, G, G_att, S)
 
 - G: the bytes one kept step holds until the backward, measured, not guessed: the storages autograd saves during
   the graph-building U-Net call made as the engine makes it (the rows it differentiates: frozen rows and an
-  uncond branch nothing trainable feeds are left out; the run's dtype and autocast), plus the kept eps
-  (`graph_bytes_per_step`). Weights, buffers and the text embeddings exist anyway and are not counted.
-- R, "reserved": what the lean run (k = 0) holds anyway besides kept graphs: on CUDA,
+  uncond branch nothing trainable feeds are left out; the run's dtype, autocast and ``lean_graph``), plus the kept
+  eps (`graph_bytes_per_step`). Weights, buffers and the text embeddings exist anyway and are not counted.
+- G_att: the same for a step that keeps its attention outputs only (`attention_bytes_per_step`): those outputs,
+  the call's inputs and its eps.
+- R, "reserved": what the lean run (k = a = 0) holds anyway besides kept graphs: on CUDA,
   ``torch.cuda.memory_allocated()`` when the decision is taken (weights, optimizer state, ...); on CPU 0, so there
   the budget covers the kept graphs only.
 
@@ -24,6 +26,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 from fastfair.dft import _autocast_state, _unet_eps, graph_branches, graph_inputs, unet_input_dtype
+from fastfair.keep_attention import attention_kept_bytes, selective_checkpointing_available
 from fastfair.lean_graph import lean_graph
 
 GIB = 2 ** 30
@@ -60,17 +63,9 @@ def saved_tensor_bytes(forward: Callable[[], torch.Tensor], held: Iterable[torch
     return sum(storage.nbytes() for storage in storages.values())
 
 
-def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
-                         uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0,
-                         lean: bool = True) -> int:
-    """G: the bytes one kept step's graph holds, for the graph-building U-Net call the engine's kept step makes.
-
-    latents: z [B, C, H, W]; t: a timestep (activation sizes do not depend on it); cond, uncond: text embeddings
-    [B or 1, L, D] as ``fastfair.dft.sample`` receives them (uncond None or guidance_scale 1: no CFG);
-    frozen_rows, lean: ``sample``'s frozen_rows and lean_graph. Like the engine, the graph covers the images from
-    ``frozen_rows`` on, and the uncond branch only when something trainable feeds it (uncond requires grad or the
-    U-Net has trainable parameters), with the engine's ``lean_graph`` setting. Runs one forward under the ambient autocast, under ``saved_tensors_hooks``, with no backward.
-    """
+def _step_call(unet, latents, t, cond, uncond, guidance_scale, frozen_rows, lean):
+    """(call, make_inputs, held): the graph-building U-Net call of one kept step as the engine makes it,
+    call(x, emb) -> eps, make_inputs() -> (x, emb) (run it with grad enabled), and the tensors that exist anyway."""
     if not isinstance(latents, torch.Tensor) or latents.dim() < 2:
         raise ValueError("latents: expected a latent tensor [B, C, H, W]")
     if not isinstance(frozen_rows, int) or not 0 <= frozen_rows < latents.shape[0]:
@@ -81,18 +76,51 @@ def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, c
     # fresh leaves like the engine's: the embeddings' own graph (text encoder) is not part of a step's
     cond = cond.detach().requires_grad_(cond.requires_grad)
     uncond = uncond.detach().requires_grad_(uncond.requires_grad) if branches == 2 else None
+    def make_inputs():
+        x_rows, _, emb_rows = graph_inputs(latents[frozen_rows:].detach(), t, (cond, uncond), branches, frozen_rows,
+                                           unet_input_dtype(unet))
+        return x_rows, emb_rows
 
-    def one_step() -> torch.Tensor:
+    def call(x_rows: torch.Tensor, emb_rows: torch.Tensor) -> torch.Tensor:
+        t_rows = torch.full((x_rows.shape[0],), int(t), dtype=torch.long, device=x_rows.device)
         with lean_graph(unet, lean):
-            return _unet_eps(unet, *graph_inputs(latents[frozen_rows:].detach(), t, (cond, uncond), branches,
-                                                 frozen_rows, unet_input_dtype(unet)))
+            return _unet_eps(unet, x_rows, t_rows, emb_rows)
 
     held = [*unet.parameters(), *unet.buffers(), cond] + ([uncond] if uncond is not None else [])
-    trainable = {id(p) for p in unet.parameters() if p.requires_grad}
+    return call, make_inputs, held
+
+
+def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
+                         uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0,
+                         lean: bool = True) -> int:
+    """G: the bytes one kept step's graph holds, for the graph-building U-Net call the engine's kept step makes.
+
+    latents: z [B, C, H, W]; t: a timestep (activation sizes do not depend on it); cond, uncond: text embeddings
+    [B or 1, L, D] as ``fastfair.dft.sample`` receives them (uncond None or guidance_scale 1: no CFG);
+    frozen_rows, lean: ``sample``'s frozen_rows and lean_graph. Like the engine, the graph covers the images from
+    ``frozen_rows`` on, and the uncond branch only when something trainable feeds it (uncond requires grad or the
+    U-Net has trainable parameters), with the engine's ``lean_graph`` setting. Runs one forward under the ambient
+    autocast, under ``saved_tensors_hooks``, with no backward.
+    """
+    call, make_inputs, held = _step_call(unet, latents, t, cond, uncond, guidance_scale, frozen_rows, lean)
+    skip = lambda tensor: False  # noqa: E731
     _, autocast_on, _ = _autocast_state(latents.device.type)
     if autocast_on and torch.is_autocast_cache_enabled():
-        return saved_tensor_bytes(one_step, held, lambda tensor: _is_cached_weight_cast(tensor, trainable))
-    return saved_tensor_bytes(one_step, held)
+        trainable = {id(p) for p in unet.parameters() if p.requires_grad}
+        skip = lambda tensor: _is_cached_weight_cast(tensor, trainable)  # noqa: E731
+    return saved_tensor_bytes(lambda: call(*make_inputs()), held, skip)
+
+
+def attention_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
+                             uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0,
+                             lean: bool = True) -> int:
+    """G_att: the bytes one step that keeps its attention outputs only (``sample``'s keep_attention_steps) holds
+    until the backward: the attention kernels' outputs, the call's latent and embedding rows and its eps
+    (``fastfair.keep_attention.attention_kept_bytes``). Arguments as ``graph_bytes_per_step``'s."""
+    call, make_inputs, _ = _step_call(unet, latents, t, cond, uncond, guidance_scale, frozen_rows, lean)
+    with torch.enable_grad():
+        inputs = make_inputs()
+    return attention_kept_bytes(call, *inputs)
 
 
 def keep_graph_steps_for_budget(budget_bytes: float, per_step_bytes: int, num_steps: int,
@@ -120,30 +148,62 @@ def reserved_now(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
+def keeps_for_budget(available_bytes: float, graph_bytes: int, attention_bytes: Optional[int], num_steps: int,
+                     start: Tuple[int, int] = (0, 0)) -> Tuple[int, int]:
+    """(keep_graph_steps, keep_attention_steps) that fit ``available_bytes`` more than ``start`` (such a pair)
+    holds, each step kept at most once.
+
+    Attention-only keeps come first: each holds attention_bytes (G_att) and saves the attention's share r of one
+    recompute, a whole graph holds graph_bytes (G) and saves all of it, so per byte the attention keep wins
+    whenever r > G_att / G (a few percent in SD's U-Net; r is far larger). Once every step keeps its attention,
+    what is left upgrades steps to whole graphs at G - G_att each. attention_bytes None: whole graphs only.
+    """
+    keep_graph, keep_attention = start
+    for name, value in (("graph_bytes", graph_bytes), ("num_steps", num_steps), ("keep_graph_steps", keep_graph),
+                        ("keep_attention_steps", keep_attention)) + ((("attention_bytes", attention_bytes),)
+                                                                     if attention_bytes is not None else ()):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r}: expected an integer >= 0")
+    if keep_graph + keep_attention > num_steps:
+        raise ValueError(f"start={start!r}: keeps more than num_steps={num_steps} steps")
+    if attention_bytes is None or attention_bytes >= graph_bytes:  # whole graphs only
+        return keep_graph + keep_graph_steps_for_budget(available_bytes, graph_bytes,
+                                                        num_steps - keep_graph - keep_attention), keep_attention
+    added = keep_graph_steps_for_budget(available_bytes, attention_bytes, num_steps - keep_graph - keep_attention)
+    keep_attention += added
+    if keep_graph + keep_attention < num_steps:
+        return keep_graph, keep_attention
+    upgrades = keep_graph_steps_for_budget(available_bytes - added * attention_bytes, graph_bytes - attention_bytes,
+                                           keep_attention)
+    return keep_graph + upgrades, keep_attention - upgrades
+
+
 class MemoryBudget:
-    """``sampler.memory_budget_gb`` -> keep_graph_steps; measures G once per input shape and decides once per
-    (shape, step count), so repeated iterations cost a dictionary look-up."""
+    """``sampler.memory_budget_gb`` -> (keep_graph_steps, keep_attention_steps); measures G and G_att once per
+    input shape and decides once per (shape, step count), so repeated iterations cost a dictionary look-up.
+    Attention-only keeps are planned where torch has selective checkpointing (>= 2.4), else whole graphs only."""
 
     def __init__(self, budget_gb: float, lean: bool = True):
         if isinstance(budget_gb, bool) or not isinstance(budget_gb, (int, float)) or not 0 < budget_gb < math.inf:
             raise ValueError(f"sampler.memory_budget_gb={budget_gb!r}: expected a positive number of GiB")
         self.budget_bytes = float(budget_gb) * GIB
         self.lean = bool(lean)  # the engine's lean_graph setting: G is measured as the engine builds graphs
-        self._per_step: Dict[Tuple, int] = {}
-        self._keep: Dict[Tuple, int] = {}
+        self.attention = selective_checkpointing_available()
+        self._per_step: Dict[Tuple, Tuple[int, Optional[int]]] = {}
+        self._keep: Dict[Tuple, Tuple[int, int]] = {}
 
-    def keep_graph_steps(self, unet: torch.nn.Module, z_T: torch.Tensor, cond: torch.Tensor,
-                         uncond: Optional[torch.Tensor], num_steps: int, guidance_scale: float,
-                         frozen_rows: int = 0) -> int:
-        """The keep_graph_steps to pass to ``fastfair.dft.sample`` with these arguments."""
+    def keeps(self, unet: torch.nn.Module, z_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
+              num_steps: int, guidance_scale: float, frozen_rows: int = 0) -> Tuple[int, int]:
+        """(keep_graph_steps, keep_attention_steps) to pass to ``fastfair.dft.sample`` with these arguments."""
         shapes = (tuple(z_T.shape), tuple(cond.shape), None if uncond is None else tuple(uncond.shape),
                   float(guidance_scale) != 1.0, frozen_rows, cond.requires_grad,
                   uncond is not None and uncond.requires_grad)
         if (shapes, num_steps) not in self._keep:
-            reserved = reserved_now(z_T.device)  # read before the measuring forward: its graph is transient
+            reserved = reserved_now(z_T.device)  # read before the measuring forwards: their graphs are transient
             if shapes not in self._per_step:
-                self._per_step[shapes] = graph_bytes_per_step(unet, z_T, 0, cond, uncond, guidance_scale,
-                                                                 frozen_rows, self.lean)
-            self._keep[shapes, num_steps] = keep_graph_steps_for_budget(
-                self.budget_bytes, self._per_step[shapes], num_steps, reserved)
+                args = (unet, z_T, 0, cond, uncond, guidance_scale, frozen_rows, self.lean)
+                self._per_step[shapes] = (graph_bytes_per_step(*args),
+                                          attention_bytes_per_step(*args) if self.attention else None)
+            self._keep[shapes, num_steps] = keeps_for_budget(max(self.budget_bytes - reserved, 0),
+                                                             *self._per_step[shapes], num_steps)
         return self._keep[shapes, num_steps]

@@ -252,12 +252,13 @@ class Trainer:
 
     def _sample(self, unet, z_T, cond, uncond, steps, generator, frozen_rows=0):
         s = self.cfg.sampler
-        keep = s.keep_graph_steps
+        keep, keep_attention = s.keep_graph_steps, s.keep_attention_steps
         if self.memory_budget is not None and torch.is_grad_enabled():  # only the graph-building pass
-            keep = self.memory_budget.keep_graph_steps(unet, z_T, cond, uncond, steps, s.guidance_scale,
-                                                      frozen_rows)
+            keep, keep_attention = self.memory_budget.keeps(unet, z_T, cond, uncond, steps, s.guidance_scale,
+                                                            frozen_rows)
         return sample(unet, self.scheduler, z_T, cond, uncond, num_steps=steps, guidance_scale=s.guidance_scale,
                       coefficients=s.coefficients, recompute_chunk=s.recompute_chunk, keep_graph_steps=keep,
+                      keep_attention_steps=keep_attention,
                       grad_steps=s.grad_steps, generator=generator, frozen_rows=frozen_rows,
                       lean_graph=s.lean_graph)
 

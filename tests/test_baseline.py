@@ -80,14 +80,12 @@ def test_train_step_cli_end_to_end(setup, tmp_path):
     assert "| fastfair_fast (k=" in out.with_suffix(".md").read_text()
     lean = next(r for r in data["runs"] if "kept_graph_bytes" in r)
     assert 0 < lean["kept_graph_bytes"] < lean["kept_graph_bytes_plain"]  # fastfair.lean_graph saves less
+    assert 0 < lean["kept_attention_bytes"] < lean["kept_graph_bytes"]
 
 
-def test_largest_batch_and_kept_graphs_for_a_budget():
+def test_largest_batch_for_a_budget():
     sweep = [{"impl": "fastfair", "images": n, "steps": 20, "peak_bytes": 100 + 10 * n} for n in (1, 2)]
     assert train_step.largest_batch(sweep, "fastfair", 20, 200) == 10
-    assert train_step.keep_for_budget(budget=200, level=100, per_step=30, steps=20) == 3
-    assert train_step.keep_for_budget(budget=90, level=100, per_step=30, steps=20) == 0
-    assert train_step.keep_for_budget(budget=10 ** 9, level=100, per_step=30, steps=20) == 20
 
 
 def test_flop_model_counts_input_only_backwards():
@@ -107,4 +105,8 @@ def test_flop_model_counts_input_only_backwards():
                                 / flops.iteration_flops(impl, unit, 2, 20, **kw)["total"])
     assert ratio("fastfair") == pytest.approx((8 + 2 * 1.5) / (6 + 2 * 1.5))
     assert ratio("fastfair_fast", keep_graph_steps=20) == pytest.approx((8 + 2 * 1.5) / (4 + 2 * 1.5))
+    unit["unet_attention"] = 4  # attention-only keeps recompute U - Ua = 6 of 10
+    assert ratio("fastfair_fast", keep_attention_steps=20) == pytest.approx((8 + 2 * 1.5) / (4 + 2 * 0.6 + 2 * 1.5))
+    assert ratio("fastfair_fast", keep_graph_steps=5, keep_attention_steps=20) == pytest.approx(  # 15 left
+        (8 + 2 * 1.5) / (4 + 2 * 0.6 * 15 / 20 + 2 * 1.5))
     assert ratio("fastfair_k5", grad_steps=5) == pytest.approx((8 + 2 * 1.5) / (4 + 2 * 2.5 * 5 / 20))

@@ -55,3 +55,15 @@ def test_autocast_close_to_fp32(dtype):
         g_half = grads(sample, prob, recompute_chunk=5)
     assert all(torch.isfinite(g).all() for g in g_half)
     assert rel(g_half, g32) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kept_graphs_and_attention_keeps_match_the_lean_run(dtype):
+    """Whole kept graphs and attention-only keeps (fastfair.keep_attention: CUDA's fused attention kernels) give
+    the lean run's gradient: the same ops on the same inputs, up to cuDNN's choice of algorithm."""
+    prob = problem(dtype)
+    region = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else torch.autocast("cuda", enabled=False)
+    with region:
+        lean = grads(sample, prob)
+        kept = grads(sample, prob, keep_graph_steps=3, keep_attention_steps=5)
+    assert rel(kept, lean) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastfair.dft import sample
-from fastfair.memory_budget import (GIB, MemoryBudget, graph_bytes_per_step, keep_graph_steps_for_budget,
-                                    saved_tensor_bytes)
+from fastfair.memory_budget import (GIB, MemoryBudget, attention_bytes_per_step, graph_bytes_per_step,
+                                    keep_graph_steps_for_budget, keeps_for_budget, saved_tensor_bytes)
 from fastfair.testing import tiny_scheduler, tiny_unet
 
 SCHED = tiny_scheduler()
@@ -75,6 +75,23 @@ def test_keep_graph_steps_for_budget():
     assert keep_graph_steps_for_budget(250.5, 100, 20) == 2
 
 
+def test_keeps_for_budget_attention_first_then_whole_graphs():
+    G, A = 100, 10
+    assert keeps_for_budget(35, G, A, 20) == (0, 3)  # not every step's attention fits
+    assert keeps_for_budget(200, G, A, 20) == (0, 20)  # every step's attention, nothing left to upgrade with
+    assert keeps_for_budget(200 + 2 * 90 + 89, G, A, 20) == (2, 18)  # then upgrades at G - A each
+    assert keeps_for_budget(10 ** 9, G, A, 20) == (20, 0)
+    assert keeps_for_budget(35, G, None, 20) == (0, 0) and keeps_for_budget(250, G, None, 20) == (2, 0)
+    assert keeps_for_budget(250, G, G, 20) == (2, 0)  # attention keeps as large as graphs: graphs only
+    # from a plan already in place: more attention keeps for the steps not kept, then upgrades
+    assert keeps_for_budget(25, G, A, 20, start=(1, 3)) == (1, 5)
+    assert keeps_for_budget(160 + 90, G, A, 20, start=(1, 3)) == (2, 18)
+    with pytest.raises(ValueError, match="start"):
+        keeps_for_budget(10, G, A, 4, start=(3, 2))
+    with pytest.raises(ValueError, match="attention_bytes"):
+        keeps_for_budget(10, G, -1, 4)
+
+
 @pytest.mark.parametrize("kwargs,name", [
     (dict(budget_bytes=-1), "budget_bytes"), (dict(budget_bytes=float("nan")), "budget_bytes"),
     (dict(budget_bytes="1GB"), "budget_bytes"), (dict(per_step_bytes=1.5), "per_step_bytes"),
@@ -92,26 +109,30 @@ def test_memory_budget_rejects_bad_budget(budget):
         MemoryBudget(budget)
 
 
-def test_budget_of_two_and_a_half_steps_keeps_two_and_the_gradient_is_unchanged():
+def test_budget_of_two_and_a_half_steps_keeps_two_graphs_and_the_gradient_is_unchanged():
+    """4 steps, a budget of 2.5 G: every step keeps its attention (4 G_att), and what is left upgrades two of them
+    to whole graphs; only the two attention-only steps run the U-Net again in the backward."""
     unet, z_T, cond, uncond = _problem("unet", torch.float64)
     cond.requires_grad_()
     per_step = graph_bytes_per_step(unet, z_T, 0, cond, uncond, 3.0)
+    per_attention = attention_bytes_per_step(unet, z_T, 0, cond, uncond, 3.0)
+    assert 0 < per_attention < per_step / 4
     budget = MemoryBudget(2.5 * per_step / GIB)
     calls = []
     unet.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
-    keep = budget.keep_graph_steps(unet, z_T, cond, uncond, 4, 3.0)
-    assert keep == 2
+    keep = budget.keeps(unet, z_T, cond, uncond, 4, 3.0)
+    assert keep == (2, 2)
     calls.clear()
-    assert budget.keep_graph_steps(unet, z_T, cond, uncond, 4, 3.0) == 2 and not calls  # cached: no U-Net call
+    assert budget.keeps(unet, z_T, cond, uncond, 4, 3.0) == (2, 2) and not calls  # cached: no U-Net call
 
-    def grads(keep_graph_steps):
-        z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, guidance_scale=3.0,
-                    keep_graph_steps=keep_graph_steps)
+    def grads(keeps):
+        z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, guidance_scale=3.0, keep_graph_steps=keeps[0],
+                    keep_attention_steps=keeps[1])
         calls.clear()
         result = torch.autograd.grad((z0 ** 2).sum(), [cond, *unet.parameters()])
         return result, len(calls)
 
-    (kept, recomputed_kept), (lean, recomputed_lean) = grads(keep), grads(0)
-    assert (recomputed_kept, recomputed_lean) == (4 - 2, 4)  # the kept steps are not recomputed
+    (kept, recomputed_kept), (lean, recomputed_lean) = grads(keep), grads((0, 0))
+    assert (recomputed_kept, recomputed_lean) == (2, 4)  # whole kept graphs are not recomputed
     for a, b in zip(kept, lean):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert torch.equal(a, b)

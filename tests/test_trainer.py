@@ -131,4 +131,4 @@ def test_memory_budget_picks_the_kept_graphs(tmp_path, world, budget_gb, kept):
     decisions = list(trainer.memory_budget._keep.items())
     assert len(decisions) == 1  # one shape: the frozen pass (no grad) asked nothing
     (_, steps), keep = decisions[0]
-    assert keep == (steps if kept == "all" else 0)
+    assert keep == ((steps, 0) if kept == "all" else (0, 0))  # (whole graphs, attention-only keeps)
