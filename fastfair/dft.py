@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import kernels
-from .keep_attention import attention_kept, selective_checkpointing_available
+from .keep_attention import attention_kept
 from .lean_graph import lean_graph as _lean_graph
 from .schedule import COEFFICIENT_MODES, SolverSchedule, solver_schedule
 
@@ -179,7 +179,10 @@ def _kept_step_eps(plan: _Plan, i: int, z: torch.Tensor, x: torch.Tensor, t: tor
     its attention outputs only and recomputes the rest of that graph in the backward (``attention_kept``)."""
     batch, f = z.shape[0], plan.frozen_rows
     nb = graph_branches(plan.use_cfg, plan.need_uncond)
-    keep = attention_kept if i in plan.keep_attention else lambda fn, *inputs: fn(*inputs)
+    if i in plan.keep_attention:
+        keep = lambda fn, *inputs: attention_kept(fn, *inputs, scope=plan.unet)  # noqa: E731
+    else:
+        keep = lambda fn, *inputs: fn(*inputs)  # noqa: E731
     with torch.enable_grad():  # the embeddings' rows too: their gradient reaches the caller's leaves
         x_graph, t_graph, emb_graph = graph_inputs(z[f:], int(plan.schedule.timesteps[i]), plan.sources, nb, f,
                                                    plan.unet_dtype)
@@ -356,9 +359,6 @@ def sample(
     """
     _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
                   grad_steps, frozen_rows, keep_attention_steps)
-    if keep_attention_steps and not selective_checkpointing_available():
-        raise RuntimeError(f"keep_attention_steps={keep_attention_steps} needs torch >= 2.4 (selective activation "
-                           f"checkpointing), torch {torch.__version__} has none: set it to 0")
     guidance = float(guidance_scale)
     use_cfg = uncond is not None and guidance != 1.0
     params = tuple(p for p in unet.parameters() if p.requires_grad)

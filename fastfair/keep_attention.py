@@ -1,24 +1,30 @@
 """Keep a step's attention outputs only: the middle ground between a kept graph and a full recompute.
 
 A kept step holds its whole graph (G bytes) and skips the backward's recompute; a lean step holds nothing and
-recomputes the whole U-Net call. ``attention_kept(fn, *inputs)`` holds the outputs of the scaled-dot-product
-attention kernels only (their output and log-sum-exp: a few percent of G) and recomputes everything else in the
-backward, where the attention kernels return the kept outputs instead of running again. The gradient is the
-plain backward's, bit for bit: the recompute runs the same deterministic ops on the same inputs.
+recomputes the whole U-Net call. ``attention_kept(fn, *inputs, scope=unet)`` holds the outputs of the fused
+scaled-dot-product attention kernels only (output and log-sum-exp: about a tenth of G at SD's shapes) and
+recomputes everything else in the backward, where each attention kernel hands back its kept outputs instead of
+running again. The gradient is the plain backward's, bit for bit: the recompute runs the same deterministic ops
+on the same inputs, and the attention backward gets the very outputs the forward made.
 
-What it saves is the attention's share of the forward time: most of it on a CPU at SD's token counts and in
-test-sized models, less on a GPU at 512 px. Built on torch's selective activation checkpointing
-(``torch.utils.checkpoint.create_selective_checkpoint_contexts``, torch >= 2.4) around a non-reentrant checkpoint.
-Attention written as explicit matmuls (diffusers' classic ``AttnProcessor``) runs no such kernel: nothing is
-kept and such a step costs what a recomputed one does.
+How: a non-reentrant ``torch.utils.checkpoint`` (its inputs are kept, its activations rebuilt in the backward)
+whose forward records and whose recompute replays the attention kernels' outputs, through a dispatch mode that is
+active only inside ``scope``'s attention layers (diffusers' ``Attention``): the U-Net's other ops run at full
+speed (torch's own selective checkpointing would route every op through Python). What it saves is the
+attention's share of the forward time: most of it in test-sized models on a CPU, less on a GPU at 512 px. Attention
+written as explicit matmuls (diffusers' classic ``AttnProcessor``) runs no fused kernel: nothing is kept and such a
+step costs what a recomputed one does.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, Dict, FrozenSet
+import contextlib
+import threading
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 
@@ -30,71 +36,117 @@ def _attention_ops() -> FrozenSet:
 
 
 ATTENTION_OPS = _attention_ops()  # the fused attention kernels F.scaled_dot_product_attention dispatches to
+_active = threading.local()  # .cache: the _AttentionCache recording or replaying on this thread, else absent
 
 
-def selective_checkpointing_available() -> bool:
-    """Whether this torch has selective activation checkpointing (torch >= 2.4), which ``attention_kept`` needs."""
-    try:
-        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def _selective_contexts():
-    try:
-        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-    except ImportError:
-        raise RuntimeError(
-            f"keep_attention_steps needs torch >= 2.4 (selective activation checkpointing); torch {torch.__version__} "
-            "has none: set keep_attention_steps=0"
-        ) from None
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return functools.partial(create_selective_checkpoint_contexts, policy)
-
-
-def attention_kept(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-    """fn(*inputs) keeping only its attention kernels' outputs (and ``inputs``) for the backward.
-
-    fn must be deterministic (it runs again in the backward, under the forward's autocast); its parameters'
-    and inputs' gradients are the plain call's.
-    """
-    return checkpoint(fn, *inputs, use_reentrant=False, context_fn=_selective_contexts(), preserve_rng_state=False)
-
-
-class _AttentionOutputs(TorchDispatchMode):
-    """Records the storages of the attention kernels' outputs (by data_ptr: views and repeats count once)."""
+class _AttentionCache(TorchDispatchMode):
+    """Records the attention kernels' outputs in call order (``replay`` False), or hands them back in the same
+    order instead of running the kernels (``replay`` True). Every other op runs as it is."""
 
     def __init__(self):
         super().__init__()
-        self.storages: Dict[int, torch.UntypedStorage] = {}
+        self.outputs: List = []
+        self.replay = False
+        self.position = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in ATTENTION_OPS:
-            for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                    storage = tensor.untyped_storage()
-                    self.storages[storage.data_ptr()] = storage
+        kwargs = kwargs or {}
+        if func not in ATTENTION_OPS:
+            return func(*args, **kwargs)
+        if not self.replay:
+            out = func(*args, **kwargs)
+            self.outputs.append(tree_map(_detached, out))
+            return out
+        if self.position >= len(self.outputs):
+            raise RuntimeError("attention_kept: the backward's recompute ran more attention kernels than the forward; "
+                               "the function must be deterministic")
+        out, self.outputs[self.position] = self.outputs[self.position], None  # handed back once, then freed
+        self.position += 1
         return out
 
 
-def attention_kept_bytes(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> int:
-    """Bytes ``attention_kept(fn, *inputs)`` holds until the backward: the attention outputs, the inputs that
-    require no gradient (a fresh latent batch; leaves that require one are the caller's) and the output. Runs one
-    forward with grad enabled and no backward."""
+@contextlib.contextmanager
+def _using(cache: _AttentionCache, replay: bool) -> Iterator[None]:
+    previous = getattr(_active, "cache", None)
+    cache.replay, cache.position = replay, 0
+    _active.cache = cache
+    try:
+        yield
+    finally:
+        _active.cache = previous
+        if replay:
+            cache.outputs.clear()
+
+
+def _is_attention_layer(module: nn.Module) -> bool:
+    return type(module).__name__ == "Attention" and type(module).__module__.startswith("diffusers.")
+
+
+@contextlib.contextmanager
+def _attention_layers_cached(scope: Optional[nn.Module]) -> Iterator[None]:
+    """Within, each attention layer of ``scope`` runs under the active cache's dispatch mode; with no scope or no
+    such layer, the whole region does (slower: every op passes through Python)."""
+    layers = [m for m in scope.modules() if _is_attention_layer(m) and "forward" not in m.__dict__] if scope else []
+    if not layers:
+        with _active.cache:
+            yield
+        return
+
+    def cached(layer: nn.Module):
+        def forward(*args, **kwargs):
+            with _active.cache:
+                return type(layer).forward(layer, *args, **kwargs)
+        return forward
+
+    for layer in layers:
+        layer.forward = cached(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def attention_kept(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
+                   scope: Optional[nn.Module] = None) -> torch.Tensor:
+    """fn(*inputs), keeping only its attention kernels' outputs (and ``inputs``) for the backward.
+
+    scope: the module whose attention layers fn calls (the U-Net); None routes all of fn through the recording
+    dispatch mode. fn must be deterministic: it runs again in the backward, under the forward's autocast.
+    """
+    cache = _AttentionCache()
+
+    def recorded(*args):
+        with _attention_layers_cached(scope):
+            return fn(*args)
+
+    return checkpoint(recorded, *inputs, use_reentrant=False, preserve_rng_state=False,
+                      context_fn=lambda: (_using(cache, replay=False), _using(cache, replay=True)))
+
+
+def attention_kept_bytes(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
+                         scope: Optional[nn.Module] = None) -> int:
+    """Bytes ``attention_kept(fn, *inputs, scope=scope)`` holds until the backward: the attention outputs (distinct
+    storages), the inputs that are not leaves requiring a gradient (a fresh latent batch; such leaves are the
+    caller's) and the output. Runs one forward with grad enabled and no backward."""
+    storages: Dict[int, torch.UntypedStorage] = {}
     with torch.enable_grad():
-        recorder = _AttentionOutputs()
+        cache = _AttentionCache()
 
         def recorded(*args):
-            with recorder:
+            with _attention_layers_cached(scope):
                 return fn(*args)
 
-        out = attention_kept(recorded, *inputs)
-    storages = dict(recorder.storages)
+        with _using(cache, replay=False):
+            out = recorded(*inputs)
+        for value in cache.outputs:
+            for tensor in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                    storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage()
     for tensor in (*inputs, out):
         if isinstance(tensor, torch.Tensor) and not (tensor.requires_grad and tensor.grad_fn is None):
             storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage()

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 from fastfair.dft import _autocast_state, _unet_eps, graph_branches, graph_inputs, unet_input_dtype
-from fastfair.keep_attention import attention_kept_bytes, selective_checkpointing_available
+from fastfair.keep_attention import attention_kept_bytes
 from fastfair.lean_graph import lean_graph
 
 GIB = 2 ** 30
@@ -120,7 +120,7 @@ def attention_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: in
     call, make_inputs, _ = _step_call(unet, latents, t, cond, uncond, guidance_scale, frozen_rows, lean)
     with torch.enable_grad():
         inputs = make_inputs()
-    return attention_kept_bytes(call, *inputs)
+    return attention_kept_bytes(call, *inputs, scope=unet)
 
 
 def keep_graph_steps_for_budget(budget_bytes: float, per_step_bytes: int, num_steps: int,
@@ -180,16 +180,14 @@ def keeps_for_budget(available_bytes: float, graph_bytes: int, attention_bytes: 
 
 class MemoryBudget:
     """``sampler.memory_budget_gb`` -> (keep_graph_steps, keep_attention_steps); measures G and G_att once per
-    input shape and decides once per (shape, step count), so repeated iterations cost a dictionary look-up.
-    Attention-only keeps are planned where torch has selective checkpointing (>= 2.4), else whole graphs only."""
+    input shape and decides once per (shape, step count), so repeated iterations cost a dictionary look-up."""
 
     def __init__(self, budget_gb: float, lean: bool = True):
         if isinstance(budget_gb, bool) or not isinstance(budget_gb, (int, float)) or not 0 < budget_gb < math.inf:
             raise ValueError(f"sampler.memory_budget_gb={budget_gb!r}: expected a positive number of GiB")
         self.budget_bytes = float(budget_gb) * GIB
         self.lean = bool(lean)  # the engine's lean_graph setting: G is measured as the engine builds graphs
-        self.attention = selective_checkpointing_available()
-        self._per_step: Dict[Tuple, Tuple[int, Optional[int]]] = {}
+        self._per_step: Dict[Tuple, Tuple[int, int]] = {}
         self._keep: Dict[Tuple, Tuple[int, int]] = {}
 
     def keeps(self, unet: torch.nn.Module, z_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
@@ -202,8 +200,7 @@ class MemoryBudget:
             reserved = reserved_now(z_T.device)  # read before the measuring forwards: their graphs are transient
             if shapes not in self._per_step:
                 args = (unet, z_T, 0, cond, uncond, guidance_scale, frozen_rows, self.lean)
-                self._per_step[shapes] = (graph_bytes_per_step(*args),
-                                          attention_bytes_per_step(*args) if self.attention else None)
+                self._per_step[shapes] = (graph_bytes_per_step(*args), attention_bytes_per_step(*args))
             self._keep[shapes, num_steps] = keeps_for_budget(max(self.budget_bytes - reserved, 0),
                                                              *self._per_step[shapes], num_steps)
         return self._keep[shapes, num_steps]

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastfair.dft as dft
 from fastfair.dft import sample
 from fastfair.keep_attention import ATTENTION_OPS, attention_kept, attention_kept_bytes
 from fastfair.memory_budget import attention_bytes_per_step, graph_bytes_per_step
@@ -50,15 +49,15 @@ def _unet_call(dtype, autocast=None):
     return unet, call, x, emb
 
 
-@pytest.mark.parametrize("dtype,autocast", [(torch.float64, None), (torch.float32, None),
-                                            (torch.float32, torch.bfloat16)])
-def test_same_gradient_bit_for_bit_and_no_attention_forward_in_the_backward(dtype, autocast):
+@pytest.mark.parametrize("dtype,autocast,scoped", [(torch.float64, None, True), (torch.float32, None, True),
+                                                   (torch.float32, torch.bfloat16, True), (torch.float64, None, False)])
+def test_same_gradient_bit_for_bit_and_no_attention_forward_in_the_backward(dtype, autocast, scoped):
     unet, call, x, emb = _unet_call(dtype, autocast)
     inputs = [emb, *unet.conv_in.parameters()]
     out = call(x, emb)
     u = torch.randn_like(out)
     plain = torch.autograd.grad(out, inputs, u)
-    kept = attention_kept(call, x, emb)
+    kept = attention_kept(call, x, emb, scope=unet if scoped else None)
     with OpCounter() as backward_ops:
         selective = torch.autograd.grad(kept, inputs, u)
     assert all(torch.equal(a, b) for a, b in zip(selective, plain))
@@ -66,6 +65,32 @@ def test_same_gradient_bit_for_bit_and_no_attention_forward_in_the_backward(dtyp
     with OpCounter() as forward_ops:
         call(x, emb)
     assert forward_ops.attention_forwards() > 0  # the model does run fused attention kernels
+
+
+def test_scoped_cache_sees_only_the_attention_layers_ops(monkeypatch):
+    """With the U-Net as scope, only ops inside its attention layers pass through the Python dispatch mode (the
+    speed of the rest of the call); without, every op does. Both keep the same bytes."""
+    import fastfair.keep_attention as keep_attention
+
+    unet, call, x, emb = _unet_call(torch.float32)
+    seen = []
+    original = keep_attention._AttentionCache.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(keep_attention._AttentionCache, "__torch_dispatch__", counting)
+    with OpCounter() as everything:
+        call(x, emb)
+    scoped = attention_kept_bytes(call, x, emb, scope=unet)
+    in_scope = len(seen)
+    seen.clear()
+    unscoped = attention_kept_bytes(call, x, emb)
+    assert scoped == unscoped
+    assert len(seen) == sum(everything.counts.values())
+    assert 0 < in_scope < len(seen) / 2
+    assert sum(func in ATTENTION_OPS for func in seen) == everything.attention_forwards()
 
 
 def test_counted_bytes_are_the_attention_outputs_inputs_and_output():
@@ -123,10 +148,7 @@ def test_engine_with_frozen_rows_and_a_frozen_unet():
     assert all(torch.equal(a, b) for a, b in zip(grads["attention"], grads["graph"]))
 
 
-def test_input_errors(monkeypatch):
+def test_input_errors():
     unet, _, z_T, cond, uncond, _ = make_problem(diffusers=True)
     with pytest.raises(ValueError, match="keep_attention_steps"):
         sample(unet, SCHED, z_T, cond, uncond, num_steps=3, keep_attention_steps=-1)
-    monkeypatch.setattr(dft, "selective_checkpointing_available", lambda: False)
-    with pytest.raises(RuntimeError, match="keep_attention_steps=2 needs torch >= 2.4"):
-        sample(unet, SCHED, z_T, cond, uncond, num_steps=3, keep_attention_steps=2)
