@@ -494,8 +494,8 @@ def main(argv=None) -> None:
                         raise ValueError("fastfair_fast needs baseline_sdpa and fastfair earlier in --impls")
                     keep = lean["keeps_for_budget"]
                     print(f"fastfair_fast: a kept graph holds {lean['kept_graph_bytes'] / 2**20:.1f} MiB, a step's "
-                          f"attention outputs {lean['kept_attention_bytes'] / 2**20:.2f} MiB; of {args.steps} steps "
-                          f"keeping {keep[0]} graphs and {keep[1]} attention-only", flush=True)
+                          f"attention outputs {(lean['kept_attention_bytes'] or 0) / 2**20:.2f} MiB; of {args.steps} "
+                          f"steps keeping {keep[0]} graphs and {keep[1]} attention-only", flush=True)
                 cfg["keep_graph_steps"], cfg["keep_attention_steps"] = keep
             result = run_worker(cfg)
             result["keep_graph_steps"] = cfg.get("keep_graph_steps", 0)

@@ -129,20 +129,18 @@ def attention_kept(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
 
 
 def attention_kept_bytes(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
-                         scope: Optional[nn.Module] = None) -> int:
+                         scope: Optional[nn.Module] = None) -> Optional[int]:
     """Bytes ``attention_kept(fn, *inputs, scope=scope)`` holds until the backward: the attention outputs (distinct
     storages), the inputs that are not leaves requiring a gradient (a fresh latent batch; such leaves are the
-    caller's) and the output. Runs one forward with grad enabled and no backward."""
+    caller's) and the output; None when fn runs no fused attention kernel (classic or xformers attention: such a
+    keep would hold the inputs and save nothing). Runs one forward with grad enabled and no backward."""
     storages: Dict[int, torch.UntypedStorage] = {}
     with torch.enable_grad():
         cache = _AttentionCache()
-
-        def recorded(*args):
-            with _attention_layers_cached(scope):
-                return fn(*args)
-
-        with _using(cache, replay=False):
-            out = recorded(*inputs)
+        with _using(cache, replay=False), _attention_layers_cached(scope):
+            out = fn(*inputs)
+        if not cache.outputs:
+            return None
         for value in cache.outputs:
             for tensor in (value if isinstance(value, (tuple, list)) else (value,)):
                 if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":

@@ -113,10 +113,11 @@ def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, c
 
 def attention_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
                              uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0,
-                             lean: bool = True) -> int:
+                             lean: bool = True) -> Optional[int]:
     """G_att: the bytes one step that keeps its attention outputs only (``sample``'s keep_attention_steps) holds
     until the backward: the attention kernels' outputs, the call's latent and embedding rows and its eps
-    (``fastfair.keep_attention.attention_kept_bytes``). Arguments as ``graph_bytes_per_step``'s."""
+    (``fastfair.keep_attention.attention_kept_bytes``); None when the U-Net runs no fused attention kernel (such
+    keeps would save nothing). Arguments as ``graph_bytes_per_step``'s."""
     call, make_inputs, _ = _step_call(unet, latents, t, cond, uncond, guidance_scale, frozen_rows, lean)
     with torch.enable_grad():
         inputs = make_inputs()
@@ -187,7 +188,7 @@ class MemoryBudget:
             raise ValueError(f"sampler.memory_budget_gb={budget_gb!r}: expected a positive number of GiB")
         self.budget_bytes = float(budget_gb) * GIB
         self.lean = bool(lean)  # the engine's lean_graph setting: G is measured as the engine builds graphs
-        self._per_step: Dict[Tuple, Tuple[int, int]] = {}
+        self._per_step: Dict[Tuple, Tuple[int, Optional[int]]] = {}
         self._keep: Dict[Tuple, Tuple[int, int]] = {}
 
     def keeps(self, unet: torch.nn.Module, z_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],

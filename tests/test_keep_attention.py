@@ -152,3 +152,16 @@ def test_input_errors():
     unet, _, z_T, cond, uncond, _ = make_problem(diffusers=True)
     with pytest.raises(ValueError, match="keep_attention_steps"):
         sample(unet, SCHED, z_T, cond, uncond, num_steps=3, keep_attention_steps=-1)
+
+
+def test_no_fused_attention_kernel_means_no_attention_keeps():
+    """Classic attention (explicit matmuls) runs no fused kernel: G_att is None and the budget keeps whole graphs."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from fastfair.memory_budget import GIB, MemoryBudget
+
+    unet, _, z_T, cond, uncond, _ = make_problem(torch.float32, lora=True)
+    unet.set_attn_processor(AttnProcessor())
+    assert attention_bytes_per_step(unet, z_T, 0, cond, uncond, 7.5) is None
+    per_step = graph_bytes_per_step(unet, z_T, 0, cond, uncond, 7.5)
+    assert MemoryBudget(2.5 * per_step / GIB).keeps(unet, z_T, cond, uncond, 4, 7.5) == (2, 0)
