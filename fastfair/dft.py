@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import kernels
-from .keep_attention import attention_kept
+from .keep_attention import AttentionRecorder, AttentionReplay, in_attention_layers
 from .lean_graph import lean_graph as _lean_graph
 from .schedule import COEFFICIENT_MODES, SolverSchedule, solver_schedule
 
@@ -59,6 +59,7 @@ class _Plan:
     lean_graph: bool = True          # graph-building calls run inside fastfair.lean_graph.lean_graph
     saved_z: Dict[int, torch.Tensor] = field(default_factory=dict)
     kept_eps: Dict[int, torch.Tensor] = field(default_factory=dict)
+    attention: Dict[int, AttentionRecorder] = field(default_factory=dict)  # recorded attention outputs per step
     # (cond, uncond) as the U-Net sees them in graph-building calls: a fresh leaf where the caller's tensor
     # requires grad (its gradient is summed over steps and returned once), else the detached tensor.
     sources: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
@@ -170,33 +171,29 @@ def graph_inputs(z_rows: torch.Tensor, timestep: int, sources: Tuple[torch.Tenso
     return x, t, _embeddings(sources[0], sources[1] if branches == 2 else None, b, branches, frozen_rows)
 
 
+def graph_rows(batch: int, frozen_rows: int, use_cfg: bool, branches: int) -> List[int]:
+    """Indices, in the sampling call's batch of branches*B rows laid out [uncond; cond] (or [cond]), of the rows
+    a graph-building call covers, in its order: the images from ``frozen_rows`` on, of the cond branch (and of the
+    uncond one when ``branches`` is 2)."""
+    first_branch = 2 - branches if use_cfg else 0  # the cond branch sits second in [uncond; cond]
+    return [k * batch + r for k in range(first_branch, first_branch + branches) for r in range(frozen_rows, batch)]
+
+
 def _kept_step_eps(plan: _Plan, i: int, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                    emb_nograd: torch.Tensor) -> torch.Tensor:
     """eps [branches*B, ...] of step i (z [B, C, H, W]; x, t, emb_nograd: the whole batch's call) with its graph
     kept in ``plan.kept_eps[i]`` for the rows the backward uses only, laid out like a one-step recompute; the other
     rows (frozen images, an uncond branch nothing trainable feeds) run in a no-grad call, so a kept graph costs
-    what a recompute of one step costs, not what the whole batch would. A step in ``plan.keep_attention`` keeps
-    its attention outputs only and recomputes the rest of that graph in the backward (``attention_kept``)."""
+    what a recompute of one step costs, not what the whole batch would."""
     batch, f = z.shape[0], plan.frozen_rows
     nb = graph_branches(plan.use_cfg, plan.need_uncond)
-    if i in plan.keep_attention:
-        keep = lambda fn, *inputs: attention_kept(fn, *inputs, scope=plan.unet)  # noqa: E731
-    else:
-        keep = lambda fn, *inputs: fn(*inputs)  # noqa: E731
-    with torch.enable_grad():  # the embeddings' rows too: their gradient reaches the caller's leaves
-        x_graph, t_graph, emb_graph = graph_inputs(z[f:], int(plan.schedule.timesteps[i]), plan.sources, nb, f,
-                                                   plan.unet_dtype)
-
-        def call(x_rows: torch.Tensor, emb_rows: torch.Tensor) -> torch.Tensor:
-            with _lean_graph(plan.unet, plan.lean_graph):  # inside: the attention-only recompute runs it again
-                return _unet_eps(plan.unet, x_rows, t_graph, emb_rows)
-
-        eps_graph = keep(call, x_graph, emb_graph)
+    with torch.enable_grad(), _lean_graph(plan.unet, plan.lean_graph):
+        eps_graph = _unet_eps(plan.unet, *graph_inputs(z[f:], int(plan.schedule.timesteps[i]), plan.sources, nb, f,
+                                                       plan.unet_dtype))
     plan.kept_eps[i] = eps_graph
     if eps_graph.shape[0] == x.shape[0]:
         return eps_graph.detach()
-    first_branch = 2 - nb if plan.use_cfg else 0  # the cond branch sits second in [uncond; cond]
-    rows = [k * batch + r for k in range(first_branch, first_branch + nb) for r in range(f, batch)]
+    rows = graph_rows(batch, f, plan.use_cfg, nb)
     rest = sorted(set(range(x.shape[0])) - set(rows))
     eps = torch.empty((x.shape[0], *eps_graph.shape[1:]), dtype=eps_graph.dtype, device=eps_graph.device)
     eps[rows] = eps_graph.detach()
@@ -218,12 +215,19 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     for i in range(sched.num_steps):
         t = torch.full((branches * batch,), int(sched.timesteps[i]), device=z.device, dtype=torch.long)
         x = z.to(plan.unet_dtype).repeat(branches, *([1] * (z.dim() - 1)))
-        if record and (i in plan.keep_graph or i in plan.keep_attention):
+        if i in plan.keep_graph and record:
             eps = _kept_step_eps(plan, i, z, x, t, emb_nograd)
         else:
             if i in grad_set:
                 plan.saved_z[i] = z[plan.frozen_rows:]
-            eps = _unet_eps(unet, x, t, emb_nograd)
+            recording = contextlib.nullcontext()
+            if i in grad_set and i in plan.keep_attention:
+                rows = graph_rows(batch, plan.frozen_rows, plan.use_cfg,
+                                  graph_branches(plan.use_cfg, plan.need_uncond))
+                plan.attention[i] = AttentionRecorder(rows, x.shape[0])
+                recording = in_attention_layers(plan.attention[i], unet)
+            with recording:
+                eps = _unet_eps(unet, x, t, emb_nograd)
         eps_u, eps_c = (eps[:batch], eps[batch:]) if branches == 2 else (None, eps)
         z, m_prev = kernels.solver_step(
             z, eps_c, eps_u, m_prev, guidance=plan.guidance,
@@ -282,9 +286,17 @@ class _AdjustedDFT(torch.autograd.Function):
                     accumulate(eps, upstream.view_as(eps))
                 plan.kept_eps.clear()
                 todo = [i for i in plan.grad_steps if i in plan.saved_z]
-                for start in range(0, len(todo), plan.recompute_chunk):
-                    chunk = todo[start:start + plan.recompute_chunk]
-                    with torch.enable_grad():
+                # recomputed in chunks of their own kind: attention-kept steps replay their attention outputs
+                chunks = [group[start:start + plan.recompute_chunk]
+                          for group in ([i for i in todo if i not in plan.attention],
+                                        [i for i in todo if i in plan.attention])
+                          for start in range(0, len(group), plan.recompute_chunk)]
+                for chunk in chunks:
+                    replay = contextlib.nullcontext()
+                    if chunk[0] in plan.attention:
+                        replay = in_attention_layers(AttentionReplay([plan.attention.pop(i) for i in chunk]),
+                                                     plan.unet)
+                    with torch.enable_grad(), replay:
                         calls = [graph_inputs(plan.saved_z[i], int(sched.timesteps[i]), plan.sources, nb,
                                               plan.frozen_rows, plan.unet_dtype) for i in chunk]
                         eps = _unet_eps(plan.unet, *(torch.cat(parts) if len(chunk) > 1 else parts[0]
@@ -294,6 +306,7 @@ class _AdjustedDFT(torch.autograd.Function):
                     accumulate(eps, upstream.view_as(eps))
                     del eps, upstream
         plan.saved_z.clear()
+        plan.attention.clear()
 
         grads = dict(zip([id(x) for x in inputs], sums))
         grad_cond = grads.get(id(cond_leaf)) if cond_leaf is not None else None
@@ -338,9 +351,10 @@ def sample(
         coefficients: ``paper`` | ``exact`` | ``none``: the adjustment C_i (``fastfair.schedule``).
         recompute_chunk: steps batched into one U-Net call in the backward (None = 1: least memory).
         keep_graph_steps: keep this many steps' graphs from the forward instead of recomputing them.
-        keep_attention_steps: of the other steps, this many keep only their attention kernels' outputs and
-            recompute the rest in the backward (``fastfair.keep_attention``: a few percent of a kept graph's
-            bytes for the attention's share of the recompute).
+        keep_attention_steps: of the other steps, this many record their attention kernels' outputs in the
+            sampling call and replay them in the backward's recompute (``fastfair.keep_attention``: about a tenth
+            of a kept graph's bytes for the attention's share of the recompute; the gradient equals the lean
+            run's to rounding).
         grad_steps: K, backpropagate K of the S steps drawn uniformly without replacement (with ``generator``),
             scaled by S/K: an unbiased estimate of the full adjusted gradient. None = all steps.
         unet_dtype: dtype of the U-Net's input (default: the U-Net's ``dtype`` or its first parameter's).

@@ -1,31 +1,29 @@
 """Keep a step's attention outputs only: the middle ground between a kept graph and a full recompute.
 
 A kept step holds its whole graph (G bytes) and skips the backward's recompute; a lean step holds nothing and
-recomputes the whole U-Net call. ``attention_kept(fn, *inputs, scope=unet)`` holds the outputs of the fused
-scaled-dot-product attention kernels only (output and log-sum-exp: about a tenth of G at SD's shapes) and
-recomputes everything else in the backward, where each attention kernel hands back its kept outputs instead of
-running again. The gradient is the plain backward's, bit for bit: the recompute runs the same deterministic ops
-on the same inputs, and the attention backward gets the very outputs the forward made.
+recomputes the whole U-Net call. An attention-kept step (``fastfair.dft.sample``'s keep_attention_steps) is a lean
+step whose sampling call records the fused scaled-dot-product attention kernels' outputs (output and log-sum-exp)
+for the rows the backward differentiates, and whose recompute replays them instead of running those kernels
+again: about a tenth of G for the attention's share of a recompute. The sampling call stays the one batched
+no-grad call of a lean step (frozen rows and all), so the trajectory is the lean run's, bit for bit.
 
-How: a non-reentrant ``torch.utils.checkpoint`` (its inputs are kept, its activations rebuilt in the backward)
-whose forward records and whose recompute replays the attention kernels' outputs, through a dispatch mode that is
-active only inside ``scope``'s attention layers (diffusers' ``Attention``): the U-Net's other ops run at full
-speed (torch's own selective checkpointing would route every op through Python). What it saves is the
-attention's share of the forward time: most of it in test-sized models on a CPU, less on a GPU at 512 px. Attention
-written as explicit matmuls (diffusers' classic ``AttnProcessor``) runs no fused kernel: nothing is kept and such a
-step costs what a recomputed one does.
+The attention backward then combines the recorded output and log-sum-exp with the recompute's q, k, v, which
+match the sampling call's to rounding (the same ops on a smaller batch): the gradient equals the lean run's to
+rounding (float64: 1e-13 relative), as the lean recompute itself equals the sampling call's activations.
+
+Both run through a dispatch mode that is active only inside the scope's attention layers (diffusers'
+``Attention``), so the U-Net's other ops run at full speed. Attention written as explicit matmuls (diffusers'
+classic ``AttnProcessor``) or through xformers runs no fused kernel: nothing is recorded
+(``recorded_bytes`` 0 rows) and such a step costs what a recomputed one does.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
-from typing import Callable, Dict, FrozenSet, Iterator, List, Optional
+from typing import FrozenSet, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
-from torch.utils.checkpoint import checkpoint
 
 
 def _attention_ops() -> FrozenSet:
@@ -36,50 +34,78 @@ def _attention_ops() -> FrozenSet:
 
 
 ATTENTION_OPS = _attention_ops()  # the fused attention kernels F.scaled_dot_product_attention dispatches to
-_active = threading.local()  # .cache: the _AttentionCache recording or replaying on this thread, else absent
 
 
-def _detached(value):
-    return value.detach() if isinstance(value, torch.Tensor) else value
+def _outputs(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-class _AttentionCache(TorchDispatchMode):
-    """Records the attention kernels' outputs in call order (``replay`` False), or hands them back in the same
-    order instead of running the kernels (``replay`` True). Every other op runs as it is."""
+def _per_row(index: int, value) -> bool:
+    """Whether a kernel's index-th output is per batch row [B, ...]: every fused attention kernel returns its output
+    and log-sum-exp first; what follows (philox seed and offset, sequence lengths, a debug mask) is not."""
+    return index < 2 and isinstance(value, torch.Tensor) and value.dim() >= 1
 
-    def __init__(self):
+
+class AttentionRecorder(TorchDispatchMode):
+    """Records, per attention kernel call in call order, its outputs at batch rows ``rows`` (a copy: the other
+    rows' memory is not held); every other op runs as it is.
+
+    rows: indices into the call's batch dimension B (the U-Net batch: diffusers' processors hand the kernels
+    [B, heads, L, d]); a kernel called with another batch size is an error (the layout is not the U-Net's)."""
+
+    def __init__(self, rows: Sequence[int], batch: int):
         super().__init__()
-        self.outputs: List = []
-        self.replay = False
+        self.batch = int(batch)
+        self.rows = torch.as_tensor(list(rows), dtype=torch.long)
+        self.calls: List[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in ATTENTION_OPS:
+            if args[0].shape[0] != self.batch:
+                raise RuntimeError(f"keep_attention_steps: an attention kernel ran on a batch of {args[0].shape[0]}, "
+                                   f"the U-Net call's is {self.batch}; this U-Net's attention layout is not "
+                                   "supported: set keep_attention_steps=0")
+            rows = self.rows.to(args[0].device)
+            self.calls.append(tuple(t.index_select(0, rows) if _per_row(k, t)
+                                    else (t.detach() if isinstance(t, torch.Tensor) else t)
+                                    for k, t in enumerate(_outputs(out))))
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes the recorded outputs hold (distinct storages)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for call in self.calls for t in call if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        return sum(storages.values())
+
+
+class AttentionReplay(TorchDispatchMode):
+    """Hands back the recorded outputs instead of running the attention kernels: the j-th kernel call gets the
+    j-th recorded call of each recording, joined along the batch in the order given (the recompute's batch of
+    several steps is their rows stacked in that order); every other op runs as it is."""
+
+    def __init__(self, recordings: Sequence[AttentionRecorder]):
+        super().__init__()
+        self.recordings = list(recordings)
         self.position = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         if func not in ATTENTION_OPS:
-            return func(*args, **kwargs)
-        if not self.replay:
-            out = func(*args, **kwargs)
-            self.outputs.append(tree_map(_detached, out))
-            return out
-        if self.position >= len(self.outputs):
-            raise RuntimeError("attention_kept: the backward's recompute ran more attention kernels than the forward; "
-                               "the function must be deterministic")
-        out, self.outputs[self.position] = self.outputs[self.position], None  # handed back once, then freed
+            return func(*args, **(kwargs or {}))
+        j = self.position
         self.position += 1
-        return out
-
-
-@contextlib.contextmanager
-def _using(cache: _AttentionCache, replay: bool) -> Iterator[None]:
-    previous = getattr(_active, "cache", None)
-    cache.replay, cache.position = replay, 0
-    _active.cache = cache
-    try:
-        yield
-    finally:
-        _active.cache = previous
-        if replay:
-            cache.outputs.clear()
+        if any(j >= len(r.calls) for r in self.recordings):
+            raise RuntimeError("keep_attention_steps: the recompute ran more attention kernels than the sampling call "
+                               "recorded; the U-Net must be deterministic")
+        rows = sum(len(r.rows) for r in self.recordings)
+        if args[0].shape[0] != rows:
+            raise RuntimeError(f"keep_attention_steps: the recompute's attention batch is {args[0].shape[0]}, the "
+                               f"recorded rows are {rows}")
+        calls = [r.calls[j] for r in self.recordings]
+        joined = [torch.cat([call[k] for call in calls]) if _per_row(k, first) and len(calls) > 1
+                  else (first.detach() if isinstance(first, torch.Tensor) else first)  # a fresh alias each time
+                  for k, first in enumerate(calls[0])]
+        return tuple(joined) if len(func._schema.returns) > 1 else joined[0]
 
 
 def _is_attention_layer(module: nn.Module) -> bool:
@@ -87,65 +113,25 @@ def _is_attention_layer(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _attention_layers_cached(scope: Optional[nn.Module]) -> Iterator[None]:
-    """Within, each attention layer of ``scope`` runs under the active cache's dispatch mode; with no scope or no
-    such layer, the whole region does (slower: every op passes through Python)."""
+def in_attention_layers(mode: TorchDispatchMode, scope: Optional[nn.Module]) -> Iterator[None]:
+    """Within, ``mode`` is active inside each attention layer of ``scope`` only; with no scope or no such layer
+    (a custom U-Net), for the whole region (slower: every op then passes through Python)."""
     layers = [m for m in scope.modules() if _is_attention_layer(m) and "forward" not in m.__dict__] if scope else []
     if not layers:
-        with _active.cache:
+        with mode:
             yield
         return
 
-    def cached(layer: nn.Module):
+    def within(layer: nn.Module):
         def forward(*args, **kwargs):
-            with _active.cache:
+            with mode:
                 return type(layer).forward(layer, *args, **kwargs)
         return forward
 
     for layer in layers:
-        layer.forward = cached(layer)
+        layer.forward = within(layer)
     try:
         yield
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
-
-
-def attention_kept(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
-                   scope: Optional[nn.Module] = None) -> torch.Tensor:
-    """fn(*inputs), keeping only its attention kernels' outputs (and ``inputs``) for the backward.
-
-    scope: the module whose attention layers fn calls (the U-Net); None routes all of fn through the recording
-    dispatch mode. fn must be deterministic: it runs again in the backward, under the forward's autocast.
-    """
-    cache = _AttentionCache()
-
-    def recorded(*args):
-        with _attention_layers_cached(scope):
-            return fn(*args)
-
-    return checkpoint(recorded, *inputs, use_reentrant=False, preserve_rng_state=False,
-                      context_fn=lambda: (_using(cache, replay=False), _using(cache, replay=True)))
-
-
-def attention_kept_bytes(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
-                         scope: Optional[nn.Module] = None) -> Optional[int]:
-    """Bytes ``attention_kept(fn, *inputs, scope=scope)`` holds until the backward: the attention outputs (distinct
-    storages), the inputs that are not leaves requiring a gradient (a fresh latent batch; such leaves are the
-    caller's) and the output; None when fn runs no fused attention kernel (classic or xformers attention: such a
-    keep would hold the inputs and save nothing). Runs one forward with grad enabled and no backward."""
-    storages: Dict[int, torch.UntypedStorage] = {}
-    with torch.enable_grad():
-        cache = _AttentionCache()
-        with _using(cache, replay=False), _attention_layers_cached(scope):
-            out = fn(*inputs)
-        if not cache.outputs:
-            return None
-        for value in cache.outputs:
-            for tensor in (value if isinstance(value, (tuple, list)) else (value,)):
-                if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                    storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage()
-    for tensor in (*inputs, out):
-        if isinstance(tensor, torch.Tensor) and not (tensor.requires_grad and tensor.grad_fn is None):
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage()
-    return sum(storage.nbytes() for storage in storages.values())

@@ -9,8 +9,8 @@ of steps that keep their attention outputs only (``fastfair.keep_attention``):
   the graph-building U-Net call made as the engine makes it (the rows it differentiates: frozen rows and an
   uncond branch nothing trainable feeds are left out; the run's dtype, autocast and ``lean_graph``), plus the kept
   eps (`graph_bytes_per_step`). Weights, buffers and the text embeddings exist anyway and are not counted.
-- G_att: the same for a step that keeps its attention outputs only (`attention_bytes_per_step`): those outputs,
-  the call's inputs and its eps.
+- G_att: the same for a step that keeps its attention outputs only (`attention_bytes_per_step`): the attention
+  kernels' outputs at the differentiated rows, recorded in the sampling call.
 - R, "reserved": what the lean run (k = a = 0) holds anyway besides kept graphs: on CUDA,
   ``torch.cuda.memory_allocated()`` when the decision is taken (weights, optimizer state, ...); on CPU 0, so there
   the budget covers the kept graphs only.
@@ -25,8 +25,9 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from fastfair.dft import _autocast_state, _unet_eps, graph_branches, graph_inputs, unet_input_dtype
-from fastfair.keep_attention import attention_kept_bytes
+from fastfair.dft import (_autocast_state, _embeddings, _unet_eps, graph_branches, graph_inputs, graph_rows,
+                          unet_input_dtype)
+from fastfair.keep_attention import AttentionRecorder, in_attention_layers
 from fastfair.lean_graph import lean_graph
 
 GIB = 2 ** 30
@@ -63,31 +64,17 @@ def saved_tensor_bytes(forward: Callable[[], torch.Tensor], held: Iterable[torch
     return sum(storage.nbytes() for storage in storages.values())
 
 
-def _step_call(unet, latents, t, cond, uncond, guidance_scale, frozen_rows, lean):
-    """(call, make_inputs, held): the graph-building U-Net call of one kept step as the engine makes it,
-    call(x, emb) -> eps, make_inputs() -> (x, emb) (run it with grad enabled), and the tensors that exist anyway."""
+def _check_latents(latents, frozen_rows) -> None:
     if not isinstance(latents, torch.Tensor) or latents.dim() < 2:
         raise ValueError("latents: expected a latent tensor [B, C, H, W]")
     if not isinstance(frozen_rows, int) or not 0 <= frozen_rows < latents.shape[0]:
         raise ValueError(f"frozen_rows={frozen_rows!r}: expected an integer in [0, batch={latents.shape[0]})")
+
+
+def _need_uncond(unet, uncond, guidance_scale) -> Tuple[bool, bool]:
+    """(use_cfg, whether something trainable feeds the uncond branch), as the engine decides them."""
     use_cfg = uncond is not None and float(guidance_scale) != 1.0
-    need_uncond = use_cfg and (uncond.requires_grad or any(p.requires_grad for p in unet.parameters()))
-    branches = graph_branches(use_cfg, need_uncond)
-    # fresh leaves like the engine's: the embeddings' own graph (text encoder) is not part of a step's
-    cond = cond.detach().requires_grad_(cond.requires_grad)
-    uncond = uncond.detach().requires_grad_(uncond.requires_grad) if branches == 2 else None
-    def make_inputs():
-        x_rows, _, emb_rows = graph_inputs(latents[frozen_rows:].detach(), t, (cond, uncond), branches, frozen_rows,
-                                           unet_input_dtype(unet))
-        return x_rows, emb_rows
-
-    def call(x_rows: torch.Tensor, emb_rows: torch.Tensor) -> torch.Tensor:
-        t_rows = torch.full((x_rows.shape[0],), int(t), dtype=torch.long, device=x_rows.device)
-        with lean_graph(unet, lean):
-            return _unet_eps(unet, x_rows, t_rows, emb_rows)
-
-    held = [*unet.parameters(), *unet.buffers(), cond] + ([uncond] if uncond is not None else [])
-    return call, make_inputs, held
+    return use_cfg, use_cfg and (uncond.requires_grad or any(p.requires_grad for p in unet.parameters()))
 
 
 def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
@@ -102,26 +89,44 @@ def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, c
     U-Net has trainable parameters), with the engine's ``lean_graph`` setting. Runs one forward under the ambient
     autocast, under ``saved_tensors_hooks``, with no backward.
     """
-    call, make_inputs, held = _step_call(unet, latents, t, cond, uncond, guidance_scale, frozen_rows, lean)
-    skip = lambda tensor: False  # noqa: E731
+    _check_latents(latents, frozen_rows)
+    use_cfg, need_uncond = _need_uncond(unet, uncond, guidance_scale)
+    branches = graph_branches(use_cfg, need_uncond)
+    # fresh leaves like the engine's: the embeddings' own graph (text encoder) is not part of a step's
+    cond = cond.detach().requires_grad_(cond.requires_grad)
+    uncond = uncond.detach().requires_grad_(uncond.requires_grad) if branches == 2 else None
+
+    def one_step() -> torch.Tensor:
+        with lean_graph(unet, lean):
+            return _unet_eps(unet, *graph_inputs(latents[frozen_rows:].detach(), t, (cond, uncond), branches,
+                                                 frozen_rows, unet_input_dtype(unet)))
+
+    held = [*unet.parameters(), *unet.buffers(), cond] + ([uncond] if uncond is not None else [])
+    trainable = {id(p) for p in unet.parameters() if p.requires_grad}
     _, autocast_on, _ = _autocast_state(latents.device.type)
     if autocast_on and torch.is_autocast_cache_enabled():
-        trainable = {id(p) for p in unet.parameters() if p.requires_grad}
-        skip = lambda tensor: _is_cached_weight_cast(tensor, trainable)  # noqa: E731
-    return saved_tensor_bytes(lambda: call(*make_inputs()), held, skip)
+        return saved_tensor_bytes(one_step, held, lambda tensor: _is_cached_weight_cast(tensor, trainable))
+    return saved_tensor_bytes(one_step, held)
 
 
 def attention_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
-                             uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0,
-                             lean: bool = True) -> Optional[int]:
-    """G_att: the bytes one step that keeps its attention outputs only (``sample``'s keep_attention_steps) holds
-    until the backward: the attention kernels' outputs, the call's latent and embedding rows and its eps
-    (``fastfair.keep_attention.attention_kept_bytes``); None when the U-Net runs no fused attention kernel (such
-    keeps would save nothing). Arguments as ``graph_bytes_per_step``'s."""
-    call, make_inputs, _ = _step_call(unet, latents, t, cond, uncond, guidance_scale, frozen_rows, lean)
-    with torch.enable_grad():
-        inputs = make_inputs()
-    return attention_kept_bytes(call, *inputs, scope=unet)
+                             uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0) -> Optional[int]:
+    """G_att: the bytes one attention-kept step (``sample``'s keep_attention_steps) holds until the backward: its
+    attention kernels' outputs at the rows the backward differentiates, recorded in the batched no-grad sampling
+    call as the engine records them (``fastfair.keep_attention.AttentionRecorder``); its latent is held as a lean
+    step's is. None when the U-Net runs no fused attention kernel (such keeps would save nothing). Arguments as
+    ``graph_bytes_per_step``'s."""
+    _check_latents(latents, frozen_rows)
+    use_cfg, need_uncond = _need_uncond(unet, uncond, guidance_scale)
+    batch, branches = latents.shape[0], 2 if use_cfg else 1
+    x = latents.detach().to(unet_input_dtype(unet)).repeat(branches, *([1] * (latents.dim() - 1)))
+    timesteps = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    emb = _embeddings(cond.detach(), uncond.detach() if use_cfg else None, batch, branches)
+    recorder = AttentionRecorder(graph_rows(batch, frozen_rows, use_cfg, graph_branches(use_cfg, need_uncond)),
+                                 x.shape[0])
+    with torch.no_grad(), in_attention_layers(recorder, unet):
+        _unet_eps(unet, x, timesteps, emb)
+    return recorder.nbytes() if recorder.calls else None
 
 
 def keep_graph_steps_for_budget(budget_bytes: float, per_step_bytes: int, num_steps: int,
@@ -200,8 +205,8 @@ class MemoryBudget:
         if (shapes, num_steps) not in self._keep:
             reserved = reserved_now(z_T.device)  # read before the measuring forwards: their graphs are transient
             if shapes not in self._per_step:
-                args = (unet, z_T, 0, cond, uncond, guidance_scale, frozen_rows, self.lean)
-                self._per_step[shapes] = (graph_bytes_per_step(*args), attention_bytes_per_step(*args))
+                args = (unet, z_T, 0, cond, uncond, guidance_scale, frozen_rows)
+                self._per_step[shapes] = (graph_bytes_per_step(*args, self.lean), attention_bytes_per_step(*args))
             self._keep[shapes, num_steps] = keeps_for_budget(max(self.budget_bytes - reserved, 0),
                                                              *self._per_step[shapes], num_steps)
         return self._keep[shapes, num_steps]

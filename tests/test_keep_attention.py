@@ -1,6 +1,6 @@
-"""fastfair.keep_attention: a step that keeps only its attention outputs gives the plain gradient bit for bit,
-holds what attention_kept_bytes counts, does not run attention again in the backward, and the engine's
-keep_attention_steps leaves the adjusted gradient unchanged."""
+"""fastfair.keep_attention and sample(keep_attention_steps=...): the sampling call records the attention kernels'
+outputs at the differentiated rows, the backward's recompute replays them instead of running those kernels, the
+trajectory is the lean run's bit for bit and the gradient equals it to rounding."""
 import itertools
 import sys
 from pathlib import Path
@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastfair.dft import sample
-from fastfair.keep_attention import ATTENTION_OPS, attention_kept, attention_kept_bytes
-from fastfair.memory_budget import attention_bytes_per_step, graph_bytes_per_step
+from fastfair.keep_attention import ATTENTION_OPS, AttentionRecorder, AttentionReplay, in_attention_layers
+from fastfair.memory_budget import GIB, MemoryBudget, attention_bytes_per_step, graph_bytes_per_step
 from fastfair.reference import reference_sample
-from fastfair.testing import tiny_unet
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dft import SCHED, grads_of, make_problem, max_rel  # noqa: E402
@@ -23,145 +22,124 @@ from test_dft import SCHED, grads_of, make_problem, max_rel  # noqa: E402
 class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.counts = {}
+        self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func] = self.counts.get(func, 0) + 1
+        self.ops.append(func)
         return func(*args, **(kwargs or {}))
 
-    def attention_forwards(self):
-        return sum(n for func, n in self.counts.items() if func in ATTENTION_OPS)
-
-
-def _unet_call(dtype, autocast=None):
-    unet = tiny_unet(dtype=dtype).requires_grad_(False)
-    unet.conv_in.requires_grad_(True)  # a trainable weight inside: its gradient must match too
-    x = torch.randn(3, 4, 8, 8, dtype=dtype)
-    emb = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
-    t = torch.tensor([1, 500, 900])
-
-    def call(x_rows, emb_rows):
-        if autocast is None:
-            return unet(x_rows, t, encoder_hidden_states=emb_rows).sample
-        with torch.autocast("cpu", dtype=autocast):
-            return unet(x_rows, t, encoder_hidden_states=emb_rows).sample
-
-    return unet, call, x, emb
-
-
-@pytest.mark.parametrize("dtype,autocast,scoped", [(torch.float64, None, True), (torch.float32, None, True),
-                                                   (torch.float32, torch.bfloat16, True), (torch.float64, None, False)])
-def test_same_gradient_bit_for_bit_and_no_attention_forward_in_the_backward(dtype, autocast, scoped):
-    unet, call, x, emb = _unet_call(dtype, autocast)
-    inputs = [emb, *unet.conv_in.parameters()]
-    out = call(x, emb)
-    u = torch.randn_like(out)
-    plain = torch.autograd.grad(out, inputs, u)
-    kept = attention_kept(call, x, emb, scope=unet if scoped else None)
-    with OpCounter() as backward_ops:
-        selective = torch.autograd.grad(kept, inputs, u)
-    assert all(torch.equal(a, b) for a, b in zip(selective, plain))
-    assert backward_ops.attention_forwards() == 0  # the kept outputs are used, not recomputed
-    with OpCounter() as forward_ops:
-        call(x, emb)
-    assert forward_ops.attention_forwards() > 0  # the model does run fused attention kernels
-
-
-def test_scoped_cache_sees_only_the_attention_layers_ops(monkeypatch):
-    """With the U-Net as scope, only ops inside its attention layers pass through the Python dispatch mode (the
-    speed of the rest of the call); without, every op does. Both keep the same bytes."""
-    import fastfair.keep_attention as keep_attention
-
-    unet, call, x, emb = _unet_call(torch.float32)
-    seen = []
-    original = keep_attention._AttentionCache.__torch_dispatch__
-
-    def counting(self, func, types, args=(), kwargs=None):
-        seen.append(func)
-        return original(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(keep_attention._AttentionCache, "__torch_dispatch__", counting)
-    with OpCounter() as everything:
-        call(x, emb)
-    scoped = attention_kept_bytes(call, x, emb, scope=unet)
-    in_scope = len(seen)
-    seen.clear()
-    unscoped = attention_kept_bytes(call, x, emb)
-    assert scoped == unscoped
-    assert len(seen) == sum(everything.counts.values())
-    assert 0 < in_scope < len(seen) / 2
-    assert sum(func in ATTENTION_OPS for func in seen) == everything.attention_forwards()
-
-
-def test_counted_bytes_are_the_attention_outputs_inputs_and_output():
-    """A hand-sized case: the only attention kernel's outputs, the fresh input x and the output are held."""
-    torch.manual_seed(0)
-    proj = torch.nn.Linear(8, 8).requires_grad_(False)
-    x = torch.randn(2, 5, 8)
-    w = torch.randn(8, requires_grad=True)  # a leaf the caller holds: not counted
-
-    def call(x_rows, weight):
-        q = proj(x_rows * weight).view(2, 5, 2, 4).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, q, q).sum(1)
-
-    with OpCounter() as ops:
-        call(x, w)
-    (kernel,) = [func for func in ops.counts if func in ATTENTION_OPS]
-    q = torch.randn(2, 2, 5, 4)
-    outputs = kernel(q, q, q)
-    attention = sum(t.untyped_storage().nbytes() for t in outputs if isinstance(t, torch.Tensor))
-    out_bytes = 2 * 5 * 4 * 4
-    assert attention_kept_bytes(call, x, w) == attention + x.untyped_storage().nbytes() + out_bytes
-
-
-def test_unet_step_keeps_a_small_fraction_of_a_graph():
-    unet, z_T, cond, uncond, _ = (lambda p: (p[0], p[2], p[3], p[4], p[5]))(make_problem(torch.float32, lora=True))
-    whole = graph_bytes_per_step(unet, z_T, 0, cond, uncond, 7.5)
-    attention = attention_bytes_per_step(unet, z_T, 0, cond, uncond, 7.5)
-    assert 0 < attention < 0.3 * whole
+    def attention_kernels(self):
+        return sum(func in ATTENTION_OPS for func in self.ops)
 
 
 @pytest.mark.parametrize("kw,lora,cfg", list(itertools.product(
     [dict(keep_attention_steps=3), dict(keep_graph_steps=1, keep_attention_steps=2),
-     dict(keep_attention_steps=5, recompute_chunk=2), dict(keep_attention_steps=2, lean_graph=False)],
+     dict(keep_attention_steps=5, recompute_chunk=2), dict(keep_attention_steps=2, recompute_chunk=3),
+     dict(keep_attention_steps=2, lean_graph=False)],
     [False, True], [True, False])))
-def test_engine_gradient_unchanged(kw, lora, cfg):
+def test_gradient_equals_the_lean_run_and_the_reference(kw, lora, cfg):
     problem = make_problem(lora=lora, diffusers=True)
-    _, g_lean = grads_of(sample, problem, cfg, num_steps=5)
-    _, g_kept = grads_of(sample, problem, cfg, num_steps=5, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(g_kept, g_lean))
+    z_lean, g_lean = grads_of(sample, problem, cfg, num_steps=5)
+    z_kept, g_kept = grads_of(sample, problem, cfg, num_steps=5, **kw)
+    if "keep_graph_steps" not in kw:  # the sampling calls are the lean run's
+        assert torch.equal(z_kept, z_lean)
+    assert max_rel(g_kept, g_lean) <= 1e-12
     _, g_ref = grads_of(reference_sample, problem, cfg, num_steps=5)
     assert max_rel(g_kept, g_ref) <= 1e-8
 
 
-def test_engine_with_frozen_rows_and_a_frozen_unet():
-    """Text-side training (the U-Net frozen, cond trained) with frozen rows riding along: the kept call covers the
-    differentiated rows only, like a whole kept graph."""
-    unet, _, z_T, cond, uncond, _ = make_problem(diffusers=True, train_names=())
+@pytest.mark.parametrize("frozen_rows,train", [(1, "text"), (0, "text"), (1, "unet")])
+def test_frozen_rows_and_text_only_training(frozen_rows, train):
+    """Only the differentiated rows are recorded: frozen images and an uncond branch nothing trainable feeds are
+    left out, in the batched call's layout."""
+    unet, _, z_T, cond, uncond, _ = make_problem(diffusers=True, train_names=() if train == "text" else ("to_k",))
+    inputs = [cond, uncond] + [p for p in unet.parameters() if p.requires_grad]
     grads = {}
-    for name, kw in (("lean", {}), ("attention", dict(keep_attention_steps=3)), ("graph", dict(keep_graph_steps=3))):
-        z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=3, frozen_rows=1, **kw)
-        grads[name] = torch.autograd.grad(z0.sin().sum(), [cond, uncond])
-    for name in ("attention", "graph"):  # a kept step splits its batch in two calls: equal to rounding
-        for a, b in zip(grads[name], grads["lean"]):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert all(torch.equal(a, b) for a, b in zip(grads["attention"], grads["graph"]))
+    for name, kw in (("lean", {}), ("attention", dict(keep_attention_steps=3))):
+        z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=3, frozen_rows=frozen_rows, **kw)
+        grads[name] = torch.autograd.grad(z0.sin().sum(), inputs)
+    assert max_rel(grads["attention"], grads["lean"]) <= 1e-12
 
 
-def test_input_errors():
+def test_backward_runs_no_attention_kernel_for_attention_kept_steps():
+    problem = make_problem(lora=True)
+    unet, train, z_T, cond, uncond, _ = problem
+    counts = {}
+    for name, keep in (("lean", 0), ("half", 2), ("all", 4)):
+        z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, keep_attention_steps=keep)
+        with OpCounter() as backward:
+            torch.autograd.grad(z0.sum(), [cond, *train])
+        counts[name] = backward.attention_kernels()
+    assert counts["lean"] > 0 and counts["all"] == 0 and counts["half"] == counts["lean"] // 2
+
+
+def test_recorder_holds_the_outputs_at_the_rows_and_replay_joins_them():
+    """A hand-sized case: one attention call on a batch of 4, rows [1, 3] recorded; replay of two recordings hands
+    the kernel's outputs at those rows, joined along the batch, instead of running it."""
+    torch.manual_seed(0)
+    q = torch.randn(4, 2, 5, 3)
+
+    def attend(x):
+        return F.scaled_dot_product_attention(x, x, x)
+
+    with OpCounter() as ops:
+        attend(q)
+    (kernel,) = [func for func in ops.ops if func in ATTENTION_OPS]
+    direct = kernel(q, q, q)[:2]  # output, log-sum-exp
+    first, second = AttentionRecorder([1, 3], batch=4), AttentionRecorder([0], batch=4)
+    for recorder in (first, second):
+        with recorder:
+            attend(q)
+    assert len(first.calls) == 1
+    assert first.nbytes() == sum(t[[1, 3]].numel() * t.element_size() for t in direct)
+    with OpCounter() as ops, AttentionReplay([first, second]):
+        replayed = attend(torch.zeros(3, 2, 5, 3))  # the inputs are ignored: the recorded outputs come back
+    assert torch.equal(replayed, direct[0][[1, 3, 0]])
+    with pytest.raises(RuntimeError, match="batch of 2, the U-Net call's is 4"):
+        with AttentionRecorder([0], batch=4):
+            attend(q[:2])
+    with pytest.raises(RuntimeError, match="more attention kernels"):
+        with AttentionReplay([first]):
+            attend(torch.zeros(2, 2, 5, 3))
+            attend(torch.zeros(2, 2, 5, 3))
+
+
+def test_the_mode_is_active_inside_the_attention_layers_only():
     unet, _, z_T, cond, uncond, _ = make_problem(diffusers=True)
-    with pytest.raises(ValueError, match="keep_attention_steps"):
-        sample(unet, SCHED, z_T, cond, uncond, num_steps=3, keep_attention_steps=-1)
+    x, t, emb = torch.cat([z_T, z_T]), torch.full((4,), 500), torch.cat([uncond.expand(2, -1, -1), cond])
+    with torch.no_grad():
+        with OpCounter() as everything:
+            unet(x, t, encoder_hidden_states=emb)
+        scoped, unscoped = OpCounter(), OpCounter()
+        with in_attention_layers(scoped, unet):
+            unet(x, t, encoder_hidden_states=emb)
+        with in_attention_layers(unscoped, None):
+            unet(x, t, encoder_hidden_states=emb)
+    assert len(unscoped.ops) == len(everything.ops)
+    assert 0 < len(scoped.ops) < len(everything.ops) / 2
+    assert scoped.attention_kernels() == everything.attention_kernels() > 0
+    assert not any("forward" in m.__dict__ for m in unet.modules())  # the layers got their forward back
+
+
+def test_attention_keeps_hold_a_fraction_of_a_graph():
+    unet, _, z_T, cond, uncond, _ = make_problem(torch.float32, lora=True)
+    whole = graph_bytes_per_step(unet, z_T, 0, cond, uncond, 7.5)
+    attention = attention_bytes_per_step(unet, z_T, 0, cond, uncond, 7.5)
+    assert 0 < attention < 0.3 * whole
 
 
 def test_no_fused_attention_kernel_means_no_attention_keeps():
     """Classic attention (explicit matmuls) runs no fused kernel: G_att is None and the budget keeps whole graphs."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    from fastfair.memory_budget import GIB, MemoryBudget
-
     unet, _, z_T, cond, uncond, _ = make_problem(torch.float32, lora=True)
     unet.set_attn_processor(AttnProcessor())
     assert attention_bytes_per_step(unet, z_T, 0, cond, uncond, 7.5) is None
     per_step = graph_bytes_per_step(unet, z_T, 0, cond, uncond, 7.5)
     assert MemoryBudget(2.5 * per_step / GIB).keeps(unet, z_T, cond, uncond, 4, 7.5) == (2, 0)
+
+
+def test_input_errors():
+    unet, _, z_T, cond, uncond, _ = make_problem(diffusers=True)
+    with pytest.raises(ValueError, match="keep_attention_steps"):
+        sample(unet, SCHED, z_T, cond, uncond, num_steps=3, keep_attention_steps=-1)
