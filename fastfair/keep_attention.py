@@ -9,12 +9,12 @@ no-grad call of a lean step (frozen rows and all), so the trajectory is the lean
 
 The attention backward then combines the recorded output and log-sum-exp with the recompute's q, k, v, which
 match the sampling call's to rounding (the same ops on a smaller batch): the gradient equals the lean run's to
-rounding (float64: 1e-13 relative), as the lean recompute itself equals the sampling call's activations.
+rounding (float64: below 1e-12 relative), as the lean recompute itself equals the sampling call's activations.
 
 Both run through a dispatch mode that is active only inside the scope's attention layers (diffusers'
 ``Attention``), so the U-Net's other ops run at full speed. Attention written as explicit matmuls (diffusers'
-classic ``AttnProcessor``) or through xformers runs no fused kernel: nothing is recorded
-(``recorded_bytes`` 0 rows) and such a step costs what a recomputed one does.
+classic ``AttnProcessor``) or through xformers runs no fused kernel: nothing is recorded, and
+``fastfair.memory_budget`` then plans whole graphs only.
 """
 from __future__ import annotations
 
@@ -66,7 +66,9 @@ class AttentionRecorder(TorchDispatchMode):
                 raise RuntimeError(f"keep_attention_steps: an attention kernel ran on a batch of {args[0].shape[0]}, "
                                    f"the U-Net call's is {self.batch}; this U-Net's attention layout is not "
                                    "supported: set keep_attention_steps=0")
-            rows = self.rows.to(args[0].device)
+            if self.rows.device != args[0].device:  # moved once: the kernels of one call share a device
+                self.rows = self.rows.to(args[0].device)
+            rows = self.rows
             self.calls.append(tuple(t.index_select(0, rows) if _per_row(k, t)
                                     else (t.detach() if isinstance(t, torch.Tensor) else t)
                                     for k, t in enumerate(_outputs(out))))
