@@ -203,7 +203,8 @@ def _kept_step_eps(plan: _Plan, i: int, z: torch.Tensor, x: torch.Tensor, t: tor
 
 def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
                  record: bool) -> torch.Tensor:
-    """The S solver steps with no graph; when ``record``, keep z_i of the grad steps and the kept graphs."""
+    """The S solver steps with no graph; when ``record``, keep z_i of the grad steps, the kept graphs and the
+    attention-kept steps' recorded attention outputs."""
     sched, unet = plan.schedule, plan.unet
     traj_dtype = torch.float64 if z_T.dtype == torch.float64 else torch.float32
     z = z_T.detach().to(traj_dtype)
@@ -240,7 +241,8 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
 class _AdjustedDFT(torch.autograd.Function):
     """z_0 = Sampler(z_T, cond, uncond; theta) with the adjusted backward.
 
-    Forward: the S-step sampler (no graph), saving z_i for the steps to backpropagate.
+    Forward: the S-step sampler (no graph), saving z_i for the steps to backpropagate (and, for kept steps, their
+    graph or their attention kernels' outputs: ``fastfair.keep_attention``).
     Backward (g = dL/dz_0; s_i = C_i k_i, times S/K for a K-step subsample; w the guidance scale):
         dL/dtheta = sum_i [ w s_i g . d eps_c(z_i, t_i)/dtheta + (1 - w) s_i g . d eps_u(z_i, t_i)/dtheta ]
         dL/dcond  = sum_i w s_i g . d eps_c/dcond,   dL/duncond = sum_i (1 - w) s_i g . d eps_u/duncond

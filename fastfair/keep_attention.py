@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .instance_forward import forwards_replaced
+
 
 def _attention_ops() -> FrozenSet:
     names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
@@ -130,10 +132,5 @@ def in_attention_layers(mode: TorchDispatchMode, scope: Optional[nn.Module]) -> 
                 return type(layer).forward(layer, *args, **kwargs)
         return forward
 
-    for layer in layers:
-        layer.forward = within(layer)
-    try:
+    with forwards_replaced(layers, within):
         yield
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .instance_forward import forwards_replaced
+
 
 class FrozenConv2d(torch.autograd.Function):
     """y = conv2d(x, W, b) for a W, b that need no gradient; saves no activation.
@@ -114,19 +116,10 @@ def lean_layers(module: nn.Module) -> List[Tuple[nn.Module, str]]:
 def lean_graph(module: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Within, ``module``'s frozen convolutions and GEGLU gates save less for the backward (module docstring).
 
-    Yields the number of layers replaced. Each replaced layer gets an instance ``forward`` for the duration and
-    gets its own back on exit, exceptions included; a layer that already has an instance ``forward`` (someone
-    else's wrapper) is left alone.
+    Yields the number of layers replaced; each gets its own forward back on exit, exceptions included, and a
+    layer that already has an instance ``forward`` is left alone (``fastfair.instance_forward``).
     """
-    replaced = []
-    if enabled:
-        for layer, kind in lean_layers(module):
-            if "forward" in layer.__dict__:
-                continue
-            layer.forward = _conv_forward(layer) if kind == "conv" else _geglu_forward(layer)
-            replaced.append(layer)
-    try:
+    kinds = dict(lean_layers(module)) if enabled else {}
+    make = lambda layer: _conv_forward(layer) if kinds[layer] == "conv" else _geglu_forward(layer)  # noqa: E731
+    with forwards_replaced(kinds, make) as replaced:
         yield len(replaced)
-    finally:
-        for layer in replaced:
-            layer.__dict__.pop("forward", None)
