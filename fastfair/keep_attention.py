@@ -48,6 +48,14 @@ def _per_row(index: int, value) -> bool:
     return index < 2 and isinstance(value, torch.Tensor) and value.dim() >= 1
 
 
+def _select_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """tensor[rows] (a copy) laid out in memory like ``tensor``: the kernels hand out e.g. [B, H, L, d] stored as
+    [B, L, H, d], and their backward then gets the layout it made."""
+    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))  # outermost in memory first
+    picked = tensor.permute(order).index_select(order.index(0), rows)
+    return picked.permute([order.index(d) for d in range(tensor.dim())])
+
+
 class AttentionRecorder(TorchDispatchMode):
     """Records, per attention kernel call in call order, its outputs at batch rows ``rows`` (a copy: the other
     rows' memory is not held); every other op runs as it is.
@@ -71,7 +79,7 @@ class AttentionRecorder(TorchDispatchMode):
             if self.rows.device != args[0].device:  # moved once: the kernels of one call share a device
                 self.rows = self.rows.to(args[0].device)
             rows = self.rows
-            self.calls.append(tuple(t.index_select(0, rows) if _per_row(k, t)
+            self.calls.append(tuple(_select_rows(t, rows) if _per_row(k, t)
                                     else (t.detach() if isinstance(t, torch.Tensor) else t)
                                     for k, t in enumerate(_outputs(out))))
         return out
