@@ -190,6 +190,7 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
     (["sampler.num_steps_range=[20]"], "must be [low, high]"),
     (["sampler.num_steps_range=[5, 9]", "sampler.grad_steps=6"], "sampler.grad_steps=6 exceeds the fewest"),
     (["sampler.memory_budget_gb=20", "sampler.keep_graph_steps=3"], "both set"),
+    (["sampler.memory_budget_gb=20", "sampler.keep_attention_steps=3"], "keep_attention_steps are both set"),
     (["batch.images_per_prompt=9"], "batch.images_per_prompt=9 is not divisible by the world size 2"),
     (["output_dir="], "output_dir is empty"),
     (["keep_every=300", "checkpoint_every=200"], "keep_every=300 is not a multiple of checkpoint_every=200"),
