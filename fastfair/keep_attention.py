@@ -56,6 +56,14 @@ def _select_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return picked.permute([order.index(d) for d in range(tensor.dim())])
 
 
+def _join_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(tensors) along the batch, laid out in memory like the first (see ``_select_rows``)."""
+    first = tensors[0]
+    order = sorted(range(first.dim()), key=lambda d: -first.stride(d))
+    joined = torch.cat([t.permute(order) for t in tensors], dim=order.index(0))
+    return joined.permute([order.index(d) for d in range(first.dim())])
+
+
 class AttentionRecorder(TorchDispatchMode):
     """Records, per attention kernel call in call order, its outputs at batch rows ``rows`` (a copy: the other
     rows' memory is not held); every other op runs as it is.
@@ -114,7 +122,7 @@ class AttentionReplay(TorchDispatchMode):
             raise RuntimeError(f"keep_attention_steps: the recompute's attention batch is {args[0].shape[0]}, the "
                                f"recorded rows are {rows}")
         calls = [r.calls[j] for r in self.recordings]
-        joined = [torch.cat([call[k] for call in calls]) if _per_row(k, first) and len(calls) > 1
+        joined = [_join_rows([call[k] for call in calls]) if _per_row(k, first) and len(calls) > 1
                   else (first.detach() if isinstance(first, torch.Tensor) else first)  # a fresh alias each time
                   for k, first in enumerate(calls[0])]
         return tuple(joined) if len(func._schema.returns) > 1 else joined[0]

@@ -105,7 +105,7 @@ def test_recorder_holds_the_outputs_at_the_rows_and_replay_joins_them():
 
 
 def test_recorded_rows_keep_the_kernels_memory_layout():
-    from fastfair.keep_attention import _select_rows
+    from fastfair.keep_attention import _join_rows, _select_rows
 
     stored = torch.randn(4, 100, 8, 40)  # [B, L, H, d] in memory, handed out as [B, H, L, d]
     handed = stored.transpose(1, 2)
@@ -113,6 +113,8 @@ def test_recorded_rows_keep_the_kernels_memory_layout():
     assert torch.equal(picked, handed[[3, 1]])
     assert sorted(range(4), key=lambda d: -picked.stride(d)) == [0, 2, 1, 3]
     assert picked.is_contiguous() is False and picked.transpose(1, 2).is_contiguous()
+    joined = _join_rows([picked, _select_rows(handed, torch.tensor([0]))])
+    assert torch.equal(joined, handed[[3, 1, 0]]) and joined.transpose(1, 2).is_contiguous()
 
 
 def test_the_mode_is_active_inside_the_attention_layers_only():
