@@ -22,8 +22,9 @@ Every fastfair mode recomputes the decoder's (block-wise) and the judges' activa
 trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``); the baseline keeps them, as published.
 Each configuration runs in its own subprocess (warm-up iteration, then ``--iters`` timed ones); the rounds run
 the configurations interleaved, and the table reports medians over all timed iterations (time) and over rounds
-(memory). peak_bytes: the iteration's peak above the level after models, optimizer state and warm-up
-(``bench/_memory.py``). Phases: sampling (every sampler forward), decode_losses (decode, judges, targets; for
+(memory). peak_bytes: an iteration's peak above the level after models, optimizer state and warm-up
+(``bench/_memory.py``): on CUDA the timed iterations', on CPU one more iteration's after the timed ones, with
+every buffer mapped on its own (``map_every_buffer``), which would slow the timed ones by 15-20%. Phases: sampling (every sampler forward), decode_losses (decode, judges, targets; for
 fastfair also the backward to dL/dz_0), backward (the unroll's backward: baseline through the checkpointed
 graph, decoder and judges; fastfair the recompute), optimizer (AdamW step).
 
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _memory import PeakMemory, worker_env  # noqa: E402
+from _memory import PeakMemory, map_every_buffer  # noqa: E402
 from baseline import baseline_iteration, set_classic_attention  # noqa: E402
 from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
 
@@ -303,7 +304,9 @@ def worker(cfg: dict) -> dict:
     for _ in range(cfg["warmup"]):
         iteration(PhaseTimer(device))
     memory = PeakMemory(device)
-    memory.start()
+    cuda = device == "cuda"
+    if cuda:  # the caching allocator's own statistics: the timed iterations give the peak
+        memory.start()
     times, phases = [], defaultdict(list)
     for _ in range(cfg["iters"]):
         timer = PhaseTimer(device)
@@ -312,6 +315,11 @@ def worker(cfg: dict) -> dict:
         times.append(time.perf_counter() - start)
         for name, value in timer.seconds.items():
             phases[name].append(value)
+    if not cuda or not cfg["iters"]:  # CPU: one more iteration, with every buffer mapped (bench/_memory.py)
+        if not cuda:
+            map_every_buffer()
+        memory.start()
+        iteration(PhaseTimer(device))
     result = {"impl": impl, "model": cfg["model"], "images": n, "steps": steps, "device": device,
               "s_per_iter_samples": times, "phases_samples": dict(phases), "peak_bytes": memory.peak(),
               "micro_batch": cfg.get("micro_batch") or n, "latent": list(latent)}
@@ -345,8 +353,7 @@ def worker(cfg: dict) -> dict:
 # ----------------------------------------------------------------------------- the run (parent)
 
 def run_worker(cfg: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], env=worker_env(),
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"worker {cfg['impl']} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -510,7 +517,7 @@ def main(argv=None) -> None:
     sweep_images = [int(s) for s in args.sweep_images.split(",") if s]
     for impl in [i for i in ("baseline_sdpa", "fastfair") if i in impls]:
         for steps, images in [(s, args.images) for s in sweep_steps] + [(args.steps, n) for n in sweep_images]:
-            r = run_worker(dict(base, impl=impl, steps=steps, images=images, iters=1, micro_batch=None))
+            r = run_worker(dict(base, impl=impl, steps=steps, images=images, iters=0, micro_batch=None))
             sweep.append({k: r[k] for k in ("impl", "images", "steps", "peak_bytes")})
             print(f"sweep {impl:14s} images={images} steps={steps} peak={r['peak_bytes'] / 2**20:.1f} MiB", flush=True)
     rows = summarize(runs, args, flops_info)
