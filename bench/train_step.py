@@ -24,9 +24,10 @@ Each configuration runs in its own subprocess (warm-up iteration, then ``--iters
 the configurations interleaved, and the table reports medians over all timed iterations (time) and over rounds
 (memory). peak_bytes: an iteration's peak above the level after models, optimizer state and warm-up
 (``bench/_memory.py``): on CUDA the timed iterations', on CPU one more iteration's after the timed ones, with
-every buffer mapped on its own (``map_every_buffer``), which would slow the timed ones by 15-20%. Phases: sampling (every sampler forward), decode_losses (decode, judges, targets; for
-fastfair also the backward to dL/dz_0), backward (the unroll's backward: baseline through the checkpointed
-graph, decoder and judges; fastfair the recompute), optimizer (AdamW step).
+every buffer mapped on its own (``map_every_buffer``), which would slow the timed ones by 15-20%.
+Phases: sampling (every sampler forward), decode_losses (decode, judges, targets; for fastfair also the backward
+to dL/dz_0), backward (the unroll's backward: baseline through the checkpointed graph, decoder and judges;
+fastfair the recompute), optimizer (AdamW step).
 
 The loss (``Objective``): alignment cross-entropy of a face classifier on the image's centre crop (no detector:
 detection is not differentiable and costs the same in both) to the expected-OT targets of a uniform gender
@@ -424,8 +425,8 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
                       + (f"({plain / 2**20:.1f} MiB with plain autograd, without fastfair.lean_graph) " if plain else "")
                       + (f"and a step keeping its attention outputs only {attention / 2**20:.2f} MiB " if attention
                          else "")
-                      + "(counted exactly, fastfair.memory_budget); k whole graphs and a attention-only keeps: as many as fit in baseline_sdpa's peak "
-                      "(bench/train_step.py's docstring)."]
+                      + "(counted exactly, fastfair.memory_budget); k whole graphs and a attention-only keeps: "
+                        "as many as fit in baseline_sdpa's peak (bench/train_step.py's docstring)."]
     if sweep:
         lines += ["", "Peak memory (MiB) versus steps and images (one iteration each):", "",
                   "| impl | images | steps | peak MiB |", "|---|---:|---:|---:|"]

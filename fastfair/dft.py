@@ -212,6 +212,7 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     branches = 2 if plan.use_cfg else 1
     emb_nograd = _embeddings(cond.detach(), None if uncond is None else uncond.detach(), batch, branches)
     grad_set = set(plan.grad_steps) if record else set()
+    attention_rows = graph_rows(batch, plan.frozen_rows, plan.use_cfg, graph_branches(plan.use_cfg, plan.need_uncond))
     m_prev = None
     for i in range(sched.num_steps):
         t = torch.full((branches * batch,), int(sched.timesteps[i]), device=z.device, dtype=torch.long)
@@ -223,9 +224,7 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
                 plan.saved_z[i] = z[plan.frozen_rows:]
             recording = contextlib.nullcontext()
             if i in grad_set and i in plan.keep_attention:
-                rows = graph_rows(batch, plan.frozen_rows, plan.use_cfg,
-                                  graph_branches(plan.use_cfg, plan.need_uncond))
-                plan.attention[i] = AttentionRecorder(rows, x.shape[0])
+                plan.attention[i] = AttentionRecorder(attention_rows, x.shape[0])
                 recording = in_attention_layers(plan.attention[i], unet)
             with recording:
                 eps = _unet_eps(unet, x, t, emb_nograd)

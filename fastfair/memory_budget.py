@@ -110,7 +110,8 @@ def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, c
 
 
 def attention_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
-                             uncond: Optional[torch.Tensor], guidance_scale: float, frozen_rows: int = 0) -> Optional[int]:
+                             uncond: Optional[torch.Tensor], guidance_scale: float,
+                             frozen_rows: int = 0) -> Optional[int]:
     """G_att: the bytes one attention-kept step (``sample``'s keep_attention_steps) holds until the backward: its
     attention kernels' outputs at the rows the backward differentiates, recorded in the batched no-grad sampling
     call as the engine records them (``fastfair.keep_attention.AttentionRecorder``); its latent is held as a lean
