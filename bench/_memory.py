@@ -3,10 +3,10 @@
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus ``memory_allocated()``
   at the start.
 - CPU: the process's peak resident set (VmHWM in /proc/self/status, reset by writing 5 to
-  /proc/self/clear_refs) minus its resident set at the start. Run the worker with ``worker_env()``, or call
-  ``map_every_buffer()`` before measuring: glibc's mmap threshold at 64 KiB gives every tensor buffer its own
-  mapping, returned to the OS when freed, so the resident set follows the live tensors (repeated runs agree to
-  about a percent).
+  /proc/self/clear_refs) minus its resident set at the start. Run the worker with ``worker_env()``: glibc's mmap
+  threshold at 64 KiB (MALLOC_MMAP_THRESHOLD_) gives every tensor buffer its own mapping, returned to the OS when
+  freed, so the resident set follows the live tensors (repeated runs agree to about a percent). It also
+  page-faults every fresh buffer, which slows CPU work by 15-20%: time CPU work in a process without it.
 """
 import os
 
@@ -15,21 +15,6 @@ def worker_env() -> dict:
     """The environment for a measuring subprocess (see the module docstring)."""
     return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
 
-
-def map_every_buffer() -> bool:
-    """From now on, what ``worker_env()`` sets up from the start: every allocation of 64 KiB or more gets its own
-    mapping (glibc's mallopt M_MMAP_THRESHOLD), and freed heap memory goes back to the OS (malloc_trim). For a
-    process timed first with the default allocator: page-faulting every fresh buffer slows CPU work by 15-20%,
-    so time and memory are measured in separate iterations. Returns False where glibc is not the allocator."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    M_MMAP_THRESHOLD = -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 65536)) and (malloc_trim(0) or True)
 
 
 def _status_kib(field: str) -> int:

@@ -23,8 +23,8 @@ trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``); the
 Each configuration runs in its own subprocess (warm-up iteration, then ``--iters`` timed ones); the rounds run
 the configurations interleaved, and the table reports medians over all timed iterations (time) and over rounds
 (memory). peak_bytes: an iteration's peak above the level after models, optimizer state and warm-up
-(``bench/_memory.py``): on CUDA the timed iterations', on CPU one more iteration's after the timed ones, with
-every buffer mapped on its own (``map_every_buffer``), which would slow the timed ones by 15-20%.
+(``bench/_memory.py``): on CUDA the timed iterations'; on CPU one iteration's in a second subprocess of the
+configuration, with every buffer mapped on its own (``worker_env``), which would slow the timed ones by 15-20%.
 Phases: sampling (every sampler forward), decode_losses (decode, judges, targets; for fastfair also the backward
 to dL/dz_0), backward (the unroll's backward: baseline through the checkpointed graph, decoder and judges;
 fastfair the recompute), optimizer (AdamW step).
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _memory import PeakMemory, map_every_buffer  # noqa: E402
+from _memory import PeakMemory, worker_env  # noqa: E402
 from baseline import baseline_iteration, set_classic_attention  # noqa: E402
 from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
 
@@ -304,10 +304,8 @@ def worker(cfg: dict) -> dict:
 
     for _ in range(cfg["warmup"]):
         iteration(PhaseTimer(device))
-    memory = PeakMemory(device)
-    cuda = device == "cuda"
-    if cuda:  # the caching allocator's own statistics: the timed iterations give the peak
-        memory.start()
+    memory = PeakMemory(device)  # read on CUDA; on CPU run_worker takes the peak from the memory worker
+    memory.start()
     times, phases = [], defaultdict(list)
     for _ in range(cfg["iters"]):
         timer = PhaseTimer(device)
@@ -316,10 +314,7 @@ def worker(cfg: dict) -> dict:
         times.append(time.perf_counter() - start)
         for name, value in timer.seconds.items():
             phases[name].append(value)
-    if not cuda or not cfg["iters"]:  # CPU: one more iteration, with every buffer mapped (bench/_memory.py)
-        if not cuda:
-            map_every_buffer()
-        memory.start()
+    if not cfg["iters"]:  # a memory worker (run_worker): one iteration's peak
         iteration(PhaseTimer(device))
     result = {"impl": impl, "model": cfg["model"], "images": n, "steps": steps, "device": device,
               "s_per_iter_samples": times, "phases_samples": dict(phases), "peak_bytes": memory.peak(),
@@ -353,11 +348,26 @@ def worker(cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the run (parent)
 
-def run_worker(cfg: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True)
+def _spawn(cfg: dict, env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], env=env, capture_output=True,
+                         text=True)
     if out.returncode != 0:
         raise RuntimeError(f"worker {cfg['impl']} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_worker(cfg: dict) -> dict:
+    """One configuration's result. On CUDA one subprocess times it and reads the allocator's peak; on CPU the
+    timed iterations run with the default allocator, and a second subprocess under ``worker_env()`` runs one
+    iteration for the peak and the kept-step probes (``cfg["iters"] == 0``: the memory subprocess only)."""
+    if torch.cuda.is_available():
+        return _spawn(cfg, dict(os.environ))
+    memory = _spawn(dict(cfg, iters=0, count_flops=False), worker_env())
+    if not cfg["iters"]:
+        return memory
+    timed = _spawn(dict(cfg, probe_keep=False, budget_bytes=None), dict(os.environ))
+    return {**timed, **{k: v for k, v in memory.items() if k == "peak_bytes" or k.startswith(("kept_", "keeps_",
+                                                                                                "peak_bytes_at"))}}
 
 
 def summarize(runs: list, args, flops_info: dict) -> list:
