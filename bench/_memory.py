@@ -16,7 +16,6 @@ def worker_env() -> dict:
     return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
 
 
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -348,6 +348,9 @@ def worker(cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the run (parent)
 
+MEMORY_RESULTS = ("peak_bytes", "kept_", "keeps_")  # result keys (prefixes) a CPU memory worker measures
+
+
 def _spawn(cfg: dict, env: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], env=env, capture_output=True,
                          text=True)
@@ -366,8 +369,7 @@ def run_worker(cfg: dict) -> dict:
     if not cfg["iters"]:
         return memory
     timed = _spawn(dict(cfg, probe_keep=False, budget_bytes=None), dict(os.environ))
-    return {**timed, **{k: v for k, v in memory.items() if k == "peak_bytes" or k.startswith(("kept_", "keeps_",
-                                                                                                "peak_bytes_at"))}}
+    return {**timed, **{k: v for k, v in memory.items() if k.startswith(MEMORY_RESULTS)}}
 
 
 def summarize(runs: list, args, flops_info: dict) -> list:

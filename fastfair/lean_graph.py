@@ -9,7 +9,7 @@ Inside ``lean_graph(unet)`` two kinds of layer keep only what their backward rea
   and gelu(gate) [.., F]; ``GegluGate`` keeps the projection only and recomputes gelu(gate) in the backward.
 
 At SD 1.5 shapes these are about a quarter of the bytes one step's graph holds (frozen U-Net, gradient to the text
-embeddings; bench/results/lean_graph_cpu.md). The engine makes every graph-building call (kept steps, the
+embeddings: 139.2 vs 189.5 MiB at 128 px, 1 image; bench/results/train_step_sd15_cpu.md). The engine makes every graph-building call (kept steps, the
 backward's recompute) inside it, and ``fastfair.memory_budget`` measures G the same way.
 """
 from __future__ import annotations

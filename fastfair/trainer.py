@@ -205,7 +205,7 @@ class Trainer:
         from fastfair.memory_budget import MemoryBudget
 
         budget = cfg.sampler.memory_budget_gb
-        # picks keep_graph_steps per batch shape
+        # picks keep_graph_steps and keep_attention_steps per batch shape
         self.memory_budget = MemoryBudget(budget, cfg.sampler.lean_graph) if budget else None
 
     @torch.no_grad()
