@@ -171,6 +171,13 @@ def graph_inputs(z_rows: torch.Tensor, timestep: int, sources: Tuple[torch.Tenso
     return x, t, _embeddings(sources[0], sources[1] if branches == 2 else None, b, branches, frozen_rows)
 
 
+def sampling_call_inputs(z: torch.Tensor, timestep: int, branches: int, unet_dtype: torch.dtype):
+    """(x, t) of the batched sampling call at one timestep for the whole batch z [B, C, H, W]: x [branches*B, C, H,
+    W] in ``unet_dtype`` (the latents repeated per CFG branch, laid out like ``_embeddings``), t [branches*B]."""
+    x = z.to(unet_dtype).repeat(branches, *([1] * (z.dim() - 1)))
+    return x, torch.full((x.shape[0],), int(timestep), device=z.device, dtype=torch.long)
+
+
 def graph_rows(batch: int, frozen_rows: int, use_cfg: bool, branches: int) -> List[int]:
     """Indices, in the sampling call's batch of branches*B rows laid out [uncond; cond] (or [cond]), of the rows
     a graph-building call covers, in its order: the images from ``frozen_rows`` on, of the cond branch (and of the
@@ -215,8 +222,7 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     attention_rows = graph_rows(batch, plan.frozen_rows, plan.use_cfg, graph_branches(plan.use_cfg, plan.need_uncond))
     m_prev = None
     for i in range(sched.num_steps):
-        t = torch.full((branches * batch,), int(sched.timesteps[i]), device=z.device, dtype=torch.long)
-        x = z.to(plan.unet_dtype).repeat(branches, *([1] * (z.dim() - 1)))
+        x, t = sampling_call_inputs(z, int(sched.timesteps[i]), branches, plan.unet_dtype)
         if i in plan.keep_graph and record:
             eps = _kept_step_eps(plan, i, z, x, t, emb_nograd)
         else:

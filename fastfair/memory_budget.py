@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 from fastfair.dft import (_autocast_state, _embeddings, _unet_eps, graph_branches, graph_inputs, graph_rows,
-                          unet_input_dtype)
+                          sampling_call_inputs, unet_input_dtype)
 from fastfair.keep_attention import AttentionRecorder, in_attention_layers
 from fastfair.lean_graph import lean_graph
 
@@ -120,8 +120,7 @@ def attention_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: in
     _check_latents(latents, frozen_rows)
     use_cfg, need_uncond = _need_uncond(unet, uncond, guidance_scale)
     batch, branches = latents.shape[0], 2 if use_cfg else 1
-    x = latents.detach().to(unet_input_dtype(unet)).repeat(branches, *([1] * (latents.dim() - 1)))
-    timesteps = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    x, timesteps = sampling_call_inputs(latents.detach(), t, branches, unet_input_dtype(unet))
     emb = _embeddings(cond.detach(), uncond.detach() if use_cfg else None, batch, branches)
     recorder = AttentionRecorder(graph_rows(batch, frozen_rows, use_cfg, graph_branches(use_cfg, need_uncond)),
                                  x.shape[0])
