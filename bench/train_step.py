@@ -14,9 +14,9 @@ back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA 
   ``keep_attention_steps``: G_att bytes each, the attention's share of a recompute saved), then whole graphs (k
   steps, ``keep_graph_steps``: G bytes each, no recompute). G and G_att are counted exactly in the lean worker on
   the iteration's own inputs. Each keep adds at most its bytes at any moment: from the lean peak P_0 the plan for
-  P_base - P_0 fits; the lean worker measures the peak P_1 of that plan in one more iteration and extends it by
-  P_base - P_1 (keeps live before the backward, where the lean peak often is not, so P_1 is usually well below
-  P_0 plus the plan's bytes);
+  P_base - P_0 fits; the lean worker measures the peak P_1 of that plan (a warm-up, then one iteration, as the
+  fastfair_fast worker runs it) and extends it by P_base - P_1 (keeps live before the backward, where the lean
+  peak often is not, so P_1 is usually well below P_0 plus the plan's bytes);
 - ``fastfair_k5``: ``grad_steps=5`` (unbiased subsample of 5 of the S steps).
 Every fastfair mode recomputes the decoder's (block-wise) and the judges' activations in the backward, as the
 trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``); the baseline keeps them, as published.
@@ -331,9 +331,11 @@ def worker(cfg: dict) -> dict:
         if cfg.get("budget_bytes"):  # baseline_sdpa's peak: the kept steps that fit in it
             budget = cfg["budget_bytes"]
             keeps = keeps_for_budget(max(budget - result["peak_bytes"], 0), per_step, per_attention, steps)
-            if 0 < sum(keeps) and keeps != (steps, 0):  # one iteration at that plan measures its peak; each
-                memory.start()                           # further keep adds at most its bytes
-                iteration(PhaseTimer(device), keep_graph_steps=keeps[0], keep_attention_steps=keeps[1])
+            if 0 < sum(keeps) and keeps != (steps, 0):  # one iteration at that plan, after a warm-up at it (the
+                plan = {"keep_graph_steps": keeps[0], "keep_attention_steps": keeps[1]}  # fast worker's too),
+                iteration(PhaseTimer(device), **plan)    # measures its peak; each further keep adds at most its
+                memory.start()                           # bytes
+                iteration(PhaseTimer(device), **plan)
                 result["peak_bytes_at_first_plan"] = [list(keeps), memory.peak()]
                 keeps = keeps_for_budget(max(budget - memory.peak(), 0), per_step, per_attention, steps, keeps)
             result["keeps_for_budget"] = list(keeps)
