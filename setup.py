@@ -52,13 +52,14 @@ def native_extensions():
         return [], {}
     import runpy
 
+    here = os.path.dirname(os.path.abspath(__file__))
+    native = runpy.run_path(os.path.join(here, "kernels", "native.py"))
+    native["use_cuda_home"]()  # before torch.utils.cpp_extension reads CUDA_HOME
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         raise SystemExit("FASTFAIR_BUILD_NATIVE=1 compiles against the installed torch: install torch first, "
                          "then run `FASTFAIR_BUILD_NATIVE=1 pip install --no-build-isolation -e .`") from None
-    here = os.path.dirname(os.path.abspath(__file__))
-    native = runpy.run_path(os.path.join(here, "kernels", "native.py"))
     with_cuda = native["cuda_buildable"]() and os.environ.get("FASTFAIR_BUILD_CUDA", "1") != "0"
     macro = ["-D" + native["CUDA_MACRO"]] if with_cuda else []
     extension = (CUDAExtension if with_cuda else CppExtension)(

@@ -20,11 +20,40 @@ CXX_FLAGS = ["-O3", "-fopenmp"]
 NVCC_FLAGS = ["-O3"]  # no fast-math: the kernels must round like the torch reference
 LD_FLAGS = ["-fopenmp"]
 CUDA_MACRO = "FASTFAIR_WITH_CUDA"  # tells ops.cpp that register_cuda.cpp is linked in
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
 
 BUILD_HINT = ("build it with `FASTFAIR_BUILD_NATIVE=1 pip install --no-build-isolation -e .` "
               "or call fastfair.kernels.native.load(jit=True) from a source checkout")
 
 _state: Dict[str, object] = {"ops": None, "error": None, "tried_import": False, "has_cuda": None}
+
+
+def find_cuda_home() -> Optional[str]:
+    """The CUDA toolkit to build against: CUDA_HOME or CUDA_PATH when set, else the first of nvcc's own folder's
+    parent (as found on PATH, then with links resolved) and DEFAULT_CUDA_HOME that holds both bin/nvcc and
+    include/cuda_runtime_api.h; None when none does (torch's own search then decides).
+
+    torch takes the parent of ``which nvcc`` without looking inside: a wrapper script such as /usr/local/bin/nvcc
+    (``exec /usr/local/cuda-13.0/bin/nvcc "$@"``) makes that /usr/local, where the C++ compiler then finds no CUDA
+    header and the linker no libcudart."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(name):
+            return os.environ[name]
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(path)) for path in (nvcc, nvcc and os.path.realpath(nvcc)) if path]
+    for home in candidates + [DEFAULT_CUDA_HOME]:
+        if (os.path.isfile(os.path.join(home, "bin", "nvcc"))
+                and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h"))):
+            return home
+    return None
+
+
+def use_cuda_home() -> None:
+    """Set CUDA_HOME to ``find_cuda_home()`` when it is unset and one is found, so that torch.utils.cpp_extension
+    (which reads it once, when first imported) builds against a whole toolkit."""
+    home = find_cuda_home()
+    if home and not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        os.environ["CUDA_HOME"] = home
 
 
 def cuda_buildable() -> bool:
@@ -48,6 +77,7 @@ def _registered() -> bool:
 
 
 def _jit_build(verbose: bool) -> None:
+    use_cuda_home()
     from torch.utils.cpp_extension import load as cpp_load
 
     if not all(os.path.exists(path) for path in sources(False)):
