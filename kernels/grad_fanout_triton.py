@@ -20,13 +20,17 @@ def grad_fanout_kernel(g_ptr, coef_ptr, out_ptr, n_elements, n_coefs, COMPUTE: t
     mask = offsets < n_elements
     g = tl.load(g_ptr + offsets, mask=mask).to(COMPUTE)
     dst = out_ptr + offsets
-    for c in range(n_coefs):
+    # A while loop, not `for c in range(n_coefs)`: Triton 3.6's interpreter turns a runtime loop bound into an
+    # int with int(1-element array), which numpy >= 2.4 refuses; compiled, both lower to the same loop.
+    c = 0
+    while c < n_coefs:
         value = tl.load(coef_ptr + c).to(COMPUTE) * g
         if NARROW:
             # fp16/bf16 outputs round via fp32, as torch's casts do (and the interpreter mis-casts fp64 -> bf16)
             value = value.to(tl.float32)
         tl.store(dst, value.to(out_ptr.dtype.element_ty), mask=mask)
         dst += n_elements  # the next (step, branch) copy; pointer arithmetic is 64-bit
+        c += 1
 
 
 def grad_fanout_triton(g: torch.Tensor, scales: List[float], branch_weights: List[float],
