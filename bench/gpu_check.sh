@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/gpu}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
+SCRATCH="$(mktemp -d)"  # the toy runs' checkpoints: not results
 step() { echo "== $(date +%T) $*" >&2; }
 
 step "device"
@@ -31,9 +32,9 @@ step "kernel and engine tests on CUDA (log: $OUT/tests_kernels.log)"
 step "trainer on CUDA: the toy config, 3 iterations in fp32 and in bf16 autocast (log: $OUT/train_toy.log)"
 for mixed in fp32 bf16; do
   timeout 180 "$PYTHON" fastfair/train.py --config configs/toy.yaml max_steps=3 checkpoint_every=3 \
-    precision.mixed=$mixed output_dir="$OUT/train_toy_$mixed" 2>&1 | tail -n 5 | tee -a "$OUT/train_toy.log"
+    precision.mixed=$mixed output_dir="$SCRATCH/train_toy_$mixed" 2>&1 | tail -n 5 | tee -a "$OUT/train_toy.log"
   "$PYTHON" -c "import sys; from fastfair.checkpoint import list_checkpoints as ls; assert ls(sys.argv[1]), \
-    'toy training ($mixed) saved no checkpoint'" "$OUT/train_toy_$mixed"
+    'toy training ($mixed) saved no checkpoint'" "$SCRATCH/train_toy_$mixed"
 done
 
 step "kernel benchmark (log: $OUT/kernels.log)"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The one command a lent GPU machine runs (README, "GPU check"): install the carried wheels (bench/device_wheels.sh
+# made them here), run bench/gpu_check.sh under a time limit, and pack its results into one archive, since the
+# device tool brings back at most 8 files from $OUT and a call stopped at its limit would bring back nothing
+# written after it. Device call: carry [".whl"], command `bash bench/device_run.sh`, timeout_s about 600.
+#
+#   bench/device_run.sh [LIMIT_S]     (default 540: gpu_check's own limit, leaving time to pack)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?OUT: the folder whose files come back from the device machine}"
+LIMIT="${1:-540}"
+RESULTS="$(mktemp -d)/gpu"
+mkdir -p "$RESULTS"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the carried wheels failed" >&2; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+timeout --kill-after=15 "$LIMIT" bash bench/gpu_check.sh "$RESULTS" 2>&1 | tee "$RESULTS/console.log"
+status=${PIPESTATUS[0]}
+tar czf "$OUT/gpu.tgz" -C "$(dirname "$RESULTS")" gpu
+cp "$RESULTS/summary.md" "$OUT/" 2>/dev/null
+echo "gpu_check.sh exit status $status (124: stopped at its ${LIMIT} s limit); results in \$OUT/gpu.tgz"
+exit "$status"
