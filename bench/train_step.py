@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -460,6 +461,37 @@ def largest_batch(sweep: list, impl: str, steps: int, budget: int):
     return None if slope <= 0 else int((budget - p0) / slope + n0)
 
 
+def write_report(runs: list, sweep: list, args, argv, flops_info: dict, impls: list, final: bool) -> None:
+    """The table (printed when ``final``) and, with --json, the JSON and Markdown files of the runs so far."""
+    rows = summarize(runs, args, flops_info)
+    cuda = runs[0]["device"] == "cuda"
+    sweep_images = [int(s) for s in args.sweep_images.split(",") if s]
+    meta = {"device": flops_info.get("device_name", runs[0]["device"]), "model": args.model, "images": args.images,
+            "steps": args.steps, "latent": runs[0]["latent"], "rounds": args.rounds,
+            "date": time.strftime("%Y-%m-%d"), "matmul_flops_per_s": flops_info.get("matmul_flops_per_s"),
+            "matmul_dtype": "fp16" if cuda else "fp32", "unit_flops": flops_info.get("unit_flops"),
+            **{key: next((r[key] for r in runs if key in r), None)
+               for key in ("kept_graph_bytes", "kept_graph_bytes_plain", "kept_attention_bytes")}}
+    ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
+    budget = int(args.budget_gib * 2**30) if args.budget_gib else (ref["peak_bytes"] if ref else None)
+    if sweep_images and budget:
+        meta["fits"] = [f"Largest batch within {budget / 2**20:.0f} MiB (linear in images, estimated): {impl} "
+                        f"{largest_batch(sweep, impl, args.steps, budget)}" for impl in ("baseline_sdpa", "fastfair")
+                        if impl in impls]
+    table = markdown(rows, sweep, meta)
+    if final:
+        print(table)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        command = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        for path, text in ((args.json, json.dumps({"device": meta["device"], "meta": meta, "results": rows,
+                                                    "sweep": sweep, "runs": runs}, indent=1)),
+                           (os.path.splitext(args.json)[0] + ".md", f"Command: `{command}`\n\n{table}\n")):
+            with open(path + ".tmp", "w") as f:  # replaced whole: a run stopped mid-write keeps the last report
+                f.write(text)
+            os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
@@ -527,37 +559,18 @@ def main(argv=None) -> None:
             runs.append(result)
             print(f"round {round_} {impl:14s} s/iter={statistics.median(result['s_per_iter_samples']):8.3f} "
                   f"peak={result['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+    report = functools.partial(write_report, runs=runs, args=args, argv=argv, flops_info=flops_info, impls=impls)
     sweep = []
     sweep_steps = [int(s) for s in args.sweep_steps.split(",") if s]
     sweep_images = [int(s) for s in args.sweep_images.split(",") if s]
+    if sweep_steps or sweep_images:  # the main table first: a run stopped during the sweep still leaves it
+        report(sweep=sweep, final=False)
     for impl in [i for i in ("baseline_sdpa", "fastfair") if i in impls]:
         for steps, images in [(s, args.images) for s in sweep_steps] + [(args.steps, n) for n in sweep_images]:
             r = run_worker(dict(base, impl=impl, steps=steps, images=images, iters=0, micro_batch=None))
             sweep.append({k: r[k] for k in ("impl", "images", "steps", "peak_bytes")})
             print(f"sweep {impl:14s} images={images} steps={steps} peak={r['peak_bytes'] / 2**20:.1f} MiB", flush=True)
-    rows = summarize(runs, args, flops_info)
-    meta = {"device": flops_info.get("device_name", runs[0]["device"]), "model": args.model, "images": args.images,
-            "steps": args.steps, "latent": runs[0]["latent"], "rounds": args.rounds,
-            "date": time.strftime("%Y-%m-%d"), "matmul_flops_per_s": flops_info.get("matmul_flops_per_s"),
-            "matmul_dtype": "fp16" if cuda else "fp32", "unit_flops": flops_info.get("unit_flops"),
-            **{key: next((r[key] for r in runs if key in r), None)
-               for key in ("kept_graph_bytes", "kept_graph_bytes_plain", "kept_attention_bytes")}}
-    ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
-    budget = int(args.budget_gib * 2**30) if args.budget_gib else (ref["peak_bytes"] if ref else None)
-    if sweep_images and budget:
-        meta["fits"] = [f"Largest batch within {budget / 2**20:.0f} MiB (linear in images, estimated): {impl} "
-                        f"{largest_batch(sweep, impl, args.steps, budget)}" for impl in ("baseline_sdpa", "fastfair")
-                        if impl in impls]
-    table = markdown(rows, sweep, meta)
-    print(table)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"device": meta["device"], "meta": meta, "results": rows, "sweep": sweep, "runs": runs}, f,
-                      indent=1)
-        command = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
-            f.write(f"Command: `{command}`\n\n{table}\n")
+    report(sweep=sweep, final=True)
     if tmp is not None:
         tmp.cleanup()
 
