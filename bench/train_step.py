@@ -34,7 +34,7 @@ detection is not differentiable and costs the same in both) to the expected-OT t
 distribution, plus 1 - cos of CLIP and DINOv2 embeddings against the frozen model's image of the same noise.
 Models: ``tiny`` (test-sized, fastfair.testing.make_world) or ``sd15`` (SD 1.5 shapes: U-Net 860M,
 VAE, CLIP ViT-L/14 text encoder; CLIP ViT-H/14 and DINOv2 ViT-B/14 vision towers; MobileNetV3-Large
-classifier). CUDA: fp16 frozen weights, fp32 LoRA; CPU: fp32. FLOP model: bench/flops.py.
+classifier). Frozen weights in --dtype (default fp16 on CUDA, fp32 on CPU), LoRA in fp32. FLOP model: bench/flops.py.
 """
 from __future__ import annotations
 
@@ -226,14 +226,22 @@ class PhaseTimer:
         self.seconds[name] += time.perf_counter() - start
 
 
-def load_setup(paths: dict, device: str, lora_rank: int):
-    """(model, scheduler, objective, optimizer) from the saved files, through fastfair's loaders."""
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def frozen_dtype(name: str, device: str) -> torch.dtype:
+    """The frozen models' dtype: --dtype, where ``auto`` is fp16 on CUDA (the public code's) and fp32 on CPU."""
+    return DTYPES[name] if name != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
+
+
+def load_setup(paths: dict, device: str, lora_rank: int, dtype: torch.dtype):
+    """(model, scheduler, objective, optimizer) from the saved files, through fastfair's loaders; frozen weights
+    in ``dtype``, LoRA in fp32."""
     from fastfair.classifiers import load_classifier
     from fastfair.finetune import FinetunedModel
     from fastfair.losses import SemanticsLoss
     from fastfair.models import load_stable_diffusion
 
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     parts = load_stable_diffusion(paths["sd"], dtype, "sdpa", device)
     torch.manual_seed(0)
     lora = SimpleNamespace(rank=lora_rank, alpha=None, dropout=0.0, unet_modules=["to_q", "to_k", "to_v", "to_out.0"],
@@ -277,7 +285,8 @@ def worker(cfg: dict) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(cfg["threads"])
     impl, steps, n = cfg["impl"], cfg["steps"], cfg["images"]
-    model, scheduler, objective, optimizer = load_setup(cfg["paths"], device, cfg["lora_rank"])
+    model, scheduler, objective, optimizer = load_setup(cfg["paths"], device, cfg["lora_rank"],
+                                                         frozen_dtype(cfg["dtype"], device))
     if impl.startswith("fastfair"):  # the trainer's default loss.recompute_judges; the public code keeps them all
         from fastfair.recompute import recompute_judges
 
@@ -342,8 +351,7 @@ def worker(cfg: dict) -> dict:
             result["keeps_for_budget"] = list(keeps)
     if cfg.get("count_flops"):
         result["unit_flops"] = unit_flops(model, objective, latent, device)
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        result["matmul_flops_per_s"] = matmul_rate(device, dtype)
+        result["matmul_flops_per_s"] = matmul_rate(device, frozen_dtype(cfg["dtype"], device))
         if device == "cuda":
             result["device_name"] = torch.cuda.get_device_name(0)
     return result
@@ -464,12 +472,12 @@ def largest_batch(sweep: list, impl: str, steps: int, budget: int):
 def write_report(runs: list, sweep: list, args, argv, flops_info: dict, impls: list, final: bool) -> None:
     """The table (printed when ``final``) and, with --json, the JSON and Markdown files of the runs so far."""
     rows = summarize(runs, args, flops_info)
-    cuda = runs[0]["device"] == "cuda"
     sweep_images = [int(s) for s in args.sweep_images.split(",") if s]
     meta = {"device": flops_info.get("device_name", runs[0]["device"]), "model": args.model, "images": args.images,
             "steps": args.steps, "latent": runs[0]["latent"], "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d"), "matmul_flops_per_s": flops_info.get("matmul_flops_per_s"),
-            "matmul_dtype": "fp16" if cuda else "fp32", "unit_flops": flops_info.get("unit_flops"),
+            "matmul_dtype": str(frozen_dtype(args.dtype, runs[0]["device"])).replace("torch.", ""),
+            "unit_flops": flops_info.get("unit_flops"),
             **{key: next((r[key] for r in runs if key in r), None)
                for key in ("kept_graph_bytes", "kept_graph_bytes_plain", "kept_attention_bytes")}}
     ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
@@ -499,6 +507,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 sd15 on CUDA, 128 sd15 "
                         "on CPU, 16 tiny)")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="frozen weights' dtype (default: fp16 on CUDA, fp32 on CPU); LoRA stays fp32")
     parser.add_argument("--micro-batch", type=int, default=None, help="baseline gradient micro-batch (default N)")
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--rounds", type=int, default=2)
@@ -531,7 +541,7 @@ def main(argv=None) -> None:
         print(f"saving {args.model} models to {root}", flush=True)
         paths = save_models(args.model, root, resolution)
         paths_file.write_text(json.dumps(paths))
-    base = {"model": args.model, "images": args.images, "steps": args.steps, "paths": paths,
+    base = {"model": args.model, "images": args.images, "steps": args.steps, "paths": paths, "dtype": args.dtype,
             "latent": resolution // (8 if args.model == "sd15" else 2), "lora_rank": 50 if args.model == "sd15" else 4,
             "threads": args.threads, "warmup": args.warmup, "iters": args.iters, "micro_batch": args.micro_batch}
     runs, keep, flops_info = [], None, {}
