@@ -1,5 +1,4 @@
 """Checkpoints: atomic folders, retention, and resume that continues bit for bit (fp32, CPU)."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 from fastfair import checkpoint
 from fastfair.config import load_config
 from fastfair.trainer import Trainer, process_group
+from child_env import child_env
 from test_trainer_world import make_world, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_two_plus_two_equals_four_bitwise(tmp_path):
         Trainer(straight).train()
         halves = load_config(write_config(tmp_path / "b", world, "text_unet_lora"), ["max_steps=2"])
         Trainer(halves).train()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"))
+    env = child_env(OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config",
                           str(tmp_path / "b" / "config.yaml"), "max_steps=4", "resume=auto"],
                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

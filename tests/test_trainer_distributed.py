@@ -1,6 +1,5 @@
 """Data parallel: `torchrun --nproc_per_node=2 fastfair/train.py` (gloo, 2 images per rank) trains the same
 weights as one process with the whole batch of 4 (global-batch alignment targets, averaged gradients)."""
-import os
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 
 from fastfair.config import load_config
 from fastfair.trainer import Trainer, process_group
+from child_env import child_env
 from test_trainer_world import make_world, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def free_port() -> int:
 def test_two_processes_equal_one(tmp_path):
     world = make_world(tmp_path / "world")
     config = write_config(tmp_path / "two", world, "text_unet_lora")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"), MASTER_ADDR="127.0.0.1")
+    env = child_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(REPO / "fastfair" / "train.py"), "--config", str(config)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
@@ -54,7 +54,7 @@ def test_deepspeed_zero2_with_resume_equals_plain_run(tmp_path):
     ds_json = tmp_path / "zero2_fp32.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10**9}))
     config = write_config(tmp_path / "ds", world, "text_unet_lora")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"), MASTER_ADDR="127.0.0.1")
+    env = child_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     for max_steps in (1, 2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(REPO / "fastfair" / "train.py"), "--config", str(config), "--deepspeed_config", str(ds_json),
