@@ -52,6 +52,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -234,9 +235,10 @@ def frozen_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name] if name != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
 
 
-def load_setup(paths: dict, device: str, lora_rank: int, dtype: torch.dtype):
+def load_setup(paths: dict, device: str, lora_rank: int, dtype: Optional[torch.dtype] = None):
     """(model, scheduler, objective, optimizer) from the saved files, through fastfair's loaders; frozen weights
-    in ``dtype``, LoRA in fp32."""
+    in ``dtype`` (default ``frozen_dtype("auto", device)``), LoRA in fp32."""
+    dtype = dtype or frozen_dtype("auto", device)
     from fastfair.classifiers import load_classifier
     from fastfair.finetune import FinetunedModel
     from fastfair.losses import SemanticsLoss
