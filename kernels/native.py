@@ -51,9 +51,10 @@ def find_cuda_home() -> Optional[str]:
 def use_cuda_home() -> None:
     """Set CUDA_HOME to ``find_cuda_home()`` when it is unset and one is found, so that torch.utils.cpp_extension
     (which reads it once, when first imported) builds against a whole toolkit."""
-    home = find_cuda_home()
-    if home and not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
-        os.environ["CUDA_HOME"] = home
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        home = find_cuda_home()
+        if home:
+            os.environ["CUDA_HOME"] = home
 
 
 def cuda_buildable() -> bool:
