@@ -10,10 +10,10 @@ back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA 
 - ``baseline_sdpa``: the same with PyTorch SDPA attention (the reference for every ratio);
 - ``fastfair``: ``fastfair.dft.sample``, exact adjusted gradient, every step recomputed (lean: least memory);
 - ``fastfair_fast``: keeps what fits in baseline_sdpa's peak P_base, as the trainer's ``sampler.memory_budget_gb``
-  plans it (``fastfair.memory_budget.keeps_for_budget``): first every step's attention outputs (a steps,
-  ``keep_attention_steps``: G_att bytes each, the attention's share of a recompute saved), then whole graphs (k
-  steps, ``keep_graph_steps``: G bytes each, no recompute). G and G_att are counted exactly in the lean worker on
-  the iteration's own inputs. Each keep adds at most its bytes at any moment: from the lean peak P_0 the plan for
+  plans it (``fastfair.memory_budget.keeps_for_budget``): steps that keep their attention outputs (a steps,
+  ``keep_attention_steps``: G_att bytes each, saving the attention's share r of a recompute's FLOPs) and whole
+  graphs (k steps, ``keep_graph_steps``: G bytes each, no recompute), the most recompute saved per byte first. G,
+  G_att and r are counted exactly in the lean worker on the iteration's own inputs. Each keep adds at most its bytes at any moment: from the lean peak P_0 the plan for
   P_base - P_0 fits; the lean worker measures the peak P_1 of that plan (a warm-up, then one iteration, as the
   fastfair_fast worker runs it) and extends it by P_base - P_1 (keeps live before the backward, where the lean
   peak often is not, so P_1 is usually well below P_0 plus the plan's bytes);
@@ -332,24 +332,28 @@ def worker(cfg: dict) -> dict:
               "s_per_iter_samples": times, "phases_samples": dict(phases), "peak_bytes": memory.peak(),
               "micro_batch": cfg.get("micro_batch") or n, "latent": list(latent)}
     if impl == "fastfair" and cfg.get("probe_keep"):  # G and G_att per kept step: fastfair_fast's costs
-        from fastfair.memory_budget import attention_bytes_per_step, graph_bytes_per_step, keeps_for_budget
+        from fastfair.memory_budget import attention_keep_costs, graph_bytes_per_step, keeps_for_budget
 
         z, cond, uncond = sampler_inputs(model, z_T, PROMPT)
         args = (model.unet, z, 0, cond, uncond, GUIDANCE, n)
-        per_step, per_attention = graph_bytes_per_step(*args), attention_bytes_per_step(*args)
+        per_step = graph_bytes_per_step(*args)
+        per_attention, share = attention_keep_costs(*args) or (None, None)
         result["kept_graph_bytes"] = per_step  # with sampler.lean_graph, as the engine builds graphs
         result["kept_attention_bytes"] = per_attention
+        result["kept_attention_share"] = share  # r: the attention's share of a step's recompute FLOPs
         result["kept_graph_bytes_plain"] = graph_bytes_per_step(*args, lean=False)
         if cfg.get("budget_bytes"):  # baseline_sdpa's peak: the kept steps that fit in it
             budget = cfg["budget_bytes"]
-            keeps = keeps_for_budget(max(budget - result["peak_bytes"], 0), per_step, per_attention, steps)
+            keeps = keeps_for_budget(max(budget - result["peak_bytes"], 0), per_step, per_attention, steps,
+                                     attention_share=share)
             if 0 < sum(keeps) and keeps != (steps, 0):  # one iteration at that plan, after a warm-up at it (the
                 plan = {"keep_graph_steps": keeps[0], "keep_attention_steps": keeps[1]}  # fast worker's too),
                 iteration(PhaseTimer(device), **plan)    # measures its peak; each further keep adds at most its
                 memory.start()                           # bytes
                 iteration(PhaseTimer(device), **plan)
                 result["peak_bytes_at_first_plan"] = [list(keeps), memory.peak()]
-                keeps = keeps_for_budget(max(budget - memory.peak(), 0), per_step, per_attention, steps, keeps)
+                keeps = keeps_for_budget(max(budget - memory.peak(), 0), per_step, per_attention, steps, keeps,
+                                         attention_share=share)
             result["keeps_for_budget"] = list(keeps)
     if cfg.get("count_flops"):
         result["unit_flops"] = unit_flops(model, objective, latent, device)
@@ -446,12 +450,16 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
                       f"({meta['matmul_dtype']}); FLOP model: bench/flops.py."]
     if meta.get("kept_graph_bytes"):
         plain, attention = meta.get("kept_graph_bytes_plain"), meta.get("kept_attention_bytes")
+        share = meta.get("kept_attention_share")
         lines += ["", f"fastfair_fast: one kept step's graph holds {meta['kept_graph_bytes'] / 2**20:.1f} MiB "
                       + (f"({plain / 2**20:.1f} MiB with plain autograd, without fastfair.lean_graph) " if plain else "")
                       + (f"and a step keeping its attention outputs only {attention / 2**20:.2f} MiB " if attention
                          else "")
-                      + "(counted exactly, fastfair.memory_budget); k whole graphs and a attention-only keeps: "
-                        "as many as fit in baseline_sdpa's peak (bench/train_step.py's docstring)."]
+                      + "(counted exactly, fastfair.memory_budget)"
+                      + (f"; attention is {100 * share:.1f}% of a step's recompute FLOPs" if share is not None
+                         else "")
+                      + "; k whole graphs and a attention-only keeps: the most recompute saved within "
+                        "baseline_sdpa's peak (bench/train_step.py's docstring)."]
     if sweep:
         lines += ["", "Peak memory (MiB) versus steps and images (one iteration each):", "",
                   "| impl | images | steps | peak MiB |", "|---|---:|---:|---:|"]
@@ -481,7 +489,8 @@ def write_report(runs: list, sweep: list, args, argv, flops_info: dict, impls: l
             "matmul_dtype": str(frozen_dtype(args.dtype, runs[0]["device"])).replace("torch.", ""),
             "unit_flops": flops_info.get("unit_flops"),
             **{key: next((r[key] for r in runs if key in r), None)
-               for key in ("kept_graph_bytes", "kept_graph_bytes_plain", "kept_attention_bytes")}}
+               for key in ("kept_graph_bytes", "kept_graph_bytes_plain", "kept_attention_bytes",
+                           "kept_attention_share")}}
     ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
     budget = int(args.budget_gib * 2**30) if args.budget_gib else (ref["peak_bytes"] if ref else None)
     if sweep_images and budget:

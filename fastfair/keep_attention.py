@@ -64,9 +64,18 @@ def _join_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return joined.permute([order.index(d) for d in range(first.dim())])
 
 
+def attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int:
+    """Multiply-adds x 2 of one attention kernel call on q [B, H, Lq, d], k [B, Hk, Lk, d], v [B, Hk, Lk, dv]:
+    2 B H Lq Lk d for the scores Q K^T plus 2 B H Lq Lk dv for P V (softmax and scaling: not counted, as matmul
+    FLOP counters do not count them)."""
+    batch, heads, length_q, dim = query.shape
+    return 2 * batch * heads * length_q * key.shape[-2] * (dim + value.shape[-1])
+
+
 class AttentionRecorder(TorchDispatchMode):
     """Records, per attention kernel call in call order, its outputs at batch rows ``rows`` (a copy: the other
-    rows' memory is not held); every other op runs as it is.
+    rows' memory is not held), and counts the calls' FLOPs over the whole batch (``flops``); every other op runs
+    as it is.
 
     rows: indices into the call's batch dimension B (the U-Net batch: diffusers' processors hand the kernels
     [B, heads, L, d]); a kernel called with another batch size is an error (the layout is not the U-Net's)."""
@@ -76,6 +85,7 @@ class AttentionRecorder(TorchDispatchMode):
         self.batch = int(batch)
         self.rows = torch.as_tensor(list(rows), dtype=torch.long)
         self.calls: List[tuple] = []
+        self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -87,6 +97,7 @@ class AttentionRecorder(TorchDispatchMode):
             if self.rows.device != args[0].device:  # moved once: the kernels of one call share a device
                 self.rows = self.rows.to(args[0].device)
             rows = self.rows
+            self.flops += attention_flops(*args[:3])
             self.calls.append(tuple(_select_rows(t, rows) if _per_row(k, t)
                                     else (t.detach() if isinstance(t, torch.Tensor) else t)
                                     for k, t in enumerate(_outputs(out))))

@@ -3,17 +3,26 @@
 The finetuned sampling's memory is modelled as linear in the numbers k of steps whose whole graph is kept and a
 of steps that keep their attention outputs only (``fastfair.keep_attention``):
 
-    P(k, a) = R + k G + a G_att,    (k, a) = keeps_for_budget(budget - R, G, G_att, S)
+    P(k, a) = R + k G + a G_att,    (k, a) = keeps_for_budget(budget - R, G, G_att, S, attention_share=r)
 
 - G: the bytes one kept step holds until the backward, measured, not guessed: the storages autograd saves during
   the graph-building U-Net call made as the engine makes it (the rows it differentiates: frozen rows and an
   uncond branch nothing trainable feeds are left out; the run's dtype, autocast and ``lean_graph``), plus the kept
   eps (`graph_bytes_per_step`). Weights, buffers and the text embeddings exist anyway and are not counted.
-- G_att: the same for a step that keeps its attention outputs only (`attention_bytes_per_step`): the attention
+- G_att: the same for a step that keeps its attention outputs only (`attention_keep_costs`): the attention
   kernels' outputs at the differentiated rows, recorded in the sampling call.
+- r: the attention kernels' share of that U-Net call's FLOPs (`attention_keep_costs`), i.e. of the recompute an
+  attention keep saves; a whole graph saves all of it.
 - R, "reserved": what the lean run (k = a = 0) holds anyway besides kept graphs: on CUDA,
   ``torch.cuda.memory_allocated()`` when the decision is taken (weights, optimizer state, ...); on CPU 0, so there
   the budget covers the kept graphs only.
+
+The plan maximizes the recompute saved, k + a r step recomputes, within the budget (``keeps_for_budget``): FLOPs
+stand for time, which holds where the U-Net is compute-bound (large latents; a device whose U-Net call is
+weight-bound at the batch in hand gains less from a keep than its FLOPs say, and the plan is then only the
+FLOP-optimal one). Which keep wins per byte depends on the resolution: in SD 1.5 at 64x64 latents attention is
+about a third of the U-Net's FLOPs and G_att a few percent of G, so attention keeps come first; at 16x16 it is
+under 2% of the FLOPs and about 8% of G, so whole graphs do.
 
 Not in the model: the VAE decode and loss graphs, which live beside the kept graphs until the backward, and one
 recompute chunk's graph in the backward (the kept graphs are freed before it): leave headroom for them.
@@ -27,7 +36,7 @@ import torch
 
 from fastfair.dft import (_autocast_state, _embeddings, _unet_eps, graph_branches, graph_inputs, graph_rows,
                           sampling_call_inputs, unet_input_dtype)
-from fastfair.keep_attention import AttentionRecorder, in_attention_layers
+from fastfair.keep_attention import ATTENTION_OPS, AttentionRecorder, in_attention_layers
 from fastfair.lean_graph import lean_graph
 
 GIB = 2 ** 30
@@ -109,14 +118,23 @@ def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, c
     return saved_tensor_bytes(one_step, held)
 
 
-def attention_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
-                             uncond: Optional[torch.Tensor], guidance_scale: float,
-                             frozen_rows: int = 0) -> Optional[int]:
-    """G_att: the bytes one attention-kept step (``sample``'s keep_attention_steps) holds until the backward: its
-    attention kernels' outputs at the rows the backward differentiates, recorded in the batched no-grad sampling
-    call as the engine records them (``fastfair.keep_attention.AttentionRecorder``); its latent is held as a lean
-    step's is. None when the U-Net runs no fused attention kernel (such keeps would save nothing). Arguments as
-    ``graph_bytes_per_step``'s."""
+def attention_keep_costs(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
+                         uncond: Optional[torch.Tensor], guidance_scale: float,
+                         frozen_rows: int = 0) -> Optional[Tuple[int, float]]:
+    """(G_att, r) of a step that keeps its attention outputs only (``sample``'s keep_attention_steps), or None
+    when the U-Net runs no fused attention kernel (such keeps would save nothing). Arguments as
+    ``graph_bytes_per_step``'s.
+
+    G_att: the bytes it holds until the backward: its attention kernels' outputs at the rows the backward
+    differentiates, recorded in the batched no-grad sampling call as the engine records them
+    (``fastfair.keep_attention.AttentionRecorder``); its latent is held as a lean step's is.
+    r: the attention kernels' share of the call's FLOPs, F_att / (F_att + F_rest), with F_att counted from the
+    kernels' q, k, v shapes (``attention_flops``) and F_rest by torch's FlopCounterMode (convolutions and
+    matmuls; its own count of fused attention, where it has one, left out). Both scale with the batch, so the
+    share of the whole call is the share of the differentiated rows' recompute.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
     _check_latents(latents, frozen_rows)
     use_cfg, need_uncond = _need_uncond(unet, uncond, guidance_scale)
     batch, branches = latents.shape[0], 2 if use_cfg else 1
@@ -124,9 +142,26 @@ def attention_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: in
     emb = _embeddings(cond.detach(), uncond.detach() if use_cfg else None, batch, branches)
     recorder = AttentionRecorder(graph_rows(batch, frozen_rows, use_cfg, graph_branches(use_cfg, need_uncond)),
                                  x.shape[0])
-    with torch.no_grad(), in_attention_layers(recorder, unet):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, in_attention_layers(recorder, unet):
         _unet_eps(unet, x, timesteps, emb)
-    return recorder.nbytes() if recorder.calls else None
+    if not recorder.calls:
+        return None
+    fused = {op.overloadpacket for op in ATTENTION_OPS}
+    rest = sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if op not in fused)
+    return recorder.nbytes(), recorder.flops / (recorder.flops + rest)
+
+
+def attention_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
+                             uncond: Optional[torch.Tensor], guidance_scale: float,
+                             frozen_rows: int = 0) -> Optional[int]:
+    """G_att alone (``attention_keep_costs``); None when the U-Net runs no fused attention kernel."""
+    costs = attention_keep_costs(unet, latents, t, cond, uncond, guidance_scale, frozen_rows)
+    return None if costs is None else costs[0]
+
+
+def _check_bytes(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r}: expected a finite number of bytes >= 0")
 
 
 def keep_graph_steps_for_budget(budget_bytes: float, per_step_bytes: int, num_steps: int,
@@ -136,9 +171,8 @@ def keep_graph_steps_for_budget(budget_bytes: float, per_step_bytes: int, num_st
     A budget below ``reserved_bytes`` gives 0 (the lean run is the least memory there is); a step whose graph
     holds nothing (per_step_bytes 0) always fits.
     """
-    for name, value in (("budget_bytes", budget_bytes), ("reserved_bytes", reserved_bytes)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}={value!r}: expected a finite number of bytes >= 0")
+    _check_bytes("budget_bytes", budget_bytes)
+    _check_bytes("reserved_bytes", reserved_bytes)
     for name, value in (("per_step_bytes", per_step_bytes), ("num_steps", num_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r}: expected an integer >= 0")
@@ -155,14 +189,18 @@ def reserved_now(device: torch.device) -> int:
 
 
 def keeps_for_budget(available_bytes: float, graph_bytes: int, attention_bytes: Optional[int], num_steps: int,
-                     start: Tuple[int, int] = (0, 0)) -> Tuple[int, int]:
+                     start: Tuple[int, int] = (0, 0), attention_share: Optional[float] = None) -> Tuple[int, int]:
     """(keep_graph_steps, keep_attention_steps) that fit ``available_bytes`` more than ``start`` (such a pair)
-    holds, each step kept at most once.
+    holds, each step kept at most once, saving as much recompute as it can: k + a r step recomputes.
 
-    Attention-only keeps come first: each holds attention_bytes (G_att) and saves the attention's share r of one
-    recompute, a whole graph holds graph_bytes (G) and saves all of it, so per byte the attention keep wins
-    whenever r > G_att / G (a few percent in SD's U-Net; r is far larger). Once every step keeps its attention,
-    what is left upgrades steps to whole graphs at G - G_att each. attention_bytes None: whole graphs only.
+    Three moves, each with a fixed saving per byte: keep a free step's attention (r per G_att), keep a free step's
+    whole graph (1 per G), upgrade an attention keep to a whole graph (1 - r per G - G_att). Greedy: the densest
+    move that fits, as often as it fits, then again from the densest. The densities order themselves one of two
+    ways: r / G_att > 1 / G (attention share above G_att / G) gives attention keeps first, then upgrades;
+    otherwise upgrades beat new graphs, which beat attention keeps, and attention keeps only fill what graphs
+    leave. Within one step recompute (the densest move's integrality) of the best plan.
+    attention_bytes None (no fused attention), at least graph_bytes, or r = 0: whole graphs only.
+    attention_share: r in [0, 1] (``attention_keep_costs``); required with attention_bytes.
     """
     keep_graph, keep_attention = start
     for name, value in (("graph_bytes", graph_bytes), ("num_steps", num_steps), ("keep_graph_steps", keep_graph),
@@ -172,20 +210,35 @@ def keeps_for_budget(available_bytes: float, graph_bytes: int, attention_bytes: 
             raise ValueError(f"{name}={value!r}: expected an integer >= 0")
     if keep_graph + keep_attention > num_steps:
         raise ValueError(f"start={start!r}: keeps more than num_steps={num_steps} steps")
-    if attention_bytes is None or attention_bytes >= graph_bytes:  # whole graphs only
+    if attention_bytes is not None and (isinstance(attention_share, bool)
+                                        or not isinstance(attention_share, (int, float))
+                                        or not 0 <= attention_share <= 1):
+        raise ValueError(f"attention_share={attention_share!r}: expected the attention's share of a step's FLOPs "
+                         "in [0, 1] (fastfair.memory_budget.attention_keep_costs)")
+    if attention_bytes is None or attention_bytes >= graph_bytes or attention_share == 0:  # whole graphs only
         return keep_graph + keep_graph_steps_for_budget(available_bytes, graph_bytes,
                                                         num_steps - keep_graph - keep_attention), keep_attention
-    added = keep_graph_steps_for_budget(available_bytes, attention_bytes, num_steps - keep_graph - keep_attention)
-    keep_attention += added
-    if keep_graph + keep_attention < num_steps:
-        return keep_graph, keep_attention
-    upgrades = keep_graph_steps_for_budget(available_bytes - added * attention_bytes, graph_bytes - attention_bytes,
-                                           keep_attention)
-    return keep_graph + upgrades, keep_attention - upgrades
+    _check_bytes("available_bytes", available_bytes)
+    r = float(attention_share)
+    moves = [("attention", attention_bytes, r), ("graph", graph_bytes, 1.0),
+             ("upgrade", graph_bytes - attention_bytes, 1.0 - r)]
+    moves.sort(key=lambda move: (move[2] / move[1] if move[1] else math.inf), reverse=True)
+    left = float(available_bytes)
+    while True:
+        for kind, cost, saving in moves:
+            room = keep_attention if kind == "upgrade" else num_steps - keep_graph - keep_attention
+            count = room if cost == 0 else min(room, int(left // cost))
+            if saving > 0 and count > 0:
+                break
+        else:
+            return keep_graph, keep_attention
+        left -= count * cost
+        keep_graph += count if kind != "attention" else 0
+        keep_attention += count if kind == "attention" else -count if kind == "upgrade" else 0
 
 
 class MemoryBudget:
-    """``sampler.memory_budget_gb`` -> (keep_graph_steps, keep_attention_steps); measures G and G_att once per
+    """``sampler.memory_budget_gb`` -> (keep_graph_steps, keep_attention_steps); measures G, G_att and r once per
     input shape and decides once per (shape, step count), so repeated iterations cost a dictionary look-up."""
 
     def __init__(self, budget_gb: float, lean: bool = True):
@@ -193,7 +246,7 @@ class MemoryBudget:
             raise ValueError(f"sampler.memory_budget_gb={budget_gb!r}: expected a positive number of GiB")
         self.budget_bytes = float(budget_gb) * GIB
         self.lean = bool(lean)  # the engine's lean_graph setting: G is measured as the engine builds graphs
-        self._per_step: Dict[Tuple, Tuple[int, Optional[int]]] = {}
+        self._per_step: Dict[Tuple, Tuple[int, Optional[Tuple[int, float]]]] = {}  # G, (G_att, r) or None
         self._keep: Dict[Tuple, Tuple[int, int]] = {}
 
     def keeps(self, unet: torch.nn.Module, z_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
@@ -206,7 +259,9 @@ class MemoryBudget:
             reserved = reserved_now(z_T.device)  # read before the measuring forwards: their graphs are transient
             if shapes not in self._per_step:
                 args = (unet, z_T, 0, cond, uncond, guidance_scale, frozen_rows)
-                self._per_step[shapes] = (graph_bytes_per_step(*args, self.lean), attention_bytes_per_step(*args))
-            self._keep[shapes, num_steps] = keeps_for_budget(max(self.budget_bytes - reserved, 0),
-                                                             *self._per_step[shapes], num_steps)
+                self._per_step[shapes] = (graph_bytes_per_step(*args, self.lean), attention_keep_costs(*args))
+            per_step, attention = self._per_step[shapes]
+            attention_bytes, share = attention if attention is not None else (None, None)
+            self._keep[shapes, num_steps] = keeps_for_budget(max(self.budget_bytes - reserved, 0), per_step,
+                                                             attention_bytes, num_steps, attention_share=share)
         return self._keep[shapes, num_steps]

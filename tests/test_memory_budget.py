@@ -76,20 +76,91 @@ def test_keep_graph_steps_for_budget():
 
 
 def test_keeps_for_budget_attention_first_then_whole_graphs():
+    """An attention share r above G_att / G: attention keeps save more per byte than whole graphs."""
     G, A = 100, 10
-    assert keeps_for_budget(35, G, A, 20) == (0, 3)  # not every step's attention fits
-    assert keeps_for_budget(200, G, A, 20) == (0, 20)  # every step's attention, nothing left to upgrade with
-    assert keeps_for_budget(200 + 2 * 90 + 89, G, A, 20) == (2, 18)  # then upgrades at G - A each
-    assert keeps_for_budget(10 ** 9, G, A, 20) == (20, 0)
+    plan = lambda budget, **kw: keeps_for_budget(budget, G, A, 20, attention_share=0.3, **kw)  # noqa: E731
+    assert plan(35) == (0, 3)  # not every step's attention fits
+    assert plan(200) == (0, 20)  # every step's attention, nothing left to upgrade with
+    assert plan(200 + 2 * 90 + 89) == (2, 18)  # then upgrades at G - A each
+    assert plan(10 ** 9) == (20, 0)
     assert keeps_for_budget(35, G, None, 20) == (0, 0) and keeps_for_budget(250, G, None, 20) == (2, 0)
-    assert keeps_for_budget(250, G, G, 20) == (2, 0)  # attention keeps as large as graphs: graphs only
+    assert keeps_for_budget(250, G, G, 20, attention_share=0.3) == (2, 0)  # attention keeps as large as graphs
+    assert keeps_for_budget(250, G, A, 20, attention_share=0) == (2, 0)  # attention saves nothing
     # from a plan already in place: more attention keeps for the steps not kept, then upgrades
-    assert keeps_for_budget(25, G, A, 20, start=(1, 3)) == (1, 5)
-    assert keeps_for_budget(160 + 90, G, A, 20, start=(1, 3)) == (2, 18)
+    assert plan(25, start=(1, 3)) == (1, 5)
+    assert plan(160 + 90, start=(1, 3)) == (2, 18)
     with pytest.raises(ValueError, match="start"):
-        keeps_for_budget(10, G, A, 4, start=(3, 2))
+        keeps_for_budget(10, G, A, 4, start=(3, 2), attention_share=0.3)
     with pytest.raises(ValueError, match="attention_bytes"):
-        keeps_for_budget(10, G, -1, 4)
+        keeps_for_budget(10, G, -1, 4, attention_share=0.3)
+    for share in (None, -0.1, 1.5, True, "0.3"):
+        with pytest.raises(ValueError, match="attention_share"):
+            keeps_for_budget(10, G, A, 4, attention_share=share)
+    with pytest.raises(ValueError, match="available_bytes"):
+        plan(-1.0)
+
+
+def test_keeps_for_budget_whole_graphs_first_when_attention_is_a_small_share():
+    """r below G_att / G (small latents: SD 1.5 at 16x16 has r = 1.5%, G_att / G = 8%): whole graphs first,
+    attention keeps with what is left, and an attention keep in place is upgraded before a new graph is kept."""
+    G, A = 100, 10
+    plan = lambda budget, **kw: keeps_for_budget(budget, G, A, 20, attention_share=0.05, **kw)  # noqa: E731
+    assert plan(35) == (0, 3)  # no graph fits: the attention keeps still save something
+    assert plan(250) == (2, 5)  # two graphs, the rest in attention keeps
+    assert plan(10 ** 9) == (20, 0)
+    assert plan(95, start=(0, 5)) == (1, 4)  # upgrade (90 for 0.95) rather than a new graph (100 for 1)
+    assert plan(1990) == (19, 1)  # 19 graphs; the last step keeps its attention, and 80 left upgrade nothing
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_keeps_for_budget_is_within_one_recompute_of_the_best_plan(seed):
+    """Against every (k, a) by brute force: the plan fits, and saves at most one step recompute less than the
+    best (the greedy's integrality gap)."""
+    rng = torch.Generator().manual_seed(seed)
+    steps = int(torch.randint(1, 12, (1,), generator=rng))
+    G = int(torch.randint(20, 200, (1,), generator=rng))
+    A = int(torch.randint(0, G, (1,), generator=rng))
+    share = float(torch.rand(1, generator=rng))
+    budget = float(torch.rand(1, generator=rng)) * 1.2 * steps * G
+    k, a = keeps_for_budget(budget, G, A, steps, attention_share=share)
+    assert k + a <= steps and k * G + a * A <= budget
+    best = max(kk + aa * share for kk in range(steps + 1) for aa in range(steps + 1 - kk)
+               if kk * G + aa * A <= budget)
+    assert k + a * share >= best - 1 - 1e-9
+
+
+def test_attention_share_matches_a_count_by_hand_of_the_attention_layers():
+    """r from the fused kernels' q, k, v shapes and FlopCounterMode's count of the rest, against a second count:
+    the whole call with attention in its math form (FlopCounterMode sees its matmuls) and the attention layers'
+    FLOPs from their inputs' shapes (2 B Lq Lk (inner_q + inner_v)), counted by forward hooks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastfair.dft import _embeddings, _unet_eps, sampling_call_inputs
+    from fastfair.memory_budget import attention_keep_costs
+
+    unet, z_T, cond, uncond = _problem("unet")
+    attention_bytes, share = attention_keep_costs(unet, z_T, 0, cond, uncond, 3.0)
+    assert attention_bytes == attention_bytes_per_step(unet, z_T, 0, cond, uncond, 3.0)
+    by_hand = []
+
+    def count(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        context = kwargs.get("encoder_hidden_states")
+        keys = (hidden if context is None else context).shape[1]
+        by_hand.append(2 * hidden.shape[0] * hidden.shape[1] * keys
+                       * (module.to_q.out_features + module.to_v.out_features))
+
+    hooks = [m.register_forward_pre_hook(count, with_kwargs=True) for m in unet.modules()
+             if type(m).__name__ == "Attention"]
+    x, t = sampling_call_inputs(z_T, 0, 2, torch.float32)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _unet_eps(unet, x, t, _embeddings(cond.detach(), uncond, z_T.shape[0], 2))
+    for hook in hooks:
+        hook.remove()
+    assert len(by_hand) > 0
+    assert share == pytest.approx(sum(by_hand) / counter.get_total_flops(), rel=1e-12)
+    assert 0 < share < 1
 
 
 @pytest.mark.parametrize("kwargs,name", [
