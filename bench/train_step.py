@@ -16,7 +16,9 @@ back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA 
   G_att and r are counted exactly in the lean worker on the iteration's own inputs. Each keep adds at most its bytes at any moment: from the lean peak P_0 the plan for
   P_base - P_0 fits; the lean worker measures the peak P_1 of that plan (a warm-up, then one iteration, as the
   fastfair_fast worker runs it) and extends it by P_base - P_1 (keeps live before the backward, where the lean
-  peak often is not, so P_1 is usually well below P_0 plus the plan's bytes);
+  peak often is not, so P_1 is usually well below P_0 plus the plan's bytes). The fastfair_fast run then checks
+  the plan's peak in a fresh process and, if it is over P_base, shrinks the plan by the overshoot until it fits
+  (``fit_fast_plan``; JSON ``plans_tried``): on CPU the in-process P_1 moves by several MiB;
 - ``fastfair_k5``: ``grad_steps=5`` (unbiased subsample of 5 of the S steps).
 Every fastfair mode recomputes the decoder's (block-wise) and the judges' activations in the backward, as the
 trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``); the baseline keeps them, as published.
@@ -52,7 +54,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -376,17 +378,41 @@ def _spawn(cfg: dict, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_worker(cfg: dict) -> dict:
+def run_worker(cfg: dict, peak_limit: Optional[int] = None) -> dict:
     """One configuration's result. On CUDA one subprocess times it and reads the allocator's peak; on CPU the
     timed iterations run with the default allocator, and a second subprocess under ``worker_env()`` runs one
-    iteration for the peak and the kept-step probes (``cfg["iters"] == 0``: the memory subprocess only)."""
+    iteration for the peak and the kept-step probes (``cfg["iters"] == 0``: the memory subprocess only). On CPU a
+    peak above ``peak_limit`` returns the memory subprocess's result alone, untimed."""
     if torch.cuda.is_available():
         return _spawn(cfg, dict(os.environ))
     memory = _spawn(dict(cfg, iters=0, count_flops=False), worker_env())
-    if not cfg["iters"]:
+    if not cfg["iters"] or (peak_limit is not None and memory["peak_bytes"] > peak_limit):
         return memory
     timed = _spawn(dict(cfg, probe_keep=False, budget_bytes=None), dict(os.environ))
     return {**timed, **{k: v for k, v in memory.items() if k.startswith(MEMORY_RESULTS)}}
+
+
+def fit_fast_plan(cfg: dict, budget: int, lean: dict) -> Tuple[dict, list]:
+    """fastfair_fast's run (round 0) at the lean worker's plan when its peak, measured in the configuration's own
+    fresh process, is within ``budget``; else at a smaller plan: keeps_for_budget of the plan's modelled bytes
+    (k G + a G_att) less the overshoot, until one fits (the lean plan (0, 0) always ends it). The lean worker's
+    in-process peak on CPU (resident set) moves by several MiB with what the process did before; the fresh
+    process's agrees with the timed run's. Returns (result, [[plan, peak_bytes], ...] for every plan tried)."""
+    from fastfair.memory_budget import keeps_for_budget
+
+    graph, attention = lean["kept_graph_bytes"], lean.get("kept_attention_bytes")
+    plan, tried = tuple(lean["keeps_for_budget"]), []
+    while True:
+        result = run_worker(dict(cfg, keep_graph_steps=plan[0], keep_attention_steps=plan[1]), peak_limit=budget)
+        tried.append([list(plan), result["peak_bytes"]])
+        if result["peak_bytes"] <= budget or plan == (0, 0):
+            if not result.get("s_per_iter_samples"):  # the lean plan over budget (CPU: untimed): time it anyway
+                result = run_worker(dict(cfg, keep_graph_steps=0, keep_attention_steps=0))
+            return result, tried
+        modelled = plan[0] * graph + plan[1] * (attention or 0)
+        smaller = keeps_for_budget(max(modelled - (result["peak_bytes"] - budget), 0), graph, attention,
+                                   cfg["steps"], attention_share=lean.get("kept_attention_share"))
+        plan = smaller if smaller != plan else (0, 0)
 
 
 def summarize(runs: list, args, flops_info: dict) -> list:
@@ -405,6 +431,7 @@ def summarize(runs: list, args, flops_info: dict) -> list:
         keep_attention = mine[0].get("keep_attention_steps", 0)
         if impl == "fastfair_fast":
             row["keep_graph_steps"], row["keep_attention_steps"] = keep, keep_attention
+            row["plans_tried"] = next((r["plans_tried"] for r in mine if "plans_tried" in r), None)
         if flops_info:
             micro = math.ceil(args.images / row["micro_batch"]) if impl.startswith("baseline") else 1
             model_flops = iteration_flops(impl, flops_info["unit_flops"], args.images, args.steps, micro, keep,
@@ -460,6 +487,10 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
                          else "")
                       + "; k whole graphs and a attention-only keeps: the most recompute saved within "
                         "baseline_sdpa's peak (bench/train_step.py's docstring)."]
+        tried = next((r.get("plans_tried") for r in rows if r.get("plans_tried")), None)
+        if tried:
+            lines[-1] += (" Plans (k, a) tried, peak MiB in a fresh process: "
+                          + ", ".join(f"({p[0]}, {p[1]}) {b / 2**20:.1f}" for p, b in tried) + ".")
     if sweep:
         lines += ["", "Peak memory (MiB) versus steps and images (one iteration each):", "",
                   "| impl | images | steps | peak MiB |", "|---|---:|---:|---:|"]
@@ -559,6 +590,7 @@ def main(argv=None) -> None:
     for round_ in range(args.rounds):
         for impl in impls:
             cfg = dict(base, impl=impl, probe_keep=round_ == 0, count_flops=not flops_info and round_ == 0)
+            result = None  # fastfair_fast's first run comes from fit_fast_plan
             ref = next((r for r in runs if r["impl"] == "baseline_sdpa"), None)
             if impl == "fastfair" and ref is not None and "fastfair_fast" in impls:
                 cfg["budget_bytes"] = ref["peak_bytes"]
@@ -567,12 +599,16 @@ def main(argv=None) -> None:
                     lean = next((r for r in runs if "keeps_for_budget" in r), None)
                     if ref is None or lean is None:
                         raise ValueError("fastfair_fast needs baseline_sdpa and fastfair earlier in --impls")
-                    keep = lean["keeps_for_budget"]
+                    result, tried = fit_fast_plan(cfg, ref["peak_bytes"], lean)
+                    keep = tried[-1][0]
+                    result["plans_tried"] = tried
                     print(f"fastfair_fast: a kept graph holds {lean['kept_graph_bytes'] / 2**20:.1f} MiB, a step's "
                           f"attention outputs {(lean['kept_attention_bytes'] or 0) / 2**20:.2f} MiB; of {args.steps} "
-                          f"steps keeping {keep[0]} graphs and {keep[1]} attention-only", flush=True)
+                          f"steps keeping {keep[0]} graphs and {keep[1]} attention-only (plans tried, peak MiB: "
+                          + ", ".join(f"{tuple(p)} {b / 2**20:.1f}" for p, b in tried) + ")", flush=True)
                 cfg["keep_graph_steps"], cfg["keep_attention_steps"] = keep
-            result = run_worker(cfg)
+            if result is None:
+                result = run_worker(cfg)
             result["keep_graph_steps"] = cfg.get("keep_graph_steps", 0)
             result["keep_attention_steps"] = cfg.get("keep_attention_steps", 0)
             if "unit_flops" in result:

@@ -17,12 +17,18 @@ of steps that keep their attention outputs only (``fastfair.keep_attention``):
   ``torch.cuda.memory_allocated()`` when the decision is taken (weights, optimizer state, ...); on CPU 0, so there
   the budget covers the kept graphs only.
 
-The plan maximizes the recompute saved, k + a r step recomputes, within the budget (``keeps_for_budget``): FLOPs
-stand for time, which holds where the U-Net is compute-bound (large latents; a device whose U-Net call is
-weight-bound at the batch in hand gains less from a keep than its FLOPs say, and the plan is then only the
-FLOP-optimal one). Which keep wins per byte depends on the resolution: in SD 1.5 at 64x64 latents attention is
-about a third of the U-Net's FLOPs and G_att a few percent of G, so attention keeps come first; at 16x16 it is
-under 2% of the FLOPs and about 8% of G, so whole graphs do.
+The plan maximizes the recompute saved, k + a r step recomputes, within the budget (``keeps_for_budget``).
+Counted in FLOPs, and in time too where a U-Net call of b rows takes t(b) = c + beta b (c: the weights' streaming
+and launch overhead, which dominates small latents; beta: the per-row compute, attention's share r of it): with
+the default one-step recompute, a whole graph saves its step's recompute call c + beta b_g but splits that step's
+sampling call in two (the differentiated rows apart from the frozen ones and the no-grad uncond branch): one c
+more, so beta b_g net; an attention keep saves r beta b_g and splits nothing. The densities and so the plan are
+then the same for every c and beta: the FLOP-optimal plan is the time-optimal one, though on a weight-bound
+device (large c) every keep saves little time. Where the engine does not split (nothing frozen sampled alongside,
+both branches differentiated) a whole graph saves c more than this counts; with recompute_chunk q > 1, c / q less.
+Which keep wins per byte depends on the resolution: in SD 1.5 at 64x64 latents attention is about a third of the
+U-Net's FLOPs and G_att a few percent of G, so attention keeps come first; at 16x16 it is 1.5% of the FLOPs and 8%
+of G, so whole graphs do.
 
 Not in the model: the VAE decode and loss graphs, which live beside the kept graphs until the backward, and one
 recompute chunk's graph in the backward (the kept graphs are freed before it): leave headroom for them.

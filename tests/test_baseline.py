@@ -83,6 +83,36 @@ def test_train_step_cli_end_to_end(setup, tmp_path):
     assert 0 < lean["kept_attention_bytes"] < lean["kept_graph_bytes"]
 
 
+def test_fast_plan_shrinks_by_the_overshoot_until_its_fresh_peak_fits(monkeypatch):
+    """fit_fast_plan: a plan whose fresh-process peak is over the budget is replaced by keeps_for_budget of its
+    modelled bytes less the overshoot; the first plan that fits is the one timed."""
+    peaks, calls = {}, []
+
+    def fake_run_worker(cfg, peak_limit=None):
+        plan = (cfg["keep_graph_steps"], cfg["keep_attention_steps"])
+        calls.append(plan)
+        peak = peaks.get(plan, 200)
+        return {"peak_bytes": peak, "s_per_iter_samples": [1.0] if peak_limit is None or peak <= peak_limit else []}
+
+    monkeypatch.setattr(train_step, "run_worker", fake_run_worker)
+    lean = {"kept_graph_bytes": 10, "kept_attention_bytes": 1, "kept_attention_share": 0.7,
+            "keeps_for_budget": [6, 14]}
+    peaks.update({(6, 14): 100})
+    result, tried = train_step.fit_fast_plan({"steps": 20}, 100, lean)
+    assert tried == [[[6, 14], 100]] and calls == [(6, 14)] and result["s_per_iter_samples"] == [1.0]
+    # 20 over: (6, 14) models 6 * 10 + 14 * 1 = 74 bytes, so the budget for the next plan is 54: 20 attention
+    # keeps (r / G_att > 1 / G) and 3 upgrades at 9; that one is 1 over: 45 - 1 -> 20 attention keeps, 2 upgrades
+    calls.clear()
+    peaks.update({(6, 14): 120, (3, 17): 101, (2, 18): 95})
+    result, tried = train_step.fit_fast_plan({"steps": 20}, 100, lean)
+    assert tried == [[[6, 14], 120], [[3, 17], 101], [[2, 18], 95]] and result["s_per_iter_samples"] == [1.0]
+    calls.clear()  # nothing fits (38 - 30 = 8 bytes: (0, 8) peaks at 200): the lean plan ends it, timed anyway
+    peaks.update({(2, 18): 130, (0, 0): 101})
+    result, tried = train_step.fit_fast_plan({"steps": 20}, 100, lean)
+    assert [plan for plan, _ in tried] == [[6, 14], [3, 17], [2, 18], [0, 8], [0, 0]]
+    assert result["s_per_iter_samples"] == [1.0] and calls[-2:] == [(0, 0), (0, 0)]
+
+
 def test_largest_batch_for_a_budget():
     sweep = [{"impl": "fastfair", "images": n, "steps": 20, "peak_bytes": 100 + 10 * n} for n in (1, 2)]
     assert train_step.largest_batch(sweep, "fastfair", 20, 200) == 10
