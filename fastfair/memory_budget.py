@@ -26,9 +26,9 @@ more, so beta b_g net; an attention keep saves r beta b_g and splits nothing. Th
 then the same for every c and beta: the FLOP-optimal plan is the time-optimal one, though on a weight-bound
 device (large c) every keep saves little time. Where the engine does not split (nothing frozen sampled alongside,
 both branches differentiated) a whole graph saves c more than this counts; with recompute_chunk q > 1, c / q less.
-Which keep wins per byte depends on the resolution: in SD 1.5 at 64x64 latents attention is about a third of the
-U-Net's FLOPs and G_att a few percent of G, so attention keeps come first; at 16x16 it is 1.5% of the FLOPs and 8%
-of G, so whole graphs do.
+Which keep wins per byte depends on the resolution: in SD 1.5's U-Net attention is 1.5% of the FLOPs at 16x16
+latents and 15.7% at 64x64 (counted); G_att is 8% of G at 16x16 (measured), so whole graphs come first there, and
+attention keeps at 64x64 as long as G_att stays under 15.7% of G.
 
 Not in the model: the VAE decode and loss graphs, which live beside the kept graphs until the backward, and one
 recompute chunk's graph in the backward (the kept graphs are freed before it): leave headroom for them.

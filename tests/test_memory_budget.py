@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fastfair.dft import sample
-from fastfair.memory_budget import (GIB, MemoryBudget, attention_bytes_per_step, graph_bytes_per_step,
-                                    keep_graph_steps_for_budget, keeps_for_budget, saved_tensor_bytes)
+from fastfair.memory_budget import (GIB, MemoryBudget, attention_bytes_per_step, attention_keep_costs,
+                                    graph_bytes_per_step, keep_graph_steps_for_budget, keeps_for_budget,
+                                    saved_tensor_bytes)
 from fastfair.testing import tiny_scheduler, tiny_unet
 
 SCHED = tiny_scheduler()
@@ -137,7 +138,6 @@ def test_attention_share_matches_a_count_by_hand_of_the_attention_layers():
     from torch.utils.flop_counter import FlopCounterMode
 
     from fastfair.dft import _embeddings, _unet_eps, sampling_call_inputs
-    from fastfair.memory_budget import attention_keep_costs
 
     unet, z_T, cond, uncond = _problem("unet")
     attention_bytes, share = attention_keep_costs(unet, z_T, 0, cond, uncond, 3.0)
@@ -186,8 +186,9 @@ def test_budget_of_two_and_a_half_steps_keeps_two_graphs_and_the_gradient_is_unc
     unet, z_T, cond, uncond = _problem("unet", torch.float64)
     cond.requires_grad_()
     per_step = graph_bytes_per_step(unet, z_T, 0, cond, uncond, 3.0)
-    per_attention = attention_bytes_per_step(unet, z_T, 0, cond, uncond, 3.0)
+    per_attention, share = attention_keep_costs(unet, z_T, 0, cond, uncond, 3.0)
     assert 0 < per_attention < per_step / 4
+    assert share > per_attention / per_step  # attention keeps save more per byte than whole graphs here
     budget = MemoryBudget(2.5 * per_step / GIB)
     calls = []
     unet.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
