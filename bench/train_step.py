@@ -46,6 +46,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -533,7 +534,7 @@ def write_report(runs: list, sweep: list, args, argv, flops_info: dict, impls: l
         print(table)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        command = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python bench/train_step.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         for path, text in ((args.json, json.dumps({"device": meta["device"], "meta": meta, "results": rows,
                                                     "sweep": sweep, "runs": runs}, indent=1)),
                            (os.path.splitext(args.json)[0] + ".md", f"Command: `{command}`\n\n{table}\n")):
