@@ -13,12 +13,13 @@ back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA 
   plans it (``fastfair.memory_budget.keeps_for_budget``): steps that keep their attention outputs (a steps,
   ``keep_attention_steps``: G_att bytes each, saving the attention's share r of a recompute's FLOPs) and whole
   graphs (k steps, ``keep_graph_steps``: G bytes each, no recompute), the most recompute saved per byte first. G,
-  G_att and r are counted exactly in the lean worker on the iteration's own inputs. Each keep adds at most its bytes at any moment: from the lean peak P_0 the plan for
-  P_base - P_0 fits; the lean worker measures the peak P_1 of that plan (a warm-up, then one iteration, as the
-  fastfair_fast worker runs it) and extends it by P_base - P_1 (keeps live before the backward, where the lean
-  peak often is not, so P_1 is usually well below P_0 plus the plan's bytes). The fastfair_fast run then checks
-  the plan's peak in a fresh process and, if it is over P_base, shrinks the plan by the overshoot until it fits
-  (``fit_fast_plan``; JSON ``plans_tried``): on CPU the in-process P_1 moves by several MiB;
+  G_att and r are counted exactly in the lean worker on the iteration's own inputs. Each keep adds at most its
+  bytes at any moment: from the lean peak P_0 the plan for P_base - P_0 fits; the lean worker measures the peak
+  P_1 of that plan (a warm-up, then one iteration, as the fastfair_fast worker runs it) and extends it by
+  P_base - P_1 (keeps live before the backward, where the lean peak often is not, so P_1 is usually well below
+  P_0 plus the plan's bytes). The fastfair_fast run then checks the plan's peak in a fresh process and, if it is
+  over P_base, shrinks the plan by the overshoot until it fits (``fit_fast_plan``; JSON ``plans_tried``): on CPU
+  the in-process P_1 moves by several MiB;
 - ``fastfair_k5``: ``grad_steps=5`` (unbiased subsample of 5 of the S steps).
 Every fastfair mode recomputes the decoder's (block-wise) and the judges' activations in the backward, as the
 trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``); the baseline keeps them, as published.
