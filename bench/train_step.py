@@ -405,11 +405,11 @@ def fit_fast_plan(cfg: dict, budget: int, lean: dict) -> Tuple[dict, list]:
     graph, attention = lean["kept_graph_bytes"], lean.get("kept_attention_bytes")
     plan, tried = tuple(lean["keeps_for_budget"]), []
     while True:
-        result = run_worker(dict(cfg, keep_graph_steps=plan[0], keep_attention_steps=plan[1]), peak_limit=budget)
+        last = plan == (0, 0)  # the lean plan is timed whatever its peak: nothing smaller is left to try
+        result = run_worker(dict(cfg, keep_graph_steps=plan[0], keep_attention_steps=plan[1]),
+                            peak_limit=None if last else budget)
         tried.append([list(plan), result["peak_bytes"]])
-        if result["peak_bytes"] <= budget or plan == (0, 0):
-            if not result.get("s_per_iter_samples"):  # the lean plan over budget (CPU: untimed): time it anyway
-                result = run_worker(dict(cfg, keep_graph_steps=0, keep_attention_steps=0))
+        if result["peak_bytes"] <= budget or last:
             return result, tried
         modelled = plan[0] * graph + plan[1] * (attention or 0)
         smaller = keeps_for_budget(max(modelled - (result["peak_bytes"] - budget), 0), graph, attention,

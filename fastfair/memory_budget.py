@@ -221,10 +221,10 @@ def keeps_for_budget(available_bytes: float, graph_bytes: int, attention_bytes: 
                                         or not 0 <= attention_share <= 1):
         raise ValueError(f"attention_share={attention_share!r}: expected the attention's share of a step's FLOPs "
                          "in [0, 1] (fastfair.memory_budget.attention_keep_costs)")
+    _check_bytes("available_bytes", available_bytes)
     if attention_bytes is None or attention_bytes >= graph_bytes or attention_share == 0:  # whole graphs only
         return keep_graph + keep_graph_steps_for_budget(available_bytes, graph_bytes,
                                                         num_steps - keep_graph - keep_attention), keep_attention
-    _check_bytes("available_bytes", available_bytes)
     r = float(attention_share)
     moves = [("attention", attention_bytes, r), ("graph", graph_bytes, 1.0),
              ("upgrade", graph_bytes - attention_bytes, 1.0 - r)]
@@ -267,7 +267,7 @@ class MemoryBudget:
                 args = (unet, z_T, 0, cond, uncond, guidance_scale, frozen_rows)
                 self._per_step[shapes] = (graph_bytes_per_step(*args, self.lean), attention_keep_costs(*args))
             per_step, attention = self._per_step[shapes]
-            attention_bytes, share = attention if attention is not None else (None, None)
+            attention_bytes, share = attention or (None, None)
             self._keep[shapes, num_steps] = keeps_for_budget(max(self.budget_bytes - reserved, 0), per_step,
                                                              attention_bytes, num_steps, attention_share=share)
         return self._keep[shapes, num_steps]
