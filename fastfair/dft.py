@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import kernels
+from .autocast_cache import no_stale_casts
 from .keep_attention import AttentionRecorder, AttentionReplay, in_attention_layers
 from .lean_graph import lean_graph as _lean_graph
 from .schedule import COEFFICIENT_MODES, SolverSchedule, solver_schedule
@@ -221,25 +222,26 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     grad_set = set(plan.grad_steps) if record else set()
     attention_rows = graph_rows(batch, plan.frozen_rows, plan.use_cfg, graph_branches(plan.use_cfg, plan.need_uncond))
     m_prev = None
-    for i in range(sched.num_steps):
-        x, t = sampling_call_inputs(z, int(sched.timesteps[i]), branches, plan.unet_dtype)
-        if i in plan.keep_graph and record:
-            eps = _kept_step_eps(plan, i, z, x, t, emb_nograd)
-        else:
-            if i in grad_set:
-                plan.saved_z[i] = z[plan.frozen_rows:]
-            recording = contextlib.nullcontext()
-            if i in grad_set and i in plan.keep_attention:
-                plan.attention[i] = AttentionRecorder(attention_rows, x.shape[0])
-                recording = in_attention_layers(plan.attention[i], unet)
-            with recording:
-                eps = _unet_eps(unet, x, t, emb_nograd)
-        eps_u, eps_c = (eps[:batch], eps[batch:]) if branches == 2 else (None, eps)
-        z, m_prev = kernels.solver_step(
-            z, eps_c, eps_u, m_prev, guidance=plan.guidance,
-            cz=float(sched.cz[i]), ce=float(sched.ce[i]), a=float(sched.a[i]),
-            b0=float(sched.b0[i]), b1=float(sched.b1[i]),
-        )
+    with no_stale_casts():  # no-grad casts must not reach the kept steps' graphs (fastfair.autocast_cache)
+        for i in range(sched.num_steps):
+            x, t = sampling_call_inputs(z, int(sched.timesteps[i]), branches, plan.unet_dtype)
+            if i in plan.keep_graph and record:
+                eps = _kept_step_eps(plan, i, z, x, t, emb_nograd)
+            else:
+                if i in grad_set:
+                    plan.saved_z[i] = z[plan.frozen_rows:]
+                recording = contextlib.nullcontext()
+                if i in grad_set and i in plan.keep_attention:
+                    plan.attention[i] = AttentionRecorder(attention_rows, x.shape[0])
+                    recording = in_attention_layers(plan.attention[i], unet)
+                with recording:
+                    eps = _unet_eps(unet, x, t, emb_nograd)
+            eps_u, eps_c = (eps[:batch], eps[batch:]) if branches == 2 else (None, eps)
+            z, m_prev = kernels.solver_step(
+                z, eps_c, eps_u, m_prev, guidance=plan.guidance,
+                cz=float(sched.cz[i]), ce=float(sched.ce[i]), a=float(sched.a[i]),
+                b0=float(sched.b0[i]), b1=float(sched.b1[i]),
+            )
     return z
 
 
@@ -287,7 +289,7 @@ class _AdjustedDFT(torch.autograd.Function):
         g = g.contiguous()
         g_rows = g[plan.frozen_rows:]
         if inputs:
-            with _autocast(plan.autocast), _lean_graph(plan.unet, plan.lean_graph):
+            with _autocast(plan.autocast), no_stale_casts(), _lean_graph(plan.unet, plan.lean_graph):
                 for i, eps in plan.kept_eps.items():  # laid out like a one-step recompute chunk
                     upstream = kernels.grad_fanout(g_rows, [float(scales[i])], branch_weights, out_dtype=eps.dtype)
                     accumulate(eps, upstream.view_as(eps))

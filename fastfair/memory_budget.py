@@ -40,6 +40,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
+from fastfair.autocast_cache import no_stale_casts
 from fastfair.dft import (_autocast_state, _embeddings, _unet_eps, graph_branches, graph_inputs, graph_rows,
                           sampling_call_inputs, unet_input_dtype)
 from fastfair.keep_attention import ATTENTION_OPS, AttentionRecorder, in_attention_layers
@@ -119,9 +120,10 @@ def graph_bytes_per_step(unet: torch.nn.Module, latents: torch.Tensor, t: int, c
     held = [*unet.parameters(), *unet.buffers(), cond] + ([uncond] if uncond is not None else [])
     trainable = {id(p) for p in unet.parameters() if p.requires_grad}
     _, autocast_on, _ = _autocast_state(latents.device.type)
-    if autocast_on and torch.is_autocast_cache_enabled():
-        return saved_tensor_bytes(one_step, held, lambda tensor: _is_cached_weight_cast(tensor, trainable))
-    return saved_tensor_bytes(one_step, held)
+    with no_stale_casts():  # as the engine's kept steps run: each holds its own weight casts where this is on
+        if autocast_on and torch.is_autocast_cache_enabled():
+            return saved_tensor_bytes(one_step, held, lambda tensor: _is_cached_weight_cast(tensor, trainable))
+        return saved_tensor_bytes(one_step, held)
 
 
 def attention_keep_costs(unet: torch.nn.Module, latents: torch.Tensor, t: int, cond: torch.Tensor,
@@ -148,8 +150,9 @@ def attention_keep_costs(unet: torch.nn.Module, latents: torch.Tensor, t: int, c
     emb = _embeddings(cond.detach(), uncond.detach() if use_cfg else None, batch, branches)
     recorder = AttentionRecorder(graph_rows(batch, frozen_rows, use_cfg, graph_branches(use_cfg, need_uncond)),
                                  x.shape[0])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter, in_attention_layers(recorder, unet):
-        _unet_eps(unet, x, timesteps, emb)
+    with torch.no_grad(), no_stale_casts(), FlopCounterMode(display=False) as counter:
+        with in_attention_layers(recorder, unet):
+            _unet_eps(unet, x, timesteps, emb)
     if not recorder.calls:
         return None
     fused = {op.overloadpacket for op in ATTENTION_OPS}
