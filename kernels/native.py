@@ -66,6 +66,19 @@ def cuda_buildable() -> bool:
         os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None)
 
 
+def cuda_arch_problem() -> Optional[str]:
+    """Why torch cannot pick the GPU architectures to compile for, or None: with TORCH_CUDA_ARCH_LIST unset it
+    compiles for the visible GPUs, and with none visible (a build host, CUDA_VISIBLE_DEVICES="") it fails with an
+    IndexError deep in torch.utils.cpp_extension."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return None
+    return ("no GPU is visible and TORCH_CUDA_ARCH_LIST is unset, so torch cannot tell which GPUs to compile the "
+            "CUDA kernels for: set TORCH_CUDA_ARCH_LIST (e.g. '9.0' for H100/H200, '8.0' for A100, '8.0;9.0' for "
+            "both) or FASTFAIR_BUILD_CUDA=0 for the CPU kernels only")
+
+
 def sources(with_cuda: bool) -> List[str]:
     names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
     return [os.path.join(CSRC, name) for name in names]
@@ -84,7 +97,8 @@ def _jit_build(verbose: bool) -> None:
     if not all(os.path.exists(path) for path in sources(False)):
         _state["error"] = f"csrc/ is not shipped with this install ({CSRC}); {BUILD_HINT}"
         return
-    with_cuda = cuda_buildable()
+    # this process can only run CUDA kernels on a visible GPU: with none (and no arch list) build the CPU ones
+    with_cuda = cuda_buildable() and cuda_arch_problem() is None
     macro = [f"-D{CUDA_MACRO}"] if with_cuda else []
     try:
         cpp_load(name="fastfair_C", sources=sources(with_cuda), extra_cflags=CXX_FLAGS + macro,

@@ -1,4 +1,4 @@
-"""How the native extension's build finds the CUDA toolkit (kernels/native.py: find_cuda_home, use_cuda_home)."""
+"""How the native extension's build finds the CUDA toolkit and the GPU architectures (kernels/native.py)."""
 import os
 
 import pytest
@@ -70,3 +70,17 @@ def test_use_cuda_home_sets_only_an_unset_variable(clean_env, tmp_path):
     clean_env.setenv("CUDA_HOME", "/mine")
     native.use_cuda_home()
     assert os.environ["CUDA_HOME"] == "/mine"
+
+
+@pytest.mark.parametrize("arch_list,gpus,problem", [("", 0, True), ("9.0", 0, False), ("", 1, False)])
+def test_cuda_arch_problem_only_without_gpus_or_arch_list(monkeypatch, arch_list, gpus, problem):
+    """torch compiles for the visible GPUs when TORCH_CUDA_ARCH_LIST is unset and fails (IndexError) with none:
+    that case is named, with the fix, before any compiler runs."""
+    import torch
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    reason = native.cuda_arch_problem()
+    assert (reason is not None) == problem
+    if problem:
+        assert "TORCH_CUDA_ARCH_LIST" in reason and "FASTFAIR_BUILD_CUDA=0" in reason
