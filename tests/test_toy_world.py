@@ -1,4 +1,5 @@
-"""The toy world's parts that need no trained weights: portraits, captions, tokenizer, augmentation, box coding."""
+"""The toy world's parts that need no trained weights: portraits, captions, tokenizer, augmentation, box coding;
+the layout of its text encoder file."""
 import os
 
 import pytest
@@ -119,3 +120,28 @@ def test_detector_box_coding_round_trips():
     peak = scores.flatten(1).argmax(1)
     centre_cells = (((boxes[:, 1] + boxes[:, 3]) / 2 // STRIDE) * 8 + (boxes[:, 0] + boxes[:, 2]) / 2 // STRIDE).long()
     assert torch.equal(peak, centre_cells)
+
+
+def test_text_encoder_file_uses_the_layout_every_transformers_reads(tmp_path):
+    """The shipped text encoder's keys sit under ``text_model.`` (transformers 4 loads nothing else, silently);
+    prefix_text_encoder_keys rewrites a file saved unprefixed into that layout, and it loads to the same model."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fastfair.toy import WEIGHTS_DIR
+    from fastfair.toy.models import prefix_text_encoder_keys
+
+    shipped = load_file(os.path.join(WEIGHTS_DIR, "pipeline", "text_encoder", "model.safetensors"))
+    assert shipped and all(name.startswith("text_model.") for name in shipped)
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=50, max_position_embeddings=8))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    bare = {name.split("text_model.", 1)[-1]: tensor for name, tensor in load_file(str(path)).items()}
+    save_file(bare, str(path), metadata={"format": "pt"})  # as transformers 5 writes it
+    prefix_text_encoder_keys(str(path))
+    assert all(name.startswith("text_model.") for name in load_file(str(path)))
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(CLIPTextModel.from_pretrained(tmp_path)(ids)[0], model(ids)[0], rtol=0, atol=0)

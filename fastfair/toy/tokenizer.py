@@ -9,6 +9,7 @@ slow ``CLIPTokenizer`` of older transformers) and the fast tokenizer's files.
 import json
 import os
 import re
+import tempfile
 from typing import Dict, Iterable, List, Tuple
 
 from tokenizers import pre_tokenizers
@@ -67,20 +68,28 @@ def vocabulary_and_merges(words: Iterable[str]) -> Tuple[Dict[str, int], List[Tu
 
 
 def build_tokenizer(texts: Iterable[str]):
-    """A ``CLIPTokenizer`` whose vocabulary holds every word of texts as one token."""
-    from transformers import CLIPTokenizer
+    """A CLIP tokenizer (tokenizers-backed) whose vocabulary holds every word of texts as one token."""
+    import transformers
 
     vocab, merges = vocabulary_and_merges(words_of(texts))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
+    with tempfile.TemporaryDirectory() as folder:  # transformers 4 builds it from vocab.json and merges.txt
+        _write_vocab_and_merges(folder, vocab, merges)
+        return transformers.CLIPTokenizerFast(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                                              model_max_length=MODEL_MAX_LENGTH)
+
+
+def _write_vocab_and_merges(folder: str, vocab: Dict[str, int], merges: Iterable) -> None:
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump(dict(sorted(vocab.items(), key=lambda item: item[1])), handle, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n" + "".join(" ".join(m) + "\n" if not isinstance(m, str) else m + "\n"
+                                                for m in merges))
 
 
 def save_tokenizer(tokenizer, folder: str) -> None:
     """save_pretrained, plus vocab.json and merges.txt for tokenizers without the fast backend."""
     tokenizer.save_pretrained(folder)
-    vocab = tokenizer.get_vocab()
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
-        json.dump(dict(sorted(vocab.items(), key=lambda item: item[1])), handle, ensure_ascii=False)
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
-        handle.write("#version: 0.2\n" + "".join(" ".join(m) + "\n" if isinstance(m, list) else m + "\n"
-                                                for m in merges))
+    _write_vocab_and_merges(folder, tokenizer.get_vocab(), merges)
