@@ -31,7 +31,9 @@ def _peft_to_diffusers(weights: dict, part: str) -> dict:
 
 
 def _lora_metadata(lora, modules) -> dict:
-    return {"r": lora.rank, "lora_alpha": lora.alpha or lora.rank, "target_modules": list(modules)}
+    # the empty patterns too: diffusers 0.36 reads them without a default (KeyError 'rank_pattern')
+    return {"r": lora.rank, "lora_alpha": lora.alpha or lora.rank, "target_modules": list(modules),
+            "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def export(checkpoint_dir, out, weights: str = "ema") -> Path:
