@@ -14,6 +14,11 @@ import train_step  # noqa: E402
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"transformers {transformers.__version__} cannot run a CLIP text encoder in float64 (it fills its "
+                    "causal mask with float64's minimum in a float32 tensor: overflow); these float64 checks need 5.x")
     paths = train_step.save_models("tiny", tmp_path_factory.mktemp("bench"), 16)
     model, scheduler, objective, _ = train_step.load_setup(paths, "cpu", lora_rank=4)
     for module in (model.text_encoder, model.unet, objective.vae, objective.classifier, objective.semantics):

@@ -6,6 +6,7 @@ process with it set, leaving this process's triton (if any) untouched. test_comp
 kernels for an H100/H200 target without a GPU, which checks the compiled path's typing and lowering.
 """
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -75,6 +76,10 @@ def test_compiles_for_sm90():
     from fastfair.kernels.grad_fanout_triton import grad_fanout_kernel
     from fastfair.kernels.solver_step_triton import solver_step_kernel
     from fastfair.kernels.triton_support import LAUNCH_OPTIONS
+
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        pytest.skip(f"triton {triton.__version__}'s ASTSource predates constexprs= (the compiler API this check "
+                    "speaks); the kernels themselves are tested under the interpreter")
 
     def ptx(kernel, signature, constexprs):
         source = ASTSource(kernel, signature, constexprs=constexprs)
