@@ -1,8 +1,8 @@
 """Keep autocast's weight-cast cache from cutting trainable weights out of the graph on older torch.
 
 Inside a ``torch.autocast`` region, autocast casts each trainable fp32 weight to the low-precision dtype once and
-caches the copy for the rest of the region. In older torch (seen with 2.4; fixed by 2.11, pytorch#112583) a copy
-cast under ``no_grad`` is cached without autograd history and then served to later grad-mode ops of the same
+caches the copy for the rest of the region. In older torch (2.4.1 has it, 2.11 and 2.13 do not; pytorch#112583) a
+copy cast under ``no_grad`` is cached without autograd history and then served to later grad-mode ops of the same
 region: the weight gets no gradient, silently. The engine makes exactly that sequence: its sampling calls run with
 grad off (inside an autograd Function's forward), then kept steps and the backward's recompute build graphs,
 possibly still inside the caller's region. Where this torch has the fault, ``no_stale_casts`` turns the cache off
