@@ -62,8 +62,9 @@ def native_extensions():
         raise SystemExit("FASTFAIR_BUILD_NATIVE=1 compiles against the installed torch: install torch first, "
                          "then run `FASTFAIR_BUILD_NATIVE=1 pip install --no-build-isolation -e .`") from None
     with_cuda = native["cuda_buildable"]() and os.environ.get("FASTFAIR_BUILD_CUDA", "1") != "0"
-    if with_cuda and native["cuda_arch_problem"]():
-        raise SystemExit("FASTFAIR_BUILD_NATIVE=1: " + native["cuda_arch_problem"]())
+    arch_problem = native["cuda_arch_problem"]() if with_cuda else None
+    if arch_problem:
+        raise SystemExit("FASTFAIR_BUILD_NATIVE=1: " + arch_problem)
     macro = ["-D" + native["CUDA_MACRO"]] if with_cuda else []
     extension = (CUDAExtension if with_cuda else CppExtension)(
         "fastfair._C",
