@@ -1,7 +1,8 @@
 """Training checkpoints: atomic writes, retention, resume.
 
 A checkpoint is a folder ``<output_dir>/checkpoints/step_<iteration:08d>/`` holding
-- ``weights.safetensors`` and ``ema.safetensors``: the trainable weights and their EMA, by stable name;
+- ``weights.safetensors`` and ``ema.safetensors``: the trainable weights and their EMA, by stable name
+  (``stable_name``: the same whichever transformers major trained them; ``for_model`` maps them back);
 - ``state.pt``: optimizer and LR-scheduler state, RNG states, iteration, prompt-mixture position, counters
   (read back with ``torch.load(weights_only=True)``: only tensors and plain Python values are stored).
 It is written into a hidden temp folder and renamed into place, so a kill during a save leaves the last
@@ -20,6 +21,37 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _NAME = re.compile(r"^step_(\d{8})$")
+# CLIPTextModel's submodules; transformers 5 puts them at the top, 4.x (and every published SD LoRA) under text_model.
+_CLIP_TEXT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def stable_name(name: str) -> str:
+    """A trainable weight's name as checkpoints and exports write it: the text encoder's under ``text_model.``.
+
+    'text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.default.weight' (transformers 5, which flattened
+    CLIPTextModel) -> 'text_encoder.text_model.encoder.layers.0...' (transformers 4's name); any other name is
+    returned as is. So a checkpoint or LoRA written under one major loads under the other.
+    """
+    part, _, rest = name.partition(".")
+    if part == "text_encoder" and rest.startswith(_CLIP_TEXT_ROOTS):
+        return f"text_encoder.text_model.{rest}"
+    return name
+
+
+def stable_names(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {stable_name(name): t for name, t in tensors.items()}
+
+
+def for_model(tensors: Dict[str, torch.Tensor], model_names, what: str) -> Dict[str, torch.Tensor]:
+    """Checkpoint tensors (by stable or model name) keyed by the model's own names; raises when the two sets of
+    weights differ (``what`` starts the message: the setting or argument that named the checkpoint)."""
+    by_stable = {stable_name(name): name for name in model_names}
+    tensors = stable_names(tensors)
+    differing = sorted(set(by_stable) ^ set(tensors))
+    if differing:
+        raise ValueError(f"{what}: its weights are not this model's trainable weights (differing names, e.g. "
+                         f"{differing[:3]}; another finetune.target or LoRA setting?)")
+    return {by_stable[name]: t for name, t in tensors.items()}
 
 
 def checkpoint_dir(output_dir) -> Path:
@@ -58,7 +90,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _contiguous_cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    return {stable_name(name): t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
 
 def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor],
@@ -106,7 +138,9 @@ def resolve_resume(resume: str, output_dir) -> Optional[Path]:
 
 
 def load_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], dict]:
-    """(weights, ema, state) of a checkpoint folder; RNG states are restored by the caller (`set_rng_state`)."""
+    """(weights, ema, state) of a checkpoint folder, weights by stable name (also from checkpoints written before
+    names were made stable); RNG states are restored by the caller (`set_rng_state`)."""
     path = Path(path)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    return load_file(str(path / "weights.safetensors")), load_file(str(path / "ema.safetensors")), state
+    return (stable_names(load_file(str(path / "weights.safetensors"))),
+            stable_names(load_file(str(path / "ema.safetensors"))), state)

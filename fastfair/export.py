@@ -2,7 +2,9 @@
 
 Writes into DIR
 - ``pytorch_lora_weights.safetensors`` (LoRA targets): the format ``StableDiffusionPipeline.load_lora_weights``
-  reads, with the LoRA rank/alpha/modules as adapter metadata;
+  reads, with the LoRA rank/alpha/modules as adapter metadata; text-encoder keys are
+  ``text_encoder.text_model.<module>`` whichever transformers trained them (``checkpoint.stable_name``), the
+  layout published SD LoRAs use and diffusers loads under transformers 4 and 5;
 - ``prefix.safetensors`` (prefix target): the soft tokens as a textual-inversion embedding ``{"emb_params":
   [N, D]}``; ``pipe.load_textual_inversion(file, token=PREFIX_TOKEN)`` then a prompt starting with
   ``PREFIX_TOKEN`` places them right after the start token, as in training;

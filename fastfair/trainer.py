@@ -427,9 +427,8 @@ class Trainer:
 
             zero.allow_deepspeed_state_in_weights_only_load()
         weights, ema, state = checkpoint.load_checkpoint(path)
-        if set(weights) != set(self.model.trainable):
-            raise ValueError(f"resume={path}: its weights {sorted(weights)[:3]}... are not this run's trainable "
-                             f"weights {sorted(self.model.trainable)[:3]}... (another finetune.target?)")
+        weights = checkpoint.for_model(weights, self.model.trainable, f"resume={path}")
+        ema = checkpoint.for_model(ema, self.model.trainable, f"resume={path}")
         with torch.no_grad():
             for name, p in self.model.trainable.items():
                 p.copy_(weights[name])

@@ -11,7 +11,7 @@ from fastfair import checkpoint
 from fastfair.config import load_config
 from fastfair.trainer import Trainer, process_group
 from child_env import child_env
-from test_trainer_world import make_world, write_config
+from test_trainer_world import flatten_text_names, make_world, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +49,26 @@ def test_resume_arguments(tmp_path):
         checkpoint.resolve_resume(str(tmp_path), tmp_path)
 
 
+def test_stable_names_are_one_layout_for_both_transformers_majors():
+    tf5 = "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.default.weight"
+    tf4 = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.default.weight"
+    unet = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight"
+    assert checkpoint.stable_name(tf5) == checkpoint.stable_name(tf4) == tf4
+    assert checkpoint.stable_name("text_encoder.embeddings.token_embedding.prefix") == \
+        "text_encoder.text_model.embeddings.token_embedding.prefix"
+    assert checkpoint.stable_name("text_encoder.final_layer_norm.bias") == \
+        "text_encoder.text_model.final_layer_norm.bias"
+    assert checkpoint.stable_name(unet) == unet
+    assert checkpoint.stable_name("unet.encoder.x") == "unet.encoder.x"  # only the text encoder's names move
+    a, b = torch.zeros(1), torch.ones(1)
+    for model_names in ([tf5, unet], [tf4, unet]):  # a model under either major, a checkpoint in either layout
+        for stored in ({tf4: a, unet: b}, {tf5: a, unet: b}):
+            mapped = checkpoint.for_model(stored, model_names, "resume=x")
+            assert set(mapped) == set(model_names) and mapped[model_names[0]] is a and mapped[unet] is b
+    with pytest.raises(ValueError, match=r"resume=x: its weights are not this model's.*lora_B"):
+        checkpoint.for_model({tf4: a, unet: b, tf4.replace("lora_A", "lora_B"): b}, [tf5, unet], "resume=x")
+
+
 def test_rng_state_roundtrip(tmp_path):
     import random
 
@@ -62,13 +82,18 @@ def test_rng_state_roundtrip(tmp_path):
 
 
 def test_two_plus_two_equals_four_bitwise(tmp_path):
-    """4 iterations straight (in process) == 2, then a resume to 4 by the script `python fastfair/train.py`."""
+    """4 iterations straight (in process) == 2, then a resume to 4 by the script `python fastfair/train.py`; the
+    checkpoint resumed from has its text-encoder names in the other transformers layout (stable_name)."""
     world = make_world(tmp_path / "world")
     straight = load_config(write_config(tmp_path / "a", world, "text_unet_lora"), ["max_steps=4"])
     with process_group():
         Trainer(straight).train()
         halves = load_config(write_config(tmp_path / "b", world, "text_unet_lora"), ["max_steps=2"])
         Trainer(halves).train()
+    half = tmp_path / "b" / "run" / "checkpoints" / "step_00000002"
+    text_names = [key for key in load_file(str(half / "weights.safetensors")) if key.startswith("text_encoder.")]
+    assert text_names and all(key.startswith("text_encoder.text_model.encoder.") for key in text_names)
+    flatten_text_names(half)
     env = child_env(OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config",
                           str(tmp_path / "b" / "config.yaml"), "max_steps=4", "resume=auto"],

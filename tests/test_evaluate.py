@@ -15,7 +15,7 @@ from fastfair.evaluation.fid import frechet_distance
 from fastfair.evaluation.report import mean_pm_std
 from fastfair.evaluation.scoring import attribute_sets, default_images_per_prompt, set_metrics
 from fastfair.evaluation.sources import resolve_model
-from test_trainer_world import MAX_TOKENS, make_world, write_config, write_tokenizer
+from test_trainer_world import MAX_TOKENS, flatten_text_names, make_world, write_config, write_tokenizer
 
 PROMPTS = ["a photo of the face of a nurse, a person", "a photo of the face of a pilot, a person"]
 
@@ -65,6 +65,7 @@ def files(tmp_path_factory):
     world = make_world(root)
     world["clip_full"] = save_tiny_clip(root / "clip_full")
     world["checkpoint"] = save_identity_checkpoint(root / "train", world)
+    flatten_text_names(world["checkpoint"])  # evaluation reads either transformers layout (checkpoint.for_model)
     return world
 
 

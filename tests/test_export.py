@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from fastfair.config import load_config
-from fastfair.export import export, load_into_pipeline
+from safetensors.torch import load_file
+
+from fastfair.export import LORA_FILE, export, load_into_pipeline
 from fastfair.trainer import Trainer
-from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
+from test_trainer_world import flatten_text_names, world, write_config  # noqa: F401 (world: a fixture)
 
 
 def _trained(tmp_path, world, target):
@@ -32,6 +34,13 @@ def _eps(unet, emb):
 def test_exported_pipeline_matches_training_model(tmp_path, world, target):
     trainer, ckpt = _trained(tmp_path, world, target)
     out = export(ckpt, tmp_path / "export")
+    if target != "prefix":  # text-encoder keys in the published layout, also from a checkpoint in the other one
+        written = load_file(str(out / LORA_FILE))
+        text_keys = [key for key in written if key.startswith("text_encoder.")]
+        assert text_keys and all(key.startswith("text_encoder.text_model.encoder.layers.") for key in text_keys)
+        flatten_text_names(ckpt)
+        again = load_file(str(export(ckpt, tmp_path / "export_again") / LORA_FILE))
+        assert set(again) == set(written) and all(torch.equal(again[key], written[key]) for key in written)
     pipe = _pipeline(world)
     base_emb = pipe.encode_prompt("ab", "cpu", 1, False)[0]
     prefix = load_into_pipeline(pipe, out)

@@ -61,3 +61,14 @@ def write_config(root: Path, world: dict, target: str = "text_lora", face_loss: 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def flatten_text_names(folder: Path) -> None:
+    """Rewrite a checkpoint's weights with the text encoder's names as transformers 5 gives them (no text_model.),
+    the layout checkpoints had before fastfair.checkpoint.stable_name."""
+    from safetensors.torch import load_file, save_file
+
+    for name in ("weights.safetensors", "ema.safetensors"):
+        tensors = load_file(str(folder / name))
+        save_file({key.replace("text_encoder.text_model.", "text_encoder.", 1): t for key, t in tensors.items()},
+                  str(folder / name))

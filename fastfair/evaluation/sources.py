@@ -68,7 +68,7 @@ def _pipeline_source(pipe, prefix: str = "") -> ImageSource:
 
 
 def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
-    from fastfair.checkpoint import load_checkpoint
+    from fastfair.checkpoint import for_model, load_checkpoint
     from fastfair.config import load_config
     from fastfair.finetune import FinetunedModel
 
@@ -80,11 +80,8 @@ def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
     model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
                            cfg.finetune.prefix_tokens, cfg.finetune.lora)
     raw, ema, _ = load_checkpoint(folder)
-    tensors = ema if weights == "ema" else raw
-    missing = sorted(set(model.trainable) ^ set(tensors))
-    if missing:
-        raise ValueError(f"--finetuned {folder}: its weights do not match finetune.target="
-                         f"{cfg.finetune.target} of {config_path} (differing names, e.g. {missing[:3]})")
+    tensors = for_model(ema if weights == "ema" else raw, model.trainable,
+                        f"--finetuned {folder} (finetune.target={cfg.finetune.target} in {config_path})")
     with torch.no_grad():
         for name, param in model.trainable.items():
             param.copy_(tensors[name])
