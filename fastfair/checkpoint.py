@@ -4,12 +4,15 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_<iteration:08d>/`` hold
 - ``weights.safetensors`` and ``ema.safetensors``: the trainable weights and their EMA, by stable name
   (``stable_name``: the same whichever transformers major trained them; ``for_model`` maps them back);
 - ``state.pt``: optimizer and LR-scheduler state, RNG states, iteration, prompt-mixture position, counters
-  (read back with ``torch.load(weights_only=True)``: only tensors and plain Python values are stored).
+  (read back with ``torch.load(weights_only=True)``: tensors and plain Python values, plus, for a DeepSpeed run,
+  DeepSpeed's optimizer state, which only a resume under DeepSpeed allows: ``fastfair.zero``).
+Export and evaluation read the weights only (``load_weights``), so they take any run's checkpoint.
 It is written into a hidden temp folder and renamed into place, so a kill during a save leaves the last
 good checkpoint untouched. Retention keeps the newest ``keep_last`` plus every ``keep_every``-th iteration.
 """
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import shutil
@@ -42,15 +45,21 @@ def stable_names(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {stable_name(name): t for name, t in tensors.items()}
 
 
-def for_model(tensors: Dict[str, torch.Tensor], model_names, what: str) -> Dict[str, torch.Tensor]:
-    """Checkpoint tensors (by stable or model name) keyed by the model's own names; raises when the two sets of
-    weights differ (``what`` starts the message: the setting or argument that named the checkpoint)."""
-    by_stable = {stable_name(name): name for name in model_names}
+def for_model(tensors: Dict[str, torch.Tensor], model: Dict[str, torch.Tensor], what: str) -> Dict[str, torch.Tensor]:
+    """Checkpoint tensors (by stable or model name) keyed by the names of ``model`` (name -> its tensor); raises
+    when the names or shapes differ (``what`` starts the message: the setting or argument that named the
+    checkpoint)."""
+    by_stable = {stable_name(name): name for name in model}
     tensors = stable_names(tensors)
     differing = sorted(set(by_stable) ^ set(tensors))
     if differing:
         raise ValueError(f"{what}: its weights are not this model's trainable weights (differing names, e.g. "
                          f"{differing[:3]}; another finetune.target or LoRA setting?)")
+    reshaped = [f"{name} {list(t.shape)} here {list(model[by_stable[name]].shape)}" for name, t in tensors.items()
+                if t.shape != model[by_stable[name]].shape]
+    if reshaped:
+        raise ValueError(f"{what}: its weights have other shapes than this model's ({len(reshaped)}, e.g. "
+                         f"{reshaped[0]}; another finetune.lora.rank or prefix_tokens?)")
     return {by_stable[name]: t for name, t in tensors.items()}
 
 
@@ -137,10 +146,27 @@ def resolve_resume(resume: str, output_dir) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], dict]:
-    """(weights, ema, state) of a checkpoint folder, weights by stable name (also from checkpoints written before
-    names were made stable); RNG states are restored by the caller (`set_rng_state`)."""
+def load_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(weights, ema) of a checkpoint folder by stable name (also from checkpoints written before names were made
+    stable); its state.pt is not read."""
     path = Path(path)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if not (path / "weights.safetensors").is_file() or not (path / "ema.safetensors").is_file():
+        raise ValueError(f"{path}: not a checkpoint folder (expected weights.safetensors and ema.safetensors, as in "
+                         "<output_dir>/checkpoints/step_00000200)")
     return (stable_names(load_file(str(path / "weights.safetensors"))),
-            stable_names(load_file(str(path / "ema.safetensors"))), state)
+            stable_names(load_file(str(path / "ema.safetensors"))))
+
+
+def load_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], dict]:
+    """(weights, ema, state) of a checkpoint folder (``load_weights`` and state.pt); RNG states are restored by
+    the caller (`set_rng_state`)."""
+    path = Path(path)
+    weights, ema = load_weights(path)
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "deepspeed" not in str(error):
+            raise
+        raise ValueError(f"{path}: a checkpoint of a DeepSpeed run (its state.pt holds DeepSpeed's optimizer "
+                         "state); resume it with its deepspeed.config") from None
+    return weights, ema, state

@@ -452,6 +452,9 @@ def save_config(cfg: TrainConfig, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp.name, 0o666 & ~umask)  # a plain file's mode, not the temp file's private 0600
             yaml.safe_dump(config_to_dict(cfg), tmp, sort_keys=False, default_flow_style=False)
             tmp.flush()
             os.fsync(tmp.fileno())
@@ -630,6 +633,13 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
                         f"world size {world_size}: use a multiple of {world_size} or change the rank count")
     if len(cfg.optim.betas) != 2 or not all(0 <= beta < 1 for beta in cfg.optim.betas):
         problems.append(f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1)")
+    if cfg.deepspeed.zero_stage is not None and not cfg.deepspeed.config:
+        problems.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} without deepspeed.config: the stage applies "
+                        "to a DeepSpeed JSON (e.g. deepspeed.config=configs/ds/zero2_bf16.json); without one the run "
+                        "uses no ZeRO")
+    if cfg.deepspeed.zero_stage == 3:
+        problems.append("deepspeed.zero_stage=3 partitions the parameters, which fastfair's direct U-Net calls "
+                        "cannot gather: use 1 or 2")
     if cfg.faces.detector == "callable" and not cfg.faces.detector_fn:
         problems.append("faces.detector=callable needs faces.detector_fn='package.module:function'")
     problems += _hook_problems(cfg)
@@ -681,6 +691,9 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
         ds = json.loads(Path(cfg.deepspeed.config).read_text())
     except (OSError, ValueError) as error:
         return [f"deepspeed.config={cfg.deepspeed.config} cannot be read as JSON ({error})"]
+    if cfg.deepspeed.zero_stage is None and ds.get("zero_optimization", {}).get("stage") == 3:
+        return [f"deepspeed.config={cfg.deepspeed.config} sets ZeRO stage 3, which partitions the parameters that "
+                "fastfair's direct U-Net calls cannot gather: use a stage 1 or 2 JSON or deepspeed.zero_stage=2"]
     enabled = [name for name in ("fp16", "bf16") if ds.get(name, {}).get("enabled", False)]
     wanted = [] if cfg.precision.mixed == "fp32" else [cfg.precision.mixed]
     if enabled != wanted:

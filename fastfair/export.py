@@ -18,7 +18,8 @@ import argparse
 from pathlib import Path
 
 
-from fastfair.checkpoint import load_checkpoint
+from fastfair.checkpoint import load_weights
+from fastfair.cli import user_errors
 from fastfair.config import load_config
 
 PREFIX_TOKEN = "<fastfair-prefix>"
@@ -43,14 +44,14 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
     from diffusers import StableDiffusionPipeline
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights={weights!r}: expected 'ema' or 'raw'")
+    raw, ema = load_weights(checkpoint_dir)  # first: it says when the folder is not a checkpoint
     config_path = checkpoint_dir.parent.parent / "config.yaml"
     if not config_path.is_file():
         raise ValueError(f"{checkpoint_dir}: no run config at {config_path} (export reads the checkpoint inside "
                          "<output_dir>/checkpoints/ with <output_dir>/config.yaml beside it)")
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights={weights!r}: expected 'ema' or 'raw'")
     cfg = load_config(config_path)
-    raw, ema, _ = load_checkpoint(checkpoint_dir)
     tensors = ema if weights == "ema" else raw
     target, lora = cfg.finetune.target, cfg.finetune.lora
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA (default) or raw weights")
     args = parser.parse_args(argv)
-    print(export(args.checkpoint, args.out, args.weights))
+    with user_errors("fastfair.export"):
+        print(export(args.checkpoint, args.out, args.weights))
 
 
 if __name__ == "__main__":

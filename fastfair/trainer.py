@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastfair import checkpoint
+from fastfair.cli import user_errors
 from fastfair.config import TrainConfig, check_files, load_config, save_config, validate
 from fastfair.dft import sample
 from fastfair.finetune import FinetunedModel
@@ -42,9 +43,13 @@ from fastfair.prompts import build_prompt_mixture
 
 # ----------------------------------------------------------------------------- process group
 
+_OWN_GROUP: dict = {}  # what init_distributed set up for a 1-process group: its store file, LOCAL_RANK
+
+
 def init_distributed(device_type: str = "cpu") -> bool:
-    """Join the launcher's process group (torchrun sets RANK/WORLD_SIZE), or create a 1-process one.
-    Returns True when this call created the group (the caller destroys it)."""
+    """Join the launcher's process group (torchrun sets RANK/WORLD_SIZE), or create a 1-process one (with
+    LOCAL_RANK=0 when unset: DeepSpeed reads it). Returns True when this call created the group (the caller
+    destroys it: `close_distributed`)."""
     if dist.is_initialized():
         return False
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -53,7 +58,19 @@ def init_distributed(device_type: str = "cpu") -> bool:
     else:
         store = tempfile.NamedTemporaryFile(prefix="fastfair-pg-", delete=False).name
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+        _OWN_GROUP.update(store=store, set_local_rank="LOCAL_RANK" not in os.environ)
+        os.environ.setdefault("LOCAL_RANK", "0")
     return True
+
+
+def close_distributed() -> None:
+    """Destroy the group init_distributed created, removing its store file and the LOCAL_RANK it set."""
+    dist.destroy_process_group()
+    if _OWN_GROUP.pop("set_local_rank", False):
+        os.environ.pop("LOCAL_RANK", None)
+    store = _OWN_GROUP.pop("store", None)
+    if store is not None and os.path.exists(store):
+        os.unlink(store)
 
 
 @contextlib.contextmanager
@@ -64,7 +81,7 @@ def process_group(device_type: str = "cpu"):
         yield
     finally:
         if created:
-            dist.destroy_process_group()
+            close_distributed()
 
 
 # ----------------------------------------------------------------------------- the judging models
@@ -200,6 +217,10 @@ class Trainer:
         self.ema = EMA(self.model.trainable, cfg.optim.ema_decay)
         self.start, self.skipped = 0, 0
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if cfg.model.resolution and cfg.model.resolution % scale:  # decoded images would be silently smaller
+            below = max(scale, cfg.model.resolution // scale * scale)
+            raise ValueError(f"model.resolution={cfg.model.resolution} is not a multiple of the VAE's factor {scale}: "
+                             f"use e.g. {below} or {below + scale}")
         side = (cfg.model.resolution or self.model.unet.config.sample_size * scale) // scale
         self.latent_shape = (self.model.unet.config.in_channels, side, side)
         from fastfair.memory_budget import MemoryBudget
@@ -429,6 +450,8 @@ class Trainer:
         weights, ema, state = checkpoint.load_checkpoint(path)
         weights = checkpoint.for_model(weights, self.model.trainable, f"resume={path}")
         ema = checkpoint.for_model(ema, self.model.trainable, f"resume={path}")
+        if self.engine is None and state["optimizer"] is None:
+            raise ValueError(f"resume={path}: a checkpoint of a DeepSpeed run; resume it with its deepspeed.config")
         with torch.no_grad():
             for name, p in self.model.trainable.items():
                 p.copy_(weights[name])
@@ -438,14 +461,35 @@ class Trainer:
                 raise ValueError(f"resume={path}: a checkpoint of a run without DeepSpeed; resume it without "
                                  "deepspeed.config")
             zero.load_optimizer_shard(self.engine, state["zero_shards"])
-        elif state["optimizer"] is None:
-            raise ValueError(f"resume={path}: a checkpoint of a DeepSpeed run; resume it with its deepspeed.config")
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._apply_optim_settings()
         self.mixture.load_state_dict(state["mixture"])
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
         checkpoint.set_rng_state(state["rng"])
+
+    def _apply_optim_settings(self) -> None:
+        """After a resume, the run's optim settings (lr, betas, weight_decay, eps: what config.yaml records) over
+        those saved in the optimizer state, as the LR schedule (rebuilt from the config) already is. Unchanged
+        settings give the saved values bit for bit: the same float arithmetic LambdaLR does."""
+        o, schedule = self.cfg.optim, self.lr_scheduler
+        schedule.base_lrs = [o.lr] * len(schedule.base_lrs)
+        for group, factor in zip(self.optimizer.param_groups, schedule.lr_lambdas):
+            group.update(initial_lr=o.lr, lr=o.lr * factor(schedule.last_epoch), betas=tuple(o.betas),
+                         weight_decay=o.weight_decay, eps=o.eps)
+        schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _check_output_dir(self, fresh: bool) -> None:
+        """Nothing already saved is lost: a run starting at step self.start refuses an output_dir holding
+        checkpoints past it, which it would mix with its own (retention keeps the highest steps: it would prune its
+        own new checkpoints, and resume=auto would later pick the other run's)."""
+        later = [step for step in checkpoint.list_checkpoints(self.cfg.output_dir) if step > self.start]
+        if later:
+            why = "a fresh run (resume='')" if fresh else f"a run resumed from step {self.start}"
+            raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints up to step {max(later)} of another "
+                             f"run, which {why} would mix with its own: continue it with resume=auto, or use "
+                             "another output_dir, or delete those checkpoints")
 
     def train(self) -> None:
         from tqdm import tqdm
@@ -454,6 +498,10 @@ class Trainer:
         path = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
         if path is not None:
             self.resume(path)
+        self._check_output_dir(fresh=path is None)
+        if self.start > cfg.max_steps:
+            raise ValueError(f"max_steps={cfg.max_steps}, but the run resumed from step {self.start}: raise max_steps "
+                             "to train on, or use another output_dir for a shorter run")
         if self.rank == 0:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         writer = _summary_writer(cfg) if self.rank == 0 else None
@@ -519,12 +567,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    """The CLI; bad settings and files end it with their message alone (``fastfair.cli.user_errors``)."""
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed_config}"] if args.deepspeed_config else [])
-    cfg = load_config(args.config, overrides)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
-    with process_group(device.split(":")[0]):
-        Trainer(cfg, device).train()
+    with user_errors("fastfair.train"):
+        cfg = load_config(args.config, overrides)
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+        with process_group(device.split(":")[0]):
+            Trainer(cfg, device).train()

@@ -61,12 +61,13 @@ def test_stable_names_are_one_layout_for_both_transformers_majors():
     assert checkpoint.stable_name(unet) == unet
     assert checkpoint.stable_name("unet.encoder.x") == "unet.encoder.x"  # only the text encoder's names move
     a, b = torch.zeros(1), torch.ones(1)
-    for model_names in ([tf5, unet], [tf4, unet]):  # a model under either major, a checkpoint in either layout
+    for text_name in (tf5, tf4):  # a model under either major, a checkpoint in either layout
+        model = {text_name: torch.empty(1), unet: torch.empty(1)}
         for stored in ({tf4: a, unet: b}, {tf5: a, unet: b}):
-            mapped = checkpoint.for_model(stored, model_names, "resume=x")
-            assert set(mapped) == set(model_names) and mapped[model_names[0]] is a and mapped[unet] is b
+            mapped = checkpoint.for_model(stored, model, "resume=x")
+            assert set(mapped) == set(model) and mapped[text_name] is a and mapped[unet] is b
     with pytest.raises(ValueError, match=r"resume=x: its weights are not this model's.*lora_B"):
-        checkpoint.for_model({tf4: a, unet: b, tf4.replace("lora_A", "lora_B"): b}, [tf5, unet], "resume=x")
+        checkpoint.for_model({tf4: a, unet: b, tf4.replace("lora_A", "lora_B"): b}, model, "resume=x")
 
 
 def test_rng_state_roundtrip(tmp_path):

@@ -67,10 +67,19 @@ def test_generate_cli_writes_images(tmp_path, world):
     assert Image.open(files[0]).size == (16, 16)
 
 
-def test_export_needs_run_config(tmp_path):
-    (tmp_path / "ckpt").mkdir()
-    with pytest.raises(ValueError, match="no run config"):
-        export(tmp_path / "ckpt", tmp_path / "out")
+def test_export_needs_a_checkpoint_folder_and_its_run_config(tmp_path):
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    with pytest.raises(ValueError, match="step_00000001: not a checkpoint folder"):
+        export(ckpt, tmp_path / "out")
+    with pytest.raises(ValueError, match="run: not a checkpoint folder"):  # the run's folder, not a checkpoint
+        export(tmp_path / "run", tmp_path / "out")
+    for name in ("weights.safetensors", "ema.safetensors"):
+        save_file({"text_encoder.x": torch.zeros(1)}, str(ckpt / name))
+    with pytest.raises(ValueError, match=f"no run config at {tmp_path / 'run' / 'config.yaml'}"):
+        export(ckpt, tmp_path / "out")
 
 
 def test_unet_full_export_is_the_ema_unet_and_generates(tmp_path, world):

@@ -1,0 +1,21 @@
+"""How fastfair's command-line tools report a bad setting, path or input: the message alone, status 2."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def user_errors(prog: str) -> Iterator[None]:
+    """Inside: a ValueError or FileNotFoundError (fastfair raises them for bad input, with the fix in the message)
+    exits with status 2 and ``prog: error: message`` on stderr, as argparse does; FASTFAIR_TRACEBACK=1 re-raises it
+    with its traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("FASTFAIR_TRACEBACK") == "1":
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

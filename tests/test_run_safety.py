@@ -1,0 +1,165 @@
+"""What a run does with what is already on disk and with settings that change between runs: nothing saved is lost,
+a resume applies the new optimizer settings, and every refusal names the setting and the fix."""
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastfair import checkpoint
+from fastfair.config import ConfigError, load_config, save_config, validate
+from fastfair.trainer import Trainer
+from child_env import child_env
+from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trained(root, world, *overrides):
+    cfg = load_config(write_config(root, world), list(overrides))
+    trainer = Trainer(cfg)
+    trainer.train()
+    return cfg, trainer
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, world):
+    cfg, _ = _trained(tmp_path, world)  # steps 1, 2 (keep_last 2)
+    saved = {p.name: p.stat().st_mtime_ns for p in checkpoint.checkpoint_dir(cfg.output_dir).iterdir()}
+    config_before = (Path(cfg.output_dir) / "config.yaml").read_text()
+    again = load_config(write_config(tmp_path, world), ["max_steps=1", "finetune.lora.rank=2"])
+    with pytest.raises(ValueError, match=r"holds checkpoints up to step 2 of another run, which a fresh run "
+                                         r"\(resume=''\) would mix with its own: continue it with resume=auto"):
+        Trainer(again).train()
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.checkpoint_dir(cfg.output_dir).iterdir()} == saved
+    assert (Path(cfg.output_dir) / "config.yaml").read_text() == config_before
+    earlier = load_config(write_config(tmp_path, world),  # a resume from step 1 would bury step 2 likewise
+                          ["max_steps=3", f"resume={checkpoint.checkpoint_dir(cfg.output_dir) / 'step_00000001'}"])
+    with pytest.raises(ValueError, match="a run resumed from step 1 would mix"):
+        Trainer(earlier).train()
+
+
+def test_resume_checks_max_steps_and_shapes(tmp_path, world):
+    cfg, _ = _trained(tmp_path, world, "max_steps=2")
+    config_before = (Path(cfg.output_dir) / "config.yaml").read_text()
+    shorter = load_config(write_config(tmp_path, world), ["max_steps=1", "resume=auto"])
+    with pytest.raises(ValueError, match="max_steps=1, but the run resumed from step 2: raise max_steps"):
+        Trainer(shorter).train()
+    assert (Path(cfg.output_dir) / "config.yaml").read_text() == config_before
+    other_rank = load_config(write_config(tmp_path, world), ["max_steps=3", "resume=auto", "finetune.lora.rank=2"])
+    with pytest.raises(ValueError, match=r"other shapes than this model's .*\[4, .*here \[2, .*finetune.lora.rank"):
+        Trainer(other_rank).train()
+
+
+def test_resume_applies_the_new_optimizer_settings(tmp_path, world):
+    """Unchanged settings: the optimizer's param groups are the saved ones exactly; changed: the new values, and
+    the learning rate follows the schedule from the new base (config.yaml records what ran)."""
+    cfg, first = _trained(tmp_path, world, "max_steps=2", "optim.scheduler=linear", "optim.warmup_steps=1")
+    saved = checkpoint.load_checkpoint(checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000002")[2]
+    same = Trainer(load_config(write_config(tmp_path, world),
+                               ["max_steps=2", "optim.scheduler=linear", "optim.warmup_steps=1", "resume=auto"]))
+    same.resume(checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000002")
+    keys = ("lr", "initial_lr", "betas", "weight_decay", "eps")
+    assert [{k: g[k] for k in keys} for g in same.optimizer.param_groups] == \
+        [{k: (tuple(g[k]) if k == "betas" else g[k]) for k in keys} for g in saved["optimizer"]["param_groups"]]
+    assert same.lr_scheduler.get_last_lr() == saved["lr_scheduler"]["_last_lr"]
+    changed = Trainer(load_config(write_config(tmp_path, world),
+                                  ["max_steps=4", "optim.scheduler=linear", "optim.warmup_steps=1", "resume=auto",
+                                   "optim.lr=0.5", "optim.weight_decay=0.1", "optim.betas=[0.8,0.9]"]))
+    changed.resume(checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000002")
+    factor = changed.lr_scheduler.lr_lambdas[0](2)  # linear decay over 4 steps after 1 of warm-up, at step 2
+    assert 0 < factor < 1
+    for group in changed.optimizer.param_groups:
+        assert group["lr"] == 0.5 * factor and group["initial_lr"] == 0.5
+        assert group["weight_decay"] == 0.1 and group["betas"] == (0.8, 0.9)
+    changed.train()  # steps 3 and 4 at the new settings
+    assert changed.lr_scheduler.base_lrs == [0.5]
+    state = checkpoint.load_checkpoint(checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000004")[2]
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+
+
+def test_one_process_group_sets_local_rank_and_leaves_no_store_file():
+    # a fresh process: this module's world fixture already holds a process group
+    code = """
+import os
+from pathlib import Path
+import fastfair.trainer as t
+with t.process_group():
+    store = t._OWN_GROUP["store"]
+    assert os.environ["LOCAL_RANK"] == "0" and Path(store).is_file()
+    assert t.init_distributed() is False  # joined, not created again
+assert "LOCAL_RANK" not in os.environ and not Path(store).exists()
+print("ok")
+"""
+    env = child_env(OMP_NUM_THREADS="1")
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_deepspeed_settings_are_checked_before_anything_loads(tmp_path, world):
+    cfg = load_config(write_config(tmp_path, world), ["deepspeed.zero_stage=2"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage=2 without deepspeed.config"):
+        validate(cfg)
+    ds_json = tmp_path / "zero3.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_config(write_config(tmp_path, world), [f"deepspeed.config={ds_json}", "deepspeed.zero_stage=3"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage=3 partitions the parameters"):
+        validate(cfg)
+    from fastfair.config import check_files
+
+    cfg = load_config(write_config(tmp_path, world), [f"deepspeed.config={ds_json}"])
+    with pytest.raises(ConfigError, match="zero3.json sets ZeRO stage 3"):
+        check_files(cfg)
+
+
+def test_deepspeed_under_plain_python_then_export_and_a_clear_resume_error(tmp_path, world):
+    """A DeepSpeed run started by plain `python` (its own 1-process group): its checkpoint (DeepSpeed objects in
+    state.pt) exports and evaluates (weights only), and a resume without DeepSpeed says what to do."""
+    pytest.importorskip("deepspeed")
+    from fastfair.export import export
+
+    ds_json = tmp_path / "zero2_fp32.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10**9}))
+    cfg, _ = _trained(tmp_path, world, "max_steps=1", f"deepspeed.config={ds_json}")
+    step = checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000001"
+    weights, ema = checkpoint.load_weights(step)
+    assert weights and set(weights) == set(ema)
+    out = export(step, tmp_path / "export")
+    assert load_file(str(out / "pytorch_lora_weights.safetensors"))
+    plain = load_config(write_config(tmp_path, world), ["max_steps=2", "resume=auto"])
+    with pytest.raises(ValueError, match="a checkpoint of a DeepSpeed run .*resume it with its deepspeed.config"):
+        Trainer(plain).train()
+
+
+def test_resolution_must_be_a_multiple_of_the_vae_factor(tmp_path, world):
+    cfg = load_config(write_config(tmp_path, world), ["model.resolution=31"])
+    with pytest.raises(ValueError, match=r"model.resolution=31 is not a multiple of the VAE's factor \d+: use e.g."):
+        Trainer(cfg)
+
+
+def test_saved_config_is_a_plain_readable_file(tmp_path, world):
+    cfg = load_config(write_config(tmp_path, world))
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out" / "config.yaml").stat().st_mode) == 0o666 & ~umask
+
+
+def test_cli_reports_bad_settings_without_a_traceback(tmp_path, world):
+    config = write_config(tmp_path, world)
+    env = child_env(OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config", str(config),
+                          "sampler.guidance_scale=-1"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "fastfair.train: error:" in run.stderr and "sampler.guidance_scale=-1.0 must be >= 0" in run.stderr
+    assert "Traceback" not in run.stderr
+    env["FASTFAIR_TRACEBACK"] = "1"
+    run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config", str(config),
+                          "sampler.guidance_scale=-1"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" in run.stderr
