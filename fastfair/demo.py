@@ -9,7 +9,8 @@
 2. Evaluate: the original and the finetuned model (EMA weights) on the held-out occupations, which training
    never saw, the same noise for both, judged by the toy world's *evaluation* classifier (another
    architecture and seed than the one in the loss) with `fastfair.evaluate` into DIR/eval (report.html,
-   summary.md, per_prompt.csv, grids, plots).
+   summary.md, per_prompt.csv, grids, plots); a rerun reuses its images only when they are of the same
+   checkpoint and settings, else it clears DIR/eval and evaluates afresh.
 3. Report: print the before/after table and write DIR/metrics.json
    ``{"before": {"<set>_bias": ..}, "after": {..}, "reduction": {..}, "semantics": {..}, ...}``,
    DIR/before_after.png (per held-out occupation, original row over finetuned row, same noise) and
@@ -40,14 +41,21 @@ DISPLAY_SCALE = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m fastfair.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/demo", help="output directory")
     parser.add_argument("--config", default="gender", help=f"one of {', '.join(CONFIGS)}, or a YAML file")
     parser.add_argument("--iters", type=int, help="training iterations (default: the config's max_steps)")
     parser.add_argument("--images-per-prompt", type=int, default=40, help="evaluation images per occupation")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. optim.lr=2e-3")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # checked before training: 0 would otherwise mean the default (--iters, --threads) or fail after it
+    for flag, value in (("--iters", args.iters), ("--images-per-prompt", args.images_per_prompt),
+                        ("--threads", args.threads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} {value}: expected at least 1")
+    return args
 
 
 def train(config: str, out: Path, iters, overrides: List[str]):
@@ -56,7 +64,7 @@ def train(config: str, out: Path, iters, overrides: List[str]):
     from fastfair.config import load_config
     from fastfair.trainer import Trainer, process_group
 
-    extra = [f"output_dir={out}", "resume=auto"] + ([f"max_steps={iters}"] if iters else [])
+    extra = [f"output_dir={out}", "resume=auto"] + ([f"max_steps={iters}"] if iters is not None else [])
     cfg = load_config(CONFIGS.get(config, config), list(overrides) + extra)
     with process_group("cpu"):
         Trainer(cfg, "cpu").train()
@@ -80,6 +88,7 @@ def target_marginals(cfg) -> Dict[str, Dict[str, float]]:
 def evaluate_heldout(cfg, finetuned: Path, out: Path, images_per_prompt: int) -> dict:
     """`fastfair.evaluate.evaluate` on the held-out occupations with the toy judges (module docstring)."""
     from fastfair.evaluate import evaluate
+    from fastfair.evaluation.cache import StaleCacheError
     from fastfair.evaluation.scoring import load_classifiers
     from fastfair.toy import detect_faces, occupation_prompts
 
@@ -91,11 +100,20 @@ def evaluate_heldout(cfg, finetuned: Path, out: Path, images_per_prompt: int) ->
             raise ValueError(f"targets: {name} classes {sorted(probabilities)} differ from the evaluation "
                              f"classifier's {sorted(classes[name])}; use its class names")
         targets[name] = [probabilities[c] for c in classes[name]]
-    return evaluate(cfg.model.pretrained, [EVAL_CLASSIFIER], occupation_prompts("test"), out, finetuned=str(finetuned),
-                    attributes=list(marginals), targets=targets, images_per_prompt=images_per_prompt,
-                    guidance_scales=(cfg.sampler.guidance_scale,), num_steps=cfg.sampler.num_steps,
-                    seed=cfg.seed + 1, batch_size=40, detector=detect_faces, margin=cfg.faces.margin,
-                    semantics=SEMANTICS, grid_columns=GRID_COLUMNS)
+    def run():
+        return evaluate(cfg.model.pretrained, [EVAL_CLASSIFIER], occupation_prompts("test"), out,
+                        finetuned=str(finetuned), attributes=list(marginals), targets=targets,
+                        images_per_prompt=images_per_prompt, guidance_scales=(cfg.sampler.guidance_scale,),
+                        num_steps=cfg.sampler.num_steps, seed=cfg.seed + 1, batch_size=40, detector=detect_faces,
+                        margin=cfg.faces.margin, semantics=SEMANTICS, grid_columns=GRID_COLUMNS)
+    try:
+        return run()
+    except StaleCacheError as error:
+        # the demo owns `out`: its images are of an earlier checkpoint (a rerun trained further) or settings,
+        # and the report must describe this one, so start the evaluation afresh
+        print(f"{out}: re-evaluating, the cached images are of other settings ({', '.join(error.changed)})")
+        shutil.rmtree(out)
+        return run()
 
 
 def _slug(name: str) -> str:
@@ -204,4 +222,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fastfair.cli import user_errors
+
+    with user_errors("python -m fastfair.demo"):
+        main()

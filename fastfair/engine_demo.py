@@ -121,4 +121,7 @@ def _save_grid(images: torch.Tensor, per_row: int, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fastfair.cli import user_errors
+
+    with user_errors("python -m fastfair.engine_demo"):
+        main()

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from fastfair.config import SINGLE_FILE_CONFIG_LAYOUT
-from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path
+from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, default_images_per_prompt, load_classifiers
-from fastfair.evaluation.sources import load_sources
+from fastfair.evaluation.sources import load_sources, resolve_model
 from fastfair.metrics import summarize
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
 
@@ -62,19 +62,23 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         raise ValueError(f"--steps {num_steps} and --batch-size {batch_size} must be >= 1")
     if bool(fid_reference) != bool(fid_inception):
         raise ValueError("FID needs both --fid-reference (a folder of real images) and --fid-inception (weights)")
+    if images_per_prompt is not None and images_per_prompt < 1:  # only None means the default count
+        raise ValueError(f"--images-per-prompt {images_per_prompt}: expected at least 1 (leave it out for the "
+                         "default 60 / 80 / 160)")
     judges, classes = load_classifiers(classifiers, attributes, device)
     joint = list(joint) if joint is not None else (list(classes) if len(classes) >= 2 else [])
     sets = attribute_sets(classes, targets or {}, joint)
-    count = images_per_prompt or default_images_per_prompt(sets)
-    if count < 1:
-        raise ValueError(f"--images-per-prompt {count}: expected at least 1")
+    count = images_per_prompt if images_per_prompt is not None else default_images_per_prompt(sets)
 
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
     latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    # the paths alone would let new weights under the same path reuse images of the old ones
     settings = {"model": str(model), "finetuned": str(finetuned or ""), "weights": weights, "steps": num_steps,
-                "seed": seed, "dtype": dtype, "resolution": unet_config.sample_size * scale}
+                "seed": seed, "dtype": dtype, "resolution": unet_config.sample_size * scale,
+                "model_files": weight_fingerprint(resolve_model(model)),
+                "finetuned_files": weight_fingerprint(finetuned)}
     out = Path(out)
     cache = ImageCache(out / "images", settings)
     jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales for m in sources
@@ -147,7 +151,8 @@ def _detector(spec: str):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate bias and semantics preservation of a (finetuned) model.")
-    parser.add_argument("--model", required=True, help="diffusers folder, single-file checkpoint, or 'toy'")
+    parser.add_argument("--model", required=True,
+                        help="diffusers folder, single-file checkpoint, pkg://PACKAGE/PATH, or 'toy'")
     parser.add_argument("--model-config", help="with a single-file --model: " + SINGLE_FILE_CONFIG_LAYOUT)
     parser.add_argument("--finetuned", help="training checkpoint folder or a python -m fastfair.export folder")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="checkpoint weights to use")
@@ -193,4 +198,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fastfair.cli import user_errors
+
+    with user_errors("python -m fastfair.evaluate"):
+        main()

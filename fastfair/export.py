@@ -19,7 +19,6 @@ from pathlib import Path
 
 
 from fastfair.checkpoint import load_weights
-from fastfair.cli import user_errors
 from fastfair.config import load_config
 
 PREFIX_TOKEN = "<fastfair-prefix>"
@@ -99,9 +98,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA (default) or raw weights")
     args = parser.parse_args(argv)
-    with user_errors("fastfair.export"):
-        print(export(args.checkpoint, args.out, args.weights))
+    print(export(args.checkpoint, args.out, args.weights))
 
 
 if __name__ == "__main__":
-    main()
+    from fastfair.cli import user_errors
+
+    with user_errors("python -m fastfair.export"):
+        main()

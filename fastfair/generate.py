@@ -1,13 +1,15 @@
-"""Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR|SD_FILE [--model-config SD_DIR]
---lora EXPORT_DIR --prompt TEXT --num-images N --out DIR [--steps 20 --guidance 7.5 --seed 0 --dtype fp32]``;
-writes DIR/<index>.png."""
+"""Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR|SD_FILE|toy|pkg://PACKAGE/PATH
+[--model-config SD_DIR] --lora EXPORT_DIR --prompt TEXT --num-images N --out DIR [--steps 20 --guidance 7.5
+--seed 0 --dtype fp32]``; writes DIR/<index>.png."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
+from fastfair.evaluation.sources import finetuned_kind, resolve_model
 from fastfair.export import load_into_pipeline
 from fastfair.models import load_stable_diffusion
 
@@ -18,9 +20,17 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: int = 20, gu
     model_config: the diffusers folder of a single-file model's architecture."""
     from diffusers import StableDiffusionPipeline
 
+    # checked before loading: diffusers would write decoded noise for 0 steps and sample every guidance <= 1
+    # as 1 (no classifier-free guidance)
     if num_images < 1:
-        raise ValueError(f"num_images={num_images}: expected at least 1")
-    parts = load_stable_diffusion(model, dtype, device=device, config=model_config, key="--model",
+        raise ValueError(f"--num-images {num_images}: expected at least 1")
+    if steps < 1:
+        raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
+    if not math.isfinite(guidance) or guidance < 1:
+        raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
+    if lora:
+        finetuned_kind(lora, "--lora", checkpoints=False)
+    parts = load_stable_diffusion(resolve_model(model), dtype, device=device, config=model_config, key="--model",
                                   config_key="--model-config")
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                    unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
@@ -39,7 +49,8 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: int = 20, gu
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Generate images with a fastfair-finetuned model.")
-    parser.add_argument("--model", required=True, help="diffusers folder or single-file SD checkpoint")
+    parser.add_argument("--model", required=True,
+                        help="diffusers folder, single-file SD checkpoint, pkg://PACKAGE/PATH, or 'toy'")
     parser.add_argument("--model-config", default=None,
                         help="with a single-file --model: a local diffusers folder of its architecture")
     parser.add_argument("--lora", default=None, help="folder written by python -m fastfair.export")
@@ -58,4 +69,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fastfair.cli import user_errors
+
+    with user_errors("python -m fastfair.generate"):
+        main()

@@ -10,7 +10,9 @@ import sys
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
+from fastfair.cli import user_errors  # noqa: E402
 from fastfair.trainer import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    with user_errors("fastfair/train.py"):
+        main()

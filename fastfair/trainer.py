@@ -32,7 +32,6 @@ import torch.distributed as dist
 from torch import nn
 
 from fastfair import checkpoint
-from fastfair.cli import user_errors
 from fastfair.config import TrainConfig, check_files, load_config, save_config, validate
 from fastfair.dft import sample
 from fastfair.finetune import FinetunedModel
@@ -567,14 +566,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    """The CLI; bad settings and files end it with their message alone (``fastfair.cli.user_errors``)."""
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed_config}"] if args.deepspeed_config else [])
-    with user_errors("fastfair.train"):
-        cfg = load_config(args.config, overrides)
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
-        with process_group(device.split(":")[0]):
-            Trainer(cfg, device).train()
+    cfg = load_config(args.config, overrides)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+    with process_group(device.split(":")[0]):
+        Trainer(cfg, device).train()

@@ -131,6 +131,9 @@ def test_deepspeed_under_plain_python_then_export_and_a_clear_resume_error(tmp_p
     assert weights and set(weights) == set(ema)
     out = export(step, tmp_path / "export")
     assert load_file(str(out / "pytorch_lora_weights.safetensors"))
+    from fastfair.evaluation.sources import load_sources
+
+    assert "finetuned" in load_sources(str(world["sd"]), str(step))[2]
     plain = load_config(write_config(tmp_path, world), ["max_steps=2", "resume=auto"])
     with pytest.raises(ValueError, match="a checkpoint of a DeepSpeed run .*resume it with its deepspeed.config"):
         Trainer(plain).train()
@@ -156,7 +159,7 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path, world):
     run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config", str(config),
                           "sampler.guidance_scale=-1"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
-    assert "fastfair.train: error:" in run.stderr and "sampler.guidance_scale=-1.0 must be >= 0" in run.stderr
+    assert "fastfair/train.py: error:" in run.stderr and "sampler.guidance_scale=-1.0 must be >= 0" in run.stderr
     assert "Traceback" not in run.stderr
     env["FASTFAIR_TRACEBACK"] = "1"
     run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config", str(config),

@@ -210,4 +210,7 @@ def main(argv: Optional[List[str]] = None):
 
 
 if __name__ == "__main__":
-    main()
+    from fastfair.cli import user_errors
+
+    with user_errors("python -m fastfair.classifiers.train"):
+        main()

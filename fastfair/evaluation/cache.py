@@ -9,7 +9,9 @@ index share their noise, and a resumed run regenerates a missing image exactly.
 
 Resume: an image counts as cached when its PNG exists and the manifest records it for the same prompt text;
 everything else is generated (in batches, with a progress bar) and the manifest is rewritten atomically after
-each batch. A manifest written with other settings (model, steps, seed, ...) is refused.
+each batch. A manifest written with other settings (model, steps, seed, ...) is refused (`StaleCacheError`);
+the settings include a fingerprint of the models' weight files (`weight_fingerprint`), so new weights written
+under the same path are refused too.
 """
 from __future__ import annotations
 
@@ -27,6 +29,43 @@ from PIL import Image
 from fastfair.dft import sample
 
 MANIFEST = "manifest.json"
+# what a model folder's images depend on: weights, and the configs (scheduler, U-Net, tokenizer) beside them
+FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json")
+
+
+def weight_fingerprint(path) -> Dict[str, list]:
+    """{relative path: [size, mtime_ns]} of the weight and config files under a folder (or of one file);
+    {} when path is empty or absent. Cheap (no hashing of multi-GB files), yet it changes when a file is
+    rewritten: a new export or a rerun's checkpoint under the same path."""
+    if not path or not Path(path).exists():
+        return {}
+    root = Path(path)
+    files = [root] if root.is_file() else [
+        file for file in root.rglob("*") if file.is_file() and file.suffix in FINGERPRINT_SUFFIXES
+        and not any(part.startswith(".") for part in file.relative_to(root).parts)]  # skip temp/hidden files
+    fingerprint = {}
+    for file in sorted(files):
+        stat = file.stat()
+        fingerprint[file.name if file == root else file.relative_to(root).as_posix()] = [stat.st_size,
+                                                                                         stat.st_mtime_ns]
+    return fingerprint
+
+
+class StaleCacheError(ValueError):
+    """The cache folder holds images made with other settings; ``changed`` names the settings that differ."""
+
+    def __init__(self, message: str, changed: Sequence[str]):
+        super().__init__(message)
+        self.changed = list(changed)
+
+
+def _describe_change(key: str, old, new) -> str:
+    """'key', or for a fingerprint 'key: the files that differ' so the error says which weights changed."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return key
+    files = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return f"{key}: {shown} changed"
 
 
 def noise_seed(seed: int, prompt: str, index: int) -> int:
@@ -86,10 +125,11 @@ class ImageCache:
         if (self.root / MANIFEST).is_file():
             stored = json.loads((self.root / MANIFEST).read_text())
             if stored.get("settings") != self.settings:
-                changed = sorted(k for k in set(stored.get("settings", {})) | set(self.settings)
-                                 if stored.get("settings", {}).get(k) != self.settings.get(k))
-                raise ValueError(f"{self.root}: cached images were made with other settings ({', '.join(changed)}); "
-                                 "use another --out or delete the folder")
+                old = stored.get("settings", {})
+                changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+                described = "; ".join(_describe_change(k, old.get(k), self.settings.get(k)) for k in changed)
+                raise StaleCacheError(f"{self.root}: cached images were made with other settings ({described}); "
+                                      "use another --out or delete the folder", changed)
             self.manifest = stored
         self.generated: List[str] = []
 

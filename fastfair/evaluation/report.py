@@ -157,8 +157,9 @@ def write_html(results: dict, out: Path, files: Dict[str, List[str]]) -> Path:
     cell = lambda tag, text: f"<{tag}>{html.escape(str(text))}</{tag}>"  # noqa: E731
     table = ("<table><tr>" + "".join(cell("th", h) for h in header) + "</tr>"
              + "".join("<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows) + "</table>")
-    settings = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>"
-                       for k, v in results["settings"].items())
+    # file fingerprints (name: [size, mtime_ns]) are for the cache check and metrics.json, not for reading
+    shown = {k: f"{len(v)} files" if isinstance(v, dict) else v for k, v in results["settings"].items()}
+    settings = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in shown.items())
     links = " · ".join(f'<a href="{html.escape(f)}">{html.escape(f)}</a>' for f in files["data"])
     plots = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(f)}"></figure>' for f in files["plots"])
     grids = "".join(f'<figure><figcaption>{html.escape(caption)}</figcaption><a href="{html.escape(f)}">'

@@ -46,6 +46,10 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
                    joint: Sequence[str] = ()) -> List[AttributeSet]:
     """One set per attribute (in `classes` order), plus the intersection of `joint` (>= 2 attributes)
     whose target is the product of the marginals. targets: {attribute: probabilities}, default uniform."""
+    unknown = [name for name in targets if name not in classes]
+    if unknown:  # a misspelt name would otherwise leave that attribute at the uniform default, silently
+        raise ValueError(f"--target {', '.join(unknown)}: not among the evaluated attributes {list(classes)} "
+                         "(the classifiers' attributes, or those chosen with --attributes)")
     sets = []
     for name, names in classes.items():
         target = tuple(float(p) for p in targets.get(name, [1.0 / len(names)] * len(names)))

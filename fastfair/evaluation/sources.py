@@ -3,7 +3,8 @@
 Both are an `ImageSource`: a U-Net plus ``embeddings(prompt) -> (cond [1, L, D], uncond [1, L, D])``; the
 VAE, scheduler and noise are shared, so the same noise gives paired images (`fastfair.evaluation.cache`).
 
-- base: a local diffusers folder / single-file checkpoint, or a registered name (``toy``, see `resolve_model`);
+- base: a local diffusers folder / single-file checkpoint, a ``pkg://package/path`` shipped in a package, or a
+  registered name (``toy``), see `resolve_model`;
 - finetuned: a training checkpoint folder (``<output_dir>/checkpoints/step_*``, with the run's config.yaml
   two levels up) or a folder written by ``python -m fastfair.export`` (LoRA, prefix tokens or a full U-Net).
 """
@@ -15,6 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from fastfair.hooks import resolve_package_path
 from fastfair.models import load_stable_diffusion
 
 
@@ -34,13 +36,48 @@ MODEL_REGISTRY: Dict[str, Callable[[], str]] = {"toy": _toy_pipeline}
 
 
 def resolve_model(model: str) -> str:
-    """A registered model name (``toy``) -> its local folder; anything else is taken as a local path."""
+    """A registered model name (``toy``) -> its local folder; ``pkg://package/path`` -> that path inside the
+    installed package (as configs resolve it); anything else is taken as a local path."""
     if model in MODEL_REGISTRY:
         return str(MODEL_REGISTRY[model]())
-    if not Path(model).exists():
+    path = resolve_package_path(str(model), "--model")
+    if not Path(path).exists():
         raise ValueError(f"--model {model}: no such file or folder, and not a registered name "
                          f"({', '.join(MODEL_REGISTRY)})")
-    return model
+    return path
+
+
+EXPECTED_EXPORT = "an export folder (python -m fastfair.export CKPT --out DIR)"
+EXPECTED_CHECKPOINT = "a training checkpoint folder (RUN/checkpoints/step_N, with state.pt)"
+
+
+def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) -> str:
+    """'checkpoint' or 'export': what the folder passed as `flag` holds; a ValueError naming `flag` and the
+    folder it expects otherwise (checkpoints: whether `flag` takes training checkpoints as well as exports)."""
+    from fastfair.checkpoint import list_checkpoints
+    from fastfair.export import LORA_FILE, PREFIX_FILE  # the files fastfair.export writes
+
+    folder = Path(folder)
+    if (folder / "state.pt").is_file():
+        if checkpoints:
+            return "checkpoint"
+        raise ValueError(f"{flag} {folder}: a training checkpoint; export it first (python -m fastfair.export "
+                         f"{folder} --out DIR) and pass {flag} DIR")
+    if (folder / PREFIX_FILE).is_file() or (folder / "unet").is_dir() or (folder / LORA_FILE).is_file():
+        return "export"
+    expected = f"{EXPECTED_EXPORT} or {EXPECTED_CHECKPOINT}" if checkpoints else EXPECTED_EXPORT
+    if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():  # a training run's output folder
+        found = list_checkpoints(folder)
+        if not found:
+            fix = "it has no checkpoint yet"
+        elif checkpoints:
+            fix = f"pass one of its checkpoints, e.g. {flag} {found[max(found)]}"
+        else:
+            fix = f"export one of its checkpoints first: python -m fastfair.export {found[max(found)]} --out DIR"
+        raise ValueError(f"{flag} {folder}: a training run's folder, not {expected}; {fix}")
+    looked_for = f"{LORA_FILE}, {PREFIX_FILE}" + (", unet/ or state.pt" if checkpoints else " or unet/")
+    what = f"no {looked_for} in it" if folder.is_dir() else "no such folder"
+    raise ValueError(f"{flag} {folder}: {what}; expected {expected}")
 
 
 @dataclass
@@ -68,7 +105,7 @@ def _pipeline_source(pipe, prefix: str = "") -> ImageSource:
 
 
 def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
-    from fastfair.checkpoint import for_model, load_checkpoint
+    from fastfair.checkpoint import for_model, load_weights
     from fastfair.config import load_config
     from fastfair.finetune import FinetunedModel
 
@@ -79,7 +116,7 @@ def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
     dtype = parts.unet.dtype  # FinetunedModel makes the trainable weights fp32
     model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
                            cfg.finetune.prefix_tokens, cfg.finetune.lora)
-    raw, ema, _ = load_checkpoint(folder)
+    raw, ema = load_weights(folder)  # not state.pt: a DeepSpeed run's holds DeepSpeed objects
     tensors = for_model(ema if weights == "ema" else raw, model.trainable,
                         f"--finetuned {folder} (finetune.target={cfg.finetune.target} in {config_path})")
     with torch.no_grad():
@@ -104,22 +141,20 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
     model_config: the architecture folder when model is a single-file checkpoint (fastfair.models)."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"--weights {weights!r}: expected 'ema' or 'raw'")
+    kind = finetuned_kind(finetuned) if finetuned else None  # before the slow loads
     path = resolve_model(model)
     base = load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS)
     sources = {"base": _pipeline_source(_pipeline(base).to(device))}
     if finetuned:
         folder = Path(finetuned)
         parts = load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS)
-        if (folder / "state.pt").is_file():
+        if kind == "checkpoint":
             sources["finetuned"] = _checkpoint_source(parts, folder, weights)
-        elif folder.is_dir():
+        else:
             from fastfair.export import load_into_pipeline
 
             pipe = _pipeline(parts).to(device)
             sources["finetuned"] = _pipeline_source(pipe, load_into_pipeline(pipe, folder))
-        else:
-            raise ValueError(f"--finetuned {finetuned}: expected a checkpoint folder (with state.pt) or a folder "
-                             "written by python -m fastfair.export")
         parts.text_encoder.to(device)
         sources["finetuned"].unet.to(device)
     return base.vae, base.scheduler, sources

@@ -193,4 +193,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from fastfair.cli import user_errors
+
+    with user_errors("python -m fastfair.faces.build_bank"):
+        main()

@@ -1,0 +1,201 @@
+"""Inputs of the evaluation, demo and generation CLIs: stale caches are refused, bad flags are errors that name the
+flag, and model paths resolve the same way everywhere. On the shipped toy model (32 px, fast on CPU)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastfair import demo
+from fastfair.evaluate import evaluate
+from fastfair.evaluate import main as evaluate_main
+from fastfair.evaluation.cache import StaleCacheError, from_png
+from fastfair.evaluation.sources import resolve_model
+from fastfair.generate import main as generate_main
+
+CLASSIFIER = "fastfair.toy:eval_classifier"
+PROMPT = "a photo of the face of a nurse, a person"
+
+
+def toy_pipeline() -> Path:
+    return Path(resolve_model("toy"))
+
+
+def run(out, model="toy", finetuned=None, **overrides):
+    options = dict(classifiers=[CLASSIFIER], prompts=[PROMPT], out=out, finetuned=finetuned and str(finetuned),
+                   attributes=["gender"], images_per_prompt=2, guidance_scales=(3.0,), num_steps=1, batch_size=2,
+                   detector="none", device="cpu", progress=False)
+    return evaluate(str(model), **{**options, **overrides})
+
+
+def rewrite_safetensors(path: Path, scale: float) -> None:
+    """Rewrite a weight file with scaled tensors: the same names and size, other weights."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({name: t * scale for name, t in load_file(str(path)).items()}, str(path))
+
+
+def test_cache_refuses_images_of_rewritten_finetuned_weights(tmp_path):
+    """A new export written into the same --finetuned folder is not scored with the old export's images."""
+    export = tmp_path / "export"
+    shutil.copytree(toy_pipeline() / "unet", export / "unet")  # a full U-Net export
+    out = tmp_path / "eval"
+    first = run(out, finetuned=export)
+    assert len(first["generated"]) == 4
+    assert run(out, finetuned=export)["generated"] == []  # unchanged weights: the cache is reused
+
+    rewrite_safetensors(export / "unet" / "diffusion_pytorch_model.safetensors", 0.5)
+    with pytest.raises(StaleCacheError, match=r"other settings \(finetuned_files: "
+                                              r"unet/diffusion_pytorch_model.safetensors changed\)") as error:
+        run(out, finetuned=export)
+    assert error.value.changed == ["finetuned_files"]
+    fresh = run(tmp_path / "fresh", finetuned=export)  # the new weights make other images
+    old, new = (json.loads((folder / "images" / "manifest.json").read_text()) for folder in (out, tmp_path / "fresh"))
+    assert old["settings"]["finetuned"] == new["settings"]["finetuned"] == str(export)
+    assert fresh["guidance"]["3"]["finetuned"]["images"] == first["guidance"]["3"]["finetuned"]["images"]
+    path = fresh["guidance"]["3"]["finetuned"]["images"][PROMPT][0]
+    assert not torch.equal(from_png([out / "images" / path]), from_png([tmp_path / "fresh" / "images" / path]))
+
+
+def test_cache_refuses_images_of_a_rewritten_local_base_model(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(toy_pipeline(), model)
+    out = tmp_path / "eval"
+    run(out, model=model)
+    rewrite_safetensors(model / "vae" / "diffusion_pytorch_model.safetensors", 1.0)
+    with pytest.raises(ValueError, match=r"other settings \(model_files: vae/diffusion_pytorch_model"):
+        run(out, model=model)
+
+
+def test_cache_refuses_a_checkpoint_rewritten_by_a_rerun(tmp_path):
+    """A rerun writing RUN/checkpoints/step_N again (same path, new weights) invalidates its images."""
+    from fastfair.checkpoint import save_checkpoint
+    from fastfair.config import load_config, save_config
+    from fastfair.finetune import FinetunedModel
+    from fastfair.models import load_stable_diffusion
+
+    run_dir = tmp_path / "run"
+    cfg = load_config("pkg://fastfair.toy/configs/gender.yaml", [f"output_dir={run_dir}"])
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.yaml")  # as the trainer records it
+    parts = load_stable_diffusion(cfg.model.pretrained)
+    model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
+                           cfg.finetune.prefix_tokens, cfg.finetune.lora)
+    weights = {name: p.detach().clone() for name, p in model.trainable.items()}
+    ckpt = save_checkpoint(run_dir, 1, weights, weights, {})
+    out = tmp_path / "eval"
+    run(out, finetuned=ckpt)
+    save_checkpoint(run_dir, 1, {n: t + 0.01 for n, t in weights.items()}, weights, {})  # the rerun's step 1
+    with pytest.raises(ValueError, match=r"other settings \(finetuned_files: .*safetensors"):
+        run(out, finetuned=ckpt)
+
+
+def test_images_per_prompt_zero_is_an_error_not_the_default(tmp_path):
+    for count in (0, -2):
+        with pytest.raises(ValueError, match=f"--images-per-prompt {count}: expected at least 1"):
+            run(tmp_path / "eval", images_per_prompt=count)
+    assert not (tmp_path / "eval").exists()  # refused before anything was generated
+
+
+@pytest.mark.parametrize("flag", ["--iters", "--images-per-prompt", "--threads"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_demo_refuses_non_positive_counts_before_training(flag, value, tmp_path, capsys, monkeypatch):
+    def train(*args):
+        raise AssertionError(f"{flag} {value} reached the training")  # --iters 0 ran the config's 200 iterations
+
+    monkeypatch.setattr(demo, "train", train)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--out", str(tmp_path), flag, value])
+    assert exit_.value.code == 2 and f"{flag} {value}: expected at least 1" in capsys.readouterr().err
+
+
+def test_unknown_target_attribute_is_an_error_listing_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"--target sex: not among the evaluated attributes \['gender', 'race', "
+                                         r"'age'\]"):
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--prompts", "occupations:test",
+                       "--max-prompts", "1", "--images-per-prompt", "1", "--steps", "1", "--detector", "none",
+                       "--target", "sex=0.5,0.5", "--device", "cpu", "--out", str(tmp_path / "eval")])
+    with pytest.raises(ValueError, match=r"--target age: not among the evaluated attributes \['gender'\]"):
+        run(tmp_path / "eval", targets={"age": [0.75, 0.25]})  # left out by --attributes gender
+
+
+def fake_run_folder(root: Path, steps=(1, 3)) -> Path:
+    """A training run's output folder layout (config.yaml, checkpoints/step_N/state.pt), no weights needed."""
+    (root / "config.yaml").parent.mkdir(parents=True)
+    (root / "config.yaml").write_text("max_steps: 3\n")
+    for step in steps:
+        folder = root / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        torch.save({"iteration": step}, folder / "state.pt")
+    return root
+
+
+def test_finetuned_run_folder_error_names_the_flag_and_the_expected_folders(tmp_path):
+    run_dir = fake_run_folder(tmp_path / "run")
+    with pytest.raises(ValueError) as error:
+        evaluate_main(["--model", "toy", "--finetuned", str(run_dir), "--classifier", CLASSIFIER, "--max-prompts",
+                       "1", "--images-per-prompt", "1", "--steps", "1", "--out", str(tmp_path / "eval")])
+    message = str(error.value)
+    assert message.startswith(f"--finetuned {run_dir}: a training run's folder") and "--lora" not in message
+    assert "python -m fastfair.export" in message and f"--finetuned {run_dir}/checkpoints/step_00000003" in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"--finetuned {empty}: no .*; expected an export folder .* or a training "
+                                         "checkpoint folder"):
+        run(tmp_path / "eval", finetuned=empty)
+
+    generate = ["--model", "toy", "--prompt", PROMPT, "--out", str(tmp_path / "images"), "--lora"]
+    with pytest.raises(ValueError, match=f"--lora {run_dir}: a training run's folder.*python -m fastfair.export "
+                                         f"{run_dir}/checkpoints/step_00000003"):
+        generate_main(generate + [str(run_dir)])
+    with pytest.raises(ValueError, match="--lora .*step_00000001: a training checkpoint; export it first"):
+        generate_main(generate + [str(run_dir / "checkpoints" / "step_00000001")])
+    assert not (tmp_path / "images").exists()
+
+
+def test_generate_resolves_package_model_paths_like_evaluate(tmp_path):
+    assert resolve_model("pkg://fastfair.toy/weights/pipeline") == str(toy_pipeline())
+    generate_main(["--model", "pkg://fastfair.toy/weights/pipeline", "--prompt", PROMPT, "--num-images", "1",
+                   "--steps", "1", "--out", str(tmp_path / "images")])
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["00000.png"]
+    with pytest.raises(ValueError, match="--model pkg://fastfair.toy/no/such/model: no such file or folder"):
+        generate_main(["--model", "pkg://fastfair.toy/no/such/model", "--prompt", PROMPT, "--out",
+                       str(tmp_path / "more")])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", "0", "--steps 0: expected at least 1"),
+    ("--steps", "-3", "--steps -3: expected at least 1"),
+    ("--num-images", "0", "--num-images 0: expected at least 1"),
+    ("--guidance", "0.5", r"--guidance 0.5: expected a number >= 1"),
+    ("--guidance", "nan", r"--guidance nan: expected a number >= 1"),
+])
+def test_generate_refuses_bad_numbers_before_writing(flag, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        generate_main(["--model", "toy", "--prompt", PROMPT, "--out", str(tmp_path / "images"), flag, value])
+    assert not (tmp_path / "images").exists()
+
+
+DEMO_FAST = ["--images-per-prompt", "1", "checkpoint_every=1", "logging.image_every=0", "sampler.num_steps=2",
+             "sampler.grad_steps=1", "batch.images_per_prompt=2"]
+
+
+def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path, capsys):
+    """README: a rerun resumes the training; its evaluation then describes the new final checkpoint."""
+    out = tmp_path / "demo"
+    first = demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST)
+    assert first["checkpoint"].endswith("step_00000001")
+    again = demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST)  # nothing new: the images are reused
+    assert "re-evaluating" not in capsys.readouterr().out and again["before"] == first["before"]
+    (out / "eval" / "stale.txt").write_text("from the first run")
+
+    second = demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)
+    assert "re-evaluating" in capsys.readouterr().out
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["iterations"] == 2 and saved["checkpoint"] == second["checkpoint"]
+    assert second["checkpoint"].endswith("step_00000002")
+    manifest = json.loads((out / "eval" / "images" / "manifest.json").read_text())
+    assert manifest["settings"]["finetuned"] == second["checkpoint"]
+    assert json.loads((out / "eval" / "metrics.json").read_text())["settings"]["finetuned"] == second["checkpoint"]
+    assert not (out / "eval" / "stale.txt").exists()  # the demo's eval folder was started afresh
