@@ -358,6 +358,11 @@ def parse_override(text: str):
     path = key.strip().split(".")
     if not all(path):
         raise ConfigError(f"override {text!r}: empty key component in '{key}'")
+    indices = [name for name in path if name.isdigit()]
+    if indices:  # merged as a mapping key, it would replace the list with {'0': ...}
+        where = ".".join(path[:path.index(indices[0])])
+        raise ConfigError(f"override {text!r}: list items cannot be set by index ('{indices[0]}' after '{where}'); "
+                          f"give the whole list, e.g. {where}=[...] in YAML flow style, or edit the YAML file")
     tp = _field_type(path)
     try:
         value = yaml.safe_load(raw)

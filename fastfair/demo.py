@@ -65,6 +65,8 @@ def train(config: str, out: Path, iters, overrides: List[str]):
     from fastfair.trainer import Trainer, process_group
 
     extra = [f"output_dir={out}", "resume=auto"] + ([f"max_steps={iters}"] if iters is not None else [])
+    if config not in CONFIGS and not Path(config).is_file():
+        raise ValueError(f"--config {config}: neither a shipped config ({', '.join(CONFIGS)}) nor a YAML file")
     cfg = load_config(CONFIGS.get(config, config), list(overrides) + extra)
     with process_group("cpu"):
         Trainer(cfg, "cpu").train()

@@ -199,3 +199,8 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     assert manifest["settings"]["finetuned"] == second["checkpoint"]
     assert json.loads((out / "eval" / "metrics.json").read_text())["settings"]["finetuned"] == second["checkpoint"]
     assert not (out / "eval" / "stale.txt").exists()  # the demo's eval folder was started afresh
+
+
+def test_demo_names_its_configs_for_an_unknown_one(tmp_path):
+    with pytest.raises(ValueError, match=r"--config nope: neither a shipped config \(gender, .*\) nor a YAML file"):
+        demo.train("nope", tmp_path / "train", 1, [])

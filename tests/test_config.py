@@ -138,6 +138,9 @@ def test_overrides_are_parsed_and_typed(tmp_path, override, attribute, value):
     ("model.pretrained.path=x", "'model.pretrained' is str: it has no key 'path'"),
     ("max_steps", "expected key.sub=value"),
     ("optim..lr=1", "empty key component"),
+    ("targets.attributes.0.probabilities={female: 0.7, male: 0.3}",
+     "list items cannot be set by index ('0' after 'targets.attributes'); give the whole list, e.g. "
+     "targets.attributes=[...]"),
 ])
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(ConfigError) as error:
