@@ -6,8 +6,8 @@ DIR: a diffusers U-Net folder, e.g. ``<models-dir>/sd/unet`` written by ``bench/
 --models-dir``. The call is a kept step's graph-building call in the text-encoder-LoRA recipe: frozen U-Net, CFG's
 two rows (uncond, cond) of one image, gradient to the text embeddings [2, 77, D], SDPA attention, fp32 on CPU,
 with and without ``fastfair.lean_graph``. Method: walk the graph from the output, summing each node's saved
-tensors (the ``_saved_*`` attributes of built-in nodes, ``saved_tensors`` of custom Functions); a storage is
-counted once (for the first node met), parameters and the call's inputs are left out. The total is checked
+tensors (the ``_saved_*`` attributes of built-in nodes, ``saved_tensors`` of custom Functions; not 0-dim
+scalars); a storage is counted once (for the first node met), parameters and the call's inputs are left out. The total is checked
 against ``fastfair.memory_budget.saved_tensor_bytes`` of the same call (which also counts the output).
 """
 import argparse
@@ -37,6 +37,8 @@ def saved_by_node(output: torch.Tensor, excluded: set) -> collections.Counter:
         with contextlib.suppress(RuntimeError, AttributeError):  # built-in nodes have no saved_tensors
             tensors += list(node.saved_tensors)
         for tensor in tensors:
+            if tensor.dim() == 0:  # a Python number autograd keeps as a scalar: a fresh tensor on each access
+                continue
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
