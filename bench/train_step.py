@@ -571,9 +571,13 @@ def main(argv=None) -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     impls = [i for i in args.impls.split(",") if i]
-    unknown = set(impls) - set(IMPLS)
-    if unknown or args.images < 1 or args.steps < 1:
-        raise ValueError(f"--impls {sorted(unknown)} unknown (choose from {IMPLS}); --images/--steps must be >= 1")
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown or not impls:
+        parser.error(f"--impls {args.impls!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'} "
+                     f"(choose from {', '.join(IMPLS)})")
+    for flag in ("images", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     cuda = torch.cuda.is_available()
     resolution = args.resolution or ({"tiny": 16, "sd15": 512 if cuda else 128}[args.model])
     tmp = tempfile.TemporaryDirectory(prefix="fastfair-bench-") if args.models_dir is None else None

@@ -9,12 +9,12 @@ from typing import Iterator
 
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
-    """Inside: a ValueError or FileNotFoundError (fastfair raises them for bad input, with the fix in the message)
-    exits with status 2 and ``prog: error: message`` on stderr, as argparse does; FASTFAIR_TRACEBACK=1 re-raises it
-    with its traceback."""
+    """Inside: a ValueError (fastfair raises them for bad input, with the fix in the message) or an OSError (a path
+    that is missing, a folder where a file goes, ...) exits with status 2 and ``prog: error: message`` on stderr, as
+    argparse does; FASTFAIR_TRACEBACK=1 re-raises it with its traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         if os.environ.get("FASTFAIR_TRACEBACK") == "1":
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)

@@ -62,6 +62,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for flag in ("steps", "images"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.iters < 0:
+        parser.error(f"--iters must be >= 0, got {args.iters}")
     from tqdm import tqdm
 
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastfair import checkpoint
-from fastfair.config import TrainConfig, check_files, load_config, save_config, validate
+from fastfair.config import ConfigError, TrainConfig, check_files, load_config, save_config, validate
 from fastfair.dft import sample
 from fastfair.finetune import FinetunedModel
 from fastfair.hooks import load_callable
@@ -185,8 +185,14 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device="cpu"):
         self.cfg, self.device = cfg, torch.device(device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        validate(cfg, self.world, self.device)
-        check_files(cfg)
+        problems = []  # settings and files together: one try shows everything to set
+        for check in (lambda: validate(cfg, self.world, self.device), lambda: check_files(cfg)):
+            try:
+                check()
+            except ConfigError as error:
+                problems.append(str(error))
+        if problems:
+            raise ConfigError("\n".join(problems))
         parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.dtype, cfg.model.attention, self.device,
                                       config=cfg.model.config)
         self.vae, self.scheduler = parts.vae, parts.scheduler

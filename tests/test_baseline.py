@@ -145,3 +145,24 @@ def test_flop_model_counts_input_only_backwards():
     assert ratio("fastfair_fast", keep_graph_steps=5, keep_attention_steps=20) == pytest.approx(  # 15 left
         (8 + 2 * 1.5) / (4 + 2 * 0.6 * 15 / 20 + 2 * 1.5))
     assert ratio("fastfair_k5", grad_steps=5) == pytest.approx((8 + 2 * 1.5) / (4 + 2 * 2.5 * 5 / 20))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impls", "foo"], "--impls 'foo': unknown foo (choose from baseline_sdpa"),
+    (["--images", "0"], "--images must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+])
+def test_train_step_cli_names_the_bad_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train_step.main(["--model", "tiny", *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--images", "0"], "--images must be >= 1, got 0"),
+                                           (["--steps", "0"], "--steps must be >= 1, got 0")])
+def test_engine_demo_cli_names_the_bad_flag(argv, message, capsys, tmp_path):
+    from fastfair import engine_demo
+
+    with pytest.raises(SystemExit):
+        engine_demo.main(["--out", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err

@@ -82,3 +82,27 @@ def test_bad_arguments_fail_early(dataset, tmp_path):
         main(arguments(dataset, tmp_path / "x.safetensors", "--val-fraction", "1.5"))
     with pytest.raises(ValueError, match="no column 'colour'"):
         main(arguments(dataset, tmp_path / "x.safetensors") + ["--attributes", "colour"])
+
+
+def test_saved_state_missing_images_and_bad_outputs_are_refused_before_training(dataset, tmp_path, capsys):
+    out = tmp_path / "c.safetensors"
+    main(arguments(dataset, out, "--epochs", "1"))
+    saved = state_path(str(out))
+    before = open(saved, "rb").read()
+    with pytest.raises(ValueError, match="holds an earlier run's training state; pass --resume"):
+        main(arguments(dataset, out, "--epochs", "1"))
+    for changed in (["--lr", "0.5"], ["--weight-decay", "0.5"], ["--no-flip"]):  # what changes the result
+        with pytest.raises(ValueError, match="was made with"):
+            main(arguments(dataset, out, "--epochs", "1", "--resume") + changed)
+    with pytest.raises(ValueError, match=r"--max-steps 1: the resumed run is already at step \d+"):
+        main(arguments(dataset, out, "--epochs", "1", "--resume", "--max-steps", "1"))
+    assert open(saved, "rb").read() == before
+    labels = tmp_path / "labels.csv"
+    labels.write_text((dataset / "labels.csv").read_text() + "missing.png,20-29,Male,White,True\n")
+    with pytest.raises(ValueError, match=r"1 image file\(s\) named in the label table do not exist, e\.g\. missing"):
+        main(arguments(dataset, tmp_path / "m.safetensors") + ["--labels", str(labels)])
+    for extra, message in ((["--max-steps", "0"], "--max-steps must be >= 1"),
+                           (["--out", str(tmp_path)], "a folder; give the classifier file to write")):
+        with pytest.raises(SystemExit):
+            main(arguments(dataset, tmp_path / "x.safetensors") + extra)
+        assert message in capsys.readouterr().err

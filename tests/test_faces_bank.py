@@ -110,3 +110,14 @@ def test_cli_builds_a_bank_with_a_local_sfnet_checkpoint(folder, tmp_path, capsy
     bank = FaceBank.load(out, use_faiss=False)
     assert len(bank) == 8 and bank.dim == 8
     assert torch.allclose(bank.embeddings.norm(dim=1), torch.ones(8), atol=1e-5)
+
+
+def test_cli_refuses_a_folder_as_out_and_an_unimportable_factory_before_embedding(folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--images", folder, "--out", str(tmp_path), "--embedder", "x.pth", "--detector", "none"])
+    assert "a folder; give the bank file to write" in capsys.readouterr().err
+    for spec, message in (("nope_module:fn", "No module named 'nope_module'"),
+                          ("fastfair.toy:nope", "has no attribute 'nope'")):
+        with pytest.raises(ValueError, match=rf"--embedder-factory='{spec}': cannot import it \(.*{message}"):
+            main(["--images", folder, "--out", str(tmp_path / "b.safetensors"), "--embedder-factory", spec,
+                  "--detector", "none"])

@@ -165,3 +165,11 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path, world):
     run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config", str(config),
                           "sampler.guidance_scale=-1"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" in run.stderr
+
+
+def test_a_run_reports_bad_settings_and_missing_files_together(tmp_path, world):
+    cfg = load_config(write_config(tmp_path, world), ["sampler.guidance_scale=-1", "model.pretrained=/nope"])
+    with pytest.raises(ConfigError) as error:
+        Trainer(cfg)
+    assert "sampler.guidance_scale=-1.0 must be >= 0" in str(error.value)
+    assert "model.pretrained=/nope does not exist" in str(error.value)

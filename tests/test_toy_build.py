@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fastfair.toy import load_toy_classifier, load_toy_detector, load_toy_face_bank, toy_pipeline_path
@@ -50,3 +51,18 @@ def test_quick_build_is_deterministic_and_its_output_loads(tmp_path):
     assert load_toy_classifier("eval", weights_dir=str(first))(images).shape == (1, 8)
     assert len(load_toy_detector(weights_dir=str(first))(images)) == 1
     assert len(load_toy_face_bank(weights_dir=str(first))) == record["settings"]["bank_size"]
+
+
+def test_quick_build_never_replaces_the_shipped_weights(tmp_path, capsys):
+    from fastfair.toy.build import parse_args
+    from fastfair.toy.files import WEIGHTS_DIR
+
+    for argv in (["--quick"], ["--quick", "--out", str(WEIGHTS_DIR)]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert "--quick" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        parse_args(["--quick", "--out", str(tmp_path / "file")])
+    assert "an existing file, not a folder" in capsys.readouterr().err
+    assert parse_args([]).out == str(WEIGHTS_DIR) and parse_args(["--quick", "--out", "x"]).out == "x"

@@ -160,6 +160,12 @@ class LabelledFaces(Dataset):
     def __init__(self, root: str, table: LabelTable, labels: torch.Tensor, indices: Sequence[int], size: int):
         self.root, self.table, self.labels, self.indices, self.size = root, table, labels, list(indices), size
 
+    def missing_files(self) -> List[str]:
+        """The rows' image files that do not exist (checked before training: a missing one would end the run
+        mid-epoch)."""
+        return [name for name in (self.table.files[row] for row in self.indices)
+                if not os.path.isfile(os.path.join(self.root, name))]
+
     def __len__(self):
         return len(self.indices)
 

@@ -56,6 +56,13 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "size", "checkpoint_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be >= 1, got {args.max_steps} (leave it out to train every epoch)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here (this torch: {torch.__version__}); use cpu")
+    if args.out.endswith(os.sep) or os.path.isdir(args.out):  # found before training, not when saving after it
+        parser.error(f"--out {args.out}: a folder; give the classifier file to write, e.g. {args.out.rstrip(os.sep)}"
+                     f"{os.sep}gender.safetensors")
     return args
 
 
@@ -82,6 +89,10 @@ def prepare_data(args):
         val = LabelledFaces(args.data, table, labels, val_rows, args.size)
     if len(train) == 0:
         raise ValueError(f"{args.labels}: no training rows")
+    missing = sorted(set(train.missing_files() + val.missing_files()))
+    if missing:
+        raise ValueError(f"--data {args.data}: {len(missing)} image file(s) named in the label table do not exist, "
+                         f"e.g. {', '.join(missing[:3])}")
     return head, train, val
 
 
@@ -107,7 +118,8 @@ def state_path(out: str) -> str:
     return out + ".state.pt"
 
 
-RESUME_KEYS = ("labels", "attributes", "arch", "width", "size", "batch_size", "epochs", "seed", "val_fraction")
+RESUME_KEYS = ("data", "labels", "val_labels", "attributes", "arch", "width", "init", "size", "batch_size", "epochs",
+               "lr", "weight_decay", "no_flip", "seed", "val_fraction")
 
 
 def save_state(path, args, classifier, optimizer, position, best, history):
@@ -121,7 +133,8 @@ def load_state(path, args):
     """The training state at ``path``; refuses one made with other data or model arguments."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     stored = state["config"]
-    changed = {k: stored[k] for k in RESUME_KEYS if stored[k] != getattr(args, k)}
+    # keys a state from an older fastfair lacks are not compared
+    changed = {k: stored[k] for k in RESUME_KEYS if k in stored and stored[k] != getattr(args, k)}
     if changed:
         raise ValueError(f"--resume: {path} was made with {changed}; use the same arguments or another --out")
     return state
@@ -157,12 +170,19 @@ def train(args) -> Optional[dict]:
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     position, best, history = {"epoch": 0, "batch": 0}, {"mean": -1.0}, []
+    if os.path.isfile(state_path(args.out)) and not args.resume:  # nothing saved is overwritten unasked
+        raise ValueError(f"--out {args.out}: {state_path(args.out)} holds an earlier run's training state; pass "
+                         "--resume to continue it, or use another --out (or delete it)")
     if args.resume and os.path.isfile(state_path(args.out)):
         state = load_state(state_path(args.out), args)
         classifier.network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         position, best, history = state["position"], state["best"], state["history"]
         torch.set_rng_state(state["rng"])
+        reached = position["epoch"] * steps_per_epoch + position["batch"]
+        if args.max_steps is not None and args.max_steps < reached:
+            raise ValueError(f"--max-steps {args.max_steps}: the resumed run is already at step {reached}; raise it "
+                             "to train on")
     print(f"classifier {args.arch} -> {head.describe()}: {len(train_set)} train / {len(val_set)} val images")
     for epoch in range(position["epoch"], args.epochs):
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))

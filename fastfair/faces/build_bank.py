@@ -9,7 +9,6 @@ images without a face are skipped and counted. Progress is saved atomically to
 result equals an uninterrupted build), ``--restart`` discards it.
 """
 import argparse
-import importlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from fastfair.faces.detect import get_detector
 from fastfair.faces.embed import FaceEmbedder, load_face_embedder
 from fastfair.faces.files import save_safetensors
 from fastfair.faces.regions import locate_faces
+from fastfair.hooks import load_callable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -149,14 +149,6 @@ def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", 
     return summary
 
 
-def import_factory(spec: str) -> Callable:
-    """'package.module:function' -> the object it names."""
-    module_name, _, attribute = spec.partition(":")
-    if not attribute:
-        raise ValueError(f"--embedder-factory must look like 'package.module:function', got {spec!r}")
-    return getattr(importlib.import_module(module_name), attribute)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastfair.faces.build_bank", description=__doc__.split("\n")[0])
     parser.add_argument("--images", required=True, help="folder of real face images (searched recursively)")
@@ -171,7 +163,11 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embeddings")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--restart", action="store_true", help="ignore a partial build and start over")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out.endswith(os.sep) or os.path.isdir(args.out):  # found now, not after embedding every image
+        parser.error(f"--out {args.out}: a folder; give the bank file to write, e.g. "
+                     f"{args.out.rstrip(os.sep)}{os.sep}bank.safetensors")
+    return args
 
 
 def main(argv=None):
@@ -179,7 +175,7 @@ def main(argv=None):
     if args.embedder:
         embedder = load_face_embedder(args.embedder, flip=not args.no_flip)
     else:
-        network = import_factory(args.embedder_factory)()
+        network = load_callable(args.embedder_factory, "--embedder-factory")()
         embedder = FaceEmbedder(network, flip=not args.no_flip)
     if isinstance(embedder, torch.nn.Module):
         embedder = embedder.to(args.device).eval()

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -147,8 +148,18 @@ def parse_args(argv: Optional[List[str]] = None):
 
     parser = argparse.ArgumentParser(prog="python -m fastfair.toy.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (seconds): for tests")
-    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder (default: the package's weights)")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="output folder (default: the package's weights, which a full "
+                        "build replaces; --quick needs another folder)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        if args.quick:  # its untrained models would replace the shipped ones the demo and configs use
+            parser.error("--quick writes barely trained models: give --out DIR (not the package's weights)")
+        args.out = str(WEIGHTS_DIR)
+    elif args.quick and Path(args.out).resolve() == Path(WEIGHTS_DIR).resolve():
+        parser.error(f"--quick --out {args.out}: that is the package's shipped weights; use another folder")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: an existing file, not a folder")
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -162,4 +173,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastfair.cli import user_errors
+
+    with user_errors("python -m fastfair.toy.build"):
+        sys.exit(main())
