@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -19,3 +19,11 @@ def user_errors(prog: str) -> Iterator[None]:
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def folder_instead_of_file(flag: str, path: str, what: str, example: str) -> Optional[str]:
+    """The message when ``path``, given as ``flag`` for a file to write, names a folder (None otherwise): checked
+    before the work, not found at the final save."""
+    if path.endswith(os.sep) or os.path.isdir(path):
+        return f"{flag} {path}: a folder; give the {what} file to write, e.g. {path.rstrip(os.sep)}{os.sep}{example}"
+    return None

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from fastfair.classifiers.data import LabelledFaces, read_label_table, resolve_labels
 from fastfair.classifiers.model import ARCHITECTURES, AttributeClassifier, save_classifier
+from fastfair.cli import folder_instead_of_file
 from fastfair.faces.files import atomic_path, load_state_dict
 
 
@@ -60,9 +61,9 @@ def parse_args(argv=None):
         parser.error(f"--max-steps must be >= 1, got {args.max_steps} (leave it out to train every epoch)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here (this torch: {torch.__version__}); use cpu")
-    if args.out.endswith(os.sep) or os.path.isdir(args.out):  # found before training, not when saving after it
-        parser.error(f"--out {args.out}: a folder; give the classifier file to write, e.g. {args.out.rstrip(os.sep)}"
-                     f"{os.sep}gender.safetensors")
+    problem = folder_instead_of_file("--out", args.out, "classifier", "gender.safetensors")
+    if problem:
+        parser.error(problem)
     return args
 
 

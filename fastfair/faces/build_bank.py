@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastfair.cli import folder_instead_of_file
 from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank
 from fastfair.faces.detect import get_detector
@@ -164,9 +165,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--restart", action="store_true", help="ignore a partial build and start over")
     args = parser.parse_args(argv)
-    if args.out.endswith(os.sep) or os.path.isdir(args.out):  # found now, not after embedding every image
-        parser.error(f"--out {args.out}: a folder; give the bank file to write, e.g. "
-                     f"{args.out.rstrip(os.sep)}{os.sep}bank.safetensors")
+    problem = folder_instead_of_file("--out", args.out, "bank", "bank.safetensors")
+    if problem:
+        parser.error(problem)
     return args
 
 

@@ -151,12 +151,10 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--out", default=None, help="output folder (default: the package's weights, which a full "
                         "build replaces; --quick needs another folder)")
     args = parser.parse_args(argv)
-    if args.out is None:
-        if args.quick:  # its untrained models would replace the shipped ones the demo and configs use
-            parser.error("--quick writes barely trained models: give --out DIR (not the package's weights)")
-        args.out = str(WEIGHTS_DIR)
-    elif args.quick and Path(args.out).resolve() == Path(WEIGHTS_DIR).resolve():
-        parser.error(f"--quick --out {args.out}: that is the package's shipped weights; use another folder")
+    args.out = args.out or str(WEIGHTS_DIR)
+    if args.quick and Path(args.out).resolve() == Path(WEIGHTS_DIR).resolve():
+        # its barely trained models would replace the shipped ones the demo and configs use
+        parser.error(f"--quick writes barely trained models: give --out DIR, not the package's weights ({args.out})")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out}: an existing file, not a folder")
     return args
