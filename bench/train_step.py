@@ -595,7 +595,9 @@ def main(argv=None) -> None:
     runs, keep, flops_info = [], None, {}
     for round_ in range(args.rounds):
         for impl in impls:
-            cfg = dict(base, impl=impl, probe_keep=round_ == 0, count_flops=not flops_info and round_ == 0)
+            # the keep probe costs a backward with hooks and only fastfair_fast's plan uses it
+            cfg = dict(base, impl=impl, probe_keep=round_ == 0 and "fastfair_fast" in impls,
+                       count_flops=not flops_info and round_ == 0)
             result = None  # fastfair_fast's first run comes from fit_fast_plan
             ref = next((r for r in runs if r["impl"] == "baseline_sdpa"), None)
             if impl == "fastfair" and ref is not None and "fastfair_fast" in impls:

@@ -68,6 +68,10 @@ def train(config: str, out: Path, iters, overrides: List[str]):
     if config not in CONFIGS and not Path(config).is_file():
         raise ValueError(f"--config {config}: neither a shipped config ({', '.join(CONFIGS)}) nor a YAML file")
     cfg = load_config(CONFIGS.get(config, config), list(overrides) + extra)
+    trained = max(checkpoint.list_checkpoints(out), default=0)
+    if iters is not None and iters < trained:  # the trainer would name max_steps, which the demo user never set
+        raise ValueError(f"--iters {iters}: {out} holds a run trained for {trained} iterations already; give "
+                         f"--iters {trained} or more to go on from it, or another --out for a shorter run")
     with process_group("cpu"):
         Trainer(cfg, "cpu").train()
     return cfg, checkpoint.resolve_resume("auto", cfg.output_dir)

@@ -88,6 +88,27 @@ def test_train_step_cli_end_to_end(setup, tmp_path):
     assert 0 < lean["kept_attention_bytes"] < lean["kept_graph_bytes"]
 
 
+def test_train_step_probes_kept_steps_only_for_fastfair_fast(setup, tmp_path, monkeypatch):
+    """The lean worker's keep probe (a backward with hooks; its bytes fill the report's fastfair_fast paragraph)
+    runs only when fastfair_fast is asked for."""
+    paths, *_ = setup
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "paths.json").write_text(json.dumps(paths))
+    probed = []
+
+    def worker(cfg, peak_limit=None):
+        probed.append((cfg["impl"], cfg["probe_keep"]))
+        return {"impl": cfg["impl"], "s_per_iter_samples": [1.0], "peak_bytes": 1}
+
+    monkeypatch.setattr(train_step, "run_worker", worker)
+    monkeypatch.setattr(train_step, "write_report", lambda **kwargs: None)
+    train_step.main(["--model", "tiny", "--images", "1", "--steps", "2", "--rounds", "2", "--iters", "1",
+                     "--models-dir", str(models), "--json", str(tmp_path / "r.json"),
+                     "--impls", "baseline_sdpa,fastfair"])
+    assert probed == [("baseline_sdpa", False), ("fastfair", False)] * 2
+
+
 def test_fast_plan_shrinks_by_the_overshoot_until_its_fresh_peak_fits(monkeypatch):
     """fit_fast_plan: a plan whose fresh-process peak is over the budget is replaced by keeps_for_budget of its
     modelled bytes less the overshoot; the first plan that fits is the one timed."""

@@ -199,6 +199,8 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     assert manifest["settings"]["finetuned"] == second["checkpoint"]
     assert json.loads((out / "eval" / "metrics.json").read_text())["settings"]["finetuned"] == second["checkpoint"]
     assert not (out / "eval" / "stale.txt").exists()  # the demo's eval folder was started afresh
+    with pytest.raises(ValueError, match=r"--iters 1: .* trained for 2 iterations already; give --iters 2 or more"):
+        demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST)
 
 
 def test_demo_names_its_configs_for_an_unknown_one(tmp_path):
