@@ -79,6 +79,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
                 "seed": seed, "dtype": dtype, "resolution": unet_config.sample_size * scale,
                 "model_files": weight_fingerprint(resolve_model(model)),
                 "finetuned_files": weight_fingerprint(finetuned)}
+    if model_config:  # a single-file model's architecture: another one gives other images from the same weights
+        settings.update(model_config=str(model_config), model_config_files=weight_fingerprint(model_config))
     out = Path(out)
     cache = ImageCache(out / "images", settings)
     jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales for m in sources

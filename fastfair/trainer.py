@@ -12,7 +12,8 @@ One iteration, on each rank for its share of the global batch of N images of one
     loss              <- L_align + lambda_img L_img + lambda_face L_face (fastfair.losses.weights)
     backward, all-reduce grads, skip the step if any is non-finite, clip, optimizer step, EMA
 
-Launch: plain ``python fastfair/train.py`` (a 1-process gloo group is set up here), or ``torchrun``.
+Launch: plain ``python fastfair/train.py`` (a 1-process group is set up here: nccl on CUDA, gloo on CPU), or
+``torchrun``.
 """
 from __future__ import annotations
 
@@ -175,6 +176,14 @@ def build_optimizer(cfg: TrainConfig, params):
         optimizer_class = torch.optim.AdamW
     optimizer = optimizer_class(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+
+
+def _optimizer_name(state: Optional[dict]) -> Optional[str]:
+    """optim.name of a saved optimizer state (checkpoints before optimizer_name was saved): bitsandbytes' 8-bit
+    AdamW keeps its moments as state1/state2, torch's AdamW as exp_avg/exp_avg_sq; None before any step."""
+    for param_state in (state or {}).get("state", {}).values():
+        return "adamw8bit" if "state1" in param_state else "adamw"
+    return None
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -431,7 +440,7 @@ class Trainer:
     # --- checkpoints
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict() if self.engine is None else None,
-                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "optimizer_name": self.cfg.optim.name, "lr_scheduler": self.lr_scheduler.state_dict(),
                 "mixture": self.mixture.state_dict(), "skipped": self.skipped}
 
     def save(self, it: int) -> None:
@@ -457,6 +466,10 @@ class Trainer:
         ema = checkpoint.for_model(ema, self.model.trainable, f"resume={path}")
         if self.engine is None and state["optimizer"] is None:
             raise ValueError(f"resume={path}: a checkpoint of a DeepSpeed run; resume it with its deepspeed.config")
+        saved_name = state.get("optimizer_name") or _optimizer_name(state["optimizer"])
+        if saved_name not in (None, self.cfg.optim.name):  # their states differ in layout (exp_avg vs state1)
+            raise ValueError(f"optim.name={self.cfg.optim.name}, but resume={path} holds an {saved_name} optimizer "
+                             f"state: resume with optim.name={saved_name}, or start a fresh run in another output_dir")
         with torch.no_grad():
             for name, p in self.model.trainable.items():
                 p.copy_(weights[name])

@@ -68,6 +68,21 @@ def test_cache_refuses_images_of_a_rewritten_local_base_model(tmp_path):
         run(out, model=model)
 
 
+def test_cache_refuses_images_of_another_architecture_folder(tmp_path):
+    """A single-file model's images depend on its --model-config folder too (its scheduler, its configs)."""
+    from fastfair.testing import save_tiny_single_file
+
+    single = save_tiny_single_file(toy_pipeline(), tmp_path / "model.safetensors")
+    config = tmp_path / "config"
+    shutil.copytree(toy_pipeline(), config)
+    out = tmp_path / "eval"
+    run(out, model=single, model_config=str(config))
+    scheduler = config / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
+    with pytest.raises(StaleCacheError, match=r"model_config_files: scheduler/scheduler_config.json changed"):
+        run(out, model=single, model_config=str(config))
+
+
 def test_cache_refuses_a_checkpoint_rewritten_by_a_rerun(tmp_path):
     """A rerun writing RUN/checkpoints/step_N again (same path, new weights) invalidates its images."""
     from fastfair.checkpoint import save_checkpoint

@@ -81,6 +81,24 @@ def test_resume_applies_the_new_optimizer_settings(tmp_path, world):
     assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
 
 
+def test_resume_refuses_another_optimizer(tmp_path, world):
+    """adamw and adamw8bit states differ in layout: loading one into the other failed later with KeyError 'state1'.
+    Checkpoints written before the name was saved are recognised by their moments' keys."""
+    import torch
+
+    cfg, _ = _trained(tmp_path, world, "max_steps=2")
+    other = load_config(write_config(tmp_path, world), ["max_steps=3", "resume=auto", "optim.name=adamw8bit"])
+    message = r"optim.name=adamw8bit, but resume=.* holds an adamw optimizer state: resume with optim.name=adamw"
+    with pytest.raises(ValueError, match=message):
+        Trainer(other).train()
+    state_file = checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state.pop("optimizer_name") == "adamw"
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match=message):
+        Trainer(other).train()
+
+
 def test_one_process_group_sets_local_rank_and_leaves_no_store_file():
     # a fresh process: this module's world fixture already holds a process group
     code = """
