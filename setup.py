@@ -4,7 +4,8 @@ Install (CPU machines): ``pip install -c constraints.txt -e ".[cpu,test]"`` (wha
 ``make setup`` runs). The ``cpu`` extra pins the CPU build of torch that lies on
 these machines' disk; without it, a machine with no torch would pull a multi-GB
 CUDA build. On a machine that already has torch (e.g. a GPU box with torch 2.11),
-``pip install -e .`` keeps that torch: the core only needs torch >= 2.4.
+``pip install -e .`` keeps that torch (>= 2.6 for the newest diffusers, transformers and peft; on torch 2.4
+or 2.5 install those at the versions ``constraints-torch2.4.txt`` pins).
 
 The native extension ``fastfair._C`` (C++/OpenMP for CPU, CUDA where nvcc and a
 CUDA torch are present) is built only when asked: ``FASTFAIR_BUILD_NATIVE=1``.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command a lent GPU machine runs (README, "GPU check"): install the carried wheels (bench/device_wheels.sh
+# The one command a lent GPU machine runs (README, "Kernels"): install the carried wheels (bench/device_wheels.sh
 # made them here), run bench/gpu_check.sh under a time limit, and pack its results into one archive, since the
 # device tool brings back at most 8 files from $OUT and a call stopped at its limit would bring back nothing
 # written after it. Device call: carry [".whl"], command `bash bench/device_run.sh`, timeout_s about 600.

@@ -9,7 +9,7 @@
 # There, before anything imports them:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site
-# then `bash bench/gpu_check.sh "$OUT/gpu"` (README, "GPU check").
+# then `bash bench/gpu_check.sh "$OUT/gpu"` (README, "Kernels").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${1:-.whl}"
