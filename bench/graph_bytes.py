@@ -16,6 +16,8 @@ import contextlib
 import json
 from pathlib import Path
 
+from typing import Optional
+
 import torch
 
 
@@ -70,7 +72,21 @@ def measure(unet, latent: int, lean: bool) -> dict:
             "saved_tensor_bytes_check": checked, "by_node": dict(by_node.most_common())}
 
 
-def markdown(results: list, argv: str) -> str:
+def attention_keep(unet, latent: int) -> dict:
+    """G_att and r of the same call as a step that keeps its attention outputs only
+    (``fastfair.memory_budget.attention_keep_costs``): both CFG rows differentiated, as in ``measure``."""
+    from fastfair.memory_budget import attention_keep_costs
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, unet.config.in_channels, latent, latent, generator=generator)
+    cond, uncond = (torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator).requires_grad_(True)
+                    for _ in range(2))
+    costs = attention_keep_costs(unet, latents, 500, cond, uncond, 7.5)
+    return {"attention_bytes": None, "attention_share": None} if costs is None else {
+        "attention_bytes": costs[0], "attention_share": costs[1]}
+
+
+def markdown(results: list, argv: str, attention: Optional[dict] = None) -> str:
     mib = 2.0 ** 20
     nodes = list(dict.fromkeys(k for r in results for k in r["by_node"]))
     header = " | ".join(f"lean_graph={'on' if r['lean_graph'] else 'off'} MiB" for r in results)
@@ -83,6 +99,14 @@ def markdown(results: list, argv: str) -> str:
     lines.append("| total | " + " | ".join(f"{r['total_bytes'] / mib:.1f}" for r in results) + " |")
     lines.append("| saved_tensor_bytes (check) | "
                  + " | ".join(f"{r['saved_tensor_bytes_check'] / mib:.1f}" for r in results) + " |")
+    if attention and attention["attention_bytes"] is not None:
+        graph, share = results[0]["total_bytes"], attention["attention_share"]
+        ratio = attention["attention_bytes"] / graph
+        first = "attention-only keeps" if share > ratio else "whole graphs"
+        lines += ["", f"A step that keeps its attention outputs only (keep_attention_steps) holds "
+                      f"{attention['attention_bytes'] / mib:.1f} MiB, {100 * ratio:.1f}% of the lean graph's bytes, "
+                      f"and saves the attention's share of the step's recompute, {100 * share:.1f}% of its FLOPs "
+                      f"(fastfair.memory_budget.attention_keep_costs): per byte, {first} save more recompute here."]
     return "\n".join(lines) + "\n"
 
 
@@ -101,10 +125,11 @@ def main(argv=None) -> None:
     unet = UNet2DConditionModel.from_pretrained(args.unet).eval().requires_grad_(False)
     unet.set_attn_processor(AttnProcessor2_0())
     results = [measure(unet, args.latent, lean) for lean in (True, False)]
-    table = markdown(results, shlex.join(sys.argv[1:] if argv is None else argv))
+    attention = attention_keep(unet, args.latent)
+    table = markdown(results, shlex.join(sys.argv[1:] if argv is None else argv), attention)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": "cpu", "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": "cpu", "results": results, **attention}, indent=1))
         Path(args.json).with_suffix(".md").write_text(table)
 
 

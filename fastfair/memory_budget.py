@@ -27,8 +27,8 @@ then the same for every c and beta: the FLOP-optimal plan is the time-optimal on
 device (large c) every keep saves little time. Where the engine does not split (nothing frozen sampled alongside,
 both branches differentiated) a whole graph saves c more than this counts; with recompute_chunk q > 1, c / q less.
 Which keep wins per byte depends on the resolution: in SD 1.5's U-Net attention is 1.5% of the FLOPs at 16x16
-latents and 15.7% at 64x64 (counted); G_att is 8% of G at 16x16 (measured), so whole graphs come first there, and
-attention keeps at 64x64 as long as G_att stays under 15.7% of G.
+latents and 15.7% at 64x64 (counted); G_att is 8.1% of G at 16x16 and 8.9% at 64x64 (measured:
+bench/graph_bytes.py), so whole graphs come first at 16x16 and attention keeps at 64x64.
 
 Not in the model: the VAE decode and loss graphs, which live beside the kept graphs until the backward, and one
 recompute chunk's graph in the backward (the kept graphs are freed before it): leave headroom for them.

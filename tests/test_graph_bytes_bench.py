@@ -18,5 +18,7 @@ def test_per_node_bytes_add_up_and_show_lean_graph():
     assert lean["total_bytes"] < plain["total_bytes"]
     assert plain["by_node"].get("Convolution", 0) > 0 and lean["by_node"].get("Convolution", 0) == 0
     assert "GegluGate" in lean["by_node"] and "GegluGate" not in plain["by_node"]
-    table = graph_bytes.markdown([lean, plain], "--latent 8")
-    assert "| total |" in table and "| GegluGate |" in table
+    attention = graph_bytes.attention_keep(unet, 8)
+    assert 0 < attention["attention_bytes"] < lean["total_bytes"] and 0 < attention["attention_share"] < 1
+    table = graph_bytes.markdown([lean, plain], "--latent 8", attention)
+    assert "| total |" in table and "| GegluGate |" in table and "keeps its attention outputs only" in table
