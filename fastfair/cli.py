@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from typing import Iterator, Optional
@@ -11,7 +12,10 @@ from typing import Iterator, Optional
 def user_errors(prog: str) -> Iterator[None]:
     """Inside: a ValueError (fastfair raises them for bad input, with the fix in the message) or an OSError (a path
     that is missing, a folder where a file goes, ...) exits with status 2 and ``prog: error: message`` on stderr, as
-    argparse does; FASTFAIR_TRACEBACK=1 re-raises it with its traceback."""
+    argparse does; FASTFAIR_TRACEBACK=1 re-raises it with its traceback. Also quiets bitsandbytes' CPU backend
+    (imported by peft and diffusers when installed), which on CPUs with AVX512-BF16 warns at import that the
+    optional Hugging Face ``kernels`` hub package lacks a 4-bit kernel fastfair never uses."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         yield
     except (ValueError, OSError) as error:
