@@ -1,7 +1,7 @@
 """Adjusted direct finetuning (DFT) engine: differentiable DPM-Solver++ sampling at constant memory.
 
-``sample`` runs the sampler with no graph, keeps only the latents z_i of the steps it will backpropagate, and
-returns z_0 through a ``torch.autograd.Function`` whose backward gives exactly the adjusted gradient of the
+``sample`` runs the sampler with no graph, keeps only the latents z_i of the steps it will backpropagate (and,
+when asked, some steps' graphs or attention outputs: ``keep_graph_steps``, ``keep_attention_steps``), and returns z_0 through a ``torch.autograd.Function`` whose backward gives exactly the adjusted gradient of the
 seed's Algorithm A.1 (U-Net input detached, the CFG-combined eps's gradient scaled by C_i):
 
     dL/d eps_i = C_i k_i g,  g = dL/dz_0,  k_i the chain weight of eps_i in z_0 (``fastfair.schedule``)
@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import kernels
 from .autocast_cache import no_stale_casts
 from .keep_attention import AttentionRecorder, AttentionReplay, in_attention_layers
 from .lean_graph import lean_graph as _lean_graph
-from .schedule import COEFFICIENT_MODES, SolverSchedule, solver_schedule
+from .schedule import COEFFICIENT_MODES, SolverSchedule, check_scheduler, solver_schedule
 
 
 @lru_cache(maxsize=64)
@@ -94,30 +96,57 @@ def _embeddings(cond: torch.Tensor, uncond: Optional[torch.Tensor], batch: int, 
 
 
 def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps, frozen_rows, keep_attention_steps=0):
-    if not isinstance(z_T, torch.Tensor) or z_T.dim() < 2:
-        raise ValueError("z_T: expected a latent tensor [B, C, H, W]")
+                  grad_steps, frozen_rows, keep_attention_steps=0, scheduler=None, generator=None, unet_dtype=None):
+    check_scheduler(scheduler)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}: expected a positive integer")
+    if not isinstance(z_T, torch.Tensor) or z_T.dim() != 4:
+        got = tuple(z_T.shape) if isinstance(z_T, torch.Tensor) else type(z_T).__name__
+        raise ValueError(f"z_T: expected a latent tensor [B, C, H, W], got {got}")
     for name, emb in (("cond", cond), ("uncond", uncond)):
-        if emb is None:
+        if emb is None and name == "uncond":
             continue
+        if not isinstance(emb, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor of text embeddings [B, L, D] or [1, L, D], "
+                            f"got {type(emb).__name__}")
         if emb.dim() != 3 or emb.shape[0] not in (1, z_T.shape[0]):
             raise ValueError(
                 f"{name}: expected text embeddings [B, L, D] or [1, L, D] with B = z_T.shape[0] = {z_T.shape[0]}, "
                 f"got {tuple(emb.shape)}"
             )
+        if not emb.is_floating_point():
+            raise TypeError(f"{name}: expected floating-point text embeddings, got dtype {emb.dtype}")
+    if isinstance(guidance_scale, (str, bytes)):
+        raise ValueError(f"guidance_scale={guidance_scale!r}: expected a number")
+    try:
+        guidance = float(guidance_scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"guidance_scale={guidance_scale!r}: expected a number") from None
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number")
+    if uncond is not None and guidance != 1.0 and uncond.shape[1:] != cond.shape[1:]:
+        raise ValueError(
+            f"uncond: shape {tuple(uncond.shape)} does not match cond's {tuple(cond.shape)} in [L, D]; classifier-free "
+            "guidance batches them into one U-Net call, so encode both prompts with the same tokenizer padding "
+            "(max_length) and text encoder"
+        )
     if coefficients not in COEFFICIENT_MODES:
         raise ValueError(f"coefficients={coefficients!r}: expected one of {COEFFICIENT_MODES}")
-    if recompute_chunk is not None and (not isinstance(recompute_chunk, int) or recompute_chunk < 1):
+    if recompute_chunk is not None and (isinstance(recompute_chunk, bool) or not isinstance(recompute_chunk, int)
+                                        or recompute_chunk < 1):
         raise ValueError(f"recompute_chunk={recompute_chunk!r}: expected a positive integer or None (= 1 step)")
     for name, value in (("keep_graph_steps", keep_graph_steps), ("keep_attention_steps", keep_attention_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r}: expected an integer >= 0")
-    if not isinstance(frozen_rows, int) or not 0 <= frozen_rows < z_T.shape[0]:
+    if isinstance(frozen_rows, bool) or not isinstance(frozen_rows, int) or not 0 <= frozen_rows < z_T.shape[0]:
         raise ValueError(f"frozen_rows={frozen_rows!r}: expected an integer in [0, batch={z_T.shape[0]})")
-    if grad_steps is not None and (not isinstance(grad_steps, int) or not 1 <= grad_steps <= num_steps):
+    if grad_steps is not None and (isinstance(grad_steps, bool) or not isinstance(grad_steps, int)
+                                   or not 1 <= grad_steps <= num_steps):
         raise ValueError(f"grad_steps={grad_steps!r}: expected None or an integer in [1, num_steps={num_steps}]")
-    if guidance_scale is None or not float(guidance_scale) == float(guidance_scale):
-        raise ValueError(f"guidance_scale={guidance_scale!r}: expected a number")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if unet_dtype is not None and not isinstance(unet_dtype, torch.dtype):
+        raise TypeError(f"unet_dtype={unet_dtype!r}: expected a torch.dtype (e.g. torch.float16) or None")
 
 
 def _check_deterministic(unet: torch.nn.Module) -> None:
@@ -381,7 +410,7 @@ def sample(
         ``engine.backward()`` and ``torch.autocast`` (the backward recompute runs under the forward's autocast).
     """
     _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps, frozen_rows, keep_attention_steps)
+                  grad_steps, frozen_rows, keep_attention_steps, scheduler, generator, unet_dtype)
     guidance = float(guidance_scale)
     use_cfg = uncond is not None and guidance != 1.0
     params = tuple(p for p in unet.parameters() if p.requires_grad)

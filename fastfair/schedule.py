@@ -104,7 +104,24 @@ def _config_of(scheduler_or_config: Any) -> Mapping[str, Any]:
             "scheduler: expected a diffusers DPMSolverMultistepScheduler or its config mapping, "
             f"got {type(scheduler_or_config).__name__}"
         )
+    if config is not scheduler_or_config:
+        # A scheduler object: its class decides. A directly constructed scheduler's config has no _class_name,
+        # and most schedulers' configs hold only keys DPMSolverMultistepScheduler also takes.
+        from diffusers import DPMSolverMultistepScheduler
+
+        if not isinstance(scheduler_or_config, DPMSolverMultistepScheduler):
+            name = type(scheduler_or_config).__name__
+            raise ValueError(
+                f"scheduler: {name} is not supported (fastfair samples with DPM-Solver++ only); "
+                "use DPMSolverMultistepScheduler.from_config(scheduler.config)"
+            )
     return config
+
+
+def check_scheduler(scheduler_or_config: Any) -> None:
+    """Raise ValueError/TypeError naming what is wrong unless ``scheduler_or_config`` is a supported
+    DPMSolverMultistepScheduler or config mapping (what ``solver_schedule`` checks before any step count)."""
+    _check_supported(_config_of(scheduler_or_config))
 
 
 def _check_supported(config: Mapping[str, Any]) -> None:
@@ -236,6 +253,15 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
         m[i + 1] += ce[i]
         z_coef = a[i] * z_coef + b0[i] * m + b1[i] * m_prev
         m_prev = m
+
+    if not all(np.isfinite(x).all() for x in (cz, ce, a, b0, b1, z_coef)):
+        repeated = sorted({int(t) for t in timesteps[np.nonzero(np.diff(timesteps) >= 0)[0]]})
+        raise ValueError(
+            f"num_steps={S}: the scheduler's noise levels repeat at this step count (repeated timesteps "
+            f"{repeated[:8]}{' ...' if len(repeated) > 8 else ''}), so the solver's coefficients are not finite "
+            f"(diffusers' own sampler gives NaN too); use fewer steps than num_train_timesteps="
+            f"{len(betas)}"
+        )
 
     t_idx = timesteps.clip(0, len(betas) - 1)
     return SolverSchedule(

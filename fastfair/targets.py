@@ -129,7 +129,14 @@ class Targets:
         for all attributes), or from a mapping {name: [N, C_name]} (one classifier per attribute)."""
         out = {}
         for a in self.attributes:
+            if isinstance(logits, Mapping) and a.name not in logits:
+                raise KeyError(f"attribute_logits: no logits for attribute {a.name!r}; the mapping has "
+                               f"{sorted(logits)}, the targets declare {[b.name for b in self.attributes]}")
             source = logits[a.name] if isinstance(logits, Mapping) else logits
+            what = f"logits[{a.name!r}]" if isinstance(logits, Mapping) else "logits"
+            if not torch.is_tensor(source) or source.ndim != 2:
+                got = tuple(source.shape) if torch.is_tensor(source) else type(source).__name__
+                raise ValueError(f"attribute_logits: {what} must be a [N, C] tensor of classifier outputs, got {got}")
             if source.shape[-1] <= max(a.indices):
                 raise ValueError(f"attribute {a.name!r} reads classifier output index {max(a.indices)} "
                                  f"but the classifier gives {source.shape[-1]} outputs")
@@ -198,6 +205,8 @@ def _parse_attribute(spec, where, declared, normalize) -> Attribute:
         raise TypeError(f"{where}.given must be an attribute name or a list of them, got {given!r}")
     parents = []
     for g in given:
+        if g == name:
+            raise ValueError(f"{where}.given: an attribute cannot be conditioned on itself ({g!r})")
         parent = next((a for a in declared if a.name == g), None)
         if parent is None:
             raise ValueError(f"{where}.given: {g!r} is not a declared attribute; condition only on "
@@ -222,8 +231,10 @@ def _parse_classes(spec, where):
     else:
         raise TypeError(f"{where} must be a mapping {{class name: classifier index}} or a list of "
                         f"{{name, index}}, got {type(spec).__name__}")
-    if len(pairs) < 2:
+    if not pairs:
         raise ValueError(f"{where}: empty attribute; declare at least two classes")
+    if len(pairs) < 2:
+        raise ValueError(f"{where}: only one class {[n for n, _ in pairs]}; declare at least two classes")
     names = [n for n, _ in pairs]
     for n, index in pairs:
         if not isinstance(n, str) or not n:
@@ -245,7 +256,8 @@ def _parse_table(spec, parents, classes, where, normalize):
         dist = _parse_distribution(spec, classes, where, normalize)
         return np.broadcast_to(dist, tuple(len(p.classes) for p in parents) + (len(classes),)).copy()
     if not parents:
-        raise ValueError(f"{where}: expected a mapping class -> probability over {list(classes)}")
+        raise ValueError(f"{where}: expected a mapping class -> probability over {list(classes)} or 'uniform', "
+                         f"got {spec!r}")
     _check_cells(spec, parents[0], where)
     return np.stack([_parse_table(spec[c], parents[1:], classes, f"{where}.{c}", normalize)
                      for c in parents[0].classes])
@@ -269,8 +281,10 @@ def _parse_distribution(spec, classes, where, normalize):
         raise ValueError(f"{where}: no probability for class(es) {missing} (give 0 explicitly)")
     for c in classes:
         value = spec[c]
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{where}.{c} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise TypeError(f"{where}.{c} must be a finite number, got {value!r}")
         if value < 0:
             raise ValueError(f"{where}.{c} is negative ({value}); probabilities must be >= 0")
     dist = np.array([float(spec[c]) for c in classes])

@@ -3,6 +3,8 @@
 - ``alignment``: expected optimal-transport targets and the distributional alignment loss (Eq. 4-6);
 - ``global_batch``: the same targets over all ``torch.distributed`` ranks;
 - ``semantics``: the image semantics preserving loss with CLIP / DINOv2 encoders (Eq. 7);
+- ``face``: the face realism preserving loss against a bank of real face embeddings (Eq. 8; import it from
+  ``fastfair.losses.face``: it needs ``fastfair.faces``, which this package does not load);
 - ``weights``: the dynamic lambda_img weights, the face-region gradient map, the combined loss.
 """
 from .alignment import alignment_loss, expected_ot_targets

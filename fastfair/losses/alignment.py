@@ -59,7 +59,7 @@ def expected_ot_targets(probs, target, method="auto", num_samples=256, generator
     target, valid = _check_inputs(probs, target, method, num_samples, valid)
     q = torch.zeros(probs.shape, dtype=torch.float64)
     rows = probs.detach().to("cpu", torch.float64)[valid]
-    if (rows < -1e-6).any() or ((rows.sum(-1) - 1).abs() > 1e-3).any():
+    if not torch.isfinite(rows).all() or (rows < -1e-6).any() or ((rows.sum(-1) - 1).abs() > 1e-3).any():
         raise ValueError("expected_ot_targets: each row of probs must be a probability vector "
                          "(apply softmax to logits first)")
     if rows.shape[0] > 0:
@@ -75,14 +75,22 @@ def alignment_loss(logits, q, threshold, mask=None, reduction="mean"):
     mask: optional [N] bool, images that take part (False: no face). reduction: "mean" (sum / N, all
     N images counted as in Eq. 6), "sum", or "none" ([N], zero where excluded).
     """
+    for name, value in (("logits", logits), ("q", q)):
+        if not torch.is_tensor(value):
+            raise TypeError(f"alignment_loss: {name} must be a [N, K] tensor, got {type(value).__name__}")
     if logits.ndim != 2 or q.shape != logits.shape:
         raise ValueError(f"alignment_loss: logits [N, K] and q of the same shape expected, got "
                          f"{tuple(logits.shape)} and {tuple(q.shape)}")
-    if not 0.0 <= float(threshold) <= 1.0:
+    if not logits.is_floating_point():
+        raise TypeError(f"alignment_loss: logits must be floating point (classifier outputs), got {logits.dtype}")
+    if threshold is None or not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"alignment_loss: threshold is a confidence in [0, 1], got {threshold}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"alignment_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     mask = _as_mask(mask, logits.shape[0], "mask", logits.device)
+    if not ((q >= -1e-6) & (q <= 1 + 1e-6)).all():  # NaN fails too
+        raise ValueError("alignment_loss: q must hold probabilities in [0, 1] (expected_ot_targets' output), got "
+                         f"values in [{q.min().item():.4g}, {q.max().item():.4g}]; are logits and q swapped?")
     confidence, classes = q.detach().max(dim=-1)
     selected = mask & (confidence >= threshold) & (confidence > 0)
     per_image = F.cross_entropy(logits, classes, reduction="none") * selected
@@ -113,12 +121,15 @@ def _check_inputs(probs, target, method, num_samples, valid):
     if not torch.is_tensor(probs) or probs.ndim != 2:
         raise ValueError("expected_ot_targets: probs must be a [N, K] tensor of class probabilities")
     # a list stays float64 (torch.as_tensor would round it to float32 first)
-    target = (target.detach() if torch.is_tensor(target) else torch.tensor(target, dtype=torch.float64))
+    try:
+        target = (target.detach() if torch.is_tensor(target) else torch.tensor(target, dtype=torch.float64))
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"expected_ot_targets: target must be a [K] vector of probabilities, got {target!r}") from None
     target = target.to("cpu", torch.float64)
     if target.ndim != 1 or target.shape[0] != probs.shape[1]:
         raise ValueError(f"expected_ot_targets: target must be a [K] vector with K = {probs.shape[1]} "
                          f"(probs' columns), got shape {tuple(target.shape)}")
-    if (target < 0).any() or abs(float(target.sum()) - 1.0) > 1e-6:
+    if not torch.isfinite(target).all() or (target < 0).any() or abs(float(target.sum()) - 1.0) > 1e-6:
         raise ValueError(f"expected_ot_targets: target must be a probability vector (>= 0, sum 1), "
                          f"got {target.tolist()}")
     return target, _as_mask(valid, probs.shape[0], "valid", "cpu")
