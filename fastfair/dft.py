@@ -388,7 +388,8 @@ def sample(
         guidance_scale: w in eps = eps_u + w (eps_c - eps_u).
         coefficients: ``paper`` | ``exact`` | ``none``: the adjustment C_i (``fastfair.schedule``).
         recompute_chunk: steps batched into one U-Net call in the backward (None = 1: least memory).
-        keep_graph_steps: keep this many steps' graphs from the forward instead of recomputing them.
+        keep_graph_steps: keep this many steps' graphs from the forward instead of recomputing them (with the
+            attention keeps, at most the steps backpropagated: a larger count keeps them all).
         keep_attention_steps: of the other steps, this many record their attention kernels' outputs in the
             sampling call and replay them in the backward's recompute (``fastfair.keep_attention``: about a tenth
             of a kept graph's bytes for the attention's share of the recompute; the gradient equals the lean
@@ -416,6 +417,12 @@ def sample(
     params = tuple(p for p in unet.parameters() if p.requires_grad)
     if unet_dtype is None:
         unet_dtype = unet_input_dtype(unet)
+    config = getattr(unet, "config", None)  # encoder_hid_dim: a U-Net that projects its text embeddings first
+    key = "encoder_hid_dim" if getattr(config, "encoder_hid_dim", None) else "cross_attention_dim"
+    width = getattr(config, key, None)
+    if isinstance(width, int) and cond.shape[-1] != width:  # else a matmul shape error deep in the first block
+        raise ValueError(f"cond: embeddings of width D={cond.shape[-1]}, but the U-Net's {key} is {width}: encode "
+                         "the prompts with the text encoder of this model")
     needs_grad = torch.is_grad_enabled() and (
         z_T.requires_grad or cond.requires_grad or (use_cfg and uncond.requires_grad) or len(params) > 0
     )

@@ -163,3 +163,14 @@ def test_alignment_loss_refuses_q_that_is_not_probabilities():
         alignment_loss(logits.long(), q, 0.5)
     with pytest.raises(ValueError, match=r"threshold is a confidence in \[0, 1\], got None"):
         alignment_loss(logits, q, None)
+
+
+def test_embeddings_of_another_width_than_the_unets_cross_attention_are_refused():
+    from fastfair.testing import tiny_unet
+
+    unet = tiny_unet(cross_attention_dim=16).requires_grad_(False)
+    z_T = torch.randn(1, 4, 8, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"cond: embeddings of width D=24, but the U-Net's "
+                                                          r"cross_attention_dim is 16"):
+        sample(unet, SCHED, z_T, torch.randn(1, 5, 24), torch.randn(1, 5, 24), num_steps=2)
+    assert torch.isfinite(sample(unet, SCHED, z_T, torch.randn(1, 5, 16), torch.randn(1, 5, 16), num_steps=2)).all()
