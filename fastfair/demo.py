@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -138,13 +139,25 @@ def summarize_demo(results: dict) -> dict:
             for side, summary in (("before", before), ("after", after)):
                 metrics[side][name] = summary[f"{attribute_set['name']}.{key}"]["mean"]
                 metrics[side][name + "_std"] = summary[f"{attribute_set['name']}.{key}"]["std"]
-            metrics["reduction"][name] = 1 - metrics["after"][name] / metrics["before"][name]
+            change = _relative_change(metrics["before"][name], metrics["after"][name])
+            metrics["reduction"][name] = None if change is None else -change
     for name in results["settings"]["semantic_encoders"]:
         metrics["semantics"][f"sim_{name}"] = after[f"sim_{name}"]["mean"]
     metrics["semantics"]["diversity_before"] = before["diversity"]["mean"]
     metrics["semantics"]["diversity_after"] = after["diversity"]["mean"]
     metrics["no_face"] = {"before": before["no_face"]["total"], "after": after["no_face"]["total"]}
     return metrics
+
+
+def _relative_change(before: float, after: float):
+    """after / before - 1, or None where it is undefined (an original model already at 0, or no faces: NaN)."""
+    if not (math.isfinite(before) and math.isfinite(after)) or before == 0:
+        return None
+    return after / before - 1
+
+
+def _percent(change) -> str:
+    return "n/a" if change is None else f"{100 * change:+.0f}%"
 
 
 def table(metrics: dict) -> str:
@@ -155,13 +168,14 @@ def table(metrics: dict) -> str:
             continue
         after = metrics["after"][name]
         lines.append(f"| {name} ↓ | {value:.3f} ± {metrics['before'][name + '_std']:.3f} | "
-                     f"{after:.3f} ± {metrics['after'][name + '_std']:.3f} | {-100 * metrics['reduction'][name]:+.0f}% |")
+                     f"{after:.3f} ± {metrics['after'][name + '_std']:.3f} | "
+                     f"{_percent(None if metrics['reduction'][name] is None else -metrics['reduction'][name])} |")
     sem = metrics["semantics"]
     for key, value in sem.items():
         if key.startswith("sim_"):
             lines.append(f"| semantics {key} ↑ | 1 | {value:.3f} | |")
     lines.append(f"| diversity | {sem['diversity_before']:.3f} | {sem['diversity_after']:.3f} | "
-                 f"{100 * (sem['diversity_after'] / sem['diversity_before'] - 1):+.0f}% |")
+                 f"{_percent(_relative_change(sem['diversity_before'], sem['diversity_after']))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +232,9 @@ def main(argv=None) -> dict:
     metrics = {**summarize_demo(results),
                "seconds": {"train": trained - began, "evaluate": time.perf_counter() - trained},
                "config": args.config, "iterations": cfg.max_steps, "checkpoint": str(final)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    from fastfair.evaluation.report import nan_to_null
+
+    (out / "metrics.json").write_text(json.dumps(nan_to_null(metrics), indent=1, allow_nan=False))
     pictures = write_pictures(results, out / "eval", out)
     print("\n" + table(metrics))
     print(f"{metrics['seconds']['train']:.0f} s training, {metrics['seconds']['evaluate']:.0f} s evaluation; "

@@ -3,7 +3,8 @@
 --prompts occupations:test --out DIR``.
 
 Steps (seed 0124-0135): generate `--images-per-prompt` images per prompt with both models from paired noise
-into a resumable PNG cache (`fastfair.evaluation.cache`); classify each image's largest face and score CLIP-T,
+(default: each attribute set's bias over the seed's 60 / 80 / 160 images for 2 / 4 / 8 classes, the first of the
+largest count generated; ``scoring.images_per_set``) into a resumable PNG cache (`fastfair.evaluation.cache`); classify each image's largest face and score CLIP-T,
 CLIP-I, DINO (`fastfair.evaluation.scoring`) and, optionally, FID (`fastfair.evaluation.fid`); per-prompt
 metrics and their mean ± std over prompts (`fastfair.metrics`), for each `--guidance-scales` value; then
 metrics.json, per_prompt.csv, summary.md, the Fig. 9 plots, image grids and report.html (`fastfair.evaluation.report`).
@@ -20,7 +21,8 @@ import torch
 from fastfair.config import SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
 from fastfair.evaluation.report import write_report
-from fastfair.evaluation.scoring import Scorer, attribute_sets, default_images_per_prompt, load_classifiers
+from fastfair.evaluation.scoring import (Scorer, attribute_sets, default_images_per_prompt, images_per_set,
+                                        load_classifiers)
 from fastfair.evaluation.sources import load_sources, resolve_model
 from fastfair.metrics import summarize
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
@@ -69,6 +71,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     joint = list(joint) if joint is not None else (list(classes) if len(classes) >= 2 else [])
     sets = attribute_sets(classes, targets or {}, joint)
     count = images_per_prompt if images_per_prompt is not None else default_images_per_prompt(sets)
+    counts = images_per_set(sets, images_per_prompt)
 
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -93,10 +96,12 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         semantics = load_callable(semantics, "--semantics")(None)
     scorer = Scorer(judges, detector, margin, clip, dino, device, semantics=semantics)
     fid = _fid_scorer(fid_reference, fid_inception, device) if fid_reference else None
-    results = {"settings": {**settings, "images_per_prompt": count, "guidance_scales": list(guidance_scales),
+    results = {"settings": {**settings, "images_per_prompt": count, "images_per_set": counts,
+                            "guidance_scales": list(guidance_scales),
                             "classifiers": [str(c) for c in classifiers],
                             "detector": getattr(detector, "__name__", str(detector)),
-                            "semantic_encoders": list(scorer.encoders)},
+                            "semantic_encoders": list(scorer.encoders),
+                            "diversity_encoder": scorer.diversity_encoder},
                "prompts": list(prompts), "guidance": {},
                "attribute_sets": [{"name": s.name, "attributes": list(s.attributes), "classes": list(s.classes),
                                    "target": list(s.target)} for s in sets]}
@@ -108,7 +113,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
             images = {m: from_png([cache.path(path) for path in paths[m]]) for m in sources}
             for m in sources if fid else ():
                 features[m].append(fid(images[m]))
-            for m, row in scorer.score_prompt(prompt, images, sets, {k: len(v) for k, v in classes.items()}).items():
+            class_counts = {k: len(v) for k, v in classes.items()}
+            for m, row in scorer.score_prompt(prompt, images, sets, class_counts, counts).items():
                 by_model[m]["per_prompt"][prompt] = row
                 by_model[m]["images"][prompt] = paths[m]
         for m, data in by_model.items():
@@ -164,7 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--target", action="append", default=[], help="ATTRIBUTE=P1,P2,... (default uniform)")
     parser.add_argument("--prompts", default="occupations:test", help="NAME[:SPLIT] of a shipped set, or a file")
     parser.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
-    parser.add_argument("--images-per-prompt", type=int, help="default 60 / 80 / 160 for K = 2 / 4 / 8 classes")
+    parser.add_argument("--images-per-prompt", type=int,
+                        help="score every attribute set on N images per prompt (default: as the paper, each set on "
+                             "60 / 80 / 160 images for K = 2 / 4 / 8 classes, the largest count generated)")
     parser.add_argument("--guidance-scales", default="7.5", help="comma-separated, e.g. 3,5,7.5,10")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)

@@ -70,6 +70,19 @@ def table_rows(results: dict) -> (List[str], List[List[str]]):
     return header, rows
 
 
+def protocol_note(results: dict) -> str:
+    """What the summary's numbers are over: images per set, the std, face-less images, diversity's embedding."""
+    settings = results["settings"]
+    counts = settings.get("images_per_set") or {}
+    per_set = ", ".join(f"{name} {count}" for name, count in counts.items())
+    return (f"Mean ± std (population) over {len(results['prompts'])} prompts. Bias and the other protocols per "
+            f"prompt over its first images: {per_set or settings.get('images_per_prompt')} (the seed's 60 / 80 / "
+            "160 for 2 / 4 / 8 classes unless --images-per-prompt was given); images without a face are left out "
+            "of the class frequencies (counted under No face), and a prompt without any is left out of that "
+            f"metric's mean. Diversity: mean pairwise 1 - cos in {settings.get('diversity_encoder') or 'no'} "
+            "embeddings.")
+
+
 def _set(results: dict, name: str) -> dict:
     return next(s for s in results["attribute_sets"] if s["name"] == name)
 
@@ -172,7 +185,7 @@ td,th{{border:1px solid #bbb;padding:3px 8px;text-align:center}}img.grid{{image-
 figure{{display:inline-block;margin:0.5em}}</style></head><body>
 <h1>fastfair evaluation</h1><ul>{settings}</ul>
 <h2>Summary (mean ± std over {len(results["prompts"])} prompts)</h2>{table}
-<p>Images without a face are left out of the class frequencies and counted in the last column.</p>
+<p>{html.escape(protocol_note(results))}</p>
 <p>Data: {links}</p><h2>Class frequency per prompt</h2>{plots}
 <h2>Images (top: original, bottom: finetuned, same noise per column)</h2>{grids}
 </body></html>
@@ -182,22 +195,23 @@ figure{{display:inline-block;margin:0.5em}}</style></head><body>
     return path
 
 
-def _nan_to_null(value):
+def nan_to_null(value):
     """NaN (a metric without data) -> None, so metrics.json is strict JSON."""
     if isinstance(value, dict):
-        return {key: _nan_to_null(item) for key, item in value.items()}
+        return {key: nan_to_null(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_nan_to_null(item) for item in value]
+        return [nan_to_null(item) for item in value]
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def write_report(results: dict, out, cache_root, grid_columns: int = 8) -> Dict[str, Path]:
     """Every output file of the module docstring; returns {kind: path} of the main ones."""
     out = Path(out)
-    (out / "metrics.json").write_text(json.dumps(_nan_to_null(results), indent=1, allow_nan=False), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(nan_to_null(results), indent=1, allow_nan=False), encoding="utf-8")
     write_csv(results, out / "per_prompt.csv")
     header, rows = table_rows(results)
-    (out / "summary.md").write_text("# fastfair evaluation\n\n" + markdown_table(header, rows), encoding="utf-8")
+    (out / "summary.md").write_text("# fastfair evaluation\n\n" + markdown_table(header, rows) + "\n"
+                                    + protocol_note(results) + "\n", encoding="utf-8")
     plots = write_plots(results, out / "plots")
     grids = []
     for guidance, models in results["guidance"].items():

@@ -15,6 +15,7 @@ Semantics (seed Table 1), per prompt, the mean over its images of
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -53,7 +54,8 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
     sets = []
     for name, names in classes.items():
         target = tuple(float(p) for p in targets.get(name, [1.0 / len(names)] * len(names)))
-        if len(target) != len(names) or abs(sum(target) - 1) > 1e-6 or min(target) < 0:
+        if (len(target) != len(names) or not all(math.isfinite(p) for p in target) or abs(sum(target) - 1) > 1e-6
+                or min(target) < 0):  # NaN passes both comparisons
             raise ValueError(f"--target {name}: expected {len(names)} probabilities ({', '.join(names)}) >= 0 "
                              f"summing to 1, got {list(target)}")
         sets.append(AttributeSet(name, (name,), tuple(names), target))
@@ -68,16 +70,30 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
     return sets
 
 
+def paper_images(num_classes: int) -> int:
+    """Seed 0124: 60 / 80 / 160 images per prompt for gender (K = 2) / race (K = 4) / their intersection (K = 8)."""
+    return 60 if num_classes <= 2 else 80 if num_classes <= 4 else 160
+
+
 def default_images_per_prompt(sets: Sequence[AttributeSet]) -> int:
-    """Seed 0124: 60 / 80 / 160 images for gender (K = 2) / race (K = 4) / their intersection (K = 8)."""
-    largest = max(s.num_classes for s in sets)
-    return 60 if largest <= 2 else 80 if largest <= 4 else 160
+    """Images to generate per prompt by default: what the set with the most classes is scored on."""
+    return max(paper_images(s.num_classes) for s in sets)
 
 
-def set_metrics(labels: Dict[str, np.ndarray], attribute_set: AttributeSet, class_counts: Dict[str, int]) -> dict:
-    """Flat metrics of one attribute set: '<set>.bias', '.total_variation', '.kl', '.fairness_discrepancy',
-    '.delta' (two classes), '.freq.<class>'."""
+def images_per_set(sets: Sequence[AttributeSet], images_per_prompt: Optional[int] = None) -> Dict[str, int]:
+    """{set name: images per prompt its bias is computed over}: by default the seed's protocol, each set over the
+    first ``paper_images(K)`` of the prompt's images (bias over fewer images is larger in expectation: a fair
+    gender split scores 0.10 on 60 images, 0.06 on 160, so counts that differ from the paper's are not
+    comparable with its tables); every set over all images when ``images_per_prompt`` is given."""
+    return {s.name: images_per_prompt or paper_images(s.num_classes) for s in sets}
+
+
+def set_metrics(labels: Dict[str, np.ndarray], attribute_set: AttributeSet, class_counts: Dict[str, int],
+                count: Optional[int] = None) -> dict:
+    """Flat metrics of one attribute set over the first ``count`` images (all when None): '<set>.bias',
+    '.total_variation', '.kl', '.fairness_discrepancy', '.delta' (two classes), '.freq.<class>'."""
     s = attribute_set
+    labels = {name: values[:count] for name, values in labels.items()}
     if len(s.attributes) == 1:
         cells = labels[s.attributes[0]]
     else:
@@ -113,6 +129,12 @@ class Scorer:
         self.encoders = dict(semantics.encoders.items()) if semantics is not None else {}
         for encoder in self.encoders.values():
             encoder.to(self.device)
+
+    @property
+    def diversity_encoder(self) -> Optional[str]:
+        """The embedding diversity is measured in: DINOv2, else the semantics model's first encoder, else CLIP."""
+        return "dinov2" if self.dino is not None else next(iter(self.encoders), None) or (
+            "clip" if self.clip is not None else None)
 
     @torch.no_grad()
     def _batched(self, fn, images: torch.Tensor) -> torch.Tensor:
@@ -174,8 +196,9 @@ class Scorer:
         return scores
 
     def score_prompt(self, prompt: str, images: Dict[str, torch.Tensor], sets: Sequence[AttributeSet],
-                     class_counts: Dict[str, int]) -> Dict[str, dict]:
-        """{model: flat row} for one prompt's images {model: [N, 3, H, W] in [-1, 1]}."""
+                     class_counts: Dict[str, int], counts: Optional[Dict[str, int]] = None) -> Dict[str, dict]:
+        """{model: flat row} for one prompt's images {model: [N, 3, H, W] in [-1, 1]}; counts: {set name: its
+        first images to score} (``images_per_set``; all N when absent)."""
         semantics = self.semantics(prompt, images)
         rows = {}
         for model, batch in images.items():
@@ -183,7 +206,7 @@ class Scorer:
             row = {"num_images": int(len(batch)),
                    "no_face": int((next(iter(labels.values())) == NO_FACE).sum()) if labels else 0}
             for attribute_set in sets:
-                row.update(set_metrics(labels, attribute_set, class_counts))
+                row.update(set_metrics(labels, attribute_set, class_counts, (counts or {}).get(attribute_set.name)))
             rows[model] = {**row, **semantics[model]}
         return rows
 
