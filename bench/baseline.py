@@ -11,15 +11,19 @@ One iteration on N images of one prompt (what the public code does, and the choi
    finetuned model samples again with the autograd graph of the whole unroll (``fastfair.reference``: the
    literal Algorithm A.1: U-Net input detached, a hook on the CFG-combined eps scales its gradient by the
    ``paper`` coefficient C_i); decode, loss of the micro-batch (a sum over its rows divided by N, so the
-   micro-batches add up to the full-batch loss), backward. The U-Net uses diffusers' per-block gradient
-   checkpointing (``unet.enable_gradient_checkpointing()``: each resnet/attention block keeps only its input and
-   is recomputed in the backward), as the public code does to fit the unroll in memory.
+   micro-batches add up to the full-batch loss), backward. The U-Net uses gradient checkpointing at the public
+   code's granularity (``checkpointed``: that of diffusers 0.19.3, which it pins), as the public code does to fit
+   the unroll in memory; the VAE and the judges keep their activations (the public code enables checkpointing on
+   them too, but 0.19.3 and its transformers run it only in train mode, which they are never in).
 
 Precision (chosen by the caller's loader): on CUDA fp16 frozen weights with fp32 LoRA, as published; on CPU fp32
-(fp16 matmuls are not supported well on CPU, and bf16 would only slow it down). Attention: the published code
-runs diffusers' classic attention (``AttnProcessor``: explicit softmax(QK^T) V, no fused kernel), selectable here
-with ``set_classic_attention``; ``baseline_sdpa`` keeps PyTorch SDPA (``AttnProcessor2_0``) to separate the
-attention gain from the algorithmic one.
+(fp16 matmuls are not supported well on CPU, and bf16 would only slow it down). Attention: the published
+text-encoder runs use PyTorch SDPA (diffusers 0.19.3 picks ``AttnProcessor2_0`` on torch 2; its xformers line is
+commented out): ``baseline_sdpa`` is the public code's iteration. Its U-Net LoRA runs use diffusers' classic
+attention (LoRA processors: explicit softmax(QK^T) V, no fused kernel), ``set_classic_attention`` here:
+``baseline`` shows what the attention alone costs. Not modelled (they would add to the public code's time, not
+fastfair's): the public code's face detection, alignment and face-realism network, and its 19-23 random steps
+(mean 21) where the benchmark fixes one count for both implementations.
 
 The objective (``objective``) is passed in, so the baseline and fastfair optimize the same loss; the sampler's
 gradient equals fastfair's exact adjusted gradient (tests/test_baseline.py checks it).
@@ -41,13 +45,52 @@ def set_classic_attention(unet: torch.nn.Module) -> None:
     unet.set_attn_processor(AttnProcessor())
 
 
+class _WholeCheckpoint(torch.nn.Module):
+    """A module run under ``torch.utils.checkpoint``: it keeps its inputs only and recomputes in the backward."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+def _cross_attention_blocks(unet: torch.nn.Module) -> list:
+    return [block for block in [*unet.down_blocks, *unet.up_blocks] if hasattr(block, "attentions")]
+
+
+def recomputed_modules(unet: torch.nn.Module) -> list:
+    """What the public code's checkpointing recomputes in the backward: every resnet of the down and up blocks and
+    every whole attention module (Transformer2DModel) of their cross-attention blocks; the mid block, conv_in/out,
+    the time embedding and the up/down samplers run once."""
+    return ([resnet for block in [*unet.down_blocks, *unet.up_blocks] for resnet in block.resnets]
+            + [attention for block in _cross_attention_blocks(unet) for attention in block.attentions])
+
+
 @contextlib.contextmanager
 def checkpointed(unet: torch.nn.Module):
-    """diffusers' per-block gradient checkpointing for the duration of a block."""
+    """The public code's U-Net gradient checkpointing for the duration of a block: diffusers 0.19.3's, which it
+    pins (``recomputed_modules``; in train mode, which the public code sets). Newer diffusers checkpoint the
+    attention modules' inner transformer blocks instead, keeping their norm, proj_in/proj_out and residual, and
+    the mid block too: at SD 1.5 shapes about 1.66x the public code's bytes per step, which would flatter
+    fastfair's memory ratios, so those settings are undone here and the whole attention modules checkpointed."""
     unet.enable_gradient_checkpointing()
+    for module in unet.modules():
+        if module is not unet and hasattr(module, "gradient_checkpointing") and (
+                hasattr(module, "transformer_blocks") or module is unet.mid_block):
+            module.gradient_checkpointing = False
+    blocks = _cross_attention_blocks(unet)
+    originals = [block.attentions for block in blocks]
+    for block in blocks:
+        block.attentions = torch.nn.ModuleList(_WholeCheckpoint(attention) for attention in block.attentions)
     try:
         yield unet
     finally:
+        for block, attentions in zip(blocks, originals):
+            block.attentions = attentions
         unet.disable_gradient_checkpointing()
 
 

@@ -4,6 +4,8 @@ Units, counted once at the benchmark's shapes (``unit_flops``, torch's FlopCount
 math form so that every matmul is seen): U = one U-Net forward for one image and one CFG branch; D = one VAE
 decode of one image; J = the judges on one image (classifier + CLIP + DINO); E = CLIP + DINO alone (embedding an
 original); T = one text-encoder forward of one prompt; Ua = the part of U that is attention (QK^T and PV);
+Ur = the part of U the baseline's gradient checkpointing recomputes (``baseline.recomputed_modules``: about 0.87 U
+in SD 1.5; U where a table lacks it);
 Ub = the U-Net's backward for one image and branch to its
 inputs only (frozen weights: no weight gradients), counted on a real backward (``count_input_backward_flops``):
 more than U, since attention's backward has twice its forward's matmuls (Ub = U where a table lacks it). The
@@ -15,7 +17,7 @@ micro-batches of the baseline:
     baseline   sampling       3 * 2NS U            (finetuned and frozen passes without grad, the graph pass)
                decode/losses  3N D + 2N J              (decode three times; classifier for the targets and CLIP +
                                                        DINO of the originals: N J; the loss: N J)
-               backward       2NS U + 2NS Ub + N D + N J  (checkpoint recompute, backward, decoder, judges)
+               backward       2NS Ur + 2NS Ub + N D + N J  (checkpoint recompute, backward, decoder, judges)
                text           (4 + 2M) T forward, 2M * 2T backward
     fastfair   sampling       2 * 2NS U            (frozen and finetuned rows batched in the same calls)
                decode/losses  4N D + 3N J + N E        (decode both, originals, loss, its backward to z_0; the
@@ -59,6 +61,24 @@ def count_flops(fn, ops=None) -> int:
     return int(sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if op in ops))
 
 
+def count_module_flops(fn, modules) -> int:
+    """FLOPs of ``fn()`` spent inside ``modules`` (none nested in another), counted as ``count_flops`` does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spent, start = [0], {}
+    hooks = [handle for module in modules for handle in (
+        module.register_forward_pre_hook(lambda m, args: start.__setitem__(id(m), counter.get_total_flops())),
+        module.register_forward_hook(lambda m, args, out: spent.__setitem__(
+            0, spent[0] + counter.get_total_flops() - start.pop(id(m)))))]
+    try:
+        with torch.no_grad(), _attention_as_matmuls(), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return int(spent[0])
+
+
 def count_input_backward_flops(forward, inputs) -> int:
     """FLOPs of the backward of ``forward()`` to ``inputs`` only (frozen weights: no weight gradients), with
     attention in its math form; the forward itself is not counted."""
@@ -76,12 +96,12 @@ def iteration_flops(impl: str, unit: Dict[str, int], images: int, steps: int, mi
                     keep_attention_steps: int = 0) -> Dict[str, int]:
     """{phase: FLOPs} of one iteration (module docstring) and their "total"; impl "baseline*" or "fastfair*"."""
     U, D, J, E, T = (unit[k] for k in ("unet", "vae_decode", "judges", "embed", "text"))
-    Ub = unit.get("unet_input_backward", U)
+    Ub, Ur = unit.get("unet_input_backward", U), unit.get("unet_recompute", U)
     n, s = images, steps
     if impl.startswith("baseline"):
         parts = {"sampling": 3 * 2 * n * s * U,
                  "decode_losses": 3 * n * D + 2 * n * J,
-                 "backward": 2 * n * s * (U + Ub) + n * D + n * J,
+                 "backward": 2 * n * s * (Ur + Ub) + n * D + n * J,
                  "text": (4 + 2 * micro_batches) * T + 2 * micro_batches * 2 * T}
     elif impl.startswith("fastfair"):
         k_steps = grad_steps or s

@@ -6,8 +6,11 @@
 
 Implementations (JSON ``impl``), on the same models (built from configs with random weights, saved and loaded
 back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA (the public code's target):
-- ``baseline``: the public code's iteration with its classic attention (``AttnProcessor``);
-- ``baseline_sdpa``: the same with PyTorch SDPA attention (the reference for every ratio);
+- ``baseline_sdpa``: the public code's iteration (PyTorch SDPA attention, as its text-encoder runs have it; its
+  U-Net gradient checkpointing at diffusers 0.19.3's granularity, ``baseline.checkpointed``): the reference for
+  every ratio;
+- ``baseline``: the same with diffusers' classic attention (``AttnProcessor``, as the public code's U-Net LoRA
+  runs have it): what fused attention alone is worth;
 - ``fastfair``: ``fastfair.dft.sample``, exact adjusted gradient, every step recomputed (lean: least memory);
 - ``fastfair_fast``: keeps what fits in baseline_sdpa's peak P_base, as the trainer's ``sampler.memory_budget_gb``
   plans it (``fastfair.memory_budget.keeps_for_budget``): steps that keep their attention outputs (a steps,
@@ -64,8 +67,9 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _memory import PeakMemory, worker_env  # noqa: E402
-from baseline import baseline_iteration, set_classic_attention  # noqa: E402
-from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
+from baseline import baseline_iteration, recomputed_modules, set_classic_attention  # noqa: E402
+from flops import (count_flops, count_input_backward_flops, count_module_flops, iteration_flops,  # noqa: E402
+                   matmul_rate)
 
 IMPLS = ("baseline_sdpa", "baseline", "fastfair", "fastfair_k5", "fastfair_fast")
 PROMPT = "a photo of the face of a doctor"
@@ -277,6 +281,7 @@ def unit_flops(model, objective, latent, device) -> dict:
              "unet_attention": count_flops(call, {torch.ops.aten.bmm, torch.ops.aten.baddbmm}),
              "unet_input_backward": count_input_backward_flops(
                  lambda: unet(z, t, encoder_hidden_states=leaf).sample, [leaf]),
+             "unet_recompute": count_module_flops(call, recomputed_modules(unet)),
              "text": count_flops(lambda: model.encode_original([PROMPT]))}
     unet.set_attn_processor(processors)
     with torch.no_grad():

@@ -166,6 +166,46 @@ def test_flop_model_counts_input_only_backwards():
     assert ratio("fastfair_fast", keep_graph_steps=5, keep_attention_steps=20) == pytest.approx(  # 15 left
         (8 + 2 * 1.5) / (4 + 2 * 0.6 * 15 / 20 + 2 * 1.5))
     assert ratio("fastfair_k5", grad_steps=5) == pytest.approx((8 + 2 * 1.5) / (4 + 2 * 2.5 * 5 / 20))
+    unit["unet_recompute"] = 8  # the baseline's checkpointing recomputes 0.8 U
+    assert ratio("fastfair") == pytest.approx((6 + 2 * 0.8 + 2 * 1.5) / (6 + 2 * 1.5))
+
+
+def test_checkpointing_has_the_public_codes_granularity():
+    """baseline.checkpointed: resnets and whole attention modules of the down/up blocks keep only their inputs (the
+    public code's diffusers 0.19.3), less than the installed diffusers' own checkpointing keeps; the output and the
+    gradient are those without checkpointing, and the U-Net's modules are restored afterwards."""
+    import flops
+    from baseline import checkpointed, recomputed_modules
+    from fastfair.memory_budget import saved_tensor_bytes
+    from fastfair.testing import tiny_unet
+
+    torch.manual_seed(0)
+    unet = tiny_unet(cross_attention_dim=16).requires_grad_(False)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    emb = torch.randn(2, 5, 16, requires_grad=True)
+    call = lambda: unet(x, t, encoder_hidden_states=emb).sample  # noqa: E731
+    held = [*unet.parameters(), x, t, emb]
+    modules_before = dict(unet.named_modules())
+    plain_out = call()
+    plain_grad, = torch.autograd.grad(plain_out.square().sum(), emb)
+    with checkpointed(unet):
+        public = saved_tensor_bytes(call, held)
+        out = call()
+        grad, = torch.autograd.grad(out.square().sum(), emb)
+    assert dict(unet.named_modules()) == modules_before and not unet.down_blocks[0].gradient_checkpointing
+    unet.enable_gradient_checkpointing()
+    for module in unet.mid_block.modules():  # as in 0.19.3: then the two differ in the down/up attention only
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = False
+    installed = saved_tensor_bytes(call, held)
+    unet.disable_gradient_checkpointing()
+    assert 0 < public < installed < saved_tensor_bytes(call, held)
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    torch.testing.assert_close(grad, plain_grad)
+    modules = recomputed_modules(unet)
+    recompute = flops.count_module_flops(call, modules)
+    assert 0 < recompute < flops.count_flops(call)
+    assert recompute == sum(flops.count_module_flops(call, [module]) for module in modules)
 
 
 @pytest.mark.parametrize("argv, message", [
