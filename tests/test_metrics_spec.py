@@ -20,7 +20,7 @@ from fastfair.evaluation.report import mean_pm_std, nan_to_null, protocol_note, 
 from fastfair.evaluation.scoring import (Scorer, attribute_sets, default_images_per_prompt, images_per_set,
                                         pairwise_diversity, set_metrics)
 from fastfair.metrics import (bias, binary_delta, class_frequencies, frequency_metrics, joint_labels,
-                              kl_divergence, mean_std, summarize, total_variation)
+                              kl_divergence, mean_std, summarize)
 
 EXACT = dict(abs=1e-12)
 
