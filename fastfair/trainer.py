@@ -169,7 +169,11 @@ def _lr_lambda(cfg: TrainConfig):
 def build_optimizer(cfg: TrainConfig, params):
     o = cfg.optim
     if o.name == "adamw8bit":
-        import bitsandbytes as bnb
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:  # an optional package (the quant extra)
+            raise ValueError(f"optim.name=adamw8bit needs bitsandbytes ({error}): pip install bitsandbytes, or "
+                             "use optim.name=adamw") from None
 
         optimizer_class = bnb.optim.AdamW8bit
     else:

@@ -86,6 +86,8 @@ def test_resume_refuses_another_optimizer(tmp_path, world):
     Checkpoints written before the name was saved are recognised by their moments' keys."""
     import torch
 
+    pytest.importorskip("bitsandbytes")  # the other optimizer is built before the checkpoint is read
+
     cfg, _ = _trained(tmp_path, world, "max_steps=2")
     other = load_config(write_config(tmp_path, world), ["max_steps=3", "resume=auto", "optim.name=adamw8bit"])
     message = r"optim.name=adamw8bit, but resume=.* holds an adamw optimizer state: resume with optim.name=adamw"
@@ -97,6 +99,12 @@ def test_resume_refuses_another_optimizer(tmp_path, world):
     torch.save(state, state_file)
     with pytest.raises(ValueError, match=message):
         Trainer(other).train()
+
+
+def test_adamw8bit_without_bitsandbytes_names_the_setting(tmp_path, world, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as where it is not installed
+    with pytest.raises(ValueError, match="optim.name=adamw8bit needs bitsandbytes .*use optim.name=adamw"):
+        Trainer(load_config(write_config(tmp_path, world), ["optim.name=adamw8bit"]))
 
 
 def test_one_process_group_sets_local_rank_and_leaves_no_store_file():
