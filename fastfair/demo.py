@@ -169,7 +169,7 @@ def table(metrics: dict) -> str:
         after = metrics["after"][name]
         lines.append(f"| {name} ↓ | {value:.3f} ± {metrics['before'][name + '_std']:.3f} | "
                      f"{after:.3f} ± {metrics['after'][name + '_std']:.3f} | "
-                     f"{_percent(None if metrics['reduction'][name] is None else -metrics['reduction'][name])} |")
+                     f"{_percent(_relative_change(value, after))} |")
     sem = metrics["semantics"]
     for key, value in sem.items():
         if key.startswith("sim_"):

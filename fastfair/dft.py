@@ -28,7 +28,7 @@ from . import kernels
 from .autocast_cache import no_stale_casts
 from .keep_attention import AttentionRecorder, AttentionReplay, in_attention_layers
 from .lean_graph import lean_graph as _lean_graph
-from .schedule import COEFFICIENT_MODES, SolverSchedule, check_scheduler, solver_schedule
+from .schedule import COEFFICIENT_MODES, SolverSchedule, scheduler_config, solver_schedule
 
 
 @lru_cache(maxsize=64)
@@ -38,7 +38,7 @@ def _cached_schedule(config_json: str, num_steps: int) -> SolverSchedule:
 
 def schedule_for(scheduler: Any, num_steps: int) -> SolverSchedule:
     """``solver_schedule`` memoized on the scheduler's config (the trainer calls this every iteration)."""
-    config = dict(getattr(scheduler, "config", scheduler))
+    config = dict(scheduler_config(scheduler))
     return _cached_schedule(json.dumps(config, sort_keys=True, default=str), int(num_steps))
 
 
@@ -96,8 +96,7 @@ def _embeddings(cond: torch.Tensor, uncond: Optional[torch.Tensor], batch: int, 
 
 
 def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps, frozen_rows, keep_attention_steps=0, scheduler=None, generator=None, unet_dtype=None):
-    check_scheduler(scheduler)
+                  grad_steps, frozen_rows, keep_attention_steps=0, generator=None, unet_dtype=None):
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r}: expected a positive integer")
     if not isinstance(z_T, torch.Tensor) or z_T.dim() != 4:
@@ -411,7 +410,7 @@ def sample(
         ``engine.backward()`` and ``torch.autocast`` (the backward recompute runs under the forward's autocast).
     """
     _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps, frozen_rows, keep_attention_steps, scheduler, generator, unet_dtype)
+                  grad_steps, frozen_rows, keep_attention_steps, generator, unet_dtype)
     guidance = float(guidance_scale)
     use_cfg = uncond is not None and guidance != 1.0
     params = tuple(p for p in unet.parameters() if p.requires_grad)

@@ -21,8 +21,7 @@ import torch
 from fastfair.config import SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
 from fastfair.evaluation.report import write_report
-from fastfair.evaluation.scoring import (Scorer, attribute_sets, default_images_per_prompt, images_per_set,
-                                        load_classifiers)
+from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
 from fastfair.evaluation.sources import load_sources, resolve_model
 from fastfair.metrics import summarize
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
@@ -70,8 +69,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     judges, classes = load_classifiers(classifiers, attributes, device)
     joint = list(joint) if joint is not None else (list(classes) if len(classes) >= 2 else [])
     sets = attribute_sets(classes, targets or {}, joint)
-    count = images_per_prompt if images_per_prompt is not None else default_images_per_prompt(sets)
     counts = images_per_set(sets, images_per_prompt)
+    count = max(counts.values())  # generated per prompt; each set scores its first counts[set]
 
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -118,10 +118,12 @@ def _config_of(scheduler_or_config: Any) -> Mapping[str, Any]:
     return config
 
 
-def check_scheduler(scheduler_or_config: Any) -> None:
-    """Raise ValueError/TypeError naming what is wrong unless ``scheduler_or_config`` is a supported
-    DPMSolverMultistepScheduler or config mapping (what ``solver_schedule`` checks before any step count)."""
-    _check_supported(_config_of(scheduler_or_config))
+def scheduler_config(scheduler_or_config: Any) -> Mapping[str, Any]:
+    """The config of a supported DPMSolverMultistepScheduler (object or config mapping); ValueError/TypeError
+    naming what is wrong otherwise. Checked on the object: a plain dict of its config loses its class."""
+    config = _config_of(scheduler_or_config)
+    _check_supported(config)
+    return config
 
 
 def _check_supported(config: Mapping[str, Any]) -> None:
