@@ -76,7 +76,10 @@ def unet_input_dtype(unet: torch.nn.Module) -> torch.dtype:
 
 
 def _unet_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    out = unet(x, t, encoder_hidden_states=emb)
+    """eps of one U-Net call; x is already in the U-Net's input dtype. The text embeddings are cast to it as well
+    (as diffusers' pipelines do): a float32 text encoder beside a half-precision U-Net otherwise fails in the first
+    cross-attention matmul without autocast, and under autocast the cast is the one each projection would make."""
+    out = unet(x, t, encoder_hidden_states=emb.to(x.dtype))
     return out.sample if hasattr(out, "sample") else out[0]
 
 
@@ -395,7 +398,8 @@ def sample(
             run's to rounding).
         grad_steps: K, backpropagate K of the S steps drawn uniformly without replacement (with ``generator``),
             scaled by S/K: an unbiased estimate of the full adjusted gradient. None = all steps.
-        unet_dtype: dtype of the U-Net's input (default: the U-Net's ``dtype`` or its first parameter's).
+        unet_dtype: dtype of the U-Net's input, latents and text embeddings (default: the U-Net's ``dtype`` or its
+            first parameter's).
         frozen_rows: the first ``frozen_rows`` images are sampled in the same U-Net calls but carry no gradient
             (their dL/dz_0 is ignored and the backward does not recompute them): the frozen model's images batched
             with the finetuned ones when only the text side differs. cond/uncond must then be per-image [B, L, D]

@@ -174,3 +174,24 @@ def test_embeddings_of_another_width_than_the_unets_cross_attention_are_refused(
                                                           r"cross_attention_dim is 16"):
         sample(unet, SCHED, z_T, torch.randn(1, 5, 24), torch.randn(1, 5, 24), num_steps=2)
     assert torch.isfinite(sample(unet, SCHED, z_T, torch.randn(1, 5, 16), torch.randn(1, 5, 16), num_steps=2)).all()
+
+
+def test_float32_embeddings_beside_a_bfloat16_unet_are_cast_like_the_latents():
+    """A float32 text encoder beside a half-precision U-Net (no autocast): the embeddings are cast to the U-Net's
+    dtype as the latents are (it failed in the first cross-attention matmul), with the same z_0 and the same
+    gradient, to bfloat16 rounding, as embeddings the caller cast."""
+    from fastfair.testing import tiny_unet
+
+    unet = tiny_unet(dtype=torch.bfloat16).requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    z_T, cond, uncond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g), torch.randn(1, 5, 16)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        leaf = cond.to(dtype).detach().requires_grad_()
+        z_0 = sample(unet, SCHED, z_T, leaf, uncond.to(dtype), num_steps=3)
+        (z_0 * torch.linspace(-1, 1, z_0.numel()).view_as(z_0)).sum().backward()
+        results.append((z_0.detach(), leaf.grad.float()))
+    assert torch.equal(results[0][0], results[1][0])
+    # the float32 leaf sums its per-call bfloat16 gradients in float32, the bfloat16 leaf in bfloat16
+    assert results[0][1].abs().sum() > 0
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=2e-2, atol=2e-2)
