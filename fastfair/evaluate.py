@@ -44,7 +44,7 @@ def load_prompts(spec: str, max_prompts: Optional[int] = None) -> list:
 
 def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out, finetuned: Optional[str] = None,
              attributes: Optional[Sequence[str]] = None, targets: Optional[Dict[str, Sequence[float]]] = None,
-             joint: Optional[Sequence[str]] = None, images_per_prompt: Optional[int] = None,
+             joint: Optional[Sequence] = None, images_per_prompt: Optional[int] = None,
              guidance_scales: Sequence[float] = (7.5,), num_steps: int = 20, seed: int = 0, batch_size: int = 8,
              detector="opencv", margin: float = 0.5, clip=None, dino=None, dtype: str = "fp32",
              weights: str = "ema", device: Optional[str] = None, grid_columns: int = 8,
@@ -53,7 +53,9 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     """Run the whole evaluation (module docstring); returns the results dict (also in metrics.json) with
     ``generated``: the cache paths this call had to generate. semantics: a `fastfair.losses.SemanticsLoss` or a
     'package.module:function' returning one (e.g. ``fastfair.toy:toy_semantics``), scored as ``sim_<encoder>``.
-    model_config: the architecture folder (a diffusers folder) when model is a single-file checkpoint."""
+    model_config: the architecture folder (a diffusers folder) when model is a single-file checkpoint. joint: the
+    intersections scored besides each attribute (`fastfair.evaluation.scoring.attribute_sets`; None: that of all
+    the attributes)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not prompts:
         raise ValueError("no prompts to evaluate")
@@ -67,7 +69,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         raise ValueError(f"--images-per-prompt {images_per_prompt}: expected at least 1 (leave it out for the "
                          "default 60 / 80 / 160)")
     judges, classes = load_classifiers(classifiers, attributes, device)
-    joint = list(joint) if joint is not None else (list(classes) if len(classes) >= 2 else [])
+    if joint is None:  # the intersection of all attributes
+        joint = list(classes) if len(classes) >= 2 else []
     sets = attribute_sets(classes, targets or {}, joint)
     counts = images_per_set(sets, images_per_prompt)
     count = max(counts.values())  # generated per prompt; each set scores its first counts[set]
@@ -165,7 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="checkpoint weights to use")
     parser.add_argument("--classifier", action="append", required=True, help="attribute classifier (repeatable)")
     parser.add_argument("--attributes", help="comma-separated attributes (default: all the classifiers predict)")
-    parser.add_argument("--joint", help="attributes whose intersection is evaluated (default: all, when >= 2)")
+    parser.add_argument("--joint", action="append",
+                        help="comma-separated attributes whose intersection is evaluated, e.g. gender,race "
+                             "(repeatable; default: the intersection of all, when >= 2; '' for none)")
     parser.add_argument("--target", action="append", default=[], help="ATTRIBUTE=P1,P2,... (default uniform)")
     parser.add_argument("--prompts", default="occupations:test", help="NAME[:SPLIT] of a shipped set, or a file")
     parser.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
@@ -199,7 +204,7 @@ def main(argv=None) -> None:
     except ValueError:
         raise SystemExit(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5") from None
     evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
-             split(args.attributes), _targets(args.target), split(args.joint), args.images_per_prompt, guidance,
+             split(args.attributes), _targets(args.target), args.joint, args.images_per_prompt, guidance,
              args.steps, args.seed, args.batch_size, _detector(args.detector), args.margin, args.clip, args.dino,
              args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference, args.fid_inception,
              semantics=args.semantics, model_config=args.model_config)

@@ -228,6 +228,31 @@ def test_intersection_metrics_and_defaults():
         attribute_sets(classes, {}, joint=["gender", "age"])
 
 
+def test_several_intersections_are_scored_side_by_side():
+    """The paper's table: gender, race and gender x race from a gender/race/age classifier, beside the 16-cell
+    intersection of all three, in one run (repeated --joint flags give comma-separated strings)."""
+    from fastfair.evaluate import parse_args
+
+    classes = {"gender": ("female", "male"), "race": ("a", "b", "c", "d"), "age": ("young", "old")}
+    joint = parse_args(["--model", "m", "--classifier", "c", "--out", "o", "--joint", "gender,race",
+                        "--joint", "gender, race, age"]).joint
+    sets = attribute_sets(classes, {"age": [0.75, 0.25]}, joint=joint)
+    assert [s.name for s in sets] == ["gender", "race", "age", "gender x race", "gender x race x age"]
+    assert [s.num_classes for s in sets[3:]] == [8, 16]
+    assert sets[4].target[0] == pytest.approx(0.5 * 0.25 * 0.75)
+    # a list of lists, a flat list (one intersection) and '' (none) give what they say
+    assert [s.name for s in attribute_sets(classes, {}, joint=[["race", "age"], ["gender", "age"]])][3:] == [
+        "race x age", "gender x age"]
+    assert [s.name for s in attribute_sets(classes, {}, joint=["race", "gender"])][3:] == ["race x gender"]
+    assert len(attribute_sets(classes, {}, joint=[""])) == 3
+    for bad, message in ((["gender,race", "age"], "--joint age: an intersection needs at least 2 attributes"),
+                         (["gender,gender"], "--joint gender,gender: an attribute named twice"),
+                         (["gender,race", "gender,race"], "--joint gender,race: given twice"),
+                         (["gender,sex"], r"--joint gender,sex: \['sex'\] not among")):
+        with pytest.raises(ValueError, match=message):
+            attribute_sets(classes, {}, joint=bad)
+
+
 def test_mean_pm_std_uses_the_seed_style():
     assert mean_pm_std({"mean": 0.674, "std": 0.29, "count": 3}) == ".67±.29"
     assert mean_pm_std({"mean": float("nan"), "std": float("nan"), "count": 0}) == "—"

@@ -44,9 +44,10 @@ class AttributeSet:
 
 
 def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequence[float]],
-                   joint: Sequence[str] = ()) -> List[AttributeSet]:
-    """One set per attribute (in `classes` order), plus the intersection of `joint` (>= 2 attributes)
-    whose target is the product of the marginals. targets: {attribute: probabilities}, default uniform."""
+                   joint: Sequence = ()) -> List[AttributeSet]:
+    """One set per attribute (in `classes` order), plus an intersection per entry of `joint` (each >= 2
+    attributes; a flat list of names is one intersection) whose target is the product of the marginals.
+    targets: {attribute: probabilities}, default uniform."""
     unknown = [name for name in targets if name not in classes]
     if unknown:  # a misspelt name would otherwise leave that attribute at the uniform default, silently
         raise ValueError(f"--target {', '.join(unknown)}: not among the evaluated attributes {list(classes)} "
@@ -59,15 +60,38 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
             raise ValueError(f"--target {name}: expected {len(names)} probabilities ({', '.join(names)}) >= 0 "
                              f"summing to 1, got {list(target)}")
         sets.append(AttributeSet(name, (name,), tuple(names), target))
-    unknown = [name for name in joint if name not in classes]
-    if unknown:
-        raise ValueError(f"--joint {','.join(joint)}: {unknown} not among the evaluated attributes {list(classes)}")
-    if len(joint) >= 2:
-        parts = [next(s for s in sets if s.name == name) for name in joint]
+    for names in _intersections(joint):
+        unknown = [name for name in names if name not in classes]
+        if unknown:
+            raise ValueError(f"--joint {','.join(names)}: {unknown} not among the evaluated attributes "
+                             f"{list(classes)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"--joint {','.join(names)}: an attribute named twice")
+        if len(names) == 1:
+            raise ValueError(f"--joint {names[0]}: an intersection needs at least 2 attributes")
+        if any(s.attributes == tuple(names) for s in sets):
+            raise ValueError(f"--joint {','.join(names)}: given twice")
+        parts = [next(s for s in sets if s.name == name) for name in names]
         cells = itertools.product(*[zip(s.classes, s.target) for s in parts])
-        names, probs = zip(*[("/".join(c for c, _ in cell), float(np.prod([p for _, p in cell]))) for cell in cells])
-        sets.append(AttributeSet(" x ".join(joint), tuple(joint), names, probs))
+        cell_names, probs = zip(*[("/".join(c for c, _ in cell), float(np.prod([p for _, p in cell])))
+                                  for cell in cells])
+        sets.append(AttributeSet(" x ".join(names), tuple(names), cell_names, probs))
     return sets
+
+
+def _intersections(joint: Sequence) -> List[List[str]]:
+    """`joint` as a list of intersections: a flat list of names (or one comma-separated string) is one; a list
+    of lists (or of comma-separated strings, as repeated --joint flags give) is several; empty (or only empty
+    strings: --joint '') is none."""
+    if isinstance(joint, str):
+        joint = [joint]
+    joint = [entry for entry in joint or () if not (isinstance(entry, str) and not entry.strip())]
+    if not joint:
+        return []
+    if all(isinstance(entry, str) and "," not in entry for entry in joint):
+        return [joint]  # one intersection named attribute by attribute
+    return [[v.strip() for v in entry.split(",") if v.strip()] if isinstance(entry, str) else list(entry)
+            for entry in joint]
 
 
 def paper_images(num_classes: int) -> int:
