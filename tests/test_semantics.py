@@ -55,7 +55,8 @@ def test_loaded_models_and_preprocessing(built_models, semantics):
     clip = semantics.encoders["clip"].preprocess
     assert clip == Preprocess(32, (32, 32), (0.48145466, 0.4578275, 0.40821073),
                               (0.26862954, 0.26130258, 0.27577711), "bicubic")
-    assert semantics.encoders["dino"].preprocess.resize == 40
+    # DINO sees a square image whole: its shortest edge goes to the crop size (32), not the processor's 40
+    assert semantics.encoders["dino"].preprocess.resize == 32 and semantics.encoders["dino"].preprocess.crop == (32, 32)
 
 
 def test_zero_for_identical_images_and_grad_only_to_finetuned(semantics):

@@ -13,14 +13,15 @@ Backends (local files only, never a hub):
 - "dinov2": transformers `Dinov2Model` from a local directory (the CLS token after the final norm,
   `pooler_output`, the public DINOv2 image feature).
 Preprocessing comes from the directory's preprocessor_config.json when present, else from the
-processors' defaults: CLIP mean/std at the model's image size; DINOv2 ImageNet mean/std, resize 256,
-crop 224.
+processors' defaults: CLIP mean/std at the model's image size; DINOv2 ImageNet mean/std, crop 224. DINOv2's
+shortest edge goes to its crop size, not to its processor's resize (256), so that a square image is compared whole
+(the public code's way).
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,10 @@ def load_semantic_encoder(backend, path=None, model_name=None, checkpoint=None, 
         return SemanticEncoder(model, preprocess, lambda m, x: m(pixel_values=x).image_embeds)
     processor = _read_json(os.path.join(path, "preprocessor_config.json"))
     preprocess = _preprocess_from(processor, 256, 224, IMAGENET_MEAN, IMAGENET_STD)
+    # Eq. 7 compares whole images: the shortest edge goes to the crop size, so a square image is seen whole (the
+    # processor's 256 -> 224 centre crop would leave 23% of it, its border, out of the loss), as the public code
+    # fed DINO
+    preprocess = replace(preprocess, resize=max(preprocess.crop))
     return SemanticEncoder(model, preprocess, lambda m, x: m(pixel_values=x).pooler_output)
 
 
