@@ -29,8 +29,11 @@ What the alignment loss aligns (`Targets.groups()`), one `AlignmentGroup` per in
   P(gender) P(race) P(age | gender, race), so the 75/25 holds inside every gender x race cell; the
   other attributes stay independent groups.
 A group's K-vector for an image is the product of its attributes' probabilities (the classifier's
-heads are treated as independent, as the public code does); `AlignmentGroup.log_probs` returns its
-log, the sum of the per-attribute log-softmaxes, which the cross-entropy takes as logits.
+heads are treated as independent); `AlignmentGroup.log_probs` returns its log, the sum of the
+per-attribute log-softmaxes, which the cross-entropy takes as logits. Eq. 4-6 then run over the K
+cells literally, with one threshold C on a cell's confidence. (The public gender x race script
+differs: its transport cost is the L2 distance between the concatenated per-attribute vectors and
+it thresholds each attribute on its own, so an image can be aligned in gender while its race target is uncertain.)
 """
 from __future__ import annotations
 
