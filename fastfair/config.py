@@ -137,11 +137,21 @@ LossWeight = Union[float, Dict[str, float]]  # one value, or one per attribute n
 @dataclass
 class LossConfig:
     confidence_threshold: float = setting(0.8, min=0, max=1)  # C of the alignment loss
+    # Monte Carlo draws of the target sample for Eq. 5 where exact enumeration is too large (e.g. race, K = 4, at
+    # N = 32): a target entry's standard error is about 0.02 at most at 1024 (0.04 at 256), for ~50 ms at K = 8
+    ot_samples: int = setting(1024, min=1)
     face_loss: bool = True
     lambda_face: float = setting(1.0, min=0)
     lambda_img_1: LossWeight = 8.0  # target class agrees with the original image's class
     lambda_img_2: LossWeight = 1.6  # disagrees: outside the face region
     lambda_img_3: LossWeight = 0.32  # disagrees: inside the face region
+    # an image without a face (only L_img, seed 0109, which gives no weight): null = the smallest lambda_img_2;
+    # the public code's gender script uses lambda_img_1, its gender x race script the smallest lambda_img_2
+    lambda_img_no_face: Optional[float] = setting(None, min=0)
+    # the face loss's target: the original image's own face where the original already shows the image's target
+    # class with at least this probability (every attribute), so a face that needs no change keeps its identity
+    # (the public code's practice, 0.9); null: always the nearest bank face, as Eq. 8 (seed 0108) reads
+    original_face_confidence: Optional[float] = setting(0.9, min=0, max=1)
     # recompute the decoder's and the judges' activations in the backward instead of keeping them all at once
     # (fastfair.recompute): exact, less memory, one more forward of each
     recompute_judges: bool = True

@@ -222,7 +222,7 @@ class Trainer:
         self.groups = self.targets.groups()
         self._check_classifier_outputs()
         self.loss_weights = LossWeights(cfg.loss.lambda_img_1, cfg.loss.lambda_img_2, cfg.loss.lambda_img_3,
-                                        cfg.loss.lambda_face)
+                                        cfg.loss.lambda_face, cfg.loss.lambda_img_no_face)
         self.mixture = build_prompt_mixture(cfg.data, cfg.seed)
         self.optimizer, self.lr_scheduler = build_optimizer(cfg, self.model.parameters())
         self.engine = None  # DeepSpeed: reduces, scales, clips and steps the trainable parameters (fastfair.zero)
@@ -347,18 +347,26 @@ class Trainer:
         regions = locate_faces(images.detach().clamp(-1, 1), self.judges.detector, margin)
         logits = self._attribute_logits(images, regions)
         align = images.new_zeros(images.shape[0])
-        target_classes, use_original = {}, regions.found & regions_orig.found
+        keep_confidence = self.cfg.loss.original_face_confidence
+        target_classes = {}
+        use_original = regions.found & regions_orig.found & (keep_confidence is not None)
         for group in self.groups:
             log_p = group.log_probs(logits)
-            q = global_expected_ot_targets(log_p.detach().exp().double(), group.target, valid=regions.found)
+            q = global_expected_ot_targets(log_p.detach().exp().double(), group.target, valid=regions.found,
+                                           num_samples=self.cfg.loss.ot_samples)
             align = align + alignment_loss(log_p, q.to(log_p), threshold, mask=regions.found, reduction="none")
             cells = q.argmax(-1)
             target_classes.update(group.attribute_classes(cells))
             orig_probs = group.log_probs(orig_logits).exp()
-            use_original &= original_is_target(orig_probs, torch.where(q.sum(-1) > 0, cells, -1))
+            if keep_confidence is not None:
+                use_original &= original_is_target(orig_probs, torch.where(q.sum(-1) > 0, cells, -1),
+                                                   keep_confidence)
         original_classes = {name: value.argmax(-1) for name, value in orig_logits.items()}
         differs = target_disagreement(target_classes, original_classes, regions_orig.found)
-        mask = face_box_mask(regions.boxes, images.shape[-2], images.shape[-1], regions.found)
+        # lambda_img_3's face region is the one the classifier judges (seed 0108-0109: one region d_face(x)), the
+        # crop box with its margin: with the bare detector box the rim the classifier also sees (hair, jaw) would
+        # resist the change at lambda_img_2
+        mask = face_box_mask(regions.crop_boxes, images.shape[-2], images.shape[-1], regions.found)
         image_weight, pixel_map = semantic_weights(differs, regions.found, mask, self.loss_weights)
         with torch.no_grad():
             original_embeddings = self.judges.semantics.embed_originals(originals)

@@ -65,6 +65,10 @@ def test_shipped_hyperparameters_follow_the_seed(name, expected):
     weights = (cfg.loss.lambda_img_1, cfg.loss.lambda_img_2, cfg.loss.lambda_img_3)
     assert weights == pytest.approx(expected["img"]) if isinstance(weights[1], float) else weights == expected["img"]
     assert (cfg.finetune.target, cfg.finetune.lora.rank) == ("text_lora", 50)
+    assert cfg.keep_every == cfg.checkpoint_every  # "reports the best checkpoint": none is pruned
+    # a face-less image: lambda_img_1 in the public gender script, the smallest lambda_img_2 in its gender x race one
+    assert cfg.loss.lambda_img_no_face == (8.0 if name == "gender" else None)
+    assert cfg.loss.original_face_confidence == 0.9
 
 
 def test_variants_inherit_and_change_only_their_part():

@@ -155,3 +155,54 @@ def test_sampler_keeps_and_lean_graph_reach_the_engine(tmp_path, world, monkeypa
         losses.append(Trainer(cfg).iteration(0)["loss"])
     assert seen[-1] == dict(keep_graph_steps=1, keep_attention_steps=2, lean_graph=lean_graph)
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def quarter_box_detector(rgb):
+    """One face per image: the square [W/4, W/2) x [H/4, H/2) (faces.detector=callable)."""
+    height, width = rgb.shape[:2]
+    return [(width / 4, height / 4, width / 2, height / 2)]
+
+
+@pytest.mark.parametrize("keep_confidence", [None, 0.0])
+def test_face_region_and_face_target_settings_reach_the_losses(tmp_path, world, monkeypatch, keep_confidence):
+    """lambda_img_3's region is the classifier's crop box (the detector box grown by faces.margin);
+    loss.original_face_confidence null gives every face the nearest bank face as target (Eq. 8), 0 the original's
+    face wherever the original shows the target class; loss.lambda_img_no_face and loss.ot_samples reach the
+    weights and the transport."""
+    import fastfair.losses
+    import fastfair.losses.face
+    from fastfair.faces.regions import square_boxes
+    from fastfair.losses import face_box_mask
+    from fastfair.trainer import process_group
+
+    seen = {}
+
+    def spy(name, function):
+        def wrapper(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fastfair.losses, "semantic_weights", spy("weights", fastfair.losses.semantic_weights))
+    monkeypatch.setattr(fastfair.losses, "global_expected_ot_targets",
+                        spy("targets", fastfair.losses.global_expected_ot_targets))
+    monkeypatch.setattr(fastfair.losses.face, "face_realism_loss",
+                        spy("face", fastfair.losses.face.face_realism_loss))
+    overrides = ["faces.detector=callable", "faces.detector_fn=test_trainer:quarter_box_detector",
+                 "faces.margin=0.5", f"loss.original_face_confidence={'null' if keep_confidence is None else 0}",
+                 "loss.lambda_img_no_face=0.7", "loss.ot_samples=77"]
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world, face_loss=True), overrides))
+        assert trainer.loss_weights.lambda_img_no_face == 0.7
+        g = torch.Generator().manual_seed(3)
+        originals, images = (torch.rand(4, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2))
+        trainer.losses(originals, images.requires_grad_())
+    assert seen["targets"][1]["num_samples"] == 77
+    face_mask = seen["weights"][0][2]
+    expected = face_box_mask(square_boxes(torch.tensor([[4.0, 4.0, 8.0, 8.0]] * 4), 0.5), 16, 16)
+    assert face_mask.sum() == 4 * 6 * 6 and torch.equal(face_mask, expected)  # not the bare 4 x 4 box
+    use_original = seen["face"][0][3]
+    if keep_confidence is None:
+        assert not use_original.any()
+    else:
+        assert use_original.any()

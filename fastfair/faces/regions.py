@@ -20,7 +20,8 @@ class FaceRegions:
     found [N] bool; boxes [N, 4] the chosen detector box clipped to the image (x0, y0, x1, y1);
     crop_boxes [N, 4] squares around ``boxes`` enlarged by the margin (they may leave the image);
     landmarks [N, 5, 2] the detector's, or estimated from the box; has_landmarks [N] bool; scores [N].
-    The face-region mask of the semantics loss is ``fastfair.losses.weights.face_box_mask(boxes, H, W, found)``.
+    The face-region mask of the semantics loss is ``fastfair.losses.weights.face_box_mask(crop_boxes, H, W, found)``:
+    the region the classifier judges.
     """
 
     found: torch.Tensor

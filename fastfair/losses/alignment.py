@@ -48,12 +48,13 @@ _CHUNK_ELEMENTS = 1 << 22
 _TIE_TOL = 1e-12
 
 
-def expected_ot_targets(probs, target, method="auto", num_samples=256, generator=None, valid=None):
+def expected_ot_targets(probs, target, method="auto", num_samples=1024, generator=None, valid=None):
     """Expected optimal-transport targets q (seed Eq. 5).
 
     probs: [N, K] class probabilities (rows sum to 1); target: [K] target distribution;
     valid: optional [N] bool, rows to include (e.g. images with a face); the others get q = 0.
-    generator: torch.Generator for the Monte Carlo draws. Returns q [N, K] (rows of included images
+    num_samples: Monte Carlo draws of the target sample (method "monte_carlo", or "auto" where exact enumeration
+    is too large); generator: torch.Generator for them. Returns q [N, K] (rows of included images
     sum to 1), no grad, on probs' device in probs' dtype (float64 gives the exact results in float64).
     """
     target, valid = _check_inputs(probs, target, method, num_samples, valid)

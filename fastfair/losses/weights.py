@@ -22,8 +22,8 @@ unscaled image, so only the semantics gradient is reweighted:
     sem = semantics_loss(scale_gradient(images, pixel_map), original_embeddings)
     parts = combine_losses(align_per_image, sem, face_per_image, w, loss_weights)
 
-Defaults are seed 0123's gender setting: lambda_img_1 8, lambda_img_2 0.2 x 8, lambda_img_3 0.2 x that;
-lambda_face 0.1.
+Defaults are seed 0121's gender setting (fastfair.config.LossConfig's too): lambda_img_1 8, lambda_img_2 0.2 x 8,
+lambda_img_3 0.2 x that; lambda_face 1.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class LossWeights:
     lambda_img_1: Weight = 8.0
     lambda_img_2: Weight = 1.6
     lambda_img_3: Weight = 0.32
-    lambda_face: float = 0.1
+    lambda_face: float = 1.0
     lambda_img_no_face: Optional[float] = None  # None: lambda_img_2 (its smallest value)
 
     @classmethod
