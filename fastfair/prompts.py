@@ -10,7 +10,7 @@ Shipped sets (``fastfair/data/prompts/<name>_<split>.txt``, one item per line, t
 | `descriptors`        | 40    | 10   | a full prompt describing a person  |
 
 The seed trains on 1000 occupations and tests on 50 (0120); its lists do not ship with it, so these are authored:
-the test split is the seed's size, the training split is 1062 (a file of your own, one occupation per line: 
+the test split is the seed's size, the training split is 1062 (a file of your own, one occupation per line:
 ``data.sets.<name>.file``).
 """
 import bisect
