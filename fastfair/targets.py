@@ -33,7 +33,8 @@ heads are treated as independent); `AlignmentGroup.log_probs` returns its log, t
 per-attribute log-softmaxes, which the cross-entropy takes as logits. Eq. 4-6 then run over the K
 cells literally, with one threshold C on a cell's confidence. (The public gender x race script
 differs: its transport cost is the L2 distance between the concatenated per-attribute vectors and
-it thresholds each attribute on its own, so an image can be aligned in gender while its race target is uncertain.)
+it thresholds each attribute on its own, so an image can be aligned in gender while its race
+target is uncertain.)
 """
 from __future__ import annotations
 
