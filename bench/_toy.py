@@ -34,6 +34,8 @@ def add_common_args(parser: argparse.ArgumentParser, iters: int, eval_images: in
                         help="training batch (default: the config's, 16)")
     parser.add_argument("--variants", default=",".join(variants), help=f"comma-separated subset of {variants}")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default torch's)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the config's seed (training prompts and noise; the held-out evaluation uses seed + 1)")
     parser.add_argument("--work-dir", default=None,
                         help="training runs and evaluation reports (default: runs/<bench>, ignored by git)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -54,7 +56,8 @@ def check_args(args, known: Sequence[str]) -> List[str]:
 
 def base_spec(args, name: str, work_dir: Path) -> dict:
     """The worker spec fields every variant shares."""
-    overrides = [f"batch.images_per_prompt={args.images_per_prompt}"] if args.images_per_prompt else []
+    overrides = [f"seed={args.seed}"] + ([f"batch.images_per_prompt={args.images_per_prompt}"]
+                                         if args.images_per_prompt else [])
     return {"name": name, "overrides": overrides, "iters": args.iters, "out": str(work_dir / name),
             "eval_images": args.eval_images, "threads": args.threads}
 
@@ -116,7 +119,7 @@ def train_and_evaluate(spec: dict, prepare: Optional[Callable] = None) -> dict:
 
 def run_meta(args, result: dict) -> dict:
     """The settings a table states, from the CLI and a worker's result."""
-    return {"iters": args.iters, "eval_images": args.eval_images, "threads": args.threads,
+    return {"iters": args.iters, "eval_images": args.eval_images, "threads": args.threads, "seed": args.seed,
             **{key: result[key] for key in ("batch", "steps", "guidance", "lr")}}
 
 
@@ -124,8 +127,8 @@ def settings_line(meta: dict, finetuned: str, per: str) -> str:
     """The sentence above a table: what was trained, how long, and how it was evaluated."""
     return (f"Toy world, gender config (fastfair/toy/configs/gender.yaml: {finetuned}, {meta['steps']}-step "
             f"DPM-Solver++, guidance {meta['guidance']}, lr {meta['lr']:g}, batch {meta['batch']}), {meta['iters']} "
-            f"iterations per {per} from the same seed, prompts and noise. Held-out: {meta['eval_images']} images per "
-            "held-out occupation and model, judged by the toy evaluation classifier; semantics: cosine to the "
+            f"iterations per {per} from seed {meta.get('seed', 0)}: the same prompts and noise for each. Held-out: "
+            f"{meta['eval_images']} images per held-out occupation and model, judged by the toy evaluation classifier; semantics: cosine to the "
             "original model's image from the same noise.")
 
 

@@ -113,10 +113,12 @@ def test_toy_gradients_end_to_end(tmp_path):
 
 def test_toy_components_end_to_end(tmp_path):
     toy_components.main(TINY + ["--variants", "unet_lora", "--out-dir", str(tmp_path),
-                                "--work-dir", str(tmp_path / "runs")])
+                                "--work-dir", str(tmp_path / "runs"), "--seed", "3"])
     result = json.loads((tmp_path / "toy_components.json").read_text())
     row, = result["variants"]
     check_variant(row, "unet_lora")
-    assert row["target"] == "unet_lora"
+    assert row["target"] == "unet_lora" and result["meta"]["seed"] == 3
     table = (tmp_path / "toy_components.md").read_text()
+    assert "from seed 3:" in table
+    assert "\nseed: 3\n" in (tmp_path / "runs" / "unet_lora" / "train" / "config.yaml").read_text()
     assert "| original | — |" in table and f"| unet_lora | {row['trainable_parameters']:,} |" in table
