@@ -128,8 +128,8 @@ def settings_line(meta: dict, finetuned: str, per: str) -> str:
     return (f"Toy world, gender config (fastfair/toy/configs/gender.yaml: {finetuned}, {meta['steps']}-step "
             f"DPM-Solver++, guidance {meta['guidance']}, lr {meta['lr']:g}, batch {meta['batch']}), {meta['iters']} "
             f"iterations per {per} from seed {meta.get('seed', 0)}: the same prompts and noise for each. Held-out: "
-            f"{meta['eval_images']} images per held-out occupation and model, judged by the toy evaluation classifier; semantics: cosine to the "
-            "original model's image from the same noise.")
+            f"{meta['eval_images']} images per held-out occupation and model, judged by the toy evaluation "
+            "classifier; semantics: cosine to the original model's image from the same noise.")
 
 
 def final_mean(history: List[dict], key: str = "loss", window: int = FINAL_WINDOW) -> float:
