@@ -13,7 +13,7 @@ from fastfair.evaluate import evaluate, main
 from fastfair.evaluation.cache import from_png, paired_noise
 from fastfair.evaluation.fid import frechet_distance
 from fastfair.evaluation.report import mean_pm_std
-from fastfair.evaluation.scoring import attribute_sets, default_images_per_prompt, set_metrics
+from fastfair.evaluation.scoring import attribute_sets, images_per_set, set_metrics
 from fastfair.evaluation.sources import resolve_model
 from test_trainer_world import MAX_TOKENS, flatten_text_names, make_world, write_config, write_tokenizer
 
@@ -211,8 +211,8 @@ def test_intersection_metrics_and_defaults():
     joint = sets[-1]
     assert joint.name == "gender x race" and joint.num_classes == 8
     assert joint.target[0] == pytest.approx(0.25 / 4) and joint.target[4] == pytest.approx(0.75 / 4)
-    assert [default_images_per_prompt(sets[:1]), default_images_per_prompt(sets[1:2]),
-            default_images_per_prompt(sets)] == [60, 80, 160]
+    # images generated per prompt (fastfair.evaluate): the largest count a set is scored on
+    assert [max(images_per_set(part).values()) for part in (sets[:1], sets[1:2], sets)] == [60, 80, 160]
     # 4 images with a face: (female, a), (female, a), (male, b), (male, d); one without a face
     labels = {"gender": np.array([0, 0, 1, 1, -1]), "race": np.array([0, 0, 1, 3, 2])}
     row = set_metrics(labels, joint, {"gender": 2, "race": 4})

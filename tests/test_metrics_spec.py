@@ -17,8 +17,7 @@ import torch
 
 from fastfair.classifiers.heads import Attribute, AttributeHead
 from fastfair.evaluation.report import mean_pm_std, nan_to_null, protocol_note, write_csv
-from fastfair.evaluation.scoring import (Scorer, attribute_sets, default_images_per_prompt, images_per_set,
-                                        pairwise_diversity, set_metrics)
+from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, pairwise_diversity, set_metrics
 from fastfair.metrics import (bias, binary_delta, class_frequencies, frequency_metrics, joint_labels,
                               kl_divergence, mean_std, summarize)
 
@@ -326,7 +325,7 @@ def test_demo_table_when_the_original_is_already_unbiased():
 
 def test_each_set_is_scored_on_the_papers_image_count_unless_one_is_given():
     sets = attribute_sets({"gender": ("female", "male"), "race": ("a", "b", "c", "d")}, {}, ["gender", "race"])
-    assert default_images_per_prompt(sets) == 160
+    assert max(images_per_set(sets).values()) == 160  # generated per prompt
     assert images_per_set(sets) == {"gender": 60, "race": 80, "gender x race": 160}
     assert images_per_set(sets, 40) == {"gender": 40, "race": 40, "gender x race": 40}
     note = protocol_note({"prompts": ["p"], "settings": {"images_per_set": images_per_set(sets),

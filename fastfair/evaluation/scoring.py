@@ -99,11 +99,6 @@ def paper_images(num_classes: int) -> int:
     return 60 if num_classes <= 2 else 80 if num_classes <= 4 else 160
 
 
-def default_images_per_prompt(sets: Sequence[AttributeSet]) -> int:
-    """Images to generate per prompt by default: what the set with the most classes is scored on."""
-    return max(paper_images(s.num_classes) for s in sets)
-
-
 def images_per_set(sets: Sequence[AttributeSet], images_per_prompt: Optional[int] = None) -> Dict[str, int]:
     """{set name: images per prompt its bias is computed over}: by default the seed's protocol, each set over the
     first ``paper_images(K)`` of the prompt's images (bias over fewer images is larger in expectation: a fair
