@@ -62,7 +62,14 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
     elif target == "unet_full":
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(Path(cfg.model.pretrained) / "unet", local_files_only=True)
+        # only the architecture is read: every weight is the checkpoint's (a single-file model's architecture is
+        # model.config, a folder of configs without weights)
+        pretrained = Path(cfg.model.pretrained)
+        arch = pretrained if pretrained.is_dir() else Path(str(cfg.model.config))
+        if not (arch / "unet" / "config.json").is_file():
+            raise ValueError(f"{checkpoint_dir}: no U-Net config at {arch / 'unet' / 'config.json'} (model.pretrained="
+                             f"{cfg.model.pretrained}, model.config={cfg.model.config} in {config_path})")
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch / "unet"))
         unet.load_state_dict(_peft_to_diffusers(tensors, "unet"))
         unet.save_pretrained(out / "unet")
     else:

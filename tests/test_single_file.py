@@ -145,3 +145,22 @@ def test_sd1_block_structure_has_the_original_names_and_round_trips_through_diff
         expected = module.state_dict()
         assert converted.keys() == expected.keys()
         assert all(torch.equal(converted[name], expected[name]) for name in expected)
+
+
+def test_unet_full_from_a_single_file_exports_the_ema_unet(tmp_path, world, single_file):
+    """export builds the U-Net from the architecture folder (model.config): the single file is no folder."""
+    from fastfair.checkpoint import load_checkpoint
+    from fastfair.export import export
+    from fastfair.trainer import Trainer
+
+    cfg = load_config(write_config(tmp_path, world, "unet_full"),
+                      [f"model.pretrained={single_file}", f"model.config={world['sd']}", "max_steps=1"])
+    Trainer(cfg).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    _, ema, _ = load_checkpoint(ckpt)
+    out = export(ckpt, tmp_path / "export")
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True).state_dict()
+    assert {f"unet.{name}" for name in exported} == set(ema)
+    assert all(torch.equal(t, ema[f"unet.{name}"]) for name, t in exported.items())
