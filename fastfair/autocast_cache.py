@@ -20,7 +20,8 @@ import torch
 def caches_no_grad_casts() -> bool:
     """Whether this torch's autocast serves a grad-mode op a weight copy it cast and cached under no_grad (a copy
     with no autograd history). Probed once on a 2x2 CPU Linear, in a fresh region with the cache on."""
-    layer = torch.nn.Linear(2, 2)
+    with torch.random.fork_rng(devices=[]):  # the probe's init must not move the caller's random stream
+        layer = torch.nn.Linear(2, 2)
     x = torch.ones(1, 2)
     with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=True):
         with torch.no_grad():

@@ -234,6 +234,7 @@ class Trainer:
                                                 self.optimizer, self.lr_scheduler)
         self.ema = EMA(self.model.trainable, cfg.optim.ema_decay)
         self.start, self.skipped = 0, 0
+        self._ot_generator = None  # set per iteration (iteration()); None: torch's global generator
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if cfg.model.resolution and cfg.model.resolution % scale:  # decoded images would be silently smaller
             below = max(scale, cfg.model.resolution // scale * scale)
@@ -353,7 +354,7 @@ class Trainer:
         for group in self.groups:
             log_p = group.log_probs(logits)
             q = global_expected_ot_targets(log_p.detach().exp().double(), group.target, valid=regions.found,
-                                           num_samples=self.cfg.loss.ot_samples)
+                                           num_samples=self.cfg.loss.ot_samples, generator=self._ot_generator)
             align = align + alignment_loss(log_p, q.to(log_p), threshold, mask=regions.found, reduction="none")
             cells = q.argmax(-1)
             target_classes.update(group.attribute_classes(cells))
@@ -432,6 +433,10 @@ class Trainer:
         """One optimization step (module docstring); returns the loss parts as floats."""
         _, prompt = self.mixture.draw()
         z_T, steps, generator = self._noise_and_steps(it)
+        # the Monte Carlo transport targets' draws (K > 2): their own stream, so that no other use of torch's
+        # global generator (a library's, or a probe run once per process) can make a resumed run differ
+        self._ot_generator = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, 3, it])
+                                                               .integers(2**63)))
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             originals, images = self.generate_pair(prompt, z_T, steps, generator)

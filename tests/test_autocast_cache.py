@@ -19,6 +19,17 @@ def test_probe_matches_what_a_grad_mode_call_gets():
     assert autocast_cache.caches_no_grad_casts() == served_stale
 
 
+def test_probe_leaves_the_global_random_stream_alone():
+    """It runs once per process, inside the first U-Net call: a draw there would shift every later global draw
+    of a resumed run against the uninterrupted one."""
+    autocast_cache.caches_no_grad_casts.cache_clear()
+    torch.manual_seed(0)
+    autocast_cache.caches_no_grad_casts()
+    after_probe = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after_probe, torch.rand(4))
+
+
 @pytest.mark.parametrize("faulty", [False, True])
 def test_no_stale_casts_turns_the_cache_off_only_where_needed(faulty, monkeypatch):
     monkeypatch.setattr(autocast_cache, "caches_no_grad_casts", lambda: faulty)

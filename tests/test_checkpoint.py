@@ -108,3 +108,31 @@ def test_two_plus_two_equals_four_bitwise(tmp_path):
             assert torch.equal(a[key], b[key]), key
     a_state = torch.load(tmp_path / "a" / "run" / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
     assert a_state["mixture"]["draws"] == 4
+
+
+def test_resume_is_bitwise_with_monte_carlo_transport_targets(tmp_path):
+    """Race (K = 4) at N = 24 draws its transport targets by Monte Carlo: 3 iterations in process == 1, then a
+    resume by `python fastfair/train.py`, whose process makes its own first U-Net calls (and their one-time
+    probes) only after the resume point. Two iterations after it: the draws' noise seldom moves argmax q in one."""
+    from fastfair.autocast_cache import caches_no_grad_casts
+    from fastfair.classifiers import AttributeClassifier, head_from_names, save_classifier
+
+    caches_no_grad_casts()  # probed (once per process) before the in-process runs, as a resumed process is not
+    world = make_world(tmp_path / "world")
+    torch.manual_seed(0)
+    save_classifier(AttributeClassifier(head_from_names(["gender", "race"]), "small_cnn", input_size=16, width=4),
+                    str(tmp_path / "gender_race.safetensors"))
+    race = [f"classifiers.gender.path={tmp_path / 'gender_race.safetensors'}",
+            "targets.attributes=[{name: race, classes: {a: 2, b: 3, c: 4, d: 5}, probabilities: uniform}]",
+            "batch.images_per_prompt=24", "loss.ot_samples=64"]
+    with process_group():
+        Trainer(load_config(write_config(tmp_path / "a", world), race + ["max_steps=3"])).train()
+        Trainer(load_config(write_config(tmp_path / "b", world), race + ["max_steps=1"])).train()
+    run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config",
+                          str(tmp_path / "b" / "config.yaml"), *race, "max_steps=3", "resume=auto"],
+                         env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step_00000003" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step_00000003" / "weights.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
