@@ -25,13 +25,14 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import operator
 import os
 import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -58,6 +59,10 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the dotted key and the fix."""
 
 
+class _NotFinite(ConfigError):
+    """inf or NaN where a number is expected."""
+
+
 def setting(default, *, choices=None, min=None, max=None, gt=None, lt=None):
     """A dataclass field with value constraints that `validate` checks (bounds are inclusive except gt/lt)."""
     limits = {name: value for name, value in
@@ -82,7 +87,7 @@ class ModelConfig:
 class LoraConfig:
     rank: int = setting(50, min=1)
     alpha: Optional[float] = setting(None, gt=0)  # null: alpha = rank (scale 1)
-    dropout: float = setting(0.0, min=0, lt=1)
+    dropout: float = 0.0  # only 0 runs (validate says why); the key stays so configs that state it load
     text_modules: List[str] = setting(["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     unet_modules: List[str] = setting(["to_q", "to_k", "to_v", "to_out.0"])
 
@@ -229,7 +234,10 @@ class TrainConfig:
     keep_last: int = setting(3, min=1)  # newest checkpoints kept
     keep_every: int = setting(0, min=0)  # also keep every M-th iteration's checkpoint; 0: none
     resume: str = "auto"  # "auto": latest checkpoint in output_dir if any; "": start fresh; or a path
-    seed: int = setting(0, min=0)
+    # settings a resume may change although the checkpoint was trained with other values (dotted keys, or a
+    # section such as precision); optim.*, max_steps, checkpoint_every and logging.* may always change
+    resume_allow: List[str] = setting([])
+    seed: int = setting(0, min=0, max=2**32 - 1)  # per-iteration seeds are derived from it in 64 bits
     model: ModelConfig = field(default_factory=ModelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -309,12 +317,17 @@ def _convert(value, tp, key: str):
     if origin is Union:
         if value is None and type(None) in args:
             return None
+        not_finite = None
         for arm in args:
             if arm is not type(None):
                 try:
                     return _convert(value, arm, key)
+                except _NotFinite as error:  # the arm that reads a number names the problem best
+                    not_finite = error
                 except ConfigError:
                     continue
+        if not_finite is not None:
+            raise not_finite
     elif origin is list and isinstance(value, list):
         return [_convert(item, args[0], f"{key}[{index}]") for index, item in enumerate(value)]
     elif origin is dict and isinstance(value, dict):
@@ -324,14 +337,16 @@ def _convert(value, tp, key: str):
         return value
     elif tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif tp is float and isinstance(value, str):
+    elif tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         # YAML 1.1 (PyYAML) reads 5e-5 (no dot) as a string; accept what float() reads.
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = None
+        if number is not None:
+            if not math.isfinite(number):  # inf passes every bound, NaN fails them with a confusing message
+                raise _NotFinite(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif tp is str and isinstance(value, str):
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -461,6 +476,44 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# what a resumed run may change without resume_allow: where it stops, how it logs and saves, and the optimizer
+# settings it is documented to apply (optim.name too, which the trainer refuses itself: its state has another layout)
+RESUME_MAY_CHANGE = ("optim", "max_steps", "checkpoint_every", "logging", "resume", "resume_allow", "output_dir")
+
+
+def _flat(node, key: str = "") -> Dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for name, sub in node.items() for k, v in _flat(sub, _join(key, name)).items()}
+    return {key: node}
+
+
+def _covered(key: str, prefixes) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
+    """{dotted key: (saved value, this run's value)} for the settings a resume of a run trained with `saved`
+    (config_to_dict of its config) would change, leaving out RESUME_MAY_CHANGE and cfg.resume_allow. A setting the
+    saved config lacks (a fastfair version before it) counts only where this run moves it off its default; one this
+    fastfair no longer has is left out."""
+    before, now = _flat(saved), _flat(config_to_dict(cfg))
+    defaults = _flat(config_to_dict(TrainConfig()))
+    skip = RESUME_MAY_CHANGE + tuple(cfg.resume_allow)
+    changes = {}
+    for key in sorted(set(before) | set(now)):
+        if _covered(key, skip) or before.get(key, "?") == now.get(key, "?"):
+            continue
+        if key not in now:
+            try:
+                _field_type(key.split("."))
+            except ConfigError:
+                continue  # a setting of an older fastfair
+        elif key not in before and key in defaults and now[key] == defaults[key]:
+            continue
+        changes[key] = (before.get(key, "(not set)"), now.get(key, "(not set)"))
+    return changes
+
+
 def save_config(cfg: TrainConfig, path) -> None:
     """Write the resolved config as YAML atomically (a temp file in the same folder, then renamed)."""
     path = Path(path)
@@ -569,6 +622,9 @@ def _finetune_problems(cfg: TrainConfig) -> List[str]:
         problems.append(f"finetune.lora.text_modules is empty but finetune.target={target}: name the layers")
     if target in ("unet_lora", "text_unet_lora") and not lora.unet_modules:
         problems.append(f"finetune.lora.unet_modules is empty but finetune.target={target}: name the layers")
+    if lora.dropout:
+        problems.append(f"finetune.lora.dropout={lora.dropout}: fastfair runs the models in eval mode, and the "
+                        "backward's recompute must repeat each U-Net call exactly (no random dropout): set it to 0")
     return problems
 
 
@@ -658,6 +714,11 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
     if cfg.faces.detector == "callable" and not cfg.faces.detector_fn:
         problems.append("faces.detector=callable needs faces.detector_fn='package.module:function'")
     problems += _hook_problems(cfg)
+    for key in cfg.resume_allow:
+        try:
+            _field_type(key.split("."))
+        except ConfigError as error:
+            problems.append(f"resume_allow: {error}")
     for level in (1, 2, 3):
         problems += _weight_problems(f"loss.lambda_img_{level}", getattr(cfg.loss, f"lambda_img_{level}"))
     problems += _sampler_problems(cfg.sampler) + _data_problems(cfg.data) + _finetune_problems(cfg)

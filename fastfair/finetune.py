@@ -89,6 +89,11 @@ class FinetunedModel:
         self.prefix: Optional[PrefixEmbedding] = None
         rank, alpha, dropout = (lora.rank, lora.alpha, lora.dropout) if lora is not None else (50, None, 0.0)
         if target == "prefix":
+            room = tokenizer.model_max_length - 2  # the start and end tokens always take their places
+            if prefix_tokens > room:
+                raise ValueError(f"finetune.prefix_tokens={prefix_tokens}: the text encoder reads "
+                                 f"{tokenizer.model_max_length} tokens, two of them the start and end tokens: use "
+                                 f"at most {room}, fewer to leave room for the prompt")
             self.prefix = PrefixEmbedding(text_encoder.get_input_embeddings(), prefix_tokens)
             text_encoder.set_input_embeddings(self.prefix)
         if target in ("text_lora", "text_unet_lora"):

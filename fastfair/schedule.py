@@ -230,34 +230,38 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
     final_zero = config.get("final_sigmas_type", "zero") == "zero"
     heun = config.get("solver_type", "midpoint") == "heun"
 
-    order = np.ones(S, dtype=np.int64)
-    a, b0, b1 = np.zeros(S), np.zeros(S), np.zeros(S)
-    for i in range(S):
-        lower_order_final = i == S - 1 and (euler_at_final or (lower_order_final_cfg and S < 15) or final_zero)
-        use_first = solver_order == 1 or i == 0 or lower_order_final
-        h = lam[i + 1] - lam[i]
-        a[i] = sigma[i + 1] / sigma[i]
-        c = alpha[i + 1] * -math.expm1(-h)  # alpha_t (1 - e^{-h}); exact at h = inf
-        if use_first:
-            b0[i] = c
-            continue
-        order[i] = 2
-        r = (lam[i] - lam[i - 1]) / h
-        e = alpha[i + 1] * (math.expm1(-h) / h + 1.0) if heun else 0.5 * c
-        b0[i], b1[i] = c + e / r, -e / r
+    # repeated noise levels give inf/NaN here: checked below, with a message that says why
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        order = np.ones(S, dtype=np.int64)
+        a, b0, b1 = np.zeros(S), np.zeros(S), np.zeros(S)
+        for i in range(S):
+            lower_order_final = i == S - 1 and (euler_at_final or (lower_order_final_cfg and S < 15) or final_zero)
+            use_first = solver_order == 1 or i == 0 or lower_order_final
+            h = lam[i + 1] - lam[i]
+            a[i] = sigma[i + 1] / sigma[i]
+            c = alpha[i + 1] * -math.expm1(-h)  # alpha_t (1 - e^{-h}); exact at h = inf
+            if use_first:
+                b0[i] = c
+                continue
+            order[i] = 2
+            r = (lam[i] - lam[i - 1]) / h
+            e = alpha[i + 1] * (math.expm1(-h) / h + 1.0) if heun else 0.5 * c
+            b0[i], b1[i] = c + e / r, -e / r
 
-    # Unroll: z_i and m_i as coefficient vectors over [z_T, eps_0, ..., eps_{S-1}].
-    z_coef = np.zeros(S + 1)
-    z_coef[0] = 1.0
-    m_prev = np.zeros(S + 1)
-    for i in range(S):
-        m = cz[i] * z_coef
-        m[i + 1] += ce[i]
-        z_coef = a[i] * z_coef + b0[i] * m + b1[i] * m_prev
-        m_prev = m
+        # Unroll: z_i and m_i as coefficient vectors over [z_T, eps_0, ..., eps_{S-1}].
+        z_coef = np.zeros(S + 1)
+        z_coef[0] = 1.0
+        m_prev = np.zeros(S + 1)
+        for i in range(S):
+            m = cz[i] * z_coef
+            m[i + 1] += ce[i]
+            z_coef = a[i] * z_coef + b0[i] * m + b1[i] * m_prev
+            m_prev = m
 
     if not all(np.isfinite(x).all() for x in (cz, ce, a, b0, b1, z_coef)):
-        repeated = sorted({int(t) for t in timesteps[np.nonzero(np.diff(timesteps) >= 0)[0]]})
+        # equal noise levels: repeated timesteps, or timesteps past the training range, which the interpolation
+        # clips to its last level
+        repeated = sorted({int(t) for t in timesteps[np.nonzero(np.diff(sig[:S]) >= 0)[0]]})
         raise ValueError(
             f"num_steps={S}: the scheduler's noise levels repeat at this step count (repeated timesteps "
             f"{repeated[:8]}{' ...' if len(repeated) > 8 else ''}), so the solver's coefficients are not finite "

@@ -209,6 +209,7 @@ class Trainer:
         parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.dtype, cfg.model.attention, self.device,
                                       config=cfg.model.config)
         self.vae, self.scheduler = parts.vae, parts.scheduler
+        self._check_step_counts()
         torch.manual_seed(cfg.seed)  # LoRA's random init: the same on every rank and in every run of this seed
         self.model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
                                     cfg.finetune.prefix_tokens, cfg.finetune.lora)
@@ -247,6 +248,21 @@ class Trainer:
         budget = cfg.sampler.memory_budget_gb
         # picks keep_graph_steps and keep_attention_steps per batch shape
         self.memory_budget = MemoryBudget(budget, cfg.sampler.lean_graph) if budget else None
+
+    def _check_step_counts(self) -> None:
+        """Every step count the run can draw has finite solver coefficients: refused at start, not at the iteration
+        that first draws it."""
+        from fastfair.schedule import solver_schedule
+
+        s = self.cfg.sampler
+        key, counts = "sampler.num_steps", [s.num_steps]
+        if s.num_steps_range:
+            key, counts = "sampler.num_steps_range", range(s.num_steps_range[0], s.num_steps_range[1] + 1)
+        for count in counts:
+            try:
+                solver_schedule(self.scheduler, count)
+            except ValueError as error:
+                raise ValueError(f"{key}: {error}") from None
 
     @torch.no_grad()
     def _check_classifier_outputs(self) -> None:
@@ -456,9 +472,12 @@ class Trainer:
 
     # --- checkpoints
     def state(self) -> dict:
+        from fastfair.config import config_to_dict
+
         return {"optimizer": self.optimizer.state_dict() if self.engine is None else None,
                 "optimizer_name": self.cfg.optim.name, "lr_scheduler": self.lr_scheduler.state_dict(),
-                "mixture": self.mixture.state_dict(), "skipped": self.skipped}
+                "mixture": self.mixture.state_dict(), "skipped": self.skipped,
+                "config": config_to_dict(self.cfg)}  # the settings this checkpoint was trained with
 
     def save(self, it: int) -> None:
         shards = None
@@ -487,14 +506,15 @@ class Trainer:
         if saved_name not in (None, self.cfg.optim.name):  # their states differ in layout (exp_avg vs state1)
             raise ValueError(f"optim.name={self.cfg.optim.name}, but resume={path} holds an {saved_name} optimizer "
                              f"state: resume with optim.name={saved_name}, or start a fresh run in another output_dir")
+        if self.engine is not None and "zero_shards" not in state:
+            raise ValueError(f"resume={path}: a checkpoint of a run without DeepSpeed; resume it without "
+                             "deepspeed.config")
+        self._check_resumed_settings(path, state)
         with torch.no_grad():
             for name, p in self.model.trainable.items():
                 p.copy_(weights[name])
                 self.ema.shadow[name].copy_(ema[name])
         if self.engine is not None:
-            if "zero_shards" not in state:
-                raise ValueError(f"resume={path}: a checkpoint of a run without DeepSpeed; resume it without "
-                                 "deepspeed.config")
             zero.load_optimizer_shard(self.engine, state["zero_shards"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -503,6 +523,26 @@ class Trainer:
         self.mixture.load_state_dict(state["mixture"])
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
         checkpoint.set_rng_state(state["rng"])
+
+    def _check_resumed_settings(self, path: Path, state: dict) -> None:
+        """A resume continues the same run: refuse settings that differ from those the checkpoint was trained with
+        (its state's config; before it was saved there, the run's config.yaml), except the ones a resume may
+        change (fastfair.config.RESUME_MAY_CHANGE) and resume_allow."""
+        import yaml
+
+        from fastfair.config import resume_changes
+
+        saved = state.get("config")
+        if saved is None:
+            recorded = Path(path).parent.parent / "config.yaml"
+            saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
+        changes = resume_changes(saved, self.cfg) if isinstance(saved, dict) else {}
+        if changes:
+            listed = ", ".join(f"{key}={now!r} (trained with {before!r})" for key, (before, now) in changes.items())
+            keys = ",".join(changes)
+            raise ValueError(f"resume={path}: this run changes settings the checkpoint was trained with: {listed}. "
+                             "A resume continues the same run: set them back; to change them on purpose, add "
+                             f"resume_allow=[{keys}]; or start a fresh run in another output_dir")
 
     def _apply_optim_settings(self) -> None:
         """After a resume, the run's optim settings (lr, betas, weight_decay, eps: what config.yaml records) over

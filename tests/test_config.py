@@ -145,6 +145,11 @@ def test_overrides_are_parsed_and_typed(tmp_path, override, attribute, value):
     ("targets.attributes.0.probabilities={female: 0.7, male: 0.3}",
      "list items cannot be set by index ('0' after 'targets.attributes'); give the whole list, e.g. "
      "targets.attributes=[...]"),
+    # inf passes every bound and NaN fails them with a confusing message: both refused where they are read
+    ("optim.lr=.inf", "optim.lr: expected a finite number, got inf"),
+    ("optim.eps=nan", "optim.eps: expected a finite number, got 'nan'"),
+    ("loss.lambda_img_no_face=-.inf", "loss.lambda_img_no_face: expected a finite number, got -inf"),
+    ("loss.lambda_img_1={gender: .inf}", "loss.lambda_img_1.gender: expected a finite number, got inf"),
 ])
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(ConfigError) as error:
@@ -217,6 +222,8 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
     (["classifiers.c.attributes={gender: [0, 1], race: [1, 2, 3, 4]}"], "output indices must be distinct"),
     (["classifiers.c.attributes={gender: [0, 1], race: []}"], "classifiers.c.attributes: give each attribute"),
     (["model.attention=xformers"], "model.attention=xformers needs CUDA"),
+    (["seed=20240101123456"], "seed=20240101123456 must be <= 4294967295"),
+    (["finetune.lora.dropout=0.1"], "finetune.lora.dropout=0.1: fastfair runs the models in eval mode"),
 ])
 def test_validate_names_the_key_and_the_fix(tmp_path, overrides, message):
     cfg = load_config(minimal(tmp_path), overrides)

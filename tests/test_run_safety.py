@@ -81,6 +81,46 @@ def test_resume_applies_the_new_optimizer_settings(tmp_path, world):
     assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
 
 
+def test_resume_refuses_other_settings_unless_allowed(tmp_path, world):
+    """A resume continues the same run: settings other than optim.*, max_steps, logging and the checkpoint cadence
+    must be those the checkpoint was trained with (its state holds them), or be listed in resume_allow; a changed
+    retention would have pruned the checkpoints the run kept."""
+    import torch
+
+    cfg, _ = _trained(tmp_path, world, "max_steps=2", "keep_every=2")
+    folder = checkpoint.checkpoint_dir(cfg.output_dir)
+    saved = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    config_before = (Path(cfg.output_dir) / "config.yaml").read_text()
+    changed = ["max_steps=3", "resume=auto", "sampler.num_steps=4", "keep_every=0", "optim.lr=0.02",
+               "logging.log_every=2"]
+    message = (r"this run changes settings the checkpoint was trained with: keep_every=0 \(trained with 2\), "
+               r"sampler.num_steps=4 \(trained with 3\)\. .*add resume_allow=\[keep_every,sampler.num_steps\]")
+    with pytest.raises(ValueError, match=message):
+        Trainer(load_config(write_config(tmp_path, world), changed)).train()
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == saved
+    assert (Path(cfg.output_dir) / "config.yaml").read_text() == config_before
+    state_file = folder / "step_00000002" / "state.pt"  # a checkpoint from before the state held its settings:
+    state = torch.load(state_file, weights_only=True)  # the run's config.yaml is read instead
+    assert state.pop("config")["sampler"]["num_steps"] == 3
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match=message):
+        Trainer(load_config(write_config(tmp_path, world), changed)).train()
+    allowed = Trainer(load_config(write_config(tmp_path, world), changed + ["resume_allow=[keep_every,sampler]"]))
+    allowed.train()
+    assert allowed.start == 2 and checkpoint.list_checkpoints(cfg.output_dir).keys() == {2, 3}
+    with pytest.raises(ConfigError, match="resume_allow: unknown config key 'sampler.num_step'"):
+        validate(load_config(write_config(tmp_path, world), ["resume_allow=[sampler.num_step]"]))
+
+
+def test_step_counts_and_prefix_lengths_that_cannot_run_are_refused_at_start(tmp_path, world):
+    with pytest.raises(ValueError, match=r"sampler.num_steps_range: num_steps=999: the scheduler's noise levels "
+                                         r"repeat"):
+        Trainer(load_config(write_config(tmp_path, world), ["sampler.num_steps_range=[990, 999]"]))
+    with pytest.raises(ValueError, match=r"finetune.prefix_tokens=11: the text encoder reads 12 tokens, two of them "
+                                         r"the start and end tokens: use at most 10"):
+        Trainer(load_config(write_config(tmp_path, world, "prefix"), ["finetune.prefix_tokens=11"]))
+
+
 def test_resume_refuses_another_optimizer(tmp_path, world):
     """adamw and adamw8bit states differ in layout: loading one into the other failed later with KeyError 'state1'.
     Checkpoints written before the name was saved are recognised by their moments' keys."""
