@@ -468,7 +468,13 @@ class Trainer:
         else:
             self.skipped += 1
         self.last_images = (originals.detach(), images.detach())
-        return {name: float(value.detach()) for name, value in parts.items()}
+        values = {name: value.detach().float().reshape(()) for name, value in parts.items()}
+        if self.world > 1:  # the loss parts are this rank's share of the batch (equal shares): log their mean
+            local = [name for name in values if "/" not in name]  # 'bias/..', 'freq/..': global already
+            mean = torch.stack([values[name] for name in local])
+            dist.all_reduce(mean)
+            values.update(zip(local, mean / self.world))
+        return {name: float(value) for name, value in values.items()}
 
     # --- checkpoints
     def state(self) -> dict:

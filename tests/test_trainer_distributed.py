@@ -43,6 +43,16 @@ def test_two_processes_equal_one(tmp_path):
         start = one
     first = load_file(str(tmp_path / "one" / "run" / "checkpoints" / "step_00000001" / "weights.safetensors"))
     assert any(not torch.equal(first[k], start[k]) for k in first)  # training moved the weights
+    logged = {}  # the logged loss parts are the global batch's, not rank 0's half
+    for run_name in ("one", "two"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / run_name / "run" / "tensorboard"))
+        events.Reload()
+        logged[run_name] = {tag: [e.value for e in events.Scalars(tag)] for tag in ("loss", "align", "img")}
+    for tag, values in logged["one"].items():
+        assert len(values) == 2 and max(values) > 0
+        torch.testing.assert_close(torch.tensor(logged["two"][tag]), torch.tensor(values), rtol=1e-4, atol=1e-6)
 
 
 def test_deepspeed_zero2_with_resume_equals_plain_run(tmp_path):
