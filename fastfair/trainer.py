@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -190,6 +190,25 @@ def _optimizer_name(state: Optional[dict]) -> Optional[str]:
     return None
 
 
+def _head_disagreements(attribute, head) -> List[str]:
+    """Where a target attribute's output indices contradict its classifier file's own layout (fastfair classifier
+    files name each attribute's outputs and classes: fastfair.classifiers.heads; used where the config declares no
+    classifiers.<n>.attributes): an index outside the attribute's outputs, or a class reading the output of another
+    class of the same name."""
+    if head is None or attribute.name not in getattr(head, "slices", {}):
+        return []
+    span, names = head.slices[attribute.name], head.classes(attribute.name)
+    layout = ", ".join(f"{name}: {span.start + i}" for i, name in enumerate(names))
+    where = f"targets attribute {attribute.name!r}"
+    outside = [i for i in attribute.indices if not span.start <= i < span.stop]
+    if outside:
+        return [f"{where} reads outputs {outside}, outside the file's {attribute.name} outputs ({layout})"]
+    return [f"{where}: class {name!r} reads output {index}, but the file's {name!r} is output "
+            f"{span.start + names.index(name)} ({layout})"
+            for name, index in zip(attribute.classes, attribute.indices)
+            if name in names and index != span.start + names.index(name)]
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -277,6 +296,12 @@ class Trainer:
             raise ValueError(f"classifiers: no classifier gives the target attribute {error}") from None
         except ValueError as error:
             raise ValueError(f"classifiers: {error}; check the classifier file against the targets' indices") from None
+        declared = {name for spec in self.cfg.classifiers.values() for name in spec.attributes}  # config's layout
+        problems = [p for a in self.targets.attributes if a.name not in declared
+                    for p in _head_disagreements(a, getattr(self.judges.classifiers[a.name], "head", None))]
+        if problems:
+            raise ValueError("targets disagree with the classifier files, which name their outputs: "
+                             + "; ".join(problems))
 
     def _autocast(self):
         mixed = self.cfg.precision.mixed
