@@ -102,9 +102,13 @@ def _contiguous_cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return {stable_name(name): t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
 
+CONFIG_FILE = "config.yaml"  # in a checkpoint folder: the settings it was trained with
+
+
 def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor],
-                    state: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
-    """Write checkpoint `iteration` atomically, then prune old ones; returns its folder."""
+                    state: dict, keep_last: int = 3, keep_every: int = 0, config: Optional[dict] = None) -> Path:
+    """Write checkpoint `iteration` atomically, then prune old ones; returns its folder. config: the run's resolved
+    settings (fastfair.config.config_to_dict), written beside the weights as CONFIG_FILE."""
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last}: keep at least the newest checkpoint")
     root = checkpoint_dir(output_dir)
@@ -116,6 +120,10 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
     save_file(_contiguous_cpu(weights), str(tmp / "weights.safetensors"))
     save_file(_contiguous_cpu(ema), str(tmp / "ema.safetensors"))
     torch.save({**state, "iteration": iteration, "rng": rng_state()}, tmp / "state.pt")
+    if config is not None:
+        import yaml
+
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
     if final.exists():  # a rerun writing the same iteration: replace it
         shutil.rmtree(final)
     tmp.rename(final)
@@ -130,6 +138,13 @@ def prune(output_dir, keep_last: int, keep_every: int) -> None:
     for iteration, folder in found.items():
         if iteration not in newest and not (keep_every and iteration % keep_every == 0):
             shutil.rmtree(folder)
+
+
+def config_file(checkpoint) -> Path:
+    """The settings a checkpoint was trained with: its own CONFIG_FILE; for checkpoints written before they held
+    one, the run's config.yaml (<output_dir>/config.yaml beside checkpoints/, which a later resume rewrites)."""
+    own = Path(checkpoint) / CONFIG_FILE
+    return own if own.is_file() else Path(checkpoint).parent.parent / "config.yaml"
 
 
 def resolve_resume(resume: str, output_dir) -> Optional[Path]:

@@ -9,8 +9,8 @@ Writes into DIR
   [N, D]}``; ``pipe.load_textual_inversion(file, token=PREFIX_TOKEN)`` then a prompt starting with
   ``PREFIX_TOKEN`` places them right after the start token, as in training;
 - ``unet/`` (full finetuning): the U-Net, ``save_pretrained`` layout.
-The EMA weights are exported by default (they are what is evaluated). The run's resolved config is read from
-``<output_dir>/config.yaml`` next to ``checkpoints/``.
+The EMA weights are exported by default (they are what is evaluated). The settings are the checkpoint's own
+(``step_*/config.yaml``; for checkpoints written before they held one, ``<output_dir>/config.yaml``).
 """
 from __future__ import annotations
 
@@ -18,12 +18,24 @@ import argparse
 from pathlib import Path
 
 
-from fastfair.checkpoint import load_weights
+from fastfair.checkpoint import config_file, load_weights
 from fastfair.config import load_config
 
 PREFIX_TOKEN = "<fastfair-prefix>"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PREFIX_FILE = "prefix.safetensors"
+UNET_DIR = "unet"
+EXPORT_KINDS = (LORA_FILE, PREFIX_FILE, UNET_DIR)  # what an export folder holds: exactly one of them
+
+
+def export_contents(folder, flag: str = "--lora"):
+    """Which of EXPORT_KINDS the folder holds (None: none); a ValueError naming `flag` where it holds several,
+    as when two exports of different runs went into one folder: a consumer would read one of them silently."""
+    found = [name for name in EXPORT_KINDS if (Path(folder) / name).exists()]
+    if len(found) > 1:
+        raise ValueError(f"{flag} {folder}: holds {' and '.join(found)}, the exports of different runs; export each "
+                         "run into its own folder")
+    return found[0] if found else None
 
 
 def _peft_to_diffusers(weights: dict, part: str) -> dict:
@@ -46,13 +58,18 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights={weights!r}: expected 'ema' or 'raw'")
     raw, ema = load_weights(checkpoint_dir)  # first: it says when the folder is not a checkpoint
-    config_path = checkpoint_dir.parent.parent / "config.yaml"
+    config_path = config_file(checkpoint_dir)
     if not config_path.is_file():
         raise ValueError(f"{checkpoint_dir}: no run config at {config_path} (export reads the checkpoint inside "
                          "<output_dir>/checkpoints/ with <output_dir>/config.yaml beside it)")
     cfg = load_config(config_path)
     tensors = ema if weights == "ema" else raw
     target, lora = cfg.finetune.target, cfg.finetune.lora
+    writes = {"prefix": PREFIX_FILE, "unet_full": UNET_DIR}.get(target, LORA_FILE)
+    others = [name for name in EXPORT_KINDS if name != writes and (out / name).exists()]
+    if others:  # consumers would read one of the two exports, silently
+        raise ValueError(f"--out {out} holds {' and '.join(others)} of another export: export into an empty or new "
+                         "folder, or delete them first")
     out.mkdir(parents=True, exist_ok=True)
     if target == "prefix":
         from safetensors.torch import save_file
@@ -65,13 +82,14 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
         # only the architecture is read: every weight is the checkpoint's (a single-file model's architecture is
         # model.config, a folder of configs without weights)
         pretrained = Path(cfg.model.pretrained)
-        arch = pretrained if pretrained.is_dir() else Path(str(cfg.model.config))
-        if not (arch / "unet" / "config.json").is_file():
-            raise ValueError(f"{checkpoint_dir}: no U-Net config at {arch / 'unet' / 'config.json'} (model.pretrained="
-                             f"{cfg.model.pretrained}, model.config={cfg.model.config} in {config_path})")
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch / "unet"))
+        arch = pretrained if pretrained.is_dir() or not cfg.model.config else Path(cfg.model.config)
+        if not (arch / UNET_DIR / "config.json").is_file():
+            raise ValueError(f"{checkpoint_dir}: no U-Net config at {arch / UNET_DIR / 'config.json'} (model.pretrained="
+                             f"{cfg.model.pretrained}, model.config={cfg.model.config} in {config_path}; a relative "
+                             f"path is read from the current folder, {Path.cwd()})")
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch / UNET_DIR))
         unet.load_state_dict(_peft_to_diffusers(tensors, "unet"))
-        unet.save_pretrained(out / "unet")
+        unet.save_pretrained(out / UNET_DIR)
     else:
         unet_layers, text_layers = _peft_to_diffusers(tensors, "unet"), _peft_to_diffusers(tensors, "text_encoder")
         StableDiffusionPipeline.save_lora_weights(
@@ -84,16 +102,17 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
 def load_into_pipeline(pipe, lora_dir) -> str:
     """Apply an export folder to a StableDiffusionPipeline; returns the text to put before each prompt."""
     lora_dir = Path(lora_dir)
-    if (lora_dir / PREFIX_FILE).is_file():
+    kind = export_contents(lora_dir, "--lora")
+    if kind == PREFIX_FILE:
         pipe.load_textual_inversion(str(lora_dir / PREFIX_FILE), token=PREFIX_TOKEN)
         return PREFIX_TOKEN + " "
-    if (lora_dir / "unet").is_dir():
+    if kind == UNET_DIR:
         from diffusers import UNet2DConditionModel
 
-        pipe.unet = UNet2DConditionModel.from_pretrained(lora_dir / "unet", local_files_only=True).to(
+        pipe.unet = UNet2DConditionModel.from_pretrained(lora_dir / UNET_DIR, local_files_only=True).to(
             pipe.device, pipe.unet.dtype)
         return ""
-    if (lora_dir / LORA_FILE).is_file():
+    if kind == LORA_FILE:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
         return ""
     raise ValueError(f"--lora {lora_dir}: expected {LORA_FILE}, {PREFIX_FILE} or unet/ written by fastfair.export")

@@ -503,14 +503,13 @@ class Trainer:
 
     # --- checkpoints
     def state(self) -> dict:
-        from fastfair.config import config_to_dict
-
         return {"optimizer": self.optimizer.state_dict() if self.engine is None else None,
                 "optimizer_name": self.cfg.optim.name, "lr_scheduler": self.lr_scheduler.state_dict(),
-                "mixture": self.mixture.state_dict(), "skipped": self.skipped,
-                "config": config_to_dict(self.cfg)}  # the settings this checkpoint was trained with
+                "mixture": self.mixture.state_dict(), "skipped": self.skipped}
 
     def save(self, it: int) -> None:
+        from fastfair.config import config_to_dict
+
         shards = None
         if self.engine is not None:  # every rank's ZeRO partition of the optimizer state, gathered on rank 0
             from fastfair import zero
@@ -520,7 +519,7 @@ class Trainer:
             weights = {name: p.detach() for name, p in self.model.trainable.items()}
             state = self.state() if shards is None else {**self.state(), "zero_shards": shards}
             checkpoint.save_checkpoint(self.cfg.output_dir, it, weights, self.ema.shadow, state,
-                                       self.cfg.keep_last, self.cfg.keep_every)
+                                       self.cfg.keep_last, self.cfg.keep_every, config=config_to_dict(self.cfg))
         dist.barrier()
 
     def resume(self, path) -> None:
@@ -540,7 +539,7 @@ class Trainer:
         if self.engine is not None and "zero_shards" not in state:
             raise ValueError(f"resume={path}: a checkpoint of a run without DeepSpeed; resume it without "
                              "deepspeed.config")
-        self._check_resumed_settings(path, state)
+        self._check_resumed_settings(path)
         with torch.no_grad():
             for name, p in self.model.trainable.items():
                 p.copy_(weights[name])
@@ -555,18 +554,16 @@ class Trainer:
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
         checkpoint.set_rng_state(state["rng"])
 
-    def _check_resumed_settings(self, path: Path, state: dict) -> None:
+    def _check_resumed_settings(self, path: Path) -> None:
         """A resume continues the same run: refuse settings that differ from those the checkpoint was trained with
-        (its state's config; before it was saved there, the run's config.yaml), except the ones a resume may
-        change (fastfair.config.RESUME_MAY_CHANGE) and resume_allow."""
+        (checkpoint.config_file), except the ones a resume may change (fastfair.config.RESUME_MAY_CHANGE) and
+        resume_allow."""
         import yaml
 
         from fastfair.config import resume_changes
 
-        saved = state.get("config")
-        if saved is None:
-            recorded = Path(path).parent.parent / "config.yaml"
-            saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
+        recorded = checkpoint.config_file(path)
+        saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
         changes = resume_changes(saved, self.cfg) if isinstance(saved, dict) else {}
         if changes:
             listed = ", ".join(f"{key}={now!r} (trained with {before!r})" for key, (before, now) in changes.items())

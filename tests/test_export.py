@@ -110,3 +110,34 @@ def test_unet_full_export_is_the_ema_unet_and_generates(tmp_path, world):
     main(["--model", str(world["sd"]), "--lora", str(out), "--prompt", "a cook", "--num-images", "2",
           "--out", str(tmp_path / "images"), "--steps", "2"])
     assert sorted(f.name for f in (tmp_path / "images").iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_a_checkpoint_exports_with_its_own_settings_and_exports_do_not_mix(tmp_path, world):
+    """A resume that changed finetune.lora.alpha (resume_allow) leaves earlier checkpoints with the alpha they were
+    trained with; a second export into a folder holding another kind of export is refused, as is a folder holding
+    two; evaluation's --weights raw cannot apply to an export."""
+    import json
+
+    from safetensors import safe_open
+
+    from fastfair.evaluation.sources import load_sources
+
+    def exported_alpha(folder):
+        with safe_open(str(folder / LORA_FILE), "pt") as f:
+            return json.loads(f.metadata()["lora_adapter_metadata"])["text_encoder.lora_alpha"]
+
+    cfg = load_config(write_config(tmp_path, world), ["max_steps=2"])
+    Trainer(cfg).train()
+    Trainer(load_config(write_config(tmp_path, world), ["max_steps=3", "resume=auto", "finetune.lora.alpha=8",
+                                                          "resume_allow=[finetune.lora.alpha]"])).train()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert exported_alpha(export(checkpoints / "step_00000002", tmp_path / "two")) == 4  # alpha null: the rank
+    assert exported_alpha(export(checkpoints / "step_00000003", tmp_path / "three")) == 8
+    (tmp_path / "three" / "prefix.safetensors").write_bytes(b"")  # as from a prefix run's export
+    with pytest.raises(ValueError, match=r"holds pytorch_lora_weights.safetensors and prefix.safetensors, the "
+                                         r"exports of different runs"):
+        load_into_pipeline(_pipeline(world), tmp_path / "three")
+    with pytest.raises(ValueError, match=r"--out \S+ holds prefix.safetensors of another export"):
+        export(checkpoints / "step_00000003", tmp_path / "three")
+    with pytest.raises(ValueError, match=r"--weights raw: --finetuned \S+ is an export"):
+        load_sources(str(world["sd"]), str(tmp_path / "two"), weights="raw")

@@ -30,7 +30,7 @@ from fastfair.dft import sample
 
 MANIFEST = "manifest.json"
 # what a model folder's images depend on: weights, and the configs (scheduler, U-Net, tokenizer) beside them
-FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json")
+FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".yaml")  # .yaml: a checkpoint's settings
 
 
 def weight_fingerprint(path) -> Dict[str, list]:

@@ -5,8 +5,9 @@ VAE, scheduler and noise are shared, so the same noise gives paired images (`fas
 
 - base: a local diffusers folder / single-file checkpoint, a ``pkg://package/path`` shipped in a package, or a
   registered name (``toy``), see `resolve_model`;
-- finetuned: a training checkpoint folder (``<output_dir>/checkpoints/step_*``, with the run's config.yaml
-  two levels up) or a folder written by ``python -m fastfair.export`` (LoRA, prefix tokens or a full U-Net).
+- finetuned: a training checkpoint folder (``<output_dir>/checkpoints/step_*``, with the settings it was trained
+  with: ``fastfair.checkpoint.config_file``) or a folder written by ``python -m fastfair.export`` (LoRA, prefix
+  tokens or a full U-Net).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) 
     """'checkpoint' or 'export': what the folder passed as `flag` holds; a ValueError naming `flag` and the
     folder it expects otherwise (checkpoints: whether `flag` takes training checkpoints as well as exports)."""
     from fastfair.checkpoint import list_checkpoints
-    from fastfair.export import LORA_FILE, PREFIX_FILE  # the files fastfair.export writes
+    from fastfair.export import LORA_FILE, PREFIX_FILE, export_contents  # the files fastfair.export writes
 
     folder = Path(folder)
     if (folder / "state.pt").is_file():
@@ -63,7 +64,7 @@ def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) 
             return "checkpoint"
         raise ValueError(f"{flag} {folder}: a training checkpoint; export it first (python -m fastfair.export "
                          f"{folder} --out DIR) and pass {flag} DIR")
-    if (folder / PREFIX_FILE).is_file() or (folder / "unet").is_dir() or (folder / LORA_FILE).is_file():
+    if export_contents(folder, flag):
         return "export"
     expected = f"{EXPECTED_EXPORT} or {EXPECTED_CHECKPOINT}" if checkpoints else EXPECTED_EXPORT
     if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():  # a training run's output folder
@@ -105,11 +106,11 @@ def _pipeline_source(pipe, prefix: str = "") -> ImageSource:
 
 
 def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
-    from fastfair.checkpoint import for_model, load_weights
+    from fastfair.checkpoint import config_file, for_model, load_weights
     from fastfair.config import load_config
     from fastfair.finetune import FinetunedModel
 
-    config_path = folder.parent.parent / "config.yaml"
+    config_path = config_file(folder)
     if not config_path.is_file():
         raise ValueError(f"--finetuned {folder}: a training checkpoint needs its run config at {config_path}")
     cfg = load_config(config_path)
@@ -142,6 +143,10 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
     if weights not in ("ema", "raw"):
         raise ValueError(f"--weights {weights!r}: expected 'ema' or 'raw'")
     kind = finetuned_kind(finetuned) if finetuned else None  # before the slow loads
+    if kind == "export" and weights == "raw":  # its weights were picked when it was written
+        raise ValueError(f"--weights raw: --finetuned {finetuned} is an export, which holds the weights "
+                         "`python -m fastfair.export --weights` chose: pass the training checkpoint instead, or drop "
+                         "--weights for an export written with --weights raw")
     path = resolve_model(model)
     base = load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS)
     sources = {"base": _pipeline_source(_pipeline(base).to(device))}
