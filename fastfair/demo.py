@@ -1,6 +1,6 @@
 """The README's main job: debias the shipped toy model on CPU, then measure it before and after (issue 6).
 
-    python -m fastfair.demo [--out out/demo] [--config gender|gender_race|age|FILE] [--iters N]
+    python -m fastfair.demo [--out DIR] [--config gender|gender_race|age|FILE] [--iters N]
                             [--images-per-prompt 40] [key=value ...]
 
 1. Train: the toy config (``fastfair/toy/configs/<name>.yaml``: text-encoder LoRA, the adjusted DFT gradient
@@ -44,7 +44,8 @@ DISPLAY_SCALE = 3
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fastfair.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="out/demo", help="output directory")
+    parser.add_argument("--out", help="output directory (default: out/demo for the gender config, "
+                                      "out/demo_NAME for another, so that each config trains and resumes its own run)")
     parser.add_argument("--config", default="gender", help=f"one of {', '.join(CONFIGS)}, or a YAML file")
     parser.add_argument("--iters", type=int, help="training iterations (default: the config's max_steps)")
     parser.add_argument("--images-per-prompt", type=int, default=40, help="evaluation images per occupation")
@@ -219,12 +220,17 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def default_out(config: str) -> Path:
+    """out/demo for the gender config, out/demo_NAME for another: a rerun resumes only its own config's run."""
+    return Path("out/demo" if config == "gender" else f"out/demo_{Path(config).stem}")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(args.config)
     began = time.perf_counter()
     cfg, final = train(args.config, out / "train", args.iters, args.overrides)
     trained = time.perf_counter()
