@@ -165,7 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="diffusers folder, single-file checkpoint, pkg://PACKAGE/PATH, or 'toy'")
     parser.add_argument("--model-config", help="with a single-file --model: " + SINGLE_FILE_CONFIG_LAYOUT)
     parser.add_argument("--finetuned", help="training checkpoint folder or a python -m fastfair.export folder")
-    parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="a checkpoint's weights to use (an export holds those it was written with)")
+    parser.add_argument("--weights", default="ema", choices=("ema", "raw"),
+                        help="a checkpoint's weights to use (an export holds those it was written with)")
     parser.add_argument("--classifier", action="append", required=True, help="attribute classifier (repeatable)")
     parser.add_argument("--attributes", help="comma-separated attributes (default: all the classifiers predict)")
     parser.add_argument("--joint", action="append",

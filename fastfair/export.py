@@ -84,9 +84,9 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
         pretrained = Path(cfg.model.pretrained)
         arch = pretrained if pretrained.is_dir() or not cfg.model.config else Path(cfg.model.config)
         if not (arch / UNET_DIR / "config.json").is_file():
-            raise ValueError(f"{checkpoint_dir}: no U-Net config at {arch / UNET_DIR / 'config.json'} (model.pretrained="
-                             f"{cfg.model.pretrained}, model.config={cfg.model.config} in {config_path}; a relative "
-                             f"path is read from the current folder, {Path.cwd()})")
+            raise ValueError(f"{checkpoint_dir}: no U-Net config at {arch / UNET_DIR / 'config.json'} "
+                             f"(model.pretrained={cfg.model.pretrained}, model.config={cfg.model.config} in "
+                             f"{config_path}; a relative path is read from the current folder, {Path.cwd()})")
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch / UNET_DIR))
         unet.load_state_dict(_peft_to_diffusers(tensors, "unet"))
         unet.save_pretrained(out / UNET_DIR)

@@ -124,11 +124,13 @@ def test_step_counts_and_prefix_lengths_that_cannot_run_are_refused_at_start(tmp
 def test_targets_that_contradict_a_classifier_files_own_names_are_refused(tmp_path, world):
     """The world's classifier file names its outputs (gender: female 0, male 1): a swapped mapping would have
     steered toward the opposite of the target, silently."""
-    swapped = "targets.attributes=[{name: gender, classes: {female: 1, male: 0}, probabilities: {female: 0.9, male: 0.1}}]"
+    swapped = ("targets.attributes=[{name: gender, classes: {female: 1, male: 0}, "
+               "probabilities: {female: 0.9, male: 0.1}}]")
     with pytest.raises(ValueError, match=r"targets attribute 'gender': class 'female' reads output 1, but the file's "
                                          r"'female' is output 0 \(female: 0, male: 1\)"):
         Trainer(load_config(write_config(tmp_path, world), [swapped]))
-    other_names = "targets.attributes=[{name: gender, classes: {woman: 0, man: 1}, probabilities: {woman: 0.9, man: 0.1}}]"
+    other_names = ("targets.attributes=[{name: gender, classes: {woman: 0, man: 1}, "
+                   "probabilities: {woman: 0.9, man: 0.1}}]")
     Trainer(load_config(write_config(tmp_path, world), [other_names]))  # names the file lacks: indices rule
 
 

@@ -30,7 +30,8 @@ from fastfair.dft import sample
 
 MANIFEST = "manifest.json"
 # what a model folder's images depend on: weights, and the configs (scheduler, U-Net, tokenizer) beside them
-FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".yaml")  # .yaml: a checkpoint's settings
+# .yaml: a checkpoint's settings (fastfair.checkpoint.config_file)
+FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".yaml")
 
 
 def weight_fingerprint(path) -> Dict[str, list]:
