@@ -22,7 +22,7 @@ from fastfair.config import SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
-from fastfair.evaluation.sources import load_sources, resolve_model
+from fastfair.evaluation.sources import load_sources, resolve_model, resolve_model_config
 from fastfair.metrics import summarize
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
 
@@ -75,6 +75,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     counts = images_per_set(sets, images_per_prompt)
     count = max(counts.values())  # generated per prompt; each set scores its first counts[set]
 
+    model_config = resolve_model_config(model_config)  # the fingerprint below reads its files
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fastfair.evaluation.sources import finetuned_kind, resolve_model
+from fastfair.evaluation.sources import finetuned_kind, resolve_model, resolve_model_config
 from fastfair.export import load_into_pipeline
 from fastfair.models import load_stable_diffusion
 
@@ -30,8 +30,8 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: int = 20, gu
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
     if lora:
         finetuned_kind(lora, "--lora", checkpoints=False)
-    parts = load_stable_diffusion(resolve_model(model), dtype, device=device, config=model_config, key="--model",
-                                  config_key="--model-config")
+    parts = load_stable_diffusion(resolve_model(model), dtype, device=device, config=resolve_model_config(model_config),
+                                  key="--model", config_key="--model-config")
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                    unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False).to(device)

@@ -222,3 +222,14 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
 def test_demo_names_its_configs_for_an_unknown_one(tmp_path):
     with pytest.raises(ValueError, match=r"--config nope: neither a shipped config \(gender, .*\) nor a YAML file"):
         demo.train("nope", tmp_path / "train", 1, [])
+
+
+def test_model_config_takes_a_package_path_as_model_config_does(tmp_path):
+    """--model-config pkg://... names the architecture folder as a config's model.config does (it was refused)."""
+    from fastfair.generate import generate
+    from fastfair.testing import save_tiny_single_file
+
+    single = save_tiny_single_file(toy_pipeline(), tmp_path / "model.safetensors")
+    written = generate(str(single), None, "a cook", 1, tmp_path / "images", steps=2,
+                       model_config="pkg://fastfair.toy/weights/pipeline")
+    assert len(written) == 1 and Path(written[0]).is_file()

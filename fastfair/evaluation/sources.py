@@ -48,6 +48,11 @@ def resolve_model(model: str) -> str:
     return path
 
 
+def resolve_model_config(model_config: Optional[str]) -> Optional[str]:
+    """--model-config as configs read model.config: ``pkg://package/path`` -> that folder in the installed package."""
+    return resolve_package_path(str(model_config), "--model-config") if model_config else None
+
+
 EXPECTED_EXPORT = "an export folder (python -m fastfair.export CKPT --out DIR)"
 EXPECTED_CHECKPOINT = "a training checkpoint folder (RUN/checkpoints/step_N, with state.pt)"
 
@@ -143,6 +148,7 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
     if weights not in ("ema", "raw"):
         raise ValueError(f"--weights {weights!r}: expected 'ema' or 'raw'")
     kind = finetuned_kind(finetuned) if finetuned else None  # before the slow loads
+    model_config = resolve_model_config(model_config)
     if kind == "export" and weights == "raw":  # its weights were picked when it was written
         raise ValueError(f"--weights raw: --finetuned {finetuned} is an export, which holds the weights "
                          "`python -m fastfair.export --weights` chose: pass the training checkpoint instead, or drop "
