@@ -328,3 +328,16 @@ def test_report_renders_in_headless_chromium(files, tmp_path):
     full, without = screenshot(out), screenshot(bare)
     assert full.shape == without.shape and full.std() > 0
     assert (full != without).any(axis=-1).mean() > 0.01  # the plots and grids are drawn
+
+
+def test_a_clip_folder_without_the_text_tower_is_refused_by_name(tmp_path):
+    """CLIP-T needs both towers: a vision-only folder (model_type clip_vision_model) crashed inside transformers."""
+    from fastfair.evaluation.scoring import _load_clip
+    from fastfair.testing import save_tiny_semantic_encoders
+
+    vision_only, _ = save_tiny_semantic_encoders(tmp_path)
+    with pytest.raises(ValueError, match=r"--clip \S+: expected a local transformers CLIPModel folder .*found "
+                                         r"model_type 'clip_vision_model'"):
+        _load_clip(vision_only, "cpu")
+    with pytest.raises(ValueError, match="found no config.json"):
+        _load_clip(tmp_path / "nothing", "cpu")

@@ -15,6 +15,7 @@ Semantics (seed Table 1), per prompt, the mean over its images of
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 from dataclasses import dataclass
@@ -251,6 +252,12 @@ def _load_clip(folder, device):
 
     from fastfair.losses.semantics import clip_preprocess
 
+    config = Path(folder) / "config.json"
+    kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if kind != "clip":  # e.g. a vision tower alone (clip_vision_model): CLIP-T needs the text tower too
+        raise ValueError(f"--clip {folder}: expected a local transformers CLIPModel folder (config.json with "
+                         f"model_type 'clip', both towers, and its tokenizer), found "
+                         f"{f'model_type {kind!r}' if config.is_file() else 'no config.json'}")
     model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(device).eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer, clip_preprocess(str(folder), model.config.vision_config.image_size)
