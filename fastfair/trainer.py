@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 from fastfair import checkpoint
-from fastfair.config import ConfigError, TrainConfig, check_files, load_config, save_config, validate
+from fastfair.config import (ConfigError, TrainConfig, check_files, config_to_dict, load_config, resume_changes,
+                             save_config, validate)
 from fastfair.dft import sample
 from fastfair.finetune import FinetunedModel
 from fastfair.hooks import load_callable
@@ -508,8 +509,6 @@ class Trainer:
                 "mixture": self.mixture.state_dict(), "skipped": self.skipped}
 
     def save(self, it: int) -> None:
-        from fastfair.config import config_to_dict
-
         shards = None
         if self.engine is not None:  # every rank's ZeRO partition of the optimizer state, gathered on rank 0
             from fastfair import zero
@@ -559,8 +558,6 @@ class Trainer:
         (checkpoint.config_file), except the ones a resume may change (fastfair.config.RESUME_MAY_CHANGE) and
         resume_allow."""
         import yaml
-
-        from fastfair.config import resume_changes
 
         recorded = checkpoint.config_file(path)
         saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
