@@ -433,7 +433,7 @@ def _read_yaml(path: Path, including: tuple = ()) -> dict:
 
 
 def _path_fields(cfg: TrainConfig):
-    """(object, attribute, dotted key) of every field that holds a local path."""
+    """(object, attribute, dotted key) of every field that holds a local path the run reads."""
     yield cfg.model, "pretrained", "model.pretrained"
     yield cfg.model, "config", "model.config"
     for name, spec in cfg.classifiers.items():
@@ -444,19 +444,28 @@ def _path_fields(cfg: TrainConfig):
         yield cfg.faces, attribute, f"faces.{attribute}"
     for attribute in ("clip_path", "dino_path"):
         yield cfg.semantics, attribute, f"semantics.{attribute}"
+    yield cfg.deepspeed, "config", "deepspeed.config"
 
 
-def resolve_package_paths(cfg: TrainConfig) -> TrainConfig:
-    """Replace every 'pkg://package/path' value of a path field by the file's location in the installed
-    package (fastfair.hooks); the shipped toy config names its weights this way."""
+def _local_path(value, key: str):
+    """'pkg://package/path' -> the file's location in the installed package (fastfair.hooks); a relative path ->
+    the absolute path from the current folder; '' and None unchanged."""
+    value = resolve_package_path(value, key)
+    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Make every path field absolute (`_local_path`; the shipped toy config names its weights with pkg://).
+    A relative path is read from the folder the config is loaded in; made absolute there, the settings a run
+    saves (config.yaml, each checkpoint's) name the same files wherever export, evaluation or a resume run."""
     for owner, attribute, key in _path_fields(cfg):
-        setattr(owner, attribute, resolve_package_path(getattr(owner, attribute), key))
+        setattr(owner, attribute, _local_path(getattr(owner, attribute), key))
     return cfg
 
 
 def load_config(path, overrides=()) -> TrainConfig:
     """Read a YAML config (with its bases), apply 'key.sub=value' overrides, return a typed TrainConfig
-    whose 'pkg://' paths are resolved (`resolve_package_paths`)."""
+    whose paths are absolute (`resolve_paths`: pkg:// resolved, relative ones from the current folder)."""
     data = _read_yaml(Path(resolve_package_path(str(path), "config")))
     for text in overrides:
         keys, value = parse_override(text)
@@ -467,7 +476,7 @@ def load_config(path, overrides=()) -> TrainConfig:
             node = node[name]
         node[keys[-1]] = value
     try:
-        return resolve_package_paths(_convert(data, TrainConfig, ""))
+        return resolve_paths(_convert(data, TrainConfig, ""))
     except (ConfigError, ValueError) as error:
         raise ConfigError(f"{path} (with its bases and overrides): {error}") from None
 
@@ -497,6 +506,9 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
     saved config lacks (a fastfair version before it) counts only where this run moves it off its default; one this
     fastfair no longer has is left out."""
     before, now = _flat(saved), _flat(config_to_dict(cfg))
+    for _, _, key in _path_fields(cfg):  # settings saved before paths were made absolute: from the current folder
+        if isinstance(before.get(key), str) and before[key]:
+            before[key] = _local_path(before[key], key)
     defaults = _flat(config_to_dict(TrainConfig()))
     skip = RESUME_MAY_CHANGE + tuple(cfg.resume_allow)
     changes = {}

@@ -86,7 +86,8 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
         if not (arch / UNET_DIR / "config.json").is_file():
             raise ValueError(f"{checkpoint_dir}: no U-Net config at {arch / UNET_DIR / 'config.json'} "
                              f"(model.pretrained={cfg.model.pretrained}, model.config={cfg.model.config} in "
-                             f"{config_path}; a relative path is read from the current folder, {Path.cwd()})")
+                             f"{config_path}; a relative path, as fastfair before 2026-11-30 saved them, is read "
+                             f"from the current folder, {Path.cwd()})")
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch / UNET_DIR))
         unet.load_state_dict(_peft_to_diffusers(tensors, "unet"))
         unet.save_pretrained(out / UNET_DIR)

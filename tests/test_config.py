@@ -278,10 +278,10 @@ def test_check_files_accepts_a_complete_layout(tmp_path):
 
 @pytest.mark.parametrize("setting, message", [
     ({"model.pretrained": ""}, "model.pretrained is empty: point it at a diffusers folder with unet/, vae/"),
-    ({"model.pretrained": "nowhere"}, "model.pretrained=nowhere does not exist: expected a diffusers folder"),
+    ({"model.pretrained": "nowhere"}, "model.pretrained={cwd}/nowhere does not exist: expected a diffusers folder"),
     ({"model.pretrained": "half"}, "lacks vae/, scheduler/: expected a diffusers folder with unet/"),
     ({"model.pretrained": "weights.bin"}, "is not a checkpoint file: expected"),
-    ({"faces.bank": "missing.safetensors"}, "faces.bank=missing.safetensors does not exist"),
+    ({"faces.bank": "missing.safetensors"}, "faces.bank={cwd}/missing.safetensors does not exist"),
     ({"semantics.dino_path": ""}, "semantics.dino_path is empty"),
     ({"resume": "no/such/checkpoint"}, "resume=no/such/checkpoint does not exist"),
     ({"deepspeed.config": str(CONFIGS / "ds" / "zero2_fp16.json")}, "enables ['fp16'] but precision.mixed=fp32"),
@@ -293,7 +293,7 @@ def test_check_files_names_the_key_and_the_expected_layout(tmp_path, monkeypatch
     cfg = config_with_files(tmp_path, **setting)
     with pytest.raises(ConfigError) as error:
         check_files(cfg)
-    assert message in str(error.value)
+    assert message.format(cwd=tmp_path) in str(error.value)  # relative paths: absolute from the current folder
 
 
 def test_face_files_are_needed_only_with_the_face_loss(tmp_path):
@@ -335,3 +335,19 @@ def test_per_attribute_weights_must_cover_every_target_attribute():
         "classifiers.fairface.attributes={gender: [0, 1], age: [6, 7]}"])
     with pytest.raises(ConfigError, match=r"loss.lambda_img_2 gives no weight for targets attribute\(s\) \['age'\]"):
         validate(cfg, device="cuda")
+
+
+def test_path_settings_are_made_absolute_from_the_current_folder(tmp_path, monkeypatch):
+    """Every path a run reads is absolute once loaded (relative: from the current folder; pkg://: in the package);
+    empty ones stay empty, and names that are not paths (hooks, output_dir) are kept as written."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIGS / "gender.yaml", [
+        "model.pretrained=models/sd15", "model.config=pkg://fastfair.toy/weights/pipeline", "faces.bank=bank.st",
+        "data.sets.occupations.file=~/prompts.txt", "deepspeed.config=ds.json", "semantics.dino_path=''",
+        "classifiers.gender.path=/abs/gender.pt", "output_dir=runs/x", "semantics.factory=pkg.mod:fn"])
+    assert cfg.model.pretrained == str(tmp_path / "models" / "sd15")
+    assert Path(cfg.model.config).is_dir() and Path(cfg.model.config).is_absolute()
+    assert cfg.faces.bank == str(tmp_path / "bank.st") and cfg.deepspeed.config == str(tmp_path / "ds.json")
+    assert cfg.data.sets["occupations"].file == str(Path.home() / "prompts.txt")
+    assert cfg.classifiers["gender"].path == "/abs/gender.pt" and cfg.semantics.dino_path == ""
+    assert cfg.output_dir == "runs/x" and cfg.semantics.factory == "pkg.mod:fn"

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fastfair import checkpoint
-from fastfair.config import ConfigError, load_config, save_config, validate
+from fastfair.config import ConfigError, load_config, resume_changes, save_config, validate
 from fastfair.trainer import Trainer
 from child_env import child_env
 from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
@@ -110,6 +110,37 @@ def test_resume_refuses_other_settings_unless_allowed(tmp_path, world):
     assert allowed.start == 2 and checkpoint.list_checkpoints(cfg.output_dir).keys() == {2, 3}
     with pytest.raises(ConfigError, match="resume_allow: unknown config key 'sampler.num_step'"):
         validate(load_config(write_config(tmp_path, world), ["resume_allow=[sampler.num_step]"]))
+
+
+def test_relative_paths_are_saved_absolute_so_a_run_continues_from_any_folder(tmp_path, world, monkeypatch):
+    """Relative paths are read from the folder a run starts in; its saved settings name the same files absolutely,
+    so a resume, export or evaluation started elsewhere reads them (it used the current folder), and settings
+    saved relative by an older fastfair compare equal to the same files named absolutely."""
+    import yaml
+
+    monkeypatch.chdir(world["sd"].parent)
+    relative = {"model.pretrained": os.path.relpath(world["sd"]), "classifiers.gender.path":
+                os.path.relpath(world["classifier"]), "semantics.clip_path": os.path.relpath(world["clip"])}
+    assert not any(Path(value).is_absolute() for value in relative.values())
+    cfg, _ = _trained(tmp_path, world, "max_steps=1", *(f"{key}={value}" for key, value in relative.items()))
+    run_config = Path(cfg.output_dir) / "config.yaml"
+    own = checkpoint.config_file(checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000001")
+    for saved in (yaml.safe_load(run_config.read_text()), yaml.safe_load(own.read_text())):
+        assert saved["model"]["pretrained"] == str(world["sd"])
+        assert saved["classifiers"]["gender"]["path"] == str(world["classifier"])
+        assert saved["semantics"]["clip_path"] == str(world["clip"])
+    monkeypatch.chdir(tmp_path)  # elsewhere: the relative paths name nothing here
+    assert not Path(relative["model.pretrained"]).exists()
+    resumed = Trainer(load_config(run_config, ["max_steps=2", "resume=auto"]))
+    resumed.train()
+    assert resumed.start == 1 and 2 in checkpoint.list_checkpoints(cfg.output_dir)
+    monkeypatch.chdir(world["sd"].parent)  # settings an older fastfair saved as given, read from where it ran
+    older = yaml.safe_load(own.read_text())
+    older["model"]["pretrained"] = relative["model.pretrained"]
+    assert resume_changes(older, load_config(run_config)) == {}
+    older["model"]["pretrained"] = "elsewhere"
+    assert resume_changes(older, load_config(run_config)) == {
+        "model.pretrained": (str(world["sd"].parent / "elsewhere"), str(world["sd"]))}
 
 
 def test_step_counts_and_prefix_lengths_that_cannot_run_are_refused_at_start(tmp_path, world):
