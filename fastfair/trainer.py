@@ -124,20 +124,30 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
     else:
         detector = get_detector(faces.detector, **({"root": faces.detector_path} if faces.detector_path else {}))
     sem = cfg.semantics
-    if sem.factory:
-        semantics = load_callable(sem.factory, "semantics.factory")(sem).to(device)
+    if sem.factory:  # frozen and in eval mode, as every judge: batch statistics and dropout would make the loss of
+        # an image depend on the others in its batch, and the encoders would collect gradients
+        semantics = load_callable(sem.factory, "semantics.factory")(sem).to(device).eval().requires_grad_(False)
     else:
         clip = ({"backend": "open_clip", "model_name": sem.clip_model, "checkpoint": sem.clip_path}
                 if sem.clip_backend == "open_clip" else {"backend": "clip", "path": sem.clip_path})
         semantics = SemanticsLoss.from_config({"clip": clip, "dino": {"backend": "dinov2", "path": sem.dino_path}},
                                               device=device)
     use_face = cfg.loss.face_loss and cfg.loss.lambda_face > 0
-    embedder = None
+    embedder = bank = None
     if use_face:
-        embedder = (load_callable(faces.embedding_fn, "faces.embedding_fn")() if faces.embedding_fn
-                    else load_face_embedder(faces.embedding)).to(device)
-    bank = FaceBank.load(faces.bank, device=device) if use_face else None
+        bank = FaceBank.load(faces.bank, device=device)
+        flip = bank.flip
+        if faces.embedding_fn:
+            embedder = load_callable(faces.embedding_fn, "faces.embedding_fn")()
+            if flip is not None and getattr(embedder, "flip", flip) != flip:
+                raise ValueError(f"faces.embedding_fn={faces.embedding_fn} embeds with flip={embedder.flip}, but the "
+                                 f"faces.bank {faces.bank} was built with flip={flip}: the face loss would compare "
+                                 "embeddings made two ways; rebuild the bank or change the embedder")
+        else:  # as the bank was built (python -m fastfair.faces.build_bank records --no-flip)
+            embedder = load_face_embedder(faces.embedding, flip=True if flip is None else flip)
+        embedder = embedder.to(device).eval().requires_grad_(False)
     return Judges(classifiers, detector, semantics, embedder, bank)
+
 
 
 # ----------------------------------------------------------------------------- EMA

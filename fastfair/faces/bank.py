@@ -51,6 +51,15 @@ class FaceBank:
     def dim(self) -> int:
         return self.embeddings.shape[1]
 
+    @property
+    def flip(self) -> Optional[bool]:
+        """Whether its embeddings add the mirrored face's (build_bank's recorded settings; None: not recorded)."""
+        try:
+            flip = json.loads(self.info.get("settings") or "{}").get("flip")
+        except (ValueError, AttributeError):  # settings that are not a JSON mapping: a bank built otherwise
+            return None
+        return flip if isinstance(flip, bool) else None
+
     def to(self, device) -> "FaceBank":
         self.embeddings = self.embeddings.to(device)
         return self
