@@ -48,7 +48,7 @@ def read_label_table(path: str) -> LabelTable:
     """Parse a CSV with a header, or CelebA's whitespace-separated attribute list."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"label file not found: {path}")
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark, as Excel writes
         text = handle.read()
     lines = text.splitlines()
     if lines and lines[0].strip().isdigit():  # list_attr_celeba.txt
@@ -141,9 +141,11 @@ def load_face_image(path: str, size: int) -> torch.Tensor:
     """[3, size, size] in [-1, 1]: shorter side resized to ``size`` (antialiased), centre crop."""
     from PIL import Image
 
+    from fastfair.image_files import to_rgb
+
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image, path)
             scale = size / min(image.size)
             width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
             image = image.resize((width, height), Image.BILINEAR)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from fastfair.dft import sample
+from fastfair.image_files import read_rgb
 
 MANIFEST = "manifest.json"
 # what a model folder's images depend on: weights, and the configs (scheduler, U-Net, tokenizer) beside them
@@ -93,7 +94,7 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
 
 def from_png(paths: Sequence[Path]) -> torch.Tensor:
     """PNG files -> [N, 3, H, W] float32 in [-1, 1]."""
-    arrays = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) for path in paths]
+    arrays = [read_rgb(path) for path in paths]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 

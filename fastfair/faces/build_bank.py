@@ -55,11 +55,10 @@ def list_images(folder: str) -> List[str]:
 
 def read_image(path: str) -> Optional[torch.Tensor]:
     """[1, 3, H, W] in [-1, 1], or None when the file cannot be decoded."""
-    from PIL import Image
+    from fastfair.image_files import read_rgb
 
     try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+        rgb = read_rgb(path)
     except (OSError, ValueError, SyntaxError):
         return None
     if rgb.ndim != 3 or min(rgb.shape[:2]) == 0:

@@ -1,0 +1,59 @@
+"""Image files of any bit depth read as the picture they hold, by every reader of image folders (face bank, classifier
+training, evaluation's FID references), and label tables saved with a byte-order mark."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastfair.classifiers.data import load_face_image, read_label_table
+from fastfair.evaluation.cache import from_png
+from fastfair.faces.build_bank import read_image
+from fastfair.image_files import read_rgb, to_rgb
+
+GREY = 0.3  # of full scale
+
+
+def _files(folder):
+    """The same grey picture with a darker left half, as 8-bit, 16-bit greyscale PNG and TIFF, RGBA and palette."""
+    level = np.full((6, 8), GREY)
+    level[:, :4] *= 0.5
+    eight, sixteen = np.rint(level * 255).astype(np.uint8), np.rint(level * 65535).astype(np.uint16)
+    files = {"L.png": Image.fromarray(eight), "I16.png": Image.fromarray(sixteen),
+             "I16.tif": Image.fromarray(sixteen), "RGBA.png": Image.fromarray(eight).convert("RGBA"),
+             "P.png": Image.fromarray(eight).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)}
+    for name, image in files.items():
+        image.save(folder / name)
+    return eight.astype(np.float32), [folder / name for name in files]
+
+
+def test_every_bit_depth_reads_as_the_same_8_bit_picture(tmp_path):
+    expected, paths = _files(tmp_path)
+    assert Image.open(paths[1]).mode.startswith("I;16")  # the mode PIL's convert('RGB') clips at 255
+    for path in paths:
+        rgb = read_rgb(path)
+        assert rgb.shape == (6, 8, 3) and rgb.dtype == np.float32
+        np.testing.assert_allclose(rgb, np.repeat(expected[..., None], 3, -1), atol=1, err_msg=path.name)
+    target = torch.from_numpy(expected) / 127.5 - 1
+    for path in paths:  # through each reader: [-1, 1]
+        torch.testing.assert_close(read_image(str(path))[0, 0], target, atol=2 / 255, rtol=0)
+        torch.testing.assert_close(from_png([path])[0, 1], target, atol=2 / 255, rtol=0)
+        crop = load_face_image(str(path), 6)  # shorter side 6: no resize, the centre 6 x 6
+        torch.testing.assert_close(crop[2], target[:, 1:7], atol=2 / 255, rtol=0)
+
+
+def test_floating_point_images_are_refused_by_name(tmp_path):
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    with Image.open(tmp_path / "f.tif") as image:
+        assert image.mode == "F"
+        with pytest.raises(ValueError, match=r"f.tif: a floating-point image .* save it with 8 or 16 bits"):
+            to_rgb(image, tmp_path / "f.tif")
+    assert read_image(str(tmp_path / "f.tif")) is None  # the bank skips it as unreadable
+    with pytest.raises(ValueError, match="cannot read training image .*f.tif"):
+        load_face_image(str(tmp_path / "f.tif"), 4)
+
+
+def test_a_label_table_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes("file,gender\na.png,female\nb.png,male\n".encode("utf-8-sig"))
+    table = read_label_table(str(path))
+    assert table.files == ["a.png", "b.png"] and table.column("gender") == ["female", "male"]
