@@ -40,6 +40,7 @@ from fastfair.hooks import resolve_package_path
 from fastfair.prompts import list_prompt_sets, template_field
 
 DTYPES = ("fp32", "fp16", "bf16")
+FACE_MARGIN = 0.5  # faces.margin's default and python -m fastfair.evaluate --margin's: train as judged
 FINETUNE_TARGETS = ("prefix", "text_lora", "unet_lora", "text_unet_lora", "unet_full")
 DIFFUSERS_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -175,11 +176,13 @@ class ClassifierConfig:
 
 @dataclass
 class FacesConfig:
-    # none: the whole image is the face (WholeImageDetector)
+    # none: the whole image is the face (WholeImageDetector), cropped without margin
     detector: str = setting("opencv", choices=("opencv", "insightface", "mtcnn", "callable", "none"))
     detector_path: Optional[str] = None  # insightface: the local model folder
     detector_fn: Optional[str] = None  # detector=callable: "package.module:function"
-    margin: float = setting(0.2, min=0)  # box growth, a fraction of its side
+    # the square crop box: the detector box's longer side grown by this fraction (0.5: the public code's expand_coef,
+    # in training and evaluation; python -m fastfair.evaluate --margin defaults to it too); detector none: no margin
+    margin: float = setting(FACE_MARGIN, min=0)
     bank: Optional[str] = None  # real-face embeddings (safetensors) for the face realism loss
     embedding: Optional[str] = None  # face embedding model checkpoint (SFNet-20 style)
     embedding_fn: Optional[str] = None  # or "package.module:function"() -> a FaceEmbedder (replaces embedding)

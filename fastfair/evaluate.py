@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from fastfair.config import SINGLE_FILE_CONFIG_LAYOUT
+from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
@@ -46,7 +46,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
              attributes: Optional[Sequence[str]] = None, targets: Optional[Dict[str, Sequence[float]]] = None,
              joint: Optional[Sequence] = None, images_per_prompt: Optional[int] = None,
              guidance_scales: Sequence[float] = (7.5,), num_steps: int = 20, seed: int = 0, batch_size: int = 8,
-             detector="opencv", margin: float = 0.5, clip=None, dino=None, dtype: str = "fp32",
+             detector="opencv", margin: float = FACE_MARGIN, clip=None, dino=None, dtype: str = "fp32",
              weights: str = "ema", device: Optional[str] = None, grid_columns: int = 8,
              fid_reference=None, fid_inception=None, progress: bool = True, semantics=None,
              model_config: Optional[str] = None) -> dict:
@@ -184,7 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--detector", default="opencv", help="opencv | insightface | mtcnn | none | module:function")
-    parser.add_argument("--margin", type=float, default=0.5, help="face crop margin (0.5: the public code's)")
+    parser.add_argument("--margin", type=float, default=FACE_MARGIN,
+                        help=f"face crop margin (default {FACE_MARGIN}: the public code's, and faces.margin's)")
     parser.add_argument("--clip", help="local transformers CLIPModel folder (CLIP-T, CLIP-I)")
     parser.add_argument("--dino", help="local transformers DINOv2 folder (DINO)")
     parser.add_argument("--semantics", help="module:function returning a fastfair SemanticsLoss whose encoders "

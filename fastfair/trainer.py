@@ -355,7 +355,11 @@ class Trainer:
                       lean_graph=s.lean_graph)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
+        """Images [n, 3, H, W] in [-1, 1] from latents: clamped as a saved image is (the public code clamps too),
+        so the losses judge the picture evaluation scores; the decoder's overshoot past the range would otherwise
+        be a channel the classifier reads in training and that saving erases."""
+        images = self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
+        return images.clamp(-1, 1)
 
     def generate_pair(self, prompt: str, z_T, steps, generator):
         """(originals, images) [n, 3, H, W] from the same noise; only `images` carries a graph."""

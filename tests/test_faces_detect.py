@@ -42,12 +42,26 @@ def test_largest_face_rule_counts_only_the_area_inside_the_image():
     ]
     regions = select_largest(faces, height=64, width=64, margin=0.5)
     assert regions.found.tolist() == [True, False, True]
-    assert regions.boxes[0].tolist() == [0, 0, 20, 30]  # clipped to the image
+    assert regions.boxes[0].tolist() == [-60, 0, 20, 30]  # as detected: a face cut by the frame keeps its box
     assert regions.boxes[1].tolist() == [0, 0, 64, 64]  # no face: the whole image stands in
-    assert regions.boxes[2].tolist() == [40, 40, 64, 64]
+    assert regions.boxes[2].tolist() == [40, 40, 90, 90]
     assert regions.scores.tolist() == [0.8, 0.0, 0.5]
-    # squares: side = longer side * 1.5, centred on the clipped box
-    assert regions.crop_boxes[0].tolist() == [-12.5, -7.5, 32.5, 37.5]
+    # squares: side = longer side * 1.5, centred on the face's box, as the public code's expand_bbox (not on the
+    # part inside the image, which moved the crop off the face toward the image's centre and shrank it)
+    assert regions.crop_boxes[0].tolist() == [-80, -45, 40, 75]
+    assert regions.crop_boxes[2].tolist() == [27.5, 27.5, 102.5, 102.5]
+    # landmarks estimated from the whole face box: the eyes of a face cut at the left edge lie left of the image
+    assert (regions.landmarks[0, :2, 0] < 0).all()
+
+
+def test_the_whole_image_detector_crops_the_image_itself():
+    """detector none (folders of face crops): the crop is the image, not the image shrunk inside a margin."""
+    from fastfair.faces import crop_boxes
+
+    images = torch.rand(2, 3, 24, 24) * 2 - 1
+    regions = locate_faces(images, "none", margin=0.5)
+    assert regions.found.all() and regions.crop_boxes.tolist() == [[0, 0, 24, 24]] * 2
+    torch.testing.assert_close(crop_boxes(images, regions.crop_boxes.float(), 24), images, atol=1e-5, rtol=0)
 
 
 def test_square_boxes_margin_zero_keeps_the_longer_side():

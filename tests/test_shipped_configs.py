@@ -46,3 +46,14 @@ def test_shipped_config_trains_two_iterations(config, tmp_path, world, gender_ra
     changed = [name for name, p in trainer.model.trainable.items() if not torch.equal(before[name], p.detach())]
     assert changed, f"{config.name}: no trainable weight moved"
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "weights.safetensors").is_file()
+
+
+def test_shipped_configs_crop_faces_as_evaluation_judges_them():
+    """The classifier sees in training the crop it is scored on: each config's faces.margin is evaluate's --margin
+    (configs/_base.yaml had 0.2 against evaluation's 0.5, the public code's in both)."""
+    from fastfair.config import FACE_MARGIN
+    from fastfair.evaluate import parse_args
+
+    assert parse_args(["--model", "m", "--classifier", "c", "--out", "o"]).margin == FACE_MARGIN == 0.5
+    for config in CONFIGS + [CONFIGS[0].parent / "toy.yaml"]:
+        assert load_config(config).faces.margin == FACE_MARGIN, config.name

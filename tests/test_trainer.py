@@ -206,3 +206,26 @@ def test_face_region_and_face_target_settings_reach_the_losses(tmp_path, world, 
         assert not use_original.any()
     else:
         assert use_original.any()
+
+
+def test_decoded_images_are_judged_as_saved(tmp_path, world, monkeypatch):
+    """The losses see the decoder's output clamped to [-1, 1], as saved and evaluated images are (the public code
+    clamps too): a decoder overshoot is no channel for the classifier, and saturated pixels get no gradient."""
+    from fastfair.trainer import process_group
+
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world)))
+        decode = trainer.vae.decode
+
+        def overshooting(latents, *args, **kwargs):
+            out = decode(latents, *args, **kwargs)
+            out.sample = out.sample * 40 + 0.5  # a tiny random decoder stays near 0: make it leave the range
+            return out
+
+        monkeypatch.setattr(trainer.vae, "decode", overshooting)
+        z = torch.randn(2, *trainer.latent_shape, requires_grad=True)
+        images = trainer._decode(z)
+        assert images.min() == -1 and images.max() == 1 and ((images > -1) & (images < 1)).any()
+        images.sum().backward()
+        raw = overshooting((z / trainer.vae.config.scaling_factor).detach()).sample
+        assert raw.abs().max() > 1.5  # the overshoot the clamp removed

@@ -1,4 +1,4 @@
-"""From detections to one face region per image: the largest-face rule, clipping, square crop boxes.
+"""From detections to one face region per image: the largest-face rule, square crop boxes.
 
 Seed 0109 / 0124: an image with several faces is represented by the one covering the largest area;
 an image without a face is marked (``found`` False) and gets the whole image as a stand-in region so
@@ -10,15 +10,17 @@ from typing import List, Optional
 import torch
 
 from fastfair.faces.align import template_in_box
-from fastfair.faces.detect import Detector, Face, get_detector
+from fastfair.faces.detect import Detector, Face, WholeImageDetector, get_detector
 
 
 @dataclass
 class FaceRegions:
     """One face per image, as tensors (N images, float64 coordinates).
 
-    found [N] bool; boxes [N, 4] the chosen detector box clipped to the image (x0, y0, x1, y1);
-    crop_boxes [N, 4] squares around ``boxes`` enlarged by the margin (they may leave the image);
+    found [N] bool; boxes [N, 4] the chosen detector box (x0, y0, x1, y1), as the detector gave it: a face cut by
+    the frame keeps its box past the edge, so its crop stays centred on the face and of the face's size, as the
+    public code's expand_bbox grows the raw box; crop_boxes [N, 4] squares around ``boxes`` enlarged by the
+    margin (they may leave the image: crops pad);
     landmarks [N, 5, 2] the detector's, or estimated from the box; has_landmarks [N] bool; scores [N].
     The face-region mask of the semantics loss is ``fastfair.losses.weights.face_box_mask(crop_boxes, H, W, found)``:
     the region the classifier judges.
@@ -65,8 +67,7 @@ def select_largest(detections: List[List[Face]], height: int, width: int, margin
         if not visible:
             continue
         face = max(visible, key=lambda f: clipped_area(f, height, width))
-        x0, y0, x1, y1 = face.box
-        boxes[i] = torch.tensor([max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)], dtype=torch.float64)
+        boxes[i] = torch.tensor(face.box, dtype=torch.float64)
         found[i], scores[i] = True, face.score
         if face.landmarks is not None:
             landmarks[i], has_landmarks[i] = torch.from_numpy(face.landmarks), True
@@ -79,7 +80,11 @@ def select_largest(detections: List[List[Face]], height: int, width: int, margin
 
 
 def locate_faces(images: torch.Tensor, detector="opencv", margin: float = 0.5) -> FaceRegions:
-    """Detect (no grad) and select the largest face of each image [N, 3, H, W] in [-1, 1]."""
+    """Detect (no grad) and select the largest face of each image [N, 3, H, W] in [-1, 1]. A detector that takes
+    the whole image as the face (``WholeImageDetector``: folders of face crops) is cropped without margin: the
+    margin would shrink the face inside padding the classifier never saw in training."""
     detector = detector if isinstance(detector, Detector) else get_detector(detector)
+    if isinstance(detector, WholeImageDetector):
+        margin = 0.0
     detections = detector.detect(images)
     return select_largest(detections, images.shape[-2], images.shape[-1], margin, device=images.device)
