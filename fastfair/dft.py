@@ -36,9 +36,18 @@ def _cached_schedule(config_json: str, num_steps: int) -> SolverSchedule:
     return solver_schedule(json.loads(config_json), num_steps)
 
 
+def _plain(value):
+    """A config value as JSON can hold it exactly: arrays and tensors (e.g. trained_betas) as lists of floats."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def schedule_for(scheduler: Any, num_steps: int) -> SolverSchedule:
     """``solver_schedule`` memoized on the scheduler's config (the trainer calls this every iteration)."""
-    config = dict(scheduler_config(scheduler))
+    config = {key: _plain(value) for key, value in dict(scheduler_config(scheduler)).items()}
     return _cached_schedule(json.dumps(config, sort_keys=True, default=str), int(num_steps))
 
 
@@ -68,6 +77,8 @@ class _Plan:
     sources: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
     leaves: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
     autocast: Optional[Tuple[str, bool, Optional[torch.dtype]]] = None
+    source_versions: Tuple[Optional[int], Optional[int]] = (None, None)  # of sources at the forward
+    backward_done: bool = False      # the saved latents, kept graphs and recordings are freed by the first backward
 
 
 def unet_input_dtype(unet: torch.nn.Module) -> torch.dtype:
@@ -246,7 +257,7 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     attention-kept steps' recorded attention outputs."""
     sched, unet = plan.schedule, plan.unet
     traj_dtype = torch.float64 if z_T.dtype == torch.float64 else torch.float32
-    z = z_T.detach().to(traj_dtype)
+    z = z_T.detach().to(traj_dtype, copy=True)  # saved for the backward: the caller may refill z_T in place
     batch = z.shape[0]
     branches = 2 if plan.use_cfg else 1
     emb_nograd = _embeddings(cond.detach(), None if uncond is None else uncond.detach(), batch, branches)
@@ -276,6 +287,22 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     return z
 
 
+def _check_backward_state(plan: _Plan, recomputes: bool) -> None:
+    """The backward recomputes from state the forward saved: refuse, as autograd refuses a freed or stale graph,
+    a second backward (the first freed that state: its U-Net and embedding gradients would be silently zero) and
+    embeddings changed in place since the forward (the recompute would differentiate other values)."""
+    if not recomputes:  # only dL/dz_T = K_T g: nothing saved is read
+        return
+    if plan.backward_done:
+        raise RuntimeError("fastfair.dft.sample: a second backward through the same z_0; the first freed the saved "
+                           "latents (like autograd's retain_graph=False, which sample does not support): sum the "
+                           "losses and backpropagate once, or sample again")
+    for name, source, version in zip(("cond", "uncond"), plan.sources, plan.source_versions):
+        if source is not None and source._version != version:
+            raise RuntimeError(f"fastfair.dft.sample: {name} was modified in place after sampling; the backward "
+                               "recomputes the U-Net with it: pass a copy, or change it after the backward")
+
+
 class _AdjustedDFT(torch.autograd.Function):
     """z_0 = Sampler(z_T, cond, uncond; theta) with the adjusted backward.
 
@@ -301,6 +328,7 @@ class _AdjustedDFT(torch.autograd.Function):
         plan: _Plan = ctx.plan
         params = ctx.params
         cond_leaf, uncond_leaf = plan.leaves
+        _check_backward_state(plan, bool(params) or any(leaf is not None for leaf in plan.leaves))
         sched, w = plan.schedule, plan.guidance
         scales = sched.grad_scales(plan.coefficients) * plan.step_weight
         nb = graph_branches(plan.use_cfg, plan.need_uncond)
@@ -347,6 +375,7 @@ class _AdjustedDFT(torch.autograd.Function):
                     del eps, upstream
         plan.saved_z.clear()
         plan.attention.clear()
+        plan.backward_done = True
 
         grads = dict(zip([id(x) for x in inputs], sums))
         grad_cond = grads.get(id(cond_leaf)) if cond_leaf is not None else None
@@ -458,5 +487,6 @@ def sample(
         cond_leaf if cond_leaf is not None else cond.detach(),
         uncond_leaf if uncond_leaf is not None else (uncond.detach() if use_cfg else None),
     )
+    plan.source_versions = tuple(None if x is None else x._version for x in plan.sources)
     plan.autocast = _autocast_state(z_T.device.type)
     return _AdjustedDFT.apply(plan, z_T, cond, uncond if use_cfg else None, *params)

@@ -38,6 +38,14 @@ def _attention_ops() -> FrozenSet:
 ATTENTION_OPS = _attention_ops()  # the fused attention kernels F.scaled_dot_product_attention dispatches to
 
 
+def _log_sumexp_argument(func) -> Optional[int]:
+    """The position of the kernel's compute_log_sumexp flag (efficient and cuDNN kernels: CUDA's SDPA sets it
+    only when grad is enabled, so a no-grad sampling call gets an empty log-sum-exp, which the recompute's
+    attention backward needs), or None (flash kernels always compute it)."""
+    names = [argument.name for argument in func._schema.arguments]
+    return names.index("compute_log_sumexp") if "compute_log_sumexp" in names else None
+
+
 def _outputs(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
@@ -85,10 +93,18 @@ class AttentionRecorder(TorchDispatchMode):
         self.batch = int(batch)
         self.rows = torch.as_tensor(list(rows), dtype=torch.long)
         self.calls: List[tuple] = []
+        self.kernels: List = []  # the kernel of each call: the replay hands a call's outputs to the same kernel only
         self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = dict(kwargs or {})
+        flag = _log_sumexp_argument(func) if func in ATTENTION_OPS else None
+        if flag is not None:  # the same output, and the log-sum-exp the backward replay needs
+            if "compute_log_sumexp" in kwargs or len(args) <= flag:
+                kwargs["compute_log_sumexp"] = True
+            else:
+                args = (*args[:flag], True, *args[flag + 1:])
+        out = func(*args, **kwargs)
         if func in ATTENTION_OPS:
             if args[0].shape[0] != self.batch:
                 raise RuntimeError(f"keep_attention_steps: an attention kernel ran on a batch of {args[0].shape[0]}, "
@@ -98,6 +114,7 @@ class AttentionRecorder(TorchDispatchMode):
                 self.rows = self.rows.to(args[0].device)
             rows = self.rows
             self.flops += attention_flops(*args[:3])
+            self.kernels.append(func)
             self.calls.append(tuple(_select_rows(t, rows) if _per_row(k, t)
                                     else (t.detach() if isinstance(t, torch.Tensor) else t)
                                     for k, t in enumerate(_outputs(out))))
@@ -128,6 +145,10 @@ class AttentionReplay(TorchDispatchMode):
         if any(j >= len(r.calls) for r in self.recordings):
             raise RuntimeError("keep_attention_steps: the recompute ran more attention kernels than the sampling call "
                                "recorded; the U-Net must be deterministic")
+        recorded = {r.kernels[j] for r in self.recordings}
+        if recorded != {func}:  # another kernel's outputs have another layout (e.g. flash vs efficient)
+            raise RuntimeError(f"keep_attention_steps: the recompute's attention kernel {func} is not the sampling "
+                               f"call's ({', '.join(map(str, recorded))}); set keep_attention_steps=0")
         rows = sum(len(r.rows) for r in self.recordings)
         if args[0].shape[0] != rows:
             raise RuntimeError(f"keep_attention_steps: the recompute's attention batch is {args[0].shape[0]}, the "

@@ -104,6 +104,27 @@ def test_recorder_holds_the_outputs_at_the_rows_and_replay_joins_them():
             attend(torch.zeros(2, 2, 5, 3))
 
 
+@pytest.mark.parametrize("name", ["_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"])
+def test_kernels_that_skip_the_log_sum_exp_without_grad_record_it(name):
+    """CUDA's SDPA asks the efficient and cuDNN kernels for the log-sum-exp only when grad is enabled: the no-grad
+    sampling call would record an empty one for the recompute's attention backward. The recorder asks for it (shapes
+    on the meta device, which runs these CUDA kernels' shape functions on CPU)."""
+    kernel = getattr(torch.ops.aten, name).default
+    q = torch.empty(3, 2, 10, 8, device="meta", dtype=torch.float16)
+    assert kernel(q, q, q, None, False)[1].numel() == 0 or name.endswith("cudnn_attention")  # what SDPA gets
+    recorder = AttentionRecorder([0, 2], batch=3)
+    with recorder:
+        out = kernel(q, q, q, None, False)
+    (call,) = recorder.calls
+    expected = kernel(q, q, q, None, True)
+    assert call[1].shape == (2, *expected[1].shape[1:]) and call[1].numel() > 0
+    assert out[0].shape == expected[0].shape
+    with pytest.raises(RuntimeError, match="recompute's attention kernel .* is not the sampling call's"):
+        with AttentionReplay([recorder]):  # a recompute that picked another kernel: its outputs' layout differs
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
+                torch.zeros(2, 2, 10, 8), torch.zeros(2, 2, 10, 8), torch.zeros(2, 2, 10, 8))
+
+
 def test_recorded_rows_keep_the_kernels_memory_layout():
     from fastfair.keep_attention import _join_rows, _select_rows
 
