@@ -4,8 +4,8 @@
 
 Steps (seed 0124-0135): generate `--images-per-prompt` images per prompt with both models from paired noise
 (default: each attribute set's bias over the seed's 60 / 80 / 160 images for 2 / 4 / 8 classes, the first of the
-largest count generated; ``scoring.images_per_set``) into a resumable PNG cache (`fastfair.evaluation.cache`); classify each image's largest face and score CLIP-T,
-CLIP-I, DINO (`fastfair.evaluation.scoring`) and, optionally, FID (`fastfair.evaluation.fid`); per-prompt
+largest count generated; ``scoring.images_per_set``) into a resumable PNG cache (`fastfair.evaluation.cache`);
+classify each image's largest face and score CLIP-T, CLIP-I, DINO (`fastfair.evaluation.scoring`) and, optionally, FID (`fastfair.evaluation.fid`); per-prompt
 metrics and their mean ± std over prompts (`fastfair.metrics`), for each `--guidance-scales` value; then
 metrics.json, per_prompt.csv, summary.md, the Fig. 9 plots, image grids and report.html (`fastfair.evaluation.report`).
 """
@@ -49,7 +49,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
              detector="opencv", margin: float = FACE_MARGIN, clip=None, dino=None, dtype: str = "fp32",
              weights: str = "ema", device: Optional[str] = None, grid_columns: int = 8,
              fid_reference=None, fid_inception=None, progress: bool = True, semantics=None,
-             model_config: Optional[str] = None) -> dict:
+             model_config: Optional[str] = None, classifier_head: Optional[Sequence[str]] = None) -> dict:
     """Run the whole evaluation (module docstring); returns the results dict (also in metrics.json) with
     ``generated``: the cache paths this call had to generate. semantics: a `fastfair.losses.SemanticsLoss` or a
     'package.module:function' returning one (e.g. ``fastfair.toy:toy_semantics``), scored as ``sim_<encoder>``.
@@ -68,7 +68,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     if images_per_prompt is not None and images_per_prompt < 1:  # only None means the default count
         raise ValueError(f"--images-per-prompt {images_per_prompt}: expected at least 1 (leave it out for the "
                          "default 60 / 80 / 160)")
-    judges, classes = load_classifiers(classifiers, attributes, device)
+    judges, classes = load_classifiers(classifiers, attributes, device, classifier_head)
     if joint is None:  # the intersection of all attributes
         joint = list(classes) if len(classes) >= 2 else []
     sets = attribute_sets(classes, targets or {}, joint)
@@ -169,6 +169,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"),
                         help="a checkpoint's weights to use (an export holds those it was written with)")
     parser.add_argument("--classifier", action="append", required=True, help="attribute classifier (repeatable)")
+    parser.add_argument("--classifier-head",
+                        help="what the outputs of --classifier files without fastfair metadata (e.g. the public "
+                             "code's .pt) mean, in order: gender,race,age (FairFace's 8) or celeba40 (CelebA's 80)")
     parser.add_argument("--attributes", help="comma-separated attributes (default: all the classifiers predict)")
     parser.add_argument("--joint", action="append",
                         help="comma-separated attributes whose intersection is evaluated, e.g. gender,race "
@@ -210,7 +213,7 @@ def main(argv=None) -> None:
              split(args.attributes), _targets(args.target), args.joint, args.images_per_prompt, guidance,
              args.steps, args.seed, args.batch_size, _detector(args.detector), args.margin, args.clip, args.dino,
              args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference, args.fid_inception,
-             semantics=args.semantics, model_config=args.model_config)
+             semantics=args.semantics, model_config=args.model_config, classifier_head=split(args.classifier_head))
     print(Path(args.out) / "report.html")
 
 

@@ -100,11 +100,16 @@ class Judges:
 
 def _classifier(name, spec, device):
     from fastfair.classifiers import load_classifier
+    from fastfair.classifiers.heads import output_head
+    from fastfair.classifiers.model import describes_itself, file_outputs
 
     if spec.factory:
         module = load_callable(spec.factory, f"classifiers.{name}.factory")(spec)
-    else:
-        module = load_classifier(spec.path, arch=spec.architecture,
+    else:  # a file without fastfair's metadata (e.g. the public code's .pt): its outputs as the config maps them
+        head = None
+        if spec.attributes and not describes_itself(spec.path):
+            head = output_head(file_outputs(spec.path, spec.architecture))
+        module = load_classifier(spec.path, head, arch=spec.architecture,
                                  **({"input_size": spec.input_size} if spec.input_size else {}))
     return module.to(device).eval().requires_grad_(False)
 

@@ -71,3 +71,36 @@ def test_the_face_embedder_embeds_as_the_bank_was_built(tmp_path, world):
     assert FaceBank.load(str(unrecorded)).flip is None
     assert build_judges(_config(tmp_path, world, f"faces.bank={unrecorded}",
                                 "faces.embedding_fn=test_judges:mirror_free_embedder"), "cpu").face_embedder.flip is False
+
+
+def test_a_classifier_file_without_metadata_runs_as_the_config_maps_its_outputs(tmp_path, world):
+    """The public code's classifiers are bare state dicts (.pt): a run config names the attribute it judges
+    (classifiers.<n>.attributes) and the targets its outputs; loading refused them, asking for a Python head=."""
+    from fastfair.classifiers import SmallCNN
+    from fastfair.trainer import Trainer, process_group
+
+    torch.manual_seed(0)
+    network = SmallCNN(6).eval()
+    torch.save(network.state_dict(), tmp_path / "public.pt")
+    overrides = [f"classifiers.gender.path={tmp_path / 'public.pt'}", "classifiers.gender.architecture=small_cnn",
+                 "classifiers.gender.input_size=16", "classifiers.gender.attributes={gender: [4, 5]}",
+                 "targets.attributes=[{name: gender, classes: {female: 4, male: 5}, probabilities: uniform}]"]
+    cfg = load_config(write_config(tmp_path, world), overrides)
+    judge = build_judges(cfg, "cpu").classifiers["gender"]
+    crops = torch.rand(3, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(judge(crops), network(crops))
+    with process_group():
+        trainer = Trainer(cfg)
+        part = trainer.iteration(0)
+    assert torch.isfinite(torch.tensor(part["loss"]))
+    from fastfair.evaluation.scoring import load_classifiers  # evaluation: --classifier-head names the outputs
+
+    from fastfair.classifiers import MobileNetV3Large
+
+    torch.save(MobileNetV3Large(8).state_dict(), tmp_path / "fairface.pt")  # the public code's architecture
+    with pytest.raises(ValueError, match="--classifier-head"):
+        load_classifiers([str(tmp_path / "fairface.pt")])
+    judges, classes = load_classifiers([str(tmp_path / "fairface.pt")], head_names=["gender", "race", "age"])
+    assert list(classes) == ["gender", "race", "age"] and len(classes["race"]) == 4
+    with pytest.raises(ValueError, match="--classifier-head gender,hair: unknown attribute"):
+        load_classifiers([str(tmp_path / "fairface.pt")], head_names=["gender", "hair"])

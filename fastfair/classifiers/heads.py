@@ -108,3 +108,9 @@ def head_from_names(names: Sequence[str]) -> AttributeHead:
         raise ValueError(f"unknown attribute(s) {unknown}: known are {sorted(KNOWN_CLASSES)} or 'celeba40'; "
                          "pass an AttributeHead for others")
     return AttributeHead([Attribute(n, KNOWN_CLASSES[n]) for n in names])
+
+
+def output_head(count: int) -> AttributeHead:
+    """A file's outputs unnamed: one attribute ``outputs`` whose classes are the output indices ("0", "1", ...),
+    for a classifier whose outputs a run config maps itself (classifiers.<name>.attributes: {gender: [40, 41]})."""
+    return AttributeHead([Attribute("outputs", tuple(str(i) for i in range(count)))])

@@ -53,6 +53,29 @@ def save_classifier(classifier: AttributeClassifier, path: str, extra: Optional[
     save_safetensors(classifier.network.state_dict(), path, {**classifier.metadata(), **(extra or {})})
 
 
+DEFAULT_ARCHITECTURE = "mobilenet_v3_large"  # the public code's classifiers
+
+
+def describes_itself(path: str) -> bool:
+    """Whether the file is a fastfair classifier file (its metadata name the architecture, head and input size)."""
+    return str(path).endswith(".safetensors") and read_safetensors_metadata(str(path)).get("format") == CLASSIFIER_FORMAT
+
+
+def _output_key(network: nn.Module) -> str:
+    """The output layer's weight: the network's last matrix (registration order), e.g. classifier.3.weight."""
+    return [k for k, v in network.state_dict().items() if v.dim() == 2][-1]
+
+
+def file_outputs(path: str, arch: Optional[str] = None, **options) -> int:
+    """How many logits the state dict in the file gives (its output layer's rows), for architecture arch."""
+    key = _output_key(build_network(arch or DEFAULT_ARCHITECTURE, 1, **options))
+    state = load_state_dict(path)
+    if key not in state:
+        raise ValueError(f"{path} has no {key}: not a {arch or DEFAULT_ARCHITECTURE} state dict (name its "
+                         "architecture)")
+    return int(state[key].shape[0])
+
+
 def load_classifier(path: str, head: Optional[AttributeHead] = None, arch: Optional[str] = None,
                     input_size: int = 224, **options) -> AttributeClassifier:
     """A classifier from a local file, in eval mode.
@@ -68,11 +91,13 @@ def load_classifier(path: str, head: Optional[AttributeHead] = None, arch: Optio
         head, arch = stored, metadata["arch"]
         input_size, options = int(metadata["input_size"]), json.loads(metadata["options"])
     elif head is None:
-        raise ValueError(f"{path} carries no fastfair metadata: pass head= (e.g. head_from_names(['gender']))")
-    classifier = AttributeClassifier(head, arch or "mobilenet_v3_large", input_size, **options)
+        raise ValueError(f"{path} carries no fastfair metadata, so nothing says what its outputs mean: in a run "
+                         "config give classifiers.<name>.attributes (each attribute's output indices) and "
+                         "architecture; for python -m fastfair.evaluate --classifier-head (e.g. gender,race,age or "
+                         "celeba40); in Python head= (e.g. head_from_names(['gender']))")
+    classifier = AttributeClassifier(head, arch or DEFAULT_ARCHITECTURE, input_size, **options)
     state = load_state_dict(path)
-    # the output layer is the network's last matrix (registration order), e.g. classifier.3.weight
-    output_key = [k for k, v in classifier.network.state_dict().items() if v.dim() == 2][-1]
+    output_key = _output_key(classifier.network)
     if output_key in state and state[output_key].shape[0] != head.num_outputs:
         raise ValueError(f"{path} has {state[output_key].shape[0]} outputs ({output_key}), but the head "
                          f"{head.describe()} needs {head.num_outputs}")

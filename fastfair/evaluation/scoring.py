@@ -263,17 +263,26 @@ def _load_clip(folder, device):
     return model, tokenizer, clip_preprocess(str(folder), model.config.vision_config.image_size)
 
 
-def load_classifiers(paths: Sequence[str], attributes: Optional[Sequence[str]] = None, device="cpu"):
+def load_classifiers(paths: Sequence[str], attributes: Optional[Sequence[str]] = None, device="cpu",
+                     head_names: Optional[Sequence[str]] = None):
     """({attribute: classifier}, {attribute: class names}) from classifier files or 'package.module:function'
     factories (called with None, e.g. ``fastfair.toy:eval_classifier``); the first one that
-    predicts an attribute judges it; attributes (default: all the files predict) selects and orders them."""
-    from fastfair.classifiers import load_classifier
+    predicts an attribute judges it; attributes (default: all the files predict) selects and orders them.
+    head_names: the attributes, in output order, of files without fastfair metadata (``head_from_names``)."""
+    from fastfair.classifiers import head_from_names, load_classifier
+    from fastfair.classifiers.model import describes_itself
     from fastfair.hooks import load_callable
 
     judges, classes = {}, {}
     for path in paths:
         if ":" in str(path) and not Path(path).exists():  # a factory, e.g. fastfair.toy:eval_classifier
             classifier = load_callable(str(path), "--classifier")(None)
+        elif head_names and not describes_itself(str(path)):
+            try:
+                head = head_from_names(head_names)
+            except ValueError as error:
+                raise ValueError(f"--classifier-head {','.join(head_names)}: {error}") from None
+            classifier = load_classifier(str(path), head)
         else:
             classifier = load_classifier(str(path))
         classifier = classifier.to(device).eval().requires_grad_(False)
