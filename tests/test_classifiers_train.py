@@ -62,11 +62,19 @@ def test_training_reaches_high_accuracy_on_every_attribute(dataset, tmp_path):
     assert set(classifier.probabilities(image)) == {"gender", "race", "age"}
 
 
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(dataset, tmp_path):
+CUDA_DROPOUT = ("--device", "cuda", "--arch", "mobilenet_v3_large")  # its dropout draws from the GPU's generator
+
+
+@pytest.mark.parametrize("device", [(), pytest.param(CUDA_DROPOUT, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))], ids=["cpu", "cuda"])
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(dataset, tmp_path, device):
     straight, resumed = tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors"
-    main(arguments(dataset, straight, "--epochs", "2", "--checkpoint-every", "4"))
-    assert main(arguments(dataset, resumed, "--epochs", "2", "--checkpoint-every", "4", "--max-steps", "19")) is None
-    main(arguments(dataset, resumed, "--epochs", "2", "--checkpoint-every", "4", "--resume"))
+    main(arguments(dataset, straight, "--epochs", "2", "--checkpoint-every", "4", *device))
+    assert main(arguments(dataset, resumed, "--epochs", "2", "--checkpoint-every", "4", "--max-steps", "19",
+                          *device)) is None
+    if device:
+        torch.cuda.manual_seed_all(12345)  # a fresh process's generator state, not the interrupted run's
+    main(arguments(dataset, resumed, "--epochs", "2", "--checkpoint-every", "4", "--resume", *device))
     first = torch.load(state_path(str(straight)), weights_only=True)
     second = torch.load(state_path(str(resumed)), weights_only=True)
     assert first["position"] == second["position"] == {"epoch": 2, "batch": 0}

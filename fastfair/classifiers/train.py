@@ -127,6 +127,8 @@ def save_state(path, args, classifier, optimizer, position, best, history):
     with atomic_path(path) as temporary:
         torch.save({"network": classifier.network.state_dict(), "optimizer": optimizer.state_dict(),
                     "position": position, "best": best, "history": history, "rng": torch.get_rng_state(),
+                    # dropout on a GPU draws from the device's generator
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
                     "config": {k: getattr(args, k) for k in RESUME_KEYS}}, temporary)
 
 
@@ -180,6 +182,8 @@ def train(args) -> Optional[dict]:
         optimizer.load_state_dict(state["optimizer"])
         position, best, history = state["position"], state["best"], state["history"]
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         reached = position["epoch"] * steps_per_epoch + position["batch"]
         if args.max_steps is not None and args.max_steps < reached:
             raise ValueError(f"--max-steps {args.max_steps}: the resumed run is already at step {reached}; raise it "
