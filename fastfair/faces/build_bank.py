@@ -14,7 +14,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
