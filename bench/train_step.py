@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -598,6 +597,10 @@ def main(argv=None) -> None:
             "latent": resolution // (8 if args.model == "sd15" else 2), "lora_rank": 50 if args.model == "sd15" else 4,
             "threads": args.threads, "warmup": args.warmup, "iters": args.iters, "micro_batch": args.micro_batch}
     runs, keep, flops_info = [], None, {}
+
+    def report(sweep: list, final: bool) -> None:  # flops_info is filled in by the first run
+        write_report(runs=runs, sweep=sweep, args=args, argv=argv, flops_info=flops_info, impls=impls, final=final)
+
     for round_ in range(args.rounds):
         for impl in impls:
             # the keep probe costs a backward with hooks and only fastfair_fast's plan uses it
@@ -629,7 +632,7 @@ def main(argv=None) -> None:
             runs.append(result)
             print(f"round {round_} {impl:14s} s/iter={statistics.median(result['s_per_iter_samples']):8.3f} "
                   f"peak={result['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
-    report = functools.partial(write_report, runs=runs, args=args, argv=argv, flops_info=flops_info, impls=impls)
+            report(sweep=[], final=False)  # after every run: a time limit or a failing worker keeps what ran
     sweep = []
     sweep_steps = [int(s) for s in args.sweep_steps.split(",") if s]
     sweep_images = [int(s) for s in args.sweep_images.split(",") if s]

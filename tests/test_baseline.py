@@ -88,6 +88,30 @@ def test_train_step_cli_end_to_end(setup, tmp_path):
     assert 0 < lean["kept_attention_bytes"] < lean["kept_graph_bytes"]
 
 
+def test_train_step_reports_each_run_as_it_finishes(setup, tmp_path, monkeypatch):
+    """A GPU run is short and rare: a worker that fails (or a time limit) after the first configuration still
+    leaves its row in the JSON and Markdown report (the report was written once all configurations had run)."""
+    paths, *_ = setup
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "paths.json").write_text(json.dumps(paths))
+    real = train_step.run_worker
+
+    def worker(cfg, peak_limit=None):
+        if cfg["impl"] != "baseline_sdpa":
+            raise RuntimeError("worker died")
+        return real(cfg, peak_limit)
+
+    monkeypatch.setattr(train_step, "run_worker", worker)
+    out = tmp_path / "r.json"
+    with pytest.raises(RuntimeError, match="worker died"):
+        train_step.main(["--model", "tiny", "--images", "1", "--steps", "2", "--rounds", "1", "--iters", "1",
+                         "--warmup", "0", "--models-dir", str(models), "--json", str(out),
+                         "--impls", "baseline_sdpa,fastfair"])
+    assert [r["impl"] for r in json.loads(out.read_text())["results"]] == ["baseline_sdpa"]
+    assert "| baseline_sdpa |" in out.with_suffix(".md").read_text()
+
+
 def test_train_step_probes_kept_steps_only_for_fastfair_fast(setup, tmp_path, monkeypatch):
     """The lean worker's keep probe (a backward with hooks; its bytes fill the report's fastfair_fast paragraph)
     runs only when fastfair_fast is asked for."""
