@@ -4,7 +4,8 @@ One program loads BLOCK elements of g once (upcast to fp32, or kept fp64) and, f
 coefficient c = scales[j] * branch_weights[b], stores c * g into that copy of the output, in the output's
 dtype. The coefficients are read from a small float64 tensor; offsets are int64.
 """
-from typing import List
+from functools import lru_cache
+from typing import List, Tuple
 
 import torch
 import triton
@@ -33,13 +34,21 @@ def grad_fanout_kernel(g_ptr, coef_ptr, out_ptr, n_elements, n_coefs, COMPUTE: t
         c += 1
 
 
+@lru_cache(maxsize=256)
+def _coefficient_tensor(values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The coefficients as a float64 tensor on the device, made once per list: a fresh torch.tensor(...,
+    device='cuda') copies from pageable host memory and so synchronizes the stream on every call (no CUDA graph
+    could hold it), while a training run repeats the same few lists (its chunks' scales) every iteration."""
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
 def grad_fanout_triton(g: torch.Tensor, scales: List[float], branch_weights: List[float],
                        out: torch.Tensor) -> torch.Tensor:
     """Writes out[j, b] = scales[j] * branch_weights[b] * g; arguments as validated by
     ``fastfair.kernels.grad_fanout``."""
     n = g.numel()
     # Products in double, as the reference forms float(s) * float(w) before scaling g.
-    coefs = torch.tensor([s * w for s in scales for w in branch_weights], dtype=torch.float64, device=g.device)
+    coefs = _coefficient_tensor(tuple(float(s) * float(w) for s in scales for w in branch_weights), g.device)
     compute = tl.float64 if g.dtype == torch.float64 else tl.float32
     block = block_size()
     grad_fanout_kernel[(triton.cdiv(n, block),)](g, coefs, out, n, coefs.numel(), COMPUTE=compute,

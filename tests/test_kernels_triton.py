@@ -45,6 +45,22 @@ def test_grad_fanout(case, one_thread):
 
 
 @runs_here
+def test_fanout_coefficients_are_made_once_per_list():
+    """The coefficients reach the device once per (scales, weights) list: a fresh host-to-device copy per call
+    synchronizes a CUDA stream (and cannot be captured in a CUDA graph); the trainer repeats its lists."""
+    from fastfair.kernels import grad_fanout
+    from fastfair.kernels.grad_fanout_triton import _coefficient_tensor
+
+    g = torch.randn(2, 4, 5, 3, device=DEVICE)
+    _coefficient_tensor.cache_clear()
+    for _ in range(3):
+        grad_fanout(g, [0.5, 2.0], [-6.5, 7.5], backend="triton")
+    assert _coefficient_tensor.cache_info().misses == 1 and _coefficient_tensor.cache_info().hits == 2
+    expected = torch.tensor([0.5 * -6.5, 0.5 * 7.5, 2.0 * -6.5, 2.0 * 7.5], dtype=torch.float64)
+    assert torch.equal(_coefficient_tensor.__wrapped__(tuple(expected.tolist()), g.device).cpu(), expected)
+
+
+@runs_here
 def test_order1_ignores_m_prev():
     testing.check_order1_ignores_m_prev("triton", DEVICE)
 
