@@ -41,12 +41,14 @@ build_native() {
 cuda_tests() {
   "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_kernels_native.py tests/test_kernels_triton.py \
     tests/test_kernels_dispatch.py tests/test_dft_cuda.py tests/test_lean_graph.py tests/test_keep_attention.py \
+    tests/test_dft_saved_state.py \
+    "tests/test_classifiers_train.py::test_resume_after_an_interruption_equals_an_uninterrupted_run" \
     2>&1 | tee "$OUT/tests_kernels.log"
 }
 
 toy_trainer() {
   local mixed
-  for mixed in fp32 bf16; do
+  for mixed in fp32 bf16 fp16; do  # fp16: with the dynamic loss scaler (precision.loss_scale)
     timeout 180 "$PYTHON" fastfair/train.py --config configs/toy.yaml max_steps=3 checkpoint_every=3 \
       precision.mixed=$mixed output_dir="$SCRATCH/train_toy_$mixed" 2>&1 | tail -n 5 | tee -a "$OUT/train_toy.log" \
       || return 1
@@ -71,7 +73,7 @@ step "device"
 device  # no CUDA device: nothing below can run
 run_step "build fastfair._C with CUDA (log: $OUT/build_native.log)" build_native
 run_step "kernel and engine tests on CUDA (log: $OUT/tests_kernels.log)" cuda_tests
-run_step "trainer on CUDA: the toy config, 3 iterations in fp32 and in bf16 autocast (log: $OUT/train_toy.log)" \
+run_step "trainer on CUDA: the toy config, 3 iterations in fp32, bf16 and fp16 autocast (log: $OUT/train_toy.log)" \
   toy_trainer
 run_step "kernel benchmark (log: $OUT/kernels.log)" kernel_bench
 run_step "training iteration, baseline vs fastfair, sd15 shapes at 512x512 (log: $OUT/train_step.log)" \

@@ -214,6 +214,9 @@ class OptimConfig:
 class PrecisionConfig:
     mixed: str = setting("fp16", choices=DTYPES)  # autocast dtype; trainable weights stay fp32
     tf32: bool = True  # TF32 matmuls on CUDA
+    # fp16 without DeepSpeed (whose JSON sets its own): the initial scale of a dynamic loss scaler
+    # (torch.amp.GradScaler); the U-Net's fp16 gradients otherwise underflow to zero. null: no scaling
+    loss_scale: Optional[float] = setting(2.0 ** 16, gt=0)
 
 
 @dataclass

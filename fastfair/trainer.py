@@ -10,7 +10,8 @@ One iteration, on each rank for its share of the global batch of N images of one
     faces, probs      <- largest face of each image, classifier probabilities of its crop
     q                 <- expected-OT targets over the global batch (fastfair.losses.global_batch)
     loss              <- L_align + lambda_img L_img + lambda_face L_face (fastfair.losses.weights)
-    backward, all-reduce grads, skip the step if any is non-finite, clip, optimizer step, EMA
+    backward (of the loss times the loss scale, fp16), all-reduce grads, unscale, skip the step if any is
+                         non-finite, clip, optimizer step, EMA
 
 Launch: plain ``python fastfair/train.py`` (a 1-process group is set up here: nccl on CUDA, gloo on CPU), or
 ``torchrun``.
@@ -269,6 +270,10 @@ class Trainer:
             self.engine = zero.deepspeed_engine(deepspeed_config(cfg, self.world), self.model.trainable,
                                                 self.optimizer, self.lr_scheduler)
         self.ema = EMA(self.model.trainable, cfg.optim.ema_decay)
+        # fp16 gradients need loss scaling (DeepSpeed scales its own): a gradient below 2^-24 is zero in fp16
+        self.scaler = None
+        if cfg.precision.mixed == "fp16" and self.engine is None and cfg.precision.loss_scale is not None:
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.precision.loss_scale)
         self.start, self.skipped = 0, 0
         self._ot_generator = None  # set per iteration (iteration()); None: torch's global generator
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -479,8 +484,9 @@ class Trainer:
             self.skipped += 1
 
     def _backward_and_reduce(self, loss: torch.Tensor) -> bool:
-        """Backward, then average gradients over ranks; True when all of them are finite (step may be taken)."""
-        loss.backward()
+        """Backward (of the scaled loss, with a loss scaler), then average gradients over ranks and unscale them;
+        True when all of them are finite (step may be taken)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         params = self.model.parameters()
         for p in params:
             if p.grad is None:
@@ -488,7 +494,19 @@ class Trainer:
             if self.world > 1:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
+        if self.scaler is not None:  # the same reduced gradients on every rank: the same decision everywhere
+            self.scaler.unscale_(self.optimizer)
         return all(bool(torch.isfinite(p.grad).all()) for p in params)
+
+    def _optimizer_step(self, finite: bool) -> None:
+        """With a loss scaler its step (skipped on non-finite gradients) and its update: the scale backs off after
+        an overflow and grows after a run of finite steps."""
+        if self.scaler is None:
+            if finite:
+                self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def iteration(self, it: int) -> Dict[str, float]:
         """One optimization step (module docstring); returns the loss parts as floats."""
@@ -504,14 +522,16 @@ class Trainer:
             parts = self.losses(originals, images)
         if self.engine is not None:
             self._deepspeed_step(parts["loss"])
-        elif self._backward_and_reduce(parts["loss"]):
-            if self.cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.ema.update(self.model.trainable)
         else:
-            self.skipped += 1
+            finite = self._backward_and_reduce(parts["loss"])
+            if finite and self.cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self._optimizer_step(finite)
+            if finite:
+                self.lr_scheduler.step()
+                self.ema.update(self.model.trainable)
+            else:
+                self.skipped += 1
         self.last_images = (originals.detach(), images.detach())
         values = {name: value.detach().float().reshape(()) for name, value in parts.items()}
         if self.world > 1:  # the loss parts are this rank's share of the batch (equal shares): log their mean
@@ -525,7 +545,8 @@ class Trainer:
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict() if self.engine is None else None,
                 "optimizer_name": self.cfg.optim.name, "lr_scheduler": self.lr_scheduler.state_dict(),
-                "mixture": self.mixture.state_dict(), "skipped": self.skipped}
+                "mixture": self.mixture.state_dict(), "skipped": self.skipped,
+                "loss_scaler": None if self.scaler is None else self.scaler.state_dict()}
 
     def save(self, it: int) -> None:
         shards = None
@@ -567,6 +588,8 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("loss_scaler"):  # older checkpoints: the scaler starts afresh
+            self.scaler.load_state_dict(state["loss_scaler"])
         self._apply_optim_settings()
         self.mixture.load_state_dict(state["mixture"])
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])

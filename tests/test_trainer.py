@@ -229,3 +229,40 @@ def test_decoded_images_are_judged_as_saved(tmp_path, world, monkeypatch):
         images.sum().backward()
         raw = overshooting((z / trainer.vae.config.scaling_factor).detach()).sample
         assert raw.abs().max() > 1.5  # the overshoot the clamp removed
+
+
+def test_a_loss_scaler_steps_as_the_unscaled_loss_and_skips_overflows(tmp_path, world):
+    """precision.mixed=fp16 (CUDA) scales the loss: fp16 gradients below 2^-24 are zero. The scaled run takes the
+    unscaled run's steps (a power of two scales exactly), an overflow skips the step and backs the scale off, and
+    the scale is saved and resumed. Here on CPU in fp32, with the scaler the trainer makes for fp16."""
+    from fastfair import checkpoint
+    from fastfair.trainer import process_group
+
+    def trained(root, scale, steps=2):
+        cfg = load_config(write_config(root, world), [f"max_steps={max(steps, 1)}"])
+        with process_group():
+            trainer = Trainer(cfg)
+            assert trainer.scaler is None  # fp32: nothing to scale
+            if scale is not None:
+                trainer.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1)
+            for it in range(steps):
+                trainer.iteration(it)
+        return trainer
+
+    plain, scaled = trained(tmp_path / "plain", None), trained(tmp_path / "scaled", 2.0 ** 10)
+    for name, p in plain.model.trainable.items():
+        torch.testing.assert_close(scaled.model.trainable[name], p, rtol=1e-6, atol=0)
+    assert scaled.skipped == 0 and scaled.scaler.get_scale() == 2.0 ** 12  # grew after each finite step
+    overflow = trained(tmp_path / "overflow", 3e38, steps=1)  # the scaled gradients overflow to inf
+    assert overflow.skipped == 1 and overflow.scaler.get_scale() == pytest.approx(1.5e38, rel=1e-6)  # backed off
+    start = {name: p.detach().clone() for name, p in trained(tmp_path / "start", None, steps=0).model.trainable.items()}
+    for name, p in overflow.model.trainable.items():
+        assert torch.equal(p, start[name]), name  # the step was not taken
+    scaled.save(2)
+    state = checkpoint.load_checkpoint(checkpoint.checkpoint_dir(scaled.cfg.output_dir) / "step_00000002")[2]
+    assert state["loss_scaler"]["scale"] == 2.0 ** 12
+    with process_group():
+        resumed = Trainer(load_config(write_config(tmp_path / "scaled", world), ["max_steps=3", "resume=auto"]))
+        resumed.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        resumed.resume(checkpoint.checkpoint_dir(scaled.cfg.output_dir) / "step_00000002")
+    assert resumed.scaler.get_scale() == 2.0 ** 12 and resumed.start == 2
