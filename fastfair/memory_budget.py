@@ -14,8 +14,9 @@ of steps that keep their attention outputs only (``fastfair.keep_attention``):
 - r: the attention kernels' share of that U-Net call's FLOPs (`attention_keep_costs`), i.e. of the recompute an
   attention keep saves; a whole graph saves all of it.
 - R, "reserved": what the lean run (k = a = 0) holds anyway besides kept graphs: on CUDA,
-  ``torch.cuda.memory_allocated()`` when the decision is taken (weights, optimizer state, ...); on CPU 0, so there
-  the budget covers the kept graphs only.
+  ``torch.cuda.memory_allocated()`` when the decision is taken (weights, ...), plus what the run will hold later
+  (``pending_bytes``: the trainer's optimizer state, made at its first step, after the first decision); on CPU
+  only the pending bytes, so there the budget covers the kept graphs and those.
 
 The plan maximizes the recompute saved, k + a r step recomputes, within the budget (``keeps_for_budget``).
 Counted in FLOPs, and in time too where a U-Net call of b rows takes t(b) = c + beta b (c: the weights' streaming
@@ -259,13 +260,17 @@ class MemoryBudget:
         self._keep: Dict[Tuple, Tuple[int, int]] = {}
 
     def keeps(self, unet: torch.nn.Module, z_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
-              num_steps: int, guidance_scale: float, frozen_rows: int = 0) -> Tuple[int, int]:
-        """(keep_graph_steps, keep_attention_steps) to pass to ``fastfair.dft.sample`` with these arguments."""
+              num_steps: int, guidance_scale: float, frozen_rows: int = 0, pending_bytes: int = 0) -> Tuple[int, int]:
+        """(keep_graph_steps, keep_attention_steps) to pass to ``fastfair.dft.sample`` with these arguments.
+        pending_bytes: memory the run will hold from a later point on but does not yet, counted in R (the
+        optimizer's state, which it makes at its first step: the plan is decided once, at the first iteration)."""
+        _check_bytes("pending_bytes", pending_bytes)
         shapes = (tuple(z_T.shape), tuple(cond.shape), None if uncond is None else tuple(uncond.shape),
                   float(guidance_scale) != 1.0, frozen_rows, cond.requires_grad,
                   uncond is not None and uncond.requires_grad)
         if (shapes, num_steps) not in self._keep:
-            reserved = reserved_now(z_T.device)  # read before the measuring forwards: their graphs are transient
+            # read before the measuring forwards: their graphs are transient
+            reserved = reserved_now(z_T.device) + pending_bytes
             if shapes not in self._per_step:
                 args = (unet, z_T, 0, cond, uncond, guidance_scale, frozen_rows)
                 self._per_step[shapes] = (graph_bytes_per_step(*args, self.lean), attention_keep_costs(*args))

@@ -199,6 +199,19 @@ def build_optimizer(cfg: TrainConfig, params):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
 
+def optimizer_state_bytes(name: str, params) -> int:
+    """The bytes of the optimizer's state once it has stepped (AdamW makes it lazily, at its first step): two
+    moments per weight, in the weight's dtype (adamw), or one byte each for tensors of 4096 elements or more
+    (bitsandbytes' 8-bit AdamW, plus a float32 absmax per 256-element block; smaller ones stay 32-bit)."""
+    total = 0
+    for p in params:
+        if name == "adamw8bit" and p.numel() >= 4096:
+            total += 2 * (p.numel() + 4 * math.ceil(p.numel() / 256))
+        else:
+            total += 2 * p.numel() * (4 if name == "adamw8bit" else p.element_size())
+    return total
+
+
 def _optimizer_name(state: Optional[dict]) -> Optional[str]:
     """optim.name of a saved optimizer state (checkpoints before optimizer_name was saved): bitsandbytes' 8-bit
     AdamW keeps its moments as state1/state2, torch's AdamW as exp_avg/exp_avg_sq; None before any step."""
@@ -356,8 +369,10 @@ class Trainer:
         s = self.cfg.sampler
         keep, keep_attention = s.keep_graph_steps, s.keep_attention_steps
         if self.memory_budget is not None and torch.is_grad_enabled():  # only the graph-building pass
+            pending = 0 if self.optimizer.state else optimizer_state_bytes(self.cfg.optim.name,
+                                                                           self.model.parameters())
             keep, keep_attention = self.memory_budget.keeps(unet, z_T, cond, uncond, steps, s.guidance_scale,
-                                                            frozen_rows)
+                                                            frozen_rows, pending_bytes=pending)
         return sample(unet, self.scheduler, z_T, cond, uncond, num_steps=steps, guidance_scale=s.guidance_scale,
                       coefficients=s.coefficients, recompute_chunk=s.recompute_chunk, keep_graph_steps=keep,
                       keep_attention_steps=keep_attention,

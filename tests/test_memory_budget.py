@@ -200,6 +200,10 @@ def test_budget_of_two_and_a_half_steps_keeps_two_graphs_and_the_gradient_is_unc
     assert keep == (2, 2)
     calls.clear()
     assert budget.keeps(unet, z_T, cond, uncond, 4, 3.0) == (2, 2) and not calls  # cached: no U-Net call
+    # memory the run holds later (the optimizer's state) comes off the budget: 1.5 G left keeps one graph less
+    assert MemoryBudget(2.5 * per_step / GIB).keeps(unet, z_T, cond, uncond, 4, 3.0, pending_bytes=per_step) == (1, 3)
+    with pytest.raises(ValueError, match="pending_bytes=-1"):
+        MemoryBudget(1.0).keeps(unet, z_T, cond, uncond, 4, 3.0, pending_bytes=-1)
 
     def grads(keeps):
         z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, guidance_scale=3.0, keep_graph_steps=keeps[0],

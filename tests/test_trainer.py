@@ -266,3 +266,28 @@ def test_a_loss_scaler_steps_as_the_unscaled_loss_and_skips_overflows(tmp_path, 
         resumed.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
         resumed.resume(checkpoint.checkpoint_dir(scaled.cfg.output_dir) / "step_00000002")
     assert resumed.scaler.get_scale() == 2.0 ** 12 and resumed.start == 2
+
+
+def test_the_memory_budget_counts_the_optimizer_state_made_at_the_first_step(tmp_path, world, monkeypatch):
+    """The plan is decided at iteration 0, before AdamW makes its two moments (at its first step): they are counted
+    from the parameters then, and measured (memory_allocated, CUDA) afterwards."""
+    from fastfair.memory_budget import MemoryBudget
+    from fastfair.trainer import optimizer_state_bytes, process_group
+
+    seen = []
+    keeps = MemoryBudget.keeps
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["pending_bytes"])
+        return keeps(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryBudget, "keeps", spy)
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world, "unet_lora"), ["sampler.memory_budget_gb=1"]))
+        for it in range(2):
+            trainer.iteration(it)
+    moments = sum(2 * p.numel() * 4 for p in trainer.model.parameters())
+    assert seen == [moments, 0] and optimizer_state_bytes("adamw", trainer.model.parameters()) == moments
+    measured = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.dim() > 0)
+    assert measured == moments  # what AdamW made at its first step
