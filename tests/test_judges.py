@@ -17,7 +17,8 @@ class _BatchDependent(nn.Module):
 
     def __init__(self, out_dim: int = 8):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, out_dim), nn.BatchNorm1d(out_dim), nn.Dropout(0.5))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, out_dim), nn.BatchNorm1d(out_dim),
+                                 nn.Dropout(0.5))
 
     def forward(self, x):
         return self.net(x)
@@ -69,8 +70,9 @@ def test_the_face_embedder_embeds_as_the_bank_was_built(tmp_path, world):
     unrecorded = tmp_path / "unrecorded.safetensors"  # a bank built otherwise: the embedder's own setting
     FaceBank(torch.randn(5, 8)).save(str(unrecorded))
     assert FaceBank.load(str(unrecorded)).flip is None
-    assert build_judges(_config(tmp_path, world, f"faces.bank={unrecorded}",
-                                "faces.embedding_fn=test_judges:mirror_free_embedder"), "cpu").face_embedder.flip is False
+    judges = build_judges(_config(tmp_path, world, f"faces.bank={unrecorded}",
+                                  "faces.embedding_fn=test_judges:mirror_free_embedder"), "cpu")
+    assert judges.face_embedder.flip is False
 
 
 def test_a_classifier_file_without_metadata_runs_as_the_config_maps_its_outputs(tmp_path, world):

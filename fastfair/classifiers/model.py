@@ -58,7 +58,9 @@ DEFAULT_ARCHITECTURE = "mobilenet_v3_large"  # the public code's classifiers
 
 def describes_itself(path: str) -> bool:
     """Whether the file is a fastfair classifier file (its metadata name the architecture, head and input size)."""
-    return str(path).endswith(".safetensors") and read_safetensors_metadata(str(path)).get("format") == CLASSIFIER_FORMAT
+    if not str(path).endswith(".safetensors"):
+        return False
+    return read_safetensors_metadata(str(path)).get("format") == CLASSIFIER_FORMAT
 
 
 def _output_key(network: nn.Module) -> str:
