@@ -6,8 +6,9 @@ Steps (seed 0124-0135): generate `--images-per-prompt` images per prompt with bo
 (default: each attribute set's bias over the seed's 60 / 80 / 160 images for 2 / 4 / 8 classes, the first of the
 largest count generated; ``scoring.images_per_set``) into a resumable PNG cache (`fastfair.evaluation.cache`);
 classify each image's largest face and score CLIP-T, CLIP-I, DINO (`fastfair.evaluation.scoring`) and,
-optionally, FID (`fastfair.evaluation.fid`); per-prompt metrics and their mean ± std over prompts (`fastfair.metrics`), for each `--guidance-scales` value; then
-metrics.json, per_prompt.csv, summary.md, the Fig. 9 plots, image grids and report.html (`fastfair.evaluation.report`).
+optionally, FID (`fastfair.evaluation.fid`); per-prompt metrics and their mean ± std over prompts
+(`fastfair.metrics`), for each `--guidance-scales` value; then metrics.json, per_prompt.csv, summary.md, the
+Fig. 9 plots, image grids and report.html (`fastfair.evaluation.report`).
 """
 from __future__ import annotations
 
