@@ -51,8 +51,18 @@ def unavailable_reason(backend: str, device_type: str) -> Optional[str]:
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
-    """The concrete backend (triton, native or torch) that runs an op on ``device``."""
+def _triton_steps_inexactly(dtype: Optional[torch.dtype]) -> bool:
+    """A float64 solver step on a triton that rounds its float64 scalars (solver_step_triton.float64_scalars_exact)."""
+    if dtype != torch.float64:
+        return False
+    from .solver_step_triton import float64_scalars_exact
+
+    return not float64_scalars_exact()
+
+
+def resolve_backend(device: torch.device, backend: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> str:
+    """The concrete backend (triton, native or torch) that runs an op on ``device`` (for a solver step, on a
+    trajectory of ``dtype``)."""
     name = backend if backend is not None else os.environ.get(ENV) or "auto"
     if name not in BACKENDS:
         source = "backend=" if backend is not None else f"{ENV}="
@@ -62,6 +72,8 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
             if candidate == "triton" and triton_support.interpreting():
                 continue  # the interpreter works on CUDA tensors too, but far slower than torch
             if unavailable_reason(candidate, device.type) is None:
+                if candidate == "triton" and _triton_steps_inexactly(dtype):
+                    continue
                 return candidate
         return "torch"
     reason = unavailable_reason(name, device.type)
@@ -99,7 +111,7 @@ def solver_step(
     b1 != 0. Computes in z's dtype; returns (z_next, m), new tensors or ``out = (z_next, m)`` (contiguous)."""
     scalars = step_scalars(guidance=guidance, cz=cz, ce=ce, a=a, b0=b0, b1=b1)
     z, eps_c, eps_u, m_prev, out = check_solver_step(z, eps_c, eps_u, m_prev, scalars.b1, out)
-    fn = backend_function("solver_step", resolve_backend(z.device, backend))
+    fn = backend_function("solver_step", resolve_backend(z.device, backend, z.dtype))
     return fn(z, eps_c, eps_u, m_prev, scalars, out)
 
 

@@ -43,6 +43,18 @@ def solver_step_kernel(
     tl.store(m_ptr + offsets, m, mask=mask)
 
 
+def float64_scalars_exact() -> bool:
+    """Whether launches pass the kernel's tl.float64-annotated scalars as float64: interpreted (Python floats), or
+    compiled by a triton whose binder reads the annotation (3.6 and later do; 3.0's, which torch 2.4 pins, types
+    every Python float float32, and a float64 trajectory then steps with coefficients rounded to 6e-8)."""
+    from .triton_support import interpreting
+
+    if interpreting():
+        return True
+    params = {p.name: p for p in getattr(solver_step_kernel, "params", ())}
+    return getattr(params.get("guidance"), "annotation_type", "") == "fp64"
+
+
 def solver_step_triton(
     z: torch.Tensor,
     eps_c: torch.Tensor,
@@ -52,6 +64,10 @@ def solver_step_triton(
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(z_next, m) of one step; arguments as validated by ``fastfair.kernels.solver_step``."""
+    if z.dtype == torch.float64 and not float64_scalars_exact():
+        raise RuntimeError(f"the Triton solver step in float64 needs triton >= 3.6: triton {triton.__version__} "
+                           "passes its float64 coefficients as float32; use backend='native' or 'torch' for float64 "
+                           "(FASTFAIR_KERNELS=auto does)")
     z_next, m = out if out is not None else (torch.empty_like(z), torch.empty_like(z))
     n = z.numel()
     if n:

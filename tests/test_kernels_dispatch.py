@@ -34,6 +34,28 @@ def test_auto_picks_fastest_available_quietly(monkeypatch, native_reason, expect
     assert K.resolve_backend(torch.device("meta")) == "torch"
 
 
+def test_float64_steps_avoid_a_triton_that_rounds_their_coefficients(monkeypatch):
+    """triton 3.0 (torch 2.4's) passes the kernel's tl.float64 scalars as float32: a float64 trajectory would step
+    with coefficients rounded to 6e-8. auto then takes the next backend for float64 (on CUDA: torch when native is
+    not built), an explicit triton says why; float32 steps are unaffected (the kernel computes in float32)."""
+    pytest.importorskip("triton")
+    from fastfair.kernels import solver_step_triton
+
+    if not dispatch.triton_support.interpreting():  # the installed triton (constraints.txt) reads the annotation
+        assert solver_step_triton.float64_scalars_exact()
+    monkeypatch.setattr(solver_step_triton, "float64_scalars_exact", lambda: False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type: "not built")
+    monkeypatch.setattr(dispatch.triton_support, "unavailable_reason", lambda device_type: None)
+    monkeypatch.setattr(dispatch.triton_support, "interpreting", lambda: False)
+    monkeypatch.delenv("FASTFAIR_KERNELS", raising=False)
+    cuda = torch.device("cuda")
+    assert K.resolve_backend(cuda, None, torch.float64) == "torch"
+    assert K.resolve_backend(cuda, None, torch.float32) == K.resolve_backend(cuda) == "triton"
+    z = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"float64 needs triton >= 3.6: .* use backend='native' or 'torch'"):
+        solver_step_triton.solver_step_triton(z, z, None, None, dispatch.step_scalars(**STEP))
+
+
 def test_explicit_unavailable_backend_says_why(monkeypatch):
     monkeypatch.setattr(native, "unavailable_reason", lambda device_type: "fastfair._C is not installed")
     with pytest.raises(RuntimeError, match="'native' cannot run on cpu tensors: fastfair._C is not installed"):
