@@ -19,6 +19,7 @@ classic ``AttnProcessor``) or through xformers runs no fused kernel: nothing is 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import FrozenSet, Iterator, List, Optional, Sequence
 
 import torch
@@ -136,6 +137,7 @@ class AttentionReplay(TorchDispatchMode):
         super().__init__()
         self.recordings = list(recordings)
         self.position = 0
+        self.warned = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func not in ATTENTION_OPS:
@@ -146,9 +148,13 @@ class AttentionReplay(TorchDispatchMode):
             raise RuntimeError("keep_attention_steps: the recompute ran more attention kernels than the sampling call "
                                "recorded; the U-Net must be deterministic")
         recorded = {r.kernels[j] for r in self.recordings}
-        if recorded != {func}:  # another kernel's outputs have another layout (e.g. flash vs efficient)
-            raise RuntimeError(f"keep_attention_steps: the recompute's attention kernel {func} is not the sampling "
-                               f"call's ({', '.join(map(str, recorded))}); set keep_attention_steps=0")
+        if recorded != {func}:  # another kernel's outputs have another layout (e.g. flash vs efficient): run it
+            if not self.warned:
+                warnings.warn(f"keep_attention_steps: the recompute's attention kernel {func} is not the sampling "
+                              f"call's ({', '.join(map(str, recorded))}): SDPA picked another backend with grad "
+                              "enabled; such calls run their attention again (exact, slower)", stacklevel=2)
+                self.warned = True
+            return func(*args, **(kwargs or {}))
         rows = sum(len(r.rows) for r in self.recordings)
         if args[0].shape[0] != rows:
             raise RuntimeError(f"keep_attention_steps: the recompute's attention batch is {args[0].shape[0]}, the "
