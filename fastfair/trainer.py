@@ -155,7 +155,6 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
     return Judges(classifiers, detector, semantics, embedder, bank)
 
 
-
 # ----------------------------------------------------------------------------- EMA
 
 class EMA:
