@@ -69,6 +69,19 @@ train_step_bench() {
     --sweep-steps 5,10,40 --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
 }
 
+# last, so that a time limit cuts it rather than the benchmarks: DeepSpeed ZeRO-2 with fp16 (its own loss scaler)
+deepspeed_fp16() {
+  if ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then
+    echo "deepspeed is not installed: skipped" | tee -a "$OUT/train_toy.log"
+    return 0
+  fi
+  timeout 240 "$PYTHON" fastfair/train.py --config configs/toy.yaml --deepspeed_config configs/ds/zero2_fp16.json \
+    max_steps=3 checkpoint_every=3 precision.mixed=fp16 output_dir="$SCRATCH/train_toy_ds_fp16" 2>&1 | tail -n 5 \
+    | tee -a "$OUT/train_toy.log" || return 1
+  "$PYTHON" -c "import sys; from fastfair.checkpoint import list_checkpoints as ls; assert ls(sys.argv[1]), \
+    'DeepSpeed fp16 toy training saved no checkpoint'" "$SCRATCH/train_toy_ds_fp16"
+}
+
 step "device"
 device  # no CUDA device: nothing below can run
 run_step "build fastfair._C with CUDA (log: $OUT/build_native.log)" build_native
@@ -78,6 +91,8 @@ run_step "trainer on CUDA: the toy config, 3 iterations in fp32, bf16 and fp16 a
 run_step "kernel benchmark (log: $OUT/kernels.log)" kernel_bench
 run_step "training iteration, baseline vs fastfair, sd15 shapes at 512x512 (log: $OUT/train_step.log)" \
   train_step_bench
+run_step "trainer on CUDA with DeepSpeed ZeRO-2 in fp16: the toy config, 3 iterations (log: $OUT/train_toy.log)" \
+  deepspeed_fp16
 
 step "summary"
 {
