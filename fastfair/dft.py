@@ -257,7 +257,7 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     attention-kept steps' recorded attention outputs."""
     sched, unet = plan.schedule, plan.unet
     traj_dtype = torch.float64 if z_T.dtype == torch.float64 else torch.float32
-    z = z_T.detach().to(traj_dtype, copy=True)  # saved for the backward: the caller may refill z_T in place
+    z = z_T.detach().to(traj_dtype, copy=record)  # saved for the backward: the caller may refill z_T in place
     batch = z.shape[0]
     branches = 2 if plan.use_cfg else 1
     emb_nograd = _embeddings(cond.detach(), None if uncond is None else uncond.detach(), batch, branches)
@@ -328,12 +328,12 @@ class _AdjustedDFT(torch.autograd.Function):
         plan: _Plan = ctx.plan
         params = ctx.params
         cond_leaf, uncond_leaf = plan.leaves
-        _check_backward_state(plan, bool(params) or any(leaf is not None for leaf in plan.leaves))
         sched, w = plan.schedule, plan.guidance
         scales = sched.grad_scales(plan.coefficients) * plan.step_weight
         nb = graph_branches(plan.use_cfg, plan.need_uncond)
         branch_weights = [1.0 - w, w] if nb == 2 else [w if plan.use_cfg else 1.0]
         inputs = [x for x in (cond_leaf, uncond_leaf) if x is not None] + list(params)
+        _check_backward_state(plan, bool(inputs))
         sums: List[Optional[torch.Tensor]] = [None] * len(inputs)
 
         def accumulate(eps: torch.Tensor, upstream: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ classic ``AttnProcessor``) or through xformers runs no fused kernel: nothing is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import FrozenSet, Iterator, List, Optional, Sequence
 
@@ -39,6 +40,7 @@ def _attention_ops() -> FrozenSet:
 ATTENTION_OPS = _attention_ops()  # the fused attention kernels F.scaled_dot_product_attention dispatches to
 
 
+@functools.lru_cache(maxsize=None)
 def _log_sumexp_argument(func) -> Optional[int]:
     """The position of the kernel's compute_log_sumexp flag (efficient and cuDNN kernels: CUDA's SDPA sets it
     only when grad is enabled, so a no-grad sampling call gets an empty log-sum-exp, which the recompute's
