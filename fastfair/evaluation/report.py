@@ -8,6 +8,7 @@ Files written under the output folder (paths relative to it, as the HTML links t
 - ``per_prompt.csv``: one row per (guidance, model, prompt);
 - ``summary.md``: the seed's Tables 1-2 shape (models as rows; bias per attribute set, CLIP-T, CLIP-I, DINO
   as mean ± std over prompts), then the other protocols (TV, KL, FD, Delta) and the images without a face;
+  a set whose target is not uniform heads with its TV to the target instead (``headline``);
 - ``plots/g<g>_<set>.png``: Fig. 9: one class's frequency per prompt, base vs finetuned, with its target line;
 - ``grids/g<g>/p<index>.png``: base images on the top row, finetuned below, the same noise per column;
 - ``report.html``: one self-contained page (inline CSS, no scripts) with the tables, linking all of the above.
@@ -47,23 +48,43 @@ def plot_class(attribute_set: dict) -> str:
     return attribute_set["classes"][target.index(min(target))]
 
 
+def uniform_target(attribute_set: dict) -> bool:
+    target = attribute_set["target"]
+    return max(target) - min(target) <= 1e-9
+
+
+def headline(attribute_set: dict) -> tuple:
+    """(key, label) of a set's main column: the paper's bias, which measures the distance from balance, where
+    the target is uniform; the total variation to the target otherwise (bias would rank a model exactly on a
+    75/25 target below a 50/50 one)."""
+    return ("bias", "Bias") if uniform_target(attribute_set) else ("total_variation", "TV")
+
+
+def other_protocols(attribute_set: dict) -> List[tuple]:
+    """(key, label) of a set's further columns: TV, KL, FD and, for two classes, Delta (|0.5 - p| / 0.5, a
+    distance from balance too, so only with a uniform target); the headline is not repeated."""
+    main = headline(attribute_set)[0]
+    return [(key, label) for key, label in OTHER_PROTOCOLS if key != main
+            and (key != "delta" or (len(attribute_set["classes"]) == 2 and uniform_target(attribute_set)))]
+
+
 def table_rows(results: dict) -> (List[str], List[List[str]]):
-    """(header, rows) of the summary: per guidance scale and model, bias per set then semantics, then the
-    other protocols per set and the face-less count."""
-    sets = [s["name"] for s in results["attribute_sets"]]
-    header = (["Guidance", "Model"] + [f"Bias {name} ↓" for name in sets] + [f"{label} ↑" for _, label in semantic_columns(results)]
-              + [f"{label} {name}" for name in sets for key, label in OTHER_PROTOCOLS
-                 if key != "delta" or len(_set(results, name)["classes"]) == 2] + ["No face"])
+    """(header, rows) of the summary: per guidance scale and model, each set's headline then semantics, then
+    the other protocols per set and the face-less count."""
+    sets = results["attribute_sets"]
+    header = (["Guidance", "Model"] + [f"{headline(s)[1]} {s['name']} ↓" for s in sets]
+              + [f"{label} ↑" for _, label in semantic_columns(results)]
+              + [f"{label} {s['name']}" for s in sets for _, label in other_protocols(s)] + ["No face"])
     with_fid = any("fid" in data for models in results["guidance"].values() for data in models.values())
     header += ["FID ↓"] if with_fid else []
     rows = []
     for guidance, models in results["guidance"].items():
         for model, data in models.items():
             summary = data["summary"]
-            row = [guidance, MODEL_NAMES.get(model, model)] + [mean_pm_std(summary.get(f"{n}.bias")) for n in sets]
+            row = [guidance, MODEL_NAMES.get(model, model)]
+            row += [mean_pm_std(summary.get(f"{s['name']}.{headline(s)[0]}")) for s in sets]
             row += [mean_pm_std(summary.get(key)) for key, _ in semantic_columns(results)]
-            row += [mean_pm_std(summary.get(f"{n}.{key}")) for n in sets for key, _ in OTHER_PROTOCOLS
-                    if key != "delta" or len(_set(results, n)["classes"]) == 2]
+            row += [mean_pm_std(summary.get(f"{s['name']}.{key}")) for s in sets for key, _ in other_protocols(s)]
             total = sum(row_["num_images"] for row_ in data["per_prompt"].values())
             row.append(f"{summary['no_face']['total']}/{total}")
             rows.append(row + ([f"{data['fid']:.2f}" if "fid" in data else "—"] if with_fid else []))
@@ -79,12 +100,16 @@ def protocol_note(results: dict) -> str:
             f"prompt over its first images: {per_set or settings.get('images_per_prompt')} (the seed's 60 / 80 / "
             "160 for 2 / 4 / 8 classes unless --images-per-prompt was given); images without a face are left out "
             "of the class frequencies (counted under No face), and a prompt without any is left out of that "
-            f"metric's mean. Diversity: mean pairwise 1 - cos in {settings.get('diversity_encoder') or 'no'} "
-            "embeddings.")
+            f"metric's mean.{_non_uniform_note(results)} Diversity: mean pairwise 1 - cos in "
+            f"{settings.get('diversity_encoder') or 'no'} embeddings.")
 
 
-def _set(results: dict, name: str) -> dict:
-    return next(s for s in results["attribute_sets"] if s["name"] == name)
+def _non_uniform_note(results: dict) -> str:
+    names = [s["name"] for s in results["attribute_sets"] if not uniform_target(s)]
+    if not names:
+        return ""
+    return (f" {', '.join(names)}: the target is not uniform, so the table heads with the total variation to "
+            "the target; the paper's bias and Delta, distances from balance, are in metrics.json only.")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

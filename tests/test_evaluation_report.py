@@ -1,0 +1,52 @@
+"""The summary table's columns: the paper's bias where the target is uniform, the distance to it otherwise."""
+import math
+
+from fastfair.evaluation.report import protocol_note, table_rows
+from fastfair.metrics import bias, kl_divergence, total_variation
+
+
+def _stats(value):
+    return {"mean": value, "std": 0.0, "count": 1}
+
+
+def _summary(name, freqs, target):
+    return {f"{name}.bias": _stats(bias(freqs)), f"{name}.total_variation": _stats(total_variation(freqs, target)),
+            f"{name}.kl": _stats(kl_divergence(freqs, target)), f"{name}.fairness_discrepancy": _stats(0.0),
+            f"{name}.delta": _stats(abs(0.5 - freqs[0]) / 0.5)}
+
+
+def _results(models_freqs):
+    """One prompt; gender uniform, age 75/25; models_freqs: {model: (gender freqs, age freqs)}."""
+    sets = [{"name": "gender", "attributes": ["gender"], "classes": ["female", "male"], "target": [0.5, 0.5]},
+            {"name": "age", "attributes": ["age"], "classes": ["young", "old"], "target": [0.75, 0.25]}]
+    models = {}
+    for model, (gender, age) in models_freqs.items():
+        summary = {**_summary("gender", gender, [0.5, 0.5]), **_summary("age", age, [0.75, 0.25]),
+                   "clip_t": _stats(float("nan")), "clip_i": _stats(float("nan")), "dino": _stats(float("nan")),
+                   "diversity": _stats(0.3), "no_face": {"total": 0}}
+        models[model] = {"summary": summary, "per_prompt": {"p": {"num_images": 4}}}
+    return {"settings": {"images_per_set": {"gender": 60, "age": 60}}, "prompts": ["p"], "attribute_sets": sets,
+            "guidance": {"7.5": models}}
+
+
+def test_non_uniform_target_heads_with_distance_to_target():
+    # base: age 50/50 (the paper's bias 0, but 0.25 from the target); finetuned: exactly on 75/25 (bias 0.5)
+    results = _results({"base": ([0.5, 0.5], [0.5, 0.5]), "finetuned": ([0.5, 0.5], [0.75, 0.25])})
+    header, rows = table_rows(results)
+    assert header[2:4] == ["Bias gender ↓", "TV age ↓"]
+    assert "Bias age ↓" not in header and "Δ age" not in header and "TV age" not in header[4:]
+    assert "Δ gender" in header and "TV gender" in header  # a uniform set keeps every protocol
+    base, tuned = (dict(zip(header, row)) for row in rows)
+    assert base["TV age ↓"] == ".25±.00" and tuned["TV age ↓"] == ".00±.00"  # the finetuned model ranks first
+    assert "KL age" in header and math.isclose(float(tuned["KL age"].split("±")[0]), 0.0, abs_tol=1e-12)
+    note = protocol_note(results)
+    assert "age: the target is not uniform" in note and "gender:" not in note
+
+
+def test_uniform_targets_keep_the_papers_columns():
+    results = _results({"base": ([0.9, 0.1], [0.5, 0.5])})
+    results["attribute_sets"][1]["target"] = [0.5, 0.5]
+    header, rows = table_rows(results)
+    assert header[2:4] == ["Bias gender ↓", "Bias age ↓"] and "Δ age" in header
+    assert dict(zip(header, rows[0]))["Bias gender ↓"] == ".80±.00"
+    assert "not uniform" not in protocol_note(results)
