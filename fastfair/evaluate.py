@@ -19,6 +19,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from fastfair.checkpoint import config_file
 from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
 from fastfair.evaluation.report import write_report
@@ -88,6 +89,10 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
                 "finetuned_files": weight_fingerprint(finetuned)}
     if model_config:  # a single-file model's architecture: another one gives other images from the same weights
         settings.update(model_config=str(model_config), model_config_files=weight_fingerprint(model_config))
+    run_config = config_file(finetuned) if finetuned and (Path(finetuned) / "state.pt").is_file() else None
+    if run_config is not None and Path(finetuned) not in run_config.parents:
+        # an older checkpoint reads its settings (LoRA alpha, ...) from the run's config.yaml, which a resume rewrites
+        settings["finetuned_run_config"] = weight_fingerprint(run_config)
     out = Path(out)
     cache = ImageCache(out / "images", settings)
     jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales for m in sources

@@ -107,6 +107,49 @@ def test_cache_refuses_a_checkpoint_rewritten_by_a_rerun(tmp_path):
         run(out, finetuned=ckpt)
 
 
+def test_cache_refuses_an_older_checkpoints_rewritten_run_config(tmp_path):
+    """A checkpoint without its own config.yaml reads LoRA alpha etc. from RUN/config.yaml, which a resume
+    rewrites: other settings, other images, so the cache keys that file too."""
+    from fastfair.checkpoint import save_checkpoint
+    from fastfair.config import config_to_dict, load_config, save_config
+    from fastfair.finetune import FinetunedModel
+    from fastfair.models import load_stable_diffusion
+
+    run_dir = tmp_path / "run"
+    cfg = load_config("pkg://fastfair.toy/configs/gender.yaml", [f"output_dir={run_dir}"])
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.yaml")
+    parts = load_stable_diffusion(cfg.model.pretrained)
+    model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
+                           cfg.finetune.prefix_tokens, cfg.finetune.lora)
+    weights = {name: p.detach().clone() for name, p in model.trainable.items()}
+    old = save_checkpoint(run_dir, 1, weights, weights, {})  # written before checkpoints held their config
+    out = tmp_path / "eval"
+    run(out, finetuned=old)
+    assert run(out, finetuned=old)["generated"] == []
+    save_config(load_config("pkg://fastfair.toy/configs/gender.yaml", [f"output_dir={run_dir}",
+                                                                         "finetune.lora.alpha=64"]),
+                run_dir / "config.yaml")
+    with pytest.raises(StaleCacheError, match=r"finetuned_run_config: config.yaml changed") as error:
+        run(out, finetuned=old)
+    assert error.value.changed == ["finetuned_run_config"]
+    own = save_checkpoint(run_dir, 2, weights, weights, {}, config=config_to_dict(cfg))  # its own settings
+    run(tmp_path / "eval_own", finetuned=own)
+    save_config(cfg, run_dir / "config.yaml")  # the run's file no longer matters to this checkpoint
+    assert run(tmp_path / "eval_own", finetuned=own)["generated"] == []
+
+
+def test_cache_refuses_images_of_a_rewritten_tokenizer(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(toy_pipeline(), model)
+    out = tmp_path / "eval"
+    run(out, model=model)
+    with open(model / "tokenizer" / "merges.txt", "a", encoding="utf-8") as handle:  # BPE merges: other tokens
+        handle.write("\n")
+    with pytest.raises(StaleCacheError, match=r"model_files: tokenizer/merges.txt changed"):
+        run(out, model=model)
+
+
 def test_images_per_prompt_zero_is_an_error_not_the_default(tmp_path):
     for count in (0, -2):
         with pytest.raises(ValueError, match=f"--images-per-prompt {count}: expected at least 1"):

@@ -31,8 +31,8 @@ from fastfair.image_files import read_rgb
 
 MANIFEST = "manifest.json"
 # what a model folder's images depend on: weights, and the configs (scheduler, U-Net, tokenizer) beside them
-# .yaml: a checkpoint's settings (fastfair.checkpoint.config_file)
-FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".yaml")
+# .yaml: a checkpoint's settings (fastfair.checkpoint.config_file); .txt/.model: tokenizer merges and vocabularies
+FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".yaml", ".txt", ".model")
 
 
 def weight_fingerprint(path) -> Dict[str, list]:
