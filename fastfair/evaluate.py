@@ -63,6 +63,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         raise ValueError("no prompts to evaluate")
     if not classifiers:
         raise ValueError("--classifier: give at least one attribute classifier file")
+    if not guidance_scales or len(set(map(float, guidance_scales))) != len(guidance_scales):
+        raise ValueError(f"--guidance-scales {list(guidance_scales)}: expected one or more distinct scales")
     if num_steps < 1 or batch_size < 1:
         raise ValueError(f"--steps {num_steps} and --batch-size {batch_size} must be >= 1")
     if bool(fid_reference) != bool(fid_inception):
@@ -150,6 +152,9 @@ def _targets(items: Sequence[str]) -> Dict[str, list]:
     targets = {}
     for item in items:
         name, _, values = item.partition("=")
+        if name in targets:
+            raise ValueError(f"--target {name} is given twice ({name}={','.join(f'{v:g}' for v in targets[name])} and "
+                             f"{item}): give each attribute's target once")
         try:
             targets[name] = [float(v) for v in values.split(",")]
         except ValueError:
@@ -212,9 +217,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
     try:
-        guidance = [float(v) for v in split(args.guidance_scales)]
+        guidance = [float(v) for v in split(args.guidance_scales) or []]
     except ValueError:
-        raise SystemExit(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5") from None
+        guidance = []
+    if not guidance:
+        raise SystemExit(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
     evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
              split(args.attributes), _targets(args.target), args.joint, args.images_per_prompt, guidance,
              args.steps, args.seed, args.batch_size, _detector(args.detector), args.margin, args.clip, args.dino,

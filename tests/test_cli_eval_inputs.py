@@ -179,6 +179,28 @@ def test_unknown_target_attribute_is_an_error_listing_the_known_ones(tmp_path):
         run(tmp_path / "eval", targets={"age": [0.75, 0.25]})  # left out by --attributes gender
 
 
+def test_a_repeated_target_is_an_error_not_the_last_one(tmp_path):
+    with pytest.raises(ValueError, match=r"--target age is given twice \(age=0.75,0.25 and age=0.5,0.5\)"):
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--max-prompts", "1", "--target",
+                       "age=0.75,0.25", "--target", "age=0.5,0.5", "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("scales", ["", ",", " , ", "3,x"])
+def test_guidance_scales_without_a_number_is_an_error(scales, tmp_path):
+    with pytest.raises(SystemExit, match=f"--guidance-scales {scales!r}: expected numbers like 3,5,7.5"):
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--max-prompts", "1", "--guidance-scales",
+                       scales, "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()  # no models loaded, no empty report written
+
+
+@pytest.mark.parametrize("scales", [(), (3.0, 3)])
+def test_evaluate_refuses_no_or_repeated_guidance_scales(scales, tmp_path):
+    with pytest.raises(ValueError, match="--guidance-scales .*: expected one or more distinct scales"):
+        run(tmp_path / "eval", guidance_scales=scales)
+    assert not (tmp_path / "eval").exists()
+
+
 def fake_run_folder(root: Path, steps=(1, 3)) -> Path:
     """A training run's output folder layout (config.yaml, checkpoints/step_N/state.pt), no weights needed."""
     (root / "config.yaml").parent.mkdir(parents=True)
