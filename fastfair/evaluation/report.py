@@ -105,7 +105,7 @@ def protocol_note(results: dict) -> str:
 
 
 def _non_uniform_note(results: dict) -> str:
-    names = [s["name"] for s in results["attribute_sets"] if not uniform_target(s)]
+    names = [s["name"] for s in results.get("attribute_sets", []) if not uniform_target(s)]
     if not names:
         return ""
     return (f" {', '.join(names)}: the target is not uniform, so the table heads with the total variation to "
