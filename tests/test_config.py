@@ -23,7 +23,7 @@ def write(path: Path, data) -> Path:
 
 
 GENDER = {"name": "gender", "classes": {"female": 0, "male": 1}, "probabilities": "uniform"}
-RACE = {"name": "race", "classes": {"WMELH": 2, "Asian": 3, "Black": 4, "Indian": 5}, "probabilities": "uniform"}
+RACE = {"name": "race", "classes": {"WMELH": 2, "Black": 3, "Indian": 4, "Asian": 5}, "probabilities": "uniform"}
 
 
 def minimal(tmp_path, **extra) -> Path:

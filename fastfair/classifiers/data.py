@@ -5,7 +5,7 @@ Tables: a CSV with a header (FairFace: ``file,age,gender,race,...``; CelebA as C
 line, a line of 40 names, then ``file v1 ... v40``). Attributes:
 - ``gender``: a ``gender`` column (Male/Female, M/F) or CelebA's ``Male`` (1 / -1 or 0) -> female/male;
 - ``race``: FairFace's seven races mapped to seed 0120's four groups (White, Middle Eastern,
-  Latino_Hispanic -> WMELH; East/Southeast Asian -> Asian; Black; Indian), or the four names;
+  Latino_Hispanic -> WMELH; Black; Indian; East/Southeast Asian -> Asian), or the four names;
 - ``age``: FairFace's buckets or a number (< 40 young, else old), or CelebA's ``Young`` column;
 - ``celeba40``: all 40 CelebA columns, each no/yes;
 - any other name: a column of class names (classes sorted, numerically when all are integers).

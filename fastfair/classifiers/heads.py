@@ -13,7 +13,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 GENDER = ("female", "male")
-RACE = ("WMELH", "Asian", "Black", "Indian")  # seed 0120's four groups of FairFace's seven
+# seed 0120's four groups of FairFace's seven, in the output order of the public code's race classifiers
+# (sail-sg/finetune-fair-diffusion logs race0..3 as white, black, indian, asian), so their .pt files read right
+RACE = ("WMELH", "Black", "Indian", "Asian")
 AGE = ("young", "old")  # young: under 40
 KNOWN_CLASSES = {"gender": GENDER, "race": RACE, "age": AGE}
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastfair.classifiers.heads import AttributeHead, head_from_names
+from fastfair.classifiers.heads import Attribute, AttributeHead
 from fastfair.classifiers.small_cnn import SmallCNN
 from fastfair.faces.crop import crop_boxes
 from fastfair.faces.regions import square_boxes
@@ -72,7 +72,7 @@ class ToyClassifier(nn.Module):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown toy classifier architecture {arch!r}: use one of {sorted(ARCHITECTURES)}")
-        self.head: AttributeHead = head_from_names(list(ATTRIBUTES))
+        self.head = AttributeHead([Attribute(name, classes) for name, classes in ATTRIBUTES.items()])
         self.arch, self.options, self.input_size = arch, dict(options), input_size
         self.network = ARCHITECTURES[arch](self.head.num_outputs, **options)
 

@@ -21,9 +21,12 @@ from typing import Dict, Optional
 
 import torch
 
-from fastfair.classifiers.heads import AGE, GENDER, RACE
+from fastfair.classifiers.heads import AGE, GENDER
 
-ATTRIBUTES: Dict[str, tuple] = {"gender": GENDER, "race": RACE, "age": AGE}
+# the toy's own race order (SKIN_TONES' rows, the shipped classifiers' outputs); fastfair.classifiers.RACE, the
+# public classifiers' output order, lists the same names as WMELH, Black, Indian, Asian
+TOY_RACE = ("WMELH", "Asian", "Black", "Indian")
+ATTRIBUTES: Dict[str, tuple] = {"gender": GENDER, "race": TOY_RACE, "age": AGE}
 IMAGE_SIZE = 32
 SKIN_TONES = torch.tensor([[0.95, 0.78, 0.68], [0.93, 0.80, 0.45], [0.38, 0.24, 0.16], [0.66, 0.44, 0.28]])
 YOUNG_HAIR = torch.tensor([[0.07, 0.05, 0.05], [0.30, 0.17, 0.08], [0.48, 0.22, 0.10]])
