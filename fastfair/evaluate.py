@@ -24,6 +24,7 @@ from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
+from fastfair.faces import get_detector
 from fastfair.evaluation.sources import load_sources, resolve_model, resolve_model_config
 from fastfair.metrics import summarize
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
@@ -72,6 +73,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     if images_per_prompt is not None and images_per_prompt < 1:  # only None means the default count
         raise ValueError(f"--images-per-prompt {images_per_prompt}: expected at least 1 (leave it out for the "
                          "default 60 / 80 / 160)")
+    detector_name = _detector_name(detector)
+    detector = get_detector(detector)  # before any image is made: an unknown name or a missing model pack fails now
     judges, classes = load_classifiers(classifiers, attributes, device, classifier_head)
     if joint is None:  # the intersection of all attributes
         joint = list(classes) if len(classes) >= 2 else []
@@ -110,7 +113,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     results = {"settings": {**settings, "images_per_prompt": count, "images_per_set": counts,
                             "guidance_scales": list(guidance_scales),
                             "classifiers": [str(c) for c in classifiers],
-                            "detector": getattr(detector, "__name__", str(detector)),
+                            "detector": detector_name,
                             "semantic_encoders": list(scorer.encoders),
                             "diversity_encoder": scorer.diversity_encoder},
                "prompts": list(prompts), "guidance": {},
@@ -163,12 +166,40 @@ def _targets(items: Sequence[str]) -> Dict[str, list]:
     return targets
 
 
-def _detector(spec: str):
-    if ":" in spec:  # package.module:function
-        from fastfair.hooks import load_callable
+def _detector_name(detector) -> str:
+    """How the report names a detector spec: the backend name, a function's name, or a fallback list's names."""
+    if isinstance(detector, (list, tuple)):
+        return ",".join(_detector_name(d) for d in detector)
+    return detector if isinstance(detector, str) else getattr(detector, "__name__", type(detector).__name__)
 
-        return load_callable(spec, "--detector")
-    return spec
+
+def _detector(spec: str, path: Optional[str] = None):
+    """--detector: a backend, package.module:function, or a comma-separated list tried in order per image (the
+    public code: insightface, then another detector for the images it missed); --detector-path: insightface's
+    local model root (faces.detector_path in a run config)."""
+    from fastfair.faces.detect import BACKENDS
+
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS and ":" not in name]
+    if not names or unknown:
+        raise ValueError(f"--detector {spec!r}: expected {' | '.join(BACKENDS)} | package.module:function, or a "
+                         "comma-separated list of them tried in order (e.g. insightface,mtcnn)")
+    if path and "insightface" not in names:
+        raise ValueError(f"--detector-path {path}: the insightface model root, but --detector {spec!r} has no "
+                         "insightface")
+    detectors = []
+    for name in names:
+        if ":" in name:  # package.module:function
+            from fastfair.hooks import load_callable
+
+            detectors.append(load_callable(name, "--detector"))
+        elif name == "insightface" and path:
+            from fastfair.faces.insightface_backend import InsightFaceDetector
+
+            detectors.append(InsightFaceDetector(root=path))
+        else:
+            detectors.append(name)
+    return detectors[0] if len(detectors) == 1 else detectors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -197,7 +228,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--detector", default="opencv", help="opencv | insightface | mtcnn | none | module:function")
+    parser.add_argument("--detector", default="opencv",
+                        help="opencv | insightface | mtcnn | none | module:function, or a comma-separated list tried "
+                             "in order for the images the earlier ones find no face in (e.g. insightface,mtcnn)")
+    parser.add_argument("--detector-path", help="insightface: the local model root (holding models/buffalo_l; "
+                                                "default ~/.insightface)")
     parser.add_argument("--margin", type=float, default=FACE_MARGIN,
                         help=f"face crop margin (default {FACE_MARGIN}: the public code's, and faces.margin's)")
     parser.add_argument("--clip", help="local transformers CLIPModel folder (CLIP-T, CLIP-I)")
@@ -224,7 +259,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
     evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
              split(args.attributes), _targets(args.target), args.joint, args.images_per_prompt, guidance,
-             args.steps, args.seed, args.batch_size, _detector(args.detector), args.margin, args.clip, args.dino,
+             args.steps, args.seed, args.batch_size, _detector(args.detector, args.detector_path), args.margin, args.clip, args.dino,
              args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference, args.fid_inception,
              semantics=args.semantics, model_config=args.model_config, classifier_head=split(args.classifier_head))
     print(Path(args.out) / "report.html")

@@ -201,6 +201,42 @@ def test_evaluate_refuses_no_or_repeated_guidance_scales(scales, tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
+def no_face_anywhere(rgb):
+    """A detector (one uint8 image [H, W, 3] -> its faces) that never finds one."""
+    return []
+
+
+def test_detector_list_falls_back_per_image(tmp_path):
+    """--detector A,B: B looks at the images A found no face in (the public code's insightface, then another)."""
+    from fastfair.evaluate import _detector
+
+    alone = run(tmp_path / "alone", detector=no_face_anywhere)
+    assert alone["guidance"]["3"]["base"]["per_prompt"][PROMPT]["no_face"] == 2
+    both = run(tmp_path / "both", detector=_detector(f"{__name__}:no_face_anywhere,none"))
+    assert both["guidance"]["3"]["base"]["per_prompt"][PROMPT]["no_face"] == 0  # 'none' took every image
+    assert both["settings"]["detector"] == "no_face_anywhere,none"
+
+
+@pytest.mark.parametrize("spec", ["opencvv", "", "insightface,,x"])
+def test_unknown_detector_is_an_error_before_any_image(spec, tmp_path):
+    with pytest.raises(ValueError, match=f"--detector {spec!r}: expected opencv | insightface | mtcnn | none"):
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--max-prompts", "1", "--detector", spec,
+                       "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_detector_path_is_insightfaces_model_root(tmp_path):
+    with pytest.raises(ValueError, match="--detector-path .*: the insightface model root, but --detector 'opencv'"):
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--max-prompts", "1", "--detector-path",
+                       str(tmp_path), "--out", str(tmp_path / "eval")])
+    with pytest.raises(FileNotFoundError, match=f"insightface model pack not found at {tmp_path}/models/buffalo_l"):
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--max-prompts", "1", "--detector",
+                       "insightface,opencv", "--detector-path", str(tmp_path), "--out", str(tmp_path / "eval")])
+    with pytest.raises(FileNotFoundError, match="insightface model pack not found"):  # checked before any image
+        run(tmp_path / "eval", detector="insightface")
+    assert not (tmp_path / "eval").exists()
+
+
 def fake_run_folder(root: Path, steps=(1, 3)) -> Path:
     """A training run's output folder layout (config.yaml, checkpoints/step_N/state.pt), no weights needed."""
     (root / "config.yaml").parent.mkdir(parents=True)
