@@ -24,8 +24,8 @@ from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
-from fastfair.faces import get_detector
 from fastfair.evaluation.sources import load_sources, resolve_model, resolve_model_config
+from fastfair.faces import get_detector
 from fastfair.metrics import summarize
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
 
@@ -259,9 +259,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
     evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
              split(args.attributes), _targets(args.target), args.joint, args.images_per_prompt, guidance,
-             args.steps, args.seed, args.batch_size, _detector(args.detector, args.detector_path), args.margin, args.clip, args.dino,
-             args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference, args.fid_inception,
-             semantics=args.semantics, model_config=args.model_config, classifier_head=split(args.classifier_head))
+             args.steps, args.seed, args.batch_size, _detector(args.detector, args.detector_path), args.margin,
+             args.clip, args.dino, args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference,
+             args.fid_inception, semantics=args.semantics, model_config=args.model_config,
+             classifier_head=split(args.classifier_head))
     print(Path(args.out) / "report.html")
 
 

@@ -49,6 +49,7 @@ def plot_class(attribute_set: dict) -> str:
 
 
 def uniform_target(attribute_set: dict) -> bool:
+    """Whether the set's target gives every class the same probability."""
     target = attribute_set["target"]
     return max(target) - min(target) <= 1e-9
 
