@@ -221,9 +221,9 @@ def _optimizer_name(state: Optional[dict]) -> Optional[str]:
 
 def _head_disagreements(attribute, head) -> List[str]:
     """Where a target attribute's output indices contradict its classifier file's own layout (fastfair classifier
-    files name each attribute's outputs and classes: fastfair.classifiers.heads; used where the config declares no
-    classifiers.<n>.attributes): an index outside the attribute's outputs, or a class reading the output of another
-    class of the same name."""
+    files name each attribute's outputs and classes: fastfair.classifiers.heads; a file without names, read through
+    classifiers.<n>.attributes, has none to contradict): an index outside the attribute's outputs, or a class
+    reading the output of another class of the same name."""
     if head is None or attribute.name not in getattr(head, "slices", {}):
         return []
     span, names = head.slices[attribute.name], head.classes(attribute.name)
@@ -329,8 +329,9 @@ class Trainer:
             raise ValueError(f"classifiers: no classifier gives the target attribute {error}") from None
         except ValueError as error:
             raise ValueError(f"classifiers: {error}; check the classifier file against the targets' indices") from None
-        declared = {name for spec in self.cfg.classifiers.values() for name in spec.attributes}  # config's layout
-        problems = [p for a in self.targets.attributes if a.name not in declared
+        # also where the config declares the layout: a file that names its classes (e.g. one trained by an older
+        # fastfair, whose race order differed) must not be read under other names
+        problems = [p for a in self.targets.attributes
                     for p in _head_disagreements(a, getattr(self.judges.classifiers[a.name], "head", None))]
         if problems:
             raise ValueError("targets disagree with the classifier files, which name their outputs: "

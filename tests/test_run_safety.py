@@ -160,6 +160,8 @@ def test_targets_that_contradict_a_classifier_files_own_names_are_refused(tmp_pa
     with pytest.raises(ValueError, match=r"targets attribute 'gender': class 'female' reads output 1, but the file's "
                                          r"'female' is output 0 \(female: 0, male: 1\)"):
         Trainer(load_config(write_config(tmp_path, world), [swapped]))
+    with pytest.raises(ValueError, match=r"class 'female' reads output 1, but the file's 'female' is output 0"):
+        Trainer(load_config(write_config(tmp_path, world), [swapped, "classifiers.gender.attributes={gender: [0, 1]}"]))
     other_names = ("targets.attributes=[{name: gender, classes: {woman: 0, man: 1}, "
                    "probabilities: {woman: 0.9, man: 0.1}}]")
     Trainer(load_config(write_config(tmp_path, world), [other_names]))  # names the file lacks: indices rule

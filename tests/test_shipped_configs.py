@@ -16,19 +16,28 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").gl
 
 
 @pytest.fixture(scope="module")
-def gender_race_age_classifier(tmp_path_factory):
-    """A tiny classifier file with the public code's 8 outputs [gender 2 | race 4 | age 2]."""
+def classifier_file(tmp_path_factory):
+    """spec.attributes ({attribute: output indices}, e.g. the public code's [gender 2 | race 4 | age 2]) -> a tiny
+    classifier file whose own named head has exactly that layout (the trainer checks targets against it)."""
     from fastfair.classifiers import AttributeClassifier, head_from_names, save_classifier
 
-    path = tmp_path_factory.mktemp("clf") / "fairface.safetensors"
-    torch.manual_seed(0)
-    save_classifier(AttributeClassifier(head_from_names(["gender", "race", "age"]), "small_cnn", input_size=16,
-                                        width=4), str(path))
-    return path
+    folder, made = tmp_path_factory.mktemp("clf"), {}
+
+    def make(attributes):
+        names = sorted(attributes, key=lambda name: min(attributes[name]))
+        head = head_from_names(names)
+        assert all(list(attributes[n]) == list(range(head.slices[n].start, head.slices[n].stop)) for n in names)
+        if tuple(names) not in made:
+            made[tuple(names)] = folder / f"{'_'.join(names)}.safetensors"
+            torch.manual_seed(0)
+            save_classifier(AttributeClassifier(head, "small_cnn", input_size=16, width=4), str(made[tuple(names)]))
+        return made[tuple(names)]
+
+    return make
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_config_trains_two_iterations(config, tmp_path, world, gender_race_age_classifier):
+def test_shipped_config_trains_two_iterations(config, tmp_path, world, classifier_file):
     sfnet, bank = save_tiny_face_models(tmp_path / "faces")
     cfg = load_config(config, [
         f"output_dir={tmp_path / 'run'}", "max_steps=2", "checkpoint_every=2", "resume=", f"model.pretrained={world['sd']}",
@@ -37,8 +46,8 @@ def test_shipped_config_trains_two_iterations(config, tmp_path, world, gender_ra
         f"faces.embedding={sfnet}", f"faces.bank={bank}", "semantics.clip_backend=transformers",
         f"semantics.clip_path={world['clip']}", f"semantics.dino_path={world['dino']}", "logging.image_every=0",
     ])
-    for spec in cfg.classifiers.values():  # the configs' own attribute indices, read from a tiny 8-output file
-        spec.path, spec.architecture, spec.input_size = str(gender_race_age_classifier), None, None
+    for spec in cfg.classifiers.values():  # the configs' own attribute indices, read from a tiny file of that layout
+        spec.path, spec.architecture, spec.input_size = str(classifier_file(spec.attributes)), None, None
     trainer = Trainer(cfg)
     before = {name: p.detach().clone() for name, p in trainer.model.trainable.items()}
     trainer.train()
