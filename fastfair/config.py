@@ -155,8 +155,9 @@ class LossConfig:
     # the public code's gender script uses lambda_img_1, its gender x race script the smallest lambda_img_2
     lambda_img_no_face: Optional[float] = setting(None, min=0)
     # the face loss's target: the original image's own face where the original already shows the image's target
-    # class with at least this probability (every attribute), so a face that needs no change keeps its identity
-    # (the public code's practice, 0.9); null: always the nearest bank face, as Eq. 8 (seed 0108) reads
+    # class of every attribute, each with at least this probability, so a face that needs no change keeps its
+    # identity (the public code's practice: 0.9 for gender, 0.8 for gender x race, 0.75 with age); null: always
+    # the nearest bank face, as Eq. 8 (seed 0108) reads
     original_face_confidence: Optional[float] = setting(0.9, min=0, max=1)
     # recompute the decoder's and the judges' activations in the backward instead of keeping them all at once
     # (fastfair.recompute): exact, less memory, one more forward of each

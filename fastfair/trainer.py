@@ -420,7 +420,7 @@ class Trainer:
         from fastfair.faces import align_faces, locate_faces
         from fastfair.losses import (alignment_loss, face_box_mask, global_expected_ot_targets, scale_gradient,
                                      semantic_weights, target_disagreement)
-        from fastfair.losses.face import face_realism_loss, original_is_target
+        from fastfair.losses.face import face_realism_loss, original_shows_targets
 
         margin, threshold = self.cfg.faces.margin, self.cfg.loss.confidence_threshold
         with torch.no_grad():
@@ -438,11 +438,13 @@ class Trainer:
                                            num_samples=self.cfg.loss.ot_samples, generator=self._ot_generator)
             align = align + alignment_loss(log_p, q.to(log_p), threshold, mask=regions.found, reduction="none")
             cells = q.argmax(-1)
-            target_classes.update(group.attribute_classes(cells))
-            orig_probs = group.log_probs(orig_logits).exp()
+            group_classes = group.attribute_classes(cells)
+            target_classes.update(group_classes)
             if keep_confidence is not None:
-                use_original &= original_is_target(orig_probs, torch.where(q.sum(-1) > 0, cells, -1),
-                                                   keep_confidence)
+                has_target = q.sum(-1) > 0
+                use_original &= original_shows_targets(
+                    orig_logits, {name: torch.where(has_target, c, -1) for name, c in group_classes.items()},
+                    keep_confidence)
         original_classes = {name: value.argmax(-1) for name, value in orig_logits.items()}
         differs = target_disagreement(target_classes, original_classes, regions_orig.found)
         # lambda_img_3's face region is the one the classifier judges (seed 0108-0109: one region d_face(x)), the

@@ -7,7 +7,7 @@ from fastfair.faces.align import align_faces, template
 from fastfair.faces.bank import FaceBank, faiss_available
 from fastfair.faces.embed import FaceEmbedder, load_face_embedder, load_sfnet
 from fastfair.faces.sfnet import SFNet, sfnet
-from fastfair.losses.face import face_realism_loss, original_is_target
+from fastfair.losses.face import face_realism_loss, original_is_target, original_shows_targets
 
 
 def tiny_sfnet(out_dim=16):
@@ -87,6 +87,22 @@ def test_face_loss_is_zero_on_a_bank_face_and_one_minus_cosine_otherwise():
     queries = torch.randn(4, 16)
     expected = 1 - (F.normalize(queries, dim=-1) @ bank.embeddings.T).max(1).values
     assert torch.allclose(face_realism_loss(queries, bank, chunk_size=5), expected, atol=1e-6)
+
+
+def test_original_face_check_takes_each_attribute_on_its_own():
+    """gender x race: each attribute's own confidence must reach the level (the public code's check), not the
+    joint cell's probability, their product."""
+    gender = torch.tensor([[0.95, 0.05]] * 4).log()
+    race = torch.tensor([[0.90, 0.04, 0.03, 0.03], [0.85, 0.05, 0.05, 0.05], [0.90, 0.04, 0.03, 0.03],
+                         [0.90, 0.04, 0.03, 0.03]]).log()
+    targets = {"gender": torch.tensor([0, 0, 0, -1]), "race": torch.tensor([0, 0, 1, 0])}
+    shown = original_shows_targets({"gender": gender, "race": race}, targets, confidence=0.9)
+    # row 0: 0.95 and 0.90 (cell 0.855) kept; row 1: race 0.85; row 2: another race; row 3: no gender target
+    assert shown.tolist() == [True, False, False, False]
+    assert original_shows_targets({"gender": gender}, {"gender": targets["gender"]}, 0.9).tolist() == [
+        True, True, True, False]
+    with pytest.raises(ValueError, match="at least one attribute"):
+        original_shows_targets({"gender": gender}, {}, 0.9)
 
 
 def test_original_face_is_the_target_where_the_original_already_has_the_target_class():

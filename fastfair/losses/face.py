@@ -9,7 +9,7 @@ kept here: when the frozen model's original image already shows the target class
 confidence, the original face's embedding is the target instead, so that face is kept rather than
 pulled toward a stranger. Images without a face get no face loss: the caller masks them.
 """
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,21 @@ def face_realism_loss(face_embeddings: torch.Tensor, bank: FaceBank, original_em
         originals = F.normalize(original_embeddings.detach().float(), dim=-1)
         targets = torch.where(use_original.to(targets.device)[:, None], originals, targets)
     return 1 - (embeddings * targets).sum(dim=-1)
+
+
+def original_shows_targets(original_logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+                           confidence: float = 0.9) -> torch.Tensor:
+    """[N] bool: for every attribute of ``targets`` ({name: [N] long class, -1: no target}), the original face's
+    predicted class is the target with probability >= confidence, each attribute on its own softmax of
+    ``original_logits[name]`` [N, K_name] (the public code's per-attribute check: a joint cell's probability, their
+    product, would be stricter, 0.95 x 0.90 = 0.855)."""
+    if not targets:
+        raise ValueError("original_shows_targets needs at least one attribute")
+    use = None
+    for name, target in targets.items():
+        shown = original_is_target(original_logits[name].float().softmax(-1), target, confidence)
+        use = shown if use is None else use & shown
+    return use
 
 
 def original_is_target(original_probs: torch.Tensor, targets: torch.Tensor, confidence: float = 0.9) -> torch.Tensor:
