@@ -24,7 +24,7 @@ from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
-from fastfair.evaluation.sources import load_sources, resolve_model, resolve_model_config
+from fastfair.evaluation.sources import finetuned_kind, load_sources, resolve_model, resolve_model_config
 from fastfair.faces import get_detector
 from fastfair.metrics import summarize
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
@@ -94,7 +94,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
                 "finetuned_files": weight_fingerprint(finetuned)}
     if model_config:  # a single-file model's architecture: another one gives other images from the same weights
         settings.update(model_config=str(model_config), model_config_files=weight_fingerprint(model_config))
-    run_config = config_file(finetuned) if finetuned and (Path(finetuned) / "state.pt").is_file() else None
+    run_config = config_file(finetuned) if finetuned and finetuned_kind(finetuned) == "checkpoint" else None
     if run_config is not None and Path(finetuned) not in run_config.parents:
         # an older checkpoint reads its settings (LoRA alpha, ...) from the run's config.yaml, which a resume rewrites
         settings["finetuned_run_config"] = weight_fingerprint(run_config)
@@ -194,9 +194,7 @@ def _detector(spec: str, path: Optional[str] = None):
 
             detectors.append(load_callable(name, "--detector"))
         elif name == "insightface" and path:
-            from fastfair.faces.insightface_backend import InsightFaceDetector
-
-            detectors.append(InsightFaceDetector(root=path))
+            detectors.append(get_detector(name, root=path))
         else:
             detectors.append(name)
     return detectors[0] if len(detectors) == 1 else detectors

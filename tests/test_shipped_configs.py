@@ -21,17 +21,17 @@ def classifier_file(tmp_path_factory):
     classifier file whose own named head has exactly that layout (the trainer checks targets against it)."""
     from fastfair.classifiers import AttributeClassifier, head_from_names, save_classifier
 
-    folder, made = tmp_path_factory.mktemp("clf"), {}
+    folder = tmp_path_factory.mktemp("clf")
 
     def make(attributes):
         names = sorted(attributes, key=lambda name: min(attributes[name]))
         head = head_from_names(names)
         assert all(list(attributes[n]) == list(range(head.slices[n].start, head.slices[n].stop)) for n in names)
-        if tuple(names) not in made:
-            made[tuple(names)] = folder / f"{'_'.join(names)}.safetensors"
+        path = folder / f"{'_'.join(names)}.safetensors"
+        if not path.is_file():
             torch.manual_seed(0)
-            save_classifier(AttributeClassifier(head, "small_cnn", input_size=16, width=4), str(made[tuple(names)]))
-        return made[tuple(names)]
+            save_classifier(AttributeClassifier(head, "small_cnn", input_size=16, width=4), str(path))
+        return path
 
     return make
 
