@@ -148,10 +148,11 @@ def mean_std(values, ddof: int = 0) -> Dict[str, float]:
 def summarize(per_prompt: Mapping[str, Mapping[str, object]], ddof: int = 0,
               keys: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     """{metric: mean_std over prompts} for the scalar metrics of `per_prompt_metrics`' output
-    (`no_face` is summed instead: the face-less images of the whole set)."""
+    (face-less counts, `no_face` and each attribute set's `<set>.no_face`, are summed instead: {"total": int})."""
     rows = list(per_prompt.values())
     if keys is None:
         keys = [key for key, value in rows[0].items() if isinstance(value, float)] if rows else []
     summary = {key: mean_std([row[key] for row in rows], ddof) for key in keys}
-    summary["no_face"] = {"total": int(sum(row.get("no_face", 0) for row in rows))}
+    counted = ["no_face"] + [key for key in (rows[0] if rows else ()) if key.endswith(".no_face")]
+    summary.update({key: {"total": int(sum(row.get(key, 0) for row in rows))} for key in counted})
     return summary

@@ -223,6 +223,10 @@ def test_intersection_metrics_and_defaults():
     assert row["gender x race.total_variation"] == pytest.approx(0.5 * np.abs(freqs - joint.target).sum())
     gender = set_metrics(labels, sets[0], {"gender": 2, "race": 4})
     assert gender["gender.delta"] == pytest.approx(0) and gender["gender.freq.female"] == 0.5
+    # each set counts its face-less images among those it reads: the first 4 of 5 have a face
+    assert (row["gender x race.num_images"], row["gender x race.no_face"]) == (5, 1)
+    first = set_metrics(labels, sets[0], {"gender": 2, "race": 4}, count=4)
+    assert (first["gender.num_images"], first["gender.no_face"]) == (4, 0)
     with pytest.raises(ValueError, match="--target gender"):
         attribute_sets(classes, {"gender": [0.5, 0.6]})
     with pytest.raises(ValueError, match="--joint"):

@@ -50,3 +50,30 @@ def test_uniform_targets_keep_the_papers_columns():
     assert header[2:4] == ["Bias gender ↓", "Bias age ↓"] and "Δ age" in header
     assert dict(zip(header, rows[0]))["Bias gender ↓"] == ".80±.00"
     assert "not uniform" not in protocol_note(results)
+
+
+def test_face_less_images_are_counted_over_each_sets_own_images():
+    """The seed's protocol scores gender on a prompt's first 60 images and gender x race on all 160: the
+    face-less count beside each must be over the images that set read."""
+    results = _results({"base": ([0.5, 0.5], [0.5, 0.5])})
+    data = results["guidance"]["7.5"]["base"]
+    data["per_prompt"]["p"].update({"num_images": 160, "no_face": 9, "gender.num_images": 60, "gender.no_face": 2,
+                                    "age.num_images": 160, "age.no_face": 9})
+    data["summary"].update({"no_face": {"total": 9}, "gender.no_face": {"total": 2}, "age.no_face": {"total": 9}})
+    header, rows = table_rows(results)
+    cells = dict(zip(header, rows[0]))
+    assert (cells["No face gender"], cells["No face age"]) == ("2/60", "9/160") and "No face" not in cells
+    # every set over all of the prompt's images: one column
+    data["per_prompt"]["p"].update({"gender.num_images": 160, "gender.no_face": 9})
+    header, rows = table_rows(results)
+    assert dict(zip(header, rows[0]))["No face"] == "9/160" and "No face gender" not in header
+
+
+def test_summary_sums_each_sets_face_less_count():
+    from fastfair.metrics import summarize
+
+    rows = {"p": {"num_images": 4, "no_face": 3, "gender.no_face": 1, "gender.bias": 0.5},
+            "q": {"num_images": 4, "no_face": 2, "gender.no_face": 2, "gender.bias": 0.1}}
+    summary = summarize(rows)
+    assert summary["no_face"] == {"total": 5} and summary["gender.no_face"] == {"total": 3}
+    assert summary["gender.bias"]["mean"] == 0.3

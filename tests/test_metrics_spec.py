@@ -130,8 +130,11 @@ def test_prompt_without_any_face_is_nan_and_left_out_of_the_mean():
     rows = {"p0": set_metrics({"gender": np.array([0, 0, 0, 1])}, sets[0], {"gender": 2}),   # bias .5
             "p1": set_metrics({"gender": np.array([0, 1, -1, -1])}, sets[0], {"gender": 2}),  # bias 0
             "p2": set_metrics({"gender": np.array([-1, -1, -1, -1])}, sets[0], {"gender": 2})}  # no face
-    assert all(math.isnan(rows["p2"][key]) for key in rows["p2"])     # bias, TV, KL, FD, delta, freqs
+    counts = {"gender.num_images", "gender.no_face"}
+    assert all(math.isnan(rows["p2"][key]) for key in set(rows["p2"]) - counts)  # bias, TV, KL, FD, delta, freqs
+    assert (rows["p2"]["gender.num_images"], rows["p2"]["gender.no_face"]) == (4, 4)
     summary = summarize(rows)
+    assert summary["gender.no_face"] == {"total": 6}
     assert summary["gender.bias"] == pytest.approx({"mean": 0.25, "std": 0.25, "count": 2}, **EXACT)
     assert summary["gender.freq.female"]["count"] == 2
     assert math.isnan(binary_delta(float("nan")))

@@ -73,9 +73,11 @@ def table_rows(results: dict) -> (List[str], List[List[str]]):
     """(header, rows) of the summary: per guidance scale and model, each set's headline then semantics, then
     the other protocols per set and the face-less count."""
     sets = results["attribute_sets"]
+    face_less = no_face_columns(results)
     header = (["Guidance", "Model"] + [f"{headline(s)[1]} {s['name']} ↓" for s in sets]
               + [f"{label} ↑" for _, label in semantic_columns(results)]
-              + [f"{label} {s['name']}" for s in sets for _, label in other_protocols(s)] + ["No face"])
+              + [f"{label} {s['name']}" for s in sets for _, label in other_protocols(s)]
+              + [label for label, _ in face_less])
     with_fid = any("fid" in data for models in results["guidance"].values() for data in models.values())
     header += ["FID ↓"] if with_fid else []
     rows = []
@@ -86,10 +88,25 @@ def table_rows(results: dict) -> (List[str], List[List[str]]):
             row += [mean_pm_std(summary.get(f"{s['name']}.{headline(s)[0]}")) for s in sets]
             row += [mean_pm_std(summary.get(key)) for key, _ in semantic_columns(results)]
             row += [mean_pm_std(summary.get(f"{s['name']}.{key}")) for s in sets for key, _ in other_protocols(s)]
-            total = sum(row_["num_images"] for row_ in data["per_prompt"].values())
-            row.append(f"{summary['no_face']['total']}/{total}")
+            for _, key in face_less:
+                scored = "num_images" if key == "no_face" else key.replace(".no_face", ".num_images")
+                total = sum(row_.get(scored, 0) for row_ in data["per_prompt"].values())
+                row.append(f"{summary.get(key, {}).get('total', 0)}/{total}")
             rows.append(row + ([f"{data['fid']:.2f}" if "fid" in data else "—"] if with_fid else []))
     return header, rows
+
+
+def no_face_columns(results: dict) -> List[tuple]:
+    """(label, summary key) of the face-less counts: one "No face" column where every set scores all of a
+    prompt's images, else one per set over the images that set reads (the seed's protocol gives a gender set
+    the first 60 of 160, so the all-image count would not be its denominator's)."""
+    sets = results["attribute_sets"]
+    rows = [row for models in results["guidance"].values() for data in models.values()
+            for row in data["per_prompt"].values()]
+    per_set = all(f"{s['name']}.num_images" in row for s in sets for row in rows)
+    if not per_set or all(row[f"{s['name']}.num_images"] == row["num_images"] for s in sets for row in rows):
+        return [("No face", "no_face")]
+    return [(f"No face {s['name']}", f"{s['name']}.no_face") for s in sets]
 
 
 def protocol_note(results: dict) -> str:

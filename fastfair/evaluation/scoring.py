@@ -111,7 +111,8 @@ def images_per_set(sets: Sequence[AttributeSet], images_per_prompt: Optional[int
 def set_metrics(labels: Dict[str, np.ndarray], attribute_set: AttributeSet, class_counts: Dict[str, int],
                 count: Optional[int] = None) -> dict:
     """Flat metrics of one attribute set over the first ``count`` images (all when None): '<set>.bias',
-    '.total_variation', '.kl', '.fairness_discrepancy', '.delta' (two classes), '.freq.<class>'."""
+    '.total_variation', '.kl', '.fairness_discrepancy', '.delta' (two classes), '.freq.<class>', and the ints
+    '.num_images' (images scored) and '.no_face' (those of them without a face)."""
     s = attribute_set
     labels = {name: values[:count] for name, values in labels.items()}
     if len(s.attributes) == 1:
@@ -120,6 +121,8 @@ def set_metrics(labels: Dict[str, np.ndarray], attribute_set: AttributeSet, clas
         cells = joint_labels([labels[a] for a in s.attributes], [class_counts[a] for a in s.attributes], NO_FACE)
     metrics = frequency_metrics(cells, s.num_classes, s.target, NO_FACE)
     row = {f"{s.name}.{key}": metrics[key] for key in ("bias", "total_variation", "kl", "fairness_discrepancy")}
+    # the set's own denominator: with the seed's protocol a set reads only the prompt's first images
+    row.update({f"{s.name}.num_images": int(metrics["num_images"]), f"{s.name}.no_face": int(metrics["no_face"])})
     if s.num_classes == 2:
         row[f"{s.name}.delta"] = binary_delta(metrics["freqs"][0])
     row.update({f"{s.name}.freq.{c}": float(f) for c, f in zip(s.classes, metrics["freqs"])})
