@@ -199,6 +199,21 @@ def test_frechet_distance_against_closed_forms():
         frechet_distance(a, a[:, :2])
 
 
+@pytest.mark.filterwarnings("error")
+def test_frechet_distance_with_fewer_images_than_dimensions():
+    """Singular covariances (N < D, and dead feature columns): against tr (S_a S_b)^(1/2) = ||X_a X_b^T||_*, the
+    nuclear norm of the centred cross matrix (X^T X = S), whose singular values are sqrt(eig(S_a S_b)); no
+    complex parts, no warnings."""
+    rng = np.random.default_rng(1)
+    for n, m, d in ((5, 9, 300), (12, 12, 64)):
+        a, b = rng.normal(size=(n, d)), rng.normal(0.2, 1.5, size=(m, d))
+        a[:, :d // 2], b[:, :d // 2] = 0.0, 0.5  # dead features
+        xa, xb = ((x - x.mean(0)) / np.sqrt(len(x) - 1) for x in (a, b))
+        expected = (((a.mean(0) - b.mean(0)) ** 2).sum() + (xa ** 2).sum() + (xb ** 2).sum()
+                    - 2 * np.linalg.svd(xa @ xb.T, compute_uv=False).sum())
+        assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
 def test_paired_noise_is_independent_of_the_batch():
     full = paired_noise(7, "a prompt", [0, 1, 2], (4, 8, 8))
     assert torch.equal(paired_noise(7, "a prompt", [2], (4, 8, 8))[0], full[2])

@@ -16,16 +16,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between feature sets a [N, D] and b [M, D] (float64; N, M >= 2)."""
-    from scipy import linalg
+    """FID between feature sets a [N, D] and b [M, D] (float64; N, M >= 2).
 
+    With the centred, scaled features X = (x - mean) / sqrt(N - 1), S = X^T X, and tr (S_a S_b)^(1/2) is the
+    nuclear norm of X_a X_b^T (its singular values are the square roots of S_a S_b's eigenvalues). QR gives
+    triangular R with R^T R = X^T X, so that norm is the sum of the singular values of R_a R_b^T
+    [min(N, D), min(M, D)]: no matrix square root. A general square root of the non-symmetric S_a S_b
+    (scipy's sqrtm, as pytorch-fid takes it) warns and returns complex noise where the covariances are
+    singular, as they are whenever there are fewer images than feature dimensions (2048 for Inception).
+    """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"FID needs two feature sets [N >= 2, D] of the same D, got {a.shape} and {b.shape}")
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = linalg.sqrtm(cov_a @ cov_b)
-    root = root.real if np.iscomplexobj(root) else root  # numerical noise of a PSD product
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    centred_a, centred_b = ((x - x.mean(0)) / np.sqrt(len(x) - 1) for x in (a, b))
+    factor_a, factor_b = (np.linalg.qr(x, mode="r") for x in (centred_a, centred_b))
+    trace_root = np.linalg.svd(factor_a @ factor_b.T, compute_uv=False).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (centred_a ** 2).sum() + (centred_b ** 2).sum()
+                 - 2 * trace_root)
 
 
 class FeatureExtractor:
