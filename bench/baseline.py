@@ -22,8 +22,11 @@ text-encoder runs use PyTorch SDPA (diffusers 0.19.3 picks ``AttnProcessor2_0`` 
 commented out): ``baseline_sdpa`` is the public code's iteration. Its U-Net LoRA runs use diffusers' classic
 attention (LoRA processors: explicit softmax(QK^T) V, no fused kernel), ``set_classic_attention`` here:
 ``baseline`` shows what the attention alone costs. Not modelled (they would add to the public code's time, not
-fastfair's): the public code's face detection, alignment and face-realism network, and its 19-23 random steps
-(mean 21) where the benchmark fixes one count for both implementations.
+fastfair's): the public code's face detection, alignment and face-realism network, its classifier pass on the
+original images, and its 19-23 random steps (mean 21) where the benchmark fixes one count for both
+implementations. Text: both implementations here encode one prompt padded to 77 tokens; the public code encodes
+N copies padded to the prompt's own length (9 tokens for the benchmark's prompt: 0.7 % fewer U-Net FLOPs, for
+both alike).
 
 The objective (``objective``) is passed in, so the baseline and fastfair optimize the same loss; the sampler's
 gradient equals fastfair's exact adjusted gradient (tests/test_baseline.py checks it).
@@ -62,18 +65,12 @@ def _cross_attention_blocks(unet: torch.nn.Module) -> list:
     return [block for block in [*unet.down_blocks, *unet.up_blocks] if hasattr(block, "attentions")]
 
 
-def recomputed_modules(unet: torch.nn.Module) -> list:
-    """What the public code's checkpointing recomputes in the backward: every resnet of the down and up blocks and
-    every whole attention module (Transformer2DModel) of their cross-attention blocks; the mid block, conv_in/out,
-    the time embedding and the up/down samplers run once."""
-    return ([resnet for block in [*unet.down_blocks, *unet.up_blocks] for resnet in block.resnets]
-            + [attention for block in _cross_attention_blocks(unet) for attention in block.attentions])
-
-
 @contextlib.contextmanager
 def checkpointed(unet: torch.nn.Module):
     """The public code's U-Net gradient checkpointing for the duration of a block: diffusers 0.19.3's, which it
-    pins (``recomputed_modules``; in train mode, which the public code sets). Newer diffusers checkpoint the
+    pins (in train mode, which the public code sets): every resnet of the down and up blocks and every whole
+    attention module (Transformer2DModel) of their cross-attention blocks keep only their inputs; the mid block,
+    conv_in/out, the time embedding and the up/down samplers keep their activations. Newer diffusers checkpoint the
     attention modules' inner transformer blocks instead, keeping their norm, proj_in/proj_out and residual, and
     the mid block too: at SD 1.5 shapes about 1.66x the public code's bytes per step, which would flatter
     fastfair's memory ratios, so those settings are undone here and the whole attention modules checkpointed."""

@@ -4,8 +4,10 @@ Units, counted once at the benchmark's shapes (``unit_flops``, torch's FlopCount
 math form so that every matmul is seen): U = one U-Net forward for one image and one CFG branch; D = one VAE
 decode of one image; J = the judges on one image (classifier + CLIP + DINO); E = CLIP + DINO alone (embedding an
 original); T = one text-encoder forward of one prompt; Ua = the part of U that is attention (QK^T and PV);
-Ur = the part of U the baseline's gradient checkpointing recomputes (``baseline.recomputed_modules``: about 0.87 U
-in SD 1.5; U where a table lacks it);
+Ur = what the baseline's gradient checkpointing (``baseline.checkpointed``) recomputes in its backward, measured
+as the FLOPs of a checkpointed input-only backward less Ub: about 0.80 U in SD 1.5 at 512 px, less than the
+checkpointed modules' share of U (0.89), as the first resnet's input needs no gradient and torch's checkpoint stops
+each segment's recompute at the last tensor the backward needs (U where a table lacks it);
 Ub = the U-Net's backward for one image and branch to its
 inputs only (frozen weights: no weight gradients), counted on a real backward (``count_input_backward_flops``):
 more than U, since attention's backward has twice its forward's matmuls (Ub = U where a table lacks it). The
@@ -61,24 +63,6 @@ def count_flops(fn, ops=None) -> int:
     return int(sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if op in ops))
 
 
-def count_module_flops(fn, modules) -> int:
-    """FLOPs of ``fn()`` spent inside ``modules`` (none nested in another), counted as ``count_flops`` does."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    spent, start = [0], {}
-    hooks = [handle for module in modules for handle in (
-        module.register_forward_pre_hook(lambda m, args: start.__setitem__(id(m), counter.get_total_flops())),
-        module.register_forward_hook(lambda m, args, out: spent.__setitem__(
-            0, spent[0] + counter.get_total_flops() - start.pop(id(m)))))]
-    try:
-        with torch.no_grad(), _attention_as_matmuls(), FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return int(spent[0])
-
-
 def count_input_backward_flops(forward, inputs) -> int:
     """FLOPs of the backward of ``forward()`` to ``inputs`` only (frozen weights: no weight gradients), with
     attention in its math form; the forward itself is not counted."""
@@ -87,7 +71,10 @@ def count_input_backward_flops(forward, inputs) -> int:
     with torch.enable_grad(), _attention_as_matmuls():
         out = forward()
         with FlopCounterMode(display=False) as counter:
-            torch.autograd.grad(out, inputs, torch.ones_like(out))
+            # backward(inputs=...), not autograd.grad: torch's non-reentrant checkpoint refuses a leaf input there
+            torch.autograd.backward(out, torch.ones_like(out), inputs=list(inputs))
+    for tensor in inputs:
+        tensor.grad = None
     return int(counter.get_total_flops())
 
 

@@ -61,12 +61,13 @@ kernel_bench() {
   "$PYTHON" bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 }
 
-# 2 images, 20 steps, 1 round of (warm-up + 1 timed iteration) per implementation, then memory versus steps
-# (budget ~5 min on one H200: model build/save ~1 min, five configurations, three sweep points per impl). The
-# main table is written before the sweep starts.
+# 2 images, 20 steps, 1 round of (warm-up + 1 timed iteration) per implementation, then memory versus steps and
+# images (budget ~6 min on one H200: model build/save ~1 min, five configurations, four sweep runs per impl:
+# the main table's 20-step, 2-image point is reused; 2 and 4 images give the largest batch within the baseline's
+# peak). The report is rewritten after every run, so a time limit keeps what finished.
 train_step_bench() {
   "$PYTHON" bench/train_step.py --model sd15 --images 2 --steps 20 --rounds 1 --iters 1 \
-    --sweep-steps 5,10,40 --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
+    --sweep-steps 5,10,40 --sweep-images 4 --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
 }
 
 # last, so that a time limit cuts it rather than the benchmarks: DeepSpeed ZeRO-2 with fp16 (its own loss scaler)

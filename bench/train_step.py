@@ -64,11 +64,11 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+# fastfair from this checkout even where it is not installed (bench/gpu_check.sh goes on past a failed build)
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _memory import PeakMemory, worker_env  # noqa: E402
-from baseline import baseline_iteration, recomputed_modules, set_classic_attention  # noqa: E402
-from flops import (count_flops, count_input_backward_flops, count_module_flops, iteration_flops,  # noqa: E402
-                   matmul_rate)
+from baseline import baseline_iteration, checkpointed, set_classic_attention  # noqa: E402
+from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
 
 IMPLS = ("baseline_sdpa", "baseline", "fastfair", "fastfair_k5", "fastfair_fast")
 PROMPT = "a photo of the face of a doctor"
@@ -280,8 +280,12 @@ def unit_flops(model, objective, latent, device) -> dict:
              "unet_attention": count_flops(call, {torch.ops.aten.bmm, torch.ops.aten.baddbmm}),
              "unet_input_backward": count_input_backward_flops(
                  lambda: unet(z, t, encoder_hidden_states=leaf).sample, [leaf]),
-             "unet_recompute": count_module_flops(call, recomputed_modules(unet)),
              "text": count_flops(lambda: model.encode_original([PROMPT]))}
+    # measured, not summed over the checkpointed modules: the first resnet's input needs no gradient, so it is
+    # never recomputed, and torch's checkpoint stops a segment's recompute at the last tensor the backward needs
+    with checkpointed(unet):
+        units["unet_recompute"] = count_input_backward_flops(
+            lambda: unet(z, t, encoder_hidden_states=leaf).sample, [leaf]) - units["unet_input_backward"]
     unet.set_attn_processor(processors)
     with torch.no_grad():
         images = objective.decode(z.float())
@@ -506,6 +510,13 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
     return "\n".join(lines)
 
 
+SWEEP_KEYS = ("impl", "images", "steps", "peak_bytes")
+
+
+def sweep_order(point: dict) -> tuple:
+    return point["impl"], point["images"], point["steps"]
+
+
 def largest_batch(sweep: list, impl: str, steps: int, budget: int):
     """Images per batch that fit ``budget`` by the line through the two largest measured batches."""
     points = sorted((r["images"], r["peak_bytes"]) for r in sweep if r["impl"] == impl and r["steps"] == steps)
@@ -636,14 +647,18 @@ def main(argv=None) -> None:
     sweep = []
     sweep_steps = [int(s) for s in args.sweep_steps.split(",") if s]
     sweep_images = [int(s) for s in args.sweep_images.split(",") if s]
-    if sweep_steps or sweep_images:  # the main table first: a run stopped during the sweep still leaves it
-        report(sweep=sweep, final=False)
-    for impl in [i for i in ("baseline_sdpa", "fastfair") if i in impls]:
+    for impl in [i for i in ("baseline_sdpa", "fastfair") if i in impls] if sweep_steps or sweep_images else ():
+        # the main table's point where it was measured as the sweep's are (whole batch, not micro-batches)
+        sweep += [{k: r[k] for k in SWEEP_KEYS} for r in runs[:len(impls)]
+                  if r["impl"] == impl and r["micro_batch"] == args.images]
         for steps, images in [(s, args.images) for s in sweep_steps] + [(args.steps, n) for n in sweep_images]:
+            if any((r["impl"], r["steps"], r["images"]) == (impl, steps, images) for r in sweep):
+                continue
             r = run_worker(dict(base, impl=impl, steps=steps, images=images, iters=0, micro_batch=None))
-            sweep.append({k: r[k] for k in ("impl", "images", "steps", "peak_bytes")})
+            sweep.append({k: r[k] for k in SWEEP_KEYS})
             print(f"sweep {impl:14s} images={images} steps={steps} peak={r['peak_bytes'] / 2**20:.1f} MiB", flush=True)
-    report(sweep=sweep, final=True)
+            report(sweep=sorted(sweep, key=sweep_order), final=False)  # a time limit keeps the points measured
+    report(sweep=sorted(sweep, key=sweep_order), final=True)
     if tmp is not None:
         tmp.cleanup()
 

@@ -12,7 +12,11 @@ from typing import Any, Dict
 
 import torch
 
-# Stable Diffusion 1.x's scheduler, as shipped in its scheduler/scheduler_config.json.
+# Stable Diffusion 1.x's noise schedule (its scheduler/scheduler_config.json's betas, offset and prediction) as a
+# DPM-Solver++ of order 2, with "leading" timestep spacing (941 ... 48 at 20 steps). The shipped file names no
+# spacing, so a real SD 1.5 folder, which the trainer reads its scheduler from, gets DPMSolverMultistepScheduler's
+# default "linspace" (999 ... 50), as the public code did. Tests, benchmarks and the toy world use this one;
+# the spacing changes the trajectory, not the cost.
 SD15_SCHEDULER: Dict[str, Any] = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     steps_offset=1, prediction_type="epsilon", timestep_spacing="leading", algorithm_type="dpmsolver++",

@@ -133,6 +133,33 @@ def test_train_step_probes_kept_steps_only_for_fastfair_fast(setup, tmp_path, mo
     assert probed == [("baseline_sdpa", False), ("fastfair", False)] * 2
 
 
+def test_memory_sweep_reuses_the_main_point_and_reports_each_point(setup, tmp_path, monkeypatch):
+    """The sweep's table holds the main configuration's point without measuring it again (gpu_check's sweep of
+    5, 10, 40 steps gets its 20-step point), and a report follows each point (a time limit keeps them)."""
+    paths, *_ = setup
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "paths.json").write_text(json.dumps(paths))
+    measured, reported = [], []
+
+    def worker(cfg, peak_limit=None):
+        measured.append((cfg["impl"], cfg["steps"], cfg["images"]))
+        return {"impl": cfg["impl"], "images": cfg["images"], "steps": cfg["steps"], "s_per_iter_samples": [1.0],
+                "peak_bytes": 1000 * cfg["steps"] + cfg["images"], "micro_batch": cfg["micro_batch"] or cfg["images"]}
+
+    monkeypatch.setattr(train_step, "run_worker", worker)
+    monkeypatch.setattr(train_step, "write_report", lambda **kwargs: reported.append(list(kwargs["sweep"])))
+    train_step.main(["--model", "tiny", "--images", "1", "--steps", "2", "--rounds", "1", "--iters", "1",
+                     "--models-dir", str(models), "--impls", "baseline_sdpa,fastfair",
+                     "--sweep-steps", "2,3", "--sweep-images", "2"])
+    assert measured == [("baseline_sdpa", 2, 1), ("fastfair", 2, 1),  # the main table
+                        ("baseline_sdpa", 3, 1), ("baseline_sdpa", 2, 2), ("fastfair", 3, 1), ("fastfair", 2, 2)]
+    assert [(p["impl"], p["images"], p["steps"], p["peak_bytes"]) for p in reported[-1]] == [
+        ("baseline_sdpa", 1, 2, 2001), ("baseline_sdpa", 1, 3, 3001), ("baseline_sdpa", 2, 2, 2002),
+        ("fastfair", 1, 2, 2001), ("fastfair", 1, 3, 3001), ("fastfair", 2, 2, 2002)]
+    assert [len(sweep) for sweep in reported[2:]] == [2, 3, 5, 6, 6]  # one report per measured point, then final
+
+
 def test_fast_plan_shrinks_by_the_overshoot_until_its_fresh_peak_fits(monkeypatch):
     """fit_fast_plan: a plan whose fresh-process peak is over the budget is replaced by keeps_for_budget of its
     modelled bytes less the overshoot; the first plan that fits is the one timed."""
@@ -199,7 +226,7 @@ def test_checkpointing_has_the_public_codes_granularity():
     public code's diffusers 0.19.3), less than the installed diffusers' own checkpointing keeps; the output and the
     gradient are those without checkpointing, and the U-Net's modules are restored afterwards."""
     import flops
-    from baseline import checkpointed, recomputed_modules
+    from baseline import checkpointed
     from fastfair.memory_budget import saved_tensor_bytes
     from fastfair.testing import tiny_unet
 
@@ -226,10 +253,12 @@ def test_checkpointing_has_the_public_codes_granularity():
     assert 0 < public < installed < saved_tensor_bytes(call, held)
     torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
     torch.testing.assert_close(grad, plain_grad)
-    modules = recomputed_modules(unet)
-    recompute = flops.count_module_flops(call, modules)
+    # the FLOP model's Ur: what the checkpointed backward recomputes, part of one forward
+    backward = flops.count_input_backward_flops(call, [emb])
+    with checkpointed(unet):
+        recompute = flops.count_input_backward_flops(call, [emb]) - backward
     assert 0 < recompute < flops.count_flops(call)
-    assert recompute == sum(flops.count_module_flops(call, [module]) for module in modules)
+    assert emb.grad is None  # the count leaves no gradient behind
 
 
 @pytest.mark.parametrize("argv, message", [
