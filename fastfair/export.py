@@ -31,6 +31,9 @@ EXPORT_KINDS = (LORA_FILE, PREFIX_FILE, UNET_DIR)  # what an export folder holds
 def export_contents(folder, flag: str = "--lora"):
     """Which of EXPORT_KINDS the folder holds (None: none); a ValueError naming `flag` where it holds several,
     as when two exports of different runs went into one folder: a consumer would read one of them silently."""
+    if (Path(folder) / "model_index.json").is_file():  # its unet/ would be taken for an export's, silently
+        raise ValueError(f"{flag} {folder}: a whole diffusers model (model_index.json), not a fastfair export; pass "
+                         "it as --model, or export a fastfair checkpoint (python -m fastfair.export CKPT --out DIR)")
     found = [name for name in EXPORT_KINDS if (Path(folder) / name).exists()]
     if len(found) > 1:
         raise ValueError(f"{flag} {folder}: holds {' and '.join(found)}, the exports of different runs; export each "

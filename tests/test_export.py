@@ -141,3 +141,14 @@ def test_a_checkpoint_exports_with_its_own_settings_and_exports_do_not_mix(tmp_p
         export(checkpoints / "step_00000003", tmp_path / "three")
     with pytest.raises(ValueError, match=r"--weights raw: --finetuned \S+ is an export"):
         load_sources(str(world["sd"]), str(tmp_path / "two"), weights="raw")
+
+
+def test_a_whole_model_folder_is_not_taken_for_an_export(world):
+    """A diffusers model folder has a unet/ as a unet_full export does: read as one, its U-Net replaced the base
+    model's while the base's text encoder stayed, silently."""
+    from fastfair.evaluation.sources import finetuned_kind
+
+    with pytest.raises(ValueError, match="a whole diffusers model .*pass it as --model"):
+        finetuned_kind(world["sd"])
+    with pytest.raises(ValueError, match="--lora .*a whole diffusers model"):
+        load_into_pipeline(_pipeline(world), world["sd"])
