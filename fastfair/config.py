@@ -117,7 +117,8 @@ class SamplerConfig:
 @dataclass
 class PromptSetConfig:
     weight: float = setting(1.0, min=0)  # mixture weight; 0 leaves the set out
-    file: Optional[str] = None  # one item per line; null: the shipped set named by this entry's key
+    file: Optional[str] = None  # one line each; under a shipped set's name its items (e.g. occupations) put in
+    #                             that set's template, under another a full prompt; null: the shipped set
     template: Optional[str] = None  # one {field}, e.g. "a person playing {sport}"; null: the set's own
     factory: Optional[str] = None  # "package.module:function"(split) -> prompts, e.g. the toy world's
 
@@ -625,7 +626,7 @@ def _data_problems(data: DataConfig) -> List[str]:
         if spec.file is None and spec.factory is None and name not in list_prompt_sets():
             problems.append(f"data.sets.{name}: no shipped prompt set '{name}' (shipped: "
                             f"{', '.join(list_prompt_sets())}); set data.sets.{name}.file to a text file "
-                            "or data.sets.{name}.factory to 'package.module:function'")
+                            f"or data.sets.{name}.factory to 'package.module:function'")
         if spec.template is not None:
             try:
                 template_field(spec.template)

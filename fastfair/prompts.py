@@ -85,7 +85,8 @@ def _like(original: str, word: str) -> str:
 def read_lines(path) -> List[str]:
     """The non-blank lines of a text file, stripped, '#' lines skipped; ValueError on a repeated line."""
     lines, seen = [], {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    # utf-8-sig: a byte-order mark (Windows editors write one) would stick to the first line, hiding a '#'
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -184,8 +185,8 @@ def build_prompt_mixture(data, seed: int) -> PromptMixture:
             from fastfair.hooks import load_callable
 
             sets[name] = list(load_callable(spec.factory, f"data.sets.{name}.factory")(data.split))
-        elif spec.file:
-            sets[name] = load_prompt_file(spec.file, spec.template)
+        elif spec.file:  # under a shipped set's name its lines are that set's items (occupations), in its template
+            sets[name] = load_prompt_file(spec.file, spec.template or SET_TEMPLATES.get(name))
         else:
             sets[name] = load_prompt_set(name, data.split, spec.template)
         weights[name] = spec.weight

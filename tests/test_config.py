@@ -218,7 +218,7 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
      "targets attribute 'gender' reads classifier outputs [0, 1] but classifiers.c.attributes.gender is [1, 2]"),
     (["loss.lambda_img_3={gender: 1, rase: 2}"], "loss.lambda_img_3 names ['rase'], not targets attributes"),
     (["data.sets.occupations.weight=0"], "no prompt set with weight > 0"),
-    (["data.sets.poems.weight=1"], "data.sets.poems: no shipped prompt set 'poems'"),
+    (["data.sets.poems.weight=1"], "data.sets.poems.file to a text file or data.sets.poems.factory to"),
     (["data.sets.occupations.template=a {x} and {y}"], "data.sets.occupations.template: template"),
     (["finetune.target=unet_lora", "finetune.lora.unet_modules=[]"], "finetune.lora.unet_modules is empty"),
     (["faces.detector=callable"], "faces.detector=callable needs faces.detector_fn"),

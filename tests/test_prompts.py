@@ -74,6 +74,8 @@ def test_user_files_and_bad_arguments(tmp_path):
     path.write_text("# my jobs\nastronomer\n\n  baker \n")
     assert load_prompt_file(path) == ["astronomer", "baker"]
     assert load_prompt_file(path, OCCUPATION_TEMPLATE)[0] == "a photo of the face of an astronomer, a person"
+    path.write_bytes("\ufeff# my jobs\nastronomer\n".encode())  # a byte-order mark before the comment
+    assert load_prompt_file(path) == ["astronomer"]
     path.write_text("baker\nBaker\n")
     with pytest.raises(ValueError, match=r"jobs\.txt:2: 'Baker' repeats line 1"):
         read_lines(path)
@@ -131,3 +133,12 @@ def test_mixture_from_a_data_config(tmp_path):
     mixture = build_prompt_mixture(data, seed=0)
     assert mixture.sets["sports"] == load_prompt_set("sports", "test")
     assert mixture.sets["mine"] == ["a person playing chess", "a person playing go"]
+    # a file of one's own under a shipped set's name: its lines are that set's items, in that set's template;
+    # under another name without a template, full prompts
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("electrician\nnurse\n")
+    data = DataConfig(sets={"occupations": PromptSetConfig(file=str(jobs)), "plain": PromptSetConfig(file=str(jobs))})
+    mixture = build_prompt_mixture(data, seed=0)
+    assert mixture.sets["occupations"] == ["a photo of the face of an electrician, a person",
+                                           "a photo of the face of a nurse, a person"]
+    assert mixture.sets["plain"] == ["electrician", "nurse"]
