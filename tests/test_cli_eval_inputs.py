@@ -12,7 +12,7 @@ from fastfair import demo
 from fastfair.evaluate import evaluate
 from fastfair.evaluate import main as evaluate_main
 from fastfair.evaluation.cache import StaleCacheError, from_png
-from fastfair.evaluation.sources import resolve_model
+from fastfair.evaluation.sources import finetuned_kind, resolve_model
 from fastfair.generate import main as generate_main
 
 CLASSIFIER = "fastfair.toy:eval_classifier"
@@ -238,13 +238,18 @@ def test_detector_path_is_insightfaces_model_root(tmp_path):
 
 
 def fake_run_folder(root: Path, steps=(1, 3)) -> Path:
-    """A training run's output folder layout (config.yaml, checkpoints/step_N/state.pt), no weights needed."""
+    """A training run's output folder layout (config.yaml, checkpoints/step_N/ with state.pt and weight files
+    holding no tensor)."""
+    from safetensors.torch import save_file
+
     (root / "config.yaml").parent.mkdir(parents=True)
     (root / "config.yaml").write_text("max_steps: 3\n")
     for step in steps:
         folder = root / "checkpoints" / f"step_{step:08d}"
         folder.mkdir(parents=True)
         torch.save({"iteration": step}, folder / "state.pt")
+        for name in ("weights.safetensors", "ema.safetensors"):
+            save_file({}, str(folder / name))
     return root
 
 
@@ -269,6 +274,9 @@ def test_finetuned_run_folder_error_names_the_flag_and_the_expected_folders(tmp_
     with pytest.raises(ValueError, match="--lora .*step_00000001: a training checkpoint; export it first"):
         generate_main(generate + [str(run_dir / "checkpoints" / "step_00000001")])
     assert not (tmp_path / "images").exists()
+    # a checkpoint whose optimizer state was deleted to save space is still one: its weights are all that is read
+    (run_dir / "checkpoints" / "step_00000003" / "state.pt").unlink()
+    assert finetuned_kind(run_dir / "checkpoints" / "step_00000003") == "checkpoint"
 
 
 def test_generate_resolves_package_model_paths_like_evaluate(tmp_path):

@@ -54,7 +54,8 @@ def resolve_model_config(model_config: Optional[str]) -> Optional[str]:
 
 
 EXPECTED_EXPORT = "an export folder (python -m fastfair.export CKPT --out DIR)"
-EXPECTED_CHECKPOINT = "a training checkpoint folder (RUN/checkpoints/step_N, with state.pt)"
+EXPECTED_CHECKPOINT = ("a training checkpoint folder (RUN/checkpoints/step_N, with weights.safetensors and "
+                       "ema.safetensors)")
 
 
 def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) -> str:
@@ -64,7 +65,9 @@ def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) 
     from fastfair.export import LORA_FILE, PREFIX_FILE, export_contents  # the files fastfair.export writes
 
     folder = Path(folder)
-    if (folder / "state.pt").is_file():
+    # the weight files, not state.pt, make a checkpoint here: they are all that is read, and the optimizer state
+    # is what one deletes to save space
+    if all((folder / name).is_file() for name in ("weights.safetensors", "ema.safetensors")):
         if checkpoints:
             return "checkpoint"
         raise ValueError(f"{flag} {folder}: a training checkpoint; export it first (python -m fastfair.export "
@@ -81,7 +84,7 @@ def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) 
         else:
             fix = f"export one of its checkpoints first: python -m fastfair.export {found[max(found)]} --out DIR"
         raise ValueError(f"{flag} {folder}: a training run's folder, not {expected}; {fix}")
-    looked_for = f"{LORA_FILE}, {PREFIX_FILE}" + (", unet/ or state.pt" if checkpoints else " or unet/")
+    looked_for = f"{LORA_FILE}, {PREFIX_FILE}" + (", unet/ or ema.safetensors" if checkpoints else " or unet/")
     what = f"no {looked_for} in it" if folder.is_dir() else "no such folder"
     raise ValueError(f"{flag} {folder}: {what}; expected {expected}")
 
