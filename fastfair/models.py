@@ -98,6 +98,9 @@ def load_stable_diffusion(pretrained, dtype="fp32", attention: str = "sdpa", dev
     if not str(pretrained):
         raise ValueError(f"{key} is empty: point it at {EXPECTED_MODEL_LAYOUT}")
     if path.is_dir() and all((path / name).is_dir() for name in DIFFUSERS_SUBFOLDERS):
+        if config:  # it would go unread: the folder's own configs build the model
+            raise ValueError(f"{config_key}={config} is read only with a single-file checkpoint, but {key}={pretrained} "
+                             f"is a diffusers folder with its own configs: leave {config_key} out")
         tokenizer, text_encoder, unet, vae = _from_folder(path)
         scheduler_dir = path / "scheduler"
     elif path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:

@@ -31,6 +31,10 @@ def test_missing_layout_names_key_and_layout(tmp_path, sd_dir):
         load_stable_diffusion(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="xformers"):
         load_stable_diffusion(sd_dir, attention="xformers")
+    # an architecture folder beside a diffusers folder would go unread (generate --model-config was ignored)
+    with pytest.raises(ValueError, match=r"--model-config=/elsewhere is read only with a single-file checkpoint, "
+                                         r"but --model=.* is a diffusers folder"):
+        load_stable_diffusion(sd_dir, config="/elsewhere", key="--model", config_key="--model-config")
 
 
 def _model(sd_dir, target, **kwargs):
