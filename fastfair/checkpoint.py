@@ -168,8 +168,17 @@ def load_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]
     if not (path / "weights.safetensors").is_file() or not (path / "ema.safetensors").is_file():
         raise ValueError(f"{path}: not a checkpoint folder (expected weights.safetensors and ema.safetensors, as in "
                          "<output_dir>/checkpoints/step_00000200)")
-    return (stable_names(load_file(str(path / "weights.safetensors"))),
-            stable_names(load_file(str(path / "ema.safetensors"))))
+    return tuple(stable_names(_read_safetensors(path / name)) for name in ("weights.safetensors", "ema.safetensors"))
+
+
+def _read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(file))
+    except SafetensorError as error:  # checkpoints are written atomically: a bad file was damaged or cut off later
+        raise ValueError(f"{file}: cannot be read as safetensors ({error}); the file is damaged or was cut off "
+                         "in a copy: copy it again, or use another checkpoint of the run") from None
 
 
 def load_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], dict]:

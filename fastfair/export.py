@@ -107,19 +107,39 @@ def load_into_pipeline(pipe, lora_dir) -> str:
     """Apply an export folder to a StableDiffusionPipeline; returns the text to put before each prompt."""
     lora_dir = Path(lora_dir)
     kind = export_contents(lora_dir, "--lora")
+    if kind is None:
+        raise ValueError(f"--lora {lora_dir}: expected {LORA_FILE}, {PREFIX_FILE} or unet/ written by fastfair.export")
+    try:
+        return _apply_export(pipe, lora_dir, kind)
+    except (RuntimeError, ValueError) as error:  # diffusers' and torch's shape messages name neither folder
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if "mismatch" in line), lines[0])  # torch's names the tensor
+        raise ValueError(f"--lora {lora_dir}: its {kind} does not fit the --model ({reason[:300]}); export a "
+                         "checkpoint of a run trained on this model") from error
+
+
+def _apply_export(pipe, lora_dir: Path, kind: str) -> str:
     if kind == PREFIX_FILE:
+        from safetensors import safe_open
+
+        with safe_open(str(lora_dir / PREFIX_FILE), "pt") as prefix:
+            width = prefix.get_slice("emb_params").get_shape()[-1]
+        expected = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+        if width != expected:  # diffusers' own message leaves its placeholders unfilled
+            raise ValueError(f"its tokens are {width} wide, the model's text encoder embeds tokens {expected} wide")
         pipe.load_textual_inversion(str(lora_dir / PREFIX_FILE), token=PREFIX_TOKEN)
         return PREFIX_TOKEN + " "
     if kind == UNET_DIR:
         from diffusers import UNet2DConditionModel
 
-        pipe.unet = UNet2DConditionModel.from_pretrained(lora_dir / UNET_DIR, local_files_only=True).to(
-            pipe.device, pipe.unet.dtype)
+        unet = UNet2DConditionModel.from_pretrained(lora_dir / UNET_DIR, local_files_only=True)
+        if unet.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:  # it would fail only when called
+            raise ValueError(f"its U-Net reads text of width {unet.config.cross_attention_dim}, the model's text "
+                             f"encoder gives {pipe.unet.config.cross_attention_dim}")
+        pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
         return ""
-    if kind == LORA_FILE:
-        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
-        return ""
-    raise ValueError(f"--lora {lora_dir}: expected {LORA_FILE}, {PREFIX_FILE} or unet/ written by fastfair.export")
+    pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
+    return ""
 
 
 def main(argv=None) -> None:

@@ -42,6 +42,14 @@ def test_interrupted_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
     assert checkpoint.resolve_resume("auto", tmp_path).name == "step_00000001"
 
 
+def test_a_damaged_weight_file_is_named(tmp_path):
+    folder = _save(tmp_path, 1)
+    ema = folder / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:20])  # cut off in a copy
+    with pytest.raises(ValueError, match=r"ema\.safetensors: cannot be read as safetensors .*copy it again"):
+        checkpoint.load_weights(folder)
+
+
 def test_resume_arguments(tmp_path):
     assert checkpoint.resolve_resume("", tmp_path) is None
     assert checkpoint.resolve_resume("auto", tmp_path) is None

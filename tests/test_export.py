@@ -152,3 +152,28 @@ def test_a_whole_model_folder_is_not_taken_for_an_export(world):
         finetuned_kind(world["sd"])
     with pytest.raises(ValueError, match="--lora .*a whole diffusers model"):
         load_into_pipeline(_pipeline(world), world["sd"])
+
+
+def test_an_export_of_another_architecture_is_named(tmp_path, world):
+    """An export made from another base model: each kind fails naming --lora and the widths that differ, not with
+    a library traceback (a U-Net of another text width would only fail when first called)."""
+    from safetensors.torch import save_file
+
+    from fastfair.testing import tiny_unet
+
+    pipe = _pipeline(world)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+    (tmp_path / "prefix").mkdir()
+    save_file({"emb_params": torch.zeros(2, width + 3)}, str(tmp_path / "prefix" / "prefix.safetensors"))
+    with pytest.raises(ValueError, match=f"--lora .*prefix: its prefix.safetensors does not fit the --model "
+                                         f"\\(its tokens are {width + 3} wide.* {width} wide"):
+        load_into_pipeline(pipe, tmp_path / "prefix")
+    tiny_unet(cross_attention_dim=width + 3).save_pretrained(tmp_path / "full" / "unet")
+    with pytest.raises(ValueError, match=f"its unet does not fit .*reads text of width {width + 3}"):
+        load_into_pipeline(pipe, tmp_path / "full")
+    name = next(n for n, _ in pipe.unet.named_modules() if n.endswith("attn2.to_k"))
+    (tmp_path / "lora").mkdir()
+    save_file({f"unet.{name}.lora_A.weight": torch.zeros(4, width + 3), f"unet.{name}.lora_B.weight": torch.zeros(
+        pipe.unet.get_submodule(name).out_features, 4)}, str(tmp_path / "lora" / LORA_FILE))
+    with pytest.raises(ValueError, match=f"--lora .*lora: its {LORA_FILE} does not fit the --model \\(size mismatch"):
+        load_into_pipeline(pipe, tmp_path / "lora")
