@@ -254,7 +254,7 @@ def main(argv=None) -> None:
     except ValueError:
         guidance = []
     if not guidance:
-        raise SystemExit(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
+        raise ValueError(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
     evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
              split(args.attributes), _targets(args.target), args.joint, args.images_per_prompt, guidance,
              args.steps, args.seed, args.batch_size, _detector(args.detector, args.detector_path), args.margin,

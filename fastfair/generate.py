@@ -28,6 +28,11 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: int = 20, gu
         raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
     if not math.isfinite(guidance) or guidance < 1:
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
+    out = Path(out)
+    earlier = sorted(out.glob("[0-9][0-9][0-9][0-9][0-9].png")) if out.is_dir() else []
+    if earlier:  # this run would overwrite some and leave the rest, a folder of two runs' images
+        raise ValueError(f"--out {out}: holds images of an earlier run ({earlier[0].name} ...); choose a new folder "
+                         "or delete them")
     if lora:
         finetuned_kind(lora, "--lora", checkpoints=False)
     parts = load_stable_diffusion(resolve_model(model), dtype, device=device, config=resolve_model_config(model_config),
@@ -39,7 +44,6 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: int = 20, gu
     generator = torch.Generator(device).manual_seed(seed)
     images = pipe(prefix + prompt, num_images_per_prompt=num_images, num_inference_steps=steps,
                   guidance_scale=guidance, generator=generator).images
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{index:05d}.png" for index in range(len(images))]
     for image, path in zip(images, paths):

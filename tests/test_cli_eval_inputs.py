@@ -188,7 +188,7 @@ def test_a_repeated_target_is_an_error_not_the_last_one(tmp_path):
 
 @pytest.mark.parametrize("scales", ["", ",", " , ", "3,x"])
 def test_guidance_scales_without_a_number_is_an_error(scales, tmp_path):
-    with pytest.raises(SystemExit, match=f"--guidance-scales {scales!r}: expected numbers like 3,5,7.5"):
+    with pytest.raises(ValueError, match=f"--guidance-scales {scales!r}: expected numbers like 3,5,7.5"):
         evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--max-prompts", "1", "--guidance-scales",
                        scales, "--out", str(tmp_path / "eval")])
     assert not (tmp_path / "eval").exists()  # no models loaded, no empty report written

@@ -65,6 +65,13 @@ def test_generate_cli_writes_images(tmp_path, world):
     files = sorted((tmp_path / "images").iterdir())
     assert [f.name for f in files] == ["00000.png", "00001.png"]
     assert Image.open(files[0]).size == (16, 16)
+    # a second run into the same folder would overwrite some images and leave others: refused before any work
+    with pytest.raises(ValueError, match="--out .*images: holds images of an earlier run \\(00000.png"):
+        main(["--model", str(world["sd"]), "--prompt", "a nurse", "--num-images", "1", "--out",
+              str(tmp_path / "images")])
+    with pytest.raises(ValueError, match=f"--lora .*{LORA_FILE}: a file; pass the folder that holds it"):
+        main(["--model", str(world["sd"]), "--lora", str(tmp_path / "export" / LORA_FILE), "--prompt", "a cook",
+              "--out", str(tmp_path / "more")])
 
 
 def test_export_needs_a_checkpoint_folder_and_its_run_config(tmp_path):

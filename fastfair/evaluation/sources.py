@@ -85,6 +85,8 @@ def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) 
             fix = f"export one of its checkpoints first: python -m fastfair.export {found[max(found)]} --out DIR"
         raise ValueError(f"{flag} {folder}: a training run's folder, not {expected}; {fix}")
     looked_for = f"{LORA_FILE}, {PREFIX_FILE}" + (", unet/ or ema.safetensors" if checkpoints else " or unet/")
+    if folder.is_file():
+        raise ValueError(f"{flag} {folder}: a file; pass the folder that holds it ({flag} {folder.parent})")
     what = f"no {looked_for} in it" if folder.is_dir() else "no such folder"
     raise ValueError(f"{flag} {folder}: {what}; expected {expected}")
 
