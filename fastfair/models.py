@@ -48,14 +48,26 @@ def _missing_layout(path: Path, key: str) -> ValueError:
     return ValueError(f"{key}={path} {state}: expected {EXPECTED_MODEL_LAYOUT}")
 
 
+def weights_variant(part: Path) -> Optional[str]:
+    """None where a model part's folder holds plain weight files (model.safetensors, diffusion_pytorch_model.bin,
+    ...), else the variant its files carry ("fp16" for diffusion_pytorch_model.fp16.safetensors, as a download of
+    a model's fp16 files alone leaves them); from_pretrained reads a variant only when named."""
+    names = [file.name for file in part.glob("*") if file.suffix in (".safetensors", ".bin")]
+    if not names or any(name.count(".") == 1 for name in names):  # plain, or plain shards (name-00001-of-00002)
+        return None
+    variants = {name.split(".")[1].split("-")[0] for name in names}  # name.fp16[-00001-of-00002].safetensors
+    return "fp16" if "fp16" in variants else sorted(variants)[0]
+
+
 def _from_folder(path: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    def load(cls, part):
+        return cls.from_pretrained(path / part, local_files_only=True, variant=weights_variant(path / part))
+
     return (CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
-            CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
-            UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True),
-            AutoencoderKL.from_pretrained(path / "vae", local_files_only=True))
+            load(CLIPTextModel, "text_encoder"), load(UNet2DConditionModel, "unet"), load(AutoencoderKL, "vae"))
 
 
 def _from_single_file(path: Path, config: Optional[str], key: str, config_key: str):

@@ -37,6 +37,28 @@ def test_missing_layout_names_key_and_layout(tmp_path, sd_dir):
         load_stable_diffusion(sd_dir, config="/elsewhere", key="--model", config_key="--model-config")
 
 
+def test_a_folder_of_fp16_variant_files_alone_loads(sd_dir, tmp_path):
+    """A download of a model's fp16 files alone (diffusion_pytorch_model.fp16.safetensors, ...): from_pretrained
+    reads them only when the variant is named, so it was an OSError about missing model.safetensors."""
+    from diffusers import StableDiffusionPipeline
+
+    from fastfair.models import weights_variant
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, local_files_only=True, safety_checker=None)
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert weights_variant(tmp_path / "fp16" / "unet") == "fp16" and weights_variant(sd_dir / "unet") is None
+    plain, variant = load_stable_diffusion(sd_dir, "fp16"), load_stable_diffusion(tmp_path / "fp16", "fp16")
+    for part in ("text_encoder", "unet", "vae"):
+        expected, loaded = getattr(plain, part).state_dict(), getattr(variant, part).state_dict()
+        assert expected.keys() == loaded.keys() and all(torch.equal(expected[k], loaded[k]) for k in expected)
+    for name, shard in (("diffusion_pytorch_model-00001-of-00002.safetensors", None),
+                        ("diffusion_pytorch_model.fp16-00001-of-00002.safetensors", "fp16")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_bytes(b"")
+        assert weights_variant(folder) == shard
+
+
 def _model(sd_dir, target, **kwargs):
     parts = load_stable_diffusion(sd_dir, dtype="bf16")
     return FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, target,
