@@ -57,3 +57,28 @@ def test_a_label_table_with_a_byte_order_mark_reads_its_first_column(tmp_path):
     path.write_bytes("file,gender\na.png,female\nb.png,male\n".encode("utf-8-sig"))
     table = read_label_table(str(path))
     assert table.files == ["a.png", "b.png"] and table.column("gender") == ["female", "male"]
+
+
+def test_exif_orientation_is_applied_by_every_reader(tmp_path):
+    """A camera's portrait photo is stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to view):
+    every reader sees it upright, as a viewer shows it."""
+    upright = np.zeros((8, 4, 3), dtype=np.uint8)  # tall: H 8, W 4, with a bright top row
+    upright[0] = 255
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what the camera writes: W 8, H 4
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait.png"
+    stored.save(path, exif=exif)
+    assert Image.open(path).size == (8, 4)
+    np.testing.assert_array_equal(read_rgb(path), upright.astype(np.float32))
+    assert read_image(str(path)).shape == (1, 3, 8, 4)
+    crop = load_face_image(str(path), 4)  # shorter side 4: no resize, the centre 4 x 4 rows 2..5 (dark)
+    assert crop.shape == (3, 4, 4) and float(crop.max()) == -1.0
+
+
+def test_an_image_past_the_decompression_bomb_limit_is_an_unreadable_file(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((6, 8), dtype=np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 48 pixels: past twice the limit, PIL refuses it
+    with pytest.raises(ValueError, match="big.png: .*decompression bomb"):
+        read_rgb(tmp_path / "big.png")
+    assert read_image(str(tmp_path / "big.png")) is None  # the face bank skips and counts it

@@ -37,13 +37,20 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 @contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically, with a plain file's
+    mode (0666 less the umask: mkstemp's private 0600 would keep the file from a shared group) and its bytes on
+    disk first (a crash right after the rename leaves the old file or the whole new one)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     os.close(handle)
     try:
         yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
