@@ -8,7 +8,8 @@
    anything else (lists included) is replaced;
 2. applies ``key.sub=value`` overrides, each replacing the value at its key; the value is parsed with
    ``yaml.safe_load`` (so ``[19,23]``, ``null``, ``true``, ``{a: 1}`` work), except that a field typed
-   ``str`` keeps the raw text (``output_dir=2024``);
+   ``str`` keeps the text as typed (``output_dir=2024``, ``output_dir=runs/my run #2``; quoted: read as YAML
+   reads a quoted string; ``null`` for an optional one);
 3. converts the result to `TrainConfig`, checking every value against its field's type and rejecting
    unknown keys at any depth with a did-you-mean that names the full dotted key.
 
@@ -383,6 +384,11 @@ def _accepts_str(tp) -> bool:
     return tp is str or (typing.get_origin(tp) is Union and str in typing.get_args(tp))
 
 
+def _is_text(tp) -> bool:
+    """A field typed str or Optional[str]: its override value is text, never a YAML number, list or mapping."""
+    return tp is str or (typing.get_origin(tp) is Union and set(typing.get_args(tp)) == {str, type(None)})
+
+
 def parse_override(text: str):
     """'a.b=value' -> (['a', 'b'], value): YAML-parsed, raw text for a str field, type-checked."""
     if "=" not in text:
@@ -397,6 +403,14 @@ def parse_override(text: str):
         raise ConfigError(f"override {text!r}: list items cannot be set by index ('{indices[0]}' after '{where}'); "
                           f"give the whole list, e.g. {where}=[...] in YAML flow style, or edit the YAML file")
     tp = _field_type(path)
+    if _is_text(tp) and raw.strip()[:1] not in ("'", '"'):
+        # the text as typed: YAML would cut `runs/my run #2` at its comment, make `runs/a: b` a mapping and
+        # refuse `{occupation} at work`; only a null (for an optional field) is read as YAML reads it
+        value = raw.strip()
+        if type(None) in typing.get_args(tp) and value in ("", "~", "null", "Null", "NULL"):
+            value = None
+        _convert(value, tp, ".".join(path))
+        return path, value
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as error:
@@ -468,6 +482,13 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     saves (config.yaml, each checkpoint's) name the same files wherever export, evaluation or a resume run."""
     for owner, attribute, key in _path_fields(cfg):
         setattr(owner, attribute, _local_path(getattr(owner, attribute), key))
+    # the folders a run writes keep their relative form (a resume may move them), but a '~' means home, not a
+    # folder named '~' under the current one
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)
+    if cfg.logging.tensorboard_dir:
+        cfg.logging.tensorboard_dir = os.path.expanduser(cfg.logging.tensorboard_dir)
+    if cfg.resume not in ("auto", ""):
+        cfg.resume = os.path.expanduser(cfg.resume)
     return cfg
 
 

@@ -123,12 +123,26 @@ def test_base_errors_name_the_files(tmp_path):
     ("loss.lambda_img_2={gender: 1, race: 2.5}", "loss.lambda_img_2", {"gender": 1.0, "race": 2.5}),
     ("data.sets.sports.weight=0.5", "data.sets.sports", {"weight": 0.5, "file": None, "template": None, "factory": None}),
     ("targets.form=joint", "targets.form", "joint"),
+    # text as typed: YAML cut the first at its comment, made the second a mapping, refused the third
+    ("output_dir=runs/my run #2", "output_dir", "runs/my run #2"),
+    ("output_dir=runs/a: b", "output_dir", "runs/a: b"),
+    ("data.sets.mine.template={job} at work", "data.sets.mine.template", "{job} at work"),
+    ("output_dir='quoted #1'", "output_dir", "quoted #1"),
+    ("logging.tensorboard_dir=null", "logging.tensorboard_dir", None),
 ])
 def test_overrides_are_parsed_and_typed(tmp_path, override, attribute, value):
     data = config_to_dict(load_config(minimal(tmp_path), [override]))
     for name in attribute.split("."):
         data = data[name]
     assert data == value and type(data) is type(value)
+
+
+def test_a_home_folder_in_the_written_folders_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(minimal(tmp_path), ["output_dir=~/runs/a", "logging.tensorboard_dir=~/tb", "resume=~/ck"])
+    assert (cfg.output_dir, cfg.logging.tensorboard_dir, cfg.resume) == tuple(
+        str(tmp_path / "home" / name) for name in ("runs/a", "tb", "ck"))  # not a folder named '~' here
+    assert load_config(minimal(tmp_path), ["output_dir=runs/b"]).output_dir == "runs/b"  # relative stays
 
 
 @pytest.mark.parametrize("override, message", [
