@@ -115,15 +115,24 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{iteration:08d}"
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for unfinished in root.glob(".tmp-step_*"):  # left by a save that was interrupted: never a checkpoint
+        shutil.rmtree(unfinished, ignore_errors=True)
     tmp.mkdir()
-    save_file(_contiguous_cpu(weights), str(tmp / "weights.safetensors"))
-    save_file(_contiguous_cpu(ema), str(tmp / "ema.safetensors"))
-    torch.save({**state, "iteration": iteration, "rng": rng_state()}, tmp / "state.pt")
-    if config is not None:
-        import yaml
+    try:
+        save_file(_contiguous_cpu(weights), str(tmp / "weights.safetensors"))
+        save_file(_contiguous_cpu(ema), str(tmp / "ema.safetensors"))
+        torch.save({**state, "iteration": iteration, "rng": rng_state()}, tmp / "state.pt")
+        if config is not None:
+            import yaml
 
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        raise OSError(f"checkpoint {iteration} could not be written to {root} ({str(error).strip()[:200]}); "
+                      f"{free / 2**20:.0f} MiB free there after {written / 2**20:.1f} MiB written: free space or "
+                      "choose another output_dir, then resume=auto continues from the last checkpoint") from error
     if final.exists():  # a rerun writing the same iteration: replace it
         shutil.rmtree(final)
     tmp.rename(final)

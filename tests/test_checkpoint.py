@@ -42,6 +42,20 @@ def test_interrupted_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
     assert checkpoint.resolve_resume("auto", tmp_path).name == "step_00000001"
 
 
+def test_a_failed_save_names_the_folder_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    _save(tmp_path, 1)
+    (checkpoint.checkpoint_dir(tmp_path) / ".tmp-step_00000007").mkdir()  # an earlier save, interrupted
+
+    def disk_full(*args, **kwargs):  # what torch.save raises on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 40896 vs 40788")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"checkpoint 2 could not be written to .*checkpoints \(\[enforce fail.*MiB "
+                                      r"free there .*resume=auto continues"):
+        _save(tmp_path, 2)
+    assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()] == ["step_00000001"]
+
+
 def test_a_damaged_weight_file_is_named(tmp_path):
     folder = _save(tmp_path, 1)
     ema = folder / "ema.safetensors"
