@@ -66,14 +66,21 @@ def train(config: str, out: Path, iters, overrides: List[str]):
     from fastfair.config import load_config
     from fastfair.trainer import Trainer, process_group
 
-    extra = [f"output_dir={out}", "resume=auto"] + ([f"max_steps={iters}"] if iters is not None else [])
+    owned = [text for text in overrides if text.split("=", 1)[0].strip() in ("output_dir", "resume")]
+    if owned:  # the demo sets both (below): the user's would be replaced without a word
+        raise ValueError(f"{owned[0]}: the demo trains into --out and resumes what it finds there; give --out DIR")
     if config not in CONFIGS and not Path(config).is_file():
         raise ValueError(f"--config {config}: neither a shipped config ({', '.join(CONFIGS)}) nor a YAML file")
-    cfg = load_config(CONFIGS.get(config, config), list(overrides) + extra)
     trained = max(checkpoint.list_checkpoints(out), default=0)
     if iters is not None and iters < trained:  # the trainer would name max_steps, which the demo user never set
         raise ValueError(f"--iters {iters}: {out} holds a run trained for {trained} iterations already; give "
                          f"--iters {trained} or more to go on from it, or another --out for a shorter run")
+    extra = [f"output_dir={out}", "resume=auto"] + ([f"max_steps={iters}"] if iters is not None else [])
+    cfg = load_config(CONFIGS.get(config, config), list(overrides) + extra)
+    if iters is None and trained > cfg.max_steps:  # trained further with --iters earlier: evaluate it as it is
+        print(f"{out} holds a run trained for {trained} iterations, past the config's {cfg.max_steps}: evaluating "
+              f"it as it is (--iters N trains it on to N)")
+        cfg.max_steps = trained
     with process_group("cpu"):
         Trainer(cfg, "cpu").train()
     return cfg, checkpoint.resolve_resume("auto", cfg.output_dir)

@@ -326,6 +326,14 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     assert not (out / "eval" / "stale.txt").exists()  # the demo's eval folder was started afresh
     with pytest.raises(ValueError, match=r"--iters 1: .* trained for 2 iterations already; give --iters 2 or more"):
         demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST)
+    # without --iters, a run trained past the config's max_steps is evaluated as it is (the trainer's refusal
+    # named max_steps, a setting the demo's user never gave)
+    third = demo.main(["--out", str(out)] + DEMO_FAST + ["max_steps=1"])
+    assert "past the config's 1: evaluating it as it is" in capsys.readouterr().out
+    assert third["checkpoint"] == second["checkpoint"]
+    for override in ("output_dir=elsewhere", "resume="):  # the demo sets both: the user's were replaced silently
+        with pytest.raises(ValueError, match=f"{override}: the demo trains into --out .*give --out DIR"):
+            demo.main(["--out", str(out)] + DEMO_FAST + [override])
 
 
 def test_demo_names_its_configs_for_an_unknown_one(tmp_path):
