@@ -117,3 +117,59 @@ def test_celeba_attribute_list_and_csv(tmp_path):
         f"00000{i + 1}.jpg," + ",".join(v) + "\n" for i, v in enumerate(values))
     _, from_csv = resolve_labels(read_label_table(write(tmp_path, "attrs.csv", csv_text)), ["celeba40"])
     assert torch.equal(from_csv, resolve_labels(table, ["celeba40"])[1])
+
+
+def test_label_table_headers_match_ignoring_case_and_spaces(tmp_path):
+    path = write(tmp_path, "caps.csv", " File , Gender ,Race\n0.png,Female,White\n1.png,Male,Black\n")
+    table = read_label_table(path)
+    assert table.files == ["0.png", "1.png"]
+    head, labels = resolve_labels(table, ["gender", "race"])
+    assert head == head_from_names(["gender", "race"]) and labels.tolist() == [[0, 0], [1, 1]]
+    with pytest.raises(ValueError, match="columns 'gender' and 'Gender' are one name .* rename or delete one"):
+        read_label_table(write(tmp_path, "twice.csv", "file,gender,Gender\n0.png,Female,Male\n"))
+    with pytest.raises(ValueError, match=r"row 2: no file name in column 'file'"):
+        read_label_table(write(tmp_path, "nofile.csv", "file,gender\n0.png,Female\n,Male\n"))
+
+
+def test_custom_attribute_refuses_empty_cells_and_merges_case_variants(tmp_path):
+    from fastfair.classifiers.heads import Attribute
+
+    with pytest.raises(ValueError, match=r"empty.csv, column 'hair': row 2 is empty \(1 empty row\(s\) in all\)"):
+        resolve_labels(read_label_table(write(tmp_path, "empty.csv", "file,hair\na,blond\nb,\nc,dark\n")), ["hair"])
+    table = read_label_table(write(tmp_path, "case.csv", "file,hair\na,Blond\nb,blond\nc,dark \nd,Dark\ne,BLOND\n"))
+    head, labels = resolve_labels(table, ["hair"])
+    assert head.attributes == [Attribute("hair", ("Blond", "dark"))]  # each spelled as in its first row
+    assert labels.flatten().tolist() == [0, 0, 1, 1, 0]
+    with pytest.raises(ValueError, match="row 2: cannot read an empty cell as one of"):
+        resolve_labels(read_label_table(write(tmp_path, "g.csv", "file,gender\na,Male\nb,\n")), ["gender"])
+
+
+def test_an_image_listed_twice_is_used_once_or_refused_when_its_labels_differ(tmp_path):
+    from fastfair.classifiers.data import unique_rows
+
+    table = read_label_table(write(tmp_path, "dup.csv", "file,gender,race\na.png,Male,White\nb.png,Female,Black\n"
+                                                        "./a.png,male,Middle Eastern\n"))
+    head, labels = resolve_labels(table, ["gender", "race"])
+    assert unique_rows(table, head, labels) == [0, 1]  # ./a.png is a.png, with the same labels (race group WMELH)
+    table = read_label_table(write(tmp_path, "conflict.csv", "file,gender,race\na.png,Male,White\nb.png,Female,Black\n"
+                                                             "a.png,Female,White\n"))
+    head, labels = resolve_labels(table, ["gender", "race"])
+    with pytest.raises(ValueError, match=r"a.png is listed in rows 1 \(gender=male\) and 3 \(gender=female\) with "
+                                         "different labels"):
+        unique_rows(table, head, labels)
+
+
+def test_validation_labels_are_aligned_to_the_training_classes_or_refused_naming_them(tmp_path):
+    from fastfair.classifiers.data import align_labels
+
+    train_head, _ = resolve_labels(read_label_table(write(tmp_path, "t.csv", "file,hair\na,blond\nb,dark\nc,red\n")),
+                                   ["hair"])
+    val_head, val = resolve_labels(read_label_table(write(tmp_path, "v.csv", "file,hair\nd,Red\ne,Blond\nf,dark\n")),
+                                   ["hair"])
+    assert val_head.classes("hair") == ("Blond", "Red", "dark")  # other spellings, so another order
+    assert align_labels(train_head, val_head, val, "v").flatten().tolist() == [2, 0, 1]
+    val_head, val = resolve_labels(read_label_table(write(tmp_path, "w.csv", "file,hair\nd,grey\ne,blond\nf,dark\n")),
+                                   ["hair"])
+    with pytest.raises(ValueError, match=r"w: the classes differ .*\(hair lacks red; hair has grey, which the "
+                                         r"training rows lack\)"):
+        align_labels(train_head, val_head, val, "w")

@@ -1,4 +1,6 @@
 """The classifier training CLI end to end on a generated FairFace-style folder whose labels are visible."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,145 @@ def test_saved_state_missing_images_and_bad_outputs_are_refused_before_training(
         with pytest.raises(SystemExit):
             main(arguments(dataset, tmp_path / "x.safetensors") + extra)
         assert message in capsys.readouterr().err
+
+
+def network_of(out):
+    return torch.load(state_path(str(out)), weights_only=True)
+
+
+def test_max_steps_given_again_on_resume_trains_no_further(dataset, tmp_path):
+    out = tmp_path / "c.safetensors"
+    assert main(arguments(dataset, out, "--epochs", "2", "--max-steps", "3")) is None
+    before = network_of(out)
+    assert main(arguments(dataset, out, "--epochs", "2", "--max-steps", "3", "--resume")) is None
+    after = network_of(out)
+    assert after["position"] == before["position"] == {"epoch": 0, "batch": 3}
+    assert all(torch.equal(value, after["network"][key]) for key, value in before["network"].items())
+    # stopped on an epoch's last step (112 training images / 8 = 14): the resumed run evaluates that epoch, no more
+    end = tmp_path / "end.safetensors"
+    main(arguments(dataset, end, "--epochs", "2", "--max-steps", "14"))
+    assert not end.exists()
+    assert main(arguments(dataset, end, "--epochs", "2", "--max-steps", "14", "--resume")) is None
+    state = network_of(end)
+    assert state["position"] == {"epoch": 1, "batch": 0} and len(state["history"]) == 1 and end.exists()
+
+
+def hair_table(dataset, path, classes):
+    rows = (dataset / "labels.csv").read_text().splitlines()[1:]
+    path.write_text("file,hair\n" + "".join(f"{row.split(',')[0]},{classes[i % len(classes)]}\n"
+                                            for i, row in enumerate(rows)))
+    return ["--labels", str(path), "--attributes", "hair"]
+
+
+def test_resume_refuses_changed_rows_and_classes_naming_them(dataset, tmp_path, capsys):
+    labels, out = tmp_path / "labels.csv", tmp_path / "c.safetensors"
+    lines = (dataset / "labels.csv").read_text().splitlines()
+    labels.write_text("\n".join(lines) + "\n")
+    main(arguments(dataset, out, "--epochs", "2", "--max-steps", "2") + ["--labels", str(labels)])
+    saved = open(state_path(str(out)), "rb").read()
+    # the same rows again, one listed twice: the same data
+    labels.write_text("\n".join(lines + lines[5:6]) + "\n")
+    assert main(arguments(dataset, out, "--epochs", "2", "--max-steps", "2", "--resume")
+                + ["--labels", str(labels)]) is None
+    swapped = [line.replace(",Male,", ",X,").replace(",Female,", ",Male,").replace(",X,", ",Female,")
+               for line in lines[1:13]]
+    labels.write_text("\n".join(lines[:1] + swapped + lines[13:-8]) + "\n")
+    with pytest.raises(ValueError, match=r"--resume: the data differ from those .*state.pt was trained on: 8 "
+                                         r"row\(s\) removed \(132.png, 133.png, 134.png, ...\);.* labels of 12 row\(s\) "
+                                         r"differ .*; train on changed data with a new --out"):
+        main(arguments(dataset, out, "--epochs", "2", "--resume") + ["--labels", str(labels)])
+    assert open(state_path(str(out)), "rb").read() == saved
+    # a class added to a custom attribute: named, not a load_state_dict error
+    hair = tmp_path / "hair.csv"
+    main(arguments(dataset, tmp_path / "h.safetensors", "--epochs", "2", "--max-steps", "2")
+         + hair_table(dataset, hair, ["dark", "blond"]))
+    with pytest.raises(ValueError, match=r"classes of hair differ \(then \['blond', 'dark'\], now \['blond', "
+                                         r"'dark', 'red'\]\)"):
+        main(arguments(dataset, tmp_path / "h.safetensors", "--epochs", "2", "--resume")
+             + hair_table(dataset, hair, ["dark", "blond", "red"]))
+
+
+def test_a_state_without_a_data_fingerprint_resumes_with_a_note(dataset, tmp_path, capsys):
+    out, hair = tmp_path / "c.safetensors", tmp_path / "hair.csv"
+    main(arguments(dataset, out, "--epochs", "1", "--max-steps", "2") + hair_table(dataset, hair, ["dark", "blond"]))
+    state = network_of(out)
+    del state["fingerprint"]  # as an older fastfair wrote it
+    torch.save(state, state_path(str(out)))
+    assert main(arguments(dataset, out, "--epochs", "1", "--resume") + ["--labels", str(hair), "--attributes",
+                                                                         "hair"]) is not None
+    assert "kept no record of the rows trained on" in capsys.readouterr().out
+    torch.save(state, state_path(str(out)))
+    with pytest.raises(ValueError, match=r"holds a network of another shape .*\(hair\(3\)\) changed since"):
+        main(arguments(dataset, out, "--epochs", "1", "--resume") + hair_table(dataset, hair, ["dark", "blond", "red"]))
+
+
+def test_the_validation_split_is_by_image_file(dataset, tmp_path):
+    from fastfair.classifiers.train import parse_args, prepare_data
+
+    lines = (dataset / "labels.csv").read_text().splitlines()
+    tripled = tmp_path / "tripled.csv"
+    tripled.write_text("\n".join(lines[:1] + lines[1:] * 3) + "\n")
+    _, train_set, val_set = prepare_data(parse_args(arguments(dataset, tmp_path / "x.safetensors")
+                                                    + ["--labels", str(tripled)]))
+    train_files = [train_set.table.files[r] for r in train_set.indices]
+    val_files = [val_set.table.files[r] for r in val_set.indices]
+    assert (len(train_files), len(val_files)) == (112, 28) and len(set(train_files + val_files)) == 140
+    conflict = tmp_path / "conflict.csv"
+    conflict.write_text("\n".join(lines + [lines[1].replace("Male", "Female") if ",Male," in lines[1]
+                                           else lines[1].replace("Female", "Male")]) + "\n")
+    with pytest.raises(ValueError, match=r"0.png is listed in rows 1 \(gender=\w+\) and 141 \(gender=\w+\)"):
+        main(arguments(dataset, tmp_path / "x.safetensors") + ["--labels", str(conflict)])
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    train.write_text("\n".join(lines[:101]) + "\n")
+    val.write_text("\n".join(lines[:1] + lines[95:]) + "\n")
+    with pytest.raises(ValueError, match=r"--val-labels .*val.csv: 6 image file\(s\) are also in --labels"):
+        main(arguments(dataset, tmp_path / "x.safetensors") + ["--labels", str(train), "--val-labels", str(val)])
+
+
+def test_an_out_without_the_safetensors_suffix_is_refused_with_the_fixed_name(dataset, tmp_path, capsys):
+    for name, fixed in (("gender_clf", "gender_clf.safetensors"), ("gender.pt", "gender.safetensors")):
+        with pytest.raises(SystemExit):
+            main(arguments(dataset, tmp_path / name))
+        assert (f"--out {tmp_path / name}: a classifier file is written as safetensors; name it {tmp_path / fixed}"
+                in capsys.readouterr().err)
+        assert not (tmp_path / name).exists()
+
+
+def test_an_existing_classifier_file_is_not_overwritten(dataset, tmp_path):
+    out = tmp_path / "c.safetensors"
+    main(arguments(dataset, out, "--epochs", "1"))
+    os.remove(state_path(str(out)))
+    before = out.read_bytes()
+    for extra in ((), ("--resume",)):
+        with pytest.raises(ValueError, match=r"c.safetensors: the file exists and would be overwritten, and without "
+                                             r"its training state .* choose another --out \(or delete it\)"):
+            main(arguments(dataset, out, "--epochs", "1", "--seed", "7", *extra))
+    assert out.read_bytes() == before
+
+
+def test_the_best_epoch_is_chosen_by_mean_balanced_accuracy(dataset, tmp_path, monkeypatch):
+    from fastfair.classifiers import train as training
+    from fastfair.faces.files import read_safetensors_metadata
+
+    scores = iter([({"gender": 0.9}, {"gender": 0.5}), ({"gender": 0.8}, {"gender": 0.7}),
+                   ({"gender": 0.95}, {"gender": 0.6})])
+    monkeypatch.setattr(training, "evaluate", lambda *args: next(scores))
+    out = tmp_path / "c.safetensors"
+    result = main(arguments(dataset, out, "--epochs", "3") + ["--attributes", "gender"])
+    assert result["best"] == {"mean": 0.7, "epoch": 2, "accuracy": {"gender": 0.8}, "balanced_accuracy": {"gender": 0.7}}
+    assert read_safetensors_metadata(str(out))["epoch"] == "2"
+
+
+def test_balanced_accuracy_sees_through_a_majority_class_guess():
+    from fastfair.classifiers.heads import head_from_names
+    from fastfair.classifiers.train import evaluate
+
+    class AlwaysMale(torch.nn.Module):
+        head = head_from_names(["gender"])
+
+        def forward(self, images):
+            return torch.tensor([[0.0, 1.0]]).expand(images.shape[0], 2)
+
+    rows = [(torch.zeros(3, 2, 2), torch.tensor([int(i % 10 != 0)])) for i in range(20)]  # 18 male, 2 female
+    accuracy, balanced = evaluate(AlwaysMale(), rows, 8, "cpu", 0)
+    assert accuracy == {"gender": pytest.approx(0.9)} and balanced == {"gender": pytest.approx(0.5)}

@@ -8,11 +8,14 @@ line, a line of 40 names, then ``file v1 ... v40``). Attributes:
   Latino_Hispanic -> WMELH; Black; Indian; East/Southeast Asian -> Asian), or the four names;
 - ``age``: FairFace's buckets or a number (< 40 young, else old), or CelebA's ``Young`` column;
 - ``celeba40``: all 40 CelebA columns, each no/yes;
-- any other name: a column of class names (classes sorted, numerically when all are integers).
+- any other name: a column of class names (classes sorted, numerically when all are integers). Names that differ
+  only by case or surrounding spaces are one class, spelled as in its first row; an empty cell is refused.
+Column names match ignoring case and surrounding spaces (``Gender``, `` gender``, ``File``). An image listed in
+several rows is used once (``unique_rows``).
 """
 import csv
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,14 +37,31 @@ class LabelTable:
 
     def __init__(self, files: List[str], columns: Dict[str, List[str]], source: str):
         self.files, self.columns, self.source = files, columns, source
+        self.folded: Dict[str, str] = {}  # header typed by hand: matched ignoring case and surrounding spaces
+        for name in columns:
+            other = self.folded.setdefault(_header_key(name), name)
+            if other != name:
+                raise ValueError(f"{source}: columns {other!r} and {name!r} are one name (column names match "
+                                 "ignoring case and surrounding spaces); rename or delete one")
 
     def __len__(self):
         return len(self.files)
 
+    def find(self, name: str) -> Optional[str]:
+        """The column called ``name`` (ignoring case and surrounding spaces), or None."""
+        return name if name in self.columns else self.folded.get(_header_key(name))
+
+    def has(self, name: str) -> bool:
+        return self.find(name) is not None
+
     def column(self, name: str) -> List[str]:
-        if name not in self.columns:
+        if not self.has(name):
             raise ValueError(f"{self.source} has no column {name!r}; its columns are {sorted(self.columns)}")
-        return self.columns[name]
+        return self.columns[self.find(name)]
+
+
+def _header_key(name: str) -> str:
+    return name.strip().casefold()
 
 
 def read_label_table(path: str) -> LabelTable:
@@ -59,13 +79,18 @@ def read_label_table(path: str) -> LabelTable:
             raise ValueError(f"{path}: rows {bad} do not have a file name and {len(names)} values")
         return LabelTable([r[0] for r in rows], {n: [r[i + 1] for r in rows] for i, n in enumerate(names)}, path)
     reader = csv.DictReader(lines)
-    header = reader.fieldnames or []
-    file_column = next((c for c in FILE_COLUMNS if c in header), None)
+    header = [name.strip() for name in reader.fieldnames or []]
+    reader.fieldnames = header
+    file_column = next((name for wanted in FILE_COLUMNS for name in header if _header_key(name) == wanted), None)
     if file_column is None:
         raise ValueError(f"{path}: no file-name column; expected one of {FILE_COLUMNS}, found {header}")
     rows = list(reader)
-    columns = {c: [(row[c] or "").strip() for row in rows] for c in header if c != file_column}
-    return LabelTable([row[file_column].strip() for row in rows], columns, path)
+    files = [(row[file_column] or "").strip() for row in rows]
+    if "" in files:
+        raise ValueError(f"{path}, row {files.index('') + 1}: no file name in column {file_column!r}; fill it in or "
+                         "delete the row")
+    columns = {c: [(row[c] or "").strip() for row in rows] for c in header if c and c != file_column}
+    return LabelTable(files, columns, path)
 
 
 def _normalized(value: str) -> str:
@@ -77,7 +102,8 @@ def _lookup(values: Sequence[str], mapping, classes, where: str) -> List[int]:
     for row, value in enumerate(values):
         name = mapping(value)
         if name is None:
-            raise ValueError(f"{where}, row {row + 1}: cannot read {value!r} as one of {classes}")
+            what = "an empty cell" if not value.strip() else repr(value)
+            raise ValueError(f"{where}, row {row + 1}: cannot read {what} as one of {classes}")
         labels.append(classes.index(name))
     return labels
 
@@ -102,8 +128,8 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
     """One attribute's classes and per-row class indices (see the module docstring for the rules)."""
     where = f"{table.source}, attribute {name!r}"
     if name == "gender":
-        if "gender" in table.columns:
-            return Attribute("gender", GENDER), _lookup(table.columns["gender"], lambda v: GENDER_NAMES.get(
+        if table.has("gender"):
+            return Attribute("gender", GENDER), _lookup(table.column("gender"), lambda v: GENDER_NAMES.get(
                 v.strip().lower()), GENDER, where)
         flags = _lookup(table.column("Male"), _celeba_flag, BINARY, where + " (CelebA column 'Male')")
         return Attribute("gender", GENDER), flags  # no=female (0), yes=male (1)
@@ -111,15 +137,28 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
         return Attribute("race", RACE), _lookup(table.column("race"), lambda v: RACE_GROUPS.get(_normalized(v)),
                                                 RACE, where)
     if name == "age":
-        if "age" in table.columns:
-            return Attribute("age", AGE), _lookup(table.columns["age"], _age_group, AGE, where)
+        if table.has("age"):
+            return Attribute("age", AGE), _lookup(table.column("age"), _age_group, AGE, where)
         young = _lookup(table.column("Young"), _celeba_flag, BINARY, where + " (CelebA column 'Young')")
         return Attribute("age", AGE), [1 - flag for flag in young]  # Young=1 -> young (0)
     values = table.column(name)
-    distinct = sorted(set(values), key=lambda v: (int(v), v) if v.lstrip("-").isdigit() else (0, v))
+    empty = [row + 1 for row, value in enumerate(values) if not value.strip()]
+    if empty:
+        raise ValueError(f"{table.source}, column {table.find(name)!r}: row {empty[0]} is empty ({len(empty)} empty "
+                         "row(s) in all); give every row a class or delete the rows")
+    spelling: Dict[str, str] = {}  # class key -> the first row's spelling
+    for value in values:
+        spelling.setdefault(class_key(value), value.strip())
+    distinct = sorted(spelling.values(), key=lambda v: (int(v), v) if v.lstrip("-").isdigit() else (0, v))
     if len(distinct) < 2:
         raise ValueError(f"{where}: needs at least 2 distinct values, found {distinct}")
-    return Attribute(name, tuple(distinct)), [distinct.index(v) for v in values]
+    index = {class_key(v): i for i, v in enumerate(distinct)}
+    return Attribute(name, tuple(distinct)), [index[class_key(v)] for v in values]
+
+
+def class_key(name: str) -> str:
+    """What identifies a class name: case and surrounding spaces are typing, not meaning (``Dark `` is ``dark``)."""
+    return name.strip().casefold()
 
 
 def resolve_labels(table: LabelTable, names: Sequence[str]) -> Tuple[AttributeHead, torch.Tensor]:
@@ -127,14 +166,59 @@ def resolve_labels(table: LabelTable, names: Sequence[str]) -> Tuple[AttributeHe
     names = list(CELEBA_ATTRIBUTES) if list(names) == ["celeba40"] else list(names)
     attributes, columns = [], []
     for name in names:
-        if name in CELEBA_ATTRIBUTES and name in table.columns:
+        if name in CELEBA_ATTRIBUTES and table.has(name):
             attribute = Attribute(name, BINARY)
-            labels = _lookup(table.columns[name], _celeba_flag, BINARY, f"{table.source}, column {name!r}")
+            labels = _lookup(table.column(name), _celeba_flag, BINARY, f"{table.source}, column {table.find(name)!r}")
         else:
             attribute, labels = attribute_labels(table, name)
         attributes.append(attribute)
         columns.append(labels)
     return AttributeHead(attributes), torch.tensor(columns, dtype=torch.long).T.reshape(len(table), len(names))
+
+
+def _row_labels(head: AttributeHead, labels: torch.Tensor, only=None) -> str:
+    return ", ".join(f"{a.name}={a.classes[int(i)]}" for k, (a, i) in enumerate(zip(head.attributes, labels))
+                     if only is None or k in only)
+
+
+def file_key(name: str) -> str:
+    """What identifies a row's image: ``./a.png`` and ``a.png`` are one file."""
+    return os.path.normpath(name)
+
+
+def unique_rows(table: LabelTable, head: AttributeHead, labels: torch.Tensor) -> List[int]:
+    """The table's rows with one per image file (its first): a file listed again with the same labels would weigh
+    double and, split by row, land in both the training and the validation split; listed with other labels it is
+    refused, naming both rows."""
+    first: Dict[str, int] = {}
+    for row, name in enumerate(table.files):
+        earlier = first.setdefault(file_key(name), row)
+        if earlier != row and not torch.equal(labels[earlier], labels[row]):
+            differ = set((labels[earlier] != labels[row]).nonzero().flatten().tolist())
+            raise ValueError(f"{table.source}: {name} is listed in rows {earlier + 1} "
+                             f"({_row_labels(head, labels[earlier], differ)}) and {row + 1} "
+                             f"({_row_labels(head, labels[row], differ)}) with different labels; keep the right one")
+    return sorted(first.values())
+
+
+def align_labels(head: AttributeHead, other: AttributeHead, labels: torch.Tensor, where: str) -> torch.Tensor:
+    """``labels`` [M, A] of classes ``other`` re-indexed to ``head``'s classes (matched as ``class_key``); refused,
+    naming the classes, unless both name the same classes (custom attributes' classes come from the rows)."""
+    columns, problems = [], []
+    for a, (attribute, theirs) in enumerate(zip(head.attributes, other.attributes)):
+        index = {class_key(c): i for i, c in enumerate(attribute.classes)}
+        keys = [class_key(c) for c in theirs.classes]
+        missing = [c for c in attribute.classes if class_key(c) not in keys]
+        extra = [c for c in theirs.classes if class_key(c) not in index]
+        if missing:
+            problems.append(f"{attribute.name} lacks {', '.join(missing)}")
+        if extra:
+            problems.append(f"{attribute.name} has {', '.join(extra)}, which the training rows lack")
+        columns.append(torch.tensor([index.get(k, -1) for k in keys], dtype=torch.long)[labels[:, a]])
+    if problems:
+        raise ValueError(f"{where}: the classes differ from the training table's ({'; '.join(problems)}); both "
+                         "tables need rows of every class")
+    return torch.stack(columns, dim=1)
 
 
 def load_face_image(path: str, size: int) -> torch.Tensor:

@@ -4,24 +4,29 @@
         --out clf.safetensors
 
 Loss: the sum over attributes of the cross-entropy of that attribute's logits. After every epoch the
-validation split (``--val-labels`` or a seeded ``--val-fraction`` of the rows) is scored per attribute;
-the best mean accuracy is written to ``--out``. The full training state (weights, optimizer, RNG, data
-position) goes atomically to ``OUT.state.pt`` every ``--checkpoint-every`` steps and at each epoch end;
-``--resume`` continues from it exactly (same result as an uninterrupted run on the same machine).
+validation split (``--val-labels`` or a seeded ``--val-fraction`` of the image files) is scored per attribute,
+by accuracy and balanced accuracy (the mean over classes of the share of that class's images predicted right);
+the epoch with the best mean balanced accuracy over attributes is written to ``--out``: with imbalanced labels
+plain accuracy rewards predicting the majority class (0.9 for always "male" on 90% male rows; balanced: 0.5).
+The full training state (weights, optimizer, RNG, data position, and the rows trained on) goes atomically to
+``OUT.state.pt`` every ``--checkpoint-every`` steps and at each epoch end; ``--resume`` continues from it exactly
+(same result as an uninterrupted run on the same machine), and refuses label tables that changed since.
 Seed 0124: train the evaluation classifier separately (another ``--seed``, e.g. ``--arch small_cnn``).
 """
 import argparse
 import json
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fastfair.classifiers.data import LabelledFaces, read_label_table, resolve_labels
+from fastfair.classifiers.data import (LabelledFaces, align_labels, file_key, read_label_table, resolve_labels,
+                                       unique_rows)
+from fastfair.classifiers.heads import AttributeHead
 from fastfair.classifiers.model import ARCHITECTURES, AttributeClassifier, save_classifier
 from fastfair.cli import folder_instead_of_file
 from fastfair.faces.files import atomic_path, load_state_dict
@@ -49,7 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between training-state saves")
     parser.add_argument("--resume", action="store_true", help="continue from OUT.state.pt when it exists")
-    parser.add_argument("--max-steps", type=int, help="stop (saving the state) after this many steps in total")
+    parser.add_argument("--max-steps", type=int, help="stop (saving the state) after this many steps in total; "
+                        "a resumed run already there trains no further")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if not 0 <= args.val_fraction < 1:
@@ -64,30 +70,50 @@ def parse_args(argv=None):
     problem = folder_instead_of_file("--out", args.out, "classifier", "gender.safetensors")
     if problem:
         parser.error(problem)
+    if not args.out.endswith(".safetensors"):  # loaders tell a fastfair classifier file by this suffix
+        stem, extension = os.path.splitext(args.out)
+        weights = extension.lower() in (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+        fixed = (stem if weights else args.out) + ".safetensors"
+        parser.error(f"--out {args.out}: a classifier file is written as safetensors; name it {fixed}")
     return args
 
 
 def split_rows(count: int, fraction: float, seed: int):
-    """(train rows, validation rows): a seeded random ``fraction`` of the rows held out."""
+    """(train rows, validation rows): a seeded random ``fraction`` of the rows held out (rows of distinct files:
+    ``unique_rows``)."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
     held = int(round(count * fraction))
     return sorted(order[held:]), sorted(order[:held])
 
 
+def distinct_rows(table, head, labels) -> List[int]:
+    rows = unique_rows(table, head, labels)
+    if len(rows) < len(table):
+        print(f"note: {table.source}: {len(table) - len(rows)} row(s) repeat an earlier row's image file and labels; "
+              "each image is used once")
+    return rows
+
+
 def prepare_data(args):
     table = read_label_table(args.labels)
     head, labels = resolve_labels(table, args.attributes.split(","))
+    rows = distinct_rows(table, head, labels)
     if args.val_labels:
         val_table = read_label_table(args.val_labels)
         val_head, val_labels = resolve_labels(val_table, args.attributes.split(","))
-        if val_head != head:
-            raise ValueError(f"--val-labels classes {val_head.describe()} differ from --labels' {head.describe()}")
-        train = LabelledFaces(args.data, table, labels, range(len(table)), args.size)
-        val = LabelledFaces(args.data, val_table, val_labels, range(len(val_table)), args.size)
-    else:
-        train_rows, val_rows = split_rows(len(table), args.val_fraction, args.seed)
-        train = LabelledFaces(args.data, table, labels, train_rows, args.size)
-        val = LabelledFaces(args.data, table, labels, val_rows, args.size)
+        val_labels = align_labels(head, val_head, val_labels, f"--val-labels {args.val_labels}")
+        val_rows = distinct_rows(val_table, head, val_labels)
+        both = sorted({file_key(table.files[r]) for r in rows} & {file_key(val_table.files[r]) for r in val_rows})
+        if both:
+            raise ValueError(f"--val-labels {args.val_labels}: {len(both)} image file(s) are also in --labels "
+                             f"{args.labels}, e.g. {', '.join(both[:3])}; validating on training images overstates "
+                             "accuracy: remove them from one table")
+        train = LabelledFaces(args.data, table, labels, rows, args.size)
+        val = LabelledFaces(args.data, val_table, val_labels, val_rows, args.size)
+    else:  # split by file: a file listed twice is in one split
+        train_at, val_at = split_rows(len(rows), args.val_fraction, args.seed)
+        train = LabelledFaces(args.data, table, labels, [rows[i] for i in train_at], args.size)
+        val = LabelledFaces(args.data, table, labels, [rows[i] for i in val_at], args.size)
     if len(train) == 0:
         raise ValueError(f"{args.labels}: no training rows")
     missing = sorted(set(train.missing_files() + val.missing_files()))
@@ -102,17 +128,23 @@ def attribute_loss(head, logits, labels):
 
 
 @torch.no_grad()
-def evaluate(classifier, dataset, batch_size, device, workers) -> Dict[str, float]:
-    """Per-attribute accuracy on ``dataset``."""
+def evaluate(classifier, dataset, batch_size, device, workers) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Per-attribute (accuracy, balanced accuracy) on ``dataset``; balanced: the mean over the classes present of
+    the share of that class's images predicted as it (sklearn's balanced_accuracy_score)."""
     classifier.eval()
-    correct, total = torch.zeros(len(classifier.head.names)), 0
+    head = classifier.head
+    right = [torch.zeros(len(a.classes)) for a in head.attributes]  # per class: images predicted right
+    seen = [torch.zeros(len(a.classes)) for a in head.attributes]  # per class: images
     for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=workers, generator=torch.Generator()):
-        parts = classifier.head.split(classifier(images.to(device)))
-        predicted = torch.stack([p.argmax(-1).cpu() for p in parts.values()], dim=1)
-        correct += (predicted == labels).sum(0).float()
-        total += labels.shape[0]
+        for a, part in enumerate(head.split(classifier(images.to(device))).values()):
+            truth, count = labels[:, a], len(head.attributes[a].classes)
+            seen[a] += torch.bincount(truth, minlength=count)
+            right[a] += torch.bincount(truth[part.argmax(-1).cpu() == truth], minlength=count)
     classifier.train()
-    return {name: float(c / max(total, 1)) for name, c in zip(classifier.head.names, correct)}
+    accuracy = {name: float(r.sum() / max(float(s.sum()), 1)) for name, r, s in zip(head.names, right, seen)}
+    balanced = {name: float((r[s > 0] / s[s > 0]).mean()) if s.sum() else 0.0
+                for name, r, s in zip(head.names, right, seen)}
+    return accuracy, balanced
 
 
 def state_path(out: str) -> str:
@@ -123,16 +155,55 @@ RESUME_KEYS = ("data", "labels", "val_labels", "attributes", "arch", "width", "i
                "lr", "weight_decay", "no_flip", "seed", "val_fraction")
 
 
-def save_state(path, args, classifier, optimizer, position, best, history):
+def data_fingerprint(head, train_set, val_set) -> dict:
+    """What the run trains on: the head, and each row's image file and labels (training rows, then validation
+    rows), in order; kept in the state, as the --data/--labels paths say nothing of the files' contents."""
+    labels = torch.cat([train_set.labels[train_set.indices], val_set.labels[val_set.indices]])
+    return {"head": head.to_json(), "train": len(train_set),
+            "files": [file_key(s.table.files[r]) for s in (train_set, val_set) for r in s.indices],
+            "labels": labels.to(torch.uint8 if labels.numel() and labels.max() < 256 else torch.int32)}
+
+
+def _examples(files: List[str]) -> str:
+    return ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+
+
+def fingerprint_changes(stored: dict, current: dict) -> List[str]:
+    """How the data of ``current`` differ from ``stored`` (``data_fingerprint``s), in words; [] when they agree."""
+    old_head, new_head = AttributeHead.from_json(stored["head"]), AttributeHead.from_json(current["head"])
+    changes = [f"classes of {old.name} differ (then {list(old.classes)}, now {list(new.classes)})"
+               for old, new in zip(old_head.attributes, new_head.attributes) if old.classes != new.classes]
+    if (stored["files"] == current["files"] and stored["train"] == current["train"]
+            and torch.equal(stored["labels"].long(), current["labels"].long())):
+        return changes
+
+    def rows(fingerprint, head):  # file -> (in the training split, class names)
+        return {name: (i < fingerprint["train"], tuple(a.classes[c] for a, c in zip(head.attributes, row)))
+                for i, (name, row) in enumerate(zip(fingerprint["files"], fingerprint["labels"].tolist()))}
+
+    old, new = rows(stored, old_head), rows(current, new_head)
+    removed, added = [f for f in old if f not in new], [f for f in new if f not in old]
+    relabelled = [f for f in old if f in new and old[f][1] != new[f][1]]
+    moved = [f for f in old if f in new and old[f][0] != new[f][0]]
+    for files, what in ((removed, "row(s) removed"), (added, "row(s) added"),
+                        (moved, "row(s) moved between the training and validation split")):
+        if files:
+            changes.append(f"{len(files)} {what} ({_examples(files)})")
+    if relabelled:
+        changes.append(f"labels of {len(relabelled)} row(s) differ ({_examples(relabelled)})")
+    return changes or ["the rows are in another order"]
+
+
+def save_state(path, args, classifier, optimizer, position, best, history, fingerprint):
     with atomic_path(path) as temporary:
         torch.save({"network": classifier.network.state_dict(), "optimizer": optimizer.state_dict(),
                     "position": position, "best": best, "history": history, "rng": torch.get_rng_state(),
                     # dropout on a GPU draws from the device's generator
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-                    "config": {k: getattr(args, k) for k in RESUME_KEYS}}, temporary)
+                    "config": {k: getattr(args, k) for k in RESUME_KEYS}, "fingerprint": fingerprint}, temporary)
 
 
-def load_state(path, args):
+def load_state(path, args, fingerprint):
     """The training state at ``path``; refuses one made with other data or model arguments."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     stored = state["config"]
@@ -140,6 +211,14 @@ def load_state(path, args):
     changed = {k: stored[k] for k in RESUME_KEYS if k in stored and stored[k] != getattr(args, k)}
     if changed:
         raise ValueError(f"--resume: {path} was made with {changed}; use the same arguments or another --out")
+    if "fingerprint" not in state:
+        print(f"note: {path} was saved by an older fastfair, which kept no record of the rows trained on: whether "
+              "the label tables changed since is unknown")
+    else:
+        changes = fingerprint_changes(state["fingerprint"], fingerprint)
+        if changes:
+            raise ValueError(f"--resume: the data differ from those {path} was trained on: {'; '.join(changes)}; "
+                             "train on changed data with a new --out (or restore the label tables)")
     return state
 
 
@@ -161,8 +240,17 @@ def flip_some(images: torch.Tensor, seed: int, epoch: int, batch: int) -> torch.
 
 
 def train(args) -> Optional[dict]:
-    """Run (or resume) training; returns {"best": ..., "history": [...]} or None when stopped by --max-steps."""
+    """Run (or resume) training; returns {"best": ..., "history": [...]} or None when stopped by --max-steps.
+    ``best["mean"]``: the best epoch's mean balanced accuracy over attributes (what selects it)."""
+    saved = state_path(args.out)
+    if os.path.isfile(saved) and not args.resume:  # nothing saved is overwritten unasked
+        raise ValueError(f"--out {args.out}: {saved} holds an earlier run's training state; pass --resume to "
+                         "continue it, or use another --out (or delete it)")
+    if os.path.exists(args.out) and not os.path.isfile(saved):  # a finished classifier whose state was deleted
+        raise ValueError(f"--out {args.out}: the file exists and would be overwritten, and without its training "
+                         f"state {saved} its run cannot be resumed; choose another --out (or delete it)")
     head, train_set, val_set = prepare_data(args)
+    fingerprint = data_fingerprint(head, train_set, val_set)
     torch.manual_seed(args.seed)
     options = {"width": args.width} if args.arch == "small_cnn" else {}
     classifier = AttributeClassifier(head, args.arch, args.size, **options)
@@ -173,14 +261,20 @@ def train(args) -> Optional[dict]:
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     position, best, history = {"epoch": 0, "batch": 0}, {"mean": -1.0}, []
-    if os.path.isfile(state_path(args.out)) and not args.resume:  # nothing saved is overwritten unasked
-        raise ValueError(f"--out {args.out}: {state_path(args.out)} holds an earlier run's training state; pass "
-                         "--resume to continue it, or use another --out (or delete it)")
-    if args.resume and os.path.isfile(state_path(args.out)):
-        state = load_state(state_path(args.out), args)
+    if args.resume and os.path.isfile(saved):
+        state = load_state(saved, args, fingerprint)
+        own = classifier.network.state_dict()
+        other = [k for k, v in state["network"].items() if k in own and own[k].shape != v.shape]
+        if other:  # a state without a fingerprint, of another head
+            raise ValueError(f"--resume: {saved} holds a network of another shape ({other[-1]}: "
+                             f"{tuple(state['network'][other[-1]].shape)}, here {tuple(own[other[-1]].shape)}): the "
+                             f"classes ({head.describe()}) changed since; train with a new --out")
         classifier.network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         position, best, history = state["position"], state["best"], state["history"]
+        if best["mean"] >= 0 and "balanced_accuracy" not in best:
+            print(f"note: {saved} chose its best epoch so far by mean accuracy (an older fastfair); later epochs "
+                  f"replace it when their mean balanced accuracy exceeds that ({best['mean']:.3f})")
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -192,6 +286,10 @@ def train(args) -> Optional[dict]:
     for epoch in range(position["epoch"], args.epochs):
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
         first = position["batch"] if epoch == position["epoch"] else 0
+        # a resumed run stopped at --max-steps: the epoch-end evaluation still pending runs, but no step
+        if args.max_steps and epoch * steps_per_epoch + first >= args.max_steps and first < steps_per_epoch:
+            print(f"already at step {args.max_steps} (--max-steps): nothing trained; raise it to train on")
+            return None
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order[first * args.batch_size:].tolist(),
                             num_workers=args.workers, generator=torch.Generator())
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", initial=first, total=steps_per_epoch,
@@ -210,23 +308,25 @@ def train(args) -> Optional[dict]:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             position = {"epoch": epoch, "batch": batch + 1}
             if (step + 1) % args.checkpoint_every == 0 or (args.max_steps and step + 1 >= args.max_steps):
-                save_state(state_path(args.out), args, classifier, optimizer, position, best, history)
+                save_state(saved, args, classifier, optimizer, position, best, history, fingerprint)
             if args.max_steps and step + 1 >= args.max_steps:
-                print(f"stopped after {step + 1} steps (--max-steps); continue with --resume")
+                print(f"stopped after {step + 1} steps (--max-steps); continue with --resume and a higher or no "
+                      "--max-steps")
                 return None
         position = {"epoch": epoch + 1, "batch": 0}
-        accuracy = evaluate(classifier, val_set if len(val_set) else train_set, args.batch_size, args.device,
-                            args.workers)
-        mean = sum(accuracy.values()) / len(accuracy)
-        history.append({"epoch": epoch + 1, "accuracy": accuracy})
-        print(f"epoch {epoch + 1}: {'val' if len(val_set) else 'train'} accuracy "
-              + ", ".join(f"{name} {value:.3f}" for name, value in accuracy.items()))
+        accuracy, balanced = evaluate(classifier, val_set if len(val_set) else train_set, args.batch_size,
+                                      args.device, args.workers)
+        mean = sum(balanced.values()) / len(balanced)  # selects the best epoch (see the module docstring)
+        history.append({"epoch": epoch + 1, "accuracy": accuracy, "balanced_accuracy": balanced})
+        print(f"epoch {epoch + 1}: {'val' if len(val_set) else 'train'} accuracy (balanced) "
+              + ", ".join(f"{name} {accuracy[name]:.3f} ({balanced[name]:.3f})" for name in accuracy))
         if mean > best["mean"]:
-            best = {"mean": mean, "epoch": epoch + 1, "accuracy": accuracy}
-            save_classifier(classifier, args.out, {"val_accuracy": json.dumps(accuracy), "epoch": str(epoch + 1),
-                                                   "seed": str(args.seed)})
-        save_state(state_path(args.out), args, classifier, optimizer, position, best, history)
-    print(f"best epoch {best['epoch']} (mean accuracy {best['mean']:.3f}) -> {args.out}")
+            best = {"mean": mean, "epoch": epoch + 1, "accuracy": accuracy, "balanced_accuracy": balanced}
+            save_classifier(classifier, args.out, {"val_accuracy": json.dumps(accuracy),
+                                                   "val_balanced_accuracy": json.dumps(balanced),
+                                                   "epoch": str(epoch + 1), "seed": str(args.seed)})
+        save_state(saved, args, classifier, optimizer, position, best, history, fingerprint)
+    print(f"best epoch {best['epoch']} (mean balanced accuracy {best['mean']:.3f}) -> {args.out}")
     return {"best": best, "history": history}
 
 
