@@ -26,6 +26,7 @@ from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
 from fastfair.evaluation.sources import finetuned_kind, load_sources, resolve_model, resolve_model_config
 from fastfair.faces import get_detector
+from fastfair.faces.detect import detector_from_flags as _detector  # shared with python -m fastfair.faces.build_bank
 from fastfair.metrics import summarize
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
 
@@ -171,33 +172,6 @@ def _detector_name(detector) -> str:
     if isinstance(detector, (list, tuple)):
         return ",".join(_detector_name(d) for d in detector)
     return detector if isinstance(detector, str) else getattr(detector, "__name__", type(detector).__name__)
-
-
-def _detector(spec: str, path: Optional[str] = None):
-    """--detector: a backend, package.module:function, or a comma-separated list tried in order per image (the
-    public code: insightface, then another detector for the images it missed); --detector-path: insightface's
-    local model root (faces.detector_path in a run config)."""
-    from fastfair.faces.detect import BACKENDS
-
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in BACKENDS and ":" not in name]
-    if not names or unknown:
-        raise ValueError(f"--detector {spec!r}: expected {' | '.join(BACKENDS)} | package.module:function, or a "
-                         "comma-separated list of them tried in order (e.g. insightface,mtcnn)")
-    if path and "insightface" not in names:
-        raise ValueError(f"--detector-path {path}: the insightface model root, but --detector {spec!r} has no "
-                         "insightface")
-    detectors = []
-    for name in names:
-        if ":" in name:  # package.module:function
-            from fastfair.hooks import load_callable
-
-            detectors.append(load_callable(name, "--detector"))
-        elif name == "insightface" and path:
-            detectors.append(get_detector(name, root=path))
-        else:
-            detectors.append(name)
-    return detectors[0] if len(detectors) == 1 else detectors
 
 
 def parse_args(argv=None) -> argparse.Namespace:

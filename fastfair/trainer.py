@@ -116,7 +116,7 @@ def _classifier(name, spec, device):
 
 
 def build_judges(cfg: TrainConfig, device) -> Judges:
-    from fastfair.faces import FaceBank, get_detector, load_face_embedder
+    from fastfair.faces import FaceBank, FaceEmbedder, get_detector, load_face_embedder
     from fastfair.losses import SemanticsLoss
 
     classifiers = {}
@@ -145,13 +145,19 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
         flip = bank.flip
         if faces.embedding_fn:
             embedder = load_callable(faces.embedding_fn, "faces.embedding_fn")()
-            if flip is not None and getattr(embedder, "flip", flip) != flip:
+            if flip is not None and not hasattr(embedder, "flip"):  # a bare network, as build_bank's
+                # --embedder-factory gives (so the factory a bank records serves here too): embedded as build_bank
+                # did (idempotent for an embedder that flip-sums and normalizes itself)
+                embedder = FaceEmbedder(embedder, flip=flip, input_size=getattr(embedder, "input_size", 112))
+            if flip is not None and embedder.flip != flip:
                 raise ValueError(f"faces.embedding_fn={faces.embedding_fn} embeds with flip={embedder.flip}, but the "
                                  f"faces.bank {faces.bank} was built with flip={flip}: the face loss would compare "
                                  "embeddings made two ways; rebuild the bank or change the embedder")
         else:  # as the bank was built (python -m fastfair.faces.build_bank records --no-flip)
             embedder = load_face_embedder(faces.embedding, flip=True if flip is None else flip)
         embedder = embedder.to(device).eval().requires_grad_(False)
+        # now, not at the first iteration: an embedder of another dimension, or another one than the bank records
+        bank.check_embedder(embedder, faces.bank, faces.embedding_fn, faces.embedding)
     return Judges(classifiers, detector, semantics, embedder, bank)
 
 

@@ -1,5 +1,7 @@
 """Building a face bank from a folder: skips, resume after an interruption, the CLI."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +10,8 @@ from PIL import Image
 
 from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank
-from fastfair.faces.build_bank import build_bank, main, partial_path, read_image
+from fastfair.faces import build_bank as build_bank_module
+from fastfair.faces.build_bank import build_bank, list_images, main, partial_path, read_image
 from fastfair.faces.detect import CallableDetector
 from fastfair.faces.embed import FaceEmbedder
 from fastfair.faces.regions import locate_faces
@@ -121,3 +124,106 @@ def test_cli_refuses_a_folder_as_out_and_an_unimportable_factory_before_embeddin
         with pytest.raises(ValueError, match=rf"--embedder-factory='{spec}': cannot import it \(.*{message}"):
             main(["--images", folder, "--out", str(tmp_path / "b.safetensors"), "--embedder-factory", spec,
                   "--detector", "none"])
+
+
+def test_images_in_symlinked_folders_are_found_once(folder, tmp_path):
+    """A bank folder made of links to the datasets: os.walk skipped their images unless told to follow links."""
+    elsewhere = tmp_path / "elsewhere" / "ffhq"
+    elsewhere.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(elsewhere / "real.png")
+    os.symlink(elsewhere, os.path.join(folder, "ffhq"))
+    os.symlink(elsewhere, os.path.join(folder, "sub", "ffhq_again"))  # a second link to a folder already read
+    os.symlink(folder, os.path.join(folder, "sub", "loop"))  # a cycle: a link back up the tree
+    found = list_images(folder)
+    assert "ffhq/real.png" in found and not any("ffhq_again" in name or "loop" in name for name in found)
+    assert len(found) == 10  # the fixture's 9 images and the linked one, each once
+
+
+def test_an_image_above_pils_decompression_limit_is_skipped_as_unreadable(folder, tmp_path, monkeypatch):
+    """PIL refuses it with DecompressionBombError (not an OSError): counted as unreadable, PIL's limit kept."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # the fixture's images stay below; twice it is refused
+    Image.new("RGB", (200, 200)).save(os.path.join(folder, "huge.png"))
+    summary = build_bank(folder, str(tmp_path / "bank.safetensors"), tiny_embedder(), CallableDetector(centre_face),
+                         progress_bar=False)
+    assert summary == {"images": 10, "embedded": 7, "unreadable": 2, "no_face": 1}
+    assert Image.MAX_IMAGE_PIXELS == 10_000
+
+
+def test_resume_after_the_folder_changed_holds_exactly_its_current_files(folder, tmp_path):
+    """Files removed since the partial save left the bank and the counts ('embedded 6 of 3 images')."""
+    embedder, detector = tiny_embedder(), CallableDetector(centre_face)
+    out = str(tmp_path / "resumed.safetensors")
+    with pytest.raises(KeyboardInterrupt):  # saved: img0-img3 embedded, blank (no face), broken (unreadable)
+        build_bank(folder, out, Interrupting(embedder, stop=3), detector, batch_size=2, save_every=1,
+                   progress_bar=False)
+    os.remove(os.path.join(folder, "img1.jpg"))
+    os.remove(os.path.join(folder, "broken.jpg"))
+    shutil.copy(os.path.join(folder, "img4.jpg"), os.path.join(folder, "a_new.jpg"))  # sorts before the saved ones
+    summary = build_bank(folder, out, embedder, detector, batch_size=2, save_every=1, progress_bar=False)
+    straight = str(tmp_path / "straight.safetensors")
+    assert summary == build_bank(folder, straight, embedder, detector, batch_size=2, progress_bar=False)
+    assert summary == {"images": 8, "embedded": 7, "unreadable": 0, "no_face": 1}
+    first, second = FaceBank.load(straight, use_faiss=False), FaceBank.load(out, use_faiss=False)
+    assert second.files == first.files and "img1.jpg" not in second.files and second.files[0] == "a_new.jpg"
+    assert torch.allclose(first.embeddings, second.embeddings, atol=1e-6)
+
+
+def test_resume_refuses_an_embedder_file_rewritten_under_the_same_path(folder, tmp_path, monkeypatch, capsys):
+    weights, out = str(tmp_path / "sfnet.pth"), str(tmp_path / "bank.safetensors")
+    torch.save(tiny_embedder().network.state_dict(), weights)
+    command = ["--images", folder, "--out", out, "--embedder", weights, "--detector", "none", "--batch-size", "2",
+               "--save-every", "1"]
+    saving = build_bank_module.save_progress
+
+    def save_then_stop(*args):
+        saving(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_bank_module, "save_progress", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(command)
+    monkeypatch.setattr(build_bank_module, "save_progress", saving)
+    written = os.stat(weights).st_mtime_ns
+    os.utime(weights, ns=(written, written + 10 ** 9))  # new weights under the same name
+    with pytest.raises(ValueError, match=r"the --embedder file changed since the partial build .*--restart"):
+        main(command)
+    assert os.path.exists(partial_path(out)) and not os.path.exists(out)  # the saved progress is kept
+    os.utime(weights, ns=(written, written))
+    from safetensors.torch import load_file
+    from fastfair.faces.files import read_safetensors_metadata, save_safetensors
+
+    progress = json.loads(read_safetensors_metadata(partial_path(out))["progress"])  # as an older build saved it
+    settings = json.loads(progress["settings"])
+    del settings["embedder_file"]
+    progress["settings"] = json.dumps(settings)
+    save_safetensors(load_file(partial_path(out)), partial_path(out), {"progress": json.dumps(progress)})
+    capsys.readouterr()
+    assert main(command)["embedded"] == 8
+    assert "does not record the embedder file's size and mtime (an older build): resuming" in capsys.readouterr().err
+    recorded = FaceBank.load(out, use_faiss=False).settings["embedder_file"]
+    assert recorded == {"path": weights, "size": os.path.getsize(weights), "mtime_ns": written}
+
+
+def no_face_anywhere(rgb):
+    """A detector (one uint8 image [H, W, 3] -> its faces) that never finds one."""
+    return []
+
+
+def test_cli_takes_detector_fallback_lists_and_the_insightface_root_as_evaluate_does(folder, tmp_path):
+    out, missing = str(tmp_path / "bank.safetensors"), str(tmp_path / "missing.pth")
+    network = str(tmp_path / "sfnet.pth")
+    torch.save(tiny_embedder().network.state_dict(), network)
+    summary = main(["--images", folder, "--out", out, "--embedder", network, "--detector",
+                    f"{__name__}:no_face_anywhere,none"])
+    assert summary["embedded"] == 8  # 'none' took every image the first one found no face in
+    assert json.loads(FaceBank.load(out, use_faiss=False).info["settings"])["detector"] == \
+        f"{__name__}:no_face_anywhere,none"
+    # refused before the (here missing) embedder is loaded
+    with pytest.raises(ValueError, match="--detector 'opencvv': expected opencv | insightface | mtcnn | none"):
+        main(["--images", folder, "--out", out, "--embedder", missing, "--detector", "opencvv"])
+    with pytest.raises(ValueError, match="--detector-path .*: the insightface model root, but --detector 'none'"):
+        main(["--images", folder, "--out", out, "--embedder", missing, "--detector", "none", "--detector-path",
+              str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=f"insightface model pack not found at {tmp_path}/models/buffalo_l"):
+        main(["--images", folder, "--out", out, "--embedder", missing, "--detector", "insightface,mtcnn",
+              "--detector-path", str(tmp_path)])

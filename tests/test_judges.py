@@ -1,13 +1,17 @@
 """The judges a run builds (fastfair.trainer.build_judges): every one frozen and in eval mode, whatever built it, and
 a face embedder that embeds as the face bank was built."""
 import json
+import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from fastfair.config import load_config
-from fastfair.faces import FaceBank, FaceEmbedder
+from fastfair.faces import FaceBank, FaceEmbedder, SFNet
 from fastfair.trainer import build_judges
 from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
 
@@ -73,6 +77,89 @@ def test_the_face_embedder_embeds_as_the_bank_was_built(tmp_path, world):
     judges = build_judges(_config(tmp_path, world, f"faces.bank={unrecorded}",
                                   "faces.embedding_fn=test_judges:mirror_free_embedder"), "cpu")
     assert judges.face_embedder.flip is False
+
+
+alias_embedder = batch_dependent_embedder  # a re-export: another 'module:function' for the same embedder
+
+
+def other_embedder():
+    torch.manual_seed(1)
+    return batch_dependent_embedder()
+
+
+def bare_network():
+    """What python -m fastfair.faces.build_bank --embedder-factory takes: a network, not a FaceEmbedder."""
+    network = _BatchDependent()
+    network.input_size = 16
+    return network
+
+
+def _bank_recording(path, embedder, dim=8, **settings):
+    FaceBank(torch.randn(5, dim), info={"settings": json.dumps({"embedder": embedder, "flip": True, **settings})}
+             ).save(str(path))
+    return path
+
+
+def test_a_bank_of_another_dimension_is_refused_when_the_judges_are_built(tmp_path, world):
+    """Not at the first iteration as 'queries must be [N, 16], got (2, 8)': naming the bank, its embedder, the fix."""
+    wide = _bank_recording(tmp_path / "wide.safetensors", "/data/sfnet20.pth", dim=16)
+    with pytest.raises(ValueError, match=r"faces.bank .*wide.safetensors holds 16-dimensional embeddings \(built with "
+                                         r"/data/sfnet20.pth\), but faces.embedding=.*sfnet.pth embeds a face as "
+                                         r"\(1, 8\), not \[1, 16\]: rebuild the bank .*build_bank.* or set "
+                                         r"faces.embedding=/data/sfnet20.pth"):
+        build_judges(_config(tmp_path, world, f"faces.bank={wide}"), "cpu")
+    unrecorded = tmp_path / "unrecorded.safetensors"
+    FaceBank(torch.randn(5, 16)).save(str(unrecorded))
+    with pytest.raises(ValueError, match=r"\(built with an embedder it does not record\), but faces.embedding_fn="
+                                         r"test_judges:batch_dependent_embedder embeds a face as \(1, 8\)"):
+        build_judges(_config(tmp_path, world, f"faces.bank={unrecorded}",
+                             "faces.embedding_fn=test_judges:batch_dependent_embedder"), "cpu")
+
+
+def test_a_bank_built_with_another_embedder_of_the_same_dimension_is_refused(tmp_path, world):
+    built = _bank_recording(tmp_path / "fn.safetensors", "test_judges:batch_dependent_embedder")
+    for same in ("batch_dependent_embedder", "alias_embedder"):
+        build_judges(_config(tmp_path, world, f"faces.bank={built}", f"faces.embedding_fn=test_judges:{same}"), "cpu")
+    for other in ("faces.embedding_fn=test_judges:other_embedder", None):  # None: the config's faces.embedding file
+        with pytest.raises(ValueError, match=r"faces.bank .*fn.safetensors was built with the embedder test_judges:"
+                                             r"batch_dependent_embedder, not faces.embedding.*: the face loss would "
+                                             r"compare .*, or set faces.embedding_fn=test_judges:batch_dependent_"):
+            build_judges(_config(tmp_path, world, f"faces.bank={built}", *[other] if other else []), "cpu")
+    factory = _bank_recording(tmp_path / "factory.safetensors", "test_judges:bare_network")  # --embedder-factory
+    judges = build_judges(_config(tmp_path, world, f"faces.bank={factory}", "faces.embedding_fn=test_judges:"
+                                                                             "bare_network"), "cpu")
+    assert isinstance(judges.face_embedder, FaceEmbedder) and judges.face_embedder.flip is True  # as build_bank
+
+
+def test_a_bank_built_from_a_checkpoint_takes_the_same_file_a_copy_or_the_same_name_elsewhere(tmp_path, world):
+    from fastfair.faces.build_bank import main as build_bank_main
+
+    cfg = _config(tmp_path, world)
+    sfnet = cfg.faces.embedding
+    images = tmp_path / "real"
+    images.mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    bank = str(tmp_path / "bank.safetensors")
+    build_bank_main(["--images", str(images), "--out", bank, "--embedder", os.path.relpath(sfnet), "--detector",
+                     "none"])
+    recorded = json.loads(FaceBank.load(bank).info["settings"])
+    assert recorded["embedder"] == os.path.relpath(sfnet) and recorded["embedder_file"]["path"] == sfnet
+    assert build_judges(_config(tmp_path, world, f"faces.bank={bank}"), "cpu").face_bank is not None
+    copy = tmp_path / "copy" / "renamed.pth"
+    copy.parent.mkdir()
+    shutil.copy(sfnet, copy)  # byte-identical
+    build_judges(_config(tmp_path, world, f"faces.bank={bank}", f"faces.embedding={copy}"), "cpu")
+    torch.manual_seed(1)
+    torch.save(SFNet(depths=(1, 1, 1, 1), channels=(4, 4, 4, 4), out_dim=8, input_size=16).state_dict(), copy)
+    with pytest.raises(ValueError, match=rf"was built with the embedder {os.path.relpath(sfnet)}, not "
+                                         rf"faces.embedding={copy}: .*or set faces.embedding={sfnet} \(and no "):
+        build_judges(_config(tmp_path, world, f"faces.bank={bank}", f"faces.embedding={copy}"), "cpu")
+    elsewhere = _bank_recording(tmp_path / "elsewhere.safetensors", "/other/machine/sfnet.pth")  # not here: by name
+    build_judges(_config(tmp_path, world, f"faces.bank={elsewhere}"), "cpu")
+    with pytest.raises(ValueError, match="was built with the embedder /other/machine/sfnet.pth, not faces.embedding"):
+        build_judges(_config(tmp_path, world, f"faces.bank={elsewhere}", f"faces.embedding={copy}"), "cpu")
 
 
 def test_a_classifier_file_without_metadata_runs_as_the_config_maps_its_outputs(tmp_path, world):

@@ -2,10 +2,14 @@
 
 File format (safetensors): tensor ``embeddings`` [M, D] (float16 or float32, unit rows) and metadata
 ``files`` (JSON list of the M source file names, relative to the image folder), ``format``
-(``fastfair-face-bank-1``) and free-form build settings.
+(``fastfair-face-bank-1``) and free-form build settings (python -m fastfair.faces.build_bank records a JSON
+mapping: ``embedder``, a checkpoint path or ``module:function``, ``flip``, ...).
 """
+import filecmp
 import json
-from typing import Dict, List, Optional, Tuple
+import os
+import re
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +56,55 @@ class FaceBank:
         return self.embeddings.shape[1]
 
     @property
+    def settings(self) -> dict:
+        """build_bank's recorded settings ({} for settings that are not a JSON mapping: a bank built otherwise)."""
+        try:
+            settings = json.loads(self.info.get("settings") or "{}")
+        except ValueError:
+            return {}
+        return settings if isinstance(settings, dict) else {}
+
+    @property
     def flip(self) -> Optional[bool]:
         """Whether its embeddings add the mirrored face's (build_bank's recorded settings; None: not recorded)."""
-        try:
-            flip = json.loads(self.info.get("settings") or "{}").get("flip")
-        except (ValueError, AttributeError):  # settings that are not a JSON mapping: a bank built otherwise
-            return None
+        flip = self.settings.get("flip")
         return flip if isinstance(flip, bool) else None
+
+    @property
+    def embedder(self) -> Optional[str]:
+        """The embedder build_bank recorded (--embedder's checkpoint path or --embedder-factory's
+        'module:function'); None: not recorded."""
+        embedder = self.settings.get("embedder")
+        return embedder if isinstance(embedder, str) and embedder else None
+
+    def check_embedder(self, embedder: Callable, where: str, embedding_fn: Optional[str] = None,
+                       embedding: Optional[str] = None) -> None:
+        """Raise ValueError unless ``embedder`` (configured as faces.embedding_fn or faces.embedding) embeds as
+        this bank (the file ``where``) was built: the same dimension, probed with one blank face, and, where the
+        bank records its embedder, the same one (`same_embedder`). Otherwise the face loss would fail only at its
+        first step, or, at the same dimension, pull faces toward embeddings of another model."""
+        configured = f"faces.embedding_fn={embedding_fn}" if embedding_fn else f"faces.embedding={embedding}"
+        recorded = self.embedder
+        fix = ("rebuild the bank with this embedder (python -m fastfair.faces.build_bank --images DIR "
+               "--out NEW_BANK.safetensors --embedder CHECKPOINT or --embedder-factory module:function) and set "
+               "faces.bank to it")
+        if recorded and is_function_spec(recorded):
+            fix += f", or set faces.embedding_fn={recorded}"
+        elif recorded:
+            file = self.settings.get("embedder_file")
+            path = file.get("path") if isinstance(file, dict) and file.get("path") else recorded  # absolute
+            fix += f", or set faces.embedding={path} (and no faces.embedding_fn)"
+        size = getattr(embedder, "input_size", 112)
+        with torch.no_grad():
+            probe = embedder(torch.zeros(1, 3, size, size, device=self.embeddings.device))
+        shape = tuple(probe.shape) if torch.is_tensor(probe) else type(probe).__name__
+        if not torch.is_tensor(probe) or probe.dim() != 2 or probe.shape[1] != self.dim:
+            raise ValueError(f"the faces.bank {where} holds {self.dim}-dimensional embeddings (built with "
+                             f"{recorded or 'an embedder it does not record'}), but {configured} embeds a face as "
+                             f"{shape}, not [1, {self.dim}]: {fix}")
+        if recorded and not same_embedder(recorded, embedding_fn, embedding, self.settings.get("embedder_file")):
+            raise ValueError(f"the faces.bank {where} was built with the embedder {recorded}, not {configured}: "
+                             f"the face loss would compare faces embedded by two models; {fix}")
 
     def to(self, device) -> "FaceBank":
         self.embeddings = self.embeddings.to(device)
@@ -112,3 +158,38 @@ class FaceBank:
         """The nearest bank embedding of each query, [N, D] (no grad): the target of the face loss."""
         index, _ = self.nearest(queries, chunk_size)
         return self.embeddings.to(queries.device)[index.to(self.embeddings.device)]
+
+
+def is_function_spec(embedder: str) -> bool:
+    """Whether a recorded embedder is a 'package.module:function' (--embedder-factory), not a checkpoint path."""
+    return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", embedder)) and not os.path.exists(embedder)
+
+
+def same_embedder(recorded: str, embedding_fn: Optional[str] = None, embedding: Optional[str] = None,
+                  recorded_file: Optional[dict] = None) -> bool:
+    """Whether the configured faces.embedding_fn / faces.embedding is the embedder a bank recorded.
+
+    A 'module:function': the same string, or both import to the same function (a re-export). A checkpoint
+    (recorded_file: build_bank's {path, size, mtime_ns} of it): the same file or a byte-identical copy; where the
+    recorded file is not here (a bank built on another machine), the same file name (and size, when recorded).
+    """
+    if is_function_spec(recorded):
+        if not embedding_fn:
+            return False
+        if embedding_fn == recorded:
+            return True
+        from fastfair.hooks import load_callable
+
+        try:
+            return load_callable(recorded, "embedder") is load_callable(embedding_fn, "faces.embedding_fn")
+        except ValueError:  # not importable here
+            return False
+    if embedding_fn or not embedding or not os.path.isfile(embedding):
+        return False
+    recorded_file = recorded_file if isinstance(recorded_file, dict) else {}
+    path = recorded_file.get("path") or recorded  # an older bank: the path as typed (maybe relative)
+    if os.path.isfile(path):
+        return os.path.samefile(path, embedding) or filecmp.cmp(path, embedding, shallow=False)
+    size = recorded_file.get("size")
+    return (os.path.basename(path) == os.path.basename(embedding)
+            and (size is None or os.path.getsize(embedding) == size))

@@ -2,15 +2,18 @@
 
     python -m fastfair.faces.build_bank --images DIR --out bank.safetensors --embedder sfnet20.pth
 
-Every image file below DIR (sorted by relative path) is read, its largest face detected and aligned
-to 112 x 112, embedded (flip-sum, unit norm) and stored with its file name. Unreadable images and
-images without a face are skipped and counted. Progress is saved atomically to
-``OUT.partial.safetensors`` every few batches; running the same command again resumes from it (the
-result equals an uninterrupted build), ``--restart`` discards it.
+Every image file below DIR (sorted by relative path; symlinked folders followed, each real folder read once)
+is read, its largest face detected and aligned to 112 x 112, embedded (flip-sum, unit norm) and stored with its
+file name. Unreadable images (including those above PIL's decompression-bomb limit) and images without a face are
+skipped and counted. Progress is saved atomically to ``OUT.partial.safetensors`` every few batches; running the
+same command again resumes from it (the result equals an uninterrupted build of the folder as it is now: files
+removed since are left out), ``--restart`` discards it. A resume with another ``--embedder`` file, or the same
+path rewritten since (size, mtime), is refused.
 """
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional
 
@@ -20,13 +23,14 @@ from tqdm.auto import tqdm
 from fastfair.cli import folder_instead_of_file
 from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank
-from fastfair.faces.detect import get_detector
+from fastfair.faces.detect import detector_from_flags, get_detector
 from fastfair.faces.embed import FaceEmbedder, load_face_embedder
 from fastfair.faces.files import save_safetensors
 from fastfair.faces.regions import locate_faces
 from fastfair.hooks import load_callable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+EMBEDDER_FILE = "embedder_file"  # settings key: the --embedder checkpoint's {path, size, mtime_ns}
 
 
 @dataclass
@@ -46,14 +50,23 @@ def list_images(folder: str) -> List[str]:
     """Image files below ``folder`` as sorted relative paths (by suffix; unreadable ones are found later)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images folder not found: {folder}")
-    found = []
-    for root, _, names in os.walk(folder):
+    found, visited = [], set()
+    # symlinked sub-folders are followed (a bank folder is often links to the datasets); a link back up the tree
+    # (a cycle) or a second link to a folder already read is skipped by its real path
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs.clear()
+            continue
+        visited.add(real)
+        dirs.sort()  # a deterministic walk: which of two links to one folder names its files
         found += [os.path.relpath(os.path.join(root, n), folder) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
     return sorted(found)
 
 
 def read_image(path: str) -> Optional[torch.Tensor]:
-    """[1, 3, H, W] in [-1, 1], or None when the file cannot be decoded."""
+    """[1, 3, H, W] in [-1, 1], or None when the file cannot be decoded (or is past PIL's decompression-bomb
+    limit: read_rgb's ValueError)."""
     from fastfair.image_files import read_rgb
 
     try:
@@ -69,6 +82,41 @@ def partial_path(out: str) -> str:
     return out + ".partial.safetensors"
 
 
+def file_fingerprint(path: str) -> dict:
+    """A weights file's absolute path, size and mtime: a rewrite under the same path changes them."""
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _json_mapping(text: str) -> Optional[dict]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def resumed_settings(path: str, saved: str, settings: str) -> str:
+    """The settings to record when resuming the partial build ``path`` made with ``saved``; raises unless they
+    match ``settings``. One made before the embedder file's fingerprint was recorded resumes with a note."""
+    if saved == settings:
+        return settings
+    old, new = _json_mapping(saved), _json_mapping(settings)
+    if old is not None and new is not None:
+        same_rest = ({k: v for k, v in old.items() if k != EMBEDDER_FILE}
+                     == {k: v for k, v in new.items() if k != EMBEDDER_FILE})
+        if same_rest and EMBEDDER_FILE not in old:
+            print(f"note: {path} does not record the embedder file's size and mtime (an older build): resuming, "
+                  f"unchecked, on the assumption that {new.get('embedder')} is unchanged since", file=sys.stderr)
+            return settings
+        if same_rest and EMBEDDER_FILE in new:
+            raise ValueError(f"{path}: the --embedder file changed since the partial build ({old[EMBEDDER_FILE]}, "
+                             f"now {new[EMBEDDER_FILE]}): the bank would mix the embeddings of two models; put the "
+                             "old file back, or pass --restart to start over with this one")
+    raise ValueError(f"{path} was made with other settings ({saved}); "
+                     "rerun with those settings, or pass --restart to start over")
+
+
 def load_progress(out: str, settings: str):
     """(progress, embeddings list) from the partial file, or fresh ones when there is none."""
     path = partial_path(out)
@@ -78,11 +126,27 @@ def load_progress(out: str, settings: str):
     from fastfair.faces.files import read_safetensors_metadata
 
     progress = BankProgress(**json.loads(read_safetensors_metadata(path)["progress"]))
-    if progress.settings != settings:
-        raise ValueError(f"{path} was made with other settings ({progress.settings}); "
-                         "rerun with those settings, or pass --restart to start over")
+    progress.settings = resumed_settings(path, progress.settings, settings)
     embeddings = load_file(path)["embeddings"]
     return progress, [embeddings] if embeddings.numel() else []
+
+
+def keep_current(progress: BankProgress, embeddings: List[torch.Tensor], files: List[str], image_dir: str):
+    """The progress (and embeddings) of the files still in the folder: one removed or moved since the partial
+    save would stay in the bank, and in the summary's counts, though no longer among its images."""
+    current = set(files)
+    gone = [name for name in progress.done() if name not in current]
+    if not gone:
+        return progress, embeddings
+    print(f"note: {len(gone)} file(s) of the partial build are no longer in {image_dir} (e.g. {sorted(gone)[0]}): "
+          "left out of the bank", file=sys.stderr)
+    keep = torch.tensor([name in current for name in progress.embedded], dtype=torch.bool)
+    if embeddings and not keep.all():
+        kept = torch.cat(embeddings)[keep]
+        embeddings = [kept] if len(kept) else []
+    return BankProgress(*[[name for name in names if name in current]
+                          for names in (progress.embedded, progress.unreadable, progress.no_face)],
+                        settings=progress.settings), embeddings
 
 
 def save_progress(out: str, progress: BankProgress, embeddings: List[torch.Tensor]):
@@ -106,6 +170,7 @@ def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", 
     if restart and os.path.exists(partial_path(out)):
         os.remove(partial_path(out))
     progress, embeddings = load_progress(out, settings)
+    progress, embeddings = keep_current(progress, embeddings, files, image_dir)
     done = progress.done()
     todo = [name for name in files if name not in done]
     input_size = getattr(embedder, "input_size", 112)
@@ -141,8 +206,11 @@ def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", 
                "no_face": len(progress.no_face)}
     if not progress.embedded:
         raise ValueError(f"no face was embedded from {len(files)} image(s) in {image_dir}: nothing to save")
-    info = {"settings": settings, "summary": json.dumps(summary)}
-    FaceBank(torch.cat(embeddings), progress.embedded, info, use_faiss=False).save(out, dtype=dtype)
+    info = {"settings": progress.settings, "summary": json.dumps(summary)}
+    # in file order, as an uninterrupted build of the folder (a resume appends files added since the partial save)
+    order = sorted(range(len(progress.embedded)), key=progress.embedded.__getitem__)
+    FaceBank(torch.cat(embeddings)[order], [progress.embedded[i] for i in order], info,
+             use_faiss=False).save(out, dtype=dtype)
     if os.path.exists(partial_path(out)):
         os.remove(partial_path(out))
     return summary
@@ -155,7 +223,12 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--embedder", help="local SFNet checkpoint (opensphere layout, .pth or .safetensors)")
     source.add_argument("--embedder-factory", help="'module:function' returning a [N,3,112,112] -> [N,D] model")
-    parser.add_argument("--detector", default="opencv", help="opencv | insightface | mtcnn | none (whole image)")
+    parser.add_argument("--detector", default="opencv",
+                        help="opencv | insightface | mtcnn | none (whole image) | module:function, or a "
+                             "comma-separated list tried in order for the images the earlier ones find no face in "
+                             "(e.g. insightface,mtcnn), as python -m fastfair.evaluate takes")
+    parser.add_argument("--detector-path", help="insightface: the local model root (holding models/buffalo_l; "
+                                                "default ~/.insightface)")
     parser.add_argument("--no-flip", action="store_true", help="do not add the mirrored face's features")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--save-every", type=int, default=8, help="batches between progress saves")
@@ -171,6 +244,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    detector = detector_from_flags(args.detector, args.detector_path)  # a bad spec fails before the embedder loads
     if args.embedder:
         embedder = load_face_embedder(args.embedder, flip=not args.no_flip)
     else:
@@ -178,10 +252,15 @@ def main(argv=None):
         embedder = FaceEmbedder(network, flip=not args.no_flip)
     if isinstance(embedder, torch.nn.Module):
         embedder = embedder.to(args.device).eval()
-    settings = json.dumps({"embedder": args.embedder or args.embedder_factory, "detector": args.detector,
-                           "flip": not args.no_flip})
-    summary = build_bank(args.images, args.out, embedder, args.detector, args.batch_size, args.save_every,
-                         getattr(torch, args.dtype), args.device, args.restart, settings)
+    settings = {"embedder": args.embedder or args.embedder_factory, "detector": args.detector,
+                "flip": not args.no_flip}
+    if args.detector_path:  # recorded only when given: partial builds made before the flag still resume
+        settings["detector_path"] = args.detector_path
+    if args.embedder:  # a resume with the file rewritten under the same path is refused (resumed_settings); and
+        # training compares its faces.embedding with the absolute path (fastfair.faces.bank.same_embedder)
+        settings[EMBEDDER_FILE] = file_fingerprint(args.embedder)
+    summary = build_bank(args.images, args.out, embedder, detector, args.batch_size, args.save_every,
+                         getattr(torch, args.dtype), args.device, args.restart, json.dumps(settings))
     print(f"face bank: embedded {summary['embedded']} of {summary['images']} images; skipped "
           f"{summary['unreadable']} unreadable and {summary['no_face']} without a face -> {args.out}")
     return summary

@@ -171,6 +171,32 @@ def get_detector(spec: Union[str, Detector, Callable, list] = "opencv", **option
     raise ValueError(f"unknown face detector {spec!r}: use one of {BACKENDS}, a Detector or a callable")
 
 
+def detector_from_flags(spec: str, path: Optional[str] = None):
+    """--detector: a backend, package.module:function, or a comma-separated list tried in order per image (the
+    public code: insightface, then another detector for the images it missed); --detector-path: insightface's
+    local model root (faces.detector_path in a run config). Returns a spec for ``get_detector``; shared by
+    python -m fastfair.evaluate and python -m fastfair.faces.build_bank, so both read the flags alike."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS and ":" not in name]
+    if not names or unknown:
+        raise ValueError(f"--detector {spec!r}: expected {' | '.join(BACKENDS)} | package.module:function, or a "
+                         "comma-separated list of them tried in order (e.g. insightface,mtcnn)")
+    if path and "insightface" not in names:
+        raise ValueError(f"--detector-path {path}: the insightface model root, but --detector {spec!r} has no "
+                         "insightface")
+    detectors = []
+    for name in names:
+        if ":" in name:  # package.module:function
+            from fastfair.hooks import load_callable
+
+            detectors.append(load_callable(name, "--detector"))
+        elif name == "insightface" and path:
+            detectors.append(get_detector(name, root=path))
+        else:
+            detectors.append(name)
+    return detectors[0] if len(detectors) == 1 else detectors
+
+
 def faces_from_arrays(boxes: Sequence, scores: Optional[Sequence] = None, landmarks: Optional[Sequence] = None):
     """Zip a backend's parallel arrays (boxes [n, 4], scores [n], landmarks [n, 5, 2]) into Faces."""
     faces = []
