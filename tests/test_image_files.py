@@ -82,3 +82,5 @@ def test_an_image_past_the_decompression_bomb_limit_is_an_unreadable_file(tmp_pa
     with pytest.raises(ValueError, match="big.png: .*decompression bomb"):
         read_rgb(tmp_path / "big.png")
     assert read_image(str(tmp_path / "big.png")) is None  # the face bank skips and counts it
+    with pytest.raises(ValueError, match="cannot read training image .*big.png"):  # classifier training names it
+        load_face_image(str(tmp_path / "big.png"), 4)

@@ -225,10 +225,10 @@ def load_face_image(path: str, size: int) -> torch.Tensor:
     """[3, size, size] in [-1, 1]: shorter side resized to ``size`` (antialiased), centre crop."""
     from PIL import Image
 
-    from fastfair.image_files import to_rgb
+    from fastfair.image_files import open_image, to_rgb
 
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image = to_rgb(image, path)
             scale = size / min(image.size)
             width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
