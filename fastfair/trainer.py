@@ -41,6 +41,7 @@ from fastfair.finetune import FinetunedModel
 from fastfair.hooks import load_callable
 from fastfair.models import load_stable_diffusion, torch_dtype
 from fastfair.prompts import build_prompt_mixture
+from fastfair.run_log import RunLog
 
 
 # ----------------------------------------------------------------------------- process group
@@ -558,7 +559,8 @@ class Trainer:
         self.last_images = (originals.detach(), images.detach())
         values = {name: value.detach().float().reshape(()) for name, value in parts.items()}
         if self.world > 1:  # the loss parts are this rank's share of the batch (equal shares): log their mean
-            local = [name for name in values if "/" not in name]  # 'bias/..', 'freq/..': global already
+            # 'bias/..', 'freq/..' are the global batch's already; 'img/<encoder>' are this rank's too
+            local = [name for name in values if not name.startswith(("bias/", "freq/"))]
             mean = torch.stack([values[name] for name in local])
             dist.all_reduce(mean)
             values.update(zip(local, mean / self.world))
@@ -669,26 +671,31 @@ class Trainer:
                              "to train on, or use another output_dir for a shorter run")
         if self.rank == 0:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-        writer = _summary_writer(cfg) if self.rank == 0 else None
+        if self.start == cfg.max_steps:
+            print(f"{cfg.output_dir}: already trained to max_steps={cfg.max_steps}; raise max_steps to train on")
+            return
+        log = RunLog(cfg.output_dir, cfg.logging.tensorboard_dir, self.start) if self.rank == 0 else None
         bar = tqdm(range(self.start, cfg.max_steps), initial=self.start, total=cfg.max_steps,
                    disable=self.rank != 0)
-        for it in bar:
-            began = time.perf_counter()
-            parts = self.iteration(it)
-            parts["images_per_s"] = cfg.batch.images_per_prompt / (time.perf_counter() - began)
-            parts["skipped_steps"] = self.skipped
-            parts["peak_memory_gb"] = _peak_memory_bytes(self.device) / 2**30
-            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if "/" not in k})
-            if writer is not None and (it + 1) % cfg.logging.log_every == 0:
-                for name, value in parts.items():
-                    writer.add_scalar(name, value, it + 1)
-            if self.rank == 0 and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
-                pixels = grid_pixels(*self.last_images)
-                save_png(pixels, Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png")
-                if writer is not None:
-                    writer.add_image("originals_over_finetuned", pixels, it + 1, dataformats="HWC")
-            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.max_steps:
-                self.save(it + 1)
+        try:
+            for it in bar:
+                began = time.perf_counter()
+                parts = self.iteration(it)
+                parts["images_per_s"] = cfg.batch.images_per_prompt / (time.perf_counter() - began)
+                parts["skipped_steps"] = self.skipped
+                parts["peak_memory_gb"] = _peak_memory_bytes(self.device) / 2**30
+                bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if "/" not in k})
+                if log is not None and (it + 1) % cfg.logging.log_every == 0:
+                    log.scalars(it + 1, parts)
+                if log is not None and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
+                    pixels = grid_pixels(*self.last_images)
+                    save_png(pixels, Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png")
+                    log.image(it + 1, "originals_over_finetuned", pixels)
+                if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.max_steps:
+                    self.save(it + 1)
+        finally:
+            if log is not None:
+                log.close()
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -698,14 +705,6 @@ def _peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _summary_writer(cfg: TrainConfig):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(cfg.logging.tensorboard_dir or str(Path(cfg.output_dir) / "tensorboard"))
 
 
 def grid_pixels(originals: torch.Tensor, images: torch.Tensor) -> np.ndarray:

@@ -38,8 +38,8 @@ def test_two_iterations_train_only_the_target(tmp_path, world, target):
 def test_train_writes_checkpoints_config_and_grids(tmp_path, world):
     from safetensors.torch import load_file
 
-    cfg = load_config(write_config(tmp_path, world, "prefix"))
-    Trainer(cfg).train()
+    path = write_config(tmp_path, world, "prefix")
+    Trainer(load_config(path)).train()
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file()
     assert sorted(p.name for p in (run / "images").iterdir()) == ["step_00000001.png", "step_00000002.png"]
@@ -49,12 +49,18 @@ def test_train_writes_checkpoints_config_and_grids(tmp_path, world):
     events.Reload()
     assert [e.step for e in events.Images("originals_over_finetuned")] == [1, 2]
     assert {"loss", "align", "images_per_s", "peak_memory_gb", "skipped_steps"} <= set(events.Tags()["scalars"])
+    import json
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2] and lines[1]["loss"] == events.Scalars("loss")[1].value
     ckpt = run / "checkpoints" / "step_00000002"
     names = set(load_file(str(ckpt / "weights.safetensors")))
     assert len(names) == 1 and names == set(load_file(str(ckpt / "ema.safetensors")))
     state = torch.load(ckpt / "state.pt", weights_only=True)
     assert state["iteration"] == 2 and state["mixture"]["draws"] == 2
     assert {"optimizer", "lr_scheduler", "rng", "skipped"} <= set(state)
+    Trainer(load_config(path, ["resume=auto"])).train()  # run again: nothing to do; nothing logged twice
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_nonfinite_gradient_skips_the_step(tmp_path, world):

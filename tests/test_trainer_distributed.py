@@ -49,7 +49,9 @@ def test_two_processes_equal_one(tmp_path):
 
         events = EventAccumulator(str(tmp_path / run_name / "run" / "tensorboard"))
         events.Reload()
-        logged[run_name] = {tag: [e.value for e in events.Scalars(tag)] for tag in ("loss", "align", "img")}
+        tags = ("loss", "align", "img") + tuple(t for t in events.Tags()["scalars"] if t.startswith("img/"))
+        logged[run_name] = {tag: [e.value for e in events.Scalars(tag)] for tag in tags}
+    assert any(tag.startswith("img/") for tag in logged["one"])  # the per-encoder parts: rank 0's half before
     for tag, values in logged["one"].items():
         assert len(values) == 2 and max(values) > 0
         torch.testing.assert_close(torch.tensor(logged["two"][tag]), torch.tensor(values), rtol=1e-4, atol=1e-6)

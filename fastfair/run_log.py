@@ -1,0 +1,83 @@
+"""Where a training run's numbers and image grids go (rank 0 only).
+
+- ``<output_dir>/metrics.jsonl``: one JSON line per logged step, ``{"step": N, name: value, ...}``; written
+  whatever is installed, so a run without tensorboard still keeps its curves;
+- tensorboard (``logging.tensorboard_dir``, default ``<output_dir>/tensorboard``) where it is installed; where
+  it is not, a warning says so once, at the start.
+
+A run resumed from step S has already logged steps past S before it stopped (up to its interruption): those
+lines are dropped from metrics.jsonl and tensorboard is told to purge them (``purge_step``), so each step is
+logged once, by the run that kept its weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLog:
+    """``scalars(step, values)``, ``image(step, name, pixels)``, ``close()``; ``start``: the step the run
+    continues from (0: a fresh run)."""
+
+    def __init__(self, output_dir, tensorboard_dir: Optional[str], start: int):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_lines_after(self.path, start)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.writer = _summary_writer(tensorboard_dir or str(Path(output_dir) / "tensorboard"), start)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def image(self, step: int, name: str, pixels: np.ndarray) -> None:
+        """pixels: uint8 [H, W, 3] (the PNG on disk is the trainer's; this adds it to tensorboard)."""
+        if self.writer is not None:
+            self.writer.add_image(name, pixels, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _drop_lines_after(path: Path, start: int) -> None:
+    """Keep only the lines of steps <= start, and no line a crash cut off (it would run into the next one);
+    rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and (step := _step(line)) is not None and step <= start]
+    if len(kept) == len(lines):
+        return
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _step(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _summary_writer(folder: str, start: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn(f"tensorboard is not installed: the run's numbers go to {METRICS_FILE} in output_dir only "
+                      "(pip install tensorboard, or fastfair[train], for its curves)", stacklevel=3)
+        return None
+    # purge_step: TensorBoard drops the steps the interrupted run logged past the checkpoint resumed from
+    return SummaryWriter(folder, purge_step=start + 1 if start else None)

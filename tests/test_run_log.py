@@ -1,0 +1,58 @@
+"""fastfair.run_log: a run's numbers in metrics.jsonl whatever is installed, each step once across a resume."""
+import builtins
+import json
+
+import numpy as np
+import pytest
+
+from fastfair.run_log import METRICS_FILE, RunLog
+
+
+def _steps(folder):
+    return [json.loads(line)["step"] for line in (folder / METRICS_FILE).read_text().splitlines()]
+
+
+def test_a_resume_drops_the_steps_logged_past_its_checkpoint(tmp_path, monkeypatch):
+    made = []
+
+    class Writer:  # records how tensorboard was asked to open its folder
+        def __init__(self, folder, purge_step=None):
+            made.append((folder, purge_step))
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("torch.utils.tensorboard.SummaryWriter", Writer)
+    log = RunLog(tmp_path, None, 0)
+    for step in (1, 2, 3):  # the run is interrupted after logging step 3; its checkpoint is at step 2
+        log.scalars(step, {"loss": 0.5 * step})
+    log.close()
+    with open(tmp_path / METRICS_FILE, "a") as handle:
+        handle.write('{"step": 4, "lo')  # a line cut off by the crash
+    log = RunLog(tmp_path, str(tmp_path / "tb"), 2)
+    log.scalars(3, {"loss": 1.25})
+    log.close()
+    assert _steps(tmp_path) == [1, 2, 3]
+    assert json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[-1]) == {"step": 3, "loss": 1.25}
+    # tensorboard drops what the interrupted run logged past step 2 (it had kept both step 3's)
+    assert made == [(str(tmp_path / "tensorboard"), None), (str(tmp_path / "tb"), 3)]
+
+
+def test_without_tensorboard_the_numbers_still_reach_metrics_jsonl(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.warns(UserWarning, match="tensorboard is not installed: the run's numbers go to metrics.jsonl"):
+        log = RunLog(tmp_path, None, 0)
+    log.scalars(1, {"loss": 0.25, "img/clip": 0.5})
+    log.image(1, "grid", np.zeros((2, 2, 3), dtype=np.uint8))  # nothing to add it to: no error
+    log.close()
+    assert json.loads((tmp_path / METRICS_FILE).read_text()) == {"step": 1, "loss": 0.25, "img/clip": 0.5}
