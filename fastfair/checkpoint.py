@@ -21,6 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -67,13 +68,23 @@ def checkpoint_dir(output_dir) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def list_checkpoints(output_dir) -> Dict[int, Path]:
-    """{iteration: folder} of the complete checkpoints under output_dir (temp folders excluded)."""
+WEIGHT_FILES = ("weights.safetensors", "ema.safetensors")
+
+
+def has_weights(folder) -> bool:
+    """Whether a folder holds a checkpoint's weights: all that export and evaluation read (its state.pt, the
+    optimizer state a resume needs, is what one deletes to save space)."""
+    return all((Path(folder) / name).is_file() for name in WEIGHT_FILES)
+
+
+def list_checkpoints(output_dir, resumable: bool = True) -> Dict[int, Path]:
+    """{iteration: folder} of the complete checkpoints under output_dir (temp folders excluded): with their
+    state.pt (resumable), or with their weights (``has_weights``: what export and evaluation take)."""
     root = checkpoint_dir(output_dir)
     found = {}
     for folder in root.iterdir() if root.is_dir() else []:
         match = _NAME.match(folder.name)
-        if match and (folder / "state.pt").is_file():
+        if match and ((folder / "state.pt").is_file() if resumable else has_weights(folder)):
             found[int(match.group(1))] = folder
     return dict(sorted(found.items()))
 
@@ -126,7 +137,7 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
             import yaml
 
             (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as error:  # a full disk: torch.save's RuntimeError, or this
         written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(root).free
@@ -174,15 +185,13 @@ def load_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]
     """(weights, ema) of a checkpoint folder by stable name (also from checkpoints written before names were made
     stable); its state.pt is not read."""
     path = Path(path)
-    if not (path / "weights.safetensors").is_file() or not (path / "ema.safetensors").is_file():
+    if not has_weights(path):
         raise ValueError(f"{path}: not a checkpoint folder (expected weights.safetensors and ema.safetensors, as in "
                          "<output_dir>/checkpoints/step_00000200)")
-    return tuple(stable_names(_read_safetensors(path / name)) for name in ("weights.safetensors", "ema.safetensors"))
+    return tuple(stable_names(_read_safetensors(path / name)) for name in WEIGHT_FILES)
 
 
 def _read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-
     try:
         return load_file(str(file))
     except SafetensorError as error:  # checkpoints are written atomically: a bad file was damaged or cut off later

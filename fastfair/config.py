@@ -796,6 +796,10 @@ def _model_path_problems(model: ModelConfig) -> List[str]:
         if missing:
             return [f"model.pretrained={pretrained} lacks {', '.join(m + '/' for m in missing)}: "
                     f"expected {EXPECTED_MODEL_LAYOUT}"]
+        if model.config:  # it would go unread (older fastfair ignored it): the folder's own configs build the model
+            return [f"model.config={model.config} is read only with a single-file model.pretrained, but "
+                    f"{pretrained} is a diffusers folder with its own configs: set model.config=null (resuming a "
+                    "run saved with it: also resume_allow=[model.config])"]
         return []
     if where.is_file() and where.suffix in CHECKPOINT_SUFFIXES:
         return single_file_config_problems(model.config, pretrained)

@@ -103,18 +103,19 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
     return out
 
 
-def load_into_pipeline(pipe, lora_dir) -> str:
-    """Apply an export folder to a StableDiffusionPipeline; returns the text to put before each prompt."""
+def load_into_pipeline(pipe, lora_dir, flag: str = "--lora") -> str:
+    """Apply an export folder to a StableDiffusionPipeline; returns the text to put before each prompt. flag: the
+    command-line flag that named the folder (generate's --lora, evaluate's --finetuned), for the messages."""
     lora_dir = Path(lora_dir)
-    kind = export_contents(lora_dir, "--lora")
+    kind = export_contents(lora_dir, flag)
     if kind is None:
-        raise ValueError(f"--lora {lora_dir}: expected {LORA_FILE}, {PREFIX_FILE} or unet/ written by fastfair.export")
+        raise ValueError(f"{flag} {lora_dir}: expected {LORA_FILE}, {PREFIX_FILE} or unet/ written by fastfair.export")
     try:
         return _apply_export(pipe, lora_dir, kind)
     except (RuntimeError, ValueError) as error:  # diffusers' and torch's shape messages name neither folder
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = next((line for line in lines if "mismatch" in line), lines[0])  # torch's names the tensor
-        raise ValueError(f"--lora {lora_dir}: its {kind} does not fit the --model ({reason[:300]}); export a "
+        raise ValueError(f"{flag} {lora_dir}: its {kind} does not fit the --model ({reason[:300]}); export a "
                          "checkpoint of a run trained on this model") from error
 
 

@@ -17,6 +17,7 @@ import bisect
 import itertools
 import re
 import string
+import zlib
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -164,8 +165,11 @@ class PromptMixture:
             yield self.draw()
 
     def state_dict(self) -> dict:
+        # "prompts": a CRC-32 of each set's prompts, so a resume notices a prompt file (or template) that changed
+        # at the same size; a state saved before it existed skips that check
         return {"seed": self.seed, "draws": self.draws, "taken": dict(self.taken),
-                "sizes": {name: len(prompts) for name, prompts in self.sets.items()}}
+                "sizes": {name: len(prompts) for name, prompts in self.sets.items()},
+                "prompts": {name: zlib.crc32("\n".join(prompts).encode("utf-8")) for name, prompts in self.sets.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()` of a mixture with the same seed, sets and weights."""
@@ -173,8 +177,24 @@ class PromptMixture:
         if state["seed"] != self.seed or state["sizes"] != mine["sizes"]:
             raise ValueError(f"prompt mixture state is for seed {state['seed']} and set sizes {state['sizes']}, "
                              f"this mixture has seed {self.seed} and sizes {mine['sizes']}")
+        changed = [name for name, crc in state.get("prompts", {}).items() if mine["prompts"].get(name) != crc]
+        if changed:
+            raise ValueError(f"prompt set(s) {changed}: the prompts differ from those the checkpoint trained on (a "
+                             f"changed file or template: data.sets.{changed[0]}); restore them or train a new run")
         self.draws = int(state["draws"])
         self.taken = {name: int(count) for name, count in state["taken"].items()}
+
+
+def _refuse_whole_prompts(path, name: str, template: str) -> None:
+    """A file under a shipped set's name holds that set's items; one whose lines already hold the template's
+    words (whole prompts, as such a file was read before 2026-11-30) is refused rather than wrapped twice."""
+    words = max((literal.strip(" ,.") for literal, *_ in string.Formatter().parse(template)), key=len)
+    for number, line in enumerate(read_lines(path), start=1):
+        if words and words.lower() in line.lower():
+            field = template_field(template)
+            raise ValueError(f"data.sets.{name}.file {path}: line {number} ({line!r}) reads like a whole prompt, "
+                             f"but under the name {name} each line is put in {template!r}; for whole prompts set "
+                             f"data.sets.{name}.template='{{{field}}}' (or give the set another name)")
 
 
 def build_prompt_mixture(data, seed: int) -> PromptMixture:
@@ -186,7 +206,10 @@ def build_prompt_mixture(data, seed: int) -> PromptMixture:
 
             sets[name] = list(load_callable(spec.factory, f"data.sets.{name}.factory")(data.split))
         elif spec.file:  # under a shipped set's name its lines are that set's items (occupations), in its template
-            sets[name] = load_prompt_file(spec.file, spec.template or SET_TEMPLATES.get(name))
+            template = spec.template or SET_TEMPLATES.get(name)
+            if template and not spec.template:
+                _refuse_whole_prompts(spec.file, name, template)
+            sets[name] = load_prompt_file(spec.file, template)
         else:
             sets[name] = load_prompt_set(name, data.split, spec.template)
         weights[name] = spec.weight

@@ -671,8 +671,9 @@ class Trainer:
                              "to train on, or use another output_dir for a shorter run")
         if self.rank == 0:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-        if self.start == cfg.max_steps:
-            print(f"{cfg.output_dir}: already trained to max_steps={cfg.max_steps}; raise max_steps to train on")
+        if self.start == cfg.max_steps:  # nothing to train (a rerun of a finished run, or the demo's)
+            if self.rank == 0:
+                print(f"{cfg.output_dir}: trained to step {self.start} already, nothing to train")
             return
         log = RunLog(cfg.output_dir, cfg.logging.tensorboard_dir, self.start) if self.rank == 0 else None
         bar = tqdm(range(self.start, cfg.max_steps), initial=self.start, total=cfg.max_steps,

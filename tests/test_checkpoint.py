@@ -54,6 +54,15 @@ def test_a_failed_save_names_the_folder_and_leaves_no_partial_checkpoint(tmp_pat
                                       r"free there .*resume=auto continues"):
         _save(tmp_path, 2)
     assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()] == ["step_00000001"]
+    from safetensors import SafetensorError
+
+    def weights_disk_full(*args, **kwargs):  # what safetensors raises on a full disk (neither OSError nor ValueError)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", weights_disk_full)
+    with pytest.raises(OSError, match=r"checkpoint 3 could not be written .*No space left on device"):
+        _save(tmp_path, 3)
+    assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()] == ["step_00000001"]
 
 
 def test_a_damaged_weight_file_is_named(tmp_path):

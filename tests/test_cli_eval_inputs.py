@@ -277,6 +277,9 @@ def test_finetuned_run_folder_error_names_the_flag_and_the_expected_folders(tmp_
     # a checkpoint whose optimizer state was deleted to save space is still one: its weights are all that is read
     (run_dir / "checkpoints" / "step_00000003" / "state.pt").unlink()
     assert finetuned_kind(run_dir / "checkpoints" / "step_00000003") == "checkpoint"
+    with pytest.raises(ValueError, match=f"a training run's folder.* e.g. --finetuned {run_dir}/checkpoints/"
+                                         "step_00000003"):  # still its newest checkpoint, not 'none yet'
+        finetuned_kind(run_dir)
 
 
 def test_generate_resolves_package_model_paths_like_evaluate(tmp_path):

@@ -184,3 +184,5 @@ def test_an_export_of_another_architecture_is_named(tmp_path, world):
         pipe.unet.get_submodule(name).out_features, 4)}, str(tmp_path / "lora" / LORA_FILE))
     with pytest.raises(ValueError, match=f"--lora .*lora: its {LORA_FILE} does not fit the --model \\(size mismatch"):
         load_into_pipeline(pipe, tmp_path / "lora")
+    with pytest.raises(ValueError, match="--finetuned .*lora: its"):  # evaluate names its own flag
+        load_into_pipeline(pipe, tmp_path / "lora", "--finetuned")

@@ -114,6 +114,15 @@ def test_mixture_resumes_exactly_from_its_state():
         other_seed.load_state_dict(state)
 
 
+def test_a_resume_refuses_prompts_changed_at_the_same_size():
+    state = PromptMixture(SETS, {"big": 1.0, "small": 1.0}, seed=1).state_dict()
+    changed = dict(SETS, small=[f"t{i}" for i in range(7)])  # another file, as many lines
+    with pytest.raises(ValueError, match=r"prompt set\(s\) \['small'\]: the prompts differ .*data.sets.small"):
+        PromptMixture(changed, {"big": 1.0, "small": 1.0}, seed=1).load_state_dict(state)
+    del state["prompts"]  # a state saved before the check: resumes as before
+    PromptMixture(changed, {"big": 1.0, "small": 1.0}, seed=1).load_state_dict(state)
+
+
 def test_mixture_weights_are_checked_and_zero_weight_sets_left_out():
     assert {PromptMixture(SETS, {"big": 0.0, "small": 1.0}).draw()[0] for _ in range(20)} == {"small"}
     for weights, message in (({"big": 1.0}, "same sets"), ({"big": -1.0, "small": 1.0}, "finite and >= 0"),
@@ -142,3 +151,12 @@ def test_mixture_from_a_data_config(tmp_path):
     assert mixture.sets["occupations"] == ["a photo of the face of an electrician, a person",
                                            "a photo of the face of a nurse, a person"]
     assert mixture.sets["plain"] == ["electrician", "nurse"]
+    # whole prompts under a shipped name (such a file was taken as is before): refused rather than wrapped twice
+    whole = tmp_path / "whole.txt"
+    whole.write_text("a photo of the face of an astronaut, a person\na photo of the face of a cook, a person\n")
+    with pytest.raises(ValueError, match=r"data.sets.occupations.file .*line 1 .*reads like a whole prompt.*"
+                                         r"data.sets.occupations.template='\{occupation\}'"):
+        build_prompt_mixture(DataConfig(sets={"occupations": PromptSetConfig(file=str(whole))}), seed=0)
+    kept = build_prompt_mixture(DataConfig(sets={"occupations": PromptSetConfig(file=str(whole),
+                                                                                 template="{occupation}")}), seed=0)
+    assert kept.sets["occupations"][1] == "a photo of the face of a cook, a person"

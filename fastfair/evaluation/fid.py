@@ -3,7 +3,9 @@
     FID = ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))      (features' means mu, covariances S)
 
 The feature extractor is a TorchScript file mapping uint8 images [N, 3, H, W] to features [N, D] (wrap the
-Inception-v3 of your choice with ``torch.jit.script``/``trace``; nothing is downloaded).
+Inception-v3 of your choice with ``torch.jit.script``/``trace``; nothing is downloaded). Reference images are
+read upright by their EXIF orientation (`fastfair.image_files`); pytorch-fid and clean-fid read the stored
+pixels, so a reference folder of photos with orientation tags scores otherwise there.
 """
 from __future__ import annotations
 

@@ -61,13 +61,11 @@ EXPECTED_CHECKPOINT = ("a training checkpoint folder (RUN/checkpoints/step_N, wi
 def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) -> str:
     """'checkpoint' or 'export': what the folder passed as `flag` holds; a ValueError naming `flag` and the
     folder it expects otherwise (checkpoints: whether `flag` takes training checkpoints as well as exports)."""
-    from fastfair.checkpoint import list_checkpoints
+    from fastfair.checkpoint import has_weights, list_checkpoints
     from fastfair.export import LORA_FILE, PREFIX_FILE, export_contents  # the files fastfair.export writes
 
     folder = Path(folder)
-    # the weight files, not state.pt, make a checkpoint here: they are all that is read, and the optimizer state
-    # is what one deletes to save space
-    if all((folder / name).is_file() for name in ("weights.safetensors", "ema.safetensors")):
+    if has_weights(folder):  # its weights are all that is read: state.pt may have been deleted to save space
         if checkpoints:
             return "checkpoint"
         raise ValueError(f"{flag} {folder}: a training checkpoint; export it first (python -m fastfair.export "
@@ -76,7 +74,7 @@ def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) 
         return "export"
     expected = f"{EXPECTED_EXPORT} or {EXPECTED_CHECKPOINT}" if checkpoints else EXPECTED_EXPORT
     if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():  # a training run's output folder
-        found = list_checkpoints(folder)
+        found = list_checkpoints(folder, resumable=False)
         if not found:
             fix = "it has no checkpoint yet"
         elif checkpoints:
@@ -170,7 +168,7 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
             from fastfair.export import load_into_pipeline
 
             pipe = _pipeline(parts).to(device)
-            sources["finetuned"] = _pipeline_source(pipe, load_into_pipeline(pipe, folder))
+            sources["finetuned"] = _pipeline_source(pipe, load_into_pipeline(pipe, folder, "--finetuned"))
         parts.text_encoder.to(device)
         sources["finetuned"].unet.to(device)
     return base.vae, base.scheduler, sources
