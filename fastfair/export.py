@@ -8,20 +8,23 @@ Writes into DIR
 - ``prefix.safetensors`` (prefix target): the soft tokens as a textual-inversion embedding ``{"emb_params":
   [N, D]}``; ``pipe.load_textual_inversion(file, token=PREFIX_TOKEN)`` then a prompt starting with
   ``PREFIX_TOKEN`` places them right after the start token, as in training;
-- ``unet/`` (full finetuning): the U-Net, ``save_pretrained`` layout.
+- ``unet/`` (full finetuning): the U-Net, ``save_pretrained`` layout;
+- ``fastfair_export.json``: how the run sampled while it trained (guidance scale, steps), its target, base model
+  and checkpoint; ``python -m fastfair.generate`` takes the guidance and steps as its defaults.
 The EMA weights are exported by default (they are what is evaluated). The settings are the checkpoint's own
 (``step_*/config.yaml``; for checkpoints written before they held one, ``<output_dir>/config.yaml``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
-
 
 from fastfair.checkpoint import config_file, load_weights
 from fastfair.config import load_config
 
 PREFIX_TOKEN = "<fastfair-prefix>"
+EXPORT_INFO = "fastfair_export.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PREFIX_FILE = "prefix.safetensors"
 UNET_DIR = "unet"
@@ -100,7 +103,24 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
             out, unet_lora_layers=unet_layers or None, text_encoder_lora_layers=text_layers or None,
             unet_lora_adapter_metadata=_lora_metadata(lora, lora.unet_modules) if unet_layers else None,
             text_encoder_lora_adapter_metadata=_lora_metadata(lora, lora.text_modules) if text_layers else None)
+    sampler = cfg.sampler
+    info = {"guidance_scale": sampler.guidance_scale,
+            # a run drawing its step count per iteration: the middle of its range
+            "num_steps": sampler.num_steps if not sampler.num_steps_range else round(sum(sampler.num_steps_range) / 2),
+            "target": target, "model": cfg.model.pretrained, "checkpoint": str(checkpoint_dir.resolve()),
+            "weights": weights}
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
     return out
+
+
+def export_info(folder) -> dict:
+    """The sampling settings an export recorded (`EXPORT_INFO`); {} for an export written before it did."""
+    path = Path(folder) / EXPORT_INFO
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        raise ValueError(f"{path}: not valid JSON; export the checkpoint again") from None
+    return info if isinstance(info, dict) else {}
 
 
 def load_into_pipeline(pipe, lora_dir, flag: str = "--lora") -> str:

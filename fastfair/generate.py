@@ -1,25 +1,40 @@
 """Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR|SD_FILE|toy|pkg://PACKAGE/PATH
-[--model-config SD_DIR] --lora EXPORT_DIR --prompt TEXT --num-images N --out DIR [--steps 20 --guidance 7.5
---seed 0 --dtype fp32]``; writes DIR/<index>.png."""
+[--model-config SD_DIR] --lora EXPORT_DIR --prompt TEXT --num-images N --out DIR [--steps N --guidance G
+--seed 0 --dtype fp32]``; writes DIR/<index>.png (steps and guidance: the run's, as its export records them, else
+20 and 7.5)."""
 from __future__ import annotations
 
 import argparse
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from fastfair.evaluation.sources import finetuned_kind, resolve_model, resolve_model_config
-from fastfair.export import load_into_pipeline
+from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline
 from fastfair.models import load_stable_diffusion
 
 
-def generate(model, lora, prompt: str, num_images: int, out, steps: int = 20, guidance: float = 7.5,
-             seed: int = 0, dtype: str = "fp32", device: str = "cpu", model_config=None) -> list:
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 7.5
+
+
+def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int] = None,
+             guidance: Optional[float] = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
+             model_config=None) -> list:
     """Images of `prompt` from the model with the exported weights (None: the base model); returns the PNG paths.
-    model_config: the diffusers folder of a single-file model's architecture."""
+    steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
+    else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture."""
     from diffusers import StableDiffusionPipeline
 
+    recorded = export_info(lora) if lora and Path(lora).is_dir() else {}
+    taken = [f"{flag} {recorded[key]}" for flag, key, given in (("--steps", "num_steps", steps),
+                                                                ("--guidance", "guidance_scale", guidance))
+             if given is None and key in recorded]
+    if taken:  # a run debiased at one guidance scale is not at another
+        print(f"{' and '.join(taken)}: as the run trained ({lora}/{EXPORT_INFO}); give the flag for another")
+    steps = steps if steps is not None else int(recorded.get("num_steps", DEFAULT_STEPS))
+    guidance = guidance if guidance is not None else float(recorded.get("guidance_scale", DEFAULT_GUIDANCE))
     # checked before loading: diffusers would write decoded noise for 0 steps and sample every guidance <= 1
     # as 1 (no classifier-free guidance)
     if num_images < 1:
@@ -61,8 +76,10 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"sampling steps (default: the run's, as the export records it, else {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+                        f"run's, as the export records it, else {DEFAULT_GUIDANCE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     args = parser.parse_args(argv)

@@ -53,15 +53,26 @@ def test_exported_pipeline_matches_training_model(tmp_path, world, target):
         torch.testing.assert_close(_eps(pipe.unet, expected), _eps(model.unet, expected), rtol=1e-5, atol=1e-5)
 
 
-def test_generate_cli_writes_images(tmp_path, world):
+def test_generate_cli_writes_images(tmp_path, world, capsys, monkeypatch):
+    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
+    from fastfair.export import export_info
     from fastfair.generate import main
 
     _, ckpt = _trained(tmp_path, world, "text_lora")
     export(ckpt, tmp_path / "export")
+    info = export_info(tmp_path / "export")  # the run sampled at guidance 3 with 3 steps (test_trainer_world)
+    assert (info["guidance_scale"], info["num_steps"], info["target"]) == (3.0, 3, "text_lora")
+    called = []
+    real_call = StableDiffusionPipeline.__call__
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", lambda pipe, *args, **kwargs: called.append(kwargs)
+                        or real_call(pipe, *args, **kwargs))
     main(["--model", str(world["sd"]), "--lora", str(tmp_path / "export"), "--prompt", "a cook",
           "--num-images", "2", "--out", str(tmp_path / "images"), "--steps", "2"])
+    # the guidance the run was debiased at, not diffusers' 7.5; the steps given
+    assert "--guidance 3.0: as the run trained" in capsys.readouterr().out
+    assert (called[0]["guidance_scale"], called[0]["num_inference_steps"]) == (3.0, 2)
     files = sorted((tmp_path / "images").iterdir())
     assert [f.name for f in files] == ["00000.png", "00001.png"]
     assert Image.open(files[0]).size == (16, 16)
