@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import kernels
 from .autocast_cache import no_stale_casts
@@ -91,6 +92,8 @@ def _unet_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torc
     (as diffusers' pipelines do): a float32 text encoder beside a half-precision U-Net otherwise fails in the first
     cross-attention matmul without autocast, and under autocast the cast is the one each projection would make."""
     out = unet(x, t, encoder_hidden_states=emb.to(x.dtype))
+    if isinstance(out, torch.Tensor):  # a plain network's eps ([0] would take its first row)
+        return out
     return out.sample if hasattr(out, "sample") else out[0]
 
 
@@ -145,15 +148,16 @@ def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, re
         )
     if coefficients not in COEFFICIENT_MODES:
         raise ValueError(f"coefficients={coefficients!r}: expected one of {COEFFICIENT_MODES}")
-    if recompute_chunk is not None and (isinstance(recompute_chunk, bool) or not isinstance(recompute_chunk, int)
-                                        or recompute_chunk < 1):
+    if recompute_chunk is not None and (isinstance(recompute_chunk, bool)
+                                        or not isinstance(recompute_chunk, (int, np.integer)) or recompute_chunk < 1):
         raise ValueError(f"recompute_chunk={recompute_chunk!r}: expected a positive integer or None (= 1 step)")
     for name, value in (("keep_graph_steps", keep_graph_steps), ("keep_attention_steps", keep_attention_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name}={value!r}: expected an integer >= 0")
-    if isinstance(frozen_rows, bool) or not isinstance(frozen_rows, int) or not 0 <= frozen_rows < z_T.shape[0]:
+    if (isinstance(frozen_rows, bool) or not isinstance(frozen_rows, (int, np.integer))
+            or not 0 <= frozen_rows < z_T.shape[0]):
         raise ValueError(f"frozen_rows={frozen_rows!r}: expected an integer in [0, batch={z_T.shape[0]})")
-    if grad_steps is not None and (isinstance(grad_steps, bool) or not isinstance(grad_steps, int)
+    if grad_steps is not None and (isinstance(grad_steps, bool) or not isinstance(grad_steps, (int, np.integer))
                                    or not 1 <= grad_steps <= num_steps):
         raise ValueError(f"grad_steps={grad_steps!r}: expected None or an integer in [1, num_steps={num_steps}]")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -163,11 +167,10 @@ def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, re
 
 
 def _check_deterministic(unet: torch.nn.Module) -> None:
-    # The backward recomputes the U-Net; active dropout would make it differ from the forward's sample.
-    if not unet.training:
-        return
+    # The backward recomputes the U-Net; active dropout would make it differ from the forward's sample. Each
+    # module's own mode counts: an adapter added after unet.eval() (peft's LoRA dropout) is in training mode.
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
             raise ValueError(
                 f"unet: dropout {name or type(module).__name__} (p={module.p}) is active; the recompute would not "
                 "match the forward. Call unet.eval() (LoRA dropout included) or set its p to 0."
@@ -193,8 +196,12 @@ def _autocast_state(device_type: str):
 
 
 def _autocast(state):
-    if state is None or not state[1]:
+    """The forward's autocast state for the backward's recompute: on with its dtype, or off explicitly (a backward
+    called inside the caller's autocast must not recompute in another precision than the forward sampled)."""
+    if state is None:
         return contextlib.nullcontext()
+    if not state[1]:
+        return torch.autocast(device_type=state[0], enabled=False)
     return torch.autocast(device_type=state[0], dtype=state[2])
 
 
@@ -287,10 +294,11 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     return z
 
 
-def _check_backward_state(plan: _Plan, recomputes: bool) -> None:
+def _check_backward_state(plan: _Plan, recomputes: bool, params=(), param_versions=()) -> None:
     """The backward recomputes from state the forward saved: refuse, as autograd refuses a freed or stale graph,
     a second backward (the first freed that state: its U-Net and embedding gradients would be silently zero) and
-    embeddings changed in place since the forward (the recompute would differentiate other values)."""
+    embeddings or trainable weights changed in place since the forward (the recompute would differentiate other
+    values than those sampled with: an optimizer step, EMA or a LoRA merge before the backward)."""
     if not recomputes:  # only dL/dz_T = K_T g: nothing saved is read
         return
     if plan.backward_done:
@@ -301,6 +309,11 @@ def _check_backward_state(plan: _Plan, recomputes: bool) -> None:
         if source is not None and source._version != version:
             raise RuntimeError(f"fastfair.dft.sample: {name} was modified in place after sampling; the backward "
                                "recomputes the U-Net with it: pass a copy, or change it after the backward")
+    changed = [tuple(p.shape) for p, version in zip(params, param_versions) if p._version != version]
+    if changed:
+        raise RuntimeError(f"fastfair.dft.sample: {len(changed)} trainable weight(s) (e.g. of shape {changed[0]}) "
+                           "were modified in place after sampling (an optimizer step, EMA or merge before the "
+                           "backward); the backward recomputes the U-Net with them: backpropagate first")
 
 
 class _AdjustedDFT(torch.autograd.Function):
@@ -320,20 +333,22 @@ class _AdjustedDFT(torch.autograd.Function):
     def forward(ctx, plan: _Plan, z_T, cond, uncond, *params):
         ctx.plan = plan
         ctx.params = params
+        ctx.param_versions = [p._version for p in params]
         ctx.z_T_meta = (z_T.dtype, z_T.requires_grad)
         return _run_sampler(plan, z_T, cond, uncond, record=True)
 
     @staticmethod
+    @once_differentiable  # the recompute's gradients carry no graph: a double backward is refused, not zeroed
     def backward(ctx, g):
         plan: _Plan = ctx.plan
         params = ctx.params
-        cond_leaf, uncond_leaf = plan.leaves
         sched, w = plan.schedule, plan.guidance
         scales = sched.grad_scales(plan.coefficients) * plan.step_weight
         nb = graph_branches(plan.use_cfg, plan.need_uncond)
         branch_weights = [1.0 - w, w] if nb == 2 else [w if plan.use_cfg else 1.0]
+        cond_leaf, uncond_leaf = plan.leaves
         inputs = [x for x in (cond_leaf, uncond_leaf) if x is not None] + list(params)
-        _check_backward_state(plan, bool(inputs))
+        _check_backward_state(plan, bool(inputs), params, ctx.param_versions)
         sums: List[Optional[torch.Tensor]] = [None] * len(inputs)
 
         def accumulate(eps: torch.Tensor, upstream: torch.Tensor) -> None:
@@ -375,6 +390,7 @@ class _AdjustedDFT(torch.autograd.Function):
                     del eps, upstream
         plan.saved_z.clear()
         plan.attention.clear()
+        plan.kept_eps.clear()
         plan.backward_done = True
 
         grads = dict(zip([id(x) for x in inputs], sums))
