@@ -26,7 +26,7 @@ from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
 from fastfair.evaluation.sources import finetuned_kind, load_sources, resolve_model, resolve_model_config
 from fastfair.faces import get_detector
-from fastfair.faces.detect import detector_from_flags as _detector  # shared with python -m fastfair.faces.build_bank
+from fastfair.faces.detect import detector_from_flags  # shared with python -m fastfair.faces.build_bank
 from fastfair.metrics import summarize
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
 
@@ -229,9 +229,10 @@ def main(argv=None) -> None:
         guidance = []
     if not guidance:
         raise ValueError(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
+    detector = detector_from_flags(args.detector, args.detector_path)
     evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
              split(args.attributes), _targets(args.target), args.joint, args.images_per_prompt, guidance,
-             args.steps, args.seed, args.batch_size, _detector(args.detector, args.detector_path), args.margin,
+             args.steps, args.seed, args.batch_size, detector, args.margin,
              args.clip, args.dino, args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference,
              args.fid_inception, semantics=args.semantics, model_config=args.model_config,
              classifier_head=split(args.classifier_head))

@@ -208,11 +208,11 @@ def no_face_anywhere(rgb):
 
 def test_detector_list_falls_back_per_image(tmp_path):
     """--detector A,B: B looks at the images A found no face in (the public code's insightface, then another)."""
-    from fastfair.evaluate import _detector
+    from fastfair.faces.detect import detector_from_flags
 
     alone = run(tmp_path / "alone", detector=no_face_anywhere)
     assert alone["guidance"]["3"]["base"]["per_prompt"][PROMPT]["no_face"] == 2
-    both = run(tmp_path / "both", detector=_detector(f"{__name__}:no_face_anywhere,none"))
+    both = run(tmp_path / "both", detector=detector_from_flags(f"{__name__}:no_face_anywhere,none"))
     assert both["guidance"]["3"]["base"]["per_prompt"][PROMPT]["no_face"] == 0  # 'none' took every image
     assert both["settings"]["detector"] == "no_face_anywhere,none"
 
