@@ -58,11 +58,7 @@ class FaceBank:
     @property
     def settings(self) -> dict:
         """build_bank's recorded settings ({} for settings that are not a JSON mapping: a bank built otherwise)."""
-        try:
-            settings = json.loads(self.info.get("settings") or "{}")
-        except ValueError:
-            return {}
-        return settings if isinstance(settings, dict) else {}
+        return json_mapping(self.info.get("settings") or "{}") or {}
 
     @property
     def flip(self) -> Optional[bool]:
@@ -158,6 +154,15 @@ class FaceBank:
         """The nearest bank embedding of each query, [N, D] (no grad): the target of the face loss."""
         index, _ = self.nearest(queries, chunk_size)
         return self.embeddings.to(queries.device)[index.to(self.embeddings.device)]
+
+
+def json_mapping(text: str) -> Optional[dict]:
+    """The JSON mapping ``text`` holds; None for invalid JSON or another JSON value (settings written otherwise)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def is_function_spec(embedder: str) -> bool:

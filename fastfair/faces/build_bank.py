@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fastfair.cli import folder_instead_of_file
 from fastfair.faces.align import align_faces
-from fastfair.faces.bank import FaceBank
+from fastfair.faces.bank import FaceBank, json_mapping
 from fastfair.faces.detect import detector_from_flags, get_detector
 from fastfair.faces.embed import FaceEmbedder, load_face_embedder
 from fastfair.faces.files import save_safetensors
@@ -88,20 +88,12 @@ def file_fingerprint(path: str) -> dict:
     return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _json_mapping(text: str) -> Optional[dict]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def resumed_settings(path: str, saved: str, settings: str) -> str:
     """The settings to record when resuming the partial build ``path`` made with ``saved``; raises unless they
     match ``settings``. One made before the embedder file's fingerprint was recorded resumes with a note."""
     if saved == settings:
         return settings
-    old, new = _json_mapping(saved), _json_mapping(settings)
+    old, new = json_mapping(saved), json_mapping(settings)
     if old is not None and new is not None:
         same_rest = ({k: v for k, v in old.items() if k != EMBEDDER_FILE}
                      == {k: v for k, v in new.items() if k != EMBEDDER_FILE})
