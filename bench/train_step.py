@@ -263,6 +263,18 @@ def load_setup(paths: dict, device: str, lora_rank: int, dtype: Optional[torch.d
     return model, parts.scheduler, Objective(parts.vae, classifier, semantics), optimizer
 
 
+def unet_backward_units(unet, z, t, leaf) -> dict:
+    """{"unet_input_backward": Ub, "unet_recompute": Ur} of one U-Net call at (z, t) with the text embedding
+    ``leaf`` the only input needing a gradient (bench/flops.py). Ur is measured, not summed over the checkpointed
+    modules: the first resnet's input needs no gradient, so it is never recomputed, and torch's checkpoint stops a
+    segment's recompute at the last tensor the backward needs."""
+    call = lambda: unet(z, t, encoder_hidden_states=leaf).sample  # noqa: E731
+    backward = count_input_backward_flops(call, [leaf])
+    with checkpointed(unet):
+        return {"unet_input_backward": backward,
+                "unet_recompute": count_input_backward_flops(call, [leaf]) - backward}
+
+
 def unit_flops(model, objective, latent, device) -> dict:
     """The FLOP model's units (bench/flops.py) at these shapes."""
     from diffusers.models.attention_processor import AttnProcessor
@@ -278,14 +290,8 @@ def unit_flops(model, objective, latent, device) -> dict:
     # the classic processor's attention is its only batched matmuls: scores (baddbmm) and probs @ V (bmm)
     units = {"unet": count_flops(call),
              "unet_attention": count_flops(call, {torch.ops.aten.bmm, torch.ops.aten.baddbmm}),
-             "unet_input_backward": count_input_backward_flops(
-                 lambda: unet(z, t, encoder_hidden_states=leaf).sample, [leaf]),
+             **unet_backward_units(unet, z, t, leaf),
              "text": count_flops(lambda: model.encode_original([PROMPT]))}
-    # measured, not summed over the checkpointed modules: the first resnet's input needs no gradient, so it is
-    # never recomputed, and torch's checkpoint stops a segment's recompute at the last tensor the backward needs
-    with checkpointed(unet):
-        units["unet_recompute"] = count_input_backward_flops(
-            lambda: unet(z, t, encoder_hidden_states=leaf).sample, [leaf]) - units["unet_input_backward"]
     unet.set_attn_processor(processors)
     with torch.no_grad():
         images = objective.decode(z.float())
