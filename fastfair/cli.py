@@ -7,18 +7,21 @@ import os
 import sys
 from typing import Iterator, Optional
 
+from fastfair.optional import MissingPackage
+
 
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
-    """Inside: a ValueError (fastfair raises them for bad input, with the fix in the message) or an OSError (a path
-    that is missing, a folder where a file goes, ...) exits with status 2 and ``prog: error: message`` on stderr, as
-    argparse does; FASTFAIR_TRACEBACK=1 re-raises it with its traceback. Also quiets bitsandbytes' CPU backend
+    """Inside: a ValueError (fastfair raises them for bad input, with the fix in the message), an OSError (a path
+    that is missing, a folder where a file goes, ...) or a MissingPackage (the optional package a setting needs)
+    exits with status 2 and ``prog: error: message`` on stderr, as argparse does (an ImportError of a broken
+    installation keeps its traceback); FASTFAIR_TRACEBACK=1 re-raises it with its traceback. Also quiets bitsandbytes' CPU backend
     (imported by peft and diffusers when installed), which on CPUs with AVX512-BF16 warns at import that the
     optional Hugging Face ``kernels`` hub package lacks a 4-bit kernel fastfair never uses."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         yield
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, MissingPackage) as error:
         if os.environ.get("FASTFAIR_TRACEBACK") == "1":
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)

@@ -230,8 +230,10 @@ def main(argv=None) -> None:
     if not guidance:
         raise ValueError(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
     detector = detector_from_flags(args.detector, args.detector_path)
+    # each --joint flag is one intersection (a lone name is refused, not joined with the next flag's); '' is none
+    joint = None if args.joint is None else [names for names in map(split, args.joint) if names]
     evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
-             split(args.attributes), _targets(args.target), args.joint, args.images_per_prompt, guidance,
+             split(args.attributes), _targets(args.target), joint, args.images_per_prompt, guidance,
              args.steps, args.seed, args.batch_size, detector, args.margin,
              args.clip, args.dino, args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference,
              args.fid_inception, semantics=args.semantics, model_config=args.model_config,

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastfair.optional import MissingPackage
+
 
 class TrainableParameters(nn.Module):
     """The trainable parameters as one module, for ``deepspeed.initialize``."""
@@ -34,7 +36,8 @@ def deepspeed_engine(ds_config: dict, params: Dict[str, nn.Parameter], optimizer
     try:
         import deepspeed
     except ImportError:
-        raise ImportError("deepspeed.config is set but deepspeed is not installed: pip install 'fastfair[train]'") from None
+        raise MissingPackage("deepspeed.config is set but deepspeed is not installed: "
+                             "pip install 'fastfair[train]'") from None
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
         raise ValueError("deepspeed: ZeRO stage 3 partitions the parameters, which fastfair's direct U-Net calls "

@@ -353,3 +353,28 @@ def test_model_config_takes_a_package_path_as_model_config_does(tmp_path):
     written = generate(str(single), None, "a cook", 1, tmp_path / "images", steps=2,
                        model_config="pkg://fastfair.toy/weights/pipeline")
     assert len(written) == 1 and Path(written[0]).is_file()
+
+
+def test_each_joint_flag_is_its_own_intersection(tmp_path):
+    """`--joint gender --joint race` is two one-attribute flags (refused), not one gender x race set."""
+    with pytest.raises(ValueError, match="--joint gender: an intersection needs at least 2 attributes"):
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--max-prompts", "1", "--joint", "gender",
+                       "--joint", "race", "--out", str(tmp_path / "eval")])
+
+
+def test_a_missing_optional_package_ends_the_cli_with_status_2(tmp_path, monkeypatch, capsys):
+    """A detector whose package is not installed is a bad setting (one line naming the install, status 2); an
+    ImportError of a broken installation keeps its traceback."""
+    import sys
+
+    from fastfair.cli import user_errors
+    from fastfair.optional import MissingPackage
+
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", None)  # its import raises ImportError
+    with pytest.raises(MissingPackage, match="facenet-pytorch"):
+        run(tmp_path / "eval", detector="mtcnn")
+    with pytest.raises(SystemExit) as exit_, user_errors("prog"):
+        run(tmp_path / "eval", detector="mtcnn")
+    assert exit_.value.code == 2 and "prog: error: the 'mtcnn' detector needs" in capsys.readouterr().err
+    with pytest.raises(ImportError, match="broken"), user_errors("prog"):
+        raise ImportError("broken")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastfair.faces.files import save_safetensors
+from fastfair.optional import MissingPackage
 
 BANK_FORMAT = "fastfair-face-bank-1"
 
@@ -44,7 +45,7 @@ class FaceBank:
         self.embeddings = F.normalize(embeddings.detach().float(), dim=-1)
         self.files, self.info = files, dict(info or {})
         if use_faiss and not faiss_available():
-            raise ImportError("use_faiss=True but faiss is not importable: pip install faiss-cpu (or faiss-gpu)")
+            raise MissingPackage("use_faiss=True but faiss is not importable: pip install faiss-cpu (or faiss-gpu)")
         self.use_faiss = faiss_available() if use_faiss is None else use_faiss
         self._index = None
 

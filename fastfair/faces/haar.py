@@ -10,13 +10,14 @@ import os
 import numpy as np
 
 from fastfair.faces.detect import Detector, faces_from_arrays
+from fastfair.optional import MissingPackage
 
 
 def _cv2():
     try:
         import cv2
     except ImportError as error:
-        raise ImportError(
+        raise MissingPackage(
             "the 'opencv' face detector needs OpenCV 4.x: pip install 'opencv-python-headless>=4.8,<5' "
             "(or fastfair[faces])"
         ) from error

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from fastfair.faces.detect import Detector, Face
+from fastfair.optional import MissingPackage
 
 
 class InsightFaceDetector(Detector):
@@ -25,7 +26,7 @@ class InsightFaceDetector(Detector):
         try:
             from insightface.app import FaceAnalysis
         except ImportError as error:
-            raise ImportError("the 'insightface' detector needs: pip install insightface onnxruntime") from error
+            raise MissingPackage("the 'insightface' detector needs: pip install insightface onnxruntime") from error
         if providers is None:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self.app = FaceAnalysis(name=name, root=root, allowed_modules=["detection"], providers=providers)

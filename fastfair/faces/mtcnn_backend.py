@@ -6,6 +6,7 @@ facenet-pytorch pins an old torch; install it without its dependencies so it kee
 import numpy as np
 
 from fastfair.faces.detect import Detector, faces_from_arrays
+from fastfair.optional import MissingPackage
 
 
 class MTCNNDetector(Detector):
@@ -15,7 +16,7 @@ class MTCNNDetector(Detector):
         try:
             from facenet_pytorch import MTCNN
         except ImportError as error:
-            raise ImportError(
+            raise MissingPackage(
                 "the 'mtcnn' detector needs facenet-pytorch: pip install --no-deps facenet-pytorch "
                 "(it pins an old torch; --no-deps keeps yours) and an importable torchvision"
             ) from error

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastfair.optional import MissingPackage
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -176,7 +178,7 @@ def _load_kwargs(dtype, load_in_8bit, device):
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as err:
-            raise ImportError("load_in_8bit needs bitsandbytes: pip install 'fastfair[quant]'") from err
+            raise MissingPackage("load_in_8bit needs bitsandbytes: pip install 'fastfair[quant]'") from err
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes while placing the weights
     return kwargs
@@ -224,7 +226,7 @@ def _load_open_clip(model_name, checkpoint, dtype, device) -> SemanticEncoder:
     try:
         import open_clip
     except Exception as err:  # ImportError, or torchvision failing to import beside this torch
-        raise ImportError("backend 'open_clip' needs open_clip_torch and an importable torchvision: "
+        raise MissingPackage("backend 'open_clip' needs open_clip_torch and an importable torchvision: "
                           "pip install 'fastfair[clip]', or use backend 'clip' with a transformers "
                           f"directory ({type(err).__name__}: {err})") from err
     # an absolute path is never taken for a pretrained tag (a tag would be downloaded)
