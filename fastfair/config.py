@@ -172,7 +172,7 @@ class ClassifierConfig:
     other files (e.g. the public code's .pt) need architecture and attributes."""
     path: str = ""
     architecture: Optional[str] = None  # a fastfair.classifiers architecture, e.g. mobilenet_v3_large
-    input_size: Optional[int] = setting(None, min=1)  # null: the file's, else 224
+    input_size: Optional[int] = setting(None, min=1)  # null: the file's (set: must agree with it), else 224
     attributes: Dict[str, List[int]] = field(default_factory=dict)  # attribute: its output indices
     factory: Optional[str] = None  # "package.module:function"(spec) -> a module images -> logits (e.g. the toy's)
 
@@ -818,9 +818,11 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
     enabled = [name for name in ("fp16", "bf16") if ds.get(name, {}).get("enabled", False)]
     wanted = [] if cfg.precision.mixed == "fp32" else [cfg.precision.mixed]
     if enabled != wanted:
+        # configs/ds ships fp16 and bf16 JSONs only: an fp32 run needs one with neither section enabled
+        fix = ("use a JSON whose fp16 and bf16 sections are absent or disabled" if not wanted else
+               f"pick the JSON that matches (configs/ds/*_{cfg.precision.mixed}.json)")
         return [f"deepspeed.config={cfg.deepspeed.config} enables {enabled or 'neither fp16 nor bf16'} but "
-                f"precision.mixed={cfg.precision.mixed}: pick the JSON that matches (configs/ds/*_"
-                f"{cfg.precision.mixed}.json) or change precision.mixed"]
+                f"precision.mixed={cfg.precision.mixed}: {fix} or change precision.mixed"]
     return []
 
 

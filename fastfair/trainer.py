@@ -111,8 +111,7 @@ def _classifier(name, spec, device):
         head = None
         if spec.attributes and not describes_itself(spec.path):
             head = output_head(file_outputs(spec.path, spec.architecture))
-        module = load_classifier(spec.path, head, arch=spec.architecture,
-                                 **({"input_size": spec.input_size} if spec.input_size else {}))
+        module = load_classifier(spec.path, head, arch=spec.architecture, input_size=spec.input_size)
     return module.to(device).eval().requires_grad_(False)
 
 

@@ -65,6 +65,12 @@ def test_small_cnn_file_and_head_mismatch(tmp_path):
     assert loaded.arch == "small_cnn" and loaded.input_size == 32 and loaded(torch.zeros(3, 3, 32, 32)).shape == (3, 2)
     with pytest.raises(ValueError, match="was asked for"):
         load_classifier(path, head=head_from_names(["race"]))
+    # a differing architecture or input size is refused, not dropped unseen; an agreeing one loads
+    assert load_classifier(path, arch="small_cnn", input_size=32).input_size == 32
+    with pytest.raises(ValueError, match="built with input_size 32, but 224 was asked for: leave input_size unset"):
+        load_classifier(path, input_size=224)
+    with pytest.raises(ValueError, match="built with architecture 'small_cnn', but 'mobilenet_v3_large' was asked"):
+        load_classifier(path, arch="mobilenet_v3_large")
     with pytest.raises(ValueError, match="declares 2"):
         head.split(torch.zeros(1, 3))
 

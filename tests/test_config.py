@@ -301,7 +301,8 @@ def test_check_files_accepts_a_complete_layout(tmp_path):
     ({"faces.bank": "missing.safetensors"}, "faces.bank={cwd}/missing.safetensors does not exist"),
     ({"semantics.dino_path": ""}, "semantics.dino_path is empty"),
     ({"resume": "no/such/checkpoint"}, "resume=no/such/checkpoint does not exist"),
-    ({"deepspeed.config": str(CONFIGS / "ds" / "zero2_fp16.json")}, "enables ['fp16'] but precision.mixed=fp32"),
+    ({"deepspeed.config": str(CONFIGS / "ds" / "zero2_fp16.json")},
+     "enables ['fp16'] but precision.mixed=fp32: use a JSON whose fp16 and bf16 sections are absent or disabled"),
     ({"model.config": "half"}, "model.config={cwd}/half is read only with a single-file model.pretrained, but "),
 ])
 def test_check_files_names_the_key_and_the_expected_layout(tmp_path, monkeypatch, setting, message):

@@ -79,17 +79,24 @@ def file_outputs(path: str, arch: Optional[str] = None, **options) -> int:
 
 
 def load_classifier(path: str, head: Optional[AttributeHead] = None, arch: Optional[str] = None,
-                    input_size: int = 224, **options) -> AttributeClassifier:
+                    input_size: Optional[int] = None, **options) -> AttributeClassifier:
     """A classifier from a local file, in eval mode.
 
-    fastfair's safetensors files describe themselves (a given ``head`` must then agree); other files
-    (e.g. the public code's ``.pt``) need ``head``, and default to ``arch='mobilenet_v3_large'``.
+    fastfair's safetensors files describe themselves (a given ``head``, ``arch`` or ``input_size`` must then
+    agree); other files (e.g. the public code's ``.pt``) need ``head``, and default to
+    ``arch='mobilenet_v3_large'``, ``input_size=224``.
     """
     metadata = read_safetensors_metadata(path) if path.endswith(".safetensors") else {}
     if metadata.get("format") == CLASSIFIER_FORMAT:
         stored = AttributeHead.from_json(metadata["head"])
         if head is not None and head != stored:
             raise ValueError(f"{path} predicts {stored.describe()}, but {head.describe()} was asked for")
+        # a differing setting would otherwise be dropped unseen (the file's own build is the one that loads)
+        for name, asked, own in (("architecture", arch, metadata["arch"]),
+                                 ("input_size", input_size, int(metadata["input_size"]))):
+            if asked is not None and asked != own:
+                raise ValueError(f"{path} is a fastfair classifier file built with {name} {own!r}, but {asked!r} was "
+                                 f"asked for: leave {name} unset (null in a run config; the file describes itself)")
         head, arch = stored, metadata["arch"]
         input_size, options = int(metadata["input_size"]), json.loads(metadata["options"])
     elif head is None:
@@ -97,7 +104,7 @@ def load_classifier(path: str, head: Optional[AttributeHead] = None, arch: Optio
                          "config give classifiers.<name>.attributes (each attribute's output indices) and "
                          "architecture; for python -m fastfair.evaluate --classifier-head (e.g. gender,race,age or "
                          "celeba40); in Python head= (e.g. head_from_names(['gender']))")
-    classifier = AttributeClassifier(head, arch or DEFAULT_ARCHITECTURE, input_size, **options)
+    classifier = AttributeClassifier(head, arch or DEFAULT_ARCHITECTURE, input_size or 224, **options)
     state = load_state_dict(path)
     output_key = _output_key(classifier.network)
     if output_key in state and state[output_key].shape[0] != head.num_outputs:
