@@ -23,9 +23,17 @@ class StepScalars(NamedTuple):
     b1: float
 
 
+def _is_text(value) -> bool:
+    # float("7.5") parses, and a string is a sequence of characters: text is refused, not read as numbers
+    return isinstance(value, (str, bytes))
+
+
 def step_scalars(guidance, cz, ce, a, b0, b1) -> StepScalars:
+    values = (guidance, cz, ce, a, b0, b1)
     try:
-        return StepScalars(float(guidance), float(cz), float(ce), float(a), float(b0), float(b1))
+        if any(map(_is_text, values)):
+            raise TypeError("got text")
+        return StepScalars(*map(float, values))
     except (TypeError, ValueError) as err:
         raise TypeError(f"solver_step: guidance, cz, ce, a, b0, b1 must be numbers ({err})") from None
 
@@ -105,6 +113,11 @@ def check_grad_fanout(
     op = "grad_fanout"
     _tensor(op, "g", g, FLOAT_DTYPES)
     try:
+        if _is_text(scales) or _is_text(branch_weights):
+            raise TypeError("got text")
+        scales, branch_weights = list(scales), list(branch_weights)
+        if any(map(_is_text, scales + branch_weights)):
+            raise TypeError("got text")
         scales = [float(s) for s in scales]
         branch_weights = [float(w) for w in branch_weights]
     except (TypeError, ValueError) as err:

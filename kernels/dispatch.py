@@ -4,6 +4,10 @@ the ``backend=`` keyword, which wins over the environment.
 - ``auto``: the fastest backend available for the tensors' device, falling back quietly to torch.
 - an explicit name: that backend, or a RuntimeError saying why it cannot run on this device.
 
+Only the torch backend records autograd graphs. With grad enabled and an input that requires grad, ``auto`` takes
+torch and an explicit triton/native raises (their outputs would silently carry no gradient); the engine calls
+the ops on detached tensors, where every backend applies.
+
 Arguments are validated once here (kernels/checks.py), so every backend sees the same valid input.
 """
 import importlib
@@ -60,13 +64,20 @@ def _triton_steps_inexactly(dtype: Optional[torch.dtype]) -> bool:
     return not float64_scalars_exact()
 
 
-def resolve_backend(device: torch.device, backend: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> str:
+def resolve_backend(device: torch.device, backend: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                    differentiable: bool = False) -> str:
     """The concrete backend (triton, native or torch) that runs an op on ``device`` (for a solver step, on a
-    trajectory of ``dtype``)."""
+    trajectory of ``dtype``); ``differentiable``: the call must record an autograd graph (only torch does)."""
     name = backend if backend is not None else os.environ.get(ENV) or "auto"
     if name not in BACKENDS:
         source = "backend=" if backend is not None else f"{ENV}="
         raise ValueError(f"{source}{name!r} is not a kernel backend; choose one of {', '.join(BACKENDS)}")
+    if differentiable and name != "torch":
+        if name == "auto":
+            return "torch"
+        raise RuntimeError(f"kernel backend {name!r} records no autograd graph, but an input requires grad: its "
+                           "outputs would carry no gradient. Call it under torch.no_grad() or on detached tensors, "
+                           "or use backend='torch'")
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ()):
             if candidate == "triton" and triton_support.interpreting():
@@ -80,6 +91,10 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None, dtype: 
     if reason is not None:
         raise RuntimeError(f"kernel backend {name!r} cannot run on {device.type} tensors: {reason}")
     return name
+
+
+def _differentiable(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def backend_function(op: str, backend: str) -> Callable:
@@ -111,7 +126,8 @@ def solver_step(
     b1 != 0. Computes in z's dtype; returns (z_next, m), new tensors or ``out = (z_next, m)`` (contiguous)."""
     scalars = step_scalars(guidance=guidance, cz=cz, ce=ce, a=a, b0=b0, b1=b1)
     z, eps_c, eps_u, m_prev, out = check_solver_step(z, eps_c, eps_u, m_prev, scalars.b1, out)
-    fn = backend_function("solver_step", resolve_backend(z.device, backend, z.dtype))
+    differentiable = _differentiable(z, eps_c, eps_u, m_prev)
+    fn = backend_function("solver_step", resolve_backend(z.device, backend, z.dtype, differentiable))
     return fn(z, eps_c, eps_u, m_prev, scalars, out)
 
 
@@ -128,7 +144,7 @@ def grad_fanout(
     with out[j, b] = scales[j] * branch_weights[b] * g, computed in fp32 (fp64 for an fp64 g), stored in
     ``out_dtype`` (default: out's dtype, else g's), into ``out`` (contiguous) when given."""
     g, scales, branch_weights, out = check_grad_fanout(g, scales, branch_weights, out_dtype, out)
+    name = resolve_backend(g.device, backend, differentiable=_differentiable(g))  # checked for an empty chunk too
     if out.numel() == 0:
         return out
-    fn = backend_function("grad_fanout", resolve_backend(g.device, backend))
-    return fn(g, scales, branch_weights, out)
+    return backend_function("grad_fanout", name)(g, scales, branch_weights, out)

@@ -28,7 +28,7 @@ def solver_step_torch(
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One solver step, unfused. z, m_prev: [B, ...] in the trajectory dtype (fp32 or fp64);
-    eps_c, eps_u: [B, ...] in any float dtype (upcast to z's dtype). Returns (z_next, m), z's dtype,
+    eps_c, eps_u: [B, ...] in any float dtype (cast to z's dtype). Returns (z_next, m), z's dtype,
     written into ``out = (z_next, m)`` when given. m_prev is read only when b1 != 0."""
     eps = eps_c.to(z.dtype)
     if eps_u is not None:

@@ -21,12 +21,19 @@ LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=True)
 
 def interpreting() -> bool:
     """Whether Triton kernels run in the interpreter in this process (decided when triton was imported)."""
-    if "triton" in sys.modules:
-        from triton.runtime.interpreter import InterpretedFunction
-        from .solver_step_triton import solver_step_kernel
+    value = os.environ.get("TRITON_INTERPRET", "")
+    if "triton" not in sys.modules:
+        if value == "1":
+            return True
+        if value.lower() in ("", "0", "false", "off", "no", "n"):
+            return False
+        # true/on/yes read as 1 by newer tritons, not by older ones (3.0 tests == "1"): ask the installed one
+        if not _installed():
+            return False
+    from triton.runtime.interpreter import InterpretedFunction
+    from .solver_step_triton import solver_step_kernel
 
-        return isinstance(solver_step_kernel, InterpretedFunction)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return isinstance(solver_step_kernel, InterpretedFunction)
 
 
 def block_size() -> int:

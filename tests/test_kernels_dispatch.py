@@ -112,6 +112,8 @@ def test_outputs_must_not_overlap_inputs():
 BAD_FANOUTS = [
     (dict(g=[1.0, 2.0]), TypeError, "g must be a torch.Tensor"),
     (dict(scales=1.0), TypeError, "scales and branch_weights must be sequences of numbers"),
+    (dict(scales="12"), TypeError, "scales and branch_weights must be sequences of numbers"),  # not [1.0, 2.0]
+    (dict(branch_weights=["0.5"]), TypeError, "scales and branch_weights must be sequences of numbers"),
     (dict(out_dtype=torch.int32), TypeError, "out_dtype torch.int32 is not a float dtype"),
     (dict(out=torch.zeros(2, 2, 3, 4)), ValueError, r"out has shape \(2, 2, 3, 4\), expected \(2, 1, 3, 4\)"),
     (dict(out=torch.zeros(2, 1, 3, 4), out_dtype=torch.float16), TypeError, "out has dtype torch.float32 but"),
@@ -170,5 +172,57 @@ def test_order1_ignores_m_prev_torch():
 
 
 def test_scalars_must_be_numbers():
-    with pytest.raises(TypeError, match="guidance, cz, ce, a, b0, b1 must be numbers"):
-        K.solver_step(z4, z4, None, None, **STEP | dict(guidance="high", b1=0.0))
+    for text in ("high", "7.5"):  # float() parses the second; the reference refuses both
+        with pytest.raises(TypeError, match="guidance, cz, ce, a, b0, b1 must be numbers"):
+            K.solver_step(z4, z4, None, None, **STEP | dict(guidance=text, b1=0.0))
+
+
+def test_grad_fanout_checks_the_backend_of_an_empty_chunk(monkeypatch):
+    """An empty chunk writes nothing, but a bad backend is the same error as for a full one."""
+    with pytest.raises(ValueError, match="backend='bogus'"):
+        K.grad_fanout(torch.zeros(2, 3), [], [1.0], backend="bogus")
+    monkeypatch.setenv("FASTFAIR_KERNELS", "nativ")
+    with pytest.raises(ValueError, match="FASTFAIR_KERNELS='nativ'"):
+        K.grad_fanout(torch.zeros(2, 3), [], [1.0])
+
+
+def test_inputs_that_require_grad_get_the_differentiable_backend(monkeypatch):
+    """Only the torch backend records a graph: auto takes it for inputs that require grad (the native one would
+    return outputs without a gradient, unseen), an explicit other backend refuses; no_grad leaves auto as it is."""
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type: None)
+    monkeypatch.delenv("FASTFAIR_KERNELS", raising=False)
+    z, eps = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    z_next, m = K.solver_step(z, eps, None, None, **STEP | dict(b1=0.0))
+    (eps_grad,) = torch.autograd.grad(z_next.sum(), eps)
+    assert torch.allclose(eps_grad, torch.full_like(eps, STEP["b0"] * STEP["ce"]))  # dz_next/deps = b0 ce
+    g = torch.randn(3, requires_grad=True)
+    (g_grad,) = torch.autograd.grad(K.grad_fanout(g, [2.0, 3.0], [0.5, 1.0]).sum(), g)
+    assert torch.allclose(g_grad, torch.full_like(g, 5.0 * 1.5))
+    for backend in ("native", "triton"):
+        with pytest.raises(RuntimeError, match=f"'{backend}' records no autograd graph, but an input requires grad"):
+            K.solver_step(z, eps, None, None, **STEP | dict(b1=0.0), backend=backend)
+        with pytest.raises(RuntimeError, match=f"'{backend}' records no autograd graph"):
+            K.grad_fanout(g, [1.0], [1.0], backend=backend)
+    assert K.resolve_backend(CPU) == "native"
+    with torch.no_grad():
+        assert K.resolve_backend(CPU, differentiable=dispatch._differentiable(eps)) == "native"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "off"])
+def test_triton_interpret_values_are_read_as_triton_reads_them(value):
+    """Before triton is imported, interpreting() must say what the triton it then imports will do (newer ones take
+    TRITON_INTERPRET=true as 1; a refusal would name TRITON_INTERPRET=1 to a process that interprets), and plain
+    values are read without the slow import."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import sys; from fastfair.kernels import triton_support as t; {first}"
+            "print(t.interpreting(), t.unavailable_reason('cpu') is None, 'triton' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_INTERPRET": value}
+    fresh, after_import = (subprocess.run([sys.executable, "-c", code.format(first=first)], env=env, text=True,
+                                          capture_output=True, check=True).stdout.split()
+                           for first in ("", "import triton; "))
+    assert fresh[:2] == after_import[:2] and fresh[0] == fresh[1]
+    assert fresh[2] == str(value not in ("1", "0", "off"))
