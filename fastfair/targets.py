@@ -242,7 +242,7 @@ def _parse_classes(spec, where):
     names = [n for n, _ in pairs]
     for n, index in pairs:
         if not isinstance(n, str) or not n:
-            raise ValueError(f"{where}: class names must be non-empty strings, got {n!r}")
+            raise ValueError(f"{where}: class names must be non-empty strings, got {n!r}{_yaml_bool_hint([n])}")
         if names.count(n) > 1:
             raise ValueError(f"{where}: duplicate class name {n!r}")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
@@ -255,7 +255,10 @@ def _parse_classes(spec, where):
 
 def _parse_table(spec, parents, classes, where, normalize):
     """[*K_parents, K] probabilities; a flat distribution is shared by every conditioning cell."""
-    flat = spec == "uniform" or (isinstance(spec, Mapping) and not any(isinstance(v, Mapping) for v in spec.values()))
+    per_cell = (bool(parents) and isinstance(spec, Mapping) and set(spec) == set(parents[0].classes)
+                and not set(spec) & set(classes))  # keyed by the parent's classes, e.g. {male: uniform, ...}
+    flat = spec == "uniform" or (isinstance(spec, Mapping) and not per_cell
+                                 and not any(isinstance(v, Mapping) for v in spec.values()))
     if flat:
         dist = _parse_distribution(spec, classes, where, normalize)
         return np.broadcast_to(dist, tuple(len(p.classes) for p in parents) + (len(classes),)).copy()
@@ -271,7 +274,15 @@ def _check_cells(spec, parent, where):
     if not isinstance(spec, Mapping) or set(spec) != set(parent.classes):
         got = sorted(spec) if isinstance(spec, Mapping) else spec
         raise ValueError(f"{where}: a conditional table needs one entry per class of {parent.name!r} "
-                         f"{list(parent.classes)}, got {got}")
+                         f"{list(parent.classes)}, got {got}{_yaml_bool_hint(got)}; or give one distribution for "
+                         "every cell: a mapping class -> probability, or 'uniform'")
+
+
+def _yaml_bool_hint(names) -> str:
+    """A hint for names YAML turned into booleans (unquoted yes/no/on/off/true/false)."""
+    if isinstance(names, (list, tuple)) and any(isinstance(n, bool) for n in names):
+        return " (YAML reads unquoted yes/no/on/off/true/false as booleans: quote such names, e.g. 'no')"
+    return ""
 
 
 def _parse_distribution(spec, classes, where, normalize):
@@ -279,7 +290,8 @@ def _parse_distribution(spec, classes, where, normalize):
         return np.full(len(classes), 1.0 / len(classes))
     unknown = [c for c in spec if c not in classes]
     if unknown:
-        raise ValueError(f"{where}: unknown class(es) {unknown}; classes are {list(classes)}")
+        raise ValueError(f"{where}: unknown class(es) {unknown}; classes are {list(classes)}"
+                         f"{_yaml_bool_hint(unknown)}")
     missing = [c for c in classes if c not in spec]
     if missing:
         raise ValueError(f"{where}: no probability for class(es) {missing} (give 0 explicitly)")

@@ -173,6 +173,31 @@ def test_alignment_loss_matches_manual_cross_entropy():
     assert alignment_loss(logits, torch.zeros_like(q), threshold=0.0) == 0
 
 
+def test_left_out_rows_do_not_poison_the_loss():
+    """A masked-out or below-threshold row whose argmax-q class has a -inf log-probability (or NaN logits) adds
+    nothing: 0 * inf was NaN for the whole batch."""
+    logits = torch.tensor([[0.0, -1.0], [-math.inf, 0.0], [math.nan, math.nan]], dtype=torch.float64,
+                          requires_grad=True)
+    q = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.95, 0.05]], dtype=torch.float64)
+    mask = torch.tensor([True, True, False])
+    loss = alignment_loss(logits, q, threshold=0.8, mask=mask)  # row 1 below threshold, row 2 masked
+    assert torch.allclose(loss, F.cross_entropy(logits[:1], torch.tensor([0])) / 3)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(grad).all() and (grad[1:] == 0).all()
+
+
+def test_low_precision_and_integer_probabilities():
+    """A bfloat16 softmax (rows sum to 1 within ~2^-8) is accepted and gives float32's targets to bfloat16
+    rounding; integer one-hot rows are refused (q cast back to them was all zeros)."""
+    logits = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    target = [0.1, 0.2, 0.3, 0.4]
+    q16 = expected_ot_targets(logits.bfloat16().softmax(-1), target, method="exact")
+    q32 = expected_ot_targets(logits.bfloat16().float().softmax(-1), target, method="exact")
+    assert q16.dtype == torch.bfloat16 and torch.allclose(q16.float(), q32, atol=2e-2)
+    with pytest.raises(TypeError, match="probs must be floating point"):
+        expected_ot_targets(torch.tensor([[1, 0], [0, 1]]), [0.5, 0.5])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="hungarian"), "method must be one of"),
     (dict(num_samples=0), "num_samples"),

@@ -102,11 +102,12 @@ def test_loss_weights_from_dict():
     weights = LossWeights.from_dict({"lambda_img_1": 4, "lambda_img_2": 1, "lambda_img_3": 0.1, "lambda_face": 0})
     assert weights.lambda_img_1 == 4.0 and weights.lambda_img_no_face is None
     assert LossWeights.from_dict({"lambda_img_2": {"gender": 1.6, "race": 4}}).lambda_img_2 == {"gender": 1.6, "race": 4.0}
-    with pytest.raises(ValueError, match=r"lambda_img_3.race must be a number >= 0"):
+    with pytest.raises(ValueError, match=r"lambda_img_3.race must be a finite number >= 0"):
         LossWeights.from_dict({"lambda_img_3": {"race": -0.1}})
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['lambda_img'\]"):
         LossWeights.from_dict({"lambda_img": 1})
-    with pytest.raises(ValueError, match="lambda_img_3 must be a number >= 0"):
-        LossWeights.from_dict({"lambda_img_3": -1})
+    for bad in (-1, float("nan"), float("inf")):  # NaN passed `value < 0` and made every image weight NaN
+        with pytest.raises(ValueError, match="lambda_img_3 must be a finite number >= 0"):
+            LossWeights.from_dict({"lambda_img_3": bad})
     with pytest.raises(TypeError, match="must be a mapping"):
         LossWeights.from_dict([1, 2])

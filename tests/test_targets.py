@@ -70,6 +70,32 @@ def test_conditional_table_per_cell_and_independent_attributes():
     assert torch.allclose(groups[1].target, torch.tensor([0.5, 0.5], dtype=torch.float64))
 
 
+def test_per_cell_table_of_uniform_cells():
+    """A per-cell table may give every cell as 'uniform' (it was taken for one distribution over the parent's
+    class names and refused); a cell's 'uniform' beside a mapping was already read."""
+    gender = {"name": "gender", "classes": {"male": 0, "female": 1}, "probabilities": {"male": 0.4, "female": 0.6}}
+    age = {"name": "age", "classes": {"young": 2, "old": 3}, "given": "gender",
+           "probabilities": {"male": "uniform", "female": "uniform"}}
+    (group,) = load_targets({"attributes": [gender, age]}).groups()
+    assert torch.allclose(group.target, torch.tensor([0.2, 0.2, 0.3, 0.3], dtype=torch.float64))
+    age["probabilities"] = {"male": "uniform", "female": {"young": 0.9, "old": 0.1}}
+    (group,) = load_targets({"attributes": [gender, age]}).groups()
+    assert torch.allclose(group.target, torch.tensor([0.2, 0.2, 0.54, 0.06], dtype=torch.float64))
+    age["probabilities"] = "Uniform"
+    with pytest.raises(ValueError, match="needs one entry per class of 'gender'.* or 'uniform'"):
+        load_targets({"attributes": [gender, age]})
+
+
+def test_yaml_booleans_as_class_names_get_a_hint():
+    cfg = yaml.safe_load("attributes: [{name: glasses, classes: {no: 0, yes: 1}, probabilities: uniform}]")
+    with pytest.raises(ValueError, match="got False .*quote such names, e.g. 'no'"):
+        load_targets(cfg)
+    cfg = yaml.safe_load("attributes: [{name: glasses, classes: {'no': 0, 'yes': 1}, "
+                         "probabilities: {no: 0.5, yes: 0.5}}]")
+    with pytest.raises(ValueError, match=r"unknown class\(es\) \[False, True\].*quote such names"):
+        load_targets(cfg)
+
+
 def test_independent_and_joint_forms():
     groups = load_targets(independent_config()).groups()
     assert [g.attributes for g in groups] == [("gender",), ("race",), ("age",)]

@@ -23,8 +23,10 @@ optimal, so the last one is optimal for the sampled counts.
 
 Ties: rows are put in lexicographic order before solving and identical rows share their result
 equally, so q is deterministic and permutation-equivariant in the images. With exactly tied costs
-between different rows (a measure-zero event) one optimal assignment is chosen deterministically
-instead of averaging over all of them.
+between different rows one optimal assignment is chosen deterministically (as the public code's
+solver does) instead of averaging over all of them. Continuous probabilities almost never tie, but
+saturated ones do: e.g. rows (1, 0, 0, 0) and (0, 1, 0, 0) are equally far from classes 2 and 3
+(a float32 softmax gives exact 0 and 1 once logits differ by more than ~104).
 """
 from __future__ import annotations
 
@@ -60,9 +62,11 @@ def expected_ot_targets(probs, target, method="auto", num_samples=1024, generato
     target, valid = _check_inputs(probs, target, method, num_samples, valid)
     q = torch.zeros(probs.shape, dtype=torch.float64)
     rows = probs.detach().to("cpu", torch.float64)[valid]
-    if not torch.isfinite(rows).all() or (rows < -1e-6).any() or ((rows.sum(-1) - 1).abs() > 1e-3).any():
-        raise ValueError("expected_ot_targets: each row of probs must be a probability vector "
-                         "(apply softmax to logits first)")
+    # a bfloat16 softmax sums to 1 only within its rounding (~2^-8 per row)
+    tolerance = max(1e-3, 2 * torch.finfo(probs.dtype).eps)
+    if not torch.isfinite(rows).all() or (rows < -1e-6).any() or ((rows.sum(-1) - 1).abs() > tolerance).any():
+        raise ValueError(f"expected_ot_targets: each row of probs must be a probability vector, summing to 1 "
+                         f"within {tolerance:.2g} for {probs.dtype} (apply softmax to logits first)")
     if rows.shape[0] > 0:
         with _one_thread():
             q[valid] = _expected_assignment(rows, target, method, num_samples, generator)
@@ -94,7 +98,9 @@ def alignment_loss(logits, q, threshold, mask=None, reduction="mean"):
                          f"values in [{q.min().item():.4g}, {q.max().item():.4g}]; are logits and q swapped?")
     confidence, classes = q.detach().max(dim=-1)
     selected = mask & (confidence >= threshold) & (confidence > 0)
-    per_image = F.cross_entropy(logits, classes, reduction="none") * selected
+    # the left-out rows are not evaluated: 0 * their loss would be NaN for a -inf logit (a log-probability 0)
+    chosen = F.cross_entropy(logits[selected], classes[selected], reduction="none")  # autocast: fp32
+    per_image = chosen.new_zeros(logits.shape[0]).index_put((selected,), chosen)
     if reduction == "none":
         return per_image
     if reduction == "sum":
@@ -121,6 +127,8 @@ def _check_inputs(probs, target, method, num_samples, valid):
         raise ValueError(f"expected_ot_targets: num_samples must be a positive int, got {num_samples!r}")
     if not torch.is_tensor(probs) or probs.ndim != 2:
         raise ValueError("expected_ot_targets: probs must be a [N, K] tensor of class probabilities")
+    if not probs.is_floating_point():  # q would come back cast to it: an integer q is all zeros
+        raise TypeError(f"expected_ot_targets: probs must be floating point (class probabilities), got {probs.dtype}")
     # a list stays float64 (torch.as_tensor would round it to float32 first)
     try:
         target = (target.detach() if torch.is_tensor(target) else torch.tensor(target, dtype=torch.float64))

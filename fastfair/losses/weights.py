@@ -27,6 +27,7 @@ lambda_img_3 0.2 x that; lambda_face 1.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from numbers import Real
 from typing import Dict, Mapping, Optional, Union
@@ -81,8 +82,8 @@ class LossWeights:
 
 
 def _weight(name, value):
-    if isinstance(value, bool) or not isinstance(value, Real) or value < 0:
-        raise ValueError(f"loss weights: {name} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < math.inf:  # NaN fails too
+        raise ValueError(f"loss weights: {name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
