@@ -279,3 +279,14 @@ class MemoryBudget:
             self._keep[shapes, num_steps] = keeps_for_budget(max(self.budget_bytes - reserved, 0), per_step,
                                                              attention_bytes, num_steps, attention_share=share)
         return self._keep[shapes, num_steps]
+
+    def state_dict(self) -> dict:
+        """The plans decided so far. A plan depends on the memory in use when it was made (the optimizer state a
+        resumed process already holds, another process's allocations), so a resume restores them to continue
+        exactly as an uninterrupted run: keeping a step's graph and recomputing it differ in the last bits."""
+        return {"budget_bytes": self.budget_bytes, "lean": self.lean, "plans": dict(self._keep)}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Restore state_dict()'s plans; ignored for another budget or lean setting (the run plans afresh)."""
+        if state and state.get("budget_bytes") == self.budget_bytes and state.get("lean") == self.lean:
+            self._keep.update(state["plans"])

@@ -570,7 +570,8 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict() if self.engine is None else None,
                 "optimizer_name": self.cfg.optim.name, "lr_scheduler": self.lr_scheduler.state_dict(),
                 "mixture": self.mixture.state_dict(), "skipped": self.skipped,
-                "loss_scaler": None if self.scaler is None else self.scaler.state_dict()}
+                "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "memory_plans": None if self.memory_budget is None else self.memory_budget.state_dict()}
 
     def save(self, it: int) -> None:
         shards = None
@@ -616,6 +617,8 @@ class Trainer:
             self.scaler.load_state_dict(state["loss_scaler"])
         self._apply_optim_settings()
         self.mixture.load_state_dict(state["mixture"])
+        if self.memory_budget is not None:  # older checkpoints: planned afresh
+            self.memory_budget.load_state_dict(state.get("memory_plans"))
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
         checkpoint.set_rng_state(state["rng"])
 

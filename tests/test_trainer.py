@@ -140,6 +140,26 @@ def test_memory_budget_picks_the_kept_graphs(tmp_path, world, budget_gb, kept):
     assert keep == ((steps, 0) if kept == "all" else (0, 0))  # (whole graphs, attention-only keeps)
 
 
+def test_a_resume_keeps_the_memory_plans_it_was_trained_with(tmp_path, world):
+    """A plan depends on the memory in use when it was made (a resumed process already holds the optimizer state):
+    the checkpoint carries the plans, so a resume keeps and recomputes the same steps as an uninterrupted run
+    (they differ in the last bits otherwise); another budget plans afresh."""
+    from fastfair import checkpoint
+    from fastfair.trainer import process_group
+
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world, "unet_lora"), ["sampler.memory_budget_gb=1"]))
+        trainer.iteration(0)
+        trainer.save(1)
+        plans = dict(trainer.memory_budget._keep)
+        step = checkpoint.checkpoint_dir(trainer.cfg.output_dir) / "step_00000001"
+        for budget, expected in (("1", plans), ("2", {})):
+            resumed = Trainer(load_config(write_config(tmp_path, world, "unet_lora"),
+                                          [f"sampler.memory_budget_gb={budget}", "resume_allow=[sampler]"]))
+            resumed.resume(step)
+            assert len(plans) == 1 and resumed.memory_budget._keep == expected
+
+
 @pytest.mark.parametrize("lean_graph", [True, False])
 def test_sampler_keeps_and_lean_graph_reach_the_engine(tmp_path, world, monkeypatch, lean_graph):
     """sampler.keep_graph_steps, keep_attention_steps and lean_graph are what the graph-building pass's sample
