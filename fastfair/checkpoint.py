@@ -17,7 +17,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -78,15 +78,20 @@ def has_weights(folder) -> bool:
 
 
 def list_checkpoints(output_dir, resumable: bool = True) -> Dict[int, Path]:
-    """{iteration: folder} of the complete checkpoints under output_dir (temp folders excluded): with their
-    state.pt (resumable), or with their weights (``has_weights``: what export and evaluation take)."""
-    root = checkpoint_dir(output_dir)
+    """{iteration: folder} of the checkpoints under output_dir (temp folders excluded) with their weights
+    (``has_weights``: what export and evaluation take) and, if resumable, their state.pt too."""
     found = {}
-    for folder in root.iterdir() if root.is_dir() else []:
-        match = _NAME.match(folder.name)
-        if match and ((folder / "state.pt").is_file() if resumable else has_weights(folder)):
-            found[int(match.group(1))] = folder
-    return dict(sorted(found.items()))
+    for iteration, folder in _step_folders(output_dir).items():
+        if has_weights(folder) and (not resumable or (folder / "state.pt").is_file()):
+            found[iteration] = folder
+    return found
+
+
+def _step_folders(output_dir) -> Dict[int, Path]:
+    """{iteration: folder} of every folder named like a checkpoint, complete or not."""
+    root = checkpoint_dir(output_dir)
+    matches = ((_NAME.match(folder.name), folder) for folder in (root.iterdir() if root.is_dir() else []))
+    return dict(sorted((int(match.group(1)), folder) for match, folder in matches if match))
 
 
 def rng_state() -> dict:
@@ -173,12 +178,26 @@ def resolve_resume(resume: str, output_dir) -> Optional[Path]:
         return None
     if resume == "auto":
         found = list_checkpoints(output_dir)
-        return found[max(found)] if found else None
+        newest = max(found, default=-1)
+        incomplete = {step: folder for step, folder in _step_folders(output_dir).items() if step > newest}
+        if incomplete:  # e.g. a file deleted or lost in a copy: say why those are passed over
+            import warnings
+
+            then = f"resuming from {found[newest]}" if found else "no complete checkpoint: a fresh start"
+            warnings.warn("resume=auto: " + "; ".join(f"{folder} lacks {', '.join(_missing(folder))}"
+                                                      for folder in incomplete.values()) + f"; {then}", stacklevel=2)
+        return found[newest] if found else None
     path = Path(resume)
-    if not (path / "state.pt").is_file():
-        raise ValueError(f"resume={resume}: not a checkpoint folder (expected {path}/state.pt, weights.safetensors, "
+    if _missing(path):
+        raise ValueError(f"resume={resume}: not a checkpoint folder: it lacks {', '.join(_missing(path))} (a "
+                         "checkpoint is <output_dir>/checkpoints/step_N with state.pt, weights.safetensors, "
                          "ema.safetensors)")
     return path
+
+
+def _missing(folder: Path) -> List[str]:
+    """The files of a resumable checkpoint that the folder lacks."""
+    return [name for name in ("state.pt", *WEIGHT_FILES) if not (Path(folder) / name).is_file()]
 
 
 def load_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -186,8 +205,9 @@ def load_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]
     stable); its state.pt is not read."""
     path = Path(path)
     if not has_weights(path):
-        raise ValueError(f"{path}: not a checkpoint folder (expected weights.safetensors and ema.safetensors, as in "
-                         "<output_dir>/checkpoints/step_00000200)")
+        lacking = [name for name in WEIGHT_FILES if not (path / name).is_file()]
+        raise ValueError(f"{path}: not a checkpoint folder: it lacks {', '.join(lacking)} (expected "
+                         "weights.safetensors and ema.safetensors, as in <output_dir>/checkpoints/step_00000200)")
     return tuple(stable_names(_read_safetensors(path / name)) for name in WEIGHT_FILES)
 
 
@@ -211,4 +231,8 @@ def load_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tens
             raise
         raise ValueError(f"{path}: a checkpoint of a DeepSpeed run (its state.pt holds DeepSpeed's optimizer "
                          "state); resume it with its deepspeed.config") from None
+    except (RuntimeError, EOFError) as error:  # written atomically: a bad file was damaged or cut off later
+        raise ValueError(f"{path / 'state.pt'}: cannot be read ({str(error).strip()[:200]}); the file is damaged or "
+                         "was cut off in a copy: copy it again, or resume from another checkpoint of the run (its "
+                         "weights still export)") from None
     return weights, ema, state

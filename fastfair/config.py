@@ -514,8 +514,9 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# what a resumed run may change without resume_allow: where it stops, how it logs and saves, and the optimizer
-# settings it is documented to apply (optim.name too, which the trainer refuses itself: its state has another layout)
+# what a resumed run may change without resume_allow: where it stops, how it logs, how often it saves, and the
+# optimizer settings it is documented to apply (optim.name too, which the trainer refuses itself: its state has
+# another layout). Not retention (keep_last, keep_every): a smaller one would prune checkpoints the run has kept.
 RESUME_MAY_CHANGE = ("optim", "max_steps", "checkpoint_every", "logging", "resume", "resume_allow", "output_dir")
 
 

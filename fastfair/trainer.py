@@ -631,6 +631,14 @@ class Trainer:
         recorded = checkpoint.config_file(path)
         saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
         changes = resume_changes(saved, self.cfg) if isinstance(saved, dict) else {}
+        horizon = saved.get("max_steps") if isinstance(saved, dict) else None
+        if horizon not in (None, self.cfg.max_steps) and self.cfg.optim.scheduler != "constant" and self.rank == 0:
+            import warnings
+
+            # max_steps is the learning-rate schedule's horizon: a run stopped by max_steps is not paused
+            warnings.warn(f"max_steps={self.cfg.max_steps}, but resume={path} was trained toward max_steps={horizon}: "
+                          f"the {self.cfg.optim.scheduler} learning-rate schedule now decays toward step "
+                          f"{self.cfg.max_steps}, so from here the run differs from one started with it", stacklevel=2)
         if changes:
             listed = ", ".join(f"{key}={now!r} (trained with {before!r})" for key, (before, now) in changes.items())
             keys = ",".join(changes)
@@ -653,12 +661,22 @@ class Trainer:
         """Nothing already saved is lost: a run starting at step self.start refuses an output_dir holding
         checkpoints past it, which it would mix with its own (retention keeps the highest steps: it would prune its
         own new checkpoints, and resume=auto would later pick the other run's)."""
-        later = [step for step in checkpoint.list_checkpoints(self.cfg.output_dir) if step > self.start]
-        if later:
-            why = "a fresh run (resume='')" if fresh else f"a run resumed from step {self.start}"
-            raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints up to step {max(later)} of another "
-                             f"run, which {why} would mix with its own: continue it with resume=auto, or use "
-                             "another output_dir, or delete those checkpoints")
+        # weights-only checkpoints (state.pt deleted to save space) count: a run would overwrite them too
+        saved = checkpoint.list_checkpoints(self.cfg.output_dir, resumable=False)
+        later = [step for step in saved if step > self.start]
+        if not later:
+            return
+        steps = ", ".join(map(str, later[:8])) + (", ..." if len(later) > 8 else "")
+        if not fresh:
+            raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints newer than the step {self.start} "
+                             f"this run resumes from (steps {steps}), which it would overwrite: resume=auto "
+                             "continues from the newest; to go back on purpose, move or delete the newer ones")
+        resumable = checkpoint.list_checkpoints(self.cfg.output_dir)
+        how = ("continue it with resume=auto, or" if resumable else
+               "its checkpoints hold weights only (no state.pt), so it cannot be continued:")
+        raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints of another run (steps {steps}), which "
+                         f"a fresh run (resume='') would overwrite and mix with its own: {how} use another "
+                         "output_dir, or move those checkpoints away")
 
     def train(self) -> None:
         from tqdm import tqdm

@@ -31,15 +31,56 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, world):
     saved = {p.name: p.stat().st_mtime_ns for p in checkpoint.checkpoint_dir(cfg.output_dir).iterdir()}
     config_before = (Path(cfg.output_dir) / "config.yaml").read_text()
     again = load_config(write_config(tmp_path, world), ["max_steps=1", "finetune.lora.rank=2"])
-    with pytest.raises(ValueError, match=r"holds checkpoints up to step 2 of another run, which a fresh run "
-                                         r"\(resume=''\) would mix with its own: continue it with resume=auto"):
+    with pytest.raises(ValueError, match=r"holds checkpoints of another run \(steps 1, 2\), which a fresh run "
+                                         r"\(resume=''\) would overwrite and mix with its own: continue it with "
+                                         r"resume=auto"):
         Trainer(again).train()
     assert {p.name: p.stat().st_mtime_ns for p in checkpoint.checkpoint_dir(cfg.output_dir).iterdir()} == saved
     assert (Path(cfg.output_dir) / "config.yaml").read_text() == config_before
     earlier = load_config(write_config(tmp_path, world),  # a resume from step 1 would bury step 2 likewise
                           ["max_steps=3", f"resume={checkpoint.checkpoint_dir(cfg.output_dir) / 'step_00000001'}"])
-    with pytest.raises(ValueError, match="a run resumed from step 1 would mix"):
+    with pytest.raises(ValueError, match=r"newer than the step 1 this run resumes from \(steps 2\), which it would "
+                                         "overwrite: resume=auto continues from the newest"):
         Trainer(earlier).train()
+    # checkpoints whose state.pt was deleted to save space (their weights still export) are kept safe too
+    for folder in checkpoint.checkpoint_dir(cfg.output_dir).iterdir():
+        (folder / "state.pt").unlink()
+    weights = {p.name: p.read_bytes() for p in checkpoint.checkpoint_dir(cfg.output_dir).glob("*/*.safetensors")}
+    for resume in ("", "auto"):  # auto finds nothing to resume: a fresh start
+        fresh = load_config(write_config(tmp_path, world), ["max_steps=1", f"resume={resume}"])
+        with pytest.raises(ValueError, match=r"of another run \(steps 1, 2\).*hold weights only \(no state.pt\), so it "
+                                             "cannot be continued: use another output_dir"):
+            Trainer(fresh).train()
+    assert {p.name: p.read_bytes() for p in checkpoint.checkpoint_dir(cfg.output_dir).glob("*/*.safetensors")} == \
+        weights
+
+
+def test_resume_auto_passes_over_an_incomplete_newest_checkpoint(tmp_path, world):
+    """A newest checkpoint that lost a file: resume=auto continues from the newest complete one, saying why;
+    an explicit resume of it names the missing file; a cut-off state.pt is named, not a torch traceback."""
+    cfg, _ = _trained(tmp_path, world)  # steps 1, 2
+    root = checkpoint.checkpoint_dir(cfg.output_dir)
+    (root / "step_00000002" / "weights.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"step_00000002 lacks weights.safetensors; resuming from .*step_00000001"):
+        assert checkpoint.resolve_resume("auto", cfg.output_dir) == root / "step_00000001"
+    with pytest.raises(ValueError, match=r"resume=.*step_00000002: not a checkpoint folder: it lacks "
+                                         "weights.safetensors"):
+        checkpoint.resolve_resume(str(root / "step_00000002"), cfg.output_dir)
+    state = root / "step_00000001" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"state.pt: cannot be read .*damaged or was cut off"):
+        checkpoint.load_checkpoint(root / "step_00000001")
+
+
+def test_a_resume_that_moves_the_schedules_horizon_warns(tmp_path, world):
+    """max_steps is the horizon of a linear/cosine learning-rate schedule: a resume that changes it is allowed but
+    said (the run differs from one started with the new max_steps); a constant schedule has none to move."""
+    _trained(tmp_path, world, "max_steps=1", "optim.scheduler=linear")
+    longer = Trainer(load_config(write_config(tmp_path, world), ["max_steps=2", "optim.scheduler=linear",
+                                                                 "resume=auto"]))
+    with pytest.warns(UserWarning, match="trained toward max_steps=1: the linear learning-rate schedule now decays "
+                                         "toward step 2"):
+        longer.train()
 
 
 def test_resume_checks_max_steps_and_shapes(tmp_path, world):
