@@ -3,7 +3,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
+#include "half_cpu.h"
 #include "launchers.h"
 
 namespace fastfair {
@@ -18,13 +20,33 @@ template <typename G, typename O>
 void fanout_range(const G* __restrict__ g, const std::vector<double>& coefs, O* __restrict__ out, int64_t n,
                   int64_t begin, int64_t end) {
   using A = typename FanoutAcc<G>::type;
-  for (int64_t tile = begin; tile < end; tile += kTile) {
-    const int64_t stop = std::min(tile + kTile, end);
-    for (size_t c = 0; c < coefs.size(); ++c) {
-      const A s = static_cast<A>(coefs[c]);
-      O* __restrict__ dst = out + static_cast<int64_t>(c) * n;
+  constexpr bool kHalfOut = std::is_same_v<O, c10::Half> || std::is_same_v<O, c10::BFloat16>;
+  if constexpr (kHalfOut && std::is_same_v<A, float>) {
+    float upcast[kTile];  // an fp16/bf16 g's tile in fp32, converted once rather than once per coefficient
+    for (int64_t tile = begin; tile < end; tile += kTile) {
+      const int64_t len = std::min(kTile, end - tile);
+      const float* src = nullptr;
+      if constexpr (std::is_same_v<G, float>) {
+        src = g + tile;
+      } else if constexpr (std::is_same_v<G, c10::Half>) {
+        half_cpu::widen(g + tile, upcast, len);
+        src = upcast;
+      } else {
+        for (int64_t i = 0; i < len; ++i) upcast[i] = static_cast<float>(g[tile + i]);
+        src = upcast;
+      }
+      for (size_t c = 0; c < coefs.size(); ++c)
+        half_cpu::scale_store(src, static_cast<float>(coefs[c]), out + static_cast<int64_t>(c) * n + tile, len);
+    }
+  } else {  // fp32/fp64 outputs, and fp64 g (rounded through float to fp16/bf16 by c10, as by torch)
+    for (int64_t tile = begin; tile < end; tile += kTile) {
+      const int64_t stop = std::min(tile + kTile, end);
+      for (size_t c = 0; c < coefs.size(); ++c) {
+        const A s = static_cast<A>(coefs[c]);
+        O* __restrict__ dst = out + static_cast<int64_t>(c) * n;
 #pragma omp simd
-      for (int64_t i = tile; i < stop; ++i) dst[i] = static_cast<O>(s * static_cast<A>(g[i]));
+        for (int64_t i = tile; i < stop; ++i) dst[i] = static_cast<O>(s * static_cast<A>(g[i]));
+      }
     }
   }
 }
