@@ -667,11 +667,12 @@ class Trainer:
         if not later:
             return
         steps = ", ".join(map(str, later[:8])) + (", ..." if len(later) > 8 else "")
-        if not fresh:
-            raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints newer than the step {self.start} "
-                             f"this run resumes from (steps {steps}), which it would overwrite: resume=auto "
-                             "continues from the newest; to go back on purpose, move or delete the newer ones")
         resumable = checkpoint.list_checkpoints(self.cfg.output_dir)
+        if not fresh:
+            newest = "resume=auto continues from the newest; " if max(later) in resumable else ""
+            raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints newer than the step {self.start} "
+                             f"this run resumes from (steps {steps}), which it would overwrite: {newest}to go back "
+                             "on purpose, move or delete the newer ones")
         how = ("continue it with resume=auto, or" if resumable else
                "its checkpoints hold weights only (no state.pt), so it cannot be continued:")
         raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints of another run (steps {steps}), which "

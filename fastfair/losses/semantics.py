@@ -227,8 +227,8 @@ def _load_open_clip(model_name, checkpoint, dtype, device) -> SemanticEncoder:
         import open_clip
     except Exception as err:  # ImportError, or torchvision failing to import beside this torch
         raise MissingPackage("backend 'open_clip' needs open_clip_torch and an importable torchvision: "
-                          "pip install 'fastfair[clip]', or use backend 'clip' with a transformers "
-                          f"directory ({type(err).__name__}: {err})") from err
+                             "pip install 'fastfair[clip]', or use backend 'clip' with a transformers "
+                             f"directory ({type(err).__name__}: {err})") from err
     # an absolute path is never taken for a pretrained tag (a tag would be downloaded)
     model = open_clip.create_model(model_name, pretrained=os.path.abspath(checkpoint), device=device)
     visual = model.visual.to(dtype)
