@@ -13,6 +13,7 @@ Fig. 9 plots, image grids and report.html (`fastfair.evaluation.report`).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -65,10 +66,20 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         raise ValueError("no prompts to evaluate")
     if not classifiers:
         raise ValueError("--classifier: give at least one attribute classifier file")
-    if not guidance_scales or len(set(map(float, guidance_scales))) != len(guidance_scales):
-        raise ValueError(f"--guidance-scales {list(guidance_scales)}: expected one or more distinct scales")
+    # folders and results are keyed by the scale as printed: 7.5 and 7.5000001 would share them
+    if not guidance_scales or len({f"{float(g):g}" for g in guidance_scales}) != len(guidance_scales):
+        raise ValueError(f"--guidance-scales {list(guidance_scales)}: expected one or more distinct scales (as "
+                         "printed with 6 significant digits)")
+    if not all(math.isfinite(float(g)) for g in guidance_scales):
+        raise ValueError(f"--guidance-scales {list(guidance_scales)}: expected finite numbers")
     if num_steps < 1 or batch_size < 1:
         raise ValueError(f"--steps {num_steps} and --batch-size {batch_size} must be >= 1")
+    if grid_columns < 1:
+        raise ValueError(f"--grid-columns {grid_columns}: expected at least 1")
+    if not margin >= 0:
+        raise ValueError(f"--margin {margin}: expected a fraction of the face box >= 0 (default {FACE_MARGIN})")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: a file; give a folder for the images and the report")
     if bool(fid_reference) != bool(fid_inception):
         raise ValueError("FID needs both --fid-reference (a folder of real images) and --fid-inception (weights)")
     if images_per_prompt is not None and images_per_prompt < 1:  # only None means the default count

@@ -378,3 +378,43 @@ def test_a_missing_optional_package_ends_the_cli_with_status_2(tmp_path, monkeyp
     assert exit_.value.code == 2 and "prog: error: the 'mtcnn' detector needs" in capsys.readouterr().err
     with pytest.raises(ImportError, match="broken"), user_errors("prog"):
         raise ImportError("broken")
+
+
+def test_a_batch_killed_mid_write_leaves_no_record_on_an_overwritten_image(tmp_path, monkeypatch):
+    """The manifest drops the records of the files a batch overwrites before writing them: a run killed after a PNG
+    was replaced must not leave the earlier prompt's record on it (a later run would score this image for it)."""
+    from PIL import Image
+
+    from fastfair.evaluation.cache import ImageCache, Job, image_path
+
+    settings = {"seed": 0}
+    path = image_path(3.0, "base", 0, 0)
+    ImageCache(tmp_path, settings).store([Job(path, "base", 3.0, 0, "prompt A", 0)], torch.zeros(1, 3, 4, 4))
+    real_save = Image.Image.save
+
+    def save_then_die(image, target, *args, **kwargs):
+        real_save(image, target, *args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the file was replaced
+
+    monkeypatch.setattr(Image.Image, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ImageCache(tmp_path, settings).store([Job(path, "base", 3.0, 0, "prompt X", 0)], torch.ones(1, 3, 4, 4))
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert not ImageCache(tmp_path, settings).has(Job(path, "base", 3.0, 0, "prompt A", 0))  # regenerated
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(guidance_scales=(7.5, 7.5000001)), r"expected one or more distinct scales \(as printed"),
+    (dict(guidance_scales=(float("inf"),)), "expected finite numbers"),
+    (dict(grid_columns=0), "--grid-columns 0: expected at least 1"),
+    (dict(margin=-1.0), "--margin -1.0: expected a fraction of the face box >= 0"),
+    (dict(classifiers=["missing.safetensors"]), "--classifier missing.safetensors does not exist"),
+])
+def test_evaluation_settings_are_checked_before_any_image(options, message, tmp_path):
+    """Settings that would fail (or collide) only after every image is generated are refused first."""
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "eval", **options)
+    assert not (tmp_path / "eval" / "images").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="--out .*file: a file; give a folder"):
+        run(tmp_path / "file")

@@ -147,6 +147,11 @@ class ImageCache:
 
     def store(self, jobs: Sequence[Job], images: torch.Tensor) -> None:
         """Write the PNGs of jobs (images [N, 3, H, W] in [-1, 1]), then record them in the manifest."""
+        # drop the records of the files about to be overwritten first: a run killed mid-batch must not leave
+        # another prompt's record on a file that now holds this prompt's image
+        dropped = [self.manifest["images"].pop(job.path, None) for job in jobs]
+        if any(record is not None for record in dropped):
+            _write_json(self.root / MANIFEST, self.manifest)
         for job, image in zip(jobs, to_pil(images)):
             target = self.path(job.path)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -280,6 +280,10 @@ def load_classifiers(paths: Sequence[str], attributes: Optional[Sequence[str]] =
     for path in paths:
         if ":" in str(path) and not Path(path).exists():  # a factory, e.g. fastfair.toy:eval_classifier
             classifier = load_callable(str(path), "--classifier")(None)
+        elif not Path(path).is_file():
+            state = "is a folder, not a classifier file" if Path(path).is_dir() else "does not exist"
+            raise ValueError(f"--classifier {path} {state}: give a classifier file (.safetensors from python -m "
+                             "fastfair.classifiers.train, or the public code's .pt with --classifier-head)")
         elif head_names and not describes_itself(str(path)):
             try:
                 head = head_from_names(head_names)
