@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastfair.faces.files import plain_mode
+
 _NAME = re.compile(r"^step_(\d{8})$")
 # CLIPTextModel's submodules; transformers 5 puts them at the top, 4.x (and every published SD LoRA) under text_model.
 _CLIP_TEXT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
@@ -142,6 +144,7 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
             import yaml
 
             (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
+        plain_mode(*(f for f in tmp.iterdir() if f.is_file()))  # safetensors writes 0600
     except (OSError, RuntimeError, SafetensorError) as error:  # a full disk: torch.save's RuntimeError, or this
         written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ("--threads", args.threads)):
         if value is not None and value < 1:
             parser.error(f"{flag} {value}: expected at least 1")
+    if args.threads is not None and args.threads > 4 * (os.cpu_count() or 1):  # torch overflows at 2^31
+        parser.error(f"--threads {args.threads}: this machine has {os.cpu_count()} CPUs")
     return args
 
 
@@ -69,9 +72,13 @@ def train(config: str, out: Path, iters, overrides: List[str]):
     owned = [text for text in overrides if text.split("=", 1)[0].strip() in ("output_dir", "resume")]
     if owned:  # the demo sets both (below): the user's would be replaced without a word
         raise ValueError(f"{owned[0]}: the demo trains into --out and resumes what it finds there; give --out DIR")
-    if config not in CONFIGS and not Path(config).is_file():
-        raise ValueError(f"--config {config}: neither a shipped config ({', '.join(CONFIGS)}) nor a YAML file")
-    trained = max(checkpoint.list_checkpoints(out), default=0)
+    if config not in CONFIGS:
+        from fastfair.hooks import resolve_package_path
+
+        config = resolve_package_path(config)  # pkg://PACKAGE/PATH, as the other tools take
+        if not Path(config).is_file():
+            raise ValueError(f"--config {config}: neither a shipped config ({', '.join(CONFIGS)}) nor a YAML file")
+    trained = max(checkpoint.list_checkpoints(out, resumable=False), default=0)  # also weights-only ones
     if iters is not None and iters < trained:  # the trainer would name max_steps, which the demo user never set
         raise ValueError(f"--iters {iters}: {out} holds a run trained for {trained} iterations already; give "
                          f"--iters {trained} or more to go on from it, or another --out for a shorter run")
@@ -81,9 +88,35 @@ def train(config: str, out: Path, iters, overrides: List[str]):
         print(f"{out} holds a run trained for {trained} iterations, past the config's {cfg.max_steps}: evaluating "
               f"it as it is (--iters N trains it on to N)")
         cfg.max_steps = trained
-    with process_group("cpu"):
-        Trainer(cfg, "cpu").train()
-    return cfg, checkpoint.resolve_resume("auto", cfg.output_dir)
+    _check_same_run(out, cfg)
+    if trained >= cfg.max_steps and trained not in checkpoint.list_checkpoints(out):
+        # finished, and its state.pt deleted to save space: nothing to resume, and its weights are all that the
+        # evaluation reads (the trainer would resume an earlier checkpoint and refuse to overwrite this one)
+        print(f"{out}: trained to step {trained} already, nothing to train")
+    else:
+        with process_group("cpu"):
+            Trainer(cfg, "cpu").train()
+    saved = checkpoint.list_checkpoints(cfg.output_dir, resumable=False)
+    return cfg, saved[max(saved)]
+
+
+def _check_same_run(out: Path, cfg) -> None:
+    """Refuse an --out holding a run trained with other settings (another --config, other overrides): the trainer
+    would refuse the resume and suggest another output_dir, which the demo takes only as --out."""
+    import yaml
+
+    from fastfair import checkpoint
+    from fastfair.config import resume_changes
+
+    saved = checkpoint.list_checkpoints(out, resumable=False)
+    recorded = checkpoint.config_file(saved[max(saved)]) if saved else None
+    if recorded is None or not recorded.is_file():
+        return
+    changes = resume_changes(yaml.safe_load(recorded.read_text()), cfg)
+    if changes:
+        listed = ", ".join(f"{key}={now!r} (trained with {before!r})" for key, (before, now) in changes.items())
+        raise ValueError(f"{out} holds a run trained with other settings: {listed}; give another --out for this "
+                         "one (each --config trains into its own by default), or the run's settings to go on with it")
 
 
 def target_marginals(cfg) -> Dict[str, Dict[str, float]]:
@@ -137,17 +170,26 @@ def _slug(name: str) -> str:
 
 def summarize_demo(results: dict) -> dict:
     """The demo's metrics.json content from the evaluation results."""
+    from fastfair.evaluation.report import uniform_target
+
     (guidance, models), = results["guidance"].items()
     before, after = models["base"]["summary"], models["finetuned"]["summary"]
     metrics = {"before": {}, "after": {}, "reduction": {}, "semantics": {}, "guidance_scale": float(guidance),
-               "prompts": results["prompts"], "images_per_prompt": results["settings"]["images_per_prompt"]}
+               "prompts": results["prompts"], "images_per_prompt": results["settings"]["images_per_prompt"],
+               "not_goals": []}
     for attribute_set in results["attribute_sets"]:
+        # the paper's bias is a distance from a uniform split: toward a non-uniform target (age 75/25) it is not
+        # to be reduced, a model exactly on target scores 0.5; such rows are reported, without a reduction
+        uniform = "target" not in attribute_set or uniform_target(attribute_set)
         for key in ("bias", "total_variation"):
             name = f"{_slug(attribute_set['name'])}_{key}"
             for side, summary in (("before", before), ("after", after)):
                 metrics[side][name] = summary[f"{attribute_set['name']}.{key}"]["mean"]
                 metrics[side][name + "_std"] = summary[f"{attribute_set['name']}.{key}"]["std"]
             change = _relative_change(metrics["before"][name], metrics["after"][name])
+            if key == "bias" and not uniform:
+                metrics["not_goals"].append(name)
+                change = None
             metrics["reduction"][name] = None if change is None else -change
     for name in results["settings"]["semantic_encoders"]:
         metrics["semantics"][f"sim_{name}"] = after[f"sim_{name}"]["mean"]
@@ -175,9 +217,11 @@ def table(metrics: dict) -> str:
         if name.endswith("_std"):
             continue
         after = metrics["after"][name]
-        lines.append(f"| {name} ↓ | {value:.3f} ± {metrics['before'][name + '_std']:.3f} | "
-                     f"{after:.3f} ± {metrics['after'][name + '_std']:.3f} | "
-                     f"{_percent(_relative_change(value, after))} |")
+        goal = name not in metrics.get("not_goals", ())
+        label = f"{name} ↓" if goal else f"{name} (from uniform; the target is not)"
+        change = _percent(_relative_change(value, after)) if goal else ""
+        lines.append(f"| {label} | {value:.3f} ± {metrics['before'][name + '_std']:.3f} | "
+                     f"{after:.3f} ± {metrics['after'][name + '_std']:.3f} | {change} |")
     sem = metrics["semantics"]
     for key, value in sem.items():
         if key.startswith("sim_"):

@@ -67,6 +67,8 @@ def main(argv=None) -> dict:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.iters < 0:
         parser.error(f"--iters must be >= 0, got {args.iters}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # checked now, not after the training
+        parser.error(f"--out {args.out}: a file; give a folder for metrics.json and before_after.png")
     from tqdm import tqdm
 
     torch.set_num_threads(min(2, torch.get_num_threads()))

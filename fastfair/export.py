@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastfair.checkpoint import config_file, load_weights
 from fastfair.config import load_config
+from fastfair.faces.files import plain_mode
 
 PREFIX_TOKEN = "<fastfair-prefix>"
 EXPORT_INFO = "fastfair_export.json"
@@ -110,6 +111,7 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
             "target": target, "model": cfg.model.pretrained, "checkpoint": str(checkpoint_dir.resolve()),
             "weights": weights}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    plain_mode(*(f for f in out.rglob("*") if f.is_file()))  # safetensors (and diffusers through it) write 0600
     return out
 
 

@@ -690,12 +690,12 @@ class Trainer:
         if self.start > cfg.max_steps:
             raise ValueError(f"max_steps={cfg.max_steps}, but the run resumed from step {self.start}: raise max_steps "
                              "to train on, or use another output_dir for a shorter run")
-        if self.rank == 0:
-            save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         if self.start == cfg.max_steps:  # nothing to train (a rerun of a finished run, or the demo's)
-            if self.rank == 0:
+            if self.rank == 0:  # config.yaml keeps what ran: settings given now (optim.lr=...) changed nothing
                 print(f"{cfg.output_dir}: trained to step {self.start} already, nothing to train")
             return
+        if self.rank == 0:
+            save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         log = RunLog(cfg.output_dir, cfg.logging.tensorboard_dir, self.start) if self.rank == 0 else None
         bar = tqdm(range(self.start, cfg.max_steps), initial=self.start, total=cfg.max_steps,
                    disable=self.rank != 0)

@@ -273,10 +273,13 @@ def test_train_step_cli_names_the_bad_flag(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [(["--images", "0"], "--images must be >= 1, got 0"),
-                                           (["--steps", "0"], "--steps must be >= 1, got 0")])
+                                           (["--steps", "0"], "--steps must be >= 1, got 0"),
+                                           (["--out", "FILE"], "a file; give a folder")])  # not after training
 def test_engine_demo_cli_names_the_bad_flag(argv, message, capsys, tmp_path):
     from fastfair import engine_demo
 
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / "FILE") if arg == "FILE" else arg for arg in argv]
     with pytest.raises(SystemExit):
         engine_demo.main(["--out", str(tmp_path), *argv])
     assert message in capsys.readouterr().err

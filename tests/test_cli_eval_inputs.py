@@ -337,6 +337,19 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     for override in ("output_dir=elsewhere", "resume="):  # the demo sets both: the user's were replaced silently
         with pytest.raises(ValueError, match=f"{override}: the demo trains into --out .*give --out DIR"):
             demo.main(["--out", str(out)] + DEMO_FAST + [override])
+    # another run's settings: the demo's own advice (the trainer's "another output_dir" is --out here)
+    with pytest.raises(ValueError, match=r"holds a run trained with other settings: sampler.num_steps=3 \(trained "
+                                         r"with 2\); give another --out"):
+        demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST + ["sampler.num_steps=3"])
+    # a finished run: an optimizer setting given now changes nothing, and config.yaml keeps what ran
+    demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST + ["optim.lr=0.5"])
+    assert "lr: 0.5" not in (out / "train" / "config.yaml").read_text()
+    # its final state.pt deleted to save space: still evaluated (it was an earlier checkpoint's resume, refused)
+    (Path(second["checkpoint"]) / "state.pt").unlink()
+    (out / "eval" / "images" / "manifest.json").write_text("")  # and an emptied manifest: evaluated afresh
+    fourth = demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)
+    assert fourth["checkpoint"] == second["checkpoint"] and fourth["after"] == second["after"]
+    assert "re-evaluating, the cached images are of other settings (manifest)" in capsys.readouterr().out
 
 
 def test_demo_names_its_configs_for_an_unknown_one(tmp_path):

@@ -1,4 +1,6 @@
 """Export a checkpoint, load it into a diffusers StableDiffusionPipeline: the same model as in training; generate."""
+import os
+
 import pytest
 import torch
 
@@ -32,8 +34,16 @@ def _eps(unet, emb):
 
 @pytest.mark.parametrize("target", ["text_unet_lora", "prefix"])
 def test_exported_pipeline_matches_training_model(tmp_path, world, target):
-    trainer, ckpt = _trained(tmp_path, world, target)
-    out = export(ckpt, tmp_path / "export")
+    umask = os.umask(0o022)
+    try:
+        trainer, ckpt = _trained(tmp_path, world, target)
+        out = export(ckpt, tmp_path / "export")
+    finally:
+        os.umask(umask)
+    # safetensors writes 0600: a group sharing the run could not read the export (nor the checkpoint)
+    for folder in (out, ckpt):
+        assert {f.name: oct(f.stat().st_mode & 0o777) for f in folder.iterdir()} == \
+            {f.name: "0o644" for f in folder.iterdir()}
     if target != "prefix":  # text-encoder keys in the published layout, also from a checkpoint in the other one
         written = load_file(str(out / LORA_FILE))
         text_keys = [key for key in written if key.startswith("text_encoder.")]

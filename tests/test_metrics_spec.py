@@ -305,6 +305,26 @@ def test_demo_summary_reports_the_evaluation_means():
     assert "| diversity | 0.600 | 0.800 | +33% |" in text
 
 
+def test_demo_reports_no_reduction_of_bias_toward_a_non_uniform_target():
+    """Age 75/25: the paper's bias measures the distance from 50/50, which a model exactly on target has at 0.5;
+    it is reported without ↓ or a reduction, the total variation to the target is the goal."""
+    from fastfair.demo import summarize_demo, table
+
+    def summary(bias_values, tv_values):
+        return {"age.bias": mean_std(bias_values), "age.total_variation": mean_std(tv_values),
+                "diversity": mean_std([0.5]), "no_face": {"total": 0}}
+
+    results = {"guidance": {"3": {"base": {"summary": summary([0.9], [0.2])},
+                                  "finetuned": {"summary": summary([0.5], [0.0])}}},
+               "attribute_sets": [{"name": "age", "target": [0.75, 0.25]}], "prompts": ["a"],
+               "settings": {"images_per_prompt": 4, "semantic_encoders": []}}
+    metrics = summarize_demo(results)
+    assert metrics["reduction"] == {"age_bias": None, "age_total_variation": 1.0}
+    text = table(metrics)
+    assert "| age_bias (from uniform; the target is not) | 0.900 ± 0.000 | 0.500 ± 0.000 |  |" in text
+    assert "| age_total_variation ↓ | 0.200 ± 0.000 | 0.000 ± 0.000 | -100% |" in text
+
+
 def test_demo_table_when_the_original_is_already_unbiased():
     """A reduction from 0 is undefined: n/a (null in metrics.json), not a ZeroDivisionError after training."""
     from fastfair.demo import summarize_demo, table

@@ -125,7 +125,11 @@ class ImageCache:
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
         self.manifest = {"settings": self.settings, "images": {}}
         if (self.root / MANIFEST).is_file():
-            stored = json.loads((self.root / MANIFEST).read_text())
+            try:
+                stored = json.loads((self.root / MANIFEST).read_text())
+            except ValueError:  # emptied or cut off (a full disk): its images cannot be trusted
+                raise StaleCacheError(f"{self.root / MANIFEST}: unreadable; use another --out or delete the folder",
+                                      ["manifest"]) from None
             if stored.get("settings") != self.settings:
                 old = stored.get("settings", {})
                 changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))

@@ -35,6 +35,15 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
+def plain_mode(*paths) -> None:
+    """Give files a plain file's mode, 0666 less the umask: mkstemp and safetensors (0.8) write 0600, which keeps a
+    shared group from reading a run's checkpoints, exports or banks."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically, with a plain file's
@@ -46,9 +55,7 @@ def atomic_path(path: str):
     os.close(handle)
     try:
         yield temporary
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        plain_mode(temporary)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)

@@ -5,7 +5,8 @@ Two independent models (seed 0124): ``train`` (the alignment loss's; fastfair's 
 
 Input: face crops in [-1, 1] as ``fastfair.faces`` makes them: the detector's box made square with
 margin 0.5 (``select_largest``'s default), resized to ``input_size`` (32). Training draws margins in
-[0.2, 1.0] with the centre jittered, and 20 % whole images, so whole 32x32 images work too; other
+[0.2, 1.0] with the centre jittered, and 20 % whole images, so whole 32x32 images work too (the train
+model less well there: gender 95 %, race 98 %, against > 99 % on crops); other
 input sizes are resized (bilinear, antialiased, differentiable). Crops are blurred and noised in
 training so the decoded images of the toy model are in distribution.
 """
