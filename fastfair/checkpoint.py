@@ -83,13 +83,13 @@ def list_checkpoints(output_dir, resumable: bool = True) -> Dict[int, Path]:
     """{iteration: folder} of the checkpoints under output_dir (temp folders excluded) with their weights
     (``has_weights``: what export and evaluation take) and, if resumable, their state.pt too."""
     found = {}
-    for iteration, folder in _step_folders(output_dir).items():
+    for iteration, folder in step_folders(output_dir).items():
         if has_weights(folder) and (not resumable or (folder / "state.pt").is_file()):
             found[iteration] = folder
     return found
 
 
-def _step_folders(output_dir) -> Dict[int, Path]:
+def step_folders(output_dir) -> Dict[int, Path]:
     """{iteration: folder} of every folder named like a checkpoint, complete or not."""
     root = checkpoint_dir(output_dir)
     matches = ((_NAME.match(folder.name), folder) for folder in (root.iterdir() if root.is_dir() else []))
@@ -182,7 +182,7 @@ def resolve_resume(resume: str, output_dir) -> Optional[Path]:
     if resume == "auto":
         found = list_checkpoints(output_dir)
         newest = max(found, default=-1)
-        incomplete = {step: folder for step, folder in _step_folders(output_dir).items() if step > newest}
+        incomplete = {step: folder for step, folder in step_folders(output_dir).items() if step > newest}
         if incomplete:  # e.g. a file deleted or lost in a copy: say why those are passed over
             import warnings
 

@@ -75,7 +75,7 @@ def train(config: str, out: Path, iters, overrides: List[str]):
     if config not in CONFIGS:
         from fastfair.hooks import resolve_package_path
 
-        config = resolve_package_path(config)  # pkg://PACKAGE/PATH, as the other tools take
+        config = resolve_package_path(config, "--config")  # pkg://PACKAGE/PATH, as the other tools take
         if not Path(config).is_file():
             raise ValueError(f"--config {config}: neither a shipped config ({', '.join(CONFIGS)}) nor a YAML file")
     trained = max(checkpoint.list_checkpoints(out, resumable=False), default=0)  # also weights-only ones

@@ -111,7 +111,9 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
             "target": target, "model": cfg.model.pretrained, "checkpoint": str(checkpoint_dir.resolve()),
             "weights": weights}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
-    plain_mode(*(f for f in out.rglob("*") if f.is_file()))  # safetensors (and diffusers through it) write 0600
+    # safetensors (and diffusers through it) write 0600; only what this export wrote (--out may hold other files)
+    written = [out / writes, out / EXPORT_INFO]
+    plain_mode(*(f for path in written for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file()))
     return out
 
 

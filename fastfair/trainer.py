@@ -661,12 +661,15 @@ class Trainer:
         """Nothing already saved is lost: a run starting at step self.start refuses an output_dir holding
         checkpoints past it, which it would mix with its own (retention keeps the highest steps: it would prune its
         own new checkpoints, and resume=auto would later pick the other run's)."""
-        # weights-only checkpoints (state.pt deleted to save space) count: a run would overwrite them too
-        saved = checkpoint.list_checkpoints(self.cfg.output_dir, resumable=False)
+        # every step folder counts, complete or not (weights-only ones whose state.pt was deleted to save space,
+        # ones that lost a file): a run would overwrite them
+        saved = checkpoint.step_folders(self.cfg.output_dir)
         later = [step for step in saved if step > self.start]
         if not later:
             return
-        steps = ", ".join(map(str, later[:8])) + (", ..." if len(later) > 8 else "")
+        complete = checkpoint.list_checkpoints(self.cfg.output_dir, resumable=False)
+        steps = ", ".join(f"{step}" if step in complete else f"{step} (incomplete)" for step in later[:8])
+        steps += ", ..." if len(later) > 8 else ""
         resumable = checkpoint.list_checkpoints(self.cfg.output_dir)
         if not fresh:
             newest = "resume=auto continues from the newest; " if max(later) in resumable else ""
@@ -674,7 +677,7 @@ class Trainer:
                              f"this run resumes from (steps {steps}), which it would overwrite: {newest}to go back "
                              "on purpose, move or delete the newer ones")
         how = ("continue it with resume=auto, or" if resumable else
-               "its checkpoints hold weights only (no state.pt), so it cannot be continued:")
+               "none of its checkpoints can be resumed (each lacks state.pt or a weight file):")
         raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints of another run (steps {steps}), which "
                          f"a fresh run (resume='') would overwrite and mix with its own: {how} use another "
                          "output_dir, or move those checkpoints away")

@@ -37,13 +37,17 @@ def test_exported_pipeline_matches_training_model(tmp_path, world, target):
     umask = os.umask(0o022)
     try:
         trainer, ckpt = _trained(tmp_path, world, target)
+        (tmp_path / "export").mkdir()
+        (tmp_path / "export" / "private.key").write_text("not the export's")
+        os.chmod(tmp_path / "export" / "private.key", 0o600)
         out = export(ckpt, tmp_path / "export")
     finally:
         os.umask(umask)
-    # safetensors writes 0600: a group sharing the run could not read the export (nor the checkpoint)
+    # safetensors writes 0600: a group sharing the run could not read the export (nor the checkpoint); a file the
+    # export did not write keeps its mode
     for folder in (out, ckpt):
         assert {f.name: oct(f.stat().st_mode & 0o777) for f in folder.iterdir()} == \
-            {f.name: "0o644" for f in folder.iterdir()}
+            {f.name: "0o600" if f.name == "private.key" else "0o644" for f in folder.iterdir()}
     if target != "prefix":  # text-encoder keys in the published layout, also from a checkpoint in the other one
         written = load_file(str(out / LORA_FILE))
         text_keys = [key for key in written if key.startswith("text_encoder.")]

@@ -48,11 +48,15 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, world):
     weights = {p.name: p.read_bytes() for p in checkpoint.checkpoint_dir(cfg.output_dir).glob("*/*.safetensors")}
     for resume in ("", "auto"):  # auto finds nothing to resume: a fresh start
         fresh = load_config(write_config(tmp_path, world), ["max_steps=1", f"resume={resume}"])
-        with pytest.raises(ValueError, match=r"of another run \(steps 1, 2\).*hold weights only \(no state.pt\), so it "
-                                             "cannot be continued: use another output_dir"):
+        with pytest.raises(ValueError, match=r"of another run \(steps 1, 2\).*none of its checkpoints can be resumed "
+                                             r"\(each lacks state.pt or a weight file\): use another output_dir"):
             Trainer(fresh).train()
     assert {p.name: p.read_bytes() for p in checkpoint.checkpoint_dir(cfg.output_dir).glob("*/*.safetensors")} == \
         weights
+    # a checkpoint that lost a weight file keeps the other (the EMA export reads) and is kept safe too
+    (checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000002" / "weights.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"of another run \(steps 1, 2 \(incomplete\)\)"):
+        Trainer(load_config(write_config(tmp_path, world), ["max_steps=1", "resume="])).train()
 
 
 def test_resume_auto_passes_over_an_incomplete_newest_checkpoint(tmp_path, world):

@@ -41,7 +41,10 @@ def plain_mode(*paths) -> None:
     umask = os.umask(0)
     os.umask(umask)
     for path in paths:
-        os.chmod(path, 0o666 & ~umask)
+        try:
+            os.chmod(path, 0o666 & ~umask)
+        except OSError:  # a filesystem without modes (vfat, some network mounts): its files are as it makes them
+            pass
 
 
 @contextmanager
