@@ -215,7 +215,9 @@ class OptimConfig:
 
 @dataclass
 class PrecisionConfig:
-    mixed: str = setting("fp16", choices=DTYPES)  # autocast dtype; trainable weights stay fp32
+    # autocast dtype; trainable weights stay fp32 (under DeepSpeed bf16/fp16 the model's copies, which checkpoints
+    # save, are in that dtype: DeepSpeed keeps the fp32 masters in its optimizer state, saved in state.pt)
+    mixed: str = setting("fp16", choices=DTYPES)
     tf32: bool = True  # TF32 matmuls on CUDA
     # fp16 without DeepSpeed (whose JSON sets its own): the initial scale of a dynamic loss scaler
     # (torch.amp.GradScaler); the U-Net's fp16 gradients otherwise underflow to zero. null: no scaling

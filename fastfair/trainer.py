@@ -657,6 +657,20 @@ class Trainer:
                          weight_decay=o.weight_decay, eps=o.eps)
         schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
+    def _check_ranks_agree(self, path: Optional[Path]) -> None:
+        """Every rank resumes from the same checkpoint: each resolves resume=auto in its own view of output_dir, and
+        on a node-local disk another node sees other checkpoints (or none): the collectives would still pair up and
+        rank 0 would save averages of other steps' gradients, unseen."""
+        if self.world == 1:
+            return
+        mine = (self.start, "" if path is None else Path(path).name)
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        if len(set(every)) > 1:
+            seen = ", ".join(f"rank {rank}: {name or 'a fresh start'}" for rank, (_, name) in enumerate(every))
+            raise ValueError(f"the ranks resume from different checkpoints ({seen}): output_dir={self.cfg.output_dir} "
+                             "must be storage every rank shares (each node's own disk holds other checkpoints)")
+
     def _check_output_dir(self, fresh: bool) -> None:
         """Nothing already saved is lost: a run starting at step self.start refuses an output_dir holding
         checkpoints past it, which it would mix with its own (retention keeps the highest steps: it would prune its
@@ -689,6 +703,7 @@ class Trainer:
         path = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
         if path is not None:
             self.resume(path)
+        self._check_ranks_agree(path)
         self._check_output_dir(fresh=path is None)
         if self.start > cfg.max_steps:
             raise ValueError(f"max_steps={cfg.max_steps}, but the run resumed from step {self.start}: raise max_steps "
@@ -752,7 +767,8 @@ def parse_args(argv=None):
     parser.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (same as deepspeed.config=...)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. max_steps=2")
-    return parser.parse_args(argv)
+    # intermixed: overrides on both sides of --deepspeed_config (parse_args took only the first group)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> None:

@@ -85,3 +85,34 @@ def test_deepspeed_zero2_with_resume_equals_plain_run(tmp_path):
         assert set(one) == set(ds) and one
         for key in one:
             torch.testing.assert_close(ds[key], one[key], rtol=1e-4, atol=5e-5)
+
+
+def test_ranks_that_resume_from_different_checkpoints_are_refused(monkeypatch):
+    """On node-local disks each rank's resume=auto sees other checkpoints: the collectives still pair up and rank 0
+    saved averages of other steps' gradients, unseen. Every rank compares what it resumed from at start."""
+    from types import SimpleNamespace
+
+    import fastfair.trainer as trainer_module
+
+    def gathered(views):
+        def all_gather_object(out, mine):
+            out[:] = views
+        return all_gather_object
+
+    me = SimpleNamespace(world=2, start=2, cfg=SimpleNamespace(output_dir="/node-local/run"))
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gathered([(2, "step_00000002"), (0, "")]))
+    try:
+        Trainer._check_ranks_agree(me, Path("/node-local/run/checkpoints/step_00000002"))
+    except ValueError as error:
+        assert "rank 0: step_00000002, rank 1: a fresh start" in str(error) and "storage every rank shares" in str(error)
+    else:
+        raise AssertionError("different resumes were accepted")
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gathered([(2, "step_00000002")] * 2))
+    Trainer._check_ranks_agree(me, Path("/shared/run/checkpoints/step_00000002"))  # the same: accepted
+
+
+def test_overrides_on_both_sides_of_the_deepspeed_flag():
+    from fastfair.trainer import parse_args
+
+    args = parse_args(["--config", "c.yaml", "max_steps=1", "--deepspeed_config", "ds.json", "output_dir=o"])
+    assert args.overrides == ["max_steps=1", "output_dir=o"] and args.deepspeed_config == "ds.json"
