@@ -71,7 +71,7 @@ def test_demo_writes_table_pictures_and_metrics(tmp_path, capsys):
         assert (tmp_path / name).is_file(), name
     assert "gender_bias" in capsys.readouterr().out and metrics["before"] == saved["before"]
     # another config into the same folder resumed the gender run and evaluated it as that config's result
-    with pytest.raises(ValueError, match=r"this run changes settings the checkpoint was trained with: .*targets"):
+    with pytest.raises(ValueError, match=r"holds a run trained with other settings: .*targets.*give another --out"):
         demo.main(["--out", str(tmp_path), "--config", "age", "--iters", "2", "checkpoint_every=2"])
     assert [demo.default_out(name) for name in ("gender", "age", "runs/mine.yaml")] == [
         Path("out/demo"), Path("out/demo_age"), Path("out/demo_mine")]
