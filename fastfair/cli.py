@@ -15,9 +15,9 @@ def user_errors(prog: str) -> Iterator[None]:
     """Inside: a ValueError (fastfair raises them for bad input, with the fix in the message), an OSError (a path
     that is missing, a folder where a file goes, ...) or a MissingPackage (the optional package a setting needs)
     exits with status 2 and ``prog: error: message`` on stderr, as argparse does (an ImportError of a broken
-    installation keeps its traceback); FASTFAIR_TRACEBACK=1 re-raises it with its traceback. Also quiets bitsandbytes' CPU backend
-    (imported by peft and diffusers when installed), which on CPUs with AVX512-BF16 warns at import that the
-    optional Hugging Face ``kernels`` hub package lacks a 4-bit kernel fastfair never uses."""
+    installation keeps its traceback); FASTFAIR_TRACEBACK=1 re-raises it with its traceback. Also quiets
+    bitsandbytes' CPU backend (imported by peft and diffusers when installed), which on CPUs with AVX512-BF16 warns
+    at import that the optional Hugging Face ``kernels`` hub package lacks a 4-bit kernel fastfair never uses."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         yield

@@ -148,22 +148,24 @@ def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, re
         )
     if coefficients not in COEFFICIENT_MODES:
         raise ValueError(f"coefficients={coefficients!r}: expected one of {COEFFICIENT_MODES}")
-    if recompute_chunk is not None and (isinstance(recompute_chunk, bool)
-                                        or not isinstance(recompute_chunk, (int, np.integer)) or recompute_chunk < 1):
+    if recompute_chunk is not None and not (_is_integer(recompute_chunk) and recompute_chunk >= 1):
         raise ValueError(f"recompute_chunk={recompute_chunk!r}: expected a positive integer or None (= 1 step)")
     for name, value in (("keep_graph_steps", keep_graph_steps), ("keep_attention_steps", keep_attention_steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        if not (_is_integer(value) and value >= 0):
             raise ValueError(f"{name}={value!r}: expected an integer >= 0")
-    if (isinstance(frozen_rows, bool) or not isinstance(frozen_rows, (int, np.integer))
-            or not 0 <= frozen_rows < z_T.shape[0]):
+    if not (_is_integer(frozen_rows) and 0 <= frozen_rows < z_T.shape[0]):
         raise ValueError(f"frozen_rows={frozen_rows!r}: expected an integer in [0, batch={z_T.shape[0]})")
-    if grad_steps is not None and (isinstance(grad_steps, bool) or not isinstance(grad_steps, (int, np.integer))
-                                   or not 1 <= grad_steps <= num_steps):
+    if grad_steps is not None and not (_is_integer(grad_steps) and 1 <= grad_steps <= num_steps):
         raise ValueError(f"grad_steps={grad_steps!r}: expected None or an integer in [1, num_steps={num_steps}]")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     if unet_dtype is not None and not isinstance(unet_dtype, torch.dtype):
         raise TypeError(f"unet_dtype={unet_dtype!r}: expected a torch.dtype (e.g. torch.float16) or None")
+
+
+def _is_integer(value) -> bool:
+    """A Python or numpy integer, not a bool (True would pass for 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_deterministic(unet: torch.nn.Module) -> None:
