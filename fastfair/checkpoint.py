@@ -82,11 +82,13 @@ def has_weights(folder) -> bool:
 def list_checkpoints(output_dir, resumable: bool = True) -> Dict[int, Path]:
     """{iteration: folder} of the checkpoints under output_dir (temp folders excluded) with their weights
     (``has_weights``: what export and evaluation take) and, if resumable, their state.pt too."""
-    found = {}
-    for iteration, folder in step_folders(output_dir).items():
-        if has_weights(folder) and (not resumable or (folder / "state.pt").is_file()):
-            found[iteration] = folder
-    return found
+    complete = is_resumable if resumable else has_weights
+    return {iteration: folder for iteration, folder in step_folders(output_dir).items() if complete(folder)}
+
+
+def is_resumable(folder) -> bool:
+    """Whether a folder holds a checkpoint a run can resume: its weights and its state.pt."""
+    return has_weights(folder) and (Path(folder) / "state.pt").is_file()
 
 
 def step_folders(output_dir) -> Dict[int, Path]:
@@ -175,6 +177,15 @@ def config_file(checkpoint) -> Path:
     return own if own.is_file() else Path(checkpoint).parent.parent / "config.yaml"
 
 
+def trained_settings(checkpoint) -> Optional[dict]:
+    """The settings mapping in ``config_file(checkpoint)``; None where none is recorded (or it is not a mapping)."""
+    import yaml
+
+    recorded = config_file(checkpoint)
+    saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
+    return saved if isinstance(saved, dict) else None
+
+
 def resolve_resume(resume: str, output_dir) -> Optional[Path]:
     """'' -> None (fresh start); 'auto' -> the newest checkpoint in output_dir or None; else that folder."""
     if not resume:
@@ -198,9 +209,9 @@ def resolve_resume(resume: str, output_dir) -> Optional[Path]:
     return path
 
 
-def _missing(folder: Path) -> List[str]:
-    """The files of a resumable checkpoint that the folder lacks."""
-    return [name for name in ("state.pt", *WEIGHT_FILES) if not (Path(folder) / name).is_file()]
+def _missing(folder: Path, names=("state.pt", *WEIGHT_FILES)) -> List[str]:
+    """The files among ``names`` (by default those of a resumable checkpoint) that the folder lacks."""
+    return [name for name in names if not (Path(folder) / name).is_file()]
 
 
 def load_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -208,9 +219,9 @@ def load_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]
     stable); its state.pt is not read."""
     path = Path(path)
     if not has_weights(path):
-        lacking = [name for name in WEIGHT_FILES if not (path / name).is_file()]
-        raise ValueError(f"{path}: not a checkpoint folder: it lacks {', '.join(lacking)} (expected "
-                         "weights.safetensors and ema.safetensors, as in <output_dir>/checkpoints/step_00000200)")
+        lacking = ", ".join(_missing(path, WEIGHT_FILES))
+        raise ValueError(f"{path}: not a checkpoint folder: it lacks {lacking} (expected weights.safetensors and "
+                         "ema.safetensors, as in <output_dir>/checkpoints/step_00000200)")
     return tuple(stable_names(_read_safetensors(path / name)) for name in WEIGHT_FILES)
 
 

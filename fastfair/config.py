@@ -532,6 +532,11 @@ def _covered(key: str, prefixes) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
+def describe_changes(changes: Dict[str, Tuple[Any, Any]]) -> str:
+    """resume_changes' result as 'key=now (trained with before), ...' for a message."""
+    return ", ".join(f"{key}={now!r} (trained with {before!r})" for key, (before, now) in changes.items())
+
+
 def resume_changes(saved: dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
     """{dotted key: (saved value, this run's value)} for the settings a resume of a run trained with `saved`
     (config_to_dict of its config) would change, leaving out RESUME_MAY_CHANGE and cfg.resume_allow. A setting the

@@ -78,7 +78,8 @@ def train(config: str, out: Path, iters, overrides: List[str]):
         config = resolve_package_path(config, "--config")  # pkg://PACKAGE/PATH, as the other tools take
         if not Path(config).is_file():
             raise ValueError(f"--config {config}: neither a shipped config ({', '.join(CONFIGS)}) nor a YAML file")
-    trained = max(checkpoint.list_checkpoints(out, resumable=False), default=0)  # also weights-only ones
+    saved = checkpoint.list_checkpoints(out, resumable=False)  # also weights-only ones
+    trained = max(saved, default=0)
     if iters is not None and iters < trained:  # the trainer would name max_steps, which the demo user never set
         raise ValueError(f"--iters {iters}: {out} holds a run trained for {trained} iterations already; give "
                          f"--iters {trained} or more to go on from it, or another --out for a shorter run")
@@ -88,8 +89,9 @@ def train(config: str, out: Path, iters, overrides: List[str]):
         print(f"{out} holds a run trained for {trained} iterations, past the config's {cfg.max_steps}: evaluating "
               f"it as it is (--iters N trains it on to N)")
         cfg.max_steps = trained
-    _check_same_run(out, cfg)
-    if trained >= cfg.max_steps and trained not in checkpoint.list_checkpoints(out):
+    if saved:
+        _check_same_run(out, saved[trained], cfg)
+    if trained >= cfg.max_steps and not checkpoint.is_resumable(saved[trained]):
         # finished, and its state.pt deleted to save space: nothing to resume, and its weights are all that the
         # evaluation reads (the trainer would resume an earlier checkpoint and refuse to overwrite this one)
         print(f"{out}: trained to step {trained} already, nothing to train")
@@ -100,23 +102,18 @@ def train(config: str, out: Path, iters, overrides: List[str]):
     return cfg, saved[max(saved)]
 
 
-def _check_same_run(out: Path, cfg) -> None:
-    """Refuse an --out holding a run trained with other settings (another --config, other overrides): the trainer
-    would refuse the resume and suggest another output_dir, which the demo takes only as --out."""
-    import yaml
-
+def _check_same_run(out: Path, newest: Path, cfg) -> None:
+    """Refuse an --out whose newest checkpoint was trained with other settings (another --config, other overrides):
+    the trainer would refuse the resume and suggest another output_dir, which the demo takes only as --out."""
     from fastfair import checkpoint
-    from fastfair.config import resume_changes
+    from fastfair.config import describe_changes, resume_changes
 
-    saved = checkpoint.list_checkpoints(out, resumable=False)
-    recorded = checkpoint.config_file(saved[max(saved)]) if saved else None
-    if recorded is None or not recorded.is_file():
-        return
-    changes = resume_changes(yaml.safe_load(recorded.read_text()), cfg)
+    saved = checkpoint.trained_settings(newest)
+    changes = resume_changes(saved, cfg) if saved is not None else {}
     if changes:
-        listed = ", ".join(f"{key}={now!r} (trained with {before!r})" for key, (before, now) in changes.items())
-        raise ValueError(f"{out} holds a run trained with other settings: {listed}; give another --out for this "
-                         "one (each --config trains into its own by default), or the run's settings to go on with it")
+        raise ValueError(f"{out} holds a run trained with other settings: {describe_changes(changes)}; give another "
+                         "--out for this one (each --config trains into its own by default), or the run's settings "
+                         "to go on with it")
 
 
 def target_marginals(cfg) -> Dict[str, Dict[str, float]]:

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from fastfair import checkpoint
-from fastfair.config import (ConfigError, TrainConfig, check_files, config_to_dict, load_config, resume_changes,
-                             save_config, validate)
+from fastfair.config import (ConfigError, TrainConfig, check_files, config_to_dict, describe_changes, load_config,
+                             resume_changes, save_config, validate)
 from fastfair.dft import sample
 from fastfair.finetune import FinetunedModel
 from fastfair.hooks import load_callable
@@ -626,12 +626,9 @@ class Trainer:
         """A resume continues the same run: refuse settings that differ from those the checkpoint was trained with
         (checkpoint.config_file), except the ones a resume may change (fastfair.config.RESUME_MAY_CHANGE) and
         resume_allow."""
-        import yaml
-
-        recorded = checkpoint.config_file(path)
-        saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
-        changes = resume_changes(saved, self.cfg) if isinstance(saved, dict) else {}
-        horizon = saved.get("max_steps") if isinstance(saved, dict) else None
+        saved = checkpoint.trained_settings(path)
+        changes = resume_changes(saved, self.cfg) if saved is not None else {}
+        horizon = saved.get("max_steps") if saved is not None else None
         if horizon not in (None, self.cfg.max_steps) and self.cfg.optim.scheduler != "constant" and self.rank == 0:
             import warnings
 
@@ -640,8 +637,7 @@ class Trainer:
                           f"the {self.cfg.optim.scheduler} learning-rate schedule now decays toward step "
                           f"{self.cfg.max_steps}, so from here the run differs from one started with it", stacklevel=2)
         if changes:
-            listed = ", ".join(f"{key}={now!r} (trained with {before!r})" for key, (before, now) in changes.items())
-            keys = ",".join(changes)
+            listed, keys = describe_changes(changes), ",".join(changes)
             raise ValueError(f"resume={path}: this run changes settings the checkpoint was trained with: {listed}. "
                              "A resume continues the same run: set them back; to change them on purpose, add "
                              f"resume_allow=[{keys}]; or start a fresh run in another output_dir")
@@ -681,16 +677,15 @@ class Trainer:
         later = [step for step in saved if step > self.start]
         if not later:
             return
-        complete = checkpoint.list_checkpoints(self.cfg.output_dir, resumable=False)
-        steps = ", ".join(f"{step}" if step in complete else f"{step} (incomplete)" for step in later[:8])
+        steps = ", ".join(f"{step}" if checkpoint.has_weights(saved[step]) else f"{step} (incomplete)"
+                          for step in later[:8])
         steps += ", ..." if len(later) > 8 else ""
-        resumable = checkpoint.list_checkpoints(self.cfg.output_dir)
         if not fresh:
-            newest = "resume=auto continues from the newest; " if max(later) in resumable else ""
+            newest = "resume=auto continues from the newest; " if checkpoint.is_resumable(saved[max(later)]) else ""
             raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints newer than the step {self.start} "
                              f"this run resumes from (steps {steps}), which it would overwrite: {newest}to go back "
                              "on purpose, move or delete the newer ones")
-        how = ("continue it with resume=auto, or" if resumable else
+        how = ("continue it with resume=auto, or" if any(map(checkpoint.is_resumable, saved.values())) else
                "none of its checkpoints can be resumed (each lacks state.pt or a weight file):")
         raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints of another run (steps {steps}), which "
                          f"a fresh run (resume='') would overwrite and mix with its own: {how} use another "
