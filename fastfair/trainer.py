@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import math
 import os
+import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -264,7 +265,12 @@ class Trainer:
                                       config=cfg.model.config)
         self.vae, self.scheduler = parts.vae, parts.scheduler
         self._check_step_counts()
-        torch.manual_seed(cfg.seed)  # LoRA's random init: the same on every rank and in every run of this seed
+        # LoRA's random init: the same on every rank and in every run of this seed. Training draws from its own
+        # generators; the global ones are seeded too, so a hook drawing from them repeats across runs as it
+        # continues across a resume (checkpoints save their states)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
         self.model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
                                     cfg.finetune.prefix_tokens, cfg.finetune.lora)
         self.judges = build_judges(cfg, self.device)

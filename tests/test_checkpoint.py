@@ -167,3 +167,32 @@ def test_resume_is_bitwise_with_monte_carlo_transport_targets(tmp_path):
     a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step_00000003" / "weights.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step_00000003" / "weights.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_resumed_toy_run_saves_the_global_generators_of_an_uninterrupted_one(tmp_path):
+    """The shipped toy config, 2 iterations in one go against 1 + a resume: the Python, NumPy and torch global
+    generators a checkpoint saves agree. The toy face detector loads lazily at a process's first iteration (the
+    cache is cleared here as a new process starts empty), and a run's global generators are seeded from `seed`
+    (the other process's own draws are stood in for by draws between the runs)."""
+    import random
+
+    import numpy as np
+
+    import fastfair.toy
+
+    def run(folder, max_steps):
+        fastfair.toy._shipped_detector.cache_clear()
+        Trainer(load_config(str(REPO / "configs" / "toy.yaml"), [
+            f"output_dir={folder}", f"max_steps={max_steps}", "checkpoint_every=1", "keep_last=2",
+            "batch.images_per_prompt=2", "logging.image_every=0"])).train()
+
+    with process_group():
+        run(tmp_path / "a", 2)
+        random.random(), np.random.rand(), torch.rand(1)
+        run(tmp_path / "b", 1)
+        run(tmp_path / "b", 2)
+    a, b = (torch.load(tmp_path / run_dir / "checkpoints" / "step_00000002" / "state.pt", weights_only=True)["rng"]
+            for run_dir in ("a", "b"))
+    assert torch.equal(a["torch"], b["torch"])
+    assert a["python"] == b["python"]
+    assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(a["numpy"], b["numpy"]))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastfair.toy.augment import degrade
-from fastfair.toy.files import load_module_files, save_module
+from fastfair.toy.files import load_module, save_module
 from fastfair.toy.training import fit
 from fastfair.toy.world import IMAGE_SIZE, draw_random_portraits
 
@@ -158,9 +158,7 @@ def save_toy_detector(detector: ToyFaceDetector, folder: str, info: Optional[dic
 
 def load_toy_detector(weights_dir: Optional[str] = None) -> ToyFaceDetector:
     """The shipped (or ``weights_dir``'s) toy face detector."""
-    state, config = load_module_files("detector", weights_dir)
-    network = ToyDetectorNet()
-    network.load_state_dict(state)
+    network, config = load_module("detector", lambda config: ToyDetectorNet(), weights_dir)
     return ToyFaceDetector(network, config["threshold"])
 
 

@@ -3,7 +3,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -38,6 +38,20 @@ def load_module_files(name: str, weights_dir: Optional[str] = None) -> Tuple[Dic
     state = load_file(weights_path(name + ".safetensors", weights_dir))
     with open(weights_path(name + ".json", weights_dir), encoding="utf-8") as handle:
         return state, json.load(handle)
+
+
+def load_module(name: str, build: Callable[[Dict], torch.nn.Module], weights_dir: Optional[str] = None):
+    """``build(config)`` with the state dict stored by ``save_module`` loaded into it.
+
+    The module is built under a forked torch generator: its random initialization is overwritten at once, and
+    a loader called lazily inside a training iteration (the toy face detector) must not advance the global
+    generator, whose state a checkpoint saves (a resumed run would otherwise draw differently from an
+    uninterrupted one)."""
+    state, config = load_module_files(name, weights_dir)
+    with torch.random.fork_rng(devices=[]):
+        module = build(config)
+    module.load_state_dict(state)
+    return module, config
 
 
 def make_world_readable(folder: str) -> None:
