@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from fastfair.config import (
     CHECKPOINT_SUFFIXES, DIFFUSERS_SUBFOLDERS, EXPECTED_MODEL_LAYOUT, single_file_config_problems,
@@ -123,6 +124,8 @@ def load_stable_diffusion(pretrained, dtype="fp32", attention: str = "sdpa", dev
     scheduler = DPMSolverMultistepScheduler.from_pretrained(scheduler_dir, local_files_only=True)
     dtype = torch_dtype(dtype)
     for module in (text_encoder, unet, vae):
-        module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        # nn.Module's own cast, which diffusers' override ends in: the override first warns of "modules that should
+        # be kept in float32: []" at every cast that names a dtype (it tests the empty list against None)
+        nn.Module.to(module.requires_grad_(False).eval(), device=device, dtype=dtype)
     set_attention(unet, attention)
     return StableDiffusionParts(tokenizer, text_encoder, unet, vae, scheduler)
