@@ -497,6 +497,7 @@ def sample(
             return _run_sampler(plan, z_T, cond, uncond if use_cfg else None, record=False)
 
     _check_deterministic(unet)
+    plan.schedule.adjustment(coefficients)  # refused now (e.g. exact with a chain weight 0), not after the forward
     cond_leaf = cond.detach().requires_grad_() if cond.requires_grad else None
     uncond_leaf = uncond.detach().requires_grad_() if use_cfg and uncond.requires_grad else None
     plan.leaves = (cond_leaf, uncond_leaf)

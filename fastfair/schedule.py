@@ -173,13 +173,17 @@ def betas_float64(config: Mapping[str, Any]) -> np.ndarray:
     raise ValueError(f"scheduler beta_schedule={kind!r} is not supported")
 
 
-def _diffusers_timesteps(config: Mapping[str, Any], num_steps: int) -> np.ndarray:
-    """The exact integer timesteps diffusers' scheduler uses (spacing, offset, Karras, clipping: its own code)."""
+def _diffusers_timesteps(config: Mapping[str, Any], num_steps: int):
+    """The exact integer timesteps (and float32 sigmas) diffusers' scheduler uses (spacing, offset, Karras,
+    clipping: its own code). `_use_default_values` is dropped: from_config would otherwise reset every key it
+    names to the default, although the mapping (or the object's config, after register_to_config) holds another
+    value, the one the rest of solver_schedule reads."""
     from diffusers import DPMSolverMultistepScheduler
 
-    scheduler = DPMSolverMultistepScheduler.from_config(dict(config))
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        {k: v for k, v in config.items() if k != "_use_default_values"})
     scheduler.set_timesteps(num_steps)
-    return scheduler.timesteps.cpu().numpy().astype(np.int64)
+    return scheduler.timesteps.cpu().numpy().astype(np.int64), scheduler.sigmas.cpu().numpy().astype(np.float64)
 
 
 def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_steps: int) -> SolverSchedule:
@@ -198,18 +202,26 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
     betas = betas_float64(config)
     abar = np.cumprod(1.0 - betas)
     sigmas_train = np.sqrt((1.0 - abar) / abar)
-    timesteps = _diffusers_timesteps(config, S)
+    timesteps, diffusers_sigmas = _diffusers_timesteps(config, S)
     if len(timesteps) != S:
         raise ValueError(f"scheduler produced {len(timesteps)} timesteps for num_steps={S}")
 
     if config.get("use_karras_sigmas", False):
         rho = 7.0
-        lo, hi = sigmas_train[0] ** (1 / rho), sigmas_train[-1] ** (1 / rho)
+        # diffusers' _convert_to_karras takes config sigma_min / sigma_max where the config has them
+        s_min = config.get("sigma_min") if config.get("sigma_min") is not None else sigmas_train[0]
+        s_max = config.get("sigma_max") if config.get("sigma_max") is not None else sigmas_train[-1]
+        lo, hi = s_min ** (1 / rho), s_max ** (1 / rho)
         sig = (hi + np.linspace(0, 1, S) * (lo - hi)) ** rho
     else:
         sig = np.interp(timesteps.astype(np.float64), np.arange(len(sigmas_train)), sigmas_train)
     sigma_last = sigmas_train[0] if config.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
     sig = np.concatenate([sig, [sigma_last]])
+    # a safety net for any option diffusers reads that this function does not model: its float32 noise levels
+    if not np.allclose(sig, diffusers_sigmas, rtol=1e-3, atol=1e-6):
+        i = int(np.argmax(np.abs(sig - diffusers_sigmas)))
+        raise ValueError(f"scheduler: fastfair's noise level at step {i} ({sig[i]:.6g}) differs from diffusers' "
+                         f"({diffusers_sigmas[i]:.6g}) for this config; an option it does not model is set")
 
     alpha = 1.0 / np.sqrt(sig**2 + 1.0)
     sigma = sig * alpha

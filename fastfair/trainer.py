@@ -314,17 +314,23 @@ class Trainer:
         self.memory_budget = MemoryBudget(budget, cfg.sampler.lean_graph) if budget else None
 
     def _check_step_counts(self) -> None:
-        """Every step count the run can draw has finite solver coefficients: refused at start, not at the iteration
+        """The model's scheduler is one fastfair samples exactly, and every step count the run can draw has finite
+        solver coefficients and the adjustment sampler.coefficients names: refused at start, not at the iteration
         that first draws it."""
-        from fastfair.schedule import solver_schedule
+        from fastfair.schedule import scheduler_config, solver_schedule
 
         s = self.cfg.sampler
+        try:  # the options of the model's own scheduler, whatever the step count
+            scheduler_config(self.scheduler)
+        except ValueError as error:
+            raise ValueError(f"model.pretrained={self.cfg.model.pretrained}: its scheduler/scheduler_config.json, "
+                             f"loaded as a DPMSolverMultistepScheduler: {error}") from None
         key, counts = "sampler.num_steps", [s.num_steps]
         if s.num_steps_range:
             key, counts = "sampler.num_steps_range", range(s.num_steps_range[0], s.num_steps_range[1] + 1)
         for count in counts:
             try:
-                solver_schedule(self.scheduler, count)
+                solver_schedule(self.scheduler, count).adjustment(s.coefficients)
             except ValueError as error:
                 raise ValueError(f"{key}: {error}") from None
 

@@ -88,3 +88,15 @@ def test_a_network_returning_a_bare_tensor_and_numpy_integers():
     options["generator"] = torch.Generator().manual_seed(0)
     bare = torch.autograd.grad(_loss(sample(Bare(unet), SCHED, z_T, cond, uncond, **options)), [weight])[0]
     assert torch.equal(plain, bare)
+
+
+def test_an_adjustment_the_schedule_cannot_take_is_refused_before_sampling():
+    """prediction_type='sample' with a zero final sigma: z_0 is the last step's prediction alone, so the earlier
+    steps' chain weights are 0 and `exact` (C_i = 1/|k_i|) has no value; refused before the first U-Net call (it
+    came only at backward, after the whole forward)."""
+    unet, _, z_T, cond, uncond = _problem()
+    calls = []
+    unet.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="coefficients='exact': a step has chain weight 0"):
+        sample(unet, tiny_scheduler(prediction_type="sample"), z_T, cond, uncond, num_steps=3, coefficients="exact")
+    assert not calls

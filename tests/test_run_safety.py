@@ -2,6 +2,7 @@
 a resume applies the new optimizer settings, and every refusal names the setting and the fix."""
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -197,6 +198,23 @@ def test_step_counts_and_prefix_lengths_that_cannot_run_are_refused_at_start(tmp
         Trainer(load_config(write_config(tmp_path, world, "prefix"), ["finetune.prefix_tokens=11"]))
 
 
+@pytest.mark.parametrize("option,message", [
+    ({"solver_order": 3}, r"model.pretrained=.*: its scheduler/scheduler_config.json, loaded as a "
+                          r"DPMSolverMultistepScheduler: scheduler solver_order=3 is not supported"),
+    ({"prediction_type": "sample"}, r"sampler.num_steps: coefficients='exact': a step has chain weight 0"),
+])
+def test_a_scheduler_the_run_cannot_use_is_refused_at_start_naming_its_source(tmp_path, world, option, message):
+    """An option of the model folder's own scheduler is the folder's problem, not sampler.num_steps'; the exact
+    adjustment of a schedule whose z_0 ignores every step's eps but the last is refused before any sampling."""
+    model = tmp_path / "sd"
+    shutil.copytree(world["sd"], model)
+    settings_file = model / "scheduler" / "scheduler_config.json"
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), **option}))
+    with pytest.raises(ValueError, match=message):
+        Trainer(load_config(write_config(tmp_path, world), [f"model.pretrained={model}", "sampler.num_steps_range=null",
+                                                            "sampler.coefficients=exact"]))
+
+
 def test_targets_that_contradict_a_classifier_files_own_names_are_refused(tmp_path, world):
     """The world's classifier file names its outputs (gender: female 0, male 1): a swapped mapping would have
     steered toward the opposite of the target, silently."""
@@ -242,6 +260,7 @@ def test_one_process_group_sets_local_rank_and_leaves_no_store_file():
     # a fresh process: this module's world fixture already holds a process group
     code = """
 import os
+import shutil
 from pathlib import Path
 import fastfair.trainer as t
 with t.process_group():

@@ -63,6 +63,61 @@ def test_other_supported_options_match_diffusers(config):
         assert ((ours - z.double()).norm() / z.double().norm()).item() <= 1e-5
 
 
+def _trajectory_of(sch, steps):
+    """diffusers' own step loop on the toy model from a fixed z_T: (z_T, z_0)."""
+    sch.set_timesteps(steps)
+    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    z = z_T.clone()
+    for t in sch.timesteps:
+        z = sch.step(toy_model(z, t), t, z).prev_sample
+    return z_T, z.double()
+
+
+def test_karras_sigmas_between_the_configs_own_bounds_match_diffusers():
+    """A config with sigma_min / sigma_max (kept by from_config, e.g. from an EDM config): diffusers' Karras ramp
+    runs between them, not the training schedule's extremes."""
+    sch = tiny_scheduler(use_karras_sigmas=True)
+    sch.register_to_config(sigma_min=0.1, sigma_max=10.0)
+    z_T, z = _trajectory_of(sch, 20)
+    ss = solver_schedule(sch, 20)
+    assert np.array_equal(ss.timesteps, sch.timesteps.numpy())
+    assert ((run_fastfair(ss, z_T) - z).norm() / z.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("change", [dict(use_karras_sigmas=True), dict(timestep_spacing="trailing")])
+def test_a_scheduler_changed_after_conversion_is_followed(change):
+    """from_config resets the keys listed in a config's _use_default_values: an option set afterwards (on the
+    object, or in its config mapping) must still decide the timesteps fastfair samples at."""
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+
+    pndm = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                         skip_prk_steps=True, set_alpha_to_one=False)
+    sch = DPMSolverMultistepScheduler.from_config(pndm.config)
+    assert set(change) <= set(sch.config["_use_default_values"])
+    sch.register_to_config(**change)
+    z_T, z = _trajectory_of(sch, 20)
+    for source in (sch, dict(sch.config)):
+        ss = solver_schedule(source, 20)
+        assert np.array_equal(ss.timesteps, sch.timesteps.numpy())
+        assert ((run_fastfair(ss, z_T) - z).norm() / z.norm()).item() <= 1e-5
+
+
+def test_noise_levels_diffusers_would_not_sample_are_refused(monkeypatch):
+    """The safety net for an option diffusers reads and solver_schedule does not model: fastfair's float64 noise
+    levels are compared with the scheduler's own."""
+    import fastfair.schedule as schedule
+
+    real = schedule._diffusers_timesteps
+
+    def other_sigmas(config, num_steps):
+        timesteps, sigmas = real(config, num_steps)
+        return timesteps, sigmas * np.where(np.arange(len(sigmas)) == 3, 1.01, 1.0)
+
+    monkeypatch.setattr(schedule, "_diffusers_timesteps", other_sigmas)
+    with pytest.raises(ValueError, match="noise level at step 3 .* differs from diffusers'"):
+        solver_schedule(tiny_scheduler(), 20)
+
+
 @pytest.mark.parametrize("key,value", [
     ("algorithm_type", "sde-dpmsolver++"), ("solver_order", 3), ("thresholding", True),
     ("use_lu_lambdas", True), ("use_exponential_sigmas", True), ("rescale_betas_zero_snr", True),
