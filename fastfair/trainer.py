@@ -120,9 +120,12 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
     from fastfair.faces import FaceBank, FaceEmbedder, get_detector, load_face_embedder
     from fastfair.losses import SemanticsLoss
 
+    # frozen, and run inside the trainer's autocast, which computes in the half dtype anyway: stored in it, as the
+    # frozen model parts are (CLIP ViT-H/14 alone: 2.4 GiB in fp32)
+    judge_dtype = torch_dtype(cfg.precision.mixed)
     classifiers = {}
     for name, spec in cfg.classifiers.items():
-        module = _classifier(name, spec, device)
+        module = _classifier(name, spec, device).to(judge_dtype)
         attributes = spec.attributes or [a.name for a in module.head.attributes]
         classifiers.update({attribute: module for attribute in attributes})
     faces = cfg.faces
@@ -133,12 +136,13 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
     sem = cfg.semantics
     if sem.factory:  # frozen and in eval mode, as every judge: batch statistics and dropout would make the loss of
         # an image depend on the others in its batch, and the encoders would collect gradients
-        semantics = load_callable(sem.factory, "semantics.factory")(sem).to(device).eval().requires_grad_(False)
+        semantics = load_callable(sem.factory, "semantics.factory")(sem).to(device, judge_dtype).eval()
+        semantics.requires_grad_(False)
     else:
         clip = ({"backend": "open_clip", "model_name": sem.clip_model, "checkpoint": sem.clip_path}
                 if sem.clip_backend == "open_clip" else {"backend": "clip", "path": sem.clip_path})
         semantics = SemanticsLoss.from_config({"clip": clip, "dino": {"backend": "dinov2", "path": sem.dino_path}},
-                                              device=device)
+                                              device=device, dtype=judge_dtype)
     use_face = cfg.loss.face_loss and cfg.loss.lambda_face > 0
     embedder = bank = None
     if use_face:
@@ -159,6 +163,7 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
         embedder = embedder.to(device).eval().requires_grad_(False)
         # now, not at the first iteration: an embedder of another dimension, or another one than the bank records
         bank.check_embedder(embedder, faces.bank, faces.embedding_fn, faces.embedding)
+        embedder = embedder.to(dtype=judge_dtype)
     return Judges(classifiers, detector, semantics, embedder, bank)
 
 
@@ -205,17 +210,19 @@ def build_optimizer(cfg: TrainConfig, params):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
 
-def optimizer_state_bytes(name: str, params) -> int:
+def optimizer_state_bytes(name: str, params, deepspeed_shards: Optional[int] = None) -> int:
     """The bytes of the optimizer's state once it has stepped (AdamW makes it lazily, at its first step): two
     moments per weight, in the weight's dtype (adamw), or one byte each for tensors of 4096 elements or more
-    (bitsandbytes' 8-bit AdamW, plus a float32 absmax per 256-element block; smaller ones stay 32-bit)."""
+    (bitsandbytes' 8-bit AdamW, plus a float32 absmax per 256-element block; smaller ones stay 32-bit).
+    deepspeed_shards: under DeepSpeed the moments are float32 whatever the model copies' half dtype, and ZeRO
+    splits them over this many ranks (1 without ZeRO)."""
     total = 0
     for p in params:
         if name == "adamw8bit" and p.numel() >= 4096:
             total += 2 * (p.numel() + 4 * math.ceil(p.numel() / 256))
         else:
-            total += 2 * p.numel() * (4 if name == "adamw8bit" else p.element_size())
-    return total
+            total += 2 * p.numel() * (4 if name == "adamw8bit" or deepspeed_shards else p.element_size())
+    return total // (deepspeed_shards or 1)
 
 
 def _optimizer_name(state: Optional[dict]) -> Optional[str]:
@@ -294,9 +301,11 @@ class Trainer:
             self.engine = zero.deepspeed_engine(deepspeed_config(cfg, self.world), self.model.trainable,
                                                 self.optimizer, self.lr_scheduler)
         self.ema = EMA(self.model.trainable, cfg.optim.ema_decay)
-        # fp16 gradients need loss scaling (DeepSpeed scales its own): a gradient below 2^-24 is zero in fp16
+        # fp16 gradients need loss scaling (DeepSpeed scales its own): a gradient below 2^-24 is zero in fp16. Also
+        # fp16 frozen weights without fp16 autocast: the gradient flows back through their fp16 activations
         self.scaler = None
-        if cfg.precision.mixed == "fp16" and self.engine is None and cfg.precision.loss_scale is not None:
+        fp16 = "fp16" in (cfg.precision.mixed, cfg.model.dtype)
+        if fp16 and self.engine is None and cfg.precision.loss_scale is not None:
             self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.precision.loss_scale)
         self.start, self.skipped = 0, 0
         self._ot_generator = None  # set per iteration (iteration()); None: torch's global generator
@@ -340,7 +349,9 @@ class Trainer:
         outputs = {}
         for attribute, classifier in self.judges.classifiers.items():
             side = classifier.input_size
-            outputs[attribute] = torch.zeros(1, classifier(torch.zeros(1, 3, side, side, device=self.device)).shape[-1])
+            with self._autocast():  # as the losses call it (its weights are in the half dtype then)
+                width = classifier(torch.zeros(1, 3, side, side, device=self.device)).shape[-1]
+            outputs[attribute] = torch.zeros(1, width)
         try:
             self.targets.attribute_logits(outputs)
         except KeyError as error:
@@ -387,8 +398,11 @@ class Trainer:
         s = self.cfg.sampler
         keep, keep_attention = s.keep_graph_steps, s.keep_attention_steps
         if self.memory_budget is not None and torch.is_grad_enabled():  # only the graph-building pass
+            shards = None
+            if self.engine is not None:
+                shards = self.world if self.engine.zero_optimization_stage() >= 1 else 1
             pending = 0 if self.optimizer.state else optimizer_state_bytes(self.cfg.optim.name,
-                                                                           self.model.parameters())
+                                                                           self.model.parameters(), shards)
             keep, keep_attention = self.memory_budget.keeps(unet, z_T, cond, uncond, steps, s.guidance_scale,
                                                             frozen_rows, pending_bytes=pending)
         return sample(unet, self.scheduler, z_T, cond, uncond, num_steps=steps, guidance_scale=s.guidance_scale,

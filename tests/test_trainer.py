@@ -317,3 +317,66 @@ def test_the_memory_budget_counts_the_optimizer_state_made_at_the_first_step(tmp
     measured = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim() > 0)
     assert measured == moments  # what AdamW made at its first step
+
+
+def test_bf16_keeps_the_judges_in_bf16_and_the_trainable_weights_in_fp32(tmp_path, world):
+    """Mixed precision: the frozen judges (classifier, semantics encoders, face embedder) are stored in the autocast
+    dtype, as the frozen model parts are (they compute in it anyway); what trains stays fp32; an iteration runs."""
+    from fastfair.trainer import process_group
+
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world, "unet_lora", face_loss=True),
+                                      ["model.dtype=bf16", "precision.mixed=bf16"]))
+        judges = trainer.judges
+        assert judges.face_embedder is not None
+        for module in [*judges.classifiers.values(), judges.semantics, judges.face_embedder]:
+            assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, type(module).__name__
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+        parts = trainer.iteration(0)
+    assert all(torch.isfinite(torch.tensor(value)) for value in parts.values())
+
+
+def test_the_memory_budget_counts_deepspeeds_float32_moments(tmp_path, world, monkeypatch):
+    """Under DeepSpeed bf16 the model's trainable copies are bf16, but the moments DeepSpeed's optimizer makes at
+    its first step are fp32: the plan counts what it then holds (half of it was counted)."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    from fastfair.memory_budget import MemoryBudget
+    from fastfair.trainer import process_group
+
+    seen = []
+    keeps = MemoryBudget.keeps
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["pending_bytes"])
+        return keeps(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryBudget, "keeps", spy)
+    ds_json = tmp_path / "zero2_bf16.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
+                                   "steps_per_print": 10**9}))
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world, "unet_lora"), [
+            "sampler.memory_budget_gb=1", f"deepspeed.config={ds_json}", "model.dtype=bf16", "precision.mixed=bf16"]))
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+        trainer.iteration(0)
+    measured = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.dim() > 0)
+    assert seen[0] == measured > 0
+
+
+@pytest.mark.parametrize("dtype,mixed,scaled", [("fp16", "fp32", True), ("fp16", "fp16", True), ("fp32", "fp32", False)])
+def test_fp16_frozen_weights_get_a_loss_scaler_whatever_the_autocast(tmp_path, world, monkeypatch, dtype, mixed,
+                                                                       scaled):
+    """fp16 frozen weights without fp16 autocast (the shipped model.dtype with precision.mixed=fp32): the gradient
+    flows back through fp16 activations, which underflow unscaled (gradient cosine 0.23 against fp32 in the
+    review's run). fp16 needs CUDA: the device check is lifted here, the trainer is only built."""
+    import fastfair.config
+    from fastfair.trainer import process_group
+
+    monkeypatch.setattr(fastfair.config, "_device_problems", lambda *args: [])
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world), [f"model.dtype={dtype}",
+                                                                      f"precision.mixed={mixed}"]))
+    assert (trainer.scaler is not None) == scaled
