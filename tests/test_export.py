@@ -211,3 +211,26 @@ def test_an_export_of_another_architecture_is_named(tmp_path, world):
         load_into_pipeline(pipe, tmp_path / "lora")
     with pytest.raises(ValueError, match="--finetuned .*lora: its"):  # evaluate names its own flag
         load_into_pipeline(pipe, tmp_path / "lora", "--finetuned")
+
+
+@pytest.mark.parametrize("target", ["unet_lora", "text_lora"])
+def test_a_checkpoint_and_its_export_sample_alike_in_half_precision(tmp_path, world, target):
+    """Evaluation in bf16 (--dtype bf16): the export loads into a pipeline whose adapters diffusers casts to bf16;
+    the training checkpoint's adapters are cast too, so one set of weights gives the same U-Net outputs and text
+    embeddings whichever of the two is evaluated (the checkpoint's stayed fp32)."""
+    from fastfair.evaluation.sources import load_sources
+
+    Trainer(load_config(write_config(tmp_path, world, target))).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    out = export(ckpt, tmp_path / "export")
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    results = []
+    for finetuned in (out, ckpt):
+        _, _, sources = load_sources(str(world["sd"]), str(finetuned), "bf16")
+        source = sources["finetuned"]
+        assert {p.dtype for p in source.unet.parameters()} == {torch.bfloat16}
+        with torch.no_grad():
+            cond, uncond = source.embeddings("a cook")
+            results.append((cond, source.unet(z, 500, encoder_hidden_states=cond.expand(2, -1, -1)).sample))
+    (cond_export, eps_export), (cond_ckpt, eps_ckpt) = results
+    assert torch.equal(cond_export, cond_ckpt) and torch.equal(eps_export, eps_ckpt)

@@ -130,7 +130,9 @@ def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
                         f"--finetuned {folder} (finetune.target={cfg.finetune.target} in {config_path})")
     with torch.no_grad():
         for name, param in model.trainable.items():
-            param.copy_(tensors[name])
+            # in the base's dtype, as diffusers casts an export's adapters: a checkpoint and its export then
+            # sample alike
+            param.data = tensors[name].to(param.device, dtype)
     if cfg.finetune.target == "unet_full":  # sample in the base's dtype; the training-time frozen copy is unused
         model.frozen_unet = None
         model.unet.requires_grad_(False).to(dtype)
