@@ -85,6 +85,10 @@ def train(config: str, out: Path, iters, overrides: List[str]):
                          f"--iters {trained} or more to go on from it, or another --out for a shorter run")
     extra = [f"output_dir={out}", "resume=auto"] + ([f"max_steps={iters}"] if iters is not None else [])
     cfg = load_config(CONFIGS.get(config, config), list(overrides) + extra)
+    if cfg.data.split != "train":  # an override or a --config file: checked on the loaded config
+        raise ValueError(f"data.split={cfg.data.split}: the demo evaluates on the held-out occupations as never seen "
+                         "in training, and data.split=test trains on those very prompts; the demo trains on "
+                         "data.split=train only (python -m fastfair.train and fastfair.evaluate take any split)")
     if iters is None and trained > cfg.max_steps:  # trained further with --iters earlier: evaluate it as it is
         print(f"{out} holds a run trained for {trained} iterations, past the config's {cfg.max_steps}: evaluating "
               f"it as it is (--iters N trains it on to N)")

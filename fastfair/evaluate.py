@@ -33,7 +33,9 @@ from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_pr
 
 
 def load_prompts(spec: str, max_prompts: Optional[int] = None) -> list:
-    """'name:split' of a shipped set (split defaults to test), or a text file of full prompts; first N."""
+    """'name:split' of a shipped set (split defaults to test), or a text file of full prompts, used as written (no
+    template: a file of bare items, as a training data.sets.occupations.file holds, would be evaluated as 'nurse');
+    first N."""
     name, _, split = spec.partition(":")
     if name in list_prompt_sets():
         prompts = load_prompt_set(name, split or "test")
@@ -110,6 +112,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     if run_config is not None and Path(finetuned) not in run_config.parents:
         # an older checkpoint reads its settings (LoRA alpha, ...) from the run's config.yaml, which a resume rewrites
         settings["finetuned_run_config"] = weight_fingerprint(run_config)
+    if run_config is not None and run_config.is_file():
+        _warn_of_training_prompts(run_config, prompts)
     out = Path(out)
     cache = ImageCache(out / "images", settings)
     jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales for m in sources
@@ -150,6 +154,34 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         results["guidance"][f"{g:g}"] = by_model
     write_report(results, out, cache.root, grid_columns)
     return {**results, "generated": list(cache.generated)}
+
+
+def training_prompts_among(run_config, prompts: Sequence[str]) -> list:
+    """The prompts that are also among those the run of run_config (a config.yaml) trained on: its data.sets
+    rebuilt as the trainer builds them, compared as prompt files' repeats are (same_text_key)."""
+    from fastfair.config import load_config
+    from fastfair.prompts import build_prompt_mixture, same_text_key
+
+    cfg = load_config(run_config)
+    trained = {same_text_key(p) for ps in build_prompt_mixture(cfg.data, cfg.seed).sets.values() for p in ps}
+    return [prompt for prompt in prompts if same_text_key(prompt) in trained]
+
+
+def _warn_of_training_prompts(run_config, prompts: Sequence[str]) -> None:
+    """A warning, not an error: evaluating on training prompts can be deliberate (how well the run fit them)."""
+    import warnings
+
+    try:
+        seen = training_prompts_among(run_config, prompts)
+    except (OSError, ValueError) as error:  # e.g. a prompt file since moved: the evaluation itself needs none
+        warnings.warn(f"--finetuned: could not rebuild the training prompts of {run_config} ({error}); the evaluation "
+                      "prompts are not checked against them", stacklevel=3)
+        return
+    if seen:
+        warnings.warn(f"--prompts: {len(seen)} of {len(prompts)} evaluation prompts are among the prompts the "
+                      f"finetuned run trained on (data.sets of {run_config}), e.g. {seen[0]!r}: their bias is not "
+                      "held-out bias; evaluate held-out prompts (e.g. --prompts occupations:test) unless you mean "
+                      "to measure the training prompts", stacklevel=3)
 
 
 def _fid_scorer(reference, inception, device):
@@ -202,7 +234,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated attributes whose intersection is evaluated, e.g. gender,race "
                              "(repeatable; default: the intersection of all, when >= 2; '' for none)")
     parser.add_argument("--target", action="append", default=[], help="ATTRIBUTE=P1,P2,... (default uniform)")
-    parser.add_argument("--prompts", default="occupations:test", help="NAME[:SPLIT] of a shipped set, or a file")
+    parser.add_argument("--prompts", default="occupations:test",
+                        help="NAME[:SPLIT] of a shipped set (its items put in the set's template), or a text file "
+                             "of full prompts, one per line, used as written (unlike a training data.sets.<name>."
+                             "file under a shipped set's name, whose lines are items put in that set's template)")
     parser.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
     parser.add_argument("--images-per-prompt", type=int,
                         help="score every attribute set on N images per prompt (default: as the paper, each set on "

@@ -1,23 +1,26 @@
 """Prompt sets shipped with fastfair (seed 0120, 0134) and a resumable mixture sampler.
 
-Shipped sets (``fastfair/data/prompts/<name>_<split>.txt``, one item per line, train/test disjoint):
+Shipped sets (``fastfair/data/prompts/<name>_<split>.txt``, one item per line, train/test disjoint: no test
+occupation or sport is named, whole or through a synonym, in any set's training prompts; tests/test_prompts.py):
 
 | name                 | train | test | a line is                          |
 |----------------------|-------|------|------------------------------------|
-| `occupations`        | 1062  | 50   | an occupation, put in OCCUPATION_TEMPLATE |
+| `occupations`        | 1008  | 50   | an occupation, put in OCCUPATION_TEMPLATE |
 | `sports`             | 250   | 50   | a sport, put in SPORT_TEMPLATE     |
 | `styled_occupations` | 150   | 19   | a full prompt (occupation with style and context) |
 | `descriptors`        | 40    | 10   | a full prompt describing a person  |
 
 The seed trains on 1000 occupations and tests on 50 (0120); its lists do not ship with it, so these are authored:
-the test split is the seed's size, the training split is 1062 (a file of your own, one occupation per line:
+the test split is the seed's size, the training split is 1008 (a file of your own, one occupation per line:
 ``data.sets.<name>.file``).
 """
 import bisect
 import itertools
 import re
 import string
+import unicodedata
 import zlib
+from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -83,25 +86,79 @@ def _like(original: str, word: str) -> str:
     return word.capitalize() if original[0].isupper() else word
 
 
+def same_text_key(text: str) -> str:
+    """What two lines that say the same compare on: Unicode NFC (a 'café' typed as e + accent is one), runs of
+    whitespace as one space, case folded."""
+    return " ".join(unicodedata.normalize("NFC", text).split()).casefold()
+
+
+def _unique(numbered, where: str, unit: str) -> None:
+    """ValueError on an entry that repeats an earlier one (same_text_key); numbered: (number, text) pairs."""
+    seen = {}
+    for number, text in numbered:
+        first = seen.setdefault(same_text_key(text), number)
+        if first != number:
+            raise ValueError(f"{where}{number}: {text!r} repeats {unit} {first} (compared ignoring case, runs of "
+                             "spaces and Unicode normal form): remove one")
+
+
+def _numbered_lines(path) -> List[Tuple[int, str]]:
+    """(line number, stripped line) of a text file's non-blank, non-'#' lines, repeats refused."""
+    data = Path(path).read_bytes()
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) would stick to the first line, hiding a '#'
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:  # Python's message names neither the file nor the line
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}): save the file as "
+                         "UTF-8") from None
+    numbered = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
+    numbered = [(number, line) for number, line in numbered if line and not line.startswith("#")]
+    _unique(numbered, f"{path}:", "line")
+    return numbered
+
+
 def read_lines(path) -> List[str]:
-    """The non-blank lines of a text file, stripped, '#' lines skipped; ValueError on a repeated line."""
-    lines, seen = [], {}
-    # utf-8-sig: a byte-order mark (Windows editors write one) would stick to the first line, hiding a '#'
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.lower() in seen:
-            raise ValueError(f"{path}:{number}: {line!r} repeats line {seen[line.lower()]} (case-insensitive)")
-        seen[line.lower()] = number
-        lines.append(line)
-    return lines
+    """The non-blank lines of a UTF-8 text file, stripped, '#' lines skipped; ValueError on a line that repeats
+    another (same_text_key) or on a file that is not UTF-8, naming the file and line."""
+    return [line for _, line in _numbered_lines(path)]
+
+
+def _refuse_own_articles(numbered, template: str, where: str) -> None:
+    """Under a template with 'a'/'an' just before its field, an item starting with an article of its own would read
+    'a photo of the face of an an accountant'."""
+    literal = next(literal for literal, field, *_ in string.Formatter().parse(template) if field is not None)
+    if not _ARTICLE_AT_END.search(literal):
+        return
+    for number, item in numbered:
+        if item.split()[0].lower() in ("a", "an", "the"):
+            raise ValueError(f"{where}{number}: {item!r} has its own article, but the template {template!r} puts "
+                             f"one before each item ({fill_template(template, item)!r}): drop "
+                             f"{item.split()[0]!r} from the line")
 
 
 def load_prompt_file(path, template: Optional[str] = None) -> List[str]:
     """Prompts from a text file: each line put in template, or taken as is when template is None."""
-    lines = read_lines(path)
-    return [fill_template(template, line) for line in lines] if template else lines
+    numbered = _numbered_lines(path)
+    if not template:
+        return [line for _, line in numbered]
+    _refuse_own_articles(numbered, template, f"{path}:")
+    return [fill_template(template, line) for _, line in numbered]
+
+
+def factory_prompts(prompts, where: str) -> List[str]:
+    """A prompt-set factory's result held to a file's rules: a list (or tuple) of strings, each stripped, blank
+    ones skipped, a repeat refused (same_text_key). where: how errors name the factory."""
+    # a str would give one prompt per character; a set or dict has no fixed order across processes and ranks
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, SequenceABC):
+        raise ValueError(f"{where} returned a {type(prompts).__name__}: return a list of prompt strings")
+    wrong = [f"{index}: {prompt!r}" for index, prompt in enumerate(prompts, start=1) if not isinstance(prompt, str)]
+    if wrong:
+        raise ValueError(f"{where} returned prompts that are not strings (prompt {wrong[0]}): return a list of "
+                         "prompt strings")
+    numbered = [(number, prompt.strip()) for number, prompt in enumerate(prompts, start=1) if prompt.strip()]
+    _unique(numbered, f"{where}: prompt ", "prompt")
+    return [prompt for _, prompt in numbered]
 
 
 def load_prompt_set(name: str, split: str = "train", template: Optional[str] = None) -> List[str]:
@@ -134,11 +191,18 @@ class PromptMixture:
         if empty:
             raise ValueError(f"prompt sets with weight > 0 but no prompts: {empty}")
         self.sets = {name: list(sets[name]) for name in self.names}
+        self.weights = {name: float(weights[name]) for name in self.names}
         self.seed = int(seed)
-        total = sum(weights[name] for name in self.names)
-        self._cumulative = [c / total for c in itertools.accumulate(weights[name] for name in self.names)]
+        self._arrange(self.names)
         self.draws = 0
         self.taken = {name: 0 for name in self.names}
+
+    def _arrange(self, names: Sequence[str]) -> None:
+        """Put the sets in this order: the draw and each set's shuffle depend on a set's position."""
+        self.names = list(names)
+        self.sets = {name: self.sets[name] for name in self.names}
+        total = sum(self.weights[name] for name in self.names)
+        self._cumulative = [c / total for c in itertools.accumulate(self.weights[name] for name in self.names)]
         self._orders: Dict[int, Tuple[int, np.ndarray]] = {}
 
     def _order(self, set_index: int, epoch: int) -> np.ndarray:
@@ -166,13 +230,15 @@ class PromptMixture:
 
     def state_dict(self) -> dict:
         # "prompts": a CRC-32 of each set's prompts, so a resume notices a prompt file (or template) that changed
-        # at the same size; a state saved before it existed skips that check
-        return {"seed": self.seed, "draws": self.draws, "taken": dict(self.taken),
+        # at the same size; a state saved before it existed skips that check. "order": the sets' order, which the
+        # draws depend on, so a resume whose config lists the same sets in another order continues the same sequence
+        return {"seed": self.seed, "draws": self.draws, "taken": dict(self.taken), "order": list(self.names),
                 "sizes": {name: len(prompts) for name, prompts in self.sets.items()},
                 "prompts": {name: zlib.crc32("\n".join(prompts).encode("utf-8")) for name, prompts in self.sets.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state_dict()` of a mixture with the same seed, sets and weights."""
+        """Continue from `state_dict()` of a mixture with the same seed, sets and weights; the same sets listed in
+        another order (a config's data.sets reordered) are put back in the state's order, so the sequence goes on."""
         mine = self.state_dict()
         if state["seed"] != self.seed or state["sizes"] != mine["sizes"]:
             raise ValueError(f"prompt mixture state is for seed {state['seed']} and set sizes {state['sizes']}, "
@@ -181,6 +247,9 @@ class PromptMixture:
         if changed:
             raise ValueError(f"prompt set(s) {changed}: the prompts differ from those the checkpoint trained on (a "
                              f"changed file or template: data.sets.{changed[0]}); restore them or train a new run")
+        order = state.get("order")  # a state saved before it was recorded: the sets' current order
+        if order is not None and sorted(order) == sorted(self.names) and list(order) != self.names:
+            self._arrange(order)
         self.draws = int(state["draws"])
         self.taken = {name: int(count) for name, count in state["taken"].items()}
 
@@ -189,7 +258,7 @@ def _refuse_whole_prompts(path, name: str, template: str) -> None:
     """A file under a shipped set's name holds that set's items; one whose lines already hold the template's
     words (whole prompts, as such a file was read before 2026-11-30) is refused rather than wrapped twice."""
     words = max((literal.strip(" ,.") for literal, *_ in string.Formatter().parse(template)), key=len)
-    for number, line in enumerate(read_lines(path), start=1):
+    for number, line in _numbered_lines(path):
         if words and words.lower() in line.lower():
             field = template_field(template)
             raise ValueError(f"data.sets.{name}.file {path}: line {number} ({line!r}) reads like a whole prompt, "
@@ -204,7 +273,8 @@ def build_prompt_mixture(data, seed: int) -> PromptMixture:
         if spec.factory:
             from fastfair.hooks import load_callable
 
-            sets[name] = list(load_callable(spec.factory, f"data.sets.{name}.factory")(data.split))
+            where = f"data.sets.{name}.factory={spec.factory}"
+            sets[name] = factory_prompts(load_callable(spec.factory, f"data.sets.{name}.factory")(data.split), where)
         elif spec.file:  # under a shipped set's name its lines are that set's items (occupations), in its template
             template = spec.template or SET_TEMPLATES.get(name)
             if template and not spec.template:

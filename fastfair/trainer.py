@@ -236,8 +236,8 @@ def _optimizer_name(state: Optional[dict]) -> Optional[str]:
 def _head_disagreements(attribute, head) -> List[str]:
     """Where a target attribute's output indices contradict its classifier file's own layout (fastfair classifier
     files name each attribute's outputs and classes: fastfair.classifiers.heads; a file without names, read through
-    classifiers.<n>.attributes, has none to contradict): an index outside the attribute's outputs, or a class
-    reading the output of another class of the same name."""
+    classifiers.<n>.attributes, has none to contradict): an index outside the attribute's outputs, a class the file
+    does not name, or a class reading the output of another class of the same name."""
     if head is None or attribute.name not in getattr(head, "slices", {}):
         return []
     span, names = head.slices[attribute.name], head.classes(attribute.name)
@@ -246,6 +246,12 @@ def _head_disagreements(attribute, head) -> List[str]:
     outside = [i for i in attribute.indices if not span.start <= i < span.stop]
     if outside:
         return [f"{where} reads outputs {outside}, outside the file's {attribute.name} outputs ({layout})"]
+    # another spelling ('Old' for 'old') would skip the name check below and read the outputs by index alone,
+    # swapped or not
+    unnamed = [name for name in attribute.classes if name not in names]
+    if unnamed:
+        return [f"{where}: classes {unnamed} are not the file's {attribute.name} classes ({layout}): name each "
+                f"class as the file does"]
     return [f"{where}: class {name!r} reads output {index}, but the file's {name!r} is output "
             f"{span.start + names.index(name)} ({layout})"
             for name, index in zip(attribute.classes, attribute.indices)

@@ -154,7 +154,8 @@ def test_resume_is_bitwise_with_monte_carlo_transport_targets(tmp_path):
     save_classifier(AttributeClassifier(head_from_names(["gender", "race"]), "small_cnn", input_size=16, width=4),
                     str(tmp_path / "gender_race.safetensors"))
     race = [f"classifiers.gender.path={tmp_path / 'gender_race.safetensors'}",
-            "targets.attributes=[{name: race, classes: {a: 2, b: 3, c: 4, d: 5}, probabilities: uniform}]",
+            "targets.attributes=[{name: race, classes: {WMELH: 2, Black: 3, Indian: 4, Asian: 5}, "
+            "probabilities: uniform}]",
             "batch.images_per_prompt=24", "loss.ot_samples=64"]
     with process_group():
         Trainer(load_config(write_config(tmp_path / "a", world), race + ["max_steps=3"])).train()

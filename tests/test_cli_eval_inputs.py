@@ -352,6 +352,15 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     assert "re-evaluating, the cached images are of other settings (manifest)" in capsys.readouterr().out
 
 
+def test_demo_refuses_to_train_on_its_held_out_split(tmp_path):
+    """data.split=test trained on the very prompts the demo then reports as held out (never seen in training)."""
+    for overrides in (["data.split=test"], ["data.split = test", "optim.lr=1e-3"]):
+        with pytest.raises(ValueError, match=r"data.split=test: the demo evaluates on the held-out occupations .*"
+                                             r"trains on data.split=train only"):
+            demo.train("gender", tmp_path / "train", 1, overrides)
+    assert not (tmp_path / "train").exists()  # refused before anything was trained
+
+
 def test_demo_names_its_configs_for_an_unknown_one(tmp_path):
     with pytest.raises(ValueError, match=r"--config nope: neither a shipped config \(gender, .*\) nor a YAML file"):
         demo.train("nope", tmp_path / "train", 1, [])

@@ -143,6 +143,22 @@ def test_full_run_outputs_pairing_and_resume(files, tmp_path):
         run(files, out, num_steps=3)
 
 
+def test_evaluating_a_runs_own_training_prompts_is_warned_of(files, tmp_path):
+    """The world's run trains on the shipped occupations: 'nurse' is one of them, 'pilot' is not. A warning, not an
+    error: measuring the training prompts can be deliberate."""
+    quick = dict(images_per_prompt=1, guidance_scales=(2.0,), num_steps=1, clip=None, dino=None)
+    with pytest.warns(UserWarning, match=r"--prompts: 1 of 2 evaluation prompts are among the prompts the finetuned "
+                                         r"run trained on .*config.yaml\), e.g. 'a photo of the face of a nurse, a "
+                                         r"person'"):
+        run(files, tmp_path / "eval", **quick)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(files, tmp_path / "eval_heldout", prompts=PROMPTS[1:], **quick)
+    assert not [w for w in caught if str(w.message).startswith(("--prompts:", "--finetuned:"))]  # held out, checked
+
+
 def test_cli_with_exported_unet_and_prompt_file(files, tmp_path):
     from fastfair.testing import tiny_unet
 

@@ -1,13 +1,17 @@
 """fastfair.prompts: shipped set sizes and disjointness, templates, the resumable mixture sampler."""
 import collections
 import json
+import re
+import sys
+import types
 
 import pytest
 
 from fastfair.config import DataConfig, PromptSetConfig
 from fastfair.prompts import (
     OCCUPATION_TEMPLATE, PROMPT_DIR, SPORT_TEMPLATE, PromptMixture, build_prompt_mixture, fill_template,
-    indefinite_article, list_prompt_sets, load_prompt_file, load_prompt_set, read_lines, template_field,
+    indefinite_article, list_prompt_sets, load_prompt_file, load_prompt_set, read_lines, same_text_key,
+    template_field,
 )
 
 SIZES = {  # seed 0120 and 0134: (train, test)
@@ -22,6 +26,29 @@ def test_shipped_sets_have_the_seed_sizes_and_are_disjoint(name):
     assert len(test) == n_test and (len(train) >= min_train if name == "occupations" else len(train) == min_train)
     assert not {line.lower() for line in train} & {line.lower() for line in test}
     assert len(load_prompt_set(name, "train")) == len(train) and len(load_prompt_set(name, "test")) == n_test
+
+
+# a test item under another name in training is seen all the same
+SYNONYMS = {"lawyer": ["attorney"], "paralegal": ["legal assistant"], "janitor": ["custodian"],
+            "hairdresser": ["hairstylist"], "journalist": ["reporter", "war correspondent", "photojournalist"],
+            "bartender": ["mixologist"], "real estate agent": ["real estate broker"],
+            "software engineer": ["software developer"], "judge": ["magistrate"], "police officer": ["state trooper"],
+            "photographer": ["photojournalist"], "veterinarian": ["veterinary surgeon"]}
+
+
+def test_no_test_item_is_named_in_any_training_prompt():
+    """Held-out occupations and sports must stay unseen: none may appear, as a whole word or phrase (plural too) or
+    through a synonym, inside a training prompt of any shipped set ('pastry chef' taught 'chef'; the multi-concept
+    config trains on all four sets, so 'a portrait of a librarian ...' in styled_occupations taught 'librarian')."""
+    training = [(name, prompt) for name in SIZES for prompt in load_prompt_set(name, "train")]
+    seen = []
+    for name in ("occupations", "sports"):
+        for item in read_lines(PROMPT_DIR / f"{name}_test.txt"):
+            for words in [item] + SYNONYMS.get(item, []):
+                pattern = re.compile(r"\b" + re.escape(words) + r"(s|es)?\b", re.IGNORECASE)
+                seen += [f"{name} test {item!r} in {where} training prompt {prompt!r}"
+                         for where, prompt in training if pattern.search(prompt)]
+    assert not seen, "\n".join(seen)
 
 
 def test_no_line_repeats_and_no_blank_lines():
@@ -85,6 +112,65 @@ def test_user_files_and_bad_arguments(tmp_path):
         load_prompt_set("sports", "val")
 
 
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "jobs.txt"
+    path.write_bytes("baker\ncaf\u00e9 owner\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"jobs\.txt:2: not UTF-8 text .*save the file as UTF-8"):
+        load_prompt_file(path)
+
+
+@pytest.mark.parametrize("first, again", [
+    ("dental hygienist", "dental  hygienist"),  # a run of spaces
+    ("dental hygienist", "dental\thygienist"),
+    ("caf\u00e9 owner", "cafe\u0301 owner"),  # NFC and NFD: the same text on screen
+    ("Stra\u00dfe sweeper", "STRASSE sweeper"),  # case folding, not lower()
+])
+def test_repeats_that_differ_only_in_spacing_case_or_unicode_form_are_refused(tmp_path, first, again):
+    path = tmp_path / "jobs.txt"
+    path.write_text(f"{first}\nbarista\n{again}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"jobs\.txt:3: .* repeats line 1 \(compared ignoring case, runs of spaces "
+                                         r"and Unicode normal form\)"):
+        read_lines(path)
+    assert same_text_key(first) == same_text_key(again)
+
+
+def test_items_with_their_own_article_are_refused_under_a_template_with_one(tmp_path):
+    path = tmp_path / "jobs.txt"
+    path.write_text("# mine\nbaker\nan accountant\n")
+    with pytest.raises(ValueError, match=r"jobs\.txt:3: 'an accountant' has its own article, but the template .*"
+                                         r"'a photo of the face of an an accountant, a person'.*drop 'an'"):
+        load_prompt_file(path, OCCUPATION_TEMPLATE)
+    with pytest.raises(ValueError, match="has its own article"):
+        build_prompt_mixture(DataConfig(sets={"occupations": PromptSetConfig(file=str(path))}), seed=0)
+    # a template without an article before its field, or none: the article is the prompt's own
+    assert load_prompt_file(path, SPORT_TEMPLATE)[1] == "a person playing an accountant"
+    assert load_prompt_file(path) == ["baker", "an accountant"]
+
+
+def test_a_factorys_prompts_follow_a_files_rules(monkeypatch):
+    module = types.ModuleType("my_prompt_factories")
+    module.text = lambda split: "a photo of a nurse"  # one prompt, not one per character
+    module.unordered = lambda split: {"a nurse", "a pilot"}
+    module.numbers = lambda split: ["a nurse", 3]
+    module.repeats = lambda split: ["a nurse", "", "a pilot", "  A  nurse "]
+    module.blanks = lambda split: [" a nurse ", "", "  ", "a pilot"]
+    monkeypatch.setitem(sys.modules, "my_prompt_factories", module)
+
+    def build(name):
+        data = DataConfig(sets={"mine": PromptSetConfig(factory=f"my_prompt_factories:{name}")})
+        return build_prompt_mixture(data, seed=0).sets["mine"]
+    with pytest.raises(ValueError, match=r"data.sets.mine.factory=my_prompt_factories:text returned a str: return a "
+                                         r"list of prompt strings"):
+        build("text")
+    with pytest.raises(ValueError, match=r"returned a set: return a list"):
+        build("unordered")
+    with pytest.raises(ValueError, match=r"not strings \(prompt 2: 3\)"):
+        build("numbers")
+    with pytest.raises(ValueError, match=r"factory=my_prompt_factories:repeats: prompt 4: 'A  nurse' repeats prompt 1"):
+        build("repeats")
+    assert build("blanks") == ["a nurse", "a pilot"]
+
+
 SETS = {"big": [f"b{i}" for i in range(30)], "small": [f"s{i}" for i in range(7)]}
 
 
@@ -112,6 +198,24 @@ def test_mixture_resumes_exactly_from_its_state():
     assert [other_seed.draw() for _ in range(60)] != expected
     with pytest.raises(ValueError, match="prompt mixture state is for seed 5"):
         other_seed.load_state_dict(state)
+
+
+def test_a_resume_with_the_sets_listed_in_another_order_continues_the_same_draws():
+    """The draw and each set's shuffle depend on a set's position: data.sets reordered between a stop and its resume
+    (YAML key order, a base file's sets first) passed every check and changed the sequence."""
+    sets = {**SETS, "third": [f"t{i}" for i in range(11)]}
+    weights = {"big": 1.0, "small": 2.0, "third": 0.5}
+    straight = PromptMixture(sets, weights, seed=3)
+    expected = [straight.draw() for _ in range(200)]
+    first = PromptMixture(sets, weights, seed=3)
+    head = [first.draw() for _ in range(41)]
+    state = json.loads(json.dumps(first.state_dict()))
+    reordered = dict(reversed(list(sets.items())))
+    resumed = PromptMixture(reordered, dict(reversed(list(weights.items()))), seed=3)
+    resumed.load_state_dict(state)
+    assert head + [resumed.draw() for _ in range(159)] == expected
+    del state["order"]  # a state saved before the order was: resumes in the current order, as before
+    PromptMixture(reordered, weights, seed=3).load_state_dict(state)
 
 
 def test_a_resume_refuses_prompts_changed_at_the_same_size():

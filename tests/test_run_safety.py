@@ -225,9 +225,12 @@ def test_targets_that_contradict_a_classifier_files_own_names_are_refused(tmp_pa
         Trainer(load_config(write_config(tmp_path, world), [swapped]))
     with pytest.raises(ValueError, match=r"class 'female' reads output 1, but the file's 'female' is output 0"):
         Trainer(load_config(write_config(tmp_path, world), [swapped, "classifiers.gender.attributes={gender: [0, 1]}"]))
-    other_names = ("targets.attributes=[{name: gender, classes: {woman: 0, man: 1}, "
-                   "probabilities: {woman: 0.9, man: 0.1}}]")
-    Trainer(load_config(write_config(tmp_path, world), [other_names]))  # names the file lacks: indices rule
+    # names the file lacks (another spelling, e.g. 'Female'): refused too, or a swap under them would go unseen
+    for classes in ("{Female: 1, Male: 0}", "{woman: 0, man: 1}"):
+        other_names = f"targets.attributes=[{{name: gender, classes: {classes}, probabilities: uniform}}]"
+        with pytest.raises(ValueError, match=r"targets attribute 'gender': classes \[.*\] are not the file's gender "
+                                             r"classes \(female: 0, male: 1\): name each class as the file does"):
+            Trainer(load_config(write_config(tmp_path, world), [other_names]))
 
 
 def test_resume_refuses_another_optimizer(tmp_path, world):
