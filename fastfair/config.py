@@ -29,6 +29,7 @@ import json
 import math
 import operator
 import os
+import re
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -103,9 +104,13 @@ class FinetuneConfig:
 
 @dataclass
 class SamplerConfig:
+    # training's step count; with num_steps_range, which replaces it in training, the count within the range that
+    # the run's export records (python -m fastfair.generate's default) and python -m fastfair.demo evaluates at
     num_steps: int = setting(20, min=1)
-    num_steps_range: Optional[List[int]] = None  # [low, high], drawn per iteration; replaces num_steps
-    guidance_scale: float = setting(7.5, min=0)
+    num_steps_range: Optional[List[int]] = None  # [low, high], drawn per iteration; replaces num_steps in training
+    # 1: no classifier-free guidance; below 1 is refused, as diffusers' pipeline (python -m fastfair.generate, the
+    # export's users) samples every scale <= 1 without guidance: the run could not be reproduced there
+    guidance_scale: float = setting(7.5, min=1)
     coefficients: str = setting("paper", choices=("paper", "exact", "none"))  # DESIGN.md "Adjustment"
     recompute_chunk: int = setting(1, min=1)  # steps per U-Net call in the backward recompute
     keep_graph_steps: int = setting(0, min=0)  # steps whose graph is kept instead of recomputed
@@ -375,11 +380,17 @@ def _field_type(path: List[str]):
             if name not in hints:
                 raise _unknown_key(".".join(walked), name, tp)
             tp = hints[name]
-        elif typing.get_origin(tp) is dict:
-            tp = typing.get_args(tp)[1]
+        elif _mapping_arm(tp) is not None:  # a mapping, or a per-attribute weight that may be one (LossWeight)
+            tp = typing.get_args(_mapping_arm(tp))[1]
         else:
             raise ConfigError(f"'{'.'.join(walked[:-1])}' is {_type_name(tp)}: it has no key '{name}'")
     return tp
+
+
+def _mapping_arm(tp):
+    """tp's Dict type if tp is one or a Union with one (LossWeight), else None."""
+    arms = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
+    return next((arm for arm in arms if typing.get_origin(arm) is dict), None)
 
 
 def _accepts_str(tp) -> bool:
@@ -414,9 +425,11 @@ def parse_override(text: str):
         _convert(value, tp, ".".join(path))
         return path, value
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError as error:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
+    except ConfigError as error:  # _Loader's refusals
+        raise ConfigError(f"override {text!r}: {error}") from None
     if _accepts_str(tp) and not isinstance(value, (str, list, dict)):
         optional_null = value is None and type(None) in typing.get_args(tp)
         value = None if optional_null else raw  # `output_dir=2024` is a path, not a number
@@ -435,6 +448,54 @@ def _merge(base: dict, top: dict) -> dict:
     return merged
 
 
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load that refuses what it would silently read otherwise than meant: a key given twice in one
+    mapping (PyYAML keeps the last: a repeated section drops the first) and an int that YAML 1.1 (PyYAML) and YAML
+    1.2 read differently, a leading zero being octal (017 is 15) and colons base 60 (1:30 is 90). Refused rather than
+    read as YAML 1.2 would: the same file would then mean one number here and another to other PyYAML readers."""
+
+    def construct_mapping(self, node, deep=False):
+        self._refuse_repeated_keys(node)
+        for key_node, value_node in node.value:  # ints checked here, where their key is known; _construct_int: the rest
+            key, listed = self.construct_object(key_node, deep=True), isinstance(value_node, yaml.SequenceNode)
+            for index, item in enumerate(value_node.value if listed else [value_node]):
+                self._check_int(item, f"{f'{key}[{index}]' if listed else key} (line {item.start_mark.line + 1})")
+        return super().construct_mapping(node, deep)
+
+    def _refuse_repeated_keys(self, node) -> None:
+        lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in lines:
+                raise ConfigError(f"key {key!r} is given twice in one mapping (lines {lines[key]} and "
+                                  f"{key_node.start_mark.line + 1}), and YAML keeps only the last: merge them into one")
+            lines[key] = key_node.start_mark.line + 1
+
+    def _check_int(self, node, where: str = "") -> None:
+        """Refuse node if it is an int YAML 1.1 and 1.2 read differently; where: its key, for the message."""
+        if not (isinstance(node, yaml.ScalarNode) and node.tag == _INT_TAG):
+            return
+        text, value = node.value, yaml.SafeLoader.construct_yaml_int(self, node)
+        where = f"{where}: " if where else ""
+        if ":" in text:
+            raise ConfigError(f"{where}{text} is read as {value} by YAML 1.1 (base 60) and as a text by YAML 1.2: "
+                              f"write {value}, or quote '{text}' for a text")
+        if re.fullmatch(r"[-+]?0[0-9_]+", text) and int(text.replace("_", ""), 10) != value:
+            raise ConfigError(f"{where}{text} is read as {value} by YAML 1.1 (octal) and as "
+                              f"{int(text.replace('_', ''), 10)} by YAML 1.2: write the one you mean without "
+                              "the leading zero")
+
+    def _construct_int(self, node):
+        self._check_int(node)
+        return yaml.SafeLoader.construct_yaml_int(self, node)
+
+
+_Loader.add_constructor(_INT_TAG, _Loader._construct_int)
+
+
 def _read_yaml(path: Path, including: tuple = ()) -> dict:
     """A YAML mapping with its `base:` files merged under it (recursively, cycles refused)."""
     path = path.resolve()
@@ -444,14 +505,19 @@ def _read_yaml(path: Path, including: tuple = ()) -> dict:
         via = f" (named by base: in {including[-1]})" if including else ""
         raise ConfigError(f"config file not found: {path}{via}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    except ConfigError as error:  # _Loader's refusals
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    bases = data.pop("base", [])
+    bases = data.pop("base", None)
+    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases  # `base:` left empty: none
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: base: expected a file name or a list of them, got {bases!r}")
     merged = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         merged = _merge(merged, _read_yaml(path.parent / resolve_package_path(base, "base"), including + (path,)))
     return _merge(merged, data)
 
@@ -501,9 +567,13 @@ def load_config(path, overrides=()) -> TrainConfig:
     for text in overrides:
         keys, value = parse_override(text)
         node = data
-        for name in keys[:-1]:
-            if not isinstance(node.get(name), dict):
+        for depth, name in enumerate(keys[:-1]):
+            if node.get(name) is None:
                 node[name] = {}
+            elif not isinstance(node[name], dict):  # e.g. a single loss weight: its key would replace it
+                where = ".".join(keys[:depth + 1])
+                raise ConfigError(f"override {text!r}: {where} is {node[name]!r}, not a mapping: give it "
+                                  f"whole, e.g. {where}={{{keys[depth + 1]}: {value}, ...}}")
             node = node[name]
         node[keys[-1]] = value
     try:
@@ -513,7 +583,15 @@ def load_config(path, overrides=()) -> TrainConfig:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """cfg as plain YAML data, as config.yaml reads back: a tuple (a config built in Python) as a list, so that a
+    resume compares the values, not their types."""
+    return _lists(dataclasses.asdict(cfg))
+
+
+def _lists(node):
+    if isinstance(node, dict):
+        return {name: _lists(sub) for name, sub in node.items()}
+    return [_lists(item) for item in node] if isinstance(node, (list, tuple)) else node
 
 
 # what a resumed run may change without resume_allow: where it stops, how it logs, how often it saves, and the
@@ -637,6 +715,10 @@ def _sampler_problems(sampler: SamplerConfig) -> List[str]:
             problems.append(f"sampler.num_steps_range={steps} must be [low, high] with 1 <= low <= high")
         else:
             fewest_steps = steps[0]
+            if not steps[0] <= sampler.num_steps <= steps[-1]:  # still the count export and the demo sample with
+                problems.append(f"sampler.num_steps={sampler.num_steps} lies outside sampler.num_steps_range={steps}, "
+                                "which replaces it in training (each iteration draws its count from the range): "
+                                "set num_steps inside the range, or sampler.num_steps_range=null for a fixed count")
     if sampler.grad_steps is not None and sampler.grad_steps > fewest_steps:
         problems.append(f"sampler.grad_steps={sampler.grad_steps} exceeds the fewest sampling steps "
                         f"({fewest_steps}): lower it or set it to null (all steps)")
@@ -652,6 +734,9 @@ def _data_problems(data: DataConfig) -> List[str]:
     if not any(spec.weight > 0 for spec in data.sets.values()):
         problems.append("data.sets: no prompt set with weight > 0: add one, e.g. data.sets.occupations.weight=1")
     for name, spec in data.sets.items():
+        if spec.file is not None and spec.factory is not None:  # the factory's prompts would be read, the file not
+            problems.append(f"data.sets.{name} sets both file={spec.file} and factory={spec.factory}: give one of "
+                            f"file / factory (data.sets.{name}.file=null or data.sets.{name}.factory=null)")
         if spec.file is None and spec.factory is None and name not in list_prompt_sets():
             problems.append(f"data.sets.{name}: no shipped prompt set '{name}' (shipped: "
                             f"{', '.join(list_prompt_sets())}); set data.sets.{name}.file to a text file "
@@ -679,7 +764,13 @@ def _finetune_problems(cfg: TrainConfig) -> List[str]:
 
 def _classifier_problems(classifiers: Dict[str, ClassifierConfig]) -> List[str]:
     problems = [] if classifiers else ["classifiers is empty: name the classifier(s) of the alignment loss"]
+    claimed = {}
     for name, spec in classifiers.items():
+        for attribute in spec.attributes:  # the trainer would read each attribute from one of them only
+            if attribute in claimed:
+                problems.append(f"classifiers.{claimed[attribute]} and classifiers.{name} both predict '{attribute}':"
+                                " keep it in the attributes of one of them")
+            claimed.setdefault(attribute, name)
         indices = [index for group in spec.attributes.values() for index in group]
         if not all(spec.attributes.values()):
             problems.append(f"classifiers.{name}.attributes: give each attribute its output indices, "
@@ -762,6 +853,13 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
                         "cannot gather: use 1 or 2")
     if cfg.faces.detector == "callable" and not cfg.faces.detector_fn:
         problems.append("faces.detector=callable needs faces.detector_fn='package.module:function'")
+    if cfg.faces.detector_fn and cfg.faces.detector != "callable":
+        problems.append(f"faces.detector_fn={cfg.faces.detector_fn} is read only with faces.detector=callable, but "
+                        f"faces.detector={cfg.faces.detector}: set faces.detector=callable or faces.detector_fn=null")
+    if cfg.faces.detector_path and cfg.faces.detector != "insightface":
+        problems.append(f"faces.detector_path={cfg.faces.detector_path} is insightface's model folder, but "
+                        f"faces.detector={cfg.faces.detector}: set faces.detector=insightface or "
+                        "faces.detector_path=null")
     problems += _hook_problems(cfg)
     for key in cfg.resume_allow:
         try:

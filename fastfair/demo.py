@@ -72,6 +72,9 @@ def train(config: str, out: Path, iters, overrides: List[str]):
     owned = [text for text in overrides if text.split("=", 1)[0].strip() in ("output_dir", "resume")]
     if owned:  # the demo sets both (below): the user's would be replaced without a word
         raise ValueError(f"{owned[0]}: the demo trains into --out and resumes what it finds there; give --out DIR")
+    steps = [text for text in overrides if text.split("=", 1)[0].strip() == "max_steps"]
+    if iters is not None and steps:  # --iters sets max_steps (below): one of the two would be dropped silently
+        raise ValueError(f"--iters {iters} and {steps[0]} both set the training iterations: give one of them")
     if config not in CONFIGS:
         from fastfair.hooks import resolve_package_path
 

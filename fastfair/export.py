@@ -9,8 +9,9 @@ Writes into DIR
   [N, D]}``; ``pipe.load_textual_inversion(file, token=PREFIX_TOKEN)`` then a prompt starting with
   ``PREFIX_TOKEN`` places them right after the start token, as in training;
 - ``unet/`` (full finetuning): the U-Net, ``save_pretrained`` layout;
-- ``fastfair_export.json``: how the run sampled while it trained (guidance scale, steps), its target, base model
-  and checkpoint; ``python -m fastfair.generate`` takes the guidance and steps as its defaults.
+- ``fastfair_export.json``: how the run sampled while it trained (guidance scale, steps: sampler.num_steps, inside
+  the sampler.num_steps_range a run draws from), its target, base model and checkpoint; ``python -m
+  fastfair.generate`` takes the guidance and steps as its defaults.
 The EMA weights are exported by default (they are what is evaluated). The settings are the checkpoint's own
 (``step_*/config.yaml``; for checkpoints written before they held one, ``<output_dir>/config.yaml``).
 """
@@ -104,10 +105,13 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
             out, unet_lora_layers=unet_layers or None, text_encoder_lora_layers=text_layers or None,
             unet_lora_adapter_metadata=_lora_metadata(lora, lora.unet_modules) if unet_layers else None,
             text_encoder_lora_adapter_metadata=_lora_metadata(lora, lora.text_modules) if text_layers else None)
-    sampler = cfg.sampler
+    sampler, steps = cfg.sampler, cfg.sampler.num_steps
+    low, high = sampler.num_steps_range or (steps, steps)
+    if not low <= steps <= high:  # a run saved before fastfair required num_steps inside its range
+        steps = round((low + high) / 2)
     info = {"guidance_scale": sampler.guidance_scale,
-            # a run drawing its step count per iteration: the middle of its range
-            "num_steps": sampler.num_steps if not sampler.num_steps_range else round(sum(sampler.num_steps_range) / 2),
+            # a run drawing its step count per iteration: its num_steps, within the range (as the demo evaluates)
+            "num_steps": steps,
             "target": target, "model": cfg.model.pretrained, "checkpoint": str(checkpoint_dir.resolve()),
             "weights": weights}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")

@@ -33,6 +33,7 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int
              if given is None and key in recorded]
     if taken:  # a run debiased at one guidance scale is not at another
         print(f"{' and '.join(taken)}: as the run trained ({lora}/{EXPORT_INFO}); give the flag for another")
+    exported = guidance is None and "guidance_scale" in recorded  # a refusal names where the value came from
     steps = steps if steps is not None else int(recorded.get("num_steps", DEFAULT_STEPS))
     guidance = guidance if guidance is not None else float(recorded.get("guidance_scale", DEFAULT_GUIDANCE))
     # checked before loading: diffusers would write decoded noise for 0 steps and sample every guidance <= 1
@@ -42,6 +43,10 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int
     if steps < 1:
         raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
     if not math.isfinite(guidance) or guidance < 1:
+        if exported:  # the user gave no --guidance: a run trained before fastfair required >= 1
+            raise ValueError(f"{lora}/{EXPORT_INFO} records guidance_scale {guidance}, the run's, which diffusers' "
+                             "pipeline cannot sample (no classifier-free guidance below 1): give --guidance G (>= 1; "
+                             "1: no guidance)")
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
     out = Path(out)
     earlier = sorted(out.glob("[0-9][0-9][0-9][0-9][0-9].png")) if out.is_dir() else []

@@ -123,11 +123,17 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
     # frozen, and run inside the trainer's autocast, which computes in the half dtype anyway: stored in it, as the
     # frozen model parts are (CLIP ViT-H/14 alone: 2.4 GiB in fp32)
     judge_dtype = torch_dtype(cfg.precision.mixed)
-    classifiers = {}
+    classifiers, owners = {}, {}
     for name, spec in cfg.classifiers.items():
         module = _classifier(name, spec, device).to(judge_dtype)
         attributes = spec.attributes or [a.name for a in module.head.attributes]
-        classifiers.update({attribute: module for attribute in attributes})
+        for attribute in attributes:  # validate sees the declared ones; a file that describes itself, only here
+            if attribute in owners:
+                raise ValueError(f"classifiers.{owners[attribute]} and classifiers.{name} both predict '{attribute}': "
+                                 "name the attributes each one gives (classifiers.<name>.attributes), "
+                                 f"'{attribute}' in one of them")
+            owners[attribute] = name
+            classifiers[attribute] = module
     faces = cfg.faces
     if faces.detector == "callable":
         detector = get_detector(load_callable(faces.detector_fn, "faces.detector_fn"))
@@ -274,6 +280,14 @@ class Trainer:
                 problems.append(str(error))
         if problems:
             raise ConfigError("\n".join(problems))
+        if cfg.optim.warmup_steps > cfg.max_steps and self.rank == 0:
+            import warnings
+
+            # not refused: a run trained in stages may raise max_steps on a resume
+            warnings.warn(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds max_steps={cfg.max_steps}: the "
+                          f"learning rate reaches only {cfg.max_steps / (cfg.optim.warmup_steps + 1):.0%} of "
+                          f"optim.lr={cfg.optim.lr} by the last iteration; lower optim.warmup_steps or raise "
+                          "max_steps", stacklevel=2)
         parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.dtype, cfg.model.attention, self.device,
                                       config=cfg.model.config)
         self.vae, self.scheduler = parts.vae, parts.scheduler

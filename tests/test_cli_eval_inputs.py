@@ -305,6 +305,26 @@ def test_generate_refuses_bad_numbers_before_writing(flag, value, message, tmp_p
     assert not (tmp_path / "images").exists()
 
 
+def test_generate_names_the_export_when_its_recorded_guidance_cannot_be_sampled(tmp_path):
+    """An export of a run trained at a guidance below 1 (which fastfair accepted before): no --guidance was given."""
+    from fastfair.export import EXPORT_INFO
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / EXPORT_INFO).write_text(json.dumps({"guidance_scale": 0.5, "num_steps": 20,
+                                                                "target": "text_lora"}))
+    with pytest.raises(ValueError, match=rf"export/{EXPORT_INFO} records guidance_scale 0.5, the run's, which "
+                                         r"diffusers' pipeline cannot sample .*: give --guidance G \(>= 1"):
+        generate_main(["--model", "toy", "--lora", str(tmp_path / "export"), "--prompt", PROMPT, "--out",
+                       str(tmp_path / "images")])
+    assert not (tmp_path / "images").exists()
+
+
+def test_demo_refuses_iters_and_max_steps_together(tmp_path):
+    with pytest.raises(ValueError, match=r"--iters 2 and max_steps=3 both set the training iterations: give one"):
+        demo.main(["--out", str(tmp_path / "demo"), "--iters", "2", "max_steps=3"])
+    assert not (tmp_path / "demo").exists()
+
+
 DEMO_FAST = ["--images-per-prompt", "1", "checkpoint_every=1", "logging.image_every=0", "sampler.num_steps=2",
              "sampler.grad_steps=1", "batch.images_per_prompt=2"]
 

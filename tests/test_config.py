@@ -1,5 +1,6 @@
 """fastfair.config: shipped configs, YAML includes, overrides, did-you-mean, validation, file checks."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import yaml
 
 from fastfair.config import (
     DIFFUSERS_SUBFOLDERS, ConfigError, TrainConfig, check_files, config_to_dict, deepspeed_config, load_config,
-    parse_override, save_config, validate,
+    parse_override, resume_changes, save_config, validate,
 )
 from fastfair.targets import load_targets
 
@@ -111,6 +112,39 @@ def test_base_errors_name_the_files(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+def test_an_empty_base_is_none_and_a_base_that_names_no_file_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base:        # - gender.yaml, left out for now\noutput_dir: x\n")
+    assert load_config(tmp_path / "a.yaml").output_dir == "x"  # was a TypeError traceback
+    for base in ("3", "{file: x.yaml}", "[x.yaml, 3]"):
+        (tmp_path / "b.yaml").write_text(f"base: {base}\n")
+        with pytest.raises(ConfigError, match=r"b\.yaml: base: expected a file name or a list of them, got"):
+            load_config(tmp_path / "b.yaml")
+
+
+def test_a_key_given_twice_in_one_mapping_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of a repeated key: a second optim: block dropped the first one's settings."""
+    (tmp_path / "run.yaml").write_text("optim:\n  lr: 1.0e-4\nseed: 1\noptim:\n  scheduler: cosine\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: key 'optim' is given twice in one mapping \(lines 1 and 4\), "
+                                          r"and YAML keeps only the last: merge them into one"):
+        load_config(tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match=r"override 'optim=\{lr: 1, lr: 2\}': key 'lr' is given twice"):
+        parse_override("optim={lr: 1, lr: 2}")
+
+
+def test_yaml_1_1_octal_and_base_60_ints_in_a_file_are_refused_naming_the_key(tmp_path):
+    (tmp_path / "run.yaml").write_text("seed: 1\nmax_steps: 0100\n")
+    with pytest.raises(ConfigError, match=re.escape("run.yaml: max_steps (line 2): 0100 is read as 64 by YAML 1.1 "
+                                                    "(octal) and as 100 by YAML 1.2: write the one you mean without "
+                                                    "the leading zero")):
+        load_config(tmp_path / "run.yaml")
+    (tmp_path / "run.yaml").write_text("optim:\n  betas: [0.9, 1:30]\n")
+    with pytest.raises(ConfigError, match=re.escape("betas[1] (line 2): 1:30 is read as 90 by YAML 1.1 (base 60) "
+                                                    "and as a text by YAML 1.2")):
+        load_config(tmp_path / "run.yaml")
+    (tmp_path / "run.yaml").write_text("seed: 07\nmax_steps: 0\n")  # the same number in both: read
+    assert (load_config(tmp_path / "run.yaml").seed, load_config(tmp_path / "run.yaml").max_steps) == (7, 0)
+
+
 @pytest.mark.parametrize("override, attribute, value", [
     ("optim.lr=1e-4", "optim.lr", 1e-4),  # PyYAML alone would read a string
     ("sampler.num_steps_range=[19, 23]", "sampler.num_steps_range", [19, 23]),
@@ -167,11 +201,34 @@ def test_a_home_folder_in_the_written_folders_is_expanded(tmp_path, monkeypatch)
     ("optim.eps=nan", "optim.eps: expected a finite number, got 'nan'"),
     ("loss.lambda_img_no_face=-.inf", "loss.lambda_img_no_face: expected a finite number, got -inf"),
     ("loss.lambda_img_1={gender: .inf}", "loss.lambda_img_1.gender: expected a finite number, got inf"),
+    # YAML 1.1 octal and base 60, which YAML 1.2 reads as 17, 100 and a text
+    ("seed=017", "override 'seed=017': 017 is read as 15 by YAML 1.1 (octal) and as 17 by YAML 1.2: write the one "
+                 "you mean without the leading zero"),
+    ("seed=1:30", "override 'seed=1:30': 1:30 is read as 90 by YAML 1.1 (base 60) and as a text by YAML 1.2: "
+                  "write 90, or quote '1:30' for a text"),
+    ("max_steps=0100", "0100 is read as 64 by YAML 1.1 (octal) and as 100 by YAML 1.2"),
+    ("optim.betas=[0.9, 010]", "010 is read as 8 by YAML 1.1 (octal)"),
 ])
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(ConfigError) as error:
         parse_override(override)
     assert message in str(error.value)
+
+
+def test_an_override_reaches_into_a_per_attribute_loss_weight(tmp_path):
+    cfg = load_config(CONFIGS / "gender_race.yaml", ["loss.lambda_img_2.race=3.0"])
+    assert cfg.loss.lambda_img_2 == {"gender": 1.6, "race": 3.0}
+    with pytest.raises(ConfigError, match=re.escape("override 'loss.lambda_img_2.race=3.0': loss.lambda_img_2 is 1.6, "
+                                                    "not a mapping: give it whole, e.g. "
+                                                    "loss.lambda_img_2={race: 3.0, ...}")):
+        load_config(CONFIGS / "gender.yaml", ["loss.lambda_img_2.race=3.0"])
+
+
+def test_a_tuple_in_a_config_built_in_python_is_no_change_on_resume(tmp_path):
+    cfg = load_config(minimal(tmp_path))
+    saved = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))  # the checkpoint's config.yaml
+    cfg.finetune.lora.text_modules = tuple(cfg.finetune.lora.text_modules)
+    assert resume_changes(saved, cfg) == {}
 
 
 def test_unknown_yaml_key_at_depth_names_the_full_dotted_key(tmp_path):
@@ -217,7 +274,13 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
     (["loss.lambda_img_2={race: -1}"], "loss.lambda_img_2.race=-1.0 must be >= 0"),
     (["sampler.num_steps_range=[23, 19]"], "sampler.num_steps_range=[23, 19] must be [low, high]"),
     (["sampler.num_steps_range=[20]"], "must be [low, high]"),
-    (["sampler.num_steps_range=[5, 9]", "sampler.grad_steps=6"], "sampler.grad_steps=6 exceeds the fewest"),
+    (["sampler.num_steps_range=[5, 9]", "sampler.num_steps=7", "sampler.grad_steps=6"],
+     "sampler.grad_steps=6 exceeds the fewest"),
+    (["sampler.num_steps_range=[5, 9]"], "sampler.num_steps=20 lies outside sampler.num_steps_range=[5, 9], which "
+     "replaces it in training (each iteration draws its count from the range): set num_steps inside the range, or "
+     "sampler.num_steps_range=null for a fixed count"),
+    # python -m fastfair.generate (diffusers' pipeline) samples every scale <= 1 without guidance
+    (["sampler.guidance_scale=0.5"], "sampler.guidance_scale=0.5 must be >= 1"),
     (["sampler.memory_budget_gb=20", "sampler.keep_graph_steps=3"], "both set"),
     (["sampler.memory_budget_gb=20", "sampler.keep_attention_steps=3"], "keep_attention_steps are both set"),
     (["batch.images_per_prompt=9"], "batch.images_per_prompt=9 is not divisible by the world size 2"),
@@ -236,6 +299,14 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
     (["data.sets.occupations.template=a {x} and {y}"], "data.sets.occupations.template: template"),
     (["finetune.target=unet_lora", "finetune.lora.unet_modules=[]"], "finetune.lora.unet_modules is empty"),
     (["faces.detector=callable"], "faces.detector=callable needs faces.detector_fn"),
+    (["faces.detector_fn=pkg.mod:fn"], "faces.detector_fn=pkg.mod:fn is read only with faces.detector=callable, but "
+     "faces.detector=opencv: set faces.detector=callable or faces.detector_fn=null"),
+    (["faces.detector_path=/models"], "faces.detector_path=/models is insightface's model folder, but "
+     "faces.detector=opencv: set faces.detector=insightface or faces.detector_path=null"),
+    (["classifiers.d={path: d.pt, attributes: {gender: [0, 1]}}"],
+     "classifiers.c and classifiers.d both predict 'gender': keep it in the attributes of one of them"),
+    (["data.sets.mine={file: /p.txt, factory: 'pkg.mod:fn'}"], "data.sets.mine sets both file=/p.txt and "
+     "factory=pkg.mod:fn: give one of file / factory"),
     (["classifiers.c.attributes={gender: [0, 1], race: [1, 2, 3, 4]}"], "output indices must be distinct"),
     (["classifiers.c.attributes={gender: [0, 1], race: []}"], "classifiers.c.attributes: give each attribute"),
     (["model.attention=xformers"], "model.attention=xformers needs CUDA"),

@@ -67,6 +67,17 @@ def test_exported_pipeline_matches_training_model(tmp_path, world, target):
         torch.testing.assert_close(_eps(pipe.unet, expected), _eps(model.unet, expected), rtol=1e-5, atol=1e-5)
 
 
+def test_a_run_drawing_its_step_count_exports_its_num_steps(tmp_path, world):
+    """sampler.num_steps lies inside num_steps_range (validate), and is the count the demo evaluates at: the export
+    records it too (it recorded the middle of the range, 4 here)."""
+    from fastfair.export import export_info
+
+    cfg = load_config(write_config(tmp_path, world), ["max_steps=1", "sampler.num_steps_range=[2, 5]"])
+    Trainer(cfg).train()
+    export(tmp_path / "run" / "checkpoints" / "step_00000001", tmp_path / "export")
+    assert export_info(tmp_path / "export")["num_steps"] == cfg.sampler.num_steps == 3
+
+
 def test_generate_cli_writes_images(tmp_path, world, capsys, monkeypatch):
     from diffusers import StableDiffusionPipeline
     from PIL import Image

@@ -56,6 +56,14 @@ def test_judges_from_factories_are_frozen_and_in_eval_mode(tmp_path, world):
     torch.testing.assert_close(alone, judges.face_embedder(faces)[:1])  # no batch statistics
 
 
+def test_two_classifiers_giving_one_attribute_are_refused(tmp_path, world):
+    """Files that describe themselves: validate sees no attributes, and the judges kept the last one's silently."""
+    cfg = load_config(write_config(tmp_path, world), [f"classifiers.again.path={world['classifier']}"])
+    with pytest.raises(ValueError, match=r"classifiers.gender and classifiers.again both predict 'gender': name the "
+                                         r"attributes each one gives \(classifiers.<name>.attributes\)"):
+        build_judges(cfg, "cpu")
+
+
 def _bank_built_with(path, flip):
     FaceBank(torch.randn(5, 8), info={"settings": json.dumps({"flip": flip})}).save(str(path))
     return path

@@ -192,7 +192,8 @@ def test_relative_paths_are_saved_absolute_so_a_run_continues_from_any_folder(tm
 def test_step_counts_and_prefix_lengths_that_cannot_run_are_refused_at_start(tmp_path, world):
     with pytest.raises(ValueError, match=r"sampler.num_steps_range: num_steps=999: the scheduler's noise levels "
                                          r"repeat"):
-        Trainer(load_config(write_config(tmp_path, world), ["sampler.num_steps_range=[990, 999]"]))
+        Trainer(load_config(write_config(tmp_path, world), ["sampler.num_steps_range=[990, 999]",
+                                                            "sampler.num_steps=990"]))
     with pytest.raises(ValueError, match=r"finetune.prefix_tokens=11: the text encoder reads 12 tokens, two of them "
                                          r"the start and end tokens: use at most 10"):
         Trainer(load_config(write_config(tmp_path, world, "prefix"), ["finetune.prefix_tokens=11"]))
@@ -213,6 +214,16 @@ def test_a_scheduler_the_run_cannot_use_is_refused_at_start_naming_its_source(tm
     with pytest.raises(ValueError, match=message):
         Trainer(load_config(write_config(tmp_path, world), [f"model.pretrained={model}", "sampler.num_steps_range=null",
                                                             "sampler.coefficients=exact"]))
+
+
+def test_a_warmup_longer_than_the_run_warns(tmp_path, world):
+    """Not refused (a run trained in stages may raise max_steps on a resume), but the learning rate never reaches
+    optim.lr: said as the resume's horizon warning is."""
+    cfg = load_config(write_config(tmp_path, world), ["optim.warmup_steps=5"])  # max_steps=2
+    with pytest.warns(UserWarning, match=r"optim.warmup_steps=5 exceeds max_steps=2: the learning rate reaches only "
+                                         r"33% of optim.lr=0.01 by the last iteration; lower optim.warmup_steps or "
+                                         r"raise max_steps"):
+        Trainer(cfg)
 
 
 def test_targets_that_contradict_a_classifier_files_own_names_are_refused(tmp_path, world):
@@ -338,7 +349,7 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path, world):
     run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config", str(config),
                           "sampler.guidance_scale=-1"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
-    assert "fastfair/train.py: error:" in run.stderr and "sampler.guidance_scale=-1.0 must be >= 0" in run.stderr
+    assert "fastfair/train.py: error:" in run.stderr and "sampler.guidance_scale=-1.0 must be >= 1" in run.stderr
     assert "Traceback" not in run.stderr
     env["FASTFAIR_TRACEBACK"] = "1"
     run = subprocess.run([sys.executable, str(REPO / "fastfair" / "train.py"), "--config", str(config),
@@ -350,5 +361,5 @@ def test_a_run_reports_bad_settings_and_missing_files_together(tmp_path, world):
     cfg = load_config(write_config(tmp_path, world), ["sampler.guidance_scale=-1", "model.pretrained=/nope"])
     with pytest.raises(ConfigError) as error:
         Trainer(cfg)
-    assert "sampler.guidance_scale=-1.0 must be >= 0" in str(error.value)
+    assert "sampler.guidance_scale=-1.0 must be >= 1" in str(error.value)
     assert "model.pretrained=/nope does not exist" in str(error.value)
