@@ -126,7 +126,7 @@ class PromptSetConfig:
     file: Optional[str] = None  # one line each; under a shipped set's name its items (e.g. occupations) put in
     #                             that set's template, under another a full prompt; null: the shipped set
     template: Optional[str] = None  # one {field}, e.g. "a person playing {sport}"; null: the set's own
-    factory: Optional[str] = None  # "package.module:function"(split) -> prompts, e.g. the toy world's
+    factory: Optional[str] = None  # "package.module:function"(split) -> a list of prompt strings, e.g. the toy's
 
 
 @dataclass
@@ -224,8 +224,8 @@ class PrecisionConfig:
     # save, are in that dtype: DeepSpeed keeps the fp32 masters in its optimizer state, saved in state.pt)
     mixed: str = setting("fp16", choices=DTYPES)
     tf32: bool = True  # TF32 matmuls on CUDA
-    # fp16 without DeepSpeed (whose JSON sets its own): the initial scale of a dynamic loss scaler
-    # (torch.amp.GradScaler); the U-Net's fp16 gradients otherwise underflow to zero. null: no scaling
+    # fp16 (autocast or model.dtype) without DeepSpeed (whose JSON sets its own): the initial scale of a dynamic
+    # loss scaler (torch.amp.GradScaler); the U-Net's fp16 gradients otherwise underflow to zero. null: no scaling
     loss_scale: Optional[float] = setting(2.0 ** 16, gt=0)
 
 
@@ -563,7 +563,7 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 def load_config(path, overrides=()) -> TrainConfig:
     """Read a YAML config (with its bases), apply 'key.sub=value' overrides, return a typed TrainConfig
     whose paths are absolute (`resolve_paths`: pkg:// resolved, relative ones from the current folder)."""
-    data = _read_yaml(Path(resolve_package_path(str(path), "config")))
+    data = _read_yaml(Path(resolve_package_path(os.path.expanduser(str(path)), "config")))
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -693,6 +693,10 @@ def _weight_problems(key: str, weight: LossWeight) -> List[str]:
 def _device_problems(cfg: TrainConfig, device) -> List[str]:
     device_type = str(device).split(":")[0]  # "cuda:1" or torch.device("cuda", 1) -> "cuda"
     problems = []
+    if {cfg.model.dtype, cfg.precision.mixed} == {"fp16", "bf16"}:  # autocast would recast every frozen weight
+        problems.append(f"model.dtype={cfg.model.dtype} with precision.mixed={cfg.precision.mixed}: autocast would "
+                        "cast each frozen weight to the other half type at every use (bf16 loses fp16's precision, "
+                        "fp16 bf16's range): use one half type for both, or precision.mixed=fp32")
     if device_type == "cpu":
         for key, dtype in (("model.dtype", cfg.model.dtype), ("precision.mixed", cfg.precision.mixed)):
             if dtype == "fp16":

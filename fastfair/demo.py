@@ -157,7 +157,8 @@ def evaluate_heldout(cfg, finetuned: Path, out: Path, images_per_prompt: int) ->
                         finetuned=str(finetuned), attributes=list(marginals), targets=targets,
                         images_per_prompt=images_per_prompt, guidance_scales=(cfg.sampler.guidance_scale,),
                         num_steps=cfg.sampler.num_steps, seed=cfg.seed + 1, batch_size=40, detector=detect_faces,
-                        margin=cfg.faces.margin, semantics=SEMANTICS, grid_columns=GRID_COLUMNS)
+                        margin=cfg.faces.margin, semantics=SEMANTICS, grid_columns=GRID_COLUMNS,
+                        dtype=cfg.model.dtype)  # as the run sampled
     try:
         return run()
     except StaleCacheError as error:

@@ -460,3 +460,26 @@ def test_evaluation_settings_are_checked_before_any_image(options, message, tmp_
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="--out .*file: a file; give a folder"):
         run(tmp_path / "file")
+
+
+def test_demo_evaluates_in_the_dtype_the_run_sampled_in(tmp_path, monkeypatch):
+    """model.dtype=bf16: the held-out images are generated in bf16, as the run trained (evaluate's own default is
+    fp32)."""
+    import fastfair.evaluate
+    from fastfair.config import load_config
+    from fastfair.demo import CONFIGS, evaluate_heldout
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop  # before any image is made
+
+    monkeypatch.setattr(fastfair.evaluate, "evaluate", spy)
+    cfg = load_config(CONFIGS["gender"], ["model.dtype=bf16", "precision.mixed=bf16"])
+    with pytest.raises(Stop):
+        evaluate_heldout(cfg, tmp_path / "ckpt", tmp_path / "eval", 2)
+    assert seen["dtype"] == "bf16"

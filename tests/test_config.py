@@ -333,6 +333,20 @@ def test_fp16_is_fine_on_cuda_and_bf16_on_cpu(tmp_path):
     validate(load_config(minimal(tmp_path), ["model.dtype=bf16", "precision.mixed=bf16"]), device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="precision.mixed=fp16 needs a CUDA device"):
         validate(load_config(minimal(tmp_path), ["precision.mixed=fp16"]), device=torch.device("cpu"))
+    validate(load_config(minimal(tmp_path), ["model.dtype=fp16", "precision.mixed=fp32"]), device="cuda")
+
+
+@pytest.mark.parametrize("dtype,mixed", [("fp16", "bf16"), ("bf16", "fp16")])
+def test_frozen_weights_of_one_half_type_under_autocast_to_the_other_are_refused(tmp_path, dtype, mixed):
+    with pytest.raises(ConfigError, match=f"model.dtype={dtype} with precision.mixed={mixed}: autocast would cast "
+                                          "each frozen weight to the other half type"):
+        validate(load_config(minimal(tmp_path), [f"model.dtype={dtype}", f"precision.mixed={mixed}"]), device="cuda")
+
+
+def test_a_config_path_starting_with_a_tilde_is_read_from_home(tmp_path, monkeypatch):
+    config = minimal(tmp_path)
+    monkeypatch.setenv("HOME", str(config.parent))
+    assert load_config(f"~/{config.name}") == load_config(config)
 
 
 def diffusers_folder(root: Path, skip=()) -> Path:
