@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -69,7 +70,13 @@ def init_distributed(device_type: str = "cpu") -> bool:
 
 def close_distributed() -> None:
     """Destroy the group init_distributed created, removing its store file and the LOCAL_RANK it set."""
-    dist.destroy_process_group()
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        # through DeepSpeed, which then drops the groups it cloned from this one: a later DeepSpeed run in this
+        # process would reach them, destroyed ("Group ... is not registered")
+        deepspeed_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
     if _OWN_GROUP.pop("set_local_rank", False):
         os.environ.pop("LOCAL_RANK", None)
     store = _OWN_GROUP.pop("store", None)

@@ -291,6 +291,29 @@ print("ok")
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
+def test_deepspeed_runs_one_after_another_in_one_process(tmp_path, world):
+    """Each in its own process group (a fresh process: this module's world fixture holds one): the first group's
+    end must also drop DeepSpeed's clones of it, or the second engine reaches them ("Group ... is not
+    registered")."""
+    pytest.importorskip("deepspeed")
+    ds_json = tmp_path / "zero2_fp32.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10**9}))
+    configs = [write_config(tmp_path / name, world) for name in ("first", "second")]
+    code = f"""
+from fastfair.config import load_config
+from fastfair.trainer import Trainer, process_group
+for config in {[str(c) for c in configs]!r}:
+    with process_group():
+        Trainer(load_config(config, ["max_steps=1", "deepspeed.config={ds_json}"])).train()
+print("ok")
+"""
+    env = child_env(OMP_NUM_THREADS="1")
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
 def test_deepspeed_settings_are_checked_before_anything_loads(tmp_path, world):
     cfg = load_config(write_config(tmp_path, world), ["deepspeed.zero_stage=2"])
     with pytest.raises(ConfigError, match="deepspeed.zero_stage=2 without deepspeed.config"):
