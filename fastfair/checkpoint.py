@@ -7,17 +7,30 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_<iteration:08d>/`` hold
   (read back with ``torch.load(weights_only=True)``: tensors and plain Python values, plus, for a DeepSpeed run,
   DeepSpeed's optimizer state, which only a resume under DeepSpeed allows: ``fastfair.zero``).
 Export and evaluation read the weights only (``load_weights``), so they take any run's checkpoint.
-It is written into a hidden temp folder and renamed into place, so a kill during a save leaves the last
-good checkpoint untouched. Retention keeps the newest ``keep_last`` plus every ``keep_every``-th iteration.
+It is written into a hidden temp folder (``.tmp-*``, named for the process), each file and the folder flushed to
+disk, and renamed into place, so a kill or a power cut during a save leaves the last good checkpoint untouched.
+Retention keeps the newest ``keep_last`` plus every ``keep_every``-th iteration; a pruned folder is renamed to a
+temp name before it is deleted, so a kill mid-delete leaves no half checkpoint under a step name.
+
+A training run holds ``<output_dir>/.lock`` (``output_dir_lock``) while it writes there: a second run in the same
+output_dir is refused at start, and the saves of the holder remove temp folders any earlier process left.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
+import os
 import pickle
 import random
 import re
 import shutil
+import socket
+import time
+import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -123,6 +136,134 @@ def _contiguous_cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 
 
 CONFIG_FILE = "config.yaml"  # in a checkpoint folder: the settings it was trained with
+LOCK_FILE = ".lock"  # in output_dir: held by the run writing there (output_dir_lock)
+_TEMP = ".tmp-"  # the prefix of every folder a save or a prune works in; never a checkpoint
+_LOCKED: Dict[str, int] = {}  # output_dir (resolved) -> the descriptor of the lock this process holds on it
+
+
+def _owner() -> str:
+    """This process as temp folders name it: host and pid (a pid alone repeats across the nodes of a shared disk)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def holds_lock(output_dir) -> bool:
+    """Whether this process holds output_dir's lock (``output_dir_lock``)."""
+    return str(Path(output_dir).resolve()) in _LOCKED
+
+
+def lock_holder(output_dir) -> str:
+    """Who holds output_dir's lock, as its lock file says: 'host H, pid P, since T' (or why it cannot say)."""
+    try:
+        held = json.loads((Path(output_dir) / LOCK_FILE).read_text())
+        return f"host {held['host']}, pid {held['pid']}, since {held['since']}"
+    except (OSError, ValueError, KeyError, TypeError):  # taken a moment ago, its details not written yet
+        return "its host and pid not recorded yet"
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir) -> Iterator[Path]:
+    """Hold an exclusive lock on output_dir while a run writes there: a non-blocking ``flock`` on
+    ``<output_dir>/.lock``, which records the holder's host, pid and start time; released when the block ends (a
+    killed process's lock is released by the system). Raises ValueError naming the holder when another process
+    holds it (two runs in one output_dir delete each other's saves in progress and interleave metrics.jsonl). A
+    filesystem that does not lock (Lustre mounted without ``-o flock``, NFS without its lock daemon) gets a
+    warning, and the run goes on unlocked."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    key, locked = str(folder.resolve()), False
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            raise ValueError(f"output_dir={output_dir} is in use by another run ({lock_holder(folder)}; lock file "
+                             f"{path}): two runs in one output_dir overwrite each other's checkpoints and metrics. "
+                             "Wait for it to finish (or stop it), or give this run another output_dir") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            warnings.warn(f"output_dir={output_dir}: its filesystem does not lock files ({error.strerror}), so a "
+                          "second run started in it would not be refused: make sure no other run uses it",
+                          stacklevel=3)
+        if locked:
+            os.ftruncate(handle, 0)
+            since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            os.write(handle, (json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since})
+                              + "\n").encode())
+            _LOCKED[key] = handle
+        yield path
+    finally:
+        if locked:
+            _LOCKED.pop(key, None)
+            with contextlib.suppress(OSError):
+                os.ftruncate(handle, 0)  # a finished run holds nothing: no stale holder to name
+        os.close(handle)  # releases the flock
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (names created or renamed in it) to disk; a filesystem that cannot sync a folder
+    (some network and FUSE mounts refuse it) has nothing more to offer."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(handle)
+
+
+def _fsync_file(file: Path) -> None:
+    with open(file, "rb") as written:
+        os.fsync(written.fileno())
+
+
+def _remove_leftovers(root: Path, keep: Path) -> None:
+    """Delete the temp folders earlier saves and prunes left (a kill mid-save or mid-delete): all of them while
+    this process holds output_dir's lock (no other run writes there), else only this process's own (another
+    process's may be a save in progress)."""
+    mine = f".{_owner()}"
+    every = holds_lock(root.parent)
+    for leftover in root.glob(f"{_TEMP}*"):
+        if leftover != keep and (every or leftover.name.endswith(mine)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _delete(folder: Path) -> None:
+    """Delete a checkpoint folder: first renamed to a temp name (one step), so a kill mid-delete leaves a temp
+    folder the next save removes, never a step folder missing some files."""
+    doomed = folder.with_name(f"{_TEMP}delete-{folder.name}.{_owner()}")
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+def library_versions() -> Dict[str, str]:
+    """The versions of fastfair and the libraries whose numerics a run depends on (saved in each state.pt; a
+    resume under others warns)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import fastfair
+
+    found = {"fastfair": str(fastfair.__version__), "torch": str(torch.__version__)}  # plain str: torch's is
+    # a TorchVersion, which a weights_only load refuses
+    for name in ("diffusers", "transformers", "peft"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def version_changes(saved: Optional[dict]) -> Dict[str, Tuple[str, str]]:
+    """{library: (saved version, this process's)} where they differ; {} for a checkpoint that saved none."""
+    now = library_versions()
+    return {name: (old, now.get(name, "not installed")) for name, old in (saved or {}).items()
+            if now.get(name, "not installed") != old}
 
 
 def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor],
@@ -134,19 +275,27 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{iteration:08d}"
-    tmp = root / f".tmp-{final.name}"
-    for unfinished in root.glob(".tmp-step_*"):  # left by a save that was interrupted: never a checkpoint
-        shutil.rmtree(unfinished, ignore_errors=True)
+    tmp = root / f"{_TEMP}{final.name}.{_owner()}"  # this process's own: another's save never shares it
+    _remove_leftovers(root, keep=tmp)
+    if tmp.exists():  # this process's, from a save interrupted in it (KeyboardInterrupt caught by a caller)
+        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         save_file(_contiguous_cpu(weights), str(tmp / "weights.safetensors"))
         save_file(_contiguous_cpu(ema), str(tmp / "ema.safetensors"))
-        torch.save({**state, "iteration": iteration, "rng": rng_state()}, tmp / "state.pt")
+        torch.save({**state, "iteration": iteration, "rng": rng_state(), "versions": library_versions()},
+                   tmp / "state.pt")
         if config is not None:
             import yaml
 
             (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
-        plain_mode(*(f for f in tmp.iterdir() if f.is_file()))  # safetensors writes 0600
+        files = [f for f in tmp.iterdir() if f.is_file()]
+        plain_mode(*files)  # safetensors writes 0600
+        # on disk before the rename publishes them: else a power cut or node crash soon after can leave a
+        # checkpoint of empty or cut-off files under the step name, which resume=auto would pick
+        for file in files:
+            _fsync_file(file)
+        _fsync_dir(tmp)
     except (OSError, RuntimeError, SafetensorError) as error:  # a full disk: torch.save's RuntimeError, or this
         written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,9 +303,14 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
         raise OSError(f"checkpoint {iteration} could not be written to {root} ({str(error).strip()[:200]}); "
                       f"{free / 2**20:.0f} MiB free there after {written / 2**20:.1f} MiB written: free space or "
                       "choose another output_dir, then resume=auto continues from the last checkpoint") from error
-    if final.exists():  # a rerun writing the same iteration: replace it
-        shutil.rmtree(final)
-    tmp.rename(final)
+    replaced = None
+    if final.exists():  # a rerun writing the same iteration: the old one moves aside whole, then goes
+        replaced = final.with_name(f"{_TEMP}replaced-{final.name}.{_owner()}")
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    _fsync_dir(root)  # the rename itself
+    if replaced is not None:
+        shutil.rmtree(replaced)
     prune(output_dir, keep_last, keep_every)
     return final
 
@@ -167,7 +321,7 @@ def prune(output_dir, keep_last: int, keep_every: int) -> None:
     newest = set(list(found)[-keep_last:])
     for iteration, folder in found.items():
         if iteration not in newest and not (keep_every and iteration % keep_every == 0):
-            shutil.rmtree(folder)
+            _delete(folder)
 
 
 def config_file(checkpoint) -> Path:
@@ -187,26 +341,25 @@ def trained_settings(checkpoint) -> Optional[dict]:
 
 
 def resolve_resume(resume: str, output_dir) -> Optional[Path]:
-    """'' -> None (fresh start); 'auto' -> the newest checkpoint in output_dir or None; else that folder."""
+    """'' -> None (fresh start); 'auto' -> the newest resumable checkpoint in output_dir or None; else that
+    folder."""
     if not resume:
         return None
-    if resume == "auto":
+    if resume == "auto":  # step folders past it that cannot be resumed (they lack state.pt or a weight file) are
+        # passed over here; a run then refuses to overwrite them (Trainer._check_output_dir says what they lack)
         found = list_checkpoints(output_dir)
-        newest = max(found, default=-1)
-        incomplete = {step: folder for step, folder in step_folders(output_dir).items() if step > newest}
-        if incomplete:  # e.g. a file deleted or lost in a copy: say why those are passed over
-            import warnings
-
-            then = f"resuming from {found[newest]}" if found else "no complete checkpoint: a fresh start"
-            warnings.warn("resume=auto: " + "; ".join(f"{folder} lacks {', '.join(_missing(folder))}"
-                                                      for folder in incomplete.values()) + f"; {then}", stacklevel=2)
-        return found[newest] if found else None
+        return found[max(found)] if found else None
     path = Path(resume)
     if _missing(path):
         raise ValueError(f"resume={resume}: not a checkpoint folder: it lacks {', '.join(_missing(path))} (a "
                          "checkpoint is <output_dir>/checkpoints/step_N with state.pt, weights.safetensors, "
                          "ema.safetensors)")
     return path
+
+
+def missing_files(folder) -> List[str]:
+    """The files of a resumable checkpoint (state.pt and the weight files) that a folder lacks."""
+    return _missing(Path(folder))
 
 
 def _missing(folder: Path, names=("state.pt", *WEIGHT_FILES)) -> List[str]:

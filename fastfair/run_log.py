@@ -8,9 +8,13 @@
 A run resumed from step S has already logged steps past S before it stopped (up to its interruption): those
 lines are dropped from metrics.jsonl and tensorboard is told to purge them (``purge_step``), so each step is
 logged once, by the run that kept its weights.
+
+A write that fails (a full disk, a quota, a lost mount) ends the run with the file's name and the way on (the
+checkpoints hold the run up to the last one), not a bare errno.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -28,27 +32,53 @@ class RunLog:
 
     def __init__(self, output_dir, tensorboard_dir: Optional[str], start: int):
         self.path = Path(output_dir) / METRICS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_lines_after(self.path, start)
-        self.file = open(self.path, "a", encoding="utf-8")
-        self.writer = _summary_writer(tensorboard_dir or str(Path(output_dir) / "tensorboard"), start)
+        self.tensorboard = tensorboard_dir or str(Path(output_dir) / "tensorboard")
+        with _named(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_lines_after(self.path, start)
+            self.file = open(self.path, "a", encoding="utf-8")
+        with _named(self.tensorboard):
+            self.writer = _summary_writer(self.tensorboard, start)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
-        self.file.flush()
+        with _named(self.path):
+            self.file.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+            self.file.flush()
         if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+            with _named(self.tensorboard):  # its writer thread's error surfaces at the next call
+                for name, value in values.items():
+                    self.writer.add_scalar(name, value, step)
 
     def image(self, step: int, name: str, pixels: np.ndarray) -> None:
         """pixels: uint8 [H, W, 3] (the PNG on disk is the trainer's; this adds it to tensorboard)."""
         if self.writer is not None:
-            self.writer.add_image(name, pixels, step, dataformats="HWC")
+            with _named(self.tensorboard):
+                self.writer.add_image(name, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            with _named(self.path):
+                self.file.close()
+        finally:
+            if self.writer is not None:
+                with _named(self.tensorboard):
+                    self.writer.close()
+
+
+def unwritten(path, error: OSError) -> str:
+    """The message for a run's file that could not be written: the file, the system's reason, the way on."""
+    reason = error.strerror or str(error)
+    return (f"{path} could not be written ({reason}): free space (or fix the folder), then resume=auto continues "
+            "from the last checkpoint")
+
+
+@contextlib.contextmanager
+def _named(path):
+    """Re-raise an OSError in the block with `unwritten`'s message (a full disk's bare errno names no file)."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(unwritten(path, error)) from error
 
 
 def _drop_lines_after(path: Path, start: int) -> None:

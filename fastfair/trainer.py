@@ -23,8 +23,10 @@ import contextlib
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,7 @@ from fastfair.finetune import FinetunedModel
 from fastfair.hooks import load_callable
 from fastfair.models import load_stable_diffusion, torch_dtype
 from fastfair.prompts import build_prompt_mixture
-from fastfair.run_log import RunLog
+from fastfair.run_log import RunLog, unwritten
 
 
 # ----------------------------------------------------------------------------- process group
@@ -645,6 +647,8 @@ class Trainer:
 
             zero.allow_deepspeed_state_in_weights_only_load()
         weights, ema, state = checkpoint.load_checkpoint(path)
+        if self.rank == 0:
+            _warn_version_changes(path, state.get("versions"))
         weights = checkpoint.for_model(weights, self.model.trainable, f"resume={path}")
         ema = checkpoint.for_model(ema, self.model.trainable, f"resume={path}")
         if self.engine is None and state["optimizer"] is None:
@@ -734,6 +738,8 @@ class Trainer:
                           for step in later[:8])
         steps += ", ..." if len(later) > 8 else ""
         if not fresh:
+            if not any(checkpoint.is_resumable(saved[step]) for step in later):  # resume=auto passed over them
+                self._refuse_unresumable({step: saved[step] for step in later})
             newest = "resume=auto continues from the newest; " if checkpoint.is_resumable(saved[max(later)]) else ""
             raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints newer than the step {self.start} "
                              f"this run resumes from (steps {steps}), which it would overwrite: {newest}to go back "
@@ -744,13 +750,75 @@ class Trainer:
                          f"a fresh run (resume='') would overwrite and mix with its own: {how} use another "
                          "output_dir, or move those checkpoints away")
 
+    def _refuse_unresumable(self, later: Dict[int, Path]) -> None:
+        """The refusal where every checkpoint past the resumed step lacks a file a resume needs (state.pt, deleted to
+        save space, or a weight file): resume=auto passed over them, and this run would overwrite them."""
+        lacking = "; ".join(f"{folder.name} lacks {', '.join(checkpoint.missing_files(folder))}"
+                            for folder in list(later.values())[:8]) + ("; ..." if len(later) > 8 else "")
+        keep = next((folder for folder in later.values() if checkpoint.has_weights(folder)), None)
+        export = f" (its weights still export: python -m fastfair.export {keep} --out DIR)" if keep else ""
+        raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints newer than the step {self.start} this "
+                         f"run resumes from that cannot be resumed ({lacking}), and training on would overwrite "
+                         f"them: move them out of {checkpoint.checkpoint_dir(self.cfg.output_dir)}{export} or delete "
+                         f"them, then the run continues from step {self.start}")
+
+    def _claim_output_dir(self, held: contextlib.ExitStack) -> Optional[str]:
+        """Rank 0 takes output_dir's lock (checkpoint.output_dir_lock), held until `held` closes: another run
+        there is refused now, naming its holder. Also checks that the run can write where it will (output_dir,
+        its checkpoints/, logging.tensorboard_dir), so that a read-only folder is named at the start, not at the
+        first checkpoint. Returns the message for a folder it cannot write in (None: all can be), which the
+        caller raises once there are steps to train (a finished run in a read-only folder still says so). Every
+        rank gets rank 0's outcome (the others would wait for it in their first collective)."""
+        refusal, unwritable = None, None
+        if self.rank == 0:
+            out = Path(self.cfg.output_dir)
+            tensorboard = self.cfg.logging.tensorboard_dir
+            try:
+                unwritable = _cannot_write(out, f"output_dir={out}", "output_dir")
+                if unwritable is None:  # no lock file in a folder no run can write in: nothing to guard
+                    held.enter_context(checkpoint.output_dir_lock(out))
+                    unwritable = _cannot_write(checkpoint.checkpoint_dir(out), f"output_dir={out}", "output_dir")
+                if unwritable is None and tensorboard:
+                    unwritable = _cannot_write(Path(tensorboard), f"logging.tensorboard_dir={tensorboard}",
+                                               "logging.tensorboard_dir (or leave it unset: output_dir/tensorboard)")
+            except (ValueError, OSError) as error:
+                if self.world == 1:
+                    raise
+                refusal = str(error)
+        if self.world > 1:
+            shared = [(refusal, unwritable)]
+            dist.broadcast_object_list(shared, src=0)
+            refusal, unwritable = shared[0]
+            if refusal is not None:
+                raise ValueError(refusal)
+        return unwritable
+
+    def _agreed_stop(self, stop: "_StopSignals") -> int:
+        """The stop signal's number if any rank received one (0: none): all ranks stop at the same iteration, as
+        each saves its share of a DeepSpeed checkpoint and every collective pairs up."""
+        if self.world == 1:
+            return stop.signum
+        flag = torch.tensor([stop.signum], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
     def train(self) -> None:
+        """Resume where `resume` says, then train to max_steps, saving every checkpoint_every iterations and at
+        the end. Rank 0 holds output_dir's lock throughout (a second run there is refused at start). SIGTERM or
+        SIGUSR1 (a Slurm preemption or time limit, --signal=USR1@SECONDS) ends the run after the iteration in
+        progress: a checkpoint at the step reached, then SystemExit with status 128 + the signal's number."""
+        with contextlib.ExitStack() as held:
+            unwritable = self._claim_output_dir(held)
+            self._train(held, unwritable)
+
+    def _train(self, held: contextlib.ExitStack, unwritable: Optional[str]) -> None:
         from tqdm import tqdm
 
         cfg = self.cfg
         path = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
         if path is not None:
             self.resume(path)
+        self.step = self.start  # the iterations done, for an interruption's message (main)
         self._check_ranks_agree(path)
         self._check_output_dir(fresh=path is None)
         if self.start > cfg.max_steps:
@@ -760,30 +828,141 @@ class Trainer:
             if self.rank == 0:  # config.yaml keeps what ran: settings given now (optim.lr=...) changed nothing
                 print(f"{cfg.output_dir}: trained to step {self.start} already, nothing to train")
             return
+        if unwritable is not None:
+            raise OSError(unwritable)
+        stop = held.enter_context(_stop_signals())
         if self.rank == 0:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         log = RunLog(cfg.output_dir, cfg.logging.tensorboard_dir, self.start) if self.rank == 0 else None
-        bar = tqdm(range(self.start, cfg.max_steps), initial=self.start, total=cfg.max_steps,
-                   disable=self.rank != 0)
-        try:
-            for it in bar:
-                began = time.perf_counter()
-                parts = self.iteration(it)
-                parts["images_per_s"] = cfg.batch.images_per_prompt / (time.perf_counter() - began)
-                parts["skipped_steps"] = self.skipped
-                parts["peak_memory_gb"] = _peak_memory_bytes(self.device) / 2**30
-                bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if "/" not in k})
-                if log is not None and (it + 1) % cfg.logging.log_every == 0:
-                    log.scalars(it + 1, parts)
-                if log is not None and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
-                    pixels = grid_pixels(*self.last_images)
-                    save_png(pixels, Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png")
-                    log.image(it + 1, "originals_over_finetuned", pixels)
-                if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.max_steps:
+        if log is not None:
+            held.callback(log.close)
+        # advanced by hand: a bar over the range counts only at its redraws, and a stop's last line said 0/N
+        bar = tqdm(initial=self.start, total=cfg.max_steps, disable=self.rank != 0,
+                   **progress_options(_isatty(sys.stderr)))
+        held.callback(bar.close)
+        for it in range(self.start, cfg.max_steps):
+            began = time.perf_counter()
+            parts = self.iteration(it)
+            self.step = it + 1
+            parts["images_per_s"] = cfg.batch.images_per_prompt / (time.perf_counter() - began)
+            parts["skipped_steps"] = self.skipped
+            parts["peak_memory_gb"] = _peak_memory_bytes(self.device) / 2**30
+            # shown by update's redraw (when due): a redraw per call would write every iteration whatever mininterval
+            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if "/" not in k}, refresh=False)
+            bar.update()
+            if log is not None and (it + 1) % cfg.logging.log_every == 0:
+                log.scalars(it + 1, parts)
+            if log is not None and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
+                pixels = grid_pixels(*self.last_images)
+                image = Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png"
+                try:
+                    save_png(pixels, image)
+                except OSError as error:  # a full disk: named, with the way on
+                    raise OSError(unwritten(image, error)) from error
+                log.image(it + 1, "originals_over_finetuned", pixels)
+            saved = (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.max_steps
+            if saved:
+                self.save(it + 1)
+            signum = self._agreed_stop(stop)
+            if signum:
+                if not saved:
                     self.save(it + 1)
-        finally:
-            if log is not None:
-                log.close()
+                bar.close()
+                if self.rank == 0:
+                    name = signal.Signals(signum).name
+                    then = "the run's last" if it + 1 == cfg.max_steps else "resume=auto continues"
+                    print(f"stopped by {name} at step {it + 1}: checkpoint step_{it + 1:08d} saved; {then}",
+                          file=sys.stderr, flush=True)
+                raise SystemExit(128 + signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it kills (Slurm: KillWait later)
+
+
+class _StopSignals:
+    """The handler of STOP_SIGNALS during training: records the signal (signum: the last one's number, 0 while
+    none came); the loop saves and stops at the end of the iteration in progress."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """Handle STOP_SIGNALS with a `_StopSignals` for the block, then restore the previous handlers. Only in the main
+    thread (Python runs handlers there only, and signal.signal refuses elsewhere): a run in another thread keeps
+    the process's own handling."""
+    stop = _StopSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():  # None: a handler not set from Python (kept as the default)
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def _cannot_write(folder: Path, setting: str, other: str) -> Optional[str]:
+    """None where a run can create files in folder (made if missing: a temp folder is created and removed), else
+    the message naming the setting, the folder, the system's reason and the fix."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe-", dir=folder))
+        return None
+    except OSError as error:
+        reason = "a file, not a folder" if folder.exists() and not folder.is_dir() else error.strerror or str(error)
+    return (f"{setting}: cannot write in {folder} ({reason}): make it a folder this user can write in, or choose "
+            f"another {other}")
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # None (pythonw), a replaced or closed stream
+        return False
+
+
+class _Lines:
+    """The progress bar's stream outside a terminal: each redraw (a carriage return, the bar, padding) becomes a
+    line of its own, which a log file, tail -f and grep show."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_options(isatty: bool, stream=None) -> dict:
+    """tqdm's options for the training bar on stderr (or `stream`). In a terminal, its default: redrawn in place.
+    Elsewhere (a batch job's log file, as under Slurm) one line per redraw, at most every 30 seconds: the
+    carriage-return redraws made a single line of megabytes (3.8 MB over 10k steps) that less and tail show as
+    one."""
+    if isatty:
+        return {}
+    return {"mininterval": 30.0, "maxinterval": 30.0, "file": _Lines(stream or sys.stderr)}
+
+
+def _warn_version_changes(path, saved: Optional[dict]) -> None:
+    """Warn where the libraries differ from those the checkpoint was saved under (checkpoint.library_versions):
+    the resume goes on, but its numbers may differ from an uninterrupted run's."""
+    changes = checkpoint.version_changes(saved)
+    if changes:
+        import warnings
+
+        listed = ", ".join(f"{name} {old} (now {new})" for name, (old, new) in changes.items())
+        warnings.warn(f"resume={path} was saved under {listed}: the run continues, but from here it may differ from "
+                      "one run under a single installation", stacklevel=3)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -827,5 +1006,22 @@ def main(argv=None) -> None:
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
-    with process_group(device.split(":")[0]):
-        Trainer(cfg, device).train()
+    trainer = None
+    try:
+        with process_group(device.split(":")[0]):
+            trainer = Trainer(cfg, device)
+            trainer.train()
+    except KeyboardInterrupt:  # Ctrl-C: where the run stopped and how to go on, not the traceback of its frames
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(interrupted_message(cfg, trainer), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def interrupted_message(cfg: TrainConfig, trainer: Optional[Trainer]) -> str:
+    """What a run interrupted by Ctrl-C says: the step it reached and the checkpoint a resume=auto continues from."""
+    step = getattr(trainer, "step", None)
+    where = f"at step {step}" if step is not None else "before training began"
+    saved = checkpoint.list_checkpoints(cfg.output_dir)
+    if saved:
+        return f"interrupted {where}; last checkpoint {saved[max(saved)].name}; resume=auto continues from it"
+    return f"interrupted {where}; no checkpoint saved yet: a rerun starts afresh"

@@ -1,4 +1,7 @@
 """Checkpoints: atomic folders, retention, and resume that continues bit for bit (fp32, CPU)."""
+import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,24 +48,101 @@ def test_interrupted_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
 def test_a_failed_save_names_the_folder_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     _save(tmp_path, 1)
     (checkpoint.checkpoint_dir(tmp_path) / ".tmp-step_00000007").mkdir()  # an earlier save, interrupted
+    with checkpoint.output_dir_lock(tmp_path):  # as in a run: no other process writes there
+        def disk_full(*args, **kwargs):  # what torch.save raises on a full disk
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 40896 vs 40788")
 
-    def disk_full(*args, **kwargs):  # what torch.save raises on a full disk
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 40896 vs 40788")
+        monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+        with pytest.raises(OSError, match=r"checkpoint 2 could not be written to .*checkpoints \(\[enforce fail.*MiB "
+                                          r"free there .*resume=auto continues"):
+            _save(tmp_path, 2)
+        assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()] == ["step_00000001"]
+        from safetensors import SafetensorError
 
-    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-    with pytest.raises(OSError, match=r"checkpoint 2 could not be written to .*checkpoints \(\[enforce fail.*MiB "
-                                      r"free there .*resume=auto continues"):
+        # what safetensors raises on a full disk (neither OSError nor ValueError)
+        def weights_disk_full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(checkpoint, "save_file", weights_disk_full)
+        with pytest.raises(OSError, match=r"checkpoint 3 could not be written .*No space left on device"):
+            _save(tmp_path, 3)
+        assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()] == ["step_00000001"]
+
+
+def test_a_checkpoint_is_on_disk_before_its_rename_publishes_it(tmp_path, monkeypatch):
+    """Each file and the temp folder are fsynced before the rename, the checkpoints folder after it: without, a
+    power cut or node crash soon after a save could leave a step folder of empty or cut-off files (the page cache
+    not yet written), which resume=auto would pick."""
+    events = []
+    fsync, rename = os.fsync, os.rename
+
+    def recorded_fsync(handle):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{handle}"))))
+        fsync(handle)
+
+    def recorded_rename(source, target, *args, **kwargs):
+        events.append(("rename", os.path.realpath(source), os.path.realpath(target)))
+        rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "rename", recorded_rename)
+    folder = _save(tmp_path, 1, config={"seed": 0})
+    published = [i for i, event in enumerate(events) if event[0] == "rename" and event[2] == os.path.realpath(folder)]
+    assert len(published) == 1, events
+    temporary = events[published[0]][1]
+    synced_before = {event[1] for event in events[:published[0]] if event[0] == "fsync"}
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["config.yaml", "ema.safetensors", "state.pt", "weights.safetensors"]
+    assert synced_before >= {os.path.join(temporary, name) for name in names} | {temporary}
+    assert ("fsync", os.path.realpath(folder.parent)) in events[published[0] + 1:]
+
+
+def test_a_kill_during_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Pruning deleted a step folder in place: a kill mid-delete left one without some of its files, forever (it
+    is no longer listed, so never pruned). Now it is renamed to a temp folder first, which the next save removes."""
+    for iteration in (1, 2):
+        _save(tmp_path, iteration, keep_last=2)
+    rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # one file deleted, then the process is killed
+        os.remove(os.path.join(path, "ema.safetensors"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 3, keep_last=2)  # saved, then prunes step 1
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    root = checkpoint.checkpoint_dir(tmp_path)
+    assert list(checkpoint.step_folders(tmp_path)) == [2, 3]
+    assert all(checkpoint.is_resumable(folder) for folder in checkpoint.step_folders(tmp_path).values())
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]  # what the kill left
+    _save(tmp_path, 4, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_a_save_removes_only_temp_folders_no_other_run_can_be_writing(tmp_path, monkeypatch):
+    """Every save deleted every .tmp-step_* folder, another process's save in progress included (two runs in one
+    output_dir), and both used the same temp name. A save's temp folder is now named for its process; another's
+    is removed only while this process holds output_dir's lock (then no other run writes there)."""
+    root = checkpoint.checkpoint_dir(tmp_path)
+    other = root / ".tmp-step_00000005.otherhost-4242"  # another process's save, perhaps in progress
+    other.mkdir(parents=True)
+    (other / "weights.safetensors").write_bytes(b"partial")
+    folders = []
+    save_file = checkpoint.save_file
+
+    def recorded(tensors, path, *args, **kwargs):
+        folders.append(os.path.basename(os.path.dirname(path)))
+        return save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", recorded)
+    _save(tmp_path, 1)
+    assert folders[0] == f".tmp-step_00000001.{socket.gethostname()}-{os.getpid()}"
+    assert (other / "weights.safetensors").read_bytes() == b"partial"
+    with checkpoint.output_dir_lock(tmp_path):
         _save(tmp_path, 2)
-    assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()] == ["step_00000001"]
-    from safetensors import SafetensorError
-
-    def weights_disk_full(*args, **kwargs):  # what safetensors raises on a full disk (neither OSError nor ValueError)
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-
-    monkeypatch.setattr(checkpoint, "save_file", weights_disk_full)
-    with pytest.raises(OSError, match=r"checkpoint 3 could not be written .*No space left on device"):
-        _save(tmp_path, 3)
-    assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()] == ["step_00000001"]
+    assert not other.exists()
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
 
 
 def test_a_damaged_weight_file_is_named(tmp_path):

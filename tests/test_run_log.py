@@ -56,3 +56,34 @@ def test_without_tensorboard_the_numbers_still_reach_metrics_jsonl(tmp_path, mon
     log.image(1, "grid", np.zeros((2, 2, 3), dtype=np.uint8))  # nothing to add it to: no error
     log.close()
     assert json.loads((tmp_path / METRICS_FILE).read_text()) == {"step": 1, "loss": 0.25, "img/clip": 0.5}
+
+
+def test_a_failed_write_names_the_file_and_the_way_on(tmp_path, monkeypatch):
+    """A full disk while logging gave a bare '[Errno 28] No space left on device': now the file and the way on
+    (metrics.jsonl, or the tensorboard folder, whose writer thread's error surfaces at the next call)."""
+    import errno
+
+    class Full:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def write(self, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        add_scalar = write
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("torch.utils.tensorboard.SummaryWriter", Full)
+    log = RunLog(tmp_path, str(tmp_path / "tb"), 0)
+    with pytest.raises(OSError, match=r"tb could not be written \(No space left on device\): free space \(or fix the "
+                                      r"folder\), then resume=auto continues from the last checkpoint"):
+        log.scalars(1, {"loss": 0.5})  # metrics.jsonl has it; tensorboard's writer fails
+    assert _steps(tmp_path) == [1]
+    log.writer = None
+    log.file.close()
+    log.file = Full()
+    with pytest.raises(OSError, match=rf"{tmp_path}/{METRICS_FILE} could not be written \(No space left on device\): "
+                                      r".*resume=auto continues from the last checkpoint"):
+        log.scalars(2, {"loss": 0.25})

@@ -2,10 +2,14 @@
 a resume applies the new optimizer settings, and every refusal names the setting and the fix."""
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,21 +64,43 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, world):
         Trainer(load_config(write_config(tmp_path, world), ["max_steps=1", "resume="])).train()
 
 
-def test_resume_auto_passes_over_an_incomplete_newest_checkpoint(tmp_path, world):
-    """A newest checkpoint that lost a file: resume=auto continues from the newest complete one, saying why;
-    an explicit resume of it names the missing file; a cut-off state.pt is named, not a torch traceback."""
+def test_resume_auto_refuses_to_overwrite_a_newest_checkpoint_it_cannot_resume(tmp_path, world):
+    """A newest checkpoint that lost a file (its state.pt deleted to save space, a weight file lost in a copy):
+    resume=auto passes over it to the newest complete one, but training on would overwrite it, so the run refuses,
+    naming what it lacks and the way on (it said 'resuming from step_1', then refused without saying why); an
+    explicit resume of it names the missing file; a cut-off state.pt is named, not a torch traceback."""
+    import warnings
+
     cfg, _ = _trained(tmp_path, world)  # steps 1, 2
     root = checkpoint.checkpoint_dir(cfg.output_dir)
+    (root / "step_00000002" / "state.pt").unlink()
+    assert checkpoint.resolve_resume("auto", cfg.output_dir) == root / "step_00000001"
+    resumed = load_config(write_config(tmp_path, world), ["max_steps=3", "resume=auto"])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(
+            ValueError, match=r"holds checkpoints newer than the step 1 this run resumes from that cannot be resumed "
+                              r"\(step_00000002 lacks state.pt\), and training on would overwrite them: move them out "
+                              r"of .*checkpoints \(its weights still export: python -m fastfair.export "
+                              r".*step_00000002 --out DIR\) or delete them, then the run continues from step 1"):
+        warnings.simplefilter("always")
+        Trainer(resumed).train()
+    assert not [w for w in caught if "resuming from" in str(w.message)]  # no word of a resume that does not happen
+    assert sorted(p.name for p in (root / "step_00000002").iterdir()) == ["config.yaml", "ema.safetensors",
+                                                                         "weights.safetensors"]
     (root / "step_00000002" / "weights.safetensors").unlink()
-    with pytest.warns(UserWarning, match=r"step_00000002 lacks weights.safetensors; resuming from .*step_00000001"):
-        assert checkpoint.resolve_resume("auto", cfg.output_dir) == root / "step_00000001"
+    with pytest.raises(ValueError, match=r"\(step_00000002 lacks state.pt, weights.safetensors\), .*move them out of "
+                                         r"\S*checkpoints or delete them"):
+        Trainer(resumed).train()
     with pytest.raises(ValueError, match=r"resume=.*step_00000002: not a checkpoint folder: it lacks "
-                                         "weights.safetensors"):
+                                         "state.pt, weights.safetensors"):
         checkpoint.resolve_resume(str(root / "step_00000002"), cfg.output_dir)
-    state = root / "step_00000001" / "state.pt"
+    shutil.move(str(root / "step_00000002"), str(tmp_path / "kept"))  # as the message says
+    on = Trainer(resumed)
+    on.train()
+    assert on.start == 1 and list(checkpoint.list_checkpoints(cfg.output_dir)) == [2, 3]
+    state = root / "step_00000003" / "state.pt"
     state.write_bytes(state.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"state.pt: cannot be read .*damaged or was cut off"):
-        checkpoint.load_checkpoint(root / "step_00000001")
+        checkpoint.load_checkpoint(root / "step_00000003")
 
 
 def test_a_resume_that_moves_the_schedules_horizon_warns(tmp_path, world):
@@ -386,3 +412,193 @@ def test_a_run_reports_bad_settings_and_missing_files_together(tmp_path, world):
         Trainer(cfg)
     assert "sampler.guidance_scale=-1.0 must be >= 1" in str(error.value)
     assert "model.pretrained=/nope does not exist" in str(error.value)
+
+
+def test_a_second_run_in_one_output_dir_is_refused_naming_the_holder(tmp_path, world, monkeypatch):
+    """Two runs in one output_dir deleted each other's saves in progress and interleaved metrics.jsonl, silently:
+    the run holds output_dir/.lock (host, pid, start) from its start to its end, and a second run is refused at
+    start, before it writes anything, naming the holder and the way on."""
+    cfg = load_config(write_config(tmp_path, world), ["max_steps=1"])
+    out = Path(cfg.output_dir)
+    with checkpoint.output_dir_lock(out):  # another run, started first
+        holder = rf"host {re.escape(socket.gethostname())}, pid {os.getpid()}, since 20\d\d-\d\d-\d\dT"
+        with pytest.raises(ValueError, match=rf"output_dir={re.escape(str(out))} is in use by another run \({holder}.*"
+                                             r"Wait for it to finish \(or stop it\), or give this run another "
+                                             "output_dir"):
+            Trainer(cfg).train()
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written: no config.yaml, metrics, checkpoints
+    seen = []
+    iteration = Trainer.iteration
+
+    def checked(self, it):  # mid-run: the lock is this run's, and another taker is refused
+        seen.append(checkpoint.holds_lock(out))
+        with pytest.raises(ValueError, match="is in use by another run"):
+            with checkpoint.output_dir_lock(out):
+                pass
+        return iteration(self, it)
+
+    monkeypatch.setattr(Trainer, "iteration", checked)
+    Trainer(cfg).train()
+    assert seen == [True] and not checkpoint.holds_lock(out)
+    assert (out / ".lock").read_text() == ""  # released: no holder named after the run
+    with checkpoint.output_dir_lock(out):  # free again (the demo and the tests train twice in one process)
+        pass
+
+
+def test_a_stop_signal_saves_a_checkpoint_and_ctrl_c_says_where_the_run_stopped(tmp_path, world):
+    """SIGTERM (a Slurm preemption) killed the run without a checkpoint, losing up to checkpoint_every iterations:
+    it now ends the iteration in progress, saves, says so and exits 143, and resume=auto goes on to max_steps.
+    Ctrl-C printed a long traceback: now where the run stopped and the checkpoint a resume continues from, status
+    130. Both runs at once, each in its own output_dir."""
+    runs = {}
+    for name, every in (("TERM", 1000), ("INT", 1)):  # TERM: no checkpoint but the one the signal asks for
+        config = write_config(tmp_path / name, world)
+        command = [sys.executable, str(REPO / "fastfair" / "train.py"), "--config", str(config), "max_steps=50",
+                   f"checkpoint_every={every}", "logging.image_every=0"]
+        # SIGINT as in an interactive shell (a shell's background job starts with it ignored)
+        runs[name] = (config, subprocess.Popen(command, env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    waiting = set(runs)
+    deadline = time.monotonic() + 240
+    while waiting and time.monotonic() < deadline:
+        for name in list(waiting):  # TERM: its first step logged; INT: its first checkpoint saved
+            metrics = tmp_path / name / "run" / "metrics.jsonl"
+            if (metrics.is_file() and metrics.read_text().count("\n") >= 1 if name == "TERM" else
+                    checkpoint.list_checkpoints(tmp_path / name / "run")):
+                runs[name][1].send_signal(getattr(signal, f"SIG{name}"))
+                waiting.discard(name)
+            elif runs[name][1].poll() is not None:
+                waiting.discard(name)
+        time.sleep(0.05)
+    results = {name: (process.wait(timeout=240),) + process.communicate() for name, (_, process) in runs.items()}
+    status, _, err = results["TERM"]
+    assert status == 143, err[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+): checkpoint step_(\d{8}) saved; resume=auto continues",
+                        err)
+    assert stopped and int(stopped.group(1)) == int(stopped.group(2)), err[-3000:]
+    step = int(stopped.group(1))
+    assert 1 <= step < 50 and list(checkpoint.list_checkpoints(tmp_path / "TERM" / "run")) == [step]
+    resumed = Trainer(load_config(runs["TERM"][0], [f"max_steps={step + 1}", "checkpoint_every=1000",
+                                                    "logging.image_every=0", "resume=auto"]))
+    resumed.train()
+    assert resumed.start == step and list(checkpoint.list_checkpoints(tmp_path / "TERM" / "run")) == [step, step + 1]
+    status, _, err = results["INT"]
+    assert status == 130, err[-3000:]
+    interrupted = re.search(r"interrupted at step (\d+); last checkpoint step_(\d{8}); resume=auto continues", err)
+    assert interrupted and "Traceback" not in err, err[-3000:]
+    assert int(interrupted.group(2)) == max(checkpoint.list_checkpoints(tmp_path / "INT" / "run"))
+
+
+def test_sigusr1_stops_after_the_iteration_in_progress_and_restores_the_handlers(tmp_path, world, monkeypatch):
+    """Slurm's time-limit warning (--signal=USR1@SECONDS): in process, the run saves at the step it reached (not a
+    checkpoint_every multiple) and raises SystemExit(138); the handlers in place before train() are back after."""
+    fired = []
+    previous = signal.signal(signal.SIGUSR1, lambda *args: fired.append(args[0]))  # not the default: it kills
+    try:
+        before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+        iteration = Trainer.iteration
+
+        def signalled(self, it):
+            if it == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return iteration(self, it)
+
+        monkeypatch.setattr(Trainer, "iteration", signalled)
+        cfg = load_config(write_config(tmp_path, world), ["max_steps=5", "checkpoint_every=4", "logging.image_every=0"])
+        with pytest.raises(SystemExit) as stopped:
+            Trainer(cfg).train()
+        assert stopped.value.code == 128 + signal.SIGUSR1 and not fired
+        assert list(checkpoint.list_checkpoints(cfg.output_dir)) == [2]
+        assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
+        assert not checkpoint.holds_lock(cfg.output_dir)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_folder_the_run_cannot_write_in_is_named_at_start(tmp_path, world, monkeypatch):
+    """A checkpoints/ the run cannot write in was found at the first save, checkpoint_every iterations in (a bare
+    errno); an unwritable logging.tensorboard_dir likewise. Now at start, before any iteration, naming the
+    setting, the folder, the reason and the fix."""
+    def never(self, it):
+        raise AssertionError("an iteration ran")
+
+    monkeypatch.setattr(Trainer, "iteration", never)
+    cfg = load_config(write_config(tmp_path, world), ["max_steps=3"])
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True)
+    (out / "checkpoints").write_text("")  # a file where the folder goes
+    with pytest.raises(OSError, match=rf"output_dir={re.escape(str(out))}: cannot write in {re.escape(str(out))}/"
+                                      r"checkpoints \(a file, not a folder\): make it a folder this user can write "
+                                      "in, or choose another output_dir"):
+        Trainer(cfg).train()
+    (out / "checkpoints").unlink()
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    board = load_config(write_config(tmp_path, world), ["max_steps=3", f"logging.tensorboard_dir={blocked / 'tb'}"])
+    with pytest.raises(OSError, match=r"logging.tensorboard_dir=.*a_file/tb: cannot write in .*a_file/tb \(Not a "
+                                      r"directory\): .*choose another logging.tensorboard_dir"):
+        Trainer(board).train()
+    assert not checkpoint.holds_lock(out)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
+def test_a_read_only_output_dir_is_named_at_start_and_a_finished_run_there_still_says_so(tmp_path, world,
+                                                                                        monkeypatch):
+    cfg, _ = _trained(tmp_path, world, "max_steps=1")
+    out = Path(cfg.output_dir)
+    mode = out.stat().st_mode
+    os.chmod(out, 0o555)
+    try:
+        Trainer(load_config(write_config(tmp_path, world), ["max_steps=1", "resume=auto"])).train()  # nothing to do
+        more = load_config(write_config(tmp_path, world), ["max_steps=2", "resume=auto"])
+        with pytest.raises(OSError, match=rf"output_dir={re.escape(str(out))}: cannot write in {re.escape(str(out))} "
+                                          r"\(Permission denied\): make it a folder this user can write in"):
+            Trainer(more).train()
+        os.chmod(out, mode)
+        os.chmod(out / "checkpoints", 0o555)
+        with pytest.raises(OSError, match=r"cannot write in \S*/checkpoints \(Permission denied\)"):
+            Trainer(more).train()
+    finally:
+        os.chmod(out, mode)
+        os.chmod(out / "checkpoints", mode)
+
+
+def test_a_resume_under_other_library_versions_warns_naming_them(tmp_path, world, capsys):
+    """Each state.pt records fastfair's and its libraries' versions; a resume under others goes on, with a warning
+    naming those that differ. Outside a terminal the progress bar writes lines, not carriage-return redraws."""
+    import torch
+
+    cfg, _ = _trained(tmp_path, world, "max_steps=1")
+    state_file = checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert set(state["versions"]) == {"fastfair", "torch", "diffusers", "transformers", "peft"}
+    assert state["versions"]["torch"] == torch.__version__
+    state["versions"].update(torch="1.0.0", peft="0.1.0")
+    torch.save(state, state_file)
+    with pytest.warns(UserWarning, match=rf"resume=.*step_00000001 was saved under torch 1.0.0 \(now "
+                                         rf"{re.escape(torch.__version__)}\), peft 0.1.0 \(now .*\): the run "
+                                         "continues"):
+        Trainer(load_config(write_config(tmp_path, world), ["max_steps=2", "resume=auto"])).train()
+    bar = [line for line in capsys.readouterr().err.split("\n") if "/2 [" in line and "weights" not in line]
+    assert bar and "2/2" in bar[-1] and not [line for line in bar if "\r" in line]  # the library's bars still redraw
+
+
+def test_the_progress_bar_writes_lines_outside_a_terminal():
+    """In a log file (Slurm's) tqdm's redraws were one line of megabytes: there, one line per redraw, at most every
+    30 seconds; in a terminal, tqdm's own bar."""
+    import io
+
+    from tqdm import tqdm
+
+    from fastfair.trainer import progress_options
+
+    assert progress_options(True) == {}
+    stream = io.StringIO()
+    options = progress_options(False, stream)
+    assert options["mininterval"] >= 30
+    for _ in tqdm(range(3), **{**options, "mininterval": 0}):
+        pass
+    lines = stream.getvalue().split("\n")
+    assert "\r" not in stream.getvalue() and lines[-1] == "" and len(lines) >= 4
+    assert lines[-2].startswith("100%") and "3/3" in lines[-2]
