@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastfair.faces.files import plain_mode
+from fastfair.files import plain_mode
 
 _NAME = re.compile(r"^step_(\d{8})$")
 # CLIPTextModel's submodules; transformers 5 puts them at the top, 4.x (and every published SD LoRA) under text_model.

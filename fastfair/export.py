@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fastfair.checkpoint import config_file, load_weights
 from fastfair.config import load_config
-from fastfair.faces.files import plain_mode
+from fastfair.files import plain_mode
 
 PREFIX_TOKEN = "<fastfair-prefix>"
 EXPORT_INFO = "fastfair_export.json"

@@ -26,7 +26,6 @@ import random
 import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from fastfair.finetune import FinetunedModel
 from fastfair.hooks import load_callable
 from fastfair.models import load_stable_diffusion, torch_dtype
 from fastfair.prompts import build_prompt_mixture
+from fastfair.run_control import StopSignals, cannot_write, isatty, progress_options, stop_signals
 from fastfair.run_log import RunLog, unwritten
 
 
@@ -774,12 +774,12 @@ class Trainer:
             out = Path(self.cfg.output_dir)
             tensorboard = self.cfg.logging.tensorboard_dir
             try:
-                unwritable = _cannot_write(out, f"output_dir={out}", "output_dir")
+                unwritable = cannot_write(out, f"output_dir={out}", "output_dir")
                 if unwritable is None:  # no lock file in a folder no run can write in: nothing to guard
                     held.enter_context(checkpoint.output_dir_lock(out))
-                    unwritable = _cannot_write(checkpoint.checkpoint_dir(out), f"output_dir={out}", "output_dir")
+                    unwritable = cannot_write(checkpoint.checkpoint_dir(out), f"output_dir={out}", "output_dir")
                 if unwritable is None and tensorboard:
-                    unwritable = _cannot_write(Path(tensorboard), f"logging.tensorboard_dir={tensorboard}",
+                    unwritable = cannot_write(Path(tensorboard), f"logging.tensorboard_dir={tensorboard}",
                                                "logging.tensorboard_dir (or leave it unset: output_dir/tensorboard)")
             except (ValueError, OSError) as error:
                 if self.world == 1:
@@ -793,7 +793,7 @@ class Trainer:
                 raise ValueError(refusal)
         return unwritable
 
-    def _agreed_stop(self, stop: "_StopSignals") -> int:
+    def _agreed_stop(self, stop: StopSignals) -> int:
         """The stop signal's number if any rank received one (0: none): all ranks stop at the same iteration, as
         each saves its share of a DeepSpeed checkpoint and every collective pairs up."""
         if self.world == 1:
@@ -830,7 +830,7 @@ class Trainer:
             return
         if unwritable is not None:
             raise OSError(unwritable)
-        stop = held.enter_context(_stop_signals())
+        stop = held.enter_context(stop_signals())
         if self.rank == 0:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         log = RunLog(cfg.output_dir, cfg.logging.tensorboard_dir, self.start) if self.rank == 0 else None
@@ -838,7 +838,7 @@ class Trainer:
             held.callback(log.close)
         # advanced by hand: a bar over the range counts only at its redraws, and a stop's last line said 0/N
         bar = tqdm(initial=self.start, total=cfg.max_steps, disable=self.rank != 0,
-                   **progress_options(_isatty(sys.stderr)))
+                   **progress_options(isatty(sys.stderr)))
         held.callback(bar.close)
         for it in range(self.start, cfg.max_steps):
             began = time.perf_counter()
@@ -874,83 +874,6 @@ class Trainer:
                     print(f"stopped by {name} at step {it + 1}: checkpoint step_{it + 1:08d} saved; {then}",
                           file=sys.stderr, flush=True)
                 raise SystemExit(128 + signum)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it kills (Slurm: KillWait later)
-
-
-class _StopSignals:
-    """The handler of STOP_SIGNALS during training: records the signal (signum: the last one's number, 0 while
-    none came); the loop saves and stops at the end of the iteration in progress."""
-
-    def __init__(self):
-        self.signum = 0
-
-    def __call__(self, signum, frame) -> None:
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stop_signals():
-    """Handle STOP_SIGNALS with a `_StopSignals` for the block, then restore the previous handlers. Only in the main
-    thread (Python runs handlers there only, and signal.signal refuses elsewhere): a run in another thread keeps
-    the process's own handling."""
-    stop = _StopSignals()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
-    try:
-        yield stop
-    finally:
-        for number, handler in previous.items():  # None: a handler not set from Python (kept as the default)
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
-
-
-def _cannot_write(folder: Path, setting: str, other: str) -> Optional[str]:
-    """None where a run can create files in folder (made if missing: a temp folder is created and removed), else
-    the message naming the setting, the folder, the system's reason and the fix."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe-", dir=folder))
-        return None
-    except OSError as error:
-        reason = "a file, not a folder" if folder.exists() and not folder.is_dir() else error.strerror or str(error)
-    return (f"{setting}: cannot write in {folder} ({reason}): make it a folder this user can write in, or choose "
-            f"another {other}")
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # None (pythonw), a replaced or closed stream
-        return False
-
-
-class _Lines:
-    """The progress bar's stream outside a terminal: each redraw (a carriage return, the bar, padding) becomes a
-    line of its own, which a log file, tail -f and grep show."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        line = text.replace("\r", "").rstrip()
-        if line:
-            self.stream.write(line + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def progress_options(isatty: bool, stream=None) -> dict:
-    """tqdm's options for the training bar on stderr (or `stream`). In a terminal, its default: redrawn in place.
-    Elsewhere (a batch job's log file, as under Slurm) one line per redraw, at most every 30 seconds: the
-    carriage-return redraws made a single line of megabytes (3.8 MB over 10k steps) that less and tail show as
-    one."""
-    if isatty:
-        return {}
-    return {"mininterval": 30.0, "maxinterval": 30.0, "file": _Lines(stream or sys.stderr)}
 
 
 def _warn_version_changes(path, saved: Optional[dict]) -> None:

@@ -137,8 +137,21 @@ def test_large_batch_keeps_dtype_and_device_of_probs():
                             generator=torch.Generator().manual_seed(0))
     assert q.dtype == torch.float32 and not q.requires_grad
     assert torch.allclose(q.sum(1), torch.ones(256), atol=1e-5)
-    # each sampled count vector is met exactly, so the expected counts are the sampled ones
-    assert torch.allclose(q.sum(0) / 256, torch.full((8,), 1 / 8), atol=0.05)
+    # each sampled count vector is met exactly, so the expected counts are the sampled ones: the same draws as
+    # expected_ot_targets makes from that generator (its _count_vectors)
+    draws = torch.multinomial(torch.full((64, 8), 1 / 8), 256, replacement=True,
+                              generator=torch.Generator().manual_seed(0))
+    sampled = torch.nn.functional.one_hot(draws, 8).sum(1).double().mean(0)
+    torch.testing.assert_close(q.sum(0).double(), sampled, rtol=0, atol=1e-3)
+
+
+def test_alignment_threshold_is_inclusive():
+    """Eq. 6 selects images with c_i >= C: a row whose confidence equals the threshold takes part."""
+    logits = torch.tensor([[0.3, -0.2], [1.0, 0.0]])
+    q = torch.tensor([[0.75, 0.25], [0.5, 0.5]], dtype=torch.float32)
+    per_image = alignment_loss(logits, q, threshold=0.75, reduction="none")
+    assert per_image[0] > 0 and per_image[1] == 0
+    assert alignment_loss(logits, q, threshold=0.5, reduction="none").gt(0).all()
 
 
 @pytest.mark.parametrize("target", [0.5, 0.75])

@@ -1,9 +1,9 @@
-"""fastfair.faces.files.atomic_path: a classifier, its state and a face bank are written whole, as plain files."""
+"""fastfair.files.atomic_path: a classifier, its state and a face bank are written whole, as plain files."""
 import os
 
 import pytest
 
-from fastfair.faces.files import atomic_path
+from fastfair.files import atomic_path
 
 
 def test_written_file_has_a_plain_files_mode_and_a_failed_write_keeps_the_old(tmp_path):

@@ -234,7 +234,7 @@ def test_an_existing_classifier_file_is_not_overwritten(dataset, tmp_path):
 
 def test_the_best_epoch_is_chosen_by_mean_balanced_accuracy(dataset, tmp_path, monkeypatch):
     from fastfair.classifiers import train as training
-    from fastfair.faces.files import read_safetensors_metadata
+    from fastfair.files import read_safetensors_metadata
 
     scores = iter([({"gender": 0.9}, {"gender": 0.5}), ({"gender": 0.8}, {"gender": 0.7}),
                    ({"gender": 0.95}, {"gender": 0.6})])

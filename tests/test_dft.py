@@ -217,3 +217,12 @@ def test_frozen_rows_ride_along_without_gradient(monkeypatch, keep):
     assert max_rel([g_both[0][2:]] + list(g_both[1:]), g_alone) <= 1e-10
     with pytest.raises(ValueError, match="frozen_rows"):
         sample(unet, SCHED, z_T, cond, uncond, frozen_rows=2)
+
+
+def test_frozen_rows_get_no_z_T_gradient():
+    """The first frozen_rows images carry no gradient (their dL/dz_0 is ignored) - z_T included."""
+    unet, train, z_T, cond, uncond, target = make_problem(batch=3)
+    z_T = z_T.clone().requires_grad_()
+    z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=3, frozen_rows=1)
+    (g,) = torch.autograd.grad(((z0 - target) ** 2).sum(), [z_T])
+    assert torch.equal(g[0], torch.zeros_like(g[0])) and g[1:].abs().sum() > 0

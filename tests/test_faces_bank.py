@@ -190,7 +190,7 @@ def test_resume_refuses_an_embedder_file_rewritten_under_the_same_path(folder, t
     assert os.path.exists(partial_path(out)) and not os.path.exists(out)  # the saved progress is kept
     os.utime(weights, ns=(written, written))
     from safetensors.torch import load_file
-    from fastfair.faces.files import read_safetensors_metadata, save_safetensors
+    from fastfair.files import read_safetensors_metadata, save_safetensors
 
     progress = json.loads(read_safetensors_metadata(partial_path(out))["progress"])  # as an older build saved it
     settings = json.loads(progress["settings"])

@@ -188,3 +188,16 @@ def test_input_errors():
     unet, _, z_T, cond, uncond, _ = make_problem(diffusers=True)
     with pytest.raises(ValueError, match="keep_attention_steps"):
         sample(unet, SCHED, z_T, cond, uncond, num_steps=3, keep_attention_steps=-1)
+
+
+def test_graph_and_attention_keeps_are_disjoint_steps():
+    """keep_graph_steps=1 + keep_attention_steps=2 of 4 steps leaves exactly one step whose attention kernels
+    run in the backward (a quarter of the lean run's)."""
+    unet, train, z_T, cond, uncond, _ = make_problem(lora=True)
+    counts = {}
+    for name, kw in (("lean", {}), ("mixed", dict(keep_graph_steps=1, keep_attention_steps=2))):
+        z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, **kw)
+        with OpCounter() as backward:
+            torch.autograd.grad(z0.sum(), [cond, *train])
+        counts[name] = backward.attention_kernels()
+    assert counts["lean"] > 0 and counts["mixed"] == counts["lean"] // 4

@@ -591,7 +591,7 @@ def test_the_progress_bar_writes_lines_outside_a_terminal():
 
     from tqdm import tqdm
 
-    from fastfair.trainer import progress_options
+    from fastfair.run_control import progress_options
 
     assert progress_options(True) == {}
     stream = io.StringIO()

@@ -167,3 +167,35 @@ def test_adjustment_modes():
     np.testing.assert_array_equal(ss.adjustment("none"), np.ones(20))
     with pytest.raises(ValueError, match="coefficients"):
         ss.adjustment("bogus")
+
+
+@pytest.mark.parametrize("config", [dict(), dict(beta_schedule="linear"), dict(beta_schedule="squaredcos_cap_v2"),
+                                    dict(timestep_spacing="trailing", steps_offset=1)])
+def test_paper_inputs_are_diffusers_schedule_at_the_step_timesteps(config):
+    """abar_t and beta_t fed to the `paper` coefficient come from an independent source (diffusers' own float32
+    tables indexed by its own timesteps), not from the object under test."""
+    sch = tiny_scheduler(**config)
+    sch.set_timesteps(20)
+    t = sch.timesteps.numpy()
+    ss = solver_schedule(sch, 20)
+    np.testing.assert_allclose(ss.alphas_cumprod_t, sch.alphas_cumprod[t].double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(ss.betas_t, sch.betas[t].double().numpy(), rtol=1e-5)
+    A = ss.betas_t / np.sqrt(ss.alphas_cumprod_t * (1 - ss.alphas_cumprod_t))
+    C = (1 / A) / np.exp(np.mean(np.log(1 / A)))
+    np.testing.assert_allclose(ss.adjustment("paper"), C, rtol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [10, 14, 15, 16])
+def test_lower_order_final_boundary_matches_diffusers(steps):
+    """diffusers drops to first order on the last step below 15 steps (lower_order_final) when the final sigma is
+    not zero: the boundary 14/15 must be in the tested step counts."""
+    sch = tiny_scheduler(final_sigmas_type="sigma_min", lower_order_final=True)
+    sch.set_timesteps(steps)
+    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+    z = z_T.clone()
+    for t in sch.timesteps:
+        z = sch.step(toy_model(z, t), t, z).prev_sample
+    ss = solver_schedule(sch, steps)
+    ours = run_fastfair(ss, z_T)
+    assert ((ours - z.double()).norm() / z.double().norm()).item() <= 1e-5
+    assert ss.order[-1] == (1 if steps < 15 else 2)

@@ -1,9 +1,12 @@
 """Two iterations of the trainer for every finetuning target on tiny random models loaded from disk."""
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from fastfair.config import FINETUNE_TARGETS, load_config
-from fastfair.trainer import Trainer
+from fastfair.trainer import Trainer, _lr_lambda
 from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
 
 
@@ -380,3 +383,53 @@ def test_fp16_frozen_weights_get_a_loss_scaler_whatever_the_autocast(tmp_path, w
         trainer = Trainer(load_config(write_config(tmp_path, world), [f"model.dtype={dtype}",
                                                                       f"precision.mixed={mixed}"]))
     assert (trainer.scaler is not None) == scaled
+
+
+def _schedule_cfg(kind, warmup=4, total=20):
+    return SimpleNamespace(max_steps=total, optim=SimpleNamespace(warmup_steps=warmup, scheduler=kind))
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_warmup_ramps_linearly_to_the_base_rate(kind):
+    f = _lr_lambda(_schedule_cfg(kind))
+    assert [f(s) for s in range(4)] == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5])
+    assert f(4) == pytest.approx(1.0)
+
+
+def test_decay_shapes_after_warmup():
+    lin, cos, const = (_lr_lambda(_schedule_cfg(k)) for k in ("linear", "cosine", "constant"))
+    # halfway through the 16 post-warm-up steps
+    assert lin(12) == pytest.approx(0.5) and cos(12) == pytest.approx(0.5)
+    assert cos(8) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))  # 0.854, linear gives 0.75
+    assert lin(8) == pytest.approx(0.75)
+    assert lin(20) == 0.0 and cos(20) == pytest.approx(0.0) and const(20) == 1.0
+
+
+def test_grad_clip_bounds_the_norm_the_optimizer_sees(tmp_path, world):
+    """With optim.grad_clip set, the global gradient norm at optimizer.step is at most grad_clip."""
+    clip = 1e-4
+    trainer = Trainer(load_config(write_config(tmp_path, world, "prefix"), [f"optim.grad_clip={clip}"]))
+    seen = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.iteration(0)
+    assert seen and seen[0] <= clip * (1 + 1e-5), seen
+
+
+def test_resume_restores_the_skipped_step_count(tmp_path, world):
+    """The skipped-step count (logged as skipped_steps) continues across a resume."""
+    cfg = load_config(write_config(tmp_path, world, "prefix"))
+    trainer = Trainer(cfg)
+    trainer.model.prefix.prefix.register_hook(lambda grad: grad * float("nan"))
+    trainer.iteration(0)
+    assert trainer.skipped == 1
+    trainer.save(1)
+    resumed = Trainer(cfg)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "step_00000001")
+    assert resumed.start == 1 and resumed.skipped == 1

@@ -14,7 +14,7 @@ from torch import nn
 from fastfair.classifiers.heads import AttributeHead
 from fastfair.classifiers.mobilenet_v3 import MobileNetV3Large
 from fastfair.classifiers.small_cnn import SmallCNN
-from fastfair.faces.files import load_state_dict, read_safetensors_metadata, save_safetensors
+from fastfair.files import load_state_dict, read_safetensors_metadata, save_safetensors
 
 ARCHITECTURES = {"mobilenet_v3_large": MobileNetV3Large, "small_cnn": SmallCNN}
 CLASSIFIER_FORMAT = "fastfair-attribute-classifier-1"

@@ -29,7 +29,7 @@ from fastfair.classifiers.data import (LabelledFaces, align_labels, file_key, re
 from fastfair.classifiers.heads import AttributeHead
 from fastfair.classifiers.model import ARCHITECTURES, AttributeClassifier, save_classifier
 from fastfair.cli import folder_instead_of_file
-from fastfair.faces.files import atomic_path, load_state_dict
+from fastfair.files import atomic_path, load_state_dict
 
 
 def parse_args(argv=None):

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastfair.faces.files import save_safetensors
+from fastfair.files import save_safetensors
 from fastfair.optional import MissingPackage
 
 BANK_FORMAT = "fastfair-face-bank-1"

@@ -25,7 +25,7 @@ from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank, json_mapping
 from fastfair.faces.detect import detector_from_flags, get_detector
 from fastfair.faces.embed import FaceEmbedder, load_face_embedder
-from fastfair.faces.files import save_safetensors
+from fastfair.files import save_safetensors
 from fastfair.faces.regions import locate_faces
 from fastfair.hooks import load_callable
 
@@ -115,7 +115,7 @@ def load_progress(out: str, settings: str):
     if not os.path.isfile(path):
         return BankProgress(settings=settings), []
     from safetensors.torch import load_file
-    from fastfair.faces.files import read_safetensors_metadata
+    from fastfair.files import read_safetensors_metadata
 
     progress = BankProgress(**json.loads(read_safetensors_metadata(path)["progress"]))
     progress.settings = resumed_settings(path, progress.settings, settings)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastfair.faces.files import load_state_dict
+from fastfair.files import load_state_dict
 from fastfair.faces.sfnet import SFNet
 
 

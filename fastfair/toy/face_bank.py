@@ -18,7 +18,7 @@ from torch import nn
 
 from fastfair.faces import Face, FaceBank, FaceEmbedder, align_faces, select_largest
 from fastfair.faces.bank import BANK_FORMAT
-from fastfair.faces.files import save_safetensors
+from fastfair.files import save_safetensors
 from fastfair.toy.files import weights_path
 from fastfair.toy.world import draw_random_portraits
 

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from fastfair.faces.files import save_safetensors
+from fastfair.files import save_safetensors
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PIPELINE = "pipeline"  # the diffusers folder inside the weights folder

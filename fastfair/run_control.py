@@ -1,0 +1,89 @@
+"""How a training run behaves as a batch job: stop signals it answers with a checkpoint, its progress lines in a
+log file, and the check that it can write where it will (fastfair.trainer uses these)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it kills (Slurm: KillWait later)
+
+
+class StopSignals:
+    """The handler of STOP_SIGNALS during training: records the signal (signum: the last one's number, 0 while
+    none came); the loop saves and stops at the end of the iteration in progress."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Handle STOP_SIGNALS with a `StopSignals` for the block, then restore the previous handlers. Only in the main
+    thread (Python runs handlers there only, and signal.signal refuses elsewhere): a run in another thread keeps
+    the process's own handling."""
+    stop = StopSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():  # None: a handler not set from Python (kept as the default)
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def cannot_write(folder: Path, setting: str, other: str) -> Optional[str]:
+    """None where a run can create files in folder (made if missing: a temp folder is created and removed), else
+    the message naming the setting, the folder, the system's reason and the fix."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe-", dir=folder))
+        return None
+    except OSError as error:
+        reason = "a file, not a folder" if folder.exists() and not folder.is_dir() else error.strerror or str(error)
+    return (f"{setting}: cannot write in {folder} ({reason}): make it a folder this user can write in, or choose "
+            f"another {other}")
+
+
+def isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # None (pythonw), a replaced or closed stream
+        return False
+
+
+class _Lines:
+    """The progress bar's stream outside a terminal: each redraw (a carriage return, the bar, padding) becomes a
+    line of its own, which a log file, tail -f and grep show."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_options(isatty: bool, stream=None) -> dict:
+    """tqdm's options for the training bar on stderr (or `stream`). In a terminal, its default: redrawn in place.
+    Elsewhere (a batch job's log file, as under Slurm) one line per redraw, at most every 30 seconds: the
+    carriage-return redraws made a single line of megabytes (3.8 MB over 10k steps) that less and tail show as
+    one."""
+    if isatty:
+        return {}
+    return {"mininterval": 30.0, "maxinterval": 30.0, "file": _Lines(stream or sys.stderr)}
