@@ -190,12 +190,7 @@ def test_lower_order_final_boundary_matches_diffusers(steps):
     """diffusers drops to first order on the last step below 15 steps (lower_order_final) when the final sigma is
     not zero: the boundary 14/15 must be in the tested step counts."""
     sch = tiny_scheduler(final_sigmas_type="sigma_min", lower_order_final=True)
-    sch.set_timesteps(steps)
-    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
-    z = z_T.clone()
-    for t in sch.timesteps:
-        z = sch.step(toy_model(z, t), t, z).prev_sample
+    z_T, z = _trajectory_of(sch, steps)
     ss = solver_schedule(sch, steps)
-    ours = run_fastfair(ss, z_T)
-    assert ((ours - z.double()).norm() / z.double().norm()).item() <= 1e-5
+    assert ((run_fastfair(ss, z_T) - z).norm() / z.norm()).item() <= 1e-5
     assert ss.order[-1] == (1 if steps < 15 else 2)

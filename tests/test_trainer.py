@@ -297,11 +297,9 @@ def test_a_loss_scaler_steps_as_the_unscaled_loss_and_skips_overflows(tmp_path, 
     assert resumed.scaler.get_scale() == 2.0 ** 12 and resumed.start == 2
 
 
-def test_the_memory_budget_counts_the_optimizer_state_made_at_the_first_step(tmp_path, world, monkeypatch):
-    """The plan is decided at iteration 0, before AdamW makes its two moments (at its first step): they are counted
-    from the parameters then, and measured (memory_allocated, CUDA) afterwards."""
+def _pending_bytes_seen(monkeypatch) -> list:
+    """The pending_bytes of each MemoryBudget.keeps call from now on (the optimizer state the plan reserves)."""
     from fastfair.memory_budget import MemoryBudget
-    from fastfair.trainer import optimizer_state_bytes, process_group
 
     seen = []
     keeps = MemoryBudget.keeps
@@ -311,6 +309,15 @@ def test_the_memory_budget_counts_the_optimizer_state_made_at_the_first_step(tmp
         return keeps(self, *args, **kwargs)
 
     monkeypatch.setattr(MemoryBudget, "keeps", spy)
+    return seen
+
+
+def test_the_memory_budget_counts_the_optimizer_state_made_at_the_first_step(tmp_path, world, monkeypatch):
+    """The plan is decided at iteration 0, before AdamW makes its two moments (at its first step): they are counted
+    from the parameters then, and measured (memory_allocated, CUDA) afterwards."""
+    from fastfair.trainer import optimizer_state_bytes, process_group
+
+    seen = _pending_bytes_seen(monkeypatch)
     with process_group():
         trainer = Trainer(load_config(write_config(tmp_path, world, "unet_lora"), ["sampler.memory_budget_gb=1"]))
         for it in range(2):
@@ -345,17 +352,9 @@ def test_the_memory_budget_counts_deepspeeds_float32_moments(tmp_path, world, mo
     pytest.importorskip("deepspeed")
     import json
 
-    from fastfair.memory_budget import MemoryBudget
     from fastfair.trainer import process_group
 
-    seen = []
-    keeps = MemoryBudget.keeps
-
-    def spy(self, *args, **kwargs):
-        seen.append(kwargs["pending_bytes"])
-        return keeps(self, *args, **kwargs)
-
-    monkeypatch.setattr(MemoryBudget, "keeps", spy)
+    seen = _pending_bytes_seen(monkeypatch)
     ds_json = tmp_path / "zero2_bf16.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
                                    "steps_per_print": 10**9}))
