@@ -22,6 +22,7 @@ loads one and overrides what the run decides: ``train_micro_batch_size_per_gpu``
 ``gradient_accumulation_steps`` (1), ``train_batch_size`` (images per prompt), ``gradient_clipping``
 (``optim.grad_clip``) and, when set, ``zero_optimization.stage`` (``deepspeed.zero_stage``).
 """
+import collections.abc
 import dataclasses
 import difflib
 import importlib.util
@@ -459,7 +460,8 @@ class _Loader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         self._refuse_repeated_keys(node)
-        for key_node, value_node in node.value:  # ints checked here, where their key is known; _construct_int: the rest
+        # ints checked here, where their key is known; _construct_int: the rest
+        for key_node, value_node in self._explicit(node):
             key, listed = self.construct_object(key_node, deep=True), isinstance(value_node, yaml.SequenceNode)
             for index, item in enumerate(value_node.value if listed else [value_node]):
                 self._check_int(item, f"{f'{key}[{index}]' if listed else key} (line {item.start_mark.line + 1})")
@@ -467,12 +469,21 @@ class _Loader(yaml.SafeLoader):
 
     def _refuse_repeated_keys(self, node) -> None:
         lines = {}
-        for key_node, _ in node.value:
+        for key_node, _ in self._explicit(node):
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):  # SafeConstructor's own error for it
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        "found unhashable key", key_node.start_mark)
             if key in lines:
                 raise ConfigError(f"key {key!r} is given twice in one mapping (lines {lines[key]} and "
                                   f"{key_node.start_mark.line + 1}), and YAML keeps only the last: merge them into one")
             lines[key] = key_node.start_mark.line + 1
+
+    @staticmethod
+    def _explicit(node):
+        """The mapping's own entries: a merge key (<<: *anchor) is SafeConstructor's to expand, and an entry
+        written next to it overrides the merged one (not a repeat)."""
+        return [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
 
     def _check_int(self, node, where: str = "") -> None:
         """Refuse node if it is an int YAML 1.1 and 1.2 read differently; where: its key, for the message."""

@@ -131,6 +131,27 @@ def test_a_key_given_twice_in_one_mapping_is_refused_naming_both_lines(tmp_path)
         parse_override("optim={lr: 1, lr: 2}")
 
 
+def test_merge_keys_expand_and_an_entry_beside_one_overrides_it(tmp_path):
+    """YAML anchors and merge keys (<<: *name), which yaml.safe_load reads: the repeated-key check looks at a
+    mapping's own entries only, so an entry written beside the merge overrides the merged one."""
+    minimal(tmp_path)
+    data = (tmp_path / "run.yaml").read_text()
+    (tmp_path / "run.yaml").write_text(data + "optim:\n  <<: {lr: 0.002, weight_decay: 0.1}\n  lr: 0.005\n")
+    optim = load_config(tmp_path / "run.yaml").optim
+    assert (optim.lr, optim.weight_decay) == (0.005, 0.1)
+    (tmp_path / "run.yaml").write_text(
+        "output_dir: run\nclassifiers:\n  c: &file {path: clf.safetensors, attributes: {gender: [0, 1]}}\n"
+        "  d:\n    <<: *file\n    attributes: {race: [2, 3, 4, 5]}\n")
+    classifiers = load_config(tmp_path / "run.yaml").classifiers
+    assert classifiers["d"].path == classifiers["c"].path and list(classifiers["d"].attributes) == ["race"]
+
+
+def test_an_unhashable_key_is_a_yaml_error_naming_the_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("? [lr, eps]\n: 0.1\n")
+    with pytest.raises(ConfigError, match=r"(?s)run\.yaml: not valid YAML .*unhashable key"):
+        load_config(tmp_path / "run.yaml")
+
+
 def test_yaml_1_1_octal_and_base_60_ints_in_a_file_are_refused_naming_the_key(tmp_path):
     (tmp_path / "run.yaml").write_text("seed: 1\nmax_steps: 0100\n")
     with pytest.raises(ConfigError, match=re.escape("run.yaml: max_steps (line 2): 0100 is read as 64 by YAML 1.1 "
