@@ -236,17 +236,26 @@ class PromptMixture:
                 "sizes": {name: len(prompts) for name, prompts in self.sets.items()},
                 "prompts": {name: zlib.crc32("\n".join(prompts).encode("utf-8")) for name, prompts in self.sets.items()}}
 
+    def changed_sets(self, state: dict) -> List[str]:
+        """The sets whose prompts differ from those `state` (a `state_dict()`) was saved with: another count, or the
+        same count of other prompts (a state saved before the prompts' checksum was recorded: counts only)."""
+        mine = self.state_dict()
+        return [name for name in self.names if state["sizes"].get(name) != mine["sizes"][name]
+                or state.get("prompts", {}).get(name, mine["prompts"][name]) != mine["prompts"][name]]
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()` of a mixture with the same seed, sets and weights; the same sets listed in
         another order (a config's data.sets reordered) are put back in the state's order, so the sequence goes on."""
         mine = self.state_dict()
-        if state["seed"] != self.seed or state["sizes"] != mine["sizes"]:
-            raise ValueError(f"prompt mixture state is for seed {state['seed']} and set sizes {state['sizes']}, "
-                             f"this mixture has seed {self.seed} and sizes {mine['sizes']}")
-        changed = [name for name, crc in state.get("prompts", {}).items() if mine["prompts"].get(name) != crc]
+        if state["seed"] != self.seed or set(state["sizes"]) != set(mine["sizes"]):
+            raise ValueError(f"prompt mixture state is for seed {state['seed']} and sets {sorted(state['sizes'])}, "
+                             f"this mixture has seed {self.seed} and sets {sorted(mine['sizes'])}")
+        changed = self.changed_sets(state)
         if changed:
-            raise ValueError(f"prompt set(s) {changed}: the prompts differ from those the checkpoint trained on (a "
-                             f"changed file or template: data.sets.{changed[0]}); restore them or train a new run")
+            then, now = state["sizes"][changed[0]], mine["sizes"][changed[0]]
+            raise ValueError(f"prompt set(s) {changed}: the prompts differ from those the checkpoint trained on "
+                             f"(data.sets.{changed[0]}: {then} prompts then, {now} now; a changed file, template or "
+                             "shipped list); restore them or train a new run")
         order = state.get("order")  # a state saved before it was recorded: the sets' current order
         if order is not None and sorted(order) == sorted(self.names) and list(order) != self.names:
             self._arrange(order)

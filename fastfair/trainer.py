@@ -673,7 +673,18 @@ class Trainer:
         if self.scaler is not None and state.get("loss_scaler"):  # older checkpoints: the scaler starts afresh
             self.scaler.load_state_dict(state["loss_scaler"])
         self._apply_optim_settings()
-        self.mixture.load_state_dict(state["mixture"])
+        try:
+            self.mixture.load_state_dict(state["mixture"])
+        except ValueError as error:
+            shipped = [name for name in self.mixture.changed_sets(state["mixture"])
+                       if not (self.cfg.data.sets[name].file or self.cfg.data.sets[name].factory)]
+            if not shipped:
+                raise
+            raise ValueError(f"{error}. data.sets.{shipped[0]} is a list shipped with fastfair, which changed on "
+                             "2026-11-30 (held-out test items were removed from the training lists): a run started "
+                             "before resumes with its list saved as a file (git show <earlier fastfair>:fastfair/data/"
+                             f"prompts/{shipped[0]}_{self.cfg.data.split}.txt) and given as "
+                             f"data.sets.{shipped[0]}.file, with resume_allow=[data.sets]") from None
         if self.memory_budget is not None:  # older checkpoints: planned afresh
             self.memory_budget.load_state_dict(state.get("memory_plans"))
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fastfair import checkpoint
@@ -602,3 +603,18 @@ def test_the_progress_bar_writes_lines_outside_a_terminal():
     lines = stream.getvalue().split("\n")
     assert "\r" not in stream.getvalue() and lines[-1] == "" and len(lines) >= 4
     assert lines[-2].startswith("100%") and "3/3" in lines[-2]
+
+
+def test_a_resume_across_a_changed_shipped_prompt_list_says_how_to_go_on(tmp_path, world):
+    """A run on a shipped list saved before the list changed (2026-11-30: held-out items removed from training):
+    the refusal names the set, its counts then and now, and the way on (the old list as a file)."""
+    cfg, _ = _trained(tmp_path, world, "max_steps=1")
+    state_file = checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["mixture"]["sizes"]["occupations"] += 54
+    state["mixture"]["prompts"]["occupations"] += 1
+    torch.save(state, state_file)
+    again = load_config(write_config(tmp_path, world), ["max_steps=2", "resume=auto"])
+    with pytest.raises(ValueError, match=r"data.sets.occupations: 1062 prompts then, 1008 now.*a list shipped with "
+                                         r"fastfair, which changed on 2026-11-30.*data.sets.occupations.file"):
+        Trainer(again).train()
