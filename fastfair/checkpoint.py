@@ -171,7 +171,11 @@ def output_dir_lock(output_dir) -> Iterator[Path]:
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError as error:  # e.g. another user's run left it in a group-shared folder
+        raise OSError(f"output_dir={output_dir}: cannot open its lock file {path} ({error.strerror}): give this user "
+                      "write access to it (it records which run trains there), or choose another output_dir") from None
     key, locked = str(folder.resolve()), False
     try:
         try:
@@ -223,14 +227,23 @@ def _fsync_file(file: Path) -> None:
         os.fsync(written.fileno())
 
 
+STALE_TEMP_S = 3600  # a temp folder untouched this long is no save in progress (a save writes it within seconds)
+
+
 def _remove_leftovers(root: Path, keep: Path) -> None:
     """Delete the temp folders earlier saves and prunes left (a kill mid-save or mid-delete): all of them while
-    this process holds output_dir's lock (no other run writes there), else only this process's own (another
-    process's may be a save in progress)."""
+    this process holds output_dir's lock (no other run writes there), else (a filesystem that does not lock) this
+    process's own and those untouched for STALE_TEMP_S (another process's may be a save in progress)."""
     mine = f".{_owner()}"
     every = holds_lock(root.parent)
     for leftover in root.glob(f"{_TEMP}*"):
-        if leftover != keep and (every or leftover.name.endswith(mine)):
+        if leftover == keep:
+            continue
+        try:
+            stale = time.time() - leftover.stat().st_mtime > STALE_TEMP_S
+        except OSError:  # removed meanwhile
+            continue
+        if every or stale or leftover.name.endswith(mine):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

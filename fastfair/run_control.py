@@ -79,11 +79,11 @@ class _Lines:
         self.stream.flush()
 
 
-def progress_options(isatty: bool, stream=None) -> dict:
+def progress_options(in_terminal: bool, stream=None) -> dict:
     """tqdm's options for the training bar on stderr (or `stream`). In a terminal, its default: redrawn in place.
     Elsewhere (a batch job's log file, as under Slurm) one line per redraw, at most every 30 seconds: the
     carriage-return redraws made a single line of megabytes (3.8 MB over 10k steps) that less and tail show as
     one."""
-    if isatty:
+    if in_terminal:
         return {}
     return {"mininterval": 30.0, "maxinterval": 30.0, "file": _Lines(stream or sys.stderr)}

@@ -4,6 +4,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,30 @@ def test_a_save_removes_only_temp_folders_no_other_run_can_be_writing(tmp_path, 
         _save(tmp_path, 2)
     assert not other.exists()
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
+    # unlocked (a filesystem without flock), another process's temp folder untouched for an hour is no save in
+    # progress: a run killed mid-save on such a filesystem leaves nothing for good
+    other.mkdir()
+    old = root / ".tmp-step_00000003"  # as the previous version named them
+    old.mkdir()
+    hour_ago = time.time() - checkpoint.STALE_TEMP_S - 60
+    os.utime(old, (hour_ago, hour_ago))
+    _save(tmp_path, 3)
+    assert other.exists() and not old.exists()
+
+
+def test_a_lock_file_this_user_cannot_open_is_named_with_the_fix(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith(checkpoint.LOCK_FILE):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(OSError, match=r"output_dir=.*: cannot open its lock file .*\.lock \(Permission denied\): "
+                                      r"give this user write access to it"):
+        with checkpoint.output_dir_lock(tmp_path):
+            pass
 
 
 def test_a_damaged_weight_file_is_named(tmp_path):
