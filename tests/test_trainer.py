@@ -409,14 +409,12 @@ def test_grad_clip_bounds_the_norm_the_optimizer_sees(tmp_path, world):
     clip = 1e-4
     trainer = Trainer(load_config(write_config(tmp_path, world, "prefix"), [f"optim.grad_clip={clip}"]))
     seen = []
-    step = trainer.optimizer.step
 
-    def recording_step(*args, **kwargs):
-        grads = [p.grad for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
-        return step(*args, **kwargs)
 
-    trainer.optimizer.step = recording_step
+    trainer.optimizer.register_step_pre_hook(record)
     trainer.iteration(0)
     assert seen and seen[0] <= clip * (1 + 1e-5), seen
 
