@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastfair.files import plain_mode
+from fastfair.files import fsync_dir, fsync_file, plain_mode
 
 _NAME = re.compile(r"^step_(\d{8})$")
 # CLIPTextModel's submodules; transformers 5 puts them at the top, 4.x (and every published SD LoRA) under text_model.
@@ -206,27 +206,6 @@ def output_dir_lock(output_dir) -> Iterator[Path]:
         os.close(handle)  # releases the flock
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (names created or renamed in it) to disk; a filesystem that cannot sync a folder
-    (some network and FUSE mounts refuse it) has nothing more to offer."""
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(handle)
-
-
-def _fsync_file(file: Path) -> None:
-    with open(file, "rb") as written:
-        os.fsync(written.fileno())
-
-
 STALE_TEMP_S = 3600  # a temp folder untouched this long is no save in progress (a save writes it within seconds)
 
 
@@ -307,8 +286,8 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
         # on disk before the rename publishes them: else a power cut or node crash soon after can leave a
         # checkpoint of empty or cut-off files under the step name, which resume=auto would pick
         for file in files:
-            _fsync_file(file)
-        _fsync_dir(tmp)
+            fsync_file(file)
+        fsync_dir(tmp)
     except (OSError, RuntimeError, SafetensorError) as error:  # a full disk: torch.save's RuntimeError, or this
         written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         shutil.rmtree(tmp, ignore_errors=True)
@@ -321,7 +300,7 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
         replaced = final.with_name(f"{_TEMP}replaced-{final.name}.{_owner()}")
         os.rename(final, replaced)
     os.rename(tmp, final)
-    _fsync_dir(root)  # the rename itself
+    fsync_dir(root)  # the rename itself
     if replaced is not None:
         shutil.rmtree(replaced)
     prune(output_dir, keep_last, keep_every)

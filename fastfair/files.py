@@ -3,6 +3,7 @@
 Atomic: write to a temporary file in the same folder, then ``os.replace`` it over the target, so a
 kill during a save leaves the previous file intact.
 """
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -47,6 +48,28 @@ def plain_mode(*paths) -> None:
             pass
 
 
+def fsync_dir(folder) -> None:
+    """Flush a folder's entries (names created or renamed in it) to disk; a filesystem that cannot sync a folder
+    (some network and FUSE mounts refuse it) has nothing more to offer."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(handle)
+
+
+def fsync_file(path) -> None:
+    """Flush a written file's bytes to disk (before a rename publishes it)."""
+    with open(path, "rb") as written:
+        os.fsync(written.fileno())
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically, with a plain file's
@@ -59,8 +82,7 @@ def atomic_path(path: str):
     try:
         yield temporary
         plain_mode(temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
+        fsync_file(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

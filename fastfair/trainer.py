@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -290,8 +291,6 @@ class Trainer:
         if problems:
             raise ConfigError("\n".join(problems))
         if cfg.optim.warmup_steps > cfg.max_steps and self.rank == 0:
-            import warnings
-
             # not refused: a run trained in stages may raise max_steps on a resume
             warnings.warn(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds max_steps={cfg.max_steps}: the "
                           f"learning rate reaches only {cfg.max_steps / (cfg.optim.warmup_steps + 1):.0%} of "
@@ -698,8 +697,6 @@ class Trainer:
         changes = resume_changes(saved, self.cfg) if saved is not None else {}
         horizon = saved.get("max_steps") if saved is not None else None
         if horizon not in (None, self.cfg.max_steps) and self.cfg.optim.scheduler != "constant" and self.rank == 0:
-            import warnings
-
             # max_steps is the learning-rate schedule's horizon: a run stopped by max_steps is not paused
             warnings.warn(f"max_steps={self.cfg.max_steps}, but resume={path} was trained toward max_steps={horizon}: "
                           f"the {self.cfg.optim.scheduler} learning-rate schedule now decays toward step "
@@ -892,8 +889,6 @@ def _warn_version_changes(path, saved: Optional[dict]) -> None:
     the resume goes on, but its numbers may differ from an uninterrupted run's."""
     changes = checkpoint.version_changes(saved)
     if changes:
-        import warnings
-
         listed = ", ".join(f"{name} {old} (now {new})" for name, (old, new) in changes.items())
         warnings.warn(f"resume={path} was saved under {listed}: the run continues, but from here it may differ from "
                       "one run under a single installation", stacklevel=3)
