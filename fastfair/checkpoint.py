@@ -30,7 +30,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -138,7 +138,7 @@ def _contiguous_cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 CONFIG_FILE = "config.yaml"  # in a checkpoint folder: the settings it was trained with
 LOCK_FILE = ".lock"  # in output_dir: held by the run writing there (output_dir_lock)
 _TEMP = ".tmp-"  # the prefix of every folder a save or a prune works in; never a checkpoint
-_LOCKED: Dict[str, int] = {}  # output_dir (resolved) -> the descriptor of the lock this process holds on it
+_LOCKED: Set[str] = set()  # the output_dirs (resolved) whose lock this process holds
 
 
 def _owner() -> str:
@@ -196,11 +196,11 @@ def output_dir_lock(output_dir) -> Iterator[Path]:
             since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             os.write(handle, (json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since})
                               + "\n").encode())
-            _LOCKED[key] = handle
+            _LOCKED.add(key)
         yield path
     finally:
         if locked:
-            _LOCKED.pop(key, None)
+            _LOCKED.discard(key)
             with contextlib.suppress(OSError):
                 os.ftruncate(handle, 0)  # a finished run holds nothing: no stale holder to name
         os.close(handle)  # releases the flock
@@ -226,12 +226,12 @@ def _remove_leftovers(root: Path, keep: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _delete(folder: Path) -> None:
-    """Delete a checkpoint folder: first renamed to a temp name (one step), so a kill mid-delete leaves a temp
-    folder the next save removes, never a step folder missing some files."""
-    doomed = folder.with_name(f"{_TEMP}delete-{folder.name}.{_owner()}")
-    os.rename(folder, doomed)
-    shutil.rmtree(doomed)
+def _set_aside(folder: Path, why: str) -> Path:
+    """Rename a checkpoint folder to a temp name (one step) before it is deleted: a kill mid-delete then leaves a
+    temp folder the next save removes, never a step folder missing some files."""
+    aside = folder.with_name(f"{_TEMP}{why}-{folder.name}.{_owner()}")
+    os.rename(folder, aside)
+    return aside
 
 
 def library_versions() -> Dict[str, str]:
@@ -295,10 +295,8 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
         raise OSError(f"checkpoint {iteration} could not be written to {root} ({str(error).strip()[:200]}); "
                       f"{free / 2**20:.0f} MiB free there after {written / 2**20:.1f} MiB written: free space or "
                       "choose another output_dir, then resume=auto continues from the last checkpoint") from error
-    replaced = None
-    if final.exists():  # a rerun writing the same iteration: the old one moves aside whole, then goes
-        replaced = final.with_name(f"{_TEMP}replaced-{final.name}.{_owner()}")
-        os.rename(final, replaced)
+    # a rerun writing the same iteration: the old one moves aside whole, then goes
+    replaced = _set_aside(final, "replaced") if final.exists() else None
     os.rename(tmp, final)
     fsync_dir(root)  # the rename itself
     if replaced is not None:
@@ -313,7 +311,7 @@ def prune(output_dir, keep_last: int, keep_every: int) -> None:
     newest = set(list(found)[-keep_last:])
     for iteration, folder in found.items():
         if iteration not in newest and not (keep_every and iteration % keep_every == 0):
-            _delete(folder)
+            shutil.rmtree(_set_aside(folder, "delete"))
 
 
 def config_file(checkpoint) -> Path:
@@ -342,19 +340,14 @@ def resolve_resume(resume: str, output_dir) -> Optional[Path]:
         found = list_checkpoints(output_dir)
         return found[max(found)] if found else None
     path = Path(resume)
-    if _missing(path):
-        raise ValueError(f"resume={resume}: not a checkpoint folder: it lacks {', '.join(_missing(path))} (a "
+    if missing_files(path):
+        raise ValueError(f"resume={resume}: not a checkpoint folder: it lacks {', '.join(missing_files(path))} (a "
                          "checkpoint is <output_dir>/checkpoints/step_N with state.pt, weights.safetensors, "
                          "ema.safetensors)")
     return path
 
 
-def missing_files(folder) -> List[str]:
-    """The files of a resumable checkpoint (state.pt and the weight files) that a folder lacks."""
-    return _missing(Path(folder))
-
-
-def _missing(folder: Path, names=("state.pt", *WEIGHT_FILES)) -> List[str]:
+def missing_files(folder, names=("state.pt", *WEIGHT_FILES)) -> List[str]:
     """The files among ``names`` (by default those of a resumable checkpoint) that the folder lacks."""
     return [name for name in names if not (Path(folder) / name).is_file()]
 
@@ -364,7 +357,7 @@ def load_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]
     stable); its state.pt is not read."""
     path = Path(path)
     if not has_weights(path):
-        lacking = ", ".join(_missing(path, WEIGHT_FILES))
+        lacking = ", ".join(missing_files(path, WEIGHT_FILES))
         raise ValueError(f"{path}: not a checkpoint folder: it lacks {lacking} (expected weights.safetensors and "
                          "ema.safetensors, as in <output_dir>/checkpoints/step_00000200)")
     return tuple(stable_names(_read_safetensors(path / name)) for name in WEIGHT_FILES)

@@ -33,39 +33,39 @@ class RunLog:
     def __init__(self, output_dir, tensorboard_dir: Optional[str], start: int):
         self.path = Path(output_dir) / METRICS_FILE
         self.tensorboard = tensorboard_dir or str(Path(output_dir) / "tensorboard")
-        with _named(self.path):
+        with naming_errors(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _drop_lines_after(self.path, start)
             self.file = open(self.path, "a", encoding="utf-8")
-        with _named(self.tensorboard):
+        with naming_errors(self.tensorboard):
             self.writer = _summary_writer(self.tensorboard, start)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        with _named(self.path):
+        with naming_errors(self.path):
             self.file.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
             self.file.flush()
         if self.writer is not None:
-            with _named(self.tensorboard):  # its writer thread's error surfaces at the next call
+            with naming_errors(self.tensorboard):  # its writer thread's error surfaces at the next call
                 for name, value in values.items():
                     self.writer.add_scalar(name, value, step)
 
     def image(self, step: int, name: str, pixels: np.ndarray) -> None:
         """pixels: uint8 [H, W, 3] (the PNG on disk is the trainer's; this adds it to tensorboard)."""
         if self.writer is not None:
-            with _named(self.tensorboard):
+            with naming_errors(self.tensorboard):
                 self.writer.add_image(name, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
         try:
-            with _named(self.path):
+            with naming_errors(self.path):
                 self.file.close()
         finally:
             if self.writer is not None:
-                with _named(self.tensorboard):
+                with naming_errors(self.tensorboard):
                     self.writer.close()
 
 
-def unwritten(path, error: OSError) -> str:
+def _unwritten(path, error: OSError) -> str:
     """The message for a run's file that could not be written: the file, the system's reason, the way on."""
     reason = error.strerror or str(error)
     return (f"{path} could not be written ({reason}): free space (or fix the folder), then resume=auto continues "
@@ -73,12 +73,12 @@ def unwritten(path, error: OSError) -> str:
 
 
 @contextlib.contextmanager
-def _named(path):
-    """Re-raise an OSError in the block with `unwritten`'s message (a full disk's bare errno names no file)."""
+def naming_errors(path):
+    """Re-raise an OSError in the block with `_unwritten`'s message (a full disk's bare errno names no file)."""
     try:
         yield
     except OSError as error:
-        raise OSError(unwritten(path, error)) from error
+        raise OSError(_unwritten(path, error)) from error
 
 
 def _drop_lines_after(path: Path, start: int) -> None:

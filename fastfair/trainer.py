@@ -46,7 +46,7 @@ from fastfair.hooks import load_callable
 from fastfair.models import load_stable_diffusion, torch_dtype
 from fastfair.prompts import build_prompt_mixture
 from fastfair.run_control import StopSignals, cannot_write, isatty, progress_options, stop_signals
-from fastfair.run_log import RunLog, unwritten
+from fastfair.run_log import RunLog, naming_errors
 
 
 # ----------------------------------------------------------------------------- process group
@@ -863,10 +863,8 @@ class Trainer:
             if log is not None and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
                 pixels = grid_pixels(*self.last_images)
                 image = Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png"
-                try:
+                with naming_errors(image):  # a full disk: named, with the way on
                     save_png(pixels, image)
-                except OSError as error:  # a full disk: named, with the way on
-                    raise OSError(unwritten(image, error)) from error
                 log.image(it + 1, "originals_over_finetuned", pixels)
             saved = (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.max_steps
             if saved:
