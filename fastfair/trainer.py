@@ -25,7 +25,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from fastfair.run_log import RunLog, naming_errors
 
 # ----------------------------------------------------------------------------- process group
 
-_OWN_GROUP: dict = {}  # what init_distributed set up for a 1-process group: its store file, LOCAL_RANK
+_OWN_GROUP: dict = {}  # what init_distributed set up for a 1-process group: the LOCAL_RANK it set
 
 
 def init_distributed(device_type: str = "cpu") -> bool:
@@ -64,15 +63,15 @@ def init_distributed(device_type: str = "cpu") -> bool:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
     else:
-        store = tempfile.NamedTemporaryFile(prefix="fastfair-pg-", delete=False).name
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-        _OWN_GROUP.update(store=store, set_local_rank="LOCAL_RANK" not in os.environ)
+        # an in-memory store: a file store would stay behind in the temp folder of every killed run
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        _OWN_GROUP.update(set_local_rank="LOCAL_RANK" not in os.environ)
         os.environ.setdefault("LOCAL_RANK", "0")
     return True
 
 
 def close_distributed() -> None:
-    """Destroy the group init_distributed created, removing its store file and the LOCAL_RANK it set."""
+    """Destroy the group init_distributed created and remove the LOCAL_RANK it set."""
     deepspeed_comm = sys.modules.get("deepspeed.comm")
     if deepspeed_comm is not None and deepspeed_comm.is_initialized():
         # through DeepSpeed, which then drops the groups it cloned from this one: a later DeepSpeed run in this
@@ -82,9 +81,6 @@ def close_distributed() -> None:
         dist.destroy_process_group()
     if _OWN_GROUP.pop("set_local_rank", False):
         os.environ.pop("LOCAL_RANK", None)
-    store = _OWN_GROUP.pop("store", None)
-    if store is not None and os.path.exists(store):
-        os.unlink(store)
 
 
 @contextlib.contextmanager

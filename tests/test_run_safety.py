@@ -297,25 +297,31 @@ def test_adamw8bit_without_bitsandbytes_names_the_setting(tmp_path, world, monke
         Trainer(load_config(write_config(tmp_path, world), ["optim.name=adamw8bit"]))
 
 
-def test_one_process_group_sets_local_rank_and_leaves_no_store_file():
-    # a fresh process: this module's world fixture already holds a process group
+def test_one_process_group_sets_local_rank_and_leaves_no_file(tmp_path):
+    # a fresh process: this module's world fixture already holds a process group. Its store lives in memory: a
+    # store file in the temp folder stayed behind whenever a run was killed
     code = """
 import os
-import shutil
-from pathlib import Path
+import torch.distributed as dist
 import fastfair.trainer as t
 with t.process_group():
-    store = t._OWN_GROUP["store"]
-    assert os.environ["LOCAL_RANK"] == "0" and Path(store).is_file()
+    assert os.environ["LOCAL_RANK"] == "0" and dist.get_world_size() == 1
+    probe = __import__("torch").ones(3)
+    dist.all_reduce(probe)  # the group works
+    assert probe.tolist() == [1.0, 1.0, 1.0]
     assert t.init_distributed() is False  # joined, not created again
-assert "LOCAL_RANK" not in os.environ and not Path(store).exists()
-print("ok")
+assert "LOCAL_RANK" not in os.environ and not dist.is_initialized()
+with t.process_group():
+    print("ok", flush=True)
+    os._exit(0)  # as a killed run ends: no clean-up runs
 """
-    env = child_env(OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
         env.pop(name, None)
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_deepspeed_runs_one_after_another_in_one_process(tmp_path, world):
