@@ -43,6 +43,24 @@ def stop_signals():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
+def closing(close):
+    """An ExitStack exit callback (`stack.push(closing(f))`) calling close(). When the block ends by an exception (a
+    stop signal's SystemExit, an error), a failure of close() is printed and the ending exception goes on: the exit
+    status and the traceback stay those of what ended the run (a full disk at a SIGTERM stop ended it with status
+    2, not 143). When the block ends normally, a failure of close() is raised."""
+    def exit_callback(exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            close()
+            return False
+        try:
+            close()
+        except Exception as error:  # whatever it is: it must not replace the exception in flight
+            print(f"while the run ended ({exc_type.__name__}): {error}", file=sys.stderr, flush=True)
+        return False
+
+    return exit_callback
+
+
 def cannot_write(folder: Path, setting: str, other: str) -> Optional[str]:
     """None where a run can create files in folder (made if missing: a temp folder is created and removed), else
     the message naming the setting, the folder, the system's reason and the fix."""

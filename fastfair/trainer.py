@@ -44,7 +44,7 @@ from fastfair.finetune import FinetunedModel
 from fastfair.hooks import load_callable
 from fastfair.models import load_stable_diffusion, torch_dtype
 from fastfair.prompts import build_prompt_mixture
-from fastfair.run_control import StopSignals, cannot_write, isatty, progress_options, stop_signals
+from fastfair.run_control import StopSignals, cannot_write, closing, isatty, progress_options, stop_signals
 from fastfair.run_log import RunLog, naming_errors
 
 
@@ -839,11 +839,11 @@ class Trainer:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         log = RunLog(cfg.output_dir, cfg.logging.tensorboard_dir, self.start) if self.rank == 0 else None
         if log is not None:
-            held.callback(log.close)
+            held.push(closing(log.close))
         # advanced by hand: a bar over the range counts only at its redraws, and a stop's last line said 0/N
         bar = tqdm(initial=self.start, total=cfg.max_steps, disable=self.rank != 0,
                    **progress_options(isatty(sys.stderr)))
-        held.callback(bar.close)
+        held.push(closing(bar.close))
         for it in range(self.start, cfg.max_steps):
             began = time.perf_counter()
             parts = self.iteration(it)

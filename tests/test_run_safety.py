@@ -523,6 +523,36 @@ def test_sigusr1_stops_after_the_iteration_in_progress_and_restores_the_handlers
         signal.signal(signal.SIGUSR1, previous)
 
 
+def test_a_stop_keeps_its_exit_status_when_the_log_cannot_be_closed(tmp_path, world, monkeypatch, capsys):
+    """A full disk at a SIGTERM stop: the metrics file's close failed and its OSError replaced the stop's
+    SystemExit (status 2 instead of 143, which a scheduler's requeue logic reads). The stop's status stays, the
+    failure is printed; at a normal end the failure is still raised."""
+    from fastfair.run_log import RunLog
+
+    def full_disk(self):
+        raise OSError("metrics.jsonl could not be written (No space left on device)")
+
+    monkeypatch.setattr(RunLog, "close", full_disk)
+    iteration = Trainer.iteration
+
+    def signalled(self, it):
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return iteration(self, it)
+
+    monkeypatch.setattr(Trainer, "iteration", signalled)
+    cfg = load_config(write_config(tmp_path / "stopped", world), ["max_steps=3", "logging.image_every=0"])
+    with pytest.raises(SystemExit) as stopped:
+        Trainer(cfg).train()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert max(checkpoint.list_checkpoints(cfg.output_dir)) == 2
+    assert "while the run ended (SystemExit): metrics.jsonl could not be written" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "iteration", iteration)
+    cfg = load_config(write_config(tmp_path / "finished", world), ["max_steps=1", "logging.image_every=0"])
+    with pytest.raises(OSError, match="No space left on device"):
+        Trainer(cfg).train()
+
+
 def test_a_folder_the_run_cannot_write_in_is_named_at_start(tmp_path, world, monkeypatch):
     """A checkpoints/ the run cannot write in was found at the first save, checkpoint_every iterations in (a bare
     errno); an unwritable logging.tensorboard_dir likewise. Now at start, before any iteration, naming the
