@@ -40,7 +40,7 @@ EXTRAS = {
     "native": ["ninja"],
 }
 EXTRAS["test"] = sorted(
-    {"pytest>=8", "bitsandbytes>=0.50"} | set(EXTRAS["triton"]) | set(EXTRAS["train"]) | set(EXTRAS["faces"]) | set(EXTRAS["native"])
+    {"pytest>=8", "bitsandbytes>=0.50", "faiss-cpu>=1.7"} | set(EXTRAS["triton"]) | set(EXTRAS["train"]) | set(EXTRAS["faces"]) | set(EXTRAS["native"])
 )
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "cpu" for req in reqs})
 

@@ -1,4 +1,7 @@
 """Face realism loss, the face bank's search, and the SFNet embedding model."""
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,7 +80,36 @@ def test_bank_nearest_in_chunks_matches_brute_force_and_survives_save_load(tmp_p
 def test_faiss_search_agrees_with_the_matrix_product():
     bank = random_bank()
     queries = torch.randn(9, 16)
+    indices, similarities = FaceBank(bank.embeddings, use_faiss=True).nearest(queries)
+    assert torch.equal(indices, bank.nearest(queries)[0])
+    assert torch.allclose(similarities, bank.nearest(queries)[1], atol=1e-6)
+
+
+def test_an_installed_faiss_is_used_only_when_asked(monkeypatch, tmp_path):
+    """Installing faiss switched every bank's search to it (the trainer's too: a CPU search beside GPU queries)."""
+    searched = []
+
+    class FlatIndex:  # what faiss.IndexFlatIP does, recording that it ran
+        def __init__(self, dim):
+            self.rows = torch.empty(0, dim)
+
+        def add(self, rows):
+            self.rows = torch.cat([self.rows, torch.from_numpy(rows)])
+
+        def search(self, queries, k):
+            searched.append(len(queries))
+            best = (torch.from_numpy(queries) @ self.rows.T).max(dim=1)
+            return best.values[:, None].numpy(), best.indices[:, None].numpy()
+
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=FlatIndex))
+    bank = random_bank()
+    bank.save(str(tmp_path / "bank.safetensors"))
+    queries = torch.randn(9, 16)
+    for default in (FaceBank(bank.embeddings), FaceBank.load(str(tmp_path / "bank.safetensors"))):
+        assert torch.equal(default.nearest(queries)[0], bank.nearest(queries)[0])
+    assert searched == []
     assert torch.equal(FaceBank(bank.embeddings, use_faiss=True).nearest(queries)[0], bank.nearest(queries)[0])
+    assert searched == [9]
 
 
 def test_face_loss_is_zero_on_a_bank_face_and_one_minus_cosine_otherwise():

@@ -201,8 +201,7 @@ def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", 
     info = {"settings": progress.settings, "summary": json.dumps(summary)}
     # in file order, as an uninterrupted build of the folder (a resume appends files added since the partial save)
     order = sorted(range(len(progress.embedded)), key=progress.embedded.__getitem__)
-    FaceBank(torch.cat(embeddings)[order], [progress.embedded[i] for i in order], info,
-             use_faiss=False).save(out, dtype=dtype)
+    FaceBank(torch.cat(embeddings)[order], [progress.embedded[i] for i in order], info).save(out, dtype=dtype)
     if os.path.exists(partial_path(out)):
         os.remove(partial_path(out))
     return summary

@@ -74,4 +74,4 @@ def save_face_bank(embeddings: torch.Tensor, folder: str, info: Dict) -> None:
 
 def load_toy_face_bank(weights_dir: Optional[str] = None) -> FaceBank:
     """The shipped (or ``weights_dir``'s) toy face bank."""
-    return FaceBank.load(weights_path(BANK_FILE, weights_dir), use_faiss=False)
+    return FaceBank.load(weights_path(BANK_FILE, weights_dir))
