@@ -112,7 +112,7 @@ class SamplerConfig:
     # 1: no classifier-free guidance; below 1 is refused, as diffusers' pipeline (python -m fastfair.generate, the
     # export's users) samples every scale <= 1 without guidance: the run could not be reproduced there
     guidance_scale: float = setting(7.5, min=1)
-    coefficients: str = setting("paper", choices=("paper", "exact", "none"))  # DESIGN.md "Adjustment"
+    coefficients: str = setting("paper", choices=("paper", "exact", "none"))  # DESIGN.md "Adjustment coefficients"
     recompute_chunk: int = setting(1, min=1)  # steps per U-Net call in the backward recompute
     keep_graph_steps: int = setting(0, min=0)  # steps whose graph is kept instead of recomputed
     keep_attention_steps: int = setting(0, min=0)  # further steps keeping their attention outputs only

@@ -188,13 +188,9 @@ def _select_grad_steps(num_steps: int, grad_steps: Optional[int], generator) -> 
 
 
 def _autocast_state(device_type: str):
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if enabled else None
-    except TypeError:  # torch < 2.4 had no device_type argument
-        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-        dtype = None
-    return (device_type, enabled, dtype)
+    """(device_type, whether autocast is on for it, its dtype or None): what ``_autocast`` restores."""
+    enabled = torch.is_autocast_enabled(device_type)
+    return (device_type, enabled, torch.get_autocast_dtype(device_type) if enabled else None)
 
 
 def _autocast(state):

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from fastfair.config import FINETUNE_TARGETS
+from fastfair.config import FINETUNE_TARGETS, LoraConfig
 
 
 class PrefixEmbedding(nn.Module):
@@ -87,7 +87,8 @@ class FinetunedModel:
             raise ValueError(f"finetune.target={target!r}: expected one of {FINETUNE_TARGETS}")
         self.tokenizer, self.text_encoder, self.unet, self.target = tokenizer, text_encoder, unet, target
         self.prefix: Optional[PrefixEmbedding] = None
-        rank, alpha, dropout = (lora.rank, lora.alpha, lora.dropout) if lora is not None else (50, None, 0.0)
+        lora = lora if lora is not None else LoraConfig()  # finetune.lora's defaults
+        rank, alpha, dropout = lora.rank, lora.alpha, lora.dropout
         if target == "prefix":
             room = tokenizer.model_max_length - 2  # the start and end tokens always take their places
             if prefix_tokens > room:
@@ -97,12 +98,9 @@ class FinetunedModel:
             self.prefix = PrefixEmbedding(text_encoder.get_input_embeddings(), prefix_tokens)
             text_encoder.set_input_embeddings(self.prefix)
         if target in ("text_lora", "text_unet_lora"):
-            modules = lora.text_modules if lora is not None else ["q_proj", "k_proj", "v_proj", "out_proj",
-                                                                  "fc1", "fc2"]
-            _add_lora(text_encoder, _lora_config(rank, alpha, dropout, modules))
+            _add_lora(text_encoder, _lora_config(rank, alpha, dropout, lora.text_modules))
         if target in ("unet_lora", "text_unet_lora"):
-            modules = lora.unet_modules if lora is not None else ["to_q", "to_k", "to_v", "to_out.0"]
-            _add_lora(unet, _lora_config(rank, alpha, dropout, modules))
+            _add_lora(unet, _lora_config(rank, alpha, dropout, lora.unet_modules))
         # full finetuning has no adapter to switch off: the original images need a frozen copy
         self.frozen_unet = copy.deepcopy(unet) if target == "unet_full" else None
         if target == "unet_full":

@@ -147,8 +147,9 @@ def mean_std(values, ddof: int = 0) -> Dict[str, float]:
 
 def summarize(per_prompt: Mapping[str, Mapping[str, object]], ddof: int = 0,
               keys: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
-    """{metric: mean_std over prompts} for the scalar metrics of `per_prompt_metrics`' output
-    (face-less counts, `no_face` and each attribute set's `<set>.no_face`, are summed instead: {"total": int})."""
+    """{metric: mean_std over prompts} for the float metrics of per-prompt rows {prompt: {metric: value}}
+    (`per_prompt_metrics`' output, or the evaluation's `Scorer.score_prompt` rows); face-less counts, `no_face`
+    and each attribute set's `<set>.no_face`, are summed instead: {"total": int}."""
     rows = list(per_prompt.values())
     if keys is None:
         keys = [key for key, value in rows[0].items() if isinstance(value, float)] if rows else []

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Union
 
 import numpy as np
 
@@ -296,11 +296,3 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
         chain_weight_zT=float(z_coef[0]),
     )
 
-
-def step_list(schedule: SolverSchedule) -> Sequence[dict]:
-    """The per-step scalars as plain Python floats, in the keyword form ``fastfair.kernels.solver_step`` takes."""
-    return [
-        dict(cz=float(schedule.cz[i]), ce=float(schedule.ce[i]), a=float(schedule.a[i]),
-             b0=float(schedule.b0[i]), b1=float(schedule.b1[i]))
-        for i in range(schedule.num_steps)
-    ]

@@ -1,6 +1,6 @@
 """PyTorch reference of the two engine ops; every other backend is tested against it.
 
-Step math (one DPM-Solver++ step, data prediction, DESIGN.md "The one fact"):
+Step math (one DPM-Solver++ step, data prediction, DESIGN.md, "The one fact the speed rests on"):
 
     eps    = eps_u + w (eps_c - eps_u)          (eps = eps_c when eps_u is None)
     m      = cz * z + ce * eps                  (x0 prediction; epsilon: cz = 1/alpha, ce = -sigma/alpha)

@@ -117,7 +117,7 @@ def test_celeba_attribute_list_and_csv(tmp_path):
     assert table.files == ["000001.jpg", "000002.jpg"]
     head, labels = resolve_labels(table, ["celeba40"])
     assert head == celeba_head() and labels[0, :4].tolist() == [1, 0, 0, 1]
-    gender_age, labels = resolve_labels(table, ["gender", "age"])  # from the Male and Young columns
+    _, labels = resolve_labels(table, ["gender", "age"])  # from the Male and Young columns
     assert labels.tolist() == [[0, 0], [1, 1]]  # Male(20): -1, 1; Young(39): 1 -> young(0), -1 -> old(1)
     csv_text = "image_id," + ",".join(CELEBA_ATTRIBUTES) + "\n" + "".join(
         f"00000{i + 1}.jpg," + ",".join(v) + "\n" for i, v in enumerate(values))
