@@ -182,16 +182,33 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
 # ----------------------------------------------------------------------------- EMA
 
 class EMA:
-    """fp32 exponential moving average of named parameters: ema <- decay ema + (1 - decay) p."""
+    """fp32 exponential moving average of named parameters, updated after each optimizer step taken:
 
-    def __init__(self, params: Dict[str, nn.Parameter], decay: float):
-        self.decay = decay
+        ema <- d_t ema + (1 - d_t) p,   d_t = min(decay, (1 + s) / (10 + s)),  s = t - 1   (warmup)
+                                        d_t = decay                                       (no warmup)
+
+    at the t-th step taken. The warm-up is diffusers' EMAModel's (the public code's EMA): d_1 = 0, so the average
+    starts at the first step's weights, and it follows the run closely until (1 + s) / (10 + s) passes decay
+    (s ~ 2200 for 0.996). Without it the start weights fade as decay^t: at decay 0.999, 82 % of the average at
+    step 200 (a first checkpoint) is the untrained model."""
+
+    def __init__(self, params: Dict[str, nn.Parameter], decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
         self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
 
+    def decay_at(self, taken: int) -> float:
+        """d_t for the t-th optimizer step taken (t >= 1)."""
+        if not self.warmup:
+            return self.decay
+        s = taken - 1
+        return 0.0 if s <= 0 else min(self.decay, (1 + s) / (10 + s))
+
     @torch.no_grad()
-    def update(self, params: Dict[str, nn.Parameter]) -> None:
+    def update(self, params: Dict[str, nn.Parameter], taken: int) -> None:
+        """After the t-th optimizer step taken (t = taken: skipped steps do not count)."""
+        weight = 1 - self.decay_at(taken)
         for name, p in params.items():
-            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+            self.shadow[name].lerp_(p.detach().float(), weight)
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -324,7 +341,7 @@ class Trainer:
 
             self.engine = zero.deepspeed_engine(deepspeed_config(cfg, self.world), self.model.trainable,
                                                 self.optimizer, self.lr_scheduler)
-        self.ema = EMA(self.model.trainable, cfg.optim.ema_decay)
+        self.ema = EMA(self.model.trainable, cfg.optim.ema_decay, cfg.optim.ema_warmup)
         # fp16 gradients need loss scaling (DeepSpeed scales its own): a gradient below 2^-24 is zero in fp16. Also
         # fp16 frozen weights without fp16 autocast: the gradient flows back through their fp16 activations
         self.scaler = None
@@ -540,7 +557,7 @@ class Trainer:
             stats.update({f"freq/{a.name}/{c}": torch.tensor(f) for c, f in zip(a.classes, freqs)})
         return stats
 
-    def _deepspeed_step(self, loss: torch.Tensor) -> None:
+    def _deepspeed_step(self, loss: torch.Tensor, it: int) -> None:
         """engine.backward + engine.step; a non-finite loss on any rank, or an fp16 overflow (DeepSpeed's loss
         scaler skips that step itself), counts as a skipped step."""
         finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
@@ -552,7 +569,7 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         if self.engine.skipped_steps == skipped_before:
-            self.ema.update(self.model.trainable)
+            self.ema.update(self.model.trainable, self._steps_taken(it))
         else:
             self.skipped += 1
 
@@ -581,6 +598,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
+    def _steps_taken(self, it: int) -> int:
+        """Optimizer steps taken in iterations 0..it when iteration it takes its step (self.skipped: those before
+        whose step was skipped): the EMA's t."""
+        return it + 1 - self.skipped
+
     def iteration(self, it: int) -> Dict[str, float]:
         """One optimization step (module docstring); returns the loss parts as floats."""
         _, prompt = self.mixture.draw()
@@ -594,7 +616,7 @@ class Trainer:
             originals, images = self.generate_pair(prompt, z_T, steps, generator)
             parts = self.losses(originals, images)
         if self.engine is not None:
-            self._deepspeed_step(parts["loss"])
+            self._deepspeed_step(parts["loss"], it)
         else:
             finite = self._backward_and_reduce(parts["loss"])
             if finite and self.cfg.optim.grad_clip:
@@ -602,7 +624,7 @@ class Trainer:
             self._optimizer_step(finite)
             if finite:
                 self.lr_scheduler.step()
-                self.ema.update(self.model.trainable)
+                self.ema.update(self.model.trainable, self._steps_taken(it))
             else:
                 self.skipped += 1
         self.last_images = (originals.detach(), images.detach())
@@ -697,6 +719,12 @@ class Trainer:
             warnings.warn(f"max_steps={self.cfg.max_steps}, but resume={path} was trained toward max_steps={horizon}: "
                           f"the {self.cfg.optim.scheduler} learning-rate schedule now decays toward step "
                           f"{self.cfg.max_steps}, so from here the run differs from one started with it", stacklevel=2)
+        saved_optim = (saved or {}).get("optim") or {}
+        if saved is not None and "ema_warmup" not in saved_optim and self.cfg.optim.ema_warmup and self.rank == 0:
+            warnings.warn(f"resume={path} was trained by a fastfair whose EMA had no warm-up (before 2026-11-30, "
+                          f"optim.ema_decay={saved_optim.get('ema_decay')}): from here its EMA uses "
+                          f"optim.ema_decay={self.cfg.optim.ema_decay} with the warm-up (optim.ema_warmup=true). "
+                          "To continue it as it was: optim.ema_warmup=false and its ema_decay", stacklevel=2)
         if changes:
             listed, keys = describe_changes(changes), ",".join(changes)
             raise ValueError(f"resume={path}: this run changes settings the checkpoint was trained with: {listed}. "
