@@ -150,6 +150,17 @@ def test_custom_attribute_refuses_empty_cells_and_merges_case_variants(tmp_path)
         resolve_labels(read_label_table(write(tmp_path, "g.csv", "file,gender\na,Male\nb,\n")), ["gender"])
 
 
+def test_custom_classes_sort_numerically_only_when_all_are_integers(tmp_path):
+    from fastfair.classifiers.heads import Attribute
+
+    numbers = read_label_table(write(tmp_path, "n.csv", "file,level\na,10\nb,9\nc,-1\nd,9\n"))
+    head, labels = resolve_labels(numbers, ["level"])
+    assert head.attributes == [Attribute("level", ("-1", "9", "10"))] and labels.flatten().tolist() == [2, 1, 0, 1]
+    mixed = read_label_table(write(tmp_path, "m.csv", "file,level\na,10\nb,9\nc,-1\nd,b\ne,x\n"))
+    head, _ = resolve_labels(mixed, ["level"])  # text order: names fell between the negative and positive numbers
+    assert head.attributes == [Attribute("level", ("-1", "10", "9", "b", "x"))]
+
+
 def test_an_image_listed_twice_is_used_once_or_refused_when_its_labels_differ(tmp_path):
     from fastfair.classifiers.data import unique_rows
 

@@ -8,8 +8,9 @@ line, a line of 40 names, then ``file v1 ... v40``). Attributes:
   Latino_Hispanic -> WMELH; Black; Indian; East/Southeast Asian -> Asian), or the four names;
 - ``age``: FairFace's buckets or a number (< 40 young, else old), or CelebA's ``Young`` column;
 - ``celeba40``: all 40 CelebA columns, each no/yes;
-- any other name: a column of class names (classes sorted, numerically when all are integers). Names that differ
-  only by case or surrounding spaces are one class, spelled as in its first row; an empty cell is refused.
+- any other name: a column of class names (classes sorted: numerically when all are integers, else as text).
+  Names that differ only by case or surrounding spaces are one class, spelled as in its first row; an empty cell
+  is refused.
 Column names match ignoring case and surrounding spaces (``Gender``, `` gender``, ``File``). An image listed in
 several rows is used once (``unique_rows``).
 """
@@ -149,7 +150,8 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
     spelling: Dict[str, str] = {}  # class key -> the first row's spelling
     for value in values:
         spelling.setdefault(class_key(value), value.strip())
-    distinct = sorted(spelling.values(), key=lambda v: (int(v), v) if v.lstrip("-").isdigit() else (0, v))
+    numeric = all(v.lstrip("-").isdigit() for v in spelling.values())  # else text order: ('-1', '10', '9', 'b')
+    distinct = sorted(spelling.values(), key=int if numeric else None)
     if len(distinct) < 2:
         raise ValueError(f"{where}: needs at least 2 distinct values, found {distinct}")
     index = {class_key(v): i for i, v in enumerate(distinct)}
