@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Rehearse, on a CPU machine, the GPU machine's software before spending device time on bench/device_run.sh:
-# its Python (3.12) and package versions (torch 2.11.0+cu130, triton 3.6.0, numpy 2.5.2, transformers 5.17.0,
-# huggingface_hub 1.33.0, setuptools < 82, as the device library's KINDS.md lists them, 2026-11), the carried
-# wheels installed with --target as there, and the native build with CUDA (sm_90; nothing runs on a GPU). In a
-# fresh clone of HEAD: it builds fastfair._C with CUDA, runs the whole test suite (CUDA tests skip), the toy
-# trainer in fp32 and bf16, the kernel benchmark and a tiny fp16 training-iteration benchmark.
+# its Python (3.12) and package versions (torch 2.11.0+cu130, torchvision 0.26.0, triton 3.6.0, numpy 2.5.2,
+# transformers 5.17.0, huggingface_hub 1.33.0, setuptools < 82, as the device library's KINDS.md lists them,
+# 2026-11), the carried wheels installed with --target as there, and the native build with CUDA (sm_90; nothing
+# runs on a GPU). In a fresh clone of HEAD: it builds fastfair._C with CUDA, runs the whole test suite (CUDA tests
+# skip; the open_clip ones run: open_clip is installed here, not there, since CI cannot run them, as no torchvision
+# imports beside its CPU torch), the toy trainer in fp32 and bf16, the kernel benchmark and a tiny fp16
+# training-iteration benchmark.
 #
 #   bench/rehearse_gpu_image.sh [WORK_DIR]      (default /tmp/gpu-image; the venv there is reused; ~15 min)
 # PY312 names a Python 3.12 (default: python3.12, else pyenv's); PYTHON one with pip and pydantic for bench/device_wheels.sh
@@ -13,10 +15,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-/tmp/gpu-image}"
 VENV="$WORK/venv" SITE="$WORK/site" CLONE="$WORK/clone"
-IMAGE=(torch==2.11.0 triton==3.6.0 numpy==2.5.2 transformers==5.17.0 huggingface_hub==1.33.0 accelerate==1.15.0
-       safetensors==0.8.0 "peft==$(grep -i '^peft==' constraints.txt | cut -d= -f3)" tqdm tensorboard scipy pytest
+pin() { grep -i "^$1==" constraints.txt | cut -d= -f3; }  # the version constraints.txt pins for $1
+IMAGE=(torch==2.11.0 torchvision==0.26.0 triton==3.6.0 numpy==2.5.2 transformers==5.17.0 huggingface_hub==1.33.0
+       accelerate==1.15.0 safetensors==0.8.0 "peft==$(pin peft)" tqdm tensorboard scipy pytest
        matplotlib pillow opencv-python-headless==4.14.0.94 pyyaml ninja "setuptools<82" wheel requests psutil
-       py-cpuinfo einops msgpack nvidia-ml-py packaging zipp httpx)
+       py-cpuinfo einops msgpack nvidia-ml-py packaging zipp httpx
+       # not on the GPU machine (nothing there uses them): the open_clip tests, which CI cannot run
+       "open_clip_torch==$(pin open_clip_torch)" "timm==$(pin timm)" "ftfy==$(pin ftfy)" "wcwidth==$(pin wcwidth)")
 step() { echo "== $(date +%T) $*" >&2; }
 [ -n "${PYTHON:-}" ] || { [ -x .venv/bin/python ] && export PYTHON="$PWD/.venv/bin/python"; } || true
 
