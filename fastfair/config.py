@@ -215,7 +215,7 @@ class OptimConfig:
     eps: float = setting(1e-8, gt=0)
     grad_clip: Optional[float] = setting(None, gt=0)  # max global grad norm; null: no clipping
     # the EMA that export and evaluation use by default: the public code's (diffusers' EMAModel: decay 0.996, its
-    # warm-up d_t = min(decay, (1 + s) / (10 + s)) at the t = s + 1-th step; fastfair.trainer.EMA). 0: the weights
+    # warm-up d_t = min(decay, (1 + s) / (10 + s)) at the t = s + 1-th step; fastfair.ema.EMA). 0: the weights
     ema_decay: float = setting(0.996, min=0, lt=1)
     ema_warmup: bool = True
     scheduler: str = setting("constant", choices=("constant", "linear", "cosine"))

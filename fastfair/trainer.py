@@ -13,278 +13,40 @@ One iteration, on each rank for its share of the global batch of N images of one
     backward (of the loss times the loss scale, fp16), all-reduce grads, unscale, skip the step if any is
                          non-finite, clip, optimizer step, EMA
 
-Launch: plain ``python fastfair/train.py`` (a 1-process group is set up here: nccl on CUDA, gloo on CPU), or
-``torchrun``.
+Launch: plain ``python fastfair/train.py`` (fastfair.process_group sets up a 1-process group: nccl on CUDA, gloo
+on CPU), or ``torchrun``. The judging models, the EMA and the optimizer are built by fastfair.judges,
+fastfair.ema and fastfair.optimizer.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import random
 import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from fastfair import checkpoint
 from fastfair.config import (ConfigError, TrainConfig, check_files, config_to_dict, describe_changes, load_config,
                              resume_changes, save_config, validate)
 from fastfair.dft import sample
+from fastfair.ema import EMA
 from fastfair.finetune import FinetunedModel
-from fastfair.hooks import load_callable
+from fastfair.judges import build_judges, head_disagreements
 from fastfair.models import load_stable_diffusion, torch_dtype
+from fastfair.optimizer import build_optimizer, optimizer_state_bytes, saved_optimizer_name
+from fastfair.process_group import process_group
 from fastfair.prompts import build_prompt_mixture
 from fastfair.run_control import StopSignals, cannot_write, closing, isatty, progress_options, stop_signals
 from fastfair.run_log import RunLog, naming_errors
-
-
-# ----------------------------------------------------------------------------- process group
-
-_OWN_GROUP: dict = {}  # what init_distributed set up for a 1-process group: the LOCAL_RANK it set
-
-
-def init_distributed(device_type: str = "cpu") -> bool:
-    """Join the launcher's process group (torchrun sets RANK/WORLD_SIZE), or create a 1-process one (with
-    LOCAL_RANK=0 when unset: DeepSpeed reads it). Returns True when this call created the group (the caller
-    destroys it: `close_distributed`)."""
-    if dist.is_initialized():
-        return False
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        # an in-memory store: a file store would stay behind in the temp folder of every killed run
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        _OWN_GROUP.update(set_local_rank="LOCAL_RANK" not in os.environ)
-        os.environ.setdefault("LOCAL_RANK", "0")
-    return True
-
-
-def close_distributed() -> None:
-    """Destroy the group init_distributed created and remove the LOCAL_RANK it set."""
-    deepspeed_comm = sys.modules.get("deepspeed.comm")
-    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
-        # through DeepSpeed, which then drops the groups it cloned from this one: a later DeepSpeed run in this
-        # process would reach them, destroyed ("Group ... is not registered")
-        deepspeed_comm.destroy_process_group()
-    else:
-        dist.destroy_process_group()
-    if _OWN_GROUP.pop("set_local_rank", False):
-        os.environ.pop("LOCAL_RANK", None)
-
-
-@contextlib.contextmanager
-def process_group(device_type: str = "cpu"):
-    """`init_distributed` for the duration of a block; destroys the group only if it created it."""
-    created = init_distributed(device_type)
-    try:
-        yield
-    finally:
-        if created:
-            close_distributed()
-
-
-# ----------------------------------------------------------------------------- the judging models
-
-@dataclass
-class Judges:
-    """Frozen models that score images: classifiers by attribute, face detector, semantics, face embedding."""
-
-    classifiers: Dict[str, nn.Module]  # attribute name -> classifier whose logits hold its indices
-    detector: object
-    semantics: nn.Module
-    face_embedder: Optional[nn.Module]
-    face_bank: Optional[object]
-
-
-def _classifier(name, spec, device):
-    from fastfair.classifiers import load_classifier
-    from fastfair.classifiers.heads import output_head
-    from fastfair.classifiers.model import describes_itself, file_outputs
-
-    if spec.factory:
-        module = load_callable(spec.factory, f"classifiers.{name}.factory")(spec)
-    else:  # a file without fastfair's metadata (e.g. the public code's .pt): its outputs as the config maps them
-        head = None
-        if spec.attributes and not describes_itself(spec.path):
-            head = output_head(file_outputs(spec.path, spec.architecture))
-        module = load_classifier(spec.path, head, arch=spec.architecture, input_size=spec.input_size)
-    return module.to(device).eval().requires_grad_(False)
-
-
-def build_judges(cfg: TrainConfig, device) -> Judges:
-    from fastfair.faces import FaceBank, FaceEmbedder, get_detector, load_face_embedder
-    from fastfair.losses import SemanticsLoss
-
-    # frozen, and run inside the trainer's autocast, which computes in the half dtype anyway: stored in it, as the
-    # frozen model parts are (CLIP ViT-H/14 alone: 2.4 GiB in fp32)
-    judge_dtype = torch_dtype(cfg.precision.mixed)
-    classifiers, owners = {}, {}
-    for name, spec in cfg.classifiers.items():
-        module = _classifier(name, spec, device).to(judge_dtype)
-        attributes = spec.attributes or [a.name for a in module.head.attributes]
-        for attribute in attributes:  # validate sees the declared ones; a file that describes itself, only here
-            if attribute in owners:
-                raise ValueError(f"classifiers.{owners[attribute]} and classifiers.{name} both predict '{attribute}': "
-                                 "name the attributes each one gives (classifiers.<name>.attributes), "
-                                 f"'{attribute}' in one of them")
-            owners[attribute] = name
-            classifiers[attribute] = module
-    faces = cfg.faces
-    if faces.detector == "callable":
-        detector = get_detector(load_callable(faces.detector_fn, "faces.detector_fn"))
-    else:
-        detector = get_detector(faces.detector, **({"root": faces.detector_path} if faces.detector_path else {}))
-    sem = cfg.semantics
-    if sem.factory:  # frozen and in eval mode, as every judge: batch statistics and dropout would make the loss of
-        # an image depend on the others in its batch, and the encoders would collect gradients
-        semantics = load_callable(sem.factory, "semantics.factory")(sem).to(device, judge_dtype).eval()
-        semantics.requires_grad_(False)
-    else:
-        clip = ({"backend": "open_clip", "model_name": sem.clip_model, "checkpoint": sem.clip_path}
-                if sem.clip_backend == "open_clip" else {"backend": "clip", "path": sem.clip_path})
-        semantics = SemanticsLoss.from_config({"clip": clip, "dino": {"backend": "dinov2", "path": sem.dino_path}},
-                                              device=device, dtype=judge_dtype)
-    use_face = cfg.loss.face_loss and cfg.loss.lambda_face > 0
-    embedder = bank = None
-    if use_face:
-        bank = FaceBank.load(faces.bank, device=device)
-        flip = bank.flip
-        if faces.embedding_fn:
-            embedder = load_callable(faces.embedding_fn, "faces.embedding_fn")()
-            if flip is not None and not hasattr(embedder, "flip"):  # a bare network, as build_bank's
-                # --embedder-factory gives (so the factory a bank records serves here too): embedded as build_bank
-                # did (idempotent for an embedder that flip-sums and normalizes itself)
-                embedder = FaceEmbedder(embedder, flip=flip, input_size=getattr(embedder, "input_size", 112))
-            if flip is not None and embedder.flip != flip:
-                raise ValueError(f"faces.embedding_fn={faces.embedding_fn} embeds with flip={embedder.flip}, but the "
-                                 f"faces.bank {faces.bank} was built with flip={flip}: the face loss would compare "
-                                 "embeddings made two ways; rebuild the bank or change the embedder")
-        else:  # as the bank was built (python -m fastfair.faces.build_bank records --no-flip)
-            embedder = load_face_embedder(faces.embedding, flip=True if flip is None else flip)
-        embedder = embedder.to(device).eval().requires_grad_(False)
-        # now, not at the first iteration: an embedder of another dimension, or another one than the bank records
-        bank.check_embedder(embedder, faces.bank, faces.embedding_fn, faces.embedding)
-        embedder = embedder.to(dtype=judge_dtype)
-    return Judges(classifiers, detector, semantics, embedder, bank)
-
-
-# ----------------------------------------------------------------------------- EMA
-
-class EMA:
-    """fp32 exponential moving average of named parameters, updated after each optimizer step taken:
-
-        ema <- d_t ema + (1 - d_t) p,   d_t = min(decay, (1 + s) / (10 + s)),  s = t - 1   (warmup)
-                                        d_t = decay                                       (no warmup)
-
-    at the t-th step taken. The warm-up is diffusers' EMAModel's (the public code's EMA): d_1 = 0, so the average
-    starts at the first step's weights, and it follows the run closely until (1 + s) / (10 + s) passes decay
-    (s ~ 2200 for 0.996). Without it the start weights fade as decay^t: at decay 0.999, 82 % of the average at
-    step 200 (a first checkpoint) is the untrained model."""
-
-    def __init__(self, params: Dict[str, nn.Parameter], decay: float, warmup: bool = True):
-        self.decay, self.warmup = decay, warmup
-        self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
-
-    def decay_at(self, taken: int) -> float:
-        """d_t for the t-th optimizer step taken (t >= 1)."""
-        if not self.warmup:
-            return self.decay
-        s = taken - 1
-        return 0.0 if s <= 0 else min(self.decay, (1 + s) / (10 + s))
-
-    @torch.no_grad()
-    def update(self, params: Dict[str, nn.Parameter], taken: int) -> None:
-        """After the t-th optimizer step taken (t = taken: skipped steps do not count)."""
-        weight = 1 - self.decay_at(taken)
-        for name, p in params.items():
-            self.shadow[name].lerp_(p.detach().float(), weight)
-
-
-def _lr_lambda(cfg: TrainConfig):
-    warmup, total, kind = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.scheduler
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return {"constant": 1.0, "linear": max(0.0, 1 - progress),
-                "cosine": 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))}[kind]
-    return factor
-
-
-def build_optimizer(cfg: TrainConfig, params):
-    o = cfg.optim
-    if o.name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:  # an optional package (the quant extra)
-            raise ValueError(f"optim.name=adamw8bit needs bitsandbytes ({error}): pip install bitsandbytes, or "
-                             "use optim.name=adamw") from None
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-
-
-def optimizer_state_bytes(name: str, params, deepspeed_shards: Optional[int] = None) -> int:
-    """The bytes of the optimizer's state once it has stepped (AdamW makes it lazily, at its first step): two
-    moments per weight, in the weight's dtype (adamw), or one byte each for tensors of 4096 elements or more
-    (bitsandbytes' 8-bit AdamW, plus a float32 absmax per 256-element block; smaller ones stay 32-bit).
-    deepspeed_shards: under DeepSpeed the moments are float32 whatever the model copies' half dtype, and ZeRO
-    splits them over this many ranks (1 without ZeRO)."""
-    total = 0
-    for p in params:
-        if name == "adamw8bit" and p.numel() >= 4096:
-            total += 2 * (p.numel() + 4 * math.ceil(p.numel() / 256))
-        else:
-            total += 2 * p.numel() * (4 if name == "adamw8bit" or deepspeed_shards else p.element_size())
-    return total // (deepspeed_shards or 1)
-
-
-def _optimizer_name(state: Optional[dict]) -> Optional[str]:
-    """optim.name of a saved optimizer state (checkpoints before optimizer_name was saved): bitsandbytes' 8-bit
-    AdamW keeps its moments as state1/state2, torch's AdamW as exp_avg/exp_avg_sq; None before any step."""
-    for param_state in (state or {}).get("state", {}).values():
-        return "adamw8bit" if "state1" in param_state else "adamw"
-    return None
-
-
-def _head_disagreements(attribute, head) -> List[str]:
-    """Where a target attribute's output indices contradict its classifier file's own layout (fastfair classifier
-    files name each attribute's outputs and classes: fastfair.classifiers.heads; a file without names, read through
-    classifiers.<n>.attributes, has none to contradict): an index outside the attribute's outputs, a class the file
-    does not name, or a class reading the output of another class of the same name."""
-    if head is None or attribute.name not in getattr(head, "slices", {}):
-        return []
-    span, names = head.slices[attribute.name], head.classes(attribute.name)
-    layout = ", ".join(f"{name}: {span.start + i}" for i, name in enumerate(names))
-    where = f"targets attribute {attribute.name!r}"
-    outside = [i for i in attribute.indices if not span.start <= i < span.stop]
-    if outside:
-        return [f"{where} reads outputs {outside}, outside the file's {attribute.name} outputs ({layout})"]
-    # another spelling ('Old' for 'old') would skip the name check below and read the outputs by index alone,
-    # swapped or not
-    unnamed = [name for name in attribute.classes if name not in names]
-    if unnamed:
-        return [f"{where}: classes {unnamed} are not the file's {attribute.name} classes ({layout}): name each "
-                f"class as the file does"]
-    return [f"{where}: class {name!r} reads output {index}, but the file's {name!r} is output "
-            f"{span.start + names.index(name)} ({layout})"
-            for name, index in zip(attribute.classes, attribute.indices)
-            if name in names and index != span.start + names.index(name)]
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -402,7 +164,7 @@ class Trainer:
         # also where the config declares the layout: a file that names its classes (e.g. one trained by an older
         # fastfair, whose race order differed) must not be read under other names
         problems = [p for a in self.targets.attributes
-                    for p in _head_disagreements(a, getattr(self.judges.classifiers[a.name], "head", None))]
+                    for p in head_disagreements(a, getattr(self.judges.classifiers[a.name], "head", None))]
         if problems:
             raise ValueError("targets disagree with the classifier files, which name their outputs: "
                              + "; ".join(problems))
@@ -670,7 +432,7 @@ class Trainer:
         ema = checkpoint.for_model(ema, self.model.trainable, f"resume={path}")
         if self.engine is None and state["optimizer"] is None:
             raise ValueError(f"resume={path}: a checkpoint of a DeepSpeed run; resume it with its deepspeed.config")
-        saved_name = state.get("optimizer_name") or _optimizer_name(state["optimizer"])
+        saved_name = state.get("optimizer_name") or saved_optimizer_name(state["optimizer"])
         if saved_name not in (None, self.cfg.optim.name):  # their states differ in layout (exp_avg vs state1)
             raise ValueError(f"optim.name={self.cfg.optim.name}, but resume={path} holds an {saved_name} optimizer "
                              f"state: resume with optim.name={saved_name}, or start a fresh run in another output_dir")

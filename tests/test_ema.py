@@ -8,7 +8,8 @@ import yaml
 from diffusers.training_utils import EMAModel
 
 from fastfair.config import load_config
-from fastfair.trainer import EMA, Trainer
+from fastfair.ema import EMA
+from fastfair.trainer import Trainer
 from test_trainer_world import world, write_config  # noqa: F401
 
 

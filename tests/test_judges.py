@@ -1,4 +1,4 @@
-"""The judges a run builds (fastfair.trainer.build_judges): every one frozen and in eval mode, whatever built it, and
+"""The judges a run builds (fastfair.judges.build_judges): every one frozen and in eval mode, whatever built it, and
 a face embedder that embeds as the face bank was built."""
 import json
 import os
@@ -12,7 +12,7 @@ from torch import nn
 
 from fastfair.config import load_config
 from fastfair.faces import FaceBank, FaceEmbedder, SFNet
-from fastfair.trainer import build_judges
+from fastfair.judges import build_judges
 from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
 
 

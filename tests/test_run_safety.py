@@ -303,7 +303,7 @@ def test_one_process_group_sets_local_rank_and_leaves_no_file(tmp_path):
     code = """
 import os
 import torch.distributed as dist
-import fastfair.trainer as t
+import fastfair.process_group as t
 with t.process_group():
     assert os.environ["LOCAL_RANK"] == "0" and dist.get_world_size() == 1
     probe = __import__("torch").ones(3)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastfair.config import FINETUNE_TARGETS, load_config
-from fastfair.trainer import Trainer, _lr_lambda
+from fastfair.optimizer import lr_lambda
+from fastfair.trainer import Trainer
 from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
 
 
@@ -315,7 +316,8 @@ def _pending_bytes_seen(monkeypatch) -> list:
 def test_the_memory_budget_counts_the_optimizer_state_made_at_the_first_step(tmp_path, world, monkeypatch):
     """The plan is decided at iteration 0, before AdamW makes its two moments (at its first step): they are counted
     from the parameters then, and measured (memory_allocated, CUDA) afterwards."""
-    from fastfair.trainer import optimizer_state_bytes, process_group
+    from fastfair.optimizer import optimizer_state_bytes
+    from fastfair.trainer import process_group
 
     seen = _pending_bytes_seen(monkeypatch)
     with process_group():
@@ -390,13 +392,13 @@ def _schedule_cfg(kind, warmup=4, total=20):
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
 def test_warmup_ramps_linearly_to_the_base_rate(kind):
-    f = _lr_lambda(_schedule_cfg(kind))
+    f = lr_lambda(_schedule_cfg(kind))
     assert [f(s) for s in range(4)] == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5])
     assert f(4) == pytest.approx(1.0)
 
 
 def test_decay_shapes_after_warmup():
-    lin, cos, const = (_lr_lambda(_schedule_cfg(k)) for k in ("linear", "cosine", "constant"))
+    lin, cos, const = (lr_lambda(_schedule_cfg(k)) for k in ("linear", "cosine", "constant"))
     # halfway through the 16 post-warm-up steps
     assert lin(12) == pytest.approx(0.5) and cos(12) == pytest.approx(0.5)
     assert cos(8) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))  # 0.854, linear gives 0.75
