@@ -190,3 +190,13 @@ def test_validation_labels_are_aligned_to_the_training_classes_or_refused_naming
     with pytest.raises(ValueError, match=r"w: the classes differ .*\(hair lacks red; hair has grey, which the "
                                          r"training rows lack\)"):
         align_labels(train_head, val_head, val, "w")
+
+
+def test_numeric_ages_split_at_40_and_celeba_zero_flags_read_as_no(tmp_path):
+    """age: '< 40 young, else old' (a UTKFace-style number column); CelebA flags: 1 yes, -1 or 0 no."""
+    ages = write(tmp_path, "ages.csv", "file,age\na.jpg,39.5\nb.jpg,40\nc.jpg,41\n")
+    assert resolve_labels(read_label_table(ages), ["age"])[1][:, 0].tolist() == [0, 1, 1]
+    celeba = write(tmp_path, "zero.csv", "image_id,Male,Young\na.jpg,0,1\nb.jpg,1,0\n")
+    _, labels = resolve_labels(read_label_table(celeba), ["gender", "age"])
+    assert labels.tolist() == [[0, 0], [1, 1]]  # Male 0 -> female; Young 0 -> old
+

@@ -258,3 +258,38 @@ def test_balanced_accuracy_sees_through_a_majority_class_guess():
     rows = [(torch.zeros(3, 2, 2), torch.tensor([int(i % 10 != 0)])) for i in range(20)]  # 18 male, 2 female
     accuracy, balanced = evaluate(AlwaysMale(), rows, 8, "cpu", 0)
     assert accuracy == {"gender": pytest.approx(0.9)} and balanced == {"gender": pytest.approx(0.5)}
+
+
+def test_balanced_accuracy_averages_over_the_classes_present_only():
+    """sklearn's balanced accuracy: a class without validation images is left out of the mean, not scored 0."""
+    from fastfair.classifiers.heads import head_from_names
+    from fastfair.classifiers.train import evaluate
+
+    class AlwaysFirst(torch.nn.Module):
+        head = head_from_names(["race"])
+
+        def forward(self, images):
+            return torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(images.shape[0], 4)
+
+    rows = [(torch.zeros(3, 2, 2), torch.tensor([i % 2])) for i in range(10)]  # WMELH and Black only
+    accuracy, balanced = evaluate(AlwaysFirst(), rows, 4, "cpu", 0)
+    assert accuracy == {"race": pytest.approx(0.5)} and balanced == {"race": pytest.approx(0.5)}
+
+
+def test_validation_split_holds_the_nearest_count_of_rows():
+    from fastfair.classifiers.train import split_rows
+
+    train_rows, val_rows = split_rows(19, 0.1, seed=0)
+    assert len(val_rows) == 2 and sorted(train_rows + val_rows) == list(range(19))
+
+
+def test_learning_rate_follows_the_cosine_decay(dataset, tmp_path):
+    """lr at step s of T = lr0 * (1 + cos(pi s / T)) / 2: the saved optimizer holds the last step's."""
+    import math
+
+    out = tmp_path / "c.safetensors"
+    main(arguments(dataset, out, "--epochs", "1", "--attributes", "gender"))
+    total = math.ceil(112 / 8)  # 140 rows, 20 % held out, batches of 8
+    state = torch.load(state_path(str(out)), map_location="cpu", weights_only=True)
+    lr = state["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(0.005 * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)))

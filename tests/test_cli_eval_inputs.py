@@ -483,3 +483,30 @@ def test_demo_evaluates_in_the_dtype_the_run_sampled_in(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         evaluate_heldout(cfg, tmp_path / "ckpt", tmp_path / "eval", 2)
     assert seen["dtype"] == "bf16"
+
+
+def test_generate_samples_with_the_steps_and_guidance_its_export_records(tmp_path, monkeypatch):
+    """No --steps / --guidance: the run's, as fastfair_export.json records them (not 20 / 7.5)."""
+    from diffusers import StableDiffusionPipeline
+
+    import fastfair.generate as generate_module
+    from fastfair.export import EXPORT_INFO
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / EXPORT_INFO).write_text(json.dumps({"guidance_scale": 2.0, "num_steps": 3,
+                                                                "target": "text_lora"}))
+    monkeypatch.setattr(generate_module, "finetuned_kind", lambda *args, **kwargs: "export")
+    monkeypatch.setattr(generate_module, "load_into_pipeline", lambda pipe, folder: "")  # the weights: not the point
+    called = []
+    real_call = StableDiffusionPipeline.__call__
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", lambda pipe, *args, **kwargs: called.append(kwargs)
+                        or real_call(pipe, *args, **kwargs))
+    generate_main(["--model", "toy", "--lora", str(tmp_path / "export"), "--prompt", PROMPT, "--num-images", "1",
+                   "--out", str(tmp_path / "images")])
+    assert (called[0]["num_inference_steps"], called[0]["guidance_scale"]) == (3, 2.0)
+
+
+def test_generate_takes_guidance_1_as_no_guidance(tmp_path):
+    generate_main(["--model", "toy", "--prompt", PROMPT, "--num-images", "1", "--steps", "1", "--guidance", "1",
+                   "--out", str(tmp_path / "images")])
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["00000.png"]

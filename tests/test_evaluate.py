@@ -377,3 +377,97 @@ def test_a_clip_folder_without_the_text_tower_is_refused_by_name(tmp_path):
         _load_clip(vision_only, "cpu")
     with pytest.raises(ValueError, match="found no config.json"):
         _load_clip(tmp_path / "nothing", "cpu")
+
+
+def test_default_run_generates_the_largest_set_count_and_scores_the_intersection(files, tmp_path, monkeypatch):
+    """Without --images-per-prompt each set reads its own first images and the largest count is generated; with
+    several attributes and no --joint their intersection is scored too (here 2 / 3 / 4 images stand in for the
+    paper's 60 / 80 / 160, to keep the run small)."""
+    from fastfair.classifiers import AttributeClassifier, head_from_names, save_classifier
+    import fastfair.evaluate as evaluate_module
+
+    torch.manual_seed(1)
+    race = tmp_path / "race.safetensors"
+    save_classifier(AttributeClassifier(head_from_names(["race"]), "small_cnn", input_size=16, width=4), str(race))
+    monkeypatch.setattr(evaluate_module, "images_per_set",
+                        lambda sets, n=None: {s.name: {2: 2, 4: 3, 8: 4}[s.num_classes] for s in sets})
+    results = run(files, tmp_path / "eval", classifiers=[str(files["classifier"]), str(race)], images_per_prompt=None,
+                  guidance_scales=(2.0,), clip=None, dino=None, finetuned=None)
+    assert [s["name"] for s in results["attribute_sets"]] == ["gender", "race", "gender x race"]
+    assert results["settings"]["images_per_prompt"] == 4 and len(results["generated"]) == 2 * 4
+    row = results["guidance"]["2"]["base"]["per_prompt"][PROMPTS[0]]
+    assert row["num_images"] == 4
+    assert [row[f"{name}.num_images"] for name in ("gender", "race", "gender x race")] == [2, 3, 4]
+
+
+def test_the_first_classifier_that_predicts_an_attribute_judges_it(tmp_path):
+    from fastfair.classifiers import load_classifier
+    from fastfair.evaluation.scoring import load_classifiers
+    from fastfair.testing import save_tiny_classifier
+
+    first, second = save_tiny_classifier(tmp_path / "a.safetensors", 0), save_tiny_classifier(tmp_path / "b.safetensors", 1)
+    judges, classes = load_classifiers([str(first), str(second)])
+    expected = load_classifier(str(first)).network.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in judges["gender"].network.state_dict().items())
+    assert classes == {"gender": ("female", "male")}
+
+
+def test_the_classifier_judges_the_largest_face_cropped_with_the_margin():
+    from fastfair.classifiers import head_from_names
+    from fastfair.evaluation.scoring import Scorer
+    from fastfair.faces import CallableDetector, crop_boxes
+
+    class Recording(torch.nn.Module):
+        head, input_size = head_from_names(["gender"]), 8
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, crops):
+            self.seen.append(crops.clone())
+            return torch.zeros(len(crops), 2)
+
+    classifier = Recording()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    scorer = Scorer({"gender": classifier}, CallableDetector(lambda rgb: [(4, 6, 12, 10)]), margin=0.5)
+    assert scorer.labels(images)["gender"].tolist() == [0, 0]
+    # the 8 x 4 box made square (side 8 x 1.5) around its centre (8, 8)
+    expected = crop_boxes(images, torch.tensor([[2.0, 2.0, 14.0, 14.0]] * 2), 8)
+    torch.testing.assert_close(classifier.seen[0], expected)
+
+
+def test_diversity_is_measured_in_the_first_semantic_encoder():
+    from fastfair.evaluation.scoring import Scorer, pairwise_diversity
+
+    class Mean(torch.nn.Module):
+        def forward(self, images):
+            return images.mean(dim=(2, 3))
+
+    semantics = torch.nn.Module()
+    semantics.encoders = torch.nn.ModuleDict({"pixels": torch.nn.Flatten(), "mean": Mean()})
+    scorer = Scorer({}, "none", semantics=semantics)
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    scores = scorer.semantics("a prompt", {"base": images})
+    assert scorer.diversity_encoder == "pixels"
+    assert scores["base"]["diversity"] == pytest.approx(pairwise_diversity(images.flatten(1)))
+    assert scores["base"]["diversity"] != pytest.approx(pairwise_diversity(images.mean(dim=(2, 3))))
+
+
+def test_a_cached_image_of_another_prompt_is_generated_again(tmp_path):
+    """The prompt list changed under the same --out: image p000/0000 now shows another prompt, so it is missing."""
+    from fastfair.evaluation.cache import ImageCache, Job, image_path
+
+    settings = {"seed": 0, "model": "m"}
+    cache = ImageCache(tmp_path / "images", settings)
+    job = Job(image_path(2.0, "base", 0, 0), "base", 2.0, 0, "a photo of a nurse", 0)
+    cache.store([job], torch.zeros(1, 3, 4, 4))
+    reopened = ImageCache(tmp_path / "images", settings)
+    other = Job(job.path, "base", 2.0, 0, "a photo of a pilot", 0)
+    assert reopened.has(job) and not reopened.has(other) and reopened.missing([job, other]) == [other]
+
+
+def test_a_target_with_another_number_of_classes_is_refused():
+    classes = {"gender": ("female", "male")}
+    with pytest.raises(ValueError, match="--target gender: expected 2 probabilities"):
+        attribute_sets(classes, {"gender": [0.2, 0.3, 0.5]})

@@ -77,3 +77,10 @@ def test_summary_sums_each_sets_face_less_count():
     summary = summarize(rows)
     assert summary["no_face"] == {"total": 5} and summary["gender.no_face"] == {"total": 3}
     assert summary["gender.bias"]["mean"] == 0.3
+
+
+def test_fig9_plots_the_class_with_the_smallest_target():
+    from fastfair.evaluation.report import plot_class
+
+    assert plot_class({"classes": ["young", "old"], "target": [0.75, 0.25]}) == "old"
+    assert plot_class({"classes": ["female", "male"], "target": [0.5, 0.5]}) == "female"

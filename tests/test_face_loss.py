@@ -170,3 +170,21 @@ def test_gradient_descent_on_pixels_moves_the_face_toward_a_bank_face():
         losses.append(loss.item())
     assert image.grad.abs().sum() > 0
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bank_rows_are_normalized_so_the_search_is_by_cosine():
+    """A bank given rows of other norms (another tool's file, a float16 round trip) searches by cosine and hands
+    the face loss unit targets: a long row must not win by its length."""
+    bank = FaceBank(torch.tensor([[3.0, 0.0], [0.0, 0.5]]), use_faiss=False)
+    index, similarity = bank.nearest(torch.tensor([[0.6, 0.8]]))
+    assert index.tolist() == [1] and similarity.item() == pytest.approx(0.8)
+    torch.testing.assert_close(bank.neighbours(torch.tensor([[1.0, 0.1]])), torch.tensor([[1.0, 0.0]]))
+
+
+def test_sfnet_input_size_is_read_off_the_checkpoint():
+    torch.manual_seed(0)
+    network = SFNet(depths=(1, 1, 1, 1), channels=(4, 4, 4, 4), out_dim=8, input_size=64)
+    from fastfair.faces.embed import sfnet_config_from_state
+
+    config = sfnet_config_from_state(network.state_dict())
+    assert config["input_size"] == 64 and config["depths"] == [1, 1, 1, 1]

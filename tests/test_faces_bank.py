@@ -227,3 +227,11 @@ def test_cli_takes_detector_fallback_lists_and_the_insightface_root_as_evaluate_
     with pytest.raises(FileNotFoundError, match=f"insightface model pack not found at {tmp_path}/models/buffalo_l"):
         main(["--images", folder, "--out", out, "--embedder", missing, "--detector", "insightface,mtcnn",
               "--detector-path", str(tmp_path)])
+
+
+def test_read_image_keeps_a_non_square_image_upright(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 36, 3), dtype=np.uint8)  # H 20, W 36
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image = read_image(str(tmp_path / "wide.png"))
+    assert image.shape == (1, 3, 20, 36)
+    torch.testing.assert_close(image[0].permute(1, 2, 0), torch.from_numpy(pixels).float() / 127.5 - 1)

@@ -119,3 +119,14 @@ def test_bad_shapes_raise_clear_errors():
         crop_boxes(torch.zeros(3, 8, 8), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="coincide"):
         similarity_transform(torch.ones(1, 5, 2), TEMPLATE_112)
+
+
+def test_template_of_another_size_is_the_112_template_resampled_at_pixel_centres():
+    """Aligning a 112 x 112 face whose landmarks sit on the 112 template into a 56 x 56 crop samples each output
+    pixel at the centre of a 2 x 2 block: bilinear there is the block's mean, i.e. 2 x 2 average pooling."""
+    import torch.nn.functional as F
+
+    image = torch.rand(1, 3, 112, 112, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    aligned = align_faces(image, TEMPLATE_112[None].clone(), size=56)
+    torch.testing.assert_close(aligned, F.avg_pool2d(image, 2), atol=1e-9, rtol=0)
+    torch.testing.assert_close(template(224), (TEMPLATE_112 + 0.5) * 2 - 0.5)

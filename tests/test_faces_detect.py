@@ -164,3 +164,41 @@ def test_mtcnn_adapter_reads_boxes_probs_landmarks(monkeypatch):
     images[1] = 1.0
     faces = get_detector("mtcnn").detect(images)
     assert faces[0] == [] and faces[1][0].box == (1.0, 2.0, 11.0, 12.0) and faces[1][0].score == 0.99
+
+
+def test_largest_face_rule_prefers_the_larger_visible_part_over_a_larger_box_mostly_outside():
+    """A big box mostly beyond the frame (unclipped area 4400, 400 inside) loses to a fully visible face of 900."""
+    regions = select_largest([[Face((-100, 0, 10, 40), 0.9), Face((20, 20, 50, 50), 0.5)]], height=64, width=64)
+    assert regions.boxes[0].tolist() == [20, 20, 50, 50] and regions.scores.tolist() == [0.5]
+
+
+def test_a_face_box_wholly_outside_the_image_is_no_face():
+    regions = select_largest([[Face((70, 10, 90, 30))], [Face((-30, -30, 0, 0))]], height=64, width=64)
+    assert regions.found.tolist() == [False, False]
+    assert regions.boxes.tolist() == [[0, 0, 64, 64]] * 2
+
+
+def test_the_whole_image_detector_frames_a_non_square_image_as_width_by_height():
+    images = torch.rand(1, 3, 20, 36) * 2 - 1  # H 20, W 36
+    regions = locate_faces(images, "none")
+    assert regions.boxes.tolist() == [[0, 0, 36, 20]]
+    assert regions.crop_boxes.tolist() == [[0, -8, 36, 28]]  # a square around the whole image, centred
+
+
+def test_a_detected_score_is_kept_from_a_five_tuple():
+    detector = CallableDetector(lambda rgb: [(2, 2, 10, 12, 0.25)])
+    (faces,) = detector(torch.zeros(1, 3, 16, 16))
+    assert faces[0].box == (2, 2, 10, 12) and faces[0].score == 0.25
+    assert locate_faces(torch.zeros(1, 3, 16, 16), detector).scores.tolist() == [0.25]
+
+
+def test_landmarks_estimated_from_a_box_place_the_template_in_that_box():
+    """Without detector landmarks, a box is read as the template's 112 x 112 crop frame (pixel centres mapped):
+    the box (0, 0, 112, 112) gives the template itself, and a non-square box scales x and y apart."""
+    from fastfair.faces.align import TEMPLATE_112
+
+    regions = select_largest([[Face((0, 0, 112, 112))], [Face((10, 20, 66, 244))]], height=256, width=256)
+    assert not regions.has_landmarks.any()
+    torch.testing.assert_close(regions.landmarks[0], TEMPLATE_112, atol=1e-9, rtol=0)
+    expected = torch.tensor([10.0, 20.0]) + (TEMPLATE_112 + 0.5) * torch.tensor([56 / 112, 224 / 112]) - 0.5
+    torch.testing.assert_close(regions.landmarks[1], expected.double(), atol=1e-9, rtol=0)

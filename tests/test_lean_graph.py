@@ -171,3 +171,23 @@ def test_unet_gradients_on_cuda(dtype):
         lean = torch.autograd.grad(unet(x, t, encoder_hidden_states=emb).sample, emb, u)[0]
     tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(lean.float(), plain.float(), rtol=tol, atol=tol * plain.abs().max().item())
+
+
+def test_a_convolution_with_a_trainable_bias_or_of_a_subclass_is_left_as_it_is():
+    """FrozenConv2d returns no bias gradient, and a Conv2d subclass may compute more than conv2d (LoRA-compatible
+    convolutions): neither may be replaced."""
+    class Shifted(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Shifted(4, 4, 3, padding=1)).requires_grad_(False)
+    model[0].bias.requires_grad_(True)
+    assert lean_layers(model) == []
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    model(x).square().sum().backward()
+    expected = model[0].bias.grad.clone()
+    model[0].bias.grad = None
+    with lean_graph(model):
+        model(x).square().sum().backward()
+    torch.testing.assert_close(model[0].bias.grad, expected)

@@ -128,3 +128,12 @@ def test_face_bank_holds_world_faces():
     assert faces.shape[1] == bank.dim == toy_face_embedder()(torch.zeros(1, 3, 112, 112)).shape[1]
     face_similarity, noise_similarity = bank.nearest(faces)[1], bank.nearest(noise)[1]
     assert face_similarity.min() > noise_similarity.max()
+
+
+def test_detector_boxes_fit_the_faces_closely_at_any_aspect_ratio(detector):
+    """IoU >= 0.7, not only 0.5: a box read off a neighbouring cell still overlaps by half. A non-square image
+    (stretched 2x in width) gives its boxes in its own pixels, x and y scaled apart."""
+    portraits = draw_random_portraits(256, FRESH)
+    assert detection_rate(detector, portraits.images, portraits.boxes, min_iou=0.7) >= 0.97
+    wide = torch.nn.functional.interpolate(portraits.images[:32], size=(32, 64), mode="bilinear")
+    assert detection_rate(detector, wide, portraits.boxes[:32] * torch.tensor([2.0, 1.0, 2.0, 1.0]), min_iou=0.7) >= 0.9

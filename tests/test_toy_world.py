@@ -145,3 +145,24 @@ def test_text_encoder_file_uses_the_layout_every_transformers_reads(tmp_path):
     ids = torch.tensor([[1, 5, 7, 2]])
     with torch.no_grad():
         torch.testing.assert_close(CLIPTextModel.from_pretrained(tmp_path)(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+
+def test_face_boxes_are_in_pixels_of_the_drawn_size_and_follow_the_roll():
+    small, large = draw_random_portraits(64, 3, size=32), draw_random_portraits(64, 3, size=64)
+    torch.testing.assert_close(large.boxes, small.boxes * 2)
+    # the bounding box of the rolled face ellipse (semi-axes 5 x 6.3 at scale 1): squarer than the upright one's
+    width, height = (small.boxes[:, 2:] - small.boxes[:, :2]).unbind(1)
+    ratio = width / height
+    assert (ratio >= 5 / 6.3 - 1e-5).all() and (ratio - 5 / 6.3).abs().max() > 0.01
+
+
+def test_measure_leaves_images_without_a_face_unclassified():
+    from fastfair.toy.classifiers import ToyClassifier
+    from fastfair.toy.measure import classify_faces, frequencies
+
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    predicted = classify_faces(images, lambda batch: [[], [(4.0, 4.0, 20.0, 20.0, 0.9)], []],
+                               ToyClassifier("small_cnn", {"width": 8}))
+    assert all(p[[0, 2]].tolist() == [-1, -1] and p[1] >= 0 for p in predicted.values())
+    assert sum(frequencies(predicted["gender"], 2)) == pytest.approx(1)
