@@ -199,4 +199,3 @@ def test_numeric_ages_split_at_40_and_celeba_zero_flags_read_as_no(tmp_path):
     celeba = write(tmp_path, "zero.csv", "image_id,Male,Young\na.jpg,0,1\nb.jpg,1,0\n")
     _, labels = resolve_labels(read_label_table(celeba), ["gender", "age"])
     assert labels.tolist() == [[0, 0], [1, 1]]  # Male 0 -> female; Young 0 -> old
-
