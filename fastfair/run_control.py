@@ -55,7 +55,9 @@ def closing(close):
         try:
             close()
         except Exception as error:  # whatever it is: it must not replace the exception in flight
-            print(f"while the run ended ({exc_type.__name__}): {error}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):  # nor may a stderr that cannot be written either
+                print(f"while the run ended ({exc_type.__name__}): {type(error).__name__}: {error}", file=sys.stderr,
+                      flush=True)
         return False
 
     return exit_callback

@@ -659,12 +659,15 @@ class Trainer:
             if signum:
                 if not saved:
                     self.save(it + 1)
-                bar.close()
-                if self.rank == 0:
-                    name = signal.Signals(signum).name
-                    then = "the run's last" if it + 1 == cfg.max_steps else "resume=auto continues"
-                    print(f"stopped by {name} at step {it + 1}: checkpoint step_{it + 1:08d} saved; {then}",
-                          file=sys.stderr, flush=True)
+                # the checkpoint is saved: a stderr that cannot be written (a full disk under a Slurm --error
+                # file) must not turn the stop's status into an error's
+                with contextlib.suppress(OSError):
+                    bar.close()
+                    if self.rank == 0:
+                        name = signal.Signals(signum).name
+                        then = "the run's last" if it + 1 == cfg.max_steps else "resume=auto continues"
+                        print(f"stopped by {name} at step {it + 1}: checkpoint step_{it + 1:08d} saved; {then}",
+                              file=sys.stderr, flush=True)
                 raise SystemExit(128 + signum)
 
 

@@ -1,5 +1,6 @@
 """What a run does with what is already on disk and with settings that change between runs: nothing saved is lost,
 a resume applies the new optimizer settings, and every refusal names the setting and the fix."""
+import errno
 import json
 import os
 import re
@@ -546,11 +547,49 @@ def test_a_stop_keeps_its_exit_status_when_the_log_cannot_be_closed(tmp_path, wo
         Trainer(cfg).train()
     assert stopped.value.code == 128 + signal.SIGTERM
     assert max(checkpoint.list_checkpoints(cfg.output_dir)) == 2
-    assert "while the run ended (SystemExit): metrics.jsonl could not be written" in capsys.readouterr().err
+    assert "while the run ended (SystemExit): OSError: metrics.jsonl could not be written" in capsys.readouterr().err
     monkeypatch.setattr(Trainer, "iteration", iteration)
     cfg = load_config(write_config(tmp_path / "finished", world), ["max_steps=1", "logging.image_every=0"])
     with pytest.raises(OSError, match="No space left on device"):
         Trainer(cfg).train()
+
+
+def test_a_stop_keeps_its_exit_status_when_stderr_cannot_be_written(tmp_path, world, monkeypatch):
+    """A Slurm --error file on a full disk: the progress bar's last line and the stop message fail to write after
+    the checkpoint is saved; the stop still ends with 128 + SIGTERM, not the OSError's status."""
+    class FullDisk:  # stderr, until the signal: then every write fails
+        def __init__(self, real):
+            self.real, self.full = real, False
+
+        def write(self, text):
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.real.write(text)
+
+        def flush(self):
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.real.flush()
+
+        def isatty(self):
+            return False
+
+    stderr = FullDisk(sys.stderr)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    iteration = Trainer.iteration
+
+    def signalled(self, it):
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            stderr.full = True
+        return iteration(self, it)
+
+    monkeypatch.setattr(Trainer, "iteration", signalled)
+    cfg = load_config(write_config(tmp_path, world), ["max_steps=3", "checkpoint_every=3", "logging.image_every=0"])
+    with pytest.raises(SystemExit) as stopped:
+        Trainer(cfg).train()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert max(checkpoint.list_checkpoints(cfg.output_dir)) == 2
 
 
 def test_a_folder_the_run_cannot_write_in_is_named_at_start(tmp_path, world, monkeypatch):
