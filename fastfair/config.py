@@ -214,9 +214,12 @@ class OptimConfig:
     weight_decay: float = setting(0.01, min=0)
     eps: float = setting(1e-8, gt=0)
     grad_clip: Optional[float] = setting(None, gt=0)  # max global grad norm; null: no clipping
-    # the EMA that export and evaluation use by default: the public code's (diffusers' EMAModel: decay 0.996, its
-    # warm-up d_t = min(decay, (1 + s) / (10 + s)) at the t = s + 1-th step; fastfair.ema.EMA). 0: the weights
+    # the EMA that export and evaluation use by default: the public code's (diffusers' EMAModel with its default
+    # schedule, decay 0.996: d_t = min(decay, (1 + s) / (10 + s)) at the t = s + 1-th step; fastfair.ema.EMA).
+    # 0: the weights themselves
     ema_decay: float = setting(0.996, min=0, lt=1)
+    # that schedule's cap (1 + s) / (10 + s); false: d_t = decay from the first step. (EMAModel's own
+    # use_ema_warmup=True is another, power-law, schedule, which the public code does not use)
     ema_warmup: bool = True
     scheduler: str = setting("constant", choices=("constant", "linear", "cosine"))
     warmup_steps: int = setting(0, min=0)

@@ -13,9 +13,10 @@ class EMA:
         ema <- d_t ema + (1 - d_t) p,   d_t = min(decay, (1 + s) / (10 + s)),  s = t - 1   (warmup)
                                         d_t = decay                                       (no warmup)
 
-    at the t-th step taken. The warm-up is diffusers' EMAModel's (the public code's EMA): d_1 = 0, so the average
-    starts at the first step's weights, and it follows the run closely until (1 + s) / (10 + s) passes decay
-    (s ~ 2200 for 0.996). Without it the start weights fade as decay^t: at decay 0.999, 82 % of the average at
+    at the t-th step taken. The warm-up is the cap of diffusers' EMAModel's default schedule (the public code's
+    EMA; EMAModel's use_ema_warmup=True is another, power-law, schedule): d_1 = 0, so the average starts at the
+    first step's weights, and it follows the run closely until (1 + s) / (10 + s) passes decay (s ~ 2200 for
+    0.996). Without it the start weights fade as decay^t: at decay 0.999, 82 % of the average at
     step 200 (a first checkpoint) is the untrained model."""
 
     def __init__(self, params: Dict[str, nn.Parameter], decay: float, warmup: bool = True):

@@ -366,7 +366,9 @@ class Trainer:
         return it + 1 - self.skipped
 
     def iteration(self, it: int) -> Dict[str, float]:
-        """One optimization step (module docstring); returns the loss parts as floats."""
+        """One optimization step (module docstring); returns the loss parts as floats. `it` counts the iterations
+        before it (train() calls it = start, start + 1, ...): the noise, the step count and the EMA's step count
+        are functions of it."""
         _, prompt = self.mixture.draw()
         z_T, steps, generator = self._noise_and_steps(it)
         # the Monte Carlo transport targets' draws (K > 2): their own stream, so that no other use of torch's
@@ -468,6 +470,22 @@ class Trainer:
             self.memory_budget.load_state_dict(state.get("memory_plans"))
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
         checkpoint.set_rng_state(state["rng"])
+        self._warn_ema_change(path)
+
+    def _warn_ema_change(self, path: Path) -> None:
+        """A run trained before the EMA's warm-up, resumed to train on: from here its EMA warms up (at its step
+        count: a lower decay than it had) unless optim.ema_warmup=false keeps it as it was."""
+        o = self.cfg.optim
+        if self.rank != 0 or self.start >= self.cfg.max_steps or not (o.ema_warmup and o.ema_decay > 0):
+            return
+        saved = checkpoint.trained_settings(path)
+        saved_optim = (saved or {}).get("optim") or {}
+        if saved is None or "ema_warmup" not in saved_optim:
+            before = f", optim.ema_decay={saved_optim['ema_decay']}" if "ema_decay" in saved_optim else ""
+            warnings.warn(f"resume={path} was trained by a fastfair whose EMA had no warm-up (before 2026-11-30"
+                          f"{before}): from here its EMA uses optim.ema_decay={o.ema_decay} with the warm-up "
+                          "(optim.ema_warmup=true). To continue it as it was: optim.ema_warmup=false and its "
+                          "ema_decay", stacklevel=3)
 
     def _check_resumed_settings(self, path: Path) -> None:
         """A resume continues the same run: refuse settings that differ from those the checkpoint was trained with
@@ -481,12 +499,6 @@ class Trainer:
             warnings.warn(f"max_steps={self.cfg.max_steps}, but resume={path} was trained toward max_steps={horizon}: "
                           f"the {self.cfg.optim.scheduler} learning-rate schedule now decays toward step "
                           f"{self.cfg.max_steps}, so from here the run differs from one started with it", stacklevel=2)
-        saved_optim = (saved or {}).get("optim") or {}
-        if saved is not None and "ema_warmup" not in saved_optim and self.cfg.optim.ema_warmup and self.rank == 0:
-            warnings.warn(f"resume={path} was trained by a fastfair whose EMA had no warm-up (before 2026-11-30, "
-                          f"optim.ema_decay={saved_optim.get('ema_decay')}): from here its EMA uses "
-                          f"optim.ema_decay={self.cfg.optim.ema_decay} with the warm-up (optim.ema_warmup=true). "
-                          "To continue it as it was: optim.ema_warmup=false and its ema_decay", stacklevel=2)
         if changes:
             listed, keys = describe_changes(changes), ",".join(changes)
             raise ValueError(f"resume={path}: this run changes settings the checkpoint was trained with: {listed}. "

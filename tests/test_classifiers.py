@@ -159,6 +159,8 @@ def test_custom_classes_sort_numerically_only_when_all_are_integers(tmp_path):
     mixed = read_label_table(write(tmp_path, "m.csv", "file,level\na,10\nb,9\nc,-1\nd,b\ne,x\n"))
     head, _ = resolve_labels(mixed, ["level"])  # text order: names fell between the negative and positive numbers
     assert head.attributes == [Attribute("level", ("-1", "10", "9", "b", "x"))]
+    odd = read_label_table(write(tmp_path, "o.csv", "file,level\na,--5\nb,2\nc,²\n"))  # isdigit, but not int()
+    assert resolve_labels(odd, ["level"])[0].attributes == [Attribute("level", ("--5", "2", "²"))]
 
 
 def test_an_image_listed_twice_is_used_once_or_refused_when_its_labels_differ(tmp_path):

@@ -1,5 +1,6 @@
 """The trainer's EMA: diffusers' EMAModel (the public code's EMA) step for step, its count of steps taken across
 skipped steps and resumes, and the warning on resuming a run trained before the warm-up."""
+import re
 import warnings
 
 import pytest
@@ -67,20 +68,22 @@ def test_skipped_steps_do_not_count_and_a_resume_continues_the_count(tmp_path, w
 
 
 def test_resuming_a_run_trained_before_the_warmup_warns_how_to_keep_its_ema(tmp_path, world):  # noqa: F811
-    cfg = load_config(write_config(tmp_path, world, "prefix"), ["max_steps=2"])
-    Trainer(cfg).train()
+    Trainer(load_config(write_config(tmp_path, world, "prefix"), ["max_steps=2"])).train()
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
+
+    def ema_warnings(*overrides):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(load_config(write_config(tmp_path, world, "prefix"), list(overrides))).resume(step)
+        return [str(w.message) for w in caught if "warm-up" in str(w.message)]
+
+    assert ema_warnings("max_steps=3") == []  # a run of this version
     saved = yaml.safe_load((step / "config.yaml").read_text())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        Trainer(cfg).resume(step)
-    assert not [w for w in caught if "warm-up" in str(w.message)]  # a run of this version
     del saved["optim"]["ema_warmup"]  # as a run saved before 2026-11-30
     (step / "config.yaml").write_text(yaml.safe_dump(saved))
-    with pytest.warns(UserWarning, match=r"EMA had no warm-up .*optim.ema_warmup=false and its ema_decay"):
-        Trainer(cfg).resume(step)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        Trainer(load_config(write_config(tmp_path, world, "prefix"), ["max_steps=2", "optim.ema_warmup=false"])
-                ).resume(step)
-    assert not [w for w in caught if "warm-up" in str(w.message)]  # kept as it was
+    (warned,) = ema_warnings("max_steps=3")
+    assert re.search(r"EMA had no warm-up \(before 2026-11-30, optim.ema_decay=0.5\).*optim.ema_warmup=false and its "
+                     "ema_decay", warned)
+    assert ema_warnings("max_steps=3", "optim.ema_warmup=false") == []  # kept as it was
+    assert ema_warnings("max_steps=3", "optim.ema_decay=0") == []  # no average: nothing changes
+    assert ema_warnings("max_steps=2") == []  # finished: nothing to train

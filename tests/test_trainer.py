@@ -34,7 +34,7 @@ def test_two_iterations_train_only_the_target(tmp_path, world, target):
     trainable = set(trainer.model.trainable)
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == trainable  # every trainable weight moved, nothing else did
-    ema = trainer.ema.shadow  # decay 0.5 after two steps: strictly between the start and the weights
+    ema = trainer.ema.shadow  # d_2 = 2/11 (the warm-up) at the second step: strictly between start and weights
     name = next(iter(trainable))
     assert not torch.equal(ema[name], after[name]) and not torch.equal(ema[name], before[name])
 

@@ -16,6 +16,7 @@ several rows is used once (``unique_rows``).
 """
 import csv
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -150,8 +151,9 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
     spelling: Dict[str, str] = {}  # class key -> the first row's spelling
     for value in values:
         spelling.setdefault(class_key(value), value.strip())
-    numeric = all(v.lstrip("-").isdigit() for v in spelling.values())  # else text order: ('-1', '10', '9', 'b')
-    distinct = sorted(spelling.values(), key=int if numeric else None)
+    # ASCII integers only (str.isdigit takes '²', which int() refuses); else text order: ('-1', '10', '9', 'b')
+    numeric = all(re.fullmatch(r"-?[0-9]+", v) for v in spelling.values())
+    distinct = sorted(spelling.values(), key=(lambda v: (int(v), v)) if numeric else None)  # '07' next to '7'
     if len(distinct) < 2:
         raise ValueError(f"{where}: needs at least 2 distinct values, found {distinct}")
     index = {class_key(v): i for i, v in enumerate(distinct)}
