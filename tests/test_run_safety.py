@@ -498,6 +498,21 @@ def test_a_stop_signal_saves_a_checkpoint_and_ctrl_c_says_where_the_run_stopped(
     assert int(interrupted.group(2)) == max(checkpoint.list_checkpoints(tmp_path / "INT" / "run"))
 
 
+def _signal_during_iteration_1(monkeypatch, signum, then=lambda: None):
+    """Trainer.iteration sends this process `signum` (then calls `then`) as iteration 1 starts; returns the real
+    iteration."""
+    iteration = Trainer.iteration
+
+    def signalled(self, it):
+        if it == 1:
+            os.kill(os.getpid(), signum)
+            then()
+        return iteration(self, it)
+
+    monkeypatch.setattr(Trainer, "iteration", signalled)
+    return iteration
+
+
 def test_sigusr1_stops_after_the_iteration_in_progress_and_restores_the_handlers(tmp_path, world, monkeypatch):
     """Slurm's time-limit warning (--signal=USR1@SECONDS): in process, the run saves at the step it reached (not a
     checkpoint_every multiple) and raises SystemExit(138); the handlers in place before train() are back after."""
@@ -505,14 +520,7 @@ def test_sigusr1_stops_after_the_iteration_in_progress_and_restores_the_handlers
     previous = signal.signal(signal.SIGUSR1, lambda *args: fired.append(args[0]))  # not the default: it kills
     try:
         before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
-        iteration = Trainer.iteration
-
-        def signalled(self, it):
-            if it == 1:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return iteration(self, it)
-
-        monkeypatch.setattr(Trainer, "iteration", signalled)
+        _signal_during_iteration_1(monkeypatch, signal.SIGUSR1)
         cfg = load_config(write_config(tmp_path, world), ["max_steps=5", "checkpoint_every=4", "logging.image_every=0"])
         with pytest.raises(SystemExit) as stopped:
             Trainer(cfg).train()
@@ -534,14 +542,7 @@ def test_a_stop_keeps_its_exit_status_when_the_log_cannot_be_closed(tmp_path, wo
         raise OSError("metrics.jsonl could not be written (No space left on device)")
 
     monkeypatch.setattr(RunLog, "close", full_disk)
-    iteration = Trainer.iteration
-
-    def signalled(self, it):
-        if it == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return iteration(self, it)
-
-    monkeypatch.setattr(Trainer, "iteration", signalled)
+    iteration = _signal_during_iteration_1(monkeypatch, signal.SIGTERM)
     cfg = load_config(write_config(tmp_path / "stopped", world), ["max_steps=3", "logging.image_every=0"])
     with pytest.raises(SystemExit) as stopped:
         Trainer(cfg).train()
@@ -576,15 +577,7 @@ def test_a_stop_keeps_its_exit_status_when_stderr_cannot_be_written(tmp_path, wo
 
     stderr = FullDisk(sys.stderr)
     monkeypatch.setattr(sys, "stderr", stderr)
-    iteration = Trainer.iteration
-
-    def signalled(self, it):
-        if it == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-            stderr.full = True
-        return iteration(self, it)
-
-    monkeypatch.setattr(Trainer, "iteration", signalled)
+    _signal_during_iteration_1(monkeypatch, signal.SIGTERM, then=lambda: setattr(stderr, "full", True))
     cfg = load_config(write_config(tmp_path, world), ["max_steps=3", "checkpoint_every=3", "logging.image_every=0"])
     with pytest.raises(SystemExit) as stopped:
         Trainer(cfg).train()
