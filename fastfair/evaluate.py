@@ -64,29 +64,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     intersections scored besides each attribute (`fastfair.evaluation.scoring.attribute_sets`; None: that of all
     the attributes)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not prompts:
-        raise ValueError("no prompts to evaluate")
-    if not classifiers:
-        raise ValueError("--classifier: give at least one attribute classifier file")
-    # folders and results are keyed by the scale as printed: 7.5 and 7.5000001 would share them
-    if not guidance_scales or len({f"{float(g):g}" for g in guidance_scales}) != len(guidance_scales):
-        raise ValueError(f"--guidance-scales {list(guidance_scales)}: expected one or more distinct scales (as "
-                         "printed with 6 significant digits)")
-    if not all(math.isfinite(float(g)) for g in guidance_scales):
-        raise ValueError(f"--guidance-scales {list(guidance_scales)}: expected finite numbers")
-    if num_steps < 1 or batch_size < 1:
-        raise ValueError(f"--steps {num_steps} and --batch-size {batch_size} must be >= 1")
-    if grid_columns < 1:
-        raise ValueError(f"--grid-columns {grid_columns}: expected at least 1")
-    if not margin >= 0:
-        raise ValueError(f"--margin {margin}: expected a fraction of the face box >= 0 (default {FACE_MARGIN})")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out}: a file; give a folder for the images and the report")
-    if bool(fid_reference) != bool(fid_inception):
-        raise ValueError("FID needs both --fid-reference (a folder of real images) and --fid-inception (weights)")
-    if images_per_prompt is not None and images_per_prompt < 1:  # only None means the default count
-        raise ValueError(f"--images-per-prompt {images_per_prompt}: expected at least 1 (leave it out for the "
-                         "default 60 / 80 / 160)")
+    _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scales, num_steps, batch_size, margin,
+                     grid_columns, fid_reference, fid_inception)
     detector_name = _detector_name(detector)
     detector = get_detector(detector)  # before any image is made: an unknown name or a missing model pack fails now
     judges, classes = load_classifiers(classifiers, attributes, device, classifier_head)
@@ -101,13 +80,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
     latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
-    # the paths alone would let new weights under the same path reuse images of the old ones
-    settings = {"model": str(model), "finetuned": str(finetuned or ""), "weights": weights, "steps": num_steps,
-                "seed": seed, "dtype": dtype, "resolution": unet_config.sample_size * scale,
-                "model_files": weight_fingerprint(resolve_model(model)),
-                "finetuned_files": weight_fingerprint(finetuned)}
-    if model_config:  # a single-file model's architecture: another one gives other images from the same weights
-        settings.update(model_config=str(model_config), model_config_files=weight_fingerprint(model_config))
+    settings = _image_settings(model, finetuned, model_config, weights, num_steps, seed, dtype,
+                               unet_config.sample_size * scale)
     run_config = config_file(finetuned) if finetuned and finetuned_kind(finetuned) == "checkpoint" else None
     if run_config is not None and Path(finetuned) not in run_config.parents:
         # an older checkpoint reads its settings (LoRA alpha, ...) from the run's config.yaml, which a resume rewrites
@@ -135,25 +109,72 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
                "prompts": list(prompts), "guidance": {},
                "attribute_sets": [{"name": s.name, "attributes": list(s.attributes), "classes": list(s.classes),
                                    "target": list(s.target)} for s in sets]}
+    class_counts = {k: len(v) for k, v in classes.items()}
     for g in guidance_scales:
-        by_model = {m: {"per_prompt": {}, "images": {}} for m in sources}
-        features = {m: [] for m in sources}
-        for p, prompt in enumerate(prompts):
-            paths = {m: [image_path(g, m, p, j) for j in range(count)] for m in sources}
-            images = {m: from_png([cache.path(path) for path in paths[m]]) for m in sources}
-            for m in sources if fid else ():
-                features[m].append(fid(images[m]))
-            class_counts = {k: len(v) for k, v in classes.items()}
-            for m, row in scorer.score_prompt(prompt, images, sets, class_counts, counts).items():
-                by_model[m]["per_prompt"][prompt] = row
-                by_model[m]["images"][prompt] = paths[m]
-        for m, data in by_model.items():
-            data["summary"] = summarize(data["per_prompt"])
-            if fid:
-                data["fid"] = fid.distance(np.concatenate(features[m]))
-        results["guidance"][f"{g:g}"] = by_model
+        results["guidance"][f"{g:g}"] = _score_guidance(g, prompts, list(sources), cache, count, scorer, sets,
+                                                        class_counts, counts, fid)
     write_report(results, out, cache.root, grid_columns)
     return {**results, "generated": list(cache.generated)}
+
+
+def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scales, num_steps, batch_size, margin,
+                     grid_columns, fid_reference, fid_inception) -> None:
+    """evaluate's arguments, refused before any model loads or image is made (named by their CLI flags)."""
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    if not classifiers:
+        raise ValueError("--classifier: give at least one attribute classifier file")
+    # folders and results are keyed by the scale as printed: 7.5 and 7.5000001 would share them
+    if not guidance_scales or len({f"{float(g):g}" for g in guidance_scales}) != len(guidance_scales):
+        raise ValueError(f"--guidance-scales {list(guidance_scales)}: expected one or more distinct scales (as "
+                         "printed with 6 significant digits)")
+    if not all(math.isfinite(float(g)) for g in guidance_scales):
+        raise ValueError(f"--guidance-scales {list(guidance_scales)}: expected finite numbers")
+    if num_steps < 1 or batch_size < 1:
+        raise ValueError(f"--steps {num_steps} and --batch-size {batch_size} must be >= 1")
+    if grid_columns < 1:
+        raise ValueError(f"--grid-columns {grid_columns}: expected at least 1")
+    if not margin >= 0:
+        raise ValueError(f"--margin {margin}: expected a fraction of the face box >= 0 (default {FACE_MARGIN})")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: a file; give a folder for the images and the report")
+    if bool(fid_reference) != bool(fid_inception):
+        raise ValueError("FID needs both --fid-reference (a folder of real images) and --fid-inception (weights)")
+    if images_per_prompt is not None and images_per_prompt < 1:  # only None means the default count
+        raise ValueError(f"--images-per-prompt {images_per_prompt}: expected at least 1 (leave it out for the "
+                         "default 60 / 80 / 160)")
+
+
+def _image_settings(model, finetuned, model_config, weights, num_steps, seed, dtype, resolution) -> dict:
+    """What the cached images depend on (fastfair.evaluation.cache.ImageCache): another value regenerates them.
+    The files' fingerprints, not only their paths: new weights under the same path must not reuse old images."""
+    settings = {"model": str(model), "finetuned": str(finetuned or ""), "weights": weights, "steps": num_steps,
+                "seed": seed, "dtype": dtype, "resolution": resolution,
+                "model_files": weight_fingerprint(resolve_model(model)),
+                "finetuned_files": weight_fingerprint(finetuned)}
+    if model_config:  # a single-file model's architecture: another one gives other images from the same weights
+        settings.update(model_config=str(model_config), model_config_files=weight_fingerprint(model_config))
+    return settings
+
+
+def _score_guidance(g, prompts, models, cache, count, scorer, sets, class_counts, counts, fid) -> dict:
+    """{model: {"per_prompt": {prompt: row}, "images": {prompt: paths}, "summary": ..., ["fid"]}} at guidance g,
+    from the cached images (fastfair.evaluation.scoring.Scorer.score_prompt gives each row)."""
+    by_model = {m: {"per_prompt": {}, "images": {}} for m in models}
+    features = {m: [] for m in models}
+    for p, prompt in enumerate(prompts):
+        paths = {m: [image_path(g, m, p, j) for j in range(count)] for m in models}
+        images = {m: from_png([cache.path(path) for path in paths[m]]) for m in models}
+        for m in models if fid else ():
+            features[m].append(fid(images[m]))
+        for m, row in scorer.score_prompt(prompt, images, sets, class_counts, counts).items():
+            by_model[m]["per_prompt"][prompt] = row
+            by_model[m]["images"][prompt] = paths[m]
+    for m, data in by_model.items():
+        data["summary"] = summarize(data["per_prompt"])
+        if fid:
+            data["fid"] = fid.distance(np.concatenate(features[m]))
+    return by_model
 
 
 def training_prompts_among(run_config, prompts: Sequence[str]) -> list:
