@@ -201,33 +201,9 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
 
     betas = betas_float64(config)
     abar = np.cumprod(1.0 - betas)
-    sigmas_train = np.sqrt((1.0 - abar) / abar)
-    timesteps, diffusers_sigmas = _diffusers_timesteps(config, S)
-    if len(timesteps) != S:
-        raise ValueError(f"scheduler produced {len(timesteps)} timesteps for num_steps={S}")
-
-    if config.get("use_karras_sigmas", False):
-        rho = 7.0
-        # diffusers' _convert_to_karras takes config sigma_min / sigma_max where the config has them
-        s_min = config.get("sigma_min") if config.get("sigma_min") is not None else sigmas_train[0]
-        s_max = config.get("sigma_max") if config.get("sigma_max") is not None else sigmas_train[-1]
-        lo, hi = s_min ** (1 / rho), s_max ** (1 / rho)
-        sig = (hi + np.linspace(0, 1, S) * (lo - hi)) ** rho
-    else:
-        sig = np.interp(timesteps.astype(np.float64), np.arange(len(sigmas_train)), sigmas_train)
-    sigma_last = sigmas_train[0] if config.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
-    sig = np.concatenate([sig, [sigma_last]])
-    # a safety net for any option diffusers reads that this function does not model: its float32 noise levels
-    if not np.allclose(sig, diffusers_sigmas, rtol=1e-3, atol=1e-6):
-        i = int(np.argmax(np.abs(sig - diffusers_sigmas)))
-        raise ValueError(f"scheduler: fastfair's noise level at step {i} ({sig[i]:.6g}) differs from diffusers' "
-                         f"({diffusers_sigmas[i]:.6g}) for this config; an option it does not model is set")
-
+    timesteps, sig = _noise_levels(config, S, abar)
     alpha = 1.0 / np.sqrt(sig**2 + 1.0)
     sigma = sig * alpha
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma)  # +inf at a zero final sigma
-
     pred = config.get("prediction_type", "epsilon")
     if pred == "epsilon":
         cz, ce = 1.0 / alpha[:S], -sigma[:S] / alpha[:S]
@@ -235,41 +211,10 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
         cz, ce = alpha[:S].copy(), -sigma[:S]
     else:  # sample
         cz, ce = np.zeros(S), np.ones(S)
-
-    solver_order = int(config.get("solver_order", 2))
-    lower_order_final_cfg = bool(config.get("lower_order_final", True))
-    euler_at_final = bool(config.get("euler_at_final", False))
-    final_zero = config.get("final_sigmas_type", "zero") == "zero"
-    heun = config.get("solver_type", "midpoint") == "heun"
-
     # repeated noise levels give inf/NaN here: checked below, with a message that says why
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        order = np.ones(S, dtype=np.int64)
-        a, b0, b1 = np.zeros(S), np.zeros(S), np.zeros(S)
-        for i in range(S):
-            lower_order_final = i == S - 1 and (euler_at_final or (lower_order_final_cfg and S < 15) or final_zero)
-            use_first = solver_order == 1 or i == 0 or lower_order_final
-            h = lam[i + 1] - lam[i]
-            a[i] = sigma[i + 1] / sigma[i]
-            c = alpha[i + 1] * -math.expm1(-h)  # alpha_t (1 - e^{-h}); exact at h = inf
-            if use_first:
-                b0[i] = c
-                continue
-            order[i] = 2
-            r = (lam[i] - lam[i - 1]) / h
-            e = alpha[i + 1] * (math.expm1(-h) / h + 1.0) if heun else 0.5 * c
-            b0[i], b1[i] = c + e / r, -e / r
-
-        # Unroll: z_i and m_i as coefficient vectors over [z_T, eps_0, ..., eps_{S-1}].
-        z_coef = np.zeros(S + 1)
-        z_coef[0] = 1.0
-        m_prev = np.zeros(S + 1)
-        for i in range(S):
-            m = cz[i] * z_coef
-            m[i + 1] += ce[i]
-            z_coef = a[i] * z_coef + b0[i] * m + b1[i] * m_prev
-            m_prev = m
-
+        order, a, b0, b1 = _step_coefficients(config, alpha, sigma)
+        z_coef = _unroll(cz, ce, a, b0, b1)
     if not all(np.isfinite(x).all() for x in (cz, ce, a, b0, b1, z_coef)):
         # equal noise levels: repeated timesteps, or timesteps past the training range, which the interpolation
         # clips to its last level
@@ -296,3 +241,71 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
         chain_weight_zT=float(z_coef[0]),
     )
 
+
+def _noise_levels(config: Mapping[str, Any], S: int, abar: np.ndarray):
+    """(timesteps [S], noise levels sigma_t / alpha_t [S + 1], the last one the final level) as diffusers sets
+    them for S steps, checked against diffusers' own float32 levels (a safety net for an option not modelled)."""
+    sigmas_train = np.sqrt((1.0 - abar) / abar)
+    timesteps, diffusers_sigmas = _diffusers_timesteps(config, S)
+    if len(timesteps) != S:
+        raise ValueError(f"scheduler produced {len(timesteps)} timesteps for num_steps={S}")
+    if config.get("use_karras_sigmas", False):
+        rho = 7.0
+        # diffusers' _convert_to_karras takes config sigma_min / sigma_max where the config has them
+        s_min = config.get("sigma_min") if config.get("sigma_min") is not None else sigmas_train[0]
+        s_max = config.get("sigma_max") if config.get("sigma_max") is not None else sigmas_train[-1]
+        lo, hi = s_min ** (1 / rho), s_max ** (1 / rho)
+        sig = (hi + np.linspace(0, 1, S) * (lo - hi)) ** rho
+    else:
+        sig = np.interp(timesteps.astype(np.float64), np.arange(len(sigmas_train)), sigmas_train)
+    sigma_last = sigmas_train[0] if config.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
+    sig = np.concatenate([sig, [sigma_last]])
+    if not np.allclose(sig, diffusers_sigmas, rtol=1e-3, atol=1e-6):
+        i = int(np.argmax(np.abs(sig - diffusers_sigmas)))
+        raise ValueError(f"scheduler: fastfair's noise level at step {i} ({sig[i]:.6g}) differs from diffusers' "
+                         f"({diffusers_sigmas[i]:.6g}) for this config; an option it does not model is set")
+    return timesteps, sig
+
+
+def _step_coefficients(config: Mapping[str, Any], alpha: np.ndarray, sigma: np.ndarray):
+    """Per step i of S (alpha, sigma [S + 1]): the order (1 or 2) and z_{i+1} = a z_i + b0 m_i + b1 m_{i-1}
+    (data prediction m), with diffusers' first step, lower-order final step and midpoint/heun second order."""
+    S = len(alpha) - 1
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)  # +inf at a zero final sigma
+    solver_order = int(config.get("solver_order", 2))
+    lower_order_final_cfg = bool(config.get("lower_order_final", True))
+    euler_at_final = bool(config.get("euler_at_final", False))
+    final_zero = config.get("final_sigmas_type", "zero") == "zero"
+    heun = config.get("solver_type", "midpoint") == "heun"
+    order = np.ones(S, dtype=np.int64)
+    a, b0, b1 = np.zeros(S), np.zeros(S), np.zeros(S)
+    for i in range(S):
+        lower_order_final = i == S - 1 and (euler_at_final or (lower_order_final_cfg and S < 15) or final_zero)
+        use_first = solver_order == 1 or i == 0 or lower_order_final
+        h = lam[i + 1] - lam[i]
+        a[i] = sigma[i + 1] / sigma[i]
+        c = alpha[i + 1] * -math.expm1(-h)  # alpha_t (1 - e^{-h}); exact at h = inf
+        if use_first:
+            b0[i] = c
+            continue
+        order[i] = 2
+        r = (lam[i] - lam[i - 1]) / h
+        e = alpha[i + 1] * (math.expm1(-h) / h + 1.0) if heun else 0.5 * c
+        b0[i], b1[i] = c + e / r, -e / r
+    return order, a, b0, b1
+
+
+def _unroll(cz, ce, a, b0, b1) -> np.ndarray:
+    """z_0 as a coefficient vector [S + 1] over [z_T, eps_0, ..., eps_{S-1}] (m_i = cz_i z_i + ce_i eps_i): the
+    chain weights."""
+    S = len(a)
+    z_coef = np.zeros(S + 1)
+    z_coef[0] = 1.0
+    m_prev = np.zeros(S + 1)
+    for i in range(S):
+        m = cz[i] * z_coef
+        m[i + 1] += ce[i]
+        z_coef = a[i] * z_coef + b0[i] * m + b1[i] * m_prev
+        m_prev = m
+    return z_coef
