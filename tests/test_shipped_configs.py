@@ -66,3 +66,15 @@ def test_shipped_configs_crop_faces_as_evaluation_judges_them():
     assert parse_args(["--model", "m", "--classifier", "c", "--out", "o"]).margin == FACE_MARGIN == 0.5
     for config in CONFIGS + [CONFIGS[0].parent / "toy.yaml"]:
         assert load_config(config).faces.margin == FACE_MARGIN, config.name
+
+
+def test_shipped_configs_optimize_as_the_public_code():
+    """The public scripts' optimizer (sail-sg/finetune-fair-diffusion, 1-main-debias.py's arguments): AdamW at
+    lr 5e-5, betas (0.9, 0.999), weight decay 1e-2, eps 1e-8, a constant schedule without warm-up, gradients
+    clipped at norm 100, and diffusers' EMAModel at decay 0.996 (its default schedule: fastfair's warm-up). The
+    EMA had been 0.999 without warm-up, and nothing clipped."""
+    for config in CONFIGS:
+        o = load_config(config).optim
+        assert (o.name, o.lr, tuple(o.betas), o.weight_decay, o.eps) == ("adamw", 5e-5, (0.9, 0.999), 1e-2, 1e-8)
+        assert (o.scheduler, o.warmup_steps, o.grad_clip) == ("constant", 0, 100.0), config.name
+        assert (o.ema_decay, o.ema_warmup) == (0.996, True), config.name
