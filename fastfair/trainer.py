@@ -253,33 +253,16 @@ class Trainer:
     def losses(self, originals: torch.Tensor, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The combined loss and its parts (fastfair.losses.weights.combine_losses) for this rank's images."""
         from fastfair.faces import align_faces, locate_faces
-        from fastfair.losses import (alignment_loss, face_box_mask, global_expected_ot_targets, scale_gradient,
-                                     semantic_weights, target_disagreement)
-        from fastfair.losses.face import face_realism_loss, original_shows_targets
+        from fastfair.losses import face_box_mask, scale_gradient, semantic_weights, target_disagreement
+        from fastfair.losses.face import face_realism_loss
 
-        margin, threshold = self.cfg.faces.margin, self.cfg.loss.confidence_threshold
+        margin = self.cfg.faces.margin
         with torch.no_grad():
             regions_orig = locate_faces(originals.clamp(-1, 1), self.judges.detector, margin)
             orig_logits = self._attribute_logits(originals, regions_orig)
         regions = locate_faces(images.detach().clamp(-1, 1), self.judges.detector, margin)
         logits = self._attribute_logits(images, regions)
-        align = images.new_zeros(images.shape[0])
-        keep_confidence = self.cfg.loss.original_face_confidence
-        target_classes = {}
-        use_original = regions.found & regions_orig.found & (keep_confidence is not None)
-        for group in self.groups:
-            log_p = group.log_probs(logits)
-            q = global_expected_ot_targets(log_p.detach().exp().double(), group.target, valid=regions.found,
-                                           num_samples=self.cfg.loss.ot_samples, generator=self._ot_generator)
-            align = align + alignment_loss(log_p, q.to(log_p), threshold, mask=regions.found, reduction="none")
-            cells = q.argmax(-1)
-            group_classes = group.attribute_classes(cells)
-            target_classes.update(group_classes)
-            if keep_confidence is not None:
-                has_target = q.sum(-1) > 0
-                use_original &= original_shows_targets(
-                    orig_logits, {name: torch.where(has_target, c, -1) for name, c in group_classes.items()},
-                    keep_confidence)
+        align, target_classes, use_original = self._alignment(logits, regions.found, orig_logits, regions_orig.found)
         original_classes = {name: value.argmax(-1) for name, value in orig_logits.items()}
         differs = target_disagreement(target_classes, original_classes, regions_orig.found)
         # lambda_img_3's face region is the one the classifier judges (seed 0108-0109: one region d_face(x)), the
@@ -301,6 +284,33 @@ class Trainer:
 
         return {**combine_losses(align, semantics, face, image_weight, self.loss_weights),
                 **self._batch_statistics(logits, regions.found)}
+
+    def _alignment(self, logits: dict, found: torch.Tensor, orig_logits: dict, orig_found: torch.Tensor):
+        """Per target group (joint cells or one attribute): the expected-OT targets q over the global batch
+        (seed Eq. 5) and the alignment loss (Eq. 6). Returns (align [N], {attribute: target class [N]}, use_original
+        [N]: the images whose face loss targets the original's own face, which already shows every target class
+        with at least loss.original_face_confidence)."""
+        from fastfair.losses import alignment_loss, global_expected_ot_targets
+        from fastfair.losses.face import original_shows_targets
+
+        align = found.new_zeros(found.shape, dtype=torch.float32)
+        keep_confidence = self.cfg.loss.original_face_confidence
+        target_classes = {}
+        use_original = found & orig_found & (keep_confidence is not None)
+        for group in self.groups:
+            log_p = group.log_probs(logits)
+            q = global_expected_ot_targets(log_p.detach().exp().double(), group.target, valid=found,
+                                           num_samples=self.cfg.loss.ot_samples, generator=self._ot_generator)
+            align = align + alignment_loss(log_p, q.to(log_p), self.cfg.loss.confidence_threshold, mask=found,
+                                           reduction="none")
+            group_classes = group.attribute_classes(q.argmax(-1))
+            target_classes.update(group_classes)
+            if keep_confidence is not None:
+                has_target = q.sum(-1) > 0
+                use_original &= original_shows_targets(
+                    orig_logits, {name: torch.where(has_target, c, -1) for name, c in group_classes.items()},
+                    keep_confidence)
+        return align, target_classes, use_original
 
     @torch.no_grad()
     def _batch_statistics(self, logits: dict, found: torch.Tensor) -> Dict[str, torch.Tensor]:
