@@ -183,10 +183,20 @@ class ClassifierConfig:
     factory: Optional[str] = None  # "package.module:function"(spec) -> a module images -> logits (e.g. the toy's)
 
 
+FACE_DETECTORS = ("opencv", "insightface", "mtcnn", "none", "callable")
+
+
+def detector_names(spec: str) -> List[str]:
+    """faces.detector's backends in order ('insightface, mtcnn' -> ['insightface', 'mtcnn'])."""
+    return [name.strip() for name in str(spec).split(",") if name.strip()]
+
+
 @dataclass
 class FacesConfig:
-    # none: the whole image is the face (WholeImageDetector), cropped without margin
-    detector: str = setting("opencv", choices=("opencv", "insightface", "mtcnn", "callable", "none"))
+    # opencv | insightface | mtcnn | none (the whole image is the face: WholeImageDetector, cropped without margin)
+    # | callable (faces.detector_fn), or a comma-separated list of the first four tried in order per image: the
+    # public code's insightface with a fallback for the images it finds no face in is insightface,mtcnn
+    detector: str = "opencv"
     detector_path: Optional[str] = None  # insightface: the local model folder
     detector_fn: Optional[str] = None  # detector=callable: "package.module:function"
     # the square crop box: the detector box's longer side grown by this fraction (0.5: the public code's expand_coef,
@@ -872,12 +882,18 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
     if cfg.deepspeed.zero_stage == 3:
         problems.append("deepspeed.zero_stage=3 partitions the parameters, which fastfair's direct U-Net calls "
                         "cannot gather: use 1 or 2")
+    detectors = detector_names(cfg.faces.detector)
+    if not detectors or any(name not in FACE_DETECTORS for name in detectors) or (
+            len(detectors) > 1 and "callable" in detectors):
+        problems.append(f"faces.detector={cfg.faces.detector!r}: expected one of {', '.join(FACE_DETECTORS)}, or a "
+                        "comma-separated list of opencv, insightface, mtcnn, none tried in order per image (e.g. "
+                        "insightface,mtcnn)")
     if cfg.faces.detector == "callable" and not cfg.faces.detector_fn:
         problems.append("faces.detector=callable needs faces.detector_fn='package.module:function'")
     if cfg.faces.detector_fn and cfg.faces.detector != "callable":
         problems.append(f"faces.detector_fn={cfg.faces.detector_fn} is read only with faces.detector=callable, but "
                         f"faces.detector={cfg.faces.detector}: set faces.detector=callable or faces.detector_fn=null")
-    if cfg.faces.detector_path and cfg.faces.detector != "insightface":
+    if cfg.faces.detector_path and "insightface" not in detectors:
         problems.append(f"faces.detector_path={cfg.faces.detector_path} is insightface's model folder, but "
                         f"faces.detector={cfg.faces.detector}: set faces.detector=insightface or "
                         "faces.detector_path=null")
@@ -966,7 +982,7 @@ def check_files(cfg: TrainConfig) -> None:
         needed.append(("faces.bank", cfg.faces.bank))
         if not cfg.faces.embedding_fn:
             needed.append(("faces.embedding", cfg.faces.embedding))
-    if cfg.faces.detector == "insightface":
+    if "insightface" in detector_names(cfg.faces.detector):
         needed.append(("faces.detector_path", cfg.faces.detector_path))
     if cfg.resume not in ("auto", ""):
         needed.append(("resume", cfg.resume))

@@ -41,6 +41,7 @@ def _classifier(name, spec, device):
 
 def build_judges(cfg: TrainConfig, device) -> Judges:
     from fastfair.faces import FaceBank, FaceEmbedder, get_detector, load_face_embedder
+    from fastfair.faces.detect import detector_from_flags
     from fastfair.losses import SemanticsLoss
 
     # frozen, and run inside the trainer's autocast, which computes in the half dtype anyway: stored in it, as the
@@ -60,8 +61,8 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
     faces = cfg.faces
     if faces.detector == "callable":
         detector = get_detector(load_callable(faces.detector_fn, "faces.detector_fn"))
-    else:
-        detector = get_detector(faces.detector, **({"root": faces.detector_path} if faces.detector_path else {}))
+    else:  # one backend, or a list tried in order per image (FallbackDetector); insightface with its model root
+        detector = get_detector(detector_from_flags(faces.detector, faces.detector_path))
     sem = cfg.semantics
     if sem.factory:  # frozen and in eval mode, as every judge: batch statistics and dropout would make the loss of
         # an image depend on the others in its batch, and the encoders would collect gradients

@@ -324,6 +324,12 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
      "faces.detector=opencv: set faces.detector=callable or faces.detector_fn=null"),
     (["faces.detector_path=/models"], "faces.detector_path=/models is insightface's model folder, but "
      "faces.detector=opencv: set faces.detector=insightface or faces.detector_path=null"),
+    (["faces.detector=opencvv"], "faces.detector='opencvv': expected one of opencv, insightface, mtcnn, none, "
+     "callable, or a comma-separated list of opencv, insightface, mtcnn, none tried in order per image"),
+    (["faces.detector=callable,opencv", "faces.detector_fn=pkg.mod:fn"], "faces.detector='callable,opencv': "
+     "expected one of"),
+    (["faces.detector=mtcnn,opencv", "faces.detector_path=/models"], "faces.detector_path=/models is "
+     "insightface's model folder, but faces.detector=mtcnn,opencv"),
     (["classifiers.d={path: d.pt, attributes: {gender: [0, 1]}}"],
      "classifiers.c and classifiers.d both predict 'gender': keep it in the attributes of one of them"),
     (["data.sets.mine={file: /p.txt, factory: 'pkg.mod:fn'}"], "data.sets.mine sets both file=/p.txt and "
@@ -410,6 +416,7 @@ def test_check_files_accepts_a_complete_layout(tmp_path):
     ({"deepspeed.config": str(CONFIGS / "ds" / "zero2_fp16.json")},
      "enables ['fp16'] but precision.mixed=fp32: use a JSON whose fp16 and bf16 sections are absent or disabled"),
     ({"model.config": "half"}, "model.config={cwd}/half is read only with a single-file model.pretrained, but "),
+    ({"faces.detector": "insightface,mtcnn"}, "faces.detector_path is empty"),  # insightface's models, in a list too
 ])
 def test_check_files_names_the_key_and_the_expected_layout(tmp_path, monkeypatch, setting, message):
     monkeypatch.chdir(tmp_path)

@@ -201,3 +201,22 @@ def test_a_classifier_file_without_metadata_runs_as_the_config_maps_its_outputs(
     assert list(classes) == ["gender", "race", "age"] and len(classes["race"]) == 4
     with pytest.raises(ValueError, match="--classifier-head gender,hair: unknown attribute"):
         load_classifiers([str(tmp_path / "fairface.pt")], head_names=["gender", "hair"])
+
+
+def test_a_detector_list_is_tried_in_order_as_the_public_code_fell_back(tmp_path, world, monkeypatch):  # noqa: F811
+    """faces.detector took one backend: the public code's insightface with a fallback for the images it finds no
+    face in could not be set for training. A list builds a FallbackDetector (as evaluate's --detector does)."""
+    import sys
+    import types
+
+    from fastfair.faces.detect import FallbackDetector, WholeImageDetector
+    from fastfair.faces.haar import HaarDetector
+    from fastfair.faces.mtcnn_backend import MTCNNDetector
+
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", types.SimpleNamespace(MTCNN=lambda **options: None))
+    cfg = _config(tmp_path, world, "faces.detector=opencv, mtcnn,none", "faces.detector_fn=null")
+    detector = build_judges(cfg, "cpu").detector
+    assert isinstance(detector, FallbackDetector)
+    assert [type(d) for d in detector.detectors] == [HaarDetector, MTCNNDetector, WholeImageDetector]
+    single = build_judges(_config(tmp_path / "one", world, "faces.detector=none", "faces.detector_fn=null"), "cpu")
+    assert isinstance(single.detector, WholeImageDetector)
