@@ -31,7 +31,6 @@ import math
 import operator
 import os
 import re
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -669,21 +668,11 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
 
 
 def save_config(cfg: TrainConfig, path) -> None:
-    """Write the resolved config as YAML atomically (a temp file in the same folder, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp.name, 0o666 & ~umask)  # a plain file's mode, not the temp file's private 0600
-            yaml.safe_dump(config_to_dict(cfg), tmp, sort_keys=False, default_flow_style=False)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+    """Write the resolved config as YAML atomically, a plain file on disk (fastfair.files.atomic_path)."""
+    from fastfair.files import atomic_path  # imports torch: not at this module's import
+
+    with atomic_path(str(path)) as temporary:
+        Path(temporary).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
 
 
 # ----------------------------------------------------------------------------- validation
