@@ -182,11 +182,14 @@ class ClassifierConfig:
     factory: Optional[str] = None  # "package.module:function"(spec) -> a module images -> logits (e.g. the toy's)
 
 
-FACE_DETECTORS = ("opencv", "insightface", "mtcnn", "none", "callable")
+# the face detector backends fastfair.faces.get_detector builds by name (kept here, torch-free, for validation)
+DETECTOR_BACKENDS = ("opencv", "insightface", "mtcnn", "none")
+FACE_DETECTORS = DETECTOR_BACKENDS + ("callable",)  # faces.detector's values; callable: faces.detector_fn
 
 
 def detector_names(spec: str) -> List[str]:
-    """faces.detector's backends in order ('insightface, mtcnn' -> ['insightface', 'mtcnn'])."""
+    """A detector setting's entries in order ('insightface, mtcnn' -> ['insightface', 'mtcnn']): faces.detector,
+    or the --detector flag of evaluate and build_bank."""
     return [name.strip() for name in str(spec).split(",") if name.strip()]
 
 

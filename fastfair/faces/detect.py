@@ -16,6 +16,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from fastfair.config import DETECTOR_BACKENDS, detector_names
+
 
 @dataclass
 class Face:
@@ -139,7 +141,7 @@ class FallbackDetector(Detector):
     __call__ = detect
 
 
-BACKENDS = ("opencv", "insightface", "mtcnn", "none")
+BACKENDS = DETECTOR_BACKENDS
 
 
 def get_detector(spec: Union[str, Detector, Callable, list] = "opencv", **options) -> Detector:
@@ -176,7 +178,7 @@ def detector_from_flags(spec: str, path: Optional[str] = None):
     public code: insightface, then another detector for the images it missed); --detector-path: insightface's
     local model root (faces.detector_path in a run config). Returns a spec for ``get_detector``; shared by
     python -m fastfair.evaluate and python -m fastfair.faces.build_bank, so both read the flags alike."""
-    names = [name.strip() for name in spec.split(",") if name.strip()]
+    names = detector_names(spec)
     unknown = [name for name in names if name not in BACKENDS and ":" not in name]
     if not names or unknown:
         raise ValueError(f"--detector {spec!r}: expected {' | '.join(BACKENDS)} | package.module:function, or a "
