@@ -451,7 +451,7 @@ class Trainer:
         if self.engine is not None and "zero_shards" not in state:
             raise ValueError(f"resume={path}: a checkpoint of a run without DeepSpeed; resume it without "
                              "deepspeed.config")
-        self._check_resumed_settings(path)
+        saved_settings = self._check_resumed_settings(path)
         with torch.no_grad():
             for name, p in self.model.trainable.items():
                 p.copy_(weights[name])
@@ -480,15 +480,14 @@ class Trainer:
             self.memory_budget.load_state_dict(state.get("memory_plans"))
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
         checkpoint.set_rng_state(state["rng"])
-        self._warn_ema_change(path)
+        self._warn_ema_change(path, saved_settings)
 
-    def _warn_ema_change(self, path: Path) -> None:
-        """A run trained before the EMA's warm-up, resumed to train on: from here its EMA warms up (at its step
-        count: a lower decay than it had) unless optim.ema_warmup=false keeps it as it was."""
+    def _warn_ema_change(self, path: Path, saved: Optional[dict]) -> None:
+        """A run trained before the EMA's warm-up (saved: its recorded settings), resumed to train on: from here its
+        EMA warms up (at its step count: a lower decay than it had) unless optim.ema_warmup=false keeps it."""
         o = self.cfg.optim
         if self.rank != 0 or self.start >= self.cfg.max_steps or not (o.ema_warmup and o.ema_decay > 0):
             return
-        saved = checkpoint.trained_settings(path)
         saved_optim = (saved or {}).get("optim") or {}
         if saved is None or "ema_warmup" not in saved_optim:
             before = f", optim.ema_decay={saved_optim['ema_decay']}" if "ema_decay" in saved_optim else ""
@@ -497,10 +496,10 @@ class Trainer:
                           "(optim.ema_warmup=true). To continue it as it was: optim.ema_warmup=false and its "
                           "ema_decay", stacklevel=3)
 
-    def _check_resumed_settings(self, path: Path) -> None:
+    def _check_resumed_settings(self, path: Path) -> Optional[dict]:
         """A resume continues the same run: refuse settings that differ from those the checkpoint was trained with
         (checkpoint.config_file), except the ones a resume may change (fastfair.config.RESUME_MAY_CHANGE) and
-        resume_allow."""
+        resume_allow. Returns those settings (None where none are recorded)."""
         saved = checkpoint.trained_settings(path)
         changes = resume_changes(saved, self.cfg) if saved is not None else {}
         horizon = saved.get("max_steps") if saved is not None else None
@@ -514,6 +513,7 @@ class Trainer:
             raise ValueError(f"resume={path}: this run changes settings the checkpoint was trained with: {listed}. "
                              "A resume continues the same run: set them back; to change them on purpose, add "
                              f"resume_allow=[{keys}]; or start a fresh run in another output_dir")
+        return saved
 
     def _apply_optim_settings(self) -> None:
         """After a resume, the run's optim settings (lr, betas, weight_decay, eps: what config.yaml records) over
