@@ -161,6 +161,9 @@ def test_custom_classes_sort_numerically_only_when_all_are_integers(tmp_path):
     assert head.attributes == [Attribute("level", ("-1", "10", "9", "b", "x"))]
     odd = read_label_table(write(tmp_path, "o.csv", "file,level\na,--5\nb,2\nc,²\n"))  # isdigit, but not int()
     assert resolve_labels(odd, ["level"])[0].attributes == [Attribute("level", ("--5", "2", "²"))]
+    padded = read_label_table(write(tmp_path, "p.csv", "file,level\na,07\nb,7\nc,10\nd,-0\ne,0\n"))
+    head, labels = resolve_labels(padded, ["level"])  # '07' is 7: one class, spelled as its first row
+    assert head.attributes == [Attribute("level", ("-0", "07", "10"))] and labels.flatten().tolist() == [1, 1, 2, 0, 0]
 
 
 def test_an_image_listed_twice_is_used_once_or_refused_when_its_labels_differ(tmp_path):

@@ -9,8 +9,8 @@ line, a line of 40 names, then ``file v1 ... v40``). Attributes:
 - ``age``: FairFace's buckets or a number (< 40 young, else old), or CelebA's ``Young`` column;
 - ``celeba40``: all 40 CelebA columns, each no/yes;
 - any other name: a column of class names (classes sorted: numerically when all are integers, else as text).
-  Names that differ only by case or surrounding spaces are one class, spelled as in its first row; an empty cell
-  is refused.
+  Names that differ only by case, surrounding spaces or an integer's leading zeros (``07``, ``7``) are one class,
+  spelled as in its first row; an empty cell is refused.
 Column names match ignoring case and surrounding spaces (``Gender``, `` gender``, ``File``). An image listed in
 several rows is used once (``unique_rows``).
 """
@@ -32,6 +32,7 @@ RACE_GROUPS = {"white": "WMELH", "middle eastern": "WMELH", "latino hispanic": "
 GENDER_NAMES = {"male": "male", "m": "male", "man": "male", "female": "female", "f": "female", "woman": "female"}
 YOUNG_BUCKETS = {"0-2", "3-9", "10-19", "20-29", "30-39"}
 OLD_BUCKETS = {"40-49", "50-59", "60-69", "more than 70", "70+"}
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit also takes '²', which int() refuses
 
 
 class LabelTable:
@@ -151,9 +152,9 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
     spelling: Dict[str, str] = {}  # class key -> the first row's spelling
     for value in values:
         spelling.setdefault(class_key(value), value.strip())
-    # ASCII integers only (str.isdigit takes '²', which int() refuses); else text order: ('-1', '10', '9', 'b')
-    numeric = all(re.fullmatch(r"-?[0-9]+", v) for v in spelling.values())
-    distinct = sorted(spelling.values(), key=(lambda v: (int(v), v)) if numeric else None)  # '07' next to '7'
+    # numerically when all are integers, else in text order: ('-1', '10', '9', 'b')
+    numeric = all(_INTEGER.fullmatch(v) for v in spelling.values())
+    distinct = sorted(spelling.values(), key=int if numeric else None)
     if len(distinct) < 2:
         raise ValueError(f"{where}: needs at least 2 distinct values, found {distinct}")
     index = {class_key(v): i for i, v in enumerate(distinct)}
@@ -161,8 +162,10 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
 
 
 def class_key(name: str) -> str:
-    """What identifies a class name: case and surrounding spaces are typing, not meaning (``Dark `` is ``dark``)."""
-    return name.strip().casefold()
+    """What identifies a class name: case, surrounding spaces and an integer's leading zeros are typing, not meaning
+    (``Dark `` is ``dark``, ``07`` is ``7``, ``-0`` is ``0``)."""
+    name = name.strip()
+    return str(int(name)) if _INTEGER.fullmatch(name) else name.casefold()
 
 
 def resolve_labels(table: LabelTable, names: Sequence[str]) -> Tuple[AttributeHead, torch.Tensor]:
