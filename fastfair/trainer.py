@@ -110,7 +110,8 @@ class Trainer:
         fp16 = "fp16" in (cfg.precision.mixed, cfg.model.dtype)
         if fp16 and self.engine is None and cfg.precision.loss_scale is not None:
             self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.precision.loss_scale)
-        self.start, self.skipped = 0, 0
+        # iterations before start; of them, those whose step was skipped; optimizer steps taken (the EMA's t)
+        self.start, self.skipped, self.steps_taken = 0, 0, 0
         self._ot_generator = None  # set per iteration (iteration()); None: torch's global generator
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if cfg.model.resolution and cfg.model.resolution % scale:  # decoded images would be silently smaller
@@ -341,7 +342,7 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         if self.engine.skipped_steps == skipped_before:
-            self.ema.update(self.model.trainable, self._steps_taken(it))
+            self._step_taken()
         else:
             self.skipped += 1
 
@@ -370,15 +371,14 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _steps_taken(self, it: int) -> int:
-        """Optimizer steps taken in iterations 0..it when iteration it takes its step (self.skipped: those before
-        whose step was skipped): the EMA's t."""
-        return it + 1 - self.skipped
+    def _step_taken(self) -> None:
+        """Counts an optimizer step taken and moves the EMA at its step count (skipped steps do not count)."""
+        self.steps_taken += 1
+        self.ema.update(self.model.trainable, self.steps_taken)
 
     def iteration(self, it: int) -> Dict[str, float]:
         """One optimization step (module docstring); returns the loss parts as floats. `it` counts the iterations
-        before it (train() calls it = start, start + 1, ...): the noise, the step count and the EMA's step count
-        are functions of it."""
+        before it (train() calls it = start, start + 1, ...): the noise and the step count are functions of it."""
         _, prompt = self.mixture.draw()
         z_T, steps, generator = self._noise_and_steps(it)
         # the Monte Carlo transport targets' draws (K > 2): their own stream, so that no other use of torch's
@@ -398,7 +398,7 @@ class Trainer:
             self._optimizer_step(finite)
             if finite:
                 self.lr_scheduler.step()
-                self.ema.update(self.model.trainable, self._steps_taken(it))
+                self._step_taken()
             else:
                 self.skipped += 1
         self.last_images = (originals.detach(), images.detach())
@@ -479,6 +479,7 @@ class Trainer:
         if self.memory_budget is not None:  # older checkpoints: planned afresh
             self.memory_budget.load_state_dict(state.get("memory_plans"))
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
+        self.steps_taken = self.start - self.skipped
         checkpoint.set_rng_state(state["rng"])
         self._warn_ema_change(path, saved_settings)
 
