@@ -159,7 +159,7 @@ class LossConfig:
     lambda_img_2: LossWeight = 1.6  # disagrees: outside the face region
     lambda_img_3: LossWeight = 0.32  # disagrees: inside the face region
     # an image without a face (only L_img, seed 0109, which gives no weight): null = the smallest lambda_img_2;
-    # the public code's gender script uses lambda_img_1, its gender x race script the smallest lambda_img_2
+    # the public code's gender and race scripts use lambda_img_1, its gender x race script the smallest lambda_img_2
     lambda_img_no_face: Optional[float] = setting(None, min=0)
     # the face loss's target: the original image's own face where the original already shows the image's target
     # class of every attribute, each with at least this probability, so a face that needs no change keeps its

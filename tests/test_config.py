@@ -67,8 +67,9 @@ def test_shipped_hyperparameters_follow_the_seed(name, expected):
     assert weights == pytest.approx(expected["img"]) if isinstance(weights[1], float) else weights == expected["img"]
     assert (cfg.finetune.target, cfg.finetune.lora.rank) == ("text_lora", 50)
     assert cfg.keep_every == cfg.checkpoint_every  # "reports the best checkpoint": none is pruned
-    # a face-less image: lambda_img_1 in the public gender script, the smallest lambda_img_2 in its gender x race one
-    assert cfg.loss.lambda_img_no_face == (8.0 if name == "gender" else None)
+    # a face-less image: lambda_img_1 in the public gender and race scripts, the smallest lambda_img_2 in its gender
+    # x race one
+    assert cfg.loss.lambda_img_no_face == {"gender": 8.0, "race": 6.0}.get(name)
     # the original face is the face loss's target where every attribute's confidence reaches the public script's level
     assert cfg.loss.original_face_confidence == (0.8 if name == "gender_race" else 0.9)
     if name == "gender_race":
