@@ -44,6 +44,7 @@ from fastfair.prompts import list_prompt_sets, template_field
 DTYPES = ("fp32", "fp16", "bf16")
 FACE_MARGIN = 0.5  # faces.margin's default and python -m fastfair.evaluate --margin's: train as judged
 FINETUNE_TARGETS = ("prefix", "text_lora", "unet_lora", "text_unet_lora", "unet_full")
+PREFIX_INITS = ("mean", "random_tokens")
 DIFFUSERS_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 EXPECTED_MODEL_LAYOUT = (
@@ -99,6 +100,9 @@ class LoraConfig:
 class FinetuneConfig:
     target: str = setting("text_lora", choices=FINETUNE_TARGETS)
     prefix_tokens: int = setting(5, min=1)  # soft tokens prepended to the positive prompt (target=prefix)
+    # their start: N copies of the vocabulary's mean row, or N distinct random tokens' rows (the public prefix
+    # script's; drawn from the run's seed)
+    prefix_init: str = setting("mean", choices=PREFIX_INITS)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

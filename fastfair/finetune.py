@@ -2,7 +2,8 @@
 
 Targets (``finetune.target``):
 - ``prefix``: N soft tokens inserted after the start token of the positive prompt only, as new fp32 embedding
-  rows (token ids V..V+N-1 of an extended input embedding; the original vocabulary's rows stay frozen);
+  rows (token ids V..V+N-1 of an extended input embedding; the original vocabulary's rows stay frozen),
+  initialized as ``finetune.prefix_init`` says;
 - ``text_lora``: LoRA on the text encoder (q/k/v/out_proj, fc1/fc2 by default) through peft;
 - ``unet_lora``: LoRA on the U-Net attention projections (to_q/to_k/to_v/to_out.0);
 - ``text_unet_lora``: both; ``unet_full``: every U-Net weight.
@@ -18,21 +19,29 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from fastfair.config import FINETUNE_TARGETS, LoraConfig
+from fastfair.config import FINETUNE_TARGETS, PREFIX_INITS, LoraConfig
 
 
 class PrefixEmbedding(nn.Module):
     """The text encoder's token embedding extended by N trainable rows: ids >= V read ``prefix[id - V]``.
 
-    base: the frozen nn.Embedding [V, D]; prefix: [N, D] fp32, initialized from the mean base row.
+    base: the frozen nn.Embedding [V, D]; prefix: [N, D] fp32, initialized (``init``) as N copies of the mean base
+    row (``mean``) or as the rows of N distinct vocabulary tokens drawn uniformly with torch's global generator
+    (``random_tokens``, as the public prefix-tuning script does).
     """
 
-    def __init__(self, base: nn.Embedding, num_tokens: int):
+    def __init__(self, base: nn.Embedding, num_tokens: int, init: str = "mean"):
         super().__init__()
         self.base = base
         self.vocab_size = base.num_embeddings
-        init = base.weight.detach().float().mean(0, keepdim=True).repeat(num_tokens, 1)
-        self.prefix = nn.Parameter(init)
+        weight = base.weight.detach().float()
+        if init == "mean":
+            rows = weight.mean(0, keepdim=True).repeat(num_tokens, 1)
+        elif init == "random_tokens":
+            rows = weight[torch.randperm(self.vocab_size)[:num_tokens].to(weight.device)].clone()
+        else:
+            raise ValueError(f"finetune.prefix_init={init!r}: expected one of {PREFIX_INITS}")
+        self.prefix = nn.Parameter(rows)
 
     @property
     def weight(self) -> torch.Tensor:  # what callers of get_input_embeddings().weight expect (dtype, device)
@@ -82,7 +91,7 @@ class FinetunedModel:
     """
 
     def __init__(self, tokenizer, text_encoder: nn.Module, unet: nn.Module, target: str = "text_lora",
-                 prefix_tokens: int = 5, lora=None):
+                 prefix_tokens: int = 5, lora=None, prefix_init: str = "mean"):
         if target not in FINETUNE_TARGETS:
             raise ValueError(f"finetune.target={target!r}: expected one of {FINETUNE_TARGETS}")
         self.tokenizer, self.text_encoder, self.unet, self.target = tokenizer, text_encoder, unet, target
@@ -95,7 +104,7 @@ class FinetunedModel:
                 raise ValueError(f"finetune.prefix_tokens={prefix_tokens}: the text encoder reads "
                                  f"{tokenizer.model_max_length} tokens, two of them the start and end tokens: use "
                                  f"at most {room}, fewer to leave room for the prompt")
-            self.prefix = PrefixEmbedding(text_encoder.get_input_embeddings(), prefix_tokens)
+            self.prefix = PrefixEmbedding(text_encoder.get_input_embeddings(), prefix_tokens, prefix_init)
             text_encoder.set_input_embeddings(self.prefix)
         if target in ("text_lora", "text_unet_lora"):
             _add_lora(text_encoder, _lora_config(rank, alpha, dropout, lora.text_modules))

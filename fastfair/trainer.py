@@ -82,7 +82,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
-                                    cfg.finetune.prefix_tokens, cfg.finetune.lora)
+                                    cfg.finetune.prefix_tokens, cfg.finetune.lora, cfg.finetune.prefix_init)
         self.judges = build_judges(cfg, self.device)
         if cfg.loss.recompute_judges:
             self._recompute_judges()

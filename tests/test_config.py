@@ -82,7 +82,8 @@ def test_variants_inherit_and_change_only_their_part():
         variant = load_config(CONFIGS / f"{name}.yaml")
         assert variant.finetune.target == target and variant.output_dir != gender.output_dir
         assert (variant.loss, variant.targets, variant.classifiers) == (gender.loss, gender.targets, gender.classifiers)
-    assert load_config(CONFIGS / "prefix.yaml").finetune.prefix_tokens == 5
+    prefix = load_config(CONFIGS / "prefix.yaml").finetune
+    assert (prefix.prefix_tokens, prefix.prefix_init) == (5, "random_tokens")  # the public prefix script's start
     joint, = load_targets(load_config(CONFIGS / "gender_race.yaml").targets).groups()
     assert joint.attributes == ("gender", "race") and joint.target.tolist() == [1 / 8] * 8
     conditional, = load_targets(load_config(CONFIGS / "gender_race_age.yaml").targets).groups()

@@ -105,6 +105,21 @@ def test_prefix_only_in_positive_prompt_and_original_untouched(sd_dir):
     assert model.prefix.prefix.grad.abs().sum() > 0
 
 
+def test_prefix_starts_as_the_mean_row_or_distinct_random_tokens_of_the_seed(sd_dir):
+    base = _model(sd_dir, "text_lora").text_encoder.get_input_embeddings().weight.detach().float()
+    mean = _model(sd_dir, "prefix", prefix_tokens=3).prefix.prefix.detach()
+    torch.testing.assert_close(mean, base.mean(0, keepdim=True).expand(3, -1))
+    torch.manual_seed(7)
+    drawn = _model(sd_dir, "prefix", prefix_tokens=3, prefix_init="random_tokens").prefix.prefix.detach()
+    rows = [int(torch.nonzero((base == row).all(1))[0]) for row in drawn]  # each a vocabulary row, bit for bit
+    assert len(set(rows)) == 3 and drawn.dtype == torch.float32
+    torch.manual_seed(7)  # the trainer seeds torch's generator with the run's seed first
+    again = _model(sd_dir, "prefix", prefix_tokens=3, prefix_init="random_tokens").prefix.prefix.detach()
+    assert torch.equal(again, drawn)
+    with pytest.raises(ValueError, match=r"finetune.prefix_init='zeros': expected one of \('mean', 'random_tokens'\)"):
+        _model(sd_dir, "prefix", prefix_init="zeros")
+
+
 def test_lora_adapters_off_for_original(sd_dir):
     model = _model(sd_dir, "text_lora")
     with torch.no_grad():

@@ -77,6 +77,20 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, world):
     assert trainer.skipped == 1 and torch.equal(prefix.detach(), before)
 
 
+def test_the_prefix_starts_as_configured_from_the_runs_seed(tmp_path, world):
+    path = write_config(tmp_path, world, "prefix")
+
+    def start(init):  # (the vocabulary's rows [V, D], the prefix's start [N, D])
+        model = Trainer(load_config(path, [f"finetune.prefix_init={init}", "seed=3"])).model
+        return model.prefix.base.weight.detach().float(), model.prefix.prefix.detach()
+
+    vocabulary, mean = start("mean")
+    torch.testing.assert_close(mean, vocabulary.mean(0, keepdim=True).expand_as(mean))
+    _, drawn = start("random_tokens")  # distinct vocabulary rows, the same ones in every run of the seed
+    assert len({int(torch.nonzero((vocabulary == row).all(1))[0]) for row in drawn}) == len(drawn)
+    assert torch.equal(start("random_tokens")[1], drawn)
+
+
 def test_batch_not_divisible_by_ranks_is_refused(tmp_path, world):
     from fastfair.config import ConfigError, validate
 
