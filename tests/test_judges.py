@@ -190,6 +190,11 @@ def test_a_classifier_file_without_metadata_runs_as_the_config_maps_its_outputs(
         trainer = Trainer(cfg)
         part = trainer.iteration(0)
     assert torch.isfinite(torch.tensor(part["loss"]))
+    beyond = load_config(write_config(tmp_path, world), overrides[:3] + [
+        "classifiers.gender.attributes={gender: [4, 5], age: [6, 7]}", overrides[4]])  # age declared, never read
+    with pytest.raises(ValueError, match=r"classifiers.gender.attributes.age: .*public.pt has 6 outputs \(0-5\), so "
+                                         r"it has no outputs \[6, 7\]"):
+        build_judges(beyond, "cpu")
     from fastfair.evaluation.scoring import load_classifiers  # evaluation: --classifier-head names the outputs
 
     from fastfair.classifiers import MobileNetV3Large
