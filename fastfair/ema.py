@@ -10,8 +10,8 @@ from torch import nn
 class EMA:
     """fp32 exponential moving average of named parameters, updated after each optimizer step taken:
 
-        ema <- d_t ema + (1 - d_t) p,   d_t = min(decay, (1 + s) / (10 + s)),  s = t - 1   (warmup)
-                                        d_t = decay                                       (no warmup)
+        ema <- d_t ema + (1 - d_t) p,   d_t = min(decay, (1 + s) / (10 + s)),  s = t - 1 > 0; d_1 = 0   (warmup)
+                                        d_t = decay                                                 (no warmup)
 
     at the t-th step taken. The warm-up is the cap of diffusers' EMAModel's default schedule (the public code's
     EMA; EMAModel's use_ema_warmup=True is another, power-law, schedule): d_1 = 0, so the average starts at the
