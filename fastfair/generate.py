@@ -1,7 +1,9 @@
 """Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR|SD_FILE|toy|pkg://PACKAGE/PATH
 [--model-config SD_DIR] --lora EXPORT_DIR --prompt TEXT --num-images N --out DIR [--steps N --guidance G
---seed 0 --dtype fp32]``; writes DIR/<index>.png (steps and guidance: the run's, as its export records them, else
-20 and 7.5)."""
+--seed 0 --dtype fp32 --batch-size B]``; writes DIR/<index>.png (steps and guidance: the run's, as its export
+records them, else 20 and 7.5). Image k starts from its own noise, the one ``python -m fastfair.evaluate`` gives
+image k of the prompt at that seed (``fastfair.evaluation.cache.paired_noise``, drawn on the CPU), so the images do
+not depend on the batch size, on --num-images or on the device's random generator."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from fastfair.evaluation.cache import paired_noise
 from fastfair.evaluation.sources import finetuned_kind, resolve_model, resolve_model_config
 from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline
 from fastfair.models import load_stable_diffusion
@@ -21,10 +24,12 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 7.5
 
 def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
-             model_config=None) -> list:
+             model_config=None, batch_size: Optional[int] = None) -> list:
     """Images of `prompt` from the model with the exported weights (None: the base model); returns the PNG paths.
     steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
-    else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture."""
+    else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
+    per pipeline call (None: all at once); the images are the same whatever it is (module docstring)."""
+    from tqdm.auto import tqdm
     from diffusers import StableDiffusionPipeline
 
     recorded = export_info(lora) if lora and Path(lora).is_dir() else {}
@@ -40,6 +45,8 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int
     # as 1 (no classifier-free guidance)
     if num_images < 1:
         raise ValueError(f"--num-images {num_images}: expected at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected at least 1 image per batch")
     if steps < 1:
         raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
     if not math.isfinite(guidance) or guidance < 1:
@@ -61,13 +68,21 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int
                                    unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False).to(device)
     prefix = load_into_pipeline(pipe, lora) if lora else ""
-    generator = torch.Generator(device).manual_seed(seed)
-    images = pipe(prefix + prompt, num_images_per_prompt=num_images, num_inference_steps=steps,
-                  guidance_scale=guidance, generator=generator).images
+    pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
+    side = parts.unet.config.sample_size
+    shape = (parts.unet.config.in_channels, *((side, side) if isinstance(side, int) else side))
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{index:05d}.png" for index in range(len(images))]
-    for image, path in zip(images, paths):
-        image.save(path)
+    paths, batch = [], batch_size or num_images
+    with tqdm(total=num_images, desc="generating", unit="img") as bar:
+        for start in range(0, num_images, batch):
+            indices = range(start, min(start + batch, num_images))
+            noise = paired_noise(seed, prompt, indices, shape).to(device, parts.unet.dtype)
+            images = pipe(prefix + prompt, num_images_per_prompt=len(indices), num_inference_steps=steps,
+                          guidance_scale=guidance, latents=noise).images
+            for index, image in zip(indices, images):
+                paths.append(out / f"{index:05d}.png")
+                image.save(paths[-1])
+            bar.update(len(indices))
     return paths
 
 
@@ -87,10 +102,12 @@ def main(argv=None) -> None:
                         f"run's, as the export records it, else {DEFAULT_GUIDANCE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per pipeline call (default: all at once); the images do not depend on it")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for path in generate(args.model, args.lora, args.prompt, args.num_images, args.out, args.steps, args.guidance,
-                         args.seed, args.dtype, device, args.model_config):
+                         args.seed, args.dtype, device, args.model_config, args.batch_size):
         print(path)
 
 

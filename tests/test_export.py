@@ -1,10 +1,12 @@
 """Export a checkpoint, load it into a diffusers StableDiffusionPipeline: the same model as in training; generate."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from fastfair.config import load_config
+from fastfair.evaluation.cache import paired_noise
 from safetensors.torch import load_file
 
 from fastfair.export import LORA_FILE, export, load_into_pipeline
@@ -101,6 +103,19 @@ def test_generate_cli_writes_images(tmp_path, world, capsys, monkeypatch):
     files = sorted((tmp_path / "images").iterdir())
     assert [f.name for f in files] == ["00000.png", "00001.png"]
     assert Image.open(files[0]).size == (16, 16)
+    # image k starts from evaluate's noise of image k, whatever the batch size: the same images one at a time
+    noise = called[0]["latents"]
+    assert torch.equal(noise, paired_noise(0, "a cook", range(2), noise.shape[1:]))
+    main(["--model", str(world["sd"]), "--lora", str(tmp_path / "export"), "--prompt", "a cook", "--num-images", "2",
+          "--out", str(tmp_path / "singly"), "--steps", "2", "--batch-size", "1"])
+    assert [len(call["latents"]) for call in called[1:]] == [1, 1]
+    assert torch.equal(torch.cat([call["latents"] for call in called[1:]]), noise)
+    for name in ("00000.png", "00001.png"):  # equal up to the rounding of another batch shape's arithmetic
+        together, singly = (np.asarray(Image.open(tmp_path / folder / name), dtype=np.int16)
+                            for folder in ("images", "singly"))
+        assert np.abs(together - singly).max() <= 1
+    with pytest.raises(ValueError, match="--batch-size 0: expected at least 1 image per batch"):
+        main(["--model", str(world["sd"]), "--prompt", "a nurse", "--out", str(tmp_path / "none"), "--batch-size", "0"])
     # a second run into the same folder would overwrite some images and leave others: refused before any work
     with pytest.raises(ValueError, match="--out .*images: holds images of an earlier run \\(00000.png"):
         main(["--model", str(world["sd"]), "--prompt", "a nurse", "--num-images", "1", "--out",
