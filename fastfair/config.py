@@ -651,8 +651,8 @@ def describe_changes(changes: Dict[str, Tuple[Any, Any]]) -> str:
 def resume_changes(saved: dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
     """{dotted key: (saved value, this run's value)} for the settings a resume of a run trained with `saved`
     (config_to_dict of its config) would change, leaving out RESUME_MAY_CHANGE and cfg.resume_allow. A setting the
-    saved config lacks (a fastfair version before it) counts only where this run moves it off its default; one this
-    fastfair no longer has is left out."""
+    saved config lacks (a fastfair version before it, which ran as its default) counts only where this run moves it
+    off its default, and is reported as trained with the default; one this fastfair no longer has is left out."""
     before, now = _flat(saved), _flat(config_to_dict(cfg))
     for _, _, key in _path_fields(cfg):  # settings saved before paths were made absolute: from the current folder
         if isinstance(before.get(key), str) and before[key]:
@@ -670,7 +670,7 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
                 continue  # a setting of an older fastfair
         elif key not in before and key in defaults and now[key] == defaults[key]:
             continue
-        changes[key] = (before.get(key, "(not set)"), now.get(key, "(not set)"))
+        changes[key] = (before.get(key, defaults.get(key, "(not set)")), now.get(key, "(not set)"))
     return changes
 
 

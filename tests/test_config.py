@@ -252,6 +252,10 @@ def test_a_tuple_in_a_config_built_in_python_is_no_change_on_resume(tmp_path):
     saved = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))  # the checkpoint's config.yaml
     cfg.finetune.lora.text_modules = tuple(cfg.finetune.lora.text_modules)
     assert resume_changes(saved, cfg) == {}
+    del saved["finetune"]["prefix_init"]  # a run saved before the setting existed ran as its default
+    assert resume_changes(saved, cfg) == {}
+    cfg.finetune.prefix_init = "random_tokens"  # moved off it: named with the value the run had
+    assert resume_changes(saved, cfg) == {"finetune.prefix_init": ("mean", "random_tokens")}
 
 
 def test_unknown_yaml_key_at_depth_names_the_full_dotted_key(tmp_path):
