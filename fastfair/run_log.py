@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional
@@ -90,9 +89,10 @@ def _drop_lines_after(path: Path, start: int) -> None:
     kept = [line for line in lines if line.endswith("\n") and (step := _step(line)) is not None and step <= start]
     if len(kept) == len(lines):
         return
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(kept), encoding="utf-8")
-    os.replace(temporary, path)
+    from fastfair.files import atomic_path  # imports torch: not at this module's import
+
+    with atomic_path(str(path)) as temporary:  # a failed rewrite leaves no temporary file behind
+        Path(temporary).write_text("".join(kept), encoding="utf-8")
 
 
 def _step(line: str) -> Optional[int]:
