@@ -23,3 +23,19 @@ def test_written_file_has_a_plain_files_mode_and_a_failed_write_keeps_the_old(tm
                 handle.write(b"half")
             raise RuntimeError("killed")
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["clf.safetensors"]
+
+
+def test_state_dicts_are_unwrapped_from_their_containers(tmp_path):
+    """{'state_dict': ...} and {'model': ...} checkpoints, and DataParallel's 'module.' prefix, read as the bare
+    state dict."""
+    import torch
+
+    from fastfair.files import load_state_dict
+
+    weights = {"conv.weight": torch.ones(2, 2), "fc.bias": torch.zeros(3)}
+    for name, saved in (("model.pt", {"model": weights, "epoch": 3}),
+                        ("wrapped.pth", {"state_dict": {f"module.{k}": v for k, v in weights.items()}}),
+                        ("bare.bin", weights)):
+        torch.save(saved, tmp_path / name)
+        loaded = load_state_dict(str(tmp_path / name))
+        assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights), name

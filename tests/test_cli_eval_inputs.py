@@ -510,3 +510,29 @@ def test_generate_takes_guidance_1_as_no_guidance(tmp_path):
     generate_main(["--model", "toy", "--prompt", PROMPT, "--num-images", "1", "--steps", "1", "--guidance", "1",
                    "--out", str(tmp_path / "images")])
     assert [p.name for p in (tmp_path / "images").iterdir()] == ["00000.png"]
+
+
+def test_user_errors_end_with_status_2_or_their_traceback_when_asked(monkeypatch, capsys):
+    """A bad setting (ValueError) or path (OSError): one line, status 2, as argparse ends; FASTFAIR_TRACEBACK=1
+    keeps the exception with its traceback for a bug report."""
+    from fastfair.cli import user_errors
+
+    monkeypatch.delenv("FASTFAIR_TRACEBACK", raising=False)
+    for error in (ValueError("bad setting"), FileNotFoundError(2, "No such file or directory", "x.yaml")):
+        with pytest.raises(SystemExit) as exit_, user_errors("prog"):
+            raise error
+        assert exit_.value.code == 2 and capsys.readouterr().err == f"prog: error: {error}\n"
+    monkeypatch.setenv("FASTFAIR_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="bad setting"), user_errors("prog"):
+        raise ValueError("bad setting")
+
+
+def test_a_file_flag_given_a_folder_is_named_before_the_work(tmp_path):
+    """An existing folder, or a path ending in a separator that does not exist yet: both a folder, named at once."""
+    from fastfair.cli import folder_instead_of_file
+
+    for path in (str(tmp_path), str(tmp_path / "new") + os.sep):
+        message = folder_instead_of_file("--out", path, "bank", "bank.safetensors")
+        assert message == f"--out {path}: a folder; give the bank file to write, e.g. {path.rstrip(os.sep)}" \
+                          f"{os.sep}bank.safetensors"
+    assert folder_instead_of_file("--out", str(tmp_path / "bank.safetensors"), "bank", "bank.safetensors") is None

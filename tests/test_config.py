@@ -489,3 +489,69 @@ def test_path_settings_are_made_absolute_from_the_current_folder(tmp_path, monke
     assert cfg.data.sets["occupations"].file == str(Path.home() / "prompts.txt")
     assert cfg.classifiers["gender"].path == "/abs/gender.pt" and cfg.semantics.dino_path == ""
     assert cfg.output_dir == "runs/x" and cfg.semantics.factory == "pkg.mod:fn"
+
+
+def test_later_bases_override_earlier_ones(tmp_path):
+    """base: [a, b] merges b over a (and both under the file): the list reads in order, as an include does."""
+    write(tmp_path / "a.yaml", {"seed": 1, "max_steps": 5, "optim": {"lr": 0.1, "eps": 0.5}})
+    write(tmp_path / "b.yaml", {"seed": 2, "optim": {"lr": 0.2}})
+    cfg = load_config(minimal(tmp_path, base=["a.yaml", "b.yaml"]))
+    assert (cfg.seed, cfg.max_steps, cfg.optim.lr, cfg.optim.eps) == (2, 5, 0.2, 0.5)
+
+
+@pytest.mark.parametrize("override, attribute, value", [
+    ("output_dir=runs/lr=1e-4", "output_dir", "runs/lr=1e-4"),  # split at the first '=' only
+    ('output_dir="my run #2"', "output_dir", "my run #2"),  # double quotes read as YAML reads them, as single ones
+    ("data.sets.mine.template=\"{job} = work\"", "data.sets.mine.template", "{job} = work"),
+])
+def test_override_values_with_equals_signs_and_double_quotes(tmp_path, override, attribute, value):
+    data = config_to_dict(load_config(minimal(tmp_path), [override]))
+    for name in attribute.split("."):
+        data = data[name]
+    assert data == value
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_steps=true", "max_steps: expected int, got True"),  # a bool is not a count (Python's bool is an int)
+    ("sampler.grad_steps=false", "sampler.grad_steps: expected int or null, got False"),
+])
+def test_a_bool_is_not_an_int(override, message):
+    with pytest.raises(ConfigError) as error:
+        parse_override(override)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.betas=[0.9, 1.0]"], "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
+    (["optim.betas=[-0.1, 0.999]"], "optim.betas=[-0.1, 0.999] must be two numbers in [0, 1)"),
+    (["classifiers.c.attributes={gender: [0, -1], race: [2, 3, 4, 5]}"], "output indices must be distinct and >= 0"),
+])
+def test_validate_refuses_boundary_values(tmp_path, overrides, message):
+    cfg = load_config(minimal(tmp_path), overrides)
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, world_size=2, device="cpu")
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["sampler.num_steps_range=[20, 20]"],  # low == high: one count, as the message's 1 <= low <= high says
+    ["sampler.grad_steps=20"],  # every step, named
+    ["sampler.num_steps_range=[8, 30]", "sampler.grad_steps=8"],  # as many as the fewest
+    ["faces.detector=insightface,mtcnn", "faces.detector_path=/models"],  # the public code's fallback list
+    ["faces.detector=mtcnn, insightface", "faces.detector_path=/models"],
+])
+def test_validate_accepts_boundary_values(tmp_path, overrides):
+    validate(load_config(minimal(tmp_path), overrides), world_size=2, device="cpu")
+
+
+def test_face_files_are_not_needed_with_a_zero_face_weight(tmp_path):
+    check_files(config_with_files(tmp_path, **{"faces.bank": "", "faces.embedding": "", "loss.lambda_face": "0"}))
+
+
+def test_a_zero_stage_override_keeps_the_jsons_other_zero_settings(tmp_path):
+    path = CONFIGS / "ds" / "zero2_bf16.json"
+    shipped = json.loads(path.read_text())["zero_optimization"]
+    cfg = config_with_files(tmp_path, **{"deepspeed.config": path, "precision.mixed": "bf16",
+                                         "deepspeed.zero_stage": 1})
+    resolved = deepspeed_config(cfg, world_size=1)["zero_optimization"]
+    assert resolved == {**shipped, "stage": 1} and len(shipped) > 1

@@ -84,3 +84,10 @@ def test_an_image_past_the_decompression_bomb_limit_is_an_unreadable_file(tmp_pa
     assert read_image(str(tmp_path / "big.png")) is None  # the face bank skips and counts it
     with pytest.raises(ValueError, match="cannot read training image .*big.png"):  # classifier training names it
         load_face_image(str(tmp_path / "big.png"), 4)
+
+
+def test_a_32_bit_integer_image_is_scaled_as_16_bit(tmp_path):
+    """Mode I, as older Pillow opens 16-bit PNGs: scaled by 255 / 65535 too, not clipped at 255 to white."""
+    image = Image.fromarray(np.full((2, 3), round(0.3 * 65535), dtype=np.int32))
+    assert image.mode == "I"
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), np.full((2, 3, 3), round(0.3 * 255), dtype=np.uint8))

@@ -225,3 +225,40 @@ def test_a_detector_list_is_tried_in_order_as_the_public_code_fell_back(tmp_path
     assert [type(d) for d in detector.detectors] == [HaarDetector, MTCNNDetector, WholeImageDetector]
     single = build_judges(_config(tmp_path / "one", world, "faces.detector=none", "faces.detector_fn=null"), "cpu")
     assert isinstance(single.detector, WholeImageDetector)
+
+
+def test_head_disagreements_read_the_attributes_own_span_of_outputs():
+    """A file whose race outputs follow gender's (2-5): the race target's indices are checked against that span, and
+    a class against its own output there, not against its position from 0."""
+    from types import SimpleNamespace
+
+    from fastfair.classifiers.heads import Attribute, AttributeHead
+    from fastfair.judges import head_disagreements
+
+    head = AttributeHead([Attribute("gender", ("female", "male")),
+                          Attribute("race", ("White", "Black", "Indian", "Asian"))])
+
+    def race(**classes):
+        return SimpleNamespace(name="race", classes=list(classes), indices=list(classes.values()))
+
+    assert head_disagreements(race(White=2, Black=3, Indian=4, Asian=5), head) == []
+    assert "reads outputs [6], outside the file's race outputs" in head_disagreements(
+        race(White=6, Black=3, Indian=4, Asian=5), head)[0]  # one past the span's end
+    swapped = head_disagreements(race(White=3, Black=2, Indian=4, Asian=5), head)
+    assert len(swapped) == 2 and "class 'White' reads output 3, but the file's 'White' is output 2" in swapped[0]
+
+
+def test_a_zero_face_weight_builds_no_face_judges(tmp_path, world):
+    """loss.lambda_face=0 turns the face loss off as loss.face_loss=false does: no bank or embedder is loaded (none
+    is needed: check_files asks for none)."""
+    judges = build_judges(_config(tmp_path, world, "loss.lambda_face=0", "faces.bank=", "faces.embedding="), "cpu")
+    assert judges.face_embedder is None and judges.face_bank is None
+
+
+def test_the_judges_are_stored_in_the_autocast_dtype_not_the_frozen_models(tmp_path, world):
+    """precision.mixed, the dtype they compute in under the trainer's autocast, whatever model.dtype is."""
+    judges = build_judges(_config(tmp_path, world, "model.dtype=fp32", "precision.mixed=bf16",
+                                  "faces.embedding_fn=test_judges:batch_dependent_embedder",
+                                  "semantics.factory=test_judges:batch_dependent_semantics"), "cpu")
+    for judge in [*judges.classifiers.values(), judges.semantics, judges.face_embedder]:
+        assert {p.dtype for p in judge.parameters()} == {torch.bfloat16}

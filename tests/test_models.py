@@ -136,3 +136,59 @@ def test_unet_full_keeps_frozen_copy(sd_dir):
     model = _model(sd_dir, "unet_lora")
     with model.original_unet() as unet:
         assert unet is model.unet
+
+
+def test_a_folder_with_plain_and_variant_files_reads_the_plain_ones(tmp_path):
+    """A full download holds both (diffusion_pytorch_model.safetensors and .fp16.safetensors): the plain, full
+    precision weights are read, not the half ones."""
+    from fastfair.models import weights_variant
+
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    assert weights_variant(tmp_path) is None
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    (tmp_path / "diffusion_pytorch_model.ema.safetensors").write_bytes(b"")
+    assert weights_variant(tmp_path) == "fp16"  # of several variants, the fp16 one
+
+
+def test_every_prefix_token_reads_its_own_row(sd_dir):
+    """Token id V (the first prefix slot) reads prefix[0], not the vocabulary's last row; each row is trained."""
+    model = _model(sd_dir, "prefix", prefix_tokens=3)
+    embedding = model.prefix
+    with torch.no_grad():
+        embedding.prefix.normal_()
+    ids = embedding.token_ids()
+    rows = embedding(ids[None])[0]  # in the frozen embedding's dtype (bf16 here)
+    assert torch.equal(rows, embedding.prefix.detach().to(rows.dtype))
+    model.encode(["a cat"]).float().sum().backward()
+    assert (embedding.prefix.grad.abs().sum(1) > 0).all()
+
+
+def test_random_token_prefix_rows_are_distinct_vocabulary_rows():
+    """random_tokens draws N distinct tokens (as the public script's sampling without replacement): with N = V every
+    vocabulary row appears exactly once."""
+    from fastfair.finetune import PrefixEmbedding
+
+    base = torch.nn.Embedding(8, 4)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        rows = PrefixEmbedding(base, 8, "random_tokens").prefix.detach()
+        drawn = sorted(int(torch.nonzero((base.weight == row).all(1))[0]) for row in rows)
+        assert drawn == list(range(8)), (seed, drawn)
+
+
+def test_the_adapters_are_back_on_after_the_original_is_encoded(sd_dir):
+    """encode_original switches the LoRA layers off for its own call only: the finetuned model encodes as before it
+    (and its U-Net after original_unet), or every later step would train a model without its adapters."""
+    model = _model(sd_dir, "text_unet_lora")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    before = model.encode(["a dog"])
+    model.encode_original(["a dog"])
+    with model.original_unet():
+        pass
+    assert torch.equal(model.encode(["a dog"]), before)
+    from fastfair.finetune import _lora_layers
+
+    assert all(not layer.disable_adapters for layer in _lora_layers(model.unet) + _lora_layers(model.text_encoder))

@@ -87,3 +87,46 @@ def test_a_failed_write_names_the_file_and_the_way_on(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=rf"{tmp_path}/{METRICS_FILE} could not be written \(No space left on device\): "
                                       r".*resume=auto continues from the last checkpoint"):
         log.scalars(2, {"loss": 0.25})
+
+
+class _NoWriter:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def add_scalar(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_last_line_cut_before_its_newline_is_dropped_not_run_into(tmp_path, monkeypatch):
+    """A crash can cut the last line just before its newline, leaving a whole JSON object: dropped (its step was not
+    saved whole), else the resumed run's first line would be appended to it on the same line."""
+    monkeypatch.setattr("torch.utils.tensorboard.SummaryWriter", _NoWriter)  # tensorboard is not what this is about
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}')
+    log = RunLog(tmp_path, None, 2)
+    log.scalars(3, {"loss": 0.25})
+    log.close()
+    assert _steps(tmp_path) == [1, 3]
+
+
+def test_the_resume_truncation_is_atomic(tmp_path, monkeypatch):
+    """The rewrite that drops the steps past the checkpoint goes to a temporary file first: a kill (here: a full disk)
+    in the middle of it leaves metrics.jsonl as it was, never half written."""
+    import errno
+    import pathlib
+
+    monkeypatch.setattr("torch.utils.tensorboard.SummaryWriter", _NoWriter)
+    before = "".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in (1, 2, 3, 4))
+    (tmp_path / METRICS_FILE).write_text(before)
+
+    def cut_short(self, data, encoding=None, **kwargs):
+        with open(self, "w", encoding=encoding) as handle:
+            handle.write(data[:7])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space left on device"):
+        RunLog(tmp_path, None, 2)
+    assert (tmp_path / METRICS_FILE).read_text() == before

@@ -325,6 +325,31 @@ with t.process_group():
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_one_process_group_keeps_what_the_caller_set(tmp_path):
+    """LOCAL_RANK set before the run (by a launcher or the user) is theirs: closing the group leaves it as it was;
+    a process group made before the block is the caller's too: the block joins it and leaves it open."""
+    code = """
+import os
+import fastfair.process_group as t
+with t.process_group():
+    assert os.environ["LOCAL_RANK"] == "0"
+assert os.environ.get("LOCAL_RANK") == "0", os.environ.get("LOCAL_RANK")
+import torch.distributed as dist
+with t.process_group():  # the caller's group, made before: joined, and left to the caller at the end
+    with t.process_group():
+        pass
+    assert dist.is_initialized()
+assert not dist.is_initialized()
+print("ok", flush=True)
+"""
+    env = child_env(OMP_NUM_THREADS="1", TMPDIR=str(tmp_path), LOCAL_RANK="0")
+    for name in ("RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
 def test_deepspeed_runs_one_after_another_in_one_process(tmp_path, world):
     """Each in its own process group (a fresh process: this module's world fixture holds one): the first group's
     end must also drop DeepSpeed's clones of it, or the second engine reaches them ("Group ... is not
@@ -686,3 +711,24 @@ def test_a_resume_across_a_changed_shipped_prompt_list_says_how_to_go_on(tmp_pat
     with pytest.raises(ValueError, match=r"data.sets.occupations: 1062 prompts then, 1008 now.*a list shipped with "
                                          r"fastfair, which changed on 2026-11-30.*data.sets.occupations.file"):
         Trainer(again).train()
+
+
+def test_a_failing_close_never_replaces_the_exception_that_ends_the_run(capsys):
+    """Whatever close() raises (not only an OSError: a writer thread's RuntimeError, ...) while a stop signal's
+    SystemExit ends the run, the exit status stays the signal's and the failure is printed."""
+    import contextlib
+
+    from fastfair.run_control import closing
+
+    def close():
+        raise RuntimeError("writer thread died")
+
+    with pytest.raises(SystemExit) as exit_:
+        with contextlib.ExitStack() as stack:
+            stack.push(closing(close))
+            raise SystemExit(143)
+    assert exit_.value.code == 143
+    assert "while the run ended (SystemExit): RuntimeError: writer thread died" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="writer thread died"):  # a normal end: the failure is the error
+        with contextlib.ExitStack() as stack:
+            stack.push(closing(close))

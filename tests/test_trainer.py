@@ -446,3 +446,14 @@ def test_resume_restores_the_skipped_step_count(tmp_path, world):
     resumed = Trainer(cfg)
     resumed.resume(tmp_path / "run" / "checkpoints" / "step_00000001")
     assert resumed.start == 1 and resumed.skipped == 1
+
+
+def test_the_optimizer_of_a_checkpoint_saved_without_its_name_is_told_by_its_state():
+    """Checkpoints from before optimizer_name was saved: bitsandbytes' 8-bit AdamW keeps state1/state2, torch's
+    AdamW exp_avg/exp_avg_sq; nothing stepped yet, nothing to tell."""
+    from fastfair.optimizer import saved_optimizer_name
+
+    moments = torch.zeros(3)
+    assert saved_optimizer_name({"state": {0: {"step": 1, "state1": moments, "state2": moments}}}) == "adamw8bit"
+    assert saved_optimizer_name({"state": {0: {"step": 1, "exp_avg": moments, "exp_avg_sq": moments}}}) == "adamw"
+    assert saved_optimizer_name({"state": {}, "param_groups": []}) is None and saved_optimizer_name(None) is None
