@@ -378,7 +378,8 @@ class Trainer:
 
     def iteration(self, it: int) -> Dict[str, float]:
         """One optimization step (module docstring); returns the loss parts as floats. `it` counts the iterations
-        before it (train() calls it = start, start + 1, ...): the noise and the step count are functions of it."""
+        before it (train() calls it = start, start + 1, ...): the noise and the sampler's step count are functions of
+        it."""
         _, prompt = self.mixture.draw()
         z_T, steps, generator = self._noise_and_steps(it)
         # the Monte Carlo transport targets' draws (K > 2): their own stream, so that no other use of torch's
@@ -415,7 +416,7 @@ class Trainer:
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict() if self.engine is None else None,
                 "optimizer_name": self.cfg.optim.name, "lr_scheduler": self.lr_scheduler.state_dict(),
-                "mixture": self.mixture.state_dict(), "skipped": self.skipped,
+                "mixture": self.mixture.state_dict(), "skipped": self.skipped, "steps_taken": self.steps_taken,
                 "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "memory_plans": None if self.memory_budget is None else self.memory_budget.state_dict()}
 
@@ -479,7 +480,8 @@ class Trainer:
         if self.memory_budget is not None:  # older checkpoints: planned afresh
             self.memory_budget.load_state_dict(state.get("memory_plans"))
         self.start, self.skipped = int(state["iteration"]), int(state["skipped"])
-        self.steps_taken = self.start - self.skipped
+        # checkpoints before it was saved: train() counted every iteration not skipped
+        self.steps_taken = int(state.get("steps_taken", self.start - self.skipped))
         checkpoint.set_rng_state(state["rng"])
         self._warn_ema_change(path, saved_settings)
 

@@ -65,8 +65,13 @@ def test_skipped_steps_do_not_count_and_a_resume_continues_the_count(tmp_path, w
     resumed.resume(tmp_path / "run" / "checkpoints" / "step_00000002")
     resumed.iteration(2)
     assert taken == [1, 2]  # the first step taken, then the second (after the resume)
-    Trainer(cfg).iteration(7)  # a library user's direct call: its noise is iteration 7's, its step the first
-    assert taken == [1, 2, 1]
+    direct = Trainer(cfg)
+    direct.iteration(7)  # a library user's direct call: its noise is iteration 7's, its step the first
+    direct.save(8)
+    again = Trainer(cfg)
+    again.resume(tmp_path / "run" / "checkpoints" / "step_00000008")
+    again.iteration(8)  # the count the checkpoint saved, not iterations - skipped
+    assert taken == [1, 2, 1, 2]
 
 
 def test_resuming_a_run_trained_before_the_warmup_warns_how_to_keep_its_ema(tmp_path, world):  # noqa: F811
