@@ -175,6 +175,14 @@ def test_random_token_prefix_rows_are_distinct_vocabulary_rows():
         rows = PrefixEmbedding(base, 8, "random_tokens").prefix.detach()
         drawn = sorted(int(torch.nonzero((base.weight == row).all(1))[0]) for row in rows)
         assert drawn == list(range(8)), (seed, drawn)
+    starts = []
+    for seed in (3, 4):  # another seed, other tokens (a fixed draw would pass the checks above)
+        torch.manual_seed(seed)
+        starts.append(PrefixEmbedding(base, 3, "random_tokens").prefix.detach())
+    assert not torch.equal(*starts)
+    with pytest.raises(ValueError, match="finetune.prefix_tokens=9: prefix_init=random_tokens draws distinct tokens "
+                                         "and the vocabulary has 8"):
+        PrefixEmbedding(base, 9, "random_tokens")
 
 
 def test_the_adapters_are_back_on_after_the_original_is_encoded(sd_dir):
