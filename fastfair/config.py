@@ -627,10 +627,12 @@ def _lists(node):
     return [_lists(item) for item in node] if isinstance(node, (list, tuple)) else node
 
 
-# what a resumed run may change without resume_allow: where it stops, how it logs, how often it saves, and the
+# what a resumed run may change without resume_allow: where it stops, how it logs, how often it saves, the
 # optimizer settings it is documented to apply (optim.name too, which the trainer refuses itself: its state has
-# another layout). Not retention (keep_last, keep_every): a smaller one would prune checkpoints the run has kept.
-RESUME_MAY_CHANGE = ("optim", "max_steps", "checkpoint_every", "logging", "resume", "resume_allow", "output_dir")
+# another layout), and how prefix tokens start (the checkpoint's rows replace them). Not retention (keep_last,
+# keep_every): a smaller one would prune checkpoints the run has kept.
+RESUME_MAY_CHANGE = ("optim", "max_steps", "checkpoint_every", "logging", "resume", "resume_allow", "output_dir",
+                     "finetune.prefix_init")
 
 
 def _flat(node, key: str = "") -> Dict[str, Any]:
@@ -643,6 +645,12 @@ def _covered(key: str, prefixes) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
+def _section_saved(key: str, saved: Dict[str, Any]) -> bool:
+    """Whether the saved settings hold the section `key` sits in (so a missing `key` is a setting added since)."""
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    return any(name.startswith(section) for name in saved)
+
+
 def describe_changes(changes: Dict[str, Tuple[Any, Any]]) -> str:
     """resume_changes' result as 'key=now (trained with before), ...' for a message."""
     return ", ".join(f"{key}={now!r} (trained with {before!r})" for key, (before, now) in changes.items())
@@ -651,8 +659,10 @@ def describe_changes(changes: Dict[str, Tuple[Any, Any]]) -> str:
 def resume_changes(saved: dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
     """{dotted key: (saved value, this run's value)} for the settings a resume of a run trained with `saved`
     (config_to_dict of its config) would change, leaving out RESUME_MAY_CHANGE and cfg.resume_allow. A setting the
-    saved config lacks (a fastfair version before it, which ran as its default) counts only where this run moves it
-    off its default, and is reported as trained with the default; one this fastfair no longer has is left out."""
+    saved config lacks in a section it has (a fastfair version before the setting, which ran as its default) counts
+    only where this run moves it off its default, and is reported as trained with the default; an entry new to a
+    mapping (data.sets.sports where the run had none) is a change; a setting this fastfair no longer has is left
+    out."""
     before, now = _flat(saved), _flat(config_to_dict(cfg))
     for _, _, key in _path_fields(cfg):  # settings saved before paths were made absolute: from the current folder
         if isinstance(before.get(key), str) and before[key]:
@@ -668,9 +678,11 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
                 _field_type(key.split("."))
             except ConfigError:
                 continue  # a setting of an older fastfair
-        elif key not in before and key in defaults and now[key] == defaults[key]:
-            continue
-        changes[key] = (before.get(key, defaults.get(key, "(not set)")), now.get(key, "(not set)"))
+        elif key not in before and _section_saved(key, before) and key in defaults:
+            if now[key] == defaults[key]:
+                continue
+            before[key] = defaults[key]
+        changes[key] = (before.get(key, "(not set)"), now.get(key, "(not set)"))
     return changes
 
 

@@ -252,10 +252,19 @@ def test_a_tuple_in_a_config_built_in_python_is_no_change_on_resume(tmp_path):
     saved = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))  # the checkpoint's config.yaml
     cfg.finetune.lora.text_modules = tuple(cfg.finetune.lora.text_modules)
     assert resume_changes(saved, cfg) == {}
-    del saved["finetune"]["prefix_init"]  # a run saved before the setting existed ran as its default
+
+
+def test_a_resume_names_a_setting_an_older_checkpoint_lacks_by_its_default(tmp_path):
+    cfg = load_config(minimal(tmp_path))
+    saved = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
+    del saved["finetune"]["lora"]["dropout"]  # saved before the setting existed: the run had its default
     assert resume_changes(saved, cfg) == {}
-    cfg.finetune.prefix_init = "random_tokens"  # moved off it: named with the value the run had
-    assert resume_changes(saved, cfg) == {"finetune.prefix_init": ("mean", "random_tokens")}
+    cfg.finetune.lora.dropout = 0.5  # moved off it: named with the value the run had
+    assert resume_changes(saved, cfg) == {"finetune.lora.dropout": (0.0, 0.5)}
+    cfg.finetune.lora.dropout = 0.0
+    saved["data"]["sets"] = {"sports": saved["data"]["sets"]["occupations"]}  # a run on another prompt set
+    changes = resume_changes(saved, cfg)  # an entry the run's mapping lacked is a change, at its default too
+    assert changes["data.sets.occupations.weight"] == ("(not set)", 1.0)
 
 
 def test_unknown_yaml_key_at_depth_names_the_full_dotted_key(tmp_path):
