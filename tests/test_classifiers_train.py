@@ -293,3 +293,20 @@ def test_learning_rate_follows_the_cosine_decay(dataset, tmp_path):
     state = torch.load(state_path(str(out)), map_location="cpu", weights_only=True)
     lr = state["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(0.005 * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)))
+
+
+def test_a_resume_across_the_merge_of_integer_spellings_says_the_tables_need_not_have_changed():
+    """A state saved when '07' and '7' were two classes, resumed now that they are one: the refusal says why the
+    classes differ (fastfair's reading changed), not only that the data did."""
+    from fastfair.classifiers.heads import Attribute, AttributeHead
+    from fastfair.classifiers.train import fingerprint_changes
+
+    def fingerprint(classes, labels):
+        return {"head": AttributeHead([Attribute("level", classes)]).to_json(), "train": 3,
+                "files": ["a.png", "b.png", "c.png"], "labels": torch.tensor(labels).reshape(-1, 1)}
+
+    then, now = fingerprint(("07", "7", "10"), [0, 1, 2]), fingerprint(("07", "10"), [0, 0, 1])
+    assert "leading zeros ('07', '7') as one class (2026-11-30): the tables need not have changed" in \
+        fingerprint_changes(then, now)[0]
+    other = fingerprint_changes(fingerprint(("1", "2"), [0, 1, 1]), fingerprint(("1", "3"), [0, 1, 1]))
+    assert other and "leading zeros" not in other[0]  # another change of classes: no such explanation

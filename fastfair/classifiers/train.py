@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fastfair.classifiers.data import (LabelledFaces, align_labels, file_key, read_label_table, resolve_labels,
-                                       unique_rows)
+from fastfair.classifiers.data import (LabelledFaces, align_labels, class_key, file_key, read_label_table,
+                                       resolve_labels, unique_rows)
 from fastfair.classifiers.heads import AttributeHead
 from fastfair.classifiers.model import ARCHITECTURES, AttributeClassifier, save_classifier
 from fastfair.cli import folder_instead_of_file
@@ -171,7 +171,10 @@ def _examples(files: List[str]) -> str:
 def fingerprint_changes(stored: dict, current: dict) -> List[str]:
     """How the data of ``current`` differ from ``stored`` (``data_fingerprint``s), in words; [] when they agree."""
     old_head, new_head = AttributeHead.from_json(stored["head"]), AttributeHead.from_json(current["head"])
-    changes = [f"classes of {old.name} differ (then {list(old.classes)}, now {list(new.classes)})"
+    changes = [f"classes of {old.name} differ (then {list(old.classes)}, now {list(new.classes)})" + (
+               " because fastfair now reads names that differ only by an integer's leading zeros ('07', '7') as "
+               "one class (2026-11-30): the tables need not have changed"
+               if len({class_key(c) for c in old.classes}) < len(old.classes) else "")
                for old, new in zip(old_head.attributes, new_head.attributes) if old.classes != new.classes]
     if (stored["files"] == current["files"] and stored["train"] == current["train"]
             and torch.equal(stored["labels"].long(), current["labels"].long())):
