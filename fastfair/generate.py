@@ -2,8 +2,9 @@
 [--model-config SD_DIR] --lora EXPORT_DIR --prompt TEXT --num-images N --out DIR [--steps N --guidance G
 --seed 0 --dtype fp32 --batch-size B]``; writes DIR/<index>.png (steps and guidance: the run's, as its export
 records them, else 20 and 7.5). Image k starts from its own noise, the one ``python -m fastfair.evaluate`` gives
-image k of the prompt at that seed (``fastfair.evaluation.cache.paired_noise``, drawn on the CPU), so the images do
-not depend on the batch size, on --num-images or on the device's random generator."""
+image k of the prompt at that seed (``fastfair.evaluation.cache.paired_noise``, drawn on the CPU in float32; cast to
+--dtype), so which images come does not depend on the batch size, on --num-images or on the device's random
+generator (the pixels equal up to the rounding of another batch shape's arithmetic)."""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int
     """Images of `prompt` from the model with the exported weights (None: the base model); returns the PNG paths.
     steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
     else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
-    per pipeline call (None: all at once); the images are the same whatever it is (module docstring)."""
+    per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring)."""
     from tqdm.auto import tqdm
     from diffusers import StableDiffusionPipeline
 
@@ -103,7 +104,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per pipeline call (default: all at once); the images do not depend on it")
+                        help="images per pipeline call (default: all at once); each image's noise does not depend "
+                        "on it")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for path in generate(args.model, args.lora, args.prompt, args.num_images, args.out, args.steps, args.guidance,

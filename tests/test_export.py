@@ -106,14 +106,15 @@ def test_generate_cli_writes_images(tmp_path, world, capsys, monkeypatch):
     # image k starts from evaluate's noise of image k, whatever the batch size: the same images one at a time
     noise = called[0]["latents"]
     assert torch.equal(noise, paired_noise(0, "a cook", range(2), noise.shape[1:]))
-    main(["--model", str(world["sd"]), "--lora", str(tmp_path / "export"), "--prompt", "a cook", "--num-images", "2",
-          "--out", str(tmp_path / "singly"), "--steps", "2", "--batch-size", "1"])
-    assert [len(call["latents"]) for call in called[1:]] == [1, 1]
-    assert torch.equal(torch.cat([call["latents"] for call in called[1:]]), noise)
+    main(["--model", str(world["sd"]), "--lora", str(tmp_path / "export"), "--prompt", "a cook", "--num-images", "3",
+          "--out", str(tmp_path / "batched"), "--steps", "2", "--batch-size", "2"])
+    assert [len(call["latents"]) for call in called[1:]] == [2, 1]  # the last batch: what is left
+    assert torch.equal(torch.cat([call["latents"] for call in called[1:]])[:2], noise)
+    assert sorted(f.name for f in (tmp_path / "batched").iterdir()) == ["00000.png", "00001.png", "00002.png"]
     for name in ("00000.png", "00001.png"):  # equal up to the rounding of another batch shape's arithmetic
-        together, singly = (np.asarray(Image.open(tmp_path / folder / name), dtype=np.int16)
-                            for folder in ("images", "singly"))
-        assert np.abs(together - singly).max() <= 1
+        together, batched = (np.asarray(Image.open(tmp_path / folder / name), dtype=np.int16)
+                             for folder in ("images", "batched"))
+        assert np.abs(together - batched).max() <= 1
     with pytest.raises(ValueError, match="--batch-size 0: expected at least 1 image per batch"):
         main(["--model", str(world["sd"]), "--prompt", "a nurse", "--out", str(tmp_path / "none"), "--batch-size", "0"])
     # a second run into the same folder would overwrite some images and leave others: refused before any work

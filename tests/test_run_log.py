@@ -130,3 +130,4 @@ def test_the_resume_truncation_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left on device"):
         RunLog(tmp_path, None, 2)
     assert (tmp_path / METRICS_FILE).read_text() == before
+    assert [path.name for path in tmp_path.iterdir()] == [METRICS_FILE]  # no temporary file left behind
