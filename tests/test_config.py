@@ -354,6 +354,9 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
     (["model.attention=xformers"], "model.attention=xformers needs CUDA"),
     (["seed=20240101123456"], "seed=20240101123456 must be <= 4294967295"),
     (["finetune.lora.dropout=0.1"], "finetune.lora.dropout=0.1: fastfair runs the models in eval mode"),
+    (["optim.betas=[0.9, 1.0]"], "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),  # the bounds themselves
+    (["optim.betas=[-0.1, 0.999]"], "optim.betas=[-0.1, 0.999] must be two numbers in [0, 1)"),
+    (["classifiers.c.attributes={gender: [0, -1], race: [2, 3, 4, 5]}"], "output indices must be distinct and >= 0"),
 ])
 def test_validate_names_the_key_and_the_fix(tmp_path, overrides, message):
     cfg = load_config(minimal(tmp_path), overrides)
@@ -527,18 +530,6 @@ def test_override_values_with_equals_signs_and_double_quotes(tmp_path, override,
 def test_a_bool_is_not_an_int(override, message):
     with pytest.raises(ConfigError) as error:
         parse_override(override)
-    assert message in str(error.value)
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["optim.betas=[0.9, 1.0]"], "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
-    (["optim.betas=[-0.1, 0.999]"], "optim.betas=[-0.1, 0.999] must be two numbers in [0, 1)"),
-    (["classifiers.c.attributes={gender: [0, -1], race: [2, 3, 4, 5]}"], "output indices must be distinct and >= 0"),
-])
-def test_validate_refuses_boundary_values(tmp_path, overrides, message):
-    cfg = load_config(minimal(tmp_path), overrides)
-    with pytest.raises(ConfigError) as error:
-        validate(cfg, world_size=2, device="cpu")
     assert message in str(error.value)
 
 
