@@ -39,8 +39,8 @@ class PrefixEmbedding(nn.Module):
             rows = weight.mean(0, keepdim=True).repeat(num_tokens, 1)
         elif init == "random_tokens":
             if num_tokens > self.vocab_size:
-                raise ValueError(f"finetune.prefix_tokens={num_tokens}: prefix_init=random_tokens draws distinct tokens "
-                                 f"and the vocabulary has {self.vocab_size}; use fewer or prefix_init=mean")
+                raise ValueError(f"finetune.prefix_tokens={num_tokens}: prefix_init=random_tokens draws distinct "
+                                 f"tokens and the vocabulary has {self.vocab_size}; use fewer or prefix_init=mean")
             rows = weight[torch.randperm(self.vocab_size)[:num_tokens].to(weight.device)].clone()
         else:
             raise ValueError(f"finetune.prefix_init={init!r}: expected one of {PREFIX_INITS}")
