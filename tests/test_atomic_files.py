@@ -1,4 +1,5 @@
 """fastfair.files.atomic_path: a classifier, its state and a face bank are written whole, as plain files."""
+import errno
 import os
 
 import pytest
@@ -39,3 +40,44 @@ def test_state_dicts_are_unwrapped_from_their_containers(tmp_path):
         torch.save(saved, tmp_path / name)
         loaded = load_state_dict(str(tmp_path / name))
         assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights), name
+
+
+def test_the_bytes_are_on_disk_before_the_rename_publishes_them(tmp_path, monkeypatch):
+    """A crash right after the rename must leave the old file or the whole new one: the temporary file is fsynced
+    before os.replace."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(handle):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{handle}"))))
+        fsync(handle)
+
+    def recorded_replace(source, target):
+        events.append(("replace", os.path.realpath(source)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    with atomic_path(str(tmp_path / "bank.pt")) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(b"bank")
+        written = os.path.realpath(temporary)
+    assert events == [("fsync", written), ("replace", written)]
+
+
+@pytest.mark.parametrize("code, raised", [(errno.EINVAL, False), (errno.ENOTSUP, False), (errno.EIO, True)])
+def test_a_folder_sync_ignores_only_filesystems_that_cannot_sync_folders(tmp_path, monkeypatch, code, raised):
+    """fsync_dir: a network or FUSE mount that refuses to sync a folder has nothing more to offer; a disk error
+    (EIO) is not hidden, or a checkpoint would count as saved that may not be."""
+    from fastfair.files import fsync_dir
+
+    def failing(handle):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    if raised:
+        with pytest.raises(OSError) as error:
+            fsync_dir(tmp_path)
+        assert error.value.errno == code
+    else:
+        fsync_dir(tmp_path)

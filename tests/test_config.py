@@ -267,6 +267,18 @@ def test_a_resume_names_a_setting_an_older_checkpoint_lacks_by_its_default(tmp_p
     assert changes["data.sets.occupations.weight"] == ("(not set)", 1.0)
 
 
+def test_a_resume_names_a_retention_change(tmp_path):
+    """keep_last/keep_every are not among the settings a resume may change: a smaller one would prune checkpoints
+    the run has kept. Where it stops and its optimizer settings are."""
+    cfg = load_config(minimal(tmp_path))
+    saved = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
+    cfg.max_steps, cfg.optim.lr = cfg.max_steps + 1, cfg.optim.lr * 2
+    assert resume_changes(saved, cfg) == {}
+    cfg.keep_last, cfg.keep_every = cfg.keep_last + 1, cfg.keep_every + cfg.checkpoint_every
+    assert resume_changes(saved, cfg) == {"keep_every": (saved["keep_every"], cfg.keep_every),
+                                          "keep_last": (saved["keep_last"], cfg.keep_last)}
+
+
 def test_unknown_yaml_key_at_depth_names_the_full_dotted_key(tmp_path):
     path = minimal(tmp_path, finetune={"lora": {"rnak": 4}})
     with pytest.raises(ConfigError, match=r"unknown config key 'finetune\.lora\.rnak': did you mean "
@@ -371,6 +383,14 @@ def test_validate_lists_every_problem_and_checks_its_arguments(tmp_path):
         validate(cfg)
     with pytest.raises(ValueError, match="world_size must be a positive int"):
         validate(load_config(minimal(tmp_path)), world_size=0)
+
+
+def test_a_detector_list_ignores_spaces_and_empty_entries(tmp_path):
+    """faces.detector (and evaluate's --detector) as a comma list: 'insightface, mtcnn,' is insightface then mtcnn."""
+    from fastfair.config import detector_names
+
+    assert detector_names(" insightface, mtcnn,") == ["insightface", "mtcnn"]
+    validate(load_config(minimal(tmp_path), ["faces.detector=opencv,"]))
 
 
 def test_fp16_is_fine_on_cuda_and_bf16_on_cpu(tmp_path):

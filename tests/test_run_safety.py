@@ -610,6 +610,17 @@ def test_a_stop_keeps_its_exit_status_when_stderr_cannot_be_written(tmp_path, wo
     assert max(checkpoint.list_checkpoints(cfg.output_dir)) == 2
 
 
+def test_the_write_probe_leaves_nothing_behind(tmp_path):
+    """cannot_write makes the folder and probes it with a temporary folder: removed again, so output_dir and its
+    checkpoints/ hold only what the run writes."""
+    from fastfair.run_control import cannot_write
+
+    folder = tmp_path / "out" / "checkpoints"
+    assert cannot_write(folder, "output_dir=out", "output_dir") is None
+    assert folder.is_dir() and list(folder.iterdir()) == []
+    assert cannot_write(folder, "output_dir=out", "output_dir") is None and list(folder.iterdir()) == []
+
+
 def test_a_folder_the_run_cannot_write_in_is_named_at_start(tmp_path, world, monkeypatch):
     """A checkpoints/ the run cannot write in was found at the first save, checkpoint_every iterations in (a bare
     errno); an unwritable logging.tensorboard_dir likewise. Now at start, before any iteration, naming the

@@ -327,6 +327,16 @@ def _pending_bytes_seen(monkeypatch) -> list:
     return seen
 
 
+def test_adamw8bit_state_bytes_at_bitsandbytes_8bit_threshold():
+    """bitsandbytes keeps 32-bit moments for tensors under min_8bit_size=4096 elements and 8-bit ones (plus a float32
+    absmax per 256 elements) from 4096 on: a tensor of exactly 4096 is 8-bit."""
+    from fastfair.optimizer import optimizer_state_bytes
+
+    assert optimizer_state_bytes("adamw8bit", [torch.zeros(4096)]) == 2 * (4096 + 4 * 16)
+    assert optimizer_state_bytes("adamw8bit", [torch.zeros(4095)]) == 2 * 4095 * 4
+    assert optimizer_state_bytes("adamw8bit", [torch.zeros(4096, dtype=torch.bfloat16)]) == 2 * (4096 + 4 * 16)
+
+
 def test_the_memory_budget_counts_the_optimizer_state_made_at_the_first_step(tmp_path, world, monkeypatch):
     """The plan is decided at iteration 0, before AdamW makes its two moments (at its first step): they are counted
     from the parameters then, and measured (memory_allocated, CUDA) afterwards."""

@@ -1,10 +1,12 @@
 """Data parallel: `torchrun --nproc_per_node=2 fastfair/train.py` (gloo, 2 images per rank) trains the same
 weights as one process with the whole batch of 4 (global-batch alignment targets, averaged gradients)."""
 import socket
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -60,8 +62,6 @@ def test_two_processes_equal_one(tmp_path):
 def test_deepspeed_zero2_with_resume_equals_plain_run(tmp_path):
     """`fastfair/train.py --deepspeed_config` (ZeRO-2, fp32, 2 processes): 1 iteration, then a resume from its
     checkpoint (optimizer shards included) to 2, trains the same weights as one plain process for 2."""
-    import json
-
     world = make_world(tmp_path / "world")
     ds_json = tmp_path / "zero2_fp32.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10**9}))
@@ -85,6 +85,92 @@ def test_deepspeed_zero2_with_resume_equals_plain_run(tmp_path):
         assert set(one) == set(ds) and one
         for key in one:
             torch.testing.assert_close(ds[key], one[key], rtol=1e-4, atol=5e-5)
+
+
+def test_deepspeed_bf16_resume_keeps_the_fp32_master_weights(tmp_path):
+    """ZeRO-2 bf16 (2 processes): the model holds bf16 copies, the optimizer shards the fp32 master weights. A run
+    resumed at iteration 1 trains to the same weights as one that ran 2 iterations at once: the resume takes the
+    masters from the shards, not from the rounded bf16 copies."""
+    pytest.importorskip("deepspeed")
+    world = make_world(tmp_path / "world")
+    ds_json = tmp_path / "zero2_bf16.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
+                                   "steps_per_print": 10**9}))
+    env = child_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    finals = {}
+    for name, steps in (("resumed", (1, 2)), ("straight", (2,))):
+        config = write_config(tmp_path / name, world, "text_unet_lora")
+        for max_steps in steps:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   str(REPO / "fastfair" / "train.py"), "--config", str(config), "--deepspeed_config", str(ds_json),
+                   "precision.mixed=bf16", f"max_steps={max_steps}", "resume=auto"]
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        finals[name] = load_file(str(tmp_path / name / "run" / "checkpoints" / "step_00000002" / "weights.safetensors"))
+    assert set(finals["resumed"]) == set(finals["straight"]) and finals["straight"]
+    for key, value in finals["straight"].items():
+        assert torch.equal(finals["resumed"][key], value), key
+
+
+def test_deepspeed_shards_of_another_number_of_ranks_are_refused(monkeypatch):
+    """A ZeRO checkpoint's optimizer shards are partitions of one world size: a resume on another is refused by
+    name (DeepSpeed would take its own rank's shard: an IndexError, or a partition of the wrong size)."""
+    from types import SimpleNamespace
+
+    import fastfair.zero as zero
+
+    loaded = []
+    engine = SimpleNamespace(optimizer=SimpleNamespace(load_state_dict=loaded.append))
+    monkeypatch.setattr(zero.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(zero.dist, "get_world_size", lambda: 1)
+    with pytest.raises(ValueError, match="optimizer shards of 2 ranks; this run has 1. Resume with the same number"):
+        zero.load_optimizer_shard(engine, [{"rank": 0}, {"rank": 1}])
+    assert loaded == []
+    zero.load_optimizer_shard(engine, [{"rank": 0}])  # the same world size: its rank's shard
+    assert loaded == [{"rank": 0}]
+
+
+def test_deepspeed_takes_the_client_optimizer_with_zero(monkeypatch):
+    """DeepSpeed's ZeRO refuses a client optimizer outside its tested list (torch's AdamW is in it; bitsandbytes'
+    AdamW8bit, optim.name=adamw8bit, is not) unless zero_allow_untested_optimizer is set: the engine sets it,
+    leaving the run's JSON as it was."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import fastfair.zero as zero
+
+    seen = {}
+
+    def initialize(model, optimizer, lr_scheduler, config, dist_init_required):
+        seen.update(config)
+        return "engine", optimizer, None, lr_scheduler
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    ds = {"zero_optimization": {"stage": 2}}
+    params = {"w": torch.nn.Parameter(torch.zeros(2))}
+    assert zero.deepspeed_engine(ds, params, None, None) == "engine"
+    assert seen == {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    assert ds == {"zero_optimization": {"stage": 2}}
+
+
+def test_a_fp16_deepspeed_state_loads_weights_only(tmp_path):
+    """A DeepSpeed fp16 run's optimizer state holds a DynamicLossScaler (fp32/bf16: a LossScaler), ZeroStageEnum
+    and fragment addresses: all read by torch.load(weights_only=True) once fastfair.zero allows them. The 2-process
+    test resumes fp32 only (fp16 needs CUDA)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    import fastfair.zero as zero
+
+    scaler = DynamicLossScaler(init_scale=2.0 ** 16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    shard = {"loss_scaler": scaler, "static": LossScaler(scale=1), "zero_stage": ZeroStageEnum.gradients,
+             "address": fragment_address(numel=4, start=0)}
+    torch.save({"zero_shards": [shard]}, tmp_path / "state.pt")
+    zero.allow_deepspeed_state_in_weights_only_load()
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)["zero_shards"][0]
+    assert loaded["loss_scaler"].cur_scale == 2.0 ** 16 and loaded["zero_stage"] == ZeroStageEnum.gradients
+    assert loaded["address"] == fragment_address(numel=4, start=0) and loaded["static"].cur_scale == 1
 
 
 def test_ranks_that_resume_from_different_checkpoints_are_refused(monkeypatch):
