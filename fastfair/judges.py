@@ -35,13 +35,12 @@ def _classifier(name, spec, device):
         head = None
         if spec.attributes and not describes_itself(spec.path):
             count = file_outputs(spec.path, spec.architecture)
-            beyond = {attribute: [i for i in indices if i >= count] for attribute, indices in spec.attributes.items()}
-            beyond = {attribute: indices for attribute, indices in beyond.items() if indices}
-            if beyond:  # read, they would fail mid-run; declared but unread, they would misdescribe the file
-                attribute, indices = next(iter(beyond.items()))
-                raise ValueError(f"classifiers.{name}.attributes.{attribute}: {spec.path} has {count} outputs "
-                                 f"(0-{count - 1}), so it has no outputs {indices}: give the indices of its outputs "
-                                 "that hold each attribute, or leave out an attribute it does not predict")
+            for attribute, indices in spec.attributes.items():
+                beyond = [i for i in indices if i >= count]
+                if beyond:  # read, they would fail mid-run; declared but unread, they would misdescribe the file
+                    raise ValueError(f"classifiers.{name}.attributes.{attribute}: {spec.path} has {count} outputs "
+                                     f"(0-{count - 1}), so it has no outputs {beyond}: give the indices of its "
+                                     "outputs that hold each attribute, or leave out an attribute it does not predict")
             head = output_head(count)
         module = load_classifier(spec.path, head, arch=spec.architecture, input_size=spec.input_size)
     return module.to(device).eval().requires_grad_(False)
