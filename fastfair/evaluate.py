@@ -56,16 +56,19 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
              detector="opencv", margin: float = FACE_MARGIN, clip=None, dino=None, dtype: str = "fp32",
              weights: str = "ema", device: Optional[str] = None, grid_columns: int = 8,
              fid_reference=None, fid_inception=None, progress: bool = True, semantics=None,
-             model_config: Optional[str] = None, classifier_head: Optional[Sequence[str]] = None) -> dict:
+             model_config: Optional[str] = None, classifier_head: Optional[Sequence[str]] = None,
+             base_images=None) -> dict:
     """Run the whole evaluation (module docstring); returns the results dict (also in metrics.json) with
     ``generated``: the cache paths this call had to generate. semantics: a `fastfair.losses.SemanticsLoss` or a
     'package.module:function' returning one (e.g. ``fastfair.toy:toy_semantics``), scored as ``sim_<encoder>``.
     model_config: the architecture folder (a diffusers folder) when model is a single-file checkpoint. joint: the
     intersections scored besides each attribute (`fastfair.evaluation.scoring.attribute_sets`; None: that of all
-    the attributes)."""
+    the attributes). base_images: a folder caching the base model's images apart from `out`, so that evaluations
+    of several finetuned models (a run's checkpoints: `fastfair.select_checkpoint`) generate them once; its
+    manifest holds the base model's settings only (None: they are cached with the finetuned ones in out/images)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scales, num_steps, batch_size, margin,
-                     grid_columns, fid_reference, fid_inception)
+                     grid_columns, fid_reference, fid_inception, base_images)
     detector_name = _detector_name(detector)
     detector = get_detector(detector)  # before any image is made: an unknown name or a missing model pack fails now
     judges, classes = load_classifiers(classifiers, attributes, device, classifier_head)
@@ -80,8 +83,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
     latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
-    settings = _image_settings(model, finetuned, model_config, weights, num_steps, seed, dtype,
-                               unet_config.sample_size * scale)
+    base_settings = _base_settings(model, model_config, num_steps, seed, dtype, unet_config.sample_size * scale)
+    settings = {**base_settings, **_finetuned_settings(finetuned, weights)}
     run_config = config_file(finetuned) if finetuned and finetuned_kind(finetuned) == "checkpoint" else None
     if run_config is not None and Path(finetuned) not in run_config.parents:
         # an older checkpoint reads its settings (LoRA alpha, ...) from the run's config.yaml, which a resume rewrites
@@ -90,9 +93,15 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         _warn_of_training_prompts(run_config, prompts)
     out = Path(out)
     cache = ImageCache(out / "images", settings)
-    jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales for m in sources
-            for p, prompt in enumerate(prompts) for j in range(count)]
-    generate_missing(cache, jobs, sources, vae, scheduler, latent_shape, num_steps, batch_size, device, progress)
+    caches = {m: cache for m in sources}
+    if base_images is not None:
+        caches["base"] = ImageCache(base_images, base_settings, "--base-images")
+        settings["base_images"] = str(base_images)  # reported; the base images' own check is their manifest's
+    for m, model_cache in caches.items():
+        jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales
+                for p, prompt in enumerate(prompts) for j in range(count)]
+        generate_missing(model_cache, jobs, sources, vae, scheduler, latent_shape, num_steps, batch_size, device,
+                         progress)
 
     if isinstance(semantics, str):
         from fastfair.hooks import load_callable
@@ -111,14 +120,15 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
                                    "target": list(s.target)} for s in sets]}
     class_counts = {k: len(v) for k, v in classes.items()}
     for g in guidance_scales:
-        results["guidance"][f"{g:g}"] = _score_guidance(g, prompts, list(sources), cache, count, scorer, sets,
-                                                        class_counts, counts, fid)
-    write_report(results, out, cache.root, grid_columns)
-    return {**results, "generated": list(cache.generated)}
+        results["guidance"][f"{g:g}"] = _score_guidance(g, prompts, caches, count, scorer, sets, class_counts,
+                                                        counts, fid)
+    write_report(results, out, {m: model_cache.root for m, model_cache in caches.items()}, grid_columns)
+    generated = {path for model_cache in set(caches.values()) for path in model_cache.generated}
+    return {**results, "generated": sorted(generated)}
 
 
 def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scales, num_steps, batch_size, margin,
-                     grid_columns, fid_reference, fid_inception) -> None:
+                     grid_columns, fid_reference, fid_inception, base_images=None) -> None:
     """evaluate's arguments, refused before any model loads or image is made (named by their CLI flags)."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
@@ -138,6 +148,11 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
         raise ValueError(f"--margin {margin}: expected a fraction of the face box >= 0 (default {FACE_MARGIN})")
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out}: a file; give a folder for the images and the report")
+    if base_images is not None and Path(base_images).exists() and not Path(base_images).is_dir():
+        raise ValueError(f"--base-images {base_images}: a file; give a folder for the base model's images")
+    if base_images is not None and Path(base_images).resolve() == (Path(out) / "images").resolve():
+        raise ValueError(f"--base-images {base_images}: the folder --out keeps the finetuned model's images in; "
+                         "give a folder of its own (e.g. beside --out)")
     if bool(fid_reference) != bool(fid_inception):
         raise ValueError("FID needs both --fid-reference (a folder of real images) and --fid-inception (weights)")
     if images_per_prompt is not None and images_per_prompt < 1:  # only None means the default count
@@ -145,26 +160,31 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
                          "default 60 / 80 / 160)")
 
 
-def _image_settings(model, finetuned, model_config, weights, num_steps, seed, dtype, resolution) -> dict:
-    """What the cached images depend on (fastfair.evaluation.cache.ImageCache): another value regenerates them.
-    The files' fingerprints, not only their paths: new weights under the same path must not reuse old images."""
-    settings = {"model": str(model), "finetuned": str(finetuned or ""), "weights": weights, "steps": num_steps,
-                "seed": seed, "dtype": dtype, "resolution": resolution,
-                "model_files": weight_fingerprint(resolve_model(model)),
-                "finetuned_files": weight_fingerprint(finetuned)}
+def _base_settings(model, model_config, num_steps, seed, dtype, resolution) -> dict:
+    """What the base model's cached images depend on (fastfair.evaluation.cache.ImageCache): another value
+    regenerates them. The files' fingerprints, not only their paths: new weights under the same path must not
+    reuse old images."""
+    settings = {"model": str(model), "steps": num_steps, "seed": seed, "dtype": dtype, "resolution": resolution,
+                "model_files": weight_fingerprint(resolve_model(model))}
     if model_config:  # a single-file model's architecture: another one gives other images from the same weights
         settings.update(model_config=str(model_config), model_config_files=weight_fingerprint(model_config))
     return settings
 
 
-def _score_guidance(g, prompts, models, cache, count, scorer, sets, class_counts, counts, fid) -> dict:
+def _finetuned_settings(finetuned, weights) -> dict:
+    """What the finetuned model's images depend on besides `_base_settings`."""
+    return {"finetuned": str(finetuned or ""), "weights": weights, "finetuned_files": weight_fingerprint(finetuned)}
+
+
+def _score_guidance(g, prompts, caches, count, scorer, sets, class_counts, counts, fid) -> dict:
     """{model: {"per_prompt": {prompt: row}, "images": {prompt: paths}, "summary": ..., ["fid"]}} at guidance g,
-    from the cached images (fastfair.evaluation.scoring.Scorer.score_prompt gives each row)."""
+    from the images cached in caches[model] (fastfair.evaluation.scoring.Scorer.score_prompt gives each row)."""
+    models = list(caches)
     by_model = {m: {"per_prompt": {}, "images": {}} for m in models}
     features = {m: [] for m in models}
     for p, prompt in enumerate(prompts):
         paths = {m: [image_path(g, m, p, j) for j in range(count)] for m in models}
-        images = {m: from_png([cache.path(path) for path in paths[m]]) for m in models}
+        images = {m: from_png([caches[m].path(path) for path in paths[m]]) for m in models}
         for m in models if fid else ():
             features[m].append(fid(images[m]))
         for m, row in scorer.score_prompt(prompt, images, sets, class_counts, counts).items():
@@ -238,12 +258,15 @@ def _detector_name(detector) -> str:
     return detector if isinstance(detector, str) else getattr(detector, "__name__", type(detector).__name__)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate bias and semantics preservation of a (finetuned) model.")
+def evaluation_parser(description: str, finetuned: bool = True) -> argparse.ArgumentParser:
+    """The flags of `evaluate`'s arguments (`evaluate_options` reads them); finetuned=False leaves out
+    --finetuned and --base-images, for a command that supplies those itself (`fastfair.select_checkpoint`)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True,
                         help="diffusers folder, single-file checkpoint, pkg://PACKAGE/PATH, or 'toy'")
     parser.add_argument("--model-config", help="with a single-file --model: " + SINGLE_FILE_CONFIG_LAYOUT)
-    parser.add_argument("--finetuned", help="training checkpoint folder or a python -m fastfair.export folder")
+    if finetuned:
+        parser.add_argument("--finetuned", help="training checkpoint folder or a python -m fastfair.export folder")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"),
                         help="a checkpoint's weights to use (an export holds those it was written with)")
     parser.add_argument("--classifier", action="append", required=True, help="attribute classifier (repeatable)")
@@ -283,28 +306,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grid-columns", type=int, default=8)
     parser.add_argument("--fid-reference", help="folder of real images for FID (optional)")
     parser.add_argument("--fid-inception", help="TorchScript feature extractor for FID, uint8 [N,3,H,W] -> [N,D]")
+    if finetuned:
+        parser.add_argument("--base-images",
+                            help="a folder caching the base model's images apart from --out, shared by evaluations "
+                                 "of other finetuned models with the same settings (default: in OUT/images)")
     parser.add_argument("--out", required=True)
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
+def split_list(text: Optional[str]) -> Optional[list]:
+    """'a, b,,c' -> ['a', 'b', 'c']; None or '' -> None (the flag's default)."""
+    return [v.strip() for v in text.split(",") if v.strip()] if text else None
+
+
+def evaluate_options(args: argparse.Namespace) -> dict:
+    """`evaluate`'s keyword arguments from `evaluation_parser`'s flags (those it has), checked as the CLI's."""
     try:
-        guidance = [float(v) for v in split(args.guidance_scales) or []]
+        guidance = [float(v) for v in split_list(args.guidance_scales) or []]
     except ValueError:
         guidance = []
     if not guidance:
         raise ValueError(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
-    detector = detector_from_flags(args.detector, args.detector_path)
     # each --joint flag is one intersection (a lone name is refused, not joined with the next flag's); '' is none
-    joint = None if args.joint is None else [names for names in map(split, args.joint) if names]
-    evaluate(args.model, args.classifier, load_prompts(args.prompts, args.max_prompts), args.out, args.finetuned,
-             split(args.attributes), _targets(args.target), joint, args.images_per_prompt, guidance,
-             args.steps, args.seed, args.batch_size, detector, args.margin,
-             args.clip, args.dino, args.dtype, args.weights, args.device, args.grid_columns, args.fid_reference,
-             args.fid_inception, semantics=args.semantics, model_config=args.model_config,
-             classifier_head=split(args.classifier_head))
+    joint = None if args.joint is None else [names for names in map(split_list, args.joint) if names]
+    options = dict(model=args.model, classifiers=args.classifier, prompts=load_prompts(args.prompts, args.max_prompts),
+                   out=args.out, attributes=split_list(args.attributes), targets=_targets(args.target), joint=joint,
+                   images_per_prompt=args.images_per_prompt, guidance_scales=guidance, num_steps=args.steps,
+                   seed=args.seed, batch_size=args.batch_size,
+                   detector=detector_from_flags(args.detector, args.detector_path), margin=args.margin,
+                   clip=args.clip, dino=args.dino, dtype=args.dtype, weights=args.weights, device=args.device,
+                   grid_columns=args.grid_columns, fid_reference=args.fid_reference,
+                   fid_inception=args.fid_inception, semantics=args.semantics, model_config=args.model_config,
+                   classifier_head=split_list(args.classifier_head))
+    options.update({key: getattr(args, key) for key in ("finetuned", "base_images") if hasattr(args, key)})
+    return options
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return evaluation_parser("Evaluate bias and semantics preservation of a (finetuned) model.").parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    evaluate(**evaluate_options(args))
     print(Path(args.out) / "report.html")
 
 

@@ -119,7 +119,8 @@ class Job:
 class ImageCache:
     """PNG cache with a manifest; `generated` lists the paths this object wrote (the resume check)."""
 
-    def __init__(self, root, settings: dict):
+    def __init__(self, root, settings: dict, flag: str = "--out"):
+        """flag: the option that named root, for the fix in a refusal (``--base-images`` for a shared one)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
@@ -128,14 +129,14 @@ class ImageCache:
             try:
                 stored = json.loads((self.root / MANIFEST).read_text())
             except ValueError:  # emptied or cut off (a full disk): its images cannot be trusted
-                raise StaleCacheError(f"{self.root / MANIFEST}: unreadable; use another --out or delete the folder",
+                raise StaleCacheError(f"{self.root / MANIFEST}: unreadable; use another {flag} or delete the folder",
                                       ["manifest"]) from None
             if stored.get("settings") != self.settings:
                 old = stored.get("settings", {})
                 changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
                 described = "; ".join(_describe_change(k, old.get(k), self.settings.get(k)) for k in changed)
                 raise StaleCacheError(f"{self.root}: cached images were made with other settings ({described}); "
-                                      "use another --out or delete the folder", changed)
+                                      f"use another {flag} or delete the folder", changed)
             self.manifest = stored
         self.generated: List[str] = []
 

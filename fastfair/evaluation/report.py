@@ -247,9 +247,12 @@ def nan_to_null(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def write_report(results: dict, out, cache_root, grid_columns: int = 8) -> Dict[str, Path]:
-    """Every output file of the module docstring; returns {kind: path} of the main ones."""
+def write_report(results: dict, out, cache_roots, grid_columns: int = 8) -> Dict[str, Path]:
+    """Every output file of the module docstring; returns {kind: path} of the main ones. cache_roots: the folder
+    the images' paths are relative to, or {model: folder} when the models' images are cached apart."""
     out = Path(out)
+    if not isinstance(cache_roots, dict):
+        cache_roots = {model: cache_roots for models in results["guidance"].values() for model in models}
     (out / "metrics.json").write_text(json.dumps(nan_to_null(results), indent=1, allow_nan=False), encoding="utf-8")
     write_csv(results, out / "per_prompt.csv")
     header, rows = table_rows(results)
@@ -259,7 +262,7 @@ def write_report(results: dict, out, cache_root, grid_columns: int = 8) -> Dict[
     grids = []
     for guidance, models in results["guidance"].items():
         for index, prompt in enumerate(results["prompts"]):
-            rows_of_files = [[Path(cache_root) / p for p in models[m]["images"][prompt][:grid_columns]]
+            rows_of_files = [[Path(cache_roots[m]) / p for p in models[m]["images"][prompt][:grid_columns]]
                              for m in models]
             grids.append((f"guidance {guidance}: {prompt}",
                           write_grid(rows_of_files, out / "grids" / f"g{guidance}" / f"p{index:03d}.png")))
