@@ -111,6 +111,12 @@ def step_folders(output_dir) -> Dict[int, Path]:
     return dict(sorted((int(match.group(1)), folder) for match, folder in matches if match))
 
 
+def checkpoint_step(folder) -> Optional[int]:
+    """The iteration a checkpoint folder's name (step_NNNNNNNN) gives; None for any other name."""
+    match = _NAME.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
 def rng_state() -> dict:
     """Python, NumPy, torch CPU (and CUDA) generator states as tensors and plain values."""
     name, keys, pos, has_gauss, cached = np.random.get_state()

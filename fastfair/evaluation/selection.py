@@ -1,0 +1,152 @@
+"""Rank a run's checkpoints by their evaluations (`fastfair.select_checkpoint`) and write the selection.
+
+Input: one `fastfair.evaluate.evaluate` results dict per checkpoint, all made with the same base images,
+prompts and scoring. At one guidance scale, a checkpoint's score is its headline metric (`report.headline`:
+the paper's bias for a uniform target, the total variation to the target otherwise), mean over prompts, of the
+attribute set ranked by, or the mean of every set's when none is named. A checkpoint is eligible when it has a
+score (some image with a face) and every ``min_semantics`` floor holds (e.g. ``clip_i >= 0.8``: a low bias
+bought by images that no longer resemble the original's is not the method's aim, Eq. 9-10). The best is the
+eligible checkpoint with the lowest score; on a tie, the earliest (the least drift from the original).
+
+Files under the sweep's folder:
+- ``selection.json``: {"guidance", "rank_by", "min_semantics", "best", "original": {metric: mean},
+  "checkpoints": [{"name", "step", "folder", "score", "eligible", "metrics": {metric: mean}}]};
+- ``selection.md``: one row per checkpoint (the original first), its score, each set's headline, the semantics;
+- ``selection.png``: each set's headline over the training steps, the original's as a dashed line.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from fastfair.evaluation.report import headline, markdown_table, nan_to_null, semantic_columns
+
+
+@dataclass
+class Candidate:
+    """One evaluated checkpoint: its folder name, its training step (None for an export) and results dict."""
+
+    name: str
+    step: Optional[int]
+    folder: str
+    results: dict
+
+
+def _means(results: dict, guidance: str, model: str) -> Dict[str, float]:
+    """{metric: mean over prompts} of `model` at `guidance`: each set's headline and the semantics columns."""
+    summary = results["guidance"][guidance][model]["summary"]
+    keys = [f"{s['name']}.{headline(s)[0]}" for s in results["attribute_sets"]]
+    keys += [key for key, _ in semantic_columns(results)]
+    return {key: summary[key]["mean"] if key in summary else math.nan for key in keys}
+
+
+def rank_keys(results: dict, rank_by: Optional[str]) -> List[str]:
+    """The summary keys a score averages: the headline of set `rank_by`, or of every set when None."""
+    sets = {s["name"]: s for s in results["attribute_sets"]}
+    if rank_by is not None and rank_by not in sets:
+        raise ValueError(f"--rank {rank_by}: not an evaluated attribute set; expected one of {', '.join(sets)}")
+    chosen = [sets[rank_by]] if rank_by is not None else list(sets.values())
+    return [f"{s['name']}.{headline(s)[0]}" for s in chosen]
+
+
+def check_floors(results: dict, min_semantics: Mapping[str, float]) -> None:
+    """A floor on a metric the evaluation does not score is refused by name, with the ones it does."""
+    summaries = [models["finetuned"]["summary"] for models in results["guidance"].values()]
+    scored = [key for key, _ in semantic_columns(results) if key != "diversity"
+              and any(summary.get(key, {}).get("count", 0) > 0 for summary in summaries)]
+    unknown = [key for key in min_semantics if key not in scored]
+    if unknown:
+        raise ValueError(f"--min-semantics {unknown[0]}: not scored by this evaluation; scored: "
+                         f"{', '.join(scored)} (clip_t and clip_i need --clip, dino --dino, sim_<name> --semantics)")
+
+
+def select(candidates: Sequence[Candidate], guidance: str, rank_by: Optional[str] = None,
+           min_semantics: Optional[Mapping[str, float]] = None) -> dict:
+    """The selection dict of the module docstring (its "best" is None when no checkpoint is eligible)."""
+    if not candidates:
+        raise ValueError("no checkpoints to select from")
+    min_semantics = dict(min_semantics or {})
+    first = candidates[0].results
+    keys = rank_keys(first, rank_by)
+    check_floors(first, min_semantics)
+    rows = []
+    for candidate in candidates:
+        metrics = _means(candidate.results, guidance, "finetuned")
+        values = [metrics[key] for key in keys]
+        score = math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
+        # a NaN semantics mean (no value) fails its floor: an unmeasured checkpoint is not selected
+        eligible = not math.isnan(score) and all(metrics.get(key, math.nan) >= floor
+                                                 for key, floor in min_semantics.items())
+        rows.append({"name": candidate.name, "step": candidate.step, "folder": candidate.folder, "score": score,
+                     "eligible": eligible, "metrics": metrics})
+    eligible = [row for row in rows if row["eligible"]]
+    # min keeps the first of equal scores: the candidates come in training order
+    best = min(eligible, key=lambda row: row["score"])["name"] if eligible else None
+    return {"guidance": guidance, "rank_by": rank_by or "mean of " + ", ".join(keys), "rank_keys": keys,
+            "min_semantics": min_semantics, "best": best, "original": _means(first, guidance, "base"),
+            "checkpoints": rows}
+
+
+def _cell(value: float) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def selection_table(selection: dict, results: dict) -> str:
+    """selection.md's Markdown: the original, then each checkpoint in order, the best marked."""
+    # a semantics column no model has a value in (CLIP without --clip, ...) says nothing: left out
+    rows_of_metrics = [selection["original"]] + [row["metrics"] for row in selection["checkpoints"]]
+    metric_keys = [key for key in selection["original"]
+                   if not all(metrics[key] is None or math.isnan(metrics[key]) for metrics in rows_of_metrics)]
+    labels = {f"{s['name']}.{headline(s)[0]}": f"{headline(s)[1]} {s['name']} ↓" for s in results["attribute_sets"]}
+    labels.update({key: f"{label} ↑" for key, label in semantic_columns(results)})
+    header = ["Checkpoint", "Step", "Score ↓", "Eligible"] + [labels[key] for key in metric_keys]
+    rows = [["Original", "—", "—", "—"] + [_cell(selection["original"][key]) for key in metric_keys]]
+    for row in selection["checkpoints"]:
+        name = f"**{row['name']}** (best)" if row["name"] == selection["best"] else row["name"]
+        rows.append([name, "—" if row["step"] is None else str(row["step"]), _cell(row["score"]),
+                     "yes" if row["eligible"] else "no"] + [_cell(row["metrics"][key]) for key in metric_keys])
+    floors = ", ".join(f"{key} >= {value:g}" for key, value in selection["min_semantics"].items()) or "none"
+    best = selection["best"] or "none (no checkpoint is eligible)"
+    return (f"# Checkpoint selection\n\nGuidance {selection['guidance']}; score: {selection['rank_by']} (mean over "
+            f"prompts); semantics floors: {floors}. Best: {best}.\n\n" + markdown_table(header, rows))
+
+
+def plot_selection(selection: dict, results: dict, path: Path) -> Optional[Path]:
+    """selection.png: each set's headline per checkpoint (by step; by order where a step is unknown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = selection["checkpoints"]
+    steps = [row["step"] for row in rows]
+    x = steps if all(step is not None for step in steps) else list(range(len(rows)))
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for s in results["attribute_sets"]:
+        key = f"{s['name']}.{headline(s)[0]}"
+        line, = axes.plot(x, [row["metrics"][key] for row in rows], marker="o", label=f"{headline(s)[1]} {s['name']}")
+        axes.axhline(selection["original"][key], color=line.get_color(), linestyle="--", linewidth=1)
+    for row, position in zip(rows, x):
+        if row["name"] == selection["best"]:
+            axes.axvline(position, color="grey", linewidth=1)
+    axes.set_xlabel("training step" if x is steps else "checkpoint")
+    axes.set_ylabel("mean over prompts (dashed: original)")
+    axes.set_title(f"guidance {selection['guidance']}" + (f"; best {selection['best']}" if selection["best"] else ""))
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_selection(selection: dict, results: dict, out) -> Dict[str, Path]:
+    """selection.json, selection.md and selection.png under out; returns their paths."""
+    out = Path(out)
+    files = {"json": out / "selection.json", "markdown": out / "selection.md", "plot": out / "selection.png"}
+    files["json"].write_text(json.dumps(nan_to_null(selection), indent=1, allow_nan=False), encoding="utf-8")
+    files["markdown"].write_text(selection_table(selection, results), encoding="utf-8")
+    plot_selection(selection, results, files["plot"])
+    return files
