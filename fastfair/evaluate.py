@@ -29,6 +29,7 @@ from fastfair.evaluation.sources import finetuned_kind, load_sources, resolve_mo
 from fastfair.faces import get_detector
 from fastfair.faces.detect import detector_from_flags  # shared with python -m fastfair.faces.build_bank
 from fastfair.metrics import summarize
+from fastfair.models import latent_size
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
 
 
@@ -82,8 +83,11 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
-    latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
-    base_settings = _base_settings(model, model_config, num_steps, seed, dtype, unet_config.sample_size * scale)
+    height, width = latent_size(unet_config)
+    latent_shape = (unet_config.in_channels, height, width)
+    # a square model's images are keyed by their side, as before pairs were read: existing caches stay valid
+    resolution = height * scale if height == width else [height * scale, width * scale]
+    base_settings = _base_settings(model, model_config, num_steps, seed, dtype, resolution)
     settings = {**base_settings, **_finetuned_settings(finetuned, weights)}
     run_config = config_file(finetuned) if finetuned and finetuned_kind(finetuned) == "checkpoint" else None
     if run_config is not None and Path(finetuned) not in run_config.parents:

@@ -17,7 +17,7 @@ import torch
 from fastfair.evaluation.cache import paired_noise
 from fastfair.evaluation.sources import finetuned_kind, resolve_model, resolve_model_config
 from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline
-from fastfair.models import load_stable_diffusion
+from fastfair.models import latent_size, load_stable_diffusion
 
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 7.5
@@ -70,8 +70,7 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int
                                    feature_extractor=None, requires_safety_checker=False).to(device)
     prefix = load_into_pipeline(pipe, lora) if lora else ""
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
-    side = parts.unet.config.sample_size
-    shape = (parts.unet.config.in_channels, *((side, side) if isinstance(side, int) else side))
+    shape = (parts.unet.config.in_channels, *latent_size(parts.unet.config))
     out.mkdir(parents=True, exist_ok=True)
     paths, batch = [], batch_size or num_images
     with tqdm(total=num_images, desc="generating", unit="img") as bar:

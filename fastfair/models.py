@@ -83,6 +83,13 @@ def _from_single_file(path: Path, config: Optional[str], key: str, config_key: s
     return pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
 
 
+def latent_size(unet_config) -> tuple:
+    """(height, width) of the U-Net's latents: its config's ``sample_size``, an int for a square model (every
+    SD 1.x/2.x) or a [height, width] pair."""
+    size = unet_config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def set_attention(unet: torch.nn.Module, attention: str) -> None:
     """'sdpa' (PyTorch scaled-dot-product attention, diffusers' default) or 'xformers' (CUDA only)."""
     if attention == "sdpa":

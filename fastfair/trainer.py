@@ -41,7 +41,7 @@ from fastfair.dft import sample
 from fastfair.ema import EMA
 from fastfair.finetune import FinetunedModel
 from fastfair.judges import build_judges, head_disagreements
-from fastfair.models import load_stable_diffusion, torch_dtype
+from fastfair.models import latent_size, load_stable_diffusion, torch_dtype
 from fastfair.optimizer import build_optimizer, optimizer_state_bytes, saved_optimizer_name
 from fastfair.process_group import process_group
 from fastfair.prompts import build_prompt_mixture
@@ -118,8 +118,9 @@ class Trainer:
             below = max(scale, cfg.model.resolution // scale * scale)
             raise ValueError(f"model.resolution={cfg.model.resolution} is not a multiple of the VAE's factor {scale}: "
                              f"use e.g. {below} or {below + scale}")
-        side = (cfg.model.resolution or self.model.unet.config.sample_size * scale) // scale
-        self.latent_shape = (self.model.unet.config.in_channels, side, side)
+        # model.resolution: a square of that side; unset, the U-Net's own size (a [height, width] pair or a side)
+        size = (cfg.model.resolution // scale,) * 2 if cfg.model.resolution else latent_size(self.model.unet.config)
+        self.latent_shape = (self.model.unet.config.in_channels, *size)
         from fastfair.memory_budget import MemoryBudget
 
         budget = cfg.sampler.memory_budget_gb

@@ -471,3 +471,31 @@ def test_a_target_with_another_number_of_classes_is_refused():
     classes = {"gender": ("female", "male")}
     with pytest.raises(ValueError, match="--target gender: expected 2 probabilities"):
         attribute_sets(classes, {"gender": [0.2, 0.3, 0.5]})
+
+
+def test_a_non_square_model_is_sampled_at_its_own_shape(files, tmp_path):
+    """A U-Net config's sample_size may be a [height, width] pair: evaluate, generate and the trainer use it."""
+    import shutil
+
+    from fastfair.config import load_config
+    from fastfair.generate import main as generate_main
+    from fastfair.trainer import Trainer, process_group
+    from test_trainer_world import write_config
+
+    model = shutil.copytree(files["sd"], tmp_path / "wide")
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": [8, 12]}))
+    results = run(files, tmp_path / "eval", model=str(model), finetuned=None, images_per_prompt=2,
+                  guidance_scales=(5.0,), prompts=PROMPTS[:1], clip=None, dino=None, detector="none")
+    assert results["settings"]["resolution"] == [16, 24]  # the VAE's factor 2
+    image = Image.open(tmp_path / "eval" / "images" / results["generated"][0])
+    assert image.size == (24, 16)  # PIL: (width, height)
+    generate_main(["--model", str(model), "--prompt", PROMPTS[0], "--num-images", "1", "--steps", "2",
+                   "--out", str(tmp_path / "gen")])
+    assert Image.open(next((tmp_path / "gen").glob("*.png"))).size == (24, 16)
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path / "run", {**files, "sd": model})))
+        assert trainer.latent_shape == (4, 8, 12)
+        square = Trainer(load_config(write_config(tmp_path / "run2", {**files, "sd": model}),
+                                     ["model.resolution=32"]))
+        assert square.latent_shape == (4, 16, 16)  # model.resolution: a square of that side
