@@ -142,7 +142,12 @@ def main(argv=None) -> None:
     floors = parse_floors(args.min_semantics)
     selection = select_checkpoint(args.checkpoints, out, args.every, args.rank, floors, **options)
     print(Path(out) / "selection.md")
-    print(f"best: {selection['best'] or 'none (no checkpoint is eligible)'}")
+    best = next((row for row in selection["checkpoints"] if row["name"] == selection["best"]), None)
+    if best is None:
+        print("best: none (no checkpoint is eligible)")
+    else:
+        print(f"best: {best['name']} ({best['folder']}); to use it: python -m fastfair.export {best['folder']} "
+              "--out DIR")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,21 @@ def test_sweep_shares_the_base_images_ranks_and_resumes(world, tmp_path):
     assert again["best"] == selection["best"]
 
 
+def whole_image_face(rgb):
+    """A detector that finds one face: the whole image."""
+    return [(0, 0, rgb.shape[1], rgb.shape[0])]
+
+
+def test_cli_names_the_best_and_how_to_export_it(world, tmp_path, capsys):
+    main([str(world["run"] / "checkpoints" / "step_00000003"), "--model", str(world["sd"]), "--classifier",
+          str(world["classifier"]), "--prompts", "occupations:test", "--max-prompts", "1", "--images-per-prompt",
+          "2", "--steps", "2", "--guidance-scales", "3", "--detector", "test_select_checkpoint:whole_image_face",
+          "--device", "cpu", "--out", str(tmp_path / "one")])
+    folder = world["run"] / "checkpoints" / "step_00000003"
+    assert capsys.readouterr().out.strip().endswith(
+        f"best: step_00000003 ({folder}); to use it: python -m fastfair.export {folder} --out DIR")
+
+
 def test_cli_with_every_and_a_semantics_floor(world, tmp_path, capsys):
     out = tmp_path / "cli"
     main([str(world["run"]), "--every", "2", "--min-semantics", "clip_i=2", "--model", str(world["sd"]),
