@@ -313,7 +313,8 @@ def evaluation_parser(description: str, finetuned: bool = True) -> argparse.Argu
     if finetuned:
         parser.add_argument("--base-images",
                             help="a folder caching the base model's images apart from --out, shared by evaluations "
-                                 "of other finetuned models with the same settings (default: in OUT/images)")
+                                 "of other finetuned models with the same settings, one at a time (default: in "
+                                 "OUT/images)")
     parser.add_argument("--out", required=True)
     return parser
 
@@ -331,13 +332,14 @@ def evaluate_options(args: argparse.Namespace) -> dict:
         guidance = []
     if not guidance:
         raise ValueError(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
+    detector = detector_from_flags(args.detector, args.detector_path)
     # each --joint flag is one intersection (a lone name is refused, not joined with the next flag's); '' is none
     joint = None if args.joint is None else [names for names in map(split_list, args.joint) if names]
-    options = dict(model=args.model, classifiers=args.classifier, prompts=load_prompts(args.prompts, args.max_prompts),
-                   out=args.out, attributes=split_list(args.attributes), targets=_targets(args.target), joint=joint,
+    prompts = load_prompts(args.prompts, args.max_prompts)
+    options = dict(model=args.model, classifiers=args.classifier, prompts=prompts, out=args.out,
+                   attributes=split_list(args.attributes), targets=_targets(args.target), joint=joint,
                    images_per_prompt=args.images_per_prompt, guidance_scales=guidance, num_steps=args.steps,
-                   seed=args.seed, batch_size=args.batch_size,
-                   detector=detector_from_flags(args.detector, args.detector_path), margin=args.margin,
+                   seed=args.seed, batch_size=args.batch_size, detector=detector, margin=args.margin,
                    clip=args.clip, dino=args.dino, dtype=args.dtype, weights=args.weights, device=args.device,
                    grid_columns=args.grid_columns, fid_reference=args.fid_reference,
                    fid_inception=args.fid_inception, semantics=args.semantics, model_config=args.model_config,

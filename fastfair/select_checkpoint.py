@@ -15,10 +15,12 @@ Do not run two sweeps over one DIR at the same time (they would share DIR/base_i
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from fastfair.evaluate import evaluate, evaluate_options, evaluation_parser
+from fastfair.evaluation.cache import StaleCacheError
 from fastfair.evaluation.selection import Candidate, check_floors, rank_keys, select, write_selection
 
 BASE_IMAGES = "base_images"
@@ -33,7 +35,9 @@ def expand_checkpoints(folders: Sequence[str], every: Optional[int] = None) -> L
     if every is not None and every < 1:
         raise ValueError(f"--every {every}: expected a step interval >= 1 (e.g. 200, the method's)")
     found = []
-    for folder in map(Path, folders):
+    # absolute: the evaluations' image caches are keyed by the folder's path (a rerun spelling it otherwise
+    # would be refused), and '.' has a name
+    for folder in (Path(folder).resolve() for folder in folders):
         if checkpoint_dir(folder).is_dir() and not (folder / "weights.safetensors").is_file():
             steps = list_checkpoints(folder, resumable=False)
             if not steps:
@@ -45,6 +49,8 @@ def expand_checkpoints(folders: Sequence[str], every: Optional[int] = None) -> L
             except ValueError as error:
                 raise ValueError(f"{error}; or a training run's folder (RUN, holding checkpoints/)") from None
             found.append((folder.name, checkpoint_step(folder), folder))
+    # training order (the tie-break picks the earliest): by step, folders without one last, as given
+    found.sort(key=lambda item: (item[1] is None, item[1] or 0))
     if every is not None:
         found = [item for item in found if item[1] is not None and item[1] % every == 0]
         if not found:
@@ -106,13 +112,22 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
     bar = tqdm(found, desc="checkpoints", unit="ckpt", disable=not progress)
     for name, step, folder in bar:
         bar.set_postfix_str(name)
-        results = evaluate(out=out / name, finetuned=str(folder), base_images=out / BASE_IMAGES, progress=progress,
-                           **evaluate_kwargs)
+        if not folder.is_dir():  # pruned by a run still training (keep_last) since it was listed
+            warnings.warn(f"{folder}: deleted since the sweep started (a running training's keep_last?); skipped",
+                          stacklevel=2)
+            continue
+        try:
+            results = evaluate(out=out / name, finetuned=str(folder), base_images=out / BASE_IMAGES,
+                               progress=progress, **evaluate_kwargs)
+        except StaleCacheError as error:  # its fix names evaluate's flags; the sweep's folders all hang off --out
+            raise StaleCacheError(error.problem, error.changed, "--out") from None
         if not candidates:  # a wrong --rank or floor is reported after the first evaluation, not the last
             rank_keys(results, rank_by)
             check_floors(results, min_semantics)
         candidates.append(Candidate(name, step, str(folder), results))
         evaluations[name] = results
+    if not candidates:
+        raise ValueError("every listed checkpoint was deleted before its evaluation; nothing to select from")
     guidance = next(iter(candidates[0].results["guidance"]))  # the first --guidance-scales value
     selection = select(candidates, guidance, rank_by, min_semantics)
     write_selection(selection, candidates[0].results, out)

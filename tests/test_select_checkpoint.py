@@ -1,6 +1,7 @@
 """python -m fastfair.select_checkpoint: a run's checkpoints evaluated on shared base images, then ranked."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,15 +122,40 @@ def test_cli_with_every_and_a_semantics_floor(world, tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith("best: none (no checkpoint is eligible)")
 
 
-def fake_results(biases, clip_i, sets=("gender",)):
-    """A results dict of one prompt per bias value: what select reads."""
+def fake_results(biases, clip_i, sets=("gender",), base_biases=(0.9,)):
+    """A results dict as select reads it: biases[k] are set k's per-prompt values (a float: one prompt; NaN: no
+    face), the original's base_biases per prompt in every set."""
+    from fastfair.metrics import summarize
+
     attribute_sets = [{"name": name, "attributes": [name], "classes": ["a", "b"], "target": [0.5, 0.5]}
                       for name in sets]
-    summary = {f"{name}.bias": {"mean": b, "std": 0.0, "count": 1} for name, b in zip(sets, biases)}
-    summary["clip_i"] = {"mean": clip_i, "std": 0.0, "count": 1}
-    base = {f"{name}.bias": {"mean": 0.9, "std": 0.0, "count": 1} for name in sets}
+    per_set = [list(b) if isinstance(b, (list, tuple)) else [b] for b in biases]
+
+    def rows(values_per_set, extra):
+        return {f"p{i}": {**{f"{name}.bias": float(values[i]) for name, values in zip(sets, values_per_set)},
+                          **extra, "num_images": 4, "no_face": 4 * math.isnan(values_per_set[0][i])}
+                for i in range(len(values_per_set[0]))}
+
+    tuned = rows(per_set, {"clip_i": clip_i})
+    base = rows([list(base_biases)] * len(sets), {"clip_i": math.nan})
     return {"settings": {}, "attribute_sets": attribute_sets,
-            "guidance": {"7.5": {"base": {"summary": base}, "finetuned": {"summary": summary}}}}
+            "guidance": {"7.5": {"base": {"per_prompt": base, "summary": summarize(base)},
+                                 "finetuned": {"per_prompt": tuned, "summary": summarize(tuned)}}}}
+
+
+def test_a_checkpoint_that_loses_the_faces_of_a_prompt_is_not_selected():
+    # step_0's mean over prompts skips the prompt it lost the faces of: 0.2 would beat step_1's 0.3
+    pool = [Candidate("step_0", 0, "/run/step_0", fake_results([[0.2, math.nan]], 0.9, base_biases=(0.9, 0.9))),
+            Candidate("step_1", 1, "/run/step_1", fake_results([[0.3, 0.3]], 0.9, base_biases=(0.9, 0.9)))]
+    chosen = select(pool, "7.5")
+    assert chosen["best"] == "step_1" and chosen["checkpoints"][0]["score"] == pytest.approx(0.2)
+    assert chosen["checkpoints"][0]["faces_lost_on"] == ["p1"]
+    assert chosen["checkpoints"][0]["why_not"] == "no face on 1 prompt(s) the original has faces on"
+    assert chosen["checkpoints"][0]["metrics"]["no_face"] == pytest.approx(0.5)
+    # where the original has no face on that prompt either, nothing was lost
+    pool = [Candidate(c.name, c.step, c.folder, fake_results([values], 0.9, base_biases=(0.9, math.nan)))
+            for c, values in zip(pool, ([0.2, math.nan], [0.3, 0.3]))]
+    assert select(pool, "7.5")["best"] == "step_0"
 
 
 def test_the_floor_the_set_ranked_by_ties_and_missing_scores():
@@ -200,3 +226,44 @@ def test_evaluate_base_images_folder_is_checked_and_refused_when_stale(world, tm
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert list(metrics["guidance"]["5"]) == ["base"]
     assert np.isfinite(metrics["guidance"]["5"]["base"]["summary"]["clip_t"]["mean"])
+
+
+@pytest.mark.filterwarnings("ignore:--prompts")  # the tiny world's prompts are its training prompts
+def test_checkpoints_run_in_step_order_a_pruned_one_is_skipped_and_stale_images_name_out(world, tmp_path,
+                                                                                        monkeypatch):
+    import shutil
+
+    import fastfair.select_checkpoint as sweep
+
+    run = shutil.copytree(world["run"], tmp_path / "run")
+    steps = [run / "checkpoints" / f"step_{step:08d}" for step in STEPS]
+    evaluated = []
+
+    def evaluate_then_prune(**kwargs):  # a run still training deletes step 2 (keep_last) during step 1's evaluation
+        evaluated.append(Path(kwargs["finetuned"]).name)
+        shutil.rmtree(steps[1], ignore_errors=True)
+        return evaluate(**kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate", evaluate_then_prune)
+    out = tmp_path / "sweep"
+    small = options(world, prompts=PROMPTS[:1], images_per_prompt=2, clip=None)
+    with pytest.warns(UserWarning, match=r"step_00000002: deleted since the sweep started"):
+        selection = select_checkpoint([str(steps[2]), str(steps[1]), str(steps[0])], out, **small)
+    assert evaluated == ["step_00000001", "step_00000003"]  # given last to first, evaluated by step
+    assert [row["name"] for row in selection["checkpoints"]] == evaluated
+    with pytest.raises(StaleCacheError, match=r"base_images: cached images were made with other settings "
+                                              r"\(steps\); use another --out or delete the folder"):
+        shutil.rmtree(out / "step_00000003")  # its own images: the shared base images are the stale ones
+        select_checkpoint([str(steps[2])], out, **{**small, "num_steps": 3})
+
+
+def test_a_relative_run_folder_is_the_same_run_and_cli_errors_keep_their_order(world, tmp_path, monkeypatch):
+    from fastfair.evaluate import main as evaluate_main
+
+    monkeypatch.chdir(world["run"])
+    assert expand_checkpoints(["."]) == expand_checkpoints([str(world["run"])])
+    assert all(folder.is_absolute() for _, _, folder in expand_checkpoints(["checkpoints/step_00000002"]))
+    # the detector is checked before the prompts, as before the flags were shared with the sweep
+    with pytest.raises(ValueError, match=r"--detector"):
+        evaluate_main(["--model", "toy", "--classifier", "x", "--detector", "no_such_backend", "--prompts",
+                       "no_such_set", "--out", str(tmp_path / "e")])

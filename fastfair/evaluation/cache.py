@@ -54,11 +54,13 @@ def weight_fingerprint(path) -> Dict[str, list]:
 
 
 class StaleCacheError(ValueError):
-    """The cache folder holds images made with other settings; ``changed`` names the settings that differ."""
+    """The cache folder holds images made with other settings; ``changed`` names the settings that differ,
+    ``problem`` is the message without its fix (``use another FLAG or delete the folder``), for a caller
+    whose flags name the folder otherwise (`fastfair.select_checkpoint`)."""
 
-    def __init__(self, message: str, changed: Sequence[str]):
-        super().__init__(message)
-        self.changed = list(changed)
+    def __init__(self, problem: str, changed: Sequence[str], flag: str = "--out"):
+        super().__init__(f"{problem}; use another {flag} or delete the folder")
+        self.problem, self.changed = problem, list(changed)
 
 
 def _describe_change(key: str, old, new) -> str:
@@ -129,14 +131,13 @@ class ImageCache:
             try:
                 stored = json.loads((self.root / MANIFEST).read_text())
             except ValueError:  # emptied or cut off (a full disk): its images cannot be trusted
-                raise StaleCacheError(f"{self.root / MANIFEST}: unreadable; use another {flag} or delete the folder",
-                                      ["manifest"]) from None
+                raise StaleCacheError(f"{self.root / MANIFEST}: unreadable", ["manifest"], flag) from None
             if stored.get("settings") != self.settings:
                 old = stored.get("settings", {})
                 changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
                 described = "; ".join(_describe_change(k, old.get(k), self.settings.get(k)) for k in changed)
-                raise StaleCacheError(f"{self.root}: cached images were made with other settings ({described}); "
-                                      f"use another {flag} or delete the folder", changed)
+                raise StaleCacheError(f"{self.root}: cached images were made with other settings ({described})",
+                                      changed, flag)
             self.manifest = stored
         self.generated: List[str] = []
 

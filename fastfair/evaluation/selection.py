@@ -4,14 +4,18 @@ Input: one `fastfair.evaluate.evaluate` results dict per checkpoint, all made wi
 prompts and scoring. At one guidance scale, a checkpoint's score is its headline metric (`report.headline`:
 the paper's bias for a uniform target, the total variation to the target otherwise), mean over prompts, of the
 attribute set ranked by, or the mean of every set's when none is named. A checkpoint is eligible when it has a
-score (some image with a face) and every ``min_semantics`` floor holds (e.g. ``clip_i >= 0.8``: a low bias
-bought by images that no longer resemble the original's is not the method's aim, Eq. 9-10). The best is the
-eligible checkpoint with the lowest score; on a tie, the earliest (the least drift from the original).
+score on every prompt the original has one on (`faces_lost`: a mean over prompts skips a prompt without a face,
+so a checkpoint that loses the faces of the hardest prompts would score better) and every ``min_semantics``
+floor holds (e.g. ``clip_i >= 0.8``: a low bias bought by images that no longer resemble the original's is not
+the method's aim, Eq. 9-10). The best is the eligible checkpoint with the lowest score; on a tie, the earliest
+(the least drift from the original).
 
 Files under the sweep's folder:
-- ``selection.json``: {"guidance", "rank_by", "min_semantics", "best", "original": {metric: mean},
-  "checkpoints": [{"name", "step", "folder", "score", "eligible", "metrics": {metric: mean}}]};
-- ``selection.md``: one row per checkpoint (the original first), its score, each set's headline, the semantics;
+- ``selection.json``: {"guidance", "rank_by", "rank_keys", "min_semantics", "best", "original": {metric: mean},
+  "checkpoints": [{"name", "step", "folder", "score", "eligible", "why_not", "faces_lost_on": [prompt],
+  "metrics": {metric: mean}}]};
+- ``selection.md``: one row per checkpoint (the original first), its score and eligibility, each set's headline,
+  the semantics and the fraction of images without a face;
 - ``selection.png``: each set's headline over the training steps, the original's as a dashed line.
 """
 from __future__ import annotations
@@ -36,11 +40,27 @@ class Candidate:
 
 
 def _means(results: dict, guidance: str, model: str) -> Dict[str, float]:
-    """{metric: mean over prompts} of `model` at `guidance`: each set's headline and the semantics columns."""
-    summary = results["guidance"][guidance][model]["summary"]
+    """{metric: mean over prompts} of `model` at `guidance`: each set's headline and the semantics columns, and
+    ``no_face``: the fraction of its scored images without a face."""
+    data = results["guidance"][guidance][model]
+    summary = data["summary"]
     keys = [f"{s['name']}.{headline(s)[0]}" for s in results["attribute_sets"]]
     keys += [key for key, _ in semantic_columns(results)]
-    return {key: summary[key]["mean"] if key in summary else math.nan for key in keys}
+    means = {key: summary[key]["mean"] if key in summary else math.nan for key in keys}
+    images = sum(row["num_images"] for row in data["per_prompt"].values())
+    means["no_face"] = sum(row["no_face"] for row in data["per_prompt"].values()) / images if images else math.nan
+    return means
+
+
+def faces_lost(results: dict, guidance: str, keys: Sequence[str]) -> List[str]:
+    """The prompts on which the finetuned model has no value of some key (no face in the images a set reads)
+    where the original has one: the mean over prompts skips them, so a checkpoint that loses the faces of the
+    hardest prompts would otherwise score better."""
+    models = results["guidance"][guidance]
+    base, tuned = models["base"]["per_prompt"], models["finetuned"]["per_prompt"]
+    nan = lambda value: value is None or math.isnan(value)  # noqa: E731 (null in a results dict read back)
+    return [prompt for prompt, row in tuned.items()
+            if any(nan(row.get(key)) and not nan(base[prompt].get(key)) for key in keys)]
 
 
 def rank_keys(results: dict, rank_by: Optional[str]) -> List[str]:
@@ -77,13 +97,16 @@ def select(candidates: Sequence[Candidate], guidance: str, rank_by: Optional[str
         metrics = _means(candidate.results, guidance, "finetuned")
         values = [metrics[key] for key in keys]
         score = math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
+        lost = faces_lost(candidate.results, guidance, keys)
         # a NaN semantics mean (no value) fails its floor: an unmeasured checkpoint is not selected
-        eligible = not math.isnan(score) and all(metrics.get(key, math.nan) >= floor
-                                                 for key, floor in min_semantics.items())
+        below = [key for key, floor in min_semantics.items() if not metrics.get(key, math.nan) >= floor]
+        why_not = ("no face in any image" if math.isnan(score) else
+                   f"no face on {len(lost)} prompt(s) the original has faces on" if lost else
+                   "below " + ", ".join(f"{key} >= {min_semantics[key]:g}" for key in below) if below else None)
         rows.append({"name": candidate.name, "step": candidate.step, "folder": candidate.folder, "score": score,
-                     "eligible": eligible, "metrics": metrics})
+                     "eligible": why_not is None, "why_not": why_not, "faces_lost_on": lost, "metrics": metrics})
     eligible = [row for row in rows if row["eligible"]]
-    # min keeps the first of equal scores: the candidates come in training order
+    # min keeps the first of equal scores: the candidates come in training order (select_checkpoint sorts them)
     best = min(eligible, key=lambda row: row["score"])["name"] if eligible else None
     return {"guidance": guidance, "rank_by": rank_by or "mean of " + ", ".join(keys), "rank_keys": keys,
             "min_semantics": min_semantics, "best": best, "original": _means(first, guidance, "base"),
@@ -102,12 +125,14 @@ def selection_table(selection: dict, results: dict) -> str:
                    if not all(metrics[key] is None or math.isnan(metrics[key]) for metrics in rows_of_metrics)]
     labels = {f"{s['name']}.{headline(s)[0]}": f"{headline(s)[1]} {s['name']} ↓" for s in results["attribute_sets"]}
     labels.update({key: f"{label} ↑" for key, label in semantic_columns(results)})
+    labels["no_face"] = "No face"
     header = ["Checkpoint", "Step", "Score ↓", "Eligible"] + [labels[key] for key in metric_keys]
     rows = [["Original", "—", "—", "—"] + [_cell(selection["original"][key]) for key in metric_keys]]
     for row in selection["checkpoints"]:
         name = f"**{row['name']}** (best)" if row["name"] == selection["best"] else row["name"]
         rows.append([name, "—" if row["step"] is None else str(row["step"]), _cell(row["score"]),
-                     "yes" if row["eligible"] else "no"] + [_cell(row["metrics"][key]) for key in metric_keys])
+                     "yes" if row["eligible"] else f"no: {row['why_not']}"]
+                    + [_cell(row["metrics"][key]) for key in metric_keys])
     floors = ", ".join(f"{key} >= {value:g}" for key, value in selection["min_semantics"].items()) or "none"
     best = selection["best"] or "none (no checkpoint is eligible)"
     return (f"# Checkpoint selection\n\nGuidance {selection['guidance']}; score: {selection['rank_by']} (mean over "
