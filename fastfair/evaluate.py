@@ -22,7 +22,8 @@ import torch
 
 from fastfair.checkpoint import config_file
 from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
-from fastfair.evaluation.cache import ImageCache, Job, from_png, generate_missing, image_path, weight_fingerprint
+from fastfair.evaluation.cache import (ImageCache, Job, from_png, generate_missing, image_path, shared_cache_lock,
+                                       weight_fingerprint)
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
 from fastfair.evaluation.sources import finetuned_kind, load_sources, resolve_model, resolve_model_config
@@ -98,14 +99,21 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     out = Path(out)
     cache = ImageCache(out / "images", settings)
     caches = {m: cache for m in sources}
-    if base_images is not None:
-        caches["base"] = ImageCache(base_images, base_settings, "--base-images")
-        settings["base_images"] = str(base_images)  # reported; the base images' own check is their manifest's
-    for m, model_cache in caches.items():
+
+    def generate(m):
         jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales
                 for p, prompt in enumerate(prompts) for j in range(count)]
-        generate_missing(model_cache, jobs, sources, vae, scheduler, latent_shape, num_steps, batch_size, device,
+        generate_missing(caches[m], jobs, sources, vae, scheduler, latent_shape, num_steps, batch_size, device,
                          progress)
+
+    if base_images is not None:
+        with shared_cache_lock(base_images):  # evaluations sharing the folder generate its images once, in turn
+            caches["base"] = ImageCache(base_images, base_settings, "--base-images")
+            generate("base")
+        settings["base_images"] = str(base_images)  # reported; the base images' own check is their manifest's
+    for m in caches:
+        if m != "base" or base_images is None:
+            generate(m)
 
     if isinstance(semantics, str):
         from fastfair.hooks import load_callable

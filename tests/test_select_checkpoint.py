@@ -11,7 +11,7 @@ from fastfair.checkpoint import load_weights, save_checkpoint
 from fastfair.evaluate import evaluate
 from fastfair.evaluation.cache import StaleCacheError, from_png
 from fastfair.evaluation.selection import Candidate, select
-from fastfair.select_checkpoint import expand_checkpoints, main, parse_floors, select_checkpoint
+from fastfair.select_checkpoint import expand_checkpoints, main, parse_floors, parse_shard, select_checkpoint
 from test_evaluate import PROMPTS, odd_corner_has_no_face, save_identity_checkpoint, save_tiny_clip
 from test_trainer_world import make_world
 
@@ -267,3 +267,59 @@ def test_a_relative_run_folder_is_the_same_run_and_cli_errors_keep_their_order(w
     with pytest.raises(ValueError, match=r"--detector"):
         evaluate_main(["--model", "toy", "--classifier", "x", "--detector", "no_such_backend", "--prompts",
                        "no_such_set", "--out", str(tmp_path / "e")])
+
+
+@pytest.mark.filterwarnings("ignore:--prompts")
+def test_shards_share_the_work_and_the_base_images_then_one_run_ranks(world, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    small = options(world, prompts=PROMPTS[:1], images_per_prompt=2, clip=None)
+    first = select_checkpoint([str(world["run"])], out, shard=(0, 2), **small)
+    second = select_checkpoint([str(world["run"])], out, shard=(1, 2), **small)
+    assert list(first["evaluations"]) == ["step_00000001", "step_00000003"] and first["shard"] == "0/2"
+    assert list(second["evaluations"]) == ["step_00000002"]
+    assert any("/base/" in path for path in first["evaluations"]["step_00000001"]["generated"])
+    assert not any("/base/" in path for path in second["evaluations"]["step_00000002"]["generated"])
+    assert not (out / "selection.json").exists()  # a shard ranks nothing
+    ranked = select_checkpoint([str(world["run"])], out, **small)
+    assert all(results["generated"] == [] for results in ranked["evaluations"].values())
+    assert len(ranked["checkpoints"]) == 3 and (out / "selection.json").is_file()
+    capsys.readouterr()
+    main([str(world["run"]), "--shard", "1/2", "--model", str(world["sd"]), "--classifier", str(world["classifier"]),
+          "--prompts", "occupations:test", "--max-prompts", "1", "--images-per-prompt", "2", "--steps", "2",
+          "--guidance-scales", "3", "--detector", "none", "--device", "cpu", "--out", str(tmp_path / "cli")])
+    assert capsys.readouterr().out.strip().startswith("shard 1/2: evaluated step_00000002; when every shard is done")
+    for text in ("2/2", "1", "a/2", "-1/2"):
+        with pytest.raises(ValueError, match=rf"--shard {text}: expected K/N with 0 <= K < N"):
+            parse_shard(text)
+
+
+def test_evaluations_sharing_base_images_take_turns(tmp_path, capfd):
+    """A second process reaching the base-images folder while the first generates waits for it."""
+    import subprocess
+    import sys
+    import time
+
+    from fastfair.evaluation.cache import shared_cache_lock
+
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, sys, time\n"
+        "from fastfair.evaluation.cache import shared_cache_lock\n"
+        f"with shared_cache_lock({str(tmp_path / 'base')!r}):\n"
+        f"    pathlib.Path({str(ready)!r}).write_text('')\n"
+        "    time.sleep(1.5)\n")])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and holder.poll() is None, "the holder did not take the lock"
+            time.sleep(0.05)
+        start = time.monotonic()
+        with shared_cache_lock(tmp_path / "base"):
+            waited = time.monotonic() - start
+    finally:
+        holder.wait(timeout=60)
+    assert waited > 0.5 and holder.returncode == 0
+    assert "another evaluation is generating images here; waiting for it" in capfd.readouterr().err
+    start = time.monotonic()
+    with shared_cache_lock(tmp_path / "base"):  # free now: no wait
+        assert time.monotonic() - start < 0.5

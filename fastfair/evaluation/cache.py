@@ -15,12 +15,16 @@ under the same path are refused too.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +55,33 @@ def weight_fingerprint(path) -> Dict[str, list]:
         fingerprint[file.name if file == root else file.relative_to(root).as_posix()] = [stat.st_size,
                                                                                          stat.st_mtime_ns]
     return fingerprint
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def shared_cache_lock(root) -> Iterator[None]:
+    """Hold `root`'s lock (a blocking ``flock`` on <root>/.lock) while one process reads the manifest and
+    generates what is missing: evaluations sharing a base-images folder (`fastfair.select_checkpoint --shard`)
+    take turns; the first generates, the others wait and then find the images cached. A filesystem without
+    locks is used unlocked (the caller's docs say: one at a time)."""
+    folder = Path(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{folder}: another evaluation is generating images here; waiting for it", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(handle)  # releases the flock
 
 
 class StaleCacheError(ValueError):
