@@ -35,17 +35,29 @@ from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_pr
 
 
 def load_prompts(spec: str, max_prompts: Optional[int] = None) -> list:
-    """'name:split' of a shipped set (split defaults to test), or a text file of full prompts, used as written (no
-    template: a file of bare items, as a training data.sets.occupations.file holds, would be evaluated as 'nurse');
-    first N."""
+    """'name:split' of a shipped set (split defaults to test), a text file of full prompts, used as written (no
+    template: a file of bare items, as a training data.sets.occupations.file holds, would be evaluated as 'nurse'),
+    or 'package.module:function[:split]', a prompt-set factory as a training config's data.sets.<n>.factory names
+    one, called with the split (default test; e.g. fastfair.toy:occupation_prompts); first N."""
+    from fastfair.hooks import load_callable
+    from fastfair.prompts import factory_prompts
+
     name, _, split = spec.partition(":")
+    expected = (f"not a file, not a shipped set (NAME[:SPLIT] with NAME in {list_prompt_sets()}, SPLIT in "
+                f"{SPLITS}) and not a prompt-set factory (package.module:function[:SPLIT])")
     if name in list_prompt_sets():
         prompts = load_prompt_set(name, split or "test")
     elif Path(spec).is_file():
         prompts = load_prompt_file(spec)
+    elif split:  # package.module:function[:split]
+        function, _, split = split.partition(":")
+        try:
+            factory = load_callable(f"{name}:{function}", "--prompts")
+        except ValueError as error:
+            raise ValueError(f"--prompts {spec}: {expected}: {error}") from None
+        prompts = factory_prompts(factory(split or "test"), f"--prompts {spec}")
     else:
-        raise ValueError(f"--prompts {spec}: not a file and not a shipped set (NAME[:SPLIT] with NAME in "
-                         f"{list_prompt_sets()}, SPLIT in {SPLITS})")
+        raise ValueError(f"--prompts {spec}: {expected}")
     if max_prompts is not None and max_prompts < 1:
         raise ValueError(f"--max-prompts {max_prompts}: expected at least 1")
     return prompts[:max_prompts]
@@ -291,9 +303,11 @@ def evaluation_parser(description: str, finetuned: bool = True) -> argparse.Argu
                              "(repeatable; default: the intersection of all, when >= 2; '' for none)")
     parser.add_argument("--target", action="append", default=[], help="ATTRIBUTE=P1,P2,... (default uniform)")
     parser.add_argument("--prompts", default="occupations:test",
-                        help="NAME[:SPLIT] of a shipped set (its items put in the set's template), or a text file "
+                        help="NAME[:SPLIT] of a shipped set (its items put in the set's template), a text file "
                              "of full prompts, one per line, used as written (unlike a training data.sets.<name>."
-                             "file under a shipped set's name, whose lines are items put in that set's template)")
+                             "file under a shipped set's name, whose lines are items put in that set's template), "
+                             "or a prompt-set factory package.module:function[:SPLIT] (default split test; e.g. "
+                             "fastfair.toy:occupation_prompts, the toy world's held-out occupations)")
     parser.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
     parser.add_argument("--images-per-prompt", type=int,
                         help="score every attribute set on N images per prompt (default: as the paper, each set on "

@@ -536,3 +536,23 @@ def test_a_file_flag_given_a_folder_is_named_before_the_work(tmp_path):
         assert message == f"--out {path}: a folder; give the bank file to write, e.g. {path.rstrip(os.sep)}" \
                           f"{os.sep}bank.safetensors"
     assert folder_instead_of_file("--out", str(tmp_path / "bank.safetensors"), "bank", "bank.safetensors") is None
+
+
+def test_prompts_from_a_shipped_set_a_file_or_a_prompt_set_factory(tmp_path):
+    from fastfair.evaluate import load_prompts
+    from fastfair.prompts import load_prompt_set
+    from fastfair.toy import occupation_prompts
+
+    assert load_prompts("occupations") == load_prompt_set("occupations", "test")
+    # a factory as data.sets.<n>.factory names one, called with the split (test unless given)
+    assert load_prompts("fastfair.toy:occupation_prompts") == occupation_prompts("test")
+    assert load_prompts("fastfair.toy:occupation_prompts:train", 3) == occupation_prompts("train")[:3]
+    assert occupation_prompts("test") != occupation_prompts("train")
+    for spec, why in (("occupation:test", "No module named 'occupation'"), ("fastfair.toy:nothing", "no attribute"),
+                      ("nothing.txt", None)):
+        with pytest.raises(ValueError, match=rf"--prompts {spec}: not a file, not a shipped set .*occupations.* and "
+                                             rf"not a prompt-set factory .*{why or ''}"):
+            load_prompts(spec)
+    (tmp_path / "lines.txt").write_text("a portrait\na portrait\n")
+    with pytest.raises(ValueError, match="repeat"):  # held to the rules of a prompt file
+        load_prompts(str(tmp_path / "lines.txt"))
