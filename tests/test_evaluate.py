@@ -499,3 +499,11 @@ def test_a_non_square_model_is_sampled_at_its_own_shape(files, tmp_path):
         square = Trainer(load_config(write_config(tmp_path / "run2", {**files, "sd": model}),
                                      ["model.resolution=32"]))
         assert square.latent_shape == (4, 16, 16)  # model.resolution: a square of that side
+
+
+def test_a_square_model_s_images_are_keyed_by_their_side(files, tmp_path):
+    """Caches written before [height, width] pairs were read stay valid: a square model's resolution is an int."""
+    results = run(files, tmp_path / "eval", finetuned=None, images_per_prompt=1, guidance_scales=(5.0,),
+                  prompts=PROMPTS[:1], clip=None, dino=None, detector="none")
+    width, height = Image.open(tmp_path / "eval" / "images" / results["generated"][0]).size
+    assert width == height and results["settings"]["resolution"] == width

@@ -323,3 +323,130 @@ def test_evaluations_sharing_base_images_take_turns(tmp_path, capfd):
     start = time.monotonic()
     with shared_cache_lock(tmp_path / "base"):  # free now: no wait
         assert time.monotonic() - start < 0.5
+
+
+def test_a_checkpoint_that_loses_the_faces_of_a_prompt_in_one_set_only_is_not_selected():
+    # race has no value on p1 for step_0 (its images there lost their faces) where the original has one; gender
+    # does: the mean over race's prompts skips p1, so step_0 would win on 0.15 against step_1's 0.3
+    base = (0.9, 0.9)
+    pool = [Candidate("step_0", 0, "/run/step_0", fake_results([[0.2, 0.2], [0.1, math.nan]], 0.9,
+                                                                sets=("gender", "race"), base_biases=base)),
+            Candidate("step_1", 1, "/run/step_1", fake_results([[0.3, 0.3], [0.3, 0.3]], 0.9,
+                                                                sets=("gender", "race"), base_biases=base))]
+    chosen = select(pool, "7.5")
+    assert chosen["checkpoints"][0]["faces_lost_on"] == ["p1"] and not chosen["checkpoints"][0]["eligible"]
+    assert chosen["best"] == "step_1"
+
+
+def test_a_semantics_floor_is_inclusive_and_an_unmeasured_checkpoint_fails_it():
+    pool = [Candidate("step_0", 0, "/run/step_0", fake_results([0.4], 0.8)),  # exactly at the floor: eligible
+            Candidate("step_1", 1, "/run/step_1", fake_results([0.1], math.nan))]  # no clip_i value: not
+    chosen = select(pool, "7.5", min_semantics={"clip_i": 0.8})
+    assert [row["eligible"] for row in chosen["checkpoints"]] == [True, False]
+    assert chosen["checkpoints"][1]["why_not"] == "below clip_i >= 0.8"
+    assert chosen["best"] == "step_0"
+
+
+def test_a_floor_on_diversity_is_refused():
+    pool = [Candidate("step_0", 0, "/run/step_0", fake_results([0.4], 0.9))]
+    pool[0].results["guidance"]["7.5"]["finetuned"]["summary"]["diversity"] = {"mean": 0.5, "std": 0.0, "count": 1}
+    with pytest.raises(ValueError, match=r"--min-semantics diversity: not scored by this evaluation"):
+        select(pool, "7.5", min_semantics={"diversity": 0.1})
+
+
+def test_folders_without_a_step_come_last_are_left_out_by_every_and_base_images_is_refused(world, tmp_path):
+    import shutil
+
+    steps = world["run"] / "checkpoints"
+    final = shutil.copytree(steps / "step_00000002", tmp_path / "final")  # a checkpoint renamed: no step
+    found = expand_checkpoints([str(final), str(world["run"])])
+    assert [(name, step) for name, step, _ in found] == [(f"step_{s:08d}", s) for s in STEPS] + [("final", None)]
+    assert [name for name, _, _ in expand_checkpoints([str(final), str(world["run"])], every=1)] == \
+        [f"step_{s:08d}" for s in STEPS]
+    clash = shutil.copytree(steps / "step_00000001", tmp_path / "base_images")
+    with pytest.raises(ValueError, match=r"a checkpoint folder named 'base_images': the sweep keeps the base images"):
+        expand_checkpoints([str(clash)])
+
+
+def fake_sweep(monkeypatch):
+    """select_checkpoint's evaluate replaced: each checkpoint's per-prompt bias at guidance 3 and 7.5 (step 2 the
+    lowest at 3, step 1 at 7.5); returns the list of the folders evaluated, in order."""
+    import fastfair.select_checkpoint as sweep
+
+    biases = {"step_00000001": (0.5, 0.1), "step_00000002": (0.2, 0.6), "step_00000003": (0.4, 0.3)}
+    evaluated = []
+
+    def fake_evaluate(out, finetuned, base_images, progress=True, **kwargs):
+        name = Path(finetuned).name
+        evaluated.append(name)
+        Path(out).mkdir(parents=True)  # as evaluate makes its report folder
+        results = fake_results([0.0], 0.9)
+        results["guidance"] = {g: fake_results([b], 0.9)["guidance"]["7.5"] for g, b in zip(("3", "7.5"), biases[name])}
+        return results
+
+    monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
+    return evaluated
+
+
+def test_the_first_guidance_ranks_a_wrong_rank_is_refused_after_one_evaluation_and_out_must_be_a_folder(
+        world, tmp_path, monkeypatch):
+    evaluated = fake_sweep(monkeypatch)
+    selection = select_checkpoint([str(world["run"])], tmp_path / "sweep", **options(world))
+    assert selection["guidance"] == "3" and selection["best"] == "step_00000002"
+    assert json.loads((tmp_path / "sweep" / "selection.json").read_text())["best"] == "step_00000002"
+    evaluated.clear()
+    with pytest.raises(ValueError, match=r"--rank age: not an evaluated attribute set"):
+        select_checkpoint([str(world["run"])], tmp_path / "wrong", rank_by="age", **options(world))
+    assert evaluated == ["step_00000001"]  # reported after the first evaluation, not the last
+    evaluated.clear()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"--out .*file: a file; give a folder for the reports"):
+        select_checkpoint([str(world["run"])], tmp_path / "file", **options(world))
+    assert evaluated == []  # refused before any evaluation
+
+
+def test_cli_names_the_best_checkpoint_not_the_last(world, tmp_path, monkeypatch, capsys):
+    fake_sweep(monkeypatch)
+    main([str(world["run"]), "--model", str(world["sd"]), "--classifier", str(world["classifier"]), "--prompts",
+          "occupations:test", "--max-prompts", "1", "--guidance-scales", "3,7.5", "--detector", "none", "--device",
+          "cpu", "--out", str(tmp_path / "cli")])
+    folder = world["run"].resolve() / "checkpoints" / "step_00000002"
+    assert capsys.readouterr().out.strip().endswith(
+        f"best: step_00000002 ({folder}); to use it: python -m fastfair.export {folder} --out DIR")
+
+
+def test_evaluate_refuses_base_images_spelled_as_out_images_otherwise(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("a/images", str(tmp_path / "a" / "x" / ".." / "images")):
+        with pytest.raises(ValueError, match=r"--base-images .*: the folder --out keeps the finetuned model's images"):
+            evaluate(out=tmp_path / "a", base_images=spelled, **options(world))
+
+
+def test_an_unreadable_base_images_manifest_names_base_images(world, tmp_path):
+    from fastfair.evaluation.cache import MANIFEST
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / MANIFEST).write_text('{"settings": ')  # cut off (a full disk)
+    with pytest.raises(StaleCacheError, match=r"manifest.json: unreadable; use another --base-images or delete"):
+        evaluate(out=tmp_path / "a", base_images=tmp_path / "shared", **options(world))
+
+
+def test_evaluate_cli_caches_the_base_images_in_base_images(world, tmp_path):
+    from fastfair.evaluate import main as evaluate_main
+
+    shared, out = tmp_path / "shared", tmp_path / "e"
+    evaluate_main(["--model", str(world["sd"]), "--classifier", str(world["classifier"]), "--prompts",
+                   "occupations:test", "--max-prompts", "1", "--images-per-prompt", "1", "--steps", "2",
+                   "--guidance-scales", "3", "--detector", "none", "--device", "cpu", "--base-images", str(shared),
+                   "--out", str(out)])
+    assert len(list((shared / "g3" / "base").rglob("*.png"))) == 1 and not (out / "images" / "g3").exists()
+    assert json.loads((out / "metrics.json").read_text())["settings"]["base_images"] == str(shared)
+
+
+@pytest.mark.filterwarnings("ignore:--prompts")  # the tiny world's prompts are its training prompts
+def test_images_of_a_checkpoint_s_other_weights_are_not_reused(world, tmp_path):
+    run = options(world, finetuned=str(world["run"] / "checkpoints" / "step_00000002"), prompts=PROMPTS[:1],
+                  images_per_prompt=1, clip=None, detector="none")
+    evaluate(out=tmp_path / "e", weights="ema", **run)
+    with pytest.raises(StaleCacheError, match=r"other settings \(weights"):
+        evaluate(out=tmp_path / "e", weights="raw", **run)
