@@ -7,6 +7,10 @@ Paired noise: image j of a prompt starts from z_T drawn from a generator seeded 
 whatever the model, guidance scale or batch it is generated in. So base and finetuned images with the same
 index share their noise, and a resumed run regenerates a missing image exactly.
 
+A base-images folder (`fastfair.evaluate --base-images`) has the same layout with the base model's images only
+and its settings only, so evaluations of several finetuned models share it; they take turns on its ``.lock``
+(`shared_cache_lock`) while generating.
+
 Resume: an image counts as cached when its PNG exists and the manifest records it for the same prompt text;
 everything else is generated (in batches, with a progress bar) and the manifest is rewritten atomically after
 each batch. A manifest written with other settings (model, steps, seed, ...) is refused (`StaleCacheError`);

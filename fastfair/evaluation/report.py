@@ -1,7 +1,10 @@
 """Evaluation outputs from the results dict that `fastfair.evaluate.evaluate` builds.
 
 results = {"settings": {...}, "prompts": [...], "attribute_sets": [{"name", "classes", "target"}],
-           "guidance": {"<g>": {"<model>": {"per_prompt": {prompt: flat row}, "summary": {key: mean/std}}}}}
+           "guidance": {"<g>": {"<model>": {"per_prompt": {prompt: flat row}, "summary": {key: mean/std},
+                                            "images": {prompt: [image paths]}}}}}
+(image paths relative to the model's image cache: OUT/images, or for the base model settings["base_images"]
+when it was given).
 
 Files written under the output folder (paths relative to it, as the HTML links them):
 - ``metrics.json``: the results dict (NaN, a metric without data, written as null);
