@@ -85,10 +85,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
                      grid_columns, fid_reference, fid_inception, base_images)
     detector_name = _detector_name(detector)
     detector = get_detector(detector)  # before any image is made: an unknown name or a missing model pack fails now
-    judges, classes = load_classifiers(classifiers, attributes, device, classifier_head)
-    if joint is None:  # the intersection of all attributes
-        joint = list(classes) if len(classes) >= 2 else []
-    sets = attribute_sets(classes, targets or {}, joint)
+    judges, classes, sets = evaluated_sets(classifiers, attributes, targets, joint, device, classifier_head)
     counts = images_per_set(sets, images_per_prompt)
     count = max(counts.values())  # generated per prompt; each set scores its first counts[set]
 
@@ -149,6 +146,15 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     write_report(results, out, {m: model_cache.root for m, model_cache in caches.items()}, grid_columns)
     generated = {path for model_cache in set(caches.values()) for path in model_cache.generated}
     return {**results, "generated": sorted(generated)}
+
+
+def evaluated_sets(classifiers, attributes=None, targets=None, joint=None, device="cpu", classifier_head=None):
+    """(judges, classes, attribute sets) an evaluation scores: each attribute, then the intersections `joint`
+    names (None: that of all the attributes, when there are two or more)."""
+    judges, classes = load_classifiers(classifiers, attributes, device, classifier_head)
+    if joint is None:
+        joint = list(classes) if len(classes) >= 2 else []
+    return judges, classes, attribute_sets(classes, targets or {}, joint)
 
 
 def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scales, num_steps, batch_size, margin,

@@ -21,9 +21,9 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from fastfair.evaluate import evaluate, evaluate_options, evaluation_parser
+from fastfair.evaluate import evaluate, evaluate_options, evaluated_sets, evaluation_parser
 from fastfair.evaluation.cache import StaleCacheError
-from fastfair.evaluation.selection import Candidate, check_floors, rank_keys, select, write_selection
+from fastfair.evaluation.selection import Candidate, check_floors, check_rank, select, write_selection
 
 BASE_IMAGES = "base_images"
 
@@ -127,6 +127,10 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
         found = found[shard[0]::shard[1]]
     min_semantics = dict(min_semantics or {})
     _check_floor_sources(min_semantics, evaluate_kwargs)
+    if rank_by is not None:  # the sets' names come from the classifiers: read them now, before any image is made
+        options = {key: evaluate_kwargs.get(key) for key in ("attributes", "targets", "joint", "classifier_head")}
+        _, _, sets = evaluated_sets(evaluate_kwargs.get("classifiers", ()), **options)
+        check_rank(rank_by, [s.name for s in sets])
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file; give a folder for the reports")
@@ -143,8 +147,7 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
                                progress=progress, **evaluate_kwargs)
         except StaleCacheError as error:  # its fix names evaluate's flags; the sweep's folders all hang off --out
             raise StaleCacheError(error.problem, error.changed, "--out") from None
-        if not candidates:  # a wrong --rank or floor is reported after the first evaluation, not the last
-            rank_keys(results, rank_by)
+        if not candidates:  # a floor on a --semantics encoder it lacks: after the first evaluation, not the last
             check_floors(results, min_semantics)
         candidates.append(Candidate(name, step, str(folder), results))
         evaluations[name] = results

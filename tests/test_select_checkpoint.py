@@ -388,16 +388,19 @@ def fake_sweep(monkeypatch):
     return evaluated
 
 
-def test_the_first_guidance_ranks_a_wrong_rank_is_refused_after_one_evaluation_and_out_must_be_a_folder(
+def test_the_first_guidance_ranks_a_wrong_rank_and_an_out_file_are_refused_before_any_evaluation(
         world, tmp_path, monkeypatch):
     evaluated = fake_sweep(monkeypatch)
     selection = select_checkpoint([str(world["run"])], tmp_path / "sweep", **options(world))
     assert selection["guidance"] == "3" and selection["best"] == "step_00000002"
     assert json.loads((tmp_path / "sweep" / "selection.json").read_text())["best"] == "step_00000002"
     evaluated.clear()
-    with pytest.raises(ValueError, match=r"--rank age: not an evaluated attribute set"):
+    # the set names come from the classifier (the tiny world's judges gender only), read before any image
+    with pytest.raises(ValueError, match=r"--rank age: not an evaluated attribute set; expected one of gender$"):
         select_checkpoint([str(world["run"])], tmp_path / "wrong", rank_by="age", **options(world))
-    assert evaluated == ["step_00000001"]  # reported after the first evaluation, not the last
+    assert evaluated == []
+    assert select_checkpoint([str(world["run"])], tmp_path / "right", rank_by="gender",
+                             **options(world))["best"] == "step_00000002"
     evaluated.clear()
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"--out .*file: a file; give a folder for the reports"):

@@ -63,11 +63,16 @@ def faces_lost(results: dict, guidance: str, keys: Sequence[str]) -> List[str]:
             if any(nan(row.get(key)) and not nan(base[prompt].get(key)) for key in keys)]
 
 
+def check_rank(rank_by: Optional[str], set_names: Sequence[str]) -> None:
+    """A --rank naming no evaluated attribute set is refused, with the names there are."""
+    if rank_by is not None and rank_by not in set_names:
+        raise ValueError(f"--rank {rank_by}: not an evaluated attribute set; expected one of {', '.join(set_names)}")
+
+
 def rank_keys(results: dict, rank_by: Optional[str]) -> List[str]:
     """The summary keys a score averages: the headline of set `rank_by`, or of every set when None."""
     sets = {s["name"]: s for s in results["attribute_sets"]}
-    if rank_by is not None and rank_by not in sets:
-        raise ValueError(f"--rank {rank_by}: not an evaluated attribute set; expected one of {', '.join(sets)}")
+    check_rank(rank_by, list(sets))
     chosen = [sets[rank_by]] if rank_by is not None else list(sets.values())
     return [f"{s['name']}.{headline(s)[0]}" for s in chosen]
 
