@@ -18,7 +18,6 @@ output_dir is refused at start, and the saves of the holder remove temp folders 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -37,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastfair.files import fsync_dir, fsync_file, plain_mode
+from fastfair.files import NO_FILE_LOCKS, fsync_dir, fsync_file, plain_mode
 
 _NAME = re.compile(r"^step_(\d{8})$")
 # CLIPTextModel's submodules; transformers 5 puts them at the top, 4.x (and every published SD LoRA) under text_model.
@@ -192,7 +191,7 @@ def output_dir_lock(output_dir) -> Iterator[Path]:
                              f"{path}): two runs in one output_dir overwrite each other's checkpoints and metrics. "
                              "Wait for it to finish (or stop it), or give this run another output_dir") from None
         except OSError as error:
-            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            if error.errno not in NO_FILE_LOCKS:
                 raise
             warnings.warn(f"output_dir={output_dir}: its filesystem does not lock files ({error.strerror}), so a "
                           "second run started in it would not be refused: make sure no other run uses it",

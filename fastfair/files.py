@@ -48,6 +48,10 @@ def plain_mode(*paths) -> None:
             pass
 
 
+# flock's errors on a filesystem that does not lock files (Lustre without -o flock, NFS without its lock daemon)
+NO_FILE_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
 def fsync_dir(folder) -> None:
     """Flush a folder's entries (names created or renamed in it) to disk; a filesystem that cannot sync a folder
     (some network and FUSE mounts refuse it) has nothing more to offer."""

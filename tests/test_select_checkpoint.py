@@ -453,3 +453,24 @@ def test_images_of_a_checkpoint_s_other_weights_are_not_reused(world, tmp_path):
     evaluate(out=tmp_path / "e", weights="ema", **run)
     with pytest.raises(StaleCacheError, match=r"other settings \(weights"):
         evaluate(out=tmp_path / "e", weights="raw", **run)
+
+
+@pytest.mark.parametrize("code, unlocked", [("ENOLCK", True), ("EINVAL", True), ("EIO", False)])
+def test_a_filesystem_without_locks_shares_base_images_unlocked_with_a_warning(tmp_path, monkeypatch, code,
+                                                                              unlocked):
+    import errno
+
+    import fastfair.evaluation.cache as cache
+
+    def no_locks(handle, operation):
+        raise OSError(getattr(errno, code), "refused")
+
+    monkeypatch.setattr(cache.fcntl, "flock", no_locks)
+    if unlocked:
+        with pytest.warns(UserWarning, match=r"base: its filesystem does not lock files \(refused\).*one at a time"):
+            with cache.shared_cache_lock(tmp_path / "base"):
+                pass
+    else:  # any other error is the disk's, not a missing feature: raised
+        with pytest.raises(OSError, match="refused"):
+            with cache.shared_cache_lock(tmp_path / "base"):
+                pass

@@ -20,11 +20,11 @@ under the same path are refused too.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
 import sys
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from fastfair.dft import sample
+from fastfair.files import NO_FILE_LOCKS
 from fastfair.image_files import read_rgb
 
 MANIFEST = "manifest.json"
@@ -68,8 +69,8 @@ LOCK = ".lock"
 def shared_cache_lock(root) -> Iterator[None]:
     """Hold `root`'s lock (a blocking ``flock`` on <root>/.lock) while one process reads the manifest and
     generates what is missing: evaluations sharing a base-images folder (`fastfair.select_checkpoint --shard`)
-    take turns; the first generates, the others wait and then find the images cached. A filesystem without
-    locks is used unlocked (the caller's docs say: one at a time)."""
+    take turns; the first generates, the others wait and then find the images cached. A filesystem that does
+    not lock files is used unlocked, with a warning (as `fastfair.checkpoint.output_dir_lock` does)."""
     folder = Path(root)
     folder.mkdir(parents=True, exist_ok=True)
     handle = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
@@ -81,8 +82,10 @@ def shared_cache_lock(root) -> Iterator[None]:
                   flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as error:
-            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            if error.errno not in NO_FILE_LOCKS:
                 raise
+            warnings.warn(f"{folder}: its filesystem does not lock files ({error.strerror}), so evaluations started "
+                          "together would not take turns on it: run one at a time", stacklevel=3)
         yield
     finally:
         os.close(handle)  # releases the flock
