@@ -121,7 +121,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
             generate("base")
         settings["base_images"] = str(base_images)  # reported; the base images' own check is their manifest's
     for m in caches:
-        if m != "base" or base_images is None:
+        if caches[m] is cache:  # the base images in a base-images folder were generated under its lock above
             generate(m)
 
     if isinstance(semantics, str):

@@ -250,12 +250,10 @@ def nan_to_null(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def write_report(results: dict, out, cache_roots, grid_columns: int = 8) -> Dict[str, Path]:
-    """Every output file of the module docstring; returns {kind: path} of the main ones. cache_roots: the folder
-    the images' paths are relative to, or {model: folder} when the models' images are cached apart."""
+def write_report(results: dict, out, cache_roots: Dict[str, Path], grid_columns: int = 8) -> Dict[str, Path]:
+    """Every output file of the module docstring; returns {kind: path} of the main ones. cache_roots: {model: the
+    folder its images' paths are relative to}."""
     out = Path(out)
-    if not isinstance(cache_roots, dict):
-        cache_roots = {model: cache_roots for models in results["guidance"].values() for model in models}
     (out / "metrics.json").write_text(json.dumps(nan_to_null(results), indent=1, allow_nan=False), encoding="utf-8")
     write_csv(results, out / "per_prompt.csv")
     header, rows = table_rows(results)
