@@ -134,7 +134,7 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file; give a folder for the reports")
-    candidates, evaluations = [], {}
+    candidates = []
     bar = tqdm(found, desc="checkpoints", unit="ckpt", disable=not progress)
     for name, step, folder in bar:
         bar.set_postfix_str(name)
@@ -150,7 +150,7 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
         if not candidates:  # a floor on a --semantics encoder it lacks: after the first evaluation, not the last
             check_floors(results, min_semantics)
         candidates.append(Candidate(name, step, str(folder), results))
-        evaluations[name] = results
+    evaluations = {candidate.name: candidate.results for candidate in candidates}
     if shard is not None:
         return {"shard": f"{shard[0]}/{shard[1]}", "evaluations": evaluations}
     if not candidates:
