@@ -64,6 +64,11 @@ def headline(attribute_set: dict) -> tuple:
     return ("bias", "Bias") if uniform_target(attribute_set) else ("total_variation", "TV")
 
 
+def headline_key(attribute_set: dict) -> str:
+    """The summary key of a set's headline, e.g. 'gender.bias'."""
+    return f"{attribute_set['name']}.{headline(attribute_set)[0]}"
+
+
 def other_protocols(attribute_set: dict) -> List[tuple]:
     """(key, label) of a set's further columns: TV, KL, FD and, for two classes, Delta (|0.5 - p| / 0.5, a
     distance from balance too, so only with a uniform target); the headline is not repeated."""
@@ -88,7 +93,7 @@ def table_rows(results: dict) -> (List[str], List[List[str]]):
         for model, data in models.items():
             summary = data["summary"]
             row = [guidance, MODEL_NAMES.get(model, model)]
-            row += [mean_pm_std(summary.get(f"{s['name']}.{headline(s)[0]}")) for s in sets]
+            row += [mean_pm_std(summary.get(headline_key(s))) for s in sets]
             row += [mean_pm_std(summary.get(key)) for key, _ in semantic_columns(results)]
             row += [mean_pm_std(summary.get(f"{s['name']}.{key}")) for s in sets for key, _ in other_protocols(s)]
             for _, key in face_less:

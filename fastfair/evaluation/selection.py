@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from fastfair.evaluation.report import headline, markdown_table, nan_to_null, semantic_columns
+from fastfair.evaluation.report import headline, headline_key, markdown_table, nan_to_null, semantic_columns
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _means(results: dict, guidance: str, model: str) -> Dict[str, float]:
     ``no_face``: the fraction of its scored images without a face."""
     data = results["guidance"][guidance][model]
     summary = data["summary"]
-    keys = [f"{s['name']}.{headline(s)[0]}" for s in results["attribute_sets"]]
+    keys = [headline_key(s) for s in results["attribute_sets"]]
     keys += [key for key, _ in semantic_columns(results)]
     means = {key: summary[key]["mean"] if key in summary else math.nan for key in keys}
     images = sum(row["num_images"] for row in data["per_prompt"].values())
@@ -74,7 +74,7 @@ def rank_keys(results: dict, rank_by: Optional[str]) -> List[str]:
     sets = {s["name"]: s for s in results["attribute_sets"]}
     check_rank(rank_by, list(sets))
     chosen = [sets[rank_by]] if rank_by is not None else list(sets.values())
-    return [f"{s['name']}.{headline(s)[0]}" for s in chosen]
+    return [headline_key(s) for s in chosen]
 
 
 def check_floors(results: dict, min_semantics: Mapping[str, float]) -> None:
@@ -128,7 +128,7 @@ def selection_table(selection: dict, results: dict) -> str:
     rows_of_metrics = [selection["original"]] + [row["metrics"] for row in selection["checkpoints"]]
     metric_keys = [key for key in selection["original"]
                    if not all(metrics[key] is None or math.isnan(metrics[key]) for metrics in rows_of_metrics)]
-    labels = {f"{s['name']}.{headline(s)[0]}": f"{headline(s)[1]} {s['name']} ↓" for s in results["attribute_sets"]}
+    labels = {headline_key(s): f"{headline(s)[1]} {s['name']} ↓" for s in results["attribute_sets"]}
     labels.update({key: f"{label} ↑" for key, label in semantic_columns(results)})
     labels["no_face"] = "No face"
     header = ["Checkpoint", "Step", "Score ↓", "Eligible"] + [labels[key] for key in metric_keys]
@@ -156,7 +156,7 @@ def plot_selection(selection: dict, results: dict, path: Path) -> Optional[Path]
     x = steps if all(step is not None for step in steps) else list(range(len(rows)))
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for s in results["attribute_sets"]:
-        key = f"{s['name']}.{headline(s)[0]}"
+        key = headline_key(s)
         line, = axes.plot(x, [row["metrics"][key] for row in rows], marker="o", label=f"{headline(s)[1]} {s['name']}")
         axes.axhline(selection["original"][key], color=line.get_color(), linestyle="--", linewidth=1)
     for row, position in zip(rows, x):
