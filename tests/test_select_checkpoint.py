@@ -294,35 +294,36 @@ def test_shards_share_the_work_and_the_base_images_then_one_run_ranks(world, tmp
 
 
 def test_evaluations_sharing_base_images_take_turns(tmp_path, capfd):
-    """A second process reaching the base-images folder while the first generates waits for it."""
+    """A second process reaching the base-images folder while the first generates waits for it: it gets the lock
+    only after the first wrote its last file inside it."""
     import subprocess
     import sys
     import time
 
     from fastfair.evaluation.cache import shared_cache_lock
 
-    ready = tmp_path / "ready"
+    ready, finished = tmp_path / "ready", tmp_path / "finished"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import pathlib, sys, time\n"
+        "import pathlib, time\n"
         "from fastfair.evaluation.cache import shared_cache_lock\n"
         f"with shared_cache_lock({str(tmp_path / 'base')!r}):\n"
         f"    pathlib.Path({str(ready)!r}).write_text('')\n"
-        "    time.sleep(1.5)\n")])
+        "    time.sleep(1.5)\n"  # still generating when the second one comes
+        f"    pathlib.Path({str(finished)!r}).write_text('')\n")])
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
             assert time.monotonic() < deadline and holder.poll() is None, "the holder did not take the lock"
             time.sleep(0.05)
-        start = time.monotonic()
         with shared_cache_lock(tmp_path / "base"):
-            waited = time.monotonic() - start
+            assert finished.exists()  # the holder's work inside the lock is done before this one's starts
     finally:
         holder.wait(timeout=60)
-    assert waited > 0.5 and holder.returncode == 0
+    assert holder.returncode == 0
     assert "another evaluation is generating images here; waiting for it" in capfd.readouterr().err
-    start = time.monotonic()
-    with shared_cache_lock(tmp_path / "base"):  # free now: no wait
-        assert time.monotonic() - start < 0.5
+    with shared_cache_lock(tmp_path / "base"):  # free now: taken without waiting
+        pass
+    assert "waiting" not in capfd.readouterr().err
 
 
 def test_a_checkpoint_that_loses_the_faces_of_a_prompt_in_one_set_only_is_not_selected():
