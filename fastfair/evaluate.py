@@ -26,6 +26,7 @@ from fastfair.evaluation.cache import (ImageCache, Job, from_png, generate_missi
                                        weight_fingerprint)
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
+from fastfair.evaluation.shared import SharedLoads
 from fastfair.evaluation.sources import finetuned_kind, load_sources, resolve_model, resolve_model_config
 from fastfair.faces import get_detector
 from fastfair.faces.detect import detector_from_flags  # shared with python -m fastfair.faces.build_bank
@@ -71,7 +72,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
              weights: str = "ema", device: Optional[str] = None, grid_columns: int = 8,
              fid_reference=None, fid_inception=None, progress: bool = True, semantics=None,
              model_config: Optional[str] = None, classifier_head: Optional[Sequence[str]] = None,
-             base_images=None) -> dict:
+             base_images=None, shared: Optional[SharedLoads] = None) -> dict:
     """Run the whole evaluation (module docstring); returns the results dict (also in metrics.json) with
     ``generated``: the cache paths this call had to generate. semantics: a `fastfair.losses.SemanticsLoss` or a
     'package.module:function' returning one (e.g. ``fastfair.toy:toy_semantics``), scored as ``sim_<encoder>``.
@@ -79,18 +80,23 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     intersections scored besides each attribute (`fastfair.evaluation.scoring.attribute_sets`; None: that of all
     the attributes). base_images: a folder caching the base model's images apart from `out`, so that evaluations
     of several finetuned models (a run's checkpoints: `fastfair.select_checkpoint`) generate them once; its
-    manifest holds the base model's settings only (None: they are cached with the finetuned ones in out/images)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    manifest holds the base model's settings only (None: they are cached with the finetuned ones in out/images).
+    shared: the models and base-image measurements held between evaluations of one process (a sweep's; they are
+    made again when the settings differ, `fastfair.evaluation.shared`); None: this call's own."""
+    device = evaluation_device(device)
+    shared = shared if shared is not None else SharedLoads()
     _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scales, num_steps, batch_size, margin,
                      grid_columns, fid_reference, fid_inception, base_images)
     detector_name = _detector_name(detector)
-    detector = get_detector(detector)  # before any image is made: an unknown name or a missing model pack fails now
-    judges, classes, sets = evaluated_sets(classifiers, attributes, targets, joint, device, classifier_head)
+    detector_spec = detector
+    # before any image is made: an unknown name or a missing model pack fails now
+    detector = shared.get("detector", detector_spec, lambda: get_detector(detector_spec))
+    judges, classes, sets = evaluated_sets(classifiers, attributes, targets, joint, device, classifier_head, shared)
     counts = images_per_set(sets, images_per_prompt)
     count = max(counts.values())  # generated per prompt; each set scores its first counts[set]
 
     model_config = resolve_model_config(model_config)  # the fingerprint below reads its files
-    vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config)
+    vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config, shared)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
     height, width = latent_size(unet_config)
@@ -124,12 +130,13 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         if caches[m] is cache:  # the base images in a base-images folder were generated under its lock above
             generate(m)
 
-    if isinstance(semantics, str):
-        from fastfair.hooks import load_callable
-
-        semantics = load_callable(semantics, "--semantics")(None)
-    scorer = Scorer(judges, detector, margin, clip, dino, device, semantics=semantics)
-    fid = _fid_scorer(fid_reference, fid_inception, device) if fid_reference else None
+    # what the scores depend on besides the images (the classifiers and detector are held apart, above)
+    scorer_settings = (judges, detector, margin, clip, dino, device, semantics, fid_reference, fid_inception)
+    scorer, fid = shared.get("scorer", scorer_settings, lambda: _scorer(judges, detector, margin, clip, dino, device,
+                                                                       semantics, fid_reference, fid_inception))
+    # a base-images folder's images are the same for every evaluation of the sweep: measured once
+    base_measured = None if base_images is None else shared.get(
+        "base measurements", (scorer_settings, str(caches["base"].root), base_settings, count), dict)
     results = {"settings": {**settings, "images_per_prompt": count, "images_per_set": counts,
                             "guidance_scales": list(guidance_scales),
                             "classifiers": [str(c) for c in classifiers],
@@ -142,19 +149,39 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     class_counts = {k: len(v) for k, v in classes.items()}
     for g in guidance_scales:
         results["guidance"][f"{g:g}"] = _score_guidance(g, prompts, caches, count, scorer, sets, class_counts,
-                                                        counts, fid)
+                                                        counts, fid, base_measured)
     write_report(results, out, {m: model_cache.root for m, model_cache in caches.items()}, grid_columns)
     generated = {path for model_cache in set(caches.values()) for path in model_cache.generated}
     return {**results, "generated": sorted(generated)}
 
 
-def evaluated_sets(classifiers, attributes=None, targets=None, joint=None, device="cpu", classifier_head=None):
+def evaluation_device(device: Optional[str] = None) -> str:
+    """The device an evaluation runs on: the one given, else CUDA where there is one, else the CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluated_sets(classifiers, attributes=None, targets=None, joint=None, device="cpu", classifier_head=None,
+                   shared: Optional[SharedLoads] = None):
     """(judges, classes, attribute sets) an evaluation scores: each attribute, then the intersections `joint`
-    names (None: that of all the attributes, when there are two or more)."""
-    judges, classes = load_classifiers(classifiers, attributes, device, classifier_head)
-    if joint is None:
-        joint = list(classes) if len(classes) >= 2 else []
-    return judges, classes, attribute_sets(classes, targets or {}, joint)
+    names (None: that of all the attributes, when there are two or more). shared: where the loaded classifiers
+    are held between calls with the same arguments."""
+    def load():
+        judges, classes = load_classifiers(classifiers, attributes, device, classifier_head)
+        intersections = (list(classes) if len(classes) >= 2 else []) if joint is None else joint
+        return judges, classes, attribute_sets(classes, targets or {}, intersections)
+
+    settings = ([str(c) for c in classifiers], attributes, targets, joint, str(device), classifier_head)
+    return (shared or SharedLoads()).get("classifiers", settings, load)
+
+
+def _scorer(judges, detector, margin, clip, dino, device, semantics, fid_reference, fid_inception):
+    """(Scorer, FID extractor or None): the judges of the images, loaded."""
+    if isinstance(semantics, str):
+        from fastfair.hooks import load_callable
+
+        semantics = load_callable(semantics, "--semantics")(None)
+    scorer = Scorer(judges, detector, margin, clip, dino, device, semantics=semantics)
+    return scorer, _fid_scorer(fid_reference, fid_inception, device) if fid_reference else None
 
 
 def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scales, num_steps, batch_size, margin,
@@ -206,18 +233,27 @@ def _finetuned_settings(finetuned, weights) -> dict:
     return {"finetuned": str(finetuned or ""), "weights": weights, "finetuned_files": weight_fingerprint(finetuned)}
 
 
-def _score_guidance(g, prompts, caches, count, scorer, sets, class_counts, counts, fid) -> dict:
+def _score_guidance(g, prompts, caches, count, scorer, sets, class_counts, counts, fid, base_measured=None) -> dict:
     """{model: {"per_prompt": {prompt: row}, "images": {prompt: paths}, "summary": ..., ["fid"]}} at guidance g,
-    from the images cached in caches[model] (fastfair.evaluation.scoring.Scorer.score_prompt gives each row)."""
+    from the images cached in caches[model] (fastfair.evaluation.scoring.Scorer.rows gives each row).
+    base_measured: {(guidance, prompt index, prompt): (Measured, FID features)} of the base images measured by
+    an earlier evaluation of the sweep (read and filled here); None: measured here."""
     models = list(caches)
     by_model = {m: {"per_prompt": {}, "images": {}} for m in models}
     features = {m: [] for m in models}
     for p, prompt in enumerate(prompts):
         paths = {m: [image_path(g, m, p, j) for j in range(count)] for m in models}
-        images = {m: from_png([caches[m].path(path) for path in paths[m]]) for m in models}
-        for m in models if fid else ():
-            features[m].append(fid(images[m]))
-        for m, row in scorer.score_prompt(prompt, images, sets, class_counts, counts).items():
+        measured = {}
+        for m in models:
+            known = base_measured if m == "base" and base_measured is not None else {}
+            key = (f"{g:g}", p, prompt)
+            if key not in known:
+                images = from_png([caches[m].path(path) for path in paths[m]])
+                known[key] = scorer.measure(images), fid(images) if fid else None
+            measured[m], image_features = known[key]
+            if fid:
+                features[m].append(image_features)
+        for m, row in scorer.rows(prompt, measured, sets, class_counts, counts).items():
             by_model[m]["per_prompt"][prompt] = row
             by_model[m]["images"][prompt] = paths[m]
     for m, data in by_model.items():

@@ -1,11 +1,13 @@
 """python -m fastfair.select_checkpoint: a run's checkpoints evaluated on shared base images, then ranked."""
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastfair.checkpoint import load_weights, save_checkpoint
 from fastfair.evaluate import evaluate
@@ -475,3 +477,78 @@ def test_a_filesystem_without_locks_shares_base_images_unlocked_with_a_warning(t
         with pytest.raises(OSError, match="refused"):
             with cache.shared_cache_lock(tmp_path / "base"):
                 pass
+
+
+@pytest.mark.filterwarnings("ignore:--prompts")  # the tiny world's prompts are its training prompts
+def test_the_sweep_loads_models_once_and_measures_base_images_once_with_the_results_of_lone_evaluations(
+        world, tmp_path, monkeypatch):
+    import fastfair.evaluate as evaluate_module
+    import fastfair.evaluation.sources as sources
+    from fastfair.evaluation.scoring import Scorer
+    from test_evaluate import PixelStatistics
+
+    torch.jit.script(PixelStatistics()).save(str(tmp_path / "features.pt"))
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for index in range(3):
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            reference / f"{index}.png")
+    kwargs = options(world, dino=str(world["dino"]), guidance_scales=(5.0, 2.0), fid_reference=str(reference),
+                     fid_inception=str(tmp_path / "features.pt"))
+    calls, measured = Counter(), []
+    for module, name in ((sources, "load_stable_diffusion"), (evaluate_module, "load_classifiers"),
+                         (evaluate_module, "Scorer"), (evaluate_module, "_fid_scorer"),
+                         (evaluate_module, "get_detector")):
+        def counted(*args, _original=getattr(module, name), _name=name, **kw):
+            calls[_name] += 1
+            return _original(*args, **kw)
+        monkeypatch.setattr(module, name, counted)
+    measure = Scorer.measure
+    monkeypatch.setattr(Scorer, "measure", lambda self, images: measured.append(images) or measure(self, images))
+    out = tmp_path / "sweep"
+    selection = select_checkpoint([str(world["run"])], out, rank_by="gender", **kwargs)
+    # once for the sweep: before, each of the 3 evaluations read the base model twice (base and finetuned) and
+    # loaded its own judges, and --rank read the classifiers once more
+    assert calls == {"load_stable_diffusion": 1, "load_classifiers": 1, "Scorer": 1, "_fid_scorer": 1,
+                     "get_detector": 1}
+    # per guidance and prompt: the base images once, each checkpoint's once
+    assert len(measured) == 2 * len(PROMPTS) * (1 + len(STEPS))
+    monkeypatch.undo()
+
+    # each checkpoint evaluated on its own, in a fresh folder, gives the same images and scores as in the sweep:
+    # no checkpoint's weights reached the shared base model, and the shared base measurements are those of the
+    # right guidance and prompt
+    for name, folder in ((row["name"], row["folder"]) for row in selection["checkpoints"]):
+        alone = evaluate(out=tmp_path / "alone" / name, finetuned=folder, base_images=out / "base_images", **kwargs)
+        assert len(alone["generated"]) == 2 * len(PROMPTS) * 3 and all("/finetuned/" in p for p in alone["generated"])
+        for path in alone["generated"]:
+            assert torch.equal(from_png([tmp_path / "alone" / name / "images" / path]),
+                               from_png([out / name / "images" / path])), path
+        swept = selection["evaluations"][name]["guidance"]
+        assert json.dumps(alone["guidance"], sort_keys=True) == json.dumps(swept, sort_keys=True)
+        assert all(np.isfinite(swept[g][m]["fid"]) for g in swept for m in swept[g])
+    rows = [selection["evaluations"][name]["guidance"][g]["finetuned"]["per_prompt"][PROMPTS[0]]["clip_i"]
+            for name in selection["evaluations"] for g in ("5", "2")]
+    # the identity checkpoint at both scales, then the moved ones: each against its own scale's base images
+    assert rows[:2] == pytest.approx([1.0, 1.0], abs=1e-5) and len(set(rows[2:])) == 4 and max(rows[2:]) < 1
+
+
+def test_a_finetuned_model_is_built_on_a_copy_of_the_shared_base_model(world, monkeypatch):
+    import fastfair.evaluation.sources as sources
+    from fastfair.evaluation.shared import SharedLoads
+    from fastfair.models import load_stable_diffusion
+
+    loaded = []
+    monkeypatch.setattr(sources, "load_stable_diffusion", lambda *a, **k: loaded.append(load_stable_diffusion(*a, **k))
+                        or loaded[-1])
+    shared, step = SharedLoads(), world["run"] / "checkpoints" / "step_00000003"
+    for _ in range(2):
+        _, _, models = sources.load_sources(str(world["sd"]), str(step), shared=shared)
+        # the checkpoint's text LoRA is applied: its prompt embedding moved
+        assert not torch.equal(models["finetuned"].embeddings(PROMPTS[0])[0], models["base"].embeddings(PROMPTS[0])[0])
+    assert len(loaded) == 1  # the base model read once, both times
+    fresh = load_stable_diffusion(str(world["sd"]))
+    for part in ("text_encoder", "unet", "vae"):
+        held, expected = getattr(loaded[0], part).state_dict(), getattr(fresh, part).state_dict()
+        assert list(held) == list(expected) and all(torch.equal(held[k], expected[k]) for k in expected), part
+    assert len(loaded[0].tokenizer) == len(fresh.tokenizer)

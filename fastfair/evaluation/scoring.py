@@ -189,49 +189,85 @@ class Scorer:
         tokens = self.clip_tokenizer([prompt], padding="max_length", truncation=True, return_tensors="pt")
         return _features(self.clip.get_text_features(**tokens.to(self.device))).float().cpu()
 
+    def embed(self, images: torch.Tensor) -> "Embeddings":
+        """The images [N, 3, H, W] in [-1, 1] under each semantic model this scorer holds."""
+        return Embeddings(dino=self._batched(self.dino, images) if self.dino is not None else None,
+                          encoders={name: self._batched(encoder, images) for name, encoder in self.encoders.items()},
+                          clip=self._clip_images(images) if self.clip is not None else None)
+
+    def measure(self, images: torch.Tensor) -> "Measured":
+        """What the scores of one model's images of a prompt [N, 3, H, W] are computed from (labels, embeddings);
+        a sweep measures the shared base images once (`fastfair.evaluation.shared`)."""
+        return Measured(len(images), self.labels(images), self.embed(images))
+
     def semantics(self, prompt: str, images: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
         """{model: {"clip_t", "diversity", and for "finetuned" also "clip_i", "dino", "sim_<encoder>"}} (NaN
-        without the model that scores it)."""
+        without the model that scores it) of images {model: [N, 3, H, W]} (base and finetuned paired by index)."""
+        return self.semantic_scores(prompt, {model: self.embed(batch) for model, batch in images.items()})
+
+    def semantic_scores(self, prompt: str, embedded: Dict[str, "Embeddings"]) -> Dict[str, Dict[str, float]]:
+        """`semantics` from the models' embeddings {model: `embed`'s output}."""
         nan = float("nan")
-        scores = {model: {"clip_t": nan, "diversity": nan} for model in images}
-        if "finetuned" in images:
-            scores["finetuned"].update(clip_i=nan, dino=nan, **{f"sim_{name}": nan for name in self.encoders})
-        embedded = {name: {model: self._batched(encoder, batch) for model, batch in images.items()}
-                    for name, encoder in self.encoders.items()}
-        if "finetuned" in images:
-            for name, by_model in embedded.items():
-                scores["finetuned"][f"sim_{name}"] = _cosine_mean(by_model["finetuned"], by_model["base"])
+        scores = {model: {"clip_t": nan, "diversity": nan} for model in embedded}
         if self.clip is not None:
             text = self._clip_text(prompt)
-            embedded["clip"] = {model: self._clip_images(batch) for model, batch in images.items()}
-            for model, embedding in embedded["clip"].items():
-                scores[model]["clip_t"] = _cosine_mean(embedding, text)
-            if "finetuned" in images:
-                scores["finetuned"]["clip_i"] = _cosine_mean(embedded["clip"]["finetuned"], embedded["clip"]["base"])
-        if self.dino is not None:
-            embedded = {"dino": {model: self._batched(self.dino, batch) for model, batch in images.items()},
-                        **embedded}
-            if "finetuned" in images:
-                scores["finetuned"]["dino"] = _cosine_mean(embedded["dino"]["finetuned"], embedded["dino"]["base"])
-        if embedded:  # DINOv2 first, then the custom encoders, then CLIP (insertion order)
-            for model, embedding in next(iter(embedded.values())).items():
-                scores[model]["diversity"] = pairwise_diversity(embedding)
+            for model, embeddings in embedded.items():
+                scores[model]["clip_t"] = _cosine_mean(embeddings.clip, text)
+        for model, embeddings in embedded.items():
+            if embeddings.diversity is not None:
+                scores[model]["diversity"] = pairwise_diversity(embeddings.diversity)
+        if "finetuned" in embedded:
+            tuned, base = embedded["finetuned"], embedded["base"]
+            scores["finetuned"].update(
+                clip_i=_cosine_mean(tuned.clip, base.clip) if self.clip is not None else nan,
+                dino=_cosine_mean(tuned.dino, base.dino) if self.dino is not None else nan,
+                **{f"sim_{name}": _cosine_mean(tuned.encoders[name], base.encoders[name]) for name in self.encoders})
         return scores
 
     def score_prompt(self, prompt: str, images: Dict[str, torch.Tensor], sets: Sequence[AttributeSet],
                      class_counts: Dict[str, int], counts: Optional[Dict[str, int]] = None) -> Dict[str, dict]:
         """{model: flat row} for one prompt's images {model: [N, 3, H, W] in [-1, 1]}; counts: {set name: its
         first images to score} (``images_per_set``; all N when absent)."""
-        semantics = self.semantics(prompt, images)
+        measured = {model: self.measure(batch) for model, batch in images.items()}
+        return self.rows(prompt, measured, sets, class_counts, counts)
+
+    def rows(self, prompt: str, measured: Dict[str, "Measured"], sets: Sequence[AttributeSet],
+             class_counts: Dict[str, int], counts: Optional[Dict[str, int]] = None) -> Dict[str, dict]:
+        """`score_prompt` from the models' measurements {model: `measure`'s output}."""
+        semantics = self.semantic_scores(prompt, {model: m.embeddings for model, m in measured.items()})
         rows = {}
-        for model, batch in images.items():
-            labels = self.labels(batch)
-            row = {"num_images": int(len(batch)),
-                   "no_face": int((next(iter(labels.values())) == NO_FACE).sum()) if labels else 0}
+        for model, m in measured.items():
+            row = {"num_images": m.num_images,
+                   "no_face": int((next(iter(m.labels.values())) == NO_FACE).sum()) if m.labels else 0}
             for attribute_set in sets:
-                row.update(set_metrics(labels, attribute_set, class_counts, (counts or {}).get(attribute_set.name)))
+                row.update(set_metrics(m.labels, attribute_set, class_counts, (counts or {}).get(attribute_set.name)))
             rows[model] = {**row, **semantics[model]}
         return rows
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One model's images [N] under the scorer's semantic models: DINOv2 [N, D], the semantics model's encoders
+    {name: [N, D]}, CLIP's image tower [N, D] (None without that model)."""
+
+    dino: Optional[torch.Tensor]
+    encoders: Dict[str, torch.Tensor]
+    clip: Optional[torch.Tensor]
+
+    @property
+    def diversity(self) -> Optional[torch.Tensor]:
+        """The embedding diversity is measured in (`Scorer.diversity_encoder`'s)."""
+        return self.dino if self.dino is not None else next(iter(self.encoders.values()), self.clip)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One model's images of a prompt as the scores see them: their count, {attribute: [N] labels} and
+    embeddings."""
+
+    num_images: int
+    labels: Dict[str, np.ndarray]
+    embeddings: Embeddings
 
 
 def pairwise_diversity(embeddings: torch.Tensor) -> float:

@@ -11,12 +11,15 @@ VAE, scheduler and noise are shared, so the same noise gives paired images (`fas
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from fastfair.evaluation.cache import weight_fingerprint
+from fastfair.evaluation.shared import SharedLoads
 from fastfair.hooks import resolve_package_path
 from fastfair.models import load_stable_diffusion
 
@@ -147,9 +150,11 @@ _KEYS = dict(key="--model", config_key="--model-config")  # how errors name the 
 
 
 def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32", device="cpu",
-                 weights: str = "ema", model_config: Optional[str] = None):
+                 weights: str = "ema", model_config: Optional[str] = None, shared: Optional[SharedLoads] = None):
     """(vae, scheduler, {"base": ImageSource, "finetuned": ImageSource}) ready to sample, frozen.
-    model_config: the architecture folder when model is a single-file checkpoint (fastfair.models)."""
+    model_config: the architecture folder when model is a single-file checkpoint (fastfair.models). The base model
+    is read from disk once: the finetuned one is built on a copy of it. shared: where a sweep holds the base model
+    between evaluations (`fastfair.evaluation.shared`); it is never modified."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"--weights {weights!r}: expected 'ema' or 'raw'")
     kind = finetuned_kind(finetuned) if finetuned else None  # before the slow loads
@@ -159,11 +164,14 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
                          "`python -m fastfair.export --weights` chose: pass the training checkpoint instead, or drop "
                          "--weights for an export written with --weights raw")
     path = resolve_model(model)
-    base = load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS)
+    # the files' fingerprints too: weights rewritten under the same path between two evaluations are read again
+    settings = (path, dtype, str(device), model_config, weight_fingerprint(path), weight_fingerprint(model_config))
+    base = (shared or SharedLoads()).get(
+        "base model", settings, lambda: load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS))
     sources = {"base": _pipeline_source(_pipeline(base).to(device))}
     if finetuned:
         folder = Path(finetuned)
-        parts = load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS)
+        parts = copy.deepcopy(base)  # what a second load would give, without reading the files again
         if kind == "checkpoint":
             sources["finetuned"] = _checkpoint_source(parts, folder, weights)
         else:
@@ -173,4 +181,5 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
             sources["finetuned"] = _pipeline_source(pipe, load_into_pipeline(pipe, folder, "--finetuned"))
         parts.text_encoder.to(device)
         sources["finetuned"].unet.to(device)
-    return base.vae, base.scheduler, sources
+    # a copy: sampling sets its timesteps, and a shared base model stays as loaded
+    return base.vae, copy.deepcopy(base.scheduler), sources
