@@ -130,8 +130,10 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         if caches[m] is cache:  # the base images in a base-images folder were generated under its lock above
             generate(m)
 
-    # what the scores depend on besides the images (the classifiers and detector are held apart, above)
-    scorer_settings = (judges, detector, margin, clip, dino, device, semantics, fid_reference, fid_inception)
+    # what the scores depend on besides the images (the classifiers and detector are held apart, above); the
+    # files' fingerprints too, so that weights rewritten under the same path are read again
+    scorer_settings = (judges, detector, margin, clip, dino, device, semantics, fid_reference, fid_inception,
+                       [weight_fingerprint(path) for path in (clip, dino, fid_inception)])
     scorer, fid = shared.get("scorer", scorer_settings, lambda: _scorer(judges, detector, margin, clip, dino, device,
                                                                        semantics, fid_reference, fid_inception))
     # a base-images folder's images are the same for every evaluation of the sweep: measured once
@@ -170,7 +172,8 @@ def evaluated_sets(classifiers, attributes=None, targets=None, joint=None, devic
         intersections = (list(classes) if len(classes) >= 2 else []) if joint is None else joint
         return judges, classes, attribute_sets(classes, targets or {}, intersections)
 
-    settings = ([str(c) for c in classifiers], attributes, targets, joint, str(device), classifier_head)
+    settings = ([str(c) for c in classifiers], [weight_fingerprint(c) for c in classifiers], attributes, targets,
+                joint, str(device), classifier_head)
     return (shared or SharedLoads()).get("classifiers", settings, load)
 
 

@@ -507,3 +507,63 @@ def test_a_square_model_s_images_are_keyed_by_their_side(files, tmp_path):
                   prompts=PROMPTS[:1], clip=None, dino=None, detector="none")
     width, height = Image.open(tmp_path / "eval" / "images" / results["generated"][0]).size
     assert width == height and results["settings"]["resolution"] == width
+
+
+@pytest.mark.parametrize("changed", [dict(classifiers=["other.pt"]), dict(attributes=["gender"]),
+                                     dict(targets={"gender": [0.2, 0.8]}), dict(joint=[]), dict(device="meta"),
+                                     dict(classifier_head=["gender:female,male"])],
+                         ids=["classifiers", "attributes", "targets", "joint", "device", "classifier_head"])
+def test_classifiers_held_between_evaluations_are_loaded_again_under_other_settings(monkeypatch, changed):
+    import fastfair.evaluate as evaluate_module
+    from fastfair.evaluation.shared import SharedLoads
+
+    loaded = []
+
+    def load_classifiers(classifiers, attributes, device, classifier_head):
+        loaded.append((list(classifiers), attributes, device, classifier_head))
+        return {}, {"gender": ["female", "male"], "race": ["a", "b", "c", "d"]}
+
+    monkeypatch.setattr(evaluate_module, "load_classifiers", load_classifiers)
+    shared = SharedLoads()
+    first = dict(classifiers=["gender.pt"], attributes=None, targets=None, joint=None, device="cpu",
+                 classifier_head=None)
+    held = evaluate_module.evaluated_sets(**first, shared=shared)
+    assert evaluate_module.evaluated_sets(**first, shared=shared) is held and len(loaded) == 1
+    second = {**first, **changed}
+    assert evaluate_module.evaluated_sets(**second, shared=shared) == evaluate_module.evaluated_sets(**second)
+    # loaded with the second's arguments (files, attributes, device, head), not the first's held
+    asked = (second["classifiers"], second["attributes"], second["device"], second["classifier_head"])
+    assert len(loaded) == 3 and loaded[1] == loaded[2] == asked
+
+
+@pytest.mark.parametrize("models", [("clip", "semantics"), ("dino", "clip", "semantics"), ("clip",)],
+                         ids=["clip_and_semantics", "all", "clip"])
+def test_diversity_is_measured_in_the_encoder_the_report_names(tmp_path, models):
+    from fastfair.evaluation.scoring import Scorer, pairwise_diversity
+    from fastfair.testing import save_tiny_semantic_encoders
+
+    semantics = torch.nn.Module()
+    semantics.encoders = torch.nn.ModuleDict({"pixels": torch.nn.Flatten()})
+    _, dino = save_tiny_semantic_encoders(tmp_path)
+    scorer = Scorer({}, "none", clip_dir=save_tiny_clip(tmp_path / "clip") if "clip" in models else None,
+                    dino_dir=dino if "dino" in models else None,
+                    semantics=semantics if "semantics" in models else None)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    embedded = scorer.embed(images)
+    named = {"dinov2": embedded.dino, "pixels": images.flatten(1), "clip": embedded.clip}[scorer.diversity_encoder]
+    assert scorer.diversity_encoder == ("dinov2" if "dino" in models else "pixels" if "semantics" in models
+                                        else "clip")
+    assert scorer.semantics("a prompt", {"base": images})["base"]["diversity"] == pytest.approx(
+        pairwise_diversity(named))
+
+
+def test_a_semantics_model_s_similarity_pairs_the_finetuned_images_with_the_base_ones():
+    from fastfair.evaluation.scoring import Scorer
+
+    semantics = torch.nn.Module()
+    semantics.encoders = torch.nn.ModuleDict({"pixels": torch.nn.Flatten()})
+    generator = torch.Generator().manual_seed(0)
+    base, tuned = (torch.rand(4, 3, 8, 8, generator=generator) * 2 - 1 for _ in range(2))
+    scores = Scorer({}, "none", semantics=semantics).semantics("a prompt", {"base": base, "finetuned": tuned})
+    expected = float(torch.nn.functional.cosine_similarity(tuned.flatten(1).double(), base.flatten(1).double()).mean())
+    assert scores["finetuned"]["sim_pixels"] == pytest.approx(expected) and expected < 0.9

@@ -552,3 +552,164 @@ def test_a_finetuned_model_is_built_on_a_copy_of_the_shared_base_model(world, mo
         held, expected = getattr(loaded[0], part).state_dict(), getattr(fresh, part).state_dict()
         assert list(held) == list(expected) and all(torch.equal(held[k], expected[k]) for k in expected), part
     assert len(loaded[0].tokenizer) == len(fresh.tokenizer)
+
+
+def _fid_options(tmp_path, seed):
+    """FID options whose reference folder holds other random images for each seed."""
+    from test_evaluate import PixelStatistics
+
+    inception = tmp_path / "features.pt"
+    if not inception.exists():
+        torch.jit.script(PixelStatistics()).save(str(inception))
+    reference = tmp_path / f"reference{seed}"
+    reference.mkdir()
+    for index in range(3):
+        Image.fromarray(np.random.default_rng([seed, index]).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            reference / f"{index}.png")
+    return dict(fid_reference=str(reference), fid_inception=str(inception))
+
+
+def centre_face(rgb):
+    """A detector that finds one face in every image: its centre half."""
+    h, w = rgb.shape[:2]
+    return [(w / 4, h / 4, 3 * w / 4, 3 * h / 4)]
+
+
+def _sensitive_classifier(tmp_path):
+    """A gender classifier whose labels vary with the image and the crop (the tiny world's is constant)."""
+    from fastfair.classifiers import AttributeClassifier, head_from_names, save_classifier
+
+    path = tmp_path / "sensitive.safetensors"
+    if not path.exists():
+        torch.manual_seed(1)
+        classifier = AttributeClassifier(head_from_names(["gender"]), "small_cnn", input_size=16, width=4)
+        with torch.no_grad():
+            classifier.network.classifier.weight.mul_(100)
+            classifier.network.classifier.bias.zero_()
+        save_classifier(classifier, str(path))
+    return str(path)
+
+
+def _toy_semantics():
+    from fastfair.toy import toy_semantics
+
+    return toy_semantics()
+
+
+# (first, second): the options of two evaluations sharing one SharedLoads, the second's differing in one setting
+OTHER_SETTINGS = {
+    "detector": lambda world, tmp_path: ({}, dict(detector=whole_image_face)),
+    "margin": lambda world, tmp_path: tuple(dict(detector=centre_face, classifiers=[_sensitive_classifier(tmp_path)],
+                                                 margin=margin) for margin in (0.0, 1.0)),
+    "classifiers": lambda world, tmp_path: (dict(detector=centre_face), dict(
+        detector=centre_face, classifiers=[_sensitive_classifier(tmp_path)])),
+    "targets": lambda world, tmp_path: ({}, dict(targets={"gender": [0.2, 0.8]})),
+    "clip": lambda world, tmp_path: ({}, dict(clip=None)),
+    "semantics": lambda world, tmp_path: ({}, dict(semantics=_toy_semantics())),
+    "fid_reference": lambda world, tmp_path: (_fid_options(tmp_path, 0), _fid_options(tmp_path, 1)),
+    "images_per_prompt": lambda world, tmp_path: ({}, dict(images_per_prompt=2)),
+    "prompts": lambda world, tmp_path: ({}, dict(prompts=PROMPTS[::-1])),
+}
+
+
+@pytest.mark.filterwarnings("ignore:--prompts")  # the tiny world's prompts are its training prompts
+@pytest.mark.parametrize("changed", list(OTHER_SETTINGS))
+def test_an_evaluation_sharing_loads_with_one_of_other_settings_gives_its_own_results(world, tmp_path, changed):
+    from fastfair.evaluation.shared import SharedLoads
+
+    first, second = OTHER_SETTINGS[changed](world, tmp_path)
+    shared = SharedLoads()
+    common = dict(finetuned=str(world["run"] / "checkpoints" / "step_00000003"), base_images=tmp_path / "base_images")
+    before = evaluate(out=tmp_path / "first", shared=shared, **common, **options(world, **first))
+    swept = evaluate(out=tmp_path / "second", shared=shared, **common, **options(world, **second))
+    alone = evaluate(out=tmp_path / "alone", **common, **options(world, **second))
+    # the judges, models and base measurements held for the first are not those of the second's settings
+    assert json.dumps(swept["guidance"], sort_keys=True) == json.dumps(alone["guidance"], sort_keys=True)
+    assert json.dumps(before["guidance"], sort_keys=True) != json.dumps(alone["guidance"], sort_keys=True)
+
+
+def test_a_shared_base_model_is_read_again_in_another_dtype_architecture_or_after_a_rewrite(world, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fastfair.evaluation.shared import SharedLoads
+    from fastfair.evaluation.sources import load_sources
+    from fastfair.testing import save_tiny_single_file
+
+    shared, model = SharedLoads(), tmp_path / "sd"
+    shutil.copytree(world["sd"], model)
+    _, _, first = load_sources(str(model), shared=shared)
+    _, _, half = load_sources(str(model), dtype="bf16", shared=shared)
+    assert first["base"].unet.dtype == torch.float32 and half["base"].unet.dtype == torch.bfloat16
+    # new weights under the same path (a rerun's export): read again
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    moved = {name: tensor + 1 for name, tensor in load_file(str(weights)).items()}
+    save_file(moved, str(weights))
+    _, _, rewritten = load_sources(str(model), dtype="bf16", shared=shared)
+    held = rewritten["base"].unet.state_dict()
+    assert all(torch.equal(held[name], tensor.to(torch.bfloat16)) for name, tensor in moved.items())
+    # a single-file checkpoint under another architecture folder: that folder's scheduler
+    single = save_tiny_single_file(world["sd"], tmp_path / "model.safetensors")
+    other = tmp_path / "other_config"
+    shutil.copytree(world["sd"], other)
+    config = other / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "beta_end": 0.02}))
+    _, scheduler, _ = load_sources(str(single), model_config=str(world["sd"]), shared=shared)
+    assert scheduler.config.beta_end != 0.02
+    _, scheduler, _ = load_sources(str(single), model_config=str(other), shared=shared)
+    assert scheduler.config.beta_end == 0.02
+
+
+@pytest.mark.filterwarnings("ignore:--prompts")  # the tiny world's prompts are its training prompts
+def test_the_rank_check_shares_the_classifiers_of_the_default_device(world, tmp_path, monkeypatch):
+    import fastfair.evaluate as evaluate_module
+
+    loaded = []
+    load_classifiers = evaluate_module.load_classifiers
+    monkeypatch.setattr(evaluate_module, "load_classifiers",
+                        lambda *a, **k: loaded.append(a) or load_classifiers(*a, **k))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kwargs = {key: value for key, value in options(world).items() if key != "device"}  # the default device
+    select_checkpoint([str(world["run"] / "checkpoints" / "step_00000003")], tmp_path / "sweep", rank_by="gender",
+                      **kwargs)
+    assert len(loaded) == 1  # the classifiers --rank read are those the evaluation scores with
+
+
+def test_the_sweep_s_shared_loads_are_its_own(world, tmp_path):
+    from fastfair.evaluation.shared import SharedLoads
+
+    with pytest.raises(ValueError, match=r"select_checkpoint sets shared itself"):
+        select_checkpoint([str(world["run"])], tmp_path / "refused", shared=SharedLoads(), **options(world))
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.filterwarnings("ignore:--prompts")  # the tiny world's prompts are its training prompts
+@pytest.mark.parametrize("rewritten", ["clip", "classifier"])
+def test_judges_rewritten_under_the_same_paths_are_read_again_by_an_evaluation_sharing_loads(world, tmp_path,
+                                                                                               rewritten):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fastfair.evaluation.shared import SharedLoads
+
+    clip, classifier = tmp_path / "clip", tmp_path / "judge" / "gender.safetensors"
+    shutil.copytree(world["clip_full"], clip)
+    classifier.parent.mkdir()
+    shutil.copy(_sensitive_classifier(tmp_path), classifier)
+    kwargs = options(world, clip=str(clip), classifiers=[str(classifier)], detector=centre_face)
+    common = dict(finetuned=str(world["run"] / "checkpoints" / "step_00000003"), base_images=tmp_path / "base")
+    shared = SharedLoads()
+    before = evaluate(out=tmp_path / "first", shared=shared, **common, **kwargs)
+    # new weights under the same path (one judge at a time: a new classifier alone makes the scorer anew)
+    path, scale = {"clip": (clip / "model.safetensors", 3.0), "classifier": (classifier, -1.0)}[rewritten]
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file({name: t * scale if t.is_floating_point() else t for name, t in load_file(str(path)).items()},
+              str(path), metadata=metadata)
+    swept = evaluate(out=tmp_path / "second", shared=shared, **common, **kwargs)
+    alone = evaluate(out=tmp_path / "alone", **common, **kwargs)
+    assert json.dumps(swept["guidance"], sort_keys=True) == json.dumps(alone["guidance"], sort_keys=True)
+    assert json.dumps(before["guidance"], sort_keys=True) != json.dumps(alone["guidance"], sort_keys=True)

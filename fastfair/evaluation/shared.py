@@ -5,7 +5,10 @@ base model, the classifiers, the face detector, CLIP and DINOv2 once, and measur
 
 Each held thing is kept with the settings it was made from and made anew (the old one dropped first, to free
 its memory) when an evaluation asks for it with other settings; settings are compared with ``==`` (a function
-or model object by identity). So sharing changes no result, only the time and disk reads spent.
+or model object by identity; model files by path and fingerprint, `fastfair.evaluation.cache.weight_fingerprint`).
+So sharing changes no result, only the time and disk reads spent. A thing that is part of another's settings
+(the classifiers in the scorer's) stays in memory until that other is made anew too; a sweep asks with one set
+of settings throughout, so nothing is made twice there.
 """
 from __future__ import annotations
 
