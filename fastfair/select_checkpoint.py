@@ -116,7 +116,7 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
                       shard: Optional[Tuple[int, int]] = None, **evaluate_kwargs) -> dict:
     """Evaluate each checkpoint (module docstring) and write the selection; returns the selection dict with
     "evaluations": {name: evaluate's results}. evaluate_kwargs: `fastfair.evaluate.evaluate`'s, except out,
-    finetuned and base_images, which the sweep sets. shard (K, N): evaluate only every N-th checkpoint from the
+    finetuned, base_images and shared, which the sweep sets. shard (K, N): evaluate only every N-th checkpoint from the
     K-th and rank nothing (returns {"shard", "evaluations"}): N processes, e.g. one per GPU, share the work and
     the base images (the first to reach them generates them, the others wait); a run without shard then finds
     every image cached and ranks them all."""
