@@ -11,12 +11,6 @@ Reports the median time per call, the speedup over unfused PyTorch and, on CUDA,
 ({"meta": ..., "results": [{"op", "backend", "shape", "dtype", "median_s", "speedup_vs_torch", ...}]}) and
 OUT.md (the Markdown table, also printed). ``--summarize OUT.json`` prints the issue's targets against a run.
 """
-if __name__ == "kernels":
-    # Another benchmark script runs with bench/ first on sys.path, where this file answers the probes that
-    # transformers, diffusers and bitsandbytes make for the PyPI package `kernels` (DESIGN.md, pitfalls): refuse
-    # to be that package, before running any of this script's imports in their process.
-    raise ImportError("bench/kernels.py is fastfair's kernel benchmark, not the `kernels` package")
-
 import argparse
 import datetime
 import json
