@@ -41,24 +41,24 @@ JOBS = ("nurse", "pilot", "chef", "farmer", "lawyer", "dancer", "baker", "judge"
 
 
 def save_clip(kind: str, folder: Path, tokenizer_folder: Path) -> str:
-    """A transformers CLIPModel (both towers, as evaluate's CLIP-T needs) with the SD folder's tokenizer."""
+    """A transformers CLIPModel (both towers, as evaluate's CLIP-T needs): for sd15 ViT-L/14 at 224 px with the SD
+    folder's tokenizer; for tiny the test suite's 16 px one."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
+    from fastfair.testing import save_tiny_clip
+
+    if kind != "sd15":
+        return str(save_tiny_clip(folder))
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
-    if kind == "sd15":  # ViT-L/14 at 224 px
-        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                      image_size=224, patch_size=14)
-        projection, positions = 768, 77
-    else:
-        text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-        vision = dict(text, image_size=16, patch_size=8)
-        projection, positions = 8, tokenizer.model_max_length
+    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=77)
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=224, patch_size=14)
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=dict(**text, **ids, max_position_embeddings=positions), vision_config=vision,
-                         projection_dim=projection)).save_pretrained(folder)
+    CLIPModel(CLIPConfig(text_config=dict(**text, **ids), vision_config=vision, projection_dim=768)
+              ).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 

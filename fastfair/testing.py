@@ -164,6 +164,21 @@ def save_tiny_classifier(path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+def save_tiny_clip(folder: Path) -> Path:
+    """A transformers CLIPModel (text and vision towers) with its tokenizer, at 16 px."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = write_tokenizer(folder)
+    ids = dict(bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    text = dict(**small, **ids, vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(**small, image_size=16, patch_size=8),
+                         projection_dim=8)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_tiny_semantic_encoders(folder: Path):
     """(clip_dir, dino_dir): transformers CLIP vision and DINOv2 models at 16 px."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model

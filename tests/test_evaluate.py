@@ -15,7 +15,8 @@ from fastfair.evaluation.fid import frechet_distance
 from fastfair.evaluation.report import mean_pm_std
 from fastfair.evaluation.scoring import attribute_sets, images_per_set, set_metrics
 from fastfair.evaluation.sources import resolve_model
-from test_trainer_world import MAX_TOKENS, flatten_text_names, make_world, write_config, write_tokenizer
+from fastfair.testing import save_tiny_clip
+from test_trainer_world import flatten_text_names, make_world, write_config
 
 PROMPTS = ["a photo of the face of a nurse, a person", "a photo of the face of a pilot, a person"]
 
@@ -24,21 +25,6 @@ def odd_corner_has_no_face(rgb):
     """A detector: no face when the top-left red value is odd, else the centre half of the image."""
     h, w = rgb.shape[:2]
     return [] if rgb[0, 0, 0] % 2 else [(w / 4, h / 4, 3 * w / 4, 3 * h / 4)]
-
-
-def save_tiny_clip(folder: Path) -> Path:
-    """A transformers CLIPModel (text and vision towers) with its tokenizer, at 16 px."""
-    from transformers import CLIPConfig, CLIPModel
-
-    tokenizer = write_tokenizer(folder)
-    ids = dict(bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1)
-    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    torch.manual_seed(0)
-    text = dict(**small, **ids, vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(**small, image_size=16, patch_size=8),
-                         projection_dim=8)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def save_identity_checkpoint(root: Path, world: dict) -> Path:

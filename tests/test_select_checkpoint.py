@@ -14,7 +14,8 @@ from fastfair.evaluate import evaluate
 from fastfair.evaluation.cache import StaleCacheError, from_png
 from fastfair.evaluation.selection import Candidate, select
 from fastfair.select_checkpoint import expand_checkpoints, main, parse_floors, parse_shard, select_checkpoint
-from test_evaluate import PROMPTS, odd_corner_has_no_face, save_identity_checkpoint, save_tiny_clip
+from fastfair.testing import save_tiny_clip
+from test_evaluate import PROMPTS, odd_corner_has_no_face, save_identity_checkpoint
 from test_trainer_world import make_world
 
 STEPS = (1, 2, 3)
