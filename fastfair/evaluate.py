@@ -246,10 +246,9 @@ def _score_guidance(g, prompts, caches, count, scorer, sets, class_counts, count
     features = {m: [] for m in models}
     for p, prompt in enumerate(prompts):
         paths = {m: [image_path(g, m, p, j) for j in range(count)] for m in models}
-        measured = {}
+        measured, key = {}, (f"{g:g}", p, prompt)
         for m in models:
             known = base_measured if m == "base" and base_measured is not None else {}
-            key = (f"{g:g}", p, prompt)
             if key not in known:
                 images = from_png([caches[m].path(path) for path in paths[m]])
                 known[key] = scorer.measure(images), fid(images) if fid else None

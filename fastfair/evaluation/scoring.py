@@ -155,9 +155,8 @@ class Scorer:
 
     @property
     def diversity_encoder(self) -> Optional[str]:
-        """The embedding diversity is measured in: DINOv2, else the semantics model's first encoder, else CLIP."""
-        return "dinov2" if self.dino is not None else next(iter(self.encoders), None) or (
-            "clip" if self.clip is not None else None)
+        """The embedding diversity is measured in (`diversity_model`)."""
+        return diversity_model(self.dino, self.encoders, self.clip)[0]
 
     @torch.no_grad()
     def _batched(self, fn, images: torch.Tensor) -> torch.Tensor:
@@ -256,8 +255,18 @@ class Embeddings:
 
     @property
     def diversity(self) -> Optional[torch.Tensor]:
-        """The embedding diversity is measured in (`Scorer.diversity_encoder`'s)."""
-        return self.dino if self.dino is not None else next(iter(self.encoders.values()), self.clip)
+        """The embedding diversity is measured in (`diversity_model`)."""
+        return diversity_model(self.dino, self.encoders, self.clip)[1]
+
+
+def diversity_model(dino, encoders: dict, clip) -> tuple:
+    """(name, item) of what diversity is measured in, of a scorer's models or of their embeddings: DINOv2, else
+    the semantics model's first encoder, else CLIP; (None, None) without any."""
+    if dino is not None:
+        return "dinov2", dino
+    if encoders:
+        return next(iter(encoders.items()))
+    return ("clip", clip) if clip is not None else (None, None)
 
 
 @dataclass(frozen=True)
