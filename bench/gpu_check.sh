@@ -43,7 +43,7 @@ cuda_tests() {
     tests/test_kernels_dispatch.py tests/test_dft_cuda.py tests/test_lean_graph.py tests/test_keep_attention.py \
     tests/test_dft_saved_state.py \
     "tests/test_classifiers_train.py::test_resume_after_an_interruption_equals_an_uninterrupted_run" \
-    2>&1 | tee "$OUT/tests_kernels.log"
+    tests/test_kernels_rounding.py 2>&1 | tee "$OUT/tests_kernels.log"
 }
 
 toy_trainer() {

@@ -1,5 +1,6 @@
 """The kernel dispatcher: backend choice (FASTFAIR_KERNELS / backend=), argument checks, the torch backend's
-out= buffers and the fan-out layout. Backend numerics are in test_kernels_native.py / test_kernels_triton.py."""
+out= buffers and the fan-out layout. Backend numerics are in test_kernels_native.py / test_kernels_triton.py
+(the fan-out's narrow-output bits: test_kernels_rounding.py)."""
 import warnings
 
 import pytest
