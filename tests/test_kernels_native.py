@@ -4,6 +4,7 @@ Without an installed fastfair._C the module JIT-builds csrc/ once (cached by tor
 The CUDA sources are compile-checked with nvcc even without a CUDA torch; CUDA runs skip without a GPU.
 """
 import os
+import re
 import shutil
 import subprocess
 
@@ -120,13 +121,13 @@ def test_cuda_misaligned_and_graph_capture():
 
 
 def _cuda_compile_commands(tmp_path):
-    """nvcc --ptx of each .cu (the front end checks host and device code, then device codegen for sm_90) and a
-    syntax check of the CUDA registration file, with torch's headers. A CPU torch wheel lacks c10's generated
-    cuda_cmake_macros.h, which only matters on Windows: C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it."""
+    """nvcc --ptx of each .cu with the build's flags (the front end checks host and device code, then device codegen
+    for sm_90) and a syntax check of the CUDA registration file, with torch's headers. A CPU torch wheel lacks
+    c10's generated cuda_cmake_macros.h, which only matters on Windows: C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it."""
     include = os.path.join(os.path.dirname(torch.__file__), "include")
     common = ["-I", include, "-I", os.path.join(include, "torch", "csrc", "api", "include"), "-std=c++20",
               "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
-    commands = [[NVCC, "--ptx", "-arch=sm_90", "-O3", *common, "-D__CUDA_NO_HALF_OPERATORS__",
+    commands = [[NVCC, "--ptx", "-arch=sm_90", *native.NVCC_FLAGS, *common, "-D__CUDA_NO_HALF_OPERATORS__",
                  "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
                  os.path.join(native.CSRC, name), "-o", str(tmp_path / (name + ".ptx"))]
                 for name in native.CUDA_SOURCES if name.endswith(".cu")]
@@ -147,3 +148,8 @@ def test_cuda_sources_compile(tmp_path):
         if proc.returncode:
             failures.append(f"{' '.join(cmd)}\n{output[-4000:]}")
     assert not failures, "\n\n".join(failures)
+    # the fan-out's narrow outputs round to nearest even from fp32, subnormals kept, as torch's conversion
+    # (no fast-math): test_kernels_rounding.py checks the bits where a GPU runs them
+    fanout = (tmp_path / "grad_fanout_cuda.cu.ptx").read_text()
+    assert "cvt.rn.f16.f32" in fanout and "cvt.rn.bf16.f32" in fanout
+    assert not re.search(r"\.(rz|ftz)\b", fanout)
