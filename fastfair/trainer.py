@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,8 @@ from fastfair.finetune import FinetunedModel
 from fastfair.judges import build_judges, head_disagreements
 from fastfair.models import latent_size, load_stable_diffusion, torch_dtype
 from fastfair.optimizer import build_optimizer, optimizer_state_bytes, saved_optimizer_name
+from fastfair.preflight import DEFAULT_ITERATIONS as DEFAULT_CHECK_ITERATIONS
+from fastfair.preflight import Preflight, free_bytes, retention, saved_steps, tensor_bytes
 from fastfair.process_group import process_group
 from fastfair.prompts import build_prompt_mixture
 from fastfair.run_control import StopSignals, cannot_write, closing, isatty, progress_options, stop_signals
@@ -629,11 +631,18 @@ class Trainer:
         progress: a checkpoint at the step reached, then SystemExit with status 128 + the signal's number."""
         with contextlib.ExitStack() as held:
             unwritable = self._claim_output_dir(held)
-            self._train(held, unwritable)
+            self._begin()
+            if self.start == self.cfg.max_steps:  # nothing to train (a rerun of a finished run, or the demo's)
+                if self.rank == 0:  # config.yaml keeps what ran: settings given now (optim.lr=...) changed nothing
+                    print(f"{self.cfg.output_dir}: trained to step {self.start} already, nothing to train")
+                return
+            if unwritable is not None:
+                raise OSError(unwritable)
+            self._train(held)
 
-    def _train(self, held: contextlib.ExitStack, unwritable: Optional[str]) -> None:
-        from tqdm import tqdm
-
+    def _begin(self) -> Optional[Path]:
+        """Resume where `resume` says and check output_dir against it; returns the checkpoint resumed (None: a
+        fresh start)."""
         cfg = self.cfg
         path = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
         if path is not None:
@@ -644,12 +653,68 @@ class Trainer:
         if self.start > cfg.max_steps:
             raise ValueError(f"max_steps={cfg.max_steps}, but the run resumed from step {self.start}: raise max_steps "
                              "to train on, or use another output_dir for a shorter run")
-        if self.start == cfg.max_steps:  # nothing to train (a rerun of a finished run, or the demo's)
-            if self.rank == 0:  # config.yaml keeps what ran: settings given now (optim.lr=...) changed nothing
-                print(f"{cfg.output_dir}: trained to step {self.start} already, nothing to train")
-            return
-        if unwritable is not None:
-            raise OSError(unwritable)
+        return path
+
+    def check(self, iterations: int = DEFAULT_CHECK_ITERATIONS) -> Preflight:
+        """`train()`'s start (the resume, output_dir and its lock, which a running run there holds) and up to
+        `iterations` timed iterations from the step it would start at, saving nothing: no checkpoint, config.yaml,
+        log or image (output_dir and its checkpoints/ are made, as the run makes them). The iterations move the
+        weights in memory only. Every rank calls it (the iterations' collectives)."""
+        cfg = self.cfg
+        with contextlib.ExitStack() as held:
+            unwritable = self._claim_output_dir(held)
+            path = self._begin()
+            todo = cfg.max_steps - self.start
+            if todo and unwritable is not None:
+                raise OSError(unwritable)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = []
+            for it in range(self.start, self.start + min(iterations, todo)):
+                began = time.perf_counter()
+                self.iteration(it)  # ends reading its losses on the host: the device's work is done
+                seconds.append(time.perf_counter() - began)
+        saved_bytes, measured = self._checkpoint_bytes()
+        peak = torch.tensor([_peak_memory_bytes(self.device)], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        existing = list(checkpoint.list_checkpoints(cfg.output_dir))
+        saves = saved_steps(self.start, cfg.max_steps, cfg.checkpoint_every)
+        kept, most_held = retention(existing, saves, cfg.keep_last, cfg.keep_every)
+        plans = None if self.memory_budget is None else {
+            steps: keeps for (_, steps), keeps in self.memory_budget.state_dict()["plans"].items()}
+        s = cfg.sampler
+        steps = f"{s.num_steps_range[0]}-{s.num_steps_range[1]}" if s.num_steps_range else str(s.num_steps)
+        total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        return Preflight(output_dir=str(cfg.output_dir), resumes_from=None if path is None else str(path),
+                         start=self.start, max_steps=cfg.max_steps, world=self.world,
+                         images_per_iteration=cfg.batch.images_per_prompt, num_steps=steps,
+                         trainable_parameters=sum(p.numel() for p in self.model.trainable.values()),
+                         iteration_seconds=seconds,
+                         peak_memory=int(peak.item()), device_memory=total, checkpoint_bytes=saved_bytes,
+                         optimizer_state_measured=measured, existing_checkpoints=existing, saves=saves, kept=kept,
+                         most_held=most_held, free_disk=free_bytes(cfg.output_dir), memory_plans=plans)
+
+    def _checkpoint_bytes(self) -> Tuple[int, bool]:
+        """(the bytes of the tensors `save` would write now, whether the optimizer state among them is measured):
+        before the first step, which makes it, it is estimated. A collective under DeepSpeed, as `save` is."""
+        shards = None
+        if self.engine is not None:  # every rank's ZeRO partition, gathered
+            from fastfair import zero
+
+            shards = zero.gather_optimizer_shards(self.engine)
+        weights = {name: p.detach() for name, p in self.model.trainable.items()}
+        state = self.state()
+        saved = tensor_bytes([weights, self.ema.shadow, state, shards, checkpoint.rng_state()])
+        measured = tensor_bytes(state["optimizer"] if shards is None else shards) > 0
+        if not measured:  # DeepSpeed's moments in float32, all of them once gathered
+            saved += optimizer_state_bytes(self.cfg.optim.name, weights.values(), None if self.engine is None else 1)
+        return saved, measured
+
+    def _train(self, held: contextlib.ExitStack) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
         stop = held.enter_context(stop_signals())
         if self.rank == 0:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
@@ -735,9 +800,24 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/gender.yaml")
     parser.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (same as deepspeed.config=...)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    parser.add_argument("--check", action="store_true",
+                        help="check the run instead: its start (settings, files, models, resume, output_dir) and "
+                             "--check-iterations timed iterations, saving nothing; prints the peak memory, the time "
+                             "the run will take and its checkpoints' disk space (exit status 1 if they will not fit)")
+    parser.add_argument("--check-iterations", type=_count, default=None, metavar="N",
+                        help=f"iterations --check runs (default {DEFAULT_CHECK_ITERATIONS}; 0: none)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. max_steps=2")
     # intermixed: overrides on both sides of --deepspeed_config (parse_args took only the first group)
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.check_iterations is not None and not args.check:
+        parser.error("--check-iterations goes with --check")
+    return args
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return int(text)
 
 
 def main(argv=None) -> None:
@@ -752,6 +832,14 @@ def main(argv=None) -> None:
     try:
         with process_group(device.split(":")[0]):
             trainer = Trainer(cfg, device)
+            if args.check:
+                iterations = DEFAULT_CHECK_ITERATIONS if args.check_iterations is None else args.check_iterations
+                report = trainer.check(iterations)
+                if trainer.rank == 0:
+                    print(report.summary() + "\nnothing was saved: the same command without --check runs it")
+                if report.problems():
+                    raise SystemExit(1)
+                return
             trainer.train()
     except KeyboardInterrupt:  # Ctrl-C: where the run stopped and how to go on, not the traceback of its frames
         if int(os.environ.get("RANK", 0)) == 0:

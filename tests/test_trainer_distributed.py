@@ -61,19 +61,25 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_deepspeed_zero2_with_resume_equals_plain_run(tmp_path):
     """`fastfair/train.py --deepspeed_config` (ZeRO-2, fp32, 2 processes): 1 iteration, then a resume from its
-    checkpoint (optimizer shards included) to 2, trains the same weights as one plain process for 2."""
+    checkpoint (optimizer shards included) to 2, trains the same weights as one plain process for 2. A --check
+    first (its collectives on both ranks: the iteration, the shards gathered, the peak memory) saves nothing and
+    leaves the run unchanged."""
     world = make_world(tmp_path / "world")
     ds_json = tmp_path / "zero2_fp32.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10**9}))
     config = write_config(tmp_path / "ds", world, "text_unet_lora")
     env = child_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    for max_steps in (1, 2):
+    ckpt = tmp_path / "ds" / "run" / "checkpoints"
+    for max_steps, check in ((2, ["--check", "--check-iterations", "1"]), (1, []), (2, [])):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(REPO / "fastfair" / "train.py"), "--config", str(config), "--deepspeed_config", str(ds_json),
-               f"max_steps={max_steps}", "resume=auto"]
+               *check, f"max_steps={max_steps}", "resume=auto"]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    ckpt = tmp_path / "ds" / "run" / "checkpoints"
+        if check:
+            assert "on 2 processes" in run.stdout and "iterations   1 checked" in run.stdout, run.stdout
+            assert run.stdout.count("nothing was saved") == 1  # rank 0 reports
+            assert not any(ckpt.iterdir())
     state = torch.load(ckpt / "step_00000002" / "state.pt", weights_only=False)
     assert len(state["zero_shards"]) == 2 and state["optimizer"] is None
 

@@ -32,7 +32,8 @@ def test_world_files_load(tmp_path):
 
 
 def write_config(root: Path, world: dict, target: str = "text_lora", face_loss: bool = False, **overrides) -> Path:
-    """A run config over the world's files: 2 iterations of 4 images, 3 sampling steps, whole-image faces."""
+    """A run config over the world's files: 2 iterations of 4 images, 3 sampling steps, whole-image faces;
+    overrides replace top-level settings (max_steps=3)."""
     import yaml
 
     cfg = {
@@ -54,6 +55,7 @@ def write_config(root: Path, world: dict, target: str = "text_lora", face_loss: 
         "precision": {"mixed": "fp32", "tf32": False},
         "logging": {"image_every": 1, "log_every": 1},
     }
+    cfg.update(overrides)
     if face_loss:
         sfnet, bank = save_tiny_face_models(Path(root) / "faces")
         cfg["faces"].update(embedding=str(sfnet), bank=str(bank))
