@@ -57,6 +57,12 @@ toy_trainer() {
   done
 }
 
+toy_check() {  # train.py --check on CUDA: peak memory against the device's, the estimate, nothing saved
+  timeout 120 "$PYTHON" fastfair/train.py --config configs/toy.yaml --check --check-iterations 2 \
+    output_dir="$SCRATCH/check_toy" 2>&1 | tail -n 8 | tee -a "$OUT/train_toy.log" || return 1
+  grep -q "nothing was saved" "$OUT/train_toy.log" && ! ls "$SCRATCH/check_toy/checkpoints/step_"* 2>/dev/null
+}
+
 kernel_bench() {
   "$PYTHON" bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 }
@@ -89,6 +95,7 @@ run_step "build fastfair._C with CUDA (log: $OUT/build_native.log)" build_native
 run_step "kernel and engine tests on CUDA (log: $OUT/tests_kernels.log)" cuda_tests
 run_step "trainer on CUDA: the toy config, 3 iterations in fp32, bf16 and fp16 autocast (log: $OUT/train_toy.log)" \
   toy_trainer
+run_step "train.py --check on CUDA: the toy config (log: $OUT/train_toy.log)" toy_check
 run_step "kernel benchmark (log: $OUT/kernels.log)" kernel_bench
 run_step "training iteration, baseline vs fastfair, sd15 shapes at 512x512 (log: $OUT/train_step.log)" \
   train_step_bench
