@@ -32,6 +32,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 
 from fastfair import checkpoint
@@ -800,10 +801,15 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/gender.yaml")
     parser.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (same as deepspeed.config=...)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
-    parser.add_argument("--check", action="store_true",
-                        help="check the run instead: its start (settings, files, models, resume, output_dir) and "
-                             "--check-iterations timed iterations, saving nothing; prints the peak memory, the time "
-                             "the run will take and its checkpoints' disk space (exit status 1 if they will not fit)")
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument("--check", action="store_true",
+                         help="check the run instead: its start (settings, files, models, resume, output_dir) and "
+                              "--check-iterations timed iterations, saving nothing; prints the peak memory, the time "
+                              "the run will take and its checkpoints' disk space (exit status 1 if they will not fit)")
+    instead.add_argument("--print-config", action="store_true",
+                         help="print the resolved settings (the config's bases, defaults and overrides; the paths it "
+                              "reads made absolute) as YAML, as the run records them in OUTPUT_DIR/config.yaml, and "
+                              "exit")
     parser.add_argument("--check-iterations", type=_count, default=None, metavar="N",
                         help=f"iterations --check runs (default {DEFAULT_CHECK_ITERATIONS}; 0: none)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. max_steps=2")
@@ -824,6 +830,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed_config}"] if args.deepspeed_config else [])
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False), end="")
+        return
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)

@@ -155,3 +155,20 @@ def test_cli_prints_the_report_and_exits_1_on_a_problem(tmp_path, world, capsys,
             main(["--config", path, *argv])
         assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_print_config_prints_the_resolved_settings_and_touches_nothing(tmp_path, world, capsys, monkeypatch):
+    import yaml
+
+    from fastfair.config import config_to_dict
+
+    monkeypatch.chdir(tmp_path)
+    path = str(write_config(tmp_path, world, "prefix"))
+    main(["--config", path, "--print-config", "max_steps=7", "sampler.grad_steps=2"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == config_to_dict(load_config(path, ["max_steps=7", "sampler.grad_steps=2"]))
+    assert printed["max_steps"] == 7 and printed["sampler"]["grad_steps"] == 2
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", path, "--print-config", "--check"])
+    assert stop.value.code == 2 and "not allowed with" in capsys.readouterr().err
