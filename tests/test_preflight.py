@@ -1,5 +1,6 @@
 """`python fastfair/train.py ... --check`: the run's start and timed iterations, nothing saved, and a report whose
-checkpoint size, retention and disk figures match what the run then really writes."""
+checkpoint size, retention and disk figures match what the run then really writes; and `--print-config`, the other
+look before a run."""
 import itertools
 
 import pytest
