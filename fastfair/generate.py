@@ -1,7 +1,9 @@
 """Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR|SD_FILE|toy|pkg://PACKAGE/PATH
-[--model-config SD_DIR] --lora EXPORT_DIR --prompt TEXT --num-images N --out DIR [--steps N --guidance G
---seed 0 --dtype fp32 --batch-size B]``; writes DIR/<index>.png (steps and guidance: the run's, as its export
-records them, else 20 and 7.5). Image k starts from its own noise, the one ``python -m fastfair.evaluate`` gives
+[--model-config SD_DIR] --lora EXPORT_DIR (--prompt TEXT ... | --prompts SPEC) --num-images N --out DIR [--steps N
+--guidance G --seed 0 --dtype fp32 --batch-size B]``; writes DIR/<index>.png for one prompt, and for several
+DIR/prompt_<p>/<index>.png with DIR/prompts.txt (line p: prompt p), loading the model once (steps and guidance:
+the run's, as its export records them, else 20 and 7.5). --prompts takes what ``python -m fastfair.evaluate
+--prompts`` takes (a shipped set NAME[:SPLIT], a text file of prompts, a factory). Image k of a prompt starts from its own noise, the one ``python -m fastfair.evaluate`` gives
 image k of the prompt at that seed (``fastfair.evaluation.cache.paired_noise``, drawn on the CPU in float32; cast to
 --dtype), so which images come does not depend on the batch size, on --num-images or on the device's random
 generator (the pixels equal up to the rounding of another batch shape's arithmetic)."""
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -21,13 +23,20 @@ from fastfair.models import latent_size, load_stable_diffusion
 
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 7.5
+PROMPTS_FILE = "prompts.txt"  # with several prompts: line p is the prompt of DIR/prompt_<p>/
 
 
-def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int] = None,
+def prompt_folders(out, prompts: Sequence[str]) -> list:
+    """Where each prompt's images go: DIR itself for one prompt, DIR/prompt_<p> (p = 000, 001, ...) for several."""
+    out = Path(out)
+    return [out] if len(prompts) == 1 else [out / f"prompt_{p:03d}" for p in range(len(prompts))]
+
+
+def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, out, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
              model_config=None, batch_size: Optional[int] = None) -> list:
-    """Images of `prompt` from the model with the exported weights (None: the base model); returns the PNG paths.
-    steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
+    """num_images images of each prompt (a string or a list of them) from the model with the exported weights
+    (None: the base model), in `prompt_folders`; returns the PNG paths, prompt by prompt. steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
     else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
     per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring)."""
     from tqdm.auto import tqdm
@@ -44,6 +53,9 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int
     guidance = guidance if guidance is not None else float(recorded.get("guidance_scale", DEFAULT_GUIDANCE))
     # checked before loading: diffusers would write decoded noise for 0 steps and sample every guidance <= 1
     # as 1 (no classifier-free guidance)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"--prompt: expected one or more non-empty prompts, got {prompts!r}")
     if num_images < 1:
         raise ValueError(f"--num-images {num_images}: expected at least 1")
     if batch_size is not None and batch_size < 1:
@@ -57,10 +69,13 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int
                              "1: no guidance)")
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
     out = Path(out)
-    earlier = sorted(out.glob("[0-9][0-9][0-9][0-9][0-9].png")) if out.is_dir() else []
+    folders = prompt_folders(out, prompts)
+    earlier = [path for folder in folders if folder.is_dir()
+               for path in sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].png"))[:1]]
+    earlier += [out / PROMPTS_FILE] if (out / PROMPTS_FILE).exists() else []
     if earlier:  # this run would overwrite some and leave the rest, a folder of two runs' images
-        raise ValueError(f"--out {out}: holds images of an earlier run ({earlier[0].name} ...); choose a new folder "
-                         "or delete them")
+        raise ValueError(f"--out {out}: holds images of an earlier run ({earlier[0].relative_to(out)} ...); choose a "
+                         "new folder or delete them")
     if lora:
         finetuned_kind(lora, "--lora", checkpoints=False)
     parts = load_stable_diffusion(resolve_model(model), dtype, device=device, config=resolve_model_config(model_config),
@@ -72,17 +87,21 @@ def generate(model, lora, prompt: str, num_images: int, out, steps: Optional[int
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
     shape = (parts.unet.config.in_channels, *latent_size(parts.unet.config))
     out.mkdir(parents=True, exist_ok=True)
+    if len(prompts) > 1:  # first: a run stopped part way still says which folder holds which prompt
+        (out / PROMPTS_FILE).write_text("".join(f"{p}\n" for p in prompts))
     paths, batch = [], batch_size or num_images
-    with tqdm(total=num_images, desc="generating", unit="img") as bar:
-        for start in range(0, num_images, batch):
-            indices = range(start, min(start + batch, num_images))
-            noise = paired_noise(seed, prompt, indices, shape).to(device, parts.unet.dtype)
-            images = pipe(prefix + prompt, num_images_per_prompt=len(indices), num_inference_steps=steps,
-                          guidance_scale=guidance, latents=noise).images
-            for index, image in zip(indices, images):
-                paths.append(out / f"{index:05d}.png")
-                image.save(paths[-1])
-            bar.update(len(indices))
+    with tqdm(total=num_images * len(prompts), desc="generating", unit="img") as bar:
+        for text, folder in zip(prompts, folders):
+            folder.mkdir(exist_ok=True)
+            for start in range(0, num_images, batch):
+                indices = range(start, min(start + batch, num_images))
+                noise = paired_noise(seed, text, indices, shape).to(device, parts.unet.dtype)
+                images = pipe(prefix + text, num_images_per_prompt=len(indices), num_inference_steps=steps,
+                              guidance_scale=guidance, latents=noise).images
+                for index, image in zip(indices, images):
+                    paths.append(folder / f"{index:05d}.png")
+                    image.save(paths[-1])
+                bar.update(len(indices))
     return paths
 
 
@@ -93,8 +112,13 @@ def main(argv=None) -> None:
     parser.add_argument("--model-config", default=None,
                         help="with a single-file --model: a local diffusers folder of its architecture")
     parser.add_argument("--lora", default=None, help="folder written by python -m fastfair.export")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--num-images", type=int, default=4)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", action="append", help="a prompt, used as written; repeat it for several")
+    which.add_argument("--prompts", metavar="SPEC",
+                       help="prompts as python -m fastfair.evaluate --prompts takes them: NAME[:SPLIT] of a shipped "
+                            "set (e.g. occupations:test), a text file of prompts (one per line), or a factory "
+                            "package.module:function[:SPLIT]")
+    parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=None,
                         help=f"sampling steps (default: the run's, as the export records it, else {DEFAULT_STEPS})")
@@ -106,8 +130,14 @@ def main(argv=None) -> None:
                         help="images per pipeline call (default: all at once); each image's noise does not depend "
                         "on it")
     args = parser.parse_args(argv)
+    if args.prompts:
+        from fastfair.evaluate import load_prompts
+
+        prompts = load_prompts(args.prompts)
+    else:
+        prompts = args.prompt
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for path in generate(args.model, args.lora, args.prompt, args.num_images, args.out, args.steps, args.guidance,
+    for path in generate(args.model, args.lora, prompts, args.num_images, args.out, args.steps, args.guidance,
                          args.seed, args.dtype, device, args.model_config, args.batch_size):
         print(path)
 

@@ -292,6 +292,39 @@ def test_generate_resolves_package_model_paths_like_evaluate(tmp_path):
                        str(tmp_path / "more")])
 
 
+def test_generate_several_prompts_loads_once_and_gives_each_its_own_images(tmp_path):
+    """Several --prompt flags: a folder per prompt (prompts.txt says which), each prompt's images those a run with
+    that prompt alone gives (its own noise); --prompts takes evaluate's prompt sets; a second run there is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from fastfair.evaluate import load_prompts
+
+    other = "a photo of the face of a cook, a person"
+    common = ["--model", "toy", "--num-images", "2", "--steps", "2"]
+    generate_main([*common, "--prompt", PROMPT, "--prompt", other, "--out", str(tmp_path / "both")])
+    generate_main([*common, "--prompt", other, "--out", str(tmp_path / "alone")])
+    both = tmp_path / "both"
+    assert (both / "prompts.txt").read_text() == f"{PROMPT}\n{other}\n"
+    assert sorted(p.relative_to(both).as_posix() for p in both.rglob("*.png")) == [
+        "prompt_000/00000.png", "prompt_000/00001.png", "prompt_001/00000.png", "prompt_001/00001.png"]
+    for name in ("00000.png", "00001.png"):
+        assert np.array_equal(np.asarray(Image.open(both / "prompt_001" / name)),
+                              np.asarray(Image.open(tmp_path / "alone" / name)))
+    assert not np.array_equal(np.asarray(Image.open(both / "prompt_000" / "00000.png")),
+                              np.asarray(Image.open(both / "prompt_001" / "00000.png")))
+    with pytest.raises(ValueError, match="--out .*both: holds images of an earlier run \(prompt_000/00000.png"):
+        generate_main([*common, "--prompt", PROMPT, "--prompt", other, "--out", str(both)])
+    spec = "fastfair.toy:occupation_prompts"
+    generate_main(["--model", "toy", "--num-images", "1", "--steps", "1", "--prompts", spec,
+                   "--out", str(tmp_path / "set")])
+    prompts = load_prompts(spec)
+    assert (tmp_path / "set" / "prompts.txt").read_text().splitlines() == prompts and len(prompts) > 2
+    assert len(list((tmp_path / "set").rglob("*.png"))) == len(prompts)
+    with pytest.raises(SystemExit):  # one or the other
+        generate_main(["--model", "toy", "--prompt", PROMPT, "--prompts", spec, "--out", str(tmp_path / "x")])
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--steps", "0", "--steps 0: expected at least 1"),
     ("--steps", "-3", "--steps -3: expected at least 1"),
