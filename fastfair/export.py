@@ -12,6 +12,10 @@ Writes into DIR
 - ``fastfair_export.json``: how the run sampled while it trained (guidance scale, steps: sampler.num_steps, inside
   the sampler.num_steps_range a run draws from), its target, base model and checkpoint; ``python -m
   fastfair.generate`` takes the guidance and steps as its defaults.
+With ``--merged`` DIR is instead a whole diffusers model (``StableDiffusionPipeline.from_pretrained(DIR)``, no LoRA
+loading): the base model with the finetuned weights in place (LoRA fused into the weights it adapts, a prefix as a
+textual-inversion token the prompts must start with, a full U-Net as it is), its scheduler the DPM-Solver++ the run
+sampled with, and ``fastfair_export.json``; ``merged_export``.
 The EMA weights are exported by default (they are what is evaluated). The settings are the checkpoint's own
 (``step_*/config.yaml``; for checkpoints written before they held one, ``<output_dir>/config.yaml``).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 from fastfair.checkpoint import config_file, load_weights
 from fastfair.config import load_config
@@ -121,6 +126,43 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
     return out
 
 
+def merged_export(checkpoint_dir, out, weights: str = "ema", model: Optional[str] = None,
+                  model_config: Optional[str] = None, dtype: str = "fp32") -> Path:
+    """Write the checkpoint's model as one diffusers folder (module docstring); returns out. model / model_config:
+    the base model (default: the run's model.pretrained and model.config); dtype: of the weights written."""
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+
+    from fastfair.evaluation.sources import resolve_model, resolve_model_config
+    from fastfair.models import load_stable_diffusion
+
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a model folder of two exports mixes them
+        raise ValueError(f"--out {out}: not an empty folder; --merged writes a whole model: give a new folder")
+    with tempfile.TemporaryDirectory() as temporary:
+        parts_dir = export(checkpoint_dir, Path(temporary) / "export", weights)  # checks the checkpoint first
+        info = export_info(parts_dir)
+        if model is None:
+            cfg = load_config(config_file(checkpoint_dir))
+            model, model_config = cfg.model.pretrained, cfg.model.config
+        parts = load_stable_diffusion(resolve_model(model), dtype, config=resolve_model_config(model_config),
+                                      key="--model", config_key="--model-config")
+        pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                       unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        prefix = load_into_pipeline(pipe, parts_dir, "--merged")
+        if export_contents(parts_dir) == LORA_FILE:  # into the weights they adapt, then the adapters dropped
+            pipe.fuse_lora(components=[name for name in ("unet", "text_encoder")
+                                       if getattr(pipe, name) is not None], lora_scale=1.0)
+            pipe.unload_lora_weights()
+        pipe.save_pretrained(out, safe_serialization=True)
+    info.update(merged=True, model=str(model), prompt_prefix=prefix)
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    plain_mode(*(f for f in out.rglob("*") if f.is_file()))
+    return out
+
+
 def export_info(folder) -> dict:
     """The sampling settings an export recorded (`EXPORT_INFO`); {} for an export written before it did."""
     path = Path(folder) / EXPORT_INFO
@@ -176,8 +218,24 @@ def main(argv=None) -> None:
     parser.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/gender/checkpoints/step_00000200")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA (default) or raw weights")
+    parser.add_argument("--merged", action="store_true",
+                        help="write a whole diffusers model instead: the base model with the finetuned weights in "
+                             "place (LoRA fused), loadable with StableDiffusionPipeline.from_pretrained")
+    parser.add_argument("--model", default=None,
+                        help="with --merged: the base model (default: the run's model.pretrained)")
+    parser.add_argument("--model-config", default=None,
+                        help="with --merged and a single-file --model: a local diffusers folder of its architecture")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                        help="with --merged: the dtype of the weights written")
     args = parser.parse_args(argv)
-    print(export(args.checkpoint, args.out, args.weights))
+    if not args.merged:
+        given = [flag for flag, value in (("--model", args.model), ("--model-config", args.model_config),
+                                          ("--dtype", args.dtype != "fp32" or None)) if value]
+        if given:
+            parser.error(f"{', '.join(given)} go with --merged")
+        print(export(args.checkpoint, args.out, args.weights))
+        return
+    print(merged_export(args.checkpoint, args.out, args.weights, args.model, args.model_config, args.dtype))
 
 
 if __name__ == "__main__":

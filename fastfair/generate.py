@@ -42,12 +42,14 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     from tqdm.auto import tqdm
     from diffusers import StableDiffusionPipeline
 
-    recorded = export_info(lora) if lora and Path(lora).is_dir() else {}
+    # the export's record: beside its weights, or in a model written by fastfair.export --merged
+    exported_by = lora if lora else resolve_model(model)
+    recorded = export_info(exported_by) if Path(exported_by).is_dir() else {}
     taken = [f"{flag} {recorded[key]}" for flag, key, given in (("--steps", "num_steps", steps),
                                                                 ("--guidance", "guidance_scale", guidance))
              if given is None and key in recorded]
     if taken:  # a run debiased at one guidance scale is not at another
-        print(f"{' and '.join(taken)}: as the run trained ({lora}/{EXPORT_INFO}); give the flag for another")
+        print(f"{' and '.join(taken)}: as the run trained ({exported_by}/{EXPORT_INFO}); give the flag for another")
     exported = guidance is None and "guidance_scale" in recorded  # a refusal names where the value came from
     steps = steps if steps is not None else int(recorded.get("num_steps", DEFAULT_STEPS))
     guidance = guidance if guidance is not None else float(recorded.get("guidance_scale", DEFAULT_GUIDANCE))
@@ -64,7 +66,7 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
         raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
     if not math.isfinite(guidance) or guidance < 1:
         if exported:  # the user gave no --guidance: a run trained before fastfair required >= 1
-            raise ValueError(f"{lora}/{EXPORT_INFO} records guidance_scale {guidance}, the run's, which diffusers' "
+            raise ValueError(f"{exported_by}/{EXPORT_INFO} records guidance_scale {guidance}, the run's, which diffusers' "
                              "pipeline cannot sample (no classifier-free guidance below 1): give --guidance G (>= 1; "
                              "1: no guidance)")
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
@@ -83,7 +85,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                    unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False).to(device)
-    prefix = load_into_pipeline(pipe, lora) if lora else ""
+    # a merged prefix export's token: its prompts start with it, as in training
+    prefix = load_into_pipeline(pipe, lora) if lora else str(recorded.get("prompt_prefix", ""))
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
     shape = (parts.unet.config.in_channels, *latent_size(parts.unet.config))
     out.mkdir(parents=True, exist_ok=True)

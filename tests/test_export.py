@@ -69,6 +69,48 @@ def test_exported_pipeline_matches_training_model(tmp_path, world, target):
         torch.testing.assert_close(_eps(pipe.unet, expected), _eps(model.unet, expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["text_unet_lora", "prefix", "unet_full"])
+def test_a_merged_export_is_the_training_model_without_adapters(tmp_path, world, target, capsys):
+    """--merged: a whole diffusers folder that from_pretrained loads with no LoRA layers left, giving the training
+    model's text embeddings (the prefix token at the prompt's start) and U-Net outputs; generate takes the run's
+    guidance and prefix from it; the folder must be new."""
+    from diffusers import StableDiffusionPipeline
+
+    from fastfair.export import PREFIX_TOKEN, export_info, main as export_main
+    from fastfair.generate import main as generate_main
+
+    trainer, ckpt = _trained(tmp_path, world, target)
+    export_main([str(ckpt), "--out", str(tmp_path / "merged"), "--merged"])
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True)
+    assert pipe.safety_checker is None and type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert not [name for name, _ in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]
+                if "lora" in name]
+    info = export_info(tmp_path / "merged")
+    assert info["merged"] and info["target"] == target and info["model"] == str(world["sd"])
+    assert info["prompt_prefix"] == (PREFIX_TOKEN + " " if target == "prefix" else "")
+    model = trainer.model
+    with torch.no_grad():
+        expected = model.encode(["ab"])
+        got = pipe.encode_prompt(info["prompt_prefix"] + "ab", "cpu", 1, False)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_eps(pipe.unet, expected), _eps(model.unet, expected), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    prompts = []
+    real_call = StableDiffusionPipeline.__call__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StableDiffusionPipeline, "__call__", lambda self, prompt, **kwargs: prompts.append(prompt)
+                      or real_call(self, prompt, **kwargs))
+        generate_main(["--model", str(tmp_path / "merged"), "--prompt", "a cook", "--num-images", "1",
+                       "--out", str(tmp_path / "images")])
+    assert prompts == [info["prompt_prefix"] + "a cook"]
+    assert "--steps 3 and --guidance 3.0: as the run trained" in capsys.readouterr().out
+    assert (tmp_path / "images" / "00000.png").is_file()
+    with pytest.raises(ValueError, match="--out .*merged: not an empty folder"):
+        export_main([str(ckpt), "--out", str(tmp_path / "merged"), "--merged"])
+    with pytest.raises(SystemExit):  # --dtype without --merged
+        export_main([str(ckpt), "--out", str(tmp_path / "plain"), "--dtype", "fp16"])
+
+
 def test_a_run_drawing_its_step_count_exports_its_num_steps(tmp_path, world):
     """sampler.num_steps lies inside num_steps_range (validate), and is the count the demo evaluates at: the export
     records it too (it recorded the middle of the range, 4 here)."""
