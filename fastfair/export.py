@@ -173,6 +173,14 @@ def export_info(folder) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+def merged_prompt_prefix(model_folder) -> str:
+    """The text a model written by `merged_export` needs before each prompt (a prefix run's token), '' for any
+    other model."""
+    folder = Path(model_folder)
+    info = export_info(folder) if folder.is_dir() else {}
+    return str(info.get("prompt_prefix", "")) if info.get("merged") else ""
+
+
 def load_into_pipeline(pipe, lora_dir, flag: str = "--lora") -> str:
     """Apply an export folder to a StableDiffusionPipeline; returns the text to put before each prompt. flag: the
     command-line flag that named the folder (generate's --lora, evaluate's --finetuned), for the messages."""

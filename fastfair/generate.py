@@ -18,7 +18,7 @@ import torch
 
 from fastfair.evaluation.cache import paired_noise
 from fastfair.evaluation.sources import finetuned_kind, resolve_model, resolve_model_config
-from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline
+from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline, merged_prompt_prefix
 from fastfair.models import latent_size, load_stable_diffusion
 
 
@@ -86,7 +86,7 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
                                    unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False).to(device)
     # a merged prefix export's token: its prompts start with it, as in training
-    prefix = load_into_pipeline(pipe, lora) if lora else str(recorded.get("prompt_prefix", ""))
+    prefix = merged_prompt_prefix(resolve_model(model)) + (load_into_pipeline(pipe, lora) if lora else "")
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
     shape = (parts.unet.config.in_channels, *latent_size(parts.unet.config))
     out.mkdir(parents=True, exist_ok=True)

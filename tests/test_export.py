@@ -73,9 +73,10 @@ def test_exported_pipeline_matches_training_model(tmp_path, world, target):
 def test_a_merged_export_is_the_training_model_without_adapters(tmp_path, world, target, capsys):
     """--merged: a whole diffusers folder that from_pretrained loads with no LoRA layers left, giving the training
     model's text embeddings (the prefix token at the prompt's start) and U-Net outputs; generate takes the run's
-    guidance and prefix from it; the folder must be new."""
+    guidance and prefix from it, evaluation its prefix; the folder must be new."""
     from diffusers import StableDiffusionPipeline
 
+    from fastfair.evaluation.sources import load_sources
     from fastfair.export import PREFIX_TOKEN, export_info, main as export_main
     from fastfair.generate import main as generate_main
 
@@ -94,6 +95,9 @@ def test_a_merged_export_is_the_training_model_without_adapters(tmp_path, world,
         got = pipe.encode_prompt(info["prompt_prefix"] + "ab", "cpu", 1, False)[0]
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(_eps(pipe.unet, expected), _eps(model.unet, expected), rtol=1e-5, atol=1e-5)
+        # evaluation samples it as trained too, its prefix included
+        _, _, sources = load_sources(str(tmp_path / "merged"))
+        torch.testing.assert_close(sources["base"].embeddings("ab")[0], expected, rtol=1e-5, atol=1e-5)
     capsys.readouterr()
     prompts = []
     real_call = StableDiffusionPipeline.__call__

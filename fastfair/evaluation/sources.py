@@ -169,17 +169,18 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
     settings = (path, dtype, str(device), model_config, weight_fingerprint(path), weight_fingerprint(model_config))
     base = (shared or SharedLoads()).get(
         "base model", settings, lambda: load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS))
-    sources = {"base": _pipeline_source(_pipeline(base).to(device))}
+    from fastfair.export import load_into_pipeline, merged_prompt_prefix
+
+    prefix = merged_prompt_prefix(path)  # a model written by export --merged from a prefix run: its token
+    sources = {"base": _pipeline_source(_pipeline(base).to(device), prefix)}
     if finetuned:
         folder = Path(finetuned)
         parts = copy.deepcopy(base)  # what a second load would give, without reading the files again
         if kind == "checkpoint":
             sources["finetuned"] = _checkpoint_source(parts, folder, weights)
         else:
-            from fastfair.export import load_into_pipeline
-
             pipe = _pipeline(parts).to(device)
-            sources["finetuned"] = _pipeline_source(pipe, load_into_pipeline(pipe, folder, "--finetuned"))
+            sources["finetuned"] = _pipeline_source(pipe, prefix + load_into_pipeline(pipe, folder, "--finetuned"))
         parts.text_encoder.to(device)
         sources["finetuned"].unet.to(device)
     # a copy: sampling sets its timesteps, and a shared base model stays as loaded
