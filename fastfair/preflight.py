@@ -72,7 +72,8 @@ def _duration(seconds: float) -> str:
 @dataclass
 class Preflight:
     """What `Trainer.check` found. Sizes in bytes; iteration_seconds: each checked iteration's wall time (rank 0);
-    peak_memory: the most any rank used (CUDA: allocated by torch; CPU: resident set); device_memory: the device's
+    peak_memory: the most any rank used (CUDA: allocated by torch, peak_reserved what its allocator held; CPU:
+    resident set); device_memory: the device's
     total (CUDA) or None; memory_plans: (keep_graph_steps, keep_attention_steps) per sampling-step count, as
     sampler.memory_budget_gb chose them in the checked iterations; checkpoint_bytes: one checkpoint's tensors (weights, EMA, optimizer state: measured
     after an iteration, else estimated, optimizer_state_measured False)."""
@@ -96,6 +97,7 @@ class Preflight:
     most_held: int
     free_disk: int
     memory_plans: Optional[Dict[int, Tuple[int, int]]] = None  # sampler.memory_budget_gb's: steps -> keeps
+    peak_reserved: Optional[int] = None  # CUDA: the most torch's caching allocator held (what runs out first)
 
     @property
     def seconds_per_iteration(self) -> Optional[float]:
@@ -130,7 +132,8 @@ class Preflight:
             first = " (the first pays the warm-ups)" if len(self.iteration_seconds) > 1 else ""
             lines.append(f"iterations   {len(self.iteration_seconds)} checked: {times} s{first}")
             of = f" of {_gib(self.device_memory)}" if self.device_memory else ""
-            lines.append(f"memory       peak {_gib(self.peak_memory)}{of} (the most on any process)")
+            held = f" ({_gib(self.peak_reserved)} reserved)" if self.peak_reserved else ""
+            lines.append(f"memory       peak {_gib(self.peak_memory)}{held}{of} (the most on any process)")
             if self.memory_plans:
                 plans = "; ".join(f"{steps} steps: {graphs} graphs, {attention} attention outputs"
                                   for steps, (graphs, attention) in sorted(self.memory_plans.items()))

@@ -676,7 +676,10 @@ class Trainer:
                 self.iteration(it)  # ends reading its losses on the host: the device's work is done
                 seconds.append(time.perf_counter() - began)
         saved_bytes, measured = self._checkpoint_bytes()
-        peak = torch.tensor([_peak_memory_bytes(self.device)], dtype=torch.float64, device=self.device)
+        cuda = self.device.type == "cuda"
+        peak = torch.tensor([_peak_memory_bytes(self.device),
+                             torch.cuda.max_memory_reserved(self.device) if cuda else 0],
+                            dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         existing = list(checkpoint.list_checkpoints(cfg.output_dir))
@@ -686,13 +689,14 @@ class Trainer:
             steps: keeps for (_, steps), keeps in self.memory_budget.state_dict()["plans"].items()}
         s = cfg.sampler
         steps = f"{s.num_steps_range[0]}-{s.num_steps_range[1]}" if s.num_steps_range else str(s.num_steps)
-        total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        total = torch.cuda.get_device_properties(self.device).total_memory if cuda else None
         return Preflight(output_dir=str(cfg.output_dir), resumes_from=None if path is None else str(path),
                          start=self.start, max_steps=cfg.max_steps, world=self.world,
                          images_per_iteration=cfg.batch.images_per_prompt, num_steps=steps,
                          trainable_parameters=sum(p.numel() for p in self.model.trainable.values()),
                          iteration_seconds=seconds,
-                         peak_memory=int(peak.item()), device_memory=total, checkpoint_bytes=saved_bytes,
+                         peak_memory=int(peak[0]), peak_reserved=int(peak[1]) if cuda else None,
+                         device_memory=total, checkpoint_bytes=saved_bytes,
                          optimizer_state_measured=measured, existing_checkpoints=existing, saves=saves, kept=kept,
                          most_held=most_held, free_disk=free_bytes(cfg.output_dir), memory_plans=plans)
 

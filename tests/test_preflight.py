@@ -131,6 +131,7 @@ def test_the_estimate_leaves_the_first_iteration_out():
     assert "100 x 3.00 s = 5 min 00 s" in report.summary()
     assert _report(iteration_seconds=[7.0]).seconds_per_iteration == 7.0
     assert "peak 3.00 GiB of 80.00 GiB" in report.summary()
+    assert "peak 3.00 GiB (3.50 GiB reserved) of 80.00 GiB" in _report(peak_reserved=3.5 * 2**30).summary()
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_a_problem():
