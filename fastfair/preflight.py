@@ -1,7 +1,7 @@
-"""``python fastfair/train.py --config ... --check [N]``: a run's start without the run.
+"""``python fastfair/train.py --config ... --check [--check-iterations N]``: a run's start without the run.
 
 Everything a run checks when it starts (settings, files, models, classifiers against the targets, the resume and
-output_dir, its lock) and N timed iterations, with nothing saved: no checkpoint, config.yaml, log or image. What
+output_dir, its lock) and N timed iterations (default 2), with nothing saved: no checkpoint, config.yaml, log or image. What
 it reports answers the questions to settle before a long job is queued: does an iteration fit in memory, how
 long will the run take, how much disk will its checkpoints take (`Trainer.check` measures, `Preflight` says).
 """
@@ -73,10 +73,11 @@ def _duration(seconds: float) -> str:
 class Preflight:
     """What `Trainer.check` found. Sizes in bytes; iteration_seconds: each checked iteration's wall time (rank 0);
     peak_memory: the most any rank used (CUDA: allocated by torch, peak_reserved what its allocator held; CPU:
-    resident set); device_memory: the device's
-    total (CUDA) or None; memory_plans: (keep_graph_steps, keep_attention_steps) per sampling-step count, as
-    sampler.memory_budget_gb chose them in the checked iterations; checkpoint_bytes: one checkpoint's tensors (weights, EMA, optimizer state: measured
-    after an iteration, else estimated, optimizer_state_measured False)."""
+    resident set); device_memory: the device's total (CUDA) or None; memory_plans: (keep_graph_steps,
+    keep_attention_steps) per sampling-step count, as sampler.memory_budget_gb chose them in the checked
+    iterations; checkpoint_bytes: one checkpoint's tensors (weights, EMA, optimizer state: measured after an
+    iteration, else estimated, optimizer_state_measured False); existing_checkpoints, saves, kept: steps already
+    in output_dir, to be saved, held at the end; most_held: the most checkpoints held at once."""
 
     output_dir: str
     resumes_from: Optional[str]
