@@ -132,8 +132,6 @@ def merged_export(checkpoint_dir, out, weights: str = "ema", model: Optional[str
     the base model (default: the run's model.pretrained and model.config); dtype: of the weights written."""
     import tempfile
 
-    from diffusers import StableDiffusionPipeline
-
     from fastfair.evaluation.sources import resolve_model, resolve_model_config
     from fastfair.models import load_stable_diffusion
 
@@ -148,9 +146,7 @@ def merged_export(checkpoint_dir, out, weights: str = "ema", model: Optional[str
             model, model_config = cfg.model.pretrained, cfg.model.config
         parts = load_stable_diffusion(resolve_model(model), dtype, config=resolve_model_config(model_config),
                                       key="--model", config_key="--model-config")
-        pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                       unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = parts.pipeline()
         prefix = load_into_pipeline(pipe, parts_dir, "--merged")
         if export_contents(parts_dir) == LORA_FILE:  # into the weights they adapt, then the adapters dropped
             pipe.fuse_lora(components=[name for name in ("unet", "text_encoder")

@@ -40,7 +40,6 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
     per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring)."""
     from tqdm.auto import tqdm
-    from diffusers import StableDiffusionPipeline
 
     # the export's record: beside its weights, or in a model written by fastfair.export --merged
     exported_by = lora if lora else resolve_model(model)
@@ -82,9 +81,7 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
         finetuned_kind(lora, "--lora", checkpoints=False)
     parts = load_stable_diffusion(resolve_model(model), dtype, device=device, config=resolve_model_config(model_config),
                                   key="--model", config_key="--model-config")
-    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False).to(device)
+    pipe = parts.pipeline().to(device)
     # a merged prefix export's token: its prompts start with it, as in training
     prefix = merged_prompt_prefix(resolve_model(model)) + (load_into_pipeline(pipe, lora) if lora else "")
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch

@@ -33,6 +33,15 @@ class StableDiffusionParts:
     vae: torch.nn.Module
     scheduler: Any  # DPMSolverMultistepScheduler
 
+    def pipeline(self):
+        """A diffusers StableDiffusionPipeline of these parts (sharing them), without a safety checker: the
+        evaluation judges the images itself, and a merged export records requires_safety_checker false."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=self.unet, scheduler=self.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
 
 def torch_dtype(name) -> torch.dtype:
     """'fp32' | 'fp16' | 'bf16' (or a torch.dtype) -> torch.dtype."""

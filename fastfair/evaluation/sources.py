@@ -100,14 +100,6 @@ class ImageSource:
     embeddings: Callable[[str], Tuple[torch.Tensor, torch.Tensor]]
 
 
-def _pipeline(parts):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-
-
 def _pipeline_source(pipe, prefix: str = "") -> ImageSource:
     """Embeddings the way diffusers' pipeline computes them (LoRA scale, textual-inversion tokens)."""
     def embeddings(prompt):
@@ -172,14 +164,14 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
     from fastfair.export import load_into_pipeline, merged_prompt_prefix
 
     prefix = merged_prompt_prefix(path)  # a model written by export --merged from a prefix run: its token
-    sources = {"base": _pipeline_source(_pipeline(base).to(device), prefix)}
+    sources = {"base": _pipeline_source(base.pipeline().to(device), prefix)}
     if finetuned:
         folder = Path(finetuned)
         parts = copy.deepcopy(base)  # what a second load would give, without reading the files again
         if kind == "checkpoint":
             sources["finetuned"] = _checkpoint_source(parts, folder, weights)
         else:
-            pipe = _pipeline(parts).to(device)
+            pipe = parts.pipeline().to(device)
             sources["finetuned"] = _pipeline_source(pipe, prefix + load_into_pipeline(pipe, folder, "--finetuned"))
         parts.text_encoder.to(device)
         sources["finetuned"].unet.to(device)
