@@ -117,6 +117,9 @@ class SamplerConfig:
     guidance_scale: float = setting(7.5, min=1)
     coefficients: str = setting("paper", choices=("paper", "exact", "none"))  # DESIGN.md "Adjustment coefficients"
     recompute_chunk: int = setting(1, min=1)  # steps per U-Net call in the backward recompute
+    # images per U-Net call in the backward recompute (null: all of a process's at once): its activations scale
+    # with this instead of the batch; the same gradient, summed in another order
+    recompute_images: Optional[int] = setting(None, min=1)
     keep_graph_steps: int = setting(0, min=0)  # steps whose graph is kept instead of recomputed
     keep_attention_steps: int = setting(0, min=0)  # further steps keeping their attention outputs only
     grad_steps: Optional[int] = setting(None, min=1)  # backpropagate K random steps scaled by S/K; null: all

@@ -68,6 +68,7 @@ class _Plan:
     coefficients: str
     unet_dtype: torch.dtype
     frozen_rows: int = 0             # leading batch rows sampled along without gradient
+    recompute_images: Optional[int] = None  # images per graph-building recompute call (None: all of them)
     need_uncond: bool = True         # the backward uses the uncond branch (something trainable is upstream of it)
     lean_graph: bool = True          # graph-building calls run inside fastfair.lean_graph.lean_graph
     saved_z: Dict[int, torch.Tensor] = field(default_factory=dict)
@@ -97,23 +98,24 @@ def _unet_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torc
     return out.sample if hasattr(out, "sample") else out[0]
 
 
-def _rows(emb: torch.Tensor, start: int) -> torch.Tensor:
-    """Rows start: of per-image embeddings [B, L, D]; a shared [1, L, D] embedding as is."""
-    return emb if emb.shape[0] == 1 or start == 0 else emb[start:]
+def _rows(emb: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Rows start .. start + count - 1 of per-image embeddings [B, L, D]; a shared [1, L, D] embedding as is."""
+    return emb if emb.shape[0] == 1 or (start == 0 and count == emb.shape[0]) else emb[start:start + count]
 
 
 def _embeddings(cond: torch.Tensor, uncond: Optional[torch.Tensor], batch: int, branches: int,
                 start: int = 0) -> torch.Tensor:
     """[branches*b, L, D] in the U-Net batch layout, [uncond; cond] with CFG, [cond] without, for the b = batch
     images from row ``start`` on."""
-    parts = [_rows(cond, start).expand(batch, *cond.shape[1:])]
+    parts = [_rows(cond, start, batch).expand(batch, *cond.shape[1:])]
     if branches == 2:
-        parts.insert(0, _rows(uncond, start).expand(batch, *uncond.shape[1:]))
+        parts.insert(0, _rows(uncond, start, batch).expand(batch, *uncond.shape[1:]))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps, frozen_rows, keep_attention_steps=0, generator=None, unet_dtype=None):
+                  grad_steps, frozen_rows, keep_attention_steps=0, generator=None, unet_dtype=None,
+                  recompute_images=None):
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r}: expected a positive integer")
     if not isinstance(z_T, torch.Tensor) or z_T.dim() != 4:
@@ -150,6 +152,8 @@ def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, re
         raise ValueError(f"coefficients={coefficients!r}: expected one of {COEFFICIENT_MODES}")
     if recompute_chunk is not None and not (_is_integer(recompute_chunk) and recompute_chunk >= 1):
         raise ValueError(f"recompute_chunk={recompute_chunk!r}: expected a positive integer or None (= 1 step)")
+    if recompute_images is not None and not (_is_integer(recompute_images) and recompute_images >= 1):
+        raise ValueError(f"recompute_images={recompute_images!r}: expected a positive integer or None (= all images)")
     for name, value in (("keep_graph_steps", keep_graph_steps), ("keep_attention_steps", keep_attention_steps)):
         if not (_is_integer(value) and value >= 0):
             raise ValueError(f"{name}={value!r}: expected an integer >= 0")
@@ -372,20 +376,27 @@ class _AdjustedDFT(torch.autograd.Function):
                           for group in ([i for i in todo if i not in plan.attention],
                                         [i for i in todo if i in plan.attention])
                           for start in range(0, len(group), plan.recompute_chunk)]
+                images = g_rows.shape[0]
+                per_call = plan.recompute_images or images
                 for chunk in chunks:
-                    replay = contextlib.nullcontext()
-                    if chunk[0] in plan.attention:
-                        replay = in_attention_layers(AttentionReplay([plan.attention.pop(i) for i in chunk]),
-                                                     plan.unet)
-                    with torch.enable_grad(), replay:
-                        calls = [graph_inputs(plan.saved_z[i], int(sched.timesteps[i]), plan.sources, nb,
-                                              plan.frozen_rows, plan.unet_dtype) for i in chunk]
-                        eps = _unet_eps(plan.unet, *(torch.cat(parts) if len(chunk) > 1 else parts[0]
-                                                     for parts in zip(*calls)))
-                    upstream = kernels.grad_fanout(g_rows, [float(scales[i]) for i in chunk], branch_weights,
-                                                   out_dtype=eps.dtype)
-                    accumulate(eps, upstream.view_as(eps))
-                    del eps, upstream
+                    recordings = [plan.attention.pop(i) for i in chunk if i in plan.attention]
+                    for first in range(0, images, per_call):  # the images in slices: each a call of its own
+                        rows = slice(first, min(first + per_call, images))
+                        replay = contextlib.nullcontext()
+                        if recordings:  # the slice's rows of each recording, in its [branch][image] layout
+                            picked = None if rows == slice(0, images) else [
+                                k * images + r for k in range(nb) for r in range(rows.start, rows.stop)]
+                            replay = in_attention_layers(AttentionReplay(recordings, picked), plan.unet)
+                        with torch.enable_grad(), replay:
+                            calls = [graph_inputs(plan.saved_z[i][rows], int(sched.timesteps[i]), plan.sources, nb,
+                                                  plan.frozen_rows + rows.start, plan.unet_dtype) for i in chunk]
+                            eps = _unet_eps(plan.unet, *(torch.cat(parts) if len(chunk) > 1 else parts[0]
+                                                         for parts in zip(*calls)))
+                        upstream = kernels.grad_fanout(g_rows[rows], [float(scales[i]) for i in chunk],
+                                                       branch_weights, out_dtype=eps.dtype)
+                        accumulate(eps, upstream.view_as(eps))
+                        del eps, upstream
+                    del recordings
         plan.saved_z.clear()
         plan.attention.clear()
         plan.kept_eps.clear()
@@ -411,6 +422,7 @@ def sample(
     guidance_scale: float = 7.5,
     coefficients: str = "paper",
     recompute_chunk: Optional[int] = None,
+    recompute_images: Optional[int] = None,
     keep_graph_steps: int = 0,
     keep_attention_steps: int = 0,
     grad_steps: Optional[int] = None,
@@ -433,6 +445,9 @@ def sample(
         guidance_scale: w in eps = eps_u + w (eps_c - eps_u).
         coefficients: ``paper`` | ``exact`` | ``none``: the adjustment C_i (``fastfair.schedule``).
         recompute_chunk: steps batched into one U-Net call in the backward (None = 1: least memory).
+        recompute_images: images per U-Net call in the backward's recompute (None: all the batch's at once): the
+            recompute's activations then scale with this, not with B (the gradient is the same, summed in another
+            order). Kept graphs (keep_graph_steps) cover the whole batch as they are made in the forward.
         keep_graph_steps: keep this many steps' graphs from the forward instead of recomputing them (with the
             attention keeps, at most the steps backpropagated: a larger count keeps them all).
         keep_attention_steps: of the other steps, this many record their attention kernels' outputs in the
@@ -457,7 +472,7 @@ def sample(
         ``engine.backward()`` and ``torch.autocast`` (the backward recompute runs under the forward's autocast).
     """
     _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, recompute_chunk, keep_graph_steps,
-                  grad_steps, frozen_rows, keep_attention_steps, generator, unet_dtype)
+                  grad_steps, frozen_rows, keep_attention_steps, generator, unet_dtype, recompute_images)
     guidance = float(guidance_scale)
     use_cfg = uncond is not None and guidance != 1.0
     params = tuple(p for p in unet.parameters() if p.requires_grad)
@@ -486,6 +501,7 @@ def sample(
         coefficients=coefficients,
         unet_dtype=unet_dtype,
         frozen_rows=frozen_rows,
+        recompute_images=None if recompute_images is None else int(recompute_images),
         lean_graph=bool(lean_graph),
     )
     if not needs_grad:

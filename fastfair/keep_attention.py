@@ -133,11 +133,13 @@ class AttentionRecorder(TorchDispatchMode):
 class AttentionReplay(TorchDispatchMode):
     """Hands back the recorded outputs instead of running the attention kernels: the j-th kernel call gets the
     j-th recorded call of each recording, joined along the batch in the order given (the recompute's batch of
-    several steps is their rows stacked in that order); every other op runs as it is."""
+    several steps is their rows stacked in that order); every other op runs as it is. picked: positions among
+    each recording's rows to hand back (a recompute of some of the images), in that order; None: all."""
 
-    def __init__(self, recordings: Sequence[AttentionRecorder]):
+    def __init__(self, recordings: Sequence[AttentionRecorder], picked: Optional[Sequence[int]] = None):
         super().__init__()
         self.recordings = list(recordings)
+        self.picked = None if picked is None else torch.as_tensor(list(picked), dtype=torch.long)
         self.position = 0
         self.warned = False
 
@@ -157,11 +159,16 @@ class AttentionReplay(TorchDispatchMode):
                               "enabled; such calls run their attention again (exact, slower)", stacklevel=2)
                 self.warned = True
             return func(*args, **(kwargs or {}))
-        rows = sum(len(r.rows) for r in self.recordings)
+        rows = sum(len(r.rows) if self.picked is None else len(self.picked) for r in self.recordings)
         if args[0].shape[0] != rows:
             raise RuntimeError(f"keep_attention_steps: the recompute's attention batch is {args[0].shape[0]}, the "
                                f"recorded rows are {rows}")
         calls = [r.calls[j] for r in self.recordings]
+        if self.picked is not None:
+            if self.picked.device != args[0].device:  # moved once: the kernels share a device
+                self.picked = self.picked.to(args[0].device)
+            calls = [tuple(_select_rows(t, self.picked) if _per_row(k, t) else t for k, t in enumerate(call))
+                     for call in calls]
         joined = [_join_rows([call[k] for call in calls]) if _per_row(k, first) and len(calls) > 1
                   else (first.detach() if isinstance(first, torch.Tensor) else first)  # a fresh alias each time
                   for k, first in enumerate(calls[0])]

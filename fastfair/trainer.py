@@ -214,7 +214,8 @@ class Trainer:
             keep, keep_attention = self.memory_budget.keeps(unet, z_T, cond, uncond, steps, s.guidance_scale,
                                                             frozen_rows, pending_bytes=pending)
         return sample(unet, self.scheduler, z_T, cond, uncond, num_steps=steps, guidance_scale=s.guidance_scale,
-                      coefficients=s.coefficients, recompute_chunk=s.recompute_chunk, keep_graph_steps=keep,
+                      coefficients=s.coefficients, recompute_chunk=s.recompute_chunk,
+                      recompute_images=s.recompute_images, keep_graph_steps=keep,
                       keep_attention_steps=keep_attention,
                       grad_steps=s.grad_steps, generator=generator, frozen_rows=frozen_rows,
                       lean_graph=s.lean_graph)

@@ -71,6 +71,35 @@ def test_recompute_chunk_and_kept_graphs_do_not_change_the_gradient(chunk, keep)
     assert max_rel(g_ours, g_ref) <= 1e-8
 
 
+@pytest.mark.parametrize("images,chunk,keep,frozen", [(1, 1, 0, 0), (2, 2, 0, 0), (1, 3, 2, 0), (2, 1, 0, 1),
+                                                       (2, 2, 1, 2), (5, 1, 0, 0)])
+def test_recompute_images_slices_the_batch_without_changing_the_gradient(monkeypatch, images, chunk, keep, frozen):
+    """recompute_images: the backward's U-Net calls take at most that many images (of the differentiated rows,
+    both CFG branches), the gradient is the whole-batch recompute's (per-image embeddings; frozen rows left out)."""
+    unet, train, z_T, cond, uncond, target = make_problem(batch=3)
+    frozen_z = torch.randn(frozen, 4, 8, 8, dtype=torch.float64)
+    frozen_cond = torch.randn(frozen, 5, 16, dtype=torch.float64)
+    both_cond = torch.cat([frozen_cond, cond]).detach().requires_grad_()
+    inputs = [both_cond, uncond] + train
+    grads = {}
+    calls = {}
+    original = dft._unet_eps
+    for name, per_call in (("whole", None), ("sliced", images)):
+        calls[name] = []
+        monkeypatch.setattr(dft, "_unet_eps", lambda u, x, t, e, seen=calls[name]: (
+            seen.append(x.shape[0]) if torch.is_grad_enabled() else None) or original(u, x, t, e))
+        z0 = sample(unet, SCHED, torch.cat([frozen_z, z_T]), both_cond, uncond, num_steps=5, recompute_chunk=chunk,
+                    keep_graph_steps=keep, frozen_rows=frozen, recompute_images=per_call)
+        grads[name] = torch.autograd.grad(((z0[frozen:] - target) ** 2).sum() + z0.sin().sum(), inputs)
+    assert max_rel(grads["sliced"], grads["whole"]) <= 1e-12
+    recomputed = calls["sliced"][keep:]  # the kept steps' graphs are made in the forward, whole
+    steps = [min(chunk, 5 - keep - k) for k in range(0, 5 - keep, chunk)]
+    slices = [min(images, 3 - first) for first in range(0, 3, images)]
+    assert recomputed == [2 * n * b for n in steps for b in slices]  # 2 CFG branches x steps x images
+    with pytest.raises(ValueError, match="recompute_images=0"):
+        sample(unet, SCHED, z_T, cond, uncond, recompute_images=0)
+
+
 def test_diffusers_unet():
     problem = make_problem(diffusers=True)
     _, g_ref = grads_of(reference_sample, problem, num_steps=3)

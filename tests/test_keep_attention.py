@@ -36,7 +36,8 @@ class OpCounter(TorchDispatchMode):
 @pytest.mark.parametrize("kw,lora,cfg", list(itertools.product(
     [dict(keep_attention_steps=3), dict(keep_graph_steps=1, keep_attention_steps=2),
      dict(keep_attention_steps=5, recompute_chunk=2), dict(keep_attention_steps=2, recompute_chunk=3),
-     dict(keep_attention_steps=2, lean_graph=False)],
+     dict(keep_attention_steps=2, lean_graph=False), dict(keep_attention_steps=3, recompute_images=1),
+     dict(keep_graph_steps=1, keep_attention_steps=2, recompute_chunk=2, recompute_images=1)],
     [False, True], [True, False])))
 def test_gradient_equals_the_lean_run_and_the_reference(kw, lora, cfg):
     problem = make_problem(lora=lora, diffusers=True)
@@ -52,26 +53,30 @@ def test_gradient_equals_the_lean_run_and_the_reference(kw, lora, cfg):
 @pytest.mark.parametrize("frozen_rows,train", [(1, "text"), (0, "text"), (1, "unet")])
 def test_frozen_rows_and_text_only_training(frozen_rows, train):
     """Only the differentiated rows are recorded: frozen images and an uncond branch nothing trainable feeds are
-    left out, in the batched call's layout."""
-    unet, _, z_T, cond, uncond, _ = make_problem(diffusers=True, train_names=() if train == "text" else ("to_k",))
+    left out, in the batched call's layout; a recompute image by image replays each image's rows."""
+    unet, _, z_T, cond, uncond, _ = make_problem(diffusers=True, batch=3,
+                                                 train_names=() if train == "text" else ("to_k",))
     inputs = [cond, uncond] + [p for p in unet.parameters() if p.requires_grad]
     grads = {}
-    for name, kw in (("lean", {}), ("attention", dict(keep_attention_steps=3))):
+    for name, kw in (("lean", {}), ("attention", dict(keep_attention_steps=3)),
+                     ("per image", dict(keep_attention_steps=3, recompute_images=1))):
         z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=3, frozen_rows=frozen_rows, **kw)
         grads[name] = torch.autograd.grad(z0.sin().sum(), inputs)
     assert max_rel(grads["attention"], grads["lean"]) <= 1e-12
+    assert max_rel(grads["per image"], grads["lean"]) <= 1e-12
 
 
 def test_backward_runs_no_attention_kernel_for_attention_kept_steps():
     problem = make_problem(lora=True)
     unet, train, z_T, cond, uncond, _ = problem
     counts = {}
-    for name, keep in (("lean", 0), ("half", 2), ("all", 4)):
-        z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, keep_attention_steps=keep)
+    for name, keep, images in (("lean", 0, None), ("half", 2, None), ("all", 4, None), ("all, per image", 4, 1)):
+        z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=4, keep_attention_steps=keep, recompute_images=images)
         with OpCounter() as backward:
             torch.autograd.grad(z0.sum(), [cond, *train])
         counts[name] = backward.attention_kernels()
     assert counts["lean"] > 0 and counts["all"] == 0 and counts["half"] == counts["lean"] // 2
+    assert counts["all, per image"] == 0
 
 
 def test_recorder_holds_the_outputs_at_the_rows_and_replay_joins_them():

@@ -180,24 +180,27 @@ def test_a_resume_keeps_the_memory_plans_it_was_trained_with(tmp_path, world):
 
 @pytest.mark.parametrize("lean_graph", [True, False])
 def test_sampler_keeps_and_lean_graph_reach_the_engine(tmp_path, world, monkeypatch, lean_graph):
-    """sampler.keep_graph_steps, keep_attention_steps and lean_graph are what the graph-building pass's sample
-    gets, and the iteration's loss does not depend on them (the engine's options are exact)."""
+    """sampler.keep_graph_steps, keep_attention_steps, recompute_images and lean_graph are what the
+    graph-building pass's sample gets, and the iteration's loss does not depend on them (the engine's options
+    are exact)."""
     import fastfair.trainer as trainer_module
 
     seen, real = [], trainer_module.sample
 
     def spy(*args, **kwargs):
         if torch.is_grad_enabled():
-            seen.append({k: kwargs[k] for k in ("keep_graph_steps", "keep_attention_steps", "lean_graph")})
+            seen.append({k: kwargs[k] for k in ("keep_graph_steps", "keep_attention_steps", "recompute_images",
+                                                "lean_graph")})
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "sample", spy)
     losses = []
     for overrides in ([], ["sampler.keep_graph_steps=1", "sampler.keep_attention_steps=2",
-                           f"sampler.lean_graph={str(lean_graph).lower()}"]):
+                           "sampler.recompute_images=1", f"sampler.lean_graph={str(lean_graph).lower()}"]):
         cfg = load_config(write_config(tmp_path, world, "unet_lora"), overrides)
         losses.append(Trainer(cfg).iteration(0)["loss"])
-    assert seen[-1] == dict(keep_graph_steps=1, keep_attention_steps=2, lean_graph=lean_graph)
+    assert seen[0]["recompute_images"] is None
+    assert seen[-1] == dict(keep_graph_steps=1, keep_attention_steps=2, recompute_images=1, lean_graph=lean_graph)
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
