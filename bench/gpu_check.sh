@@ -58,9 +58,11 @@ toy_trainer() {
 }
 
 toy_check() {  # train.py --check on CUDA: peak memory against the device's, the estimate, nothing saved
-  timeout 120 "$PYTHON" fastfair/train.py --config configs/toy.yaml --check --check-iterations 2 \
-    output_dir="$SCRATCH/check_toy" 2>&1 | tail -n 8 | tee -a "$OUT/train_toy.log" || return 1
-  grep -q "nothing was saved" "$OUT/train_toy.log" && ! ls "$SCRATCH/check_toy/checkpoints/step_"* 2>/dev/null
+  local report
+  report="$(timeout 120 "$PYTHON" fastfair/train.py --config configs/toy.yaml --check --check-iterations 2 \
+    output_dir="$SCRATCH/check_toy" 2>&1 | tail -n 8)" || { echo "$report" | tee -a "$OUT/train_toy.log"; return 1; }
+  echo "$report" | tee -a "$OUT/train_toy.log"
+  grep -q "nothing was saved" <<< "$report" && ! ls "$SCRATCH/check_toy/checkpoints/step_"* 2>/dev/null
 }
 
 kernel_bench() {

@@ -133,25 +133,35 @@ def merged_export(checkpoint_dir, out, weights: str = "ema", model: Optional[str
     import tempfile
 
     from fastfair.evaluation.sources import resolve_model, resolve_model_config
-    from fastfair.models import load_stable_diffusion
+    from fastfair.models import load_stable_diffusion, torch_dtype
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a model folder of two exports mixes them
+    if out.is_file():
+        raise ValueError(f"--out {out}: a file; --merged writes a whole model into a new folder")
+    if out.is_dir() and any(out.iterdir()):  # a model folder of two exports mixes them
         raise ValueError(f"--out {out}: not an empty folder; --merged writes a whole model: give a new folder")
+    if model is None and model_config is not None:  # it would go unread: the run's model.config is used
+        raise ValueError(f"--model-config {model_config} goes with --model (the run's own base model is read with "
+                         "its own model.config)")
     with tempfile.TemporaryDirectory() as temporary:
         parts_dir = export(checkpoint_dir, Path(temporary) / "export", weights)  # checks the checkpoint first
         info = export_info(parts_dir)
         if model is None:
             cfg = load_config(config_file(checkpoint_dir))
             model, model_config = cfg.model.pretrained, cfg.model.config
-        parts = load_stable_diffusion(resolve_model(model), dtype, config=resolve_model_config(model_config),
+        # fp32 whatever dtype: LoRA is fused at full precision, then the weights are cast once
+        parts = load_stable_diffusion(resolve_model(model), "fp32", config=resolve_model_config(model_config),
                                       key="--model", config_key="--model-config")
         pipe = parts.pipeline()
-        prefix = load_into_pipeline(pipe, parts_dir, "--merged")
+        try:
+            prefix = load_into_pipeline(pipe, parts_dir, "--merged")
+        except ValueError as error:  # it names the temporary folder: name the checkpoint
+            raise ValueError(str(error).replace(f"--merged {parts_dir}", f"{checkpoint_dir}")) from None
         if export_contents(parts_dir) == LORA_FILE:  # into the weights they adapt, then the adapters dropped
             pipe.fuse_lora(components=[name for name in ("unet", "text_encoder")
                                        if getattr(pipe, name) is not None], lora_scale=1.0)
             pipe.unload_lora_weights()
+        pipe.to(dtype=torch_dtype(dtype))
         pipe.save_pretrained(out, safe_serialization=True)
     info.update(merged=True, model=str(model), prompt_prefix=prefix)
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
@@ -184,6 +194,9 @@ def load_into_pipeline(pipe, lora_dir, flag: str = "--lora") -> str:
     kind = export_contents(lora_dir, flag)
     if kind is None:
         raise ValueError(f"{flag} {lora_dir}: expected {LORA_FILE}, {PREFIX_FILE} or unet/ written by fastfair.export")
+    if kind == PREFIX_FILE and PREFIX_TOKEN in pipe.tokenizer.get_vocab():  # diffusers would blame the token
+        raise ValueError(f"{flag} {lora_dir}: prefix tokens, and the --model holds a prefix run's already (a model "
+                         "written by python -m fastfair.export --merged): use the original base model")
     try:
         return _apply_export(pipe, lora_dir, kind)
     except (RuntimeError, ValueError) as error:  # diffusers' and torch's shape messages name neither folder
@@ -196,6 +209,7 @@ def load_into_pipeline(pipe, lora_dir, flag: str = "--lora") -> str:
 def _apply_export(pipe, lora_dir: Path, kind: str) -> str:
     if kind == PREFIX_FILE:
         from safetensors import safe_open
+
 
         with safe_open(str(lora_dir / PREFIX_FILE), "pt") as prefix:
             width = prefix.get_slice("emb_params").get_shape()[-1]

@@ -1,7 +1,7 @@
 """Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR|SD_FILE|toy|pkg://PACKAGE/PATH
 [--model-config SD_DIR] --lora EXPORT_DIR (--prompt TEXT ... | --prompts SPEC) --num-images N --out DIR [--steps N
---guidance G --seed 0 --dtype fp32 --batch-size B]``; writes DIR/<index>.png for one prompt, and for several
-DIR/prompt_<p>/<index>.png with DIR/prompts.txt (line p: prompt p), loading the model once (steps and guidance:
+--guidance G --seed 0 --dtype fp32 --batch-size B]``; writes DIR/<index>.png for one --prompt, and for several or
+a --prompts set DIR/prompt_<p>/<index>.png with DIR/prompts.txt (line p: prompt p), loading the model once (steps and guidance:
 the run's, as its export records them, else 20 and 7.5). --prompts takes what ``python -m fastfair.evaluate
 --prompts`` takes (a shipped set NAME[:SPLIT], a text file of prompts, a factory). Image k of a prompt starts from its own noise, the one ``python -m fastfair.evaluate`` gives
 image k of the prompt at that seed (``fastfair.evaluation.cache.paired_noise``, drawn on the CPU in float32; cast to
@@ -26,17 +26,18 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 7.5
 PROMPTS_FILE = "prompts.txt"  # with several prompts: line p is the prompt of DIR/prompt_<p>/
 
 
-def prompt_folders(out, prompts: Sequence[str]) -> list:
-    """Where each prompt's images go: DIR itself for one prompt, DIR/prompt_<p> (p = 000, 001, ...) for several."""
+def prompt_folders(out, prompt: Union[str, Sequence[str]]) -> list:
+    """Where each prompt's images go: DIR itself for one prompt given as a string, DIR/prompt_<p> (p = 000, 001,
+    ...) for a list of prompts (of one too: a prompt set's layout does not depend on its length)."""
     out = Path(out)
-    return [out] if len(prompts) == 1 else [out / f"prompt_{p:03d}" for p in range(len(prompts))]
+    return [out] if isinstance(prompt, str) else [out / f"prompt_{p:03d}" for p in range(len(prompt))]
 
 
 def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, out, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
              model_config=None, batch_size: Optional[int] = None) -> list:
-    """num_images images of each prompt (a string or a list of them) from the model with the exported weights
-    (None: the base model), in `prompt_folders`; returns the PNG paths, prompt by prompt. steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
+    """num_images images of `prompt` (a string, or a list of prompts: each in its own folder, `prompt_folders`)
+    from the model with the exported weights (None: the base model); returns the PNG paths, prompt by prompt. steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
     else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
     per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring)."""
     from tqdm.auto import tqdm
@@ -57,6 +58,9 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"--prompt: expected one or more non-empty prompts, got {prompts!r}")
+    broken = next((p for p in prompts if "\n" in p or "\r" in p), None)
+    if broken is not None:  # prompts.txt holds one prompt per line
+        raise ValueError(f"--prompt {broken!r}: a prompt with a line break; give it on one line")
     if num_images < 1:
         raise ValueError(f"--num-images {num_images}: expected at least 1")
     if batch_size is not None and batch_size < 1:
@@ -70,8 +74,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
                              "1: no guidance)")
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
     out = Path(out)
-    folders = prompt_folders(out, prompts)
-    earlier = [path for folder in folders if folder.is_dir()
+    folders = prompt_folders(out, prompt)
+    earlier = [path for folder in {out, *folders} if folder.is_dir()
                for path in sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].png"))[:1]]
     earlier += [out / PROMPTS_FILE] if (out / PROMPTS_FILE).exists() else []
     if earlier:  # this run would overwrite some and leave the rest, a folder of two runs' images
@@ -87,7 +91,7 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
     shape = (parts.unet.config.in_channels, *latent_size(parts.unet.config))
     out.mkdir(parents=True, exist_ok=True)
-    if len(prompts) > 1:  # first: a run stopped part way still says which folder holds which prompt
+    if not isinstance(prompt, str):  # first: a run stopped part way still says which folder holds which prompt
         (out / PROMPTS_FILE).write_text("".join(f"{p}\n" for p in prompts))
     paths, batch = [], batch_size or num_images
     with tqdm(total=num_images * len(prompts), desc="generating", unit="img") as bar:
@@ -130,12 +134,12 @@ def main(argv=None) -> None:
                         help="images per pipeline call (default: all at once); each image's noise does not depend "
                         "on it")
     args = parser.parse_args(argv)
-    if args.prompts:
+    if args.prompts:  # a set: a folder per prompt, whatever its length
         from fastfair.evaluate import load_prompts
 
         prompts = load_prompts(args.prompts)
-    else:
-        prompts = args.prompt
+    else:  # one --prompt: DIR/<index>.png
+        prompts = args.prompt[0] if len(args.prompt) == 1 else args.prompt
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for path in generate(args.model, args.lora, prompts, args.num_images, args.out, args.steps, args.guidance,
                          args.seed, args.dtype, device, args.model_config, args.batch_size):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -85,7 +85,7 @@ class Preflight:
     max_steps: int
     world: int
     images_per_iteration: int
-    num_steps: str
+    steps_range: Tuple[int, int]  # the sampling step counts the run draws from (low == high: sampler.num_steps)
     trainable_parameters: int
     iteration_seconds: List[float]
     peak_memory: int
@@ -98,13 +98,18 @@ class Preflight:
     most_held: int
     free_disk: int
     memory_plans: Optional[Dict[int, Tuple[int, int]]] = None  # sampler.memory_budget_gb's: steps -> keeps
+    steps_drawn: List[int] = field(default_factory=list)  # the step count of each checked iteration
     peak_reserved: Optional[int] = None  # CUDA: the most torch's caching allocator held (what runs out first)
 
     @property
     def seconds_per_iteration(self) -> Optional[float]:
-        """The median of the checked iterations after the first (which pays the warm-ups); the first alone if
-        only one ran."""
+        """The median of the checked iterations after the first (which pays the warm-ups; the first alone if only
+        one ran), each scaled to the mean step count of steps_range from the count it drew (in proportion: an
+        upper bound for fewer steps, as decoding and the losses do not scale)."""
         times = self.iteration_seconds
+        if self.steps_drawn:
+            mean = (self.steps_range[0] + self.steps_range[1]) / 2
+            times = [t * mean / n for t, n in zip(times, self.steps_drawn)]
         return statistics.median(times[1:]) if len(times) > 1 else (times[0] if times else None)
 
     @property
@@ -124,14 +129,19 @@ class Preflight:
     def summary(self) -> str:
         todo = self.max_steps - self.start
         where = f"resumes from {self.resumes_from} (step {self.start})" if self.resumes_from else "a fresh start"
+        low, high = self.steps_range
+        steps = f"{low}-{high}" if low != high else f"{low}"
         lines = [f"output_dir   {self.output_dir}: {where}",
                  f"training     {todo} iterations to step {self.max_steps}, {self.images_per_iteration} images each "
-                 f"on {self.world} process{'es' if self.world > 1 else ''}, {self.num_steps} sampling steps; "
+                 f"on {self.world} process{'es' if self.world > 1 else ''}, {steps} sampling steps; "
                  f"{self.trainable_parameters:,} trainable parameters"]
         if self.iteration_seconds:
             times = ", ".join(f"{s:.2f}" for s in self.iteration_seconds)
+            if low != high:
+                times += f" s at {', '.join(map(str, self.steps_drawn))} steps"
             first = " (the first pays the warm-ups)" if len(self.iteration_seconds) > 1 else ""
-            lines.append(f"iterations   {len(self.iteration_seconds)} checked: {times} s{first}")
+            lines.append(f"iterations   {len(self.iteration_seconds)} checked: {times}{'' if low != high else ' s'}"
+                         f"{first}")
             of = f" of {_gib(self.device_memory)}" if self.device_memory else ""
             held = f" ({_gib(self.peak_reserved)} reserved)" if self.peak_reserved else ""
             lines.append(f"memory       peak {_gib(self.peak_memory)}{held}{of} (the most on any process)")
@@ -140,7 +150,8 @@ class Preflight:
                                   for steps, (graphs, attention) in sorted(self.memory_plans.items()))
                 lines.append(f"keeps        (sampler.memory_budget_gb) {plans}")
             per = self.seconds_per_iteration
-            lines.append(f"estimate     {todo} x {per:.2f} s = {_duration(todo * per)} of training, checkpoints "
+            at = f" (scaled to {(low + high) / 2:g} steps)" if low != high else ""
+            lines.append(f"estimate     {todo} x {per:.2f} s{at} = {_duration(todo * per)} of training, checkpoints "
                          "and logging not counted")
         else:
             lines.append("iterations   none checked" + (" (nothing to train)" if not todo else ""))

@@ -187,9 +187,12 @@ class Trainer:
         z_T = torch.randn((n,) + self.latent_shape, generator=generator)
         per_rank = self.cfg.batch.per_rank(self.world)
         z_T = z_T[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device)
+        return z_T, self._steps(it), generator
+
+    def _steps(self, it: int) -> int:
+        """The sampling step count of iteration `it`: sampler.num_steps, or drawn from num_steps_range."""
         low, high = self.cfg.sampler.num_steps_range or (self.cfg.sampler.num_steps,) * 2
-        steps = int(np.random.default_rng([self.cfg.seed, 2, it]).integers(low, high + 1))
-        return z_T, steps, generator
+        return int(np.random.default_rng([self.cfg.seed, 2, it]).integers(low, high + 1))
 
     def _recompute_judges(self) -> None:
         """loss.recompute_judges: the decoder block-wise and each judge on its own keep only their inputs; their
@@ -671,11 +674,12 @@ class Trainer:
                 raise OSError(unwritable)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            seconds = []
+            seconds, drawn = [], []
             for it in range(self.start, self.start + min(iterations, todo)):
                 began = time.perf_counter()
                 self.iteration(it)  # ends reading its losses on the host: the device's work is done
                 seconds.append(time.perf_counter() - began)
+                drawn.append(self._steps(it))
         saved_bytes, measured = self._checkpoint_bytes()
         cuda = self.device.type == "cuda"
         peak = torch.tensor([_peak_memory_bytes(self.device),
@@ -689,11 +693,12 @@ class Trainer:
         plans = None if self.memory_budget is None else {
             steps: keeps for (_, steps), keeps in self.memory_budget.state_dict()["plans"].items()}
         s = cfg.sampler
-        steps = f"{s.num_steps_range[0]}-{s.num_steps_range[1]}" if s.num_steps_range else str(s.num_steps)
+        low, high = s.num_steps_range or (s.num_steps, s.num_steps)
         total = torch.cuda.get_device_properties(self.device).total_memory if cuda else None
         return Preflight(output_dir=str(cfg.output_dir), resumes_from=None if path is None else str(path),
                          start=self.start, max_steps=cfg.max_steps, world=self.world,
-                         images_per_iteration=cfg.batch.images_per_prompt, num_steps=steps,
+                         images_per_iteration=cfg.batch.images_per_prompt, steps_range=(low, high),
+                         steps_drawn=drawn,
                          trainable_parameters=sum(p.numel() for p in self.model.trainable.values()),
                          iteration_seconds=seconds,
                          peak_memory=int(peak[0]), peak_reserved=int(peak[1]) if cuda else None,
@@ -712,7 +717,8 @@ class Trainer:
         weights = {name: p.detach() for name, p in self.model.trainable.items()}
         state = self.state()
         saved = tensor_bytes([weights, self.ema.shadow, state, shards, checkpoint.rng_state()])
-        measured = tensor_bytes(state["optimizer"] if shards is None else shards) > 0
+        # the moments exist once a step was taken or resumed (ZeRO's shards hold the weights' partitions before)
+        measured = self.steps_taken > 0 or self.start > 0
         if not measured:  # DeepSpeed's moments in float32, all of them once gathered
             saved += optimizer_state_bytes(self.cfg.optim.name, weights.values(), None if self.engine is None else 1)
         return saved, measured
@@ -857,7 +863,8 @@ def main(argv=None) -> None:
             trainer.train()
     except KeyboardInterrupt:  # Ctrl-C: where the run stopped and how to go on, not the traceback of its frames
         if int(os.environ.get("RANK", 0)) == 0:
-            print(interrupted_message(cfg, trainer), file=sys.stderr, flush=True)
+            message = "check interrupted; nothing was saved" if args.check else interrupted_message(cfg, trainer)
+            print(message, file=sys.stderr, flush=True)
         raise SystemExit(130) from None
 
 

@@ -313,7 +313,7 @@ def test_generate_several_prompts_loads_once_and_gives_each_its_own_images(tmp_p
                               np.asarray(Image.open(tmp_path / "alone" / name)))
     assert not np.array_equal(np.asarray(Image.open(both / "prompt_000" / "00000.png")),
                               np.asarray(Image.open(both / "prompt_001" / "00000.png")))
-    with pytest.raises(ValueError, match="--out .*both: holds images of an earlier run \(prompt_000/00000.png"):
+    with pytest.raises(ValueError, match="--out .*both: holds images of an earlier run \\(prompt_000/00000.png"):
         generate_main([*common, "--prompt", PROMPT, "--prompt", other, "--out", str(both)])
     spec = "fastfair.toy:occupation_prompts"
     generate_main(["--model", "toy", "--num-images", "1", "--steps", "1", "--prompts", spec,
@@ -323,6 +323,17 @@ def test_generate_several_prompts_loads_once_and_gives_each_its_own_images(tmp_p
     assert len(list((tmp_path / "set").rglob("*.png"))) == len(prompts)
     with pytest.raises(SystemExit):  # one or the other
         generate_main(["--model", "toy", "--prompt", PROMPT, "--prompts", spec, "--out", str(tmp_path / "x")])
+    # a set of one prompt keeps a set's layout; a one-prompt run's folder is not mixed with a set's
+    (tmp_path / "one.txt").write_text(f"{other}\n")
+    generate_main(["--model", "toy", "--num-images", "1", "--steps", "1", "--prompts", str(tmp_path / "one.txt"),
+                   "--out", str(tmp_path / "one")])
+    assert (tmp_path / "one" / "prompt_000" / "00000.png").is_file() and (tmp_path / "one" / "prompts.txt").is_file()
+    with pytest.raises(ValueError, match="--out .*alone: holds images of an earlier run \\(00000.png"):
+        generate_main([*common, "--prompt", PROMPT, "--prompt", other, "--out", str(tmp_path / "alone")])
+    with pytest.raises(ValueError, match="a prompt with a line break"):
+        generate_main(["--model", "toy", "--prompt", "a cook\nat work", "--prompt", PROMPT,
+                       "--out", str(tmp_path / "broken")])
+    assert not (tmp_path / "broken").exists()
 
 
 @pytest.mark.parametrize("flag, value, message", [

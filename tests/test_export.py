@@ -113,6 +113,25 @@ def test_a_merged_export_is_the_training_model_without_adapters(tmp_path, world,
         export_main([str(ckpt), "--out", str(tmp_path / "merged"), "--merged"])
     with pytest.raises(SystemExit):  # --dtype without --merged
         export_main([str(ckpt), "--out", str(tmp_path / "plain"), "--dtype", "fp16"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="--out .*a_file: a file"):
+        export_main([str(ckpt), "--out", str(tmp_path / "a_file"), "--merged"])
+    with pytest.raises(ValueError, match="--model-config .* goes with --model"):
+        export_main([str(ckpt), "--out", str(tmp_path / "other"), "--merged", "--model-config", str(world["sd"])])
+    # half precision: the fp32 merge cast once (LoRA fused at full precision)
+    export_main([str(ckpt), "--out", str(tmp_path / "half"), "--merged", "--dtype", "fp16"])
+    half = StableDiffusionPipeline.from_pretrained(tmp_path / "half", local_files_only=True, torch_dtype=torch.float16)
+    for name in ("unet", "text_encoder"):
+        full_weights, half_weights = getattr(pipe, name).state_dict(), getattr(half, name).state_dict()
+        assert all(torch.equal(half_weights[key], t.half()) for key, t in full_weights.items()
+                   if t.is_floating_point())
+        stored = load_file(str(next((tmp_path / "half" / name).glob("*.safetensors"))))
+        assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
+    if target == "prefix":  # a second prefix on a merged prefix model: named, not diffusers' token clash
+        export(ckpt, tmp_path / "prefix_export")
+        with pytest.raises(ValueError, match="the --model holds a prefix run's already"):
+            generate_main(["--model", str(tmp_path / "merged"), "--lora", str(tmp_path / "prefix_export"),
+                           "--prompt", "a cook", "--out", str(tmp_path / "twice")])
 
 
 def test_a_run_drawing_its_step_count_exports_its_num_steps(tmp_path, world):

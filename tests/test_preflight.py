@@ -2,6 +2,7 @@
 checkpoint size, retention and disk figures match what the run then really writes; and `--print-config`, the other
 look before a run."""
 import itertools
+import json
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_saved_steps_are_every_checkpoint_every_th_and_the_last():
 
 def _report(**changes) -> Preflight:
     fields = dict(output_dir="runs/x", resumes_from=None, start=0, max_steps=100, world=1, images_per_iteration=8,
-                  num_steps="20", trainable_parameters=10, iteration_seconds=[9.0, 2.0, 4.0, 3.0],
+                  steps_range=(20, 20), trainable_parameters=10, iteration_seconds=[9.0, 2.0, 4.0, 3.0],
                   peak_memory=3 * 2**30, device_memory=80 * 2**30, checkpoint_bytes=2**20,
                   optimizer_state_measured=True, existing_checkpoints=[], saves=[50, 100], kept=[50, 100],
                   most_held=2, free_disk=2**30)
@@ -132,6 +133,40 @@ def test_the_estimate_leaves_the_first_iteration_out():
     assert _report(iteration_seconds=[7.0]).seconds_per_iteration == 7.0
     assert "peak 3.00 GiB of 80.00 GiB" in report.summary()
     assert "peak 3.00 GiB (3.50 GiB reserved) of 80.00 GiB" in _report(peak_reserved=3.5 * 2**30).summary()
+
+
+def test_the_estimate_scales_each_iteration_to_the_mean_step_count_of_the_range():
+    report = _report(steps_range=(10, 30), steps_drawn=[20, 10, 30, 20], iteration_seconds=[9.0, 2.0, 6.0, 4.0])
+    assert report.seconds_per_iteration == 4.0  # 2 s at 10 steps, 6 at 30, 4 at 20: 4 s at the mean, 20
+    summary = report.summary()
+    assert "10-30 sampling steps" in summary and "at 20, 10, 30, 20 steps" in summary
+    assert "100 x 4.00 s (scaled to 20 steps)" in summary
+
+
+def test_deepspeed_check_without_iterations_estimates_the_moments(tmp_path, world):
+    """ZeRO's gathered shards hold the weights' partitions before the first step, the moments only after it: the
+    estimate is what the run then writes, to the step counters."""
+    pytest.importorskip("deepspeed")
+    ds = tmp_path / "zero2.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10**9}))
+    path = write_config(tmp_path, world, "text_unet_lora", max_steps=1)
+    report = Trainer(load_config(path, [f"deepspeed.config={ds}"])).check(0)
+    assert not report.optimizer_state_measured
+    Trainer(load_config(path, [f"deepspeed.config={ds}"])).train()
+    saved = checkpoint.list_checkpoints(tmp_path / "run")[1]
+    written = (sum(_safetensors_data_bytes(saved / name) for name in ("weights.safetensors", "ema.safetensors"))
+               + preflight.tensor_bytes(torch.load(saved / "state.pt", weights_only=False)))
+    assert 0 <= written - report.checkpoint_bytes <= 64, (written, report.checkpoint_bytes)
+
+
+def test_ctrl_c_during_a_check_says_nothing_was_saved(tmp_path, world, capsys, monkeypatch):
+    def interrupted(self, iterations):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "check", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(write_config(tmp_path, world, "prefix")), "--check"])
+    assert stop.value.code == 130 and "check interrupted; nothing was saved" in capsys.readouterr().err
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_a_problem():
