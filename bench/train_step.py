@@ -33,7 +33,8 @@ the configurations interleaved, and the table reports medians over all timed ite
 configuration, with every buffer mapped on its own (``worker_env``), which would slow the timed ones by 15-20%.
 Phases: sampling (every sampler forward), decode_losses (decode, judges, targets; for fastfair also the backward
 to dL/dz_0), backward (the unroll's backward: baseline through the checkpointed graph, decoder and judges;
-fastfair the recompute), optimizer (AdamW step).
+fastfair the recompute), optimizer (AdamW step). --micro-batch M: the baseline's gradient pass in micro-batches of
+M images (the public code's), fastfair's recompute M images per U-Net call (``recompute_images``).
 
 The loss (``Objective``): alignment cross-entropy of a face classifier on the image's centre crop (no detector:
 detection is not differentiable and costs the same in both) to the expected-OT targets of a uniform gender
@@ -320,6 +321,8 @@ def worker(cfg: dict) -> dict:
     engine = {"fastfair_k5": {"grad_steps": min(5, steps), "generator": torch.Generator().manual_seed(0)},
               "fastfair_fast": {"keep_graph_steps": cfg.get("keep_graph_steps", 0),
                                 "keep_attention_steps": cfg.get("keep_attention_steps", 0)}}.get(impl, {})
+    if impl.startswith("fastfair"):  # --micro-batch: the recompute's images per U-Net call (sampler.recompute_images)
+        engine["recompute_images"] = cfg.get("micro_batch")
 
     def iteration(timer, **extra):
         optimizer.zero_grad(set_to_none=True)
@@ -574,7 +577,9 @@ def main(argv=None) -> None:
                         "on CPU, 16 tiny)")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="frozen weights' dtype (default: fp16 on CUDA, fp32 on CPU); LoRA stays fp32")
-    parser.add_argument("--micro-batch", type=int, default=None, help="baseline gradient micro-batch (default N)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="images per gradient micro-batch: the baseline's gradient pass, fastfair's recompute "
+                             "calls (recompute_images) (default N)")
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=2, help="timed iterations per configuration and round")

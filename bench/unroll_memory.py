@@ -1,16 +1,21 @@
-"""Peak memory of one DFT backward versus the number of sampling steps: fastfair vs the literal reference.
+"""Peak memory of one DFT backward versus the number of sampling steps: fastfair vs the literal reference; and
+versus the images in the batch: fastfair's recompute of the whole batch per U-Net call vs one image per call
+(``recompute_images=1``, impl ``fastfair_per_image``).
 
     python bench/unroll_memory.py --steps 5,10,20,40 --json bench/results/unroll_memory_cpu.json
+    python bench/unroll_memory.py --steps '' --batches 1,2,4,8,16 --json bench/results/unroll_memory_images_cpu.json
 
-Each (impl, steps) runs in a fresh subprocess. The model is a small Stable-Diffusion-shaped U-Net (SD's block
+Each (impl, steps, batch) runs in a fresh subprocess. The model is a small Stable-Diffusion-shaped U-Net (SD's block
 layout at reduced width) with its cross-attention trainable, CFG on, on CUDA when present, else CPU.
 
 peak_bytes is the peak above the level reached after the model, inputs and one warm-up forward are in memory,
 measured by ``bench/_memory.py`` (CUDA allocator peak; on CPU the peak resident set).
 """
 import argparse
+import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -37,7 +42,8 @@ def worker(impl: str, steps: int, size: int, batch: int) -> dict:
     z_T = torch.randn(batch, 4, size, size, generator=g).to(device)
     cond = torch.randn(batch, 8, 64, generator=g).to(device)
     uncond = torch.randn(1, 8, 64, generator=g).to(device)
-    fn = sample if impl == "fastfair" else reference_sample
+    fn = {"fastfair": sample, "fastfair_per_image": functools.partial(sample, recompute_images=1),
+          "reference": reference_sample}[impl]
     with torch.no_grad():  # warm-up: lazily allocated buffers, kernels
         fn(unet, tiny_scheduler(), z_T, cond, uncond, num_steps=2)
 
@@ -48,7 +54,19 @@ def worker(impl: str, steps: int, size: int, batch: int) -> dict:
     z0.square().mean().backward()
     peak = memory.peak()
     return {"impl": impl, "steps": steps, "peak_bytes": peak, "seconds": time.perf_counter() - start,
-            "device": device, "latent": [batch, 4, size, size]}
+            "device": device, "latent": [batch, 4, size, size], "images": batch}
+
+
+def markdown_images(results) -> str:
+    """The versus-images table: peak and seconds per image of each recompute, and their ratios."""
+    by = {(r["impl"], r["images"]): r for r in results}
+    lines = ["| images | whole-batch recompute peak (MiB) | per-image recompute peak (MiB) | per-image / whole | "
+             "s per image, whole | s per image, per-image |", "|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted({r["images"] for r in results}):
+        a, b = by[("fastfair", n)], by[("fastfair_per_image", n)]
+        lines.append(f"| {n} | {a['peak_bytes'] / 2**20:.1f} | {b['peak_bytes'] / 2**20:.1f} | "
+                     f"{b['peak_bytes'] / a['peak_bytes']:.3f} | {a['seconds'] / n:.3f} | {b['seconds'] / n:.3f} |")
+    return "\n".join(lines)
 
 
 def markdown(results) -> str:
@@ -71,6 +89,9 @@ def main() -> None:
     parser.add_argument("--impls", default="fastfair,reference")
     parser.add_argument("--size", type=int, default=32, help="latent height/width")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batches", default="", help="e.g. 1,2,4,8,16: fastfair's peak versus the images, whole-batch "
+                        "and per-image recompute, at --batch-steps steps")
+    parser.add_argument("--batch-steps", type=int, default=20)
     parser.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -78,22 +99,29 @@ def main() -> None:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.size, args.batch)))
         return
     env = worker_env()
-    results = []
-    for impl in args.impls.split(","):
-        for steps in [int(s) for s in args.steps.split(",")]:
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", impl, str(steps), "--size", str(args.size),
-                 "--batch", str(args.batch)], env=env, check=True, capture_output=True, text=True)
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"{impl:9s} steps={steps:3d} peak={results[-1]['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
-    table = markdown(results)
-    print(table)
+
+    def run(impl: str, steps: int, batch: int) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--worker", impl, str(steps), "--size", str(args.size),
+                              "--batch", str(batch)], env=env, check=True, capture_output=True, text=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{impl:18s} steps={steps:3d} images={batch:3d} peak={result['peak_bytes'] / 2**20:8.1f} MiB",
+              flush=True)
+        return result
+
+    steps_sweep = [run(impl, int(s), args.batch) for impl in args.impls.split(",") for s in args.steps.split(",") if s]
+    images_sweep = [run(impl, args.batch_steps, int(n)) for impl in ("fastfair", "fastfair_per_image")
+                    for n in args.batches.split(",") if n]
+    tables = ([markdown(steps_sweep)] if steps_sweep else []) + ([markdown_images(images_sweep)] if images_sweep
+                                                                   else [])
+    print("\n\n".join(tables))
     if args.json:
+        results = steps_sweep + images_sweep
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"device": results[0]["device"], "results": results}, f, indent=1)
         with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
-            f.write(f"Command: `python bench/unroll_memory.py --steps {args.steps} --json {args.json}`\n\n{table}\n")
+            f.write(f"Command: `python {' '.join(shlex.quote(a) for a in ['bench/unroll_memory.py', *sys.argv[1:]])}`"
+                    f"\n\n" + "\n\n".join(tables) + "\n")
 
 
 if __name__ == "__main__":
