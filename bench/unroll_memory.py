@@ -70,16 +70,24 @@ def markdown_images(results) -> str:
 
 
 def markdown(results) -> str:
+    """The versus-steps table; an implementation left out (--impls) shows as '-'."""
     by = {(r["impl"], r["steps"]): r["peak_bytes"] for r in results}
     steps = sorted({r["steps"] for r in results})
+
+    def mib(value):
+        return "-" if value is None else f"{value / 2**20:.1f}"
+
+    def ratio(a, b):
+        return "-" if a is None or b is None else f"{a / b:.3f}"
+
     lines = ["| steps | fastfair peak (MiB) | reference peak (MiB) | fastfair / reference |", "|---:|---:|---:|---:|"]
     for s in steps:
         a, b = by.get(("fastfair", s)), by.get(("reference", s))
-        lines.append(f"| {s} | {a / 2**20:.1f} | {b / 2**20:.1f} | {a / b:.3f} |")
+        lines.append(f"| {s} | {mib(a)} | {mib(b)} | {ratio(a, b)} |")
     first, last = steps[0], steps[-1]
     lines.append("")
-    lines.append(f"fastfair {last} steps / {first} steps: {by[('fastfair', last)] / by[('fastfair', first)]:.3f}; "
-                 f"reference: {by[('reference', last)] / by[('reference', first)]:.3f}")
+    lines.append(f"fastfair {last} steps / {first} steps: {ratio(by.get(('fastfair', last)), by.get(('fastfair', first)))}"
+                 f"; reference: {ratio(by.get(('reference', last)), by.get(('reference', first)))}")
     return "\n".join(lines)
 
 

@@ -22,3 +22,12 @@ def test_the_images_sweep_writes_both_recomputes_rows(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| 3 | " in table and "per-image / whole" in table and "fastfair / reference" not in table
     assert "--batches 1,3" in table.splitlines()[0]  # the command that made it
+
+
+def test_the_steps_table_marks_an_implementation_left_out():
+    sys.path.insert(0, str(BENCH.parent))
+    import unroll_memory
+
+    rows = [{"impl": "fastfair", "steps": s, "peak_bytes": s * 2**20} for s in (5, 10)]
+    table = unroll_memory.markdown(rows)
+    assert "| 5 | 5.0 | - | - |" in table and "fastfair 10 steps / 5 steps: 2.000; reference: -" in table
