@@ -1,12 +1,13 @@
 """Generate with a finetuned model: ``python -m fastfair.generate --model SD_DIR|SD_FILE|toy|pkg://PACKAGE/PATH
 [--model-config SD_DIR] --lora EXPORT_DIR (--prompt TEXT ... | --prompts SPEC) --num-images N --out DIR [--steps N
 --guidance G --seed 0 --dtype fp32 --batch-size B]``; writes DIR/<index>.png for one --prompt, and for several or
-a --prompts set DIR/prompt_<p>/<index>.png with DIR/prompts.txt (line p: prompt p), loading the model once (steps and guidance:
-the run's, as its export records them, else 20 and 7.5). --prompts takes what ``python -m fastfair.evaluate
---prompts`` takes (a shipped set NAME[:SPLIT], a text file of prompts, a factory). Image k of a prompt starts from its own noise, the one ``python -m fastfair.evaluate`` gives
-image k of the prompt at that seed (``fastfair.evaluation.cache.paired_noise``, drawn on the CPU in float32; cast to
---dtype), so which images come does not depend on the batch size, on --num-images or on the device's random
-generator (the pixels equal up to the rounding of another batch shape's arithmetic)."""
+a --prompts set DIR/prompt_<p>/<index>.png with DIR/prompts.txt (line p: prompt p), loading the model once (steps
+and guidance: the run's, as its export records them, else 20 and 7.5). --prompts takes what ``python -m
+fastfair.evaluate --prompts`` takes (a shipped set NAME[:SPLIT], a text file of prompts, a factory). Image k of a
+prompt starts from its own noise, the one ``python -m fastfair.evaluate`` gives image k of the prompt at that seed
+(``fastfair.evaluation.cache.paired_noise``, drawn on the CPU in float32; cast to --dtype), so which images come
+does not depend on the batch size, on --num-images or on the device's random generator (the pixels equal up to the
+rounding of another batch shape's arithmetic)."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
              guidance: Optional[float] = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
              model_config=None, batch_size: Optional[int] = None) -> list:
     """num_images images of `prompt` (a string, or a list of prompts: each in its own folder, `prompt_folders`)
-    from the model with the exported weights (None: the base model); returns the PNG paths, prompt by prompt. steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
+    from the model with the exported weights (None: the base model); returns the PNG paths, prompt by prompt.
+    steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
     else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
     per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring)."""
     from tqdm.auto import tqdm
@@ -69,9 +71,9 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
         raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
     if not math.isfinite(guidance) or guidance < 1:
         if exported:  # the user gave no --guidance: a run trained before fastfair required >= 1
-            raise ValueError(f"{exported_by}/{EXPORT_INFO} records guidance_scale {guidance}, the run's, which diffusers' "
-                             "pipeline cannot sample (no classifier-free guidance below 1): give --guidance G (>= 1; "
-                             "1: no guidance)")
+            raise ValueError(f"{exported_by}/{EXPORT_INFO} records guidance_scale {guidance}, the run's, which "
+                             "diffusers' pipeline cannot sample (no classifier-free guidance below 1): give --guidance "
+                             "G (>= 1; 1: no guidance)")
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
     out = Path(out)
     folders = prompt_folders(out, prompt)

@@ -1,9 +1,10 @@
 """``python fastfair/train.py --config ... --check [--check-iterations N]``: a run's start without the run.
 
 Everything a run checks when it starts (settings, files, models, classifiers against the targets, the resume and
-output_dir, its lock) and N timed iterations (default 2), with nothing saved: no checkpoint, config.yaml, log or image. What
-it reports answers the questions to settle before a long job is queued: does an iteration fit in memory, how
-long will the run take, how much disk will its checkpoints take (`Trainer.check` measures, `Preflight` says).
+output_dir, its lock) and N timed iterations (default 2), with nothing saved: no checkpoint, config.yaml, log or
+image. What it reports answers the questions to settle before a long job is queued: does an iteration fit in
+memory, how long will the run take, how much disk will its checkpoints take (`Trainer.check` measures,
+`Preflight` says).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def saved_steps(start: int, max_steps: int, checkpoint_every: int) -> List[int]:
     return [step for step in range(start + 1, max_steps + 1) if step % checkpoint_every == 0 or step == max_steps]
 
 
-def retention(existing: Iterable[int], saves: Iterable[int], keep_last: int, keep_every: int) -> Tuple[List[int], int]:
+def retention(existing: Iterable[int], saves: Iterable[int], keep_last: int,
+              keep_every: int) -> Tuple[List[int], int]:
     """(the checkpoints output_dir holds when the run ends, the most it holds at once): each save writes its
     checkpoint beside the others, then retention (fastfair.checkpoint.prune) keeps the newest keep_last and every
     keep_every-th."""
