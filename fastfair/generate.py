@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -63,6 +64,10 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     broken = next((p for p in prompts if "\n" in p or "\r" in p), None)
     if broken is not None:  # prompts.txt holds one prompt per line
         raise ValueError(f"--prompt {broken!r}: a prompt with a line break; give it on one line")
+    repeated = sorted({p for p in prompts if prompts.count(p) > 1})
+    if repeated:  # the same noise per image index: the same images again
+        warnings.warn(f"{len(repeated)} prompt(s) given more than once (e.g. {repeated[0]!r}): their folders hold the "
+                      "same images", stacklevel=2)
     if num_images < 1:
         raise ValueError(f"--num-images {num_images}: expected at least 1")
     if batch_size is not None and batch_size < 1:
@@ -140,6 +145,8 @@ def main(argv=None) -> None:
         from fastfair.evaluate import load_prompts
 
         prompts = load_prompts(args.prompts)
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts}: holds no prompt")
     else:  # one --prompt: DIR/<index>.png
         prompts = args.prompt[0] if len(args.prompt) == 1 else args.prompt
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -330,6 +330,12 @@ def test_generate_several_prompts_loads_once_and_gives_each_its_own_images(tmp_p
     assert (tmp_path / "one" / "prompt_000" / "00000.png").is_file() and (tmp_path / "one" / "prompts.txt").is_file()
     with pytest.raises(ValueError, match="--out .*alone: holds images of an earlier run \\(00000.png"):
         generate_main([*common, "--prompt", PROMPT, "--prompt", other, "--out", str(tmp_path / "alone")])
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="--prompts .*empty.txt: holds no prompt"):
+        generate_main(["--model", "toy", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "e")])
+    with pytest.warns(UserWarning, match="1 prompt\\(s\\) given more than once"):
+        generate_main(["--model", "toy", "--num-images", "1", "--steps", "1", "--prompt", PROMPT, "--prompt", PROMPT,
+                       "--out", str(tmp_path / "twice")])
     with pytest.raises(ValueError, match="a prompt with a line break"):
         generate_main(["--model", "toy", "--prompt", "a cook\nat work", "--prompt", PROMPT,
                        "--out", str(tmp_path / "broken")])
