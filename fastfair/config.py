@@ -689,12 +689,17 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
     return changes
 
 
+def config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as the YAML a run records (config.yaml) and `train.py --print-config` prints."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
 def save_config(cfg: TrainConfig, path) -> None:
     """Write the resolved config as YAML atomically, a plain file on disk (fastfair.files.atomic_path)."""
     from fastfair.files import atomic_path  # imports torch: not at this module's import
 
     with atomic_path(str(path)) as temporary:
-        Path(temporary).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
+        Path(temporary).write_text(config_yaml(cfg))
 
 
 # ----------------------------------------------------------------------------- validation

@@ -210,7 +210,6 @@ def _apply_export(pipe, lora_dir: Path, kind: str) -> str:
     if kind == PREFIX_FILE:
         from safetensors import safe_open
 
-
         with safe_open(str(lora_dir / PREFIX_FILE), "pt") as prefix:
             width = prefix.get_slice("emb_params").get_shape()[-1]
         expected = pipe.text_encoder.get_input_embeddings().weight.shape[-1]

@@ -45,8 +45,9 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring)."""
     from tqdm.auto import tqdm
 
+    model_path = resolve_model(model)
     # the export's record: beside its weights, or in a model written by fastfair.export --merged
-    exported_by = lora if lora else resolve_model(model)
+    exported_by = lora if lora else model_path
     recorded = export_info(exported_by) if Path(exported_by).is_dir() else {}
     taken = [f"{flag} {recorded[key]}" for flag, key, given in (("--steps", "num_steps", steps),
                                                                 ("--guidance", "guidance_scale", guidance))
@@ -56,8 +57,6 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     exported = guidance is None and "guidance_scale" in recorded  # a refusal names where the value came from
     steps = steps if steps is not None else int(recorded.get("num_steps", DEFAULT_STEPS))
     guidance = guidance if guidance is not None else float(recorded.get("guidance_scale", DEFAULT_GUIDANCE))
-    # checked before loading: diffusers would write decoded noise for 0 steps and sample every guidance <= 1
-    # as 1 (no classifier-free guidance)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"--prompt: expected one or more non-empty prompts, got {prompts!r}")
@@ -68,6 +67,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     if repeated:  # the same noise per image index: the same images again
         warnings.warn(f"{len(repeated)} prompt(s) given more than once (e.g. {repeated[0]!r}): their folders hold the "
                       "same images", stacklevel=2)
+    # checked before loading: diffusers would write decoded noise for 0 steps and sample every guidance <= 1
+    # as 1 (no classifier-free guidance)
     if num_images < 1:
         raise ValueError(f"--num-images {num_images}: expected at least 1")
     if batch_size is not None and batch_size < 1:
@@ -90,11 +91,11 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
                          "new folder or delete them")
     if lora:
         finetuned_kind(lora, "--lora", checkpoints=False)
-    parts = load_stable_diffusion(resolve_model(model), dtype, device=device, config=resolve_model_config(model_config),
+    parts = load_stable_diffusion(model_path, dtype, device=device, config=resolve_model_config(model_config),
                                   key="--model", config_key="--model-config")
     pipe = parts.pipeline().to(device)
     # a merged prefix export's token: its prompts start with it, as in training
-    prefix = merged_prompt_prefix(resolve_model(model)) + (load_into_pipeline(pipe, lora) if lora else "")
+    prefix = merged_prompt_prefix(model_path) + (load_into_pipeline(pipe, lora) if lora else "")
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
     shape = (parts.unet.config.in_channels, *latent_size(parts.unet.config))
     out.mkdir(parents=True, exist_ok=True)

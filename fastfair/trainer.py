@@ -32,12 +32,11 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
-import yaml
 import torch.distributed as dist
 
 from fastfair import checkpoint
-from fastfair.config import (ConfigError, TrainConfig, check_files, config_to_dict, describe_changes, load_config,
-                             resume_changes, save_config, validate)
+from fastfair.config import (ConfigError, TrainConfig, check_files, config_to_dict, config_yaml, describe_changes,
+                             load_config, resume_changes, save_config, validate)
 from fastfair.dft import sample
 from fastfair.ema import EMA
 from fastfair.finetune import FinetunedModel
@@ -428,15 +427,20 @@ class Trainer:
                 "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "memory_plans": None if self.memory_budget is None else self.memory_budget.state_dict()}
 
-    def save(self, it: int) -> None:
+    def _saved(self) -> Tuple[Dict[str, torch.Tensor], dict]:
+        """(weights, state) as a checkpoint holds them now (the EMA beside them). A collective under DeepSpeed:
+        every rank's ZeRO partition of the optimizer state is gathered on rank 0 (``zero_shards``)."""
         shards = None
-        if self.engine is not None:  # every rank's ZeRO partition of the optimizer state, gathered on rank 0
+        if self.engine is not None:
             from fastfair import zero
 
             shards = zero.gather_optimizer_shards(self.engine)
+        weights = {name: p.detach() for name, p in self.model.trainable.items()}
+        return weights, self.state() if shards is None else {**self.state(), "zero_shards": shards}
+
+    def save(self, it: int) -> None:
+        weights, state = self._saved()  # every rank: the gather is a collective
         if self.rank == 0:
-            weights = {name: p.detach() for name, p in self.model.trainable.items()}
-            state = self.state() if shards is None else {**self.state(), "zero_shards": shards}
             checkpoint.save_checkpoint(self.cfg.output_dir, it, weights, self.ema.shadow, state,
                                        self.cfg.keep_last, self.cfg.keep_every, config=config_to_dict(self.cfg))
         dist.barrier()
@@ -635,19 +639,17 @@ class Trainer:
         SIGUSR1 (a Slurm preemption or time limit, --signal=USR1@SECONDS) ends the run after the iteration in
         progress: a checkpoint at the step reached, then SystemExit with status 128 + the signal's number."""
         with contextlib.ExitStack() as held:
-            unwritable = self._claim_output_dir(held)
-            self._begin()
+            self._begin(self._claim_output_dir(held))
             if self.start == self.cfg.max_steps:  # nothing to train (a rerun of a finished run, or the demo's)
                 if self.rank == 0:  # config.yaml keeps what ran: settings given now (optim.lr=...) changed nothing
                     print(f"{self.cfg.output_dir}: trained to step {self.start} already, nothing to train")
                 return
-            if unwritable is not None:
-                raise OSError(unwritable)
             self._train(held)
 
-    def _begin(self) -> Optional[Path]:
+    def _begin(self, unwritable: Optional[str]) -> Optional[Path]:
         """Resume where `resume` says and check output_dir against it; returns the checkpoint resumed (None: a
-        fresh start)."""
+        fresh start). unwritable (`_claim_output_dir`'s): raised where there are steps to train (a finished run in
+        a read-only folder still says so)."""
         cfg = self.cfg
         path = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
         if path is not None:
@@ -658,6 +660,8 @@ class Trainer:
         if self.start > cfg.max_steps:
             raise ValueError(f"max_steps={cfg.max_steps}, but the run resumed from step {self.start}: raise max_steps "
                              "to train on, or use another output_dir for a shorter run")
+        if self.start < cfg.max_steps and unwritable is not None:
+            raise OSError(unwritable)
         return path
 
     def check(self, iterations: int = DEFAULT_CHECK_ITERATIONS) -> Preflight:
@@ -667,11 +671,8 @@ class Trainer:
         weights in memory only. Every rank calls it (the iterations' collectives)."""
         cfg = self.cfg
         with contextlib.ExitStack() as held:
-            unwritable = self._claim_output_dir(held)
-            path = self._begin()
+            path = self._begin(self._claim_output_dir(held))
             todo = cfg.max_steps - self.start
-            if todo and unwritable is not None:
-                raise OSError(unwritable)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds, drawn = [], []
@@ -709,14 +710,8 @@ class Trainer:
     def _checkpoint_bytes(self) -> Tuple[int, bool]:
         """(the bytes of the tensors `save` would write now, whether the optimizer state among them is measured):
         before the first step, which makes it, it is estimated. A collective under DeepSpeed, as `save` is."""
-        shards = None
-        if self.engine is not None:  # every rank's ZeRO partition, gathered
-            from fastfair import zero
-
-            shards = zero.gather_optimizer_shards(self.engine)
-        weights = {name: p.detach() for name, p in self.model.trainable.items()}
-        state = self.state()
-        saved = tensor_bytes([weights, self.ema.shadow, state, shards, checkpoint.rng_state()])
+        weights, state = self._saved()
+        saved = tensor_bytes([weights, self.ema.shadow, state, checkpoint.rng_state()])
         # the moments exist once a step was taken or resumed (ZeRO's shards hold the weights' partitions before)
         measured = self.steps_taken > 0 or self.start > 0
         if not measured:  # DeepSpeed's moments in float32, all of them once gathered
@@ -842,7 +837,7 @@ def main(argv=None) -> None:
     overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed_config}"] if args.deepspeed_config else [])
     cfg = load_config(args.config, overrides)
     if args.print_config:
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False), end="")
+        print(config_yaml(cfg), end="")
         return
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
