@@ -83,7 +83,7 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
     out = Path(out)
     folders = prompt_folders(out, prompt)
-    earlier = [path for folder in {out, *folders} if folder.is_dir()
+    earlier = [path for folder in dict.fromkeys([out, *folders]) if folder.is_dir()  # in order: a stable message
                for path in sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].png"))[:1]]
     earlier += [out / PROMPTS_FILE] if (out / PROMPTS_FILE).exists() else []
     if earlier:  # this run would overwrite some and leave the rest, a folder of two runs' images
