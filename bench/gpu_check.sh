@@ -75,7 +75,15 @@ kernel_bench() {
 # peak). The report is rewritten after every run, so a time limit keeps what finished.
 train_step_bench() {
   "$PYTHON" bench/train_step.py --model sd15 --images 2 --steps 20 --rounds 1 --iters 1 \
-    --sweep-steps 5,10,40 --sweep-images 4 --json "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
+    --sweep-steps 5,10,40 --sweep-images 4 --models-dir "$SCRATCH/sd15" --json "$OUT/train_step.json" 2>&1 \
+    | tee "$OUT/train_step.log"
+}
+
+# the decode-and-judge phase's peak at 1 and 4 images: kept, block-wise, per image (loss.judge_images=1); on the
+# models train_step_bench saved (six subprocesses, about a minute); last: the time limit cuts it first
+judge_bench() {
+  timeout 150 "$PYTHON" bench/judge_memory.py --images 1,4 --models-dir "$SCRATCH/sd15" \
+    --json "$OUT/judge_memory.json" 2>&1 | tee "$OUT/judge_memory.log"
 }
 
 # last, so that a time limit cuts it rather than the benchmarks: DeepSpeed ZeRO-2 with fp16 (its own loss scaler)
@@ -103,6 +111,7 @@ run_step "training iteration, baseline vs fastfair, sd15 shapes at 512x512 (log:
   train_step_bench
 run_step "trainer on CUDA with DeepSpeed ZeRO-2 in fp16: the toy config, 3 iterations (log: $OUT/train_toy.log)" \
   deepspeed_fp16
+run_step "decode-and-judge memory versus images, sd15 shapes at 512x512 (log: $OUT/judge_memory.log)" judge_bench
 
 step "summary"
 {
@@ -113,6 +122,8 @@ step "summary"
   [ -f "$OUT/kernels.json" ] && "$PYTHON" bench/kernels.py --summarize "$OUT/kernels.json"
   echo
   [ -f "$OUT/train_step.md" ] && cat "$OUT/train_step.md"
+  echo
+  [ -f "$OUT/judge_memory.md" ] && cat "$OUT/judge_memory.md"
   true
 } | tee "$OUT/summary.md"
 [ "${#FAILED[@]}" = 0 ]

@@ -24,8 +24,9 @@ back through fastfair's loaders), prompt, noise and hardware; text-encoder LoRA 
   over P_base, shrinks the plan by the overshoot until it fits (``fit_fast_plan``; JSON ``plans_tried``): on CPU
   the in-process P_1 moves by several MiB;
 - ``fastfair_k5``: ``grad_steps=5`` (unbiased subsample of 5 of the S steps).
-Every fastfair mode recomputes the decoder's (block-wise) and the judges' activations in the backward, as the
-trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``); the baseline keeps them, as published.
+Every fastfair mode recomputes the decoder's (block-wise; with --micro-batch per slice too) and the judges'
+activations in the backward, as the trainer does by default (``loss.recompute_judges``, ``fastfair.recompute``);
+the baseline keeps them, as published.
 Each configuration runs in its own subprocess (warm-up iteration, then ``--iters`` timed ones); the rounds run
 the configurations interleaved, and the table reports medians over all timed iterations (time) and over rounds
 (memory). peak_bytes: an iteration's peak above the level after models, optimizer state and warm-up
@@ -34,7 +35,8 @@ configuration, with every buffer mapped on its own (``worker_env``), which would
 Phases: sampling (every sampler forward), decode_losses (decode, judges, targets; for fastfair also the backward
 to dL/dz_0), backward (the unroll's backward: baseline through the checkpointed graph, decoder and judges;
 fastfair the recompute), optimizer (AdamW step). --micro-batch M: the baseline's gradient pass in micro-batches of
-M images (the public code's), fastfair's recompute M images per U-Net call (``recompute_images``).
+M images (the public code's), fastfair's recompute M images per U-Net call (``recompute_images``) and its
+decoder and judges M images per call (``loss.judge_images``).
 
 The loss (``Objective``): alignment cross-entropy of a face classifier on the image's centre crop (no detector:
 detection is not differentiable and costs the same in both) to the expected-OT targets of a uniform gender
@@ -84,10 +86,13 @@ class Objective:
     loss(images, logits, q, originals, total) = sum_rows (CE_q + sum_enc (1 - cos)) / total."""
 
     def __init__(self, vae, classifier, semantics):
-        self.vae, self.classifier, self.semantics = vae, classifier, semantics
+        from fastfair.models import LatentDecoder
+
+        self.decoder = LatentDecoder(vae, clamp=False)
+        self.classifier, self.semantics = classifier, semantics
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
+        return self.decoder(z)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
@@ -154,16 +159,23 @@ def fastfair_step(model, scheduler, objective, z_T, prompt, *, num_steps, phase=
         z0 = sample(model.unet, scheduler, z, cond, uncond, num_steps=num_steps,
                     guidance_scale=GUIDANCE, coefficients="paper", frozen_rows=n, **engine)
     with phase("decode_losses"):
-        with torch.no_grad():
-            originals = objective.embed_originals(objective.decode(z0[:n]))
-        leaf = z0[n:].detach().requires_grad_()
-        images = objective.decode(leaf)
-        logits = objective.logits(images)
-        loss = objective.loss(images, logits, objective.targets(logits), originals, n)
-        loss.backward()
+        loss, grad = judged_loss(objective, z0[:n], z0[n:])
     with phase("backward"):
-        z0.backward(torch.cat([torch.zeros_like(leaf.grad), leaf.grad]))
-    return loss.detach()
+        z0.backward(torch.cat([torch.zeros_like(grad), grad]))
+    return loss
+
+
+def judged_loss(objective, z_orig: torch.Tensor, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fastfair's decode-and-judge phase: the originals (latents z_orig [n, ...]) decoded and embedded without a
+    graph, the finetuned latents z decoded and judged with one, and the backward to z. Returns (loss, dL/dz)."""
+    with torch.no_grad():
+        originals = objective.embed_originals(objective.decode(z_orig))
+    leaf = z.detach().requires_grad_()
+    images = objective.decode(leaf)
+    logits = objective.logits(images)
+    loss = objective.loss(images, logits, objective.targets(logits), originals, z.shape[0])
+    loss.backward()
+    return loss.detach(), leaf.grad
 
 
 # ----------------------------------------------------------------------------- models on disk
@@ -217,6 +229,18 @@ def save_models(kind: str, root: Path, resolution: int) -> dict:
             "dino": str(root / "dino")}
 
 
+def models_on_disk(kind: str, root: Path, resolution: int) -> dict:
+    """The paths of ``kind``'s models under root: those a run saved there before (root/paths.json), else saved
+    now (``save_models``)."""
+    paths_file = Path(root) / "paths.json"
+    if paths_file.exists():
+        return json.loads(paths_file.read_text())
+    print(f"saving {kind} models to {root}", flush=True)
+    paths = save_models(kind, root, resolution)
+    paths_file.write_text(json.dumps(paths))
+    return paths
+
+
 # ----------------------------------------------------------------------------- one configuration (worker)
 
 class PhaseTimer:
@@ -247,9 +271,7 @@ def load_setup(paths: dict, device: str, lora_rank: int, dtype: Optional[torch.d
     """(model, scheduler, objective, optimizer) from the saved files, through fastfair's loaders; frozen weights
     in ``dtype`` (default ``frozen_dtype("auto", device)``), LoRA in fp32."""
     dtype = dtype or frozen_dtype("auto", device)
-    from fastfair.classifiers import load_classifier
     from fastfair.finetune import FinetunedModel
-    from fastfair.losses import SemanticsLoss
     from fastfair.models import load_stable_diffusion
 
     parts = load_stable_diffusion(paths["sd"], dtype, "sdpa", device)
@@ -257,11 +279,25 @@ def load_setup(paths: dict, device: str, lora_rank: int, dtype: Optional[torch.d
     lora = SimpleNamespace(rank=lora_rank, alpha=None, dropout=0.0, unet_modules=["to_q", "to_k", "to_v", "to_out.0"],
                            text_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, "text_lora", lora=lora)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    return model, parts.scheduler, load_objective(paths, device, dtype, parts.vae), optimizer
+
+
+def load_objective(paths: dict, device: str, dtype: torch.dtype, vae=None) -> "Objective":
+    """The loss's models from the saved files, frozen in ``dtype``; the VAE read from the model's vae/ folder
+    unless given."""
+    from fastfair.classifiers import load_classifier
+    from fastfair.losses import SemanticsLoss
+
+    if vae is None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(paths["sd"]) / "vae", torch_dtype=dtype).to(device)
+        vae.requires_grad_(False).eval()
     classifier = load_classifier(paths["classifier"]).to(device, dtype).requires_grad_(False)
     semantics = SemanticsLoss.from_config({"clip": {"backend": "clip", "path": paths["clip"]},
                                            "dino": {"backend": "dinov2", "path": paths["dino"]}}, dtype, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    return model, parts.scheduler, Objective(parts.vae, classifier, semantics), optimizer
+    return Objective(vae, classifier, semantics)
 
 
 def unet_backward_units(unet, z, t, leaf) -> dict:
@@ -308,11 +344,11 @@ def worker(cfg: dict) -> dict:
     impl, steps, n = cfg["impl"], cfg["steps"], cfg["images"]
     model, scheduler, objective, optimizer = load_setup(cfg["paths"], device, cfg["lora_rank"],
                                                          frozen_dtype(cfg["dtype"], device))
-    if impl.startswith("fastfair"):  # the trainer's default loss.recompute_judges; the public code keeps them all
+    if impl.startswith("fastfair"):  # the trainer's loss.recompute_judges (+ judge_images); the public code keeps all
         from fastfair.recompute import recompute_judges
 
-        objective.semantics, judges = recompute_judges(objective.vae, objective.semantics,
-                                                       {"classifier": objective.classifier})
+        objective.decoder, objective.semantics, judges = recompute_judges(
+            objective.decoder, objective.semantics, {"classifier": objective.classifier}, cfg.get("micro_batch"))
         objective.classifier = judges["classifier"]
     if impl == "baseline":
         set_classic_attention(model.unet)
@@ -607,14 +643,7 @@ def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     resolution = args.resolution or ({"tiny": 16, "sd15": 512 if cuda else 128}[args.model])
     tmp = tempfile.TemporaryDirectory(prefix="fastfair-bench-") if args.models_dir is None else None
-    root = Path(args.models_dir or tmp.name)
-    paths_file = root / "paths.json"
-    if paths_file.exists():
-        paths = json.loads(paths_file.read_text())
-    else:
-        print(f"saving {args.model} models to {root}", flush=True)
-        paths = save_models(args.model, root, resolution)
-        paths_file.write_text(json.dumps(paths))
+    paths = models_on_disk(args.model, Path(args.models_dir or tmp.name), resolution)
     base = {"model": args.model, "images": args.images, "steps": args.steps, "paths": paths, "dtype": args.dtype,
             "latent": resolution // (8 if args.model == "sd15" else 2), "lora_rank": 50 if args.model == "sd15" else 4,
             "threads": args.threads, "warmup": args.warmup, "iters": args.iters, "micro_batch": args.micro_batch}

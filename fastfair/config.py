@@ -176,6 +176,9 @@ class LossConfig:
     # recompute the decoder's and the judges' activations in the backward instead of keeping them all at once
     # (fastfair.recompute): exact, less memory, one more forward of each
     recompute_judges: bool = True
+    # images decoded and judged per call (null: a process's whole batch): with recompute_judges each slice is
+    # rebuilt on its own in the backward, so that phase's activations are those of judge_images images
+    judge_images: Optional[int] = setting(None, min=1)
 
 
 @dataclass
@@ -919,6 +922,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
             _field_type(key.split("."))
         except ConfigError as error:
             problems.append(f"resume_allow: {error}")
+    if cfg.loss.judge_images is not None and not cfg.loss.recompute_judges:
+        problems.append(f"loss.judge_images={cfg.loss.judge_images} slices the decoder's and judges' recompute, "
+                        "but loss.recompute_judges=false keeps every slice's activations for the backward: set "
+                        "loss.recompute_judges=true or loss.judge_images=null")
     for level in (1, 2, 3):
         problems += _weight_problems(f"loss.lambda_img_{level}", getattr(cfg.loss, f"lambda_img_{level}"))
     problems += _sampler_problems(cfg.sampler) + _data_problems(cfg.data) + _finetune_problems(cfg)

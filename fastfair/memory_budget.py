@@ -32,7 +32,8 @@ latents and 15.7% at 64x64 (counted); G_att is 8.1% of G at 16x16 and 8.9% at 64
 bench/graph_bytes.py), so whole graphs come first at 16x16 and attention keeps at 64x64.
 
 Not in the model: the VAE decode and loss graphs, which live beside the kept graphs until the backward, and one
-recompute chunk's graph in the backward (the kept graphs are freed before it): leave headroom for them.
+recompute chunk's graph in the backward (the kept graphs are freed before it): leave headroom for them
+(``loss.judge_images`` and ``sampler.recompute_images`` bound each by a slice of the images instead of the batch).
 """
 from __future__ import annotations
 

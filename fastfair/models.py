@@ -43,6 +43,21 @@ class StableDiffusionParts:
                                        feature_extractor=None, requires_safety_checker=False)
 
 
+class LatentDecoder(nn.Module):
+    """The VAE's decode as a module: latents [N, C, h, w] (the sampler's, scaled) -> images [N, 3, H, W] in
+    float32 (float64 from a float64 VAE), in [-1, 1] when ``clamp``. A module so that
+    ``fastfair.recompute.Recomputed`` can wrap it (a checkpoint per slice of images)."""
+
+    def __init__(self, vae: nn.Module, clamp: bool = True):
+        super().__init__()
+        self.vae, self.clamp = vae, clamp
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        images = images.to(torch.promote_types(images.dtype, torch.float32))
+        return images.clamp(-1, 1) if self.clamp else images
+
+
 def torch_dtype(name) -> torch.dtype:
     """'fp32' | 'fp16' | 'bf16' (or a torch.dtype) -> torch.dtype."""
     if isinstance(name, torch.dtype):

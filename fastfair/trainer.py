@@ -41,7 +41,7 @@ from fastfair.dft import sample
 from fastfair.ema import EMA
 from fastfair.finetune import FinetunedModel
 from fastfair.judges import build_judges, head_disagreements
-from fastfair.models import latent_size, load_stable_diffusion, torch_dtype
+from fastfair.models import LatentDecoder, latent_size, load_stable_diffusion, torch_dtype
 from fastfair.optimizer import build_optimizer, optimizer_state_bytes, saved_optimizer_name
 from fastfair.preflight import DEFAULT_ITERATIONS as DEFAULT_CHECK_ITERATIONS
 from fastfair.preflight import Preflight, free_bytes, retention, saved_steps, tensor_bytes
@@ -76,6 +76,7 @@ class Trainer:
         parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.dtype, cfg.model.attention, self.device,
                                       config=cfg.model.config)
         self.vae, self.scheduler = parts.vae, parts.scheduler
+        self.decoder = LatentDecoder(self.vae)  # its images clamped: see _decode
         self._check_step_counts()
         # LoRA's random init: the same on every rank and in every run of this seed. Training draws from its own
         # generators; the global ones are seeded too, so a hook drawing from them repeats across runs as it
@@ -195,12 +196,14 @@ class Trainer:
 
     def _recompute_judges(self) -> None:
         """loss.recompute_judges: the decoder block-wise and each judge on its own keep only their inputs; their
-        activations are rebuilt in the backward (fastfair.recompute)."""
+        activations are rebuilt in the backward (fastfair.recompute). With loss.judge_images each runs in slices
+        of that many images, a checkpoint each (the decoder's rebuild still block-wise)."""
         from fastfair.recompute import recompute_judges
 
         j = self.judges
         judges = {**{f"classifier/{name}": c for name, c in j.classifiers.items()}, "face": j.face_embedder}
-        j.semantics, wrapped = recompute_judges(self.vae, j.semantics, judges)
+        self.decoder, j.semantics, wrapped = recompute_judges(self.decoder, j.semantics, judges,
+                                                              self.cfg.loss.judge_images)
         j.classifiers = {name: wrapped[f"classifier/{name}"] for name in j.classifiers}
         j.face_embedder = wrapped["face"]
 
@@ -226,8 +229,7 @@ class Trainer:
         """Images [n, 3, H, W] in [-1, 1] from latents: clamped as a saved image is (the public code clamps too),
         so the losses judge the picture evaluation scores; the decoder's overshoot past the range would otherwise
         be a channel the classifier reads in training and that saving erases."""
-        images = self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
-        return images.clamp(-1, 1)
+        return self.decoder(z)
 
     def generate_pair(self, prompt: str, z_T, steps, generator):
         """(originals, images) [n, 3, H, W] from the same noise; only `images` carries a graph."""

@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
                     "causal mask with float64's minimum in a float32 tensor: overflow); these float64 checks need 5.x")
     paths = train_step.save_models("tiny", tmp_path_factory.mktemp("bench"), 16)
     model, scheduler, objective, _ = train_step.load_setup(paths, "cpu", lora_rank=4)
-    for module in (model.text_encoder, model.unet, objective.vae, objective.classifier, objective.semantics):
+    for module in (model.text_encoder, model.unet, objective.decoder, objective.classifier, objective.semantics):
         module.double()
     return paths, model, scheduler, objective
 
@@ -34,13 +34,29 @@ def _grads(step, **kwargs):
     return [p.grad.clone() for p in params]
 
 
+def recomputed(objective, rows):
+    """A copy of ``objective`` with fastfair's recomputed judges, in slices of ``rows`` images when set (the
+    bench's fastfair workers with --micro-batch)."""
+    import copy
+
+    from fastfair.recompute import Recomputed, recompute_judges
+
+    ours = copy.deepcopy(objective)
+    ours.decoder, ours.semantics, judges = recompute_judges(ours.decoder, ours.semantics,
+                                                            {"classifier": ours.classifier}, rows)
+    ours.classifier = judges["classifier"]
+    assert isinstance(ours.decoder, Recomputed) == (rows is not None)
+    return ours
+
+
 @pytest.mark.parametrize("micro_batch", [None, 1])
 def test_baseline_gradient_equals_fastfair(setup, micro_batch):
     _, model, scheduler, objective = setup
     z_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    common = dict(model=model, scheduler=scheduler, objective=objective, z_T=z_T, prompt="a doctor", num_steps=3)
-    ours = _grads(train_step.fastfair_step, **common)
-    theirs = _grads(train_step.baseline_step, micro_batch=micro_batch, **common)
+    common = dict(model=model, scheduler=scheduler, z_T=z_T, prompt="a doctor", num_steps=3)
+    ours = _grads(train_step.fastfair_step, objective=recomputed(objective, micro_batch),
+                  recompute_images=micro_batch, **common)
+    theirs = _grads(train_step.baseline_step, objective=objective, micro_batch=micro_batch, **common)
     assert sum(float(g.abs().sum()) for g in ours) > 0
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)

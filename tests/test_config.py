@@ -369,6 +369,9 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
     (["optim.betas=[0.9, 1.0]"], "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),  # the bounds themselves
     (["optim.betas=[-0.1, 0.999]"], "optim.betas=[-0.1, 0.999] must be two numbers in [0, 1)"),
     (["classifiers.c.attributes={gender: [0, -1], race: [2, 3, 4, 5]}"], "output indices must be distinct and >= 0"),
+    (["loss.judge_images=2", "loss.recompute_judges=false"], "loss.judge_images=2 slices the decoder's and judges' "
+     "recompute, but loss.recompute_judges=false keeps every slice's activations"),
+    (["loss.judge_images=0"], "loss.judge_images=0 must be >= 1"),
 ])
 def test_validate_names_the_key_and_the_fix(tmp_path, overrides, message):
     cfg = load_config(minimal(tmp_path), overrides)

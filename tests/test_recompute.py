@@ -1,11 +1,15 @@
 """fastfair.recompute: recomputing the decoder's and judges' activations gives the plain backward's gradients
-while keeping fewer bytes (counted exactly), and loss.recompute_judges leaves a trainer iteration unchanged."""
+while keeping fewer bytes (counted exactly), in slices of rows one slice's activations at a time, and
+loss.recompute_judges / loss.judge_images leave a trainer iteration unchanged."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from fastfair.config import load_config
 from fastfair.memory_budget import saved_tensor_bytes
+from fastfair.models import LatentDecoder
 from fastfair.recompute import Recomputed, recompute_decoder, recompute_semantics
 from fastfair.trainer import Trainer
 from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
@@ -83,14 +87,23 @@ def test_recompute_semantics_wraps_each_encoder_once():
     assert isinstance(recompute_semantics(other), Recomputed)  # no `encoders`: wrapped whole
 
 
-def test_trainer_iteration_is_the_same_with_and_without_recompute(tmp_path, world):
+@pytest.mark.parametrize("judge_images", [None, 3])
+def test_trainer_iteration_is_the_same_with_and_without_recompute(tmp_path, world, judge_images):
+    """Recomputed judges (and with judge_images=3, 4 images judged in slices of 3 and 1) give the iteration of
+    judges that keep everything."""
     results = {}
     for recompute in (False, True):
+        sliced = judge_images if recompute else None
         cfg = load_config(write_config(tmp_path / str(recompute), world, "text_lora", face_loss=True),
-                          [f"loss.recompute_judges={str(recompute).lower()}"])
+                          [f"loss.recompute_judges={str(recompute).lower()}",
+                           f"loss.judge_images={'null' if sliced is None else sliced}"])
         trainer = Trainer(cfg)
         assert isinstance(trainer.judges.semantics.encoders["clip"], Recomputed) == recompute
-        assert trainer.vae.decoder.gradient_checkpointing == recompute
+        assert trainer.vae.decoder.gradient_checkpointing == recompute  # block-wise, inside each slice too
+        assert isinstance(trainer.decoder, Recomputed) == (sliced is not None)
+        if sliced is not None:
+            assert trainer.decoder.rows == trainer.judges.semantics.encoders["clip"].rows == 3
+            assert trainer.judges.face_embedder.rows == 3
         parts = trainer.iteration(0)
         # the gradient the step used (left in .grad; Adam's first step would hide a scale error in the weights)
         results[recompute] = (parts, {n: p.grad.clone() for n, p in trainer.model.trainable.items()})
@@ -110,9 +123,113 @@ def test_recompute_judges_shares_one_wrapper_per_module():
 
     vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4)
     shared = Judge()
-    semantics, judges = recompute_judges(vae, SemanticsLoss({"a": Judge()}),
-                                         {"gender": shared, "age": shared, "face": None})
-    assert vae.decoder.gradient_checkpointing
-    assert isinstance(semantics.encoders["a"], Recomputed)
+    decoder = LatentDecoder(vae)
+    same, semantics, judges = recompute_judges(decoder, SemanticsLoss({"a": Judge()}),
+                                               {"gender": shared, "age": shared, "face": None})
+    assert same is decoder and vae.decoder.gradient_checkpointing  # block-wise, in place
+    assert isinstance(semantics.encoders["a"], Recomputed) and semantics.encoders["a"].rows is None
     assert judges["gender"] is judges["age"] and judges["gender"].module is shared
     assert judges["face"] is None
+    # in slices: the decoder checkpointed per slice, and block-wise inside each slice's rebuild
+    vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4)
+    sliced, semantics, judges = recompute_judges(LatentDecoder(vae), SemanticsLoss({"a": Judge()}),
+                                                 {"gender": shared, "age": shared}, rows=2)
+    assert isinstance(sliced, Recomputed) and sliced.rows == 2 and vae.decoder.gradient_checkpointing
+    assert semantics.encoders["a"].rows == judges["gender"].rows == 2 and judges["gender"] is judges["age"]
+
+
+class Probe(torch.autograd.Function):
+    """Identity that logs ('forward', rows) and ('backward', rows) to EVENTS: the order autograd runs them in."""
+
+    @staticmethod
+    def forward(ctx, x):
+        EVENTS.append(("forward", x.shape[0]))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        EVENTS.append(("backward", grad.shape[0]))
+        return grad
+
+
+EVENTS: list = []
+
+
+class ProbedJudge(Judge):
+    def forward(self, x):
+        return self.net(Probe.apply(x))
+
+
+def test_recomputed_in_slices_rebuilds_one_slice_at_a_time():
+    """rows=2 over 5 images: three checkpoints; the backward rebuilds a slice only after the later slice's
+    backward is done (so one slice's activations exist at a time), and the gradient is the plain one."""
+    torch.manual_seed(0)
+    judge = _frozen(ProbedJudge())
+    x = torch.randn(5, 3, 12, 12, dtype=torch.float64, requires_grad=True)
+    plain_out = judge(x)
+    plain = torch.autograd.grad(plain_out.square().sum(), x)[0]
+    wrapped = Recomputed(judge, rows=2)
+    EVENTS.clear()
+    out = wrapped(x)
+    assert EVENTS == [("forward", 2), ("forward", 2), ("forward", 1)]
+    torch.testing.assert_close(out, plain_out, rtol=1e-13, atol=1e-13)
+    EVENTS.clear()
+    sliced = torch.autograd.grad(out.square().sum(), x)[0]
+    assert EVENTS == [("forward", 1), ("backward", 1), ("forward", 2), ("backward", 2), ("forward", 2),
+                      ("backward", 2)]
+    torch.testing.assert_close(sliced, plain, rtol=1e-13, atol=1e-13)
+    # the whole-batch wrapper for contrast: one rebuild of all five
+    EVENTS.clear()
+    torch.autograd.grad(Recomputed(judge)(x).square().sum(), x)
+    assert EVENTS == [("forward", 5), ("forward", 5), ("backward", 5)]
+    # no graph: plain calls per slice, the same values
+    EVENTS.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), plain_out.detach(), rtol=1e-13, atol=1e-13)
+    assert EVENTS == [("forward", 2), ("forward", 2), ("forward", 1)]
+
+
+def test_recomputed_in_slices_refuses_what_it_cannot_slice():
+    judge = _frozen(Judge())
+    for rows in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"rows=.*expected a positive integer or None"):
+            Recomputed(judge, rows=rows)
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"slices one tensor argument \[N, \.\.\.\]"):
+        Recomputed(judge, rows=2)(x, x)
+    with pytest.raises(TypeError, match="slices one tensor argument"):
+        Recomputed(judge, rows=2)(x=x)
+
+    class Pooled(nn.Module):  # mixes the rows: a slice's output has one row, not one per image
+        def forward(self, x):
+            return x.mean(0, keepdim=True)
+
+    with pytest.raises(TypeError, match=r"Pooled must return a tensor with one row per input row \(2\), got "
+                                        r"\(1, 3, 12, 12\)"):
+        Recomputed(Pooled(), rows=2)(x)
+
+
+def test_decoder_in_slices_same_gradient_and_images():
+    """LatentDecoder under Recomputed(rows=1), with and without the decoder's own block-wise checkpointing inside:
+    the images and dL/dz of the plain decode (float64)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = _frozen(AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                sample_size=16))
+    z = torch.randn(3, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    decoder = LatentDecoder(vae, clamp=False)
+    images = decoder(z)
+    assert images.dtype == torch.float64 and images.shape == (3, 3, 16, 16) and images.abs().max() > 1
+    assert LatentDecoder(vae)(z).abs().max() == 1  # clamped
+    half = copy.deepcopy(vae).half()
+    assert LatentDecoder(half)(z.detach().half()).dtype == torch.float32  # a low-precision VAE: float32 images
+    plain = torch.autograd.grad(images.sin().sum(), z)[0]
+    for blockwise in (False, True):  # the slice's rebuild plain, then itself checkpointed block by block (nested)
+        if blockwise:
+            recompute_decoder(vae)
+        sliced_images = Recomputed(decoder, rows=1)(z)
+        sliced = torch.autograd.grad(sliced_images.sin().sum(), z)[0]
+        torch.testing.assert_close(sliced_images, images, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sliced, plain, rtol=1e-12, atol=1e-12)
