@@ -40,17 +40,13 @@ MODES = ("keep", "blockwise", "sliced")
 def worker(mode: str, images: int, latent: int, paths: dict) -> dict:
     import torch
 
-    from fastfair.recompute import recompute_judges
-    from train_step import frozen_dtype, judged_loss, load_objective
+    from train_step import frozen_dtype, judged_loss, load_objective, recompute_objective
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     objective = load_objective(paths, device, frozen_dtype("auto", device))
     if mode != "keep":
-        objective.decoder, objective.semantics, judges = recompute_judges(
-            objective.decoder, objective.semantics, {"classifier": objective.classifier},
-            1 if mode == "sliced" else None)
-        objective.classifier = judges["classifier"]
+        recompute_objective(objective, 1 if mode == "sliced" else None)
     g = torch.Generator().manual_seed(0)
     z_orig, z = torch.randn((2, images, 4, latent, latent), generator=g).to(device)
     judged_loss(objective, z_orig, z)  # warm-up: lazily allocated buffers, kernels

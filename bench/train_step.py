@@ -229,6 +229,17 @@ def save_models(kind: str, root: Path, resolution: int) -> dict:
             "dino": str(root / "dino")}
 
 
+def recompute_objective(objective: "Objective", rows: Optional[int] = None) -> "Objective":
+    """``objective``'s decoder and judges recomputed in the backward, in slices of ``rows`` images when set (the
+    trainer's loss.recompute_judges and loss.judge_images, ``fastfair.recompute.recompute_judges``); in place."""
+    from fastfair.recompute import recompute_judges
+
+    objective.decoder, objective.semantics, judges = recompute_judges(
+        objective.decoder, objective.semantics, {"classifier": objective.classifier}, rows)
+    objective.classifier = judges["classifier"]
+    return objective
+
+
 def models_on_disk(kind: str, root: Path, resolution: int) -> dict:
     """The paths of ``kind``'s models under root: those a run saved there before (root/paths.json), else saved
     now (``save_models``)."""
@@ -345,11 +356,7 @@ def worker(cfg: dict) -> dict:
     model, scheduler, objective, optimizer = load_setup(cfg["paths"], device, cfg["lora_rank"],
                                                          frozen_dtype(cfg["dtype"], device))
     if impl.startswith("fastfair"):  # the trainer's loss.recompute_judges (+ judge_images); the public code keeps all
-        from fastfair.recompute import recompute_judges
-
-        objective.decoder, objective.semantics, judges = recompute_judges(
-            objective.decoder, objective.semantics, {"classifier": objective.classifier}, cfg.get("micro_batch"))
-        objective.classifier = judges["classifier"]
+        recompute_objective(objective, cfg.get("micro_batch"))
     if impl == "baseline":
         set_classic_attention(model.unet)
     latent = (model.unet.config.in_channels, cfg["latent"], cfg["latent"])

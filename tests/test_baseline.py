@@ -39,12 +39,9 @@ def recomputed(objective, rows):
     bench's fastfair workers with --micro-batch)."""
     import copy
 
-    from fastfair.recompute import Recomputed, recompute_judges
+    from fastfair.recompute import Recomputed
 
-    ours = copy.deepcopy(objective)
-    ours.decoder, ours.semantics, judges = recompute_judges(ours.decoder, ours.semantics,
-                                                            {"classifier": ours.classifier}, rows)
-    ours.classifier = judges["classifier"]
+    ours = train_step.recompute_objective(copy.deepcopy(objective), rows)
     assert isinstance(ours.decoder, Recomputed) == (rows is not None)
     return ours
 
