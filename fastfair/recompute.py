@@ -21,7 +21,8 @@ next one's activations, so
 flat in N but for the kept inputs (latents, images, crops: a few MiB per image at 512 px). The decoder keeps its
 block-wise checkpointing inside each slice's rebuild (nested): one more decoder forward, but the rebuild holds one
 block's activations instead of the whole decoder's, which at one image is more than the block-wise whole batch's
-(SD 1.5 at 256 px: 1489 MiB checkpointed per image as a whole against 815 MiB block-wise for a batch of one).
+(SD 1.5 at 256 px: 1489 MiB checkpointed per image as a whole against 815 MiB block-wise for a batch of one;
+bench/results/judge_memory_whole_slice_sd15_cpu.md).
 """
 from __future__ import annotations
 
