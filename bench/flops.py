@@ -27,6 +27,9 @@ micro-batches of the baseline:
                backward       2N(K - k - a) U + 2Na (U - Ua) + 2NK Ub  (recompute of the steps not kept, of the
                                                        attention-kept ones without attention; backward of K steps)
                text           4T forward, 2 * 2T backward
+               + N D          with the judges in slices (loss.judge_images, --micro-batch): each slice's decode is
+                              checkpointed whole and rebuilt block-wise inside: one more decoder forward (less
+                              its last convolution, which the rebuild skips)
 
 So the U-Net alone gives, with b = Ub / U, baseline / fastfair = (8 + 2b) / (6 + 2b) (lean: 1.25 at b = 1),
 (8 + 2b) / (4 + 2(S - k)/S + 2b) with kept graphs (fast), (8 + 2b) / (4 + 2(1 + b)K/S) with K of S steps (k5: 2
@@ -43,7 +46,8 @@ from typing import Dict, Optional
 import torch
 
 
-def _attention_as_matmuls():
+def attention_as_matmuls():
+    """Context: scaled_dot_product_attention in its math form, so that a FlopCounterMode sees its matmuls."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # torch < 2.3: no backend selection; fused attention is then not counted
@@ -56,7 +60,7 @@ def count_flops(fn, ops=None) -> int:
     packets, e.g. ``{torch.ops.aten.bmm}``) only theirs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), _attention_as_matmuls(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), attention_as_matmuls(), FlopCounterMode(display=False) as counter:
         fn()
     if ops is None:
         return int(counter.get_total_flops())
@@ -68,7 +72,7 @@ def count_input_backward_flops(forward, inputs) -> int:
     attention in its math form; the forward itself is not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.enable_grad(), _attention_as_matmuls():
+    with torch.enable_grad(), attention_as_matmuls():
         out = forward()
         with FlopCounterMode(display=False) as counter:
             # backward(inputs=...), not autograd.grad: torch's non-reentrant checkpoint refuses a leaf input there
@@ -80,8 +84,9 @@ def count_input_backward_flops(forward, inputs) -> int:
 
 def iteration_flops(impl: str, unit: Dict[str, int], images: int, steps: int, micro_batches: int = 1,
                     keep_graph_steps: int = 0, grad_steps: Optional[int] = None,
-                    keep_attention_steps: int = 0) -> Dict[str, int]:
-    """{phase: FLOPs} of one iteration (module docstring) and their "total"; impl "baseline*" or "fastfair*"."""
+                    keep_attention_steps: int = 0, sliced_judges: bool = False) -> Dict[str, int]:
+    """{phase: FLOPs} of one iteration (module docstring) and their "total"; impl "baseline*" or "fastfair*";
+    ``sliced_judges``: fastfair's decoder and judges run in slices (``loss.judge_images``)."""
     U, D, J, E, T = (unit[k] for k in ("unet", "vae_decode", "judges", "embed", "text"))
     Ub, Ur = unit.get("unet_input_backward", U), unit.get("unet_recompute", U)
     n, s = images, steps
@@ -96,7 +101,7 @@ def iteration_flops(impl: str, unit: Dict[str, int], images: int, steps: int, mi
         attention_kept = min(keep_attention_steps, k_steps - kept)
         recompute = (k_steps - kept - attention_kept) * U + attention_kept * (U - unit.get("unet_attention", 0))
         parts = {"sampling": 2 * 2 * n * s * U,
-                 "decode_losses": 4 * n * D + 3 * n * J + n * E,
+                 "decode_losses": (5 if sliced_judges else 4) * n * D + 3 * n * J + n * E,
                  "backward": 2 * n * recompute + 2 * n * k_steps * Ub,
                  "text": 4 * T + 2 * 2 * T}
     else:

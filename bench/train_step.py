@@ -394,7 +394,8 @@ def worker(cfg: dict) -> dict:
         iteration(PhaseTimer(device))
     result = {"impl": impl, "model": cfg["model"], "images": n, "steps": steps, "device": device,
               "s_per_iter_samples": times, "phases_samples": dict(phases), "peak_bytes": memory.peak(),
-              "micro_batch": cfg.get("micro_batch") or n, "latent": list(latent)}
+              "micro_batch": cfg.get("micro_batch") or n, "latent": list(latent),
+              "judge_images": cfg.get("micro_batch") if impl.startswith("fastfair") else None}
     if impl == "fastfair" and cfg.get("probe_keep"):  # G and G_att per kept step: fastfair_fast's costs
         from fastfair.memory_budget import attention_keep_costs, graph_bytes_per_step, keeps_for_budget
 
@@ -497,7 +498,8 @@ def summarize(runs: list, args, flops_info: dict) -> list:
         if flops_info:
             micro = math.ceil(args.images / row["micro_batch"]) if impl.startswith("baseline") else 1
             model_flops = iteration_flops(impl, flops_info["unit_flops"], args.images, args.steps, micro, keep,
-                                          min(5, args.steps) if impl == "fastfair_k5" else None, keep_attention)
+                                          min(5, args.steps) if impl == "fastfair_k5" else None, keep_attention,
+                                          sliced_judges=mine[0].get("judge_images") is not None)
             row["model_flops"] = model_flops
             row["achieved_flops_per_s"] = model_flops["total"] / row["s_per_iter"]
             row["floor_s"] = model_flops["total"] / flops_info["matmul_flops_per_s"]
@@ -622,7 +624,8 @@ def main(argv=None) -> None:
                         help="frozen weights' dtype (default: fp16 on CUDA, fp32 on CPU); LoRA stays fp32")
     parser.add_argument("--micro-batch", type=int, default=None,
                         help="images per gradient micro-batch: the baseline's gradient pass, fastfair's recompute "
-                             "calls (recompute_images) (default N)")
+                             "calls (recompute_images) and its decoder and judges (loss.judge_images) "
+                             "(default N)")
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=2, help="timed iterations per configuration and round")

@@ -232,6 +232,48 @@ def test_flop_model_counts_input_only_backwards():
     assert ratio("fastfair_k5", grad_steps=5) == pytest.approx((8 + 2 * 1.5) / (4 + 2 * 2.5 * 5 / 20))
     unit["unet_recompute"] = 8  # the baseline's checkpointing recomputes 0.8 U
     assert ratio("fastfair") == pytest.approx((6 + 2 * 0.8 + 2 * 1.5) / (6 + 2 * 1.5))
+    unit.update(vae_decode=3)
+    lean, sliced = (flops.iteration_flops("fastfair", unit, 2, 20, sliced_judges=s) for s in (False, True))
+    assert sliced["decode_losses"] - lean["decode_losses"] == 2 * 3  # one more decoder forward per image
+    assert sliced["total"] - lean["total"] == 2 * 3
+
+
+def test_sliced_decoder_costs_one_more_forward_than_blockwise():
+    """The FLOP model's ``sliced_judges`` term, counted on a real VAE: the decode's forward and backward to z with
+    the decoder checkpointed block-wise, then also per slice (``loss.judge_images``), differ by one decoder forward
+    of the batch less its last convolution (torch's non-reentrant checkpoint stops a rebuild at the last tensor the
+    backward needs: conv_out's input); block-wise alone adds at most one forward to the plain decode."""
+    import flops
+    from diffusers import AutoencoderKL
+
+    from fastfair.models import LatentDecoder
+    from fastfair.recompute import Recomputed, recompute_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=16).eval().requires_grad_(False)
+    z = torch.randn(3, 4, 8, 8, requires_grad=True)
+    decoder = LatentDecoder(vae, clamp=False)
+
+    def forward_and_backward(decode):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with flops.attention_as_matmuls(), FlopCounterMode(display=False) as counter:
+            decode(z).sum().backward()
+        z.grad = None
+        return counter.get_total_flops()
+
+    forward = flops.count_flops(lambda: decoder(z))
+    plain = forward_and_backward(decoder)
+    recompute_decoder(vae)
+    blockwise = forward_and_backward(decoder)
+    sliced = forward_and_backward(Recomputed(decoder, rows=1))
+    assert plain < blockwise <= plain + forward
+    conv_out = vae.decoder.conv_out
+    last_conv = flops.count_flops(lambda: conv_out(torch.zeros(3, conv_out.in_channels, 16, 16)))
+    assert 0 < last_conv < forward / 10
+    assert sliced - blockwise == forward - last_conv
 
 
 def test_checkpointing_has_the_public_codes_granularity():
