@@ -63,15 +63,16 @@ def save_clip(kind: str, folder: Path, tokenizer_folder: Path) -> str:
     return str(folder)
 
 
-def save_run(root: Path, files: dict, rank: int, steps) -> Path:
-    """A training run's folder with a text-LoRA checkpoint (random B: each moves the model) at each step."""
+def save_run(root: Path, files: dict, rank: int, steps, target: str = "text_lora") -> Path:
+    """A training run's folder with a checkpoint of ``target`` (finetune.target) at each step: LoRA ones with
+    random B (each moves the model), unet_full ones the base U-Net's weights."""
     from fastfair.checkpoint import save_checkpoint
     from fastfair.config import load_config
     from fastfair.finetune import FinetunedModel
     from fastfair.models import load_stable_diffusion
 
     config = {"output_dir": str(root), "model": {"pretrained": files["sd"], "dtype": "fp32"},
-              "finetune": {"target": "text_lora", "prefix_tokens": 0, "lora": {"rank": rank}},
+              "finetune": {"target": target, "prefix_tokens": 0, "lora": {"rank": rank}},
               "targets": {"attributes": [{"name": "gender", "classes": {"female": 0, "male": 1},
                                           "probabilities": "uniform"}]},
               "classifiers": {"gender": {"path": files["classifier"]}}, "faces": {"detector": "none"},
@@ -123,7 +124,8 @@ def markdown(result: dict, command: str) -> str:
         f"| one `fastfair.evaluate` per checkpoint (lone) | {per['lone']:.2f} | 1.00 |",
         f"| `fastfair.select_checkpoint` (sweep) | {per['sweep']:.2f} | {per['sweep'] / per['lone']:.2f} |", "",
         f"The sweep's fixed cost per checkpoint is {result['speedup']:.2f}x lower. What the sweep still spends per "
-        "checkpoint: building its model on a copy of the held base model and scoring its own images; each lone "
+        "checkpoint: building its model on copies of the held base model's parts it changes and scoring its own "
+        "images; each lone "
         "evaluation also loads the base model and every judge and scores the base images again. On a CPU the "
         "judges' forwards (CLIP, DINOv2) outweigh the loads; on a GPU the loads weigh more.", ""])
 

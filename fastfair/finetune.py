@@ -86,15 +86,24 @@ def _fp32_trainable(module: nn.Module) -> None:
             param.data = param.data.float()
 
 
+# the parts of a model (fastfair.models.StableDiffusionParts fields) FinetunedModel changes in place, per target:
+# an evaluation copies these of a shared base model and shares the others
+CHANGED_PARTS = {"prefix": ("text_encoder",), "text_lora": ("text_encoder",), "unet_lora": ("unet",),
+                 "text_unet_lora": ("text_encoder", "unet"), "unet_full": ("unet",)}
+
+
 class FinetunedModel:
     """The text encoder and U-Net with the trainable weights of one finetuning target.
 
     encode(prompts) -> [B, L, D] embeddings of the finetuned model; encode_original(prompts): the frozen model's.
     ``trainable`` maps stable names to the trainable parameters (checkpoints and export use the names).
+    ``training=False`` builds it to sample only (evaluation): under ``unet_full`` no frozen copy of the U-Net
+    (``original_unet`` then refuses) and no float32 cast of the trainable weights, which are about to be
+    overwritten by a checkpoint's in the sampling dtype; each would add a U-Net's size to the peak memory.
     """
 
     def __init__(self, tokenizer, text_encoder: nn.Module, unet: nn.Module, target: str = "text_lora",
-                 prefix_tokens: int = 5, lora=None, prefix_init: str = "mean"):
+                 prefix_tokens: int = 5, lora=None, prefix_init: str = "mean", training: bool = True):
         if target not in FINETUNE_TARGETS:
             raise ValueError(f"finetune.target={target!r}: expected one of {FINETUNE_TARGETS}")
         self.tokenizer, self.text_encoder, self.unet, self.target = tokenizer, text_encoder, unet, target
@@ -114,11 +123,13 @@ class FinetunedModel:
         if target in ("unet_lora", "text_unet_lora"):
             _add_lora(unet, _lora_config(rank, alpha, dropout, lora.unet_modules))
         # full finetuning has no adapter to switch off: the original images need a frozen copy
-        self.frozen_unet = copy.deepcopy(unet) if target == "unet_full" else None
+        self.frozen_unet = copy.deepcopy(unet) if target == "unet_full" and training else None
         if target == "unet_full":
             unet.requires_grad_(True)
         for module in (text_encoder, unet):
-            _fp32_trainable(module.eval())
+            module.eval()
+            if training:
+                _fp32_trainable(module)
         self.trainable: Dict[str, nn.Parameter] = {
             f"{part}.{name}": p for part, module in (("text_encoder", text_encoder), ("unet", unet))
             for name, p in module.named_parameters() if p.requires_grad}
@@ -169,5 +180,8 @@ class FinetunedModel:
         if self.frozen_unet is not None:
             yield self.frozen_unet
             return
+        if self.target == "unet_full":
+            raise RuntimeError("original_unet: a unet_full model built with training=False keeps no frozen copy "
+                               "of the U-Net; build it with training=True")
         with self._adapters_off():
             yield self.unet

@@ -326,3 +326,57 @@ def test_a_checkpoint_and_its_export_sample_alike_in_half_precision(tmp_path, wo
             results.append((cond, source.unet(z, 500, encoder_hidden_states=cond.expand(2, -1, -1)).sample))
     (cond_export, eps_export), (cond_ckpt, eps_ckpt) = results
     assert torch.equal(cond_export, cond_ckpt) and torch.equal(eps_export, eps_ckpt)
+
+
+# the parts each target's evaluation copies (and so may change) from a checkpoint, and from its export
+COPIED = {"prefix": ({"text_encoder"}, {"tokenizer", "text_encoder"}), "text_lora": ({"text_encoder"},) * 2,
+          "unet_lora": ({"unet"},) * 2, "text_unet_lora": ({"text_encoder", "unet"},) * 2,
+          "unet_full": ({"unet"}, set())}  # an export's U-Net folder replaces the pipeline's U-Net
+
+
+@pytest.mark.parametrize("target", list(COPIED))
+def test_an_evaluation_copies_only_the_parts_its_finetuned_model_changes(tmp_path, world, target, monkeypatch):
+    """load_sources builds a checkpoint's or an export's model on copies of the parts it changes and shares the
+    others with the held base model, which stays as read (weights, keys: no adapter injected, tokenizer); the
+    finetuned model embeds and predicts as one built on a copy of the whole base model (the earlier way)."""
+    import fastfair.evaluation.sources as sources
+    from fastfair.evaluation.shared import SharedLoads
+    from fastfair.models import load_stable_diffusion
+
+    _, ckpt = _trained(tmp_path, world, target)
+    out = export(ckpt, tmp_path / "export")
+    fresh = load_stable_diffusion(str(world["sd"]))
+    copy_parts = sources._copy_parts
+    for folder, copied in zip((ckpt, out), COPIED[target]):
+        results = []
+        for whole in (False, True):
+            made, shared = [], SharedLoads()
+            monkeypatch.setattr(sources, "_copy_parts", lambda base, changed: made.append(
+                (base, copy_parts(base, ("tokenizer", "text_encoder", "unet", "vae") if whole else changed))) or
+                made[-1][1])
+            _, _, models = sources.load_sources(str(world["sd"]), str(folder), shared=shared)
+            base, parts = made[0]
+            if not whole:
+                assert {name for name in ("tokenizer", "text_encoder", "unet", "vae")
+                        if getattr(parts, name) is not getattr(base, name)} == copied, folder
+                assert (models["finetuned"].unet is base.unet) == (target not in ("unet_lora", "text_unet_lora",
+                                                                                  "unet_full"))
+            with torch.no_grad():
+                cond, uncond = models["finetuned"].embeddings("a cook")
+                results.append((cond, uncond, _eps(models["finetuned"].unet, cond)))
+            for name in ("text_encoder", "unet", "vae"):
+                held, expected = getattr(base, name).state_dict(), getattr(fresh, name).state_dict()
+                assert list(held) == list(expected) and all(torch.equal(held[k], expected[k]) for k in expected), \
+                    (folder, name)
+            assert len(base.tokenizer) == len(fresh.tokenizer)
+            with torch.no_grad():  # the base source is still the base model
+                assert torch.equal(models["base"].embeddings("a cook")[0],
+                                   fresh.text_encoder(fresh.tokenizer(["a cook"], padding="max_length",
+                                                                      return_tensors="pt").input_ids)[0])
+        for shared_parts, whole_copy in zip(*results):
+            # not bit-equal: a copy's weights sit at other addresses (the loaded ones at the file's offsets), which
+            # changes the CPU kernels' summation order (a U-Net and its deepcopy differ by 5e-7 on these inputs)
+            torch.testing.assert_close(shared_parts, whole_copy, rtol=1e-5, atol=1e-5, msg=str(folder))
+        base_cond = models["base"].embeddings("a cook")[0]
+        changed_text = target in ("prefix", "text_lora", "text_unet_lora")
+        assert torch.equal(results[0][0], base_cond) != changed_text  # the finetuned model is not the base

@@ -138,6 +138,19 @@ def test_unet_full_keeps_frozen_copy(sd_dir):
         assert unet is model.unet
 
 
+@pytest.mark.parametrize("target", ["text_lora", "unet_full"])
+def test_a_model_built_to_sample_only_casts_nothing_and_copies_no_unet(sd_dir, target):
+    """training=False (evaluation): the trainable weights stay in the model's dtype (bf16 here) and unet_full
+    keeps no frozen copy, whose original_unet then refuses instead of handing the finetuned U-Net."""
+    model = _model(sd_dir, target, training=False)
+    assert model.parameters() and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.frozen_unet is None
+    if target == "unet_full":
+        with pytest.raises(RuntimeError, match="training=False keeps no frozen copy"):
+            with model.original_unet():
+                pass
+
+
 def test_a_folder_with_plain_and_variant_files_reads_the_plain_ones(tmp_path):
     """A full download holds both (diffusion_pytorch_model.safetensors and .fp16.safetensors): the plain, full
     precision weights are read, not the half ones."""

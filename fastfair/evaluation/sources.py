@@ -12,9 +12,10 @@ VAE, scheduler and noise are shared, so the same noise gives paired images (`fas
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -108,18 +109,46 @@ def _pipeline_source(pipe, prefix: str = "") -> ImageSource:
     return ImageSource(pipe.unet, embeddings)
 
 
-def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
+def _copy_parts(base, changed: Iterable[str]):
+    """The base model's parts with those named in ``changed`` (StableDiffusionParts fields) deep-copied, to be
+    changed, and the others shared with the base: what a second load would give, without reading the files again
+    and without holding a second copy of what the finetuned model leaves as it is (SD 1.5: 3.4 GB of fp32 U-Net
+    for a text-encoder run). The scheduler is always copied: it is small, and sampling sets its timesteps."""
+    return dataclasses.replace(base, scheduler=copy.deepcopy(base.scheduler),
+                               **{name: copy.deepcopy(getattr(base, name)) for name in set(changed)})
+
+
+def _export_changes(folder: Path, kind: str) -> Tuple[str, ...]:
+    """The parts `fastfair.export.load_into_pipeline` changes in place for this export: a prefix adds a token to the
+    tokenizer and the text encoder; a U-Net folder replaces the pipeline's U-Net (nothing changed); LoRA the
+    parts its file's keys name (both when a key names neither, as diffusers may read other layouts)."""
+    from fastfair.export import LORA_FILE, PREFIX_FILE
+
+    if kind == PREFIX_FILE:
+        return ("tokenizer", "text_encoder")
+    if kind != LORA_FILE:
+        return ()
+    from safetensors import safe_open
+
+    with safe_open(str(folder / LORA_FILE), "pt") as lora:
+        heads = {key.split(".", 1)[0] for key in lora.keys()}
+    return tuple(sorted(heads)) if heads <= {"unet", "text_encoder"} else ("text_encoder", "unet")
+
+
+def _checkpoint_source(base, folder: Path, weights: str) -> Tuple[object, ImageSource]:
+    """(the finetuned model's parts, its ImageSource) for a training checkpoint on the base model's parts."""
     from fastfair.checkpoint import config_file, for_model, load_weights
     from fastfair.config import load_config
-    from fastfair.finetune import FinetunedModel
+    from fastfair.finetune import CHANGED_PARTS, FinetunedModel
 
     config_path = config_file(folder)
     if not config_path.is_file():
         raise ValueError(f"--finetuned {folder}: a training checkpoint needs its run config at {config_path}")
     cfg = load_config(config_path)
-    dtype = parts.unet.dtype  # FinetunedModel makes the trainable weights fp32
+    parts = _copy_parts(base, CHANGED_PARTS[cfg.finetune.target])
+    dtype = parts.unet.dtype
     model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
-                           cfg.finetune.prefix_tokens, cfg.finetune.lora)
+                           cfg.finetune.prefix_tokens, cfg.finetune.lora, training=False)
     raw, ema = load_weights(folder)  # not state.pt: a DeepSpeed run's holds DeepSpeed objects
     tensors = for_model(ema if weights == "ema" else raw, model.trainable,
                         f"--finetuned {folder} (finetune.target={cfg.finetune.target} in {config_path})")
@@ -128,14 +157,13 @@ def _checkpoint_source(parts, folder: Path, weights: str) -> ImageSource:
             # in the base's dtype, as diffusers casts an export's adapters: a checkpoint and its export then
             # sample alike
             param.data = tensors[name].to(param.device, dtype)
-    if cfg.finetune.target == "unet_full":  # sample in the base's dtype; the training-time frozen copy is unused
-        model.frozen_unet = None
-        model.unet.requires_grad_(False).to(dtype)
+    if cfg.finetune.target == "unet_full":
+        model.unet.requires_grad_(False)
 
     def embeddings(prompt):
         with torch.no_grad():
             return model.encode([prompt]), model.encode([""], positive=False)
-    return ImageSource(model.unet, embeddings)
+    return parts, ImageSource(model.unet, embeddings)
 
 
 _KEYS = dict(key="--model", config_key="--model-config")  # how errors name the settings
@@ -145,7 +173,8 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
                  weights: str = "ema", model_config: Optional[str] = None, shared: Optional[SharedLoads] = None):
     """(vae, scheduler, {"base": ImageSource, "finetuned": ImageSource}) ready to sample, frozen.
     model_config: the architecture folder when model is a single-file checkpoint (fastfair.models). The base model
-    is read from disk once: the finetuned one is built on a copy of it. shared: where a sweep holds the base model
+    is read from disk once: the finetuned one is built on copies of the parts it changes and shares the others
+    (`_copy_parts`). shared: where a sweep holds the base model
     between evaluations (`fastfair.evaluation.shared`), keyed by its files, dtype and device; the finetuned
     model's weights never reach it."""
     if weights not in ("ema", "raw"):
@@ -161,16 +190,16 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
     settings = (path, dtype, str(device), model_config, weight_fingerprint(path), weight_fingerprint(model_config))
     base = (shared or SharedLoads()).get(
         "base model", settings, lambda: load_stable_diffusion(path, dtype, device=device, config=model_config, **_KEYS))
-    from fastfair.export import load_into_pipeline, merged_prompt_prefix
+    from fastfair.export import export_contents, load_into_pipeline, merged_prompt_prefix
 
     prefix = merged_prompt_prefix(path)  # a model written by export --merged from a prefix run: its token
     sources = {"base": _pipeline_source(base.pipeline().to(device), prefix)}
     if finetuned:
         folder = Path(finetuned)
-        parts = copy.deepcopy(base)  # what a second load would give, without reading the files again
         if kind == "checkpoint":
-            sources["finetuned"] = _checkpoint_source(parts, folder, weights)
+            parts, sources["finetuned"] = _checkpoint_source(base, folder, weights)
         else:
+            parts = _copy_parts(base, _export_changes(folder, export_contents(folder, "--finetuned")))
             pipe = parts.pipeline().to(device)
             sources["finetuned"] = _pipeline_source(pipe, prefix + load_into_pipeline(pipe, folder, "--finetuned"))
         parts.text_encoder.to(device)
