@@ -14,11 +14,12 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
+
+from _workers import spawn
 
 CONFIG = "pkg://fastfair.toy/configs/gender.yaml"
 FINAL_WINDOW = 20  # "final train loss": mean over the last this many iterations
@@ -65,11 +66,7 @@ def base_spec(args, name: str, work_dir: Path) -> dict:
 def run_worker(script: str, spec: dict) -> dict:
     """``python script --worker SPEC`` in a fresh process; its stderr (progress bars) goes to ours."""
     began = time.perf_counter()
-    out = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {spec['name']} of {script} failed with exit code {out.returncode} "
-                           "(its traceback is above)")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = spawn(script, spec, spec["name"], show_stderr=True)
     print(f"{Path(script).stem} {spec['name']}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
     return result
 

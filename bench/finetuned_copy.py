@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _memory import PeakMemory, worker_env  # noqa: E402
+from _workers import spawn  # noqa: E402
 
 WAYS = ("whole", "parts")
 TARGETS = ("text_lora", "unet_lora", "text_unet_lora", "unet_full")
@@ -128,12 +128,8 @@ def main(argv=None) -> None:
         run = save_run(Path(tmp.name) / f"run_{target}", files, 50 if args.model == "sd15" else 4, [1], target)
         checkpoint = next((run / "checkpoints").iterdir())
         for way in WAYS:
-            cfg = json.dumps({"way": way, "sd": files["sd"], "checkpoint": str(checkpoint), "dtype": args.dtype})
-            out = subprocess.run([sys.executable, __file__, "--worker", cfg], env=worker_env(), capture_output=True,
-                                 text=True)
-            if out.returncode:
-                raise SystemExit(f"worker {target} {way} failed:\n{out.stderr[-4000:]}")
-            results.append({"target": target, **json.loads(out.stdout.strip().splitlines()[-1])})
+            cfg = {"way": way, "sd": files["sd"], "checkpoint": str(checkpoint), "dtype": args.dtype}
+            results.append({"target": target, **spawn(__file__, cfg, f"{target} {way}", worker_env())})
             r = results[-1]
             print(f"{target:14s} {way:5s} peak={r['peak_bytes'] / 2**20:9.1f} MiB  {r['seconds']:6.2f} s", flush=True)
         for folder in (run / "checkpoints").iterdir():  # unet_full's are two U-Nets' worth of disk

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _memory import PeakMemory, worker_env  # noqa: E402
+from _workers import spawn  # noqa: E402
 
 MODES = ("keep", "blockwise", "sliced")
 
@@ -125,11 +125,8 @@ def main(argv=None) -> None:
     results = []
     for n in counts:
         for mode in modes:
-            cfg = json.dumps({"mode": mode, "images": n, "latent": resolution // factor, "paths": paths})
-            out = subprocess.run([sys.executable, __file__, "--worker", cfg], env=env, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"worker {mode} at {n} images failed:\n{out.stderr[-4000:]}")
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            cfg = {"mode": mode, "images": n, "latent": resolution // factor, "paths": paths}
+            results.append(spawn(__file__, cfg, f"{mode} at {n} images", env))
             r = results[-1]
             print(f"{mode:9s} images={n:3d} peak={r['peak_bytes'] / 2**20:9.1f} MiB  {r['seconds']:7.2f} s",
                   flush=True)

@@ -54,7 +54,6 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +69,7 @@ HERE = Path(__file__).resolve().parent
 # fastfair from this checkout even where it is not installed (bench/gpu_check.sh goes on past a failed build)
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _memory import PeakMemory, worker_env  # noqa: E402
+from _workers import spawn  # noqa: E402
 from baseline import baseline_iteration, checkpointed, set_classic_attention  # noqa: E402
 from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
 
@@ -434,11 +434,7 @@ MEMORY_RESULTS = ("peak_bytes", "kept_", "keeps_")  # result keys (prefixes) a C
 
 
 def _spawn(cfg: dict, env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], env=env, capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {cfg['impl']} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return spawn(__file__, cfg, cfg["impl"], env)
 
 
 def run_worker(cfg: dict, peak_limit: Optional[int] = None) -> dict:
