@@ -174,9 +174,9 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
     """(vae, scheduler, {"base": ImageSource, "finetuned": ImageSource}) ready to sample, frozen.
     model_config: the architecture folder when model is a single-file checkpoint (fastfair.models). The base model
     is read from disk once: the finetuned one is built on copies of the parts it changes and shares the others
-    (`_copy_parts`). shared: where a sweep holds the base model
-    between evaluations (`fastfair.evaluation.shared`), keyed by its files, dtype and device; the finetuned
-    model's weights never reach it."""
+    (`_copy_parts`). shared: where a sweep holds the base model between evaluations
+    (`fastfair.evaluation.shared`), keyed by its files, dtype and device; the finetuned model's weights never
+    reach it."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"--weights {weights!r}: expected 'ema' or 'raw'")
     kind = finetuned_kind(finetuned) if finetuned else None  # before the slow loads
