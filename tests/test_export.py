@@ -346,11 +346,11 @@ def test_an_evaluation_copies_only_the_parts_its_finetuned_model_changes(tmp_pat
     _, ckpt = _trained(tmp_path, world, target)
     out = export(ckpt, tmp_path / "export")
     fresh = load_stable_diffusion(str(world["sd"]))
-    copy_parts = sources._copy_parts
+    copy_parts, shared = sources._copy_parts, SharedLoads()  # one base model for every load, as in a sweep
     for folder, copied in zip((ckpt, out), COPIED[target]):
         results = []
         for whole in (False, True):
-            made, shared = [], SharedLoads()
+            made = []
             monkeypatch.setattr(sources, "_copy_parts", lambda base, changed: made.append(
                 (base, copy_parts(base, ("tokenizer", "text_encoder", "unet", "vae") if whole else changed))) or
                 made[-1][1])
@@ -369,6 +369,10 @@ def test_an_evaluation_copies_only_the_parts_its_finetuned_model_changes(tmp_pat
                 assert list(held) == list(expected) and all(torch.equal(held[k], expected[k]) for k in expected), \
                     (folder, name)
             assert len(base.tokenizer) == len(fresh.tokenizer)
+            for name in ("text_encoder", "unet"):  # nor peft's or diffusers' adapter bookkeeping
+                module = getattr(base, name)
+                assert not any(getattr(module, a, None) for a in ("peft_config", "_hf_peft_config_loaded")), \
+                    (folder, name)
             with torch.no_grad():  # the base source is still the base model
                 assert torch.equal(models["base"].embeddings("a cook")[0],
                                    fresh.text_encoder(fresh.tokenizer(["a cook"], padding="max_length",
