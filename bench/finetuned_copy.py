@@ -9,7 +9,7 @@ and once per checkpoint in ``fastfair.select_checkpoint``'s sweep), per finetuni
     python bench/finetuned_copy.py [--model sd15|tiny] [--targets text_lora,unet_lora,unet_full] [--dtype fp32]
                                    [--models-dir DIR] [--json OUT.json]
 
-Each (target, way) runs in its own subprocess (``bench/_memory.py``'s worker_env): it loads the base model as a
+On CPU, each (target, way) in its own subprocess (``bench/_memory.py``'s worker_env): it loads the base model as a
 sweep holds it (``fastfair.evaluation.shared.SharedLoads``), then times ``load_sources`` building the finetuned
 model from a training checkpoint of that target (LoRA rank 50 on SD 1.5 shapes with random weights: bench/
 train_step.py's ``sd15`` models; ``tiny``: the test-sized world). Reported: the peak memory above the held base
@@ -66,7 +66,7 @@ def worker(way: str, sd: str, checkpoint: str, dtype: str) -> dict:
     base_bytes = sum(t.numel() * t.element_size() for t in held["base"].unet.parameters())
     # read every weight once, as sampling the base images does before a sweep builds a finetuned model: weights
     # loaded from a file mapping are resident only when read, and a copy would otherwise count its source too
-    (_, base), = shared._held.values()
+    (_, base), = shared._held.values()  # the held base model: the one thing it holds
     for module in (base.text_encoder, base.unet, base.vae):
         for tensor in module.state_dict().values():
             tensor.sum()
