@@ -305,6 +305,17 @@ def test_an_export_of_another_architecture_is_named(tmp_path, world):
         load_into_pipeline(pipe, tmp_path / "lora", "--finetuned")
 
 
+def test_an_unreadable_lora_export_is_named_by_evaluate(tmp_path, world):
+    """A LoRA file cut short (a full disk): evaluate's loader names --finetuned, the file and the fix."""
+    from fastfair.evaluation.sources import load_sources
+
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / LORA_FILE).write_bytes(b"cut")
+    with pytest.raises(ValueError, match=f"--finetuned .*lora: its {LORA_FILE} is not a readable safetensors file "
+                                         ".*export the checkpoint again"):
+        load_sources(str(world["sd"]), str(tmp_path / "lora"))
+
+
 @pytest.mark.parametrize("target", ["unet_lora", "text_lora"])
 def test_a_checkpoint_and_its_export_sample_alike_in_half_precision(tmp_path, world, target):
     """Evaluation in bf16 (--dtype bf16): the export loads into a pipeline whose adapters diffusers casts to bf16;

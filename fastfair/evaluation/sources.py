@@ -128,10 +128,14 @@ def _export_changes(folder: Path, kind: str) -> Tuple[str, ...]:
         return ("tokenizer", "text_encoder")
     if kind != LORA_FILE:
         return ()
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(folder / LORA_FILE), "pt") as lora:
-        heads = {key.split(".", 1)[0] for key in lora.keys()}
+    try:
+        with safe_open(str(folder / LORA_FILE), "pt") as lora:
+            heads = {key.split(".", 1)[0] for key in lora.keys()}
+    except SafetensorError as error:  # e.g. a file cut short by a full disk
+        raise ValueError(f"--finetuned {folder}: its {LORA_FILE} is not a readable safetensors file ({error}); "
+                         "export the checkpoint again (python -m fastfair.export CKPT --out DIR)") from None
     return tuple(sorted(heads)) if heads <= {"unet", "text_encoder"} else ("text_encoder", "unet")
 
 
