@@ -125,9 +125,8 @@ def markdown(result: dict, command: str) -> str:
         f"| `fastfair.select_checkpoint` (sweep) | {per['sweep']:.2f} | {per['sweep'] / per['lone']:.2f} |", "",
         f"The sweep's fixed cost per checkpoint is {result['speedup']:.2f}x lower. What the sweep still spends per "
         "checkpoint: building its model on copies of the held base model's parts it changes and scoring its own "
-        "images; each lone "
-        "evaluation also loads the base model and every judge and scores the base images again. On a CPU the "
-        "judges' forwards (CLIP, DINOv2) outweigh the loads; on a GPU the loads weigh more.", ""])
+        "images; each lone evaluation also loads the base model and every judge and scores the base images again. "
+        "On a CPU the judges' forwards (CLIP, DINOv2) outweigh the loads; on a GPU the loads weigh more.", ""])
 
 
 def main(argv=None) -> dict:
