@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from _workers import spawn
+from _workers import add_worker_flag, spawn
 
 CONFIG = "pkg://fastfair.toy/configs/gender.yaml"
 FINAL_WINDOW = 20  # "final train loss": mean over the last this many iterations
@@ -39,7 +39,7 @@ def add_common_args(parser: argparse.ArgumentParser, iters: int, eval_images: in
                         help="the config's seed (training prompts and noise; the held-out evaluation uses seed + 1)")
     parser.add_argument("--work-dir", default=None,
                         help="training runs and evaluation reports (default: runs/<bench>, ignored by git)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_worker_flag(parser)
 
 
 def check_args(args, known: Sequence[str]) -> List[str]:
@@ -160,10 +160,3 @@ def write_outputs(out_dir, name: str, payload: dict, markdown: str, argv: Option
     (out_dir / f"{name}.md").write_text(f"Command: `{command.strip()}` ({payload['date']}, CPU)\n\n{markdown}")
     return out_dir / f"{name}.json"
 
-
-def worker_or_none(args, body: Callable[[dict], dict]) -> bool:
-    """In a worker process: run ``body(spec)``, print its JSON line and return True; else False."""
-    if not args.worker:
-        return False
-    print(json.dumps(body(json.loads(args.worker))))
-    return True

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _memory import PeakMemory, worker_env  # noqa: E402
-from _workers import spawn  # noqa: E402
+from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 
 WAYS = ("whole", "parts")
 TARGETS = ("text_lora", "unet_lora", "text_unet_lora", "unet_full")
@@ -108,10 +108,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="the evaluation's dtype")
     parser.add_argument("--models-dir", default=None, help="reuse/keep the saved sd15 models here")
     parser.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_worker_flag(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(**json.loads(args.worker))))
+    if worker_or_none(args, lambda spec: worker(**spec)):
         return
     targets = [t for t in args.targets.split(",") if t]
     if not targets or set(targets) - set(TARGETS):

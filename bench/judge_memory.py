@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _memory import PeakMemory, worker_env  # noqa: E402
-from _workers import spawn  # noqa: E402
+from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 
 MODES = ("keep", "blockwise", "sliced")
 
@@ -96,10 +96,9 @@ def main(argv=None) -> None:
                         help="pixels (sd15: default 512 on CUDA, 256 on CPU; tiny: 16)")
     parser.add_argument("--models-dir", default=None, help="reuse/keep the saved sd15 models here")
     parser.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_worker_flag(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(**json.loads(args.worker))))
+    if worker_or_none(args, lambda spec: worker(**spec)):
         return
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - set(MODES):

@@ -27,8 +27,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _toy import (FINAL_WINDOW, add_common_args, base_spec, check_args, final_mean, heldout_row,  # noqa: E402
-                  run_meta, run_worker, settings_line, train_and_evaluate, variant_rows,
-                  worker_or_none, write_outputs)
+                  run_meta, run_worker, settings_line, train_and_evaluate, variant_rows, write_outputs)
+from _workers import worker_or_none  # noqa: E402
 
 TARGETS = ("prefix", "text_lora", "unet_lora", "text_unet_lora")
 

@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _toy import (CONFIG, FINAL_WINDOW, add_common_args, base_spec, check_args, final_mean,  # noqa: E402
                   heldout_row, run_meta, run_worker, settings_line, train_and_evaluate,
-                  variant_rows, worker_or_none, write_outputs)
+                  variant_rows, write_outputs)
+from _workers import worker_or_none  # noqa: E402
 
 VARIANTS = ("unadjusted", "paper", "exact", "none")
 SMOOTH = 10  # moving-average window of the loss plot

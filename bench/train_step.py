@@ -69,7 +69,7 @@ HERE = Path(__file__).resolve().parent
 # fastfair from this checkout even where it is not installed (bench/gpu_check.sh goes on past a failed build)
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _memory import PeakMemory, worker_env  # noqa: E402
-from _workers import spawn  # noqa: E402
+from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 from baseline import baseline_iteration, checkpointed, set_classic_attention  # noqa: E402
 from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
 
@@ -633,10 +633,9 @@ def main(argv=None) -> None:
                         help="memory budget for the largest-batch estimate (default: baseline_sdpa's peak)")
     parser.add_argument("--models-dir", default=None, help="reuse/keep the saved models here")
     parser.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_worker_flag(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if worker_or_none(args, worker):
         return
     impls = [i for i in args.impls.split(",") if i]
     unknown = sorted(set(impls) - set(IMPLS))
