@@ -50,3 +50,9 @@ class PeakMemory:
             torch.cuda.synchronize()
             return int(torch.cuda.max_memory_allocated() - self.base)
         return int(_status_kib("VmHWM") * 1024 - self.base)
+
+
+def peak_ratio(a, b) -> str:
+    """a / b as the tables print a ratio of two peaks (3 decimals): '-' where either is missing (None) or b is not
+    positive (on CPU a run can reuse memory its process freed before, so that its resident set does not grow)."""
+    return "-" if a is None or b is None or b <= 0 else f"{a / b:.3f}"

@@ -20,6 +20,7 @@ seconds, with ratios parts / whole.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -30,37 +31,45 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _memory import PeakMemory, worker_env  # noqa: E402
+from _memory import PeakMemory, peak_ratio, worker_env  # noqa: E402
 from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 
 WAYS = ("whole", "parts")
 TARGETS = ("text_lora", "unet_lora", "text_unet_lora", "unet_full")
 
 
-def _the_earlier_way() -> None:
-    """Patch fastfair.evaluation.sources back to copying the whole base model and fastfair.finetune's model to its
+@contextlib.contextmanager
+def _the_earlier_way():
+    """Inside: fastfair.evaluation.sources back to copying the whole base model and fastfair.finetune's model to its
     training-time build (the frozen U-Net copy, float32 trainable weights), as evaluations did before."""
     import fastfair.evaluation.sources as sources
     import fastfair.finetune as finetune
 
     copy_parts, model = sources._copy_parts, finetune.FinetunedModel
-    sources._copy_parts = lambda base, changed: copy_parts(base, ("tokenizer", "text_encoder", "unet", "vae"))
 
     class TrainingBuild(model):
         def __init__(self, *args, training=True, **kwargs):
             super().__init__(*args, training=True, **kwargs)
 
+    sources._copy_parts = lambda base, changed: copy_parts(base, ("tokenizer", "text_encoder", "unet", "vae"))
     finetune.FinetunedModel = TrainingBuild
+    try:
+        yield
+    finally:
+        sources._copy_parts, finetune.FinetunedModel = copy_parts, model
 
 
 def worker(way: str, sd: str, checkpoint: str, dtype: str) -> dict:
+    with _the_earlier_way() if way == "whole" else contextlib.nullcontext():
+        return _measure(way, sd, checkpoint, dtype)
+
+
+def _measure(way: str, sd: str, checkpoint: str, dtype: str) -> dict:
     import torch
 
     from fastfair.evaluation.shared import SharedLoads
     from fastfair.evaluation.sources import load_sources
 
-    if way == "whole":
-        _the_earlier_way()
     shared = SharedLoads()
     _, _, held = load_sources(sd, dtype=dtype, shared=shared)  # the base model, held as a sweep holds it
     base_bytes = sum(t.numel() * t.element_size() for t in held["base"].unet.parameters())
@@ -95,7 +104,7 @@ def markdown(results: list) -> str:
                 continue
             r, whole = mine[way], mine.get("whole")
             ratios = ("-", "-") if way == "whole" or whole is None else (
-                f"{r['peak_bytes'] / whole['peak_bytes']:.3f}", f"{r['seconds'] / whole['seconds']:.2f}")
+                peak_ratio(r['peak_bytes'], whole['peak_bytes']), f"{r['seconds'] / whole['seconds']:.2f}")
             rows.append(f"| {target} | {way} | {r['peak_bytes'] / 2**20:.1f} | {r['seconds']:.2f} | "
                         f"{ratios[0]} | {ratios[1]} |")
     return "\n".join(rows)

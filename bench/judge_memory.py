@@ -31,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from _memory import PeakMemory, worker_env  # noqa: E402
+from _memory import PeakMemory, peak_ratio, worker_env  # noqa: E402
 from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 
 MODES = ("keep", "blockwise", "sliced")
@@ -76,7 +76,7 @@ def markdown(results: list) -> str:
         row = [str(n)]
         row += [f"{by[(m, n)]['peak_bytes'] / 2**20:.1f}" if (m, n) in by else "-" for m in modes]
         keep = by.get(("keep", n))
-        row += [f"{by[(m, n)]['peak_bytes'] / keep['peak_bytes']:.3f}" if keep and (m, n) in by else "-"
+        row += [peak_ratio(by[(m, n)]["peak_bytes"], keep["peak_bytes"] if keep else None) if (m, n) in by else "-"
                 for m in modes if m != "keep"]
         row += [f"{by[(m, n)]['seconds'] / n:.2f}" if (m, n) in by else "-" for m in modes]
         lines.append("| " + " | ".join(row) + " |")

@@ -16,12 +16,12 @@ import functools
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _memory import PeakMemory, worker_env  # noqa: E402
+from _memory import PeakMemory, peak_ratio, worker_env  # noqa: E402
+from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 
 
 def worker(impl: str, steps: int, size: int, batch: int) -> dict:
@@ -65,7 +65,8 @@ def markdown_images(results) -> str:
     for n in sorted({r["images"] for r in results}):
         a, b = by[("fastfair", n)], by[("fastfair_per_image", n)]
         lines.append(f"| {n} | {a['peak_bytes'] / 2**20:.1f} | {b['peak_bytes'] / 2**20:.1f} | "
-                     f"{b['peak_bytes'] / a['peak_bytes']:.3f} | {a['seconds'] / n:.3f} | {b['seconds'] / n:.3f} |")
+                     f"{peak_ratio(b['peak_bytes'], a['peak_bytes'])} | {a['seconds'] / n:.3f} | "
+                     f"{b['seconds'] / n:.3f} |")
     return "\n".join(lines)
 
 
@@ -77,21 +78,18 @@ def markdown(results) -> str:
     def mib(value):
         return "-" if value is None else f"{value / 2**20:.1f}"
 
-    def ratio(a, b):
-        return "-" if a is None or b is None else f"{a / b:.3f}"
-
     lines = ["| steps | fastfair peak (MiB) | reference peak (MiB) | fastfair / reference |", "|---:|---:|---:|---:|"]
     for s in steps:
         a, b = by.get(("fastfair", s)), by.get(("reference", s))
-        lines.append(f"| {s} | {mib(a)} | {mib(b)} | {ratio(a, b)} |")
+        lines.append(f"| {s} | {mib(a)} | {mib(b)} | {peak_ratio(a, b)} |")
     first, last = steps[0], steps[-1]
     lines.append("")
-    lines.append(f"fastfair {last} steps / {first} steps: {ratio(by.get(('fastfair', last)), by.get(('fastfair', first)))}"
-                 f"; reference: {ratio(by.get(('reference', last)), by.get(('reference', first)))}")
+    growth = {impl: peak_ratio(by.get((impl, last)), by.get((impl, first))) for impl in ("fastfair", "reference")}
+    lines.append(f"fastfair {last} steps / {first} steps: {growth['fastfair']}; reference: {growth['reference']}")
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="5,10,20,40")
     parser.add_argument("--impls", default="fastfair,reference")
@@ -101,17 +99,15 @@ def main() -> None:
                         "and per-image recompute, at --batch-steps steps")
     parser.add_argument("--batch-steps", type=int, default=20)
     parser.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
-    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "STEPS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.size, args.batch)))
+    add_worker_flag(parser)
+    args = parser.parse_args(argv)
+    if worker_or_none(args, lambda spec: worker(**spec)):
         return
     env = worker_env()
 
     def run(impl: str, steps: int, batch: int) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--worker", impl, str(steps), "--size", str(args.size),
-                              "--batch", str(batch)], env=env, check=True, capture_output=True, text=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        spec = {"impl": impl, "steps": steps, "size": args.size, "batch": batch}
+        result = spawn(__file__, spec, f"{impl} at {steps} steps, {batch} images", env)
         print(f"{impl:18s} steps={steps:3d} images={batch:3d} peak={result['peak_bytes'] / 2**20:8.1f} MiB",
               flush=True)
         return result
@@ -127,9 +123,9 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"device": results[0]["device"], "results": results}, f, indent=1)
+        command = shlex.join(["python", "bench/unroll_memory.py", *(sys.argv[1:] if argv is None else argv)])
         with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
-            f.write(f"Command: `python {' '.join(shlex.quote(a) for a in ['bench/unroll_memory.py', *sys.argv[1:]])}`"
-                    f"\n\n" + "\n\n".join(tables) + "\n")
+            f.write(f"Command: `{command}`\n\n" + "\n\n".join(tables) + "\n")
 
 
 if __name__ == "__main__":
