@@ -1,6 +1,7 @@
-"""bench/finetuned_copy.py runs end to end on the tiny world, each way in its own process, into JSON and its
-Markdown table; both ways build the same finetuned model, and only the earlier way copies a U-Net a text-encoder
-run leaves as it is (no memory figure is asserted: they live in the benchmark's own tables)."""
+"""bench/finetuned_copy.py runs end to end on the tiny world, each way as a worker (in this process:
+tests/conftest.py's bench_workers_in_process), into JSON and its Markdown table; both ways build the same finetuned
+model, and only the earlier way copies a U-Net a text-encoder run leaves as it is (no memory figure is asserted:
+they live in the benchmark's own tables)."""
 import json
 import subprocess
 import sys
@@ -9,14 +10,16 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "finetuned_copy.py"
+sys.path.insert(0, str(BENCH.parent))
+
+import finetuned_copy  # noqa: E402
 
 
-def test_both_ways_build_the_same_model_and_only_the_earlier_copies_the_unet(tmp_path):
+def test_both_ways_build_the_same_model_and_only_the_earlier_copies_the_unet(tmp_path, bench_workers_in_process):
     out = tmp_path / "copy.json"
-    cmd = [sys.executable, str(BENCH), "--model", "tiny", "--targets", "text_lora",
-           "--models-dir", str(tmp_path / "models"), "--json", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    finetuned_copy.main(["--model", "tiny", "--targets", "text_lora", "--models-dir", str(tmp_path / "models"),
+                         "--json", str(out)])
+    assert bench_workers_in_process == ["text_lora whole", "text_lora parts"]
     data = json.loads(out.read_text())
     whole, parts = results = data["results"]
     assert [(r["target"], r["way"]) for r in results] == [("text_lora", "whole"), ("text_lora", "parts")]

@@ -1,6 +1,6 @@
-"""bench/judge_memory.py runs end to end on the tiny world, each mode in its own process, into JSON and its
-Markdown table, with the same loss and gradient in every mode (no memory figure is asserted: they live in the
-benchmark's own tables)."""
+"""bench/judge_memory.py runs end to end on the tiny world, each mode as a worker (in this process:
+tests/conftest.py's bench_workers_in_process), into JSON and its Markdown table, with the same loss and gradient in
+every mode (no memory figure is asserted: they live in the benchmark's own tables)."""
 import json
 import subprocess
 import sys
@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "judge_memory.py"
+sys.path.insert(0, str(BENCH.parent))
+
+import judge_memory  # noqa: E402
 
 
-def test_every_mode_runs_and_gives_the_same_gradient(tmp_path):
+def test_every_mode_runs_and_gives_the_same_gradient(tmp_path, bench_workers_in_process):
     out = tmp_path / "judges.json"
-    cmd = [sys.executable, str(BENCH), "--model", "tiny", "--images", "3", "--models-dir", str(tmp_path / "models"),
-           "--json", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    judge_memory.main(["--model", "tiny", "--images", "3", "--models-dir", str(tmp_path / "models"),
+                       "--json", str(out)])
+    assert bench_workers_in_process == [f"{mode} at 3 images" for mode in judge_memory.MODES]
     data = json.loads(out.read_text())
     results = data["results"]
     assert [(r["mode"], r["images"]) for r in results] == [("keep", 3), ("blockwise", 3), ("sliced", 3)]

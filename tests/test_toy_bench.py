@@ -1,5 +1,6 @@
 """The toy-world ablation benches: the per-step gradient-scale measurement of bench/toy_gradients.py against the
-closed form, and both scripts end to end at the tiniest settings (files and fields)."""
+closed form, and both scripts end to end at the tiniest settings (files and fields; their workers run in this
+process: tests/conftest.py's bench_workers_in_process)."""
 import json
 import sys
 from pathlib import Path
@@ -91,9 +92,10 @@ def check_png(path: Path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_toy_gradients_end_to_end(tmp_path):
+def test_toy_gradients_end_to_end(tmp_path, bench_workers_in_process):
     toy_gradients.main(TINY + ["--variants", "unadjusted", "--scale-batches", "1", "--out-dir", str(tmp_path),
                                "--work-dir", str(tmp_path / "runs")])
+    assert bench_workers_in_process == ["unadjusted", "scales"]
     result = json.loads((tmp_path / "toy_gradients.json").read_text())
     check_variant(result["variants"][0], "unadjusted")
     assert result["variants"][0]["coefficients"] == "unadjusted" and result["meta"]["batch"] == 2
@@ -111,9 +113,10 @@ def test_toy_gradients_end_to_end(tmp_path):
         check_png(tmp_path / name)
 
 
-def test_toy_components_end_to_end(tmp_path):
+def test_toy_components_end_to_end(tmp_path, bench_workers_in_process):
     toy_components.main(TINY + ["--variants", "unet_lora", "--out-dir", str(tmp_path),
                                 "--work-dir", str(tmp_path / "runs"), "--seed", "3"])
+    assert bench_workers_in_process == ["unet_lora"]
     result = json.loads((tmp_path / "toy_components.json").read_text())
     row, = result["variants"]
     check_variant(row, "unet_lora")

@@ -1,20 +1,29 @@
-"""bench/unroll_memory.py's sweep versus images runs end to end at a tiny size, every configuration in its own
-process, into JSON and its Markdown table (no memory figure is asserted: they live in the benchmark's own
-tables)."""
+"""bench/unroll_memory.py's sweeps run end to end at a tiny size into JSON and its Markdown table (no memory figure
+is asserted: they live in the benchmark's own tables): one configuration in a fresh process, as the benchmarks run
+every one (the one test of the suite that starts a real worker: the others run theirs in process, with
+tests/conftest.py's bench_workers_in_process), and the sweep versus images."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "unroll_memory.py"
+sys.path.insert(0, str(BENCH.parent))
+
+import unroll_memory  # noqa: E402
 
 
-def test_the_images_sweep_writes_both_recomputes_rows(tmp_path):
+def test_a_configuration_runs_in_a_fresh_process(tmp_path):
     out = tmp_path / "memory.json"
-    cmd = [sys.executable, str(BENCH), "--steps", "", "--batches", "1,3", "--batch-steps", "2", "--size", "8",
-           "--json", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    unroll_memory.main(["--steps", "2", "--impls", "fastfair", "--batch", "1", "--size", "8", "--json", str(out)])
+    row, = json.loads(out.read_text())["results"]
+    assert (row["impl"], row["steps"], row["images"], row["latent"]) == ("fastfair", 2, 1, [1, 4, 8, 8])
+    assert isinstance(row["peak_bytes"], int) and row["seconds"] > 0
+
+
+def test_the_images_sweep_writes_both_recomputes_rows(tmp_path, bench_workers_in_process):
+    out = tmp_path / "memory.json"
+    unroll_memory.main(["--steps", "", "--batches", "1,3", "--batch-steps", "2", "--size", "8", "--json", str(out)])
+    assert len(bench_workers_in_process) == 4  # each configuration a worker (here in this process)
     results = json.loads(out.read_text())["results"]
     assert sorted((r["impl"], r["steps"], r["images"]) for r in results) == [
         ("fastfair", 2, 1), ("fastfair", 2, 3), ("fastfair_per_image", 2, 1), ("fastfair_per_image", 2, 3)]
@@ -25,9 +34,6 @@ def test_the_images_sweep_writes_both_recomputes_rows(tmp_path):
 
 
 def test_the_steps_table_marks_an_implementation_left_out():
-    sys.path.insert(0, str(BENCH.parent))
-    import unroll_memory
-
     rows = [{"impl": "fastfair", "steps": s, "peak_bytes": s * 2**20} for s in (5, 10)]
     table = unroll_memory.markdown(rows)
     assert "| 5 | 5.0 | - | - |" in table and "fastfair 10 steps / 5 steps: 2.000; reference: -" in table
