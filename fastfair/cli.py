@@ -34,3 +34,20 @@ def folder_instead_of_file(flag: str, path: str, what: str, example: str) -> Opt
     if path.endswith(os.sep) or os.path.isdir(path):
         return f"{flag} {path}: a folder; give the {what} file to write, e.g. {path.rstrip(os.sep)}{os.sep}{example}"
     return None
+
+
+def device_problem(flag: str, device: str) -> Optional[str]:
+    """The message when ``device``, given as ``flag``, is not a device torch can run on here (None otherwise):
+    checked before the work, not found at the first tensor moved."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        return f"{flag} {device}: not a device torch knows; e.g. cpu, cuda, cuda:1"
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{flag} {device}: CUDA is not available here (this torch: {torch.__version__}); use cpu"
+        if where.index is not None and where.index >= torch.cuda.device_count():
+            return f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 onwards"
+    return None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fastfair.checkpoint import config_file
+from fastfair.cli import device_problem
 from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import (ImageCache, Job, from_png, generate_missing, image_path, shared_cache_lock,
                                        weight_fingerprint)
@@ -398,6 +399,9 @@ def evaluate_options(args: argparse.Namespace) -> dict:
         guidance = []
     if not guidance:
         raise ValueError(f"--guidance-scales {args.guidance_scales!r}: expected numbers like 3,5,7.5")
+    problem = args.device and device_problem("--device", args.device)
+    if problem:
+        raise ValueError(problem)
     detector = detector_from_flags(args.detector, args.detector_path)
     # each --joint flag is one intersection (a lone name is refused, not joined with the next flag's); '' is none
     joint = None if args.joint is None else [names for names in map(split_list, args.joint) if names]

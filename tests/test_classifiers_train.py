@@ -220,6 +220,13 @@ def test_an_out_without_the_safetensors_suffix_is_refused_with_the_fixed_name(da
         assert not (tmp_path / name).exists()
 
 
+def test_a_device_that_cannot_run_here_is_refused_by_name(dataset, tmp_path, capsys):
+    for device, message in (("gpu", "--device gpu: not a device torch knows"), ("cuda:99", "--device cuda:99: ")):
+        with pytest.raises(SystemExit):
+            main(arguments(dataset, tmp_path / "c.safetensors", "--device", device))
+        assert message in capsys.readouterr().err
+
+
 def test_an_existing_classifier_file_is_not_overwritten(dataset, tmp_path):
     out = tmp_path / "c.safetensors"
     main(arguments(dataset, out, "--epochs", "1"))

@@ -194,6 +194,15 @@ def test_guidance_scales_without_a_number_is_an_error(scales, tmp_path):
     assert not (tmp_path / "eval").exists()  # no models loaded, no empty report written
 
 
+@pytest.mark.parametrize("device, message", [("gpu", "--device gpu: not a device torch knows; e.g. cpu, cuda"),
+                                             ("cuda:99", "--device cuda:99: ")])
+def test_a_device_that_cannot_run_here_is_refused_before_any_model_loads(device, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--max-prompts", "1", "--device", device,
+                       "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+
+
 @pytest.mark.parametrize("scales", [(), (3.0, 3)])
 def test_evaluate_refuses_no_or_repeated_guidance_scales(scales, tmp_path):
     with pytest.raises(ValueError, match="--guidance-scales .*: expected one or more distinct scales"):

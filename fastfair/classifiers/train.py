@@ -28,7 +28,7 @@ from fastfair.classifiers.data import (LabelledFaces, align_labels, class_key, f
                                        resolve_labels, unique_rows)
 from fastfair.classifiers.heads import AttributeHead
 from fastfair.classifiers.model import ARCHITECTURES, AttributeClassifier, save_classifier
-from fastfair.cli import folder_instead_of_file
+from fastfair.cli import device_problem, folder_instead_of_file
 from fastfair.files import atomic_path, load_state_dict
 
 
@@ -65,9 +65,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps} (leave it out to train every epoch)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here (this torch: {torch.__version__}); use cpu")
-    problem = folder_instead_of_file("--out", args.out, "classifier", "gender.safetensors")
+    problem = device_problem("--device", args.device) or folder_instead_of_file("--out", args.out, "classifier",
+                                                                                "gender.safetensors")
     if problem:
         parser.error(problem)
     if not args.out.endswith(".safetensors"):  # loaders tell a fastfair classifier file by this suffix
