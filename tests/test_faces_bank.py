@@ -12,7 +12,7 @@ from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank
 from fastfair.faces import build_bank as build_bank_module
 from fastfair.faces.build_bank import build_bank, list_images, main, partial_path, read_image
-from fastfair.faces.detect import CallableDetector
+from fastfair.faces.detect import CallableDetector, get_detector
 from fastfair.faces.embed import FaceEmbedder
 from fastfair.faces.regions import locate_faces
 from fastfair.faces.sfnet import SFNet
@@ -64,7 +64,7 @@ def test_build_skips_unreadable_and_faceless_images_and_embeds_aligned_faces(fol
     embedder, detector = tiny_embedder(), CallableDetector(centre_face)
     out = str(tmp_path / "bank.safetensors")
     summary = build_bank(folder, out, embedder, detector, batch_size=2, progress_bar=False)
-    assert summary == {"images": 9, "embedded": 7, "unreadable": 1, "no_face": 1}
+    assert summary == {"images": 9, "embedded": 7, "unreadable": 1, "no_face": 1, "unreadable_folders": 0}
     bank = FaceBank.load(out, use_faiss=False)
     assert bank.files == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg", "sub/img5.png", "sub/img6.png"]
     image = read_image(os.path.join(folder, "sub/img5.png"))
@@ -145,7 +145,7 @@ def test_an_image_above_pils_decompression_limit_is_skipped_as_unreadable(folder
     Image.new("RGB", (200, 200)).save(os.path.join(folder, "huge.png"))
     summary = build_bank(folder, str(tmp_path / "bank.safetensors"), tiny_embedder(), CallableDetector(centre_face),
                          progress_bar=False)
-    assert summary == {"images": 10, "embedded": 7, "unreadable": 2, "no_face": 1}
+    assert summary == {"images": 10, "embedded": 7, "unreadable": 2, "no_face": 1, "unreadable_folders": 0}
     assert Image.MAX_IMAGE_PIXELS == 10_000
 
 
@@ -162,7 +162,7 @@ def test_resume_after_the_folder_changed_holds_exactly_its_current_files(folder,
     summary = build_bank(folder, out, embedder, detector, batch_size=2, save_every=1, progress_bar=False)
     straight = str(tmp_path / "straight.safetensors")
     assert summary == build_bank(folder, straight, embedder, detector, batch_size=2, progress_bar=False)
-    assert summary == {"images": 8, "embedded": 7, "unreadable": 0, "no_face": 1}
+    assert summary == {"images": 8, "embedded": 7, "unreadable": 0, "no_face": 1, "unreadable_folders": 0}
     first, second = FaceBank.load(straight, use_faiss=False), FaceBank.load(out, use_faiss=False)
     assert second.files == first.files and "img1.jpg" not in second.files and second.files[0] == "a_new.jpg"
     assert torch.allclose(first.embeddings, second.embeddings, atol=1e-6)
@@ -194,12 +194,16 @@ def test_resume_refuses_an_embedder_file_rewritten_under_the_same_path(folder, t
 
     progress = json.loads(read_safetensors_metadata(partial_path(out))["progress"])  # as an older build saved it
     settings = json.loads(progress["settings"])
-    del settings["embedder_file"]
+    del settings["embedder_file"], settings["images"], progress["stats"]
     progress["settings"] = json.dumps(settings)
     save_safetensors(load_file(partial_path(out)), partial_path(out), {"progress": json.dumps(progress)})
     capsys.readouterr()
     assert main(command)["embedded"] == 8
-    assert "does not record the embedder file's size and mtime (an older build): resuming" in capsys.readouterr().err
+    notes = capsys.readouterr().err
+    assert "does not record the embedder file's size and mtime (an older build): resuming" in notes
+    assert f"does not record its --images folder (an older build): resuming, on the assumption that it is {folder}" \
+        in notes
+    assert "does not record the sizes and mtimes of the files it read (an older build): resuming" in notes
     recorded = FaceBank.load(out, use_faiss=False).settings["embedder_file"]
     assert recorded == {"path": weights, "size": os.path.getsize(weights), "mtime_ns": written}
 
@@ -235,3 +239,138 @@ def test_read_image_keeps_a_non_square_image_upright(tmp_path):
     image = read_image(str(tmp_path / "wide.png"))
     assert image.shape == (1, 3, 20, 36)
     torch.testing.assert_close(image[0].permute(1, 2, 0), torch.from_numpy(pixels).float() / 127.5 - 1)
+
+
+def test_a_resume_reads_again_the_files_rewritten_since_the_partial_save(folder, tmp_path, capsys):
+    """A file rewritten under its name since the partial build read it (size, mtime) is read again: its old
+    embedding would sit under its name in the bank, an unreadable one would stay skipped. The bank equals an
+    uninterrupted build of the folder as it is now."""
+    embedder, detector = tiny_embedder(), CallableDetector(centre_face)
+    out = str(tmp_path / "resumed.safetensors")
+    with pytest.raises(KeyboardInterrupt):  # saved: img0-img3 embedded, blank (no face), broken (unreadable)
+        build_bank(folder, out, Interrupting(embedder, stop=3), detector, batch_size=2, save_every=1,
+                   progress_bar=False)
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, "img2.jpg"), quality=95)  # another face, same name
+    Image.fromarray(pixels[::-1]).save(os.path.join(folder, "broken.jpg"), quality=95)  # now readable
+    capsys.readouterr()
+    summary = build_bank(folder, out, embedder, detector, batch_size=2, save_every=1, progress_bar=False)
+    assert "note: 2 file(s) of the partial build changed" in capsys.readouterr().err
+    straight = str(tmp_path / "straight.safetensors")
+    assert summary == build_bank(folder, straight, embedder, detector, batch_size=2, progress_bar=False)
+    assert summary["embedded"] == 8 and summary["unreadable"] == 0
+    first, second = FaceBank.load(straight, use_faiss=False), FaceBank.load(out, use_faiss=False)
+    assert second.files == first.files
+    torch.testing.assert_close(second.embeddings, first.embeddings, atol=1e-6, rtol=0)
+
+
+def _interrupted_cli_build(monkeypatch, command):
+    """main(command) stopped right after its first progress save."""
+    saving = build_bank_module.save_progress
+
+    def save_then_stop(*args):
+        saving(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_bank_module, "save_progress", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(command)
+    monkeypatch.setattr(build_bank_module, "save_progress", saving)
+
+
+def test_a_partial_build_of_another_images_folder_is_refused(folder, tmp_path, monkeypatch):
+    weights, out = str(tmp_path / "sfnet.pth"), str(tmp_path / "bank.safetensors")
+    torch.save(tiny_embedder().network.state_dict(), weights)
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)  # the same file names: the first build's faces would be filed under them
+    flags = ["--out", out, "--embedder", weights, "--detector", "none", "--batch-size", "2", "--save-every", "1"]
+    _interrupted_cli_build(monkeypatch, ["--images", folder, *flags])
+    with pytest.raises(ValueError, match=rf"partial build of another --images folder \({folder}, now {other}\).*"
+                                         "--restart to discard it"):
+        main(["--images", str(other), *flags])
+    assert main(["--images", folder, *flags])["embedded"] == 8  # the folder it was building finishes it
+
+
+def test_a_corrupt_partial_build_or_one_of_another_embedder_dimension_names_restart(folder, tmp_path, monkeypatch):
+    embedder, detector = tiny_embedder(), CallableDetector(centre_face)
+    out = str(tmp_path / "bank.safetensors")
+    with open(partial_path(out), "w") as junk:
+        junk.write("junk")
+    with pytest.raises(ValueError, match="not a partial face-bank build this version can resume .*--restart"):
+        build_bank(folder, out, embedder, detector, progress_bar=False)
+    with pytest.raises(KeyboardInterrupt):
+        build_bank(folder, out, Interrupting(embedder, stop=2), detector, batch_size=2, save_every=1,
+                   restart=True, progress_bar=False)
+    torch.manual_seed(0)
+    wider = FaceEmbedder(SFNet(depths=(0, 1, 0, 0), channels=(4, 4, 4, 4), out_dim=16).eval())
+    with pytest.raises(ValueError, match="gives 16 features per face where the partial build .* holds 8.*--restart"):
+        build_bank(folder, out, wider, detector, batch_size=2, progress_bar=False)
+
+
+def test_folders_that_cannot_be_read_are_counted_and_the_top_one_is_an_error(folder, tmp_path, monkeypatch, capsys):
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.path.basename(os.fspath(path)) == "sub":  # as a folder without read permission (tests run as root)
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    embedder, detector = tiny_embedder(), CallableDetector(centre_face)
+    summary = build_bank(folder, str(tmp_path / "bank.safetensors"), embedder, detector, progress_bar=False)
+    assert summary == {"images": 7, "embedded": 5, "unreadable": 1, "no_face": 1, "unreadable_folders": 1}
+    assert "note: 1 folder(s) below" in capsys.readouterr().err
+    with pytest.raises(PermissionError, match="--images .*sub: cannot list its files"):
+        list_images(os.path.join(folder, "sub"))
+
+
+class BareNetwork(torch.nn.Module):
+    """A network without an embedder's settings, at 96 x 96 (as --embedder-factory may give)."""
+
+    input_size = 96
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.sfnet = SFNet(depths=(0, 1, 0, 0), channels=(4, 4, 4, 4), out_dim=8, input_size=96).eval()
+
+    def forward(self, faces):
+        return self.sfnet(faces)
+
+
+def bare_network_96():
+    return BareNetwork()
+
+
+def flip_summing_embedder():
+    return tiny_embedder()
+
+
+def test_a_factory_network_is_embedded_at_its_input_size_and_an_embedder_keeps_its_own_flip(folder, tmp_path):
+    """As training takes faces.embedding_fn (fastfair.judges): a bare network is aligned at its input_size, and an
+    embedder with its own flip setting is used as it is, its flip recorded (--no-flip recorded a flip it did not
+    make, and the face loss then refused the bank)."""
+    out = str(tmp_path / "bank.safetensors")
+    main(["--images", folder, "--out", out, "--embedder-factory", f"{__name__}:bare_network_96", "--detector",
+          "none", "--no-flip"])
+    bank = FaceBank.load(out, use_faiss=False)
+    image = read_image(os.path.join(folder, "img0.jpg"))
+    aligned = align_faces(image, locate_faces(image, get_detector("none")).landmarks.float(), size=96)
+    expected = FaceEmbedder(bare_network_96(), flip=False, input_size=96)(aligned)
+    torch.testing.assert_close(bank.embeddings[bank.files.index("img0.jpg")], expected[0], atol=1e-5, rtol=0)
+    assert bank.flip is False
+    main(["--images", folder, "--out", out, "--embedder-factory", f"{__name__}:flip_summing_embedder", "--detector",
+          "none"])
+    assert FaceBank.load(out, use_faiss=False).flip is True
+    with pytest.raises(ValueError, match="--no-flip: --embedder-factory .* adds the mirrored face's features itself"):
+        main(["--images", folder, "--out", out, "--embedder-factory", f"{__name__}:flip_summing_embedder",
+              "--detector", "none", "--no-flip"])
+
+
+def test_a_device_that_cannot_run_here_is_refused_by_name(folder, tmp_path, capsys):
+    for device, message in (("gpu", "--device gpu: not a device torch knows"),
+                            ("cuda:99", "--device cuda:99: ")):
+        with pytest.raises(SystemExit):
+            main(["--images", folder, "--out", str(tmp_path / "b.safetensors"), "--embedder", "x.pth",
+                  "--device", device])
+        assert message in capsys.readouterr().err

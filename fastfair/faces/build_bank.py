@@ -5,9 +5,10 @@
 Every image file below DIR (sorted by relative path; symlinked folders followed, each real folder read once)
 is read, its largest face detected and aligned to 112 x 112, embedded (flip-sum, unit norm) and stored with its
 file name. Unreadable images (including those above PIL's decompression-bomb limit) and images without a face are
-skipped and counted. Progress is saved atomically to ``OUT.partial.safetensors`` every few batches; running the
-same command again resumes from it (the result equals an uninterrupted build of the folder as it is now: files
-removed since are left out), ``--restart`` discards it. A resume with another ``--embedder`` file, or the same
+skipped and counted; so are folders that cannot be read. Progress is saved atomically to ``OUT.partial.safetensors``
+every few batches; running the same command again resumes from it (the result equals an uninterrupted build of the
+folder as it is now: files removed since are left out, files rewritten since (size, mtime) are read again),
+``--restart`` discards it. A resume of another ``--images`` folder, with another ``--embedder`` file, or the same
 path rewritten since (size, mtime), is refused.
 """
 import argparse
@@ -15,12 +16,12 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from fastfair.cli import folder_instead_of_file
+from fastfair.cli import device_problem, folder_instead_of_file
 from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank, json_mapping
 from fastfair.faces.detect import detector_from_flags, get_detector
@@ -31,6 +32,7 @@ from fastfair.hooks import load_callable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 EMBEDDER_FILE = "embedder_file"  # settings key: the --embedder checkpoint's {path, size, mtime_ns}
+IMAGES = "images"  # settings key: the --images folder's real path
 
 
 @dataclass
@@ -41,19 +43,22 @@ class BankProgress:
     unreadable: List[str] = field(default_factory=list)
     no_face: List[str] = field(default_factory=list)
     settings: str = ""
+    # per file read: [size, mtime_ns] before it was read (None: a partial build saved before they were recorded)
+    stats: Optional[Dict[str, List[int]]] = field(default_factory=dict)
 
     def done(self) -> set:
         return set(self.embedded) | set(self.unreadable) | set(self.no_face)
 
 
-def list_images(folder: str) -> List[str]:
-    """Image files below ``folder`` as sorted relative paths (by suffix; unreadable ones are found later)."""
+def list_images(folder: str, unsearched: Optional[List[str]] = None) -> List[str]:
+    """Image files below ``folder`` as sorted relative paths (by suffix; unreadable ones are found later).
+    unsearched: gets the sub-folders that could not be listed (permissions, a link to a folder gone), relative."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images folder not found: {folder}")
-    found, visited = [], set()
+    found, visited, errors = [], set(), []
     # symlinked sub-folders are followed (a bank folder is often links to the datasets); a link back up the tree
     # (a cycle) or a second link to a folder already read is skipped by its real path
-    for root, dirs, names in os.walk(folder, followlinks=True):
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=errors.append):
         real = os.path.realpath(root)
         if real in visited:
             dirs.clear()
@@ -61,6 +66,12 @@ def list_images(folder: str) -> List[str]:
         visited.add(real)
         dirs.sort()  # a deterministic walk: which of two links to one folder names its files
         found += [os.path.relpath(os.path.join(root, n), folder) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    for error in errors:
+        where = os.path.relpath(error.filename, folder)
+        if where == ".":
+            raise PermissionError(f"--images {folder}: cannot list its files ({error.strerror})")
+        if unsearched is not None:
+            unsearched.append(where)
     return sorted(found)
 
 
@@ -90,21 +101,29 @@ def file_fingerprint(path: str) -> dict:
 
 def resumed_settings(path: str, saved: str, settings: str) -> str:
     """The settings to record when resuming the partial build ``path`` made with ``saved``; raises unless they
-    match ``settings``. One made before the embedder file's fingerprint was recorded resumes with a note."""
+    match ``settings``. One made before the embedder file's fingerprint, or the images folder, was recorded resumes
+    with a note."""
     if saved == settings:
         return settings
     old, new = json_mapping(saved), json_mapping(settings)
     if old is not None and new is not None:
-        same_rest = ({k: v for k, v in old.items() if k != EMBEDDER_FILE}
-                     == {k: v for k, v in new.items() if k != EMBEDDER_FILE})
-        if same_rest and EMBEDDER_FILE not in old:
-            print(f"note: {path} does not record the embedder file's size and mtime (an older build): resuming, "
-                  f"unchecked, on the assumption that {new.get('embedder')} is unchanged since", file=sys.stderr)
+        unrecorded = [key for key in (EMBEDDER_FILE, IMAGES) if key in new and key not in old]
+        differing = {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)} - set(unrecorded)
+        if not differing:
+            for key in unrecorded:
+                what = (f"the embedder file's size and mtime (an older build): resuming, unchecked, on the "
+                        f"assumption that {new.get('embedder')} is unchanged since" if key == EMBEDDER_FILE else
+                        f"its --images folder (an older build): resuming, on the assumption that it is {new[key]}")
+                print(f"note: {path} does not record {what}", file=sys.stderr)
             return settings
-        if same_rest and EMBEDDER_FILE in new:
+        if differing == {EMBEDDER_FILE}:
             raise ValueError(f"{path}: the --embedder file changed since the partial build ({old[EMBEDDER_FILE]}, "
                              f"now {new[EMBEDDER_FILE]}): the bank would mix the embeddings of two models; put the "
                              "old file back, or pass --restart to start over with this one")
+        if differing == {IMAGES}:
+            raise ValueError(f"{path} is the partial build of another --images folder ({old[IMAGES]}, now "
+                             f"{new[IMAGES]}): its faces would be filed under this folder's names; pass that "
+                             "--images to finish it, another --out for this folder, or --restart to discard it")
     raise ValueError(f"{path} was made with other settings ({saved}); "
                      "rerun with those settings, or pass --restart to start over")
 
@@ -117,28 +136,65 @@ def load_progress(out: str, settings: str):
     from safetensors.torch import load_file
     from fastfair.files import read_safetensors_metadata
 
-    progress = BankProgress(**json.loads(read_safetensors_metadata(path)["progress"]))
+    from safetensors import SafetensorError
+
+    try:
+        saved = json.loads(read_safetensors_metadata(path)["progress"])
+        saved.setdefault("stats", None)  # an older build's: its files' sizes and mtimes unknown
+        progress = BankProgress(**saved)
+        embeddings = load_file(path)["embeddings"]
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: not a partial face-bank build this version can resume ({type(error).__name__}: "
+                         f"{error}); pass --restart to discard it and start over") from None
     progress.settings = resumed_settings(path, progress.settings, settings)
-    embeddings = load_file(path)["embeddings"]
     return progress, [embeddings] if embeddings.numel() else []
 
 
+def file_stat(path: str) -> List[int]:
+    """[size, mtime_ns]: what tells a file rewritten since it was read."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def keep_current(progress: BankProgress, embeddings: List[torch.Tensor], files: List[str], image_dir: str):
-    """The progress (and embeddings) of the files still in the folder: one removed or moved since the partial
-    save would stay in the bank, and in the summary's counts, though no longer among its images."""
+    """The progress (and embeddings) of the files still in the folder as they were read: one removed or moved since
+    the partial save would stay in the bank, and in the summary's counts, though no longer among its images; one
+    rewritten since (size, mtime) would keep what it held before: both are dropped, and a rewritten one is read
+    again."""
     current = set(files)
-    gone = [name for name in progress.done() if name not in current]
-    if not gone:
+    done = [name for name in files if name in progress.done()]
+    gone = sorted(name for name in progress.done() if name not in current)
+    if progress.stats is None:  # saved before they were recorded: taken as they are now, as its note says
+        print(f"note: the partial build does not record the sizes and mtimes of the files it read (an older build): "
+              f"resuming on the assumption that none of them changed in {image_dir} since", file=sys.stderr)
+        progress.stats = {name: _stat_or_none(os.path.join(image_dir, name)) for name in done}
+        changed = []
+    else:
+        changed = [name for name in done if progress.stats.get(name) != _stat_or_none(os.path.join(image_dir, name))]
+    if gone:
+        print(f"note: {len(gone)} file(s) of the partial build are no longer in {image_dir} (e.g. {gone[0]}): "
+              "left out of the bank", file=sys.stderr)
+    if changed:
+        print(f"note: {len(changed)} file(s) of the partial build changed in {image_dir} since it read them (e.g. "
+              f"{changed[0]}): read again", file=sys.stderr)
+    drop = set(gone) | set(changed)
+    if not drop:
         return progress, embeddings
-    print(f"note: {len(gone)} file(s) of the partial build are no longer in {image_dir} (e.g. {sorted(gone)[0]}): "
-          "left out of the bank", file=sys.stderr)
-    keep = torch.tensor([name in current for name in progress.embedded], dtype=torch.bool)
+    keep = torch.tensor([name not in drop for name in progress.embedded], dtype=torch.bool)
     if embeddings and not keep.all():
         kept = torch.cat(embeddings)[keep]
         embeddings = [kept] if len(kept) else []
-    return BankProgress(*[[name for name in names if name in current]
+    return BankProgress(*[[name for name in names if name not in drop]
                           for names in (progress.embedded, progress.unreadable, progress.no_face)],
-                        settings=progress.settings), embeddings
+                        settings=progress.settings,
+                        stats={name: stat for name, stat in progress.stats.items() if name not in drop}), embeddings
+
+
+def _stat_or_none(path: str) -> Optional[List[int]]:
+    try:
+        return file_stat(path)
+    except OSError:  # gone since it was listed: unreadable now, and read again if it comes back
+        return None
 
 
 def save_progress(out: str, progress: BankProgress, embeddings: List[torch.Tensor]):
@@ -158,7 +214,11 @@ def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", 
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size and save_every must be >= 1, got {batch_size} and {save_every}")
     detector = get_detector(detector)
-    files = list_images(image_dir)
+    unsearched = []
+    files = list_images(image_dir, unsearched)
+    if unsearched:
+        print(f"note: {len(unsearched)} folder(s) below {image_dir} could not be read (e.g. {unsearched[0]}): their "
+              "images are not in the bank", file=sys.stderr)
     if restart and os.path.exists(partial_path(out)):
         os.remove(partial_path(out))
     progress, embeddings = load_progress(out, settings)
@@ -171,7 +231,12 @@ def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", 
     def flush():
         nonlocal batches
         with torch.no_grad():
-            embeddings.append(embedder(torch.cat(pending_faces).to(device)).float().cpu())
+            features = embedder(torch.cat(pending_faces).to(device)).float().cpu()
+        if embeddings and features.shape[1:] != embeddings[0].shape[1:]:
+            raise ValueError(f"the embedder gives {features.shape[1]} features per face where the partial build "
+                             f"{partial_path(out)} holds {embeddings[0].shape[1]}: the embedder changed since; pass "
+                             "--restart to build the bank again with this one")
+        embeddings.append(features)
         progress.embedded += pending_names
         pending_faces.clear(), pending_names.clear()
         batches += 1
@@ -180,7 +245,9 @@ def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", 
 
     for name in tqdm(todo, desc="face bank", unit="img", disable=not progress_bar, initial=len(done),
                      total=len(files)):
-        image = read_image(os.path.join(image_dir, name))
+        path = os.path.join(image_dir, name)
+        progress.stats[name] = _stat_or_none(path)  # before the read: a rewrite during it is read again on resume
+        image = read_image(path)
         if image is None:
             progress.unreadable.append(name)
             continue
@@ -195,7 +262,7 @@ def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", 
     if pending_faces:
         flush()
     summary = {"images": len(files), "embedded": len(progress.embedded), "unreadable": len(progress.unreadable),
-               "no_face": len(progress.no_face)}
+               "no_face": len(progress.no_face), "unreadable_folders": len(unsearched)}
     if not progress.embedded:
         raise ValueError(f"no face was embedded from {len(files)} image(s) in {image_dir}: nothing to save")
     info = {"settings": progress.settings, "summary": json.dumps(summary)}
@@ -227,10 +294,25 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--restart", action="store_true", help="ignore a partial build and start over")
     args = parser.parse_args(argv)
-    problem = folder_instead_of_file("--out", args.out, "bank", "bank.safetensors")
+    problem = device_problem("--device", args.device) or folder_instead_of_file("--out", args.out, "bank",
+                                                                                "bank.safetensors")
     if problem:
         parser.error(problem)
     return args
+
+
+def factory_embedder(factory: str, no_flip: bool):
+    """The embedder ``--embedder-factory`` names, as training takes ``faces.embedding_fn`` (fastfair.judges): a bare
+    network [N, 3, S, S] -> [N, D] is wrapped in a FaceEmbedder at its ``input_size`` (112 if it names none), with
+    --no-flip's choice; an embedder with its own ``flip`` setting (it flip-sums and normalizes itself) is used as
+    it is, and --no-flip must agree with it."""
+    network = load_callable(factory, "--embedder-factory")()
+    if not hasattr(network, "flip"):
+        return FaceEmbedder(network, flip=not no_flip, input_size=getattr(network, "input_size", 112))
+    if no_flip and network.flip:
+        raise ValueError(f"--no-flip: --embedder-factory {factory} gives an embedder that adds the mirrored face's "
+                         "features itself (flip=True); drop --no-flip, or have the factory give one with flip=False")
+    return network
 
 
 def main(argv=None):
@@ -239,12 +321,11 @@ def main(argv=None):
     if args.embedder:
         embedder = load_face_embedder(args.embedder, flip=not args.no_flip)
     else:
-        network = load_callable(args.embedder_factory, "--embedder-factory")()
-        embedder = FaceEmbedder(network, flip=not args.no_flip)
+        embedder = factory_embedder(args.embedder_factory, args.no_flip)
     if isinstance(embedder, torch.nn.Module):
         embedder = embedder.to(args.device).eval()
     settings = {"embedder": args.embedder or args.embedder_factory, "detector": args.detector,
-                "flip": not args.no_flip}
+                "flip": bool(embedder.flip), IMAGES: os.path.realpath(args.images)}
     if args.detector_path:  # recorded only when given: partial builds made before the flag still resume
         settings["detector_path"] = args.detector_path
     if args.embedder:  # a resume with the file rewritten under the same path is refused (resumed_settings); and
@@ -252,8 +333,10 @@ def main(argv=None):
         settings[EMBEDDER_FILE] = file_fingerprint(args.embedder)
     summary = build_bank(args.images, args.out, embedder, detector, args.batch_size, args.save_every,
                          getattr(torch, args.dtype), args.device, args.restart, json.dumps(settings))
+    unsearched = (f"; {summary['unreadable_folders']} folder(s) could not be read"
+                  if summary["unreadable_folders"] else "")
     print(f"face bank: embedded {summary['embedded']} of {summary['images']} images; skipped "
-          f"{summary['unreadable']} unreadable and {summary['no_face']} without a face -> {args.out}")
+          f"{summary['unreadable']} unreadable and {summary['no_face']} without a face{unsearched} -> {args.out}")
     return summary
 
 
