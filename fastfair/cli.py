@@ -29,10 +29,15 @@ def user_errors(prog: str) -> Iterator[None]:
 
 
 def folder_instead_of_file(flag: str, path: str, what: str, example: str) -> Optional[str]:
-    """The message when ``path``, given as ``flag`` for a file to write, names a folder (None otherwise): checked
-    before the work, not found at the final save."""
+    """The message when ``path``, given as ``flag`` for a file to write, names a folder, or lies below a file
+    (None otherwise): checked before the work, not found at the final save."""
     if path.endswith(os.sep) or os.path.isdir(path):
         return f"{flag} {path}: a folder; give the {what} file to write, e.g. {path.rstrip(os.sep)}{os.sep}{example}"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # folders still to make: the first that exists must be a folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: {parent} is a file, not a folder; give a path in a folder"
     return None
 
 

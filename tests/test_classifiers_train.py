@@ -317,3 +317,88 @@ def test_a_resume_across_the_merge_of_integer_spellings_says_the_tables_need_not
         fingerprint_changes(then, now)[0]
     other = fingerprint_changes(fingerprint(("1", "2"), [0, 1, 1]), fingerprint(("1", "3"), [0, 1, 1]))
     assert other and "leading zeros" not in other[0]  # another change of classes: no such explanation
+
+
+def test_a_large_seed_and_spaced_attribute_names_train(dataset, tmp_path):
+    """A date-like --seed overflowed torch's 64-bit seeds in the per-batch flips; 'gender, race' trained FairFace's
+    seven raw race labels under the name ' race'."""
+    out = tmp_path / "c.safetensors"
+    main(arguments(dataset, out, "--epochs", "1", "--seed", "20240101", "--attributes", "gender, race"))
+    classifier = load_classifier(str(out))
+    assert list(classifier.head.names) == ["gender", "race"]
+    assert classifier.head.classes("race") == ("WMELH", "Black", "Indian", "Asian")
+    with pytest.raises(ValueError, match="--attributes 'gender,,gender': expected distinct names"):
+        main(arguments(dataset, tmp_path / "d.safetensors", "--attributes", "gender,,gender"))
+
+
+def test_init_counts_what_it_loads_refuses_another_layout_and_is_not_read_on_resume(dataset, tmp_path, capsys):
+    narrow, wide = tmp_path / "narrow.safetensors", tmp_path / "wide.safetensors"
+    main(arguments(dataset, narrow, "--epochs", "1", "--width", "8"))
+    with pytest.raises(ValueError, match=r"--init .*narrow.safetensors: its tensors match only [\d,]+ of the "
+                                         r"[\d,]+ weights of the small_cnn network \(e.g. .*\); give a checkpoint of "
+                                         r"this --arch \(and --width\)"):
+        main(arguments(dataset, wide, "--epochs", "1", "--init", str(narrow)))
+    init = tmp_path / "init.safetensors"
+    main(arguments(dataset, init, "--epochs", "1", "--attributes", "gender"))  # another head, the same backbone
+    capsys.readouterr()
+    assert main(arguments(dataset, wide, "--epochs", "2", "--max-steps", "3", "--init", str(init))) is None
+    assert "tensors loaded, 2 left as initialized (e.g. classifier." in capsys.readouterr().out
+    os.remove(init)  # the resumed run's weights come from its state
+    assert main(arguments(dataset, wide, "--epochs", "2", "--resume", "--init", str(init))) is not None
+
+
+def test_unreadable_init_and_state_files_are_named_with_their_flag(dataset, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\xff\xd8 not a torch file")
+    with pytest.raises(ValueError, match=r"--init .*junk.pt: not a weights file this can read"):
+        main(arguments(dataset, tmp_path / "c.safetensors", "--init", str(junk)))
+    out = tmp_path / "d.safetensors"
+    with open(state_path(str(out)), "wb") as cut:
+        cut.write(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match=r"--resume: .*d.safetensors.state.pt is not a training state this can read"):
+        main(arguments(dataset, out, "--resume"))
+
+
+def test_without_validation_rows_the_file_says_it_scored_the_training_rows(dataset, tmp_path):
+    from fastfair.files import read_safetensors_metadata
+
+    out = tmp_path / "c.safetensors"
+    main(arguments(dataset, out, "--epochs", "1", "--val-fraction", "0"))
+    metadata = read_safetensors_metadata(str(out))
+    assert "train_balanced_accuracy" in metadata and "val_balanced_accuracy" not in metadata
+    with pytest.raises(ValueError, match=r"no training rows \(--val-fraction 0.999 held out all 140: lower it\)"):
+        main(arguments(dataset, tmp_path / "e.safetensors", "--val-fraction", "0.999"))
+
+
+def test_a_celeba_named_column_of_other_values_says_what_it_reads(tmp_path):
+    from fastfair.classifiers.data import read_label_table, resolve_labels
+
+    table = tmp_path / "smile.csv"
+    table.write_text("file,Smiling\na.png,yes\nb.png,no\n")
+    with pytest.raises(ValueError, match=r"cannot read 'yes' as a CelebA flag \(1 = yes; -1 or 0 = no\).*name the "
+                                         r"attribute in lower case \(e.g. smiling\)"):
+        resolve_labels(read_label_table(str(table)), ["Smiling"])
+    head, labels = resolve_labels(read_label_table(str(table)), ["smiling"])
+    assert head.classes("smiling") == ("no", "yes") and labels[:, 0].tolist() == [1, 0]
+
+
+def test_inputs_found_wrong_only_late_are_refused_up_front(dataset, tmp_path, capsys):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("file,gender\nJosé.png,Male\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv: not UTF-8 text \(byte 0xe9 at offset 15\); save the table"):
+        main(arguments(dataset, tmp_path / "c.safetensors") + ["--labels", str(latin)])
+    (tmp_path / "a_file").write_text("")
+    for flags, message in (((), f"--out {tmp_path}/a_file/sub/c.safetensors: {tmp_path}/a_file is a file, not a "
+                                "folder"), (("--width", "0"), "--width must be >= 1")):
+        with pytest.raises(SystemExit):
+            main(arguments(dataset, tmp_path / "a_file" / "sub" / "c.safetensors", *flags))
+        assert message in capsys.readouterr().err
+
+
+def test_a_class_without_training_rows_is_named(dataset, tmp_path, capsys):
+    males = tmp_path / "males.csv"
+    lines = (dataset / "labels.csv").read_text().splitlines()
+    males.write_text("\n".join([lines[0]] + [line for line in lines[1:] if ",Male," in line]) + "\n")
+    main(arguments(dataset, tmp_path / "c.safetensors", "--epochs", "1", "--attributes", "gender") +
+         ["--labels", str(males)])
+    assert "note: gender: no training rows of class(es) female" in capsys.readouterr().out

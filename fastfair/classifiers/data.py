@@ -71,8 +71,12 @@ def read_label_table(path: str) -> LabelTable:
     """Parse a CSV with a header, or CelebA's whitespace-separated attribute list."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"label file not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark, as Excel writes
-        text = handle.read()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark, as Excel writes
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                         "save the table as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     lines = text.splitlines()
     if lines and lines[0].strip().isdigit():  # list_attr_celeba.txt
         names = lines[1].split()
@@ -100,19 +104,26 @@ def _normalized(value: str) -> str:
     return " ".join(value.replace("_", " ").replace("-", " ").lower().split())
 
 
-def _lookup(values: Sequence[str], mapping, classes, where: str) -> List[int]:
+def _lookup(values: Sequence[str], mapping, classes, where: str, accepted: Optional[str] = None) -> List[int]:
+    """Class indices of ``values`` read by ``mapping``; accepted: what the message says it reads (default: one of
+    the classes)."""
     labels = []
     for row, value in enumerate(values):
         name = mapping(value)
         if name is None:
             what = "an empty cell" if not value.strip() else repr(value)
-            raise ValueError(f"{where}, row {row + 1}: cannot read {what} as one of {classes}")
+            raise ValueError(f"{where}, row {row + 1}: cannot read {what} as {accepted or f'one of {classes}'}")
         labels.append(classes.index(name))
     return labels
 
 
 def _celeba_flag(value: str):
     return {"1": "yes", "-1": "no", "0": "no"}.get(value.strip())
+
+
+# what an attribute named as CelebA's (its exact spelling) reads; other spellings read class names
+CELEBA_FLAGS = ("a CelebA flag (1 = yes; -1 or 0 = no), as an attribute named as CelebA's is read; to read its "
+                "values as class names instead, name the attribute in lower case (e.g. smiling)")
 
 
 def _age_group(value: str):
@@ -175,7 +186,8 @@ def resolve_labels(table: LabelTable, names: Sequence[str]) -> Tuple[AttributeHe
     for name in names:
         if name in CELEBA_ATTRIBUTES and table.has(name):
             attribute = Attribute(name, BINARY)
-            labels = _lookup(table.column(name), _celeba_flag, BINARY, f"{table.source}, column {table.find(name)!r}")
+            labels = _lookup(table.column(name), _celeba_flag, BINARY, f"{table.source}, column {table.find(name)!r}",
+                             CELEBA_FLAGS)
         else:
             attribute, labels = attribute_labels(table, name)
         attributes.append(attribute)

@@ -42,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out when no --val-labels")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="mobilenet_v3_large")
     parser.add_argument("--width", type=int, default=16, help="small_cnn channel width")
-    parser.add_argument("--init", help="initial network weights (torchvision layout, e.g. ImageNet); head skipped")
+    parser.add_argument("--init", help="initial network weights (torchvision layout, e.g. ImageNet); tensors of "
+                        "another shape (a new head) are skipped; not read on --resume")
     parser.add_argument("--size", type=int, default=224, help="input side in pixels")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    for name in ("epochs", "batch_size", "size", "checkpoint_every"):
+    for name in ("epochs", "batch_size", "size", "checkpoint_every", "width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
@@ -77,10 +78,17 @@ def parse_args(argv=None):
     return args
 
 
+def seeded(value: int) -> torch.Generator:
+    """A CPU generator seeded with ``value`` folded into torch's 64-bit seeds (mod 2^64: a value torch takes keeps
+    its stream, negative ones as two's complement; a larger one, e.g. derived from a date-like --seed, is no
+    overflow)."""
+    return torch.Generator().manual_seed(value % 2 ** 64)
+
+
 def split_rows(count: int, fraction: float, seed: int):
     """(train rows, validation rows): a seeded random ``fraction`` of the rows held out (rows of distinct files:
     ``unique_rows``)."""
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(count, generator=seeded(seed)).tolist()
     held = int(round(count * fraction))
     return sorted(order[held:]), sorted(order[:held])
 
@@ -93,13 +101,21 @@ def distinct_rows(table, head, labels) -> List[int]:
     return rows
 
 
+def attribute_names(text: str) -> List[str]:
+    """--attributes 'gender, race' -> ['gender', 'race'] (a name with a space kept was another column's)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or len(set(names)) < len(names):
+        raise ValueError(f"--attributes {text!r}: expected distinct names separated by commas, e.g. gender,race,age")
+    return names
+
+
 def prepare_data(args):
     table = read_label_table(args.labels)
-    head, labels = resolve_labels(table, args.attributes.split(","))
+    head, labels = resolve_labels(table, attribute_names(args.attributes))
     rows = distinct_rows(table, head, labels)
     if args.val_labels:
         val_table = read_label_table(args.val_labels)
-        val_head, val_labels = resolve_labels(val_table, args.attributes.split(","))
+        val_head, val_labels = resolve_labels(val_table, attribute_names(args.attributes))
         val_labels = align_labels(head, val_head, val_labels, f"--val-labels {args.val_labels}")
         val_rows = distinct_rows(val_table, head, val_labels)
         both = sorted({file_key(table.files[r]) for r in rows} & {file_key(val_table.files[r]) for r in val_rows})
@@ -114,7 +130,14 @@ def prepare_data(args):
         train = LabelledFaces(args.data, table, labels, [rows[i] for i in train_at], args.size)
         val = LabelledFaces(args.data, table, labels, [rows[i] for i in val_at], args.size)
     if len(train) == 0:
-        raise ValueError(f"{args.labels}: no training rows")
+        held = "" if args.val_labels else f" (--val-fraction {args.val_fraction} held out all {len(val)}: lower it)"
+        raise ValueError(f"{args.labels}: no training rows{held}")
+    trained = train.labels[train.indices]
+    for a, attribute in enumerate(head.attributes):
+        absent = [name for c, name in enumerate(attribute.classes) if not bool((trained[:, a] == c).any())]
+        if absent:  # its output is never trained; with a split, its rows all fell into the validation part
+            print(f"note: {attribute.name}: no training rows of class(es) {', '.join(absent)} ({len(train)} rows): "
+                  "the classifier cannot learn them")
     missing = sorted(set(train.missing_files() + val.missing_files()))
     if missing:
         raise ValueError(f"--data {args.data}: {len(missing)} image file(s) named in the label table do not exist, "
@@ -207,8 +230,13 @@ def save_state(path, args, classifier, optimizer, position, best, history, finge
 
 def load_state(path, args, fingerprint):
     """The training state at ``path``; refuses one made with other data or model arguments."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    stored = state["config"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        stored = state["config"]
+    except Exception as error:  # cut short by a full disk, or another file saved under its name
+        raise ValueError(f"--resume: {path} is not a training state this can read ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]}); move it away to train from the start with this --out"
+                         ) from None
     # keys a state from an older fastfair lacks are not compared
     changed = {k: stored[k] for k in RESUME_KEYS if k in stored and stored[k] != getattr(args, k)}
     if changed:
@@ -225,18 +253,40 @@ def load_state(path, args, fingerprint):
 
 
 def initial_weights(classifier, path: str):
-    """Load backbone weights, skipping tensors whose shape differs (the new head)."""
-    state = load_state_dict(path)
+    """Load backbone weights, skipping tensors whose shape differs (the new head). Refuses a file that covers less
+    than half of the network's weights (another architecture or --width: the run would start from scratch)."""
+    state = read_weights(path, "--init")
     own = classifier.network.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not kept:
-        raise ValueError(f"--init {path}: no tensor matches the {classifier.arch} layout")
+    covered = sum(own[k].numel() for k in kept if own[k].is_floating_point())
+    total = sum(v.numel() for v in own.values() if v.is_floating_point())
+    if covered < total / 2:
+        example = next((f"{k}: {tuple(v.shape)} here {tuple(own[k].shape)}" for k, v in state.items()
+                        if k in own and own[k].shape != v.shape), None)
+        raise ValueError(f"--init {path}: its tensors match only {covered:,} of the {total:,} weights of the "
+                         f"{classifier.arch} network" + (f" (e.g. {example})" if example else "")
+                         + "; give a checkpoint of this --arch (and --width)")
     classifier.network.load_state_dict(kept, strict=False)
+    skipped = [k for k in own if k not in kept]
+    print(f"--init {path}: {len(kept)} of the network's {len(own)} tensors loaded"
+          + (f", {len(skipped)} left as initialized (e.g. {skipped[0]}: another shape, or not in the file)"
+             if skipped else ""))
+
+
+def read_weights(path: str, flag: str) -> dict:
+    """``load_state_dict(path)``, a file it cannot read named with the flag that gave it."""
+    try:
+        return load_state_dict(path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as error:  # torch's unpickler and safetensors raise their own types for a foreign file
+        raise ValueError(f"{flag} {path}: not a weights file this can read (.safetensors, or a torch file of "
+                         f"tensors): {type(error).__name__}: {str(error).splitlines()[0]}") from None
 
 
 def flip_some(images: torch.Tensor, seed: int, epoch: int, batch: int) -> torch.Tensor:
     """Mirror a seeded random half of the batch (seeded by position, so resuming repeats it)."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
+    generator = seeded((seed * 1_000_003 + epoch) * 1_000_003 + batch)
     flip = torch.rand(images.shape[0], generator=generator) < 0.5
     return torch.where(flip[:, None, None, None].to(images.device), images.flip(-1), images)
 
@@ -253,17 +303,18 @@ def train(args) -> Optional[dict]:
                          f"state {saved} its run cannot be resumed; choose another --out (or delete it)")
     head, train_set, val_set = prepare_data(args)
     fingerprint = data_fingerprint(head, train_set, val_set)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed % 2 ** 64)
     options = {"width": args.width} if args.arch == "small_cnn" else {}
     classifier = AttributeClassifier(head, args.arch, args.size, **options)
-    if args.init:
+    resuming = args.resume and os.path.isfile(saved)
+    if args.init and not resuming:  # a resumed run takes its weights from its state: --init may be gone since
         initial_weights(classifier, args.init)
     classifier.to(args.device).train()
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     position, best, history = {"epoch": 0, "batch": 0}, {"mean": -1.0}, []
-    if args.resume and os.path.isfile(saved):
+    if resuming:
         state = load_state(saved, args, fingerprint)
         own = classifier.network.state_dict()
         other = [k for k, v in state["network"].items() if k in own and own[k].shape != v.shape]
@@ -286,7 +337,7 @@ def train(args) -> Optional[dict]:
                              "to train on")
     print(f"classifier {args.arch} -> {head.describe()}: {len(train_set)} train / {len(val_set)} val images")
     for epoch in range(position["epoch"], args.epochs):
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+        order = torch.randperm(len(train_set), generator=seeded(args.seed * 100003 + epoch))
         first = position["batch"] if epoch == position["epoch"] else 0
         # a resumed run stopped at --max-steps: the epoch-end evaluation still pending runs, but no step
         if args.max_steps and epoch * steps_per_epoch + first >= args.max_steps and first < steps_per_epoch:
@@ -324,8 +375,9 @@ def train(args) -> Optional[dict]:
               + ", ".join(f"{name} {accuracy[name]:.3f} ({balanced[name]:.3f})" for name in accuracy))
         if mean > best["mean"]:
             best = {"mean": mean, "epoch": epoch + 1, "accuracy": accuracy, "balanced_accuracy": balanced}
-            save_classifier(classifier, args.out, {"val_accuracy": json.dumps(accuracy),
-                                                   "val_balanced_accuracy": json.dumps(balanced),
+            scored = "val" if len(val_set) else "train"  # without validation rows: the training rows' scores
+            save_classifier(classifier, args.out, {f"{scored}_accuracy": json.dumps(accuracy),
+                                                   f"{scored}_balanced_accuracy": json.dumps(balanced),
                                                    "epoch": str(epoch + 1), "seed": str(args.seed)})
         save_state(saved, args, classifier, optimizer, position, best, history, fingerprint)
     print(f"best epoch {best['epoch']} (mean balanced accuracy {best['mean']:.3f}) -> {args.out}")
