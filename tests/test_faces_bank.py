@@ -173,16 +173,7 @@ def test_resume_refuses_an_embedder_file_rewritten_under_the_same_path(folder, t
     torch.save(tiny_embedder().network.state_dict(), weights)
     command = ["--images", folder, "--out", out, "--embedder", weights, "--detector", "none", "--batch-size", "2",
                "--save-every", "1"]
-    saving = build_bank_module.save_progress
-
-    def save_then_stop(*args):
-        saving(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(build_bank_module, "save_progress", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        main(command)
-    monkeypatch.setattr(build_bank_module, "save_progress", saving)
+    _interrupted_cli_build(monkeypatch, command)
     written = os.stat(weights).st_mtime_ns
     os.utime(weights, ns=(written, written + 10 ** 9))  # new weights under the same name
     with pytest.raises(ValueError, match=r"the --embedder file changed since the partial build .*--restart"):
