@@ -133,10 +133,9 @@ def load_progress(out: str, settings: str):
     path = partial_path(out)
     if not os.path.isfile(path):
         return BankProgress(settings=settings), []
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from fastfair.files import read_safetensors_metadata
-
-    from safetensors import SafetensorError
 
     try:
         saved = json.loads(read_safetensors_metadata(path)["progress"])
