@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     if run_config is not None and run_config.is_file():
         _warn_of_training_prompts(run_config, prompts)
     out = Path(out)
-    cache = ImageCache(out / "images", settings)
+    cache = ImageCache(out / "images", settings, as_recorded_now=_as_recorded_now(finetuned))
     caches = {m: cache for m in sources}
 
     def generate(m):
@@ -233,8 +233,36 @@ def _base_settings(model, model_config, num_steps, seed, dtype, resolution) -> d
 
 
 def _finetuned_settings(finetuned, weights) -> dict:
-    """What the finetuned model's images depend on besides `_base_settings`."""
-    return {"finetuned": str(finetuned or ""), "weights": weights, "finetuned_files": weight_fingerprint(finetuned)}
+    """What the finetuned model's images depend on besides `_base_settings`: of a training checkpoint, the files
+    evaluation reads (`checkpoint_reads`; not its state.pt, which a user may delete to save space, nor what else
+    the folder comes to hold), of an export every weight and config file."""
+    reads = checkpoint_reads(finetuned)
+    return {"finetuned": str(finetuned or ""), "weights": weights,
+            "finetuned_files": weight_fingerprint(finetuned, only=reads)}
+
+
+def checkpoint_reads(finetuned) -> Optional[Tuple[str, ...]]:
+    """The files evaluation reads from a training checkpoint folder (its weights and settings); None for an
+    export or no finetuned model."""
+    from fastfair.checkpoint import CONFIG_FILE, WEIGHT_FILES
+
+    if not finetuned or finetuned_kind(finetuned) != "checkpoint":
+        return None
+    return (*WEIGHT_FILES, CONFIG_FILE)
+
+
+def _as_recorded_now(finetuned):
+    """ImageCache's as_recorded_now for this finetuned model: a cache an older version keyed by every file of a
+    training checkpoint's folder (its state.pt too) stays valid when the files read now are unchanged."""
+    reads = checkpoint_reads(finetuned)
+    if reads is None:
+        return None
+
+    def narrowed(stored: dict) -> dict:
+        files = stored.get("finetuned_files")
+        return {**stored, "finetuned_files": {k: v for k, v in files.items() if k in reads}} if isinstance(
+            files, dict) else stored
+    return narrowed
 
 
 def _score_guidance(g, prompts, caches, count, scorer, sets, class_counts, counts, fid, base_measured=None) -> dict:

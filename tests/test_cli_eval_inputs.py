@@ -59,6 +59,54 @@ def test_cache_refuses_images_of_rewritten_finetuned_weights(tmp_path):
     assert not torch.equal(from_png([out / "images" / path]), from_png([tmp_path / "fresh" / "images" / path]))
 
 
+def _toy_checkpoint(run_dir: Path, step: int = 1) -> Path:
+    """A text-LoRA training checkpoint of the toy model, with its own config.yaml and state.pt."""
+    from fastfair.checkpoint import save_checkpoint
+    from fastfair.config import config_to_dict, load_config
+    from fastfair.finetune import FinetunedModel
+    from fastfair.models import load_stable_diffusion
+
+    cfg = load_config("pkg://fastfair.toy/configs/gender.yaml", [f"output_dir={run_dir}"])
+    parts = load_stable_diffusion(cfg.model.pretrained)
+    model = FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, cfg.finetune.target,
+                           cfg.finetune.prefix_tokens, cfg.finetune.lora)
+    weights = {name: p.detach().clone() + 0.01 for name, p in model.trainable.items()}
+    return save_checkpoint(run_dir, step, weights, weights, {}, config=config_to_dict(cfg))
+
+
+def test_a_checkpoints_images_stay_valid_when_files_evaluation_does_not_read_change(tmp_path):
+    """Deleting a checkpoint's state.pt to save space (the README's advice), or reports written beside its
+    weights, left every cached image refused; its weights and settings still key the cache."""
+    checkpoint = _toy_checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    assert len(run(out, finetuned=checkpoint)["generated"]) == 4
+    (checkpoint / "state.pt").unlink()
+    (checkpoint / "notes.json").write_text("{}")
+    assert run(out, finetuned=checkpoint)["generated"] == []
+    rewrite_safetensors(checkpoint / "ema.safetensors", 0.5)
+    with pytest.raises(StaleCacheError, match=r"finetuned_files: ema.safetensors changed"):
+        run(out, finetuned=checkpoint)
+
+
+def test_a_cache_keyed_by_every_file_of_a_checkpoint_folder_is_kept(tmp_path):
+    """A cache written before the key was narrowed to the files evaluation reads (its state.pt included) stays
+    valid while those files are unchanged, and its manifest records the key as it is now."""
+    checkpoint = _toy_checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    run(out, finetuned=checkpoint)
+    manifest = out / "images" / "manifest.json"
+    stored = json.loads(manifest.read_text())
+    state = os.stat(checkpoint / "state.pt")
+    stored["settings"]["finetuned_files"]["state.pt"] = [state.st_size, state.st_mtime_ns]  # as recorded before
+    manifest.write_text(json.dumps(stored))
+    assert run(out, finetuned=checkpoint)["generated"] == []
+    assert "state.pt" not in json.loads(manifest.read_text())["settings"]["finetuned_files"]
+    stored["settings"]["finetuned_files"]["weights.safetensors"][0] += 1  # a read file that differs: refused
+    manifest.write_text(json.dumps(stored))
+    with pytest.raises(StaleCacheError, match=r"finetuned_files: state.pt, weights.safetensors changed"):
+        run(out, finetuned=checkpoint)
+
+
 def test_cache_refuses_images_of_a_rewritten_local_base_model(tmp_path):
     model = tmp_path / "model"
     shutil.copytree(toy_pipeline(), model)

@@ -28,7 +28,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,16 +44,20 @@ MANIFEST = "manifest.json"
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".yaml", ".txt", ".model")
 
 
-def weight_fingerprint(path) -> Dict[str, list]:
+def weight_fingerprint(path, only: Optional[Sequence[str]] = None) -> Dict[str, list]:
     """{relative path: [size, mtime_ns]} of the weight and config files under a folder (or of one file);
     {} when path is empty or absent. Cheap (no hashing of multi-GB files), yet it changes when a file is
-    rewritten: a new export or a rerun's checkpoint under the same path."""
+    rewritten: a new export or a rerun's checkpoint under the same path. only: these relative paths alone (the
+    files a reader takes from the folder; those absent are left out)."""
     if not path or not Path(path).exists():
         return {}
     root = Path(path)
-    files = [root] if root.is_file() else [
-        file for file in root.rglob("*") if file.is_file() and file.suffix in FINGERPRINT_SUFFIXES
-        and not any(part.startswith(".") for part in file.relative_to(root).parts)]  # skip temp/hidden files
+    if only is not None:
+        files = [root / name for name in only if (root / name).is_file()]
+    else:
+        files = [root] if root.is_file() else [
+            file for file in root.rglob("*") if file.is_file() and file.suffix in FINGERPRINT_SUFFIXES
+            and not any(part.startswith(".") for part in file.relative_to(root).parts)]  # skip temp/hidden files
     fingerprint = {}
     for file in sorted(files):
         stat = file.stat()
@@ -159,8 +163,12 @@ class Job:
 class ImageCache:
     """PNG cache with a manifest; `generated` lists the paths this object wrote (the resume check)."""
 
-    def __init__(self, root, settings: dict, flag: str = "--out"):
-        """flag: the option that named root, for the fix in a refusal (``--base-images`` for a shared one)."""
+    def __init__(self, root, settings: dict, flag: str = "--out",
+                 as_recorded_now: Optional[Callable[[dict], dict]] = None):
+        """flag: the option that named root, for the fix in a refusal (``--base-images`` for a shared one).
+        as_recorded_now: stored settings -> the settings this version records for the same inputs (a fingerprint
+        narrowed since to the files the images depend on): cached images whose settings match only after it are
+        kept, and the manifest records the settings as they are now."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
@@ -170,6 +178,10 @@ class ImageCache:
                 stored = json.loads((self.root / MANIFEST).read_text())
             except ValueError:  # emptied or cut off (a full disk): its images cannot be trusted
                 raise StaleCacheError(f"{self.root / MANIFEST}: unreadable", ["manifest"], flag) from None
+            if (stored.get("settings") != self.settings and as_recorded_now is not None
+                    and as_recorded_now(stored.get("settings", {})) == self.settings):
+                stored["settings"] = self.settings
+                _write_json(self.root / MANIFEST, stored)
             if stored.get("settings") != self.settings:
                 old = stored.get("settings", {})
                 changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
