@@ -11,13 +11,14 @@ from fastfair.optional import MissingPackage
 
 
 @contextlib.contextmanager
-def user_errors(prog: str) -> Iterator[None]:
+def user_errors(prog: str, resume: Optional[str] = None) -> Iterator[None]:
     """Inside: a ValueError (fastfair raises them for bad input, with the fix in the message), an OSError (a path
     that is missing, a folder where a file goes, ...) or a MissingPackage (the optional package a setting needs)
     exits with status 2 and ``prog: error: message`` on stderr, as argparse does (an ImportError of a broken
     installation keeps its traceback); FASTFAIR_TRACEBACK=1 re-raises it with its traceback. Also quiets
     bitsandbytes' CPU backend (imported by peft and diffusers when installed), which on CPUs with AVX512-BF16 warns
-    at import that the optional Hugging Face ``kernels`` hub package lacks a 4-bit kernel fastfair never uses."""
+    at import that the optional Hugging Face ``kernels`` hub package lacks a 4-bit kernel fastfair never uses.
+    Ctrl-C ends it with status 130 and ``prog: interrupted``, then ``resume`` (how to go on) when given."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         yield
@@ -26,6 +27,11 @@ def user_errors(prog: str) -> Iterator[None]:
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("FASTFAIR_TRACEBACK") == "1":
+            raise
+        print(f"{prog}: interrupted" + (f"; {resume}" if resume else ""), file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def folder_instead_of_file(flag: str, path: str, what: str, example: str) -> Optional[str]:

@@ -112,6 +112,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         settings["finetuned_run_config"] = weight_fingerprint(run_config)
     if run_config is not None and run_config.is_file():
         _warn_of_training_prompts(run_config, prompts)
+        _warn_of_another_base(run_config, model)
     out = Path(out)
     cache = ImageCache(out / "images", settings, as_recorded_now=_as_recorded_now(finetuned))
     caches = {m: cache for m in sources}
@@ -322,6 +323,25 @@ def _warn_of_training_prompts(run_config, prompts: Sequence[str]) -> None:
                       "to measure the training prompts", stacklevel=3)
 
 
+def _warn_of_another_base(run_config, model: str) -> None:
+    """A warning, not an error: a run's weights put on another base model than the one it trained on (its
+    model.pretrained) may be deliberate (a sibling fine-tune of the same architecture), but is more often a slip."""
+    import os
+    import warnings
+
+    from fastfair.config import load_config
+
+    try:
+        trained_on = load_config(run_config).model.pretrained
+        same = os.path.realpath(resolve_model(trained_on)) == os.path.realpath(resolve_model(model))
+    except (OSError, ValueError):  # its base moved or gone: nothing to compare with
+        return
+    if not same:
+        warnings.warn(f"--finetuned: the run trained on model.pretrained={trained_on} ({run_config}), not on --model "
+                      f"{model}: its weights are evaluated on another base model than their own; pass --model "
+                      f"{trained_on} unless you mean to", stacklevel=3)
+
+
 def _fid_scorer(reference, inception, device):
     """The extractor, with ``distance(features)``: FID of generated features to the reference folder's."""
     from fastfair.evaluation.fid import FeatureExtractor, frechet_distance, reference_images
@@ -459,5 +479,6 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     from fastfair.cli import user_errors
 
-    with user_errors("python -m fastfair.evaluate"):
+    with user_errors("python -m fastfair.evaluate",
+                     "the images made so far are cached: the same command resumes"):
         main()

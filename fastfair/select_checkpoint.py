@@ -20,12 +20,14 @@ the others wait (a lock on DIR/base_images/); then the command without --shard r
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from fastfair.evaluate import evaluate, evaluate_options, evaluated_sets, evaluation_device, evaluation_parser
 from fastfair.evaluation.cache import StaleCacheError
+from fastfair.evaluation.sources import finetuned_kind
 from fastfair.evaluation.shared import SharedLoads
 from fastfair.evaluation.selection import Candidate, check_floors, check_rank, select, write_selection
 
@@ -35,9 +37,8 @@ BASE_IMAGES = "base_images"
 def expand_checkpoints(folders: Sequence[str], every: Optional[int] = None) -> List[Tuple[str, Optional[int], Path]]:
     """[(name, step, folder)] in order: a run folder gives its checkpoints with weights by step (every: only the
     steps divisible by it), a checkpoint or export folder itself; names (the folders' names) must differ."""
-    from fastfair.checkpoint import checkpoint_dir, checkpoint_step, list_checkpoints
-    from fastfair.evaluation.sources import finetuned_kind
-
+    from fastfair.checkpoint import (WEIGHT_FILES, checkpoint_dir, checkpoint_step, list_checkpoints, missing_files,
+                                     step_folders)
     if every is not None and every < 1:
         raise ValueError(f"--every {every}: expected a step interval >= 1 (e.g. 200, the method's)")
     found = []
@@ -46,8 +47,14 @@ def expand_checkpoints(folders: Sequence[str], every: Optional[int] = None) -> L
     for folder in (Path(folder).resolve() for folder in folders):
         if checkpoint_dir(folder).is_dir() and not (folder / "weights.safetensors").is_file():
             steps = list_checkpoints(folder, resumable=False)
+            incomplete = [path for step, path in step_folders(folder).items() if step not in steps]
+            lacking = incomplete and (f"{len(incomplete)} checkpoint folder(s) lack a weight file (e.g. "
+                                      f"{incomplete[0].name}: {', '.join(missing_files(incomplete[0], WEIGHT_FILES))})")
             if not steps:
-                raise ValueError(f"{folder}: a training run's folder without a checkpoint with weights yet")
+                raise ValueError(f"{folder}: a training run's folder without a checkpoint with weights yet"
+                                 + (f": {lacking}" if lacking else ""))
+            if lacking:
+                warnings.warn(f"{folder}: {lacking}; left out of the sweep", stacklevel=2)
             found += [(path.name, step, path) for step, path in steps.items()]
         else:
             try:  # a clear error for anything else, before any evaluation
@@ -78,10 +85,17 @@ def parse_floors(items: Sequence[str]) -> dict:
     floors = {}
     for item in items:
         key, _, value = item.partition("=")
+        key = key.strip()
         try:
-            floors[key.strip()] = float(value)
+            floor = float(value)
         except ValueError:
-            raise ValueError(f"--min-semantics {item!r}: expected METRIC=VALUE, e.g. clip_i=0.8") from None
+            floor = math.nan
+        if math.isnan(floor):
+            raise ValueError(f"--min-semantics {item!r}: expected METRIC=VALUE, e.g. clip_i=0.8")
+        if key in floors:
+            raise ValueError(f"--min-semantics {item!r}: a second floor on {key} (the first: {floors[key]}); give "
+                             "each metric once")
+        floors[key] = floor
     return floors
 
 
@@ -126,9 +140,12 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
     taken = {"out", "finetuned", "base_images", "shared"} & set(evaluate_kwargs)
     if taken:
         raise ValueError(f"select_checkpoint sets {', '.join(sorted(taken))} itself: leave them out")
+    from fastfair.checkpoint import has_weights
+
     found = expand_checkpoints(checkpoints, every)
     if shard is not None:
         found = found[shard[0]::shard[1]]
+    trained = {folder for _, _, folder in found if has_weights(folder)}  # training checkpoints, not exports
     min_semantics = dict(min_semantics or {})
     _check_floor_sources(min_semantics, evaluate_kwargs)
     # the base model, the judges and the base images' measurements, loaded once for all the evaluations
@@ -141,11 +158,18 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file; give a folder for the reports")
+    where = out.resolve()
+    for _, step, folder in found:
+        inside = folder if (where == folder or folder in where.parents) else (
+            folder.parent if step is not None and where == folder.parent else None)
+        if inside is not None:  # reports beside the weights, or step_N reports among the step_N checkpoints
+            raise ValueError(f"--out {out}: inside {inside}, which the sweep reads its checkpoints from; give a "
+                             "folder of its own (e.g. beside the run's checkpoints/)")
     candidates = []
     bar = tqdm(found, desc="checkpoints", unit="ckpt", disable=not progress)
     for name, step, folder in bar:
         bar.set_postfix_str(name)
-        if not folder.is_dir():  # pruned by a run still training (keep_last) since it was listed
+        if _pruned(folder, folder in trained):  # by a run still training (keep_last) since it was listed
             warnings.warn(f"{folder}: deleted since the sweep started (a running training's keep_last?); skipped",
                           stacklevel=2)
             continue
@@ -153,7 +177,15 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
             results = evaluate(out=out / name, finetuned=str(folder), base_images=out / BASE_IMAGES,
                                progress=progress, shared=shared, **evaluate_kwargs)
         except StaleCacheError as error:  # its fix names evaluate's flags; the sweep's folders all hang off --out
-            raise StaleCacheError(error.problem, error.changed, "--out") from None
+            raise StaleCacheError(error.problem, error.changed, "--out",
+                                  fix=f"use another --out, or delete {out} (its other checkpoints' images and the "
+                                      "base images were made with those settings too)") from None
+        except (ValueError, OSError):
+            if not _pruned(folder, folder in trained):
+                raise
+            warnings.warn(f"{folder}: deleted during its evaluation (a running training's keep_last?); skipped",
+                          stacklevel=2)
+            continue
         if not candidates:  # a floor on a --semantics encoder it lacks: after the first evaluation, not the last
             check_floors(results, min_semantics)
         candidates.append(Candidate(name, step, str(folder), results))
@@ -166,6 +198,13 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
     selection = select(candidates, guidance, rank_by, min_semantics)
     write_selection(selection, candidates[0].results, out)
     return {**selection, "evaluations": evaluations}
+
+
+def _pruned(folder: Path, trained: bool) -> bool:
+    """Whether a folder listed by the sweep is gone, or (a training checkpoint) lost its weights since."""
+    from fastfair.checkpoint import has_weights
+
+    return not folder.is_dir() or (trained and not has_weights(folder))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -202,6 +241,9 @@ def main(argv=None) -> None:
     best = next((row for row in selection["checkpoints"] if row["name"] == selection["best"]), None)
     if best is None:
         print("best: none (no checkpoint is eligible)")
+    elif finetuned_kind(best["folder"]) == "export":
+        print(f"best: {best['name']} ({best['folder']}), an export: python -m fastfair.generate --model "
+              f"{options['model']} --lora {best['folder']} ... generates with it")
     else:
         print(f"best: {best['name']} ({best['folder']}); to use it: python -m fastfair.export {best['folder']} "
               "--out DIR")
@@ -210,5 +252,6 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     from fastfair.cli import user_errors
 
-    with user_errors("python -m fastfair.select_checkpoint"):
+    with user_errors("python -m fastfair.select_checkpoint",
+                     "the images made so far are cached: the same command resumes"):
         main()

@@ -629,6 +629,9 @@ def test_user_errors_end_with_status_2_or_their_traceback_when_asked(monkeypatch
         with pytest.raises(SystemExit) as exit_, user_errors("prog"):
             raise error
         assert exit_.value.code == 2 and capsys.readouterr().err == f"prog: error: {error}\n"
+    with pytest.raises(SystemExit) as exit_, user_errors("prog", "the same command resumes"):
+        raise KeyboardInterrupt  # Ctrl-C: how to go on, not the traceback of the frames it stopped in
+    assert exit_.value.code == 130 and capsys.readouterr().err == "prog: interrupted; the same command resumes\n"
     monkeypatch.setenv("FASTFAIR_TRACEBACK", "1")
     with pytest.raises(ValueError, match="bad setting"), user_errors("prog"):
         raise ValueError("bad setting")
@@ -663,3 +666,18 @@ def test_prompts_from_a_shipped_set_a_file_or_a_prompt_set_factory(tmp_path):
     (tmp_path / "lines.txt").write_text("a portrait\na portrait\n")
     with pytest.raises(ValueError, match="repeat"):  # held to the rules of a prompt file
         load_prompts(str(tmp_path / "lines.txt"))
+
+
+def test_a_checkpoint_evaluated_on_another_base_model_than_its_own_is_warned_of(tmp_path):
+    import warnings
+
+    checkpoint = _toy_checkpoint(tmp_path / "run")  # trained on the toy model (pkg://, as --model toy resolves)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(tmp_path / "own", finetuned=checkpoint)
+    assert not [w for w in caught if "not on --model" in str(w.message)]
+    other = tmp_path / "other_base"
+    shutil.copytree(toy_pipeline(), other)
+    with pytest.warns(UserWarning, match=rf"the run trained on model.pretrained={toy_pipeline()} \(.*\), not on "
+                                         rf"--model {other}: its weights are evaluated on another"):
+        run(tmp_path / "other", model=other, finetuned=checkpoint)

@@ -255,7 +255,8 @@ def test_checkpoints_run_in_step_order_a_pruned_one_is_skipped_and_stale_images_
     assert evaluated == ["step_00000001", "step_00000003"]  # given last to first, evaluated by step
     assert [row["name"] for row in selection["checkpoints"]] == evaluated
     with pytest.raises(StaleCacheError, match=r"base_images: cached images were made with other settings "
-                                              r"\(steps\); use another --out or delete the folder"):
+                                              rf"\(steps\); use another --out, or delete {out} \(its other "
+                                              r"checkpoints' images and the base images"):
         shutil.rmtree(out / "step_00000003")  # its own images: the shared base images are the stale ones
         select_checkpoint([str(steps[2])], out, **{**small, "num_steps": 3})
 
@@ -714,3 +715,70 @@ def test_judges_rewritten_under_the_same_paths_are_read_again_by_an_evaluation_s
     alone = evaluate(out=tmp_path / "alone", **common, **kwargs)
     assert json.dumps(swept["guidance"], sort_keys=True) == json.dumps(alone["guidance"], sort_keys=True)
     assert json.dumps(before["guidance"], sort_keys=True) != json.dumps(alone["guidance"], sort_keys=True)
+
+
+def test_a_checkpoint_pruned_during_its_own_evaluation_is_skipped(world, tmp_path, monkeypatch):
+    """keep_last may delete a checkpoint after its turn began (while the models load): skipped with a warning, as
+    one deleted before its turn; any other failure of an evaluation still stops the sweep."""
+    import shutil
+
+    import fastfair.select_checkpoint as sweep
+
+    run = shutil.copytree(world["run"], tmp_path / "run")
+    steps = [run / "checkpoints" / f"step_{step:08d}" for step in STEPS]
+
+    def prune_then_evaluate(**kwargs):
+        if kwargs["finetuned"] == str(steps[1]):
+            (steps[1] / "ema.safetensors").unlink()  # the pruning half done: its reads fail
+        return evaluate(**kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate", prune_then_evaluate)
+    small = options(world, prompts=PROMPTS[:1], images_per_prompt=2, clip=None)
+    with pytest.warns(UserWarning, match=r"step_00000002: deleted during its evaluation"):
+        selection = select_checkpoint([str(run)], tmp_path / "sweep", **small)
+    assert [row["name"] for row in selection["checkpoints"]] == ["step_00000001", "step_00000003"]
+
+    def failing(**kwargs):
+        raise ValueError("a real problem")
+
+    monkeypatch.setattr(sweep, "evaluate", failing)
+    with pytest.raises(ValueError, match="a real problem"):
+        select_checkpoint([str(run)], tmp_path / "sweep2", **small)
+
+
+def test_a_run_s_checkpoint_without_its_weights_is_named_and_an_out_among_the_checkpoints_refused(world, tmp_path):
+    import shutil
+
+    run = shutil.copytree(world["run"], tmp_path / "run")
+    (run / "checkpoints" / "step_00000002" / "weights.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"1 checkpoint folder\(s\) lack a weight file \(e.g. step_00000002: "
+                                         r"weights.safetensors\); left out of the sweep"):
+        assert [name for name, _, _ in expand_checkpoints([str(run)])] == ["step_00000001", "step_00000003"]
+    small = options(world, prompts=PROMPTS[:1], images_per_prompt=2, clip=None)
+    for out in (run / "checkpoints", run / "checkpoints" / "step_00000003" / "sweep"):
+        with pytest.raises(ValueError, match=r"--out .*: inside .*, which the sweep reads its checkpoints from"):
+            select_checkpoint([str(run / "checkpoints" / "step_00000003")], out, **small)
+        assert not (out / "base_images").exists()
+
+
+def test_repeated_or_unreadable_floors_are_refused():
+    with pytest.raises(ValueError, match=r"--min-semantics 'clip_i=0.5': a second floor on clip_i \(the first: 0.8\)"):
+        parse_floors(["clip_i=0.8", "clip_i=0.5"])
+    for item in ("clip_i=nan", "clip_i=", "clip_i"):
+        with pytest.raises(ValueError, match="expected METRIC=VALUE"):
+            parse_floors([item])
+
+
+def test_cli_says_how_to_generate_with_a_best_that_is_an_export(world, tmp_path, monkeypatch, capsys):
+    from fastfair.export import main as export_main
+
+    fake_sweep(monkeypatch)
+    export = tmp_path / "step_00000002"  # the fake sweep's scores go by the folder's name
+    export_main([str(world["run"] / "checkpoints" / "step_00000002"), "--out", str(export)])
+    capsys.readouterr()
+    main([str(export), str(world["run"] / "checkpoints" / "step_00000001"), "--model", str(world["sd"]),
+          "--classifier", str(world["classifier"]), "--prompts", "occupations:test", "--max-prompts", "1",
+          "--guidance-scales", "3", "--detector", "none", "--device", "cpu", "--out", str(tmp_path / "cli")])
+    assert capsys.readouterr().out.strip().endswith(
+        f"best: step_00000002 ({export}), an export: python -m fastfair.generate --model {world['sd']} --lora "
+        f"{export} ... generates with it")

@@ -391,5 +391,6 @@ def main(argv: Optional[List[str]] = None):
 if __name__ == "__main__":
     from fastfair.cli import user_errors
 
-    with user_errors("python -m fastfair.classifiers.train"):
+    with user_errors("python -m fastfair.classifiers.train",
+                     "the same command with --resume continues from the last saved state"):
         main()

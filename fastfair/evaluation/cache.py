@@ -100,8 +100,8 @@ class StaleCacheError(ValueError):
     ``problem`` is the message without its fix (``use another FLAG or delete the folder``), for a caller
     whose flags name the folder otherwise (`fastfair.select_checkpoint`)."""
 
-    def __init__(self, problem: str, changed: Sequence[str], flag: str = "--out"):
-        super().__init__(f"{problem}; use another {flag} or delete the folder")
+    def __init__(self, problem: str, changed: Sequence[str], flag: str = "--out", fix: Optional[str] = None):
+        super().__init__(f"{problem}; {fix or f'use another {flag} or delete the folder'}")
         self.problem, self.changed = problem, list(changed)
 
 

@@ -342,5 +342,6 @@ def main(argv=None):
 if __name__ == "__main__":
     from fastfair.cli import user_errors
 
-    with user_errors("python -m fastfair.faces.build_bank"):
+    with user_errors("python -m fastfair.faces.build_bank",
+                     "the same command resumes from the last progress save"):
         main()
