@@ -63,6 +63,29 @@ def _lora_metadata(lora, modules) -> dict:
             "rank_pattern": {}, "alpha_pattern": {}}
 
 
+def _check_export_folder(out: Path, writes: str, checkpoint_dir: Path) -> None:
+    """Refuses an --out where this export would replace or mix with what is there: a file, a whole model (its
+    unet/ replaced), another kind of export (consumers would read one of the two), or an export of another
+    checkpoint (overwritten without a word; the same checkpoint's is written again, e.g. with other --weights)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file; give a folder for the export")
+    if (out / "model_index.json").is_file():
+        raise ValueError(f"--out {out}: a whole diffusers model (model_index.json); its files would be replaced: "
+                         "export into an empty or new folder")
+    others = [name for name in EXPORT_KINDS if name != writes and (out / name).exists()]
+    if others:  # consumers would read one of the two exports, silently
+        raise ValueError(f"--out {out} holds {' and '.join(others)} of another export: export into an empty or new "
+                         "folder, or delete them first")
+    if (out / writes).exists():
+        try:
+            source = json.loads((out / EXPORT_INFO).read_text()).get("checkpoint")
+        except (OSError, ValueError):
+            source = None
+        if source != str(checkpoint_dir.resolve()):
+            raise ValueError(f"--out {out} holds the export of {source or 'another checkpoint'}: export into an empty "
+                             "or new folder, or delete it first")
+
+
 def export(checkpoint_dir, out, weights: str = "ema") -> Path:
     """Write the checkpoint's finetuned weights in diffusers' formats (module docstring); returns out."""
     from diffusers import StableDiffusionPipeline
@@ -79,10 +102,7 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
     tensors = ema if weights == "ema" else raw
     target, lora = cfg.finetune.target, cfg.finetune.lora
     writes = {"prefix": PREFIX_FILE, "unet_full": UNET_DIR}.get(target, LORA_FILE)
-    others = [name for name in EXPORT_KINDS if name != writes and (out / name).exists()]
-    if others:  # consumers would read one of the two exports, silently
-        raise ValueError(f"--out {out} holds {' and '.join(others)} of another export: export into an empty or new "
-                         "folder, or delete them first")
+    _check_export_folder(out, writes, checkpoint_dir)
     out.mkdir(parents=True, exist_ok=True)
     if target == "prefix":
         from safetensors.torch import save_file
@@ -197,8 +217,13 @@ def load_into_pipeline(pipe, lora_dir, flag: str = "--lora") -> str:
     if kind == PREFIX_FILE and PREFIX_TOKEN in pipe.tokenizer.get_vocab():  # diffusers would blame the token
         raise ValueError(f"{flag} {lora_dir}: prefix tokens, and the --model holds a prefix run's already (a model "
                          "written by python -m fastfair.export --merged): use the original base model")
+    from safetensors import SafetensorError
+
     try:
         return _apply_export(pipe, lora_dir, kind)
+    except (SafetensorError, OSError) as error:  # a file cut short, or a folder lacking its weights
+        raise ValueError(f"{flag} {lora_dir}: its {kind} cannot be read ({str(error).splitlines()[0][:300]}); export "
+                         "the checkpoint again (python -m fastfair.export CKPT --out DIR)") from error
     except (RuntimeError, ValueError) as error:  # diffusers' and torch's shape messages name neither folder
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = next((line for line in lines if "mismatch" in line), lines[0])  # torch's names the tensor
@@ -211,6 +236,8 @@ def _apply_export(pipe, lora_dir: Path, kind: str) -> str:
         from safetensors import safe_open
 
         with safe_open(str(lora_dir / PREFIX_FILE), "pt") as prefix:
+            if "emb_params" not in prefix.keys():
+                raise OSError(f"no emb_params tensor in {PREFIX_FILE}, as fastfair writes it")
             width = prefix.get_slice("emb_params").get_shape()[-1]
         expected = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
         if width != expected:  # diffusers' own message leaves its placeholders unfilled

@@ -75,6 +75,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
         raise ValueError(f"--batch-size {batch_size}: expected at least 1 image per batch")
     if steps < 1:
         raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: expected a seed >= 0")
     if not math.isfinite(guidance) or guidance < 1:
         if exported:  # the user gave no --guidance: a run trained before fastfair required >= 1
             raise ValueError(f"{exported_by}/{EXPORT_INFO} records guidance_scale {guidance}, the run's, which "
@@ -82,6 +84,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
                              "G (>= 1; 1: no guidance)")
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file; give a folder for the images")
     folders = prompt_folders(out, prompt)
     earlier = [path for folder in dict.fromkeys([out, *folders]) if folder.is_dir()  # in order: a stable message
                for path in sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].png"))[:1]]
@@ -93,6 +97,10 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
         finetuned_kind(lora, "--lora", checkpoints=False)
     parts = load_stable_diffusion(model_path, dtype, device=device, config=resolve_model_config(model_config),
                                   key="--model", config_key="--model-config")
+    train_steps = parts.scheduler.config.num_train_timesteps
+    if steps >= train_steps:  # diffusers' solver fails with an IndexError past the schedule
+        raise ValueError(f"--steps {steps}: the model's noise schedule has {train_steps} timesteps; sample fewer "
+                         f"steps than that (20-50 as a rule)")
     pipe = parts.pipeline().to(device)
     # a merged prefix export's token: its prompts start with it, as in training
     prefix = merged_prompt_prefix(model_path) + (load_into_pipeline(pipe, lora) if lora else "")

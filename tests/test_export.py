@@ -395,3 +395,44 @@ def test_an_evaluation_copies_only_the_parts_its_finetuned_model_changes(tmp_pat
         base_cond = models["base"].embeddings("a cook")[0]
         changed_text = target in ("prefix", "text_lora", "text_unet_lora")
         assert torch.equal(results[0][0], base_cond) != changed_text  # the finetuned model is not the base
+
+
+def test_an_export_never_replaces_a_model_a_file_or_another_checkpoints_export(tmp_path, world):
+    import shutil
+
+    from fastfair.export import PREFIX_FILE
+
+    _, first = _trained(tmp_path / "a", world, "unet_full")
+    model = shutil.copytree(world["sd"], tmp_path / "model")  # a unet_full export writes unet/: as a model's
+    before = sorted(p.stat().st_mtime_ns for p in (model / "unet").iterdir())
+    with pytest.raises(ValueError, match=r"--out .*model: a whole diffusers model \(model_index.json\); its files "
+                                         r"would be replaced"):
+        export(first, model)
+    assert sorted(p.stat().st_mtime_ns for p in (model / "unet").iterdir()) == before
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"--out .*a_file: a file; give a folder"):
+        export(first, tmp_path / "a_file")
+    _, second = _trained(tmp_path / "b", world, "unet_full")
+    export(first, tmp_path / "out")
+    export(first, tmp_path / "out", weights="raw")  # the same checkpoint's again: written over
+    with pytest.raises(ValueError, match=rf"--out .*out holds the export of {first.resolve()}: export into an empty"):
+        export(second, tmp_path / "out")
+    (tmp_path / "prefix").mkdir()
+    (tmp_path / "prefix" / PREFIX_FILE).write_bytes(b"cut short")
+    with pytest.raises(ValueError, match=rf"--lora .*prefix: its {PREFIX_FILE} cannot be read .*export the "
+                                         r"checkpoint again"):
+        load_into_pipeline(_pipeline(world), tmp_path / "prefix")
+
+
+def test_generate_refuses_steps_past_the_schedule_a_negative_seed_and_a_file_as_out(tmp_path, world):
+    from fastfair.generate import main
+
+    common = ["--model", str(world["sd"]), "--prompt", "a nurse", "--num-images", "1"]
+    for flags, message in ((["--steps", "1000", "--out", str(tmp_path / "g")], "--steps 1000: the model's noise "
+                            "schedule has 1000 timesteps"), (["--seed", "-1", "--out", str(tmp_path / "g")],
+                                                            "--seed -1: expected a seed >= 0"),
+                           (["--out", str(tmp_path / "a_file")], "a_file: a file; give a folder for the images")):
+        (tmp_path / "a_file").write_text("")
+        with pytest.raises(ValueError, match=message):
+            main(common + flags)
+        assert not (tmp_path / "g").exists()
