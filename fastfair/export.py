@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from fastfair.checkpoint import config_file, load_weights
+from fastfair.checkpoint import config_file, has_weights, list_checkpoints, load_weights
 from fastfair.config import load_config
 from fastfair.files import plain_mode
 
@@ -272,6 +272,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                         help="with --merged: the dtype of the weights written")
     args = parser.parse_args(argv)
+    run = Path(args.checkpoint)
+    if (run / "checkpoints").is_dir() and not has_weights(run):  # a run's output folder, as generate says too
+        found = list_checkpoints(run, resumable=False)
+        fix = f"pass one of its checkpoints, e.g. {found[max(found)]}" if found else "it has no checkpoint yet"
+        raise ValueError(f"{run}: a training run's folder, not a checkpoint; {fix}")
     if not args.merged:
         given = [flag for flag, value in (("--model", args.model), ("--model-config", args.model_config),
                                           ("--dtype", args.dtype != "fp32" or None)) if value]

@@ -204,6 +204,11 @@ def test_export_needs_a_checkpoint_folder_and_its_run_config(tmp_path):
         save_file({"text_encoder.x": torch.zeros(1)}, str(ckpt / name))
     with pytest.raises(ValueError, match=f"no run config at {tmp_path / 'run' / 'config.yaml'}"):
         export(ckpt, tmp_path / "out")
+    from fastfair.export import main as export_main
+
+    with pytest.raises(ValueError, match=rf"run: a training run's folder, not a checkpoint; pass one of its "
+                                         rf"checkpoints, e.g. {ckpt}"):
+        export_main([str(tmp_path / "run"), "--out", str(tmp_path / "out")])
 
 
 def test_unet_full_export_is_the_ema_unet_and_generates(tmp_path, world):
