@@ -13,19 +13,24 @@ import torch
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file (``.pt``/``.pth``/``.bin``, loaded weights-only).
+    """A state dict from ``.safetensors`` or a torch file (``.pt``/``.pth``/``.bin``, loaded weights-only); a file
+    neither can read is a ValueError naming it.
 
     Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` containers and DataParallel's ``module.`` prefix
     (the public SFNet checkpoint was saved from ``nn.DataParallel``).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's unpickler and safetensors raise their own types for a foreign or cut file
+        raise ValueError(f"{path}: not a weights file this can read (.safetensors, or a torch file of tensors): "
+                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -81,3 +81,16 @@ def test_a_folder_sync_ignores_only_filesystems_that_cannot_sync_folders(tmp_pat
         assert error.value.errno == code
     else:
         fsync_dir(tmp_path)
+
+
+@pytest.mark.parametrize("name, content", [("foreign.pt", b"\xff\xd8 a JPEG renamed"),
+                                           ("cut.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{")])
+def test_a_weights_file_that_cannot_be_read_is_a_value_error_naming_it(tmp_path, name, content):
+    """Every loader of user weight files (classifiers, the face embedder, --init) reads through load_state_dict: a
+    foreign or cut-short file is one named error, not the unpickler's or safetensors' traceback."""
+    from fastfair.files import load_state_dict
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name}: not a weights file this can read \(.safetensors, or a torch "
+                                         r"file of tensors\): \w+"):
+        load_state_dict(str(tmp_path / name))

@@ -111,11 +111,12 @@ def attribute_names(text: str) -> List[str]:
 
 def prepare_data(args):
     table = read_label_table(args.labels)
-    head, labels = resolve_labels(table, attribute_names(args.attributes))
+    names = attribute_names(args.attributes)
+    head, labels = resolve_labels(table, names)
     rows = distinct_rows(table, head, labels)
     if args.val_labels:
         val_table = read_label_table(args.val_labels)
-        val_head, val_labels = resolve_labels(val_table, attribute_names(args.attributes))
+        val_head, val_labels = resolve_labels(val_table, names)
         val_labels = align_labels(head, val_head, val_labels, f"--val-labels {args.val_labels}")
         val_rows = distinct_rows(val_table, head, val_labels)
         both = sorted({file_key(table.files[r]) for r in rows} & {file_key(val_table.files[r]) for r in val_rows})
@@ -255,7 +256,10 @@ def load_state(path, args, fingerprint):
 def initial_weights(classifier, path: str):
     """Load backbone weights, skipping tensors whose shape differs (the new head). Refuses a file that covers less
     than half of the network's weights (another architecture or --width: the run would start from scratch)."""
-    state = read_weights(path, "--init")
+    try:
+        state = load_state_dict(path)
+    except ValueError as error:  # its message names the file and the problem; the flag is this one
+        raise ValueError(f"--init {error}") from None
     own = classifier.network.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     covered = sum(own[k].numel() for k in kept if own[k].is_floating_point())
@@ -271,17 +275,6 @@ def initial_weights(classifier, path: str):
     print(f"--init {path}: {len(kept)} of the network's {len(own)} tensors loaded"
           + (f", {len(skipped)} left as initialized (e.g. {skipped[0]}: another shape, or not in the file)"
              if skipped else ""))
-
-
-def read_weights(path: str, flag: str) -> dict:
-    """``load_state_dict(path)``, a file it cannot read named with the flag that gave it."""
-    try:
-        return load_state_dict(path)
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as error:  # torch's unpickler and safetensors raise their own types for a foreign file
-        raise ValueError(f"{flag} {path}: not a weights file this can read (.safetensors, or a torch file of "
-                         f"tensors): {type(error).__name__}: {str(error).splitlines()[0]}") from None
 
 
 def flip_some(images: torch.Tensor, seed: int, epoch: int, batch: int) -> torch.Tensor:
