@@ -105,8 +105,9 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     # a square model's images are keyed by their side, as before pairs were read: existing caches stay valid
     resolution = height * scale if height == width else [height * scale, width * scale]
     base_settings = _base_settings(model, model_config, num_steps, seed, dtype, resolution)
-    settings = {**base_settings, **_finetuned_settings(finetuned, weights)}
-    run_config = config_file(finetuned) if finetuned and finetuned_kind(finetuned) == "checkpoint" else None
+    reads = checkpoint_reads(finetuned)
+    settings = {**base_settings, **_finetuned_settings(finetuned, weights, reads)}
+    run_config = config_file(finetuned) if reads is not None else None
     if run_config is not None and Path(finetuned) not in run_config.parents:
         # an older checkpoint reads its settings (LoRA alpha, ...) from the run's config.yaml, which a resume rewrites
         settings["finetuned_run_config"] = weight_fingerprint(run_config)
@@ -114,7 +115,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         _warn_of_training_prompts(run_config, prompts)
         _warn_of_another_base(run_config, model)
     out = Path(out)
-    cache = ImageCache(out / "images", settings, as_recorded_now=_as_recorded_now(finetuned))
+    cache = ImageCache(out / "images", settings, as_recorded_now=_as_recorded_now(reads))
     caches = {m: cache for m in sources}
 
     def generate(m):
@@ -233,11 +234,10 @@ def _base_settings(model, model_config, num_steps, seed, dtype, resolution) -> d
     return settings
 
 
-def _finetuned_settings(finetuned, weights) -> dict:
+def _finetuned_settings(finetuned, weights, reads: Optional[Tuple[str, ...]]) -> dict:
     """What the finetuned model's images depend on besides `_base_settings`: of a training checkpoint, the files
-    evaluation reads (`checkpoint_reads`; not its state.pt, which a user may delete to save space, nor what else
-    the folder comes to hold), of an export every weight and config file."""
-    reads = checkpoint_reads(finetuned)
+    evaluation reads (reads: `checkpoint_reads`; not its state.pt, which a user may delete to save space, nor what
+    else the folder comes to hold), of an export every weight and config file (reads None)."""
     return {"finetuned": str(finetuned or ""), "weights": weights,
             "finetuned_files": weight_fingerprint(finetuned, only=reads)}
 
@@ -252,10 +252,10 @@ def checkpoint_reads(finetuned) -> Optional[Tuple[str, ...]]:
     return (*WEIGHT_FILES, CONFIG_FILE)
 
 
-def _as_recorded_now(finetuned):
-    """ImageCache's as_recorded_now for this finetuned model: a cache an older version keyed by every file of a
-    training checkpoint's folder (its state.pt too) stays valid when the files read now are unchanged."""
-    reads = checkpoint_reads(finetuned)
+def _as_recorded_now(reads: Optional[Tuple[str, ...]]):
+    """ImageCache's as_recorded_now for a finetuned model whose files read are ``reads`` (`checkpoint_reads`): a
+    cache an older version keyed by every file of a training checkpoint's folder (its state.pt too) stays valid
+    when the files read now are unchanged."""
     if reads is None:
         return None
 
