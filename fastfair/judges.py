@@ -47,7 +47,8 @@ def _classifier(name, spec, device):
 
 
 def build_judges(cfg: TrainConfig, device) -> Judges:
-    from fastfair.faces import FaceBank, FaceEmbedder, get_detector, load_face_embedder
+    from fastfair.faces import FaceBank, get_detector, load_face_embedder
+    from fastfair.faces.embed import as_face_embedder
     from fastfair.faces.detect import detector_from_flags
     from fastfair.losses import SemanticsLoss
 
@@ -87,10 +88,9 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
         flip = bank.flip
         if faces.embedding_fn:
             embedder = load_callable(faces.embedding_fn, "faces.embedding_fn")()
-            if flip is not None and not hasattr(embedder, "flip"):  # a bare network, as build_bank's
-                # --embedder-factory gives (so the factory a bank records serves here too): embedded as build_bank
-                # did (idempotent for an embedder that flip-sums and normalizes itself)
-                embedder = FaceEmbedder(embedder, flip=flip, input_size=getattr(embedder, "input_size", 112))
+            if flip is not None:  # a bare network, as build_bank's --embedder-factory gives (so the factory a
+                # bank records serves here too), is embedded as build_bank did
+                embedder = as_face_embedder(embedder, flip)
             if flip is not None and embedder.flip != flip:
                 raise ValueError(f"faces.embedding_fn={faces.embedding_fn} embeds with flip={embedder.flip}, but the "
                                  f"faces.bank {faces.bank} was built with flip={flip}: the face loss would compare "

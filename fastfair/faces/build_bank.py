@@ -25,7 +25,7 @@ from fastfair.cli import device_problem, folder_instead_of_file
 from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank, json_mapping
 from fastfair.faces.detect import detector_from_flags, get_detector
-from fastfair.faces.embed import FaceEmbedder, load_face_embedder
+from fastfair.faces.embed import as_face_embedder, load_face_embedder
 from fastfair.files import save_safetensors
 from fastfair.faces.regions import locate_faces
 from fastfair.hooks import load_callable
@@ -305,13 +305,11 @@ def factory_embedder(factory: str, no_flip: bool):
     network [N, 3, S, S] -> [N, D] is wrapped in a FaceEmbedder at its ``input_size`` (112 if it names none), with
     --no-flip's choice; an embedder with its own ``flip`` setting (it flip-sums and normalizes itself) is used as
     it is, and --no-flip must agree with it."""
-    network = load_callable(factory, "--embedder-factory")()
-    if not hasattr(network, "flip"):
-        return FaceEmbedder(network, flip=not no_flip, input_size=getattr(network, "input_size", 112))
-    if no_flip and network.flip:
+    embedder = as_face_embedder(load_callable(factory, "--embedder-factory")(), flip=not no_flip)
+    if no_flip and embedder.flip:
         raise ValueError(f"--no-flip: --embedder-factory {factory} gives an embedder that adds the mirrored face's "
                          "features itself (flip=True); drop --no-flip, or have the factory give one with flip=False")
-    return network
+    return embedder
 
 
 def main(argv=None):

@@ -38,6 +38,15 @@ class FaceEmbedder(nn.Module):
         return F.normalize(features.float(), dim=-1)
 
 
+def as_face_embedder(network: Callable, flip: bool):
+    """What a factory gave, ready to embed as a bank's faces were: a bare network [N, 3, S, S] -> [N, D] wrapped in
+    a FaceEmbedder at its ``input_size`` (112 if it names none) with ``flip``; an embedder with its own ``flip``
+    setting (it flip-sums and normalizes itself) as it is, whose flip the caller compares."""
+    if hasattr(network, "flip"):
+        return network
+    return FaceEmbedder(network, flip=flip, input_size=getattr(network, "input_size", 112))
+
+
 def sfnet_config_from_state(state) -> dict:
     """Read SFNet's depths, channels, out_dim and input_size off its state dict's shapes."""
     try:
