@@ -239,6 +239,30 @@ def test_an_existing_classifier_file_is_not_overwritten(dataset, tmp_path):
     assert out.read_bytes() == before
 
 
+def test_a_resume_whose_best_classifier_was_deleted_is_refused(dataset, tmp_path):
+    out = tmp_path / "c.safetensors"
+    main(arguments(dataset, out, "--epochs", "2", "--max-steps", "16"))  # past epoch 1: its classifier written
+    os.remove(out)
+    saved = open(state_path(str(out)), "rb").read()
+    with pytest.raises(ValueError, match=r"--resume: the classifier of the best epoch so far \(epoch 1, .*c.safetensors, "
+                                         r"is gone and .*state.pt cannot restore it: put the file back"):
+        main(arguments(dataset, out, "--epochs", "2", "--resume"))
+    assert open(state_path(str(out)), "rb").read() == saved
+
+
+def test_a_last_batch_of_one_image_joins_the_batch_before(dataset, tmp_path):
+    from fastfair.classifiers.train import epoch_batches
+
+    assert epoch_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5, 6]]
+    assert epoch_batches(list(range(6)), 3) == [[0, 1, 2], [3, 4, 5]]
+    assert epoch_batches([4], 3) == [[4]]
+    # 112 training images in batches of 37 leave one; at --size 8 the last stage's features are 1x1, where
+    # BatchNorm cannot normalize a batch of one
+    result = main(arguments(dataset, tmp_path / "c.safetensors", "--epochs", "1", "--size", "8", "--batch-size", "37"))
+    assert result["best"]["epoch"] == 1
+    assert network_of(tmp_path / "c.safetensors")["position"] == {"epoch": 1, "batch": 0}
+
+
 def test_the_best_epoch_is_chosen_by_mean_balanced_accuracy(dataset, tmp_path, monkeypatch):
     from fastfair.classifiers import train as training
     from fastfair.files import read_safetensors_metadata

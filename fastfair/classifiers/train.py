@@ -284,6 +284,17 @@ def flip_some(images: torch.Tensor, seed: int, epoch: int, batch: int) -> torch.
     return torch.where(flip[:, None, None, None].to(images.device), images.flip(-1), images)
 
 
+def epoch_batches(order: List[int], batch_size: int) -> List[List[int]]:
+    """``order`` cut into batches of ``batch_size``; a last batch of one image joins the one before it (a batch
+    of one cannot be normalized where BatchNorm sees 1x1 features: small ``--size``, deep stages), so every image
+    still trains each epoch."""
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        last = batches.pop()
+        batches[-1] += last
+    return batches
+
+
 def train(args) -> Optional[dict]:
     """Run (or resume) training; returns {"best": ..., "history": [...]} or None when stopped by --max-steps.
     ``best["mean"]``: the best epoch's mean balanced accuracy over attributes (what selects it)."""
@@ -304,7 +315,7 @@ def train(args) -> Optional[dict]:
         initial_weights(classifier, args.init)
     classifier.to(args.device).train()
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    steps_per_epoch = len(epoch_batches(list(range(len(train_set))), args.batch_size))
     total_steps = steps_per_epoch * args.epochs
     position, best, history = {"epoch": 0, "batch": 0}, {"mean": -1.0}, []
     if resuming:
@@ -318,6 +329,10 @@ def train(args) -> Optional[dict]:
         classifier.network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         position, best, history = state["position"], state["best"], state["history"]
+        if best["mean"] >= 0 and not os.path.isfile(args.out):  # the state keeps the latest weights, not the best
+            raise ValueError(f"--resume: the classifier of the best epoch so far (epoch {best['epoch']}, mean balanced "
+                             f"accuracy {best['mean']:.3f}), {args.out}, is gone and {saved} cannot restore it: put the "
+                             "file back, or train anew (another --out, or delete the state)")
         if best["mean"] >= 0 and "balanced_accuracy" not in best:
             print(f"note: {saved} chose its best epoch so far by mean accuracy (an older fastfair); later epochs "
                   f"replace it when their mean balanced accuracy exceeds that ({best['mean']:.3f})")
@@ -336,7 +351,7 @@ def train(args) -> Optional[dict]:
         if args.max_steps and epoch * steps_per_epoch + first >= args.max_steps and first < steps_per_epoch:
             print(f"already at step {args.max_steps} (--max-steps): nothing trained; raise it to train on")
             return None
-        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order[first * args.batch_size:].tolist(),
+        loader = DataLoader(train_set, batch_sampler=epoch_batches(order.tolist(), args.batch_size)[first:],
                             num_workers=args.workers, generator=torch.Generator())
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", initial=first, total=steps_per_epoch,
                    disable=args.quiet)
