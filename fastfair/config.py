@@ -787,6 +787,10 @@ def _data_problems(data: DataConfig) -> List[str]:
         if spec.file is not None and spec.factory is not None:  # the factory's prompts would be read, the file not
             problems.append(f"data.sets.{name} sets both file={spec.file} and factory={spec.factory}: give one of "
                             f"file / factory (data.sets.{name}.file=null or data.sets.{name}.factory=null)")
+        if spec.template is not None and spec.factory is not None:  # a factory returns whole prompts
+            problems.append(f"data.sets.{name} sets both template={spec.template!r} and factory={spec.factory}: a "
+                            "factory's prompts are used as it returns them; put the template in the factory "
+                            f"(data.sets.{name}.template=null)")
         if spec.file is None and spec.factory is None and name not in list_prompt_sets():
             problems.append(f"data.sets.{name}: no shipped prompt set '{name}' (shipped: "
                             f"{', '.join(list_prompt_sets())}); set data.sets.{name}.file to a text file "

@@ -112,7 +112,10 @@ def _numbered_lines(path) -> List[Tuple[int, str]]:
         line = data[:error.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}): save the file as "
                          "UTF-8") from None
-    numbered = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
+    # lines end at \n, \r\n or \r alone, as editors number them (str.splitlines also splits at form feeds,
+    # U+2028 and others, which would renumber the lines and cut a prompt in two)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    numbered = [(number, line.strip()) for number, line in enumerate(lines, start=1)]
     numbered = [(number, line) for number, line in numbered if line and not line.startswith("#")]
     _unique(numbered, f"{path}:", "line")
     return numbered

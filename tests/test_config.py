@@ -361,6 +361,8 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
      "classifiers.c and classifiers.d both predict 'gender': keep it in the attributes of one of them"),
     (["data.sets.mine={file: /p.txt, factory: 'pkg.mod:fn'}"], "data.sets.mine sets both file=/p.txt and "
      "factory=pkg.mod:fn: give one of file / factory"),
+    (["data.sets.mine={factory: 'pkg.mod:fn', template: 'a {x}'}"], "data.sets.mine sets both template='a {x}' and "
+     "factory=pkg.mod:fn: a factory's prompts are used as it returns them"),
     (["classifiers.c.attributes={gender: [0, 1], race: [1, 2, 3, 4]}"], "output indices must be distinct"),
     (["classifiers.c.attributes={gender: [0, 1], race: []}"], "classifiers.c.attributes: give each attribute"),
     (["model.attention=xformers"], "model.attention=xformers needs CUDA"),

@@ -112,6 +112,17 @@ def test_user_files_and_bad_arguments(tmp_path):
         load_prompt_set("sports", "val")
 
 
+def test_lines_end_only_at_line_breaks_as_editors_number_them(tmp_path):
+    """A form feed or U+2028 inside a line stays in its prompt (str.splitlines would cut it in two and renumber
+    the lines after); \r\n and a lone \r end a line."""
+    path = tmp_path / "jobs.txt"
+    path.write_bytes("x\u2028y\nfoo\fbar\r\nbaker\rbaker\n".encode("utf-8"))
+    with pytest.raises(ValueError, match=r"jobs\.txt:4: 'baker' repeats line 3"):
+        read_lines(path)
+    path.write_bytes("x\u2028y\nfoo\fbar\r\nbaker\r".encode("utf-8"))
+    assert read_lines(path) == ["x\u2028y", "foo\fbar", "baker"]
+
+
 def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     path = tmp_path / "jobs.txt"
     path.write_bytes("baker\ncaf\u00e9 owner\n".encode("latin-1"))

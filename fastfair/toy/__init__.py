@@ -56,6 +56,9 @@ def detect_faces(images):
 def occupation_prompts(split: str = "train"):
     """Prompt-set factory (``data.sets.<name>.factory``): the toy occupations of a split; the trainer's "test"
     is the toy world's held-out split."""
+    if split not in ("train", "test", "heldout"):
+        raise ValueError(f"split {split!r}: the toy occupations have the splits 'train' and 'test' (also called "
+                         "'heldout')")
     return prompts({"test": "heldout"}.get(split, split), "occupation")
 
 
