@@ -48,6 +48,12 @@ def load_prompts(spec: str, max_prompts: Optional[int] = None) -> list:
     expected = (f"not a file, not a shipped set (NAME[:SPLIT] with NAME in {list_prompt_sets()}, SPLIT in "
                 f"{SPLITS}) and not a prompt-set factory (package.module:function[:SPLIT])")
     if name in list_prompt_sets():
+        if Path(spec).is_file():  # the set would be read, the file beside it not
+            raise ValueError(f"--prompts {spec}: both a shipped prompt set and a file here; give ./{spec} for the "
+                             f"file, or {name}:{split or 'test'} for the set")
+        if (split or "test") not in SPLITS:
+            raise ValueError(f"--prompts {spec}: the shipped set {name} has the splits {', '.join(SPLITS)}, not "
+                             f"{split!r}")
         prompts = load_prompt_set(name, split or "test")
     elif Path(spec).is_file():
         prompts = load_prompt_file(spec)
@@ -57,7 +63,12 @@ def load_prompts(spec: str, max_prompts: Optional[int] = None) -> list:
             factory = load_callable(f"{name}:{function}", "--prompts")
         except ValueError as error:
             raise ValueError(f"--prompts {spec}: {expected}: {error}") from None
-        prompts = factory_prompts(factory(split or "test"), f"--prompts {spec}")
+        try:
+            returned = factory(split or "test")
+        except (TypeError, ValueError) as error:  # its signature, or a split it does not have
+            raise ValueError(f"--prompts {spec}: {name}:{function}({split or 'test'!r}) failed: "
+                             f"{type(error).__name__}: {error}") from error
+        prompts = factory_prompts(returned, f"--prompts {spec}")
     else:
         raise ValueError(f"--prompts {spec}: {expected}")
     if max_prompts is not None and max_prompts < 1:
@@ -113,7 +124,6 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         settings["finetuned_run_config"] = weight_fingerprint(run_config)
     if run_config is not None and run_config.is_file():
         _warn_of_training_prompts(run_config, prompts)
-        _warn_of_another_base(run_config, model)
     out = Path(out)
     cache = ImageCache(out / "images", settings, as_recorded_now=_as_recorded_now(reads))
     caches = {m: cache for m in sources}
@@ -321,25 +331,6 @@ def _warn_of_training_prompts(run_config, prompts: Sequence[str]) -> None:
                       f"finetuned run trained on (data.sets of {run_config}), e.g. {seen[0]!r}: their bias is not "
                       "held-out bias; evaluate held-out prompts (e.g. --prompts occupations:test) unless you mean "
                       "to measure the training prompts", stacklevel=3)
-
-
-def _warn_of_another_base(run_config, model: str) -> None:
-    """A warning, not an error: a run's weights put on another base model than the one it trained on (its
-    model.pretrained) may be deliberate (a sibling fine-tune of the same architecture), but is more often a slip."""
-    import os
-    import warnings
-
-    from fastfair.config import load_config
-
-    try:
-        trained_on = load_config(run_config).model.pretrained
-        same = os.path.realpath(resolve_model(trained_on)) == os.path.realpath(resolve_model(model))
-    except (OSError, ValueError):  # its base moved or gone: nothing to compare with
-        return
-    if not same:
-        warnings.warn(f"--finetuned: the run trained on model.pretrained={trained_on} ({run_config}), not on --model "
-                      f"{model}: its weights are evaluated on another base model than their own; pass --model "
-                      f"{trained_on} unless you mean to", stacklevel=3)
 
 
 def _fid_scorer(reference, inception, device):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -19,13 +21,15 @@ from typing import Optional, Sequence, Union
 import torch
 
 from fastfair.evaluation.cache import paired_noise
-from fastfair.evaluation.sources import finetuned_kind, resolve_model, resolve_model_config
+from fastfair.evaluation.sources import check_finetuned_base, finetuned_kind, resolve_model, resolve_model_config
 from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline, merged_prompt_prefix
 from fastfair.models import latent_size, load_stable_diffusion
 
 
-DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 7.5
-PROMPTS_FILE = "prompts.txt"  # with several prompts: line p is the prompt of DIR/prompt_<p>/
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_BATCH = 20, 7.5, 8  # the batch: images per call, as evaluate's default
+# with several prompts: line p is the prompt of DIR/prompt_<p>/ (a record: --prompts would read a line starting
+# with '#' as a comment)
+PROMPTS_FILE = "prompts.txt"
 
 
 def prompt_folders(out, prompt: Union[str, Sequence[str]]) -> list:
@@ -37,12 +41,13 @@ def prompt_folders(out, prompt: Union[str, Sequence[str]]) -> list:
 
 def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, out, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
-             model_config=None, batch_size: Optional[int] = None) -> list:
+             model_config=None, batch_size: int = DEFAULT_BATCH) -> list:
     """num_images images of `prompt` (a string, or a list of prompts: each in its own folder, `prompt_folders`)
     from the model with the exported weights (None: the base model); returns the PNG paths, prompt by prompt.
     steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
     else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
-    per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring)."""
+    per pipeline call; each image's noise is the same whatever it is (module docstring). Prompts are stripped of
+    spaces at their ends (CLIP's tokenizer drops them; the noise would not)."""
     from tqdm.auto import tqdm
 
     model_path = resolve_model(model)
@@ -53,13 +58,21 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
                                                                 ("--guidance", "guidance_scale", guidance))
              if given is None and key in recorded]
     if taken:  # a run debiased at one guidance scale is not at another
-        print(f"{' and '.join(taken)}: as the run trained ({exported_by}/{EXPORT_INFO}); give the flag for another")
+        print(f"{' and '.join(taken)}: as the run trained ({exported_by}/{EXPORT_INFO}); give the flag for another",
+              file=sys.stderr)  # stdout lists the images written, one path a line
     exported = guidance is None and "guidance_scale" in recorded  # a refusal names where the value came from
     steps = steps if steps is not None else int(recorded.get("num_steps", DEFAULT_STEPS))
     guidance = guidance if guidance is not None else float(recorded.get("guidance_scale", DEFAULT_GUIDANCE))
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"--prompt: expected one or more non-empty prompts, got {prompts!r}")
+    # as a --prompts file reads them back from prompts.txt, and each prompt's noise is seeded by its text
+    prompts = [p.strip() for p in prompts]
+    for text in prompts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes a terminal passed that are not UTF-8 (Python keeps them as surrogates)
+            raise ValueError(f"--prompt {text!r}: not valid UTF-8 text; give the prompt in UTF-8") from None
     broken = next((p for p in prompts if "\n" in p or "\r" in p), None)
     if broken is not None:  # prompts.txt holds one prompt per line
         raise ValueError(f"--prompt {broken!r}: a prompt with a line break; give it on one line")
@@ -71,7 +84,7 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     # as 1 (no classifier-free guidance)
     if num_images < 1:
         raise ValueError(f"--num-images {num_images}: expected at least 1")
-    if batch_size is not None and batch_size < 1:
+    if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: expected at least 1 image per batch")
     if steps < 1:
         raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
@@ -87,14 +100,19 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file; give a folder for the images")
     folders = prompt_folders(out, prompt)
+    # images only: a run stopped before its first image left prompts.txt alone, which this one rewrites
     earlier = [path for folder in dict.fromkeys([out, *folders]) if folder.is_dir()  # in order: a stable message
                for path in sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].png"))[:1]]
-    earlier += [out / PROMPTS_FILE] if (out / PROMPTS_FILE).exists() else []
     if earlier:  # this run would overwrite some and leave the rest, a folder of two runs' images
         raise ValueError(f"--out {out}: holds images of an earlier run ({earlier[0].relative_to(out)} ...); choose a "
                          "new folder or delete them")
+    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):  # found before the model loads
+        raise ValueError(f"--out {out}: {existing} is {'a file' if not existing.is_dir() else 'not writable'}; give "
+                         "a folder you can write in")
     if lora:
         finetuned_kind(lora, "--lora", checkpoints=False)
+        check_finetuned_base(model, lora, "--lora")
     parts = load_stable_diffusion(model_path, dtype, device=device, config=resolve_model_config(model_config),
                                   key="--model", config_key="--model-config")
     train_steps = parts.scheduler.config.num_train_timesteps
@@ -106,18 +124,28 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     prefix = merged_prompt_prefix(model_path) + (load_into_pipeline(pipe, lora) if lora else "")
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
     shape = (parts.unet.config.in_channels, *latent_size(parts.unet.config))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot make the folder ({error.strerror or error}); give a folder you can "
+                         "write in") from None
     if not isinstance(prompt, str):  # first: a run stopped part way still says which folder holds which prompt
-        (out / PROMPTS_FILE).write_text("".join(f"{p}\n" for p in prompts))
-    paths, batch = [], batch_size or num_images
+        (out / PROMPTS_FILE).write_text("".join(f"{p}\n" for p in prompts), encoding="utf-8")
+    paths, batch = [], batch_size
     with tqdm(total=num_images * len(prompts), desc="generating", unit="img") as bar:
         for text, folder in zip(prompts, folders):
             folder.mkdir(exist_ok=True)
             for start in range(0, num_images, batch):
                 indices = range(start, min(start + batch, num_images))
                 noise = paired_noise(seed, text, indices, shape).to(device, parts.unet.dtype)
-                images = pipe(prefix + text, num_images_per_prompt=len(indices), num_inference_steps=steps,
-                              guidance_scale=guidance, latents=noise).images
+                try:
+                    images = pipe(prefix + text, num_images_per_prompt=len(indices), num_inference_steps=steps,
+                                  guidance_scale=guidance, latents=noise).images
+                except RuntimeError as error:  # torch's out-of-memory errors, CUDA's a subclass
+                    if "out of memory" not in str(error) and "can't allocate memory" not in str(error):
+                        raise
+                    raise ValueError(f"--batch-size {batch}: out of memory sampling {len(indices)} images at once "
+                                     f"(2 U-Net rows each with guidance); give a smaller --batch-size") from error
                 for index, image in zip(indices, images):
                     paths.append(folder / f"{index:05d}.png")
                     image.save(paths[-1])
@@ -146,8 +174,8 @@ def main(argv=None) -> None:
                         f"run's, as the export records it, else {DEFAULT_GUIDANCE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per pipeline call (default: all at once); each image's noise does not depend "
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                        help=f"images per pipeline call (default {DEFAULT_BATCH}); each image's noise does not depend "
                         "on it")
     args = parser.parse_args(argv)
     if args.prompts:  # a set: a folder per prompt, whatever its length

@@ -648,7 +648,7 @@ def test_a_file_flag_given_a_folder_is_named_before_the_work(tmp_path):
     assert folder_instead_of_file("--out", str(tmp_path / "bank.safetensors"), "bank", "bank.safetensors") is None
 
 
-def test_prompts_from_a_shipped_set_a_file_or_a_prompt_set_factory(tmp_path):
+def test_prompts_from_a_shipped_set_a_file_or_a_prompt_set_factory(tmp_path, monkeypatch):
     from fastfair.evaluate import load_prompts
     from fastfair.prompts import load_prompt_set
     from fastfair.toy import occupation_prompts
@@ -663,6 +663,19 @@ def test_prompts_from_a_shipped_set_a_file_or_a_prompt_set_factory(tmp_path):
         with pytest.raises(ValueError, match=rf"--prompts {spec}: not a file, not a shipped set .*occupations.* and "
                                              rf"not a prompt-set factory .*{why or ''}"):
             load_prompts(spec)
+    for spec, message in (("occupations:val", "the shipped set occupations has the splits train, test, not 'val'"),
+                          ("fastfair.toy:occupation_prompts:val", r"fastfair.toy:occupation_prompts\('val'\) failed: "
+                           r"ValueError: split 'val': the toy occupations have the splits 'train' and 'test'"),
+                          ("os:getcwd", r"os:getcwd\('test'\) failed: TypeError")):
+        with pytest.raises(ValueError, match=rf"--prompts {spec}: {message}"):
+            load_prompts(spec)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sports").write_text("my own sport\n")  # a file named as a shipped set
+    with pytest.raises(ValueError, match=r"--prompts sports: both a shipped prompt set and a file here; give "
+                                         r"./sports for the file, or sports:test for the set"):
+        load_prompts("sports")
+    assert load_prompts("./sports") == ["my own sport"]
+    assert load_prompts("sports:test") == load_prompt_set("sports", "test")
     (tmp_path / "lines.txt").write_text("a portrait\na portrait\n")
     with pytest.raises(ValueError, match="repeat"):  # held to the rules of a prompt file
         load_prompts(str(tmp_path / "lines.txt"))
@@ -679,5 +692,5 @@ def test_a_checkpoint_evaluated_on_another_base_model_than_its_own_is_warned_of(
     other = tmp_path / "other_base"
     shutil.copytree(toy_pipeline(), other)
     with pytest.warns(UserWarning, match=rf"the run trained on model.pretrained={toy_pipeline()} \(.*\), not on "
-                                         rf"--model {other}: its weights are evaluated on another"):
+                                         rf"--model {other}: its weights are put on another"):
         run(tmp_path / "other", model=other, finetuned=checkpoint)

@@ -107,7 +107,7 @@ def test_a_merged_export_is_the_training_model_without_adapters(tmp_path, world,
         generate_main(["--model", str(tmp_path / "merged"), "--prompt", "a cook", "--num-images", "1",
                        "--out", str(tmp_path / "images")])
     assert prompts == [info["prompt_prefix"] + "a cook"]
-    assert "--steps 3 and --guidance 3.0: as the run trained" in capsys.readouterr().out
+    assert "--steps 3 and --guidance 3.0: as the run trained" in capsys.readouterr().err
     assert (tmp_path / "images" / "00000.png").is_file()
     with pytest.raises(ValueError, match="--out .*merged: not an empty folder"):
         export_main([str(ckpt), "--out", str(tmp_path / "merged"), "--merged"])
@@ -129,6 +129,8 @@ def test_a_merged_export_is_the_training_model_without_adapters(tmp_path, world,
         assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
     if target == "prefix":  # a second prefix on a merged prefix model: named, not diffusers' token clash
         export(ckpt, tmp_path / "prefix_export")
+        info_file = tmp_path / "prefix_export" / "fastfair_export.json"  # as another checkpoint's export
+        info_file.write_text(info_file.read_text().replace(str(ckpt.resolve()), str(tmp_path / "another")))
         with pytest.raises(ValueError, match="the --model holds a prefix run's already"):
             generate_main(["--model", str(tmp_path / "merged"), "--lora", str(tmp_path / "prefix_export"),
                            "--prompt", "a cook", "--out", str(tmp_path / "twice")])
@@ -163,7 +165,7 @@ def test_generate_cli_writes_images(tmp_path, world, capsys, monkeypatch):
     main(["--model", str(world["sd"]), "--lora", str(tmp_path / "export"), "--prompt", "a cook",
           "--num-images", "2", "--out", str(tmp_path / "images"), "--steps", "2"])
     # the guidance the run was debiased at, not diffusers' 7.5; the steps given
-    assert "--guidance 3.0: as the run trained" in capsys.readouterr().out
+    assert "--guidance 3.0: as the run trained" in capsys.readouterr().err
     assert (called[0]["guidance_scale"], called[0]["num_inference_steps"]) == (3.0, 2)
     files = sorted((tmp_path / "images").iterdir())
     assert [f.name for f in files] == ["00000.png", "00001.png"]
@@ -441,3 +443,70 @@ def test_generate_refuses_steps_past_the_schedule_a_negative_seed_and_a_file_as_
         with pytest.raises(ValueError, match=message):
             main(common + flags)
         assert not (tmp_path / "g").exists()
+
+
+def test_a_merged_model_given_its_own_weights_again_is_refused_and_another_base_warned_of(tmp_path, world):
+    """A model written by export --merged holds its checkpoint's weights: the export or checkpoint it came from put on
+    it again would apply them twice (pixels off by up to 179 of 255 on the toy model): refused by generate and by
+    evaluation before any load; weights on a base model other than their run's are warned of."""
+    import shutil
+
+    from fastfair.evaluation.sources import load_sources
+    from fastfair.export import main as export_main
+    from fastfair.generate import main
+
+    _, ckpt = _trained(tmp_path, world, "text_unet_lora")
+    export(ckpt, tmp_path / "export")
+    export_main([str(ckpt), "--out", str(tmp_path / "merged"), "--merged"])
+    twice = (r"--model .*merged was written by python -m fastfair.export --merged"
+             r" from the same checkpoint .*apply twice")
+    with pytest.raises(ValueError, match=rf"--lora .*export: {twice}; pass --model .*merged alone, or --model "
+                                         rf"{world['sd']} --lora"):
+        main(["--model", str(tmp_path / "merged"), "--lora", str(tmp_path / "export"), "--prompt", "a cook",
+              "--out", str(tmp_path / "images")])
+    for finetuned in (tmp_path / "export", ckpt):
+        with pytest.raises(ValueError, match=rf"--finetuned .*: {twice}"):
+            load_sources(str(tmp_path / "merged"), str(finetuned))
+    assert not (tmp_path / "images").exists()
+    other = tmp_path / "other_base"
+    shutil.copytree(world["sd"], other)
+    with pytest.warns(UserWarning, match=rf"--lora: the run trained on model.pretrained={world['sd']} \(.*export"
+                                         rf".*\), not on --model {other}: its weights are put on another base"):
+        main(["--model", str(other), "--lora", str(tmp_path / "export"), "--prompt", "a cook", "--num-images", "1",
+              "--steps", "1", "--out", str(tmp_path / "other_images")])
+
+
+def test_generate_names_its_outputs_and_inputs_problems(tmp_path, world, monkeypatch):
+    """Problems found before the model loads name their flag; a run stopped before its first image does not block
+    the next; prompts.txt is UTF-8 whatever the locale; running out of memory names --batch-size."""
+    from diffusers import StableDiffusionPipeline
+
+    from fastfair import generate as generating
+    from fastfair.generate import PROMPTS_FILE, main
+
+    loads = []
+    real_load = generating.load_stable_diffusion
+    monkeypatch.setattr(generating, "load_stable_diffusion", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    common = ["--model", str(world["sd"]), "--num-images", "1", "--steps", "1"]
+    (tmp_path / "a_file").write_text("")
+    for flags, message in ((["--prompt", "a cook", "--out", str(tmp_path / "a_file" / "sub")], "a_file is a file"),
+                           (["--prompt", "a \udcff cook", "--out", str(tmp_path / "g")], "not valid UTF-8 text")):
+        with pytest.raises(ValueError, match=message):
+            main(common + flags)
+    assert not loads and not (tmp_path / "g").exists()
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / PROMPTS_FILE).write_text("an earlier run's prompt\n")  # stopped before its first image
+    real_write = type(out).write_text
+    monkeypatch.setattr(type(out), "write_text", lambda path, text, encoding=None, **k: real_write(
+        path, text, encoding=encoding or "ascii", **k))  # as under LC_ALL=C: only an explicit encoding passes
+    main(common + ["--prompt", " ein Bäcker ", "--prompt", "a cook", "--out", str(out)])
+    assert (out / PROMPTS_FILE).read_text(encoding="utf-8") == "ein Bäcker\na cook\n"  # stripped, as read back
+    assert sorted(p.name for p in out.rglob("*.png")) == ["00000.png", "00000.png"]
+
+    def no_memory(pipe, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", no_memory)
+    with pytest.raises(ValueError, match=r"--batch-size 8: out of memory sampling 8 images at once .*give a smaller "
+                                         r"--batch-size"):
+        main(["--model", str(world["sd"]), "--prompt", "a cook", "--num-images", "9", "--out", str(tmp_path / "m")])

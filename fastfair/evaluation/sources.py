@@ -93,6 +93,46 @@ def finetuned_kind(folder, flag: str = "--finetuned", checkpoints: bool = True) 
     raise ValueError(f"{flag} {folder}: {what}; expected {expected}")
 
 
+def check_finetuned_base(model: str, finetuned, flag: str = "--finetuned") -> None:
+    """Before any load, `finetuned` (a training checkpoint or an export) against the base model it is put on:
+    a ValueError when --model is a model written by ``python -m fastfair.export --merged`` from the very
+    checkpoint `finetuned` is (or was exported from), as its weights would apply twice; a warning when its run
+    trained on another base model (the checkpoint's model.pretrained, or the one its export records), which may
+    be deliberate (a sibling fine-tune of the same architecture) but is more often a slip."""
+    import os
+    import warnings
+
+    from fastfair.checkpoint import config_file
+    from fastfair.config import load_config
+    from fastfair.export import EXPORT_INFO, export_info
+
+    path, folder = resolve_model(model), Path(finetuned)
+    merged = export_info(path) if Path(path).is_dir() else {}
+    if (folder / EXPORT_INFO).is_file():
+        recorded = export_info(folder)
+        source, trained_on, where = recorded.get("checkpoint"), recorded.get("model"), folder / EXPORT_INFO
+    else:  # a training checkpoint
+        source, where = str(folder), config_file(folder)
+        try:
+            trained_on = load_config(where).model.pretrained
+        except (OSError, ValueError):  # refused with its reason when the weights are read
+            trained_on = None
+    if merged.get("merged") and source and merged.get("checkpoint") \
+            and os.path.realpath(source) == os.path.realpath(merged["checkpoint"]):
+        base = f"--model {merged['model']} {flag} {finetuned}" if merged.get("model") else f"its base model with {flag}"
+        raise ValueError(f"{flag} {finetuned}: --model {model} was written by python -m fastfair.export --merged from "
+                         f"the same checkpoint ({merged['checkpoint']}): its weights are fused in already and would "
+                         f"apply twice; pass --model {model} alone, or {base}")
+    try:
+        same = trained_on is None or os.path.realpath(resolve_model(str(trained_on))) == os.path.realpath(path)
+    except (OSError, ValueError):  # its base moved or gone: nothing to compare with
+        same = True
+    if not same:
+        warnings.warn(f"{flag}: the run trained on model.pretrained={trained_on} ({where}), not on --model {model}: "
+                      f"its weights are put on another base model than their own; pass --model {trained_on} unless "
+                      "you mean to", stacklevel=3)
+
+
 @dataclass
 class ImageSource:
     """A U-Net and its text embeddings; ``embeddings(prompt)`` -> (cond, uncond), each [1, L, D]."""
@@ -190,6 +230,8 @@ def load_sources(model: str, finetuned: Optional[str] = None, dtype: str = "fp32
                          "`python -m fastfair.export --weights` chose: pass the training checkpoint instead, or drop "
                          "--weights for an export written with --weights raw")
     path = resolve_model(model)
+    if finetuned:
+        check_finetuned_base(model, finetuned)
     # the files' fingerprints too: weights rewritten under the same path between two evaluations are read again
     settings = (path, dtype, str(device), model_config, weight_fingerprint(path), weight_fingerprint(model_config))
     base = (shared or SharedLoads()).get(
