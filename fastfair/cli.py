@@ -47,6 +47,23 @@ def folder_instead_of_file(flag: str, path: str, what: str, example: str) -> Opt
     return None
 
 
+def file_instead_of_folder(flag: str, path, what: str) -> Optional[str]:
+    """The message when ``path``, given as ``flag`` for a folder to write ``what`` in, is a file, lies below one,
+    or lies where this process cannot write (None otherwise): checked before the work, not found at the end."""
+    path = str(path)
+    if not path:
+        return f"{flag} '': give a folder for {what}"
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # folders still to make: the first that exists must be one to write in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "a file" if existing == os.path.abspath(path) else f"{existing} is a file"
+        return f"{flag} {path}: {where}; give a folder for {what}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {existing} is not writable; give a folder you can write {what} in"
+    return None
+
+
 def device_problem(flag: str, device: str) -> Optional[str]:
     """The message when ``device``, given as ``flag``, is not a device torch can run on here (None otherwise):
     checked before the work, not found at the first tensor moved."""

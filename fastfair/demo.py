@@ -27,11 +27,14 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import torch
+
+from fastfair.cli import file_instead_of_folder
 
 CONFIGS = {"gender": "pkg://fastfair.toy/configs/gender.yaml",
            "gender_race": "pkg://fastfair.toy/configs/gender_race.yaml",
@@ -64,10 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train(config: str, out: Path, iters, overrides: List[str]):
-    """Train (or resume) into out; returns (config, the final checkpoint folder)."""
+    """Train (or resume) into out; returns (config, the final checkpoint folder, whether this call trained)."""
     from fastfair import checkpoint
-    from fastfair.config import load_config
-    from fastfair.trainer import Trainer, process_group
+    from fastfair.config import load_config, validate
+    from fastfair.trainer import Trainer, interrupted_message, process_group
 
     owned = [text for text in overrides if text.split("=", 1)[0].strip() in ("output_dir", "resume")]
     if owned:  # the demo sets both (below): the user's would be replaced without a word
@@ -92,6 +95,7 @@ def train(config: str, out: Path, iters, overrides: List[str]):
         raise ValueError(f"data.split={cfg.data.split}: the demo evaluates on the held-out occupations as never seen "
                          "in training, and data.split=test trains on those very prompts; the demo trains on "
                          "data.split=train only (python -m fastfair.train and fastfair.evaluate take any split)")
+    validate(cfg, world_size=1, device="cpu")  # max_steps=0 and the like, before the checkpoints are read
     if iters is None and trained > cfg.max_steps:  # trained further with --iters earlier: evaluate it as it is
         print(f"{out} holds a run trained for {trained} iterations, past the config's {cfg.max_steps}: evaluating "
               f"it as it is (--iters N trains it on to N)")
@@ -102,11 +106,18 @@ def train(config: str, out: Path, iters, overrides: List[str]):
         # finished, and its state.pt deleted to save space: nothing to resume, and its weights are all that the
         # evaluation reads (the trainer would resume an earlier checkpoint and refuse to overwrite this one)
         print(f"{out}: trained to step {trained} already, nothing to train")
-    else:
+        return cfg, saved[trained], False
+    trainer = None
+    try:
         with process_group("cpu"):
-            Trainer(cfg, "cpu").train()
+            trainer = Trainer(cfg, "cpu")
+            trainer.train()
+    except KeyboardInterrupt:  # the step reached and what a rerun continues from, as python fastfair/train.py says
+        print(interrupted_message(cfg, trainer).replace("resume=auto", "the same command"), file=sys.stderr,
+              flush=True)
+        raise SystemExit(130) from None
     saved = checkpoint.list_checkpoints(cfg.output_dir, resumable=False)
-    return cfg, saved[max(saved)]
+    return cfg, saved[max(saved)], trainer.step > trained
 
 
 def _check_same_run(out: Path, newest: Path, cfg) -> None:
@@ -123,18 +134,22 @@ def _check_same_run(out: Path, newest: Path, cfg) -> None:
                          "to go on with it")
 
 
-def target_marginals(cfg) -> Dict[str, Dict[str, float]]:
-    """{attribute: {class: probability}}: each target attribute's marginal under the config's targets."""
-    from fastfair.targets import load_targets
+def target_cells(groups, names: List[str], classes: Dict[str, List[str]]) -> List[float]:
+    """The target probability of each cell of the intersection of `names` (one attribute: its classes),
+    row-major in `classes` order (the evaluation classifier's): per alignment group, the sum of its target over
+    the cells that agree on the named attributes, multiplied over the groups (independent of each other). A
+    conditional target (age given gender) is not the product of its marginals: its intersection is scored
+    against this. groups: the targets' alignment groups (`fastfair.targets.Targets.groups`)."""
+    import itertools
 
-    targets, marginals = load_targets(cfg.targets), {}
-    for group in targets.groups():
-        cells = torch.arange(len(group.target))
-        for name, classes in group.attribute_classes(cells).items():
-            names = targets.attribute(name).classes
-            sums = torch.zeros(len(names), dtype=torch.float64).index_add_(0, classes, group.target.double())
-            marginals[name] = {c: float(p) for c, p in zip(names, sums)}
-    return marginals
+    cells = []
+    for cell in itertools.product(*(classes[name] for name in names)):
+        chosen, probability = dict(zip(names, cell)), 1.0
+        for group in groups:
+            probability *= sum(float(p) for classes_of, p in zip(group.cells, group.target)
+                               if all(chosen.get(a, k) == k for a, k in zip(group.attributes, classes_of)))
+        cells.append(probability)
+    return cells
 
 
 def evaluate_heldout(cfg, finetuned: Path, out: Path, images_per_prompt: int) -> dict:
@@ -142,19 +157,23 @@ def evaluate_heldout(cfg, finetuned: Path, out: Path, images_per_prompt: int) ->
     from fastfair.evaluate import evaluate
     from fastfair.evaluation.cache import StaleCacheError
     from fastfair.evaluation.scoring import load_classifiers
+    from fastfair.targets import load_targets
     from fastfair.toy import detect_faces, occupation_prompts
 
-    marginals = target_marginals(cfg)
-    _, classes = load_classifiers([EVAL_CLASSIFIER], list(marginals))
-    targets = {}
-    for name, probabilities in marginals.items():
-        if set(probabilities) != set(classes[name]):
-            raise ValueError(f"targets: {name} classes {sorted(probabilities)} differ from the evaluation "
-                             f"classifier's {sorted(classes[name])}; use its class names")
-        targets[name] = [probabilities[c] for c in classes[name]]
+    trained = load_targets(cfg.targets)
+    names = [a.name for a in trained.attributes]
+    _, classes = load_classifiers([EVAL_CLASSIFIER], names)
+    for name in names:
+        if set(trained.attribute(name).classes) != set(classes[name]):
+            raise ValueError(f"targets: {name} classes {sorted(trained.attribute(name).classes)} differ from the "
+                             f"evaluation classifier's {sorted(classes[name])}; use its class names")
+    targets = {name: target_cells(trained.groups(), [name], classes) for name in names}
+    if len(names) >= 2:  # the intersection evaluate scores by default: its cells as trained, not a product
+        targets[",".join(names)] = target_cells(trained.groups(), names, classes)
+
     def run():
         return evaluate(cfg.model.pretrained, [EVAL_CLASSIFIER], occupation_prompts("test"), out,
-                        finetuned=str(finetuned), attributes=list(marginals), targets=targets,
+                        finetuned=str(finetuned), attributes=names, targets=targets,
                         images_per_prompt=images_per_prompt, guidance_scales=(cfg.sampler.guidance_scale,),
                         num_steps=cfg.sampler.num_steps, seed=cfg.seed + 1, batch_size=40, detector=detect_faces,
                         margin=cfg.faces.margin, semantics=SEMANTICS, grid_columns=GRID_COLUMNS,
@@ -276,6 +295,15 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _earlier_metrics(path: Path) -> dict:
+    """The metrics.json an earlier call wrote ({} when there is none or it cannot be read)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
+
+
 def default_out(config: str) -> Path:
     """out/demo for the gender config, out/demo_NAME for another: a rerun resumes only its own config's run."""
     return Path("out/demo" if config == "gender" else f"out/demo_{Path(config).stem}")
@@ -287,19 +315,29 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
     out = Path(args.out) if args.out else default_out(args.config)
+    # the trainer would name output_dir, which the demo sets itself
+    problem = file_instead_of_folder("--out", out, "the demo's run and results")
+    if problem:
+        raise ValueError(problem)
     began = time.perf_counter()
-    cfg, final = train(args.config, out / "train", args.iters, args.overrides)
+    cfg, final, trained_now = train(args.config, out / "train", args.iters, args.overrides)
     trained = time.perf_counter()
     results = evaluate_heldout(cfg, final, out / "eval", args.images_per_prompt)
+    train_seconds = trained - began
+    if not trained_now:  # the training time is the earlier call's, which trained: kept, not the loading time
+        earlier = _earlier_metrics(out / "metrics.json")
+        train_seconds = earlier.get("seconds", {}).get("train") if earlier.get("checkpoint") == str(final) else None
     metrics = {**summarize_demo(results),
-               "seconds": {"train": trained - began, "evaluate": time.perf_counter() - trained},
+               "seconds": {"train": train_seconds, "evaluate": time.perf_counter() - trained},
                "config": args.config, "iterations": cfg.max_steps, "checkpoint": str(final)}
     from fastfair.evaluation.report import nan_to_null
 
     (out / "metrics.json").write_text(json.dumps(nan_to_null(metrics), indent=1, allow_nan=False))
     pictures = write_pictures(results, out / "eval", out)
     print("\n" + table(metrics))
-    print(f"{metrics['seconds']['train']:.0f} s training, {metrics['seconds']['evaluate']:.0f} s evaluation; "
+    training = ("trained earlier" if train_seconds is None
+                else f"{train_seconds:.0f} s training" + ("" if trained_now else " (earlier)"))
+    print(f"{training}, {metrics['seconds']['evaluate']:.0f} s evaluation; "
           f"wrote {out / 'metrics.json'}, " + ", ".join(str(p) for p in pictures)
           + f", and the full report {out / 'eval' / 'report.html'}")
     return metrics

@@ -21,7 +21,9 @@ import time
 
 import torch
 
+from .cli import file_instead_of_folder
 from .dft import sample
+from .evaluation.report import nan_to_null
 from .testing import tiny_scheduler, tiny_unet
 
 TARGET_RGB = (0.6, -0.2, -0.4)  # in the decoder's [-1, 1] range: a reddish image
@@ -54,7 +56,8 @@ def decode(vae, z0: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m fastfair.engine_demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/engine_demo", help="output directory")
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps per sample")
@@ -67,8 +70,9 @@ def main(argv=None) -> dict:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.iters < 0:
         parser.error(f"--iters must be >= 0, got {args.iters}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):  # checked now, not after the training
-        parser.error(f"--out {args.out}: a file; give a folder for metrics.json and before_after.png")
+    problem = file_instead_of_folder("--out", args.out, "metrics.json and before_after.png")
+    if problem:  # checked now, not after the training
+        parser.error(problem)
     from tqdm import tqdm
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -109,8 +113,8 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - start,
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:  # a diverged run's NaN as null: strict JSON
+        json.dump(nan_to_null(metrics), f, indent=1, allow_nan=False)
     _save_grid(torch.cat([images_before, images_after]), args.images, os.path.join(args.out, "before_after.png"))
     print(f"\ncolour loss on held-out noise: before {loss_before:.4f} -> after {loss_after:.4f} "
           f"({100 * metrics['relative_reduction']:.0f}% lower)")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastfair.checkpoint import config_file
-from fastfair.cli import device_problem
+from fastfair.cli import device_problem, file_instead_of_folder
 from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import (ImageCache, Job, from_png, generate_missing, image_path, shared_cache_lock,
                                        weight_fingerprint)
@@ -219,10 +219,10 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
         raise ValueError(f"--grid-columns {grid_columns}: expected at least 1")
     if not margin >= 0:
         raise ValueError(f"--margin {margin}: expected a fraction of the face box >= 0 (default {FACE_MARGIN})")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out}: a file; give a folder for the images and the report")
-    if base_images is not None and Path(base_images).exists() and not Path(base_images).is_dir():
-        raise ValueError(f"--base-images {base_images}: a file; give a folder for the base model's images")
+    problem = file_instead_of_folder("--out", out, "the images and the report") or (
+        base_images is not None and file_instead_of_folder("--base-images", base_images, "the base model's images"))
+    if problem:
+        raise ValueError(problem)
     if base_images is not None and Path(base_images).resolve() == (Path(out) / "images").resolve():
         raise ValueError(f"--base-images {base_images}: the folder --out keeps the finetuned model's images in; "
                          "give a folder of its own (e.g. beside --out)")
@@ -348,6 +348,7 @@ def _targets(items: Sequence[str]) -> Dict[str, list]:
     targets = {}
     for item in items:
         name, _, values = item.partition("=")
+        name = ",".join(part.strip() for part in name.split(","))  # an intersection's: "gender, race" as "gender,race"
         if name in targets:
             raise ValueError(f"--target {name} is given twice ({name}={','.join(f'{v:g}' for v in targets[name])} and "
                              f"{item}): give each attribute's target once")
@@ -355,7 +356,7 @@ def _targets(items: Sequence[str]) -> Dict[str, list]:
             targets[name] = [float(v) for v in values.split(",")]
         except ValueError:
             raise ValueError(f"--target {item!r}: expected ATTRIBUTE=P1,P2,... (class order of the classifier), "
-                             "e.g. age=0.75,0.25") from None
+                             "e.g. age=0.75,0.25, or A,B=P1,... for the cells of an intersection") from None
     return targets
 
 
@@ -385,7 +386,10 @@ def evaluation_parser(description: str, finetuned: bool = True) -> argparse.Argu
     parser.add_argument("--joint", action="append",
                         help="comma-separated attributes whose intersection is evaluated, e.g. gender,race "
                              "(repeatable; default: the intersection of all, when >= 2; '' for none)")
-    parser.add_argument("--target", action="append", default=[], help="ATTRIBUTE=P1,P2,... (default uniform)")
+    parser.add_argument("--target", action="append", default=[],
+                        help="ATTRIBUTE=P1,P2,... (default uniform), in the classifier's class order; A,B=P1,... "
+                             "the cells of the intersection --joint A,B, row-major (default: the product of A's and "
+                             "B's targets)")
     parser.add_argument("--prompts", default="occupations:test",
                         help="NAME[:SPLIT] of a shipped set (its items put in the set's template), a text file "
                              "of full prompts, one per line, used as written (unlike a training data.sets.<name>."

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastfair.checkpoint import config_file, has_weights, list_checkpoints, load_weights
+from fastfair.cli import file_instead_of_folder
 from fastfair.config import load_config
 from fastfair.files import plain_mode
 
@@ -67,8 +68,9 @@ def _check_export_folder(out: Path, writes: str, checkpoint_dir: Path) -> None:
     """Refuses an --out where this export would replace or mix with what is there: a file, a whole model (its
     unet/ replaced), another kind of export (consumers would read one of the two), or an export of another
     checkpoint (overwritten without a word; the same checkpoint's is written again, e.g. with other --weights)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file; give a folder for the export")
+    problem = file_instead_of_folder("--out", out, "the export")
+    if problem:
+        raise ValueError(problem)
     if (out / "model_index.json").is_file():
         raise ValueError(f"--out {out}: a whole diffusers model (model_index.json); its files would be replaced: "
                          "export into an empty or new folder")

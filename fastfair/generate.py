@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from fastfair.cli import file_instead_of_folder
 from fastfair.evaluation.cache import paired_noise
 from fastfair.evaluation.sources import check_finetuned_base, finetuned_kind, resolve_model, resolve_model_config
 from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline, merged_prompt_prefix
@@ -96,9 +96,10 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
                              "diffusers' pipeline cannot sample (no classifier-free guidance below 1): give --guidance "
                              "G (>= 1; 1: no guidance)")
         raise ValueError(f"--guidance {guidance}: expected a number >= 1 (1: no classifier-free guidance)")
+    problem = file_instead_of_folder("--out", out, "the images")  # before the model loads
+    if problem:
+        raise ValueError(problem)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file; give a folder for the images")
     folders = prompt_folders(out, prompt)
     # images only: a run stopped before its first image left prompts.txt alone, which this one rewrites
     earlier = [path for folder in dict.fromkeys([out, *folders]) if folder.is_dir()  # in order: a stable message
@@ -106,10 +107,6 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     if earlier:  # this run would overwrite some and leave the rest, a folder of two runs' images
         raise ValueError(f"--out {out}: holds images of an earlier run ({earlier[0].relative_to(out)} ...); choose a "
                          "new folder or delete them")
-    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):  # found before the model loads
-        raise ValueError(f"--out {out}: {existing} is {'a file' if not existing.is_dir() else 'not writable'}; give "
-                         "a folder you can write in")
     if lora:
         finetuned_kind(lora, "--lora", checkpoints=False)
         check_finetuned_base(model, lora, "--lora")

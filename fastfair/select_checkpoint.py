@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from fastfair.cli import file_instead_of_folder
 from fastfair.evaluate import evaluate, evaluate_options, evaluated_sets, evaluation_device, evaluation_parser
 from fastfair.evaluation.cache import StaleCacheError
 from fastfair.evaluation.sources import finetuned_kind
@@ -155,9 +156,10 @@ def select_checkpoint(checkpoints: Sequence[str], out, every: Optional[int] = No
         _, _, sets = evaluated_sets(evaluate_kwargs.get("classifiers", ()), **options,
                                     device=evaluation_device(evaluate_kwargs.get("device")), shared=shared)
         check_rank(rank_by, [s.name for s in sets])
+    problem = file_instead_of_folder("--out", out, "the reports")
+    if problem:
+        raise ValueError(problem)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file; give a folder for the reports")
     where = out.resolve()
     for _, step, folder in found:
         inside = folder if (where == folder or folder in where.parents) else (

@@ -334,12 +334,28 @@ def test_train_step_cli_names_the_bad_flag(argv, message, capsys):
 
 @pytest.mark.parametrize("argv, message", [(["--images", "0"], "--images must be >= 1, got 0"),
                                            (["--steps", "0"], "--steps must be >= 1, got 0"),
-                                           (["--out", "FILE"], "a file; give a folder")])  # not after training
+                                           (["--out", "FILE"], "a file; give a folder"),  # not after training
+                                           (["--out", "FILE/sub"], "FILE is a file; give a folder")])
 def test_engine_demo_cli_names_the_bad_flag(argv, message, capsys, tmp_path):
     from fastfair import engine_demo
 
     (tmp_path / "FILE").write_text("")
-    argv = [str(tmp_path / "FILE") if arg == "FILE" else arg for arg in argv]
+    argv = [arg.replace("FILE", str(tmp_path / "FILE")) for arg in argv]
     with pytest.raises(SystemExit):
         engine_demo.main(["--out", str(tmp_path), *argv])
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "python -m fastfair.engine_demo: error: " in err and message.replace("FILE", str(tmp_path / "FILE")) in err
+
+
+def test_engine_demo_writes_a_diverged_runs_loss_as_null(tmp_path):
+    """A learning rate that blows the run up: metrics.json stays strict JSON (NaN was written bare)."""
+    import json
+    import math
+
+    from fastfair import engine_demo
+
+    metrics = engine_demo.main(["--out", str(tmp_path), "--iters", "2", "--steps", "2", "--images", "1",
+                                "--lr", "1e30"])
+    assert math.isnan(metrics["colour_loss_after"])
+    assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: 1 / 0)[
+        "colour_loss_after"] is None

@@ -443,6 +443,8 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     assert first["checkpoint"].endswith("step_00000001")
     again = demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST)  # nothing new: the images are reused
     assert "re-evaluating" not in capsys.readouterr().out and again["before"] == first["before"]
+    # nothing trained: the training time is the first call's, not this one's loading time
+    assert again["seconds"]["train"] == first["seconds"]["train"]
     (out / "eval" / "stale.txt").write_text("from the first run")
 
     second = demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)
@@ -477,6 +479,27 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     fourth = demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)
     assert fourth["checkpoint"] == second["checkpoint"] and fourth["after"] == second["after"]
     assert "re-evaluating, the cached images are of other settings (manifest)" in capsys.readouterr().out
+
+
+def test_demo_names_a_bad_out_and_max_steps_before_training_and_what_ctrl_c_leaves(tmp_path, capsys, monkeypatch):
+    from fastfair.trainer import Trainer
+
+    (tmp_path / "a_file").write_text("")
+    for out, message in ((tmp_path / "a_file", "a file; give a folder for the demo's run and results"),
+                         (tmp_path / "a_file" / "sub", f"{tmp_path / 'a_file'} is a file; give a folder")):
+        with pytest.raises(ValueError, match=f"--out {out}: {message}"):
+            demo.main(["--out", str(out)])
+    with pytest.raises(ValueError, match="max_steps=0 must be >= 1"):  # a KeyError on a fresh --out
+        demo.main(["--out", str(tmp_path / "demo")] + DEMO_FAST + ["max_steps=0"])
+
+    def interrupted(trainer):
+        trainer.step = 3
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--out", str(tmp_path / "demo"), "--iters", "5"] + DEMO_FAST)
+    assert exit_.value.code == 130
+    assert "interrupted at step 3; no checkpoint saved yet: a rerun starts afresh" in capsys.readouterr().err
 
 
 def test_demo_refuses_to_train_on_its_held_out_split(tmp_path):
@@ -592,6 +615,39 @@ def test_demo_evaluates_in_the_dtype_the_run_sampled_in(tmp_path, monkeypatch):
     assert seen["dtype"] == "bf16"
 
 
+def test_the_demo_scores_a_conditional_targets_intersection_as_trained(tmp_path, monkeypatch):
+    """age given gender, young 90 % among women and 50 % among men: the intersection's target is the conditional
+    one (a product of the marginals, 0.7 young for both, would score a model exactly on target at TV 0.2)."""
+    import fastfair.evaluate
+    from fastfair.config import load_config
+    from fastfair.demo import CONFIGS, evaluate_heldout
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop  # before any image is made
+
+    monkeypatch.setattr(fastfair.evaluate, "evaluate", spy)
+    cfg = load_config(CONFIGS["age"])
+    age = cfg.targets["attributes"][2]
+    assert age["name"] == "age"
+    age.update(given=["gender"], probabilities={"female": {"young": 0.9, "old": 0.1},
+                                                "male": {"young": 0.5, "old": 0.5}})
+    with pytest.raises(Stop):
+        evaluate_heldout(cfg, tmp_path / "ckpt", tmp_path / "eval", 2)
+    targets = seen["targets"]
+    assert seen["attributes"] == ["gender", "race", "age"] and targets["age"] == pytest.approx([0.7, 0.3])
+    classes = fastfair.evaluation.scoring.load_classifiers(["fastfair.toy:eval_classifier"], ["gender"])[1]["gender"]
+    young = {"female": 0.9, "male": 0.5}
+    expected = [(young[g] if a == "young" else 1 - young[g]) * 0.5 * 0.25 for g in classes for _ in range(4)
+                for a in ("young", "old")]
+    assert targets["gender,race,age"] == pytest.approx(expected)
+
+
 def test_generate_samples_with_the_steps_and_guidance_its_export_records(tmp_path, monkeypatch):
     """No --steps / --guidance: the run's, as fastfair_export.json records them (not 20 / 7.5)."""
     from diffusers import StableDiffusionPipeline
@@ -635,6 +691,19 @@ def test_user_errors_end_with_status_2_or_their_traceback_when_asked(monkeypatch
     monkeypatch.setenv("FASTFAIR_TRACEBACK", "1")
     with pytest.raises(ValueError, match="bad setting"), user_errors("prog"):
         raise ValueError("bad setting")
+
+
+def test_a_folder_flag_given_a_file_or_a_path_below_one_is_named_before_the_work(tmp_path):
+    from fastfair.cli import file_instead_of_folder
+
+    (tmp_path / "f").write_text("")
+    assert file_instead_of_folder("--out", tmp_path / "f", "the images") == f"--out {tmp_path / 'f'}: a file; give a " \
+                                                                           "folder for the images"
+    assert file_instead_of_folder("--out", tmp_path / "f" / "a" / "b", "the images") == (
+        f"--out {tmp_path / 'f' / 'a' / 'b'}: {tmp_path / 'f'} is a file; give a folder for the images")
+    assert file_instead_of_folder("--out", "", "the images") == "--out '': give a folder for the images"
+    for fine in (tmp_path, tmp_path / "new" / "deeper"):
+        assert file_instead_of_folder("--out", fine, "the images") is None
 
 
 def test_a_file_flag_given_a_folder_is_named_before_the_work(tmp_path):

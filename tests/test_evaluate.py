@@ -275,6 +275,33 @@ def test_several_intersections_are_scored_side_by_side():
             attribute_sets(classes, {}, joint=bad)
 
 
+def test_an_intersection_takes_a_joint_target_and_its_attributes_the_marginals():
+    """A conditional target (young 90 % among women, 50 % among men) is not the product of its marginals: given as
+    the intersection's cells it is scored as given, each attribute's marginal follows from it, and targets that
+    disagree, a cell count that does not fit and an intersection that is not evaluated are refused."""
+    from fastfair.evaluate import parse_args, _targets
+
+    classes = {"gender": ("female", "male"), "age": ("young", "old")}
+    cells = [0.45, 0.05, 0.25, 0.25]  # female/young, female/old, male/young, male/old
+    sets = attribute_sets(classes, {"gender,age": cells}, joint=["gender", "age"])
+    assert sets[-1].target == tuple(cells) and sets[-1].classes == ("female/young", "female/old", "male/young",
+                                                                      "male/old")
+    assert sets[0].target == pytest.approx((0.5, 0.5)) and sets[1].target == pytest.approx((0.7, 0.3))
+    assert attribute_sets(classes, {"gender,age": cells, "age": [0.7, 0.3]}, joint=["gender", "age"])[1].target == (
+        0.7, 0.3)
+    for targets, joint, message in (
+            ({"gender,age": cells, "age": [0.5, 0.5]}, ["gender", "age"],
+             r"--target age=\[0.5, 0.5\] differs from its marginal under --target gender,age \(\[0.7, 0.3\]\)"),
+            ({"gender,age": cells[:3]}, ["gender", "age"], r"--target gender,age: expected 4 probabilities \(cells "
+                                                           r"female/young, female/old, male/young, male/old\)"),
+            ({"gender,age": cells}, [""], "a target for an intersection that is not evaluated; add --joint gender,age"),
+            ({"gender,sex": cells}, ["gender", "age"], r"--target gender,sex: not among the evaluated attributes")):
+        with pytest.raises(ValueError, match=message):
+            attribute_sets(classes, targets, joint=joint)
+    given = parse_args(["--model", "m", "--classifier", "c", "--out", "o", "--target", "gender, age=0.45,0.05,0.25,0.25"])
+    assert _targets(given.target) == {"gender,age": cells}
+
+
 def test_mean_pm_std_uses_the_seed_style():
     assert mean_pm_std({"mean": 0.674, "std": 0.29, "count": 3}) == ".67±.29"
     assert mean_pm_std({"mean": float("nan"), "std": float("nan"), "count": 0}) == "—"

@@ -84,3 +84,33 @@ def test_fig9_plots_the_class_with_the_smallest_target():
 
     assert plot_class({"classes": ["young", "old"], "target": [0.75, 0.25]}) == "old"
     assert plot_class({"classes": ["female", "male"], "target": [0.5, 0.5]}) == "female"
+
+
+def test_prompt_labels_keep_what_tells_the_prompts_apart_and_escape_dollars():
+    from fastfair.evaluation.report import prompt_labels
+
+    assert prompt_labels(["a photo of the face of a librarian, a person",
+                          "a photo of the face of an air traffic controller, a person"]) == [
+        "a librarian", "an air traffic controller"]
+    assert prompt_labels(["a nurse"]) == ["a nurse"]  # one prompt: nothing shared to leave out
+    assert prompt_labels(["a cook", "a cook at work"]) == ["cook", "cook at work"]  # one word stays at least
+    assert prompt_labels(["x " * 40, "y " * 40])[0] == ("x " * 16)[:31] + "…"  # 32 characters
+    assert prompt_labels(["a banker and $10 # $20", "a $ painter"]) == [r"banker and \$10 # \$20", r"\$ painter"]
+
+
+def test_plots_draw_prompts_with_dollar_signs_and_the_page_shows_settings_as_they_are(tmp_path):
+    """Text between two '$' is matplotlib mathtext: such a prompt stopped the report before report.html; a dict
+    setting (images_per_set) is shown, only file fingerprints are counted; without a finetuned model the grids'
+    heading does not speak of one."""
+    from fastfair.evaluation.report import write_html, write_plots
+
+    results = _results({"base": ([0.5, 0.5], [0.75, 0.25])})
+    results["prompts"] = ["a banker and $10 # $20", r"a photo of a $\notacommand$ painter"]
+    for model in results["guidance"]["7.5"].values():
+        model["per_prompt"] = {p: {"gender.freq.female": 0.5, "age.freq.old": 0.25} for p in results["prompts"]}
+    assert len(write_plots(results, tmp_path / "plots")) == 2
+    results["settings"]["classifier_files"] = {"a.safetensors": [10, 123], "b.safetensors": [11, 124]}
+    page = write_html(results, tmp_path, {"data": [], "plots": [], "grids": []}).read_text()
+    assert "images_per_set: <code>{&#x27;gender&#x27;: 60, &#x27;age&#x27;: 60}</code>" in page
+    assert "classifier_files: <code>2 files</code>" in page
+    assert "Images (the original model)" in page and "finetuned" not in page

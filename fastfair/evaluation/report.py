@@ -180,7 +180,7 @@ def write_plots(results: dict, folder: Path) -> List[Path]:
             target = attribute_set["target"][attribute_set["classes"].index(cls)]
             ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:.0%}")
             ax.set_xticks(range(len(results["prompts"])))
-            ax.set_xticklabels([_short(p) for p in results["prompts"]], rotation=60, ha="right", fontsize=7)
+            ax.set_xticklabels(prompt_labels(results["prompts"]), rotation=60, ha="right", fontsize=7)
             ax.set_ylim(-0.02, 1.02)
             ax.set_ylabel(f"frequency of {name} = {cls}")
             ax.set_title(f"guidance {guidance}")
@@ -192,8 +192,21 @@ def write_plots(results: dict, folder: Path) -> List[Path]:
     return paths
 
 
-def _short(prompt: str, width: int = 32) -> str:
-    return prompt if len(prompt) <= width else prompt[:width - 1] + "…"
+def prompt_labels(prompts: Sequence[str], width: int = 32) -> List[str]:
+    """Axis labels of prompts: the words they all share at the start and at the end left out ("a photo of the face
+    of a librarian, a person" -> "librarian"), cut to `width` characters, and '$' escaped (matplotlib reads text
+    between two as mathtext: a prompt with '$10' and '# $20' failed to draw)."""
+    words = [p.split() for p in prompts]
+    head = tail = 0
+    if len(words) > 1:
+        shortest = min(len(w) for w in words)
+        while head < shortest - 1 and len({w[head] for w in words}) == 1:
+            head += 1
+        while tail < shortest - head - 1 and len({w[-1 - tail] for w in words}) == 1:
+            tail += 1
+    labels = [" ".join(w[head:len(w) - tail]).strip(" ,.;:") or p for w, p in zip(words, prompts)]
+    labels = [label if len(label) <= width else label[:width - 1] + "…" for label in labels]
+    return [label.replace("$", r"\$") for label in labels]
 
 
 def _slug(text: str) -> str:
@@ -215,6 +228,11 @@ def write_grid(rows: Sequence[Sequence[Path]], path: Path) -> Path:
     return path
 
 
+def _fingerprint(value) -> bool:
+    """Whether a setting is a file fingerprint ({name: [size, mtime_ns]}), not a setting to read (images_per_set)."""
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, (list, tuple)) for v in value.values())
+
+
 def write_html(results: dict, out: Path, files: Dict[str, List[str]]) -> Path:
     """report.html: settings, the summary table, links to the data files, the plots and the grids."""
     header, rows = table_rows(results)
@@ -222,13 +240,15 @@ def write_html(results: dict, out: Path, files: Dict[str, List[str]]) -> Path:
     table = ("<table><tr>" + "".join(cell("th", h) for h in header) + "</tr>"
              + "".join("<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows) + "</table>")
     # file fingerprints (name: [size, mtime_ns]) are for the cache check and metrics.json, not for reading
-    shown = {k: f"{len(v)} files" if isinstance(v, dict) else v for k, v in results["settings"].items()}
+    shown = {k: f"{len(v)} files" if _fingerprint(v) else v for k, v in results["settings"].items()}
     settings = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in shown.items())
     links = " · ".join(f'<a href="{html.escape(f)}">{html.escape(f)}</a>' for f in files["data"])
     plots = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(f)}"></figure>' for f in files["plots"])
     grids = "".join(f'<figure><figcaption>{html.escape(caption)}</figcaption><a href="{html.escape(f)}">'
                     f'<img class="grid" src="{html.escape(f)}" alt="{html.escape(caption)}"></a></figure>'
                     for caption, f in files["grids"])
+    finetuned = any("finetuned" in models for models in results["guidance"].values())
+    rows_caption = "top: original, bottom: finetuned, same noise per column" if finetuned else "the original model"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fastfair evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -238,7 +258,7 @@ figure{{display:inline-block;margin:0.5em}}</style></head><body>
 <h2>Summary (mean ± std over {len(results["prompts"])} prompts)</h2>{table}
 <p>{html.escape(protocol_note(results))}</p>
 <p>Data: {links}</p><h2>Class frequency per prompt</h2>{plots}
-<h2>Images (top: original, bottom: finetuned, same noise per column)</h2>{grids}
+<h2>Images ({rows_caption})</h2>{grids}
 </body></html>
 """
     path = out / "report.html"

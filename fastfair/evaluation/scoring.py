@@ -47,21 +47,55 @@ class AttributeSet:
 def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequence[float]],
                    joint: Sequence = ()) -> List[AttributeSet]:
     """One set per attribute (in `classes` order), plus an intersection per entry of `joint` (each >= 2
-    attributes; a flat list of names is one intersection) whose target is the product of the marginals.
-    targets: {attribute: probabilities}, default uniform."""
-    unknown = [name for name in targets if name not in classes]
+    attributes; a flat list of names is one intersection). targets: {attribute: probabilities} (default uniform),
+    and {"a,b": probabilities} for an intersection's cells, row-major in `classes` order (a conditional target,
+    say, whose cells are not the product of the marginals); an intersection without one takes the product of its
+    attributes' targets, and an attribute without one the marginal of a joint target naming it, else uniform."""
+    joint_targets = {tuple(n.strip() for n in name.split(",")): probs for name, probs in targets.items() if "," in name}
+    unknown = [name for name in targets if "," not in name and name not in classes]
+    unknown += [",".join(names) for names in joint_targets if any(n not in classes for n in names)]
     if unknown:  # a misspelt name would otherwise leave that attribute at the uniform default, silently
         raise ValueError(f"--target {', '.join(unknown)}: not among the evaluated attributes {list(classes)} "
                          "(the classifiers' attributes, or those chosen with --attributes)")
+    intersections = _intersections(joint)
+    for names in joint_targets:
+        if list(names) not in intersections:
+            raise ValueError(f"--target {','.join(names)}: a target for an intersection that is not evaluated; add "
+                             f"--joint {','.join(names)}")
+
+    def checked(name, probabilities, count, cells):
+        target = tuple(float(p) for p in probabilities)
+        if (len(target) != count or not all(math.isfinite(p) for p in target) or abs(sum(target) - 1) > 1e-6
+                or min(target) < 0):  # NaN passes both comparisons
+            raise ValueError(f"--target {name}: expected {count} probabilities ({cells}) >= 0 summing to 1, got "
+                             f"{list(target)}")
+        return target
+
+    joint_checked = {names: checked(",".join(names), probs, math.prod(len(classes[n]) for n in names),
+                                    "cells " + ", ".join("/".join(c) for c in itertools.product(
+                                        *(classes[n] for n in names))))
+                     for names, probs in joint_targets.items()}
+    implied = {}  # attribute -> (its marginal under a joint target, that target's name)
+    for names, target in joint_checked.items():
+        shape = [len(classes[n]) for n in names]
+        table = np.asarray(target, dtype=np.float64).reshape(shape)
+        for axis, name in enumerate(names):
+            marginal = tuple(table.sum(axis=tuple(a for a in range(len(names)) if a != axis)))
+            if name in implied and not np.allclose(implied[name][0], marginal, atol=1e-6):
+                raise ValueError(f"--target {','.join(names)} and --target {implied[name][1]} give {name} other "
+                                 f"marginals ({_rounded(marginal)} and {_rounded(implied[name][0])})")
+            implied.setdefault(name, (marginal, ",".join(names)))
     sets = []
     for name, names in classes.items():
-        target = tuple(float(p) for p in targets.get(name, [1.0 / len(names)] * len(names)))
-        if (len(target) != len(names) or not all(math.isfinite(p) for p in target) or abs(sum(target) - 1) > 1e-6
-                or min(target) < 0):  # NaN passes both comparisons
-            raise ValueError(f"--target {name}: expected {len(names)} probabilities ({', '.join(names)}) >= 0 "
-                             f"summing to 1, got {list(target)}")
-        sets.append(AttributeSet(name, (name,), tuple(names), target))
-    for names in _intersections(joint):
+        if name in targets:
+            target = checked(name, targets[name], len(names), ", ".join(names))
+            if name in implied and not np.allclose(implied[name][0], target, atol=1e-6):
+                raise ValueError(f"--target {name}={_rounded(target)} differs from its marginal under --target "
+                                 f"{implied[name][1]} ({_rounded(implied[name][0])}): give them alike, or only one")
+        else:
+            target = implied[name][0] if name in implied else (1.0 / len(names),) * len(names)
+        sets.append(AttributeSet(name, (name,), tuple(names), tuple(float(p) for p in target)))
+    for names in intersections:
         unknown = [name for name in names if name not in classes]
         if unknown:
             raise ValueError(f"--joint {','.join(names)}: {unknown} not among the evaluated attributes "
@@ -76,8 +110,13 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
         cells = itertools.product(*[zip(s.classes, s.target) for s in parts])
         cell_names, probs = zip(*[("/".join(c for c, _ in cell), float(np.prod([p for _, p in cell])))
                                   for cell in cells])
-        sets.append(AttributeSet(" x ".join(names), tuple(names), cell_names, probs))
+        probs = joint_checked.get(tuple(names), probs)
+        sets.append(AttributeSet(" x ".join(names), tuple(names), cell_names, tuple(probs)))
     return sets
+
+
+def _rounded(probabilities) -> str:
+    return "[" + ", ".join(f"{p:.4g}" for p in probabilities) + "]"
 
 
 def _intersections(joint: Sequence) -> List[List[str]]:
