@@ -28,6 +28,7 @@ import shutil
 import socket
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
@@ -327,12 +328,24 @@ def config_file(checkpoint) -> Path:
 
 
 def trained_settings(checkpoint) -> Optional[dict]:
-    """The settings mapping in ``config_file(checkpoint)``; None where none is recorded (or it is not a mapping)."""
+    """The settings mapping in ``config_file(checkpoint)``; None where no file records them; a ValueError naming
+    the file where it is damaged (empty, not YAML, not a mapping): the settings a resume is checked against."""
     import yaml
 
     recorded = config_file(checkpoint)
-    saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
-    return saved if isinstance(saved, dict) else None
+    if not recorded.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(recorded.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        saved = error
+    if isinstance(saved, dict):
+        return saved
+    why = ("empty" if saved is None else f"not YAML: {str(saved).splitlines()[0]}" if isinstance(saved, Exception)
+           else f"a {type(saved).__name__}, not the mapping of settings fastfair writes")
+    raise ValueError(f"{recorded}: the settings {Path(checkpoint).name} was trained with cannot be read ({why}); the "
+                     "file is damaged: restore it from a copy, or write it with python fastfair/train.py "
+                     "--print-config and the settings the run was started with")
 
 
 def resolve_resume(resume: str, output_dir) -> Optional[Path]:
@@ -381,15 +394,26 @@ def load_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tens
     the caller (`set_rng_state`)."""
     path = Path(path)
     weights, ema = load_weights(path)
+    state_file = path / "state.pt"
+
+    def damaged(why: str) -> ValueError:  # written atomically: a bad file was damaged or cut off later
+        return ValueError(f"{state_file}: cannot be read ({why[:200]}); the file is damaged or was cut off in a "
+                          "copy: copy it again, or move this checkpoint away (its weights still export) and "
+                          "resume=auto continues from the one before")
+    try:  # torch.save's zip archive keeps a CRC per tensor, which torch.load does not check: bytes changed in place
+        with zipfile.ZipFile(state_file) as archive:
+            failing = archive.testzip()
+    except (zipfile.BadZipFile, OSError):  # cut short, or not an archive: torch.load names it below
+        failing = None
+    if failing is not None:
+        raise damaged(f"the checksum of {failing} inside it fails")
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "deepspeed" not in str(error):
-            raise
+            raise damaged(str(error).strip().splitlines()[0]) from None
         raise ValueError(f"{path}: a checkpoint of a DeepSpeed run (its state.pt holds DeepSpeed's optimizer "
                          "state); resume it with its deepspeed.config") from None
-    except (RuntimeError, EOFError) as error:  # written atomically: a bad file was damaged or cut off later
-        raise ValueError(f"{path / 'state.pt'}: cannot be read ({str(error).strip()[:200]}); the file is damaged or "
-                         "was cut off in a copy: copy it again, or resume from another checkpoint of the run (its "
-                         "weights still export)") from None
+    except Exception as error:  # RuntimeError, EOFError, KeyError (a pickle memo), ...: whatever the damage
+        raise damaged(f"{type(error).__name__}: {str(error).strip()}") from None
     return weights, ema, state

@@ -542,9 +542,12 @@ def _read_yaml(path: Path, including: tuple = ()) -> dict:
         raise ConfigError(f"{path}: circular base: {' -> '.join(str(p) for p in including + (path,))}")
     if not path.is_file():
         via = f" (named by base: in {including[-1]})" if including else ""
-        raise ConfigError(f"config file not found: {path}{via}")
+        what = "a folder, not a config file" if path.is_dir() else "config file not found"
+        raise ConfigError(f"{what}: {path}{via}")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     except ConfigError as error:  # _Loader's refusals

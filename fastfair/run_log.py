@@ -109,5 +109,6 @@ def _summary_writer(folder: str, start: int):
         warnings.warn(f"tensorboard is not installed: the run's numbers go to {METRICS_FILE} in output_dir only "
                       "(pip install tensorboard, or fastfair[train], for its curves)", stacklevel=3)
         return None
-    # purge_step: TensorBoard drops the steps the interrupted run logged past the checkpoint resumed from
-    return SummaryWriter(folder, purge_step=start + 1 if start else None)
+    # purge_step: TensorBoard drops the steps the interrupted run logged past the checkpoint resumed from (all of
+    # them for a run stopped before its first checkpoint, started afresh)
+    return SummaryWriter(folder, purge_step=start + 1)

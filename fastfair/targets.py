@@ -295,15 +295,22 @@ def _parse_distribution(spec, classes, where, normalize):
     missing = [c for c in classes if c not in spec]
     if missing:
         raise ValueError(f"{where}: no probability for class(es) {missing} (give 0 explicitly)")
+    values = {}
     for c in classes:
         value = spec[c]
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads 5e-1 (no dot) as a string; as the settings, accepted
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{where}.{c} must be a number, got {value!r}")
         if not math.isfinite(value):
             raise TypeError(f"{where}.{c} must be a finite number, got {value!r}")
         if value < 0:
             raise ValueError(f"{where}.{c} is negative ({value}); probabilities must be >= 0")
-    dist = np.array([float(spec[c]) for c in classes])
+        values[c] = float(value)
+    dist = np.array([values[c] for c in classes])
     total = dist.sum()
     if total <= 0:
         raise ValueError(f"{where}: all probabilities are 0")

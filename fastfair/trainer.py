@@ -499,27 +499,32 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
         self._warn_ema_change(path, saved_settings)
 
-    def _warn_ema_change(self, path: Path, saved: Optional[dict]) -> None:
+    def _warn_ema_change(self, path: Path, saved: dict) -> None:
         """A run trained before the EMA's warm-up (saved: its recorded settings), resumed to train on: from here its
         EMA warms up (at its step count: a lower decay than it had) unless optim.ema_warmup=false keeps it."""
         o = self.cfg.optim
         if self.rank != 0 or self.start >= self.cfg.max_steps or not (o.ema_warmup and o.ema_decay > 0):
             return
-        saved_optim = (saved or {}).get("optim") or {}
-        if saved is None or "ema_warmup" not in saved_optim:
+        saved_optim = saved.get("optim") or {}
+        if "ema_warmup" not in saved_optim:
             before = f", optim.ema_decay={saved_optim['ema_decay']}" if "ema_decay" in saved_optim else ""
             warnings.warn(f"resume={path} was trained by a fastfair whose EMA had no warm-up (before 2026-11-30"
                           f"{before}): from here its EMA uses optim.ema_decay={o.ema_decay} with the warm-up "
                           "(optim.ema_warmup=true). To continue it as it was: optim.ema_warmup=false and its "
                           "ema_decay", stacklevel=3)
 
-    def _check_resumed_settings(self, path: Path) -> Optional[dict]:
+    def _check_resumed_settings(self, path: Path) -> dict:
         """A resume continues the same run: refuse settings that differ from those the checkpoint was trained with
         (checkpoint.config_file), except the ones a resume may change (fastfair.config.RESUME_MAY_CHANGE) and
-        resume_allow. Returns those settings (None where none are recorded)."""
+        resume_allow. Returns those settings."""
         saved = checkpoint.trained_settings(path)
-        changes = resume_changes(saved, self.cfg) if saved is not None else {}
-        horizon = saved.get("max_steps") if saved is not None else None
+        if saved is None:  # nothing to check the resume against: it could continue the run with other settings
+            raise ValueError(f"resume={path}: no record of the settings it was trained with (neither "
+                             f"{path / checkpoint.CONFIG_FILE} nor the run's {checkpoint.config_file(path)}); restore "
+                             "one from a copy, or write it with python fastfair/train.py --print-config and the "
+                             "settings the run was started with")
+        changes = resume_changes(saved, self.cfg)
+        horizon = saved.get("max_steps")
         if horizon not in (None, self.cfg.max_steps) and self.cfg.optim.scheduler != "constant" and self.rank == 0:
             # max_steps is the learning-rate schedule's horizon: a run stopped by max_steps is not paused
             warnings.warn(f"max_steps={self.cfg.max_steps}, but resume={path} was trained toward max_steps={horizon}: "

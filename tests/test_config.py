@@ -289,6 +289,11 @@ def test_unknown_yaml_key_at_depth_names_the_full_dotted_key(tmp_path):
     (tmp_path / "broken.yaml").write_text("optim: [1,\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+    (tmp_path / "latin.yaml").write_bytes("# caf\xe9\nseed: 1\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin\.yaml: not UTF-8 text .* save it as UTF-8"):
+        load_config(tmp_path / "latin.yaml")
+    with pytest.raises(ConfigError, match=rf"a folder, not a config file: {tmp_path}"):
+        load_config(tmp_path)
 
 
 def test_save_config_is_atomic_and_complete(tmp_path):

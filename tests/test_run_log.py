@@ -38,7 +38,21 @@ def test_a_resume_drops_the_steps_logged_past_its_checkpoint(tmp_path, monkeypat
     assert _steps(tmp_path) == [1, 2, 3]
     assert json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[-1]) == {"step": 3, "loss": 1.25}
     # tensorboard drops what the interrupted run logged past step 2 (it had kept both step 3's)
-    assert made == [(str(tmp_path / "tensorboard"), None), (str(tmp_path / "tb"), 3)]
+    assert made == [(str(tmp_path / "tensorboard"), 1), (str(tmp_path / "tb"), 3)]
+
+
+def test_a_run_started_again_before_its_first_checkpoint_logs_each_step_once_in_tensorboard(tmp_path):
+    """Stopped before any checkpoint, the run starts afresh: its TensorBoard curve held steps 1, 2, 1, 2, 3."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    for steps in ((1, 2), (1, 2, 3)):  # interrupted at step 2, then the same command again
+        log = RunLog(tmp_path, str(tmp_path / "tb"), 0)
+        for step in steps:
+            log.scalars(step, {"loss": float(step)})
+        log.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3]
+    assert _steps(tmp_path) == [1, 2, 3]
 
 
 def test_without_tensorboard_the_numbers_still_reach_metrics_jsonl(tmp_path, monkeypatch):

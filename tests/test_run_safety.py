@@ -1,6 +1,7 @@
 """What a run does with what is already on disk and with settings that change between runs: nothing saved is lost,
 a resume applies the new optimizer settings, and every refusal names the setting and the fix."""
 import errno
+import io
 import json
 import os
 import re
@@ -8,9 +9,11 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -100,9 +103,24 @@ def test_resume_auto_refuses_to_overwrite_a_newest_checkpoint_it_cannot_resume(t
     on.train()
     assert on.start == 1 and list(checkpoint.list_checkpoints(cfg.output_dir)) == [2, 3]
     state = root / "step_00000003" / "state.pt"
-    state.write_bytes(state.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"state.pt: cannot be read .*damaged or was cut off"):
-        checkpoint.load_checkpoint(root / "step_00000003")
+    intact = state.read_bytes()
+    # bytes changed inside a tensor's data: torch.load reads them without a word (an optimizer moment silently
+    # wrong); the archive's checksum of that member tells
+    with zipfile.ZipFile(state) as archive:
+        member = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    names, extra = struct.unpack("<HH", intact[member.header_offset + 26:member.header_offset + 30])
+    middle = member.header_offset + 30 + names + extra + member.file_size // 2
+    changed = bytearray(intact)
+    changed[middle:middle + 4] = b"\xff\xff\xff\x7f"
+    assert bytes(changed) != intact and torch.load(io.BytesIO(bytes(changed)), weights_only=True)["iteration"] == 3
+    for damage, why in ((intact[:1000], ""), (os.urandom(5000), ""), (b"hello world, not a checkpoint\n", ""),
+                        (bytes(changed), "the checksum of .* inside it fails")):
+        state.write_bytes(damage)
+        with pytest.raises(ValueError, match=rf"state.pt: cannot be read \({why}.*damaged or was cut off in a copy: "
+                                             r"copy it again, or move this checkpoint away"):
+            checkpoint.load_checkpoint(root / "step_00000003")
+    state.write_bytes(intact)
+    assert checkpoint.load_checkpoint(root / "step_00000003")[2]["iteration"] == 3
 
 
 def test_a_resume_that_moves_the_schedules_horizon_warns(tmp_path, world):
@@ -184,6 +202,31 @@ def test_resume_refuses_other_settings_unless_allowed(tmp_path, world):
     assert allowed.start == 2 and checkpoint.list_checkpoints(cfg.output_dir).keys() == {2, 3}
     with pytest.raises(ConfigError, match="resume_allow: unknown config key 'sampler.num_step'"):
         validate(load_config(write_config(tmp_path, world), ["resume_allow=[sampler.num_step]"]))
+
+
+def test_a_resume_whose_recorded_settings_are_damaged_or_gone_is_refused(tmp_path, world):
+    """An empty, non-YAML or non-mapping config.yaml in the checkpoint read as "nothing recorded": the resume then
+    trained on with other settings unchecked; with both it and the run's config.yaml gone likewise."""
+    cfg, _ = _trained(tmp_path, world, "max_steps=1")
+    own = checkpoint.checkpoint_dir(cfg.output_dir) / "step_00000001" / "config.yaml"
+    recorded = own.read_text()
+    changed = ["max_steps=2", "resume=auto", "sampler.guidance_scale=1.5"]
+    for text, why in (("", "empty"), ("max_steps: [oops\n", "not YAML: "), ("- a list\n", "a list, not the mapping")):
+        own.write_text(text)
+        with pytest.raises(ValueError, match=rf"step_00000001/config.yaml: the settings step_00000001 was trained "
+                                             rf"with cannot be read \({re.escape(why)}.*the file is damaged"):
+            Trainer(load_config(write_config(tmp_path, world), changed)).train()
+    own.unlink()
+    (Path(cfg.output_dir) / "config.yaml").unlink()
+    with pytest.raises(ValueError, match=r"resume=.*step_00000001: no record of the settings it was trained with"):
+        Trainer(load_config(write_config(tmp_path, world), changed)).train()
+    assert list(checkpoint.list_checkpoints(cfg.output_dir)) == [1]
+    own.write_text(recorded)  # restored: the change is named again, and without it the run goes on
+    with pytest.raises(ValueError, match=r"sampler.guidance_scale=1.5 \(trained with"):
+        Trainer(load_config(write_config(tmp_path, world), changed)).train()
+    resumed = Trainer(load_config(write_config(tmp_path, world), changed[:2]))
+    resumed.train()
+    assert resumed.start == 1
 
 
 def test_relative_paths_are_saved_absolute_so_a_run_continues_from_any_folder(tmp_path, world, monkeypatch):

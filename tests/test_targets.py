@@ -189,3 +189,12 @@ def test_sum_tolerance_accepts_rounding():
                                                           "asian": 0.3333334, "indian": 0.0})
     target = load_targets(cfg).groups()[0].target
     assert math.isclose(float(target.sum()), 1.0, abs_tol=1e-12)
+
+
+def test_probabilities_in_exponent_notation_are_read_as_the_settings_read_them():
+    """PyYAML (YAML 1.1) reads 5e-1 without a dot as a string; float settings accept it, and so do targets."""
+    import yaml
+
+    cfg = set_field(["attributes", 0, "probabilities"], yaml.safe_load("{male: 5e-1, female: 5e-1}"))
+    assert cfg["attributes"][0]["probabilities"]["male"] == "5e-1"
+    assert load_targets(cfg).attribute("gender").table.tolist() == [0.5, 0.5]
