@@ -592,12 +592,11 @@ def test_evaluation_settings_are_checked_before_any_image(options, message, tmp_
         run(tmp_path / "file")
 
 
-def test_demo_evaluates_in_the_dtype_the_run_sampled_in(tmp_path, monkeypatch):
-    """model.dtype=bf16: the held-out images are generated in bf16, as the run trained (evaluate's own default is
-    fp32)."""
+def _demo_evaluation_arguments(cfg, tmp_path, monkeypatch) -> dict:
+    """The keyword arguments the demo's held-out evaluation passes to fastfair.evaluate.evaluate (stopped there,
+    before any image is made)."""
     import fastfair.evaluate
-    from fastfair.config import load_config
-    from fastfair.demo import CONFIGS, evaluate_heldout
+    from fastfair.demo import evaluate_heldout
 
     seen = {}
 
@@ -606,39 +605,37 @@ def test_demo_evaluates_in_the_dtype_the_run_sampled_in(tmp_path, monkeypatch):
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
-        raise Stop  # before any image is made
+        raise Stop
 
     monkeypatch.setattr(fastfair.evaluate, "evaluate", spy)
-    cfg = load_config(CONFIGS["gender"], ["model.dtype=bf16", "precision.mixed=bf16"])
     with pytest.raises(Stop):
         evaluate_heldout(cfg, tmp_path / "ckpt", tmp_path / "eval", 2)
-    assert seen["dtype"] == "bf16"
+    return seen
+
+
+def test_demo_evaluates_in_the_dtype_the_run_sampled_in(tmp_path, monkeypatch):
+    """model.dtype=bf16: the held-out images are generated in bf16, as the run trained (evaluate's own default is
+    fp32)."""
+    from fastfair.config import load_config
+    from fastfair.demo import CONFIGS
+
+    cfg = load_config(CONFIGS["gender"], ["model.dtype=bf16", "precision.mixed=bf16"])
+    assert _demo_evaluation_arguments(cfg, tmp_path, monkeypatch)["dtype"] == "bf16"
 
 
 def test_the_demo_scores_a_conditional_targets_intersection_as_trained(tmp_path, monkeypatch):
     """age given gender, young 90 % among women and 50 % among men: the intersection's target is the conditional
     one (a product of the marginals, 0.7 young for both, would score a model exactly on target at TV 0.2)."""
-    import fastfair.evaluate
+    import fastfair.evaluation.scoring
     from fastfair.config import load_config
-    from fastfair.demo import CONFIGS, evaluate_heldout
+    from fastfair.demo import CONFIGS
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        raise Stop  # before any image is made
-
-    monkeypatch.setattr(fastfair.evaluate, "evaluate", spy)
     cfg = load_config(CONFIGS["age"])
     age = cfg.targets["attributes"][2]
     assert age["name"] == "age"
     age.update(given=["gender"], probabilities={"female": {"young": 0.9, "old": 0.1},
                                                 "male": {"young": 0.5, "old": 0.5}})
-    with pytest.raises(Stop):
-        evaluate_heldout(cfg, tmp_path / "ckpt", tmp_path / "eval", 2)
+    seen = _demo_evaluation_arguments(cfg, tmp_path, monkeypatch)
     targets = seen["targets"]
     assert seen["attributes"] == ["gender", "race", "age"] and targets["age"] == pytest.approx([0.7, 0.3])
     classes = fastfair.evaluation.scoring.load_classifiers(["fastfair.toy:eval_classifier"], ["gender"])[1]["gender"]
