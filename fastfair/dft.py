@@ -296,6 +296,24 @@ def _run_sampler(plan: _Plan, z_T: torch.Tensor, cond: torch.Tensor, uncond: Opt
     return z
 
 
+def _shared_storages(tensors) -> set:
+    """The storages (data pointers) more than one of ``tensors`` lies in. autograd may return one tensor for two
+    inputs (eps = f(x) + p1 + p2: an add hands both operands its incoming gradient) or the upstream gradient itself
+    (eps = f(x) + p), and a running sum added into in place would then count later steps twice or change the
+    upstream."""
+    seen, shared = set(), set()
+    for tensor in tensors:
+        if tensor is not None:
+            pointer = tensor.untyped_storage().data_ptr()
+            (shared if pointer in seen else seen).add(pointer)
+    return shared
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """No element stored twice: a broadcast gradient (stride 0, eps = f(x) + p.sum()) cannot be added into."""
+    return all(stride > 0 or size == 1 for size, stride in zip(tensor.shape, tensor.stride()))
+
+
 def _check_backward_state(plan: _Plan, recomputes: bool, params=(), param_versions=()) -> None:
     """The backward recomputes from state the forward saved: refuse, as autograd refuses a freed or stale graph,
     a second backward (the first freed that state: its U-Net and embedding gradients would be silently zero) and
@@ -355,9 +373,15 @@ class _AdjustedDFT(torch.autograd.Function):
 
         def accumulate(eps: torch.Tensor, upstream: torch.Tensor) -> None:
             grads = torch.autograd.grad(eps, inputs, upstream, allow_unused=True)
+            shared = _shared_storages([upstream, *grads])
             for k, gk in enumerate(grads):
-                if gk is not None:
-                    sums[k] = gk if sums[k] is None else sums[k].add_(gk)
+                if gk is None:
+                    continue
+                if sums[k] is None:  # the running sum is added into in place: it must own its memory
+                    own = _is_dense(gk) and gk.untyped_storage().data_ptr() not in shared
+                    sums[k] = gk if own else gk.clone(memory_format=torch.contiguous_format)
+                else:
+                    sums[k].add_(gk)
 
         if plan.frozen_rows:  # rows sampled along without gradient: their dL/dz_0 is ignored
             g = g.clone()
