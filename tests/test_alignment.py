@@ -252,6 +252,13 @@ def global_batch_inputs():
     return probs, valid, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 
 
+def bfloat16_probs():
+    """A bfloat16 softmax: rows sum to 1 only within bf16's rounding (here off by more than float64's 1e-3)."""
+    probs = torch.softmax(torch.randn(sum(GLOBAL_SIZES), 3, generator=torch.Generator().manual_seed(5)).bfloat16(), -1)
+    assert (probs.double().sum(-1) - 1).abs().max() > 1e-3
+    return probs
+
+
 def _global_batch_worker(rank, port, out_dir):
     import torch.distributed as dist
 
@@ -263,7 +270,8 @@ def _global_batch_worker(rank, port, out_dir):
         exact = global_expected_ot_targets(probs[mine], target, valid=valid[mine], method="exact")
         sampled = global_expected_ot_targets(probs[mine], target, valid=valid[mine], method="monte_carlo",
                                              num_samples=300, generator=torch.Generator().manual_seed(3))
-        torch.save({"exact": exact, "sampled": sampled}, os.path.join(out_dir, f"rank{rank}.pt"))
+        half = global_expected_ot_targets(bfloat16_probs()[mine], target, valid=valid[mine], method="exact")
+        torch.save({"exact": exact, "sampled": sampled, "bf16": half}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -281,6 +289,10 @@ def test_global_batch_equals_single_process(tmp_path):
     reference = expected_ot_targets(probs, target, method="monte_carlo", valid=valid, num_samples=300,
                                     generator=torch.Generator().manual_seed(3))
     assert torch.allclose(sampled, reference, atol=1e-12)
+    # bf16 rows are held to bf16's rounding on every rank, as in one process (float64's 1e-3 refused them)
+    half = torch.cat([r["bf16"] for r in results])
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, expected_ot_targets(bfloat16_probs(), target, method="exact", valid=valid))
     # and without a process group it is the plain function
     assert torch.equal(global_expected_ot_targets(probs, target, valid=valid, method="exact"),
                        expected_ot_targets(probs, target, valid=valid, method="exact"))

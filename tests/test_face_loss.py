@@ -188,3 +188,17 @@ def test_sfnet_input_size_is_read_off_the_checkpoint():
 
     config = sfnet_config_from_state(network.state_dict())
     assert config["input_size"] == 64 and config["depths"] == [1, 1, 1, 1]
+
+
+def test_the_trainer_worlds_face_models_pass_a_gradient_to_the_images(tmp_path):
+    """The tiny face embedder every trainer test with face_loss=True uses: faces embed apart and the face loss
+    reaches the pixels (with dead ReLUs those tests could not see a face-loss gradient that went missing)."""
+    from fastfair.testing import save_tiny_face_models
+
+    weights, bank = save_tiny_face_models(tmp_path)
+    embedder = load_face_embedder(str(weights))
+    faces = (torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1).requires_grad_()
+    embeddings = embedder(faces)
+    assert (embeddings[0] - embeddings[1]).abs().max() > 1e-3
+    face_realism_loss(embeddings, FaceBank.load(str(bank))).sum().backward()
+    assert faces.grad.abs().max() > 1e-4

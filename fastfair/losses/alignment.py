@@ -59,14 +59,8 @@ def expected_ot_targets(probs, target, method="auto", num_samples=1024, generato
     is too large); generator: torch.Generator for them. Returns q [N, K] (rows of included images
     sum to 1), no grad, on probs' device in probs' dtype (float64 gives the exact results in float64).
     """
-    target, valid = _check_inputs(probs, target, method, num_samples, valid)
+    target, valid, rows = check_ot_inputs(probs, target, method, num_samples, valid)
     q = torch.zeros(probs.shape, dtype=torch.float64)
-    rows = probs.detach().to("cpu", torch.float64)[valid]
-    # a bfloat16 softmax sums to 1 only within its rounding (~2^-8 per row)
-    tolerance = max(1e-3, 2 * torch.finfo(probs.dtype).eps)
-    if not torch.isfinite(rows).all() or (rows < -1e-6).any() or ((rows.sum(-1) - 1).abs() > tolerance).any():
-        raise ValueError(f"expected_ot_targets: each row of probs must be a probability vector, summing to 1 "
-                         f"within {tolerance:.2g} for {probs.dtype} (apply softmax to logits first)")
     if rows.shape[0] > 0:
         with _one_thread():
             q[valid] = _expected_assignment(rows, target, method, num_samples, generator)
@@ -118,6 +112,20 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def check_ot_inputs(probs, target, method="auto", num_samples=1024, valid=None):
+    """What `expected_ot_targets` checks before computing (a ValueError or TypeError naming the input): returns
+    (target [K] float64, valid [N] bool, the valid rows of probs [n, K] in float64). The rows' sums are held to
+    their own dtype's rounding: a distributed caller checks each rank's rows before gathering them."""
+    target, valid = _check_inputs(probs, target, method, num_samples, valid)
+    rows = probs.detach().to("cpu", torch.float64)[valid]
+    # a bfloat16 softmax sums to 1 only within its rounding (~2^-8 per row)
+    tolerance = max(1e-3, 2 * torch.finfo(probs.dtype).eps)
+    if not torch.isfinite(rows).all() or (rows < -1e-6).any() or ((rows.sum(-1) - 1).abs() > tolerance).any():
+        raise ValueError(f"expected_ot_targets: each row of probs must be a probability vector, summing to 1 "
+                         f"within {tolerance:.2g} for {probs.dtype} (apply softmax to logits first)")
+    return target, valid, rows
 
 
 def _check_inputs(probs, target, method, num_samples, valid):

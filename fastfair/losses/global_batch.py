@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .alignment import expected_ot_targets
+from .alignment import check_ot_inputs, expected_ot_targets
 
 
 def global_expected_ot_targets(probs, target, valid=None, group=None, **ot_kwargs):
@@ -25,11 +25,14 @@ def global_expected_ot_targets(probs, target, valid=None, group=None, **ot_kwarg
         return expected_ot_targets(probs, target, valid=valid, **ot_kwargs)
     if valid is None:
         valid = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+    # on every rank, in the rows' own dtype: one rank's refusal would leave the others waiting in the broadcast
+    check_ot_inputs(probs, target, ot_kwargs.get("method", "auto"), ot_kwargs.get("num_samples", 1024), valid)
     all_probs, sizes = gather_rows(probs.detach(), group)
     all_valid, _ = gather_rows(valid.to(probs.device, torch.uint8), group)  # gloo has no bool
     src = dist.get_process_group_ranks(group)[0] if group is not None else 0
     if dist.get_rank() == src:
-        q = expected_ot_targets(all_probs.double(), target, valid=all_valid.bool(), **ot_kwargs)
+        # in probs' dtype, as a single process computes (its row sums are held to that dtype's rounding)
+        q = expected_ot_targets(all_probs, target, valid=all_valid.bool(), **ot_kwargs).double()
     else:
         q = torch.empty(all_probs.shape, dtype=torch.float64, device=probs.device)
     dist.broadcast(q, src=src, group=group)
