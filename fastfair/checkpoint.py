@@ -324,7 +324,8 @@ def config_file(checkpoint) -> Path:
     """The settings a checkpoint was trained with: its own CONFIG_FILE; for checkpoints written before they held
     one, the run's config.yaml (<output_dir>/config.yaml beside checkpoints/, which a later resume rewrites)."""
     own = Path(checkpoint) / CONFIG_FILE
-    return own if own.is_file() else Path(checkpoint).parent.parent / "config.yaml"
+    # resolved: a checkpoint named through a link is beside its own run's config.yaml, not the link's
+    return own if own.is_file() else Path(checkpoint).resolve().parent.parent / "config.yaml"
 
 
 def trained_settings(checkpoint) -> Optional[dict]:
@@ -414,6 +415,7 @@ def load_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tens
             raise damaged(str(error).strip().splitlines()[0]) from None
         raise ValueError(f"{path}: a checkpoint of a DeepSpeed run (its state.pt holds DeepSpeed's optimizer "
                          "state); resume it with its deepspeed.config") from None
-    except Exception as error:  # RuntimeError, EOFError, KeyError (a pickle memo), ...: whatever the damage
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+        # how damaged bytes fail to unpickle (KeyError: a pickle memo); an OSError (permissions, I/O) is not damage
         raise damaged(f"{type(error).__name__}: {str(error).strip()}") from None
     return weights, ema, state

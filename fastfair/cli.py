@@ -53,11 +53,14 @@ def file_instead_of_folder(flag: str, path, what: str) -> Optional[str]:
     path = str(path)
     if not path:
         return f"{flag} '': give a folder for {what}"
-    existing = os.path.abspath(path)
+    # not normalized: "a_file/../x" fails at mkdir, as the operating system walks it
+    full = existing = os.path.join(os.getcwd(), path)
     while not os.path.exists(existing):  # folders still to make: the first that exists must be one to write in
+        if os.path.islink(existing):
+            return f"{flag} {path}: {existing} is a link to nothing; give a folder for {what}"
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        where = "a file" if existing == os.path.abspath(path) else f"{existing} is a file"
+        where = "a file" if existing == full.rstrip(os.sep) else f"{existing} is a file"
         return f"{flag} {path}: {where}; give a folder for {what}"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{flag} {path}: {existing} is not writable; give a folder you can write {what} in"

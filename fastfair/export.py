@@ -158,8 +158,9 @@ def merged_export(checkpoint_dir, out, weights: str = "ema", model: Optional[str
     from fastfair.models import load_stable_diffusion, torch_dtype
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
-    if out.is_file():
-        raise ValueError(f"--out {out}: a file; --merged writes a whole model into a new folder")
+    problem = file_instead_of_folder("--out", out, "the model --merged writes")
+    if problem:
+        raise ValueError(problem)
     if out.is_dir() and any(out.iterdir()):  # a model folder of two exports mixes them
         raise ValueError(f"--out {out}: not an empty folder; --merged writes a whole model: give a new folder")
     if model is None and model_config is not None:  # it would go unread: the run's model.config is used

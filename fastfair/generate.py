@@ -41,12 +41,13 @@ def prompt_folders(out, prompt: Union[str, Sequence[str]]) -> list:
 
 def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, out, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
-             model_config=None, batch_size: int = DEFAULT_BATCH) -> list:
+             model_config=None, batch_size: Optional[int] = DEFAULT_BATCH) -> list:
     """num_images images of `prompt` (a string, or a list of prompts: each in its own folder, `prompt_folders`)
     from the model with the exported weights (None: the base model); returns the PNG paths, prompt by prompt.
     steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
     else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
-    per pipeline call; each image's noise is the same whatever it is (module docstring). Prompts are stripped of
+    per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring). Prompts
+    are stripped of
     spaces at their ends (CLIP's tokenizer drops them; the noise would not)."""
     from tqdm.auto import tqdm
 
@@ -84,7 +85,7 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     # as 1 (no classifier-free guidance)
     if num_images < 1:
         raise ValueError(f"--num-images {num_images}: expected at least 1")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: expected at least 1 image per batch")
     if steps < 1:
         raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
@@ -101,8 +102,9 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
         raise ValueError(problem)
     out = Path(out)
     folders = prompt_folders(out, prompt)
-    # images only: a run stopped before its first image left prompts.txt alone, which this one rewrites
-    earlier = [path for folder in dict.fromkeys([out, *folders]) if folder.is_dir()  # in order: a stable message
+    # images only, in either layout (a run stopped before its first image left prompts.txt alone, which this one
+    # rewrites): one prompt's run beside a set's would leave a folder of two runs' images
+    earlier = [path for folder in [out, *sorted(out.glob("prompt_[0-9]*"))] if folder.is_dir()
                for path in sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].png"))[:1]]
     if earlier:  # this run would overwrite some and leave the rest, a folder of two runs' images
         raise ValueError(f"--out {out}: holds images of an earlier run ({earlier[0].relative_to(out)} ...); choose a "
@@ -128,7 +130,7 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
                          "write in") from None
     if not isinstance(prompt, str):  # first: a run stopped part way still says which folder holds which prompt
         (out / PROMPTS_FILE).write_text("".join(f"{p}\n" for p in prompts), encoding="utf-8")
-    paths, batch = [], batch_size
+    paths, batch = [], batch_size or num_images
     with tqdm(total=num_images * len(prompts), desc="generating", unit="img") as bar:
         for text, folder in zip(prompts, folders):
             folder.mkdir(exist_ok=True)

@@ -109,7 +109,7 @@ def _numbered_lines(path) -> List[Tuple[int, str]]:
         # utf-8-sig: a byte-order mark (Windows editors write one) would stick to the first line, hiding a '#'
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:  # Python's message names neither the file nor the line
-        line = data[:error.start].count(b"\n") + 1
+        line = data[:error.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1  # as split below
         raise ValueError(f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}): save the file as "
                          "UTF-8") from None
     # lines end at \n, \r\n or \r alone, as editors number them (str.splitlines also splits at form feeds,

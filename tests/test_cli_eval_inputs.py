@@ -699,6 +699,10 @@ def test_a_folder_flag_given_a_file_or_a_path_below_one_is_named_before_the_work
     assert file_instead_of_folder("--out", tmp_path / "f" / "a" / "b", "the images") == (
         f"--out {tmp_path / 'f' / 'a' / 'b'}: {tmp_path / 'f'} is a file; give a folder for the images")
     assert file_instead_of_folder("--out", "", "the images") == "--out '': give a folder for the images"
+    # the path as the operating system walks it: not normalized, links followed
+    assert f"{tmp_path / 'f'} is a file" in file_instead_of_folder("--out", f"{tmp_path / 'f'}/../x", "the images")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert "link is a link to nothing" in file_instead_of_folder("--out", tmp_path / "link" / "x", "the images")
     for fine in (tmp_path, tmp_path / "new" / "deeper"):
         assert file_instead_of_folder("--out", fine, "the images") is None
 

@@ -291,7 +291,7 @@ def test_an_intersection_takes_a_joint_target_and_its_attributes_the_marginals()
         0.7, 0.3)
     for targets, joint, message in (
             ({"gender,age": cells, "age": [0.5, 0.5]}, ["gender", "age"],
-             r"--target age=\[0.5, 0.5\] differs from its marginal under --target gender,age \(\[0.7, 0.3\]\)"),
+             r"--target gender,age and --target age give age other targets \(\[0.7, 0.3\] and \[0.5, 0.5\]\)"),
             ({"gender,age": cells[:3]}, ["gender", "age"], r"--target gender,age: expected 4 probabilities \(cells "
                                                            r"female/young, female/old, male/young, male/old\)"),
             ({"gender,age": cells}, [""], "a target for an intersection that is not evaluated; add --joint gender,age"),
@@ -300,6 +300,38 @@ def test_an_intersection_takes_a_joint_target_and_its_attributes_the_marginals()
             attribute_sets(classes, targets, joint=joint)
     given = parse_args(["--model", "m", "--classifier", "c", "--out", "o", "--target", "gender, age=0.45,0.05,0.25,0.25"])
     assert _targets(given.target) == {"gender,age": cells}
+
+
+def test_every_intersection_is_scored_against_what_the_joint_targets_fix_of_it():
+    """A joint target over gender x race x age also fixes gender x race (its marginal, not the product of the
+    marginals); a joint target given in another order of its attributes is read in its own order; one that fixes
+    part of a larger intersection enters it times the other attributes' targets; two that overlap inside one are
+    refused."""
+    classes = {"gender": ("f", "m"), "race": ("a", "b"), "age": ("y", "o")}
+    g = np.array([0.3, 0.7])
+    r_given_g = np.array([[0.2, 0.8], [0.6, 0.4]])
+    a_given_r = np.array([[0.9, 0.1], [0.5, 0.5]])
+    table = g[:, None, None] * r_given_g[:, :, None] * a_given_r[None, :, :]  # [gender, race, age]
+    sets = attribute_sets(classes, {"gender,race,age": table.ravel().tolist()},
+                          [["gender", "race", "age"], ["gender", "race"], ["age", "gender"]])
+    by_name = {s.name: np.array(s.target) for s in sets}
+    np.testing.assert_allclose(by_name["gender x race x age"], table.ravel(), atol=1e-15)
+    np.testing.assert_allclose(by_name["gender x race"], table.sum(2).ravel(), atol=1e-15)
+    np.testing.assert_allclose(by_name["age x gender"], table.sum(1).T.ravel(), atol=1e-15)
+    np.testing.assert_allclose(by_name["race"], table.sum((0, 2)), atol=1e-15)
+    # the same cells given in the order race, gender for the intersection --joint gender,race
+    swapped = attribute_sets(classes, {"race,gender": table.sum(2).T.ravel().tolist()}, [["gender", "race"]])
+    np.testing.assert_allclose(swapped[-1].target, table.sum(2).ravel(), atol=1e-15)
+    # gender x race fixed, age's own target beside it
+    partial = attribute_sets(classes, {"gender,race": table.sum(2).ravel().tolist(), "age": [0.75, 0.25]},
+                             [["gender", "race"], ["gender", "race", "age"]])
+    np.testing.assert_allclose(partial[-1].target, (table.sum(2)[:, :, None] * np.array([0.75, 0.25])).ravel(),
+                               atol=1e-15)
+    with pytest.raises(ValueError, match=r"--target gender,race and --target race,age both fix part of the "
+                                         r"intersection gender x race x age: give its own --target"):
+        attribute_sets(classes, {"gender,race": table.sum(2).ravel().tolist(),
+                                 "race,age": table.sum(0).ravel().tolist()},
+                       [["gender", "race"], ["race", "age"], ["gender", "race", "age"]])
 
 
 def test_mean_pm_std_uses_the_seed_style():

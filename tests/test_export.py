@@ -116,6 +116,8 @@ def test_a_merged_export_is_the_training_model_without_adapters(tmp_path, world,
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="--out .*a_file: a file"):
         export_main([str(ckpt), "--out", str(tmp_path / "a_file"), "--merged"])
+    with pytest.raises(ValueError, match="--out .*sub: .*a_file is a file"):  # before the base model loads
+        export_main([str(ckpt), "--out", str(tmp_path / "a_file" / "sub"), "--merged"])
     with pytest.raises(ValueError, match="--model-config .* goes with --model"):
         export_main([str(ckpt), "--out", str(tmp_path / "other"), "--merged", "--model-config", str(world["sd"])])
     # half precision: the fp32 merge cast once (LoRA fused at full precision)
@@ -188,6 +190,12 @@ def test_generate_cli_writes_images(tmp_path, world, capsys, monkeypatch):
     with pytest.raises(ValueError, match="--out .*images: holds images of an earlier run \\(00000.png"):
         main(["--model", str(world["sd"]), "--prompt", "a nurse", "--num-images", "1", "--out",
               str(tmp_path / "images")])
+    # nor one prompt's images beside a prompt set's, nor a set's beside one prompt's
+    main(["--model", str(world["sd"]), "--prompt", "a", "--prompt", "b", "--num-images", "1", "--steps", "1",
+          "--out", str(tmp_path / "set")])
+    for out, prompts in (("set", ["--prompt", "c"]), ("images", ["--prompt", "c", "--prompt", "d"])):
+        with pytest.raises(ValueError, match=f"--out .*{out}: holds images of an earlier run"):
+            main(["--model", str(world["sd"]), *prompts, "--num-images", "1", "--out", str(tmp_path / out)])
     with pytest.raises(ValueError, match=f"--lora .*{LORA_FILE}: a file; pass the folder that holds it"):
         main(["--model", str(world["sd"]), "--lora", str(tmp_path / "export" / LORA_FILE), "--prompt", "a cook",
               "--out", str(tmp_path / "more")])
@@ -464,7 +472,8 @@ def test_a_merged_model_given_its_own_weights_again_is_refused_and_another_base_
                                          rf"{world['sd']} --lora"):
         main(["--model", str(tmp_path / "merged"), "--lora", str(tmp_path / "export"), "--prompt", "a cook",
               "--out", str(tmp_path / "images")])
-    for finetuned in (tmp_path / "export", ckpt):
+    (tmp_path / "link").symlink_to(ckpt)  # the same checkpoint under another name
+    for finetuned in (tmp_path / "export", ckpt, tmp_path / "link", f"{ckpt}/../{ckpt.name}/"):
         with pytest.raises(ValueError, match=rf"--finetuned .*: {twice}"):
             load_sources(str(tmp_path / "merged"), str(finetuned))
     assert not (tmp_path / "images").exists()

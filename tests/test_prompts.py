@@ -128,6 +128,9 @@ def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     path.write_bytes("baker\ncaf\u00e9 owner\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"jobs\.txt:2: not UTF-8 text .*save the file as UTF-8"):
         load_prompt_file(path)
+    path.write_bytes("baker\rnurse\r\ncaf\u00e9 owner\r".encode("latin-1"))  # lines as the reader splits them
+    with pytest.raises(ValueError, match=r"jobs\.txt:3: not UTF-8 text"):
+        load_prompt_file(path)
 
 
 @pytest.mark.parametrize("first, again", [

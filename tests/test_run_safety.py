@@ -69,7 +69,7 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, world):
         Trainer(load_config(write_config(tmp_path, world), ["max_steps=1", "resume="])).train()
 
 
-def test_resume_auto_refuses_to_overwrite_a_newest_checkpoint_it_cannot_resume(tmp_path, world):
+def test_resume_auto_refuses_to_overwrite_a_newest_checkpoint_it_cannot_resume(tmp_path, world, monkeypatch):
     """A newest checkpoint that lost a file (its state.pt deleted to save space, a weight file lost in a copy):
     resume=auto passes over it to the newest complete one, but training on would overwrite it, so the run refuses,
     naming what it lacks and the way on (it said 'resuming from step_1', then refused without saying why); an
@@ -120,7 +120,14 @@ def test_resume_auto_refuses_to_overwrite_a_newest_checkpoint_it_cannot_resume(t
                                              r"copy it again, or move this checkpoint away"):
             checkpoint.load_checkpoint(root / "step_00000003")
     state.write_bytes(intact)
+    saved = checkpoint.load_checkpoint(root / "step_00000003")[2]
+    assert saved["iteration"] == 3
+    torch.save(saved, state, _use_new_zipfile_serialization=False)  # no archive, no checksums: as torch < 1.6 wrote
     assert checkpoint.load_checkpoint(root / "step_00000003")[2]["iteration"] == 3
+    with monkeypatch.context() as patch:  # a file that cannot be read now is not a damaged one
+        patch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+        with pytest.raises(PermissionError):
+            checkpoint.load_checkpoint(root / "step_00000003")
 
 
 def test_a_resume_that_moves_the_schedules_horizon_warns(tmp_path, world):
@@ -216,7 +223,10 @@ def test_a_resume_whose_recorded_settings_are_damaged_or_gone_is_refused(tmp_pat
         with pytest.raises(ValueError, match=rf"step_00000001/config.yaml: the settings step_00000001 was trained "
                                              rf"with cannot be read \({re.escape(why)}.*the file is damaged"):
             Trainer(load_config(write_config(tmp_path, world), changed)).train()
-    own.unlink()
+    own.unlink()  # as a checkpoint written before they held their settings: the run's config.yaml is read
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "step_00000001").symlink_to(own.parent)  # named through a link: its own run's
+    assert checkpoint.config_file(tmp_path / "links" / "step_00000001") == Path(cfg.output_dir).resolve() / "config.yaml"
     (Path(cfg.output_dir) / "config.yaml").unlink()
     with pytest.raises(ValueError, match=r"resume=.*step_00000001: no record of the settings it was trained with"):
         Trainer(load_config(write_config(tmp_path, world), changed)).train()

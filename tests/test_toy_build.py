@@ -64,5 +64,5 @@ def test_quick_build_never_replaces_the_shipped_weights(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):
         parse_args(["--quick", "--out", str(tmp_path / "file")])
-    assert "an existing file, not a folder" in capsys.readouterr().err
+    assert "a file; give a folder for the toy world's files" in capsys.readouterr().err
     assert parse_args([]).out == str(WEIGHTS_DIR) and parse_args(["--quick", "--out", "x"]).out == "x"

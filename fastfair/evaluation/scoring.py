@@ -48,9 +48,11 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
                    joint: Sequence = ()) -> List[AttributeSet]:
     """One set per attribute (in `classes` order), plus an intersection per entry of `joint` (each >= 2
     attributes; a flat list of names is one intersection). targets: {attribute: probabilities} (default uniform),
-    and {"a,b": probabilities} for an intersection's cells, row-major in `classes` order (a conditional target,
-    say, whose cells are not the product of the marginals); an intersection without one takes the product of its
-    attributes' targets, and an attribute without one the marginal of a joint target naming it, else uniform."""
+    and {"a,b": probabilities} for the cells of an evaluated intersection, row-major in that order of the
+    attributes and `classes` order of each (a conditional target, say, whose cells are not the product of the
+    marginals). Each set's target is the marginal of the joint targets that cover its attributes (they must agree);
+    where none covers them all, the product of what they fix of it (joint targets sharing two or more of its
+    attributes, their marginals) and of the other attributes' own targets."""
     joint_targets = {tuple(n.strip() for n in name.split(",")): probs for name, probs in targets.items() if "," in name}
     unknown = [name for name in targets if "," not in name and name not in classes]
     unknown += [",".join(names) for names in joint_targets if any(n not in classes for n in names)]
@@ -59,7 +61,7 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
                          "(the classifiers' attributes, or those chosen with --attributes)")
     intersections = _intersections(joint)
     for names in joint_targets:
-        if list(names) not in intersections:
+        if set(names) not in [set(evaluated) for evaluated in intersections] or len(set(names)) != len(names):
             raise ValueError(f"--target {','.join(names)}: a target for an intersection that is not evaluated; add "
                              f"--joint {','.join(names)}")
 
@@ -71,30 +73,50 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
                              f"{list(target)}")
         return target
 
-    joint_checked = {names: checked(",".join(names), probs, math.prod(len(classes[n]) for n in names),
-                                    "cells " + ", ".join("/".join(c) for c in itertools.product(
-                                        *(classes[n] for n in names))))
-                     for names, probs in joint_targets.items()}
-    implied = {}  # attribute -> (its marginal under a joint target, that target's name)
-    for names, target in joint_checked.items():
-        shape = [len(classes[n]) for n in names]
-        table = np.asarray(target, dtype=np.float64).reshape(shape)
+    tables = {names: np.asarray(checked(",".join(names), probs, math.prod(len(classes[n]) for n in names),
+                                        "cells " + ", ".join("/".join(c) for c in itertools.product(
+                                            *(classes[n] for n in names)))),
+                                dtype=np.float64).reshape([len(classes[n]) for n in names])
+              for names, probs in joint_targets.items()}
+    singles = {name: np.asarray(checked(name, targets[name], len(names), ", ".join(names)), dtype=np.float64)
+               for name, names in classes.items() if name in targets}
+
+    def target_of(names: tuple) -> tuple:
+        covering = [(",".join(t), _marginal(table, t, names)) for t, table in tables.items() if set(names) <= set(t)]
+        for name in names if len(names) == 1 else ():
+            if name in singles:
+                covering.append((f"{name}", singles[name]))
+        for (first, a), (other, b) in itertools.combinations(covering, 2):
+            if not np.allclose(a, b, atol=1e-6):
+                raise ValueError(f"--target {first} and --target {other} give {' x '.join(names)} other targets "
+                                 f"({_rounded(a.ravel())} and {_rounded(b.ravel())}): give them alike, or only one")
+        if covering:
+            return tuple(float(p) for p in covering[0][1].ravel())
+        product, fixed = np.ones([len(classes[n]) for n in names]), {}
+        for t, table in tables.items():
+            shared = tuple(n for n in names if n in t)
+            if len(shared) < 2:
+                continue
+            clash = next((fixed[n] for n in shared if n in fixed), None)
+            if clash is not None:  # two joint targets each fix part of it, overlapping: no one product
+                raise ValueError(f"--target {clash} and --target {','.join(t)} both fix part of the intersection "
+                                 f"{' x '.join(names)}: give its own --target {','.join(names)}=...")
+            fixed.update({n: ",".join(t) for n in shared})
+            product = product * _marginal(table, t, shared).reshape(
+                [len(classes[n]) if n in shared else 1 for n in names])
         for axis, name in enumerate(names):
-            marginal = tuple(table.sum(axis=tuple(a for a in range(len(names)) if a != axis)))
-            if name in implied and not np.allclose(implied[name][0], marginal, atol=1e-6):
-                raise ValueError(f"--target {','.join(names)} and --target {implied[name][1]} give {name} other "
-                                 f"marginals ({_rounded(marginal)} and {_rounded(implied[name][0])})")
-            implied.setdefault(name, (marginal, ",".join(names)))
-    sets = []
-    for name, names in classes.items():
-        if name in targets:
-            target = checked(name, targets[name], len(names), ", ".join(names))
-            if name in implied and not np.allclose(implied[name][0], target, atol=1e-6):
-                raise ValueError(f"--target {name}={_rounded(target)} differs from its marginal under --target "
-                                 f"{implied[name][1]} ({_rounded(implied[name][0])}): give them alike, or only one")
-        else:
-            target = implied[name][0] if name in implied else (1.0 / len(names),) * len(names)
-        sets.append(AttributeSet(name, (name,), tuple(names), tuple(float(p) for p in target)))
+            if name not in fixed:
+                own = np.asarray(single(name))
+                product = product * own.reshape([-1 if a == axis else 1 for a in range(len(names))])
+        return tuple(float(p) for p in product.ravel())
+
+    def single(name: str) -> tuple:
+        covering = [t for t in tables if name in t]
+        if name in singles or covering:
+            return target_of((name,))
+        return (1.0 / len(classes[name]),) * len(classes[name])
+
+    sets = [AttributeSet(name, (name,), tuple(names), single(name)) for name, names in classes.items()]
     for names in intersections:
         unknown = [name for name in names if name not in classes]
         if unknown:
@@ -106,13 +128,16 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
             raise ValueError(f"--joint {names[0]}: an intersection needs at least 2 attributes")
         if any(s.attributes == tuple(names) for s in sets):
             raise ValueError(f"--joint {','.join(names)}: given twice")
-        parts = [next(s for s in sets if s.name == name) for name in names]
-        cells = itertools.product(*[zip(s.classes, s.target) for s in parts])
-        cell_names, probs = zip(*[("/".join(c for c, _ in cell), float(np.prod([p for _, p in cell])))
-                                  for cell in cells])
-        probs = joint_checked.get(tuple(names), probs)
-        sets.append(AttributeSet(" x ".join(names), tuple(names), cell_names, tuple(probs)))
+        cell_names = tuple("/".join(cell) for cell in itertools.product(*(classes[n] for n in names)))
+        sets.append(AttributeSet(" x ".join(names), tuple(names), cell_names, target_of(tuple(names))))
     return sets
+
+
+def _marginal(table: np.ndarray, axes: tuple, names: tuple) -> np.ndarray:
+    """The marginal of `table` (one axis per attribute of `axes`) over `names`, its axes in `names` order."""
+    summed = table.sum(axis=tuple(a for a, n in enumerate(axes) if n not in names))
+    kept = [n for n in axes if n in names]
+    return np.transpose(summed, [kept.index(n) for n in names])
 
 
 def _rounded(probabilities) -> str:

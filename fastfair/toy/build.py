@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from fastfair.cli import file_instead_of_folder
 from fastfair.toy.measure import TOY_GUIDANCE_SCALE
 
 FULL = dict(text_steps=300, vae_steps=2000, vae_batch=16, pool_size=16384, unet_steps=3000, unet_batch=64,
@@ -155,8 +156,9 @@ def parse_args(argv: Optional[List[str]] = None):
     if args.quick and Path(args.out).resolve() == Path(WEIGHTS_DIR).resolve():
         # its barely trained models would replace the shipped ones the demo and configs use
         parser.error(f"--quick writes barely trained models: give --out DIR, not the package's weights ({args.out})")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out}: an existing file, not a folder")
+    problem = file_instead_of_folder("--out", args.out, "the toy world's files")
+    if problem:
+        parser.error(problem)
     return args
 
 
