@@ -46,9 +46,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     from the model with the exported weights (None: the base model); returns the PNG paths, prompt by prompt.
     steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
     else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
-    per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring). Prompts
-    are stripped of
-    spaces at their ends (CLIP's tokenizer drops them; the noise would not)."""
+    per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring).
+    Prompts are stripped of spaces at their ends (CLIP's tokenizer drops them; the noise would not)."""
     from tqdm.auto import tqdm
 
     model_path = resolve_model(model)
