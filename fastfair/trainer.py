@@ -830,11 +830,15 @@ def parse_args(argv=None):
     args = parser.parse_intermixed_args(argv)
     if args.check_iterations is not None and not args.check:
         parser.error("--check-iterations goes with --check")
+    given = [text for text in args.overrides if text.split("=", 1)[0].strip() == "deepspeed.config"]
+    if args.deepspeed_config and given:  # the flag would win without a word
+        parser.error(f"--deepspeed_config {args.deepspeed_config} and {given[0]} both name the DeepSpeed JSON: give "
+                     "one of them")
     return args
 
 
 def _count(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # int() also reads other scripts' digits
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
     return int(text)
 

@@ -187,7 +187,8 @@ def test_cli_prints_the_report_and_exits_1_on_a_problem(tmp_path, world, capsys,
         main(["--config", path, "--check", "--check-iterations", "0"])
     assert stop.value.code == 1 and "PROBLEM" in capsys.readouterr().out
     for argv, message in ((["--check-iterations", "1"], "goes with --check"),
-                          (["--check", "--check-iterations", "-1"], "whole number")):
+                          (["--check", "--check-iterations", "-1"], "whole number"),
+                          (["--check", "--check-iterations", "\u0663"], "whole number")):  # an Arabic-Indic 3
         with pytest.raises(SystemExit) as stop:
             main(["--config", path, *argv])
         assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -208,3 +208,12 @@ def test_overrides_on_both_sides_of_the_deepspeed_flag():
 
     args = parse_args(["--config", "c.yaml", "max_steps=1", "--deepspeed_config", "ds.json", "output_dir=o"])
     assert args.overrides == ["max_steps=1", "output_dir=o"] and args.deepspeed_config == "ds.json"
+
+
+def test_the_deepspeed_flag_and_key_together_are_refused(capsys):
+    from fastfair.trainer import parse_args
+
+    with pytest.raises(SystemExit):  # the flag won without a word
+        parse_args(["--config", "c.yaml", "--deepspeed_config", "a.json", "deepspeed.config=b.json"])
+    assert "--deepspeed_config a.json and deepspeed.config=b.json both name the DeepSpeed JSON" in \
+        capsys.readouterr().err
