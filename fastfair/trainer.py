@@ -255,7 +255,8 @@ class Trainer:
         logits, cache = {}, {}
         for name, classifier in self.judges.classifiers.items():
             if id(classifier) not in cache:
-                crops = crop_boxes(images, regions.crop_boxes.to(images.dtype), classifier.input_size)
+                # the boxes as found (float64): rounded to bf16 images' dtype they moved by up to 1.7 pixels
+                crops = crop_boxes(images, regions.crop_boxes.to(images.device), classifier.input_size)
                 cache[id(classifier)] = classifier(crops).float()
             logits[name] = cache[id(classifier)]
         return self.targets.attribute_logits(logits)
@@ -287,8 +288,8 @@ class Trainer:
         if self.judges.face_embedder is not None:
             embed, size = self.judges.face_embedder, self.judges.face_embedder.input_size
             with torch.no_grad():
-                orig_faces = embed(align_faces(originals, regions_orig.landmarks.to(originals), size))
-            faces = embed(align_faces(images, regions.landmarks.to(images), size))
+                orig_faces = embed(align_faces(originals, regions_orig.landmarks.to(originals.device), size))
+            faces = embed(align_faces(images, regions.landmarks.to(images.device), size))
             face = face_realism_loss(faces, self.judges.face_bank, orig_faces, use_original) * regions.found
         from fastfair.losses import combine_losses
 

@@ -365,3 +365,19 @@ def test_a_device_that_cannot_run_here_is_refused_by_name(folder, tmp_path, caps
             main(["--images", folder, "--out", str(tmp_path / "b.safetensors"), "--embedder", "x.pth",
                   "--device", device])
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_nearest_bank_face_under_autocast_is_the_exact_search_s(dtype):
+    """Training's face loss searches the bank under autocast, which ran the similarity matmul in half precision:
+    near-ties then went to other faces (bf16: 2.7 % of queries)."""
+    generator = torch.Generator().manual_seed(0)
+    bank = FaceBank(torch.randn(400, 16, generator=generator), use_faiss=False)
+    # queries close to a bank face and to its near-twin: the top two similarities differ in the 4th digit
+    twins = bank.embeddings[:200] + 1e-3 * torch.randn(200, 16, generator=generator)
+    queries = bank.embeddings[:200] + 1e-3 * torch.randn(200, 16, generator=generator)
+    both = FaceBank(torch.cat([bank.embeddings[:200], twins]), use_faiss=False)
+    expected = (queries.double() @ both.embeddings.double().T).argmax(1)
+    with torch.autocast("cpu", dtype=dtype):
+        index, similarity = both.nearest(queries)
+    assert similarity.dtype == torch.float32 and torch.equal(index, expected)

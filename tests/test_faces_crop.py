@@ -66,6 +66,21 @@ def test_half_precision_images_are_sampled_at_float32_coordinates():
     assert (crops.float() - reference).abs().max() < 0.02  # bfloat16 pixel rounding only
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_crops_and_aligned_faces_under_autocast_are_sampled_at_float32_coordinates(dtype):
+    """Training computes its losses under autocast, which ran the sampling coordinates' matmul in half precision
+    (bf16: up to 1.9 pixels off at 512); the crops and aligned faces must be those computed without it."""
+    image = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    boxes = torch.tensor([[301.3, 287.9, 433.6, 420.2]], dtype=torch.float64)
+    points = template(112)[None].double() * 1.3 + torch.tensor([[[250.7, 260.3]]], dtype=torch.float64)
+    reference = crop_boxes(image, boxes, size=64), align_faces(image, points, size=112)
+    with torch.autocast("cpu", dtype=dtype):
+        crops = crop_boxes(image, boxes, size=64), align_faces(image, points, size=112)
+    for got, expected in zip(crops, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_crop_outside_the_image_reads_the_fill_value():
     image = torch.zeros(1, 3, 8, 8, dtype=torch.float64)
     crops = crop_boxes(image, torch.tensor([[-8.0, 0, 0, 8]], dtype=torch.float64), size=8, fill=-1.0)

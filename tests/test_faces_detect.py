@@ -105,6 +105,28 @@ def test_fallback_detector_asks_the_next_detector_only_for_missed_images():
     assert [f[0].box for f in faces] == [(0, 0, 4, 4), (1, 1, 9, 9), (0, 0, 4, 4)]
 
 
+def test_a_box_no_face_can_fill_is_left_out_and_landmarks_must_be_five_points():
+    """One empty box among a detector's faces ended the whole batch; MTCNN's own [2, 5] landmarks (xs; ys) were
+    reshaped into other points; NaN landmarks gave NaN aligned faces."""
+    images = torch.zeros(2, 3, 32, 32)
+    detector = CallableDetector(lambda rgb: [(2, 3, 12, 14), (40, 40, 40, 41), (1, 1, float("nan"), 5)])
+    with pytest.warns(UserWarning, match="a face detector returned a box no face can fill, left out"):
+        faces = detector.detect(images)
+    assert [[f.box for f in image] for image in faces] == [[(2, 3, 12, 14)]] * 2
+    points = np.arange(10.0) + 5
+    assert np.array_equal(Face((0, 0, 9, 9), landmarks=points).landmarks, points.reshape(5, 2))
+    for bad in (points.reshape(2, 5), np.full((5, 2), np.nan)):
+        with pytest.raises(ValueError, match="Face.landmarks must be 5 finite"):
+            Face((0, 0, 9, 9), landmarks=bad)
+    # 'none' last in a fallback list: the images taken whole are cropped without the margin, the others with it
+    images = torch.zeros(2, 3, 64, 96)
+    images[0] = 1.0
+    regions = locate_faces(images, get_detector([CallableDetector(
+        lambda rgb: [(10, 10, 30, 30)] if rgb[0, 0, 0] > 200 else []), "none"]), margin=0.5)
+    assert regions.found.all()
+    assert regions.crop_boxes.tolist() == [[5, 5, 35, 35], [0, -16, 96, 80]]
+
+
 def test_detection_input_and_spec_errors():
     with pytest.raises(ValueError, match="unknown face detector"):
         get_detector("retina")

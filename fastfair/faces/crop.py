@@ -27,8 +27,10 @@ def warp_affine(images: torch.Tensor, matrices: torch.Tensor, out_size: Union[in
     dtype, device = torch.promote_types(images.dtype, torch.float32), images.device
     v, u = torch.meshgrid(torch.arange(out_h, dtype=dtype, device=device),
                           torch.arange(out_w, dtype=dtype, device=device), indexing="ij")
-    points = torch.stack([u, v, torch.ones_like(u)], dim=-1)  # [h, w, 3]
-    source = torch.einsum("hwk,njk->nhwj", points, matrices.to(dtype=dtype, device=device))  # [N, h, w, 2]
+    # elementwise, not a matmul: autocast runs a matmul (einsum) in half precision whatever its inputs' dtype,
+    # and training's losses run under autocast (bf16: coordinates off by up to 1.9 pixels at 512)
+    m = matrices.to(dtype=dtype, device=device)[:, :, :, None, None]  # [N, 2, 3, 1, 1]
+    source = torch.stack([m[:, row, 0] * u + m[:, row, 1] * v + m[:, row, 2] for row in (0, 1)], -1)  # [N, h, w, 2]
     # pixel index -> grid_sample's normalized coordinates with align_corners=False
     scale = torch.tensor([2.0 / width, 2.0 / height], dtype=dtype, device=device)
     grid = (source + 0.5) * scale - 1

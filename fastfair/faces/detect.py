@@ -10,6 +10,8 @@ Coordinates: boxes are continuous (a box covering all of a W x H image is
 the OpenCV / insightface convention), in the order left eye, right eye, nose,
 left mouth corner, right mouth corner (the viewer's left).
 """
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -21,20 +23,27 @@ from fastfair.config import DETECTOR_BACKENDS, detector_names
 
 @dataclass
 class Face:
-    """One detected face: ``box`` (x0, y0, x1, y1), ``score``, optional ``landmarks`` [5, 2] (x, y)."""
+    """One detected face: ``box`` (x0, y0, x1, y1), ``score``, optional ``landmarks`` [5, 2] (x, y);
+    ``whole_image``: the image taken whole as the face (`WholeImageDetector`), cropped without a margin."""
 
     box: tuple
     score: float = 1.0
     landmarks: Optional[np.ndarray] = None
+    whole_image: bool = False
 
     def __post_init__(self):
         box = tuple(float(v) for v in self.box)
-        if len(box) != 4 or not box[2] > box[0] or not box[3] > box[1]:
-            raise ValueError(f"Face.box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {self.box}")
+        if len(box) != 4 or not box[2] > box[0] or not box[3] > box[1] or not all(map(math.isfinite, box)):
+            raise ValueError(f"Face.box must be (x0, y0, x1, y1), finite, with x1 > x0 and y1 > y0, got {self.box}")
         self.box = box
         self.score = float(self.score)
         if self.landmarks is not None:
-            self.landmarks = np.asarray(self.landmarks, dtype=np.float64).reshape(5, 2)
+            points = np.asarray(self.landmarks, dtype=np.float64)
+            # [5, 2] (x, y) rows, or those 10 numbers flat; MTCNN's own [2, 5] (xs; ys) reshaped would mix them
+            if points.shape not in ((5, 2), (10,)) or not np.isfinite(points).all():
+                raise ValueError(f"Face.landmarks must be 5 finite (x, y) points, shape (5, 2), got shape "
+                                 f"{points.shape}")
+            self.landmarks = points.reshape(5, 2)
 
 
 def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
@@ -93,7 +102,7 @@ class CallableDetector(Detector):
         self.fn, self.batched = fn, batched
 
     def detect_array(self, rgb):
-        return [as_face(face) for face in self.fn(rgb)]
+        return usable_faces(self.fn(rgb))
 
     @torch.no_grad()
     def detect(self, images):
@@ -103,7 +112,7 @@ class CallableDetector(Detector):
         per_image = list(self.fn(images.detach()))
         if len(per_image) != images.shape[0]:
             raise ValueError(f"batched detector returned {len(per_image)} lists for {images.shape[0]} images")
-        return [[as_face(face) for face in faces] for faces in per_image]
+        return [usable_faces(faces) for faces in per_image]
 
     __call__ = detect
 
@@ -113,7 +122,7 @@ class WholeImageDetector(Detector):
 
     def detect_array(self, rgb):
         height, width = rgb.shape[:2]
-        return [Face((0, 0, width, height))]
+        return [Face((0, 0, width, height), whole_image=True)]
 
 
 class FallbackDetector(Detector):
@@ -200,10 +209,21 @@ def detector_from_flags(spec: str, path: Optional[str] = None):
 
 
 def faces_from_arrays(boxes: Sequence, scores: Optional[Sequence] = None, landmarks: Optional[Sequence] = None):
-    """Zip a backend's parallel arrays (boxes [n, 4], scores [n], landmarks [n, 5, 2]) into Faces."""
+    """Zip a backend's parallel arrays (boxes [n, 4], scores [n], landmarks [n, 5, 2]) into Faces (`usable_faces`)."""
+    return usable_faces({"box": tuple(box[:4]), "score": 1.0 if scores is None else scores[i],
+                         "landmarks": None if landmarks is None else landmarks[i]}
+                        for i, box in enumerate([] if boxes is None else boxes))
+
+
+def usable_faces(items) -> List[Face]:
+    """A detector's faces (`as_face` forms) with the boxes no face can fill left out, warned of: an empty or
+    inverted box, a non-finite coordinate (one such box raised and ended the whole training step or batch)."""
     faces = []
-    for i, box in enumerate([] if boxes is None else boxes):
-        score = 1.0 if scores is None else scores[i]
-        points = None if landmarks is None else landmarks[i]
-        faces.append(Face(tuple(box[:4]), score, points))
+    for item in items:
+        try:
+            faces.append(as_face(item))
+        except ValueError as error:
+            if "Face.box" not in str(error):  # another format: the detector's output is wrong, not one box
+                raise
+            warnings.warn(f"a face detector returned a box no face can fill, left out: {error}", stacklevel=2)
     return faces

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from fastfair.faces.detect import Detector, Face
+from fastfair.faces.detect import Detector, usable_faces
 from fastfair.optional import MissingPackage
 
 
@@ -34,4 +34,5 @@ class InsightFaceDetector(Detector):
 
     def detect_array(self, rgb):
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # insightface expects OpenCV's BGR
-        return [Face(tuple(face.bbox[:4]), float(face.det_score), face.kps) for face in self.app.get(bgr)]
+        return usable_faces({"box": tuple(face.bbox[:4]), "score": float(face.det_score), "landmarks": face.kps}
+                            for face in self.app.get(bgr))

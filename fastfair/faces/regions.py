@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 
 from fastfair.faces.align import template_in_box
-from fastfair.faces.detect import Detector, Face, WholeImageDetector, get_detector
+from fastfair.faces.detect import Detector, Face, get_detector
 
 
 @dataclass
@@ -40,8 +40,8 @@ def clipped_area(face: Face, height: int, width: int) -> float:
     return max(0.0, min(x1, width) - max(x0, 0)) * max(0.0, min(y1, height) - max(y0, 0))
 
 
-def square_boxes(boxes: torch.Tensor, margin: float) -> torch.Tensor:
-    """Squares centred on boxes [N, 4], side = longer side * (1 + margin)."""
+def square_boxes(boxes: torch.Tensor, margin) -> torch.Tensor:
+    """Squares centred on boxes [N, 4], side = longer side * (1 + margin); margin a number or [N, 1]."""
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]).max(dim=1, keepdim=True).values * (1 + margin) / 2
     return torch.cat([centre - half, centre + half], dim=1)
@@ -62,6 +62,9 @@ def select_largest(detections: List[List[Face]], height: int, width: int, margin
     scores = torch.zeros(count, dtype=torch.float64)
     has_landmarks = torch.zeros(count, dtype=torch.bool)
     landmarks = torch.zeros(count, 5, 2, dtype=torch.float64)
+    # an image taken whole (detector none, also as the last of a fallback list) is cropped as it is: a margin
+    # would shrink it inside padding the classifier never saw in training
+    margins = torch.full((count, 1), float(margin), dtype=torch.float64)
     for i, faces in enumerate(detections):
         visible = [face for face in faces if clipped_area(face, height, width) > 0]
         if not visible:
@@ -69,22 +72,23 @@ def select_largest(detections: List[List[Face]], height: int, width: int, margin
         face = max(visible, key=lambda f: clipped_area(f, height, width))
         boxes[i] = torch.tensor(face.box, dtype=torch.float64)
         found[i], scores[i] = True, face.score
+        if face.whole_image:
+            margins[i] = 0.0
         if face.landmarks is not None:
             landmarks[i], has_landmarks[i] = torch.from_numpy(face.landmarks), True
     estimated = template_in_box(boxes)
     landmarks = torch.where(has_landmarks[:, None, None], landmarks, estimated)
-    regions = FaceRegions(found, boxes, square_boxes(boxes, margin), landmarks, has_landmarks, scores)
+    regions = FaceRegions(found, boxes, square_boxes(boxes, margins), landmarks, has_landmarks, scores)
     if device is not None:
         regions = FaceRegions(*(getattr(regions, f).to(device) for f in FaceRegions.__dataclass_fields__))
     return regions
 
 
 def locate_faces(images: torch.Tensor, detector="opencv", margin: float = 0.5) -> FaceRegions:
-    """Detect (no grad) and select the largest face of each image [N, 3, H, W] in [-1, 1]. A detector that takes
-    the whole image as the face (``WholeImageDetector``: folders of face crops) is cropped without margin: the
-    margin would shrink the face inside padding the classifier never saw in training."""
+    """Detect (no grad) and select the largest face of each image [N, 3, H, W] in [-1, 1]. An image a detector
+    takes whole as the face (``WholeImageDetector``: folders of face crops; alone or last in a fallback list) is
+    cropped without margin: the margin would shrink the face inside padding the classifier never saw in
+    training."""
     detector = detector if isinstance(detector, Detector) else get_detector(detector)
-    if isinstance(detector, WholeImageDetector):
-        margin = 0.0
     detections = detector.detect(images)
     return select_largest(detections, images.shape[-2], images.shape[-1], margin, device=images.device)
