@@ -86,7 +86,8 @@ judge_bench() {
     --json "$OUT/judge_memory.json" 2>&1 | tee "$OUT/judge_memory.log"
 }
 
-# last, so that a time limit cuts it rather than the benchmarks: DeepSpeed ZeRO-2 with fp16 (its own loss scaler)
+# after the benchmarks, so that a time limit cuts it rather than them: DeepSpeed ZeRO-2 with fp16 (its own loss
+# scaler)
 deepspeed_fp16() {
   if ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then
     echo "deepspeed is not installed: skipped" | tee -a "$OUT/train_toy.log"
