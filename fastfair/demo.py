@@ -167,9 +167,10 @@ def evaluate_heldout(cfg, finetuned: Path, out: Path, images_per_prompt: int) ->
         if set(trained.attribute(name).classes) != set(classes[name]):
             raise ValueError(f"targets: {name} classes {sorted(trained.attribute(name).classes)} differ from the "
                              f"evaluation classifier's {sorted(classes[name])}; use its class names")
-    targets = {name: target_cells(trained.groups(), [name], classes) for name in names}
+    groups = trained.groups()
+    targets = {name: target_cells(groups, [name], classes) for name in names}
     if len(names) >= 2:  # the intersection evaluate scores by default: its cells as trained, not a product
-        targets[",".join(names)] = target_cells(trained.groups(), names, classes)
+        targets[",".join(names)] = target_cells(groups, names, classes)
 
     def run():
         return evaluate(cfg.model.pretrained, [EVAL_CLASSIFIER], occupation_prompts("test"), out,

@@ -373,7 +373,8 @@ class _AdjustedDFT(torch.autograd.Function):
 
         def accumulate(eps: torch.Tensor, upstream: torch.Tensor) -> None:
             grads = torch.autograd.grad(eps, inputs, upstream, allow_unused=True)
-            shared = _shared_storages([upstream, *grads])
+            # only the first gradient of each input becomes a running sum: later ones are added, never kept
+            shared = _shared_storages([upstream, *grads]) if any(s is None for s in sums) else set()
             for k, gk in enumerate(grads):
                 if gk is None:
                     continue

@@ -139,7 +139,7 @@ class FaceBank:
             # in float32 even under training's autocast, which would run the matmul in half precision (bf16: 2.7 %
             # of the nearest faces were others than the exact search's)
             with torch.autocast(queries.device.type, enabled=False):
-                similarity, where = (queries @ bank[start:start + chunk_size].float().T).max(dim=1)
+                similarity, where = (queries @ bank[start:start + chunk_size].T).max(dim=1)
             better = similarity > best
             best = torch.where(better, similarity, best)
             index = torch.where(better, where + start, index)

@@ -21,6 +21,10 @@ import torch
 from fastfair.config import DETECTOR_BACKENDS, detector_names
 
 
+class UnusableBox(ValueError):
+    """A face box no face can fill: empty, inverted or not finite."""
+
+
 @dataclass
 class Face:
     """One detected face: ``box`` (x0, y0, x1, y1), ``score``, optional ``landmarks`` [5, 2] (x, y);
@@ -34,7 +38,7 @@ class Face:
     def __post_init__(self):
         box = tuple(float(v) for v in self.box)
         if len(box) != 4 or not box[2] > box[0] or not box[3] > box[1] or not all(map(math.isfinite, box)):
-            raise ValueError(f"Face.box must be (x0, y0, x1, y1), finite, with x1 > x0 and y1 > y0, got {self.box}")
+            raise UnusableBox(f"Face.box must be (x0, y0, x1, y1), finite, with x1 > x0 and y1 > y0, got {self.box}")
         self.box = box
         self.score = float(self.score)
         if self.landmarks is not None:
@@ -222,8 +226,6 @@ def usable_faces(items) -> List[Face]:
     for item in items:
         try:
             faces.append(as_face(item))
-        except ValueError as error:
-            if "Face.box" not in str(error):  # another format: the detector's output is wrong, not one box
-                raise
+        except UnusableBox as error:  # another error (a wrong format) is the detector's output, not one box
             warnings.warn(f"a face detector returned a box no face can fill, left out: {error}", stacklevel=2)
     return faces
