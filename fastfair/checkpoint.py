@@ -29,12 +29,13 @@ import socket
 import time
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastfair.files import NO_FILE_LOCKS, fsync_dir, fsync_file, plain_mode
@@ -139,6 +140,20 @@ def set_rng_state(state: dict) -> None:
 
 def _contiguous_cpu(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {stable_name(name): t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+
+
+_CHECKSUMS = "fastfair.crc32"  # a weight file's metadata key: {tensor name: CRC-32 of its bytes}, as JSON
+
+
+def tensor_checksums(tensors: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    """{name: CRC-32 of the tensor's bytes in memory order} for contiguous CPU tensors (any dtype)."""
+    return {name: zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) for name, t in tensors.items()}
+
+
+def _save_weights(tensors: Dict[str, torch.Tensor], file: Path) -> None:
+    """A weight file with its tensors' checksums in its metadata: safetensors checks the header, not the bytes of
+    the tensors, so bytes changed in place would load as other weights (`_read_safetensors` checks them)."""
+    save_file(tensors, str(file), metadata={_CHECKSUMS: json.dumps(tensor_checksums(tensors))})
 
 
 CONFIG_FILE = "config.yaml"  # in a checkpoint folder: the settings it was trained with
@@ -279,8 +294,8 @@ def save_checkpoint(output_dir, iteration: int, weights: Dict[str, torch.Tensor]
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(_contiguous_cpu(weights), str(tmp / "weights.safetensors"))
-        save_file(_contiguous_cpu(ema), str(tmp / "ema.safetensors"))
+        _save_weights(_contiguous_cpu(weights), tmp / "weights.safetensors")
+        _save_weights(_contiguous_cpu(ema), tmp / "ema.safetensors")
         torch.save({**state, "iteration": iteration, "rng": rng_state(), "versions": library_versions()},
                    tmp / "state.pt")
         if config is not None:
@@ -383,11 +398,27 @@ def load_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]
 
 
 def _read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's weight file, checked against the checksums it was saved with (files written
+    before checkpoints held them are read unchecked)."""
+    def damaged(why: str) -> ValueError:  # checkpoints are written atomically: a bad file was damaged later
+        return ValueError(f"{file}: {why}; the file is damaged or was cut off in a copy: copy it again, or use "
+                          "another checkpoint of the run")
     try:
-        return load_file(str(file))
-    except SafetensorError as error:  # checkpoints are written atomically: a bad file was damaged or cut off later
-        raise ValueError(f"{file}: cannot be read as safetensors ({error}); the file is damaged or was cut off "
-                         "in a copy: copy it again, or use another checkpoint of the run") from None
+        tensors = load_file(str(file))
+        with safe_open(str(file), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get(_CHECKSUMS)
+    except SafetensorError as error:
+        raise damaged(f"cannot be read as safetensors ({error})") from None
+    if recorded is not None:
+        try:
+            expected = json.loads(recorded)
+        except ValueError:
+            raise damaged("its recorded checksums cannot be read") from None
+        actual = tensor_checksums(tensors)
+        failing = sorted(name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name))
+        if failing:
+            raise damaged(f"the checksums of {len(failing)} tensor(s) fail (e.g. {failing[0]})")
+    return tensors
 
 
 def load_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], dict]:

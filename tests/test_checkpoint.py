@@ -178,6 +178,29 @@ def test_a_damaged_weight_file_is_named(tmp_path):
         checkpoint.load_weights(folder)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_bytes_changed_in_place_are_named_by_their_checksums(tmp_path, dtype):
+    weights = {"a": torch.randn(3, 5).to(dtype), "b": torch.randn(7).to(dtype), "scalar": torch.tensor(2.0)}
+    folder = checkpoint.save_checkpoint(tmp_path, 1, weights, weights, {})
+    loaded, _ = checkpoint.load_weights(folder)
+    assert all(torch.equal(loaded[name], weights[name]) for name in weights)
+    file = folder / "weights.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x10  # one bit of the last tensor's data: the header (names, shapes, offsets) still reads
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"weights\.safetensors: the checksums of 1 tensor\(s\) fail \(e\.g\. "
+                                         r"\w+\); the file is damaged"):
+        checkpoint.load_weights(folder)
+
+
+def test_weight_files_written_without_checksums_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = _save(tmp_path, 1)
+    save_file({"w": torch.ones(2)}, str(folder / "ema.safetensors"))  # as checkpoints were written before
+    assert torch.equal(checkpoint.load_weights(folder)[1]["w"], torch.ones(2))
+
 def test_resume_arguments(tmp_path):
     assert checkpoint.resolve_resume("", tmp_path) is None
     assert checkpoint.resolve_resume("auto", tmp_path) is None
