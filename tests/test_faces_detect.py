@@ -224,3 +224,12 @@ def test_landmarks_estimated_from_a_box_place_the_template_in_that_box():
     torch.testing.assert_close(regions.landmarks[0], TEMPLATE_112, atol=1e-9, rtol=0)
     expected = torch.tensor([10.0, 20.0]) + (TEMPLATE_112 + 0.5) * torch.tensor([56 / 112, 224 / 112]) - 0.5
     torch.testing.assert_close(regions.landmarks[1], expected.double(), atol=1e-9, rtol=0)
+
+
+def test_images_in_0_255_are_refused_while_overshoot_and_non_finite_values_pass():
+    with pytest.raises(ValueError, match=r"in \[-1, 1\] .*values up to 255 in magnitude: 0\.\.255 pixels"):
+        to_uint8_rgb(torch.full((1, 3, 4, 4), 255.0))
+    overshoot = torch.tensor([-1.3, -1.0, 0.0, 1.0, 1.3]).view(1, 1, 1, 5).expand(1, 3, 2, 5)
+    assert to_uint8_rgb(overshoot)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]  # a decoder's overshoot: clamped
+    diverged = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
+    assert to_uint8_rgb(diverged)[0, 0, :, 0].tolist() == [128, 255, 0, 191]  # a diverged step's images pass

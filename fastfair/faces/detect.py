@@ -53,8 +53,20 @@ class Face:
 def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
     """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3] (a detached CPU copy)."""
     check_images(images)
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-    return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    values = images.detach().float().cpu()
+    # a decoder overshoots [-1, 1] a little (clamped below); far beyond it, the images are 0..255 pixels, on which
+    # every detector would quietly find no face. Non-finite values pass (as mid-gray): a diverged step's images,
+    # whose loss the trainer skips
+    finite = values[values.isfinite()]
+    largest = finite.abs().max().item() if finite.numel() else 0.0
+    if largest > OUT_OF_RANGE:
+        raise ValueError(f"images must be in [-1, 1] (pixels p as p / 127.5 - 1), got values up to {largest:g} in "
+                         "magnitude: 0..255 pixels?")
+    pixels = ((values.nan_to_num(0.0).clamp(-1, 1) + 1) * 127.5).round()
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+OUT_OF_RANGE = 2.0  # |value| above which images are not [-1, 1] images (a VAE's overshoot is far smaller)
 
 
 def check_images(images) -> None:
