@@ -188,7 +188,7 @@ def test_validation_labels_are_aligned_to_the_training_classes_or_refused_naming
                                    ["hair"])
     val_head, val = resolve_labels(read_label_table(write(tmp_path, "v.csv", "file,hair\nd,Red\ne,Blond\nf,dark\n")),
                                    ["hair"])
-    assert val_head.classes("hair") == ("Blond", "Red", "dark")  # other spellings, so another order
+    assert val_head.classes("hair") == ("Blond", "dark", "Red")  # other spellings, sorted ignoring case
     assert align_labels(train_head, val_head, val, "v").flatten().tolist() == [2, 0, 1]
     val_head, val = resolve_labels(read_label_table(write(tmp_path, "w.csv", "file,hair\nd,grey\ne,blond\nf,dark\n")),
                                    ["hair"])
@@ -204,3 +204,40 @@ def test_numeric_ages_split_at_40_and_celeba_zero_flags_read_as_no(tmp_path):
     celeba = write(tmp_path, "zero.csv", "image_id,Male,Young\na.jpg,0,1\nb.jpg,1,0\n")
     _, labels = resolve_labels(read_label_table(celeba), ["gender", "age"])
     assert labels.tolist() == [[0, 0], [1, 1]]  # Male 0 -> female; Young 0 -> old
+
+
+def test_label_table_mistakes_are_refused_naming_the_fix(tmp_path):
+    from fastfair.classifiers.heads import Attribute
+
+    for name, text in (("nan.csv", "file,age\na.jpg,20-29\nb.jpg,nan\n"), ("inf.csv", "file,age\na.jpg,30\nb.jpg,inf\n")):
+        with pytest.raises(ValueError, match=r"row 2: cannot read '(nan|inf)' as one of"):  # not an old person
+            resolve_labels(read_label_table(write(tmp_path, name, text)), ["age"])
+    for header in ("file,gender, gender", "file,gender,gender"):  # the second column was read, silently
+        with pytest.raises(ValueError, match=r"columns 'gender' and 'gender' are one name"):
+            read_label_table(write(tmp_path, "twice.csv", f"{header}\na.png,Male,Female\n"))
+    trailing = read_label_table(write(tmp_path, "trailing.csv", "file,gender,,\na.png,Male,,\nb.png,Female,,\n"))
+    assert resolve_labels(trailing, ["gender"])[1].flatten().tolist() == [1, 0]  # unnamed columns: not read
+    with pytest.raises(ValueError, match=r"attribute 'gender': needs a column 'gender' or CelebA's 'Male'; the "
+                                         r"table's columns are \['sex'\]"):
+        resolve_labels(read_label_table(write(tmp_path, "sex.csv", "file,sex\na.png,Male\n")), ["gender"])
+    celeba = read_label_table(write(tmp_path, "c.csv", "image_id,Male,Young\na.jpg,1,1\n"))
+    with pytest.raises(ValueError, match="celeba40 .* stands alone"):
+        resolve_labels(celeba, ["celeba40", "gender"])
+    with pytest.raises(ValueError, match="a count line and nothing else"):
+        read_label_table(write(tmp_path, "count.txt", "0\n"))
+    with pytest.raises(ValueError, match="columns 'Male' and 'Male' are one name"):
+        read_label_table(write(tmp_path, "list.txt", "1\nMale Male\na.jpg 1 -1\n"))
+    first = resolve_labels(read_label_table(write(tmp_path, "l.csv", "file,tone\na,dark\nb,Light\n")), ["tone"])[0]
+    second = resolve_labels(read_label_table(write(tmp_path, "d.csv", "file,tone\na,Dark\nb,light\n")), ["tone"])[0]
+    assert first.attributes == [Attribute("tone", ("dark", "Light"))]  # one order whatever the first row's case
+    assert second.attributes == [Attribute("tone", ("Dark", "light"))]
+
+
+def test_an_image_named_by_its_absolute_path_and_relative_to_the_data_folder_is_one_image(tmp_path):
+    from fastfair.classifiers.data import unique_rows
+
+    absolute = tmp_path / "img" / "a.png"
+    table = read_label_table(write(tmp_path, "both.csv", f"file,gender\na.png,Male\nb.png,Female\n{absolute},Male\n"))
+    head, labels = resolve_labels(table, ["gender"])
+    assert unique_rows(table, head, labels, str(tmp_path / "img")) == [0, 1]
+    assert unique_rows(table, head, labels) == [0, 1, 2]  # without the folder, the names alone differ

@@ -32,8 +32,17 @@ def quick_builds(*outs) -> list:
 
 def test_quick_build_is_deterministic_and_its_output_loads(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
+    # the user's files in an --out folder: neither in the checksum nor given other permissions
+    (second / "tools").mkdir(parents=True)
+    (second / "private.txt").write_text("mine")
+    (second / "private.txt").chmod(0o600)
+    (second / "tools" / "run.sh").write_text("#!/bin/sh\n")
+    (second / "tools" / "run.sh").chmod(0o755)
+    (second / "old_backup.safetensors").write_bytes(b"not a build's")
     checksum, again = quick_builds(first, second)
     assert again == checksum
+    assert [(second / name).stat().st_mode & 0o777 for name in ("private.txt", "tools/run.sh")] == [0o600, 0o755]
+    assert "old_backup.safetensors" not in json.loads((second / BUILD_RECORD).read_text())["files"]
 
     record = json.loads((first / BUILD_RECORD).read_text())
     sums = weight_checksums(str(first))
@@ -66,3 +75,18 @@ def test_quick_build_never_replaces_the_shipped_weights(tmp_path, capsys):
         parse_args(["--quick", "--out", str(tmp_path / "file")])
     assert "a file; give a folder for the toy world's files" in capsys.readouterr().err
     assert parse_args([]).out == str(WEIGHTS_DIR) and parse_args(["--quick", "--out", "x"]).out == "x"
+
+
+def test_skew_summary_leaves_prompts_without_faces_out_of_both_means():
+    from fastfair.toy.build import summarize_skew
+    from fastfair.toy.captions import concepts
+
+    first, second = concepts("heldout", "occupation")[:2]
+    report = {first.prompt: {"faces_found": 4, "gender": {"frequencies": [0.25, 0.75], "bias": 0.5}},
+              second.prompt: {"faces_found": 0, "gender": {"frequencies": [0.0, 0.0], "bias": None}}}
+    skew = summarize_skew(report)
+    assert skew["per_prompt"][second.prompt]["generated_female"] is None  # not a 0 % female share
+    assert skew["prompts_with_faces"] == 1 and skew["mean_gender_bias_generated"] == 0.5
+    assert skew["mean_gender_bias_data"] == round(abs(2 * first.probabilities["gender"][0] - 1), 3)
+    nothing = summarize_skew({second.prompt: report[second.prompt]})
+    assert nothing["mean_gender_bias_generated"] is None and nothing["mean_gender_bias_data"] is None

@@ -64,6 +64,8 @@ def test_bad_labels_are_rejected():
     bad = labels(0, 4, 0)
     with pytest.raises(ValueError, match="race"):
         draw_portraits(bad, torch.Generator())
+    none = draw_random_portraits(0, 1)  # no portraits: empty tensors, not a reduction error
+    assert none.images.shape == (0, 3, 32, 32) and none.boxes.shape == (0, 4)
 
 
 def test_concepts_are_skewed_and_splits_disjoint():

@@ -8,13 +8,15 @@ line, a line of 40 names, then ``file v1 ... v40``). Attributes:
   Latino_Hispanic -> WMELH; Black; Indian; East/Southeast Asian -> Asian), or the four names;
 - ``age``: FairFace's buckets or a number (< 40 young, else old), or CelebA's ``Young`` column;
 - ``celeba40``: all 40 CelebA columns, each no/yes;
-- any other name: a column of class names (classes sorted: numerically when all are integers, else as text).
+- any other name: a column of class names (classes sorted: numerically when all are integers, else as text
+  ignoring case).
   Names that differ only by case, surrounding spaces or an integer's leading zeros (``07``, ``7``) are one class,
   spelled as in its first row; an empty cell is refused.
 Column names match ignoring case and surrounding spaces (``Gender``, `` gender``, ``File``). An image listed in
 several rows is used once (``unique_rows``).
 """
 import csv
+import math
 import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -40,12 +42,9 @@ class LabelTable:
 
     def __init__(self, files: List[str], columns: Dict[str, List[str]], source: str):
         self.files, self.columns, self.source = files, columns, source
-        self.folded: Dict[str, str] = {}  # header typed by hand: matched ignoring case and surrounding spaces
-        for name in columns:
-            other = self.folded.setdefault(_header_key(name), name)
-            if other != name:
-                raise ValueError(f"{source}: columns {other!r} and {name!r} are one name (column names match "
-                                 "ignoring case and surrounding spaces); rename or delete one")
+        _check_distinct(list(columns), source)
+        # header typed by hand: matched ignoring case and surrounding spaces
+        self.folded: Dict[str, str] = {_header_key(name): name for name in columns}
 
     def __len__(self):
         return len(self.files)
@@ -67,6 +66,18 @@ def _header_key(name: str) -> str:
     return name.strip().casefold()
 
 
+def _check_distinct(header: Sequence[str], source: str) -> None:
+    """Refuse a header naming a column twice (typed by hand: names match ignoring case and surrounding spaces)."""
+    seen: Dict[str, int] = {}
+    for index, name in enumerate(header):
+        if not name.strip():  # unnamed columns (a spreadsheet's trailing commas) are not read
+            continue
+        first = seen.setdefault(_header_key(name), index)
+        if first != index:
+            raise ValueError(f"{source}: columns {header[first]!r} and {name!r} are one name (column names match ignoring "
+                             "case and surrounding spaces); rename or delete one")
+
+
 def read_label_table(path: str) -> LabelTable:
     """Parse a CSV with a header, or CelebA's whitespace-separated attribute list."""
     if not os.path.isfile(path):
@@ -79,7 +90,11 @@ def read_label_table(path: str) -> LabelTable:
                          "save the table as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     lines = text.splitlines()
     if lines and lines[0].strip().isdigit():  # list_attr_celeba.txt
+        if len(lines) < 2:
+            raise ValueError(f"{path}: a count line and nothing else; CelebA's attribute list has a line of "
+                             "attribute names next, then a row per file")
         names = lines[1].split()
+        _check_distinct(names, path)
         rows = [line.split() for line in lines[2:] if line.strip()]
         bad = [r[0] for r in rows if len(r) != len(names) + 1][:3]
         if bad:
@@ -87,6 +102,7 @@ def read_label_table(path: str) -> LabelTable:
         return LabelTable([r[0] for r in rows], {n: [r[i + 1] for r in rows] for i, n in enumerate(names)}, path)
     reader = csv.DictReader(lines)
     header = [name.strip() for name in reader.fieldnames or []]
+    _check_distinct(header, path)  # a dict of columns keeps the last of a repeated name
     reader.fieldnames = header
     file_column = next((name for wanted in FILE_COLUMNS for name in header if _header_key(name) == wanted), None)
     if file_column is None:
@@ -126,6 +142,9 @@ CELEBA_FLAGS = ("a CelebA flag (1 = yes; -1 or 0 = no), as an attribute named as
                 "values as class names instead, name the attribute in lower case (e.g. smiling)")
 
 
+CELEBA_COLUMN = {"gender": "Male", "age": "Young"}  # CelebA's column read for an attribute a table lacks
+
+
 def _age_group(value: str):
     text = value.strip().lower()
     if text in YOUNG_BUCKETS or text in {"young"}:
@@ -133,14 +152,19 @@ def _age_group(value: str):
     if text in OLD_BUCKETS or text in {"old"}:
         return "old"
     try:
-        return "young" if float(text) < 40 else "old"
+        age = float(text)
     except ValueError:
         return None
+    # 'nan' (a float column written as text) and 'inf' read as floats: an age they are not
+    return None if not math.isfinite(age) else "young" if age < 40 else "old"
 
 
 def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]]:
     """One attribute's classes and per-row class indices (see the module docstring for the rules)."""
     where = f"{table.source}, attribute {name!r}"
+    if name in ("gender", "age") and not table.has(name) and not table.has(CELEBA_COLUMN[name]):
+        raise ValueError(f"{where}: needs a column {name!r} or CelebA's {CELEBA_COLUMN[name]!r}; the table's columns "
+                         f"are {sorted(table.columns)} (rename the one that holds it)")
     if name == "gender":
         if table.has("gender"):
             return Attribute("gender", GENDER), _lookup(table.column("gender"), lambda v: GENDER_NAMES.get(
@@ -163,9 +187,9 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
     spelling: Dict[str, str] = {}  # class key -> the first row's spelling
     for value in values:
         spelling.setdefault(class_key(value), value.strip())
-    # numerically when all are integers, else in text order: ('-1', '10', '9', 'b')
+    # numerically when all are integers, else in text order ignoring case: ('-1', '10', '9', 'b')
     numeric = all(_INTEGER.fullmatch(v) for v in spelling.values())
-    distinct = sorted(spelling.values(), key=int if numeric else None)
+    distinct = sorted(spelling.values(), key=int if numeric else class_key)  # not by how the first row typed it
     if len(distinct) < 2:
         raise ValueError(f"{where}: needs at least 2 distinct values, found {distinct}")
     index = {class_key(v): i for i, v in enumerate(distinct)}
@@ -181,6 +205,9 @@ def class_key(name: str) -> str:
 
 def resolve_labels(table: LabelTable, names: Sequence[str]) -> Tuple[AttributeHead, torch.Tensor]:
     """(head, labels [M, A] long) for attribute names; ``celeba40`` expands to the 40 CelebA attributes."""
+    if "celeba40" in names and len(names) > 1:
+        raise ValueError(f"attributes {list(names)}: celeba40 (CelebA's 40 columns) stands alone; name the CelebA "
+                         "columns wanted instead, with the other attributes")
     names = list(CELEBA_ATTRIBUTES) if list(names) == ["celeba40"] else list(names)
     attributes, columns = [], []
     for name in names:
@@ -200,18 +227,20 @@ def _row_labels(head: AttributeHead, labels: torch.Tensor, only=None) -> str:
                      if only is None or k in only)
 
 
-def file_key(name: str) -> str:
-    """What identifies a row's image: ``./a.png`` and ``a.png`` are one file."""
-    return os.path.normpath(name)
+def file_key(name: str, root: Optional[str] = None) -> str:
+    """What identifies a row's image: ``./a.png`` and ``a.png`` are one file; with the images' folder ``root``,
+    so are ``a.png`` and ``<root>/a.png`` (absolute)."""
+    return os.path.normpath(name) if root is None else os.path.abspath(os.path.join(root, name))
 
 
-def unique_rows(table: LabelTable, head: AttributeHead, labels: torch.Tensor) -> List[int]:
+def unique_rows(table: LabelTable, head: AttributeHead, labels: torch.Tensor, root: Optional[str] = None
+                ) -> List[int]:
     """The table's rows with one per image file (its first): a file listed again with the same labels would weigh
     double and, split by row, land in both the training and the validation split; listed with other labels it is
     refused, naming both rows."""
     first: Dict[str, int] = {}
     for row, name in enumerate(table.files):
-        earlier = first.setdefault(file_key(name), row)
+        earlier = first.setdefault(file_key(name, root), row)
         if earlier != row and not torch.equal(labels[earlier], labels[row]):
             differ = set((labels[earlier] != labels[row]).nonzero().flatten().tolist())
             raise ValueError(f"{table.source}: {name} is listed in rows {earlier + 1} "

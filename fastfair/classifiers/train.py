@@ -93,8 +93,8 @@ def split_rows(count: int, fraction: float, seed: int):
     return sorted(order[held:]), sorted(order[:held])
 
 
-def distinct_rows(table, head, labels) -> List[int]:
-    rows = unique_rows(table, head, labels)
+def distinct_rows(table, head, labels, root: str) -> List[int]:
+    rows = unique_rows(table, head, labels, root)
     if len(rows) < len(table):
         print(f"note: {table.source}: {len(table) - len(rows)} row(s) repeat an earlier row's image file and labels; "
               "each image is used once")
@@ -109,17 +109,26 @@ def attribute_names(text: str) -> List[str]:
     return names
 
 
+def read_rows(path: str, flag: str):
+    """The label table at ``path`` (given as ``flag``), refused when it lists no image."""
+    table = read_label_table(path)
+    if not len(table):
+        raise ValueError(f"{flag} {path}: a header and no rows; list the images in it, a row each")
+    return table
+
+
 def prepare_data(args):
-    table = read_label_table(args.labels)
+    table = read_rows(args.labels, "--labels")
     names = attribute_names(args.attributes)
     head, labels = resolve_labels(table, names)
-    rows = distinct_rows(table, head, labels)
+    rows = distinct_rows(table, head, labels, args.data)
     if args.val_labels:
-        val_table = read_label_table(args.val_labels)
+        val_table = read_rows(args.val_labels, "--val-labels")
         val_head, val_labels = resolve_labels(val_table, names)
         val_labels = align_labels(head, val_head, val_labels, f"--val-labels {args.val_labels}")
-        val_rows = distinct_rows(val_table, head, val_labels)
-        both = sorted({file_key(table.files[r]) for r in rows} & {file_key(val_table.files[r]) for r in val_rows})
+        val_rows = distinct_rows(val_table, head, val_labels, args.data)
+        both = sorted({file_key(table.files[r], args.data) for r in rows}
+                      & {file_key(val_table.files[r], args.data) for r in val_rows})
         if both:
             raise ValueError(f"--val-labels {args.val_labels}: {len(both)} image file(s) are also in --labels "
                              f"{args.labels}, e.g. {', '.join(both[:3])}; validating on training images overstates "

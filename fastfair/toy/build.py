@@ -132,16 +132,21 @@ def versions() -> Dict[str, str]:
 
 
 def summarize_skew(report: Dict[str, Dict]) -> Dict:
-    """Per held-out occupation: the data's and the generated female share; and the mean gender bias."""
+    """Per held-out occupation: the data's and the generated female share (None where no face was found); and the
+    mean gender bias of both over the prompts with faces (None if none had any)."""
     from fastfair.toy.captions import concepts
 
     data = {c.prompt: c.probabilities["gender"][0] for c in concepts("heldout", "occupation")}
+    found = [prompt for prompt, result in report.items() if result["faces_found"]]
     rows = {prompt: {"data_female": round(data[prompt], 3),
-                     "generated_female": round(result["gender"]["frequencies"][0], 3),
+                     "generated_female": round(result["gender"]["frequencies"][0], 3) if prompt in found else None,
                      "faces_found": result["faces_found"]} for prompt, result in report.items()}
-    biases = [result["gender"]["bias"] for result in report.values() if result["gender"]["bias"] is not None]
-    return {"per_prompt": rows, "mean_gender_bias_generated": round(sum(biases) / max(1, len(biases)), 3),
-            "mean_gender_bias_data": round(sum(abs(2 * data[p] - 1) for p in report) / len(report), 3)}
+
+    def mean(values):  # an empty mean would read as a fair 0.0
+        return round(sum(values) / len(values), 3) if values else None
+    return {"per_prompt": rows, "prompts_with_faces": len(found),
+            "mean_gender_bias_generated": mean([report[prompt]["gender"]["bias"] for prompt in found]),
+            "mean_gender_bias_data": mean([abs(2 * data[prompt] - 1) for prompt in found])}
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -167,8 +172,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     record = build(args.out, args.quick)
     print(f"[toy build] wrote {args.out} in {record['build_wall_s']} s (+ report)")
     for name, skew in record["heldout_skew"].items():
-        print(f"[toy build] held-out occupations, {name}: mean gender bias of the data "
-              f"{skew['mean_gender_bias_data']}, of the generated images {skew['mean_gender_bias_generated']}")
+        print(f"[toy build] held-out occupations, {name}: " + (
+            f"mean gender bias of the data {skew['mean_gender_bias_data']}, of the generated images "
+            f"{skew['mean_gender_bias_generated']} ({skew['prompts_with_faces']} prompts with faces)"
+            if skew["prompts_with_faces"] else "no face found in the generated images"))
     print(f"checksum: {record['checksum']}")
 
 

@@ -3,7 +3,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -54,19 +54,30 @@ def load_module(name: str, build: Callable[[Dict], torch.nn.Module], weights_dir
     return module, config
 
 
+# what a build writes beside PIPELINE and BUILD_RECORD: NAME.safetensors + NAME.json each
+BUILT_MODULES = ("classifier_train", "classifier_eval", "detector", "face_bank")
+
+
+def built_files(folder: str) -> List[Path]:
+    """The files of a build in folder, sorted: PIPELINE's, BUILD_RECORD and BUILT_MODULES' (other files there are
+    the user's, e.g. an --out folder that held something before)."""
+    folder = Path(folder)
+    named = [folder / BUILD_RECORD] + [folder / f"{name}{kind}" for name in BUILT_MODULES
+                                        for kind in (".safetensors", ".json")]
+    return sorted([path for path in (folder / PIPELINE).rglob("*") if path.is_file()]
+                  + [path for path in named if path.is_file()])
+
+
 def make_world_readable(folder: str) -> None:
-    """chmod 644 every file under folder (atomic saves create 600 temporary files)."""
-    for path in Path(folder).rglob("*"):
-        if path.is_file():
-            path.chmod(0o644)
+    """chmod 644 the build's files in folder (atomic saves create 600 temporary files)."""
+    for path in built_files(folder):
+        path.chmod(0o644)
 
 
 def weight_checksums(folder: str) -> Dict[str, str]:
-    """{relative path: sha256} of every .safetensors file under folder, sorted by path."""
-    sums = {}
-    for path in sorted(Path(folder).rglob("*.safetensors")):
-        sums[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return sums
+    """{relative path: sha256} of the build's .safetensors files in folder, sorted by path."""
+    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in built_files(folder) if path.suffix == ".safetensors"}
 
 
 def combined_checksum(sums: Dict[str, str]) -> str:

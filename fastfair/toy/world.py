@@ -52,7 +52,7 @@ def check_labels(labels: Dict[str, torch.Tensor]) -> int:
     if len(set(sizes.values())) != 1 or len(next(iter(sizes.values()))) != 1:
         raise ValueError(f"labels must be 1-d tensors of one length, got shapes {sizes}")
     for name, value in labels.items():
-        if value.dtype != torch.long or value.min() < 0 or value.max() >= len(ATTRIBUTES[name]):
+        if value.dtype != torch.long or value.numel() and (value.min() < 0 or value.max() >= len(ATTRIBUTES[name])):
             raise ValueError(f"labels[{name!r}] must be long indices in [0, {len(ATTRIBUTES[name])}), got {value}")
     return len(labels["gender"])
 
