@@ -28,7 +28,8 @@ from fastfair.evaluation.cache import (ImageCache, Job, from_png, generate_missi
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
 from fastfair.evaluation.shared import SharedLoads
-from fastfair.evaluation.sources import finetuned_kind, load_sources, resolve_model, resolve_model_config
+from fastfair.evaluation.sources import (MODEL_REGISTRY, finetuned_kind, load_sources, resolve_model,
+                                        resolve_model_config)
 from fastfair.faces import get_detector
 from fastfair.faces.detect import detector_from_flags  # shared with python -m fastfair.faces.build_bank
 from fastfair.metrics import summarize
@@ -98,7 +99,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     device = evaluation_device(device)
     shared = shared if shared is not None else SharedLoads()
     _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scales, num_steps, batch_size, margin,
-                     grid_columns, fid_reference, fid_inception, base_images)
+                     grid_columns, fid_reference, fid_inception, base_images, seed, finetuned)
     detector_name = _detector_name(detector)
     detector_spec = detector
     # before any image is made: an unknown name or a missing model pack fails now
@@ -125,8 +126,6 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     if run_config is not None and run_config.is_file():
         _warn_of_training_prompts(run_config, prompts)
     out = Path(out)
-    cache = ImageCache(out / "images", settings, as_recorded_now=_as_recorded_now(reads))
-    caches = {m: cache for m in sources}
 
     def generate(m):
         jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales
@@ -134,14 +133,20 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         generate_missing(caches[m], jobs, sources, vae, scheduler, latent_shape, num_steps, batch_size, device,
                          progress)
 
-    if base_images is not None:
-        with shared_cache_lock(base_images):  # evaluations sharing the folder generate its images once, in turn
-            caches["base"] = ImageCache(base_images, base_settings, "--base-images")
-            generate("base")
-        settings["base_images"] = str(base_images)  # reported; the base images' own check is their manifest's
-    for m in caches:
-        if caches[m] is cache:  # the base images in a base-images folder were generated under its lock above
-            generate(m)
+    # each cache read and filled under its folder's lock: two evaluations of one folder (sweep shards listing a
+    # checkpoint both) take turns, the second finding the images cached
+    with shared_cache_lock(out / "images"):
+        cache = ImageCache(out / "images", settings, as_recorded_now=_as_recorded_now(reads))
+        caches = {m: cache for m in sources}
+        if base_images is not None:
+            with shared_cache_lock(base_images):  # evaluations sharing the folder generate its images once
+                caches["base"] = ImageCache(base_images, base_settings, "--base-images",
+                                            as_recorded_now=_canonical_paths)
+                generate("base")
+            settings["base_images"] = str(base_images)  # reported; the base images' own check is their manifest's
+        for m in caches:
+            if caches[m] is cache:  # the base images in a base-images folder were generated under its lock above
+                generate(m)
 
     # what the scores depend on besides the images (the classifiers and detector are held apart, above); the
     # files' fingerprints too, so that weights rewritten under the same path are read again
@@ -201,7 +206,8 @@ def _scorer(judges, detector, margin, clip, dino, device, semantics, fid_referen
 
 
 def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scales, num_steps, batch_size, margin,
-                     grid_columns, fid_reference, fid_inception, base_images=None) -> None:
+                     grid_columns, fid_reference, fid_inception, base_images=None, seed: int = 0,
+                     finetuned=None) -> None:
     """evaluate's arguments, refused before any model loads or image is made (named by their CLI flags)."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
@@ -215,6 +221,8 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
         raise ValueError(f"--guidance-scales {list(guidance_scales)}: expected finite numbers")
     if num_steps < 1 or batch_size < 1:
         raise ValueError(f"--steps {num_steps} and --batch-size {batch_size} must be >= 1")
+    if seed < 0:  # the paired noise's seeds are derived from it by numpy, which takes no negative seed
+        raise ValueError(f"--seed {seed}: expected an integer >= 0")
     if grid_columns < 1:
         raise ValueError(f"--grid-columns {grid_columns}: expected at least 1")
     if not margin >= 0:
@@ -226,6 +234,11 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
     if base_images is not None and Path(base_images).resolve() == (Path(out) / "images").resolve():
         raise ValueError(f"--base-images {base_images}: the folder --out keeps the finetuned model's images in; "
                          "give a folder of its own (e.g. beside --out)")
+    for flag, folder in (("--out", out), ("--base-images", base_images)):
+        # the report written into the finetuned folder would change its fingerprint: every rerun refused
+        if finetuned and folder is not None and _at_or_below(Path(folder), Path(finetuned)):
+            raise ValueError(f"{flag} {folder}: inside --finetuned {finetuned}, whose files the images are keyed by; "
+                             "give a folder of its own (e.g. beside it)")
     if bool(fid_reference) != bool(fid_inception):
         raise ValueError("FID needs both --fid-reference (a folder of real images) and --fid-inception (weights)")
     if images_per_prompt is not None and images_per_prompt < 1:  # only None means the default count
@@ -233,14 +246,35 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
                          "default 60 / 80 / 160)")
 
 
+def _at_or_below(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def canonical_path(spelled) -> str:
+    """A model path as the image caches record it: absolute, so another spelling of the same folder (relative,
+    from another working directory) keys the same images; a registered name (``toy``) and ``pkg://`` stay."""
+    text = str(spelled)
+    if not text or text in MODEL_REGISTRY or "://" in text:
+        return text
+    return str(Path(text).resolve())
+
+
+def _canonical_paths(stored: dict) -> dict:
+    """ImageCache's as_recorded_now for the model paths: a cache that recorded them as typed (before 2026-12-02)
+    stays valid where they name the same folders from this working directory."""
+    return {**stored, **{key: canonical_path(stored[key]) for key in ("model", "model_config", "finetuned")
+                         if isinstance(stored.get(key), str)}}
+
+
 def _base_settings(model, model_config, num_steps, seed, dtype, resolution) -> dict:
     """What the base model's cached images depend on (fastfair.evaluation.cache.ImageCache): another value
     regenerates them. The files' fingerprints, not only their paths: new weights under the same path must not
     reuse old images."""
-    settings = {"model": str(model), "steps": num_steps, "seed": seed, "dtype": dtype, "resolution": resolution,
+    settings = {"model": canonical_path(model), "steps": num_steps, "seed": seed, "dtype": dtype, "resolution": resolution,
                 "model_files": weight_fingerprint(resolve_model(model))}
     if model_config:  # a single-file model's architecture: another one gives other images from the same weights
-        settings.update(model_config=str(model_config), model_config_files=weight_fingerprint(model_config))
+        settings.update(model_config=canonical_path(model_config), model_config_files=weight_fingerprint(model_config))
     return settings
 
 
@@ -248,7 +282,7 @@ def _finetuned_settings(finetuned, weights, reads: Optional[Tuple[str, ...]]) ->
     """What the finetuned model's images depend on besides `_base_settings`: of a training checkpoint, the files
     evaluation reads (reads: `checkpoint_reads`; not its state.pt, which a user may delete to save space, nor what
     else the folder comes to hold), of an export every weight and config file (reads None)."""
-    return {"finetuned": str(finetuned or ""), "weights": weights,
+    return {"finetuned": canonical_path(finetuned or ""), "weights": weights,
             "finetuned_files": weight_fingerprint(finetuned, only=reads)}
 
 
@@ -267,10 +301,10 @@ def _as_recorded_now(reads: Optional[Tuple[str, ...]]):
     cache an older version keyed by every file of a training checkpoint's folder (its state.pt too) stays valid
     when the files read now are unchanged."""
     if reads is None:
-        return None
+        return _canonical_paths
 
     def narrowed(stored: dict) -> dict:
-        files = stored.get("finetuned_files")
+        stored, files = _canonical_paths(stored), stored.get("finetuned_files")
         return {**stored, "finetuned_files": {k: v for k, v in files.items() if k in reads}} if isinstance(
             files, dict) else stored
     return narrowed

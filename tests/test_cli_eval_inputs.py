@@ -581,6 +581,7 @@ def test_a_batch_killed_mid_write_leaves_no_record_on_an_overwritten_image(tmp_p
     (dict(grid_columns=0), "--grid-columns 0: expected at least 1"),
     (dict(margin=-1.0), "--margin -1.0: expected a fraction of the face box >= 0"),
     (dict(classifiers=["missing.safetensors"]), "--classifier missing.safetensors does not exist"),
+    (dict(seed=-1), r"--seed -1: expected an integer >= 0"),
 ])
 def test_evaluation_settings_are_checked_before_any_image(options, message, tmp_path):
     """Settings that would fail (or collide) only after every image is generated are refused first."""
@@ -764,3 +765,66 @@ def test_a_checkpoint_evaluated_on_another_base_model_than_its_own_is_warned_of(
     with pytest.warns(UserWarning, match=rf"the run trained on model.pretrained={toy_pipeline()} \(.*\), not on "
                                          rf"--model {other}: its weights are put on another"):
         run(tmp_path / "other", model=other, finetuned=checkpoint)
+
+
+def test_reports_inside_the_finetuned_folder_are_refused(tmp_path):
+    """The report written into an export would change the files its images are keyed by: every rerun refused."""
+    export = tmp_path / "export"
+    shutil.copytree(toy_pipeline() / "unet", export / "unet")
+    for flag, options in (("--out", dict(out=export)), ("--out", dict(out=export / "eval")),
+                          ("--base-images", dict(out=tmp_path / "eval", base_images=export / "base"))):
+        with pytest.raises(ValueError, match=rf"{flag} .*: inside --finetuned .*export, whose files the images are "
+                                             "keyed by"):
+            run(finetuned=export, **options)
+    assert sorted(path.name for path in export.iterdir()) == ["unet"]
+
+
+def test_the_model_spelled_another_way_keys_the_same_images(tmp_path, monkeypatch):
+    """A relative path, from another working directory, or as an older version recorded it: the same images."""
+    model = tmp_path / "models" / "toy"
+    shutil.copytree(toy_pipeline(), model)
+    out = tmp_path / "eval"
+    assert len(run(out, model=model)["generated"]) == 2
+    monkeypatch.chdir(tmp_path / "models")
+    assert run(out, model="toy/.")["generated"] == []
+    manifest = out / "images" / "manifest.json"
+    stored = json.loads(manifest.read_text())
+    assert stored["settings"]["model"] == str(model)
+    monkeypatch.chdir(tmp_path)
+    stored["settings"]["model"] = "models/toy"  # as typed here, recorded before paths were made absolute
+    manifest.write_text(json.dumps(stored))
+    assert run(out, model=model)["generated"] == []
+
+
+def test_a_cached_image_cut_off_later_is_named_with_the_fix(tmp_path):
+    out = tmp_path / "eval"
+    first = run(out)
+    path = out / "images" / first["guidance"]["3"]["base"]["images"][PROMPT][0]
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(ValueError, match=rf"{path}: a cached image that cannot be read .*delete it and rerun"):
+        run(out)
+    path.unlink()
+    assert len(run(out)["generated"]) == 1
+
+
+def test_manifest_writers_never_rename_each_others_temp_file(tmp_path):
+    """Two evaluations writing one manifest (sweep shards on one checkpoint) each rename their own temp file."""
+    import threading
+
+    from fastfair.evaluation.cache import MANIFEST, _write_json
+
+    failures = []
+
+    def write(tag):
+        try:
+            for index in range(200):
+                _write_json(tmp_path / MANIFEST, {"writer": tag, "index": index})
+        except OSError as error:
+            failures.append(error)
+    writers = [threading.Thread(target=write, args=(tag,)) for tag in "ab"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert not failures and json.loads((tmp_path / MANIFEST).read_text())["index"] == 199
+    assert sorted(path.name for path in tmp_path.iterdir()) == [MANIFEST]

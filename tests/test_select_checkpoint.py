@@ -45,10 +45,12 @@ def options(world, **overrides):
             **overrides}
 
 
-def mean_over_prompts(results, key):
-    values = [row[key] for row in results["guidance"]["5"]["finetuned"]["per_prompt"].values()]
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
+def mean_over_prompts(results, key, prompts=None):
+    """The mean of key over prompts (default: every prompt with a value); NaN where one of them has none."""
+    rows = results["guidance"]["5"]["finetuned"]["per_prompt"]
+    values = [rows[prompt][key] for prompt in (prompts if prompts is not None else rows)]
+    values = values if prompts is not None else [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values and not any(math.isnan(v) for v in values) else math.nan
 
 
 def test_sweep_shares_the_base_images_ranks_and_resumes(world, tmp_path):
@@ -75,8 +77,14 @@ def test_sweep_shares_the_base_images_ranks_and_resumes(world, tmp_path):
     assert not torch.equal(from_png([out / names[2] / "images" / path for path in moved]),
                            from_png([out / "base_images" / path for path in data["base"]["images"][PROMPTS[0]]]))
 
-    # the score is each checkpoint's mean bias over the prompts; the best is the lowest, the earliest on a tie
-    scores = [mean_over_prompts(selection["evaluations"][name], "gender.bias") for name in names]
+    # the score is each checkpoint's mean bias over the prompts every checkpoint that keeps the original's faces has
+    # a value on; the best is the lowest, the earliest on a tie
+    keeping = [row["name"] for row in selection["checkpoints"] if not row["faces_lost_on"]]
+    rows = {name: selection["evaluations"][name]["guidance"]["5"]["finetuned"]["per_prompt"] for name in names}
+    common = [prompt for prompt in PROMPTS if all(not math.isnan(rows[name][prompt]["gender.bias"])
+                                                  for name in keeping or names)]
+    assert selection["scored_prompts"] == {"gender.bias": len(common)}
+    scores = [mean_over_prompts(selection["evaluations"][name], "gender.bias", common) for name in names]
     assert [row["score"] for row in selection["checkpoints"]] == pytest.approx(scores, nan_ok=True)
     finite = [(score, index) for index, score in enumerate(scores) if not math.isnan(score)]
     assert selection["best"] == names[min(finite)[1]]
@@ -151,7 +159,7 @@ def test_a_checkpoint_that_loses_the_faces_of_a_prompt_is_not_selected():
     pool = [Candidate("step_0", 0, "/run/step_0", fake_results([[0.2, math.nan]], 0.9, base_biases=(0.9, 0.9))),
             Candidate("step_1", 1, "/run/step_1", fake_results([[0.3, 0.3]], 0.9, base_biases=(0.9, 0.9)))]
     chosen = select(pool, "7.5")
-    assert chosen["best"] == "step_1" and chosen["checkpoints"][0]["score"] == pytest.approx(0.2)
+    assert chosen["best"] == "step_1" and math.isnan(chosen["checkpoints"][0]["score"])  # not on the same prompts
     assert chosen["checkpoints"][0]["faces_lost_on"] == ["p1"]
     assert chosen["checkpoints"][0]["why_not"] == "no face on 1 prompt(s) the original has faces on"
     assert chosen["checkpoints"][0]["metrics"]["no_face"] == pytest.approx(0.5)
@@ -159,6 +167,13 @@ def test_a_checkpoint_that_loses_the_faces_of_a_prompt_is_not_selected():
     pool = [Candidate(c.name, c.step, c.folder, fake_results([values], 0.9, base_biases=(0.9, math.nan)))
             for c, values in zip(pool, ([0.2, math.nan], [0.3, 0.3]))]
     assert select(pool, "7.5")["best"] == "step_0"
+    # nor is either scored on a prompt the other has no value on: step_1's 0.6 there would lose it the lead it has
+    # on the prompt both are scored on (means over their own prompts: 0.4 against step_0's 0.3)
+    pool = [Candidate(c.name, c.step, c.folder, fake_results([values], 0.9, base_biases=(0.9, math.nan)))
+            for c, values in zip(pool, ([0.3, math.nan], [0.2, 0.6]))]
+    chosen = select(pool, "7.5")
+    assert chosen["best"] == "step_1" and [row["score"] for row in chosen["checkpoints"]] == pytest.approx([0.3, 0.2])
+    assert chosen["scored_prompts"] == {"gender.bias": 1}
 
 
 def test_the_floor_the_set_ranked_by_ties_and_missing_scores():
@@ -255,8 +270,8 @@ def test_checkpoints_run_in_step_order_a_pruned_one_is_skipped_and_stale_images_
     assert evaluated == ["step_00000001", "step_00000003"]  # given last to first, evaluated by step
     assert [row["name"] for row in selection["checkpoints"]] == evaluated
     with pytest.raises(StaleCacheError, match=r"base_images: cached images were made with other settings "
-                                              rf"\(steps\); use another --out, or delete {out} \(its other "
-                                              r"checkpoints' images and the base images"):
+                                              rf"\(steps\); use another --out, or delete {out}/base_images and the "
+                                              rf"checkpoints' reports beside it \(e.g. {out}/step_00000003\)"):
         shutil.rmtree(out / "step_00000003")  # its own images: the shared base images are the stale ones
         select_checkpoint([str(steps[2])], out, **{**small, "num_steps": 3})
 
@@ -764,9 +779,33 @@ def test_a_run_s_checkpoint_without_its_weights_is_named_and_an_out_among_the_ch
 def test_repeated_or_unreadable_floors_are_refused():
     with pytest.raises(ValueError, match=r"--min-semantics 'clip_i=0.5': a second floor on clip_i \(the first: 0.8\)"):
         parse_floors(["clip_i=0.8", "clip_i=0.5"])
-    for item in ("clip_i=nan", "clip_i=", "clip_i"):
+    for item in ("clip_i=nan", "clip_i=", "clip_i", "clip_i=inf", "clip_i=1e999"):  # inf: ends the sweep at its end
         with pytest.raises(ValueError, match="expected METRIC=VALUE"):
             parse_floors([item])
+
+
+@pytest.mark.filterwarnings("ignore:--prompts")
+def test_an_out_beside_an_export_is_refused_and_a_rewritten_checkpoint_names_its_own_report(world, tmp_path):
+    import shutil
+
+    from fastfair.export import main as export_main
+    from safetensors.torch import load_file, save_file
+
+    export = tmp_path / "exports" / "best"
+    export_main([str(world["run"] / "checkpoints" / "step_00000002"), "--out", str(export)])
+    small = options(world, prompts=PROMPTS[:1], images_per_prompt=2, clip=None)
+    # --out/best would be the export itself: its report would change the files its images are keyed by
+    with pytest.raises(ValueError, match=r"--out .*exports: inside .*exports, which the sweep reads"):
+        select_checkpoint([str(export)], tmp_path / "exports", **small)
+    run = shutil.copytree(world["run"], tmp_path / "run")
+    step = run / "checkpoints" / "step_00000001"
+    out = tmp_path / "sweep"
+    select_checkpoint([str(step)], out, **small)
+    weights = step / "weights.safetensors"
+    save_file({name: tensor + 1 for name, tensor in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(StaleCacheError, match=rf"\(finetuned_files: weights.safetensors changed\); delete "
+                                              rf"{out}/step_00000001 \(made from step_00000001's earlier files\)"):
+        select_checkpoint([str(step)], out, **small)
 
 
 def test_cli_says_how_to_generate_with_a_best_that_is_an_export(world, tmp_path, monkeypatch, capsys):

@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import sys
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import torch
 from PIL import Image
 
 from fastfair.dft import sample
-from fastfair.files import NO_FILE_LOCKS
+from fastfair.files import NO_FILE_LOCKS, plain_mode
 from fastfair.image_files import read_rgb
 
 MANIFEST = "manifest.json"
@@ -137,15 +138,29 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
 
 
 def from_png(paths: Sequence[Path]) -> torch.Tensor:
-    """PNG files -> [N, 3, H, W] float32 in [-1, 1]."""
-    arrays = [read_rgb(path) for path in paths]
+    """PNG files -> [N, 3, H, W] float32 in [-1, 1]; a file that cannot be read is named (deleted, a rerun
+    generates it again)."""
+    arrays = []
+    for path in paths:
+        try:
+            arrays.append(read_rgb(path))
+        except (OSError, ValueError) as error:  # cut off or damaged since it was written (PIL: "truncated")
+            raise ValueError(f"{path}: a cached image that cannot be read ({error}); delete it and rerun the same "
+                             "command, which generates it again") from None
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Write atomically through a temp file of this process's own (two writers never rename each other's)."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(json.dumps(data, indent=1, sort_keys=True))
+        plain_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @dataclass

@@ -3,15 +3,18 @@
 Input: one `fastfair.evaluate.evaluate` results dict per checkpoint, all made with the same base images,
 prompts and scoring. At one guidance scale, a checkpoint's score is its headline metric (`report.headline`:
 the paper's bias for a uniform target, the total variation to the target otherwise), mean over prompts, of the
-attribute set ranked by, or the mean of every set's when none is named. A checkpoint is eligible when it has a
-score on every prompt the original has one on (`faces_lost`: a mean over prompts skips a prompt without a face,
-so a checkpoint that loses the faces of the hardest prompts would score better) and every ``min_semantics``
+attribute set ranked by, or the mean of every set's when none is named; each metric averaged over the same
+prompts for every checkpoint: those every eligible-so-far checkpoint has a value on (`common_prompts`; a prompt
+whose images show no face has none, and a mean over fewer, easier prompts would score better). A checkpoint is
+eligible when it has a value on every prompt the original has one on (`faces_lost`: one that loses the faces of
+the hardest prompts is not the method's aim) and every ``min_semantics``
 floor holds (e.g. ``clip_i >= 0.8``: a low bias bought by images that no longer resemble the original's is not
 the method's aim, Eq. 9-10). The best is the eligible checkpoint with the lowest score; on a tie, the earliest
 (the least drift from the original).
 
 Files under the sweep's folder:
-- ``selection.json``: {"guidance", "rank_by", "rank_keys", "min_semantics", "best", "original": {metric: mean},
+- ``selection.json``: {"guidance", "rank_by", "rank_keys", "scored_prompts": {key: how many prompts the scores
+  average}, "min_semantics", "best", "original": {metric: mean},
   "checkpoints": [{"name", "step", "folder", "score", "eligible", "why_not", "faces_lost_on": [prompt],
   "metrics": {metric: mean}}]};
 - ``selection.md``: one row per checkpoint (the original first), its score and eligibility, each set's headline,
@@ -58,9 +61,31 @@ def faces_lost(results: dict, guidance: str, keys: Sequence[str]) -> List[str]:
     hardest prompts would otherwise score better."""
     models = results["guidance"][guidance]
     base, tuned = models["base"]["per_prompt"], models["finetuned"]["per_prompt"]
-    nan = lambda value: value is None or math.isnan(value)  # noqa: E731 (null in a results dict read back)
     return [prompt for prompt, row in tuned.items()
-            if any(nan(row.get(key)) and not nan(base[prompt].get(key)) for key in keys)]
+            if any(_missing(row.get(key)) and not _missing(base[prompt].get(key)) for key in keys)]
+
+
+def _missing(value) -> bool:
+    return value is None or math.isnan(value)  # None: null in a results dict read back
+
+
+def common_prompts(candidates: Sequence[Candidate], guidance: str, keys: Sequence[str]) -> Dict[str, List[str]]:
+    """{key: the prompts on which every candidate's finetuned model has a value of key}."""
+    rows = [candidate.results["guidance"][guidance]["finetuned"]["per_prompt"] for candidate in candidates]
+    return {key: [prompt for prompt in rows[0] if all(not _missing(row[prompt].get(key)) for row in rows)]
+            for key in keys}
+
+
+def _score(candidate: Candidate, guidance: str, prompts: Dict[str, List[str]]) -> float:
+    """The mean over keys of each key's mean over its prompts; NaN where a key has no prompt or no value."""
+    row = candidate.results["guidance"][guidance]["finetuned"]["per_prompt"]
+    means = []
+    for key, scored in prompts.items():
+        values = [row[prompt].get(key) for prompt in scored]
+        if not values or any(_missing(value) for value in values):
+            return math.nan
+        means.append(sum(values) / len(values))
+    return sum(means) / len(means)
 
 
 def check_rank(rank_by: Optional[str], set_names: Sequence[str]) -> None:
@@ -97,23 +122,28 @@ def select(candidates: Sequence[Candidate], guidance: str, rank_by: Optional[str
     first = candidates[0].results
     keys = rank_keys(first, rank_by)
     check_floors(first, min_semantics)
+    lost = {candidate.name: faces_lost(candidate.results, guidance, keys) for candidate in candidates}
+    # scored on the prompts the checkpoints that keep the original's faces all have values on
+    scored = common_prompts([c for c in candidates if not lost[c.name]] or candidates, guidance, keys)
     rows = []
     for candidate in candidates:
         metrics = _means(candidate.results, guidance, "finetuned")
-        values = [metrics[key] for key in keys]
-        score = math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
-        lost = faces_lost(candidate.results, guidance, keys)
+        score = _score(candidate, guidance, scored)
         # a NaN semantics mean (no value) fails its floor: an unmeasured checkpoint is not selected
         below = [key for key, floor in min_semantics.items() if not metrics.get(key, math.nan) >= floor]
-        why_not = ("no face in any image" if math.isnan(score) else
-                   f"no face on {len(lost)} prompt(s) the original has faces on" if lost else
+        unscored = [key for key, prompts in scored.items() if not prompts]
+        why_not = (f"no face on {len(lost[candidate.name])} prompt(s) the original has faces on"
+                   if lost[candidate.name] else
+                   f"no prompt on which every checkpoint has a value of {', '.join(unscored)}" if unscored else
                    "below " + ", ".join(f"{key} >= {min_semantics[key]:g}" for key in below) if below else None)
         rows.append({"name": candidate.name, "step": candidate.step, "folder": candidate.folder, "score": score,
-                     "eligible": why_not is None, "why_not": why_not, "faces_lost_on": lost, "metrics": metrics})
+                     "eligible": why_not is None, "why_not": why_not, "faces_lost_on": lost[candidate.name],
+                     "metrics": metrics})
     eligible = [row for row in rows if row["eligible"]]
     # min keeps the first of equal scores: the candidates come in training order (select_checkpoint sorts them)
     best = min(eligible, key=lambda row: row["score"])["name"] if eligible else None
     return {"guidance": guidance, "rank_by": rank_by or "mean of " + ", ".join(keys), "rank_keys": keys,
+            "scored_prompts": {key: len(prompts) for key, prompts in scored.items()},
             "min_semantics": min_semantics, "best": best, "original": _means(first, guidance, "base"),
             "checkpoints": rows}
 
@@ -140,8 +170,11 @@ def selection_table(selection: dict, results: dict) -> str:
                     + [_cell(row["metrics"][key]) for key in metric_keys])
     floors = ", ".join(f"{key} >= {value:g}" for key, value in selection["min_semantics"].items()) or "none"
     best = selection["best"] or "none (no checkpoint is eligible)"
-    return (f"# Checkpoint selection\n\nGuidance {selection['guidance']}; score: {selection['rank_by']} (mean over "
-            f"prompts); semantics floors: {floors}. Best: {best}.\n\n" + markdown_table(header, rows))
+    counts = sorted(set(selection.get("scored_prompts", {}).values()))
+    over = f"mean over the {'/'.join(map(str, counts))} prompts every checkpoint has a value on" if counts else \
+        "mean over prompts"
+    return (f"# Checkpoint selection\n\nGuidance {selection['guidance']}; score: {selection['rank_by']} ({over}); "
+            f"semantics floors: {floors}. Best: {best}.\n\n" + markdown_table(header, rows))
 
 
 def plot_selection(selection: dict, results: dict, path: Path) -> Optional[Path]:
