@@ -16,7 +16,8 @@ of steps that keep their attention outputs only (``fastfair.keep_attention``):
 - R, "reserved": what the lean run (k = a = 0) holds anyway besides kept graphs: on CUDA,
   ``torch.cuda.memory_allocated()`` when the decision is taken (weights, ...), plus what the run will hold later
   (``pending_bytes``: the trainer's optimizer state, made at its first step, after the first decision); on CPU
-  only the pending bytes, so there the budget covers the kept graphs and those.
+  only the optimizer state (always pending: nothing counts what is allocated there), so there the budget covers
+  the kept graphs and it.
 
 The plan maximizes the recompute saved, k + a r step recomputes, within the budget (``keeps_for_budget``).
 Counted in FLOPs, and in time too where a U-Net call of b rows takes t(b) = c + beta b (c: the weights' streaming
@@ -261,11 +262,15 @@ class MemoryBudget:
         self._keep: Dict[Tuple, Tuple[int, int]] = {}
 
     def keeps(self, unet: torch.nn.Module, z_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
-              num_steps: int, guidance_scale: float, frozen_rows: int = 0, pending_bytes: int = 0) -> Tuple[int, int]:
-        """(keep_graph_steps, keep_attention_steps) to pass to ``fastfair.dft.sample`` with these arguments.
-        pending_bytes: memory the run will hold from a later point on but does not yet, counted in R (the
-        optimizer's state, which it makes at its first step: the plan is decided once, at the first iteration)."""
+              num_steps: int, guidance_scale: float, frozen_rows: int = 0, pending_bytes: int = 0,
+              grad_steps: Optional[int] = None) -> Tuple[int, int]:
+        """(keep_graph_steps, keep_attention_steps) to pass to ``fastfair.dft.sample`` with these arguments, planned
+        among the steps gradients pass through (grad_steps of the num_steps; None: all). pending_bytes: memory the
+        run holds besides kept graphs that ``reserved_now`` does not see, counted in R: the optimizer's state,
+        which it makes at its first step (on CUDA counted as allocated from then on; on the CPU never). Decided
+        once per batch shape and step count."""
         _check_bytes("pending_bytes", pending_bytes)
+        differentiated = num_steps if grad_steps is None else min(num_steps, grad_steps)
         shapes = (tuple(z_T.shape), tuple(cond.shape), None if uncond is None else tuple(uncond.shape),
                   float(guidance_scale) != 1.0, frozen_rows, cond.requires_grad,
                   uncond is not None and uncond.requires_grad)
@@ -278,7 +283,8 @@ class MemoryBudget:
             per_step, attention = self._per_step[shapes]
             attention_bytes, share = attention or (None, None)
             self._keep[shapes, num_steps] = keeps_for_budget(max(self.budget_bytes - reserved, 0), per_step,
-                                                             attention_bytes, num_steps, attention_share=share)
+                                                             attention_bytes, differentiated,
+                                                             attention_share=share)
         return self._keep[shapes, num_steps]
 
     def state_dict(self) -> dict:

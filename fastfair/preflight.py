@@ -100,6 +100,7 @@ class Preflight:
     most_held: int
     free_disk: int
     memory_plans: Optional[Dict[int, Tuple[int, int]]] = None  # sampler.memory_budget_gb's: steps -> keeps
+    grad_steps: Optional[int] = None  # sampler.grad_steps: the steps of each sampling gradients pass through
     steps_drawn: List[int] = field(default_factory=list)  # the step count of each checked iteration
     peak_reserved: Optional[int] = None  # CUDA: the most torch's caching allocator held (what runs out first)
 
@@ -113,6 +114,11 @@ class Preflight:
             mean = (self.steps_range[0] + self.steps_range[1]) / 2
             times = [t * mean / n for t, n in zip(times, self.steps_drawn)]
         return statistics.median(times[1:]) if len(times) > 1 else (times[0] if times else None)
+
+    def _differentiated(self, steps: int) -> str:
+        """' (K with gradients)' where sampler.grad_steps differentiates fewer of a sampling's steps (the plan
+        keeps among those)."""
+        return f" ({self.grad_steps} with gradients)" if self.grad_steps and self.grad_steps < steps else ""
 
     @property
     def disk_needed(self) -> int:
@@ -148,8 +154,8 @@ class Preflight:
             held = f" ({_gib(self.peak_reserved)} reserved)" if self.peak_reserved else ""
             lines.append(f"memory       peak {_gib(self.peak_memory)}{held}{of} (the most on any process)")
             if self.memory_plans:
-                plans = "; ".join(f"{steps} steps: {graphs} graphs, {attention} attention outputs"
-                                  for steps, (graphs, attention) in sorted(self.memory_plans.items()))
+                plans = "; ".join(f"{steps} steps{self._differentiated(steps)}: {graphs} graphs, {attention} "
+                                  "attention outputs" for steps, (graphs, attention) in sorted(self.memory_plans.items()))
                 lines.append(f"keeps        (sampler.memory_budget_gb) {plans}")
             per = self.seconds_per_iteration
             at = f" (scaled to {(low + high) / 2:g} steps)" if low != high else ""

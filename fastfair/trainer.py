@@ -214,10 +214,13 @@ class Trainer:
             shards = None
             if self.engine is not None:
                 shards = self.world if self.engine.zero_optimization_stage() >= 1 else 1
-            pending = 0 if self.optimizer.state else optimizer_state_bytes(self.cfg.optim.name,
-                                                                           self.model.parameters(), shards)
+            # the optimizer state: made at the first step; from then on CUDA's allocated memory holds it, the
+            # CPU's count (none) does not
+            counted = bool(self.optimizer.state) and z_T.device.type == "cuda"
+            pending = 0 if counted else optimizer_state_bytes(self.cfg.optim.name, self.model.parameters(), shards)
             keep, keep_attention = self.memory_budget.keeps(unet, z_T, cond, uncond, steps, s.guidance_scale,
-                                                            frozen_rows, pending_bytes=pending)
+                                                            frozen_rows, pending_bytes=pending,
+                                                            grad_steps=s.grad_steps)
         return sample(unet, self.scheduler, z_T, cond, uncond, num_steps=steps, guidance_scale=s.guidance_scale,
                       coefficients=s.coefficients, recompute_chunk=s.recompute_chunk,
                       recompute_images=s.recompute_images, keep_graph_steps=keep,
@@ -713,7 +716,8 @@ class Trainer:
                          peak_memory=int(peak[0]), peak_reserved=int(peak[1]) if cuda else None,
                          device_memory=total, checkpoint_bytes=saved_bytes,
                          optimizer_state_measured=measured, existing_checkpoints=existing, saves=saves, kept=kept,
-                         most_held=most_held, free_disk=free_bytes(cfg.output_dir), memory_plans=plans)
+                         most_held=most_held, free_disk=free_bytes(cfg.output_dir), memory_plans=plans,
+                         grad_steps=s.grad_steps)
 
     def _checkpoint_bytes(self) -> Tuple[int, bool]:
         """(the bytes of the tensors `save` would write now, whether the optimizer state among them is measured):

@@ -65,6 +65,16 @@ def test_check_reports_the_memory_budgets_plan(tmp_path, world):
     assert Trainer(load_config(write_config(tmp_path, world, "unet_lora"))).check(0).memory_plans is None
 
 
+
+def test_the_memory_budget_plans_among_the_steps_gradients_pass_through(tmp_path, world):
+    """sampler.grad_steps=2 of 3 steps: at most 2 graphs kept (the engine keeps among the differentiated steps)."""
+    cfg = load_config(write_config(tmp_path, world, "unet_lora"), ["sampler.memory_budget_gb=1.0",
+                                                                    "sampler.grad_steps=2"])
+    report = Trainer(cfg).check(1)
+    assert report.memory_plans == {3: (2, 0)}
+    assert "(sampler.memory_budget_gb) 3 steps (2 with gradients): 2 graphs, 0 attention outputs" in report.summary()
+
+
 def test_check_resumes_as_the_run_would(tmp_path, world):
     Trainer(load_config(write_config(tmp_path, world, "prefix", max_steps=2))).train()
     trainer = Trainer(load_config(write_config(tmp_path, world, "prefix", max_steps=5, resume="auto")))
