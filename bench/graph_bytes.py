@@ -119,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--latent", type=int, default=16, help="latent side (16: 128 px with SD's VAE)")
     parser.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
     args = parser.parse_args(argv)
+    if args.latent < 1:
+        parser.error(f"--latent {args.latent}: a latent side >= 1 (16: 128 px with SD's VAE)")
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -129,6 +131,7 @@ def main(argv=None) -> None:
     table = markdown(results, shlex.join(sys.argv[1:] if argv is None else argv), attention)
     print(table)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": "cpu", "results": results, **attention}, indent=1))
         Path(args.json).with_suffix(".md").write_text(table)
 

@@ -121,6 +121,8 @@ def main(argv=None) -> None:
     # the U-Net's sample size is the only resolution-dependent part saved, and this phase does not use it
     paths = models_on_disk(args.model, Path(args.models_dir or tmp.name), resolution)
     env = worker_env() if not torch.cuda.is_available() else dict(os.environ)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     results = []
     for n in counts:
         for mode in modes:
@@ -129,19 +131,25 @@ def main(argv=None) -> None:
             r = results[-1]
             print(f"{mode:9s} images={n:3d} peak={r['peak_bytes'] / 2**20:9.1f} MiB  {r['seconds']:7.2f} s",
                   flush=True)
-    table = markdown(results)
-    print(table)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        meta = {"device": results[0]["device"], "device_name": results[0].get("device_name"), "model": args.model,
-                "resolution": resolution, "date": time.strftime("%Y-%m-%d")}
-        with open(args.json, "w") as f:
-            json.dump({**meta, "results": results}, f, indent=1)
-        command = " ".join(shlex.quote(a) for a in ["python", "bench/judge_memory.py", *(argv or sys.argv[1:])])
-        name = meta["device_name"] or meta["device"]
-        with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
-            f.write(f"Command: `{command}`\n\nDevice: {name}; model {args.model} at {resolution}x{resolution} "
-                    f"pixels; {meta['date']}.\n\n{table}\n")
+            if args.json:  # after every run: a time limit keeps what finished
+                write_report(results, args, argv, resolution)
+    print(markdown(results))
+
+
+def write_report(results: list, args, argv, resolution: int) -> None:
+    """The JSON and Markdown files of the runs so far, each replaced whole (a run stopped mid-write keeps the
+    last report)."""
+    meta = {"device": results[0]["device"], "device_name": results[0].get("device_name"), "model": args.model,
+            "resolution": resolution, "date": time.strftime("%Y-%m-%d")}
+    command = " ".join(shlex.quote(a) for a in ["python", "bench/judge_memory.py", *(argv or sys.argv[1:])])
+    name = meta["device_name"] or meta["device"]
+    for path, text in ((args.json, json.dumps({**meta, "results": results}, indent=1)),
+                       (os.path.splitext(args.json)[0] + ".md",
+                        f"Command: `{command}`\n\nDevice: {name}; model {args.model} at {resolution}x{resolution} "
+                        f"pixels; {meta['date']}.\n\n{markdown(results)}\n")):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 # 2026-11), the carried wheels installed with --target as there, and the native build with CUDA (sm_90; nothing
 # runs on a GPU). In a fresh clone of HEAD: it builds fastfair._C with CUDA, runs the whole test suite (CUDA tests
 # skip; the open_clip ones run: open_clip is installed here, not there, since CI cannot run them, as no torchvision
-# imports beside its CPU torch), the toy trainer in fp32 and bf16, the kernel benchmark and a tiny fp16
-# training-iteration benchmark.
+# imports beside its CPU torch), the toy trainer in fp32 and bf16, the kernel benchmark, a tiny fp16
+# training-iteration benchmark and small sd15-shaped ones (the iteration, the judges' memory).
 #
 #   bench/rehearse_gpu_image.sh [WORK_DIR]      (default /tmp/gpu-image; the venv there is reused; ~15 min)
 # PY312 names a Python 3.12 (default: python3.12, else pyenv's); PYTHON one with pip and pydantic for bench/device_wheels.sh
@@ -67,4 +67,13 @@ step "kernel benchmark and a tiny fp16 training-iteration benchmark"
 "$P" bench/kernels.py --quick --json "$WORK/kernels.json" > /dev/null
 "$P" bench/train_step.py --model tiny --images 2 --steps 5 --rounds 1 --iters 1 --dtype fp16 --sweep-steps 5,10 \
   --json "$WORK/train_step.json" > "$WORK/train_step.log" 2>&1 || { tail -n 30 "$WORK/train_step.log"; exit 1; }
+# most of the GPU check's time goes to the sd15 shapes (CLIP vision and text, DINOv2, the face classifier, built
+# from configs under the image's transformers): their models, the iteration and the judges, small here
+step "sd15 shapes at 64x64: a training-iteration and a decode-and-judge benchmark"
+"$P" bench/train_step.py --model sd15 --resolution 64 --images 1 --steps 2 --impls baseline_sdpa,fastfair \
+  --rounds 1 --iters 1 --warmup 0 --models-dir "$WORK/sd15" --json "$WORK/train_step_sd15.json" \
+  > "$WORK/train_step_sd15.log" 2>&1 || { tail -n 30 "$WORK/train_step_sd15.log"; exit 1; }
+"$P" bench/judge_memory.py --model sd15 --resolution 64 --images 1 --modes keep --models-dir "$WORK/sd15" \
+  --json "$WORK/judge_memory_sd15.json" > "$WORK/judge_memory_sd15.log" 2>&1 \
+  || { tail -n 30 "$WORK/judge_memory_sd15.log"; exit 1; }
 step "done: the GPU image's software builds and runs fastfair here"

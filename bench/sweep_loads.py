@@ -143,6 +143,9 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", message="--prompts: .* among the prompts the finetuned run trained on")
     if not 1 <= args.prompts <= len(JOBS):
         parser.error(f"--prompts {args.prompts}: expected 1 to {len(JOBS)}")
+    for flag in ("checkpoints", "images", "rounds"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)}: expected at least 1")
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.work or scratch)
         files = save_models(args.model, root / "models", 128 if args.model == "sd15" else 16)

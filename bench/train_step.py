@@ -66,7 +66,8 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-# fastfair from this checkout even where it is not installed (bench/gpu_check.sh goes on past a failed build)
+# the bench helpers, and fastfair from this checkout (fastfair.kernels, which setup.py maps from kernels/, needs
+# the installed package: bench/gpu_check.sh installs it without the native extension where that build fails)
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _memory import PeakMemory, worker_env  # noqa: E402
 from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
@@ -484,7 +485,8 @@ def summarize(runs: list, args, flops_info: dict) -> list:
                   for name in mine[0]["phases_samples"]}
         row = {"impl": impl, "model": args.model, "images": args.images, "steps": args.steps,
                "s_per_iter": statistics.median(times), "peak_bytes": int(statistics.median(r["peak_bytes"] for r in mine)),
-               "phases_s": phases, "timed_iterations": len(times), "micro_batch": mine[0]["micro_batch"]}
+               "phases_s": phases, "timed_iterations": len(times), "micro_batch": mine[0]["micro_batch"],
+               "judge_images": mine[0].get("judge_images")}
         row["s_per_image"] = row["s_per_iter"] / args.images
         keep = mine[0].get("keep_graph_steps", 0)
         keep_attention = mine[0].get("keep_attention_steps", 0)
@@ -505,10 +507,16 @@ def summarize(runs: list, args, flops_info: dict) -> list:
     for row in rows:
         if ref is not None:
             row["speedup_per_image_vs_baseline_sdpa"] = ref["s_per_image"] / row["s_per_image"]
-            row["peak_vs_baseline_sdpa"] = row["peak_bytes"] / max(ref["peak_bytes"], 1)
+            # a CPU run's peak is its resident set's growth, which can be none (memory freed before, reused)
+            row["peak_vs_baseline_sdpa"] = (row["peak_bytes"] / ref["peak_bytes"]
+                                            if ref["peak_bytes"] > 0 and row["peak_bytes"] >= 0 else None)
             if "model_flops" in row:
                 row["model_speedup_vs_baseline_sdpa"] = ref["model_flops"]["total"] / row["model_flops"]["total"]
     return rows
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _keeps_label(row: dict) -> str:
@@ -529,7 +537,7 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
             f"| {r['impl']}{_keeps_label(r)} "
             f"| {r['s_per_iter']:.3f} | {r['s_per_image']:.3f} | {r.get('speedup_per_image_vs_baseline_sdpa', 0):.2f} "
             f"| {r.get('model_speedup_vs_baseline_sdpa', 0):.2f} | {r['peak_bytes'] / 2**20:.1f} "
-            f"| {r.get('peak_vs_baseline_sdpa', 0):.3f} | {ph.get('sampling', 0):.3f} | {ph.get('decode_losses', 0):.3f} "
+            f"| {_ratio(r.get('peak_vs_baseline_sdpa'))} | {ph.get('sampling', 0):.3f} | {ph.get('decode_losses', 0):.3f} "
             f"| {ph.get('backward', 0):.3f} | {ph.get('optimizer', 0):.4f} | {mf.get('total', 0) / 1e12:.4f} "
             f"| {r.get('achieved_flops_per_s', 0) / 1e12:.4f} | {r.get('floor_s', 0):.4f} | {r.get('s_over_floor', 0):.1f} |")
     if meta.get("matmul_flops_per_s"):
@@ -591,7 +599,7 @@ def write_report(runs: list, sweep: list, args, argv, flops_info: dict, impls: l
                            "kept_attention_share")}}
     ref = next((r for r in rows if r["impl"] == "baseline_sdpa"), None)
     budget = int(args.budget_gib * 2**30) if args.budget_gib else (ref["peak_bytes"] if ref else None)
-    if sweep_images and budget:
+    if sweep_images and budget and budget > 0:
         meta["fits"] = [f"Largest batch within {budget / 2**20:.0f} MiB (linear in images, estimated): {impl} "
                         f"{largest_batch(sweep, impl, args.steps, budget)}" for impl in ("baseline_sdpa", "fastfair")
                         if impl in impls]
@@ -642,9 +650,19 @@ def main(argv=None) -> None:
     if unknown or not impls:
         parser.error(f"--impls {args.impls!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'} "
                      f"(choose from {', '.join(IMPLS)})")
-    for flag in ("images", "steps"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("images", "steps", "rounds", "iters", "micro_batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    try:
+        sweeps = [int(n) for text in (args.sweep_steps, args.sweep_images) for n in text.split(",") if n]
+    except ValueError:
+        sweeps = [0]
+    if min(sweeps, default=1) < 1:
+        parser.error(f"--sweep-steps {args.sweep_steps!r} / --sweep-images {args.sweep_images!r}: comma-separated "
+                     "counts >= 1, e.g. 5,10,40")
     cuda = torch.cuda.is_available()
     resolution = args.resolution or ({"tiny": 16, "sd15": 512 if cuda else 128}[args.model])
     tmp = tempfile.TemporaryDirectory(prefix="fastfair-bench-") if args.models_dir is None else None

@@ -103,6 +103,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if worker_or_none(args, lambda spec: worker(**spec)):
         return
+    try:
+        counts = [int(n) for text in (args.steps, args.batches) for n in text.split(",") if n]
+    except ValueError:
+        counts = [0]
+    if not args.steps.strip(",") and not args.batches.strip(",") or min(counts, default=1) < 1:
+        parser.error(f"--steps {args.steps!r} / --batches {args.batches!r}: comma-separated counts >= 1 (at least "
+                     "one of them)")
     env = worker_env()
 
     def run(impl: str, steps: int, batch: int) -> dict:

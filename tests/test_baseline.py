@@ -1,4 +1,5 @@
 """bench/baseline.py computes the same adjusted gradient as fastfair.dft.sample; bench/train_step.py runs."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -325,6 +326,10 @@ def test_checkpointing_has_the_public_codes_granularity():
     (["--impls", "foo"], "--impls 'foo': unknown foo (choose from baseline_sdpa"),
     (["--images", "0"], "--images must be >= 1, got 0"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),  # an IndexError once the models were saved
+    (["--iters", "0"], "--iters must be >= 1, got 0"),
+    (["--micro-batch", "0"], "--micro-batch must be >= 1, got 0"),
+    (["--sweep-steps", "5,0"], "comma-separated counts >= 1"),
 ])
 def test_train_step_cli_names_the_bad_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -359,3 +364,14 @@ def test_engine_demo_writes_a_diverged_runs_loss_as_null(tmp_path):
     assert math.isnan(metrics["colour_loss_after"])
     assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: 1 / 0)[
         "colour_loss_after"] is None
+
+
+def test_peak_ratios_are_left_blank_where_a_cpu_run_s_resident_set_did_not_grow():
+    runs = [{"impl": impl, "s_per_iter_samples": [1.0], "phases_samples": {}, "peak_bytes": peak, "micro_batch": 2,
+             "device": "cpu", "latent": [4, 8, 8]} for impl, peak in (("baseline_sdpa", 0), ("fastfair", -4096))]
+    args = argparse.Namespace(model="tiny", images=2, steps=3, dtype="auto")
+    rows = train_step.summarize(runs, args, {})
+    assert [row["peak_vs_baseline_sdpa"] for row in rows] == [None, None]
+    table = train_step.markdown(rows, [], {"device": "cpu", "model": "tiny", "images": 2, "steps": 3, "latent": [4],
+                                           "date": "today", "rounds": 1})
+    assert all("| - |" in line for line in table.splitlines() if line.startswith(("| baseline_sdpa", "| fastfair")))
