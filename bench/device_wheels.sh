@@ -31,8 +31,8 @@ installed() {  # the version installed here (pydantic and pydantic-core must mat
 
 PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp
           --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-# diffusers and what the GPU image lacks of its requirements
-"$PYTHON" -m pip download -q --no-deps "${PLATFORM[@]}" -d "$DEST" "diffusers==$(pin diffusers)" importlib_metadata
+# diffusers (of its requirements, importlib_metadata is imported below Python 3.8 only)
+"$PYTHON" -m pip download -q --no-deps "${PLATFORM[@]}" -d "$DEST" "diffusers==$(pin diffusers)"
 # deepspeed's requirements missing there (hjson, pydantic and its own)
 "$PYTHON" -m pip download -q --no-deps "${PLATFORM[@]}" -d "$DEST" hjson "pydantic==$(installed pydantic)" \
   "pydantic_core==$(installed pydantic_core)" annotated_types typing_inspection
