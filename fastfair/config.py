@@ -331,16 +331,33 @@ def _schema_keys(tp, prefix: str = "") -> List[str]:
     return keys
 
 
+# other names of settings, as other trainers call them: name -> the setting's own name
+SYNONYMS = {"learning_rate": "lr", "model_path": "pretrained", "train_steps": "max_steps", "epochs": "max_steps",
+            "batch_size": "images_per_prompt"}
+
+
+def _setting_type(dotted: str):
+    """The type of a dotted key of TrainConfig."""
+    tp = TrainConfig
+    for part in dotted.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
 def _unknown_key(key: str, name: str, tp) -> ConfigError:
     """The error for key (dotted, ending in name) absent from dataclass tp, with a did-you-mean."""
     fields = list(typing.get_type_hints(tp))
     prefix = key[: -len(name)]
+    # settings by their names (not sections: 'model.path' is no misplaced 'batch')
+    leaves = {full.rsplit(".", 1)[-1]: full for full in _schema_keys(TrainConfig)
+              if not dataclasses.is_dataclass(_setting_type(full))}
     close = difflib.get_close_matches(name, fields, n=1)
-    if close:
+    if SYNONYMS.get(str(name).lower()) in leaves:  # another trainer's name for a setting
+        guess = leaves[SYNONYMS[str(name).lower()]]
+    elif close:
         guess = prefix + close[0]
     else:  # misplaced rather than misspelt, e.g. top-level `lr`: look for the name elsewhere in the tree
-        leaves = {full.rsplit(".", 1)[-1]: full for full in _schema_keys(TrainConfig)}
-        close = difflib.get_close_matches(name, list(leaves), n=1)
+        close = difflib.get_close_matches(name, list(leaves), n=1, cutoff=0.75)
         guess = leaves[close[0]] if close else None
     hint = f" did you mean '{guess}'?" if guess else ""
     return ConfigError(f"unknown config key '{key}':{hint} (keys here: {', '.join(fields)})")
@@ -472,6 +489,8 @@ def _merge(base: dict, top: dict) -> dict:
     """top over base: mappings merge key by key, anything else is replaced."""
     merged = dict(base)
     for name, value in top.items():
+        if value is None and isinstance(merged.get(name), dict):  # a section left empty (its keys commented out)
+            value = {}
         both_maps = isinstance(value, dict) and isinstance(merged.get(name), dict)
         merged[name] = _merge(merged[name], value) if both_maps else value
     return merged
@@ -560,7 +579,11 @@ def _read_yaml(path: Path, including: tuple = ()) -> dict:
         raise ConfigError(f"{path}: base: expected a file name or a list of them, got {bases!r}")
     merged = {}
     for base in bases:
-        merged = _merge(merged, _read_yaml(path.parent / resolve_package_path(base, "base"), including + (path,)))
+        try:
+            base_path = Path(resolve_package_path(os.path.expanduser(base), "base"))
+        except ValueError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        merged = _merge(merged, _read_yaml(path.parent / base_path, including + (path,)))
     return _merge(merged, data)
 
 
@@ -787,6 +810,8 @@ def _data_problems(data: DataConfig) -> List[str]:
     if not any(spec.weight > 0 for spec in data.sets.values()):
         problems.append("data.sets: no prompt set with weight > 0: add one, e.g. data.sets.occupations.weight=1")
     for name, spec in data.sets.items():
+        if spec.weight == 0:  # left out (build_prompt_mixture reads none of it)
+            continue
         if spec.file is not None and spec.factory is not None:  # the factory's prompts would be read, the file not
             problems.append(f"data.sets.{name} sets both file={spec.file} and factory={spec.factory}: give one of "
                             f"file / factory (data.sets.{name}.file=null or data.sets.{name}.factory=null)")
@@ -1007,7 +1032,8 @@ def check_files(cfg: TrainConfig) -> None:
     if not cfg.semantics.factory:  # a factory builds its encoders without these files
         needed += [("semantics.clip_path", cfg.semantics.clip_path),
                    ("semantics.dino_path", cfg.semantics.dino_path)]
-    needed += [(f"data.sets.{name}.file", spec.file) for name, spec in cfg.data.sets.items() if spec.file]
+    needed += [(f"data.sets.{name}.file", spec.file) for name, spec in cfg.data.sets.items()
+               if spec.file and spec.weight > 0]  # weight 0 leaves a set out: its file is not read
     if cfg.loss.face_loss and cfg.loss.lambda_face > 0:
         needed.append(("faces.bank", cfg.faces.bank))
         if not cfg.faces.embedding_fn:

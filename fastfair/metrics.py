@@ -48,7 +48,8 @@ def class_frequencies(labels, num_classes: int, no_face: int = -1) -> ClassFrequ
     has_face = labels != no_face
     bad = labels[has_face & ((labels < 0) | (labels >= num_classes))]
     if bad.size:
-        raise ValueError(f"labels must be in [0, {num_classes}) or {no_face} (no face), got {sorted(set(bad))}")
+        raise ValueError(f"labels must be in [0, {num_classes}) or {no_face} (no face), got "
+                         f"{sorted(set(bad.tolist()))}")
     counts = np.bincount(labels[has_face], minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         freqs = counts / counts.sum()
@@ -63,6 +64,11 @@ def joint_labels(labels: Sequence, num_classes: Sequence[int], no_face: int = -1
     arrays = [_labels_array(array) for array in labels]
     if len({array.shape for array in arrays}) > 1:
         raise ValueError(f"label arrays differ in length: {[array.size for array in arrays]}")
+    for index, (array, k) in enumerate(zip(arrays, num_classes)):  # else a bad label lands in another cell
+        bad = array[(array != no_face) & ((array < 0) | (array >= k))]
+        if bad.size:
+            raise ValueError(f"labels[{index}] must be in [0, {k}) or {no_face} (no face), got "
+                             f"{sorted(set(bad.tolist()))}")
     cell = np.zeros_like(arrays[0])
     for array, k in zip(arrays, num_classes):
         cell = cell * k + array
@@ -83,6 +89,8 @@ def _freqs_and_target(freqs, target):
     target = _distribution(target, "target")
     if target.shape != freqs.shape:
         raise ValueError(f"target has {target.size} classes, freqs {freqs.size}")
+    if not np.isfinite(target).all() or (target < 0).any() or abs(target.sum() - 1) > 1e-6:
+        raise ValueError(f"target must be probabilities >= 0 summing to 1, got {target.tolist()}")
     return freqs, target
 
 
@@ -152,7 +160,7 @@ def summarize(per_prompt: Mapping[str, Mapping[str, object]], ddof: int = 0,
     and each attribute set's `<set>.no_face`, are summed instead: {"total": int}."""
     rows = list(per_prompt.values())
     if keys is None:
-        keys = [key for key, value in rows[0].items() if isinstance(value, float)] if rows else []
+        keys = [key for key, value in rows[0].items() if isinstance(value, (float, np.floating))] if rows else []
     summary = {key: mean_std([row[key] for row in rows], ddof) for key in keys}
     counted = ["no_face"] + [key for key in (rows[0] if rows else ()) if key.endswith(".no_face")]
     summary.update({key: {"total": int(sum(row.get(key, 0) for row in rows))} for key in counted})

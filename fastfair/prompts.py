@@ -282,6 +282,8 @@ def build_prompt_mixture(data, seed: int) -> PromptMixture:
     """The mixture a `fastfair.config.DataConfig` describes."""
     sets, weights = {}, {}
     for name, spec in data.sets.items():
+        if spec.weight == 0:  # left out: its prompts are not read (a file it names need not exist)
+            continue
         if spec.factory:
             from fastfair.hooks import load_callable
 

@@ -255,8 +255,10 @@ def _parse_classes(spec, where):
 
 def _parse_table(spec, parents, classes, where, normalize):
     """[*K_parents, K] probabilities; a flat distribution is shared by every conditioning cell."""
-    per_cell = (bool(parents) and isinstance(spec, Mapping) and set(spec) == set(parents[0].classes)
-                and not set(spec) & set(classes))  # keyed by the parent's classes, e.g. {male: uniform, ...}
+    # keyed by the parent's classes, e.g. {male: uniform, ...}: known by its keys (one of them a parent class and
+    # none a class of this attribute), so a table missing a cell is named as such, not read as a distribution
+    per_cell = (bool(parents) and isinstance(spec, Mapping) and not set(spec) & set(classes)
+                and bool(set(spec) & set(parents[0].classes)))
     flat = spec == "uniform" or (isinstance(spec, Mapping) and not per_cell
                                  and not any(isinstance(v, Mapping) for v in spec.values()))
     if flat:
@@ -272,7 +274,7 @@ def _parse_table(spec, parents, classes, where, normalize):
 
 def _check_cells(spec, parent, where):
     if not isinstance(spec, Mapping) or set(spec) != set(parent.classes):
-        got = sorted(spec) if isinstance(spec, Mapping) else spec
+        got = sorted(spec, key=str) if isinstance(spec, Mapping) else spec  # YAML may have made a key a bool
         raise ValueError(f"{where}: a conditional table needs one entry per class of {parent.name!r} "
                          f"{list(parent.classes)}, got {got}{_yaml_bool_hint(got)}; or give one distribution for "
                          "every cell: a mapping class -> probability, or 'uniform'")

@@ -123,6 +123,19 @@ def test_an_empty_base_is_none_and_a_base_that_names_no_file_is_refused(tmp_path
             load_config(tmp_path / "b.yaml")
 
 
+def test_a_section_left_empty_keeps_its_bases_settings_and_bases_take_a_home_path(tmp_path, monkeypatch):
+    write(tmp_path / "base.yaml", {"optim": {"lr": 0.25}, "seed": 4})
+    (tmp_path / "run.yaml").write_text("base: base.yaml\noptim:\n  # lr: 0.5\n")  # every key commented out
+    assert load_config(tmp_path / "run.yaml").optim.lr == 0.25  # was: optim: expected a mapping, got None
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "home.yaml").write_text("base: ~/base.yaml\n")
+    assert load_config(tmp_path / "sub" / "home.yaml").seed == 4  # not sub/~/base.yaml
+    (tmp_path / "pkg.yaml").write_text("base: pkg://no_such_package_here/x.yaml\n")
+    with pytest.raises(ConfigError, match=r"pkg\.yaml: .*no_such_package_here"):
+        load_config(tmp_path / "pkg.yaml")
+
+
 def test_a_key_given_twice_in_one_mapping_is_refused_naming_both_lines(tmp_path):
     """PyYAML keeps the last of a repeated key: a second optim: block dropped the first one's settings."""
     (tmp_path / "run.yaml").write_text("optim:\n  lr: 1.0e-4\nseed: 1\noptim:\n  scheduler: cosine\n")
@@ -209,6 +222,10 @@ def test_a_home_folder_in_the_written_folders_is_expanded(tmp_path, monkeypatch)
     ("sampler.guidance=3", "did you mean 'sampler.guidance_scale'?"),
     ("data.sets.sports.wieght=1", "unknown config key 'data.sets.sports.wieght': did you mean 'data.sets.sports.weight'"),
     ("classifiers.c.atributes={}", "did you mean 'classifiers.c.attributes'"),
+    # other trainers' names, and a misplaced name matched against settings only (it was 'batch', a section)
+    ("model.path=x", "unknown config key 'model.path': (keys here: pretrained, "),  # not 'batch', a section
+    ("optim.learning_rate=1", "unknown config key 'optim.learning_rate': did you mean 'optim.lr'?"),
+    ("batch_size=4", "did you mean 'batch.images_per_prompt'?"),
     ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
     ("max_steps=1.5", "max_steps: expected int, got 1.5"),
     ("precision.tf32=1", "precision.tf32: expected bool, got 1"),
@@ -576,6 +593,18 @@ def test_validate_accepts_boundary_values(tmp_path, overrides):
 
 def test_face_files_are_not_needed_with_a_zero_face_weight(tmp_path):
     check_files(config_with_files(tmp_path, **{"faces.bank": "", "faces.embedding": "", "loss.lambda_face": "0"}))
+
+
+def test_a_set_with_weight_zero_is_left_out_unread(tmp_path):
+    """'0 leaves the set out': its file need not exist, and the mixture reads none of it."""
+    from fastfair.prompts import build_prompt_mixture
+
+    cfg = config_with_files(tmp_path, **{"data.sets.mine.file": tmp_path / "gone.txt", "data.sets.mine.weight": 0,
+                                         "data.sets.elsewhere.weight": 0,  # elsewhere: no shipped set of the name
+                                         "data.sets.occupations.weight": 1})
+    assert not validate(cfg, 1, "cpu")
+    check_files(cfg)
+    assert "mine" not in build_prompt_mixture(cfg.data, 0).sets
 
 
 def test_a_zero_stage_override_keeps_the_jsons_other_zero_settings(tmp_path):

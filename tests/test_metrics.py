@@ -102,3 +102,15 @@ def test_mean_std_skips_nan_and_supports_sample_std():
     assert mean_std([0.1, float("nan"), 0.3]) == pytest.approx({"mean": 0.2, "std": 0.1, "count": 2}, **EXACT)
     assert mean_std([0.1, 0.3], ddof=1)["std"] == pytest.approx(math.sqrt(0.02), **EXACT)
     assert math.isnan(mean_std([float("nan")])["mean"])
+
+
+def test_bad_inputs_are_refused_not_moved_into_another_cell_or_compared_against():
+    with pytest.raises(ValueError, match=r"labels\[1\] must be in \[0, 4\) or -1 \(no face\), got \[-2, 4\]"):
+        joint_labels([[0, 1, 0], [4, -2, -1]], [2, 4])  # race 4 was read as cell 4: male, race 0
+    assert joint_labels([[0, 1], [3, -1]], [2, 4]).tolist() == [3, -1]
+    with pytest.raises(ValueError, match=r"got \[4\]$"):  # plain ints, not numpy's np.int64(4)
+        class_frequencies([4], 4)
+    with pytest.raises(ValueError, match="target must be probabilities >= 0 summing to 1"):
+        total_variation([0.5, 0.5], [1.0, 1.0])
+    rows = {"a": {"score": np.float32(0.25)}, "b": {"score": np.float32(0.75)}}
+    assert summarize(rows)["score"]["mean"] == pytest.approx(0.5)  # numpy's float32 metrics are metrics too

@@ -94,6 +94,14 @@ def test_yaml_booleans_as_class_names_get_a_hint():
                          "probabilities: {no: 0.5, yes: 0.5}}]")
     with pytest.raises(ValueError, match=r"unknown class\(es\) \[False, True\].*quote such names"):
         load_targets(cfg)
+    # a parent class YAML made a boolean, as a per-cell table's key beside a string one: named with the hint (sorting
+    # the keys for the message raised a TypeError)
+    cfg = yaml.safe_load("attributes: [{name: beard, classes: {'no': 0, 'yes': 1}, probabilities: uniform}, "
+                         "{name: age, classes: {young: 2, old: 3}, given: beard, probabilities: "
+                         "{no: uniform, 'yes': uniform}}]")
+    with pytest.raises(ValueError, match=r"one entry per class of 'beard' \['no', 'yes'\], got \[False, 'yes'\] "
+                                         r"\(YAML reads"):
+        load_targets(cfg)
 
 
 def test_independent_and_joint_forms():
@@ -173,6 +181,9 @@ def set_field(path, value):
     (set_field(["attributes", 2, "probabilities"], {"male": {"young": 1.0, "old": 0.0}}), ValueError,
      r"\(age\).probabilities: a conditional table needs one entry per class of 'gender'"),
     (set_field(["attributes", 0, "probabilities"], None), ValueError, r"\(gender\).probabilities is missing"),
+    # a cell forgotten, its cells given by name: named as a conditional table, not as unknown classes of age
+    (set_field(["attributes", 2, "probabilities"], {"male": "uniform"}), ValueError,
+     r"\(age\).probabilities: a conditional table needs one entry per class of 'gender'"),
 ])
 def test_validation_errors_name_the_field(cfg, error, message):
     with pytest.raises(error, match=message):
