@@ -23,7 +23,9 @@ def caches_no_grad_casts() -> bool:
     with torch.random.fork_rng(devices=[]):  # the probe's init must not move the caller's random stream
         layer = torch.nn.Linear(2, 2)
     x = torch.ones(1, 2)
-    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=True):
+    # out of inference mode, where enable_grad does nothing and every output would read as cut from the graph
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=True):
         with torch.no_grad():
             layer(x)
         out = layer(x)

@@ -14,10 +14,11 @@ def forwards_replaced(layers: Iterable[nn.Module],
     ``nn.Module.__call__`` prefers to the class's); on exit, exceptions included, each gets its own back. A layer
     that already has an instance ``forward`` (someone else's wrapper, or an enclosing block's) is left alone.
     Yields the layers replaced."""
-    replaced = [layer for layer in layers if "forward" not in layer.__dict__]
-    for layer in replaced:
-        layer.forward = make_forward(layer)
-    try:
+    replaced: List[nn.Module] = []
+    try:  # set inside: a make_forward that raises part way leaves none of the earlier layers replaced
+        for layer in [layer for layer in layers if "forward" not in layer.__dict__]:
+            layer.forward = make_forward(layer)
+            replaced.append(layer)
         yield replaced
     finally:
         for layer in replaced:

@@ -70,6 +70,8 @@ class Recomputed(nn.Module):
             raise TypeError(f"Recomputed(rows={self.rows}) slices one tensor argument [N, ...] along N; got "
                             f"{len(args)} positional argument(s) and keyword(s) {sorted(kwargs)}")
         batch = args[0]
+        if batch.shape[0] == 0:  # nothing to slice: the module's own answer to no rows
+            return self._call(batch)
         outputs = [self._call(batch[start:start + self.rows]) for start in range(0, batch.shape[0], self.rows)]
         for start, out in zip(range(0, batch.shape[0], self.rows), outputs):
             rows = min(self.rows, batch.shape[0] - start)
@@ -100,14 +102,14 @@ def recompute_decoder(vae: nn.Module) -> nn.Module:
 def recompute_semantics(semantics: nn.Module, rows: Optional[int] = None) -> nn.Module:
     """Each encoder of a SemanticsLoss-like module (an ``encoders`` ModuleDict) recomputed on its own (in slices
     of ``rows`` images when set), so only one encoder's activations exist at a time; a module without
-    ``encoders`` is wrapped whole."""
+    ``encoders`` is wrapped whole, unsliced (its forward takes the originals' embeddings beside the images)."""
     encoders = getattr(semantics, "encoders", None)
     if isinstance(encoders, nn.ModuleDict):
         for name, encoder in list(encoders.items()):
             if not isinstance(encoder, Recomputed):
                 encoders[name] = Recomputed(encoder, rows)
         return semantics
-    return semantics if isinstance(semantics, Recomputed) else Recomputed(semantics, rows)
+    return semantics if isinstance(semantics, Recomputed) else Recomputed(semantics)
 
 
 def recompute_judges(decoder: LatentDecoder, semantics: nn.Module, judges: Dict[str, Optional[nn.Module]],

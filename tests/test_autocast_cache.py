@@ -19,6 +19,17 @@ def test_probe_matches_what_a_grad_mode_call_gets():
     assert autocast_cache.caches_no_grad_casts() == served_stale
 
 
+def test_probe_made_under_inference_mode_answers_as_outside_it():
+    autocast_cache.caches_no_grad_casts.cache_clear()
+    try:
+        with torch.inference_mode():  # enable_grad does nothing here: the probe's output never requires grad
+            inside = autocast_cache.caches_no_grad_casts()
+        autocast_cache.caches_no_grad_casts.cache_clear()
+        assert inside == autocast_cache.caches_no_grad_casts()
+    finally:
+        autocast_cache.caches_no_grad_casts.cache_clear()
+
+
 def test_probe_leaves_the_global_random_stream_alone():
     """It runs once per process, inside the first U-Net call: a draw there would shift every later global draw
     of a resumed run against the uninterrupted one."""

@@ -85,6 +85,9 @@ def test_recompute_semantics_wraps_each_encoder_once():
     torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
     other = _frozen(Judge())
     assert isinstance(recompute_semantics(other), Recomputed)  # no `encoders`: wrapped whole
+    # and unsliced under judge_images: its forward takes the originals' embeddings beside the images
+    whole = recompute_semantics(_frozen(Judge()), rows=2)
+    assert whole.rows is None and torch.equal(whole(x), whole.module(x))
 
 
 @pytest.mark.parametrize("judge_images", [None, 3])
@@ -207,6 +210,23 @@ def test_recomputed_in_slices_refuses_what_it_cannot_slice():
     with pytest.raises(TypeError, match=r"Pooled must return a tensor with one row per input row \(2\), got "
                                         r"\(1, 3, 12, 12\)"):
         Recomputed(Pooled(), rows=2)(x)
+    assert Recomputed(judge, rows=2)(x[:0]).shape[0] == 0  # no rows: the module's own answer, not a cat error
+
+
+def test_a_forward_that_cannot_be_made_leaves_no_layer_replaced():
+    from fastfair.instance_forward import forwards_replaced
+
+    layers = [nn.Linear(2, 2) for _ in range(3)]
+
+    def make(layer):
+        if layer is layers[2]:
+            raise RuntimeError("cannot")
+        return lambda x: x * 0
+
+    with pytest.raises(RuntimeError, match="cannot"):
+        with forwards_replaced(layers, make):
+            pass
+    assert all("forward" not in layer.__dict__ for layer in layers)
 
 
 def test_decoder_in_slices_same_gradient_and_images():

@@ -76,6 +76,8 @@ def test_zero_for_identical_images_and_grad_only_to_finetuned(semantics):
     assert moved.grad is not None and torch.isfinite(moved.grad).all() and moved.grad.abs().sum() > 0
     assert originals.grad is None
     assert all(not p.requires_grad for p in semantics.parameters())
+    with pytest.raises(ValueError, match=r"semantics 'clip': \(1, \d+\) embeddings of the images against \(2, \d+\)"):
+        semantics(images(4)[:1], original_embeddings)  # one image was broadcast against both originals
 
 
 def test_encoders_stay_frozen_in_eval(semantics):

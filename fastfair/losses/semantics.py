@@ -117,8 +117,15 @@ class SemanticsLoss(nn.Module):
 
     def forward(self, images: torch.Tensor, original_embeddings: dict) -> dict:
         """{name: [N]} 1 - cos(E(images_i), E(originals_i)); sum them for Eq. 7's bracket."""
-        return {name: 1 - (F.normalize(encoder(images), dim=-1) * original_embeddings[name]).sum(-1)
-                for name, encoder in self.encoders.items()}
+        losses = {}
+        for name, encoder in self.encoders.items():
+            embedded = F.normalize(encoder(images), dim=-1)
+            if embedded.shape != original_embeddings[name].shape:  # else one image broadcast against N originals
+                raise ValueError(f"semantics {name!r}: {tuple(embedded.shape)} embeddings of the images against "
+                                 f"{tuple(original_embeddings[name].shape)} of the originals: pair each image with "
+                                 "its original")
+            losses[name] = 1 - (embedded * original_embeddings[name]).sum(-1)
+        return losses
 
 
 def load_semantic_encoder(backend, path=None, model_name=None, checkpoint=None, dtype=torch.float32,

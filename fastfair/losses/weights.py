@@ -98,7 +98,7 @@ def target_disagreement(target_classes: Mapping, original_classes: Mapping, orig
 
 
 def semantic_weights(differs: Mapping, has_face, face_mask, weights: LossWeights):
-    """Per-image weights w [N] and the per-pixel gradient map [N, 1, H, W] (lambda / w; 1 where w = 0).
+    """Per-image weights w [N] and the per-pixel gradient map [N, 1, H, W] (lambda / w; 0 where w = 0).
 
     differs: {attribute: [N] bool} from `target_disagreement`; has_face: [N] bool (the finetuned
     image); face_mask: [N, 1, H, W] in [0, 1] (1 inside the face region), or None (map [N, 1, 1, 1]).
