@@ -109,7 +109,11 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Opti
 
 def read_safetensors_metadata(path: str) -> Dict[str, str]:
     """The string metadata of a safetensors file (empty dict when none)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except SafetensorError as error:  # a torch pickle named .safetensors, or a cut-off file
+        raise ValueError(f"{path}: not a safetensors file ({error}); a torch file (.pt/.pth/.bin) needs that "
+                         "suffix") from None

@@ -73,6 +73,18 @@ def test_small_cnn_file_and_head_mismatch(tmp_path):
         load_classifier(path, arch="mobilenet_v3_large")
     with pytest.raises(ValueError, match="declares 2"):
         head.split(torch.zeros(1, 3))
+    # weights of another architecture or width, without metadata: named, not a state-dict traceback
+    bare = str(tmp_path / "bare.pt")
+    torch.save(AttributeClassifier(head, "small_cnn", input_size=32, width=4).network.state_dict(), bare)
+    with pytest.raises(ValueError, match=r"bare.pt: its weights are not a mobilenet_v3_large classifier's \(\d+ "
+                                         r"missing, \d+ unexpected"):
+        load_classifier(bare, head=head)
+    with pytest.raises(ValueError, match=r"bare.pt: its weights are not a small_cnn classifier's .*shapes differ"):
+        load_classifier(bare, head=head, arch="small_cnn", width=8)
+    pickled = str(tmp_path / "pickled.safetensors")
+    torch.save(AttributeClassifier(head, "small_cnn", input_size=32, width=4).network.state_dict(), pickled)
+    with pytest.raises(ValueError, match=r"pickled.safetensors: not a safetensors file .*needs that suffix"):
+        load_classifier(pickled, head=head)
 
 
 def test_heads_validate_and_serialize():

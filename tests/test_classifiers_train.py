@@ -368,7 +368,12 @@ def test_init_counts_what_it_loads_refuses_another_layout_and_is_not_read_on_res
     assert main(arguments(dataset, wide, "--epochs", "2", "--max-steps", "3", "--init", str(init))) is None
     assert "tensors loaded, 2 left as initialized (e.g. classifier." in capsys.readouterr().out
     os.remove(init)  # the resumed run's weights come from its state
-    assert main(arguments(dataset, wide, "--epochs", "2", "--resume", "--init", str(init))) is not None
+    assert main(arguments(dataset, wide, "--epochs", "2", "--max-steps", "5", "--resume", "--init", str(init))
+                ) is None
+    # nor need a resume repeat --init; and the same folders spelled another way are the same folders
+    relative = [os.path.relpath(value) if flag in ("--data", "--labels") else value
+                for flag, value in zip([""] + arguments(dataset, wide), arguments(dataset, wide))]
+    assert main([*relative, "--epochs", "2", "--resume"]) is not None
 
 
 def test_unreadable_init_and_state_files_are_named_with_their_flag(dataset, tmp_path):

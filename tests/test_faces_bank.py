@@ -74,6 +74,20 @@ def test_build_skips_unreadable_and_faceless_images_and_embeds_aligned_faces(fol
     assert not os.path.exists(partial_path(out))
 
 
+def test_nothing_embedded_says_why_and_a_pickled_bank_is_named(folder, tmp_path):
+    embedder = tiny_embedder()
+    out = str(tmp_path / "bank.safetensors")
+    with pytest.raises(ValueError, match=r"from 9 image\(s\) in .* \(1 unreadable, 8 without a face found\)"):
+        build_bank(folder, out, embedder, CallableDetector(lambda rgb: []), progress_bar=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"from 0 image\(s\) .*\(no file named \*\.jpg, \*\.jpeg"):
+        build_bank(str(tmp_path / "empty"), out, embedder, CallableDetector(centre_face), progress_bar=False)
+    pickled = tmp_path / "features.safetensors"
+    torch.save({"features": torch.zeros(2, 4)}, pickled)  # as the public code keeps its face features
+    with pytest.raises(ValueError, match=r"features.safetensors: not a safetensors face bank .*build_bank"):
+        FaceBank.load(str(pickled))
+
+
 def test_resume_after_an_interruption_gives_the_same_bank(folder, tmp_path):
     embedder, detector = tiny_embedder(), CallableDetector(centre_face)
     straight = str(tmp_path / "straight.safetensors")

@@ -110,5 +110,14 @@ def load_classifier(path: str, head: Optional[AttributeHead] = None, arch: Optio
     if output_key in state and state[output_key].shape[0] != head.num_outputs:
         raise ValueError(f"{path} has {state[output_key].shape[0]} outputs ({output_key}), but the head "
                          f"{head.describe()} needs {head.num_outputs}")
-    classifier.network.load_state_dict(state)
+    try:
+        classifier.network.load_state_dict(state)
+    except RuntimeError as error:  # missing / unexpected keys or other shapes: another architecture or width
+        missing = set(classifier.network.state_dict()) - set(state)
+        unexpected = set(state) - set(classifier.network.state_dict())
+        raise ValueError(
+            f"{path}: its weights are not a {arch or DEFAULT_ARCHITECTURE} classifier's ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected tensor(s), e.g. {sorted(missing or unexpected)[:2]}"
+            f"{'' if missing or unexpected else '; shapes differ: ' + str(error).splitlines()[-1].strip()}): give "
+            "its architecture and width (classifiers.<name>.architecture in a run config)") from None
     return classifier.eval()

@@ -183,8 +183,14 @@ def state_path(out: str) -> str:
     return out + ".state.pt"
 
 
-RESUME_KEYS = ("data", "labels", "val_labels", "attributes", "arch", "width", "init", "size", "batch_size", "epochs",
-               "lr", "weight_decay", "no_flip", "seed", "val_fraction")
+# the arguments a resume must repeat (--init is not: it is not read on a resume, and may be gone since)
+RESUME_KEYS = ("data", "labels", "val_labels", "attributes", "arch", "width", "size", "batch_size", "epochs", "lr",
+               "weight_decay", "no_flip", "seed", "val_fraction")
+PATH_KEYS = ("data", "labels", "val_labels")  # compared as the files they name, not as typed
+
+
+def _as_compared(key: str, value):
+    return os.path.realpath(value) if key in PATH_KEYS and value else value
 
 
 def data_fingerprint(head, train_set, val_set) -> dict:
@@ -235,7 +241,7 @@ def save_state(path, args, classifier, optimizer, position, best, history, finge
                     "position": position, "best": best, "history": history, "rng": torch.get_rng_state(),
                     # dropout on a GPU draws from the device's generator
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-                    "config": {k: getattr(args, k) for k in RESUME_KEYS}, "fingerprint": fingerprint}, temporary)
+                    "config": {k: _as_compared(k, getattr(args, k)) for k in RESUME_KEYS}, "fingerprint": fingerprint}, temporary)
 
 
 def load_state(path, args, fingerprint):
@@ -248,7 +254,8 @@ def load_state(path, args, fingerprint):
                          f"{str(error).splitlines()[0]}); move it away to train from the start with this --out"
                          ) from None
     # keys a state from an older fastfair lacks are not compared
-    changed = {k: stored[k] for k in RESUME_KEYS if k in stored and stored[k] != getattr(args, k)}
+    changed = {k: stored[k] for k in RESUME_KEYS
+               if k in stored and _as_compared(k, stored[k]) != _as_compared(k, getattr(args, k))}
     if changed:
         raise ValueError(f"--resume: {path} was made with {changed}; use the same arguments or another --out")
     if "fingerprint" not in state:

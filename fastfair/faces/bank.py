@@ -110,13 +110,17 @@ class FaceBank:
 
     @classmethod
     def load(cls, path: str, device="cpu", use_faiss: bool = False) -> "FaceBank":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="pt", device=str(device)) as handle:
-            metadata = dict(handle.metadata() or {})
-            if "embeddings" not in handle.keys():
-                raise ValueError(f"{path} is not a face bank: it has no 'embeddings' tensor")
-            embeddings = handle.get_tensor("embeddings")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as handle:
+                metadata = dict(handle.metadata() or {})
+                if "embeddings" not in handle.keys():
+                    raise ValueError(f"{path} is not a face bank: it has no 'embeddings' tensor")
+                embeddings = handle.get_tensor("embeddings")
+        except SafetensorError as error:  # e.g. the public code's pickled face features
+            raise ValueError(f"{path}: not a safetensors face bank ({error}); build one from a folder of face "
+                             "images with python -m fastfair.faces.build_bank") from None
         files = json.loads(metadata.pop("files", "null"))
         return cls(embeddings, files, metadata, use_faiss=use_faiss)
 
