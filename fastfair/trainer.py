@@ -259,7 +259,8 @@ class Trainer:
         for name, classifier in self.judges.classifiers.items():
             if id(classifier) not in cache:
                 # the boxes as found (float64): rounded to bf16 images' dtype they moved by up to 1.7 pixels
-                crops = crop_boxes(images, regions.crop_boxes.to(images.device), classifier.input_size)
+                crops = crop_boxes(images, regions.crop_boxes.to(images.device), classifier.input_size,
+                                   antialias=getattr(classifier, "antialias", True))
                 cache[id(classifier)] = classifier(crops).float()
             logits[name] = cache[id(classifier)]
         return self.targets.attribute_logits(logits)

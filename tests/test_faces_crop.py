@@ -145,3 +145,38 @@ def test_template_of_another_size_is_the_112_template_resampled_at_pixel_centres
     aligned = align_faces(image, TEMPLATE_112[None].clone(), size=56)
     torch.testing.assert_close(aligned, F.avg_pool2d(image, 2), atol=1e-9, rtol=0)
     torch.testing.assert_close(template(224), (TEMPLATE_112 + 0.5) * 2 - 0.5)
+
+
+def test_an_antialiased_crop_shrinks_a_box_as_pil_resizes_the_picture_of_it():
+    """A classifier trained on pictures PIL resized (python -m fastfair.classifiers.train) is judged on crops
+    shrunk the same way: a 448-pixel box to 224 agrees with PIL's bilinear resize of the box's pixels, where plain
+    bilinear sampling (the toy's classifiers' inputs) aliases fine detail."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand(1, 3, 128, 128, generator=generator) * 2 - 1  # detail at every scale
+    images = torch.nn.functional.interpolate(noise, size=(512, 512), mode="bicubic", align_corners=False).clamp(-1, 1)
+    box = torch.tensor([[32.0, 16.0, 480.0, 464.0]])  # 448 x 448 pixels, on pixel edges
+    pixels = ((images[0, :, 16:464, 32:480] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pil = np.asarray(Image.fromarray(pixels).resize((224, 224), Image.BILINEAR), dtype=np.float64) / 127.5 - 1
+    pil = torch.from_numpy(pil).permute(2, 0, 1)[None]
+    antialiased = crop_boxes(images, box, 224, antialias=True).double()
+    sampled = crop_boxes(images, box, 224).double()
+    assert (antialiased - pil).abs().mean() < 0.01 < (sampled - pil).abs().mean()
+    # differentiable, in half precision too (the CPU's antialiased resize has no half kernels: float32 inside)
+    half = images.to(torch.bfloat16).requires_grad_(True)
+    crops = crop_boxes(half, box, 224, antialias=True)
+    crops.float().sum().backward()
+    assert crops.dtype == torch.bfloat16 and half.grad is not None and half.grad.abs().sum() > 0
+    # a box no larger than the output: sampled as before, antialias or not
+    small = torch.tensor([[100.0, 100.0, 300.0, 300.0]])
+    assert torch.equal(crop_boxes(images, small, 224, antialias=True), crop_boxes(images, small, 224))
+
+
+def test_judges_crop_as_their_classifier_was_trained():
+    from fastfair.classifiers import AttributeClassifier
+    from fastfair.classifiers.heads import head_from_names
+    from fastfair.toy.classifiers import ToyClassifier
+
+    assert AttributeClassifier(head_from_names(["gender"]), "small_cnn", input_size=32, width=4).antialias
+    assert not ToyClassifier("toy_resnet", {}).antialias

@@ -29,6 +29,10 @@ def build_network(arch: str, num_outputs: int, **options) -> nn.Module:
 class AttributeClassifier(nn.Module):
     """images [N, 3, S, S] in [-1, 1] -> logits [N, head.num_outputs]; ``probabilities`` per attribute."""
 
+    # trained on pictures resized as PIL and torchvision do (averaging when shrinking, python -m
+    # fastfair.classifiers.train, as the public code's classifiers were): face crops are shrunk so too
+    antialias = True
+
     def __init__(self, head: AttributeHead, arch: str = "mobilenet_v3_large", input_size: int = 224, **options):
         super().__init__()
         self.head, self.arch, self.input_size, self.options = head, arch, input_size, dict(options)

@@ -237,7 +237,8 @@ class Scorer:
         labels, logits = {}, {}
         for name, classifier in self.classifiers.items():
             if id(classifier) not in logits:  # one forward per classifier, however many attributes it has
-                crops = crop_boxes(images, regions.crop_boxes.to(images.device), classifier.input_size)
+                crops = crop_boxes(images, regions.crop_boxes.to(images.device), classifier.input_size,
+                                   antialias=getattr(classifier, "antialias", True))
                 logits[id(classifier)] = classifier.head.split(self._batched(classifier, crops))
             predicted = logits[id(classifier)][name].argmax(-1).numpy()
             labels[name] = np.where(found, predicted, NO_FACE)

@@ -3,6 +3,7 @@
 Gradients flow to the image pixels (the warp is linear in them); the boxes and
 matrices come from detection and carry no gradient.
 """
+import math
 from typing import Tuple, Union
 
 import torch
@@ -50,13 +51,30 @@ def box_matrices(boxes: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack([torch.stack([sx, zero, tx], -1), torch.stack([zero, sy, ty], -1)], dim=-2)
 
 
-def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill: float = -1.0) -> torch.Tensor:
+ANTIALIAS_LIMIT = 4  # the intermediate crop's side at most this many times the output's (a box's pixels beyond
+#                     it are sampled, not averaged)
+
+
+def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill: float = -1.0,
+               antialias: bool = False) -> torch.Tensor:
     """Crop each image's box and resize it to size x size, differentiably (bilinear).
 
     images [N, 3, H, W] in [-1, 1]; boxes [N, 4] (x0, y0, x1, y1); parts of a box outside the image
     read ``fill`` (-1: black, as the public code padded). Returns [N, 3, size, size].
+    antialias: shrink as PIL and torchvision resize a picture (each output pixel averages the box pixels it
+    covers), as a classifier trained on resized pictures saw its inputs; else sample bilinearly (a box larger
+    than the output is aliased). Done as a crop at about the largest box's own resolution (at most
+    ANTIALIAS_LIMIT x size), then ``F.interpolate(antialias=True)`` (in float32 at least: the CPU has it for no
+    half type).
     """
     check_images(images)
     if boxes.shape != (images.shape[0], 4):
         raise ValueError(f"boxes must be [N, 4] with N = {images.shape[0]}, got {tuple(boxes.shape)}")
-    return warp_affine(images, box_matrices(boxes, size), size, fill)
+    side = float((boxes[:, 2:] - boxes[:, :2]).max()) if len(boxes) else 0.0
+    if not antialias or side <= size:
+        return warp_affine(images, box_matrices(boxes, size), size, fill)
+    inner = min(math.ceil(side), ANTIALIAS_LIMIT * size)
+    work = images.to(torch.promote_types(images.dtype, torch.float32))
+    crops = warp_affine(work, box_matrices(boxes, inner), inner, fill)
+    return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False).to(images.dtype)

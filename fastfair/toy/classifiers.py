@@ -69,6 +69,8 @@ class ToyClassifier(nn.Module):
     ``probabilities``); inputs of another size are resized to ``input_size`` first.
     """
 
+    antialias = False  # trained on crop_boxes' bilinear samples (face_crops): judged on the same
+
     def __init__(self, arch: str, options: Dict, input_size: int = IMAGE_SIZE):
         super().__init__()
         if arch not in ARCHITECTURES:

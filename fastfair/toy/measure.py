@@ -31,7 +31,7 @@ def generate(pipeline, prompt: str, count: int, seed: int, guidance_scale: float
 def classify_faces(images: torch.Tensor, detector, classifier) -> Dict[str, torch.Tensor]:
     """{attribute: [N] predicted class, -1 where no face was found}."""
     regions = locate_faces(images, CallableDetector(detector, batched=True))
-    crops = crop_boxes(images, regions.crop_boxes, classifier.input_size)
+    crops = crop_boxes(images, regions.crop_boxes, classifier.input_size, antialias=classifier.antialias)
     parts = classifier.head.split(classifier(crops))
     return {name: torch.where(regions.found, parts[name].argmax(dim=1), -1) for name in ATTRIBUTES}
 
