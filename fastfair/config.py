@@ -1013,7 +1013,18 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
     if cfg.deepspeed.zero_stage is None and ds.get("zero_optimization", {}).get("stage") == 3:
         return [f"deepspeed.config={cfg.deepspeed.config} sets ZeRO stage 3, which partitions the parameters that "
                 "fastfair's direct U-Net calls cannot gather: use a stage 1 or 2 JSON or deepspeed.zero_stage=2"]
-    enabled = [name for name in ("fp16", "bf16") if ds.get(name, {}).get("enabled", False)]
+    unread = [key for key in ("optimizer", "scheduler") if key in ds]  # fastfair passes DeepSpeed its own
+    if unread:
+        return [f"deepspeed.config={cfg.deepspeed.config} has {' and '.join(unread)} section(s), which fastfair does "
+                "not use (its optimizer and learning-rate schedule come from optim.*): delete them and set optim.*"]
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {})
+    if isinstance(offload, dict) and offload.get("device", "none") != "none":
+        return [f"deepspeed.config={cfg.deepspeed.config} offloads the optimizer (zero_optimization."
+                "offload_optimizer), which needs DeepSpeed's own CPU Adam, not the torch optimizer fastfair passes: "
+                "remove it"]
+    # DeepSpeed reads "bfloat16" as "bf16" (its older name)
+    sections = {"fp16": ds.get("fp16", {}), "bf16": ds.get("bf16", ds.get("bfloat16", {}))}
+    enabled = [name for name, section in sections.items() if section.get("enabled", False)]
     wanted = [] if cfg.precision.mixed == "fp32" else [cfg.precision.mixed]
     if enabled != wanted:
         # configs/ds ships fp16 and bf16 JSONs only: an fp32 run needs one with neither section enabled

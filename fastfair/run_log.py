@@ -1,13 +1,15 @@
 """Where a training run's numbers and image grids go (rank 0 only).
 
-- ``<output_dir>/metrics.jsonl``: one JSON line per logged step, ``{"step": N, name: value, ...}``; written
-  whatever is installed, so a run without tensorboard still keeps its curves;
+- ``<output_dir>/metrics.jsonl``: one JSON line per logged step, ``{"step": N, name: value, ...}`` (a value that
+  is not finite, a skipped step's loss, as null: strict JSON); written whatever is installed, so a run without
+  tensorboard still keeps its curves;
+- ``<output_dir>/images/step_<N:08d>.png``: the image grids (`image_file`), written by the trainer;
 - tensorboard (``logging.tensorboard_dir``, default ``<output_dir>/tensorboard``) where it is installed; where
   it is not, a warning says so once, at the start.
 
 A run resumed from step S has already logged steps past S before it stopped (up to its interruption): those
-lines are dropped from metrics.jsonl and tensorboard is told to purge them (``purge_step``), so each step is
-logged once, by the run that kept its weights.
+lines are dropped from metrics.jsonl, their image grids deleted, and tensorboard is told to purge them
+(``purge_step``), so each step is logged once, by the run that kept its weights.
 
 A write that fails (a full disk, a quota, a lost mount) ends the run with the file's name and the way on (the
 checkpoints hold the run up to the last one), not a bare errno.
@@ -23,6 +25,12 @@ from typing import Mapping, Optional
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+IMAGES = "images"  # the image grids' folder in output_dir
+
+
+def image_file(output_dir, step: int) -> Path:
+    """Where the trainer writes step's image grid."""
+    return Path(output_dir) / IMAGES / f"step_{step:08d}.png"
 
 
 class RunLog:
@@ -36,12 +44,15 @@ class RunLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _drop_lines_after(self.path, start)
             self.file = open(self.path, "a", encoding="utf-8")
+        _drop_images_after(Path(output_dir) / IMAGES, start)
         with naming_errors(self.tensorboard):
             self.writer = _summary_writer(self.tensorboard, start)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         with naming_errors(self.path):
-            self.file.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+            numbers = {k: float(v) for k, v in values.items()}
+            self.file.write(json.dumps({"step": step, **{k: v if np.isfinite(v) else None
+                                                         for k, v in numbers.items()}}) + "\n")
             self.file.flush()
         if self.writer is not None:
             with naming_errors(self.tensorboard):  # its writer thread's error surfaces at the next call
@@ -93,6 +104,15 @@ def _drop_lines_after(path: Path, start: int) -> None:
 
     with atomic_path(str(path)) as temporary:  # a failed rewrite leaves no temporary file behind
         Path(temporary).write_text("".join(kept), encoding="utf-8")
+
+
+def _drop_images_after(folder: Path, start: int) -> None:
+    """Delete the image grids of steps past start (an interrupted run's, or one logged at another image_every)."""
+    for path in folder.glob("step_*.png") if folder.is_dir() else ():
+        step = path.stem[len("step_"):]
+        if step.isdigit() and int(step) > start:
+            with naming_errors(path):
+                path.unlink()
 
 
 def _step(line: str) -> Optional[int]:

@@ -48,7 +48,7 @@ from fastfair.preflight import Preflight, free_bytes, retention, saved_steps, te
 from fastfair.process_group import process_group
 from fastfair.prompts import build_prompt_mixture
 from fastfair.run_control import StopSignals, cannot_write, closing, isatty, progress_options, stop_signals
-from fastfair.run_log import RunLog, naming_errors
+from fastfair.run_log import RunLog, image_file, naming_errors
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -354,6 +354,16 @@ class Trainer:
             return
         skipped_before = self.engine.skipped_steps
         self.engine.backward(loss)
+        if not hasattr(self.engine.optimizer, "overflow"):
+            # the torch optimizer itself (ZeRO stage 0 without fp16/bf16): nothing of DeepSpeed's checks the
+            # gradients, so a non-finite one would be applied (NaN weights and EMA)
+            finite = torch.tensor([float(all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
+                                             if p.grad is not None))], device=loss.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                self.engine.zero_grad()
+                self.skipped += 1
+                return
         self.engine.step()
         if self.engine.skipped_steps == skipped_before:
             self._step_taken()
@@ -759,7 +769,7 @@ class Trainer:
                 log.scalars(it + 1, parts)
             if log is not None and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
                 pixels = grid_pixels(*self.last_images)
-                image = Path(cfg.output_dir) / "images" / f"step_{it + 1:08d}.png"
+                image = image_file(cfg.output_dir, it + 1)
                 with naming_errors(image):  # a full disk: named, with the way on
                     save_png(pixels, image)
                 log.image(it + 1, "originals_over_finetuned", pixels)

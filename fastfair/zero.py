@@ -63,8 +63,13 @@ def load_optimizer_shard(engine, shards: List[dict]) -> None:
         raise ValueError(f"resume: the checkpoint holds DeepSpeed optimizer shards of {len(shards)} ranks; this run "
                          f"has {world}. Resume with the same number of processes.")
     optimizer = engine.optimizer
-    if type(optimizer).__name__ == "DeepSpeedZeroOptimizer":  # takes every shard, keeps its own rank's
+    kind = type(optimizer).__name__
+    if kind == "DeepSpeedZeroOptimizer":  # takes every shard, keeps its own rank's
         optimizer.load_state_dict(shards, load_from_fp32_weights=True)
+    elif kind == "BF16_Optimizer":  # bf16 with fp32 gradient accumulation: every shard too
+        clip = optimizer.clip_grad
+        optimizer.load_state_dict(shards, load_from_fp32_weights=True)  # its fp32 master weights, as ZeRO's
+        optimizer.clip_grad = clip  # the state carries the saving run's: optim.grad_clip as resumed takes effect
     else:
         optimizer.load_state_dict(shards[rank])
 

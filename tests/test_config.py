@@ -516,6 +516,25 @@ def test_deepspeed_jsons_are_concrete_and_match_their_names(path, tmp_path):
     assert deepspeed_config(cfg, 8)["zero_optimization"]["stage"] == 3
 
 
+@pytest.mark.parametrize("settings, mixed, message", [
+    ({"bfloat16": {"enabled": True}}, "bf16", None),  # DeepSpeed's older name of the bf16 section
+    ({"bfloat16": {"enabled": True}}, "fp32", "enables ['bf16'] but precision.mixed=fp32"),
+    ({"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}}, "fp32",
+     "has optimizer and scheduler section(s), which fastfair does not use"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "fp32",
+     "offloads the optimizer (zero_optimization.offload_optimizer)"),
+])
+def test_deepspeed_json_sections_fastfair_would_misread_or_ignore_are_named(tmp_path, settings, mixed, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, **settings}))
+    cfg = config_with_files(tmp_path / "files", **{"deepspeed.config": path, "precision.mixed": mixed})
+    if message is None:
+        check_files(cfg)
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_files(cfg)
+
+
 def test_deepspeed_parses_the_shipped_jsons():
     runtime_config = pytest.importorskip("deepspeed.runtime.config")
     for path in DS_JSONS:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fastfair.run_log import METRICS_FILE, RunLog
+from fastfair.run_log import METRICS_FILE, RunLog, image_file
 
 
 def _steps(folder):
@@ -39,6 +39,20 @@ def test_a_resume_drops_the_steps_logged_past_its_checkpoint(tmp_path, monkeypat
     assert json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[-1]) == {"step": 3, "loss": 1.25}
     # tensorboard drops what the interrupted run logged past step 2 (it had kept both step 3's)
     assert made == [(str(tmp_path / "tensorboard"), 1), (str(tmp_path / "tb"), 3)]
+
+
+def test_a_resume_deletes_the_image_grids_past_its_checkpoint_and_a_skipped_steps_nan_is_null(tmp_path):
+    for step in (2, 4, 6):  # the interrupted run's grids; its checkpoint is at step 4
+        image_file(tmp_path, step).parent.mkdir(exist_ok=True)
+        image_file(tmp_path, step).write_bytes(b"png")
+    (tmp_path / "images" / "notes.png").write_bytes(b"the user's")
+    log = RunLog(tmp_path, str(tmp_path / "tb"), 4)
+    log.scalars(5, {"loss": float("nan"), "skipped_steps": 1})
+    log.close()
+    assert sorted(path.name for path in (tmp_path / "images").iterdir()) == [
+        "notes.png", "step_00000002.png", "step_00000004.png"]
+    line = (tmp_path / METRICS_FILE).read_text().splitlines()[-1]
+    assert "NaN" not in line and json.loads(line) == {"step": 5, "loss": None, "skipped_steps": 1.0}
 
 
 def test_a_run_started_again_before_its_first_checkpoint_logs_each_step_once_in_tensorboard(tmp_path):

@@ -77,6 +77,60 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, world):
     assert trainer.skipped == 1 and torch.equal(prefix.detach(), before)
 
 
+def _deepspeed_json(tmp_path, **settings):
+    import json
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"steps_per_print": 10**9, **settings}))
+    return path
+
+
+def test_deepspeed_without_a_gradient_check_of_its_own_skips_a_nonfinite_gradient(tmp_path, world):
+    """ZeRO stage 0 in fp32 hands the torch optimizer the gradients unchecked: a NaN made the weights and the EMA
+    NaN; the step is skipped, as everywhere else."""
+    pytest.importorskip("deepspeed")
+    from fastfair.trainer import process_group
+
+    ds_json = _deepspeed_json(tmp_path, zero_optimization={"stage": 0})
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world, "prefix"), [f"deepspeed.config={ds_json}"]))
+        prefix = trainer.model.prefix.prefix
+        prefix.register_hook(lambda grad: grad * float("nan"))
+        before = prefix.detach().clone()
+        trainer.iteration(0)
+    assert trainer.skipped == 1 and trainer.steps_taken == 0 and torch.equal(prefix.detach(), before)
+    assert all(bool(torch.isfinite(value).all()) for value in trainer.ema.shadow.values())
+
+
+def test_deepspeed_bf16_with_fp32_gradient_accumulation_resumes_as_a_straight_run(tmp_path, world):
+    """JSON data_types.grad_accum_dtype=fp32 makes DeepSpeed's BF16_Optimizer, which takes every rank's shard
+    (given its own, a resume raised KeyError 0); a changed optim.grad_clip takes effect on the resume."""
+    pytest.importorskip("deepspeed")
+    from fastfair import checkpoint
+    from fastfair.trainer import process_group
+    from fastfair.zero import allow_deepspeed_state_in_weights_only_load
+
+    ds_json = _deepspeed_json(tmp_path, zero_optimization={"stage": 1}, bf16={"enabled": True},
+                              data_types={"grad_accum_dtype": "fp32"})
+    common = [f"deepspeed.config={ds_json}", "precision.mixed=bf16", "logging.image_every=0"]
+    with process_group():
+        for name, runs in (("resumed", ([], ["resume=auto"])), ("straight", ([],))):
+            for index, extra in enumerate(runs):
+                steps = 2 if len(runs) == 1 or index == 1 else 1
+                trainer = Trainer(load_config(write_config(tmp_path / name, world, "unet_lora"),
+                                              common + [f"max_steps={steps}", *extra]))
+                assert type(trainer.engine.optimizer).__name__ == "BF16_Optimizer"
+                trainer.train()
+        resumed = Trainer(load_config(write_config(tmp_path / "resumed", world, "unet_lora"),
+                                      common + ["max_steps=3", "resume=auto", "optim.grad_clip=0.5"]))
+        resumed.resume(checkpoint.checkpoint_dir(resumed.cfg.output_dir) / "step_00000002")
+        assert resumed.engine.optimizer.clip_grad == 0.5
+    allow_deepspeed_state_in_weights_only_load()
+    finals = [checkpoint.load_weights(tmp_path / name / "run" / "checkpoints" / "step_00000002")[0]
+              for name in ("resumed", "straight")]
+    assert finals[0].keys() == finals[1].keys() and all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
 def test_the_prefix_starts_as_configured_from_the_runs_seed(tmp_path, world):
     path = write_config(tmp_path, world, "prefix")
 
