@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_support import LAUNCH_OPTIONS, block_size
+from .triton_support import LAUNCH_OPTIONS, block_size, on_device_of
 
 
 @triton.jit
@@ -51,6 +51,7 @@ def grad_fanout_triton(g: torch.Tensor, scales: List[float], branch_weights: Lis
     coefs = _coefficient_tensor(tuple(float(s) * float(w) for s in scales for w in branch_weights), g.device)
     compute = tl.float64 if g.dtype == torch.float64 else tl.float32
     block = block_size()
-    grad_fanout_kernel[(triton.cdiv(n, block),)](g, coefs, out, n, coefs.numel(), COMPUTE=compute,
-                                                 NARROW=out.element_size() == 2, BLOCK=block, **LAUNCH_OPTIONS)
+    with on_device_of(g):  # Triton launches on the current device, which need not be g's
+        grad_fanout_kernel[(triton.cdiv(n, block),)](g, coefs, out, n, coefs.numel(), COMPUTE=compute,
+                                                     NARROW=out.element_size() == 2, BLOCK=block, **LAUNCH_OPTIONS)
     return out

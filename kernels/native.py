@@ -18,7 +18,9 @@ CPU_SOURCES = ["ops.cpp", "solver_step_cpu.cpp", "grad_fanout_cpu.cpp"]
 CUDA_SOURCES = ["register_cuda.cpp", "solver_step_cuda.cu", "grad_fanout_cuda.cu"]
 # -falign-loops=64: the fan-out's fp32 loop ran 1.5x slower when an unrelated change moved it across a 64-byte
 # boundary (same machine code; x86 CPUs fetch loops by aligned blocks): aligned, its speed stays put.
-CXX_FLAGS = ["-O3", "-fopenmp", "-falign-loops=64"]
+# -ffp-contract=off: no fused multiply-adds (x86-64's baseline has none; aarch64's does): one rounding per
+# operation, as the torch reference rounds on the CPU
+CXX_FLAGS = ["-O3", "-fopenmp", "-falign-loops=64", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3"]  # no fast-math: the kernels must round like the torch reference
 LD_FLAGS = ["-fopenmp"]
 CUDA_MACRO = "FASTFAIR_WITH_CUDA"  # tells ops.cpp that register_cuda.cpp is linked in

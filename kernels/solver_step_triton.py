@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .checks import StepScalars
-from .triton_support import LAUNCH_OPTIONS, block_size
+from .triton_support import LAUNCH_OPTIONS, block_size, on_device_of
 
 
 @triton.jit
@@ -72,9 +72,11 @@ def solver_step_triton(
     n = z.numel()
     if n:
         block = block_size()
-        # Absent tensors get z as a placeholder pointer: the constexpr flags compile their loads away.
-        solver_step_kernel[(triton.cdiv(n, block),)](
-            z, eps_c, z if eps_u is None else eps_u, z if m_prev is None else m_prev, z_next, m, n, *scalars,
-            HAS_UNCOND=eps_u is not None, HAS_PREV=m_prev is not None, BLOCK=block, **LAUNCH_OPTIONS,
-        )
+        # Absent tensors get z as a placeholder pointer: the constexpr flags compile their loads away. Launched on
+        # the tensors' GPU: Triton launches on the current device, which need not be theirs.
+        with on_device_of(z):
+            solver_step_kernel[(triton.cdiv(n, block),)](
+                z, eps_c, z if eps_u is None else eps_u, z if m_prev is None else m_prev, z_next, m, n, *scalars,
+                HAS_UNCOND=eps_u is not None, HAS_PREV=m_prev is not None, BLOCK=block, **LAUNCH_OPTIONS,
+            )
     return z_next, m

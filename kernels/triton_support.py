@@ -36,6 +36,16 @@ def interpreting() -> bool:
     return isinstance(solver_step_kernel, InterpretedFunction)
 
 
+def on_device_of(tensor):
+    """A context making the tensor's CUDA device current (Triton launches on the current one); for a CPU
+    tensor (the interpreter) nothing."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def block_size() -> int:
     return BLOCK_INTERPRETED if interpreting() else BLOCK_COMPILED
 

@@ -120,6 +120,27 @@ def test_cuda_misaligned_and_graph_capture():
     testing.check_cuda_graph_capture("native")
 
 
+@cuda_only
+def test_cuda_grid_stride_loop_and_fanout_launches_split_past_128_coefficients():
+    """Paths no other test reaches: more elements than one pass of the capped grid covers (65536 blocks of 256
+    threads, 4 elements each on the vector path), and a fan-out of more coefficients than one launch takes."""
+    _require_native_cuda()
+    from fastfair.kernels import solver_step_torch
+
+    n = 65536 * 256 * 4 + 4 * 1000  # past one pass of the vector path, still a multiple of 4
+    z, eps_c, eps_u, m_prev = (torch.randn(n, device="cuda") for _ in range(4))
+    scalars = dict(guidance=7.5, cz=1.1, ce=-0.4, a=0.7, b0=0.2, b1=-0.1)
+    got = solver_step(z, eps_c, eps_u, m_prev, **scalars, backend="native")
+    want = solver_step_torch(z, eps_c, eps_u, m_prev, **scalars)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, **testing.STEP_TOL[torch.float32])
+    del z, eps_c, eps_u, m_prev, got, want
+    g = torch.randn(3, 4, 17, 13, device="cuda")
+    scales = [0.5 + 0.01 * i for i in range(80)]  # 80 steps x 2 branches: 160 coefficients
+    torch.testing.assert_close(grad_fanout(g, scales, [1.0, -6.5], backend="native"),
+                               grad_fanout_torch(g, scales, [1.0, -6.5]), **testing.FANOUT_TOL[torch.float32])
+
+
 def _cuda_compile_commands(tmp_path):
     """nvcc --ptx of each .cu with the build's flags (the front end checks host and device code, then device codegen
     for sm_90) and a syntax check of the CUDA registration file, with torch's headers. A CPU torch wheel lacks
