@@ -85,7 +85,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
              weights: str = "ema", device: Optional[str] = None, grid_columns: int = 8,
              fid_reference=None, fid_inception=None, progress: bool = True, semantics=None,
              model_config: Optional[str] = None, classifier_head: Optional[Sequence[str]] = None,
-             base_images=None, shared: Optional[SharedLoads] = None) -> dict:
+             base_images=None, shared: Optional[SharedLoads] = None, resolution: Optional[int] = None) -> dict:
     """Run the whole evaluation (module docstring); returns the results dict (also in metrics.json) with
     ``generated``: the cache paths this call had to generate. semantics: a `fastfair.losses.SemanticsLoss` or a
     'package.module:function' returning one (e.g. ``fastfair.toy:toy_semantics``), scored as ``sim_<encoder>``.
@@ -112,7 +112,12 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config, shared)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
-    height, width = latent_size(unet_config)
+    resolution = resolution if resolution is not None else trained_resolution(finetuned)
+    if resolution is not None and (resolution < 1 or resolution % scale):  # decoded images of another size
+        raise ValueError(f"--resolution {resolution}: expected an image side in pixels, a multiple of the VAE's "
+                         f"factor {scale}")
+    # the side the run sampled at (model.resolution), as it trained; else the U-Net's own size
+    height, width = (resolution // scale,) * 2 if resolution else latent_size(unet_config)
     latent_shape = (unet_config.in_channels, height, width)
     # a square model's images are keyed by their side, as before pairs were read: existing caches stay valid
     resolution = height * scale if height == width else [height * scale, width * scale]
@@ -173,6 +178,19 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     write_report(results, out, {m: model_cache.root for m, model_cache in caches.items()}, grid_columns)
     generated = {path for model_cache in set(caches.values()) for path in model_cache.generated}
     return {**results, "generated": sorted(generated)}
+
+
+def trained_resolution(finetuned) -> Optional[int]:
+    """The image side a finetuned model's run sampled at (its model.resolution: an export records it, a training
+    checkpoint's settings hold it); None where it used the model's own size, or nothing says."""
+    from fastfair.checkpoint import trained_settings
+    from fastfair.export import export_info
+
+    if not finetuned:
+        return None
+    if finetuned_kind(finetuned) == "export":
+        return export_info(finetuned).get("resolution")
+    return ((trained_settings(finetuned) or {}).get("model") or {}).get("resolution")
 
 
 def evaluation_device(device: Optional[str] = None) -> str:
@@ -271,7 +289,8 @@ def _base_settings(model, model_config, num_steps, seed, dtype, resolution) -> d
     """What the base model's cached images depend on (fastfair.evaluation.cache.ImageCache): another value
     regenerates them. The files' fingerprints, not only their paths: new weights under the same path must not
     reuse old images."""
-    settings = {"model": canonical_path(model), "steps": num_steps, "seed": seed, "dtype": dtype, "resolution": resolution,
+    settings = {"model": canonical_path(model), "steps": num_steps, "seed": seed, "dtype": dtype,
+                "resolution": resolution,
                 "model_files": weight_fingerprint(resolve_model(model))}
     if model_config:  # a single-file model's architecture: another one gives other images from the same weights
         settings.update(model_config=canonical_path(model_config), model_config_files=weight_fingerprint(model_config))
@@ -436,6 +455,8 @@ def evaluation_parser(description: str, finetuned: bool = True) -> argparse.Argu
                              "60 / 80 / 160 images for K = 2 / 4 / 8 classes, the largest count generated)")
     parser.add_argument("--guidance-scales", default="7.5", help="comma-separated, e.g. 3,5,7.5,10")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--resolution", type=int, help="image side in pixels (default: the finetuned run's "
+                        "model.resolution, as its checkpoint or export records it, else the model's own size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--detector", default="opencv",
@@ -490,7 +511,7 @@ def evaluate_options(args: argparse.Namespace) -> dict:
                    clip=args.clip, dino=args.dino, dtype=args.dtype, weights=args.weights, device=args.device,
                    grid_columns=args.grid_columns, fid_reference=args.fid_reference,
                    fid_inception=args.fid_inception, semantics=args.semantics, model_config=args.model_config,
-                   classifier_head=split_list(args.classifier_head))
+                   classifier_head=split_list(args.classifier_head), resolution=args.resolution)
     options.update({key: getattr(args, key) for key in ("finetuned", "base_images") if hasattr(args, key)})
     return options
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,7 @@ from fastfair.checkpoint import config_file, has_weights, list_checkpoints, load
 from fastfair.cli import file_instead_of_folder
 from fastfair.config import load_config
 from fastfair.files import plain_mode
+from fastfair.pipeline_folder import save_pipeline_folder
 
 PREFIX_TOKEN = "<fastfair-prefix>"
 EXPORT_INFO = "fastfair_export.json"
@@ -55,7 +57,9 @@ def export_contents(folder, flag: str = "--lora"):
 def _peft_to_diffusers(weights: dict, part: str) -> dict:
     """{'<part>.<module>.lora_A.default.weight': t} -> {'<module>.lora_A.weight': t} for one model part."""
     start = part + "."
-    return {name[len(start):].replace(".default.", "."): t for name, t in weights.items() if name.startswith(start)}
+    # '.default' ends an embedding LoRA's names (lora_embedding_A.default) and is inside the others'
+    return {re.sub(r"\.default(?=\.|$)", "", name[len(start):]): t for name, t in weights.items()
+            if name.startswith(start)}
 
 
 def _lora_metadata(lora, modules) -> dict:
@@ -139,6 +143,7 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
     info = {"guidance_scale": sampler.guidance_scale,
             # a run drawing its step count per iteration: its num_steps, within the range (as the demo evaluates)
             "num_steps": steps,
+            "resolution": cfg.model.resolution,  # the side it sampled at; null: the model's own
             "target": target, "model": cfg.model.pretrained, "checkpoint": str(checkpoint_dir.resolve()),
             "weights": weights}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
@@ -185,7 +190,8 @@ def merged_export(checkpoint_dir, out, weights: str = "ema", model: Optional[str
                                        if getattr(pipe, name) is not None], lora_scale=1.0)
             pipe.unload_lora_weights()
         pipe.to(dtype=torch_dtype(dtype))
-        pipe.save_pretrained(out, safe_serialization=True)
+        # the layout every transformers major reads (transformers 5's own left a 4.x text encoder random)
+        save_pipeline_folder(pipe, str(out))
     info.update(merged=True, model=str(model), prompt_prefix=prefix)
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
     plain_mode(*(f for f in out.rglob("*") if f.is_file()))

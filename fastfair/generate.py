@@ -41,13 +41,15 @@ def prompt_folders(out, prompt: Union[str, Sequence[str]]) -> list:
 
 def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, out, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
-             model_config=None, batch_size: Optional[int] = DEFAULT_BATCH) -> list:
+             model_config=None, batch_size: Optional[int] = DEFAULT_BATCH,
+             resolution: Optional[int] = None) -> list:
     """num_images images of `prompt` (a string, or a list of prompts: each in its own folder, `prompt_folders`)
     from the model with the exported weights (None: the base model); returns the PNG paths, prompt by prompt.
-    steps / guidance: None takes what the export records its run sampled with (`fastfair.export.export_info`),
-    else 20 / 7.5. model_config: the diffusers folder of a single-file model's architecture. batch_size: images
-    per pipeline call (None: all at once); each image's noise is the same whatever it is (module docstring).
-    Prompts are stripped of spaces at their ends (CLIP's tokenizer drops them; the noise would not)."""
+    steps / guidance / resolution (the image side in pixels): None takes what the export records its run sampled
+    with (`fastfair.export.export_info`), else 20 / 7.5 / the model's own size. model_config: the diffusers folder
+    of a single-file model's architecture. batch_size: images per pipeline call (None: all at once); each image's
+    noise is the same whatever it is (module docstring). Prompts are stripped of spaces at their ends (CLIP's
+    tokenizer drops them; the noise would not)."""
     from tqdm.auto import tqdm
 
     model_path = resolve_model(model)
@@ -55,14 +57,16 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     exported_by = lora if lora else model_path
     recorded = export_info(exported_by) if Path(exported_by).is_dir() else {}
     taken = [f"{flag} {recorded[key]}" for flag, key, given in (("--steps", "num_steps", steps),
-                                                                ("--guidance", "guidance_scale", guidance))
-             if given is None and key in recorded]
+                                                                ("--guidance", "guidance_scale", guidance),
+                                                                ("--resolution", "resolution", resolution))
+             if given is None and recorded.get(key) is not None]
     if taken:  # a run debiased at one guidance scale is not at another
         print(f"{' and '.join(taken)}: as the run trained ({exported_by}/{EXPORT_INFO}); give the flag for another",
               file=sys.stderr)  # stdout lists the images written, one path a line
     exported = guidance is None and "guidance_scale" in recorded  # a refusal names where the value came from
     steps = steps if steps is not None else int(recorded.get("num_steps", DEFAULT_STEPS))
     guidance = guidance if guidance is not None else float(recorded.get("guidance_scale", DEFAULT_GUIDANCE))
+    resolution = resolution if resolution is not None else recorded.get("resolution")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"--prompt: expected one or more non-empty prompts, got {prompts!r}")
@@ -90,6 +94,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
         raise ValueError(f"--steps {steps}: expected at least 1 sampling step")
     if seed < 0:
         raise ValueError(f"--seed {seed}: expected a seed >= 0")
+    if resolution is not None and resolution < 1:
+        raise ValueError(f"--resolution {resolution}: expected an image side in pixels >= 1")
     if not math.isfinite(guidance) or guidance < 1:
         if exported:  # the user gave no --guidance: a run trained before fastfair required >= 1
             raise ValueError(f"{exported_by}/{EXPORT_INFO} records guidance_scale {guidance}, the run's, which "
@@ -121,7 +127,11 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     # a merged prefix export's token: its prompts start with it, as in training
     prefix = merged_prompt_prefix(model_path) + (load_into_pipeline(pipe, lora) if lora else "")
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
-    shape = (parts.unet.config.in_channels, *latent_size(parts.unet.config))
+    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    if resolution is not None and resolution % scale:  # the decoded images would be another size
+        raise ValueError(f"--resolution {resolution}: not a multiple of the VAE's factor {scale}")
+    latent = (resolution // scale,) * 2 if resolution else latent_size(parts.unet.config)
+    shape = (parts.unet.config.in_channels, *latent)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -138,7 +148,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
                 noise = paired_noise(seed, text, indices, shape).to(device, parts.unet.dtype)
                 try:
                     images = pipe(prefix + text, num_images_per_prompt=len(indices), num_inference_steps=steps,
-                                  guidance_scale=guidance, latents=noise).images
+                                  guidance_scale=guidance, latents=noise, height=latent[0] * scale,
+                                  width=latent[1] * scale).images
                 except RuntimeError as error:  # torch's out-of-memory errors, CUDA's a subclass
                     if "out of memory" not in str(error) and "can't allocate memory" not in str(error):
                         raise
@@ -170,6 +181,8 @@ def main(argv=None) -> None:
                         help=f"sampling steps (default: the run's, as the export records it, else {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
                         f"run's, as the export records it, else {DEFAULT_GUIDANCE})")
+    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the run's "
+                        "model.resolution, as the export records it, else the model's own size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
@@ -186,7 +199,7 @@ def main(argv=None) -> None:
         prompts = args.prompt[0] if len(args.prompt) == 1 else args.prompt
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for path in generate(args.model, args.lora, prompts, args.num_images, args.out, args.steps, args.guidance,
-                         args.seed, args.dtype, device, args.model_config, args.batch_size):
+                         args.seed, args.dtype, device, args.model_config, args.batch_size, args.resolution):
         print(path)
 
 

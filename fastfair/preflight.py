@@ -155,7 +155,8 @@ class Preflight:
             lines.append(f"memory       peak {_gib(self.peak_memory)}{held}{of} (the most on any process)")
             if self.memory_plans:
                 plans = "; ".join(f"{steps} steps{self._differentiated(steps)}: {graphs} graphs, {attention} "
-                                  "attention outputs" for steps, (graphs, attention) in sorted(self.memory_plans.items()))
+                                  "attention outputs"
+                                  for steps, (graphs, attention) in sorted(self.memory_plans.items()))
                 lines.append(f"keeps        (sampler.memory_budget_gb) {plans}")
             per = self.seconds_per_iteration
             at = f" (scaled to {(low + high) / 2:g} steps)" if low != high else ""

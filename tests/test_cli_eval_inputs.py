@@ -828,3 +828,32 @@ def test_manifest_writers_never_rename_each_others_temp_file(tmp_path):
         writer.join()
     assert not failures and json.loads((tmp_path / MANIFEST).read_text())["index"] == 199
     assert sorted(path.name for path in tmp_path.iterdir()) == [MANIFEST]
+
+
+def test_a_run_trained_at_model_resolution_is_generated_and_evaluated_at_it(tmp_path):
+    """model.resolution: the export records it, and generate and evaluate sample at it (they sampled at the U-Net's
+    own size, not as the run trained); a flag gives another."""
+    import yaml
+    from PIL import Image
+
+    from fastfair.export import export, export_info
+    from fastfair.generate import generate
+
+    checkpoint = _toy_checkpoint(tmp_path / "run")
+    settings = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    settings["model"]["resolution"] = 16  # the toy model's own is 32
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(settings))
+    exported = export(checkpoint, tmp_path / "export")
+    assert export_info(exported)["resolution"] == 16
+    (path,) = generate("toy", str(exported), "a photo of the face of a nurse, a person", 1, tmp_path / "gen", steps=1)
+    assert Image.open(path).size == (16, 16)
+    (path,) = generate("toy", str(exported), "a photo of the face of a nurse, a person", 1, tmp_path / "gen32",
+                       steps=1, resolution=32)
+    assert Image.open(path).size == (32, 32)
+    for finetuned in (checkpoint, exported):
+        result = run(tmp_path / f"eval_{finetuned.name}", finetuned=finetuned)
+        image = result["guidance"]["3"]["finetuned"]["images"][PROMPT][0]
+        assert Image.open(tmp_path / f"eval_{finetuned.name}" / "images" / image).size == (16, 16)
+        assert result["settings"]["resolution"] == 16
+    with pytest.raises(ValueError, match=r"--resolution 18: .*a multiple of the VAE's factor 4"):
+        run(tmp_path / "odd", finetuned=checkpoint, resolution=18)

@@ -82,6 +82,11 @@ def test_a_merged_export_is_the_training_model_without_adapters(tmp_path, world,
 
     trainer, ckpt = _trained(tmp_path, world, target)
     export_main([str(ckpt), "--out", str(tmp_path / "merged"), "--merged"])
+    # the layout transformers 4 reads too (5's own: unprefixed text-encoder keys, which 4 leaves at random init,
+    # and no tokenizer vocabulary files, without which 4 cannot build the tokenizer)
+    assert all(key.startswith("text_model.") for key in load_file(str(tmp_path / "merged" / "text_encoder" /
+                                                                      "model.safetensors")))
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "merged" / "tokenizer"))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True)
     assert pipe.safety_checker is None and type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert not [name for name, _ in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]
@@ -519,3 +524,17 @@ def test_generate_names_its_outputs_and_inputs_problems(tmp_path, world, monkeyp
     with pytest.raises(ValueError, match=r"--batch-size 8: out of memory sampling 8 images at once .*give a smaller "
                                          r"--batch-size"):
         main(["--model", str(world["sd"]), "--prompt", "a cook", "--num-images", "9", "--out", str(tmp_path / "m")])
+
+
+def test_an_embedding_lora_is_exported_under_the_names_diffusers_reads():
+    """peft names an embedding's LoRA ...lora_embedding_A.default (no trailing part): '.default' was left on it, and
+    diffusers dropped the adapter with a warning."""
+    from fastfair.export import _peft_to_diffusers
+
+    weights = {"text_encoder.text_model.embeddings.token_embedding.lora_embedding_A.default": torch.zeros(1),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.default.weight": torch.zeros(1),
+               "unet.down_blocks.0.attn.to_q.lora_B.default.weight": torch.zeros(1)}
+    assert sorted(_peft_to_diffusers(weights, "text_encoder")) == [
+        "text_model.embeddings.token_embedding.lora_embedding_A",
+        "text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert list(_peft_to_diffusers(weights, "unet")) == ["down_blocks.0.attn.to_q.lora_B.weight"]

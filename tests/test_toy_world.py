@@ -8,7 +8,8 @@ import torch
 from fastfair.toy import captions
 from fastfair.toy.augment import random_blur
 from fastfair.toy.detector import STRIDE, decode_boxes, detection_targets
-from fastfair.toy.tokenizer import build_tokenizer, save_tokenizer, words_of
+from fastfair.pipeline_folder import save_tokenizer
+from fastfair.toy.tokenizer import build_tokenizer, words_of
 from fastfair.toy.world import ATTRIBUTES, SKIN_TONES, draw_portraits, draw_random_portraits
 
 
@@ -131,7 +132,7 @@ def test_text_encoder_file_uses_the_layout_every_transformers_reads(tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from fastfair.toy import WEIGHTS_DIR
-    from fastfair.toy.models import prefix_text_encoder_keys
+    from fastfair.pipeline_folder import prefix_text_encoder_keys
 
     shipped = load_file(os.path.join(WEIGHTS_DIR, "pipeline", "text_encoder", "model.safetensors"))
     assert shipped and all(name.startswith("text_model.") for name in shipped)

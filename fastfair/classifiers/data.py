@@ -74,8 +74,8 @@ def _check_distinct(header: Sequence[str], source: str) -> None:
             continue
         first = seen.setdefault(_header_key(name), index)
         if first != index:
-            raise ValueError(f"{source}: columns {header[first]!r} and {name!r} are one name (column names match ignoring "
-                             "case and surrounding spaces); rename or delete one")
+            raise ValueError(f"{source}: columns {header[first]!r} and {name!r} are one name (column names match "
+                             "ignoring case and surrounding spaces); rename or delete one")
 
 
 def read_label_table(path: str) -> LabelTable:

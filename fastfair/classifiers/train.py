@@ -241,7 +241,8 @@ def save_state(path, args, classifier, optimizer, position, best, history, finge
                     "position": position, "best": best, "history": history, "rng": torch.get_rng_state(),
                     # dropout on a GPU draws from the device's generator
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-                    "config": {k: _as_compared(k, getattr(args, k)) for k in RESUME_KEYS}, "fingerprint": fingerprint}, temporary)
+                    "config": {k: _as_compared(k, getattr(args, k)) for k in RESUME_KEYS},
+                    "fingerprint": fingerprint}, temporary)
 
 
 def load_state(path, args, fingerprint):

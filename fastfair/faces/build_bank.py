@@ -295,8 +295,8 @@ def parse_args(argv=None):
                                                 "default ~/.insightface)")
     parser.add_argument("--no-flip", action="store_true", help="do not add the mirrored face's features")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--save-every", type=int, default=8, help="batches between progress saves (once the bank is large, a "
-                        "save also waits until it grew by 5%%: each rewrites it whole)")
+    parser.add_argument("--save-every", type=int, default=8, help="batches between progress saves (once the bank is "
+                        "large, a save also waits until it grew by 5%%: each rewrites it whole)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embeddings")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--restart", action="store_true", help="ignore a partial build and start over")

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from fastfair.testing import SD15_SCHEDULER
-from fastfair.toy.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
+from fastfair.pipeline_folder import save_pipeline_folder
+from fastfair.toy.tokenizer import MODEL_MAX_LENGTH
 
 IMAGE_SIZE = 32
 VAE_CONFIG = dict(
@@ -73,20 +74,9 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet):
 
 
 def save_pipeline(pipeline, folder: str) -> None:
-    """Write the diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    save_tokenizer(pipeline.tokenizer, os.path.join(folder, "tokenizer"))
-    prefix_text_encoder_keys(os.path.join(folder, "text_encoder", "model.safetensors"))
-
-
-def prefix_text_encoder_keys(path: str) -> None:
-    """Rewrite a CLIPTextModel weights file with its keys under ``text_model.``, the layout every transformers
-    reads: 5.x writes them unprefixed, and 4.x then leaves the whole encoder at its random init with a warning."""
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(path)
-    if not all(name.startswith("text_model.") for name in weights):
-        save_file({"text_model." + name: tensor for name, tensor in weights.items()}, path, metadata={"format": "pt"})
+    """Write the diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), readable
+    under transformers 4 and 5 (`fastfair.pipeline_folder`)."""
+    save_pipeline_folder(pipeline, folder)
 
 
 def load_pipeline(folder: str, dtype: Optional[torch.dtype] = None):

@@ -6,13 +6,14 @@ marker ``</w>``), a chain of merges per toy word (``d o`` -> ``do``, ``do c`` ->
 tokenizes (into characters), as with CLIP. Saved with ``vocab.json`` + ``merges.txt`` (read by the
 slow ``CLIPTokenizer`` of older transformers) and the fast tokenizer's files.
 """
-import json
 import os
 import re
 import tempfile
 from typing import Dict, Iterable, List, Tuple
 
 from tokenizers import pre_tokenizers
+
+from fastfair.pipeline_folder import write_vocab_and_merges
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -75,21 +76,6 @@ def build_tokenizer(texts: Iterable[str]):
     if int(transformers.__version__.split(".")[0]) >= 5:
         return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
     with tempfile.TemporaryDirectory() as folder:  # transformers 4 builds it from vocab.json and merges.txt
-        _write_vocab_and_merges(folder, vocab, merges)
+        write_vocab_and_merges(folder, vocab, merges)
         return transformers.CLIPTokenizerFast(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
                                               model_max_length=MODEL_MAX_LENGTH)
-
-
-def _write_vocab_and_merges(folder: str, vocab: Dict[str, int], merges: Iterable) -> None:
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
-        json.dump(dict(sorted(vocab.items(), key=lambda item: item[1])), handle, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
-        handle.write("#version: 0.2\n" + "".join(" ".join(m) + "\n" if not isinstance(m, str) else m + "\n"
-                                                for m in merges))
-
-
-def save_tokenizer(tokenizer, folder: str) -> None:
-    """save_pretrained, plus vocab.json and merges.txt for tokenizers without the fast backend."""
-    tokenizer.save_pretrained(folder)
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    _write_vocab_and_merges(folder, tokenizer.get_vocab(), merges)
