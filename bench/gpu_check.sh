@@ -136,7 +136,11 @@ judge_bench() {
 }
 
 step "device"
-device || { echo "$OUT/device.txt: no usable CUDA device: nothing below can run" >&2; exit 1; }
+if ! device; then
+  echo "no usable CUDA device: nothing below can run" | tee -a "$OUT/failed.txt" >&2
+  bash bench/gpu_summary.sh "$OUT"
+  exit 1
+fi
 run_step "build fastfair._C with CUDA (log: $OUT/build_native.log)" build_native
 run_step "kernel and engine tests on CUDA (log: $OUT/tests_kernels.log)" cuda_tests
 run_step "kernel benchmark (log: $OUT/kernels.log)" kernel_bench

@@ -413,7 +413,9 @@ def _read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
         try:
             expected = json.loads(recorded)
         except ValueError:
-            raise damaged("its recorded checksums cannot be read") from None
+            expected = None
+        if not isinstance(expected, dict):
+            raise damaged("its recorded checksums cannot be read")
         actual = tensor_checksums(tensors)
         failing = sorted(name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name))
         if failing:

@@ -112,7 +112,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config, shared)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
-    resolution = resolution if resolution is not None else trained_resolution(finetuned)
+    resolution = resolution if resolution is not None else trained_resolution(finetuned, model)
     if resolution is not None and (resolution < 1 or resolution % scale):  # decoded images of another size
         raise ValueError(f"--resolution {resolution}: expected an image side in pixels, a multiple of the VAE's "
                          f"factor {scale}")
@@ -180,14 +180,16 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     return {**results, "generated": sorted(generated)}
 
 
-def trained_resolution(finetuned) -> Optional[int]:
+def trained_resolution(finetuned, model: Optional[str] = None) -> Optional[int]:
     """The image side a finetuned model's run sampled at (its model.resolution: an export records it, a training
-    checkpoint's settings hold it); None where it used the model's own size, or nothing says."""
+    checkpoint's settings hold it; without a finetuned model, a model written by ``export --merged`` records its
+    own); None where it used the model's own size, or nothing says."""
     from fastfair.checkpoint import trained_settings
     from fastfair.export import export_info
 
     if not finetuned:
-        return None
+        folder = resolve_model(model) if model else None
+        return export_info(folder).get("resolution") if folder and Path(folder).is_dir() else None
     if finetuned_kind(finetuned) == "export":
         return export_info(finetuned).get("resolution")
     return ((trained_settings(finetuned) or {}).get("model") or {}).get("resolution")

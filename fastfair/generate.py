@@ -128,8 +128,10 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     prefix = merged_prompt_prefix(model_path) + (load_into_pipeline(pipe, lora) if lora else "")
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
     scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    if resolution is not None and resolution % scale:  # the decoded images would be another size
-        raise ValueError(f"--resolution {resolution}: not a multiple of the VAE's factor {scale}")
+    multiple = math.lcm(scale, 8)  # the VAE's factor, and diffusers' pipeline takes sides divisible by 8 only
+    if resolution is not None and resolution % multiple:
+        raise ValueError(f"--resolution {resolution}: not a multiple of {multiple} (the VAE's factor {scale}, and the "
+                         "pipeline's 8)")
     latent = (resolution // scale,) * 2 if resolution else latent_size(parts.unet.config)
     shape = (parts.unet.config.in_channels, *latent)
     try:

@@ -340,7 +340,11 @@ def test_a_resume_across_the_merge_of_integer_spellings_says_the_tables_need_not
     assert "leading zeros ('07', '7') as one class (2026-11-30): the tables need not have changed" in \
         fingerprint_changes(then, now)[0]
     other = fingerprint_changes(fingerprint(("1", "2"), [0, 1, 1]), fingerprint(("1", "3"), [0, 1, 1]))
-    assert other and "leading zeros" not in other[0]  # another change of classes: no such explanation
+    assert other and "leading zeros" not in other[0] and "ignoring case" not in other[0]  # no such explanation
+    # saved when classes sorted by their first spelling ('White' before 'black'); now sorted ignoring case
+    resorted = fingerprint_changes(fingerprint(("Asian", "White", "black"), [0, 1, 2]),
+                                   fingerprint(("Asian", "black", "White"), [0, 2, 1]))
+    assert "fastfair now sorts class names ignoring case (2026-12-02)" in resorted[0]
 
 
 def test_a_large_seed_and_spaced_attribute_names_train(dataset, tmp_path):

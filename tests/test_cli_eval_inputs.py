@@ -857,3 +857,10 @@ def test_a_run_trained_at_model_resolution_is_generated_and_evaluated_at_it(tmp_
         assert result["settings"]["resolution"] == 16
     with pytest.raises(ValueError, match=r"--resolution 18: .*a multiple of the VAE's factor 4"):
         run(tmp_path / "odd", finetuned=checkpoint, resolution=18)
+    with pytest.raises(ValueError, match=r"--resolution 20: not a multiple of 8 \(the VAE's factor 4, and the "
+                                         r"pipeline's 8\)"):  # diffusers' own refusal came after the model loaded
+        generate("toy", str(exported), "a cook", 1, tmp_path / "gen20", steps=1, resolution=20)
+    from fastfair.export import merged_export
+
+    merged = merged_export(checkpoint, tmp_path / "merged")  # its own record, read when it is the --model
+    assert run(tmp_path / "eval_merged", model=merged)["settings"]["resolution"] == 16

@@ -180,3 +180,16 @@ def test_judges_crop_as_their_classifier_was_trained():
 
     assert AttributeClassifier(head_from_names(["gender"]), "small_cnn", input_size=32, width=4).antialias
     assert not ToyClassifier("toy_resnet", {}).antialias
+
+
+def test_each_antialiased_crop_is_what_it_would_be_alone_whatever_else_is_in_the_batch():
+    """One box's crop does not depend on the others: a face beside a faceless image (whose box is the whole image
+    with its margin, 768 px at 512) was upsampled to that size first, then shrunk, blurring it."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 512, 512, generator=generator) * 2 - 1
+    boxes = torch.tensor([[0.0, 20.0, 360.0, 380.0], [-128.0, -128.0, 640.0, 640.0], [100.0, 90.0, 200.0, 190.0]])
+    together = crop_boxes(images, boxes, 224, antialias=True)
+    for i in range(3):
+        alone = crop_boxes(images[i:i + 1], boxes[i:i + 1], 224, antialias=True)
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=1e-6)
+    assert torch.equal(together[2:], crop_boxes(images[2:], boxes[2:], 224))  # no shrink: sampled, as before

@@ -206,13 +206,21 @@ def _examples(files: List[str]) -> str:
     return ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
 
 
+def _why(old, new) -> str:
+    """Where fastfair's reading of class names changed since a state was saved: the tables need not have."""
+    if len({class_key(c) for c in old.classes}) < len(old.classes):
+        return (" because fastfair now reads names that differ only by an integer's leading zeros ('07', '7') as "
+                "one class (2026-11-30): the tables need not have changed")
+    if sorted(old.classes, key=class_key) == list(new.classes):
+        return (" because fastfair now sorts class names ignoring case (2026-12-02): the tables need not have "
+                "changed; train afresh (another --out) for the new order")
+    return ""
+
+
 def fingerprint_changes(stored: dict, current: dict) -> List[str]:
     """How the data of ``current`` differ from ``stored`` (``data_fingerprint``s), in words; [] when they agree."""
     old_head, new_head = AttributeHead.from_json(stored["head"]), AttributeHead.from_json(current["head"])
-    changes = [f"classes of {old.name} differ (then {list(old.classes)}, now {list(new.classes)})" + (
-               " because fastfair now reads names that differ only by an integer's leading zeros ('07', '7') as "
-               "one class (2026-11-30): the tables need not have changed"
-               if len({class_key(c) for c in old.classes}) < len(old.classes) else "")
+    changes = [f"classes of {old.name} differ (then {list(old.classes)}, now {list(new.classes)})" + _why(old, new)
                for old, new in zip(old_head.attributes, new_head.attributes) if old.classes != new.classes]
     if (stored["files"] == current["files"] and stored["train"] == current["train"]
             and torch.equal(stored["labels"].long(), current["labels"].long())):

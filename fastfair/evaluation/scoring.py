@@ -71,7 +71,8 @@ def attribute_sets(classes: Dict[str, Sequence[str]], targets: Dict[str, Sequenc
                 or min(target) < 0):  # NaN passes both comparisons
             raise ValueError(f"--target {name}: expected {count} probabilities ({cells}) >= 0 summing to 1, got "
                              f"{list(target)}")
-        return target
+        # rescaled to sum to 1 (within float64 rounding): products of targets a rounding off 1 each drift further
+        return tuple(p / math.fsum(target) for p in target)
 
     tables = {names: np.asarray(checked(",".join(names), probs, math.prod(len(classes[n]) for n in names),
                                         "cells " + ", ".join("/".join(c) for c in itertools.product(

@@ -40,11 +40,13 @@ def warp_affine(images: torch.Tensor, matrices: torch.Tensor, out_size: Union[in
     return (warped + fill).to(images.dtype)
 
 
-def box_matrices(boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, 4] boxes (x0, y0, x1, y1, continuous coordinates) -> [N, 2, 3] maps from a size x size output."""
+def box_matrices(boxes: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torch.Tensor:
+    """[N, 4] boxes (x0, y0, x1, y1, continuous coordinates) -> [N, 2, 3] maps from a size x size (or h x w)
+    output."""
     boxes = boxes.detach().to(torch.float64)
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     x0, y0, x1, y1 = boxes.unbind(-1)
-    sx, sy = (x1 - x0) / size, (y1 - y0) / size
+    sx, sy = (x1 - x0) / out_w, (y1 - y0) / out_h
     zero = torch.zeros_like(sx)
     # output index u covers [u, u + 1) of the box frame: its centre u + 0.5 lands at x0 + (u + 0.5) * sx
     tx, ty = x0 + 0.5 * sx - 0.5, y0 + 0.5 * sy - 0.5
@@ -63,18 +65,27 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill:
     read ``fill`` (-1: black, as the public code padded). Returns [N, 3, size, size].
     antialias: shrink as PIL and torchvision resize a picture (each output pixel averages the box pixels it
     covers), as a classifier trained on resized pictures saw its inputs; else sample bilinearly (a box larger
-    than the output is aliased). Done as a crop at about the largest box's own resolution (at most
-    ANTIALIAS_LIMIT x size), then ``F.interpolate(antialias=True)`` (in float32 at least: the CPU has it for no
-    half type).
+    than the output is aliased). A box larger than the output is cropped at about its own resolution (at most
+    ANTIALIAS_LIMIT x size), then shrunk by ``F.interpolate(antialias=True)`` (in float32 at least: the CPU has
+    it for no half type), one box at a time: each crop is what it would be alone, whatever else is in the batch
+    (a shared size would upsample the smaller boxes first, blurring them).
     """
     check_images(images)
     if boxes.shape != (images.shape[0], 4):
         raise ValueError(f"boxes must be [N, 4] with N = {images.shape[0]}, got {tuple(boxes.shape)}")
-    side = float((boxes[:, 2:] - boxes[:, :2]).max()) if len(boxes) else 0.0
-    if not antialias or side <= size:
+    sides = (boxes[:, 2:] - boxes[:, :2]).detach().to(torch.float64).cpu()  # [N, 2]: width, height
+    shrunk = [i for i in range(len(boxes)) if antialias and bool((sides[i] > size).any())]
+    if not shrunk:
         return warp_affine(images, box_matrices(boxes, size), size, fill)
-    inner = min(math.ceil(side), ANTIALIAS_LIMIT * size)
+    crops = [None] * len(boxes)
+    sampled = [i for i in range(len(boxes)) if i not in set(shrunk)]
+    if sampled:
+        for i, crop in zip(sampled, warp_affine(images[sampled], box_matrices(boxes[sampled], size), size, fill)):
+            crops[i] = crop
     work = images.to(torch.promote_types(images.dtype, torch.float32))
-    crops = warp_affine(work, box_matrices(boxes, inner), inner, fill)
-    return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False).to(images.dtype)
+    for i in shrunk:
+        inner = tuple(min(max(math.ceil(side), size), ANTIALIAS_LIMIT * size) for side in sides[i].tolist()[::-1])
+        crop = warp_affine(work[i:i + 1], box_matrices(boxes[i:i + 1], inner), inner, fill)
+        crops[i] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                                 align_corners=False)[0].to(images.dtype)
+    return torch.stack(crops)

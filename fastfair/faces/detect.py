@@ -62,7 +62,7 @@ def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
     if largest > OUT_OF_RANGE:
         raise ValueError(f"images must be in [-1, 1] (pixels p as p / 127.5 - 1), got values up to {largest:g} in "
                          "magnitude: 0..255 pixels?")
-    pixels = ((values.nan_to_num(0.0).clamp(-1, 1) + 1) * 127.5).round()
+    pixels = ((values.nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp(-1, 1) + 1) * 127.5).round()
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
