@@ -314,7 +314,10 @@ class Trainer:
         use_original = found & orig_found & (keep_confidence is not None)
         for group in self.groups:
             log_p = group.log_probs(logits)
-            q = global_expected_ot_targets(log_p.detach().exp().double(), group.target, valid=found,
+            # a diverged step's images (non-finite probabilities) take no part in the targets: their loss is NaN,
+            # and the step is skipped (a whole-image detector finds a face even in them)
+            valid = found & torch.isfinite(log_p.detach()).all(-1)
+            q = global_expected_ot_targets(log_p.detach().exp().double(), group.target, valid=valid,
                                            num_samples=self.cfg.loss.ot_samples, generator=self._ot_generator)
             align = align + alignment_loss(log_p, q.to(log_p), self.cfg.loss.confidence_threshold, mask=found,
                                            reduction="none")

@@ -77,6 +77,25 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, world):
     assert trainer.skipped == 1 and torch.equal(prefix.detach(), before)
 
 
+def test_a_diverged_step_is_skipped_also_where_a_whole_image_detector_finds_a_face_in_it(tmp_path, world):
+    """faces.detector=none takes every image as a face, NaN ones too: their probabilities reached the alignment
+    targets, which raised (the run died) instead of the step being skipped."""
+    cfg = load_config(write_config(tmp_path, world, "unet_lora"), ["faces.detector=none"])
+    trainer = Trainer(cfg)
+    calls = []
+
+    def diverge(module, args, out):  # the 2nd step of the finetuned (graph-building) sampling pass
+        calls.append(torch.is_grad_enabled())
+        if len(calls) == 5:
+            out.sample[:] = float("nan")
+        return out
+    trainer.model.unet.register_forward_hook(diverge)
+    before = {name: p.detach().clone() for name, p in trainer.model.trainable.items()}
+    trainer.iteration(0)
+    assert trainer.skipped == 1
+    assert all(torch.equal(p.detach(), before[name]) for name, p in trainer.model.trainable.items())
+
+
 def _deepspeed_json(tmp_path, **settings):
     import json
 
