@@ -130,8 +130,10 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     multiple = math.lcm(scale, 8)  # the VAE's factor, and diffusers' pipeline takes sides divisible by 8 only
     if resolution is not None and resolution % multiple:
-        raise ValueError(f"--resolution {resolution}: not a multiple of {multiple} (the VAE's factor {scale}, and the "
-                         "pipeline's 8)")
+        where = (f"{exported_by}/{EXPORT_INFO} records the run's model.resolution {resolution}"
+                 if "--resolution" in " ".join(taken) else f"--resolution {resolution}")
+        raise ValueError(f"{where}: not a multiple of {multiple} (the VAE's factor {scale}, and the pipeline's 8); "
+                         "give --resolution N, a multiple of it")
     latent = (resolution // scale,) * 2 if resolution else latent_size(parts.unet.config)
     shape = (parts.unet.config.in_channels, *latent)
     try:

@@ -864,3 +864,9 @@ def test_a_run_trained_at_model_resolution_is_generated_and_evaluated_at_it(tmp_
 
     merged = merged_export(checkpoint, tmp_path / "merged")  # its own record, read when it is the --model
     assert run(tmp_path / "eval_merged", model=merged)["settings"]["resolution"] == 16
+    settings["model"]["resolution"] = 12  # trains (a multiple of the toy VAE's 4), but the pipeline takes 8s only
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(settings))
+    twelve = export(checkpoint, tmp_path / "export12")
+    with pytest.raises(ValueError, match=r"export12/fastfair_export.json records the run's model.resolution 12: not "
+                                         r"a multiple of 8 .*give --resolution N"):
+        generate("toy", str(twelve), "a cook", 1, tmp_path / "gen12", steps=1)
