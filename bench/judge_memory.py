@@ -139,6 +139,8 @@ def main(argv=None) -> None:
 def write_report(results: list, args, argv, resolution: int) -> None:
     """The JSON and Markdown files of the runs so far, each replaced whole (a run stopped mid-write keeps the
     last report)."""
+    from fastfair.files import atomic_path
+
     meta = {"device": results[0]["device"], "device_name": results[0].get("device_name"), "model": args.model,
             "resolution": resolution, "date": time.strftime("%Y-%m-%d")}
     command = " ".join(shlex.quote(a) for a in ["python", "bench/judge_memory.py", *(argv or sys.argv[1:])])
@@ -147,9 +149,8 @@ def write_report(results: list, args, argv, resolution: int) -> None:
                        (os.path.splitext(args.json)[0] + ".md",
                         f"Command: `{command}`\n\nDevice: {name}; model {args.model} at {resolution}x{resolution} "
                         f"pixels; {meta['date']}.\n\n{markdown(results)}\n")):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        with atomic_path(path) as temporary:
+            Path(temporary).write_text(text)
 
 
 if __name__ == "__main__":

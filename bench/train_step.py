@@ -73,6 +73,7 @@ from _memory import PeakMemory, worker_env  # noqa: E402
 from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 from baseline import baseline_iteration, checkpointed, set_classic_attention  # noqa: E402
 from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
+from fastfair.files import atomic_path  # noqa: E402
 
 IMPLS = ("baseline_sdpa", "baseline", "fastfair", "fastfair_k5", "fastfair_fast")
 PROMPT = "a photo of the face of a doctor"
@@ -612,9 +613,8 @@ def write_report(runs: list, sweep: list, args, argv, flops_info: dict, impls: l
         for path, text in ((args.json, json.dumps({"device": meta["device"], "meta": meta, "results": rows,
                                                     "sweep": sweep, "runs": runs}, indent=1)),
                            (os.path.splitext(args.json)[0] + ".md", f"Command: `{command}`\n\n{table}\n")):
-            with open(path + ".tmp", "w") as f:  # replaced whole: a run stopped mid-write keeps the last report
-                f.write(text)
-            os.replace(path + ".tmp", path)
+            with atomic_path(path) as temporary:  # replaced whole: a run stopped mid-write keeps the last report
+                Path(temporary).write_text(text)
 
 
 def main(argv=None) -> None:

@@ -36,7 +36,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fastfair.files import NO_FILE_LOCKS, fsync_dir, fsync_file, plain_mode
 
@@ -403,10 +403,10 @@ def _read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
     def damaged(why: str) -> ValueError:  # checkpoints are written atomically: a bad file was damaged later
         return ValueError(f"{file}: {why}; the file is damaged or was cut off in a copy: copy it again, or use "
                           "another checkpoint of the run")
-    try:
-        tensors = load_file(str(file))
+    try:  # one read: the tensors and the metadata holding their checksums
         with safe_open(str(file), framework="pt") as handle:
             recorded = (handle.metadata() or {}).get(_CHECKSUMS)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except SafetensorError as error:
         raise damaged(f"cannot be read as safetensors ({error})") from None
     if recorded is not None:

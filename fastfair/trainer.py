@@ -360,8 +360,7 @@ class Trainer:
         if not hasattr(self.engine.optimizer, "overflow"):
             # the torch optimizer itself (ZeRO stage 0 without fp16/bf16): nothing of DeepSpeed's checks the
             # gradients, so a non-finite one would be applied (NaN weights and EMA)
-            finite = torch.tensor([float(all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
-                                             if p.grad is not None))], device=loss.device)
+            finite = torch.tensor([float(_finite_gradients(self.model.parameters()))], device=loss.device)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite.item():
                 self.engine.zero_grad()
@@ -386,7 +385,7 @@ class Trainer:
                 p.grad /= self.world
         if self.scaler is not None:  # the same reduced gradients on every rank: the same decision everywhere
             self.scaler.unscale_(self.optimizer)
-        return all(bool(torch.isfinite(p.grad).all()) for p in params)
+        return _finite_gradients(params)
 
     def _optimizer_step(self, finite: bool) -> None:
         """With a loss scaler its step (skipped on non-finite gradients) and its update: the scale backs off after
@@ -803,6 +802,11 @@ def _warn_version_changes(path, saved: Optional[dict]) -> None:
         listed = ", ".join(f"{name} {old} (now {new})" for name, (old, new) in changes.items())
         warnings.warn(f"resume={path} was saved under {listed}: the run continues, but from here it may differ from "
                       "one run under a single installation", stacklevel=3)
+
+
+def _finite_gradients(params) -> bool:
+    """Whether every gradient the parameters hold is finite (those without one: nothing to apply)."""
+    return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:

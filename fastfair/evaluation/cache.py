@@ -24,7 +24,6 @@ import fcntl
 import json
 import os
 import sys
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 from PIL import Image
 
 from fastfair.dft import sample
-from fastfair.files import NO_FILE_LOCKS, plain_mode
+from fastfair.files import NO_FILE_LOCKS, atomic_path
 from fastfair.image_files import read_rgb
 
 MANIFEST = "manifest.json"
@@ -152,15 +151,8 @@ def from_png(paths: Sequence[Path]) -> torch.Tensor:
 
 def _write_json(path: Path, data) -> None:
     """Write atomically through a temp file of this process's own (two writers never rename each other's)."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(json.dumps(data, indent=1, sort_keys=True))
-        plain_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(str(path)) as temporary:
+        Path(temporary).write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 @dataclass

@@ -74,11 +74,12 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill:
     if boxes.shape != (images.shape[0], 4):
         raise ValueError(f"boxes must be [N, 4] with N = {images.shape[0]}, got {tuple(boxes.shape)}")
     sides = (boxes[:, 2:] - boxes[:, :2]).detach().to(torch.float64).cpu()  # [N, 2]: width, height
-    shrunk = [i for i in range(len(boxes)) if antialias and bool((sides[i] > size).any())]
-    if not shrunk:
+    larger = (sides > size).any(-1).tolist() if antialias else [False] * len(boxes)
+    if not any(larger):
         return warp_affine(images, box_matrices(boxes, size), size, fill)
     crops = [None] * len(boxes)
-    sampled = [i for i in range(len(boxes)) if i not in set(shrunk)]
+    shrunk = [i for i, large in enumerate(larger) if large]
+    sampled = [i for i, large in enumerate(larger) if not large]
     if sampled:
         for i, crop in zip(sampled, warp_affine(images[sampled], box_matrices(boxes[sampled], size), size, fill)):
             crops[i] = crop
