@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .instance_forward import forwards_replaced
+from .kernels.host_copy import to_device
 
 
 def _attention_ops() -> FrozenSet:
@@ -114,7 +115,7 @@ class AttentionRecorder(TorchDispatchMode):
                                    f"the U-Net call's is {self.batch}; this U-Net's attention layout is not "
                                    "supported: set keep_attention_steps=0")
             if self.rows.device != args[0].device:  # moved once: the kernels of one call share a device
-                self.rows = self.rows.to(args[0].device)
+                self.rows = to_device(self.rows, args[0].device)
             rows = self.rows
             self.flops += attention_flops(*args[:3])
             self.kernels.append(func)
@@ -166,7 +167,7 @@ class AttentionReplay(TorchDispatchMode):
         calls = [r.calls[j] for r in self.recordings]
         if self.picked is not None:
             if self.picked.device != args[0].device:  # moved once: the kernels share a device
-                self.picked = self.picked.to(args[0].device)
+                self.picked = to_device(self.picked, args[0].device)
             calls = [tuple(_select_rows(t, self.picked) if _per_row(k, t) else t for k, t in enumerate(call))
                      for call in calls]
         joined = [_join_rows([call[k] for call in calls]) if _per_row(k, first) and len(calls) > 1

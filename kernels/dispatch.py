@@ -44,12 +44,13 @@ _FUNCTIONS = {
 }
 
 
-def unavailable_reason(backend: str, device_type: str) -> Optional[str]:
-    """None when ``backend`` can run on tensors of this device type, else a sentence saying why not."""
+def unavailable_reason(backend: str, device_type: str, index: Optional[int] = None) -> Optional[str]:
+    """None when ``backend`` can run on tensors of this device type (CUDA: on GPU ``index``, default the current
+    one), else a sentence saying why not."""
     if backend == "torch":
         return None
     if backend == "native":
-        return native.unavailable_reason(device_type)
+        return native.unavailable_reason(device_type, index)
     if backend == "triton":
         return triton_support.unavailable_reason(device_type)
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -82,12 +83,12 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None, dtype: 
         for candidate in AUTO_ORDER.get(device.type, ()):
             if candidate == "triton" and triton_support.interpreting():
                 continue  # the interpreter works on CUDA tensors too, but far slower than torch
-            if unavailable_reason(candidate, device.type) is None:
+            if unavailable_reason(candidate, device.type, device.index) is None:
                 if candidate == "triton" and _triton_steps_inexactly(dtype):
                     continue
                 return candidate
         return "torch"
-    reason = unavailable_reason(name, device.type)
+    reason = unavailable_reason(name, device.type, device.index)
     if reason is not None:
         raise RuntimeError(f"kernel backend {name!r} cannot run on {device.type} tensors: {reason}")
     return name

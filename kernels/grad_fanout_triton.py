@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_copy import to_device
 from .triton_support import LAUNCH_OPTIONS, block_size, on_device_of
 
 
@@ -35,11 +36,12 @@ def grad_fanout_kernel(g_ptr, coef_ptr, out_ptr, n_elements, n_coefs, COMPUTE: t
 
 
 @lru_cache(maxsize=256)
-def _coefficient_tensor(values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """The coefficients as a float64 tensor on the device, made once per list: a fresh torch.tensor(...,
-    device='cuda') copies from pageable host memory and so synchronizes the stream on every call (no CUDA graph
-    could hold it), while a training run repeats the same few lists (its chunks' scales) every iteration."""
-    return torch.tensor(values, dtype=torch.float64, device=device)
+def _coefficient_tensor(values: Tuple[float, ...], device: torch.device, stream: int) -> torch.Tensor:
+    """The coefficients as a float64 tensor on the device, made once per list and stream: a run with all steps
+    differentiated repeats the same few lists (its chunks' scales) every iteration, and a cached list needs no
+    copy (a CUDA graph can hold it). A new list (a random subset of steps, ``grad_steps``) is copied without a
+    synchronization (host_copy.py); keyed by stream, because that copy is ordered on the stream it was made on."""
+    return to_device(torch.tensor(values, dtype=torch.float64), device)
 
 
 def grad_fanout_triton(g: torch.Tensor, scales: List[float], branch_weights: List[float],
@@ -48,7 +50,8 @@ def grad_fanout_triton(g: torch.Tensor, scales: List[float], branch_weights: Lis
     ``fastfair.kernels.grad_fanout``."""
     n = g.numel()
     # Products in double, as the reference forms float(s) * float(w) before scaling g.
-    coefs = _coefficient_tensor(tuple(float(s) * float(w) for s in scales for w in branch_weights), g.device)
+    stream = torch.cuda.current_stream(g.device).cuda_stream if g.is_cuda else 0
+    coefs = _coefficient_tensor(tuple(float(s) * float(w) for s in scales for w in branch_weights), g.device, stream)
     compute = tl.float64 if g.dtype == torch.float64 else tl.float32
     block = block_size()
     with on_device_of(g):  # Triton launches on the current device, which need not be g's

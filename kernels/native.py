@@ -30,6 +30,7 @@ BUILD_HINT = ("build it with `FASTFAIR_BUILD_NATIVE=1 pip install --no-build-iso
               "or call fastfair.kernels.native.load(jit=True) from a source checkout")
 
 _state: Dict[str, object] = {"ops": None, "error": None, "tried_import": False, "has_cuda": None}
+_launch_problems: Dict[int, Optional[str]] = {}  # per GPU index: why this build's CUDA kernels fail there, or None
 
 
 def find_cuda_home() -> Optional[str]:
@@ -138,8 +139,32 @@ def load(jit: bool = False, verbose: bool = False):
     return _state["ops"]
 
 
-def unavailable_reason(device_type: str) -> Optional[str]:
-    """None when native kernels can run on tensors of this device type, else why not."""
+def _launch_problem(ops, device) -> Optional[str]:
+    """Why this build's kernels cannot run on ``device`` (a torch.device), or None, from one 4-element solver step
+    (once per GPU): a library compiled for other GPU architectures (the build machine's TORCH_CUDA_ARCH_LIST,
+    without PTX this GPU can compile) fails every launch with "no kernel image is available for execution on the
+    device"."""
+    import torch
+
+    z = torch.zeros(4, device=device)
+    try:
+        ops.solver_step_out(z, z, None, None, torch.empty_like(z), torch.empty_like(z), 1.0, 1.0, 0.0, 1.0, 0.0, 0.0)
+    except torch.cuda.OutOfMemoryError:
+        raise  # the device is full, not the build wrong
+    except RuntimeError as err:  # a launch error; not sticky, so the device stays usable for the other backends
+        first_line = (str(err).strip().splitlines() or ["?"])[0]
+        where = str(device)
+        if device.type == "cuda":
+            where = (f"{torch.cuda.get_device_name(device)} (compute capability "
+                     f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})")
+        return (f"fastfair._C's kernels do not run on {where}: {first_line}; rebuild it on this machine or with this "
+                "GPU in TORCH_CUDA_ARCH_LIST")
+    return None
+
+
+def unavailable_reason(device_type: str, index: Optional[int] = None) -> Optional[str]:
+    """None when native kernels can run on tensors of this device type (for CUDA: on GPU ``index``, default the
+    current one), else why not."""
     ops = load()
     if ops is None:
         return str(_state["error"])
@@ -150,5 +175,12 @@ def unavailable_reason(device_type: str) -> Optional[str]:
             _state["has_cuda"] = bool(ops.has_cuda())
         if not _state["has_cuda"]:
             return "fastfair._C was built without CUDA (building it needs a CUDA torch and nvcc); rebuild it"
-        return None
+        import torch
+
+        index = torch.cuda.current_device() if index is None else index
+        if index not in _launch_problems:
+            if torch.cuda.is_current_stream_capturing():
+                return None  # no probe inside a CUDA graph capture (it would be recorded); the first call outside decides
+            _launch_problems[index] = _launch_problem(ops, torch.device("cuda", index))
+        return _launch_problems[index]
     return f"there are no native kernels for {device_type} tensors"

@@ -26,7 +26,7 @@ def test_env_is_read_at_call_time_and_keyword_wins(monkeypatch):
 
 @pytest.mark.parametrize("native_reason, expected", [("not built", "torch"), (None, "native")])
 def test_auto_picks_fastest_available_quietly(monkeypatch, native_reason, expected):
-    monkeypatch.setattr(native, "unavailable_reason", lambda device_type: native_reason)
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type, index=None: native_reason)
     monkeypatch.delenv("FASTFAIR_KERNELS", raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -49,7 +49,7 @@ def test_float64_steps_avoid_a_triton_that_rounds_their_coefficients(monkeypatch
         elif version <= (3, 0):  # constraints-torch2.4.txt's does not
             assert not solver_step_triton.float64_scalars_exact()
     monkeypatch.setattr(solver_step_triton, "float64_scalars_exact", lambda: False)
-    monkeypatch.setattr(native, "unavailable_reason", lambda device_type: "not built")
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type, index=None: "not built")
     monkeypatch.setattr(dispatch.triton_support, "unavailable_reason", lambda device_type: None)
     monkeypatch.setattr(dispatch.triton_support, "interpreting", lambda: False)
     monkeypatch.delenv("FASTFAIR_KERNELS", raising=False)
@@ -62,7 +62,7 @@ def test_float64_steps_avoid_a_triton_that_rounds_their_coefficients(monkeypatch
 
 
 def test_explicit_unavailable_backend_says_why(monkeypatch):
-    monkeypatch.setattr(native, "unavailable_reason", lambda device_type: "fastfair._C is not installed")
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type, index=None: "fastfair._C is not installed")
     with pytest.raises(RuntimeError, match="'native' cannot run on cpu tensors: fastfair._C is not installed"):
         K.solver_step(torch.zeros(2), torch.zeros(2), None, None, **STEP | dict(b1=0.0), backend="native")
     if dispatch.triton_support.interpreting():
@@ -190,7 +190,7 @@ def test_grad_fanout_checks_the_backend_of_an_empty_chunk(monkeypatch):
 def test_inputs_that_require_grad_get_the_differentiable_backend(monkeypatch):
     """Only the torch backend records a graph: auto takes it for inputs that require grad (the native one would
     return outputs without a gradient, unseen), an explicit other backend refuses; no_grad leaves auto as it is."""
-    monkeypatch.setattr(native, "unavailable_reason", lambda device_type: None)
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type, index=None: None)
     monkeypatch.delenv("FASTFAIR_KERNELS", raising=False)
     z, eps = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     z_next, m = K.solver_step(z, eps, None, None, **STEP | dict(b1=0.0))
@@ -227,3 +227,59 @@ def test_triton_interpret_values_are_read_as_triton_reads_them(value):
                            for first in ("", "import triton; "))
     assert fresh[:2] == after_import[:2] and fresh[0] == fresh[1]
     assert fresh[2] == str(value not in ("1", "0", "off"))
+
+
+class _OpsBuiltForAnotherGpu:
+    """torch.ops.fastfair as a library built for other GPU architectures loads it: every launch fails."""
+    launches = 0
+
+    def has_cuda(self):
+        return True
+
+    def solver_step_out(self, *args):
+        type(self).launches += 1
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nCUDA kernel errors "
+                           "might be asynchronously reported")
+
+
+def test_native_built_for_another_gpu_is_unavailable_there(monkeypatch):
+    """A fastfair._C built elsewhere (TORCH_CUDA_ARCH_LIST of the build machine) fails every launch on this GPU:
+    one probe launch per GPU finds it, auto goes on to the next backend, an explicit native says why; the
+    device the tensors are on is the one probed."""
+    ops = _OpsBuiltForAnotherGpu()
+    monkeypatch.setattr(native, "load", lambda: ops)
+    monkeypatch.setitem(native._state, "has_cuda", None)
+    monkeypatch.setattr(native, "_launch_problems", {})
+    probed = []
+
+    def probe(ops_, device):  # the real probe's tensors need a CUDA torch: run it on the CPU instead
+        probed.append(device)
+        return native_launch_problem(ops_, torch.device("cpu"))
+
+    native_launch_problem = native._launch_problem
+    monkeypatch.setattr(native, "_launch_problem", probe)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(dispatch.triton_support, "unavailable_reason", lambda device_type: None)
+    monkeypatch.setattr(dispatch.triton_support, "interpreting", lambda: False)
+    monkeypatch.delenv("FASTFAIR_KERNELS", raising=False)
+    assert K.resolve_backend(torch.device("cuda", 1)) == "triton"
+    assert K.resolve_backend(torch.device("cuda", 1)) == "triton"
+    assert probed == [torch.device("cuda", 1)] and ops.launches == 1  # once per GPU, not per call
+    with pytest.raises(RuntimeError, match=r"'native' cannot run on cuda tensors: fastfair._C's kernels do not run "
+                                           r"on cpu: CUDA error: no kernel image is available for execution on the "
+                                           r"device; rebuild it on this machine or with this GPU in TORCH_CUDA_ARCH"):
+        K.resolve_backend(torch.device("cuda", 1), backend="native")
+    assert ops.launches == 1
+    # Another GPU is probed on its own; inside a CUDA graph capture nothing is launched (nor remembered).
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert K.resolve_backend(torch.device("cuda", 0)) == "native" and ops.launches == 1
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert K.resolve_backend(torch.device("cuda", 0)) == "triton" and probed[-1] == torch.device("cuda", 0)
+
+
+def test_native_probe_passes_a_build_that_runs():
+    """The probe is a real solver step: on the CPU build it runs, so nothing is reported."""
+    ops = native.load()
+    if ops is None:
+        pytest.skip(native.unavailable_reason("cpu"))
+    assert native._launch_problem(ops, torch.device("cpu")) is None

@@ -47,8 +47,8 @@ def test_grad_fanout(case, one_thread):
 
 @runs_here
 def test_fanout_coefficients_are_made_once_per_list():
-    """The coefficients reach the device once per (scales, weights) list: a fresh host-to-device copy per call
-    synchronizes a CUDA stream (and cannot be captured in a CUDA graph); the trainer repeats its lists."""
+    """The coefficients reach the device once per (scales, weights) list and stream: a repeated list needs no
+    host-to-device copy (a CUDA graph can hold it); the trainer repeats its lists."""
     from fastfair.kernels import grad_fanout
     from fastfair.kernels.grad_fanout_triton import _coefficient_tensor
 
@@ -58,7 +58,12 @@ def test_fanout_coefficients_are_made_once_per_list():
         grad_fanout(g, [0.5, 2.0], [-6.5, 7.5], backend="triton")
     assert _coefficient_tensor.cache_info().misses == 1 and _coefficient_tensor.cache_info().hits == 2
     expected = torch.tensor([0.5 * -6.5, 0.5 * 7.5, 2.0 * -6.5, 2.0 * 7.5], dtype=torch.float64)
-    assert torch.equal(_coefficient_tensor.__wrapped__(tuple(expected.tolist()), g.device).cpu(), expected)
+    assert torch.equal(_coefficient_tensor.__wrapped__(tuple(expected.tolist()), g.device, 0).cpu(), expected)
+    if g.is_cuda:  # another stream gets its own copy, ordered on that stream
+        torch.cuda.synchronize()
+        with torch.cuda.stream(torch.cuda.Stream()):
+            grad_fanout(g, [0.5, 2.0], [-6.5, 7.5], backend="triton")
+        assert _coefficient_tensor.cache_info().misses == 2
 
 
 @runs_here
