@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from .dft import _unet_eps, schedule_for, unet_input_dtype
+from .schedule import diffusers_scheduler
 
 
 def reference_sample(
@@ -47,9 +48,7 @@ def reference_sample(
     unet_dtype = unet_input_dtype(unet)
 
     if step == "diffusers":
-        from diffusers import DPMSolverMultistepScheduler
-
-        stepper = DPMSolverMultistepScheduler.from_config(getattr(scheduler, "config", scheduler))
+        stepper = diffusers_scheduler(scheduler)
         stepper.set_timesteps(num_steps)
 
     z = z_T.to(torch.float64 if z_T.dtype == torch.float64 else torch.float32)

@@ -44,7 +44,6 @@ _UNSUPPORTED_IF_SET = {
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
     "use_flow_sigmas": False,
-    "rescale_betas_zero_snr": False,
     "use_dynamic_shifting": False,
     "variance_type": None,
 }
@@ -154,7 +153,28 @@ def _check_supported(config: Mapping[str, Any]) -> None:
 
 
 def betas_float64(config: Mapping[str, Any]) -> np.ndarray:
-    """The training noise schedule beta_1..beta_T in float64 (diffusers builds it in float32)."""
+    """The training noise schedule beta_1..beta_T in float64 (diffusers builds it in float32), rescaled to zero
+    terminal SNR when ``rescale_betas_zero_snr`` is set (as diffusers does)."""
+    betas = _betas_before_rescale(config)
+    if config.get("rescale_betas_zero_snr", False):
+        # shift sqrt(abar) so that its last value is 0, scale it so that its first is kept (Lin et al. 2023)
+        root = np.sqrt(np.cumprod(1.0 - betas))
+        root = (root - root[-1]) * (root[0] / (root[0] - root[-1]))
+        abar = root**2
+        betas = 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return betas
+
+
+def alphas_cumprod_float64(config: Mapping[str, Any]) -> np.ndarray:
+    """abar_t = prod_{s <= t} (1 - beta_s) in float64; with ``rescale_betas_zero_snr`` its last value (0) is set to
+    2^-24, as diffusers does, so that the first noise level is finite."""
+    abar = np.cumprod(1.0 - betas_float64(config))
+    if config.get("rescale_betas_zero_snr", False):
+        abar[-1] = 2.0**-24
+    return abar
+
+
+def _betas_before_rescale(config: Mapping[str, Any]) -> np.ndarray:
     T = int(config.get("num_train_timesteps", 1000))
     trained = config.get("trained_betas")
     if trained is not None:
@@ -173,15 +193,20 @@ def betas_float64(config: Mapping[str, Any]) -> np.ndarray:
     raise ValueError(f"scheduler beta_schedule={kind!r} is not supported")
 
 
-def _diffusers_timesteps(config: Mapping[str, Any], num_steps: int):
-    """The exact integer timesteps (and float32 sigmas) diffusers' scheduler uses (spacing, offset, Karras,
-    clipping: its own code). `_use_default_values` is dropped: from_config would otherwise reset every key it
-    names to the default, although the mapping (or the object's config, after register_to_config) holds another
-    value, the one the rest of solver_schedule reads."""
+def diffusers_scheduler(scheduler_or_config: Any):
+    """A fresh diffusers DPMSolverMultistepScheduler of this config. `_use_default_values` is dropped: from_config
+    would otherwise reset every key it names to the default, although the mapping (or the object's config, after
+    register_to_config) holds another value, the one the rest of solver_schedule reads."""
     from diffusers import DPMSolverMultistepScheduler
 
-    scheduler = DPMSolverMultistepScheduler.from_config(
-        {k: v for k, v in config.items() if k != "_use_default_values"})
+    config = _config_of(scheduler_or_config)
+    return DPMSolverMultistepScheduler.from_config({k: v for k, v in config.items() if k != "_use_default_values"})
+
+
+def _diffusers_timesteps(config: Mapping[str, Any], num_steps: int):
+    """The exact integer timesteps (and float32 sigmas) diffusers' scheduler uses (spacing, offset, Karras,
+    clipping: its own code)."""
+    scheduler = diffusers_scheduler(config)
     scheduler.set_timesteps(num_steps)
     return scheduler.timesteps.cpu().numpy().astype(np.int64), scheduler.sigmas.cpu().numpy().astype(np.float64)
 
@@ -191,7 +216,8 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
 
     Reproduces diffusers' timesteps, sigmas, per-step orders and final step for the options Stable Diffusion
     pipelines use (timestep_spacing, steps_offset, use_karras_sigmas, final_sigmas_type, lower_order_final,
-    euler_at_final, solver_type, prediction_type); raises ValueError naming any other option that is set.
+    euler_at_final, solver_type, prediction_type, rescale_betas_zero_snr); raises ValueError naming any other
+    option that is set.
     """
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r}: expected a positive integer")
@@ -200,7 +226,7 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
     S = int(num_steps)
 
     betas = betas_float64(config)
-    abar = np.cumprod(1.0 - betas)
+    abar = alphas_cumprod_float64(config)
     timesteps, sig = _noise_levels(config, S, abar)
     alpha = 1.0 / np.sqrt(sig**2 + 1.0)
     sigma = sig * alpha
@@ -249,6 +275,12 @@ def _noise_levels(config: Mapping[str, Any], S: int, abar: np.ndarray):
     timesteps, diffusers_sigmas = _diffusers_timesteps(config, S)
     if len(timesteps) != S:
         raise ValueError(f"scheduler produced {len(timesteps)} timesteps for num_steps={S}")
+    if S > 1 and timesteps[0] == timesteps[1]:
+        # diffusers finds a sampling run's first step by its timestep and takes the second of two matches: its
+        # sampler would start at step 1 and fail at its last (IndexError), so no diffusers pipeline samples it
+        raise ValueError(f"num_steps={S}: the scheduler's first two timesteps are both {int(timesteps[0])} (noise "
+                         "levels this close map to one training timestep), which diffusers' own sampler cannot "
+                         "step through; use another step count, beta_schedule or use_karras_sigmas=False")
     if config.get("use_karras_sigmas", False):
         rho = 7.0
         # diffusers' _convert_to_karras takes config sigma_min / sigma_max where the config has them

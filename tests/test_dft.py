@@ -63,6 +63,24 @@ def test_gradients_equal_reference(mode, cfg, steps):
         assert max_rel(g_ours, g_diff) <= 1e-4
 
 
+def test_diffusers_cross_check_steps_the_schedule_it_is_given():
+    """reference_sample(step="diffusers") steps with a scheduler rebuilt from the config: an option set after a
+    conversion (listed in the config's _use_default_values) must survive the rebuild, or the cross-check would
+    step another schedule than the timesteps it feeds the U-Net."""
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+
+    pndm = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                         skip_prk_steps=True, set_alpha_to_one=False)
+    sch = DPMSolverMultistepScheduler.from_config(pndm.config)
+    assert "solver_type" in sch.config["_use_default_values"]
+    sch.register_to_config(solver_type="heun")
+    unet, _, z_T, cond, uncond, _ = make_problem()
+    with torch.no_grad():
+        z_ours = sample(unet, sch, z_T, cond, uncond, guidance_scale=7.5, num_steps=10)
+        z_diff = reference_sample(unet, sch, z_T, cond, uncond, guidance_scale=7.5, num_steps=10, step="diffusers")
+    assert ((z_ours - z_diff).norm() / z_ours.norm()).item() <= 1e-5
+
+
 @pytest.mark.parametrize("chunk,keep", [(1, 0), (2, 0), (5, 0), (3, 2), (None, 5), (4, 1)])
 def test_recompute_chunk_and_kept_graphs_do_not_change_the_gradient(chunk, keep):
     problem = make_problem()

@@ -50,6 +50,8 @@ def test_trajectory_matches_diffusers(spacing, final, lower_final, karras, offse
     dict(prediction_type="v_prediction"), dict(solver_type="heun"), dict(solver_order=1),
     dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), dict(beta_schedule="squaredcos_cap_v2"),
     dict(euler_at_final=True, final_sigmas_type="sigma_min"), dict(prediction_type="sample"),
+    dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"),
+    dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"),
 ])
 def test_other_supported_options_match_diffusers(config):
     sch = tiny_scheduler(**config)
@@ -118,9 +120,39 @@ def test_noise_levels_diffusers_would_not_sample_are_refused(monkeypatch):
         solver_schedule(tiny_scheduler(), 20)
 
 
+def test_zero_terminal_snr_betas_are_diffusers_rescale_in_float64():
+    """rescale_betas_zero_snr: betas are diffusers' own rescale run in float64, and the last abar is diffusers'
+    2^-24 (the first noise level finite)."""
+    from diffusers.schedulers.scheduling_dpmsolver_multistep import rescale_zero_terminal_snr
+
+    from fastfair.schedule import alphas_cumprod_float64, betas_float64
+
+    config = dict(tiny_scheduler(rescale_betas_zero_snr=True).config)
+    plain = betas_float64({**config, "rescale_betas_zero_snr": False})
+    expected = rescale_zero_terminal_snr(torch.from_numpy(plain)).numpy()
+    np.testing.assert_allclose(betas_float64(config), expected, rtol=1e-12, atol=1e-15)
+    abar = alphas_cumprod_float64(config)
+    assert abar[-1] == 2.0**-24
+    np.testing.assert_allclose(abar[:-1], np.cumprod(1 - expected)[:-1], rtol=1e-12)
+
+
+def test_a_first_timestep_repeated_is_refused():
+    """The cosine schedule's largest noise levels with Karras sigmas round to one training timestep twice: diffusers'
+    sampler then starts at its second step and fails at its last, so fastfair samples no such trajectory either."""
+    sch = tiny_scheduler(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+    sch.set_timesteps(5)
+    assert sch.timesteps[0] == sch.timesteps[1]
+    z = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(IndexError):  # diffusers' own loop
+        for t in sch.timesteps:
+            z = sch.step(toy_model(z, t), t, z).prev_sample
+    with pytest.raises(ValueError, match=r"num_steps=5: the scheduler's first two timesteps are both \d+"):
+        solver_schedule(sch, 5)
+
+
 @pytest.mark.parametrize("key,value", [
     ("algorithm_type", "sde-dpmsolver++"), ("solver_order", 3), ("thresholding", True),
-    ("use_lu_lambdas", True), ("use_exponential_sigmas", True), ("rescale_betas_zero_snr", True),
+    ("use_lu_lambdas", True), ("use_exponential_sigmas", True), ("use_beta_sigmas", True),
     ("prediction_type", "flow_prediction"),
 ])
 def test_unsupported_options_raise_naming_them(key, value):
@@ -170,7 +202,8 @@ def test_adjustment_modes():
 
 
 @pytest.mark.parametrize("config", [dict(), dict(beta_schedule="linear"), dict(beta_schedule="squaredcos_cap_v2"),
-                                    dict(timestep_spacing="trailing", steps_offset=1)])
+                                    dict(timestep_spacing="trailing", steps_offset=1),
+                                    dict(timestep_spacing="trailing", rescale_betas_zero_snr=True)])
 def test_paper_inputs_are_diffusers_schedule_at_the_step_timesteps(config):
     """abar_t and beta_t fed to the `paper` coefficient come from an independent source (diffusers' own float32
     tables indexed by its own timesteps), not from the object under test."""
@@ -179,7 +212,9 @@ def test_paper_inputs_are_diffusers_schedule_at_the_step_timesteps(config):
     t = sch.timesteps.numpy()
     ss = solver_schedule(sch, 20)
     np.testing.assert_allclose(ss.alphas_cumprod_t, sch.alphas_cumprod[t].double().numpy(), rtol=1e-5)
-    np.testing.assert_allclose(ss.betas_t, sch.betas[t].double().numpy(), rtol=1e-5)
+    # rescaled to zero terminal SNR, diffusers' float32 betas are 1 - abar_t / abar_{t-1}: ratios near 1, ~1e-4 off
+    np.testing.assert_allclose(ss.betas_t, sch.betas[t].double().numpy(),
+                               rtol=2e-4 if config.get("rescale_betas_zero_snr") else 1e-5)
     A = ss.betas_t / np.sqrt(ss.alphas_cumprod_t * (1 - ss.alphas_cumprod_t))
     C = (1 / A) / np.exp(np.mean(np.log(1 / A)))
     np.testing.assert_allclose(ss.adjustment("paper"), C, rtol=1e-5)
