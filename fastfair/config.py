@@ -1024,6 +1024,14 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
                 "remove it"]
     # DeepSpeed reads "bfloat16" as "bf16" (its older name)
     sections = {"fp16": ds.get("fp16", {}), "bf16": ds.get("bf16", ds.get("bfloat16", {}))}
+    # Where DeepSpeed's optimizer checks the gradients itself, fastfair leaves the non-finite-step skip to it:
+    # these switches turn that check off, and a NaN gradient would be applied to the weights and the EMA.
+    unchecked = [name for name, off in (
+        ("zero_optimization.compute_grad_norm", ds.get("zero_optimization", {}).get("compute_grad_norm") is False),
+        ("bf16.check_grad_overflow", sections["bf16"].get("check_grad_overflow") is False)) if off]
+    if unchecked:
+        return [f"deepspeed.config={cfg.deepspeed.config} sets {' and '.join(unchecked)} false, which turns off "
+                "DeepSpeed's check for non-finite gradients (a NaN step would be applied, not skipped): remove it"]
     enabled = [name for name, section in sections.items() if section.get("enabled", False)]
     wanted = [] if cfg.precision.mixed == "fp32" else [cfg.precision.mixed]
     if enabled != wanted:

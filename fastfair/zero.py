@@ -63,15 +63,17 @@ def load_optimizer_shard(engine, shards: List[dict]) -> None:
         raise ValueError(f"resume: the checkpoint holds DeepSpeed optimizer shards of {len(shards)} ranks; this run "
                          f"has {world}. Resume with the same number of processes.")
     optimizer = engine.optimizer
-    kind = type(optimizer).__name__
-    if kind == "DeepSpeedZeroOptimizer":  # takes every shard, keeps its own rank's
+    # Each of DeepSpeed's optimizers stores its clip_grad in its state and takes the saving run's back on loading:
+    # kept from this run, so that optim.grad_clip as resumed takes effect (as lr and weight decay do).
+    clip = getattr(optimizer, "clip_grad", None)
+    if type(optimizer).__name__ in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
+        # ZeRO-1/2, and bf16 with fp32 gradient accumulation: every shard in, its own rank's kept, from its fp32
+        # master weights
         optimizer.load_state_dict(shards, load_from_fp32_weights=True)
-    elif kind == "BF16_Optimizer":  # bf16 with fp32 gradient accumulation: every shard too
-        clip = optimizer.clip_grad
-        optimizer.load_state_dict(shards, load_from_fp32_weights=True)  # its fp32 master weights, as ZeRO's
-        optimizer.clip_grad = clip  # the state carries the saving run's: optim.grad_clip as resumed takes effect
     else:
         optimizer.load_state_dict(shards[rank])
+    if hasattr(optimizer, "clip_grad"):
+        optimizer.clip_grad = clip
 
 
 def allow_deepspeed_state_in_weights_only_load() -> None:

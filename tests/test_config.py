@@ -523,6 +523,11 @@ def test_deepspeed_jsons_are_concrete_and_match_their_names(path, tmp_path):
      "has optimizer and scheduler section(s), which fastfair does not use"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "fp32",
      "offloads the optimizer (zero_optimization.offload_optimizer)"),
+    # DeepSpeed's own non-finite check off: a NaN step was applied to the weights and the EMA
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "fp32",
+     "sets zero_optimization.compute_grad_norm false, which turns off DeepSpeed's check for non-finite"),
+    ({"bf16": {"enabled": True, "check_grad_overflow": False}}, "bf16", "sets bf16.check_grad_overflow false"),
+    ({"bf16": {"enabled": True, "check_grad_overflow": True}}, "bf16", None),
 ])
 def test_deepspeed_json_sections_fastfair_would_misread_or_ignore_are_named(tmp_path, settings, mixed, message):
     path = tmp_path / "ds.json"

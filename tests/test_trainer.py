@@ -150,6 +150,26 @@ def test_deepspeed_bf16_with_fp32_gradient_accumulation_resumes_as_a_straight_ru
     assert finals[0].keys() == finals[1].keys() and all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
 
 
+@pytest.mark.parametrize("saved, resumed", [("null", 0.5), (0.5, "null")])
+def test_deepspeed_zero_resume_takes_the_grad_clip_it_is_given(tmp_path, world, saved, resumed):
+    """ZeRO-1/2's optimizer keeps its clip_grad in its state and took the saving run's back on a resume: a changed
+    optim.grad_clip was ignored in both directions (lr and weight decay did change)."""
+    pytest.importorskip("deepspeed")
+    from fastfair import checkpoint
+    from fastfair.trainer import process_group
+
+    ds_json = _deepspeed_json(tmp_path, zero_optimization={"stage": 1})
+    common = [f"deepspeed.config={ds_json}", "logging.image_every=0"]
+    path = write_config(tmp_path, world, "prefix")
+    with process_group():
+        first = Trainer(load_config(path, common + ["max_steps=1", f"optim.grad_clip={saved}"]))
+        assert type(first.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer"
+        first.train()
+        again = Trainer(load_config(path, common + ["max_steps=2", "resume=auto", f"optim.grad_clip={resumed}"]))
+        again.resume(checkpoint.checkpoint_dir(again.cfg.output_dir) / "step_00000001")
+        assert again.engine.optimizer.clip_grad == (0.0 if resumed == "null" else resumed)
+
+
 def test_the_prefix_starts_as_configured_from_the_runs_seed(tmp_path, world):
     path = write_config(tmp_path, world, "prefix")
 
@@ -411,6 +431,29 @@ def test_adamw8bit_state_bytes_at_bitsandbytes_8bit_threshold():
     assert optimizer_state_bytes("adamw8bit", [torch.zeros(4096)]) == 2 * (4096 + 4 * 16)
     assert optimizer_state_bytes("adamw8bit", [torch.zeros(4095)]) == 2 * 4095 * 4
     assert optimizer_state_bytes("adamw8bit", [torch.zeros(4096, dtype=torch.bfloat16)]) == 2 * (4096 + 4 * 16)
+
+
+def test_adamw8bit_state_bytes_under_zero_are_those_of_one_flat_partition(tmp_path, world):
+    """ZeRO stage >= 1 hands the optimizer one flat partition of the weights: bitsandbytes makes 8-bit moments of
+    it, although each LoRA weight alone is under its 4096-element threshold (the estimate was 3-4x too large)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("bitsandbytes")
+    from fastfair.optimizer import optimizer_state_bytes
+    from fastfair.trainer import process_group
+
+    ds_json = _deepspeed_json(tmp_path, zero_optimization={"stage": 1})
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world, "unet_lora"), [
+            f"deepspeed.config={ds_json}", "optim.name=adamw8bit", "finetune.lora.rank=8", "logging.image_every=0"]))
+        params = trainer.model.parameters()
+        assert max(p.numel() for p in params) < 4096 <= sum(p.numel() for p in params)
+        trainer.iteration(0)
+    state = trainer.engine.optimizer.optimizer.state
+    # the moments and their absmax blocks; the quantization maps (2 KiB) are shared by every tensor
+    measured = sum(v.numel() * v.element_size() for s in state.values() for k, v in s.items()
+                   if torch.is_tensor(v) and k not in ("step", "qmap1", "qmap2"))
+    assert measured == optimizer_state_bytes("adamw8bit", params, 1, zero_partitioned=True)
+    assert measured < optimizer_state_bytes("adamw8bit", params, 1) / 3  # weight by weight: 32-bit moments
 
 
 def test_the_memory_budget_counts_the_optimizer_state_made_at_the_first_step(tmp_path, world, monkeypatch):
