@@ -250,7 +250,8 @@ class OptimConfig:
 @dataclass
 class PrecisionConfig:
     # autocast dtype; trainable weights stay fp32 (under DeepSpeed bf16/fp16 the model's copies, which checkpoints
-    # save, are in that dtype: DeepSpeed keeps the fp32 masters in its optimizer state, saved in state.pt)
+    # save and the EMA averages, are in that dtype: DeepSpeed keeps the fp32 masters in its optimizer state, saved
+    # in state.pt)
     mixed: str = setting("fp16", choices=DTYPES)
     tf32: bool = True  # TF32 matmuls on CUDA
     # fp16 (autocast or model.dtype) without DeepSpeed (whose JSON sets its own): the initial scale of a dynamic
