@@ -49,8 +49,8 @@ def check_args(args, known: Sequence[str]) -> List[str]:
     if unknown or not chosen:
         raise ValueError(f"--variants {args.variants!r}: choose from {', '.join(known)} (unknown: {unknown})")
     for flag, value in (("--iters", args.iters), ("--eval-images", args.eval_images),
-                        ("--images-per-prompt", args.images_per_prompt or 1)):
-        if value < 1:
+                        ("--images-per-prompt", args.images_per_prompt), ("--threads", getattr(args, "threads", None))):
+        if value is not None and value < 1:  # None: the config's batch, torch's thread count
             raise ValueError(f"{flag} {value}: expected at least 1")
     return chosen
 
@@ -58,7 +58,7 @@ def check_args(args, known: Sequence[str]) -> List[str]:
 def base_spec(args, name: str, work_dir: Path) -> dict:
     """The worker spec fields every variant shares."""
     overrides = [f"seed={args.seed}"] + ([f"batch.images_per_prompt={args.images_per_prompt}"]
-                                         if args.images_per_prompt else [])
+                                         if args.images_per_prompt is not None else [])
     return {"name": name, "overrides": overrides, "iters": args.iters, "out": str(work_dir / name),
             "eval_images": args.eval_images, "threads": args.threads}
 
@@ -111,20 +111,22 @@ def train_and_evaluate(spec: dict, prepare: Optional[Callable] = None) -> dict:
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters()),
             "skipped_steps": trainer.skipped, "target": cfg.finetune.target, "coefficients": cfg.sampler.coefficients,
             "lr": cfg.optim.lr, "batch": cfg.batch.images_per_prompt, "steps": cfg.sampler.num_steps,
-            "guidance": cfg.sampler.guidance_scale, "heldout": heldout}
+            "grad_steps": cfg.sampler.grad_steps, "guidance": cfg.sampler.guidance_scale, "heldout": heldout}
 
 
 def run_meta(args, result: dict) -> dict:
     """The settings a table states, from the CLI and a worker's result."""
     return {"iters": args.iters, "eval_images": args.eval_images, "threads": args.threads, "seed": args.seed,
-            **{key: result[key] for key in ("batch", "steps", "guidance", "lr")}}
+            **{key: result.get(key) for key in ("batch", "steps", "grad_steps", "guidance", "lr")}}
 
 
 def settings_line(meta: dict, finetuned: str, per: str) -> str:
     """The sentence above a table: what was trained, how long, and how it was evaluated."""
+    differentiated = "" if meta.get("grad_steps") in (None, meta["steps"]) else (
+        f" with the gradient through a random {meta['grad_steps']} of them per iteration")
     return (f"Toy world, gender config (fastfair/toy/configs/gender.yaml: {finetuned}, {meta['steps']}-step "
-            f"DPM-Solver++, guidance {meta['guidance']}, lr {meta['lr']:g}, batch {meta['batch']}), {meta['iters']} "
-            f"iterations per {per} from seed {meta.get('seed', 0)}: the same prompts and noise for each. Held-out: "
+            f"DPM-Solver++{differentiated}, guidance {meta['guidance']}, lr {meta['lr']:g}, batch {meta['batch']}), "
+            f"{meta['iters']} iterations per {per} from seed {meta.get('seed', 0)}: the same prompts and noise for each. Held-out: "
             f"{meta['eval_images']} images per held-out occupation and model, judged by the toy evaluation "
             "classifier; semantics: cosine to the original model's image from the same noise.")
 

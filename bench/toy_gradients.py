@@ -130,8 +130,19 @@ def use_reference_sampler(trainer, variant: str, recorder: Optional[EpsGradients
     sampler = trainer.cfg.sampler
 
     def _sample(unet, z_T, cond, uncond, steps, generator, frozen_rows=0):
-        return reference_unroll(unet, trainer.scheduler, z_T, cond, uncond, num_steps=steps,
-                                guidance_scale=sampler.guidance_scale, variant=variant, recorder=recorder)
+        def unroll(rows: slice, hooks):
+            return reference_unroll(unet, trainer.scheduler, z_T[rows], cond[rows],
+                                    None if uncond is None else uncond[rows], num_steps=steps,
+                                    guidance_scale=sampler.guidance_scale, variant=variant, recorder=hooks)
+
+        # the first frozen_rows rows (the original model's images, sampled along in the same calls by the engine)
+        # take no part in the gradient: unrolled without a graph, as the engine does, not differentiated for nothing
+        z0 = unroll(slice(frozen_rows, None), recorder)
+        if not frozen_rows:
+            return z0
+        with torch.no_grad():
+            z0_frozen = unroll(slice(0, frozen_rows), None)
+        return torch.cat([z0_frozen, z0])
 
     trainer._sample = _sample
 

@@ -179,8 +179,8 @@ def unavailable_reason(device_type: str, index: Optional[int] = None) -> Optiona
 
         index = torch.cuda.current_device() if index is None else index
         if index not in _launch_problems:
-            if torch.cuda.is_current_stream_capturing():
-                return None  # no probe inside a CUDA graph capture (it would be recorded); the first call outside decides
+            if torch.cuda.is_current_stream_capturing():  # a probe would be recorded: the first call outside decides
+                return None
             _launch_problems[index] = _launch_problem(ops, torch.device("cuda", index))
         return _launch_problems[index]
     return f"there are no native kernels for {device_type} tensors"

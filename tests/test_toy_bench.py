@@ -72,6 +72,10 @@ def test_bad_variants_and_counts_are_refused():
         _toy.check_args(args, toy_gradients.VARIANTS)
     with pytest.raises(ValueError, match="--iters"):
         _toy.check_args(SimpleNamespace(**{**vars(args), "variants": "paper", "iters": 0}), toy_gradients.VARIANTS)
+    for flag, value in (("images_per_prompt", 0), ("threads", 0)):  # 0 was read as the default, unsaid
+        bad = SimpleNamespace(**{**vars(args), "variants": "paper", flag: value})
+        with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} 0: expected at least 1"):
+            _toy.check_args(bad, toy_gradients.VARIANTS)
     with pytest.raises(ValueError, match="variant="):
         toy_gradients.reference_unroll(None, SCHED, None, None, None, num_steps=1, guidance_scale=1.0, variant="x")
 
@@ -123,5 +127,7 @@ def test_toy_components_end_to_end(tmp_path, bench_workers_in_process):
     assert row["target"] == "unet_lora" and result["meta"]["seed"] == 3
     table = (tmp_path / "toy_components.md").read_text()
     assert "from seed 3:" in table
+    # the toy config differentiates 5 of its 20 steps (toy_gradients' variants all of them): the table says so
+    assert row["grad_steps"] == 5 and "20-step DPM-Solver++ with the gradient through a random 5 of them" in table
     assert "\nseed: 3\n" in (tmp_path / "runs" / "unet_lora" / "train" / "config.yaml").read_text()
     assert "| original | — |" in table and f"| unet_lora | {row['trainable_parameters']:,} |" in table
