@@ -10,7 +10,8 @@ checkpointed modules' share of U (0.89), as the first resnet's input needs no gr
 each segment's recompute at the last tensor the backward needs (U where a table lacks it);
 Ub = the U-Net's backward for one image and branch to its
 inputs only (frozen weights: no weight gradients), counted on a real backward (``count_input_backward_flops``):
-more than U, since attention's backward has twice its forward's matmuls (Ub = U where a table lacks it). The
+about U (0.98-1.08 U from 128 to 512 px: attention's backward has twice its forward's matmuls, the
+convolutions' input backward about their forward's; Ub = U where a table lacks it). The
 VAE's and judges' input-only backwards are taken as 1x their forward; the text encoder's (LoRA trains) as 2x.
 Per iteration, N images, S steps, CFG (2 branches), K = steps backpropagated (S, or grad_steps), k = steps whose
 graph is kept (no recompute), a = steps that keep their attention outputs only (recompute U - Ua), M = gradient
@@ -30,6 +31,14 @@ micro-batches of the baseline:
                + N D          with the judges in slices (loss.judge_images, --micro-batch): each slice's decode is
                               checkpointed whole and rebuilt block-wise inside: one more decoder forward (less
                               its last convolution, which the rebuild skips)
+
+Approximations, measured against FlopCounterMode on whole iterations (2026-12-02; SD 1.5 shapes on the meta
+device, the tiny models on the CPU): the pass counts are exact (totals within 0.15 % with attention in its math
+form); attention's backward is counted as 4 matmuls (its math form: the useful work), while the fused SDPA kernels
+on a GPU recompute QK^T (5): at 512 px each Ub then runs 0.065 U more than counted (the totals ~1 % low, achieved
+TFLOP/s understated as much); the block-wise decoder recompute (fastfair's D in its backward, and the sliced
+judges' extra decode) costs 0.68-0.70 D, not D (fastfair's totals ~0.3-0.6 % high); the text encoder's backward
+through its LoRA measures 1.02 T, not 2 T (under 0.1 %).
 
 So the U-Net alone gives, with b = Ub / U, baseline / fastfair = (8 + 2b) / (6 + 2b) (lean: 1.25 at b = 1),
 (8 + 2b) / (4 + 2(S - k)/S + 2b) with kept graphs (fast), (8 + 2b) / (4 + 2(1 + b)K/S) with K of S steps (k5: 2
