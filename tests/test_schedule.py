@@ -140,14 +140,18 @@ def test_a_first_timestep_repeated_is_refused():
     """The cosine schedule's largest noise levels with Karras sigmas round to one training timestep twice: diffusers'
     sampler then starts at its second step and fails at its last, so fastfair samples no such trajectory either."""
     sch = tiny_scheduler(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
-    sch.set_timesteps(5)
-    assert sch.timesteps[0] == sch.timesteps[1]
+    for steps in range(2, 30):
+        sch.set_timesteps(steps)
+        if sch.timesteps[0] == sch.timesteps[1]:
+            break
+    else:  # diffusers 0.36 (constraints-torch2.4.txt) rounds the first level to 999 and the second to 998
+        pytest.skip("this diffusers repeats no first timestep for these noise levels")
     z = torch.zeros(1, 4, 2, 2)
     with pytest.raises(IndexError):  # diffusers' own loop
         for t in sch.timesteps:
             z = sch.step(toy_model(z, t), t, z).prev_sample
-    with pytest.raises(ValueError, match=r"num_steps=5: the scheduler's first two timesteps are both \d+"):
-        solver_schedule(sch, 5)
+    with pytest.raises(ValueError, match=rf"num_steps={steps}: the scheduler's first two timesteps are both \d+"):
+        solver_schedule(sch, steps)
 
 
 @pytest.mark.parametrize("key,value", [
