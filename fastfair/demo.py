@@ -43,6 +43,7 @@ EVAL_CLASSIFIER = "fastfair.toy:eval_classifier"
 SEMANTICS = "fastfair.toy:toy_semantics"
 GRID_COLUMNS = 8
 DISPLAY_SCALE = 3
+DEMO_MARKER = ".fastfair_demo"  # in the evaluation folder the demo made, which it may then delete and remake
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,9 +87,6 @@ def train(config: str, out: Path, iters, overrides: List[str]):
             raise ValueError(f"--config {config}: neither a shipped config ({', '.join(CONFIGS)}) nor a YAML file")
     saved = checkpoint.list_checkpoints(out, resumable=False)  # also weights-only ones
     trained = max(saved, default=0)
-    if iters is not None and iters < trained:  # the trainer would name max_steps, which the demo user never set
-        raise ValueError(f"--iters {iters}: {out} holds a run trained for {trained} iterations already; give "
-                         f"--iters {trained} or more to go on from it, or another --out for a shorter run")
     extra = [f"output_dir={out}", "resume=auto"] + ([f"max_steps={iters}"] if iters is not None else [])
     cfg = load_config(CONFIGS.get(config, config), list(overrides) + extra)
     if cfg.data.split != "train":  # an override or a --config file: checked on the loaded config
@@ -96,12 +94,18 @@ def train(config: str, out: Path, iters, overrides: List[str]):
                          "in training, and data.split=test trains on those very prompts; the demo trains on "
                          "data.split=train only (python -m fastfair.train and fastfair.evaluate take any split)")
     validate(cfg, world_size=1, device="cpu")  # max_steps=0 and the like, before the checkpoints are read
-    if iters is None and trained > cfg.max_steps:  # trained further with --iters earlier: evaluate it as it is
+    if saved:  # first: advice on the iteration count is no use for a run of other settings
+        _check_same_run(out, saved[trained], cfg)
+    if trained > cfg.max_steps:
+        given = f"--iters {iters}" if iters is not None else (steps[-1] if steps else None)
+        if given:  # the trainer would name max_steps and output_dir, which the demo sets itself
+            raise ValueError(f"{given}: {out} holds a run trained for {trained} iterations already; give "
+                             f"{'--iters ' if iters is not None else 'max_steps='}{trained} or more to go on from it, "
+                             "or another --out for a shorter run")
+        # trained further with --iters earlier: evaluate it as it is
         print(f"{out} holds a run trained for {trained} iterations, past the config's {cfg.max_steps}: evaluating "
               f"it as it is (--iters N trains it on to N)")
         cfg.max_steps = trained
-    if saved:
-        _check_same_run(out, saved[trained], cfg)
     if trained >= cfg.max_steps and not checkpoint.is_resumable(saved[trained]):
         # finished, and its state.pt deleted to save space: nothing to resume, and its weights are all that the
         # evaluation reads (the trainer would resume an earlier checkpoint and refuse to overwrite this one)
@@ -111,10 +115,10 @@ def train(config: str, out: Path, iters, overrides: List[str]):
     try:
         with process_group("cpu"):
             trainer = Trainer(cfg, "cpu")
+            trainer.resume_hint = "the same command"  # resume=auto is the demo's own setting, not the user's
             trainer.train()
     except KeyboardInterrupt:  # the step reached and what a rerun continues from, as python fastfair/train.py says
-        print(interrupted_message(cfg, trainer).replace("resume=auto", "the same command"), file=sys.stderr,
-              flush=True)
+        print(interrupted_message(cfg, trainer), file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     saved = checkpoint.list_checkpoints(cfg.output_dir, resumable=False)
     return cfg, saved[max(saved)], trainer.step > trained
@@ -179,13 +183,22 @@ def evaluate_heldout(cfg, finetuned: Path, out: Path, images_per_prompt: int) ->
                         num_steps=cfg.sampler.num_steps, seed=cfg.seed + 1, batch_size=40, detector=detect_faces,
                         margin=cfg.faces.margin, semantics=SEMANTICS, grid_columns=GRID_COLUMNS,
                         dtype=cfg.model.dtype)  # as the run sampled
+    marker = out / DEMO_MARKER
+    if not out.exists() or not any(out.iterdir()):  # a fresh folder: the demo's own from here on
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text("written by python -m fastfair.demo: it may delete this folder to re-evaluate\n")
     try:
         return run()
     except StaleCacheError as error:
-        # the demo owns `out`: its images are of an earlier checkpoint (a rerun trained further) or settings,
-        # and the report must describe this one, so start the evaluation afresh
+        if not marker.is_file():  # someone else's evaluation (or one from before the marker): never deleted
+            raise ValueError(f"--out {out.parent}: {out} holds an evaluation the demo did not write ({error.problem}); "
+                             f"give another --out, or delete {out}") from None
+        # the demo's own: its images are of an earlier checkpoint (a rerun trained further) or settings, and the
+        # report must describe this one, so start the evaluation afresh
         print(f"{out}: re-evaluating, the cached images are of other settings ({', '.join(error.changed)})")
         shutil.rmtree(out)
+        out.mkdir(parents=True)
+        marker.write_text("written by python -m fastfair.demo: it may delete this folder to re-evaluate\n")
         return run()
 
 
@@ -310,16 +323,28 @@ def default_out(config: str) -> Path:
     return Path("out/demo" if config == "gender" else f"out/demo_{Path(config).stem}")
 
 
+def _check_out(out: Path) -> None:
+    """Every path the demo writes under ``out``, checked before the work (the trainer would name output_dir, which
+    the demo sets itself; a folder where metrics.json goes was found after training and evaluating)."""
+    problem = file_instead_of_folder("--out", out, "the demo's run and results")
+    for folder in ("train", "eval"):
+        if problem is None and (out / folder).exists() and not (out / folder).is_dir():
+            problem = f"--out {out}: {out / folder} is a file, where the demo keeps its {folder} folder"
+    written = [out / "metrics.json", out / "before_after.png", *sorted(out.glob("frequencies_*.png"))]
+    for path in written:
+        if problem is None and path.is_dir():
+            problem = f"--out {out}: {path} is a folder, where the demo writes a file"
+    if problem:
+        raise ValueError(problem + "; give another --out or move it")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
     out = Path(args.out) if args.out else default_out(args.config)
-    # the trainer would name output_dir, which the demo sets itself
-    problem = file_instead_of_folder("--out", out, "the demo's run and results")
-    if problem:
-        raise ValueError(problem)
+    _check_out(out)
     began = time.perf_counter()
     cfg, final, trained_now = train(args.config, out / "train", args.iters, args.overrides)
     trained = time.perf_counter()
@@ -327,7 +352,8 @@ def main(argv=None) -> dict:
     train_seconds = trained - began
     if not trained_now:  # the training time is the earlier call's, which trained: kept, not the loading time
         earlier = _earlier_metrics(out / "metrics.json")
-        train_seconds = earlier.get("seconds", {}).get("train") if earlier.get("checkpoint") == str(final) else None
+        same = earlier.get("checkpoint") and Path(earlier["checkpoint"]).resolve() == final.resolve()
+        train_seconds = earlier.get("seconds", {}).get("train") if same else None
     metrics = {**summarize_demo(results),
                "seconds": {"train": train_seconds, "evaluate": time.perf_counter() - trained},
                "config": args.config, "iterations": cfg.max_steps, "checkpoint": str(final)}

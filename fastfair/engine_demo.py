@@ -64,10 +64,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", type=int, default=4, help="images per iteration")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, e.g. OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
-    for flag in ("steps", "images"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("steps", "images", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be >= 1, got {value}")
     if args.iters < 0:
         parser.error(f"--iters must be >= 0, got {args.iters}")
     problem = file_instead_of_folder("--out", args.out, "metrics.json and before_after.png")
@@ -75,7 +78,8 @@ def main(argv=None) -> dict:
         parser.error(problem)
     from tqdm import tqdm
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     unet, vae, scheduler = build_models(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     cond = torch.randn(1, 8, 32, generator=gen).requires_grad_()

@@ -116,6 +116,7 @@ class Trainer:
         # iterations before start; of them, those whose step was skipped; optimizer steps taken (the EMA's t)
         self.start, self.skipped, self.steps_taken = 0, 0, 0
         self._ot_generator = None  # set per iteration (iteration()); None: torch's global generator
+        self.resume_hint = "resume=auto"  # how a stopped run is continued, in its caller's terms (the demo's differ)
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if cfg.model.resolution and cfg.model.resolution % scale:  # decoded images would be silently smaller
             below = max(scale, cfg.model.resolution // scale * scale)
@@ -797,7 +798,7 @@ class Trainer:
                     bar.close()
                     if self.rank == 0:
                         name = signal.Signals(signum).name
-                        then = "the run's last" if it + 1 == cfg.max_steps else "resume=auto continues"
+                        then = "the run's last" if it + 1 == cfg.max_steps else f"{self.resume_hint} continues"
                         print(f"stopped by {name} at step {it + 1}: checkpoint step_{it + 1:08d} saved; {then}",
                               file=sys.stderr, flush=True)
                 raise SystemExit(128 + signum)
@@ -912,5 +913,6 @@ def interrupted_message(cfg: TrainConfig, trainer: Optional[Trainer]) -> str:
     where = f"at step {step}" if step is not None else "before training began"
     saved = checkpoint.list_checkpoints(cfg.output_dir)
     if saved:
-        return f"interrupted {where}; last checkpoint {saved[max(saved)].name}; resume=auto continues from it"
+        hint = getattr(trainer, "resume_hint", "resume=auto")
+        return f"interrupted {where}; last checkpoint {saved[max(saved)].name}; {hint} continues from it"
     return f"interrupted {where}; no checkpoint saved yet: a rerun starts afresh"

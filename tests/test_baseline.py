@@ -339,6 +339,7 @@ def test_train_step_cli_names_the_bad_flag(argv, message, capsys):
 
 @pytest.mark.parametrize("argv, message", [(["--images", "0"], "--images must be >= 1, got 0"),
                                            (["--steps", "0"], "--steps must be >= 1, got 0"),
+                                           (["--threads", "0"], "--threads must be >= 1, got 0"),
                                            (["--out", "FILE"], "a file; give a folder"),  # not after training
                                            (["--out", "FILE/sub"], "FILE is a file; give a folder")])
 def test_engine_demo_cli_names_the_bad_flag(argv, message, capsys, tmp_path):
@@ -359,8 +360,13 @@ def test_engine_demo_writes_a_diverged_runs_loss_as_null(tmp_path):
 
     from fastfair import engine_demo
 
-    metrics = engine_demo.main(["--out", str(tmp_path), "--iters", "2", "--steps", "2", "--images", "1",
-                                "--lr", "1e30"])
+    threads = torch.get_num_threads()
+    try:  # --threads is torch's count (it was capped at 2 without a word)
+        metrics = engine_demo.main(["--out", str(tmp_path), "--iters", "2", "--steps", "2", "--images", "1",
+                                    "--lr", "1e30", "--threads", "3"])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
     assert math.isnan(metrics["colour_loss_after"])
     assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: 1 / 0)[
         "colour_loss_after"] is None

@@ -458,9 +458,14 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     assert not (out / "eval" / "stale.txt").exists()  # the demo's eval folder was started afresh
     with pytest.raises(ValueError, match=r"--iters 1: .* trained for 2 iterations already; give --iters 2 or more"):
         demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST)
-    # without --iters, a run trained past the config's max_steps is evaluated as it is (the trainer's refusal
+    # a max_steps override below it, as --iters (it was taken as the config's and ignored)
+    with pytest.raises(ValueError, match=r"max_steps=1: .* trained for 2 iterations already; give max_steps=2 or"):
+        demo.main(["--out", str(out)] + DEMO_FAST + ["max_steps=1"])
+    # without either, a run trained past its config's max_steps is evaluated as it is (the trainer's refusal
     # named max_steps, a setting the demo's user never gave)
-    third = demo.main(["--out", str(out)] + DEMO_FAST + ["max_steps=1"])
+    short = tmp_path / "short.yaml"
+    short.write_text("base: pkg://fastfair.toy/configs/gender.yaml\nmax_steps: 1\n")
+    third = demo.main(["--out", str(out), "--config", str(short)] + DEMO_FAST)
     assert "past the config's 1: evaluating it as it is" in capsys.readouterr().out
     assert third["checkpoint"] == second["checkpoint"]
     for override in ("output_dir=elsewhere", "resume="):  # the demo sets both: the user's were replaced silently
@@ -479,6 +484,53 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     fourth = demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)
     assert fourth["checkpoint"] == second["checkpoint"] and fourth["after"] == second["after"]
     assert "re-evaluating, the cached images are of other settings (manifest)" in capsys.readouterr().out
+
+
+def test_demo_deletes_only_an_evaluation_it_wrote(tmp_path, capsys):
+    """A stale evaluation under --out is remade only where the demo wrote it (its marker): another tool's report
+    there was deleted whole."""
+    out = tmp_path / "demo"
+    first = demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST)
+    assert (out / "eval" / demo.DEMO_MARKER).is_file()
+    (out / "eval" / demo.DEMO_MARKER).unlink()  # as an evaluation fastfair.evaluate wrote there
+    (out / "eval" / "NOTES.txt").write_text("mine")
+    with pytest.raises(ValueError, match=rf"--out {out}: {out / 'eval'} holds an evaluation the demo did not write "
+                                         r"\(.*\); give another --out, or delete"):
+        demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)  # trained on: the images are stale
+    assert (out / "eval" / "NOTES.txt").read_text() == "mine"
+    assert first["checkpoint"].endswith("step_00000001")
+
+
+def test_demo_checks_every_path_it_writes_before_training(tmp_path, monkeypatch):
+    """out/eval a file, out/metrics.json a folder: found after training (and evaluating), named --out's flag the
+    user never gave or ended in a raw OSError."""
+    monkeypatch.setattr(demo, "train", lambda *args: pytest.fail("trained before the paths were checked"))
+    for name, make, message in (("eval", lambda p: p.write_text(""), "is a file, where the demo keeps its eval folder"),
+                                ("metrics.json", lambda p: p.mkdir(), "is a folder, where the demo writes a file")):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        make(out / name)
+        with pytest.raises(ValueError, match=rf"--out {out}: {out / name} {message}; give another --out"):
+            demo.main(["--out", str(out)])
+
+
+def test_demo_names_other_settings_before_advice_on_the_iterations(tmp_path, monkeypatch, capsys):
+    """--iters below a run of other settings was told to give more iterations, which then met the settings'
+    refusal; a stop signal's message names the demo's way on, not resume=auto (an override it refuses)."""
+    import signal
+
+    from fastfair.trainer import Trainer
+
+    out = tmp_path / "demo"
+    demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)
+    with pytest.raises(ValueError, match="holds a run trained with other settings: sampler.num_steps=3"):
+        demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST + ["sampler.num_steps=3"])
+    monkeypatch.setattr(Trainer, "_agreed_stop", lambda self, stop: signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--out", str(out), "--iters", "4"] + DEMO_FAST)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 3: checkpoint step_00000003 saved; the same command continues" in \
+        capsys.readouterr().err
 
 
 def test_demo_names_a_bad_out_and_max_steps_before_training_and_what_ctrl_c_leaves(tmp_path, capsys, monkeypatch):
