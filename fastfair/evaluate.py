@@ -74,6 +74,8 @@ def load_prompts(spec: str, max_prompts: Optional[int] = None) -> list:
         raise ValueError(f"--prompts {spec}: {expected}")
     if max_prompts is not None and max_prompts < 1:
         raise ValueError(f"--max-prompts {max_prompts}: expected at least 1")
+    if not prompts:
+        raise ValueError(f"--prompts {spec}: holds no prompt")
     return prompts[:max_prompts]
 
 
@@ -107,6 +109,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     judges, classes, sets = evaluated_sets(classifiers, attributes, targets, joint, device, classifier_head, shared)
     counts = images_per_set(sets, images_per_prompt)
     count = max(counts.values())  # generated per prompt; each set scores its first counts[set]
+    _check_judge_inputs(clip, dino, semantics, fid_reference, fid_inception, count * len(prompts))
 
     model_config = resolve_model_config(model_config)  # the fingerprint below reads its files
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config, shared)
@@ -135,6 +138,8 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     def generate(m):
         jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales
                 for p, prompt in enumerate(prompts) for j in range(count)]
+        if m == "base" and base_images is not None:
+            _refuse_other_prompts(caches[m], jobs)
         generate_missing(caches[m], jobs, sources, vae, scheduler, latent_shape, num_steps, batch_size, device,
                          progress)
 
@@ -231,6 +236,10 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
     """evaluate's arguments, refused before any model loads or image is made (named by their CLI flags)."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
+    repeated = sorted({prompt for prompt in prompts if list(prompts).count(prompt) > 1})
+    if repeated:  # results are keyed by the prompt: a repeat would be one row, counted twice in the summary
+        raise ValueError(f"prompts: {repeated[0]!r} is given {list(prompts).count(repeated[0])} times; give each "
+                         "prompt once (more images of it: --images-per-prompt)")
     if not classifiers:
         raise ValueError("--classifier: give at least one attribute classifier file")
     # folders and results are keyed by the scale as printed: 7.5 and 7.5000001 would share them
@@ -264,6 +273,41 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
     if images_per_prompt is not None and images_per_prompt < 1:  # only None means the default count
         raise ValueError(f"--images-per-prompt {images_per_prompt}: expected at least 1 (leave it out for the "
                          "default 60 / 80 / 160)")
+
+
+def _check_judge_inputs(clip, dino, semantics, fid_reference, fid_inception, images_per_model: int) -> None:
+    """The semantics and FID models' inputs, refused before any image is made (they load after the images)."""
+    for flag, folder in (("--clip", clip), ("--dino", dino)):
+        if folder and not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder}: not a folder; give a local transformers model folder")
+    if isinstance(semantics, str):
+        from fastfair.hooks import load_callable
+
+        load_callable(semantics, "--semantics")  # imported now; called once the images are made
+    if fid_reference:
+        from fastfair.evaluation.fid import reference_images
+
+        if not Path(fid_reference).is_dir():
+            raise ValueError(f"--fid-reference {fid_reference}: not a folder; give a folder of real images")
+        reference_images(fid_reference)  # at least 2 of them
+        if not Path(fid_inception).is_file():
+            raise ValueError(f"--fid-inception {fid_inception}: not a file; give a local TorchScript feature "
+                             "extractor")
+        if images_per_model < 2:  # a covariance of one image
+            raise ValueError(f"--fid-reference: FID compares two sets of at least 2 images, and this evaluation makes "
+                             f"{images_per_model} per model; give more prompts or --images-per-prompt")
+
+
+def _refuse_other_prompts(cache: ImageCache, jobs) -> None:
+    """A --base-images folder serves one prompt list (images are filed by prompt position): another list would
+    overwrite the images an evaluation sharing the folder is scoring, which then paired its finetuned images
+    with other prompts' base images, unsaid. A longer list with the same start adds to it."""
+    for job in jobs:
+        recorded = cache.recorded_prompt(job.path)
+        if recorded is not None and recorded != job.prompt:
+            raise ValueError(f"--base-images {cache.root}: holds the base images of another prompt list (prompt "
+                             f"{job.prompt_index + 1} is {recorded!r} there, {job.prompt!r} here); a base-images "
+                             "folder serves evaluations of the same prompts: give another folder for these")
 
 
 def _at_or_below(path: Path, folder: Path) -> bool:
@@ -480,7 +524,7 @@ def evaluation_parser(description: str, finetuned: bool = True) -> argparse.Argu
     if finetuned:
         parser.add_argument("--base-images",
                             help="a folder caching the base model's images apart from --out, shared by evaluations "
-                                 "of other finetuned models with the same settings, one at a time (default: in "
+                                 "of other finetuned models with the same settings and prompts (default: in "
                                  "OUT/images)")
     parser.add_argument("--out", required=True)
     return parser

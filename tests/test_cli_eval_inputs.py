@@ -390,6 +390,9 @@ def test_generate_several_prompts_loads_once_and_gives_each_its_own_images(tmp_p
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="--prompts .*empty.txt: holds no prompt"):
         generate_main(["--model", "toy", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "e")])
+    with pytest.raises(ValueError, match="--prompts .*empty.txt: holds no prompt"):  # it said "no prompts to evaluate"
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--prompts", str(tmp_path / "empty.txt"),
+                       "--out", str(tmp_path / "e")])
     with pytest.warns(UserWarning, match="1 prompt\\(s\\) given more than once"):
         generate_main(["--model", "toy", "--num-images", "1", "--steps", "1", "--prompt", PROMPT, "--prompt", PROMPT,
                        "--out", str(tmp_path / "twice")])
@@ -634,6 +637,12 @@ def test_a_batch_killed_mid_write_leaves_no_record_on_an_overwritten_image(tmp_p
     (dict(margin=-1.0), "--margin -1.0: expected a fraction of the face box >= 0"),
     (dict(classifiers=["missing.safetensors"]), "--classifier missing.safetensors does not exist"),
     (dict(seed=-1), r"--seed -1: expected an integer >= 0"),
+    # the semantics and FID models load after the images: their inputs are checked first
+    (dict(dino="/nonexistent/dinov2"), "--dino /nonexistent/dinov2: not a folder"),
+    (dict(clip="/nonexistent/clip"), "--clip /nonexistent/clip: not a folder"),
+    (dict(semantics="fastfair.toy:no_such_fn"), r"--semantics='fastfair.toy:no_such_fn': cannot import it"),
+    (dict(fid_reference="/nonexistent/ref", fid_inception="x.pt"), "--fid-reference /nonexistent/ref: not a folder"),
+    (dict(prompts=[PROMPT, PROMPT]), r"prompts: .* is given 2 times; give each prompt once"),
 ])
 def test_evaluation_settings_are_checked_before_any_image(options, message, tmp_path):
     """Settings that would fail (or collide) only after every image is generated are refused first."""
@@ -643,6 +652,24 @@ def test_evaluation_settings_are_checked_before_any_image(options, message, tmp_
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="--out .*file: a file; give a folder"):
         run(tmp_path / "file")
+
+
+def test_fid_inputs_are_checked_before_any_image(tmp_path):
+    """An extractor that is not there, and FID of one image per model (a covariance of one), were found after the
+    images were made."""
+    from PIL import Image
+
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    for k in range(2):
+        Image.new("RGB", (8, 8), (k, k, k)).save(reference / f"{k}.png")
+    with pytest.raises(ValueError, match="--fid-inception .*missing.pt: not a file"):
+        run(tmp_path / "eval", fid_reference=str(reference), fid_inception=str(tmp_path / "missing.pt"))
+    (tmp_path / "feat.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="FID compares two sets of at least 2 images, and this evaluation makes 1"):
+        run(tmp_path / "eval", fid_reference=str(reference), fid_inception=str(tmp_path / "feat.pt"),
+            images_per_prompt=1)
+    assert not (tmp_path / "eval" / "images").exists()
 
 
 def _demo_evaluation_arguments(cfg, tmp_path, monkeypatch) -> dict:

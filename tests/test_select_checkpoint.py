@@ -11,7 +11,7 @@ from PIL import Image
 
 from fastfair.checkpoint import load_weights, save_checkpoint
 from fastfair.evaluate import evaluate
-from fastfair.evaluation.cache import StaleCacheError, from_png
+from fastfair.evaluation.cache import StaleCacheError, from_png, image_path
 from fastfair.evaluation.selection import Candidate, select
 from fastfair.select_checkpoint import expand_checkpoints, main, parse_floors, parse_shard, select_checkpoint
 from fastfair.testing import save_tiny_clip
@@ -241,6 +241,15 @@ def test_evaluate_base_images_folder_is_checked_and_refused_when_stale(world, tm
     assert evaluate(out=tmp_path / "b", base_images=tmp_path / "shared", **options(world))["generated"] == []
     with pytest.raises(StaleCacheError, match=r"other settings \(steps\); use another --base-images"):
         evaluate(out=tmp_path / "c", base_images=tmp_path / "shared", **options(world, num_steps=3))
+    # another prompt list would overwrite the images an evaluation sharing the folder scores (it then paired its
+    # finetuned images with other prompts' base images): refused; a longer list with the same start adds to it
+    others = list(reversed(PROMPTS))
+    with pytest.raises(ValueError, match=rf"--base-images .*shared: holds the base images of another prompt list "
+                                         rf"\(prompt 1 is {PROMPTS[0]!r} there, {others[0]!r} here\)"):
+        evaluate(out=tmp_path / "d", base_images=tmp_path / "shared", **options(world, prompts=others))
+    longer = evaluate(out=tmp_path / "e", base_images=tmp_path / "shared",
+                      **options(world, prompts=PROMPTS + ["a photo of a baker"], images_per_prompt=1))
+    assert longer["generated"] == [image_path(5.0, "base", len(PROMPTS), 0)]
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert list(metrics["guidance"]["5"]) == ["base"]
     assert np.isfinite(metrics["guidance"]["5"]["base"]["summary"]["clip_t"]["mean"])
@@ -638,6 +647,8 @@ def test_an_evaluation_sharing_loads_with_one_of_other_settings_gives_its_own_re
     shared = SharedLoads()
     common = dict(finetuned=str(world["run"] / "checkpoints" / "step_00000003"), base_images=tmp_path / "base_images")
     before = evaluate(out=tmp_path / "first", shared=shared, **common, **options(world, **first))
+    if changed == "prompts":  # a base-images folder serves one prompt list (another is refused)
+        common["base_images"] = tmp_path / "base_images_of_the_other_prompts"
     swept = evaluate(out=tmp_path / "second", shared=shared, **common, **options(world, **second))
     alone = evaluate(out=tmp_path / "alone", **common, **options(world, **second))
     # the judges, models and base measurements held for the first are not those of the second's settings

@@ -201,6 +201,11 @@ class ImageCache:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    def recorded_prompt(self, relative: str) -> Optional[str]:
+        """The prompt the manifest records for the image at ``relative``, None when none is recorded."""
+        record = self.manifest["images"].get(relative)
+        return None if record is None else record["prompt"]
+
     def has(self, job: Job) -> bool:
         record = self.manifest["images"].get(job.path)
         return record is not None and record["prompt"] == job.prompt and self.path(job.path).is_file()
