@@ -275,12 +275,6 @@ def _noise_levels(config: Mapping[str, Any], S: int, abar: np.ndarray):
     timesteps, diffusers_sigmas = _diffusers_timesteps(config, S)
     if len(timesteps) != S:
         raise ValueError(f"scheduler produced {len(timesteps)} timesteps for num_steps={S}")
-    if S > 1 and timesteps[0] == timesteps[1]:
-        # diffusers finds a sampling run's first step by its timestep and takes the second of two matches: its
-        # sampler would start at step 1 and fail at its last (IndexError), so no diffusers pipeline samples it
-        raise ValueError(f"num_steps={S}: the scheduler's first two timesteps are both {int(timesteps[0])} (noise "
-                         "levels this close map to one training timestep), which diffusers' own sampler cannot "
-                         "step through; use another step count, beta_schedule or use_karras_sigmas=False")
     if config.get("use_karras_sigmas", False):
         rho = 7.0
         # diffusers' _convert_to_karras takes config sigma_min / sigma_max where the config has them
@@ -292,6 +286,12 @@ def _noise_levels(config: Mapping[str, Any], S: int, abar: np.ndarray):
         sig = np.interp(timesteps.astype(np.float64), np.arange(len(sigmas_train)), sigmas_train)
     sigma_last = sigmas_train[0] if config.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
     sig = np.concatenate([sig, [sigma_last]])
+    if S > 1 and timesteps[0] == timesteps[1] and sig[0] != sig[1]:  # equal levels: refused with the reason below
+        # diffusers finds a sampling run's first step by its timestep and takes the second of two matches: its
+        # sampler would start at step 1 and fail at its last (IndexError), so no diffusers pipeline samples it
+        raise ValueError(f"num_steps={S}: the scheduler's first two timesteps are both {int(timesteps[0])} (noise "
+                         "levels this close map to one training timestep), which diffusers' own sampler cannot "
+                         "step through; use another step count, beta_schedule or use_karras_sigmas=False")
     if not np.allclose(sig, diffusers_sigmas, rtol=1e-3, atol=1e-6):
         i = int(np.argmax(np.abs(sig - diffusers_sigmas)))
         raise ValueError(f"scheduler: fastfair's noise level at step {i} ({sig[i]:.6g}) differs from diffusers' "
