@@ -1026,9 +1026,12 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
     # DeepSpeed reads "bfloat16" as "bf16" (its older name)
     sections = {"fp16": ds.get("fp16", {}), "bf16": ds.get("bf16", ds.get("bfloat16", {}))}
     # Where DeepSpeed's optimizer checks the gradients itself, fastfair leaves the non-finite-step skip to it:
-    # these switches turn that check off, and a NaN gradient would be applied to the weights and the EMA.
+    # these switches turn that check off, and a NaN gradient would be applied to the weights and the EMA (fp16
+    # and bf16 check for overflow whatever compute_grad_norm says; in fp32 it is the only check).
+    half = any(section.get("enabled", False) for section in sections.values())
     unchecked = [name for name, off in (
-        ("zero_optimization.compute_grad_norm", ds.get("zero_optimization", {}).get("compute_grad_norm") is False),
+        ("zero_optimization.compute_grad_norm",
+         not half and ds.get("zero_optimization", {}).get("compute_grad_norm") is False),
         ("bf16.check_grad_overflow", sections["bf16"].get("check_grad_overflow") is False)) if off]
     if unchecked:
         return [f"deepspeed.config={cfg.deepspeed.config} sets {' and '.join(unchecked)} false, which turns off "

@@ -111,14 +111,14 @@ def train(config: str, out: Path, iters, overrides: List[str]):
         # evaluation reads (the trainer would resume an earlier checkpoint and refuse to overwrite this one)
         print(f"{out}: trained to step {trained} already, nothing to train")
         return cfg, saved[trained], False
-    trainer = None
+    trainer, hint = None, "the same command"  # resume=auto is the demo's own setting, not the user's
     try:
         with process_group("cpu"):
             trainer = Trainer(cfg, "cpu")
-            trainer.resume_hint = "the same command"  # resume=auto is the demo's own setting, not the user's
+            trainer.resume_hint = hint
             trainer.train()
     except KeyboardInterrupt:  # the step reached and what a rerun continues from, as python fastfair/train.py says
-        print(interrupted_message(cfg, trainer), file=sys.stderr, flush=True)
+        print(interrupted_message(cfg, trainer, hint), file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     saved = checkpoint.list_checkpoints(cfg.output_dir, resumable=False)
     return cfg, saved[max(saved)], trainer.step > trained
@@ -183,23 +183,37 @@ def evaluate_heldout(cfg, finetuned: Path, out: Path, images_per_prompt: int) ->
                         num_steps=cfg.sampler.num_steps, seed=cfg.seed + 1, batch_size=40, detector=detect_faces,
                         margin=cfg.faces.margin, semantics=SEMANTICS, grid_columns=GRID_COLUMNS,
                         dtype=cfg.model.dtype)  # as the run sampled
-    marker = out / DEMO_MARKER
-    if not out.exists() or not any(out.iterdir()):  # a fresh folder: the demo's own from here on
-        out.mkdir(parents=True, exist_ok=True)
-        marker.write_text("written by python -m fastfair.demo: it may delete this folder to re-evaluate\n")
+    _claim_evaluation(out)
     try:
         return run()
-    except StaleCacheError as error:
-        if not marker.is_file():  # someone else's evaluation (or one from before the marker): never deleted
-            raise ValueError(f"--out {out.parent}: {out} holds an evaluation the demo did not write ({error.problem}); "
-                             f"give another --out, or delete {out}") from None
-        # the demo's own: its images are of an earlier checkpoint (a rerun trained further) or settings, and the
-        # report must describe this one, so start the evaluation afresh
+    except StaleCacheError as error:  # the demo's own folder (_claim_evaluation): its images are of an earlier
+        # checkpoint (a rerun trained further) or settings, and the report must describe this one: start afresh
         print(f"{out}: re-evaluating, the cached images are of other settings ({', '.join(error.changed)})")
         shutil.rmtree(out)
-        out.mkdir(parents=True)
-        marker.write_text("written by python -m fastfair.demo: it may delete this folder to re-evaluate\n")
+        _claim_evaluation(out)
         return run()
+
+
+def _claim_evaluation(out: Path) -> None:
+    """Mark ``out`` (the demo's evaluation folder) as the demo's, which it may delete to re-evaluate: a fresh or
+    empty folder, or one an earlier demo wrote before the mark existed (its images are of a checkpoint of the
+    demo's run beside it); anything else is refused, never deleted."""
+    marker = out / DEMO_MARKER
+    if marker.is_file():
+        return
+    if out.is_dir() and any(out.iterdir()):
+        from fastfair.evaluation.cache import MANIFEST
+
+        try:
+            finetuned = json.loads((out / "images" / MANIFEST).read_text())["settings"]["finetuned"]
+            ours = (out.parent / "train").resolve() in Path(finetuned).resolve().parents
+        except (OSError, ValueError, KeyError, TypeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"--out {out.parent}: {out} holds files the demo did not write (its evaluation goes "
+                             f"there, and a stale one is deleted); give another --out, or move {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by python -m fastfair.demo: it may delete this folder to re-evaluate\n")
 
 
 def _slug(name: str) -> str:
@@ -325,7 +339,8 @@ def default_out(config: str) -> Path:
 
 def _check_out(out: Path) -> None:
     """Every path the demo writes under ``out``, checked before the work (the trainer would name output_dir, which
-    the demo sets itself; a folder where metrics.json goes was found after training and evaluating)."""
+    the demo sets itself; a folder where metrics.json goes was found after training and evaluating), and its
+    evaluation folder claimed (_claim_evaluation)."""
     problem = file_instead_of_folder("--out", out, "the demo's run and results")
     for folder in ("train", "eval"):
         if problem is None and (out / folder).exists() and not (out / folder).is_dir():
@@ -336,6 +351,8 @@ def _check_out(out: Path) -> None:
             problem = f"--out {out}: {path} is a folder, where the demo writes a file"
     if problem:
         raise ValueError(problem + "; give another --out or move it")
+    if (out / "eval").is_dir():
+        _claim_evaluation(out / "eval")
 
 
 def main(argv=None) -> dict:

@@ -23,8 +23,8 @@ import torch
 from fastfair.checkpoint import config_file
 from fastfair.cli import device_problem, file_instead_of_folder
 from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
-from fastfair.evaluation.cache import (ImageCache, Job, from_png, generate_missing, image_path, shared_cache_lock,
-                                       weight_fingerprint)
+from fastfair.evaluation.cache import (ImageCache, Job, StaleCacheError, from_png, generate_missing, image_path,
+                                       shared_cache_lock, weight_fingerprint)
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
 from fastfair.evaluation.shared import SharedLoads
@@ -139,7 +139,7 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
         jobs = [Job(image_path(g, m, p, j), m, float(g), p, prompt, j) for g in guidance_scales
                 for p, prompt in enumerate(prompts) for j in range(count)]
         if m == "base" and base_images is not None:
-            _refuse_other_prompts(caches[m], jobs)
+            _refuse_other_prompts(caches[m], prompts)
         generate_missing(caches[m], jobs, sources, vae, scheduler, latent_shape, num_steps, batch_size, device,
                          progress)
 
@@ -298,16 +298,16 @@ def _check_judge_inputs(clip, dino, semantics, fid_reference, fid_inception, ima
                              f"{images_per_model} per model; give more prompts or --images-per-prompt")
 
 
-def _refuse_other_prompts(cache: ImageCache, jobs) -> None:
-    """A --base-images folder serves one prompt list (images are filed by prompt position): another list would
-    overwrite the images an evaluation sharing the folder is scoring, which then paired its finetuned images
-    with other prompts' base images, unsaid. A longer list with the same start adds to it."""
-    for job in jobs:
-        recorded = cache.recorded_prompt(job.path)
-        if recorded is not None and recorded != job.prompt:
-            raise ValueError(f"--base-images {cache.root}: holds the base images of another prompt list (prompt "
-                             f"{job.prompt_index + 1} is {recorded!r} there, {job.prompt!r} here); a base-images "
-                             "folder serves evaluations of the same prompts: give another folder for these")
+def _refuse_other_prompts(cache: ImageCache, prompts: Sequence[str]) -> None:
+    """A --base-images folder serves one prompt list (images are filed by prompt position, at every guidance
+    scale): another list would overwrite the images an evaluation sharing the folder is scoring, which then paired
+    its finetuned images with other prompts' base images, unsaid. A longer list with the same start adds to it."""
+    recorded = cache.prompts_by_position()
+    for position, prompt in enumerate(prompts):
+        if recorded.get(position, prompt) != prompt:
+            raise StaleCacheError(f"{cache.root}: holds the base images of another prompt list (prompt {position + 1} "
+                                  f"is {recorded[position]!r} there, {prompt!r} here; a base-images folder serves "
+                                  "evaluations of the same prompts, in the same order)", ["prompts"], cache.flag)
 
 
 def _at_or_below(path: Path, folder: Path) -> bool:

@@ -907,12 +907,13 @@ def main(argv=None) -> None:
         raise SystemExit(130) from None
 
 
-def interrupted_message(cfg: TrainConfig, trainer: Optional[Trainer]) -> str:
-    """What a run interrupted by Ctrl-C says: the step it reached and the checkpoint a resume=auto continues from."""
+def interrupted_message(cfg: TrainConfig, trainer: Optional[Trainer], hint: Optional[str] = None) -> str:
+    """What a run interrupted by Ctrl-C says: the step it reached and the checkpoint a resume=auto continues from
+    (``hint``: how the caller continues it, default the trainer's resume_hint)."""
     step = getattr(trainer, "step", None)
     where = f"at step {step}" if step is not None else "before training began"
     saved = checkpoint.list_checkpoints(cfg.output_dir)
     if saved:
-        hint = getattr(trainer, "resume_hint", "resume=auto")
+        hint = hint or getattr(trainer, "resume_hint", "resume=auto")
         return f"interrupted {where}; last checkpoint {saved[max(saved)].name}; {hint} continues from it"
     return f"interrupted {where}; no checkpoint saved yet: a rerun starts afresh"

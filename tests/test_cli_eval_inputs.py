@@ -489,19 +489,24 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     assert "re-evaluating, the cached images are of other settings (manifest)" in capsys.readouterr().out
 
 
-def test_demo_deletes_only_an_evaluation_it_wrote(tmp_path, capsys):
-    """A stale evaluation under --out is remade only where the demo wrote it (its marker): another tool's report
-    there was deleted whole."""
+def test_demo_deletes_only_an_evaluation_it_wrote(tmp_path, capsys, monkeypatch):
+    """A stale evaluation under --out is remade only where the demo wrote it (its mark, or, from before the mark,
+    images of its own run's checkpoint): another tool's report there was deleted whole; now refused before
+    training."""
     out = tmp_path / "demo"
     first = demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST)
-    assert (out / "eval" / demo.DEMO_MARKER).is_file()
-    (out / "eval" / demo.DEMO_MARKER).unlink()  # as an evaluation fastfair.evaluate wrote there
-    (out / "eval" / "NOTES.txt").write_text("mine")
-    with pytest.raises(ValueError, match=rf"--out {out}: {out / 'eval'} holds an evaluation the demo did not write "
-                                         r"\(.*\); give another --out, or delete"):
-        demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)  # trained on: the images are stale
-    assert (out / "eval" / "NOTES.txt").read_text() == "mine"
-    assert first["checkpoint"].endswith("step_00000001")
+    assert (out / "eval" / demo.DEMO_MARKER).is_file() and first["checkpoint"].endswith("step_00000001")
+    (out / "eval" / demo.DEMO_MARKER).unlink()  # as a demo before the mark left it
+    demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)  # trained on: its images are stale
+    assert "re-evaluating" in capsys.readouterr().out and (out / "eval" / demo.DEMO_MARKER).is_file()
+    foreign = tmp_path / "foreign"
+    (foreign / "eval").mkdir(parents=True)
+    (foreign / "eval" / "NOTES.txt").write_text("mine")
+    monkeypatch.setattr(demo, "train", lambda *args: pytest.fail("trained before the folder was checked"))
+    with pytest.raises(ValueError, match=rf"--out {foreign}: {foreign / 'eval'} holds files the demo did not write "
+                                         r"\(its evaluation goes there, and a stale one is deleted\); give another"):
+        demo.main(["--out", str(foreign)] + DEMO_FAST)
+    assert (foreign / "eval" / "NOTES.txt").read_text() == "mine"
 
 
 def test_demo_checks_every_path_it_writes_before_training(tmp_path, monkeypatch):
@@ -534,6 +539,11 @@ def test_demo_names_other_settings_before_advice_on_the_iterations(tmp_path, mon
     assert exit_.value.code == 128 + signal.SIGTERM
     assert "stopped by SIGTERM at step 3: checkpoint step_00000003 saved; the same command continues" in \
         capsys.readouterr().err
+    # Ctrl-C while the trainer is still being built: the same words
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(out), "--iters", "4"] + DEMO_FAST)
+    assert "last checkpoint step_00000003; the same command continues from it" in capsys.readouterr().err
 
 
 def test_demo_names_a_bad_out_and_max_steps_before_training_and_what_ctrl_c_leaves(tmp_path, capsys, monkeypatch):

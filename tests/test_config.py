@@ -528,6 +528,8 @@ def test_deepspeed_jsons_are_concrete_and_match_their_names(path, tmp_path):
      "sets zero_optimization.compute_grad_norm false, which turns off DeepSpeed's check for non-finite"),
     ({"bf16": {"enabled": True, "check_grad_overflow": False}}, "bf16", "sets bf16.check_grad_overflow false"),
     ({"bf16": {"enabled": True, "check_grad_overflow": True}}, "bf16", None),
+    # in fp16 and bf16 DeepSpeed checks for overflow whatever compute_grad_norm says
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}, "bf16": {"enabled": True}}, "bf16", None),
 ])
 def test_deepspeed_json_sections_fastfair_would_misread_or_ignore_are_named(tmp_path, settings, mixed, message):
     path = tmp_path / "ds.json"

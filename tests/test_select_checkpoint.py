@@ -244,15 +244,32 @@ def test_evaluate_base_images_folder_is_checked_and_refused_when_stale(world, tm
     # another prompt list would overwrite the images an evaluation sharing the folder scores (it then paired its
     # finetuned images with other prompts' base images): refused; a longer list with the same start adds to it
     others = list(reversed(PROMPTS))
-    with pytest.raises(ValueError, match=rf"--base-images .*shared: holds the base images of another prompt list "
-                                         rf"\(prompt 1 is {PROMPTS[0]!r} there, {others[0]!r} here\)"):
+    with pytest.raises(StaleCacheError, match=rf"shared: holds the base images of another prompt list \(prompt 1 is "
+                                              rf"{PROMPTS[0]!r} there, {others[0]!r} here; .*\); use another "
+                                              r"--base-images or delete the folder"):
         evaluate(out=tmp_path / "d", base_images=tmp_path / "shared", **options(world, prompts=others))
+    # at another guidance scale too: the folder serves one list whatever the scale (checked per image, a list
+    # went in at a new scale and then blocked the first list's own evaluations there)
+    with pytest.raises(StaleCacheError, match="holds the base images of another prompt list"):
+        evaluate(out=tmp_path / "d", base_images=tmp_path / "shared",
+                 **options(world, prompts=others, guidance_scales=(3.0,)))
     longer = evaluate(out=tmp_path / "e", base_images=tmp_path / "shared",
                       **options(world, prompts=PROMPTS + ["a photo of a baker"], images_per_prompt=1))
     assert longer["generated"] == [image_path(5.0, "base", len(PROMPTS), 0)]
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert list(metrics["guidance"]["5"]) == ["base"]
     assert np.isfinite(metrics["guidance"]["5"]["base"]["summary"]["clip_t"]["mean"])
+
+
+@pytest.mark.filterwarnings("ignore:--prompts")  # the tiny world's prompts are its training prompts
+def test_a_sweep_with_another_prompt_list_names_its_own_folders(world, tmp_path):
+    """The base images a sweep shares hold one prompt list: a rerun into the same --out with another list is
+    refused in the sweep's terms (it sets base_images itself), naming what to delete."""
+    checkpoint = str(world["run"] / "checkpoints" / "step_00000001")
+    select_checkpoint([checkpoint], tmp_path / "sweep", **options(world, images_per_prompt=1))
+    with pytest.raises(StaleCacheError, match=r"another prompt list .*; use another --out, or delete .*base_images"):
+        select_checkpoint([checkpoint], tmp_path / "sweep",
+                          **options(world, prompts=list(reversed(PROMPTS)), images_per_prompt=1))
 
 
 @pytest.mark.filterwarnings("ignore:--prompts")  # the tiny world's prompts are its training prompts

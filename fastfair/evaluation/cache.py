@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sys
 import warnings
 import zlib
@@ -176,7 +177,7 @@ class ImageCache:
         as_recorded_now: stored settings -> the settings this version records for the same inputs (a fingerprint
         narrowed since to the files the images depend on): cached images whose settings match only after it are
         kept, and the manifest records the settings as they are now."""
-        self.root = Path(root)
+        self.root, self.flag = Path(root), flag
         self.root.mkdir(parents=True, exist_ok=True)
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
         self.manifest = {"settings": self.settings, "images": {}}
@@ -201,10 +202,14 @@ class ImageCache:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    def recorded_prompt(self, relative: str) -> Optional[str]:
-        """The prompt the manifest records for the image at ``relative``, None when none is recorded."""
-        record = self.manifest["images"].get(relative)
-        return None if record is None else record["prompt"]
+    def prompts_by_position(self) -> Dict[int, str]:
+        """{prompt position: prompt} over every image the manifest records (image_path files them by position)."""
+        found = {}
+        for relative, record in self.manifest["images"].items():
+            position = re.search(r"/p(\d+)/", relative)
+            if position:
+                found.setdefault(int(position.group(1)), record["prompt"])
+        return found
 
     def has(self, job: Job) -> bool:
         record = self.manifest["images"].get(job.path)
