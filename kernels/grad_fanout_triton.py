@@ -4,7 +4,7 @@ One program loads BLOCK elements of g once (upcast to fp32, or kept fp64) and, f
 coefficient c = scales[j] * branch_weights[b], stores c * g into that copy of the output, in the output's
 dtype. The coefficients are read from a small float64 tensor; offsets are int64.
 """
-from functools import lru_cache
+from collections import OrderedDict
 from typing import List, Tuple
 
 import torch
@@ -35,13 +35,53 @@ def grad_fanout_kernel(g_ptr, coef_ptr, out_ptr, n_elements, n_coefs, COMPUTE: t
         c += 1
 
 
-@lru_cache(maxsize=256)
-def _coefficient_tensor(values: Tuple[float, ...], device: torch.device, stream: int) -> torch.Tensor:
-    """The coefficients as a float64 tensor on the device, made once per list and stream: a run with all steps
-    differentiated repeats the same few lists (its chunks' scales) every iteration, and a cached list needs no
-    copy (a CUDA graph can hold it). A new list (a random subset of steps, ``grad_steps``) is copied without a
-    synchronization (host_copy.py); keyed by stream, because that copy is ordered on the stream it was made on."""
-    return to_device(torch.tensor(values, dtype=torch.float64), device)
+class _CoefficientCache:
+    """The coefficient lists as float64 tensors on their device, made once per (list, device), the 256 most recently
+    used kept: a run with all steps differentiated repeats the same few lists (its chunks' scales) every iteration,
+    and a cached list needs no copy (a CUDA graph can hold it). A new list (a random subset of steps,
+    ``grad_steps``) is copied without a synchronization (host_copy.py), ordered on the stream it was made on: a
+    use on another stream first waits for that copy (an event; nothing waits once it is done). In a CUDA graph
+    capture a new list is refused: the capture would record a copy from a pinned buffer the allocator reuses."""
+
+    size = 256
+
+    def __init__(self):
+        self.entries: "OrderedDict[tuple, list]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
+        key = (values, device)
+        entry = self.entries.get(key)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if entry is None:
+            if capturing:
+                raise RuntimeError("grad_fanout (triton): a coefficient list not used before is not copied to the "
+                                   "GPU inside a CUDA graph capture; run the same call once before capturing")
+            self.misses += 1
+            tensor = to_device(torch.tensor(values, dtype=torch.float64), device)
+            done = torch.cuda.Event() if device.type == "cuda" else None
+            if done is not None:
+                done.record()
+            entry = self.entries[key] = [tensor, done]
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+            return tensor
+        self.hits += 1
+        self.entries.move_to_end(key)
+        tensor, done = entry
+        if done is not None and not capturing:  # a capture began with a synchronization: the copy is done
+            if done.query():
+                entry[1] = None
+            else:
+                torch.cuda.current_stream(device).wait_event(done)
+        return tensor
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.hits = self.misses = 0
+
+
+_coefficients = _CoefficientCache()
 
 
 def grad_fanout_triton(g: torch.Tensor, scales: List[float], branch_weights: List[float],
@@ -50,8 +90,7 @@ def grad_fanout_triton(g: torch.Tensor, scales: List[float], branch_weights: Lis
     ``fastfair.kernels.grad_fanout``."""
     n = g.numel()
     # Products in double, as the reference forms float(s) * float(w) before scaling g.
-    stream = torch.cuda.current_stream(g.device).cuda_stream if g.is_cuda else 0
-    coefs = _coefficient_tensor(tuple(float(s) * float(w) for s in scales for w in branch_weights), g.device, stream)
+    coefs = _coefficients.get(tuple(float(s) * float(w) for s in scales for w in branch_weights), g.device)
     compute = tl.float64 if g.dtype == torch.float64 else tl.float32
     block = block_size()
     with on_device_of(g):  # Triton launches on the current device, which need not be g's

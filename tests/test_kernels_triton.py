@@ -47,23 +47,37 @@ def test_grad_fanout(case, one_thread):
 
 @runs_here
 def test_fanout_coefficients_are_made_once_per_list():
-    """The coefficients reach the device once per (scales, weights) list and stream: a repeated list needs no
-    host-to-device copy (a CUDA graph can hold it); the trainer repeats its lists."""
+    """The coefficients reach the device once per (scales, weights) list: a repeated list needs no host-to-device
+    copy (a CUDA graph can hold it); the trainer repeats its lists. On CUDA, a use on another stream is ordered
+    after the copy, and a new list inside a graph capture is refused (it would record a reused pinned buffer)."""
     from fastfair.kernels import grad_fanout
-    from fastfair.kernels.grad_fanout_triton import _coefficient_tensor
+    from fastfair.kernels.grad_fanout_triton import _coefficients
 
     g = torch.randn(2, 4, 5, 3, device=DEVICE)
-    _coefficient_tensor.cache_clear()
-    for _ in range(3):
-        grad_fanout(g, [0.5, 2.0], [-6.5, 7.5], backend="triton")
-    assert _coefficient_tensor.cache_info().misses == 1 and _coefficient_tensor.cache_info().hits == 2
+    _coefficients.clear()
+    outs = [grad_fanout(g, [0.5, 2.0], [-6.5, 7.5], backend="triton") for _ in range(3)]
+    assert (_coefficients.misses, _coefficients.hits) == (1, 2)
     expected = torch.tensor([0.5 * -6.5, 0.5 * 7.5, 2.0 * -6.5, 2.0 * 7.5], dtype=torch.float64)
-    assert torch.equal(_coefficient_tensor.__wrapped__(tuple(expected.tolist()), g.device, 0).cpu(), expected)
-    if g.is_cuda:  # another stream gets its own copy, ordered on that stream
+    assert torch.equal(_coefficients.get(tuple(expected.tolist()), g.device).cpu(), expected)
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    _coefficients.size = 2  # the least recently used list goes first
+    try:
+        for scale in (1.0, 2.0, 3.0):
+            grad_fanout(g, [scale], [1.0], backend="triton")
+        assert len(_coefficients.entries) == 2 and all(key[0] != (1.0,) for key in _coefficients.entries)
+    finally:
+        _coefficients.size = 256
+    if g.is_cuda:
         torch.cuda.synchronize()
-        with torch.cuda.stream(torch.cuda.Stream()):
-            grad_fanout(g, [0.5, 2.0], [-6.5, 7.5], backend="triton")
-        assert _coefficient_tensor.cache_info().misses == 2
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            on_side = grad_fanout(g, [0.25], [4.0], backend="triton")
+        side.synchronize()
+        torch.testing.assert_close(on_side, g.unsqueeze(0).unsqueeze(0).expand_as(on_side))  # 0.25 * 4 = 1
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="not copied to the GPU inside a CUDA graph capture"):
+            with torch.cuda.graph(graph):
+                grad_fanout(g, [0.125], [8.0], backend="triton")
 
 
 @runs_here
