@@ -10,7 +10,8 @@ import torch
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host`` (a CPU tensor) on ``device``, ordered on the current stream there, without waiting for it."""
-    if device.type != "cuda":
+    """``host`` (a CPU tensor) on ``device``, ordered on the current stream there, without waiting for it (a
+    tensor already on a GPU is copied as torch copies it)."""
+    if device.type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
