@@ -665,7 +665,12 @@ def _lists(node):
 # another layout), and how prefix tokens start (the checkpoint's rows replace them). Not retention (keep_last,
 # keep_every): a smaller one would prune checkpoints the run has kept.
 RESUME_MAY_CHANGE = ("optim", "max_steps", "checkpoint_every", "logging", "resume", "resume_allow", "output_dir",
-                     "finetune.prefix_init")
+                     "finetune.prefix_init",
+                     # how the same gradient is computed, traded between memory and time (a resume on a smaller
+                     # GPU needs them changed): the results differ by float rounding only
+                     "sampler.recompute_chunk", "sampler.recompute_images", "sampler.keep_graph_steps",
+                     "sampler.keep_attention_steps", "sampler.memory_budget_gb", "sampler.lean_graph",
+                     "loss.judge_images")
 
 
 def _flat(node, key: str = "") -> Dict[str, Any]:

@@ -296,6 +296,19 @@ def test_a_resume_names_a_retention_change(tmp_path):
                                           "keep_last": (saved["keep_last"], cfg.keep_last)}
 
 
+def test_a_resume_may_trade_memory_for_time_but_not_change_the_gradient(tmp_path):
+    """Settings that compute the same gradient with less memory (a resume on a smaller GPU) may change; those that
+    change the gradient (grad_steps, coefficients) are named."""
+    cfg = load_config(minimal(tmp_path))
+    saved = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
+    s = cfg.sampler
+    s.recompute_chunk, s.recompute_images, s.keep_graph_steps, s.keep_attention_steps = 4, 2, 3, 5
+    s.memory_budget_gb, s.lean_graph, cfg.loss.judge_images = 20.0, not s.lean_graph, 2
+    assert resume_changes(saved, cfg) == {}
+    s.grad_steps, s.coefficients = 5, "exact"
+    assert set(resume_changes(saved, cfg)) == {"sampler.grad_steps", "sampler.coefficients"}
+
+
 def test_unknown_yaml_key_at_depth_names_the_full_dotted_key(tmp_path):
     path = minimal(tmp_path, finetune={"lora": {"rnak": 4}})
     with pytest.raises(ConfigError, match=r"unknown config key 'finetune\.lora\.rnak': did you mean "
