@@ -173,6 +173,49 @@ def test_an_antialiased_crop_shrinks_a_box_as_pil_resizes_the_picture_of_it():
     assert torch.equal(crop_boxes(images, small, 224, antialias=True), crop_boxes(images, small, 224))
 
 
+@pytest.mark.parametrize("box", [(99.5, 49.5, 432.5, 382.5), (32.25, 16.75, 480.25, 464.75), (0.0, 0.0, 512.0, 512.0),
+                                 (10.3, 200.6, 500.9, 300.2), (120.5, 80.5, 300.5, 400.5), (20.0, 30.0, 470.0, 500.0)])
+def test_an_antialiased_crop_of_a_fractional_box_is_pil_s_resize_of_that_box(box):
+    """Boxes grown from detector boxes start at fractional pixels (a square Haar box of side 222 grown by half:
+    99.5): a crop resampled at the box's resolution first blurred them (0.034 from PIL at half a pixel); each
+    box is now weighed exactly as PIL's resize(box=...) weighs it, at any ratio of box to output, one axis
+    enlarged or both shrunk."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.rand(1, 3, 128, 128, generator=generator) * 2 - 1
+    images = torch.nn.functional.interpolate(noise, size=(512, 512), mode="bicubic", align_corners=False)
+    images = images.clamp(-1, 1).double()
+    inside = tuple(min(max(v, 0.0), 512.0) for v in box)
+    assert inside == box, "PIL's resize takes boxes inside the image"
+    pil = np.stack([np.asarray(Image.fromarray(images[0, c].numpy().astype(np.float32), mode="F").resize(
+        (224, 224), Image.BILINEAR, box=box), dtype=np.float64) for c in range(3)])
+    crop = crop_boxes(images, torch.tensor([box], dtype=torch.float64), 224, antialias=True)[0].numpy()
+    # PIL's resize(box=) also reads the pixels around the box, a crop's resize does not: they differ at the edges
+    assert np.abs(crop - pil)[:, 3:-3, 3:-3].max() < 1e-5
+    if all(float(v).is_integer() for v in box):  # a crop of whole pixels: exactly PIL's resize of that crop
+        x0, y0, x1, y1 = (int(v) for v in box)
+        cropped = np.stack([np.asarray(Image.fromarray(images[0, c, y0:y1, x0:x1].numpy().astype(np.float32),
+                                                       mode="F").resize((224, 224), Image.BILINEAR), dtype=np.float64)
+                            for c in range(3)])
+        assert np.abs(crop - cropped).max() < 1e-5
+
+
+def test_an_antialiased_crop_past_the_image_reads_fill_and_is_differentiable():
+    """Beyond the image the box reads ``fill`` (a box all outside is all fill), and the crop is linear in the
+    pixels: gradcheck in float64."""
+    images = torch.rand(1, 3, 40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    outside = crop_boxes(images, torch.tensor([[100.0, 100.0, 160.0, 170.0]], dtype=torch.float64), 16, fill=-1.0,
+                         antialias=True)
+    assert torch.equal(outside, torch.full_like(outside, -1.0))
+    partly = torch.tensor([[-10.5, 5.25, 25.5, 50.75]], dtype=torch.float64)
+    crop = crop_boxes(images, partly, 8, fill=0.5, antialias=True)
+    padded = torch.nn.functional.pad(images, (20, 20, 20, 20), value=0.5)  # the same box in a padded image
+    torch.testing.assert_close(crop_boxes(padded, partly + 20, 8, fill=0.5, antialias=True), crop)
+    leaf = images.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: crop_boxes(x, partly, 8, antialias=True), (leaf,))
+
+
 def test_judges_crop_as_their_classifier_was_trained():
     from fastfair.classifiers import AttributeClassifier
     from fastfair.classifiers.heads import head_from_names

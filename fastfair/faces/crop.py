@@ -53,8 +53,46 @@ def box_matrices(boxes: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torc
     return torch.stack([torch.stack([sx, zero, tx], -1), torch.stack([zero, sy, ty], -1)], dim=-2)
 
 
-ANTIALIAS_LIMIT = 4  # the intermediate crop's side at most this many times the output's (a box's pixels beyond
-#                     it are sampled, not averaged)
+def resize_weights(start: float, length: float, out: int, extent: int, dtype=torch.float64,
+                   device=None) -> torch.Tensor:
+    """One axis of PIL's bilinear resize of the span [start, start + length) of an axis of ``extent`` pixels to
+    ``out`` pixels: weights [out, extent].
+
+    Output pixel i is centred at c_i = start + (i + 0.5) s, s = length / out, and averages input pixels j (centres
+    j + 0.5) with the triangle filter max(0, 1 - |j + 0.5 - c_i| / r), r = max(s, 1) (a shrink averages every
+    pixel it covers; an enlargement interpolates), normalized to sum 1 over the pixels the span touches, as PIL
+    resizes a crop of them (its edges clamped, nothing beyond the crop read), those outside the image included
+    (their share, 1 - the row's sum, reads the crop's fill, as PIL's crop pads). A fractional ``start`` is
+    weighed exactly, not resampled first."""
+    scale = length / out
+    support = max(scale, 1.0)
+    centres = start + (torch.arange(out, dtype=torch.float64) + 0.5) * scale
+    pixels = torch.arange(math.floor(start), max(math.ceil(start + length), math.floor(start) + 1),
+                          dtype=torch.float64)
+    weights = (1 - (pixels + 0.5 - centres[:, None]).abs() / support).clamp(min=0)
+    weights = weights / weights.sum(1, keepdim=True)
+    inside = (pixels >= 0) & (pixels < extent)
+    axis = torch.zeros(out, extent, dtype=torch.float64)
+    axis[:, pixels[inside].long()] = weights[:, inside]
+    return axis.to(dtype=dtype, device=device)
+
+
+def resize_box(image: torch.Tensor, box, size: int, fill: float = -1.0) -> torch.Tensor:
+    """PIL's bilinear resize of one box of one image, differentiably: image [C, H, W], box (x0, y0, x1, y1) in
+    continuous pixel coordinates (parts outside the image read ``fill``) -> [C, size, size], computed in float32
+    at least as fill + Wy (image - fill) Wx^T with ``resize_weights`` (the box's pixels each weighed once, at any
+    ratio of box to output)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dtype = torch.promote_types(image.dtype, torch.float32)
+    height, width = image.shape[-2:]
+    # only the pixels the box touches have weight: the image is cut to them first
+    top, bottom = min(max(math.floor(y0), 0), height), max(min(math.ceil(y1), height), 0)
+    left, right = min(max(math.floor(x0), 0), width), max(min(math.ceil(x1), width), 0)
+    rows = resize_weights(y0, y1 - y0, size, height, dtype, image.device)[:, top:bottom]
+    columns = resize_weights(x0, x1 - x0, size, width, dtype, image.device)[:, left:right]
+    # matmuls out of autocast: it would run them in half precision whatever their inputs' dtype
+    with torch.autocast(image.device.type, enabled=False):
+        return rows @ (image[:, top:bottom, left:right].to(dtype) - fill) @ columns.T + fill
 
 
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill: float = -1.0,
@@ -64,11 +102,8 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill:
     images [N, 3, H, W] in [-1, 1]; boxes [N, 4] (x0, y0, x1, y1); parts of a box outside the image
     read ``fill`` (-1: black, as the public code padded). Returns [N, 3, size, size].
     antialias: shrink as PIL and torchvision resize a picture (each output pixel averages the box pixels it
-    covers), as a classifier trained on resized pictures saw its inputs; else sample bilinearly (a box larger
-    than the output is aliased). A box larger than the output is cropped at about its own resolution (at most
-    ANTIALIAS_LIMIT x size), then shrunk by ``F.interpolate(antialias=True)`` (in float32 at least: the CPU has
-    it for no half type), one box at a time: each crop is what it would be alone, whatever else is in the batch
-    (a shared size would upsample the smaller boxes first, blurring them).
+    covers: ``resize_box``), as a classifier trained on resized pictures saw its inputs; else sample bilinearly
+    (a box larger than the output is aliased). Each crop is what it would be alone, whatever else is in the batch.
     """
     check_images(images)
     if boxes.shape != (images.shape[0], 4):
@@ -83,10 +118,6 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill:
     if sampled:
         for i, crop in zip(sampled, warp_affine(images[sampled], box_matrices(boxes[sampled], size), size, fill)):
             crops[i] = crop
-    work = images.to(torch.promote_types(images.dtype, torch.float32))
     for i in shrunk:
-        inner = tuple(min(max(math.ceil(side), size), ANTIALIAS_LIMIT * size) for side in sides[i].tolist()[::-1])
-        crop = warp_affine(work[i:i + 1], box_matrices(boxes[i:i + 1], inner), inner, fill)
-        crops[i] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
-                                 align_corners=False)[0].to(images.dtype)
+        crops[i] = resize_box(images[i], boxes[i].detach().cpu().tolist(), size, fill).to(images.dtype)
     return torch.stack(crops)
