@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastfair.faces.detect import CallableDetector, Face, get_detector, to_uint8_rgb
+from fastfair.faces.detect import CallableDetector, Face, UnusableBox, get_detector, to_uint8_rgb
 from fastfair.faces.regions import locate_faces, select_largest, square_boxes
 
 
@@ -118,6 +118,15 @@ def test_a_box_no_face_can_fill_is_left_out_and_landmarks_must_be_five_points():
     for bad in (points.reshape(2, 5), np.full((5, 2), np.nan)):
         with pytest.raises(ValueError, match="Face.landmarks must be 5 finite"):
             Face((0, 0, 9, 9), landmarks=bad)
+    # landmarks collapsed to a point (or within 1e-7 px of one) have no similarity fit to the template: the
+    # alignment raised for the whole batch, and a face-bank build stopped at that image on every rerun
+    for collapsed in (np.full((5, 2), 4.0), np.full((5, 2), 4.0) + np.random.default_rng(0).normal(0, 1e-7, (5, 2))):
+        with pytest.raises(UnusableBox, match="collapsed to a point"):
+            Face((0, 0, 9, 9), landmarks=collapsed)
+    shapes = CallableDetector(lambda rgb: [Face((2, 3, 12, 14), landmarks=points),
+                                           {"box": (1, 1, 20, 20), "landmarks": np.full((5, 2), 4.0)}])
+    with pytest.warns(UserWarning, match="collapsed to a point"):
+        assert [len(image) for image in shapes.detect(torch.zeros(1, 3, 32, 32))] == [1]
     # 'none' last in a fallback list: the images taken whole are cropped without the margin, the others with it
     images = torch.zeros(2, 3, 64, 96)
     images[0] = 1.0
@@ -177,7 +186,7 @@ def test_mtcnn_adapter_reads_boxes_probs_landmarks(monkeypatch):
         def detect(self, rgb, landmarks):
             if rgb.mean() < 10:
                 return None, None, None
-            return np.array([[1.0, 2.0, 11.0, 12.0]]), np.array([0.99]), np.ones((1, 5, 2))
+            return np.array([[1.0, 2.0, 11.0, 12.0]]), np.array([0.99]), np.arange(10.0).reshape(1, 5, 2) + 2
 
     module = types.ModuleType("facenet_pytorch")
     module.MTCNN = FakeMTCNN

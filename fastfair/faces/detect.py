@@ -22,7 +22,7 @@ from fastfair.config import DETECTOR_BACKENDS, detector_names
 
 
 class UnusableBox(ValueError):
-    """A face box no face can fill: empty, inverted or not finite."""
+    """A face box no face can fill: empty, inverted or not finite, or landmarks collapsed to a point."""
 
 
 @dataclass
@@ -48,6 +48,12 @@ class Face:
                 raise ValueError(f"Face.landmarks must be 5 finite (x, y) points, shape (5, 2), got shape "
                                  f"{points.shape}")
             self.landmarks = points.reshape(5, 2)
+            spread = float(np.sqrt(((self.landmarks - self.landmarks.mean(0)) ** 2).sum(1).mean()))
+            if not spread > 1e-3 * max(box[2] - box[0], box[3] - box[1]):
+                # a collapsed set has no similarity fit to the template: its alignment raised for the whole batch
+                # (or scaled the face up by ~1e7), and a bank build stopped at that image on every rerun
+                raise UnusableBox(f"Face.landmarks are collapsed to a point (spread {spread:.3g} px in a box of side "
+                                  f"{max(box[2] - box[0], box[3] - box[1]):.3g})")
 
 
 def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
@@ -233,7 +239,8 @@ def faces_from_arrays(boxes: Sequence, scores: Optional[Sequence] = None, landma
 
 def usable_faces(items) -> List[Face]:
     """A detector's faces (`as_face` forms) with the boxes no face can fill left out, warned of: an empty or
-    inverted box, a non-finite coordinate (one such box raised and ended the whole training step or batch)."""
+    inverted box, a non-finite coordinate, landmarks collapsed to a point (one such box raised and ended the whole
+    training step or batch)."""
     faces = []
     for item in items:
         try:
