@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 from typing import Iterator, Optional
@@ -15,11 +14,9 @@ def user_errors(prog: str, resume: Optional[str] = None) -> Iterator[None]:
     """Inside: a ValueError (fastfair raises them for bad input, with the fix in the message), an OSError (a path
     that is missing, a folder where a file goes, ...) or a MissingPackage (the optional package a setting needs)
     exits with status 2 and ``prog: error: message`` on stderr, as argparse does (an ImportError of a broken
-    installation keeps its traceback); FASTFAIR_TRACEBACK=1 re-raises it with its traceback. Also quiets
-    bitsandbytes' CPU backend (imported by peft and diffusers when installed), which on CPUs with AVX512-BF16 warns
-    at import that the optional Hugging Face ``kernels`` hub package lacks a 4-bit kernel fastfair never uses.
+    installation keeps its traceback); FASTFAIR_TRACEBACK=1 re-raises it with its traceback (bitsandbytes' note
+    on a hub kernel fastfair never uses is quieted where fastfair is imported: fastfair/__init__.py).
     Ctrl-C ends it with status 130 and ``prog: interrupted``, then ``resume`` (how to go on) when given."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         yield
     except (ValueError, OSError, MissingPackage) as error:

@@ -428,8 +428,9 @@ def _warn_of_training_prompts(run_config, prompts: Sequence[str]) -> None:
     if seen:
         warnings.warn(f"--prompts: {len(seen)} of {len(prompts)} evaluation prompts are among the prompts the "
                       f"finetuned run trained on (data.sets of {run_config}), e.g. {seen[0]!r}: their bias is not "
-                      "held-out bias; evaluate held-out prompts (e.g. --prompts occupations:test) unless you mean "
-                      "to measure the training prompts", stacklevel=3)
+                      "held-out bias; evaluate held-out prompts (e.g. --prompts occupations:test, or the test split "
+                      "of the run's prompt-set factory) unless you mean to measure the training prompts",
+                      stacklevel=3)
 
 
 def _fid_scorer(reference, inception, device):

@@ -140,8 +140,9 @@ class Preflight:
         low, high = self.steps_range
         steps = f"{low}-{high}" if low != high else f"{low}"
         lines = [f"output_dir   {self.output_dir}: {where}",
-                 f"training     {todo} iterations to step {self.max_steps}, {self.images_per_iteration} images each "
-                 f"on {self.world} process{'es' if self.world > 1 else ''}, {steps} sampling steps; "
+                 f"training     {todo} iterations to step {self.max_steps}, {self.images_per_iteration} images each"
+                 + (f" ({self.images_per_iteration // self.world} on each of {self.world} processes)"
+                    if self.world > 1 else " on 1 process") + f", {steps} sampling steps; "
                  f"{self.trainable_parameters:,} trainable parameters"]
         if self.iteration_seconds:
             times = ", ".join(f"{s:.2f}" for s in self.iteration_seconds)

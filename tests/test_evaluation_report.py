@@ -50,6 +50,12 @@ def test_uniform_targets_keep_the_papers_columns():
     assert header[2:4] == ["Bias gender ↓", "Bias age ↓"] and "Δ age" in header
     assert dict(zip(header, rows[0]))["Bias gender ↓"] == ".80±.00"
     assert "not uniform" not in protocol_note(results)
+    # diversity's embedding named, or said to be absent (it read "in no embeddings")
+    results["settings"]["diversity_encoder"] = "clip"
+    assert protocol_note(results).endswith("Diversity: mean pairwise 1 - cos in clip embeddings.")
+    results["settings"]["diversity_encoder"] = None
+    assert protocol_note(results).endswith("Diversity: not measured (no image embedding: give --clip, --dino or "
+                                           "--semantics).")
 
 
 def test_face_less_images_are_counted_over_each_sets_own_images():

@@ -143,6 +143,10 @@ def test_the_estimate_leaves_the_first_iteration_out():
     assert _report(iteration_seconds=[7.0]).seconds_per_iteration == 7.0
     assert "peak 3.00 GiB of 80.00 GiB" in report.summary()
     assert "peak 3.00 GiB (3.50 GiB reserved) of 80.00 GiB" in _report(peak_reserved=3.5 * 2**30).summary()
+    # images_per_prompt is the global batch: under torchrun each process runs its share (it read "8 images each on
+    # 2 processes")
+    assert "8 images each on 1 process," in report.summary()
+    assert "8 images each (4 on each of 2 processes)," in _report(world=2).summary()
 
 
 def test_the_estimate_scales_each_iteration_to_the_mean_step_count_of_the_range():

@@ -396,6 +396,8 @@ def train(args) -> Optional[dict]:
             if (step + 1) % args.checkpoint_every == 0 or (args.max_steps and step + 1 >= args.max_steps):
                 save_state(saved, args, classifier, optimizer, position, best, history, fingerprint)
             if args.max_steps and step + 1 >= args.max_steps:
+                bar.update()  # tqdm counts a step when the next is asked for: this one is done
+                bar.close()
                 print(f"stopped after {step + 1} steps (--max-steps); continue with --resume and a higher or no "
                       "--max-steps")
                 return None

@@ -126,8 +126,10 @@ def protocol_note(results: dict) -> str:
             f"prompt over its first images: {per_set or settings.get('images_per_prompt')} (the seed's 60 / 80 / "
             "160 for 2 / 4 / 8 classes unless --images-per-prompt was given); images without a face are left out "
             "of the class frequencies (counted under No face), and a prompt without any is left out of that "
-            f"metric's mean.{_non_uniform_note(results)} Diversity: mean pairwise 1 - cos in "
-            f"{settings.get('diversity_encoder') or 'no'} embeddings.")
+            f"metric's mean.{_non_uniform_note(results)} " + (
+                f"Diversity: mean pairwise 1 - cos in {settings['diversity_encoder']} embeddings."
+                if settings.get("diversity_encoder") else
+                "Diversity: not measured (no image embedding: give --clip, --dino or --semantics)."))
 
 
 def _non_uniform_note(results: dict) -> str:
