@@ -263,11 +263,16 @@ def _apply_export(pipe, lora_dir: Path, kind: str) -> str:
         pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
         return ""
     from diffusers.utils import logging as diffusers_logging
+    from safetensors import safe_open
 
+    with safe_open(str(lora_dir / LORA_FILE), "pt") as weights:
+        text_only = not any(key.startswith("unet.") for key in weights.keys())
     # a text-encoder LoRA has no U-Net keys, and diffusers then logs "No LoRA keys associated to
-    # UNet2DConditionModel ... open an issue": expected here, not a problem to report
+    # UNet2DConditionModel ... open an issue": expected there, not a problem to report (any other LoRA keeps
+    # diffusers' warnings, e.g. of keys it did not load)
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    if text_only:
+        diffusers_logging.set_verbosity_error()
     try:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
     finally:

@@ -60,8 +60,8 @@ class _CoefficientCache:
             self.misses += 1
             tensor = to_device(torch.tensor(values, dtype=torch.float64), device)
             done = torch.cuda.Event() if device.type == "cuda" else None
-            if done is not None:
-                done.record()
+            if done is not None:  # after the copy, on the stream it was queued on (the device's, not the current one's)
+                done.record(torch.cuda.current_stream(device))
             entry = self.entries[key] = [tensor, done]
             while len(self.entries) > self.size:
                 self.entries.popitem(last=False)

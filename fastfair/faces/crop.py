@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastfair.faces.detect import check_images
+from fastfair.kernels.host_copy import to_device
 
 
 def warp_affine(images: torch.Tensor, matrices: torch.Tensor, out_size: Union[int, Tuple[int, int]],
@@ -74,7 +75,7 @@ def resize_weights(start: float, length: float, out: int, extent: int, dtype=tor
     inside = (pixels >= 0) & (pixels < extent)
     axis = torch.zeros(out, extent, dtype=torch.float64)
     axis[:, pixels[inside].long()] = weights[:, inside]
-    return axis.to(dtype=dtype, device=device)
+    return to_device(axis.to(dtype), torch.device(device or "cpu"))  # a GPU's queued, not waited for
 
 
 def resize_box(image: torch.Tensor, box, size: int, fill: float = -1.0) -> torch.Tensor:
@@ -108,7 +109,8 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill:
     check_images(images)
     if boxes.shape != (images.shape[0], 4):
         raise ValueError(f"boxes must be [N, 4] with N = {images.shape[0]}, got {tuple(boxes.shape)}")
-    sides = (boxes[:, 2:] - boxes[:, :2]).detach().to(torch.float64).cpu()  # [N, 2]: width, height
+    corners = boxes.detach().to(torch.float64).cpu()  # one wait for a GPU, not one per box
+    sides = corners[:, 2:] - corners[:, :2]  # [N, 2]: width, height
     larger = (sides > size).any(-1).tolist() if antialias else [False] * len(boxes)
     if not any(larger):
         return warp_affine(images, box_matrices(boxes, size), size, fill)
@@ -119,5 +121,5 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill:
         for i, crop in zip(sampled, warp_affine(images[sampled], box_matrices(boxes[sampled], size), size, fill)):
             crops[i] = crop
     for i in shrunk:
-        crops[i] = resize_box(images[i], boxes[i].detach().cpu().tolist(), size, fill).to(images.dtype)
+        crops[i] = resize_box(images[i], corners[i].tolist(), size, fill).to(images.dtype)
     return torch.stack(crops)
