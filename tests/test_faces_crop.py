@@ -214,6 +214,11 @@ def test_an_antialiased_crop_past_the_image_reads_fill_and_is_differentiable():
     torch.testing.assert_close(crop_boxes(padded, partly + 20, 8, fill=0.5, antialias=True), crop)
     leaf = images.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: crop_boxes(x, partly, 8, antialias=True), (leaf,))
+    # half-precision images under CPU bf16 autocast (torch.stack there refused fp16 tensors), sampled and shrunk
+    small = torch.tensor([[3.0, 4.0, 9.0, 9.0]], dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = crop_boxes(images.half().repeat(2, 1, 1, 1), torch.cat([partly, small]), 8, antialias=True)
+    assert mixed.dtype == torch.float16 and mixed.shape == (2, 3, 8, 8)
 
 
 def test_judges_crop_as_their_classifier_was_trained():

@@ -122,4 +122,5 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill:
             crops[i] = crop
     for i in shrunk:
         crops[i] = resize_box(images[i], corners[i].tolist(), size, fill).to(images.dtype)
-    return torch.stack(crops)
+    with torch.autocast(images.device.type, enabled=False):  # CPU bf16 autocast refuses to stack fp16 crops
+        return torch.stack(crops)
