@@ -126,7 +126,8 @@ def settings_line(meta: dict, finetuned: str, per: str) -> str:
         f" with the gradient through a random {meta['grad_steps']} of them per iteration")
     return (f"Toy world, gender config (fastfair/toy/configs/gender.yaml: {finetuned}, {meta['steps']}-step "
             f"DPM-Solver++{differentiated}, guidance {meta['guidance']}, lr {meta['lr']:g}, batch {meta['batch']}), "
-            f"{meta['iters']} iterations per {per} from seed {meta.get('seed', 0)}: the same prompts and noise for each. Held-out: "
+            f"{meta['iters']} iterations per {per} from seed {meta.get('seed', 0)}: the same prompts and noise for "
+            "each. Held-out: "
             f"{meta['eval_images']} images per held-out occupation and model, judged by the toy evaluation "
             "classifier; semantics: cosine to the original model's image from the same noise.")
 
