@@ -214,6 +214,10 @@ def test_an_antialiased_crop_past_the_image_reads_fill_and_is_differentiable():
     torch.testing.assert_close(crop_boxes(padded, partly + 20, 8, fill=0.5, antialias=True), crop)
     leaf = images.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: crop_boxes(x, partly, 8, antialias=True), (leaf,))
+    # an empty, inverted or NaN box is no face's: refused (a constant or mirrored crop came back)
+    for bad in ([5.0, 5.0, 5.0, 9.0], [9.0, 5.0, 5.0, 9.0], [0.0, float("nan"), 4.0, 4.0]):
+        with pytest.raises(ValueError, match=r"boxes\[0\] = .*expected \(x0, y0, x1, y1\), finite, with x1 > x0"):
+            crop_boxes(images, torch.tensor([bad], dtype=torch.float64), 8, antialias=True)
     # half-precision images under CPU bf16 autocast (torch.stack there refused fp16 tensors), sampled and shrunk
     small = torch.tensor([[3.0, 4.0, 9.0, 9.0]], dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):

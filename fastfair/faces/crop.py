@@ -111,6 +111,11 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill:
         raise ValueError(f"boxes must be [N, 4] with N = {images.shape[0]}, got {tuple(boxes.shape)}")
     corners = boxes.detach().to(torch.float64).cpu()  # one wait for a GPU, not one per box
     sides = corners[:, 2:] - corners[:, :2]  # [N, 2]: width, height
+    bad = ~(sides > 0).all(-1)  # NaN sides too
+    if bool(bad.any()):  # an empty box gives a constant crop, an inverted one a mirrored crop: never a face's
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"boxes[{i}] = {corners[i].tolist()}: expected (x0, y0, x1, y1), finite, with x1 > x0 and "
+                         "y1 > y0")
     larger = (sides > size).any(-1).tolist() if antialias else [False] * len(boxes)
     if not any(larger):
         return warp_affine(images, box_matrices(boxes, size), size, fill)
