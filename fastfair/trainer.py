@@ -571,13 +571,26 @@ class Trainer:
         rank 0 would save averages of other steps' gradients, unseen."""
         if self.world == 1:
             return
-        mine = (self.start, "" if path is None else Path(path).name)
+        mixture = self.mixture.state_dict()
+        mine = (self.start, "" if path is None else Path(path).name,
+                (tuple(mixture["order"]), tuple(sorted(mixture["prompts"].items()))))
         every = [None] * self.world
         dist.all_gather_object(every, mine)
-        if len(set(every)) > 1:
-            seen = ", ".join(f"rank {rank}: {name or 'a fresh start'}" for rank, (_, name) in enumerate(every))
+        if len({(start, name) for start, name, _ in every}) > 1:
+            seen = ", ".join(f"rank {rank}: {name or 'a fresh start'}" for rank, (_, name, _) in enumerate(every))
             raise ValueError(f"the ranks resume from different checkpoints ({seen}): output_dir={self.cfg.output_dir} "
                              "must be storage every rank shares (each node's own disk holds other checkpoints)")
+        # every rank draws the same prompt each iteration only from the same prompts in the same order: a factory
+        # listing a set (Python's hash order differs per process) or a node-local file would train each rank on
+        # other prompts, their gradients averaged, unseen
+        order, prompts = every[0][2]
+        for rank, (_, _, (other_order, other_prompts)) in enumerate(every[1:], start=1):
+            differ = sorted(name for name, crc in other_prompts if dict(prompts).get(name) != crc)
+            if differ or other_order != order:
+                what = f"data.sets.{differ[0]}'s prompts" if differ else "the order of data.sets"
+                raise ValueError(f"rank {rank} and rank 0 differ in {what}: every rank must read the same prompts in "
+                                 "the same order (a prompt-set factory must return them in a fixed order, not from a "
+                                 "set; a prompt file must be the same on every node)")
 
     def _check_output_dir(self, fresh: bool) -> None:
         """Nothing already saved is lost: a run starting at step self.start refuses an output_dir holding

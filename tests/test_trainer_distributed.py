@@ -179,28 +179,41 @@ def test_a_fp16_deepspeed_state_loads_weights_only(tmp_path):
     assert loaded["address"] == fragment_address(numel=4, start=0) and loaded["static"].cur_scale == 1
 
 
-def test_ranks_that_resume_from_different_checkpoints_are_refused(monkeypatch):
+def test_ranks_that_resume_from_different_checkpoints_or_read_other_prompts_are_refused(monkeypatch):
     """On node-local disks each rank's resume=auto sees other checkpoints: the collectives still pair up and rank 0
-    saved averages of other steps' gradients, unseen. Every rank compares what it resumed from at start."""
+    saved averages of other steps' gradients, unseen. Every rank compares what it resumed from at start, and the
+    prompts it draws from (a factory returning a set's order, which Python's hash seed changes per process, trained
+    each rank on other prompts)."""
     from types import SimpleNamespace
 
     import fastfair.trainer as trainer_module
+    from fastfair.prompts import PromptMixture
 
     def gathered(views):
         def all_gather_object(out, mine):
             out[:] = views
         return all_gather_object
 
-    me = SimpleNamespace(world=2, start=2, cfg=SimpleNamespace(output_dir="/node-local/run"))
-    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gathered([(2, "step_00000002"), (0, "")]))
-    try:
+    def view(start, name, prompts=("a doctor", "a nurse"), sets=("jobs",)):
+        mixture = PromptMixture({s: list(prompts) for s in sets}, {s: 1.0 for s in sets}).state_dict()
+        return start, name, (tuple(mixture["order"]), tuple(sorted(mixture["prompts"].items())))
+
+    mixture = PromptMixture({"jobs": ["a doctor", "a nurse"]}, {"jobs": 1.0})
+    me = SimpleNamespace(world=2, start=2, cfg=SimpleNamespace(output_dir="/node-local/run"), mixture=mixture)
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gathered([view(2, "step_00000002"), view(0, "")]))
+    with pytest.raises(ValueError, match="rank 0: step_00000002, rank 1: a fresh start.*storage every rank shares"):
         Trainer._check_ranks_agree(me, Path("/node-local/run/checkpoints/step_00000002"))
-    except ValueError as error:
-        assert "rank 0: step_00000002, rank 1: a fresh start" in str(error) and "storage every rank shares" in str(error)
-    else:
-        raise AssertionError("different resumes were accepted")
-    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gathered([(2, "step_00000002")] * 2))
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gathered([view(2, "step_00000002")] * 2))
     Trainer._check_ranks_agree(me, Path("/shared/run/checkpoints/step_00000002"))  # the same: accepted
+    other = view(2, "step_00000002", prompts=("a nurse", "a doctor"))  # the same prompts in another order
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", gathered([view(2, "step_00000002"), other]))
+    with pytest.raises(ValueError, match=r"rank 1 and rank 0 differ in data.sets.jobs's prompts: every rank must"):
+        Trainer._check_ranks_agree(me, Path("/shared/run/checkpoints/step_00000002"))
+    reordered = view(2, "step_00000002", sets=("b", "a"))
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object",
+                        gathered([view(2, "step_00000002", sets=("a", "b")), reordered]))
+    with pytest.raises(ValueError, match="differ in the order of data.sets"):
+        Trainer._check_ranks_agree(me, Path("/shared/run/checkpoints/step_00000002"))
 
 
 def test_overrides_on_both_sides_of_the_deepspeed_flag():
