@@ -33,7 +33,12 @@ SYNONYMS = {"lawyer": ["attorney"], "paralegal": ["legal assistant"], "janitor":
             "hairdresser": ["hairstylist"], "journalist": ["reporter", "war correspondent", "photojournalist"],
             "bartender": ["mixologist"], "real estate agent": ["real estate broker"],
             "software engineer": ["software developer"], "judge": ["magistrate"], "police officer": ["state trooper"],
-            "photographer": ["photojournalist"], "veterinarian": ["veterinary surgeon"]}
+            "photographer": ["photojournalist"], "veterinarian": ["veterinary surgeon"],
+            # agent nouns and near-synonyms (2026-12-02): the word pattern below sees neither
+            "golf": ["golfer", "footgolf"], "boxing": ["boxer"], "archery": ["archer"],
+            "weightlifting": ["weightlifter", "lifting weights"], "marathon running": ["ultramarathon"],
+            "kindergarten teacher": ["preschool teacher"], "professor": ["university lecturer"]}
+SYNONYMS["software engineer"] += ["computer programmer"]
 
 
 def test_no_test_item_is_named_in_any_training_prompt():
