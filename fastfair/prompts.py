@@ -130,6 +130,7 @@ def read_lines(path) -> List[str]:
 def _refuse_own_articles(numbered, template: str, where: str) -> None:
     """Under a template with 'a'/'an' just before its field, an item starting with an article of its own would read
     'a photo of the face of an an accountant'."""
+    template_field(template)  # exactly one field, or a ValueError naming the template
     literal = next(literal for literal, field, *_ in string.Formatter().parse(template) if field is not None)
     if not _ARTICLE_AT_END.search(literal):
         return
@@ -296,5 +297,9 @@ def build_prompt_mixture(data, seed: int) -> PromptMixture:
             sets[name] = load_prompt_file(spec.file, template)
         else:
             sets[name] = load_prompt_set(name, data.split, spec.template)
+        if not sets[name]:  # the mixture would name the set only
+            source = (f"factory={spec.factory} returned" if spec.factory else f"file={spec.file} holds" if spec.file
+                      else f"the shipped {data.split} list holds")
+            raise ValueError(f"data.sets.{name}.{source} no prompt; give it prompts or weight 0")
         weights[name] = spec.weight
     return PromptMixture(sets, weights, seed)

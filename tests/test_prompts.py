@@ -283,3 +283,19 @@ def test_mixture_from_a_data_config(tmp_path):
     kept = build_prompt_mixture(DataConfig(sets={"occupations": PromptSetConfig(file=str(whole),
                                                                                  template="{occupation}")}), seed=0)
     assert kept.sets["occupations"][1] == "a photo of the face of a cook, a person"
+
+
+def test_a_set_without_prompts_and_a_template_without_a_field_are_named(tmp_path):
+    """An empty prompt file or factory was named only as a set ('prompt sets with weight > 0 but no prompts'); a
+    template without a field raised a bare StopIteration from the library."""
+    from types import SimpleNamespace
+
+    from fastfair.prompts import build_prompt_mixture
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing yet\n\n")
+    spec = SimpleNamespace(weight=1.0, factory=None, file=str(empty), template="a photo of {thing}")
+    with pytest.raises(ValueError, match=rf"data.sets.mine.file={empty} holds no prompt; give it prompts or weight 0"):
+        build_prompt_mixture(SimpleNamespace(sets={"mine": spec}, split="train"), 0)
+    with pytest.raises(ValueError, match="template 'a photo' must hold exactly one plain named field"):
+        load_prompt_set("occupations", "train", "a photo")
