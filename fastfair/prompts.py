@@ -298,8 +298,8 @@ def build_prompt_mixture(data, seed: int) -> PromptMixture:
         else:
             sets[name] = load_prompt_set(name, data.split, spec.template)
         if not sets[name]:  # the mixture would name the set only
-            source = (f"factory={spec.factory} returned" if spec.factory else f"file={spec.file} holds" if spec.file
-                      else f"the shipped {data.split} list holds")
-            raise ValueError(f"data.sets.{name}.{source} no prompt; give it prompts or weight 0")
+            source = (f".factory={spec.factory} returned" if spec.factory else f".file={spec.file} holds"
+                      if spec.file else f": the shipped {data.split} list holds")
+            raise ValueError(f"data.sets.{name}{source} no prompt; give it prompts or weight 0")
         weights[name] = spec.weight
     return PromptMixture(sets, weights, seed)

@@ -505,8 +505,9 @@ class Trainer:
                 raise
             raise ValueError(f"{error}. data.sets.{shipped[0]} is a list shipped with fastfair, which changed on "
                              "2026-11-30 and 2026-12-02 (held-out test items, or their agent nouns and near-synonyms, "
-                             "were replaced in the training lists): a run started before resumes with its list saved as a file (git show <earlier fastfair>:fastfair/data/"
-                             f"prompts/{shipped[0]}_{self.cfg.data.split}.txt) and given as "
+                             "were replaced in the training lists): a run started before resumes with its list saved "
+                             "as a file (git show <earlier fastfair>:fastfair/data/prompts/"
+                             f"{shipped[0]}_{self.cfg.data.split}.txt) and given as "
                              f"data.sets.{shipped[0]}.file, with resume_allow=[data.sets]") from None
         if self.memory_budget is not None:  # older checkpoints: planned afresh
             self.memory_budget.load_state_dict(state.get("memory_plans"))
