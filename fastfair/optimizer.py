@@ -40,19 +40,17 @@ def build_optimizer(cfg: TrainConfig, params):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
-def optimizer_state_bytes(name: str, params, deepspeed_shards: Optional[int] = None,
-                          zero_partitioned: bool = False) -> int:
+def optimizer_state_bytes(name: str, params, deepspeed: bool = False, zero_ranks: Optional[int] = None) -> int:
     """The bytes of one rank's optimizer state once it has stepped (AdamW makes it lazily, at its first step): two
     moments per weight, in the weight's dtype (adamw), or one byte each for tensors of 4096 elements or more
     (bitsandbytes' 8-bit AdamW, plus a float32 absmax per 256-element block; smaller ones stay 32-bit).
-    deepspeed_shards: under DeepSpeed the moments are float32 whatever the model copies' half dtype, and ZeRO
-    splits them over this many ranks (1 without ZeRO). zero_partitioned: ZeRO stage >= 1 hands the optimizer one
-    flat partition of all the weights (its one parameter group) per rank, so the 8-bit optimizer sees one large
-    tensor, not each weight (LoRA's are mostly under 4096 elements)."""
-    if zero_partitioned:
-        return _moment_bytes(name, math.ceil(sum(p.numel() for p in params) / (deepspeed_shards or 1)), 4)
-    total = sum(_moment_bytes(name, p.numel(), 4 if deepspeed_shards else p.element_size()) for p in params)
-    return total // (deepspeed_shards or 1)
+    deepspeed: the moments are float32 whatever the model copies' half dtype. zero_ranks: under ZeRO stage >= 1,
+    the ranks it splits the state over: each rank's optimizer holds one flat partition of all the weights (its one
+    parameter group), so the 8-bit optimizer sees one large tensor, not each weight (LoRA's are mostly under 4096
+    elements)."""
+    if zero_ranks:
+        return _moment_bytes(name, math.ceil(sum(p.numel() for p in params) / zero_ranks), 4)
+    return sum(_moment_bytes(name, p.numel(), 4 if deepspeed else p.element_size()) for p in params)
 
 
 def _moment_bytes(name: str, numel: int, element_size: int) -> int:

@@ -212,12 +212,11 @@ class Trainer:
         s = self.cfg.sampler
         keep, keep_attention = s.keep_graph_steps, s.keep_attention_steps
         if self.memory_budget is not None and torch.is_grad_enabled():  # only the graph-building pass
-            shards, zero = self._optimizer_partitions()
             # the optimizer state: made at the first step; from then on CUDA's allocated memory holds it, the
             # CPU's count (none) does not
             counted = bool(self.optimizer.state) and z_T.device.type == "cuda"
-            pending = 0 if counted else optimizer_state_bytes(self.cfg.optim.name, self.model.parameters(), shards,
-                                                              zero_partitioned=zero)
+            pending = 0 if counted else optimizer_state_bytes(self.cfg.optim.name, self.model.parameters(),
+                                                              self.engine is not None, self._zero_ranks())
             keep, keep_attention = self.memory_budget.keeps(unet, z_T, cond, uncond, steps, s.guidance_scale,
                                                             frozen_rows, pending_bytes=pending,
                                                             grad_steps=s.grad_steps)
@@ -746,13 +745,11 @@ class Trainer:
                          most_held=most_held, free_disk=free_bytes(cfg.output_dir), memory_plans=plans,
                          grad_steps=s.grad_steps)
 
-    def _optimizer_partitions(self) -> Tuple[Optional[int], bool]:
-        """optimizer_state_bytes' (deepspeed_shards, zero_partitioned): None without DeepSpeed; under ZeRO stage
-        >= 1 each rank's optimizer holds one flat partition of 1/world of the weights."""
-        if self.engine is None:
-            return None, False
-        zero = self.engine.zero_optimization_stage() >= 1
-        return (self.world if zero else 1), zero
+    def _zero_ranks(self) -> Optional[int]:
+        """The ranks ZeRO (stage >= 1) splits the optimizer state over, None where it is not split."""
+        if self.engine is None or self.engine.zero_optimization_stage() < 1:
+            return None
+        return self.world
 
     def _checkpoint_bytes(self) -> Tuple[int, bool]:
         """(the bytes of the tensors `save` would write now, whether the optimizer state among them is measured):
@@ -762,9 +759,9 @@ class Trainer:
         # the moments exist once a step was taken or resumed (ZeRO's shards hold the weights' partitions before)
         measured = self.steps_taken > 0 or self.start > 0
         if not measured:  # DeepSpeed's moments in float32; under ZeRO every rank's partition, gathered
-            shards, zero = self._optimizer_partitions()
-            saved += optimizer_state_bytes(self.cfg.optim.name, weights.values(), shards,
-                                           zero_partitioned=zero) * (shards if zero else 1)
+            ranks = self._zero_ranks()
+            saved += optimizer_state_bytes(self.cfg.optim.name, weights.values(), self.engine is not None,
+                                           ranks) * (ranks or 1)
         return saved, measured
 
     def _train(self, held: contextlib.ExitStack) -> None:

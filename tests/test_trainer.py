@@ -452,8 +452,8 @@ def test_adamw8bit_state_bytes_under_zero_are_those_of_one_flat_partition(tmp_pa
     # the moments and their absmax blocks; the quantization maps (2 KiB) are shared by every tensor
     measured = sum(v.numel() * v.element_size() for s in state.values() for k, v in s.items()
                    if torch.is_tensor(v) and k not in ("step", "qmap1", "qmap2"))
-    assert measured == optimizer_state_bytes("adamw8bit", params, 1, zero_partitioned=True)
-    assert measured < optimizer_state_bytes("adamw8bit", params, 1) / 3  # weight by weight: 32-bit moments
+    assert measured == optimizer_state_bytes("adamw8bit", params, deepspeed=True, zero_ranks=1)
+    assert measured < optimizer_state_bytes("adamw8bit", params, deepspeed=True) / 3  # weight by weight: 32-bit
 
 
 def test_the_memory_budget_counts_the_optimizer_state_made_at_the_first_step(tmp_path, world, monkeypatch):
