@@ -55,9 +55,10 @@ def box_matrices(boxes: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torc
 
 
 def resize_weights(start: float, length: float, out: int, extent: int, dtype=torch.float64,
-                   device=None) -> torch.Tensor:
+                   device=None) -> Tuple[int, torch.Tensor]:
     """One axis of PIL's bilinear resize of the span [start, start + length) of an axis of ``extent`` pixels to
-    ``out`` pixels: weights [out, extent].
+    ``out`` pixels: (first, weights [out, k]), the weights of the image's pixels first .. first + k - 1, those the
+    span touches (the others weigh nothing).
 
     Output pixel i is centred at c_i = start + (i + 0.5) s, s = length / out, and averages input pixels j (centres
     j + 0.5) with the triangle filter max(0, 1 - |j + 0.5 - c_i| / r), r = max(s, 1) (a shrink averages every
@@ -73,9 +74,8 @@ def resize_weights(start: float, length: float, out: int, extent: int, dtype=tor
     weights = (1 - (pixels + 0.5 - centres[:, None]).abs() / support).clamp(min=0)
     weights = weights / weights.sum(1, keepdim=True)
     inside = (pixels >= 0) & (pixels < extent)
-    axis = torch.zeros(out, extent, dtype=torch.float64)
-    axis[:, pixels[inside].long()] = weights[:, inside]
-    return to_device(axis.to(dtype), torch.device(device or "cpu"))  # a GPU's queued, not waited for
+    first = int(pixels[inside][0]) if bool(inside.any()) else 0
+    return first, to_device(weights[:, inside].to(dtype), torch.device(device or "cpu"))  # a GPU's queued
 
 
 def resize_box(image: torch.Tensor, box, size: int, fill: float = -1.0) -> torch.Tensor:
@@ -85,15 +85,12 @@ def resize_box(image: torch.Tensor, box, size: int, fill: float = -1.0) -> torch
     ratio of box to output)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     dtype = torch.promote_types(image.dtype, torch.float32)
-    height, width = image.shape[-2:]
-    # only the pixels the box touches have weight: the image is cut to them first
-    top, bottom = min(max(math.floor(y0), 0), height), max(min(math.ceil(y1), height), 0)
-    left, right = min(max(math.floor(x0), 0), width), max(min(math.ceil(x1), width), 0)
-    rows = resize_weights(y0, y1 - y0, size, height, dtype, image.device)[:, top:bottom]
-    columns = resize_weights(x0, x1 - x0, size, width, dtype, image.device)[:, left:right]
+    top, rows = resize_weights(y0, y1 - y0, size, image.shape[-2], dtype, image.device)
+    left, columns = resize_weights(x0, x1 - x0, size, image.shape[-1], dtype, image.device)
+    touched = image[:, top:top + rows.shape[1], left:left + columns.shape[1]]  # only these pixels weigh
     # matmuls out of autocast: it would run them in half precision whatever their inputs' dtype
     with torch.autocast(image.device.type, enabled=False):
-        return rows @ (image[:, top:bottom, left:right].to(dtype) - fill) @ columns.T + fill
+        return rows @ (touched.to(dtype) - fill) @ columns.T + fill
 
 
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int = 224, fill: float = -1.0,
