@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
@@ -165,10 +165,11 @@ def betas_float64(config: Mapping[str, Any]) -> np.ndarray:
     return betas
 
 
-def alphas_cumprod_float64(config: Mapping[str, Any]) -> np.ndarray:
-    """abar_t = prod_{s <= t} (1 - beta_s) in float64; with ``rescale_betas_zero_snr`` its last value (0) is set to
-    2^-24, as diffusers does, so that the first noise level is finite."""
-    abar = np.cumprod(1.0 - betas_float64(config))
+def alphas_cumprod_float64(config: Mapping[str, Any], betas: Optional[np.ndarray] = None) -> np.ndarray:
+    """abar_t = prod_{s <= t} (1 - beta_s) in float64 (betas: ``betas_float64(config)``, computed when not given);
+    with ``rescale_betas_zero_snr`` its last value (0) is set to 2^-24, as diffusers does, so that the first noise
+    level is finite."""
+    abar = np.cumprod(1.0 - (betas_float64(config) if betas is None else betas))
     if config.get("rescale_betas_zero_snr", False):
         abar[-1] = 2.0**-24
     return abar
@@ -226,7 +227,7 @@ def solver_schedule(scheduler_or_config: Union[Any, Mapping[str, Any]], num_step
     S = int(num_steps)
 
     betas = betas_float64(config)
-    abar = alphas_cumprod_float64(config)
+    abar = alphas_cumprod_float64(config, betas)
     timesteps, sig = _noise_levels(config, S, abar)
     alpha = 1.0 / np.sqrt(sig**2 + 1.0)
     sigma = sig * alpha
