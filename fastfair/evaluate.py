@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -236,10 +237,10 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
     """evaluate's arguments, refused before any model loads or image is made (named by their CLI flags)."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
-    repeated = sorted({prompt for prompt in prompts if list(prompts).count(prompt) > 1})
+    repeated = sorted((prompt, n) for prompt, n in Counter(prompts).items() if n > 1)
     if repeated:  # results are keyed by the prompt: a repeat would be one row, counted twice in the summary
-        raise ValueError(f"prompts: {repeated[0]!r} is given {list(prompts).count(repeated[0])} times; give each "
-                         "prompt once (more images of it: --images-per-prompt)")
+        raise ValueError(f"prompts: {repeated[0][0]!r} is given {repeated[0][1]} times; give each prompt once (more "
+                         "images of it: --images-per-prompt)")
     if not classifiers:
         raise ValueError("--classifier: give at least one attribute classifier file")
     # folders and results are keyed by the scale as printed: 7.5 and 7.5000001 would share them

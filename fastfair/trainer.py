@@ -583,9 +583,9 @@ class Trainer:
         # every rank draws the same prompt each iteration only from the same prompts in the same order: a factory
         # listing a set (Python's hash order differs per process) or a node-local file would train each rank on
         # other prompts, their gradients averaged, unseen
-        order, prompts = every[0][2]
+        order, prompts = every[0][2][0], dict(every[0][2][1])
         for rank, (_, _, (other_order, other_prompts)) in enumerate(every[1:], start=1):
-            differ = sorted(name for name, crc in other_prompts if dict(prompts).get(name) != crc)
+            differ = sorted(name for name, crc in other_prompts if prompts.get(name) != crc)
             if differ or other_order != order:
                 what = f"data.sets.{differ[0]}'s prompts" if differ else "the order of data.sets"
                 raise ValueError(f"rank {rank} and rank 0 differ in {what}: every rank must read the same prompts in "
