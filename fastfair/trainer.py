@@ -503,7 +503,8 @@ class Trainer:
             if not shipped:
                 raise
             raise ValueError(f"{error}. data.sets.{shipped[0]} is a list shipped with fastfair, which changed on "
-                             "2026-11-30 and 2026-12-02 (held-out test items, or their agent nouns and near-synonyms, "
+                             "2026-11-30, 2026-12-02 and 2026-12-03 (held-out test items, their agent nouns and "
+                             "near-synonyms, or compounds holding them, "
                              "were replaced in the training lists): a run started before resumes with its list saved "
                              "as a file (git show <earlier fastfair>:fastfair/data/prompts/"
                              f"{shipped[0]}_{self.cfg.data.split}.txt) and given as "

@@ -774,7 +774,7 @@ def test_a_resume_across_a_changed_shipped_prompt_list_says_how_to_go_on(tmp_pat
     torch.save(state, state_file)
     again = load_config(write_config(tmp_path, world), ["max_steps=2", "resume=auto"])
     with pytest.raises(ValueError, match=r"data.sets.occupations: 1062 prompts then, 1008 now.*a list shipped with "
-                                         r"fastfair, which changed on 2026-11-30 and 2026-12-02"
+                                         r"fastfair, which changed on 2026-11-30, 2026-12-02 and 2026-12-03"
                                          r".*data.sets.occupations.file"):
         Trainer(again).train()
 
