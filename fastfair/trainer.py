@@ -566,6 +566,29 @@ class Trainer:
                          weight_decay=o.weight_decay, eps=o.eps)
         schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
+    def _resume_on_every_rank(self) -> Optional[Path]:
+        """Resolve `resume` and resume from it (None: a fresh start). Under several processes a rank that fails (a
+        node-local prompt file that differs from the saved list, a checkpoint its disk lacks) makes every rank
+        raise: the others would otherwise wait for it in their next collective, forever."""
+        failure, path = None, None
+        try:
+            path = checkpoint.resolve_resume(self.cfg.resume, self.cfg.output_dir)
+            if path is not None:
+                self.resume(path)
+        except Exception as error:  # any failure: re-raised below, on this rank as it was
+            if self.world == 1:
+                raise
+            failure = error
+        if self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, None if failure is None else f"{type(failure).__name__}: {failure}")
+            if failure is not None:
+                raise failure
+            failed = next(((rank, said) for rank, said in enumerate(every) if said is not None), None)
+            if failed is not None:
+                raise RuntimeError(f"rank {failed[0]} could not resume, so no rank trains: {failed[1]}")
+        return path
+
     def _check_ranks_agree(self, path: Optional[Path]) -> None:
         """Every rank resumes from the same checkpoint: each resolves resume=auto in its own view of output_dir, and
         on a node-local disk another node sees other checkpoints (or none): the collectives would still pair up and
@@ -689,9 +712,7 @@ class Trainer:
         fresh start). unwritable (`_claim_output_dir`'s): raised where there are steps to train (a finished run in
         a read-only folder still says so)."""
         cfg = self.cfg
-        path = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
-        if path is not None:
-            self.resume(path)
+        path = self._resume_on_every_rank()
         self.step = self.start  # the iterations done, for an interruption's message (main)
         self._check_ranks_agree(path)
         self._check_output_dir(fresh=path is None)

@@ -216,6 +216,42 @@ def test_ranks_that_resume_from_different_checkpoints_or_read_other_prompts_are_
         Trainer._check_ranks_agree(me, Path("/shared/run/checkpoints/step_00000002"))
 
 
+def test_a_rank_that_cannot_resume_stops_every_rank(monkeypatch):
+    """A rank whose resume fails (its node-local prompt file differs from the saved list) raised alone, and the
+    others waited for it in their next collective, forever: every rank now raises, the failing one its own error."""
+    from types import SimpleNamespace
+
+    import fastfair.trainer as trainer_module
+
+    said = {}
+
+    def all_gather_object(out, mine, failed_rank_says="ValueError: data.sets.jobs: 2 prompts then, 3 now"):
+        said["mine"] = mine
+        out[:] = [mine, failed_rank_says]
+
+    def refused(path):
+        raise ValueError("data.sets.jobs: 2 prompts then, 3 now")
+
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(trainer_module.checkpoint, "resolve_resume", lambda resume, out: Path(out) / "step_2")
+    me = SimpleNamespace(world=2, cfg=SimpleNamespace(resume="auto", output_dir="/run"), resume=lambda path: None)
+    with pytest.raises(RuntimeError, match=r"rank 1 could not resume, so no rank trains: ValueError: data.sets.jobs"):
+        Trainer._resume_on_every_rank(me)  # rank 0 resumed, rank 1 did not
+    assert said["mine"] is None
+    me.resume = refused
+    with pytest.raises(ValueError, match=r"^data.sets.jobs: 2 prompts then, 3 now$"):
+        Trainer._resume_on_every_rank(me)  # its own error, after telling the others
+    assert said["mine"] == "ValueError: data.sets.jobs: 2 prompts then, 3 now"
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object",
+                        lambda out, mine: out.__setitem__(slice(None), [mine, None]))
+    me.resume = lambda path: None
+    assert Trainer._resume_on_every_rank(me) == Path("/run/step_2")  # both resumed
+    me.world = 1
+    me.resume = refused
+    with pytest.raises(ValueError, match="2 prompts then"):  # one process: raised at once, no collective
+        Trainer._resume_on_every_rank(me)
+
+
 def test_overrides_on_both_sides_of_the_deepspeed_flag():
     from fastfair.trainer import parse_args
 
