@@ -50,10 +50,11 @@ def list_prompt_sets() -> List[str]:
 
 
 def indefinite_article(phrase: str) -> str:
-    """'a' or 'an' for the phrase's first word, by sound: 'an electrician', 'a urologist', 'an IT manager'."""
+    """'a' or 'an' for the phrase's first word, by sound: 'an electrician', 'a urologist', 'an IT manager',
+    'an X-ray technician' (a letter spelled out, before a hyphen too: 'a U-boat captain')."""
     word = phrase.split()[0]
-    if len(word) > 1 and word.isupper():
-        return "an" if word[0] in _AN_LETTERS else "a"
+    if (len(word) > 1 and word.isupper()) or word[1:2] == "-":
+        return "an" if word[0].upper() in _AN_LETTERS else "a"
     word = word.lower()
     if word.startswith(_AN_PREFIXES):
         return "an"

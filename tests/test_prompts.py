@@ -87,6 +87,8 @@ def test_templated_prompts():
 @pytest.mark.parametrize("item, article", [
     ("nurse", "a"), ("electrician", "an"), ("urologist", "a"), ("university lecturer", "a"),
     ("umpire", "an"), ("IT manager", "an"), ("UX designer", "a"), ("FBI agent", "an"), ("hourly worker", "an"),
+    ("X-ray technician", "an"), ("x-ray technician", "an"), ("U-boat captain", "a"), ("T-shirt printer", "a"),
+    ("e-commerce manager", "an"), ("one-man band", "a"),
 ])
 def test_indefinite_article(item, article):
     assert indefinite_article(item) == article
