@@ -67,6 +67,26 @@ def _lora_config(rank: int, alpha: Optional[float], dropout: float, modules: Seq
                       init_lora_weights="gaussian")
 
 
+# the layer types peft's LoRA adapts (its Linear, Conv2d and Embedding layers)
+_LORA_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def _check_lora_targets(module: nn.Module, modules: Sequence[str], key: str) -> None:
+    """Raise ValueError naming ``key`` unless every entry of ``modules`` names a layer of ``module`` as peft matches
+    them (the whole dotted name or its end: 'to_out.0' matches 'up_blocks.1.attentions.0...to_out.0'): peft refuses
+    a list none of which matches, in its own words, and adapts the rest of a list where some do not, unsaid."""
+    names = [name for name, layer in module.named_modules() if isinstance(layer, _LORA_LAYERS)]
+    unmatched = [target for target in modules
+                 if not any(name == target or name.endswith("." + target) for name in names)]
+    if unmatched:
+        # a layer's own name, with its container's where it is an index ('to_out.0')
+        leaves = sorted({".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
+                         for name in names})
+        shown = ", ".join(leaves[:24]) + (", ..." if len(leaves) > 24 else "")
+        raise ValueError(f"{key}={list(modules)}: {', '.join(map(repr, unmatched))} names no layer of the "
+                         f"{type(module).__name__}; its layers that LoRA can adapt end in: {shown}")
+
+
 def _add_lora(module: nn.Module, config) -> None:
     # peft directly (transformers' add_adapter wants a newer peft); adapter name "default" as diffusers uses
     from peft import inject_adapter_in_model
@@ -119,8 +139,10 @@ class FinetunedModel:
             self.prefix = PrefixEmbedding(text_encoder.get_input_embeddings(), prefix_tokens, prefix_init)
             text_encoder.set_input_embeddings(self.prefix)
         if target in ("text_lora", "text_unet_lora"):
+            _check_lora_targets(text_encoder, lora.text_modules, "finetune.lora.text_modules")
             _add_lora(text_encoder, _lora_config(rank, alpha, dropout, lora.text_modules))
         if target in ("unet_lora", "text_unet_lora"):
+            _check_lora_targets(unet, lora.unet_modules, "finetune.lora.unet_modules")
             _add_lora(unet, _lora_config(rank, alpha, dropout, lora.unet_modules))
         # full finetuning has no adapter to switch off: the original images need a frozen copy
         self.frozen_unet = copy.deepcopy(unet) if target == "unet_full" and training else None

@@ -1,4 +1,6 @@
 """fastfair.models loads a saved tiny SD folder; fastfair.finetune adds exactly the trainable weights asked for."""
+import re
+
 import pytest
 import torch
 
@@ -118,6 +120,24 @@ def test_prefix_starts_as_the_mean_row_or_distinct_random_tokens_of_the_seed(sd_
     assert torch.equal(again, drawn)
     with pytest.raises(ValueError, match=r"finetune.prefix_init='zeros': expected one of \('mean', 'random_tokens'\)"):
         _model(sd_dir, "prefix", prefix_init="zeros")
+
+
+@pytest.mark.parametrize("target, key, modules, unmatched", [
+    ("text_lora", "finetune.lora.text_modules", ["q_proj", "nosuchmodule"], "'nosuchmodule'"),  # peft: q_proj only
+    ("text_lora", "finetune.lora.text_modules", ["nosuchmodule"], "'nosuchmodule'"),  # peft: its own words
+    ("unet_lora", "finetune.lora.unet_modules", ["to_q", "to_out.1", "bogus"], "'to_out.1', 'bogus'"),
+])
+def test_lora_modules_that_name_no_layer_are_refused_by_key(sd_dir, target, key, modules, unmatched):
+    """Each listed module must name a layer: peft adapted the others of a list unsaid (a typo trained fewer
+    layers), and refused a list naming none without the setting's name."""
+    parts = load_stable_diffusion(sd_dir, dtype="bf16")
+    lora = LoraConfig(rank=4, text_modules=modules, unet_modules=modules)
+    with pytest.raises(ValueError, match=re.escape(f"{key}={modules}: {unmatched} names no layer of the ")) as error:
+        FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, target, lora=lora)
+    assert ("q_proj" if target == "text_lora" else "to_q") in str(error.value)  # what it could have named
+    # the layers' whole dotted names and their ends match, as peft matches them
+    FinetunedModel(parts.tokenizer, parts.text_encoder, parts.unet, target, lora=LoraConfig(
+        rank=4, text_modules=["self_attn.q_proj", "encoder.layers.0.mlp.fc1"], unet_modules=["attn1.to_out.0"]))
 
 
 def test_lora_adapters_off_for_original(sd_dir):
