@@ -14,7 +14,8 @@
    unknown keys at any depth with a did-you-mean that names the full dotted key.
 
 ``validate(cfg, world_size, device)`` checks values (enums, counts, ranges, device support) and
-``check_files(cfg)`` checks the local weight paths; both raise one `ConfigError` listing every problem.
+``check_files(cfg)`` checks the local weight paths and ``check_packages(cfg)`` the optional packages the settings
+need; each raises one `ConfigError` listing every problem.
 ``save_config`` writes the resolved YAML atomically.
 
 DeepSpeed JSONs (``configs/ds/*.json``) hold concrete values; ``deepspeed_config(cfg, world_size)``
@@ -192,6 +193,8 @@ class ClassifierConfig:
     factory: Optional[str] = None  # "package.module:function"(spec) -> a module images -> logits (e.g. the toy's)
 
 
+# fastfair.classifiers.model.ARCHITECTURES' names (kept here, torch-free, for validation)
+CLASSIFIER_ARCHITECTURES = ("mobilenet_v3_large", "small_cnn")
 # the face detector backends fastfair.faces.get_detector builds by name (kept here, torch-free, for validation)
 DETECTOR_BACKENDS = ("opencv", "insightface", "mtcnn", "none")
 FACE_DETECTORS = DETECTOR_BACKENDS + ("callable",)  # faces.detector's values; callable: faces.detector_fn
@@ -789,6 +792,37 @@ def _device_problems(cfg: TrainConfig, device) -> List[str]:
     return problems
 
 
+# (setting in force, module, what to install): optional packages a setting needs, checked before any model loads
+def _needed_packages(cfg: TrainConfig) -> List[Tuple[str, str, str]]:
+    needed = []
+    if cfg.deepspeed.config:
+        needed.append((f"deepspeed.config={cfg.deepspeed.config}", "deepspeed", "pip install 'fastfair[train]'"))
+    if cfg.optim.name == "adamw8bit":
+        needed.append(("optim.name=adamw8bit", "bitsandbytes", "pip install bitsandbytes, or use optim.name=adamw"))
+    if not cfg.semantics.factory and cfg.semantics.clip_backend == "open_clip":
+        needed.append(("semantics.clip_backend=open_clip", "open_clip",
+                       "pip install 'fastfair[clip]', or semantics.clip_backend=transformers with a transformers "
+                       "CLIP folder as semantics.clip_path"))
+    if cfg.faces.detector != "callable":
+        detectors = detector_names(cfg.faces.detector)
+        for name, modules, install in (
+                ("opencv", ("cv2",), "pip install 'opencv-python-headless>=4.8,<5' (or fastfair[faces])"),
+                ("mtcnn", ("facenet_pytorch",), "pip install --no-deps facenet-pytorch (it pins an old torch)"),
+                ("insightface", ("insightface", "onnxruntime"), "pip install insightface onnxruntime")):
+            if name in detectors:
+                needed += [(f"faces.detector={cfg.faces.detector}", module, install) for module in modules]
+    return needed
+
+
+def check_packages(cfg: TrainConfig) -> None:
+    """Check that the optional packages the settings need are installed (found, not imported: before any model
+    loads, not where the first use would fail); raise ConfigError naming each setting and what to install."""
+    problems = [f"{setting} needs the {module} package, which is not installed: {install}"
+                for setting, module, install in _needed_packages(cfg) if importlib.util.find_spec(module) is None]
+    if problems:
+        raise ConfigError("missing packages:\n  " + "\n  ".join(problems))
+
+
 def _sampler_problems(sampler: SamplerConfig) -> List[str]:
     problems, fewest_steps = [], sampler.num_steps
     if sampler.num_steps_range is not None:
@@ -866,6 +900,11 @@ def _classifier_problems(classifiers: Dict[str, ClassifierConfig]) -> List[str]:
         if len(set(indices)) != len(indices) or any(index < 0 for index in indices):
             problems.append(f"classifiers.{name}.attributes: output indices must be distinct and >= 0, "
                             f"got {spec.attributes}")
+        # a factory builds its own network and may read architecture its own way
+        if spec.architecture is not None and not spec.factory and spec.architecture not in CLASSIFIER_ARCHITECTURES:
+            problems.append(f"classifiers.{name}.architecture={spec.architecture!r} is not a fastfair classifier "
+                            f"architecture: use one of {', '.join(CLASSIFIER_ARCHITECTURES)} (null: the one a "
+                            "fastfair classifier file records)")
     return problems
 
 
@@ -955,6 +994,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
                         f"faces.detector={cfg.faces.detector}: set faces.detector=insightface or "
                         "faces.detector_path=null")
     problems += _hook_problems(cfg)
+    sem = cfg.semantics
+    if not sem.factory and sem.clip_backend == "open_clip" and (not sem.clip_model.strip() or ":" in sem.clip_model):
+        problems.append(f"semantics.clip_model={sem.clip_model!r}: name a built-in open_clip architecture, e.g. "
+                        "ViT-H-14 (the one semantics.clip_path's checkpoint was trained as)")
     for key in cfg.resume_allow:
         try:
             _field_type(key.split("."))
@@ -1043,6 +1086,14 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
                 "DeepSpeed's check for non-finite gradients (a NaN step would be applied, not skipped): remove it"]
     enabled = [name for name, section in sections.items() if section.get("enabled", False)]
     wanted = [] if cfg.precision.mixed == "fp32" else [cfg.precision.mixed]
+    if cfg.model.dtype == "fp16" and "fp16" not in enabled and enabled == wanted:
+        # the gradient flows back through the frozen fp16 weights' activations: without fp16 loss scaling (which
+        # DeepSpeed does only with its fp16 section; precision.loss_scale is not used under DeepSpeed) small
+        # gradients underflow to zero there
+        return [f"model.dtype=fp16 with deepspeed.config={cfg.deepspeed.config}, which enables no fp16 (so no loss "
+                "scaling, and precision.loss_scale is not used under DeepSpeed): the gradient through the fp16 "
+                "frozen weights would underflow; use precision.mixed=fp16 with configs/ds/zero2_fp16.json, or "
+                "model.dtype=bf16 or fp32"]
     if enabled != wanted:
         # configs/ds ships fp16 and bf16 JSONs only: an fp32 run needs one with neither section enabled
         fix = ("use a JSON whose fp16 and bf16 sections are absent or disabled" if not wanted else
@@ -1055,26 +1106,32 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
 def check_files(cfg: TrainConfig) -> None:
     """Check that every local path the run reads exists with the expected layout; raise ConfigError."""
     problems = _model_path_problems(cfg.model)
-    needed = [(f"classifiers.{name}.path", spec.path) for name, spec in cfg.classifiers.items()
+    # (key, path, what it must be: "file", "folder", or None for either)
+    needed = [(f"classifiers.{name}.path", spec.path, "file") for name, spec in cfg.classifiers.items()
               if spec.path or not spec.factory]  # a factory may build its classifier without a file
     if not cfg.semantics.factory:  # a factory builds its encoders without these files
-        needed += [("semantics.clip_path", cfg.semantics.clip_path),
-                   ("semantics.dino_path", cfg.semantics.dino_path)]
-    needed += [(f"data.sets.{name}.file", spec.file) for name, spec in cfg.data.sets.items()
+        open_clip = cfg.semantics.clip_backend == "open_clip"  # a checkpoint file; transformers: a folder
+        needed += [("semantics.clip_path", cfg.semantics.clip_path, "file" if open_clip else "folder"),
+                   ("semantics.dino_path", cfg.semantics.dino_path, "folder")]
+    needed += [(f"data.sets.{name}.file", spec.file, "file") for name, spec in cfg.data.sets.items()
                if spec.file and spec.weight > 0]  # weight 0 leaves a set out: its file is not read
     if cfg.loss.face_loss and cfg.loss.lambda_face > 0:
-        needed.append(("faces.bank", cfg.faces.bank))
+        needed.append(("faces.bank", cfg.faces.bank, "file"))
         if not cfg.faces.embedding_fn:
-            needed.append(("faces.embedding", cfg.faces.embedding))
+            needed.append(("faces.embedding", cfg.faces.embedding, "file"))
     if "insightface" in detector_names(cfg.faces.detector):
-        needed.append(("faces.detector_path", cfg.faces.detector_path))
+        needed.append(("faces.detector_path", cfg.faces.detector_path, "folder"))
     if cfg.resume not in ("auto", ""):
-        needed.append(("resume", cfg.resume))
-    for key, path in needed:
+        needed.append(("resume", cfg.resume, None))
+    for key, path, kind in needed:
         if not path:
-            problems.append(f"{key} is empty: set it to a local file or folder")
+            problems.append(f"{key} is empty: set it to a local {kind or 'file or folder'}")
         elif not Path(path).exists():
             problems.append(f"{key}={path} does not exist")
+        elif kind == "file" and Path(path).is_dir():
+            problems.append(f"{key}={path} is a folder: give the file itself")
+        elif kind == "folder" and not Path(path).is_dir():
+            problems.append(f"{key}={path} is a file: give the folder that holds the model")
     if cfg.deepspeed.config:
         problems += _deepspeed_problems(cfg)
     if problems:

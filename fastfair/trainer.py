@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from fastfair import checkpoint
-from fastfair.config import (ConfigError, TrainConfig, check_files, config_to_dict, config_yaml, describe_changes,
-                             load_config, resume_changes, save_config, validate)
+from fastfair.config import (ConfigError, TrainConfig, check_files, check_packages, config_to_dict, config_yaml,
+                             describe_changes, load_config, resume_changes, save_config, validate)
 from fastfair.dft import sample
 from fastfair.ema import EMA
 from fastfair.finetune import FinetunedModel
@@ -60,7 +60,8 @@ class Trainer:
         self.cfg, self.device = cfg, torch.device(device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         problems = []  # settings and files together: one try shows everything to set
-        for check in (lambda: validate(cfg, self.world, self.device), lambda: check_files(cfg)):
+        for check in (lambda: validate(cfg, self.world, self.device), lambda: check_files(cfg),
+                      lambda: check_packages(cfg)):
             try:
                 check()
             except ConfigError as error:

@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from fastfair.config import (
-    DIFFUSERS_SUBFOLDERS, ConfigError, TrainConfig, check_files, config_to_dict, deepspeed_config, load_config,
-    parse_override, resume_changes, save_config, validate,
+    CLASSIFIER_ARCHITECTURES, DIFFUSERS_SUBFOLDERS, ConfigError, TrainConfig, check_files, check_packages,
+    config_to_dict, deepspeed_config, load_config, parse_override, resume_changes, save_config, validate,
 )
 from fastfair.targets import load_targets
 
@@ -495,15 +495,99 @@ def test_check_files_accepts_a_complete_layout(tmp_path):
      "enables ['fp16'] but precision.mixed=fp32: use a JSON whose fp16 and bf16 sections are absent or disabled"),
     ({"model.config": "half"}, "model.config={cwd}/half is read only with a single-file model.pretrained, but "),
     ({"faces.detector": "insightface,mtcnn"}, "faces.detector_path is empty"),  # insightface's models, in a list too
+    # a folder where a file is read, and the other way round: named here, not by the loader after the model loads
+    # ("No such device (os error 19)" for a bank folder)
+    ({"faces.bank": "adir"}, "faces.bank={cwd}/adir is a folder: give the file itself"),
+    ({"faces.embedding": "adir"}, "faces.embedding={cwd}/adir is a folder: give the file itself"),
+    ({"classifiers.c.path": "adir"}, "classifiers.c.path={cwd}/adir is a folder: give the file itself"),
+    ({"semantics.clip_path": "adir"}, "semantics.clip_path={cwd}/adir is a folder: give the file itself"),
+    ({"semantics.clip_backend": "transformers", "semantics.clip_path": "weights.bin"},
+     "semantics.clip_path={cwd}/weights.bin is a file: give the folder that holds the model"),
+    ({"semantics.dino_path": "weights.bin"}, "semantics.dino_path={cwd}/weights.bin is a file: give the folder"),
+    ({"faces.detector": "insightface", "faces.detector_path": "weights.bin"},
+     "faces.detector_path={cwd}/weights.bin is a file: give the folder"),
+    ({"data.sets.mine": "{file: adir}"}, "data.sets.mine.file={cwd}/adir is a folder: give the file itself"),
+    # DeepSpeed scales an fp16 loss only with its fp16 section (precision.loss_scale is not used under it)
+    ({"deepspeed.config": "fp32.json", "model.dtype": "fp16"},
+     "model.dtype=fp16 with deepspeed.config={cwd}/fp32.json, which enables no fp16 (so no loss scaling"),
 ])
 def test_check_files_names_the_key_and_the_expected_layout(tmp_path, monkeypatch, setting, message):
     monkeypatch.chdir(tmp_path)
     diffusers_folder(tmp_path / "half", skip=("vae", "scheduler"))
     (tmp_path / "weights.bin").touch()
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "fp32.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": False}}))
     cfg = config_with_files(tmp_path, **setting)
     with pytest.raises(ConfigError) as error:
         check_files(cfg)
     assert message.format(cwd=tmp_path) in str(error.value)  # relative paths: absolute from the current folder
+
+
+def test_files_and_folders_of_the_right_kind_pass(tmp_path):
+    (tmp_path / "clip").mkdir(parents=True)
+    (tmp_path / "prompts.txt").write_text("a doctor\n")
+    check_files(config_with_files(tmp_path / "files", **{
+        "semantics.clip_backend": "transformers", "semantics.clip_path": tmp_path / "clip",
+        "data.sets.mine": f"{{file: {tmp_path / 'prompts.txt'}}}"}))
+
+
+@pytest.mark.parametrize("setting, needs", [
+    (["deepspeed.config=ds.json"], ["deepspeed.config={cwd}/ds.json needs the deepspeed package"]),
+    (["optim.name=adamw8bit"], ["optim.name=adamw8bit needs the bitsandbytes package, which is not installed: pip "
+                                "install bitsandbytes, or use optim.name=adamw"]),
+    (["semantics.clip_backend=open_clip"], ["semantics.clip_backend=open_clip needs the open_clip package, which is "
+                                            "not installed: pip install 'fastfair[clip]', or "
+                                            "semantics.clip_backend=transformers"]),
+    (["faces.detector=opencv"], ["faces.detector=opencv needs the cv2 package"]),
+    (["faces.detector=insightface,mtcnn"], ["faces.detector=insightface,mtcnn needs the insightface package",
+                                            "faces.detector=insightface,mtcnn needs the onnxruntime package",
+                                            "faces.detector=insightface,mtcnn needs the facenet_pytorch package"]),
+    # what the settings leave unused is not asked for
+    ([], []),
+    (["semantics.clip_backend=open_clip", "semantics.factory=fastfair.toy:toy_semantics"], []),
+])
+def test_missing_optional_packages_are_named_before_any_model_loads(tmp_path, monkeypatch, setting, needs):
+    """Each optional package a setting needs is looked for at the start (the trainer's checks), as a missing one
+    failed only where it was first imported, after the Stable Diffusion model had loaded."""
+    import importlib.util
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)  # nothing installed
+    cfg = load_config(minimal(tmp_path), ["faces.detector=none", "semantics.clip_backend=transformers", *setting])
+    if not needs:
+        check_packages(cfg)
+        return
+    with pytest.raises(ConfigError) as error:
+        check_packages(cfg)
+    for message in needs:
+        assert message.format(cwd=tmp_path) in str(error.value)
+    assert str(error.value).count("needs the") == len(needs)
+
+
+def test_the_packages_of_the_shipped_settings_are_looked_for_by_their_module_names():
+    """find_spec finds what is installed here (no false refusal): cv2, deepspeed, bitsandbytes are in the test
+    environment (pyproject's extras)."""
+    check_packages(load_config(CONFIGS / "toy.yaml", ["optim.name=adamw8bit", "faces.detector=opencv"]))
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["classifiers.c.architecture=resnet9000"], "classifiers.c.architecture='resnet9000' is not a fastfair classifier "
+                                                "architecture: use one of mobilenet_v3_large, small_cnn"),
+    (["semantics.clip_model=''"], "semantics.clip_model='': name a built-in open_clip architecture, e.g. ViT-H-14"),
+    (["semantics.clip_model=hf-hub:org/model"], "semantics.clip_model='hf-hub:org/model': name a built-in open_clip"),
+])
+def test_names_the_libraries_know_are_checked_with_the_settings(tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(load_config(minimal(tmp_path), setting))
+
+
+def test_the_config_knows_every_classifier_architecture_and_a_factory_may_name_its_own(tmp_path):
+    from fastfair.classifiers.model import ARCHITECTURES
+
+    assert sorted(CLASSIFIER_ARCHITECTURES) == sorted(ARCHITECTURES)
+    validate(load_config(minimal(tmp_path), ["classifiers.c.architecture=resnet9000",
+                                             "classifiers.c.factory=fastfair.toy:train_classifier"]))
+    validate(load_config(minimal(tmp_path), ["semantics.clip_model=''", "semantics.factory=fastfair.toy:toy_semantics"]))
 
 
 def test_face_files_are_needed_only_with_the_face_loss(tmp_path):

@@ -347,7 +347,7 @@ def test_resume_refuses_another_optimizer(tmp_path, world):
 
 def test_adamw8bit_without_bitsandbytes_names_the_setting(tmp_path, world, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as where it is not installed
-    with pytest.raises(ValueError, match="optim.name=adamw8bit needs bitsandbytes .*use optim.name=adamw"):
+    with pytest.raises(ValueError, match="optim.name=adamw8bit needs the bitsandbytes package.*use optim.name=adamw"):
         Trainer(load_config(write_config(tmp_path, world), ["optim.name=adamw8bit"]))
 
 
