@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import Callable, TypeVar
 
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 _OWN_GROUP: dict = {}  # what init_distributed set up for a 1-process group: the LOCAL_RANK it set
 
@@ -50,3 +53,27 @@ def process_group(device_type: str = "cpu"):
     finally:
         if created:
             close_distributed()
+
+
+def on_every_rank(world: int, what: str, step: Callable[[], T]) -> T:
+    """``step()`` on this rank; with ``world`` > 1 processes, if it raised on any rank, every rank raises: the
+    failing ones their own error, the others a RuntimeError naming the first failing rank (``what`` says what
+    it could not do) and its error. A rank raising alone left the others waiting in their next collective,
+    forever, wherever the launcher does not stop the group when one process fails (several nodes, srun per
+    rank). A collective (one all_gather_object): every rank calls it at the same point."""
+    failure, result = None, None
+    try:
+        result = step()
+    except Exception as error:  # any failure: re-raised below, on this rank as it was
+        if world == 1:
+            raise
+        failure = error
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        failed = next(((rank, said) for rank, said in enumerate(every) if said is not None), None)
+        if failed is not None:
+            raise RuntimeError(f"rank {failed[0]} {what}, so no rank goes on: {failed[1]}")
+    return result

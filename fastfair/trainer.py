@@ -45,7 +45,7 @@ from fastfair.models import LatentDecoder, latent_size, load_stable_diffusion, t
 from fastfair.optimizer import build_optimizer, optimizer_state_bytes, saved_optimizer_name
 from fastfair.preflight import DEFAULT_ITERATIONS as DEFAULT_CHECK_ITERATIONS
 from fastfair.preflight import Preflight, free_bytes, retention, saved_steps, tensor_bytes
-from fastfair.process_group import process_group
+from fastfair.process_group import on_every_rank, process_group
 from fastfair.prompts import build_prompt_mixture
 from fastfair.run_control import StopSignals, cannot_write, closing, isatty, progress_options, stop_signals
 from fastfair.run_log import RunLog, image_file, naming_errors
@@ -59,6 +59,36 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device="cpu"):
         self.cfg, self.device = cfg, torch.device(device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # what each rank reads from its own disk and installation: a file or package missing on one node
+        on_every_rank(self.world, "could not start", self._build)
+        self.engine = None  # DeepSpeed: reduces, scales, clips and steps the trainable parameters (fastfair.zero)
+        if cfg.deepspeed.config:
+            from fastfair import zero
+            from fastfair.config import deepspeed_config
+
+            self.engine = zero.deepspeed_engine(deepspeed_config(cfg, self.world), self.model.trainable,
+                                                self.optimizer, self.lr_scheduler)
+        self.ema = EMA(self.model.trainable, cfg.optim.ema_decay, cfg.optim.ema_warmup)
+        # fp16 gradients need loss scaling (DeepSpeed scales its own): a gradient below 2^-24 is zero in fp16. Also
+        # fp16 frozen weights without fp16 autocast: the gradient flows back through their fp16 activations
+        self.scaler = None
+        fp16 = "fp16" in (cfg.precision.mixed, cfg.model.dtype)
+        if fp16 and self.engine is None and cfg.precision.loss_scale is not None:
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.precision.loss_scale)
+        # iterations before start; of them, those whose step was skipped; optimizer steps taken (the EMA's t)
+        self.start, self.skipped, self.steps_taken = 0, 0, 0
+        self._ot_generator = None  # set per iteration (iteration()); None: torch's global generator
+        self.resume_hint = "resume=auto"  # how a stopped run is continued, in its caller's terms (the demo's differ)
+        from fastfair.memory_budget import MemoryBudget
+
+        budget = cfg.sampler.memory_budget_gb
+        # picks keep_graph_steps and keep_attention_steps per batch shape
+        self.memory_budget = MemoryBudget(budget, cfg.sampler.lean_graph) if budget else None
+
+    def _build(self) -> None:
+        """What each rank builds from its own disk and installation (checks, models, judges, prompts, optimizer),
+        before any collective: `__init__` runs it on every rank together (`on_every_rank`)."""
+        cfg = self.cfg
         problems = []  # settings and files together: one try shows everything to set
         for check in (lambda: validate(cfg, self.world, self.device), lambda: check_files(cfg),
                       lambda: check_packages(cfg)):
@@ -79,6 +109,14 @@ class Trainer:
         self.vae, self.scheduler = parts.vae, parts.scheduler
         self.decoder = LatentDecoder(self.vae)  # its images clamped: see _decode
         self._check_step_counts()
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if cfg.model.resolution and cfg.model.resolution % scale:  # decoded images would be silently smaller
+            below = max(scale, cfg.model.resolution // scale * scale)
+            raise ValueError(f"model.resolution={cfg.model.resolution} is not a multiple of the VAE's factor {scale}: "
+                             f"use e.g. {below} or {below + scale}")
+        # model.resolution: a square of that side; unset, the U-Net's own size (a [height, width] pair or a side)
+        size = (cfg.model.resolution // scale,) * 2 if cfg.model.resolution else latent_size(parts.unet.config)
+        self.latent_shape = (parts.unet.config.in_channels, *size)
         # LoRA's random init: the same on every rank and in every run of this seed. Training draws from its own
         # generators; the global ones are seeded too, so a hook drawing from them repeats across runs as it
         # continues across a resume (checkpoints save their states)
@@ -100,37 +138,6 @@ class Trainer:
                                         cfg.loss.lambda_face, cfg.loss.lambda_img_no_face)
         self.mixture = build_prompt_mixture(cfg.data, cfg.seed)
         self.optimizer, self.lr_scheduler = build_optimizer(cfg, self.model.parameters())
-        self.engine = None  # DeepSpeed: reduces, scales, clips and steps the trainable parameters (fastfair.zero)
-        if cfg.deepspeed.config:
-            from fastfair import zero
-            from fastfair.config import deepspeed_config
-
-            self.engine = zero.deepspeed_engine(deepspeed_config(cfg, self.world), self.model.trainable,
-                                                self.optimizer, self.lr_scheduler)
-        self.ema = EMA(self.model.trainable, cfg.optim.ema_decay, cfg.optim.ema_warmup)
-        # fp16 gradients need loss scaling (DeepSpeed scales its own): a gradient below 2^-24 is zero in fp16. Also
-        # fp16 frozen weights without fp16 autocast: the gradient flows back through their fp16 activations
-        self.scaler = None
-        fp16 = "fp16" in (cfg.precision.mixed, cfg.model.dtype)
-        if fp16 and self.engine is None and cfg.precision.loss_scale is not None:
-            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.precision.loss_scale)
-        # iterations before start; of them, those whose step was skipped; optimizer steps taken (the EMA's t)
-        self.start, self.skipped, self.steps_taken = 0, 0, 0
-        self._ot_generator = None  # set per iteration (iteration()); None: torch's global generator
-        self.resume_hint = "resume=auto"  # how a stopped run is continued, in its caller's terms (the demo's differ)
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if cfg.model.resolution and cfg.model.resolution % scale:  # decoded images would be silently smaller
-            below = max(scale, cfg.model.resolution // scale * scale)
-            raise ValueError(f"model.resolution={cfg.model.resolution} is not a multiple of the VAE's factor {scale}: "
-                             f"use e.g. {below} or {below + scale}")
-        # model.resolution: a square of that side; unset, the U-Net's own size (a [height, width] pair or a side)
-        size = (cfg.model.resolution // scale,) * 2 if cfg.model.resolution else latent_size(self.model.unet.config)
-        self.latent_shape = (self.model.unet.config.in_channels, *size)
-        from fastfair.memory_budget import MemoryBudget
-
-        budget = cfg.sampler.memory_budget_gb
-        # picks keep_graph_steps and keep_attention_steps per batch shape
-        self.memory_budget = MemoryBudget(budget, cfg.sampler.lean_graph) if budget else None
 
     def _check_step_counts(self) -> None:
         """The model's scheduler is one fastfair samples exactly, and every step count the run can draw has finite
@@ -459,10 +466,14 @@ class Trainer:
 
     def save(self, it: int) -> None:
         weights, state = self._saved()  # every rank: the gather is a collective
-        if self.rank == 0:
-            checkpoint.save_checkpoint(self.cfg.output_dir, it, weights, self.ema.shadow, state,
-                                       self.cfg.keep_last, self.cfg.keep_every, config=config_to_dict(self.cfg))
-        dist.barrier()
+
+        def written() -> None:
+            if self.rank == 0:
+                checkpoint.save_checkpoint(self.cfg.output_dir, it, weights, self.ema.shadow, state,
+                                           self.cfg.keep_last, self.cfg.keep_every, config=config_to_dict(self.cfg))
+
+        # rank 0 writes (a full disk fails there alone); the others wait for its outcome, which is the barrier
+        on_every_rank(self.world, "could not save the checkpoint", written)
 
     def resume(self, path) -> None:
         if self.engine is not None:
@@ -569,26 +580,14 @@ class Trainer:
 
     def _resume_on_every_rank(self) -> Optional[Path]:
         """Resolve `resume` and resume from it (None: a fresh start). Under several processes a rank that fails (a
-        node-local prompt file that differs from the saved list, a checkpoint its disk lacks) makes every rank
-        raise: the others would otherwise wait for it in their next collective, forever."""
-        failure, path = None, None
-        try:
+        node-local prompt file that differs from the saved list) makes every rank raise (`on_every_rank`)."""
+        def resumed() -> Optional[Path]:
             path = checkpoint.resolve_resume(self.cfg.resume, self.cfg.output_dir)
             if path is not None:
                 self.resume(path)
-        except Exception as error:  # any failure: re-raised below, on this rank as it was
-            if self.world == 1:
-                raise
-            failure = error
-        if self.world > 1:
-            every = [None] * self.world
-            dist.all_gather_object(every, None if failure is None else f"{type(failure).__name__}: {failure}")
-            if failure is not None:
-                raise failure
-            failed = next(((rank, said) for rank, said in enumerate(every) if said is not None), None)
-            if failed is not None:
-                raise RuntimeError(f"rank {failed[0]} could not resume, so no rank trains: {failed[1]}")
-        return path
+            return path
+
+        return on_every_rank(self.world, "could not resume", resumed)
 
     def _check_ranks_agree(self, path: Optional[Path]) -> None:
         """Every rank resumes from the same checkpoint: each resolves resume=auto in its own view of output_dir, and
@@ -686,14 +685,30 @@ class Trainer:
                 raise ValueError(refusal)
         return unwritable
 
-    def _agreed_stop(self, stop: StopSignals) -> int:
-        """The stop signal's number if any rank received one (0: none): all ranks stop at the same iteration, as
-        each saves its share of a DeepSpeed checkpoint and every collective pairs up."""
+    def _agreed_stop(self, stop: StopSignals, failed: bool = False) -> Tuple[int, bool]:
+        """(the stop signal's number if any rank received one (0: none), whether any rank ``failed``): all ranks
+        stop at the same iteration, as each saves its share of a DeepSpeed checkpoint and every collective pairs
+        up."""
         if self.world == 1:
-            return stop.signum
-        flag = torch.tensor([stop.signum], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+            return stop.signum, failed
+        flags = torch.tensor([stop.signum, int(failed)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return int(flags[0].item()), bool(flags[1].item())
+
+    def _report(self, it: int, parts: Dict[str, float], bar, log: Optional[RunLog]) -> None:
+        """After iteration ``it``: the progress bar, and on rank 0 the logged scalars and image grids when due."""
+        cfg = self.cfg
+        # shown by update's redraw (when due): a redraw per call would write every iteration whatever mininterval
+        bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if "/" not in k}, refresh=False)
+        bar.update()
+        if log is not None and (it + 1) % cfg.logging.log_every == 0:
+            log.scalars(it + 1, parts)
+        if log is not None and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
+            pixels = grid_pixels(*self.last_images)
+            image = image_file(cfg.output_dir, it + 1)
+            with naming_errors(image):  # a full disk: named, with the way on
+                save_png(pixels, image)
+            log.image(it + 1, "originals_over_finetuned", pixels)
 
     def train(self) -> None:
         """Resume where `resume` says, then train to max_steps, saving every checkpoint_every iterations and at
@@ -716,7 +731,8 @@ class Trainer:
         path = self._resume_on_every_rank()
         self.step = self.start  # the iterations done, for an interruption's message (main)
         self._check_ranks_agree(path)
-        self._check_output_dir(fresh=path is None)
+        # each rank looks in its own view of output_dir (a node-local disk may hold another run's checkpoints)
+        on_every_rank(self.world, "found output_dir in use", lambda: self._check_output_dir(fresh=path is None))
         if self.start > cfg.max_steps:
             raise ValueError(f"max_steps={cfg.max_steps}, but the run resumed from step {self.start}: raise max_steps "
                              "to train on, or use another output_dir for a shorter run")
@@ -792,9 +808,14 @@ class Trainer:
 
         cfg = self.cfg
         stop = held.enter_context(stop_signals())
-        if self.rank == 0:
+
+        def opened() -> Optional[RunLog]:  # rank 0 writes; a failure there must stop every rank
+            if self.rank != 0:
+                return None
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-        log = RunLog(cfg.output_dir, cfg.logging.tensorboard_dir, self.start) if self.rank == 0 else None
+            return RunLog(cfg.output_dir, cfg.logging.tensorboard_dir, self.start)
+
+        log = on_every_rank(self.world, "could not write the run's config or log", opened)
         if log is not None:
             held.push(closing(log.close))
         # advanced by hand: a bar over the range counts only at its redraws, and a stop's last line said 0/N
@@ -808,21 +829,23 @@ class Trainer:
             parts["images_per_s"] = cfg.batch.images_per_prompt / (time.perf_counter() - began)
             parts["skipped_steps"] = self.skipped
             parts["peak_memory_gb"] = _peak_memory_bytes(self.device) / 2**30
-            # shown by update's redraw (when due): a redraw per call would write every iteration whatever mininterval
-            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if "/" not in k}, refresh=False)
-            bar.update()
-            if log is not None and (it + 1) % cfg.logging.log_every == 0:
-                log.scalars(it + 1, parts)
-            if log is not None and cfg.logging.image_every and (it + 1) % cfg.logging.image_every == 0:
-                pixels = grid_pixels(*self.last_images)
-                image = image_file(cfg.output_dir, it + 1)
-                with naming_errors(image):  # a full disk: named, with the way on
-                    save_png(pixels, image)
-                log.image(it + 1, "originals_over_finetuned", pixels)
+            failure = None  # rank 0's writes (bar, log, images): told to the others with the stop signal
+            try:
+                self._report(it, parts, bar, log)
+            except Exception as error:  # any failure: raised below, once every rank knows
+                if self.world == 1:
+                    raise
+                failure = error
+            # the same on every rank (a collective): rank 0 saves whatever its report did
             saved = (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.max_steps
             if saved:
                 self.save(it + 1)
-            signum = self._agreed_stop(stop)
+            signum, failed = self._agreed_stop(stop, failure is not None)
+            if failure is not None:
+                raise failure
+            if failed:
+                raise RuntimeError(f"rank 0 could not write the run's progress, log or images at step {it + 1}, so "
+                                   "no rank goes on (its error is in its output)")
             if signum:
                 if not saved:
                     self.save(it + 1)

@@ -271,7 +271,19 @@ def _global_batch_worker(rank, port, out_dir):
         sampled = global_expected_ot_targets(probs[mine], target, valid=valid[mine], method="monte_carlo",
                                              num_samples=300, generator=torch.Generator().manual_seed(3))
         half = global_expected_ot_targets(bfloat16_probs()[mine], target, valid=valid[mine], method="exact")
-        torch.save({"exact": exact, "sampled": sampled, "bf16": half}, os.path.join(out_dir, f"rank{rank}.pt"))
+        refused = {}  # inputs one rank alone could refuse: every rank raises (the others waited, forever)
+        bad = probs[mine].clone()
+        if rank == 1:
+            bad[0] = torch.tensor([0.9, 0.9, 0.9])  # not a probability vector, in rank 1's rows only
+        many = torch.full((1499 if rank == 0 else 1, 3), 1 / 3, dtype=torch.float64)  # 'exact': too many vectors
+        for name, rows in (("rank 1's bad row", bad), ("exact over 1500 images", many)):
+            try:
+                global_expected_ot_targets(rows, target, method="exact", valid=None if name[0] == "e" else valid[mine])
+                refused[name] = "computed"
+            except (ValueError, RuntimeError) as error:
+                refused[name] = f"{type(error).__name__}: {error}"
+        torch.save({"exact": exact, "sampled": sampled, "bf16": half, "refused": refused},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -293,6 +305,14 @@ def test_global_batch_equals_single_process(tmp_path):
     half = torch.cat([r["bf16"] for r in results])
     assert half.dtype == torch.bfloat16
     assert torch.equal(half, expected_ot_targets(bfloat16_probs(), target, method="exact", valid=valid))
+    for rank, result in enumerate(results):
+        assert result["refused"]["rank 1's bad row"].startswith("ValueError: expected_ot_targets: each row of probs "
+                                                                "must be a probability vector")
+        assert result["refused"]["exact over 1500 images"] == (
+            "ValueError: expected_ot_targets: method='exact' needs 1127251 count vectors for N=1500, K=3; use "
+            "method='monte_carlo' (or 'auto')" if rank == 0 else
+            "RuntimeError: global_expected_ot_targets: rank 0 could not compute the targets of the global batch, so "
+            "no rank goes on (its error is in its output)")
     # and without a process group it is the plain function
     assert torch.equal(global_expected_ot_targets(probs, target, valid=valid, method="exact"),
                        expected_ot_targets(probs, target, valid=valid, method="exact"))

@@ -533,7 +533,7 @@ def test_demo_names_other_settings_before_advice_on_the_iterations(tmp_path, mon
     demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)
     with pytest.raises(ValueError, match="holds a run trained with other settings: sampler.num_steps=3"):
         demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST + ["sampler.num_steps=3"])
-    monkeypatch.setattr(Trainer, "_agreed_stop", lambda self, stop: signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "_agreed_stop", lambda self, stop, failed=False: (signal.SIGTERM, failed))
     with pytest.raises(SystemExit) as exit_:
         demo.main(["--out", str(out), "--iters", "4"] + DEMO_FAST)
     assert exit_.value.code == 128 + signal.SIGTERM

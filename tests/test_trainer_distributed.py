@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from fastfair.config import load_config
@@ -216,40 +217,102 @@ def test_ranks_that_resume_from_different_checkpoints_or_read_other_prompts_are_
         Trainer._check_ranks_agree(me, Path("/shared/run/checkpoints/step_00000002"))
 
 
-def test_a_rank_that_cannot_resume_stops_every_rank(monkeypatch):
-    """A rank whose resume fails (its node-local prompt file differs from the saved list) raised alone, and the
-    others waited for it in their next collective, forever: every rank now raises, the failing one its own error."""
-    from types import SimpleNamespace
-
-    import fastfair.trainer as trainer_module
+def test_a_step_that_fails_on_one_rank_stops_every_rank(monkeypatch):
+    """A rank that raised alone (a node-local prompt file differing from the saved list on resume, a file or
+    package its node lacks, another run's checkpoints on its disk, rank 0's full disk at a checkpoint) left the
+    others waiting in their next collective, forever: every rank now raises, the failing one its own error."""
+    from fastfair.process_group import on_every_rank
 
     said = {}
 
-    def all_gather_object(out, mine, failed_rank_says="ValueError: data.sets.jobs: 2 prompts then, 3 now"):
-        said["mine"] = mine
-        out[:] = [mine, failed_rank_says]
+    def gathered(others):  # what the other rank says; this one is rank 0
+        def all_gather_object(out, mine):
+            said["mine"] = mine
+            out[:] = [mine, others]
+        return all_gather_object
 
-    def refused(path):
+    def refused():
         raise ValueError("data.sets.jobs: 2 prompts then, 3 now")
 
-    monkeypatch.setattr(trainer_module.dist, "all_gather_object", all_gather_object)
-    monkeypatch.setattr(trainer_module.checkpoint, "resolve_resume", lambda resume, out: Path(out) / "step_2")
-    me = SimpleNamespace(world=2, cfg=SimpleNamespace(resume="auto", output_dir="/run"), resume=lambda path: None)
-    with pytest.raises(RuntimeError, match=r"rank 1 could not resume, so no rank trains: ValueError: data.sets.jobs"):
-        Trainer._resume_on_every_rank(me)  # rank 0 resumed, rank 1 did not
+    monkeypatch.setattr(dist, "all_gather_object", gathered("ValueError: data.sets.jobs: 2 prompts then, 3 now"))
+    with pytest.raises(RuntimeError, match=r"^rank 1 could not resume, so no rank goes on: ValueError: data.sets"):
+        on_every_rank(2, "could not resume", lambda: "step_2")  # rank 0 resumed, rank 1 did not
     assert said["mine"] is None
-    me.resume = refused
     with pytest.raises(ValueError, match=r"^data.sets.jobs: 2 prompts then, 3 now$"):
-        Trainer._resume_on_every_rank(me)  # its own error, after telling the others
+        on_every_rank(2, "could not resume", refused)  # its own error, after telling the others
     assert said["mine"] == "ValueError: data.sets.jobs: 2 prompts then, 3 now"
-    monkeypatch.setattr(trainer_module.dist, "all_gather_object",
-                        lambda out, mine: out.__setitem__(slice(None), [mine, None]))
-    me.resume = lambda path: None
-    assert Trainer._resume_on_every_rank(me) == Path("/run/step_2")  # both resumed
-    me.world = 1
-    me.resume = refused
-    with pytest.raises(ValueError, match="2 prompts then"):  # one process: raised at once, no collective
-        Trainer._resume_on_every_rank(me)
+    monkeypatch.setattr(dist, "all_gather_object", gathered(None))
+    assert on_every_rank(2, "could not resume", lambda: "step_2") == "step_2"  # both went on
+    monkeypatch.setattr(dist, "all_gather_object", None)  # one process: no collective
+    assert on_every_rank(1, "could not resume", lambda: "step_2") == "step_2"
+    with pytest.raises(ValueError, match="2 prompts then"):
+        on_every_rank(1, "could not resume", refused)
+
+
+RANK_LOCAL_FAILURES = r"""
+import datetime, json, os, sys, traceback
+from pathlib import Path
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+import yaml
+
+def worker(rank, root, port):
+    torch.set_num_threads(1)
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # a rank left waiting: a timeout, not a hang
+    import fastfair.trainer as T
+    from fastfair.config import load_config
+    config = yaml.safe_load(Path(root, "config.yaml").read_text())
+    outcomes = {}
+    for scenario in ("file missing on rank 1", "rank 1's output_dir in use", "rank 0's disk full"):
+        cfg = dict(config, output_dir=str(Path(root, scenario.replace(" ", "_"), "run")))
+        if scenario == "file missing on rank 1" and rank == 1:
+            cfg["classifiers"] = {"gender": {"path": "/node1/gender.safetensors"}}
+        if scenario == "rank 1's output_dir in use":  # a node-local output_dir: another run's step on rank 1's
+            cfg["output_dir"] += f"_node{rank}"
+            if rank == 1:
+                Path(cfg["output_dir"], "checkpoints", "step_00000005").mkdir(parents=True)
+        if scenario == "rank 0's disk full" and rank == 0:
+            def full(pixels, path):
+                raise OSError(f"{path}: No space left on device")
+            T.save_png = full
+        path = Path(root, f"{rank}.yaml")
+        path.write_text(yaml.safe_dump(cfg))
+        try:
+            T.Trainer(load_config(path)).train()
+            outcomes[scenario] = "trained"
+        except Exception as error:
+            outcomes[scenario] = f"{type(error).__name__}: {error}"
+    Path(root, f"rank{rank}.json").write_text(json.dumps(outcomes))
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2])), nprocs=2, join=True)
+"""
+
+
+def test_a_failure_on_one_rank_of_two_processes_stops_both(tmp_path):
+    """Two gloo processes, each failing alone where it reads its own disk: a file the config names missing on one
+    node (the other rank waited in _claim_output_dir's broadcast), another run's checkpoints in a node-local
+    output_dir (the other started training), rank 0's disk full when it saves an image grid (the other waited at
+    the next collective). Each rank now stops: the failing one with its own error, the other naming it."""
+    world = make_world(tmp_path / "world")
+    write_config(tmp_path, world, "text_lora", max_steps=1)
+    (tmp_path / "failures.py").write_text(RANK_LOCAL_FAILURES)
+    run = subprocess.run([sys.executable, str(tmp_path / "failures.py"), str(tmp_path), str(free_port())],
+                         env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank1["file missing on rank 1"].startswith("ConfigError: missing or malformed files:")
+    assert "classifiers.gender.path=/node1/gender.safetensors does not exist" in rank1["file missing on rank 1"]
+    assert rank0["file missing on rank 1"].startswith("RuntimeError: rank 1 could not start, so no rank goes on: "
+                                                      "ConfigError: missing or malformed files:")
+    assert "holds checkpoints of another run (steps 5 (incomplete))" in rank1["rank 1's output_dir in use"]
+    assert rank0["rank 1's output_dir in use"].startswith("RuntimeError: rank 1 found output_dir in use, so no rank "
+                                                          "goes on: ValueError: output_dir=")
+    assert rank0["rank 0's disk full"].startswith("OSError: ") and "No space left on device" in \
+        rank0["rank 0's disk full"]
+    assert rank1["rank 0's disk full"] == ("RuntimeError: rank 0 could not write the run's progress, log or images at "
+                                           "step 1, so no rank goes on (its error is in its output)")
 
 
 def test_overrides_on_both_sides_of_the_deepspeed_flag():

@@ -117,7 +117,7 @@ def _one_thread():
 def check_ot_inputs(probs, target, method="auto", num_samples=1024, valid=None):
     """What `expected_ot_targets` checks before computing (a ValueError or TypeError naming the input): returns
     (target [K] float64, valid [N] bool, the valid rows of probs [n, K] in float64). The rows' sums are held to
-    their own dtype's rounding: a distributed caller checks each rank's rows before gathering them."""
+    their own dtype's rounding: a distributed caller checks the gathered rows, in their dtype, on every rank."""
     target, valid = _check_inputs(probs, target, method, num_samples, valid)
     rows = probs.detach().to("cpu", torch.float64)[valid]
     # a bfloat16 softmax sums to 1 only within its rounding (~2^-8 per row)

@@ -25,17 +25,27 @@ def global_expected_ot_targets(probs, target, valid=None, group=None, **ot_kwarg
         return expected_ot_targets(probs, target, valid=valid, **ot_kwargs)
     if valid is None:
         valid = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
-    # on every rank, in the rows' own dtype: one rank's refusal would leave the others waiting in the broadcast
-    check_ot_inputs(probs, target, ot_kwargs.get("method", "auto"), ot_kwargs.get("num_samples", 1024), valid)
     all_probs, sizes = gather_rows(probs.detach(), group)
     all_valid, _ = gather_rows(valid.to(probs.device, torch.uint8), group)  # gloo has no bool
+    # the whole batch, on every rank, in the rows' own dtype: every rank refuses the same inputs (one rank's
+    # refusal of its own rows left the others waiting in their next collective)
+    check_ot_inputs(all_probs, target, ot_kwargs.get("method", "auto"), ot_kwargs.get("num_samples", 1024),
+                    all_valid.bool())
     src = dist.get_process_group_ranks(group)[0] if group is not None else 0
+    failure = None
     if dist.get_rank() == src:
-        # in probs' dtype, as a single process computes (its row sums are held to that dtype's rounding)
-        q = expected_ot_targets(all_probs, target, valid=all_valid.bool(), **ot_kwargs).double()
+        try:  # in probs' dtype, as a single process computes (its row sums are held to that dtype's rounding)
+            q = expected_ot_targets(all_probs, target, valid=all_valid.bool(), **ot_kwargs).double()
+        except (ValueError, RuntimeError) as error:  # e.g. method='exact' over too large a global batch
+            failure, q = error, torch.full(all_probs.shape, float("nan"), dtype=torch.float64, device=probs.device)
     else:
         q = torch.empty(all_probs.shape, dtype=torch.float64, device=probs.device)
-    dist.broadcast(q, src=src, group=group)
+    dist.broadcast(q, src=src, group=group)  # NaN (targets are finite otherwise): the source failed
+    if failure is not None:
+        raise failure
+    if torch.isnan(q).any():
+        raise RuntimeError(f"global_expected_ot_targets: rank {src} could not compute the targets of the global "
+                           "batch, so no rank goes on (its error is in its output)")
     start = sum(sizes[: dist.get_rank(group)])
     return q[start:start + probs.shape[0]].to(probs.dtype)
 
