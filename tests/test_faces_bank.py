@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from safetensors.torch import save_file
 import torch
 from PIL import Image
 
@@ -364,12 +365,46 @@ def test_a_factory_network_is_embedded_at_its_input_size_and_an_embedder_keeps_i
     expected = FaceEmbedder(bare_network_96(), flip=False, input_size=96)(aligned)
     torch.testing.assert_close(bank.embeddings[bank.files.index("img0.jpg")], expected[0], atol=1e-5, rtol=0)
     assert bank.flip is False
-    main(["--images", folder, "--out", out, "--embedder-factory", f"{__name__}:flip_summing_embedder", "--detector",
-          "none"])
-    assert FaceBank.load(out, use_faiss=False).flip is True
+    flipped = str(tmp_path / "flipped.safetensors")
+    main(["--images", folder, "--out", flipped, "--embedder-factory", f"{__name__}:flip_summing_embedder",
+          "--detector", "none"])
+    assert FaceBank.load(flipped, use_faiss=False).flip is True
     with pytest.raises(ValueError, match="--no-flip: --embedder-factory .* adds the mirrored face's features itself"):
-        main(["--images", folder, "--out", out, "--embedder-factory", f"{__name__}:flip_summing_embedder",
-              "--detector", "none", "--no-flip"])
+        main(["--images", folder, "--out", str(tmp_path / "other.safetensors"), "--embedder-factory",
+              f"{__name__}:flip_summing_embedder", "--detector", "none", "--no-flip"])
+
+
+def test_a_finished_bank_or_the_embedder_itself_is_never_overwritten(folder, tmp_path, capsys):
+    """--out holding a finished bank (or any file) was replaced without a word, the --embedder file too when --out
+    named it (its weights lost); a folder or another model's file as --embedder, a file as --images and counts
+    below 1 are named by flag."""
+    weights, out = str(tmp_path / "sfnet.pth"), str(tmp_path / "bank.safetensors")
+    torch.save(tiny_embedder().network.state_dict(), weights)
+    flags = ["--images", folder, "--embedder", weights, "--detector", "none"]
+    main([*flags, "--out", out])
+    finished = open(out, "rb").read()
+    with pytest.raises(ValueError, match=f"--out {out} exists already .* choose another --out, or move or delete"):
+        main([*flags, "--out", out])
+    assert open(out, "rb").read() == finished
+    before = open(weights, "rb").read()
+    for args, message in (
+            ([*flags, "--out", weights], f"--out {weights} is the --embedder file: give the bank its own file"),
+            (["--images", folder, "--embedder", str(tmp_path), "--detector", "none", "--out", str(tmp_path / "b")],
+             f"--embedder {tmp_path} is a folder: give the SFNet checkpoint file"),
+            ([*flags, "--out", str(tmp_path / "c.safetensors"), "--batch-size", "0"],
+             "--batch-size: '0': expected a whole number >= 1"),
+            ([*flags, "--out", str(tmp_path / "c.safetensors"), "--save-every", "-1"],
+             "--save-every: '-1': expected a whole number >= 1")):
+        with pytest.raises(SystemExit):
+            main(args)
+        assert message in capsys.readouterr().err
+    assert open(weights, "rb").read() == before
+    with pytest.raises(ValueError, match=f"--images {weights} is a file: give the folder of face images"):
+        main(["--images", weights, "--embedder", weights, "--detector", "none", "--out", str(tmp_path / "d")])
+    not_sfnet = str(tmp_path / "other.safetensors")
+    save_file({"features.0.weight": torch.zeros(2)}, not_sfnet)
+    with pytest.raises(ValueError, match=f"--embedder {not_sfnet}: .*; give an SFNet checkpoint"):
+        main(["--images", folder, "--embedder", not_sfnet, "--detector", "none", "--out", str(tmp_path / "e")])
 
 
 def test_a_device_that_cannot_run_here_is_refused_by_name(folder, tmp_path, capsys):

@@ -54,6 +54,8 @@ def list_images(folder: str, unsearched: Optional[List[str]] = None) -> List[str
     """Image files below ``folder`` as sorted relative paths (by suffix; unreadable ones are found later).
     unsearched: gets the sub-folders that could not be listed (permissions, a link to a folder gone), relative."""
     if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise ValueError(f"--images {folder} is a file: give the folder of face images")
         raise FileNotFoundError(f"--images folder not found: {folder}")
     found, visited, errors = [], set(), []
     # symlinked sub-folders are followed (a bank folder is often links to the datasets); a link back up the tree
@@ -294,18 +296,41 @@ def parse_args(argv=None):
     parser.add_argument("--detector-path", help="insightface: the local model root (holding models/buffalo_l; "
                                                 "default ~/.insightface)")
     parser.add_argument("--no-flip", action="store_true", help="do not add the mirrored face's features")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--save-every", type=int, default=8, help="batches between progress saves (once the bank is "
-                        "large, a save also waits until it grew by 5%%: each rewrites it whole)")
+    parser.add_argument("--batch-size", type=_at_least_one, default=32)
+    parser.add_argument("--save-every", type=_at_least_one, default=8,
+                        help="batches between progress saves (once the bank is large, a save also waits until it grew "
+                             "by 5%%: each rewrites it whole)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embeddings")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--restart", action="store_true", help="ignore a partial build and start over")
     args = parser.parse_args(argv)
     problem = device_problem("--device", args.device) or folder_instead_of_file("--out", args.out, "bank",
                                                                                 "bank.safetensors")
+    if not problem and args.embedder:
+        if os.path.isdir(args.embedder):
+            problem = f"--embedder {args.embedder} is a folder: give the SFNet checkpoint file (.pth or .safetensors)"
+        elif os.path.exists(args.out) and os.path.exists(args.embedder) and os.path.samefile(args.out, args.embedder):
+            problem = f"--out {args.out} is the --embedder file: give the bank its own file, e.g. bank.safetensors"
     if problem:
         parser.error(problem)
     return args
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
+def _check_out_is_free(out: str) -> None:
+    """A finished bank (or any other file) at --out is never replaced: only a build's own partial save is."""
+    if os.path.exists(out) and not os.path.exists(partial_path(out)):
+        raise ValueError(f"--out {out} exists already (a finished face bank, or another file) and this build would "
+                         "replace it: choose another --out, or move or delete it first")
 
 
 def factory_embedder(factory: str, no_flip: bool):
@@ -323,8 +348,13 @@ def factory_embedder(factory: str, no_flip: bool):
 def main(argv=None):
     args = parse_args(argv)
     detector = detector_from_flags(args.detector, args.detector_path)  # a bad spec fails before the embedder loads
+    _check_out_is_free(args.out)
     if args.embedder:
-        embedder = load_face_embedder(args.embedder, flip=not args.no_flip)
+        try:
+            embedder = load_face_embedder(args.embedder, flip=not args.no_flip)
+        except ValueError as error:  # the loader's words say what the file lacks, not which flag gave it
+            raise ValueError(f"--embedder {args.embedder}: {error}; give an SFNet checkpoint (opensphere layout, "
+                             ".pth or .safetensors)") from None
     else:
         embedder = factory_embedder(args.embedder_factory, args.no_flip)
     if isinstance(embedder, torch.nn.Module):
