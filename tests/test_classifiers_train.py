@@ -112,10 +112,25 @@ def test_saved_state_missing_images_and_bad_outputs_are_refused_before_training(
     with pytest.raises(ValueError, match=r"1 image file\(s\) named in the label table do not exist, e\.g\. missing"):
         main(arguments(dataset, tmp_path / "m.safetensors") + ["--labels", str(labels)])
     for extra, message in ((["--max-steps", "0"], "--max-steps must be >= 1"),
-                           (["--out", str(tmp_path)], "a folder; give the classifier file to write")):
+                           (["--out", str(tmp_path)], "a folder; give the classifier file to write"),
+                           (["--lr", "inf"], "--lr inf: expected a finite learning rate > 0"),
+                           (["--lr", "nan"], "--lr nan: expected a finite learning rate > 0"),
+                           (["--lr", "-1"], "--lr -1.0: expected a finite learning rate > 0"),
+                           (["--weight-decay", "-1"], "--weight-decay -1.0: expected a finite number >= 0"),
+                           (["--workers", "-1"], "--workers -1: expected 0 (load in this process) or more")):
         with pytest.raises(SystemExit):
             main(arguments(dataset, tmp_path / "x.safetensors") + extra)
         assert message in capsys.readouterr().err
+
+
+def test_a_diverged_network_is_never_saved_as_the_best_epoch(dataset, tmp_path):
+    """A rate that sends the weights to inf/NaN saved an all-NaN network as the best epoch (balanced accuracy
+    1.000): the run now stops, naming --lr, and writes no classifier."""
+    out = tmp_path / "diverged.safetensors"
+    with pytest.raises(ValueError, match=r"epoch 1: the network's weights are no longer finite .* lower --lr \(now "
+                                         r"1e\+30\) and start again; nothing saved"):
+        main(arguments(dataset, out, "--epochs", "1", "--lr", "1e30"))
+    assert not out.exists()
 
 
 def network_of(out):

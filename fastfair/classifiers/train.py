@@ -64,6 +64,13 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "size", "checkpoint_every", "width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    # a NaN or infinite rate trained a NaN network, saved as the best epoch (its NaN accuracy compared as best)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr {args.lr}: expected a finite learning rate > 0 (default 1e-3)")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay {args.weight_decay}: expected a finite number >= 0 (default 1e-4)")
+    if args.workers < 0:
+        parser.error(f"--workers {args.workers}: expected 0 (load in this process) or more")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps} (leave it out to train every epoch)")
     problem = device_problem("--device", args.device) or folder_instead_of_file("--out", args.out, "classifier",
@@ -401,6 +408,10 @@ def train(args) -> Optional[dict]:
                 print(f"stopped after {step + 1} steps (--max-steps); continue with --resume and a higher or no "
                       "--max-steps")
                 return None
+        if not all(bool(torch.isfinite(p).all()) for p in classifier.parameters()):  # its scores would mean nothing
+            kept = f"{args.out} keeps epoch {best['epoch']}, the best before" if best["mean"] >= 0 else "nothing saved"
+            raise ValueError(f"epoch {epoch + 1}: the network's weights are no longer finite (training diverged): "
+                             f"lower --lr (now {args.lr}) and start again; {kept}")
         position = {"epoch": epoch + 1, "batch": 0}
         accuracy, balanced = evaluate(classifier, val_set if len(val_set) else train_set, args.batch_size,
                                       args.device, args.workers)
