@@ -13,6 +13,7 @@ Fig. 9 plots, image grids and report.html (`fastfair.evaluation.report`).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -278,9 +279,22 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
 
 def _check_judge_inputs(clip, dino, semantics, fid_reference, fid_inception, images_per_model: int) -> None:
     """The semantics and FID models' inputs, refused before any image is made (they load after the images)."""
-    for flag, folder in (("--clip", clip), ("--dino", dino)):
-        if folder and not Path(folder).is_dir():
+    # CLIP-T needs both of CLIP's towers: a CLIPModel folder (model_type clip), not a vision-only one
+    for flag, folder, kinds, name in (("--clip", clip, ("clip",), "CLIPModel"), ("--dino", dino, ("dinov2",), "DINOv2")):
+        if not folder:
+            continue
+        if not Path(folder).is_dir():
             raise ValueError(f"{flag} {folder}: not a folder; give a local transformers model folder")
+        try:
+            kind = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        weights = [path for path in Path(folder).iterdir() if path.name.startswith(("model", "pytorch_model"))
+                   and path.name.endswith((".safetensors", ".bin", ".index.json"))]
+        if kind not in kinds or not weights:
+            found = f"a {kind!r} model" if kind and weights else ("no weight file" if kind else "no readable config.json")
+            raise ValueError(f"{flag} {folder}: {found}; give a local transformers {name} model folder (as "
+                             "save_pretrained writes it)")
     if isinstance(semantics, str):
         from fastfair.hooks import load_callable
 
@@ -291,12 +305,23 @@ def _check_judge_inputs(clip, dino, semantics, fid_reference, fid_inception, ima
         if not Path(fid_reference).is_dir():
             raise ValueError(f"--fid-reference {fid_reference}: not a folder; give a folder of real images")
         reference_images(fid_reference)  # at least 2 of them
-        if not Path(fid_inception).is_file():
-            raise ValueError(f"--fid-inception {fid_inception}: not a file; give a local TorchScript feature "
-                             "extractor")
+        if not Path(fid_inception).is_file() or not _is_torchscript(fid_inception):
+            raise ValueError(f"--fid-inception {fid_inception}: not a TorchScript file; give a local TorchScript "
+                             "feature extractor (torch.jit.save; uint8 [N,3,H,W] -> [N,D])")
         if images_per_model < 2:  # a covariance of one image
             raise ValueError(f"--fid-reference: FID compares two sets of at least 2 images, and this evaluation makes "
                              f"{images_per_model} per model; give more prompts or --images-per-prompt")
+
+
+def _is_torchscript(path) -> bool:
+    """Whether ``path`` is an archive torch.jit.save wrote (a zip holding the module's code), without loading it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _refuse_other_prompts(cache: ImageCache, prompts: Sequence[str]) -> None:

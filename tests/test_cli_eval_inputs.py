@@ -640,6 +640,28 @@ def test_a_batch_killed_mid_write_leaves_no_record_on_an_overwritten_image(tmp_p
     assert not ImageCache(tmp_path, settings).has(Job(path, "base", 3.0, 0, "prompt A", 0))  # regenerated
 
 
+def test_semantics_model_folders_of_another_kind_are_named_before_any_image(tmp_path):
+    """A DINOv2 folder as --clip, a vision-only CLIP or an empty folder as --dino: refused after every image was
+    made (or in transformers' words, without the flag)."""
+    from fastfair.testing import save_tiny_semantic_encoders
+
+    clip_vision, dino = save_tiny_semantic_encoders(tmp_path / "encoders")
+    (tmp_path / "empty").mkdir()
+    for options, message in (
+            (dict(clip=str(dino)), f"--clip {dino}: a 'dinov2' model; give a local transformers CLIPModel model "
+                                   "folder"),
+            (dict(clip=str(clip_vision)), "a 'clip_vision_model' model; give a local transformers CLIPModel"),
+            (dict(dino=str(tmp_path / "empty")), "--dino .*empty: no readable config.json; give a local transformers "
+                                                 "DINOv2 model folder"),
+            (dict(dino=str(clip_vision)), "a 'clip_vision_model' model; give a local transformers DINOv2")):
+        with pytest.raises(ValueError, match=message):
+            run(tmp_path / "eval", **options)
+    (dino / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="--dino .*: no weight file; give a local transformers DINOv2"):
+        run(tmp_path / "eval", dino=str(dino))
+    assert not (tmp_path / "eval" / "images").exists()
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(guidance_scales=(7.5, 7.5000001)), r"expected one or more distinct scales \(as printed"),
     (dict(guidance_scales=(float("inf"),)), "expected finite numbers"),
@@ -673,9 +695,16 @@ def test_fid_inputs_are_checked_before_any_image(tmp_path):
     reference.mkdir()
     for k in range(2):
         Image.new("RGB", (8, 8), (k, k, k)).save(reference / f"{k}.png")
-    with pytest.raises(ValueError, match="--fid-inception .*missing.pt: not a file"):
+    with pytest.raises(ValueError, match="--fid-inception .*missing.pt: not a TorchScript file"):
         run(tmp_path / "eval", fid_reference=str(reference), fid_inception=str(tmp_path / "missing.pt"))
-    (tmp_path / "feat.pt").write_bytes(b"")
+    (tmp_path / "feat.pt").write_bytes(b"not an archive")  # torch.jit.load's traceback came after the images
+    with pytest.raises(ValueError, match=r"--fid-inception .*feat.pt: not a TorchScript file; give a local "
+                                         r"TorchScript feature extractor \(torch.jit.save"):
+        run(tmp_path / "eval", fid_reference=str(reference), fid_inception=str(tmp_path / "feat.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt")  # a zip too, but no module in it
+    with pytest.raises(ValueError, match="state.pt: not a TorchScript file"):
+        run(tmp_path / "eval", fid_reference=str(reference), fid_inception=str(tmp_path / "state.pt"))
+    torch.jit.save(torch.jit.script(torch.nn.Flatten()), str(tmp_path / "feat.pt"))
     with pytest.raises(ValueError, match="FID compares two sets of at least 2 images, and this evaluation makes 1"):
         run(tmp_path / "eval", fid_reference=str(reference), fid_inception=str(tmp_path / "feat.pt"),
             images_per_prompt=1)
