@@ -25,8 +25,8 @@ import torch
 from fastfair.checkpoint import config_file
 from fastfair.cli import device_problem, file_instead_of_folder
 from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
-from fastfair.evaluation.cache import (ImageCache, Job, StaleCacheError, from_png, generate_missing, image_path,
-                                       shared_cache_lock, weight_fingerprint)
+from fastfair.evaluation.cache import (MANIFEST, ImageCache, Job, StaleCacheError, from_png, generate_missing,
+                                       image_path, shared_cache_lock, weight_fingerprint)
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
 from fastfair.evaluation.shared import SharedLoads
@@ -262,6 +262,14 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
         base_images is not None and file_instead_of_folder("--base-images", base_images, "the base model's images"))
     if problem:
         raise ValueError(problem)
+    # an earlier report whose image cache (which would refuse other settings) is gone, or a training run's folder
+    # (its images/ holds the training samples): the report and images would be replaced or mixed in, unsaid
+    if (Path(out) / "metrics.json").is_file() and not (Path(out) / "images" / MANIFEST).is_file():
+        raise ValueError(f"--out {out}: holds the report of an earlier evaluation (metrics.json) whose images are "
+                         "gone, which this one would replace; give another --out, or move or delete that report")
+    if (Path(out) / "checkpoints").is_dir():
+        raise ValueError(f"--out {out}: a training run's folder (it holds checkpoints/); give the evaluation a "
+                         f"folder of its own, e.g. {Path(out) / 'eval'}")
     if base_images is not None and Path(base_images).resolve() == (Path(out) / "images").resolve():
         raise ValueError(f"--base-images {base_images}: the folder --out keeps the finetuned model's images in; "
                          "give a folder of its own (e.g. beside --out)")

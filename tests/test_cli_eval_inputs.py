@@ -640,6 +640,20 @@ def test_a_batch_killed_mid_write_leaves_no_record_on_an_overwritten_image(tmp_p
     assert not ImageCache(tmp_path, settings).has(Job(path, "base", 3.0, 0, "prompt A", 0))  # regenerated
 
 
+def test_a_report_without_its_images_or_a_training_run_folder_is_not_written_over(tmp_path):
+    """--out holding an earlier report whose images/ was deleted (to save space) had the report replaced by one of
+    other settings, unsaid; a training run's folder got the evaluation's images beside its training samples."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds the report of an earlier evaluation .* whose images are gone"):
+        run(tmp_path / "eval")
+    assert (tmp_path / "eval" / "metrics.json").read_text() == "{}"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"--out \S+run: a training run's folder .* e.g. \S+run/eval"):
+        run(tmp_path / "run")
+    assert not (tmp_path / "run" / "images").exists()
+
+
 def test_semantics_model_folders_of_another_kind_are_named_before_any_image(tmp_path):
     """A DINOv2 folder as --clip, a vision-only CLIP or an empty folder as --dino: refused after every image was
     made (or in transformers' words, without the flag)."""
