@@ -115,6 +115,10 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
 
     model_config = resolve_model_config(model_config)  # the fingerprint below reads its files
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config, shared)
+    train_steps = scheduler.config.num_train_timesteps
+    if num_steps >= train_steps:  # named here by its flag, not at the first batch by the sampler's key
+        raise ValueError(f"--steps {num_steps}: the model's noise schedule has {train_steps} timesteps; sample fewer "
+                         "steps than that (20-50 as a rule)")
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
     resolution = resolution if resolution is not None else trained_resolution(finetuned, model)

@@ -107,6 +107,10 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
         raise ValueError(problem)
     out = Path(out)
     folders = prompt_folders(out, prompt)
+    taken_by_files = [folder for folder in folders if folder.exists() and not folder.is_dir()]
+    if taken_by_files:  # found before the model loads, not by mkdir's "File exists" after it
+        raise ValueError(f"--out {out}: {taken_by_files[0]} is a file where a prompt's images go; choose a new folder "
+                         "or move it")
     # images only, in either layout (a run stopped before its first image left prompts.txt alone, which this one
     # rewrites): one prompt's run beside a set's would leave a folder of two runs' images
     earlier = [path for folder in [out, *sorted(out.glob("prompt_[0-9]*"))] if folder.is_dir()

@@ -640,6 +640,12 @@ def test_a_batch_killed_mid_write_leaves_no_record_on_an_overwritten_image(tmp_p
     assert not ImageCache(tmp_path, settings).has(Job(path, "base", 3.0, 0, "prompt A", 0))  # regenerated
 
 
+def test_steps_past_the_noise_schedule_are_named_by_flag_before_any_image(tmp_path):
+    with pytest.raises(ValueError, match=r"^--steps 1000: the model's noise schedule has 1000 timesteps"):
+        run(tmp_path / "eval", num_steps=1000)
+    assert not (tmp_path / "eval" / "images").exists()
+
+
 def test_a_report_without_its_images_or_a_training_run_folder_is_not_written_over(tmp_path):
     """--out holding an earlier report whose images/ was deleted (to save space) had the report replaced by one of
     other settings, unsaid; a training run's folder got the evaluation's images beside its training samples."""

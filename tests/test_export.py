@@ -503,8 +503,12 @@ def test_generate_names_its_outputs_and_inputs_problems(tmp_path, world, monkeyp
     monkeypatch.setattr(generating, "load_stable_diffusion", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     common = ["--model", str(world["sd"]), "--num-images", "1", "--steps", "1"]
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "prompt_001").write_text("")  # mkdir's "File exists" came after the model loaded
     for flags, message in ((["--prompt", "a cook", "--out", str(tmp_path / "a_file" / "sub")], "a_file is a file"),
-                           (["--prompt", "a \udcff cook", "--out", str(tmp_path / "g")], "not valid UTF-8 text")):
+                           (["--prompt", "a \udcff cook", "--out", str(tmp_path / "g")], "not valid UTF-8 text"),
+                           (["--prompt", "a cook", "--prompt", "a nurse", "--out", str(tmp_path / "taken")],
+                            r"--out \S+taken: \S+prompt_001 is a file where a prompt's images go")):
         with pytest.raises(ValueError, match=message):
             main(common + flags)
     assert not loads and not (tmp_path / "g").exists()
