@@ -7,19 +7,21 @@ import sys
 from typing import Iterator, Optional
 
 from fastfair.optional import MissingPackage
+from fastfair.process_group import OtherRankFailed
 
 
 @contextlib.contextmanager
 def user_errors(prog: str, resume: Optional[str] = None) -> Iterator[None]:
     """Inside: a ValueError (fastfair raises them for bad input, with the fix in the message), an OSError (a path
-    that is missing, a folder where a file goes, ...) or a MissingPackage (the optional package a setting needs)
+    that is missing, a folder where a file goes, ...), a MissingPackage (the optional package a setting needs) or
+    an OtherRankFailed (another process of the run failed, its error in its own output)
     exits with status 2 and ``prog: error: message`` on stderr, as argparse does (an ImportError of a broken
     installation keeps its traceback); FASTFAIR_TRACEBACK=1 re-raises it with its traceback (bitsandbytes' note
     on a hub kernel fastfair never uses is quieted where fastfair is imported: fastfair/__init__.py).
     Ctrl-C ends it with status 130 and ``prog: interrupted``, then ``resume`` (how to go on) when given."""
     try:
         yield
-    except (ValueError, OSError, MissingPackage) as error:
+    except (ValueError, OSError, MissingPackage, OtherRankFailed) as error:
         if os.environ.get("FASTFAIR_TRACEBACK") == "1":
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)

@@ -55,9 +55,14 @@ def process_group(device_type: str = "cpu"):
             close_distributed()
 
 
+class OtherRankFailed(RuntimeError):
+    """Raised on the ranks that did not fail where another did (its error is in that rank's output): the
+    command-line tools report it in one line, as a bad setting (fastfair.cli.user_errors)."""
+
+
 def on_every_rank(world: int, what: str, step: Callable[[], T]) -> T:
     """``step()`` on this rank; with ``world`` > 1 processes, if it raised on any rank, every rank raises: the
-    failing ones their own error, the others a RuntimeError naming the first failing rank (``what`` says what
+    failing ones their own error, the others an OtherRankFailed naming the first failing rank (``what`` says what
     it could not do) and its error. A rank raising alone left the others waiting in their next collective,
     forever, wherever the launcher does not stop the group when one process fails (several nodes, srun per
     rank). A collective (one all_gather_object): every rank calls it at the same point."""
@@ -75,5 +80,5 @@ def on_every_rank(world: int, what: str, step: Callable[[], T]) -> T:
             raise failure
         failed = next(((rank, said) for rank, said in enumerate(every) if said is not None), None)
         if failed is not None:
-            raise RuntimeError(f"rank {failed[0]} {what}, so no rank goes on: {failed[1]}")
+            raise OtherRankFailed(f"rank {failed[0]} {what}, so no rank goes on: {failed[1]}")
     return result

@@ -45,7 +45,7 @@ from fastfair.models import LatentDecoder, latent_size, load_stable_diffusion, t
 from fastfair.optimizer import build_optimizer, optimizer_state_bytes, saved_optimizer_name
 from fastfair.preflight import DEFAULT_ITERATIONS as DEFAULT_CHECK_ITERATIONS
 from fastfair.preflight import Preflight, free_bytes, retention, saved_steps, tensor_bytes
-from fastfair.process_group import on_every_rank, process_group
+from fastfair.process_group import OtherRankFailed, on_every_rank, process_group
 from fastfair.prompts import build_prompt_mixture
 from fastfair.run_control import StopSignals, cannot_write, closing, isatty, progress_options, stop_signals
 from fastfair.run_log import RunLog, image_file, naming_errors
@@ -844,8 +844,8 @@ class Trainer:
             if failure is not None:
                 raise failure
             if failed:
-                raise RuntimeError(f"rank 0 could not write the run's progress, log or images at step {it + 1}, so "
-                                   "no rank goes on (its error is in its output)")
+                raise OtherRankFailed(f"rank 0 could not write the run's progress, log or images at step {it + 1}, "
+                                      "so no rank goes on (its error is in its output)")
             if signum:
                 if not saved:
                     self.save(it + 1)

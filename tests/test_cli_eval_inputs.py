@@ -817,7 +817,10 @@ def test_user_errors_end_with_status_2_or_their_traceback_when_asked(monkeypatch
     from fastfair.cli import user_errors
 
     monkeypatch.delenv("FASTFAIR_TRACEBACK", raising=False)
-    for error in (ValueError("bad setting"), FileNotFoundError(2, "No such file or directory", "x.yaml")):
+    from fastfair.process_group import OtherRankFailed
+
+    for error in (ValueError("bad setting"), FileNotFoundError(2, "No such file or directory", "x.yaml"),
+                  OtherRankFailed("rank 1 could not start, so no rank goes on: ConfigError: ...")):
         with pytest.raises(SystemExit) as exit_, user_errors("prog"):
             raise error
         assert exit_.value.code == 2 and capsys.readouterr().err == f"prog: error: {error}\n"

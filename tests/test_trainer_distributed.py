@@ -221,7 +221,7 @@ def test_a_step_that_fails_on_one_rank_stops_every_rank(monkeypatch):
     """A rank that raised alone (a node-local prompt file differing from the saved list on resume, a file or
     package its node lacks, another run's checkpoints on its disk, rank 0's full disk at a checkpoint) left the
     others waiting in their next collective, forever: every rank now raises, the failing one its own error."""
-    from fastfair.process_group import on_every_rank
+    from fastfair.process_group import OtherRankFailed, on_every_rank
 
     said = {}
 
@@ -235,7 +235,7 @@ def test_a_step_that_fails_on_one_rank_stops_every_rank(monkeypatch):
         raise ValueError("data.sets.jobs: 2 prompts then, 3 now")
 
     monkeypatch.setattr(dist, "all_gather_object", gathered("ValueError: data.sets.jobs: 2 prompts then, 3 now"))
-    with pytest.raises(RuntimeError, match=r"^rank 1 could not resume, so no rank goes on: ValueError: data.sets"):
+    with pytest.raises(OtherRankFailed, match=r"^rank 1 could not resume, so no rank goes on: ValueError: data.sets"):
         on_every_rank(2, "could not resume", lambda: "step_2")  # rank 0 resumed, rank 1 did not
     assert said["mine"] is None
     with pytest.raises(ValueError, match=r"^data.sets.jobs: 2 prompts then, 3 now$"):
@@ -304,15 +304,15 @@ def test_a_failure_on_one_rank_of_two_processes_stops_both(tmp_path):
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank1["file missing on rank 1"].startswith("ConfigError: missing or malformed files:")
     assert "classifiers.gender.path=/node1/gender.safetensors does not exist" in rank1["file missing on rank 1"]
-    assert rank0["file missing on rank 1"].startswith("RuntimeError: rank 1 could not start, so no rank goes on: "
+    assert rank0["file missing on rank 1"].startswith("OtherRankFailed: rank 1 could not start, so no rank goes on: "
                                                       "ConfigError: missing or malformed files:")
     assert "holds checkpoints of another run (steps 5 (incomplete))" in rank1["rank 1's output_dir in use"]
-    assert rank0["rank 1's output_dir in use"].startswith("RuntimeError: rank 1 found output_dir in use, so no rank "
+    assert rank0["rank 1's output_dir in use"].startswith("OtherRankFailed: rank 1 found output_dir in use, so no rank "
                                                           "goes on: ValueError: output_dir=")
     assert rank0["rank 0's disk full"].startswith("OSError: ") and "No space left on device" in \
         rank0["rank 0's disk full"]
-    assert rank1["rank 0's disk full"] == ("RuntimeError: rank 0 could not write the run's progress, log or images at "
-                                           "step 1, so no rank goes on (its error is in its output)")
+    assert rank1["rank 0's disk full"] == ("OtherRankFailed: rank 0 could not write the run's progress, log or images "
+                                           "at step 1, so no rank goes on (its error is in its output)")
 
 
 def test_overrides_on_both_sides_of_the_deepspeed_flag():

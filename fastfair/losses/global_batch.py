@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fastfair.process_group import OtherRankFailed
+
 from .alignment import check_ot_inputs, expected_ot_targets
 
 
@@ -44,7 +46,7 @@ def global_expected_ot_targets(probs, target, valid=None, group=None, **ot_kwarg
     if failure is not None:
         raise failure
     if torch.isnan(q).any():
-        raise RuntimeError(f"global_expected_ot_targets: rank {src} could not compute the targets of the global "
+        raise OtherRankFailed(f"global_expected_ot_targets: rank {src} could not compute the targets of the global "
                            "batch, so no rank goes on (its error is in its output)")
     start = sum(sizes[: dist.get_rank(group)])
     return q[start:start + probs.shape[0]].to(probs.dtype)
