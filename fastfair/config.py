@@ -1107,8 +1107,9 @@ def check_files(cfg: TrainConfig) -> None:
     """Check that every local path the run reads exists with the expected layout; raise ConfigError."""
     problems = _model_path_problems(cfg.model)
     # (key, path, what it must be: "file", "folder", or None for either)
-    needed = [(f"classifiers.{name}.path", spec.path, "file") for name, spec in cfg.classifiers.items()
-              if spec.path or not spec.factory]  # a factory may build its classifier without a file
+    # a factory may build its classifier without a file, or read a folder of its own format
+    needed = [(f"classifiers.{name}.path", spec.path, None if spec.factory else "file")
+              for name, spec in cfg.classifiers.items() if spec.path or not spec.factory]
     if not cfg.semantics.factory:  # a factory builds its encoders without these files
         open_clip = cfg.semantics.clip_backend == "open_clip"  # a checkpoint file; transformers: a folder
         needed += [("semantics.clip_path", cfg.semantics.clip_path, "file" if open_clip else "folder"),

@@ -27,6 +27,7 @@ from fastfair.cli import device_problem, file_instead_of_folder
 from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
 from fastfair.evaluation.cache import (MANIFEST, ImageCache, Job, StaleCacheError, from_png, generate_missing,
                                        image_path, shared_cache_lock, weight_fingerprint)
+from fastfair.dft import schedule_for
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
 from fastfair.evaluation.shared import SharedLoads
@@ -115,10 +116,11 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
 
     model_config = resolve_model_config(model_config)  # the fingerprint below reads its files
     vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config, shared)
-    train_steps = scheduler.config.num_train_timesteps
-    if num_steps >= train_steps:  # named here by its flag, not at the first batch by the sampler's key
-        raise ValueError(f"--steps {num_steps}: the model's noise schedule has {train_steps} timesteps; sample fewer "
-                         "steps than that (20-50 as a rule)")
+    try:  # the schedule the sampler will use: refused here by its flag, not at the first batch by its key
+        schedule_for(scheduler, num_steps)
+    except ValueError as error:
+        said = str(error).removeprefix(f"num_steps={num_steps}: ")
+        raise ValueError(f"--steps {num_steps}: {said}") from None
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = sources["base"].unet.config
     resolution = resolution if resolution is not None else trained_resolution(finetuned, model)
@@ -268,7 +270,8 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
         raise ValueError(problem)
     # an earlier report whose image cache (which would refuse other settings) is gone, or a training run's folder
     # (its images/ holds the training samples): the report and images would be replaced or mixed in, unsaid
-    if (Path(out) / "metrics.json").is_file() and not (Path(out) / "images" / MANIFEST).is_file():
+    keeps_images = finetuned is not None or base_images is None  # a base-only run with --base-images keeps none
+    if keeps_images and (Path(out) / "metrics.json").is_file() and not (Path(out) / "images" / MANIFEST).is_file():
         raise ValueError(f"--out {out}: holds the report of an earlier evaluation (metrics.json) whose images are "
                          "gone, which this one would replace; give another --out, or move or delete that report")
     if (Path(out) / "checkpoints").is_dir():
@@ -303,10 +306,11 @@ def _check_judge_inputs(clip, dino, semantics, fid_reference, fid_inception, ima
             kind = None
         weights = [path for path in Path(folder).iterdir() if path.name.startswith(("model", "pytorch_model"))
                    and path.name.endswith((".safetensors", ".bin", ".index.json"))]
-        if kind not in kinds or not weights:
-            found = f"a {kind!r} model" if kind and weights else ("no weight file" if kind else "no readable config.json")
-            raise ValueError(f"{flag} {folder}: {found}; give a local transformers {name} model folder (as "
-                             "save_pretrained writes it)")
+        found = [] if kind in kinds else [f"a {kind!r} model" if kind else "no model_type in a readable config.json"]
+        found += [] if weights else ["no weight file"]
+        if found:
+            raise ValueError(f"{flag} {folder}: {' and '.join(found)}; give a local transformers {name} model folder "
+                             "(as save_pretrained writes it)")
     if isinstance(semantics, str):
         from fastfair.hooks import load_callable
 

@@ -641,8 +641,8 @@ def test_a_batch_killed_mid_write_leaves_no_record_on_an_overwritten_image(tmp_p
 
 
 def test_steps_past_the_noise_schedule_are_named_by_flag_before_any_image(tmp_path):
-    with pytest.raises(ValueError, match=r"^--steps 1000: the model's noise schedule has 1000 timesteps"):
-        run(tmp_path / "eval", num_steps=1000)
+    with pytest.raises(ValueError, match=r"^--steps 2000: the scheduler's noise levels repeat at this step count"):
+        run(tmp_path / "eval", num_steps=2000)
     assert not (tmp_path / "eval" / "images").exists()
 
 
@@ -658,6 +658,10 @@ def test_a_report_without_its_images_or_a_training_run_folder_is_not_written_ove
     with pytest.raises(ValueError, match=r"--out \S+run: a training run's folder .* e.g. \S+run/eval"):
         run(tmp_path / "run")
     assert not (tmp_path / "run" / "images").exists()
+    # a base-only evaluation with --base-images keeps no images under --out: its rerun is no report without them
+    for _ in range(2):
+        run(tmp_path / "base_only", base_images=str(tmp_path / "shared"))
+    assert (tmp_path / "base_only" / "metrics.json").is_file()
 
 
 def test_semantics_model_folders_of_another_kind_are_named_before_any_image(tmp_path):
@@ -671,8 +675,8 @@ def test_semantics_model_folders_of_another_kind_are_named_before_any_image(tmp_
             (dict(clip=str(dino)), f"--clip {dino}: a 'dinov2' model; give a local transformers CLIPModel model "
                                    "folder"),
             (dict(clip=str(clip_vision)), "a 'clip_vision_model' model; give a local transformers CLIPModel"),
-            (dict(dino=str(tmp_path / "empty")), "--dino .*empty: no readable config.json; give a local transformers "
-                                                 "DINOv2 model folder"),
+            (dict(dino=str(tmp_path / "empty")), "--dino .*empty: no model_type in a readable config.json and no "
+                                                 "weight file; give a local transformers DINOv2 model folder"),
             (dict(dino=str(clip_vision)), "a 'clip_vision_model' model; give a local transformers DINOv2")):
         with pytest.raises(ValueError, match=message):
             run(tmp_path / "eval", **options)

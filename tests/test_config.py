@@ -528,7 +528,9 @@ def test_files_and_folders_of_the_right_kind_pass(tmp_path):
     (tmp_path / "prompts.txt").write_text("a doctor\n")
     check_files(config_with_files(tmp_path / "files", **{
         "semantics.clip_backend": "transformers", "semantics.clip_path": tmp_path / "clip",
-        "data.sets.mine": f"{{file: {tmp_path / 'prompts.txt'}}}"}))
+        "data.sets.mine": f"{{file: {tmp_path / 'prompts.txt'}}}",
+        # a factory reads its path in its own format: a folder too
+        "classifiers.c.path": tmp_path / "clip", "classifiers.c.factory": "fastfair.toy:train_classifier"}))
 
 
 @pytest.mark.parametrize("setting, needs", [
