@@ -25,9 +25,9 @@ import torch
 from fastfair.checkpoint import config_file
 from fastfair.cli import device_problem, file_instead_of_folder
 from fastfair.config import FACE_MARGIN, SINGLE_FILE_CONFIG_LAYOUT
+from fastfair.dft import schedule_for
 from fastfair.evaluation.cache import (MANIFEST, ImageCache, Job, StaleCacheError, from_png, generate_missing,
                                        image_path, shared_cache_lock, weight_fingerprint)
-from fastfair.dft import schedule_for
 from fastfair.evaluation.report import write_report
 from fastfair.evaluation.scoring import Scorer, attribute_sets, images_per_set, load_classifiers
 from fastfair.evaluation.shared import SharedLoads
@@ -295,7 +295,8 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
 def _check_judge_inputs(clip, dino, semantics, fid_reference, fid_inception, images_per_model: int) -> None:
     """The semantics and FID models' inputs, refused before any image is made (they load after the images)."""
     # CLIP-T needs both of CLIP's towers: a CLIPModel folder (model_type clip), not a vision-only one
-    for flag, folder, kinds, name in (("--clip", clip, ("clip",), "CLIPModel"), ("--dino", dino, ("dinov2",), "DINOv2")):
+    for flag, folder, kinds, name in (("--clip", clip, ("clip",), "CLIPModel"),
+                                      ("--dino", dino, ("dinov2",), "DINOv2")):
         if not folder:
             continue
         if not Path(folder).is_dir():

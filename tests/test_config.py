@@ -589,7 +589,8 @@ def test_the_config_knows_every_classifier_architecture_and_a_factory_may_name_i
     assert sorted(CLASSIFIER_ARCHITECTURES) == sorted(ARCHITECTURES)
     validate(load_config(minimal(tmp_path), ["classifiers.c.architecture=resnet9000",
                                              "classifiers.c.factory=fastfair.toy:train_classifier"]))
-    validate(load_config(minimal(tmp_path), ["semantics.clip_model=''", "semantics.factory=fastfair.toy:toy_semantics"]))
+    validate(load_config(minimal(tmp_path), ["semantics.clip_model=''",
+                                             "semantics.factory=fastfair.toy:toy_semantics"]))
 
 
 def test_face_files_are_needed_only_with_the_face_loss(tmp_path):

@@ -64,7 +64,7 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "size", "checkpoint_every", "width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    # a NaN or infinite rate trained a NaN network, saved as the best epoch (its NaN accuracy compared as best)
+    # an infinite rate trained a NaN network, saved as the best epoch (its NaN logits scored 1.000)
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr {args.lr}: expected a finite learning rate > 0 (default 1e-3)")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):

@@ -46,8 +46,8 @@ def global_expected_ot_targets(probs, target, valid=None, group=None, **ot_kwarg
     if failure is not None:
         raise failure
     if torch.isnan(q).any():
-        raise OtherRankFailed(f"global_expected_ot_targets: rank {src} could not compute the targets of the global "
-                           "batch, so no rank goes on (its error is in its output)")
+        raise OtherRankFailed(f"global_expected_ot_targets: rank {src} could not compute the targets of the "
+                              "global batch, so no rank goes on (its error is in its output)")
     start = sum(sizes[: dist.get_rank(group)])
     return q[start:start + probs.shape[0]].to(probs.dtype)
 
