@@ -20,7 +20,10 @@ def test_a_hanging_step_is_stopped_and_the_summary_names_every_step_left_undone(
     python.chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, PYTHON=str(python), OUT=str(out), GPU_CHECK_RESERVE="2")
+    # no carried wheels: a .whl/ left in the checkout (bench/device_wheels.sh's, for the GPU machine's Python 3.12)
+    # would be installed with this machine's python3, and fail
+    env = dict(os.environ, PYTHON=str(python), OUT=str(out), GPU_CHECK_RESERVE="2",
+               DEVICE_WHEELS=str(tmp_path / "no_wheels"))
     # a 44 s limit: gpu_check gets 14 s, its build step 12 s of them; no later step has the 10 s it needs
     run = subprocess.run(["bash", "bench/device_run.sh", "44"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
