@@ -1,10 +1,11 @@
 """How fastfair's command-line tools report a bad setting, path or input: the message alone, status 2."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from fastfair.optional import MissingPackage
 from fastfair.process_group import OtherRankFailed
@@ -81,3 +82,13 @@ def device_problem(flag: str, device: str) -> Optional[str]:
         if where.index is not None and where.index >= torch.cuda.device_count():
             return f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 onwards"
     return None
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number written in ASCII digits (int() also reads other scripts' digits), at least
+    ``minimum``."""
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {minimum}")
+        return int(text)
+    return parse

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fastfair import checkpoint
+from fastfair.cli import whole_number
 from fastfair.config import (ConfigError, TrainConfig, check_files, check_packages, config_to_dict, config_yaml,
                              describe_changes, load_config, resume_changes, save_config, validate)
 from fastfair.dft import sample
@@ -913,7 +914,7 @@ def parse_args(argv=None):
                          help="print the resolved settings (the config's bases, defaults and overrides; the paths it "
                               "reads made absolute) as YAML, as the run records them in OUTPUT_DIR/config.yaml, and "
                               "exit")
-    parser.add_argument("--check-iterations", type=_count, default=None, metavar="N",
+    parser.add_argument("--check-iterations", type=whole_number(0), default=None, metavar="N",
                         help=f"iterations --check runs (default {DEFAULT_CHECK_ITERATIONS}; 0: none)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. max_steps=2")
     # intermixed: overrides on both sides of --deepspeed_config (parse_args took only the first group)
@@ -925,12 +926,6 @@ def parse_args(argv=None):
         parser.error(f"--deepspeed_config {args.deepspeed_config} and {given[0]} both name the DeepSpeed JSON: give "
                      "one of them")
     return args
-
-
-def _count(text: str) -> int:
-    if not (text.isascii() and text.isdigit()):  # int() also reads other scripts' digits
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
-    return int(text)
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from fastfair.cli import device_problem, folder_instead_of_file
+from fastfair.cli import device_problem, folder_instead_of_file, whole_number
 from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank, json_mapping
 from fastfair.faces.detect import detector_from_flags, get_detector
@@ -296,8 +296,8 @@ def parse_args(argv=None):
     parser.add_argument("--detector-path", help="insightface: the local model root (holding models/buffalo_l; "
                                                 "default ~/.insightface)")
     parser.add_argument("--no-flip", action="store_true", help="do not add the mirrored face's features")
-    parser.add_argument("--batch-size", type=_at_least_one, default=32)
-    parser.add_argument("--save-every", type=_at_least_one, default=8,
+    parser.add_argument("--batch-size", type=whole_number(1), default=32)
+    parser.add_argument("--save-every", type=whole_number(1), default=8,
                         help="batches between progress saves (once the bank is large, a save also waits until it grew "
                              "by 5%%: each rewrites it whole)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embeddings")
@@ -314,16 +314,6 @@ def parse_args(argv=None):
     if problem:
         parser.error(problem)
     return args
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
-    return value
 
 
 def _check_out_is_free(out: str) -> None:
