@@ -36,7 +36,7 @@ from fastfair.evaluation.sources import (MODEL_REGISTRY, finetuned_kind, load_so
 from fastfair.faces import get_detector
 from fastfair.faces.detect import detector_from_flags  # shared with python -m fastfair.faces.build_bank
 from fastfair.metrics import summarize
-from fastfair.models import latent_size
+from fastfair.models import latent_size, sampling_configs, vae_factor
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
 
 
@@ -115,18 +115,26 @@ def evaluate(model: str, classifiers: Sequence[str], prompts: Sequence[str], out
     _check_judge_inputs(clip, dino, semantics, fid_reference, fid_inception, count * len(prompts))
 
     model_config = resolve_model_config(model_config)  # the fingerprint below reads its files
-    vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config, shared)
-    try:  # the schedule the sampler will use: refused here by its flag, not at the first batch by its key
-        schedule_for(scheduler, num_steps)
-    except ValueError as error:
-        said = str(error).removeprefix(f"num_steps={num_steps}: ")
-        raise ValueError(f"--steps {num_steps}: {said}") from None
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet_config = sources["base"].unet.config
     resolution = resolution if resolution is not None else trained_resolution(finetuned, model)
-    if resolution is not None and (resolution < 1 or resolution % scale):  # decoded images of another size
-        raise ValueError(f"--resolution {resolution}: expected an image side in pixels, a multiple of the VAE's "
-                         f"factor {scale}")
+
+    def check_sampling(scheduler, scale):
+        try:  # the schedule the sampler will use: refused here by its flag, not at the first batch by its key
+            schedule_for(scheduler, num_steps)
+        except ValueError as error:
+            said = str(error).removeprefix(f"num_steps={num_steps}: ")
+            raise ValueError(f"--steps {num_steps}: {said}") from None
+        if resolution is not None and (resolution < 1 or resolution % scale):  # decoded images of another size
+            raise ValueError(f"--resolution {resolution}: expected an image side in pixels, a multiple of the VAE's "
+                             f"factor {scale}")
+
+    configs = sampling_configs(resolve_model(model), model_config)
+    if configs is not None:  # from the config files: refused before the models load
+        check_sampling(configs.scheduler, configs.vae_factor)
+    vae, scheduler, sources = load_sources(model, finetuned, dtype, device, weights, model_config, shared)
+    scale = vae_factor(vae.config.block_out_channels)
+    if configs is None:
+        check_sampling(scheduler, scale)
+    unet_config = sources["base"].unet.config
     # the side the run sampled at (model.resolution), as it trained; else the U-Net's own size
     height, width = (resolution // scale,) * 2 if resolution else latent_size(unet_config)
     latent_shape = (unet_config.in_channels, height, width)

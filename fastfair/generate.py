@@ -23,7 +23,7 @@ from fastfair.cli import file_instead_of_folder
 from fastfair.evaluation.cache import paired_noise
 from fastfair.evaluation.sources import check_finetuned_base, finetuned_kind, resolve_model, resolve_model_config
 from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline, merged_prompt_prefix
-from fastfair.models import latent_size, load_stable_diffusion
+from fastfair.models import latent_size, load_stable_diffusion, sampling_configs, vae_factor
 
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_BATCH = 20, 7.5, 8  # the batch: images per call, as evaluate's default
@@ -121,23 +121,32 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
     if lora:
         finetuned_kind(lora, "--lora", checkpoints=False)
         check_finetuned_base(model, lora, "--lora")
-    parts = load_stable_diffusion(model_path, dtype, device=device, config=resolve_model_config(model_config),
-                                  key="--model", config_key="--model-config")
-    train_steps = parts.scheduler.config.num_train_timesteps
-    if steps >= train_steps:  # diffusers' solver fails with an IndexError past the schedule
-        raise ValueError(f"--steps {steps}: the model's noise schedule has {train_steps} timesteps; sample fewer "
-                         f"steps than that (20-50 as a rule)")
+    model_config = resolve_model_config(model_config)
+
+    def check_sampling(scheduler, scale):
+        train_steps = scheduler.config.num_train_timesteps
+        if steps >= train_steps:  # diffusers' solver fails with an IndexError past the schedule
+            raise ValueError(f"--steps {steps}: the model's noise schedule has {train_steps} timesteps; sample fewer "
+                             f"steps than that (20-50 as a rule)")
+        multiple = math.lcm(scale, 8)  # the VAE's factor, and diffusers' pipeline takes sides divisible by 8 only
+        if resolution is not None and resolution % multiple:
+            where = (f"{exported_by}/{EXPORT_INFO} records the run's model.resolution {resolution}"
+                     if "--resolution" in " ".join(taken) else f"--resolution {resolution}")
+            raise ValueError(f"{where}: not a multiple of {multiple} (the VAE's factor {scale}, and the pipeline's "
+                             "8); give --resolution N, a multiple of it")
+
+    configs = sampling_configs(model_path, model_config)
+    if configs is not None:  # from the config files: refused before the model loads
+        check_sampling(configs.scheduler, configs.vae_factor)
+    parts = load_stable_diffusion(model_path, dtype, device=device, config=model_config, key="--model",
+                                  config_key="--model-config")
+    scale = vae_factor(parts.vae.config.block_out_channels)
+    if configs is None:
+        check_sampling(parts.scheduler, scale)
     pipe = parts.pipeline().to(device)
     # a merged prefix export's token: its prompts start with it, as in training
     prefix = merged_prompt_prefix(model_path) + (load_into_pipeline(pipe, lora) if lora else "")
     pipe.set_progress_bar_config(disable=True)  # one bar over the images below, not one per batch
-    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    multiple = math.lcm(scale, 8)  # the VAE's factor, and diffusers' pipeline takes sides divisible by 8 only
-    if resolution is not None and resolution % multiple:
-        where = (f"{exported_by}/{EXPORT_INFO} records the run's model.resolution {resolution}"
-                 if "--resolution" in " ".join(taken) else f"--resolution {resolution}")
-        raise ValueError(f"{where}: not a multiple of {multiple} (the VAE's factor {scale}, and the pipeline's 8); "
-                         "give --resolution N, a multiple of it")
     latent = (resolution // scale,) * 2 if resolution else latent_size(parts.unet.config)
     shape = (parts.unet.config.in_channels, *latent)
     try:

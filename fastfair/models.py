@@ -107,6 +107,52 @@ def _from_single_file(path: Path, config: Optional[str], key: str, config_key: s
     return pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
 
 
+def vae_factor(block_out_channels) -> int:
+    """The side of the image square one latent covers, from the VAE config's block_out_channels (one entry per
+    level): 2 ** (levels - 1), 8 for every SD 1.x/2.x VAE."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+@dataclass
+class SamplingConfigs:
+    """What sampling settings are checked against, read from a model's config files without its weights."""
+    scheduler: Any  # DPMSolverMultistepScheduler, as load_stable_diffusion builds it
+    vae_factor: int
+
+
+def _config_root(path: Path, config: Optional[str]) -> Optional[Path]:
+    """The folder whose scheduler/ and vae/ configs build the model at `path` (load_stable_diffusion's layouts),
+    else None."""
+    if path.is_dir() and all((path / name).is_dir() for name in DIFFUSERS_SUBFOLDERS):
+        return path
+    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES and config and Path(str(config)).is_dir():
+        return Path(str(config))
+    return None
+
+
+def sampling_configs(pretrained, config: Optional[str] = None) -> Optional[SamplingConfigs]:
+    """The scheduler and VAE factor of the model load_stable_diffusion(pretrained, config=config) builds, from
+    the config files alone (milliseconds, where the load takes seconds to minutes), so that a step count or a
+    resolution is refused before the load; None where the layout or a config is not one it reads (the load then
+    says what is wrong)."""
+    import inspect
+
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+
+    root = _config_root(Path(str(pretrained)), config)
+    if root is None:
+        return None
+    try:
+        scheduler = DPMSolverMultistepScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+        vae = AutoencoderKL.load_config(root / "vae", local_files_only=True)
+    except (OSError, ValueError):  # a missing or unreadable config file: the load names it
+        return None
+    # a key the file leaves out takes the class's default, as from_pretrained builds it
+    levels = vae.get("block_out_channels",
+                     inspect.signature(AutoencoderKL.__init__).parameters["block_out_channels"].default)
+    return SamplingConfigs(scheduler, vae_factor(levels))
+
+
 def latent_size(unet_config) -> tuple:
     """(height, width) of the U-Net's latents: its config's ``sample_size``, an int for a square model (every
     SD 1.x/2.x) or a [height, width] pair."""

@@ -42,7 +42,9 @@ from fastfair.dft import sample
 from fastfair.ema import EMA
 from fastfair.finetune import FinetunedModel
 from fastfair.judges import build_judges, head_disagreements
-from fastfair.models import LatentDecoder, latent_size, load_stable_diffusion, torch_dtype
+from fastfair.models import (
+    LatentDecoder, latent_size, load_stable_diffusion, sampling_configs, torch_dtype, vae_factor,
+)
 from fastfair.optimizer import build_optimizer, optimizer_state_bytes, saved_optimizer_name
 from fastfair.preflight import DEFAULT_ITERATIONS as DEFAULT_CHECK_ITERATIONS
 from fastfair.preflight import Preflight, free_bytes, retention, saved_steps, tensor_bytes
@@ -105,16 +107,16 @@ class Trainer:
                           f"learning rate reaches only {cfg.max_steps / (cfg.optim.warmup_steps + 1):.0%} of "
                           f"optim.lr={cfg.optim.lr} by the last iteration; lower optim.warmup_steps or raise "
                           "max_steps", stacklevel=2)
+        configs = sampling_configs(cfg.model.pretrained, cfg.model.config)
+        if configs is not None:  # from the config files: refused before the model loads
+            self._check_sampling(configs.scheduler, configs.vae_factor)
         parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.dtype, cfg.model.attention, self.device,
                                       config=cfg.model.config)
         self.vae, self.scheduler = parts.vae, parts.scheduler
         self.decoder = LatentDecoder(self.vae)  # its images clamped: see _decode
-        self._check_step_counts()
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if cfg.model.resolution and cfg.model.resolution % scale:  # decoded images would be silently smaller
-            below = max(scale, cfg.model.resolution // scale * scale)
-            raise ValueError(f"model.resolution={cfg.model.resolution} is not a multiple of the VAE's factor {scale}: "
-                             f"use e.g. {below} or {below + scale}")
+        scale = vae_factor(self.vae.config.block_out_channels)
+        if configs is None:
+            self._check_sampling(self.scheduler, scale)
         # model.resolution: a square of that side; unset, the U-Net's own size (a [height, width] pair or a side)
         size = (cfg.model.resolution // scale,) * 2 if cfg.model.resolution else latent_size(parts.unet.config)
         self.latent_shape = (parts.unet.config.in_channels, *size)
@@ -140,15 +142,20 @@ class Trainer:
         self.mixture = build_prompt_mixture(cfg.data, cfg.seed)
         self.optimizer, self.lr_scheduler = build_optimizer(cfg, self.model.parameters())
 
-    def _check_step_counts(self) -> None:
-        """The model's scheduler is one fastfair samples exactly, and every step count the run can draw has finite
-        solver coefficients and the adjustment sampler.coefficients names: refused at start, not at the iteration
-        that first draws it."""
+    def _check_sampling(self, scheduler, scale: int) -> None:
+        """The model's scheduler is one fastfair samples exactly, every step count the run can draw has finite
+        solver coefficients and the adjustment sampler.coefficients names, and model.resolution is a multiple of
+        the VAE's factor `scale`: refused at start, not at the iteration that first draws it."""
         from fastfair.schedule import scheduler_config, solver_schedule
 
+        resolution = self.cfg.model.resolution
+        if resolution and resolution % scale:  # decoded images would be silently smaller
+            below = max(scale, resolution // scale * scale)
+            raise ValueError(f"model.resolution={resolution} is not a multiple of the VAE's factor {scale}: "
+                             f"use e.g. {below} or {below + scale}")
         s = self.cfg.sampler
         try:  # the options of the model's own scheduler, whatever the step count
-            scheduler_config(self.scheduler)
+            scheduler_config(scheduler)
         except ValueError as error:
             raise ValueError(f"model.pretrained={self.cfg.model.pretrained}: its scheduler/scheduler_config.json, "
                              f"loaded as a DPMSolverMultistepScheduler: {error}") from None
@@ -157,7 +164,7 @@ class Trainer:
             key, counts = "sampler.num_steps_range", range(s.num_steps_range[0], s.num_steps_range[1] + 1)
         for count in counts:
             try:
-                solver_schedule(self.scheduler, count).adjustment(s.coefficients)
+                solver_schedule(scheduler, count).adjustment(s.coefficients)
             except ValueError as error:
                 raise ValueError(f"{key}: {error}") from None
 

@@ -1015,3 +1015,27 @@ def test_a_run_trained_at_model_resolution_is_generated_and_evaluated_at_it(tmp_
     with pytest.raises(ValueError, match=r"export12/fastfair_export.json records the run's model.resolution 12: not "
                                          r"a multiple of 8 .*give --resolution N"):
         generate("toy", str(twelve), "a cook", 1, tmp_path / "gen12", steps=1)
+
+
+def test_steps_and_resolution_are_refused_from_the_config_files_before_any_model_loads(tmp_path, monkeypatch):
+    """generate and evaluate read the scheduler's and the VAE's configs first (fastfair.models.sampling_configs):
+    a step count past the schedule or a side off the VAE's factor is named by flag without waiting for the load."""
+    import fastfair.evaluate
+    import fastfair.generate
+    from fastfair.generate import generate
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(fastfair.generate, "load_stable_diffusion", no_load)
+    monkeypatch.setattr(fastfair.evaluate, "load_sources", no_load)
+    for options, message in ((dict(steps=1000), r"--steps 1000: the model's noise schedule has 1000 timesteps"),
+                             (dict(steps=1, resolution=20), r"--resolution 20: not a multiple of 8 \(the VAE's "
+                                                            r"factor 4, and the pipeline's 8\)")):
+        with pytest.raises(ValueError, match=message):
+            generate("toy", None, PROMPT, 1, tmp_path / "gen", **options)
+    for options, message in ((dict(num_steps=2000), r"^--steps 2000: the scheduler's noise levels repeat"),
+                             (dict(resolution=18), r"--resolution 18: .*a multiple of the VAE's factor 4")):
+        with pytest.raises(ValueError, match=message):
+            run(tmp_path / "eval", **options)
+    assert not (tmp_path / "gen").exists() and not (tmp_path / "eval").exists()

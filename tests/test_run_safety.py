@@ -465,10 +465,20 @@ def test_deepspeed_under_plain_python_then_export_and_a_clear_resume_error(tmp_p
         Trainer(plain).train()
 
 
-def test_resolution_must_be_a_multiple_of_the_vae_factor(tmp_path, world):
-    cfg = load_config(write_config(tmp_path, world), ["model.resolution=31"])
-    with pytest.raises(ValueError, match=r"model.resolution=31 is not a multiple of the VAE's factor \d+: use e.g."):
-        Trainer(cfg)
+def test_resolution_and_step_counts_are_refused_before_the_model_loads(tmp_path, world, monkeypatch):
+    """Read from the scheduler's and the VAE's config files (fastfair.models.sampling_configs), not after the load."""
+    import fastfair.trainer
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(fastfair.trainer, "load_stable_diffusion", no_load)
+    for overrides, message in ((["model.resolution=31"], r"model.resolution=31 is not a multiple of the VAE's factor "
+                                                         r"\d+: use e.g."),
+                               (["sampler.num_steps=2000"], r"sampler.num_steps: .*2000")):
+        cfg = load_config(write_config(tmp_path, world), overrides)
+        with pytest.raises(ValueError, match=message):
+            Trainer(cfg)
 
 
 def test_saved_config_is_a_plain_readable_file(tmp_path, world):

@@ -1,5 +1,6 @@
 """Single-file (original CompVis/LDM layout) Stable Diffusion checkpoints, loaded offline with a local diffusers
 folder as their architecture: exact weights, exact samples, config checks, and a training run from one."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,24 @@ def test_unet_full_from_a_single_file_exports_the_ema_unet(tmp_path, world, sing
     exported = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True).state_dict()
     assert {f"unet.{name}" for name in exported} == set(ema)
     assert all(torch.equal(t, ema[f"unet.{name}"]) for name, t in exported.items())
+
+
+def test_sampling_configs_read_without_weights_match_the_loaded_model(tmp_path, world, single_file):
+    """What a step count and a resolution are checked against before the load (fastfair.models.sampling_configs)
+    is what the load builds, for a folder and for a single file with its architecture folder; None where the
+    layout is not one the load reads (the load then says why)."""
+    from fastfair.models import load_stable_diffusion, sampling_configs, vae_factor
+
+    loaded = load_stable_diffusion(world["sd"], "fp32")
+    for model, config in ((world["sd"], None), (single_file, str(world["sd"]))):
+        configs = sampling_configs(model, config)
+        assert dict(configs.scheduler.config) == dict(loaded.scheduler.config)
+        assert configs.vae_factor == vae_factor(loaded.vae.config.block_out_channels) > 1
+    assert sampling_configs(single_file) is None  # no architecture folder
+    assert sampling_configs(tmp_path / "missing") is None
+    broken = tmp_path / "broken"
+    shutil.copytree(world["sd"], broken)
+    (broken / "vae" / "config.json").write_text("{not json")
+    assert sampling_configs(broken) is None
+    with pytest.raises(OSError, match=r"broken/vae/config.json' is not a valid JSON file"):  # the load's word
+        load_stable_diffusion(broken, "fp32")
