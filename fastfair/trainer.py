@@ -668,8 +668,9 @@ class Trainer:
         its checkpoints/, logging.tensorboard_dir), so that a read-only folder is named at the start, not at the
         first checkpoint. Returns the message for a folder it cannot write in (None: all can be), which the
         caller raises once there are steps to train (a finished run in a read-only folder still says so). Every
-        rank gets rank 0's outcome (the others would wait for it in their first collective)."""
-        refusal, unwritable = None, None
+        rank gets rank 0's outcome (the others would wait for it in their first collective): its error on rank 0,
+        an OtherRankFailed naming it on the others."""
+        failure, unwritable = None, None
         if self.rank == 0:
             out = Path(self.cfg.output_dir)
             tensorboard = self.cfg.logging.tensorboard_dir
@@ -681,16 +682,18 @@ class Trainer:
                 if unwritable is None and tensorboard:
                     unwritable = cannot_write(Path(tensorboard), f"logging.tensorboard_dir={tensorboard}",
                                                "logging.tensorboard_dir (or leave it unset: output_dir/tensorboard)")
-            except (ValueError, OSError) as error:
+            except Exception as error:  # any failure (not only a refusal): the others wait for this broadcast
                 if self.world == 1:
                     raise
-                refusal = str(error)
-        if self.world > 1:
-            shared = [(refusal, unwritable)]
+                failure = error
+        if self.world > 1:  # one collective, as on_every_rank's, that also carries unwritable
+            shared = [(None if failure is None else f"{type(failure).__name__}: {failure}", unwritable)]
             dist.broadcast_object_list(shared, src=0)
-            refusal, unwritable = shared[0]
-            if refusal is not None:
-                raise ValueError(refusal)
+            if failure is not None:
+                raise failure
+            said, unwritable = shared[0]
+            if said is not None:
+                raise OtherRankFailed(f"rank 0 could not claim output_dir, so no rank goes on: {said}")
         return unwritable
 
     def _agreed_stop(self, stop: StopSignals, failed: bool = False) -> Tuple[int, bool]:

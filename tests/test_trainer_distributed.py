@@ -264,7 +264,8 @@ def worker(rank, root, port):
     from fastfair.config import load_config
     config = yaml.safe_load(Path(root, "config.yaml").read_text())
     outcomes = {}
-    for scenario in ("file missing on rank 1", "rank 1's output_dir in use", "rank 0's disk full"):
+    for scenario in ("file missing on rank 1", "rank 1's output_dir in use", "rank 0's lock fails",
+                     "rank 0's disk full"):
         cfg = dict(config, output_dir=str(Path(root, scenario.replace(" ", "_"), "run")))
         if scenario == "file missing on rank 1" and rank == 1:
             cfg["classifiers"] = {"gender": {"path": "/node1/gender.safetensors"}}
@@ -272,6 +273,11 @@ def worker(rank, root, port):
             cfg["output_dir"] += f"_node{rank}"
             if rank == 1:
                 Path(cfg["output_dir"], "checkpoints", "step_00000005").mkdir(parents=True)
+        real_lock = T.checkpoint.output_dir_lock
+        if scenario == "rank 0's lock fails" and rank == 0:  # not a refusal: an error of another kind
+            def broken(out):
+                raise RuntimeError(f"{out}: the lock file's filesystem is broken")
+            T.checkpoint.output_dir_lock = broken
         if scenario == "rank 0's disk full" and rank == 0:
             def full(pixels, path):
                 raise OSError(f"{path}: No space left on device")
@@ -283,6 +289,7 @@ def worker(rank, root, port):
             outcomes[scenario] = "trained"
         except Exception as error:
             outcomes[scenario] = f"{type(error).__name__}: {error}"
+        T.checkpoint.output_dir_lock = real_lock
     Path(root, f"rank{rank}.json").write_text(json.dumps(outcomes))
 
 if __name__ == "__main__":
@@ -293,7 +300,8 @@ if __name__ == "__main__":
 def test_a_failure_on_one_rank_of_two_processes_stops_both(tmp_path):
     """Two gloo processes, each failing alone where it reads its own disk: a file the config names missing on one
     node (the other rank waited in _claim_output_dir's broadcast), another run's checkpoints in a node-local
-    output_dir (the other started training), rank 0's disk full when it saves an image grid (the other waited at
+    output_dir (the other started training), rank 0's lock failing with an error other than a refusal (the other
+    waited in _claim_output_dir's broadcast), rank 0's disk full when it saves an image grid (the other waited at
     the next collective). Each rank now stops: the failing one with its own error, the other naming it."""
     world = make_world(tmp_path / "world")
     write_config(tmp_path, world, "text_lora", max_steps=1)
@@ -309,6 +317,10 @@ def test_a_failure_on_one_rank_of_two_processes_stops_both(tmp_path):
     assert "holds checkpoints of another run (steps 5 (incomplete))" in rank1["rank 1's output_dir in use"]
     assert rank0["rank 1's output_dir in use"].startswith("OtherRankFailed: rank 1 found output_dir in use, so no rank "
                                                           "goes on: ValueError: output_dir=")
+    assert rank0["rank 0's lock fails"].startswith("RuntimeError: ") and "filesystem is broken" in \
+        rank0["rank 0's lock fails"]  # rank 1 waited in _claim_output_dir's broadcast, which took refusals only
+    assert rank1["rank 0's lock fails"].startswith("OtherRankFailed: rank 0 could not claim output_dir, so no rank "
+                                                   "goes on: RuntimeError: ")
     assert rank0["rank 0's disk full"].startswith("OSError: ") and "No space left on device" in \
         rank0["rank 0's disk full"]
     assert rank1["rank 0's disk full"] == ("OtherRankFailed: rank 0 could not write the run's progress, log or images "
