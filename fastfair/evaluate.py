@@ -270,8 +270,9 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
         raise ValueError(f"--seed {seed}: expected an integer >= 0")
     if grid_columns < 1:
         raise ValueError(f"--grid-columns {grid_columns}: expected at least 1")
-    if not margin >= 0:
-        raise ValueError(f"--margin {margin}: expected a fraction of the face box >= 0 (default {FACE_MARGIN})")
+    if not (math.isfinite(margin) and margin >= 0):  # an infinite crop box around every face
+        raise ValueError(f"--margin {margin}: expected a finite fraction of the face box >= 0 (default "
+                         f"{FACE_MARGIN})")
     problem = file_instead_of_folder("--out", out, "the images and the report") or (
         base_images is not None and file_instead_of_folder("--base-images", base_images, "the base model's images"))
     if problem:

@@ -690,7 +690,8 @@ def test_semantics_model_folders_of_another_kind_are_named_before_any_image(tmp_
     (dict(guidance_scales=(7.5, 7.5000001)), r"expected one or more distinct scales \(as printed"),
     (dict(guidance_scales=(float("inf"),)), "expected finite numbers"),
     (dict(grid_columns=0), "--grid-columns 0: expected at least 1"),
-    (dict(margin=-1.0), "--margin -1.0: expected a fraction of the face box >= 0"),
+    (dict(margin=-1.0), "--margin -1.0: expected a finite fraction of the face box >= 0"),
+    (dict(margin=float("inf")), "--margin inf: expected a finite fraction"),  # every crop box infinite
     (dict(classifiers=["missing.safetensors"]), "--classifier missing.safetensors does not exist"),
     (dict(seed=-1), r"--seed -1: expected an integer >= 0"),
     # the semantics and FID models load after the images: their inputs are checked first

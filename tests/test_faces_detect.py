@@ -67,8 +67,9 @@ def test_the_whole_image_detector_crops_the_image_itself():
 def test_square_boxes_margin_zero_keeps_the_longer_side():
     boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]], dtype=torch.float64)
     assert square_boxes(boxes, 0.0).tolist() == [[0.0, 20.0, 40.0, 60.0]]
-    with pytest.raises(ValueError, match="margin"):
-        select_largest([[]], 8, 8, margin=-0.1)
+    for margin in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="margin must be finite and >= 0"):
+            select_largest([[]], 8, 8, margin=margin)
 
 
 def test_callable_detectors_per_image_and_batched():

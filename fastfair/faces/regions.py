@@ -53,8 +53,8 @@ def select_largest(detections: List[List[Face]], height: int, width: int, margin
 
     margin: how much the square crop box exceeds the face box (0.5 = the public code's expand_coef).
     """
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+    if not 0 <= margin < float("inf"):  # NaN too
+        raise ValueError(f"margin must be finite and >= 0, got {margin}")
     whole = (0.0, 0.0, float(width), float(height))
     count = len(detections)
     found = torch.zeros(count, dtype=torch.bool)
