@@ -942,10 +942,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"deepspeed.config={args.deepspeed_config}"] if args.deepspeed_config else [])
     cfg = load_config(args.config, overrides)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if args.print_config:
         print(config_yaml(cfg), end="")
+        try:  # printed all the same (a base to edit need not run as it is); said so on stderr, not in the YAML
+            validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), device)
+        except ConfigError as error:
+            print(f"note: a run of these settings on this machine would be refused:\n{error}", file=sys.stderr)
         return
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32

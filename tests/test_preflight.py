@@ -217,10 +217,17 @@ def test_print_config_prints_the_resolved_settings_and_touches_nothing(tmp_path,
     monkeypatch.chdir(tmp_path)
     path = str(write_config(tmp_path, world, "prefix"))
     main(["--config", path, "--print-config", "max_steps=7", "sampler.grad_steps=2"])
-    printed = yaml.safe_load(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = yaml.safe_load(captured.out)
+    assert "refused" not in captured.err
     assert printed == config_to_dict(load_config(path, ["max_steps=7", "sampler.grad_steps=2"]))
     assert printed["max_steps"] == 7 and printed["sampler"]["grad_steps"] == 2
     assert not (tmp_path / "run").exists()
+    main(["--config", path, "--print-config", "sampler.grad_steps=50"])  # printed, and what a run would say
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["sampler"]["grad_steps"] == 50
+    assert "note: a run of these settings on this machine would be refused:" in captured.err
+    assert "sampler.grad_steps" in captured.err
     with pytest.raises(SystemExit) as stop:
         main(["--config", path, "--print-config", "--check"])
     assert stop.value.code == 2 and "not allowed with" in capsys.readouterr().err
