@@ -18,6 +18,25 @@ def test_scale_gradient_is_identity_forward_and_scales_backward():
     assert torch.allclose(x.grad, upstream * scale)
 
 
+def test_scale_gradient_refuses_a_scale_that_would_grow_the_gradient_and_takes_numbers():
+    """A scale [4, 1] on x [4] made a [4, 4] gradient that autograd summed back onto [4]: other numbers, no
+    error."""
+    x = torch.arange(1.0, 5.0, dtype=torch.float64, requires_grad=True)
+    for scale in (torch.tensor([[1.0], [0.0], [0.0], [0.0]]), torch.ones(3)):
+        with pytest.raises(ValueError, match=r"scale_gradient: scale of shape \((4, 1|3,)\) does not broadcast to x's "
+                                             r"\(4,\)"):
+            scale_gradient(x, scale)
+    (scale_gradient(x, 2.0) * x.detach()).sum().backward()  # a number broadcasts
+    assert torch.equal(x.grad, 2 * x.detach())
+
+
+def test_face_box_mask_refuses_other_shapes():
+    with pytest.raises(ValueError, match=r"has_face of shape \(1,\), expected \[2\], one flag per box"):
+        face_box_mask(torch.zeros(2, 4), 4, 4, has_face=torch.tensor([True]))  # was broadcast to both
+    with pytest.raises(ValueError, match=r"boxes of shape \(4,\), expected \[N, 4\]"):
+        face_box_mask(torch.zeros(4), 4, 4)
+
+
 def test_face_box_mask():
     boxes = torch.tensor([[1, 2, 3, 5], [0, 0, 4, 4]])
     mask = face_box_mask(boxes, 6, 4, has_face=torch.tensor([True, False]))

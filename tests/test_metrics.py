@@ -114,3 +114,18 @@ def test_bad_inputs_are_refused_not_moved_into_another_cell_or_compared_against(
         total_variation([0.5, 0.5], [1.0, 1.0])
     rows = {"a": {"score": np.float32(0.25)}, "b": {"score": np.float32(0.75)}}
     assert summarize(rows)["score"]["mean"] == pytest.approx(0.5)  # numpy's float32 metrics are metrics too
+
+
+def test_counts_or_other_numbers_are_refused_where_frequencies_go():
+    """Counts (class_frequencies(...).counts) gave a total variation of 1.5 and a bias of 2.0, without an error."""
+    stats = class_frequencies([0, 0, 0, 1], 2)
+    for metric in (bias, total_variation, kl_divergence, fairness_discrepancy):
+        with pytest.raises(ValueError, match=r"freqs must be class frequencies >= 0 summing to 1 .*not its counts"):
+            metric(stats.counts)
+        with pytest.raises(ValueError, match="freqs must be class frequencies"):
+            metric([1.5, -0.5])
+        assert metric(stats) == metric(stats.freqs)  # the whole result: its frequencies
+        assert math.isnan(metric([float("nan")] * 2))  # no face in any image
+    with pytest.raises(ValueError, match=r"binary_delta: p=1.5 is not a frequency in \[0, 1\]"):
+        binary_delta(1.5)
+    assert math.isnan(binary_delta(float("nan")))

@@ -124,7 +124,13 @@ def semantic_weights(differs: Mapping, has_face, face_mask, weights: LossWeights
 
 
 def face_box_mask(boxes, height, width, has_face=None) -> torch.Tensor:
-    """[N, 1, H, W] float mask, 1 inside the [N, 4] (x0, y0, x1, y1) pixel boxes; 0 where no face."""
+    """[N, 1, H, W] float mask, 1 inside the [N, 4] (x0, y0, x1, y1) pixel boxes; 0 where has_face [N] is
+    False."""
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"face_box_mask: boxes of shape {tuple(boxes.shape)}, expected [N, 4] (x0, y0, x1, y1)")
+    if has_face is not None and tuple(has_face.shape) != (len(boxes),):  # one flag would pass for every box
+        raise ValueError(f"face_box_mask: has_face of shape {tuple(has_face.shape)}, expected [{len(boxes)}], one "
+                         "flag per box")
     boxes = boxes.float()
     ys = torch.arange(height, device=boxes.device)[:, None] + 0.5  # pixel centres
     xs = torch.arange(width, device=boxes.device)[None, :] + 0.5
@@ -147,9 +153,18 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * scale, None
 
 
-def scale_gradient(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the incoming gradient by `scale` (broadcast to x)."""
-    return _ScaleGradient.apply(x, scale.detach().to(x))
+def scale_gradient(x: torch.Tensor, scale) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the incoming gradient by `scale` (a number or a tensor that
+    broadcasts to x's shape without growing it)."""
+    scale = torch.as_tensor(scale).detach().to(x)
+    try:
+        grows = torch.broadcast_shapes(scale.shape, x.shape) != x.shape
+    except RuntimeError:
+        grows = True
+    if grows:  # autograd would sum the larger gradient back onto x's shape: other numbers, no error
+        raise ValueError(f"scale_gradient: scale of shape {tuple(scale.shape)} does not broadcast to x's "
+                         f"{tuple(x.shape)}; give a number or a tensor of x's shape (or one that broadcasts to it)")
+    return _ScaleGradient.apply(x, scale)
 
 
 def combine_losses(align, semantics: Mapping, face, image_weight, weights: LossWeights) -> dict:
