@@ -84,10 +84,12 @@ class AlignmentGroup:
         return {name: out[name] for name in self.attributes}
 
     def log_probs(self, attribute_logits: Mapping) -> torch.Tensor:
-        """[N, K] log-probabilities of the cells = sum of the attributes' log-softmaxes."""
+        """[N, K] log-probabilities of the cells = sum of the attributes' log-softmaxes; float32 from half
+        logits, float64 from float64 ones."""
         log_p = None
         for name in self.attributes:
-            part = F.log_softmax(attribute_logits[name].float(), dim=-1)
+            logits = attribute_logits[name]
+            part = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
             log_p = part if log_p is None else (log_p[:, :, None] + part[:, None, :]).flatten(1)
         return log_p
 

@@ -124,7 +124,9 @@ def test_log_probs_are_the_log_product_of_attribute_softmaxes():
     log_p = group.log_probs({k: v.double() for k, v in per_attribute.items()})
     g, r, a = (logits[:, s].softmax(-1) for s in (slice(0, 2), slice(2, 6), slice(6, 8)))
     product = (g[:, :, None, None] * r[:, None, :, None] * a[:, None, None, :]).reshape(5, 16)
-    assert torch.allclose(log_p.double().exp(), product, atol=1e-6)
+    assert log_p.dtype == torch.float64  # a float64 check keeps float64 (it was cast to float32: 1e-7 off)
+    assert torch.allclose(log_p.exp(), product, rtol=1e-12, atol=1e-15)
+    assert group.log_probs({k: v.half() for k, v in per_attribute.items()}).dtype == torch.float32
     # one classifier per attribute: a mapping of logits
     separate = targets.attribute_logits({"gender": logits[:, :2], "race": logits, "age": logits})
     assert torch.equal(separate["gender"], logits[:, :2]) and torch.equal(separate["age"], logits[:, 6:8])
