@@ -121,6 +121,8 @@ def _check_inputs(z_T, cond, uncond, num_steps, guidance_scale, coefficients, re
     if not isinstance(z_T, torch.Tensor) or z_T.dim() != 4:
         got = tuple(z_T.shape) if isinstance(z_T, torch.Tensor) else type(z_T).__name__
         raise ValueError(f"z_T: expected a latent tensor [B, C, H, W], got {got}")
+    if z_T.shape[0] == 0:  # found here, not as a frozen_rows range the caller never set
+        raise ValueError(f"z_T: an empty batch {tuple(z_T.shape)}; give at least one latent")
     for name, emb in (("cond", cond), ("uncond", uncond)):
         if emb is None and name == "uncond":
             continue

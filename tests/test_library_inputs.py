@@ -82,6 +82,7 @@ def test_karras_step_counts_with_repeated_integer_timesteps_stay_accepted():
     (dict(num_steps=True), ValueError, r"num_steps=True"),
     (dict(z_T=torch.randn(4, 8, 8)), ValueError, r"^z_T: expected a latent tensor \[B, C, H, W\], got \(4, 8, 8\)"),
     (dict(z_T=torch.randn(2, 4, 1, 8, 8)), ValueError, r"^z_T: expected a latent tensor"),
+    (dict(z_T=torch.randn(0, 4, 8, 8)), ValueError, r"^z_T: an empty batch \(0, 4, 8, 8\)"),  # not frozen_rows'
     (dict(cond=None), TypeError, r"cond: expected a tensor"),
     (dict(cond=[[0.0]]), TypeError, r"cond: expected a tensor"),
     (dict(cond=torch.ones(2, 5, 16, dtype=torch.long)), TypeError, r"cond: expected floating-point"),
