@@ -44,6 +44,8 @@ def _tensor(op: str, name: str, t, dtypes) -> None:
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} has dtype {t.dtype}; use one of {allowed}")
+    if t.layout != torch.strided:  # sparse or other layouts: torch's own error named no argument
+        raise ValueError(f"{op}: {name} has layout {t.layout}; the kernels take dense tensors (pass {name}.to_dense())")
 
 
 def _like(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str, shape=None) -> None:
@@ -65,6 +67,9 @@ def _writable(op: str, name: str, t: torch.Tensor, taken: Sequence[Tuple[int, in
     """t must be contiguous and its memory disjoint from the ``taken`` spans; returns t's span."""
     if not t.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous (the kernels write flat memory); pass a fresh buffer")
+    if t.requires_grad and torch.is_grad_enabled():  # the native and Triton kernels wrote into it unseen by autograd
+        raise ValueError(f"{op}: {name} requires grad, and a write into it cannot be differentiated; pass a buffer "
+                         "without grad, or no out (the result is then differentiable)")
     start, stop = span = _span(t)
     if start != stop and any(start < o_stop and o_start < stop for o_start, o_stop in taken):
         raise ValueError(f"{op}: {name} overlaps another argument's memory; write into a separate buffer")

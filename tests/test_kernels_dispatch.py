@@ -85,6 +85,9 @@ BAD_STEPS = [
     (dict(out=(z4.clone(), z4.clone().transpose(2, 3))), ValueError, r"out\[1\] \(m\) must be contiguous"),
     (dict(out=(z4.clone(), z4.clone().double())), TypeError, r"out\[1\] \(m\) has dtype torch.float64"),
     (dict(out="z"), TypeError, "out must be a pair"),
+    (dict(z=z4.to_sparse()), ValueError, r"z has layout torch.sparse_coo; the kernels take dense tensors"),
+    # native and Triton wrote into it unseen by autograd (torch's backend raised autograd's in-place error)
+    (dict(out=(z4.clone().requires_grad_(), z4.clone())), ValueError, r"out\[0\] \(z_next\) requires grad"),
 ]
 
 
@@ -119,6 +122,8 @@ BAD_FANOUTS = [
     (dict(out=torch.zeros(2, 2, 3, 4)), ValueError, r"out has shape \(2, 2, 3, 4\), expected \(2, 1, 3, 4\)"),
     (dict(out=torch.zeros(2, 1, 3, 4), out_dtype=torch.float16), TypeError, "out has dtype torch.float32 but"),
     (dict(out=torch.zeros(2, 1, 4, 3).transpose(2, 3)), ValueError, "out must be contiguous"),
+    (dict(out=torch.zeros(2, 1, 3, 4, requires_grad=True)), ValueError, "out requires grad"),
+    (dict(g=torch.zeros(3, 4).to_sparse()), ValueError, "g has layout torch.sparse_coo"),
 ]
 
 
