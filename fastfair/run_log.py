@@ -91,6 +91,17 @@ def naming_errors(path):
         raise OSError(_unwritten(path, error)) from error
 
 
+def last_logged_step(output_dir) -> Optional[int]:
+    """The highest step output_dir's metrics.jsonl records (None: no such file or no step in it)."""
+    path = Path(output_dir) / METRICS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):  # none, or not a log this module wrote: nothing it would drop either
+        return None
+    steps = [step for step in map(_step, lines) if step is not None]
+    return max(steps) if steps else None
+
+
 def _drop_lines_after(path: Path, start: int) -> None:
     """Keep only the lines of steps <= start, and no line a crash cut off (it would run into the next one);
     rewritten atomically."""

@@ -33,6 +33,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from fastfair import checkpoint
 from fastfair.cli import whole_number
@@ -51,7 +52,7 @@ from fastfair.preflight import Preflight, free_bytes, retention, saved_steps, te
 from fastfair.process_group import OtherRankFailed, on_every_rank, process_group
 from fastfair.prompts import build_prompt_mixture
 from fastfair.run_control import StopSignals, cannot_write, closing, isatty, progress_options, stop_signals
-from fastfair.run_log import RunLog, image_file, naming_errors
+from fastfair.run_log import RunLog, image_file, last_logged_step, naming_errors
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -624,20 +625,36 @@ class Trainer:
                                  "the same order (a prompt-set factory must return them in a fixed order, not from a "
                                  "set; a prompt file must be the same on every node)")
 
-    def _check_output_dir(self, fresh: bool) -> None:
-        """Nothing already saved is lost: a run starting at step self.start refuses an output_dir holding
-        checkpoints past it, which it would mix with its own (retention keeps the highest steps: it would prune its
-        own new checkpoints, and resume=auto would later pick the other run's)."""
+    def _check_output_dir(self, resumed: Optional[Path]) -> None:
+        """Nothing already saved is lost: a run starting at step self.start (from the checkpoint `resumed`, None:
+        afresh) refuses an output_dir holding checkpoints past it, which it would mix with its own (retention keeps
+        the highest steps: it would prune its own new checkpoints, and resume=auto would later pick the other
+        run's); one resuming a checkpoint from elsewhere refuses an output_dir holding any checkpoint or log (another
+        run's: retention would delete them, the log would run on from its lines); a fresh one refuses the log of a
+        run whose checkpoints were moved away (`_check_log_of_moved_run`)."""
         # every step folder counts, complete or not (weights-only ones whose state.pt was deleted to save space,
         # ones that lost a file): a run would overwrite them
         saved = checkpoint.step_folders(self.cfg.output_dir)
+        if resumed is not None and Path(resumed).resolve().parent != \
+                checkpoint.checkpoint_dir(self.cfg.output_dir).resolve():
+            logged = last_logged_step(self.cfg.output_dir)
+            if saved or logged is not None:
+                listed = ", ".join(map(str, list(saved)[:8])) + (", ..." if len(saved) > 8 else "")
+                held = (f"checkpoints (steps {listed})" if saved else
+                        f"the log of a run (metrics.jsonl, to step {logged})")
+                raise ValueError(f"output_dir={self.cfg.output_dir} holds {held}, and this run resumes from "
+                                 f"resume={resumed}, a checkpoint of another folder: it would mix the two runs (and "
+                                 "its retention delete those checkpoints); resume into an empty output_dir, or move "
+                                 "them away")
+        if resumed is None and not saved:
+            self._check_log_of_moved_run()
         later = [step for step in saved if step > self.start]
         if not later:
             return
         steps = ", ".join(f"{step}" if checkpoint.has_weights(saved[step]) else f"{step} (incomplete)"
                           for step in later[:8])
         steps += ", ..." if len(later) > 8 else ""
-        if not fresh:
+        if resumed is not None:
             if not any(checkpoint.is_resumable(saved[step]) for step in later):  # resume=auto passed over them
                 self._refuse_unresumable({step: saved[step] for step in later})
             newest = "resume=auto continues from the newest; " if checkpoint.is_resumable(saved[max(later)]) else ""
@@ -649,6 +666,27 @@ class Trainer:
         raise ValueError(f"output_dir={self.cfg.output_dir} holds checkpoints of another run (steps {steps}), which "
                          f"a fresh run (resume='') would overwrite and mix with its own: {how} use another "
                          "output_dir, or move those checkpoints away")
+
+    def _check_log_of_moved_run(self) -> None:
+        """A fresh run rewrites output_dir's log and image grids, rightly where an earlier run there stopped before
+        its first checkpoint (its rerun starts afresh); refused where that run's log goes past its first
+        checkpoint step, so it had checkpoints that were moved or deleted (after an export, say): its log is
+        all that is left of it."""
+        logged = last_logged_step(self.cfg.output_dir)
+        if logged is None:
+            return
+        earlier = {}
+        with contextlib.suppress(OSError, ValueError, yaml.YAMLError):  # unreadable: judged by this run's settings
+            earlier = yaml.safe_load((Path(self.cfg.output_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+        earlier = earlier if isinstance(earlier, dict) else {}
+        every, last = (earlier.get(key, getattr(self.cfg, key)) for key in ("checkpoint_every", "max_steps"))
+        first = min(every, last) if isinstance(every, int) and isinstance(last, int) else self.cfg.checkpoint_every
+        if logged > first:  # it went on past a checkpoint it must have written (saves finish before training goes on)
+            raise ValueError(f"output_dir={self.cfg.output_dir} holds the log of a run that reached step {logged} "
+                             f"(metrics.jsonl), past its first checkpoint at step {first}, but no checkpoint: they "
+                             "were moved or deleted, and a fresh run would replace its log and image grids; use "
+                             f"another output_dir, or delete {Path(self.cfg.output_dir) / 'metrics.jsonl'} (and "
+                             "images/) to start afresh here")
 
     def _refuse_unresumable(self, later: Dict[int, Path]) -> None:
         """The refusal where every checkpoint past the resumed step lacks a file a resume needs (state.pt, deleted to
@@ -743,7 +781,7 @@ class Trainer:
         self.step = self.start  # the iterations done, for an interruption's message (main)
         self._check_ranks_agree(path)
         # each rank looks in its own view of output_dir (a node-local disk may hold another run's checkpoints)
-        on_every_rank(self.world, "found output_dir in use", lambda: self._check_output_dir(fresh=path is None))
+        on_every_rank(self.world, "found output_dir in use", lambda: self._check_output_dir(path))
         if self.start > cfg.max_steps:
             raise ValueError(f"max_steps={cfg.max_steps}, but the run resumed from step {self.start}: raise max_steps "
                              "to train on, or use another output_dir for a shorter run")

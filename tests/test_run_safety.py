@@ -69,6 +69,39 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, world):
         Trainer(load_config(write_config(tmp_path, world), ["max_steps=1", "resume="])).train()
 
 
+def test_a_resume_from_another_folder_or_a_fresh_start_keeps_another_runs_checkpoints_and_log(tmp_path, world):
+    """A run resuming a checkpoint of another folder into an output_dir holding a run's checkpoints or log mixed the
+    two (the log ran on from the other's lines) and its retention deleted those checkpoints; a fresh run replaced
+    the log and image grids of a run whose checkpoints were moved away. Both refused, nothing touched; a rerun of a
+    run that stopped before its first checkpoint still starts afresh."""
+    source, _ = _trained(tmp_path / "a", world, "max_steps=2")  # checkpoints 1, 2 elsewhere
+    resume = f"resume={checkpoint.checkpoint_dir(source.output_dir) / 'step_00000002'}"
+    other, _ = _trained(tmp_path / "x", world, "max_steps=1", "seed=1")  # another run: step 1
+    def files(run):  # its checkpoints, log, config and image grids (the lock file records each run's start)
+        return {path: path.read_bytes() for path in Path(run).rglob("*") if path.is_file() and path.name != ".lock"}
+
+    before = files(other.output_dir)
+    with pytest.raises(ValueError, match=r"holds checkpoints \(steps 1\), and this run resumes from resume=.*a/run/"
+                                         r"checkpoints/step_00000002, a checkpoint of another folder: it would mix"):
+        Trainer(load_config(write_config(tmp_path / "x", world), ["max_steps=4", resume])).train()
+    assert files(other.output_dir) == before
+    shutil.rmtree(checkpoint.checkpoint_dir(other.output_dir))  # moved away (after an export, say)
+    before = files(other.output_dir)
+    with pytest.raises(ValueError, match=r"holds the log of a run \(metrics.jsonl, to step 1\), and this run resumes"):
+        Trainer(load_config(write_config(tmp_path / "x", world), ["max_steps=4", resume])).train()
+    shutil.rmtree(checkpoint.checkpoint_dir(source.output_dir))  # run a: logged to step 2, past its checkpoint 1
+    log = (Path(source.output_dir) / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"holds the log of a run that reached step 2 \(metrics.jsonl\), past its "
+                                         r"first checkpoint at step 1, but no checkpoint: they were moved or deleted"):
+        Trainer(load_config(write_config(tmp_path / "a", world), ["max_steps=3"])).train()
+    assert (Path(source.output_dir) / "metrics.jsonl").read_bytes() == log
+    assert files(other.output_dir) == before
+    # run x logged step 1 and its first checkpoint was at step 1: a run that could have stopped while saving it,
+    # so a fresh rerun starts afresh there (as one that stopped before its first checkpoint)
+    Trainer(load_config(write_config(tmp_path / "x", world), ["max_steps=1", "seed=2"])).train()
+    assert checkpoint.list_checkpoints(other.output_dir).keys() == {1}
+
+
 def test_resume_auto_refuses_to_overwrite_a_newest_checkpoint_it_cannot_resume(tmp_path, world, monkeypatch):
     """A newest checkpoint that lost a file (its state.pt deleted to save space, a weight file lost in a copy):
     resume=auto passes over it to the newest complete one, but training on would overwrite it, so the run refuses,
