@@ -23,6 +23,7 @@ loads one and overrides what the run decides: ``train_micro_batch_size_per_gpu``
 ``gradient_accumulation_steps`` (1), ``train_batch_size`` (images per prompt), ``gradient_clipping``
 (``optim.grad_clip``) and, when set, ``zero_optimization.stage`` (``deepspeed.zero_stage``).
 """
+import contextlib
 import collections.abc
 import dataclasses
 import difflib
@@ -355,7 +356,9 @@ def _unknown_key(key: str, name: str, tp) -> ConfigError:
     # settings by their names (not sections: 'model.path' is no misplaced 'batch')
     leaves = {full.rsplit(".", 1)[-1]: full for full in _schema_keys(TrainConfig)
               if not dataclasses.is_dataclass(_setting_type(full))}
-    close = difflib.get_close_matches(name, fields, n=1)
+    by_case = {field.lower(): field for field in fields}
+    close = ([by_case[str(name).lower()]] if str(name).lower() in by_case else  # optim.LR: difflib minds case
+             difflib.get_close_matches(name, fields, n=1))
     if SYNONYMS.get(str(name).lower()) in leaves:  # another trainer's name for a setting
         guess = leaves[SYNONYMS[str(name).lower()]]
     elif close:
@@ -383,6 +386,9 @@ def _convert(value, tp, key: str):
     if origin is Union:
         if value is None and type(None) in args:
             return None
+        if set(args) == {str, type(None)} and value in ("None", "none"):  # Python's null, not YAML's
+            raise ConfigError(f"{key}={value}: YAML reads this as the text '{value}' (a path named {value}); for "
+                              f"none write {key}=null (or nothing after '='; null in a file), for that name ./{value}")
         not_finite = None
         for arm in args:
             if arm is not type(None):
@@ -415,7 +421,12 @@ def _convert(value, tp, key: str):
             return number
     elif tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    hint = ""
+    if tp is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):
+            if float(value).is_integer():  # 1e3 (YAML 1.1 reads it as text) or 1000.0
+                hint = f": write {int(float(value))}"
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
 
 
 def _field_type(path: List[str]):
@@ -452,6 +463,17 @@ def _is_text(tp) -> bool:
     return tp is str or (typing.get_origin(tp) is Union and set(typing.get_args(tp)) == {str, type(None)})
 
 
+def repeated_override(overrides) -> Optional[str]:
+    """The refusal when a command line gives one key twice (None: each once): the last would win without a word,
+    where a YAML file giving a key twice is refused."""
+    keys = [text.split("=", 1)[0].strip() for text in overrides if "=" in text]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is None:
+        return None
+    given = ", ".join(text for text in overrides if text.split("=", 1)[0].strip() == twice)
+    return f"{twice} is given {keys.count(twice)} times ({given}), and only the last would count: give it once"
+
+
 def parse_override(text: str):
     """'a.b=value' -> (['a', 'b'], value): YAML-parsed, raw text for a str field, type-checked."""
     if "=" not in text:
@@ -463,6 +485,9 @@ def parse_override(text: str):
     indices = [name for name in path if name.isdigit()]
     if indices:  # merged as a mapping key, it would replace the list with {'0': ...}
         where = ".".join(path[:path.index(indices[0])])
+        if where and _mapping_arm(_field_type(where.split("."))) is not None:
+            raise ConfigError(f"override {text!r}: {where} is a mapping keyed by name, not a list: give the name, "
+                              f"e.g. {where}.NAME.{'.'.join(path[path.index(indices[0]) + 1:]) or 'KEY'}=...")
         raise ConfigError(f"override {text!r}: list items cannot be set by index ('{indices[0]}' after '{where}'); "
                           f"give the whole list, e.g. {where}=[...] in YAML flow style, or edit the YAML file")
     tp = _field_type(path)
@@ -556,6 +581,19 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_constructor(_INT_TAG, _Loader._construct_int)
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+def _construct_float(loader, node):
+    """A float, refused where YAML 1.1 reads it in base 60 (1:30.5 is 90.5 there, a text in YAML 1.2)."""
+    if ":" in node.value:
+        value = yaml.SafeLoader.construct_yaml_float(loader, node)
+        raise ConfigError(f"{node.value} is read as {value} by YAML 1.1 (base 60) and as a text by YAML 1.2: write "
+                          f"{value}, or quote '{node.value}' for a text")
+    return yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+_Loader.add_constructor(_FLOAT_TAG, _construct_float)
 
 
 def _read_yaml(path: Path, including: tuple = ()) -> dict:
@@ -630,8 +668,9 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def load_config(path, overrides=()) -> TrainConfig:
-    """Read a YAML config (with its bases), apply 'key.sub=value' overrides, return a typed TrainConfig
-    whose paths are absolute (`resolve_paths`: pkg:// resolved, relative ones from the current folder)."""
+    """Read a YAML config (with its bases), apply 'key.sub=value' overrides (a mapping value merges into a
+    section of settings, as a base does; {} empties it), return a typed TrainConfig whose paths are absolute (`resolve_paths`: pkg://
+    resolved, relative ones from the current folder)."""
     data = _read_yaml(Path(resolve_package_path(os.path.expanduser(str(path)), "config")))
     for text in overrides:
         keys, value = parse_override(text)
@@ -644,7 +683,12 @@ def load_config(path, overrides=()) -> TrainConfig:
                 raise ConfigError(f"override {text!r}: {where} is {node[name]!r}, not a mapping: give it "
                                   f"whole, e.g. {where}={{{keys[depth + 1]}: {value}, ...}}")
             node = node[name]
-        node[keys[-1]] = value
+        # a mapping merges into a section of settings key by key, as a base file's does (it replaced the whole
+        # section: the settings it left out went back to the defaults, not to the config's); {} empties it. A
+        # mapping of the user's names (classifiers, data.sets, a classifier's attributes) is given whole
+        both_maps = isinstance(value, dict) and value and isinstance(node.get(keys[-1]), dict) and \
+            dataclasses.is_dataclass(_field_type(keys))
+        node[keys[-1]] = _merge(node[keys[-1]], value) if both_maps else value
     try:
         return resolve_paths(_convert(data, TrainConfig, ""))
     except (ConfigError, ValueError) as error:
@@ -850,7 +894,12 @@ def _data_problems(data: DataConfig) -> List[str]:
     if not any(spec.weight > 0 for spec in data.sets.values()):
         problems.append("data.sets: no prompt set with weight > 0: add one, e.g. data.sets.occupations.weight=1")
     for name, spec in data.sets.items():
-        if spec.weight == 0:  # left out (build_prompt_mixture reads none of it)
+        unknown = spec.file is None and spec.factory is None and name not in list_prompt_sets()
+        if spec.weight == 0:  # left out (build_prompt_mixture reads none of it), but a misspelt name left none out
+            if unknown:
+                problems.append(f"data.sets.{name}.weight=0 leaves out a set the config does not have (shipped: "
+                                f"{', '.join(list_prompt_sets())}; the config's: "
+                                f"{', '.join(n for n in data.sets if n != name)}): check the name")
             continue
         if spec.file is not None and spec.factory is not None:  # the factory's prompts would be read, the file not
             problems.append(f"data.sets.{name} sets both file={spec.file} and factory={spec.factory}: give one of "
@@ -859,7 +908,7 @@ def _data_problems(data: DataConfig) -> List[str]:
             problems.append(f"data.sets.{name} sets both template={spec.template!r} and factory={spec.factory}: a "
                             "factory's prompts are used as it returns them; put the template in the factory "
                             f"(data.sets.{name}.template=null)")
-        if spec.file is None and spec.factory is None and name not in list_prompt_sets():
+        if unknown:
             problems.append(f"data.sets.{name}: no shipped prompt set '{name}' (shipped: "
                             f"{', '.join(list_prompt_sets())}); set data.sets.{name}.file to a text file "
                             f"or data.sets.{name}.factory to 'package.module:function'")
@@ -953,6 +1002,11 @@ def _hook_problems(cfg: TrainConfig) -> List[str]:
             if value is not None and (value.count(":") != 1 or not all(value.split(":")))]
 
 
+_ENVIRONMENT_VARIABLE = re.compile(r"\$(\w|\{)")
+_NOT_EXPANDED = ("fastfair does not expand environment variables in paths (only ~): write the path itself, or "
+                 "give it on the command line, where the shell expands them")
+
+
 def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
     """Check cfg for a run on world_size ranks of device type `device`; raise ConfigError listing every problem.
 
@@ -963,6 +1017,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
     problems = _limit_problems(cfg)
     if not cfg.output_dir:
         problems.append("output_dir is empty: set output_dir=DIR (checkpoints and the resolved config go there)")
+    for key, path in (("output_dir", cfg.output_dir), ("logging.tensorboard_dir", cfg.logging.tensorboard_dir)):
+        if path and _ENVIRONMENT_VARIABLE.search(path):  # a folder named $HOME would be made
+            problems.append(f"{key}={path}: {_NOT_EXPANDED}")
     if cfg.checkpoint_every > 0 and cfg.keep_every % cfg.checkpoint_every:
         problems.append(f"keep_every={cfg.keep_every} is not a multiple of checkpoint_every="
                         f"{cfg.checkpoint_every}: those checkpoints would never be written")
@@ -1051,6 +1108,7 @@ def _model_path_problems(model: ModelConfig) -> List[str]:
     if where.is_file() and where.suffix in CHECKPOINT_SUFFIXES:
         return single_file_config_problems(model.config, pretrained)
     state = "is not a checkpoint file" if where.exists() else "does not exist"
+    state += f" ({_NOT_EXPANDED})" if _ENVIRONMENT_VARIABLE.search(pretrained) else ""
     return [f"model.pretrained={pretrained} {state}: expected {EXPECTED_MODEL_LAYOUT}"]
 
 
@@ -1128,7 +1186,10 @@ def check_files(cfg: TrainConfig) -> None:
         if not path:
             problems.append(f"{key} is empty: set it to a local {kind or 'file or folder'}")
         elif not Path(path).exists():
-            problems.append(f"{key}={path} does not exist")
+            hint = ("; resume=auto continues from output_dir's newest checkpoint, resume= (nothing after '=') starts "
+                    "afresh" if key == "resume" else "")
+            hint += f" ({_NOT_EXPANDED})" if _ENVIRONMENT_VARIABLE.search(str(path)) else ""
+            problems.append(f"{key}={path} does not exist{hint}")
         elif kind == "file" and Path(path).is_dir():
             problems.append(f"{key}={path} is a folder: give the file itself")
         elif kind == "folder" and not Path(path).is_dir():

@@ -70,9 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(config: str, out: Path, iters, overrides: List[str]):
     """Train (or resume) into out; returns (config, the final checkpoint folder, whether this call trained)."""
     from fastfair import checkpoint
-    from fastfair.config import load_config, validate
+    from fastfair.config import load_config, repeated_override, validate
     from fastfair.trainer import Trainer, interrupted_message, process_group
 
+    repeated = repeated_override(overrides)
+    if repeated:
+        raise ValueError(repeated)
     owned = [text for text in overrides if text.split("=", 1)[0].strip() in ("output_dir", "resume")]
     if owned:  # the demo sets both (below): the user's would be replaced without a word
         raise ValueError(f"{owned[0]}: the demo trains into --out and resumes what it finds there; give --out DIR")

@@ -38,7 +38,8 @@ import yaml
 from fastfair import checkpoint
 from fastfair.cli import whole_number
 from fastfair.config import (ConfigError, TrainConfig, check_files, check_packages, config_to_dict, config_yaml,
-                             describe_changes, load_config, resume_changes, save_config, validate)
+                             describe_changes, load_config, repeated_override, resume_changes, save_config,
+                             validate)
 from fastfair.dft import sample
 from fastfair.ema import EMA
 from fastfair.finetune import FinetunedModel
@@ -969,6 +970,9 @@ def parse_args(argv=None):
     args = parser.parse_intermixed_args(argv)
     if args.check_iterations is not None and not args.check:
         parser.error("--check-iterations goes with --check")
+    repeated = repeated_override(args.overrides)
+    if repeated:
+        parser.error(repeated)
     given = [text for text in args.overrides if text.split("=", 1)[0].strip() == "deepspeed.config"]
     if args.deepspeed_config and given:  # the flag would win without a word
         parser.error(f"--deepspeed_config {args.deepspeed_config} and {given[0]} both name the DeepSpeed JSON: give "

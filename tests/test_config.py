@@ -248,6 +248,16 @@ def test_a_home_folder_in_the_written_folders_is_expanded(tmp_path, monkeypatch)
                   "write 90, or quote '1:30' for a text"),
     ("max_steps=0100", "0100 is read as 64 by YAML 1.1 (octal) and as 100 by YAML 1.2"),
     ("optim.betas=[0.9, 010]", "010 is read as 8 by YAML 1.1 (octal)"),
+    ("sampler.guidance_scale=1:30.5", "1:30.5 is read as 90.5 by YAML 1.1 (base 60) and as a text by YAML 1.2: "
+                                      "write 90.5, or quote"),  # base-60 floats too (it was read as 90.5)
+    # Python's None is a text to YAML: a folder named None was made for the tensorboard logs
+    ("logging.tensorboard_dir=None", "logging.tensorboard_dir=None: YAML reads this as the text 'None' (a path named "
+                                     "None); for none write logging.tensorboard_dir=null"),
+    ("model.config=none", "model.config=none: YAML reads this as the text 'none'"),
+    ("optim.LR=1", "unknown config key 'optim.LR': did you mean 'optim.lr'?"),  # difflib minds case
+    ("data.sets.1.weight=1", "data.sets is a mapping keyed by name, not a list: give the name, e.g. "
+                             "data.sets.NAME.weight=..."),
+    ("max_steps=1e3", "max_steps: expected int, got '1e3': write 1000"),
 ])
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(ConfigError) as error:
@@ -729,11 +739,16 @@ def test_a_set_with_weight_zero_is_left_out_unread(tmp_path):
     from fastfair.prompts import build_prompt_mixture
 
     cfg = config_with_files(tmp_path, **{"data.sets.mine.file": tmp_path / "gone.txt", "data.sets.mine.weight": 0,
-                                         "data.sets.elsewhere.weight": 0,  # elsewhere: no shipped set of the name
-                                         "data.sets.occupations.weight": 1})
+                                         "data.sets.sports.weight": 0, "data.sets.occupations.weight": 1})
     assert not validate(cfg, 1, "cpu")
     check_files(cfg)
     assert "mine" not in build_prompt_mixture(cfg.data, 0).sets
+    # a name neither shipped nor given a file or factory: a misspelt one, which left the real set in (was accepted)
+    cfg = config_with_files(tmp_path / "misspelt", **{"data.sets.ocupations.weight": 0,
+                                                      "data.sets.occupations.weight": 1})
+    with pytest.raises(ConfigError, match=r"data.sets.ocupations.weight=0 leaves out a set the config does not have "
+                                          r"\(shipped: .*occupations.*; the config's: occupations\): check the name"):
+        validate(cfg, 1, "cpu")
 
 
 def test_a_zero_stage_override_keeps_the_jsons_other_zero_settings(tmp_path):
@@ -743,3 +758,40 @@ def test_a_zero_stage_override_keeps_the_jsons_other_zero_settings(tmp_path):
                                          "deepspeed.zero_stage": 1})
     resolved = deepspeed_config(cfg, world_size=1)["zero_optimization"]
     assert resolved == {**shipped, "stage": 1} and len(shipped) > 1
+
+
+def test_a_mapping_override_merges_into_its_section_and_a_key_twice_is_refused(tmp_path, capsys):
+    """'optim={weight_decay: 0.1}' replaced the whole section: lr and ema_decay went back to the defaults, not to
+    the config's (and precision={tf32: true} turned mixed fp32 into fp16)."""
+    from fastfair.config import repeated_override
+
+    toy = CONFIGS / "toy.yaml"
+    base = load_config(toy)
+    merged = load_config(toy, ["optim={weight_decay: 0.1}", "precision={tf32: true}"])
+    assert merged.optim.weight_decay == 0.1 and merged.precision.tf32 is True
+    assert (merged.optim.lr, merged.optim.ema_decay, merged.precision.mixed) == \
+        (base.optim.lr, base.optim.ema_decay, base.precision.mixed)
+    assert repeated_override(["max_steps=100", "optim.lr=1", "max_steps=300"]) == (
+        "max_steps is given 2 times (max_steps=100, max_steps=300), and only the last would count: give it once")
+    assert repeated_override(["optim={lr: 1}", "optim.lr=2"]) is None  # a section, then one of its keys
+    from fastfair.trainer import parse_args
+
+    with pytest.raises(SystemExit):  # the trainer's command line (and the demo's) refuse it
+        parse_args(["--config", "c.yaml", "max_steps=100", "--print-config", "max_steps=300"])
+    assert "error: max_steps is given 2 times (max_steps=100, max_steps=300)" in capsys.readouterr().err
+    from fastfair.demo import train
+
+    with pytest.raises(ValueError, match="max_steps is given 2 times"):
+        train("gender", tmp_path / "demo", None, ["max_steps=1", "max_steps=2"])
+
+
+def test_environment_variables_in_paths_are_named_not_made_into_folders(tmp_path):
+    """$HOME in a file's output_dir made a folder literally named $HOME under the current one."""
+    cfg = load_config(minimal(tmp_path, output_dir="$HOME/runs", logging={"tensorboard_dir": "${TMPDIR}/tb"}))
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, 1, "cpu")
+    for key in ("output_dir=$HOME/runs", "logging.tensorboard_dir=${TMPDIR}/tb"):
+        assert f"{key}: fastfair does not expand environment variables in paths (only ~)" in str(error.value)
+    cfg = load_config(minimal(tmp_path), ["model.pretrained=$DATA/sd15"])
+    with pytest.raises(ConfigError, match=r"model.pretrained=.*\$DATA/sd15 does not exist \(fastfair does not expand "):
+        check_files(cfg)
