@@ -386,9 +386,6 @@ def _convert(value, tp, key: str):
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        if set(args) == {str, type(None)} and value in ("None", "none"):  # Python's null, not YAML's
-            raise ConfigError(f"{key}={value}: YAML reads this as the text '{value}' (a path named {value}); for "
-                              f"none write {key}=null (or nothing after '='; null in a file), for that name ./{value}")
         not_finite = None
         for arm in args:
             if arm is not type(None):
@@ -497,6 +494,10 @@ def parse_override(text: str):
         value = raw.strip()
         if type(None) in typing.get_args(tp) and value in ("", "~", "null", "Null", "NULL"):
             value = None
+        if type(None) in typing.get_args(tp) and value in ("None", "none"):  # Python's null, not YAML's
+            key = ".".join(path)  # (a file's text stays read as it was: saved runs' configs load as before)
+            raise ConfigError(f"{key}={value}: read as the text '{value}' (a path named {value}); for none write "
+                              f"{key}=null (or nothing after '='), for that name ./{value}")
         _convert(value, tp, ".".join(path))
         return path, value
     try:
@@ -1018,7 +1019,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
     if not cfg.output_dir:
         problems.append("output_dir is empty: set output_dir=DIR (checkpoints and the resolved config go there)")
     for key, path in (("output_dir", cfg.output_dir), ("logging.tensorboard_dir", cfg.logging.tensorboard_dir)):
-        if path and _ENVIRONMENT_VARIABLE.search(path):  # a folder named $HOME would be made
+        # a folder named $HOME would be made (one that exists, an earlier run's, is resumed as it is)
+        if path and _ENVIRONMENT_VARIABLE.search(path) and not Path(path).exists():
             problems.append(f"{key}={path}: {_NOT_EXPANDED}")
     if cfg.checkpoint_every > 0 and cfg.keep_every % cfg.checkpoint_every:
         problems.append(f"keep_every={cfg.keep_every} is not a multiple of checkpoint_every="

@@ -251,9 +251,9 @@ def test_a_home_folder_in_the_written_folders_is_expanded(tmp_path, monkeypatch)
     ("sampler.guidance_scale=1:30.5", "1:30.5 is read as 90.5 by YAML 1.1 (base 60) and as a text by YAML 1.2: "
                                       "write 90.5, or quote"),  # base-60 floats too (it was read as 90.5)
     # Python's None is a text to YAML: a folder named None was made for the tensorboard logs
-    ("logging.tensorboard_dir=None", "logging.tensorboard_dir=None: YAML reads this as the text 'None' (a path named "
-                                     "None); for none write logging.tensorboard_dir=null"),
-    ("model.config=none", "model.config=none: YAML reads this as the text 'none'"),
+    ("logging.tensorboard_dir=None", "logging.tensorboard_dir=None: read as the text 'None' (a path named None); for "
+                                     "none write logging.tensorboard_dir=null"),
+    ("model.config=none", "model.config=none: read as the text 'none'"),
     ("optim.LR=1", "unknown config key 'optim.LR': did you mean 'optim.lr'?"),  # difflib minds case
     ("data.sets.1.weight=1", "data.sets is a mapping keyed by name, not a list: give the name, e.g. "
                              "data.sets.NAME.weight=..."),
