@@ -252,6 +252,9 @@ def _check_arguments(classifiers, prompts, out, images_per_prompt, guidance_scal
     """evaluate's arguments, refused before any model loads or image is made (named by their CLI flags)."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
+    from fastfair.export import refuse_prefix_token
+
+    refuse_prefix_token(prompts, "--prompts: the prompt")
     repeated = sorted((prompt, n) for prompt, n in Counter(prompts).items() if n > 1)
     if repeated:  # results are keyed by the prompt: a repeat would be one row, counted twice in the summary
         raise ValueError(f"prompts: {repeated[0][0]!r} is given {repeated[0][1]} times; give each prompt once (more "

@@ -34,6 +34,16 @@ from fastfair.files import plain_mode
 from fastfair.pipeline_folder import save_pipeline_folder
 
 PREFIX_TOKEN = "<fastfair-prefix>"
+
+
+def refuse_prefix_token(prompts, flag: str) -> None:
+    """Refuse a prompt holding PREFIX_TOKEN: fastfair puts the token before every prompt of a prefix export
+    itself, so an export read it twice (10 soft tokens) where the checkpoint read the token's text as words."""
+    given = next((prompt for prompt in prompts if PREFIX_TOKEN in prompt), None)
+    if given is not None:
+        raise ValueError(f"{flag} {given!r}: holds {PREFIX_TOKEN}, which fastfair puts before the prompt of a prefix "
+                         "model itself (a plain diffusers pipeline needs it written; fastfair's tools do not): leave "
+                         "it out")
 EXPORT_INFO = "fastfair_export.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PREFIX_FILE = "prefix.safetensors"

@@ -22,7 +22,7 @@ import torch
 from fastfair.cli import file_instead_of_folder
 from fastfair.evaluation.cache import paired_noise
 from fastfair.evaluation.sources import check_finetuned_base, finetuned_kind, resolve_model, resolve_model_config
-from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline, merged_prompt_prefix
+from fastfair.export import EXPORT_INFO, export_info, load_into_pipeline, merged_prompt_prefix, refuse_prefix_token
 from fastfair.models import latent_size, load_stable_diffusion, sampling_configs, vae_factor
 
 
@@ -77,6 +77,7 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
             text.encode("utf-8")
         except UnicodeEncodeError:  # bytes a terminal passed that are not UTF-8 (Python keeps them as surrogates)
             raise ValueError(f"--prompt {text!r}: not valid UTF-8 text; give the prompt in UTF-8") from None
+    refuse_prefix_token(prompts, "--prompt")
     broken = next((p for p in prompts if "\n" in p or "\r" in p), None)
     if broken is not None:  # prompts.txt holds one prompt per line
         raise ValueError(f"--prompt {broken!r}: a prompt with a line break; give it on one line")

@@ -1040,3 +1040,18 @@ def test_steps_and_resolution_are_refused_from_the_config_files_before_any_model
         with pytest.raises(ValueError, match=message):
             run(tmp_path / "eval", **options)
     assert not (tmp_path / "gen").exists() and not (tmp_path / "eval").exists()
+
+
+def test_a_prompt_holding_the_prefix_token_is_refused_where_fastfair_adds_it(tmp_path):
+    """fastfair puts <fastfair-prefix> before every prompt of a prefix export itself: a prompt that held it was read
+    with the token twice through an export (10 soft tokens) and as words through the checkpoint (latents 0.94
+    apart)."""
+    from fastfair.export import PREFIX_TOKEN
+    from fastfair.generate import generate
+
+    with pytest.raises(ValueError, match=rf"--prompt '{PREFIX_TOKEN} a nurse': holds {PREFIX_TOKEN}, which fastfair "
+                                         "puts before the prompt of a prefix model itself"):
+        generate("toy", None, [PROMPT, f"{PREFIX_TOKEN} a nurse"], 1, tmp_path / "gen", steps=1)
+    with pytest.raises(ValueError, match=rf"--prompts: the prompt 'a {PREFIX_TOKEN} nurse': holds"):
+        run(tmp_path / "eval", prompts=[f"a {PREFIX_TOKEN} nurse"])
+    assert not (tmp_path / "gen").exists() and not (tmp_path / "eval").exists()
