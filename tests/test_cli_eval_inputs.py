@@ -437,6 +437,7 @@ def test_demo_refuses_iters_and_max_steps_together(tmp_path):
 
 DEMO_FAST = ["--images-per-prompt", "1", "checkpoint_every=1", "logging.image_every=0", "sampler.num_steps=2",
              "sampler.grad_steps=1", "batch.images_per_prompt=2"]
+THREE_STEPS = [text.replace("num_steps=2", "num_steps=3") for text in DEMO_FAST]  # one setting changed
 
 
 def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path, capsys):
@@ -477,7 +478,7 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     # another run's settings: the demo's own advice (the trainer's "another output_dir" is --out here)
     with pytest.raises(ValueError, match=r"holds a run trained with other settings: sampler.num_steps=3 \(trained "
                                          r"with 2\); give another --out"):
-        demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST + ["sampler.num_steps=3"])
+        demo.main(["--out", str(out), "--iters", "2"] + THREE_STEPS)
     # a finished run: an optimizer setting given now changes nothing, and config.yaml keeps what ran
     demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST + ["optim.lr=0.5"])
     assert "lr: 0.5" not in (out / "train" / "config.yaml").read_text()
@@ -532,7 +533,7 @@ def test_demo_names_other_settings_before_advice_on_the_iterations(tmp_path, mon
     out = tmp_path / "demo"
     demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)
     with pytest.raises(ValueError, match="holds a run trained with other settings: sampler.num_steps=3"):
-        demo.main(["--out", str(out), "--iters", "1"] + DEMO_FAST + ["sampler.num_steps=3"])
+        demo.main(["--out", str(out), "--iters", "1"] + THREE_STEPS)
     monkeypatch.setattr(Trainer, "_agreed_stop", lambda self, stop, failed=False: (signal.SIGTERM, failed))
     with pytest.raises(SystemExit) as exit_:
         demo.main(["--out", str(out), "--iters", "4"] + DEMO_FAST)
