@@ -128,13 +128,14 @@ def test_a_box_no_face_can_fill_is_left_out_and_landmarks_must_be_five_points():
                                            {"box": (1, 1, 20, 20), "landmarks": np.full((5, 2), 4.0)}])
     with pytest.warns(UserWarning, match="collapsed to a point"):
         assert [len(image) for image in shapes.detect(torch.zeros(1, 3, 32, 32))] == [1]
-    # 'none' last in a fallback list: the images taken whole are cropped without the margin, the others with it
+    # 'none' last in a fallback list: the images taken whole are cropped as a classifier's training reads them
+    # (no margin, the centred square of the shorter side), the others with the margin
     images = torch.zeros(2, 3, 64, 96)
     images[0] = 1.0
     regions = locate_faces(images, get_detector([CallableDetector(
         lambda rgb: [(10, 10, 30, 30)] if rgb[0, 0, 0] > 200 else []), "none"]), margin=0.5)
     assert regions.found.all()
-    assert regions.crop_boxes.tolist() == [[5, 5, 35, 35], [0, -16, 96, 80]]
+    assert regions.crop_boxes.tolist() == [[5, 5, 35, 35], [16, 0, 80, 64]]  # the whole one: centred 64 x 64
 
 
 def test_detection_input_and_spec_errors():
@@ -210,11 +211,27 @@ def test_a_face_box_wholly_outside_the_image_is_no_face():
     assert regions.boxes.tolist() == [[0, 0, 64, 64]] * 2
 
 
-def test_the_whole_image_detector_frames_a_non_square_image_as_width_by_height():
+def test_the_whole_image_detector_crops_a_non_square_image_as_classifier_training_reads_it(tmp_path):
+    """A non-square face image (CelebA's aligned 178 x 218) taken whole: cropped to the centred square of its
+    shorter side, as classifiers.data.load_face_image reads training folders; it was squared to the longer side,
+    10 of 64 columns black padding the classifier never saw in training."""
+    from PIL import Image
+
+    from fastfair.classifiers.data import load_face_image
+    from fastfair.faces.crop import crop_boxes
+
     images = torch.rand(1, 3, 20, 36) * 2 - 1  # H 20, W 36
     regions = locate_faces(images, "none")
     assert regions.boxes.tolist() == [[0, 0, 36, 20]]
-    assert regions.crop_boxes.tolist() == [[0, -8, 36, 28]]  # a square around the whole image, centred
+    assert regions.crop_boxes.tolist() == [[8, 0, 28, 20]]  # the centred 20 x 20 square
+    y, x = np.mgrid[0:218, 0:178]
+    pixels = np.stack([x, y, (x + y) / 2], axis=-1).astype(np.uint8)  # smooth: resampling differs little
+    Image.fromarray(pixels).save(tmp_path / "face.png")
+    trained_on = load_face_image(str(tmp_path / "face.png"), 64)
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].double() / 127.5 - 1
+    judged = crop_boxes(image, locate_faces(image, "none").crop_boxes, 64, antialias=True)[0].float()
+    assert (judged == -1).all(0).sum() == 0  # no padding
+    assert (judged - trained_on).abs().max() < 0.05  # the same framing (the two resamplers round apart)
 
 
 def test_a_detected_score_is_kept_from_a_five_tuple():

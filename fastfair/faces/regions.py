@@ -62,9 +62,11 @@ def select_largest(detections: List[List[Face]], height: int, width: int, margin
     scores = torch.zeros(count, dtype=torch.float64)
     has_landmarks = torch.zeros(count, dtype=torch.bool)
     landmarks = torch.zeros(count, 5, 2, dtype=torch.float64)
-    # an image taken whole (detector none, also as the last of a fallback list) is cropped as it is: a margin
-    # would shrink it inside padding the classifier never saw in training
+    # an image taken whole (detector none, also as the last of a fallback list) is cropped as a classifier's
+    # training read its face folders (classifiers.data.load_face_image): the centred square of the shorter side,
+    # no margin; a margin, or a square of the longer side, would put it inside padding it never saw there
     margins = torch.full((count, 1), float(margin), dtype=torch.float64)
+    whole_image = torch.zeros(count, dtype=torch.bool)
     for i, faces in enumerate(detections):
         visible = [face for face in faces if clipped_area(face, height, width) > 0]
         if not visible:
@@ -73,12 +75,16 @@ def select_largest(detections: List[List[Face]], height: int, width: int, margin
         boxes[i] = torch.tensor(face.box, dtype=torch.float64)
         found[i], scores[i] = True, face.score
         if face.whole_image:
-            margins[i] = 0.0
+            margins[i], whole_image[i] = 0.0, True
         if face.landmarks is not None:
             landmarks[i], has_landmarks[i] = torch.from_numpy(face.landmarks), True
     estimated = template_in_box(boxes)
     landmarks = torch.where(has_landmarks[:, None, None], landmarks, estimated)
-    regions = FaceRegions(found, boxes, square_boxes(boxes, margins), landmarks, has_landmarks, scores)
+    side = min(height, width)
+    centred = torch.tensor([(width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2],
+                           dtype=torch.float64)
+    crop_boxes = torch.where(whole_image[:, None], centred, square_boxes(boxes, margins))
+    regions = FaceRegions(found, boxes, crop_boxes, landmarks, has_landmarks, scores)
     if device is not None:
         regions = FaceRegions(*(getattr(regions, f).to(device) for f in FaceRegions.__dataclass_fields__))
     return regions
@@ -87,8 +93,8 @@ def select_largest(detections: List[List[Face]], height: int, width: int, margin
 def locate_faces(images: torch.Tensor, detector="opencv", margin: float = 0.5) -> FaceRegions:
     """Detect (no grad) and select the largest face of each image [N, 3, H, W] in [-1, 1]. An image a detector
     takes whole as the face (``WholeImageDetector``: folders of face crops; alone or last in a fallback list) is
-    cropped without margin: the margin would shrink the face inside padding the classifier never saw in
-    training."""
+    cropped to the centred square of its shorter side, without margin, as classifier training reads face
+    folders: a margin, or a square of the longer side, would put the face inside padding it never saw there."""
     detector = detector if isinstance(detector, Detector) else get_detector(detector)
     detections = detector.detect(images)
     return select_largest(detections, images.shape[-2], images.shape[-1], margin, device=images.device)
