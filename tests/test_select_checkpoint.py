@@ -194,6 +194,19 @@ def test_the_floor_the_set_ranked_by_ties_and_missing_scores():
         select(pool, "7.5", min_semantics={"dino": 0.5})
 
 
+def test_the_same_values_on_other_prompts_tie_whatever_their_order():
+    """Biases of 60 images (k/30 - 1, as the paper's counts give) summed in prompt order rounded 1 ulp apart, so a
+    tie went to the later checkpoint; an exact sum makes it a tie, which goes to the earliest."""
+    from fastfair.metrics import frequency_metrics
+
+    values = [frequency_metrics([0] * k + [1] * (60 - k), 2)["bias"] for k in (0, 1, 18)]
+    assert sum(values) != sum(values[::-1])  # the order changes a plain sum
+    pool = [Candidate(f"step_{i}", i, f"/run/step_{i}", fake_results([order], 0.9, base_biases=(0.9,) * 3))
+            for i, order in enumerate((values, values[::-1]))]
+    chosen = select(pool, "7.5")
+    assert chosen["checkpoints"][0]["score"] == chosen["checkpoints"][1]["score"] and chosen["best"] == "step_0"
+
+
 def test_checkpoint_lists_are_expanded_and_checked(world, tmp_path):
     found = expand_checkpoints([str(world["run"])])
     assert [(name, step) for name, step, _ in found] == [(f"step_{s:08d}", s) for s in STEPS]

@@ -84,8 +84,10 @@ def _score(candidate: Candidate, guidance: str, prompts: Dict[str, List[str]]) -
         values = [row[prompt].get(key) for prompt in scored]
         if not values or any(_missing(value) for value in values):
             return math.nan
-        means.append(sum(values) / len(values))
-    return sum(means) / len(means)
+        means.append(math.fsum(values) / len(values))
+    # fsum: the exact sum, whatever the order; a plain sum's rounding followed the prompt order, so two candidates
+    # with the same values in other prompts scored 1 ulp apart and the tie went to the later one
+    return math.fsum(means) / len(means)
 
 
 def check_rank(rank_by: Optional[str], set_names: Sequence[str]) -> None:
