@@ -23,8 +23,8 @@ loads one and overrides what the run decides: ``train_micro_batch_size_per_gpu``
 ``gradient_accumulation_steps`` (1), ``train_batch_size`` (images per prompt), ``gradient_clipping``
 (``optim.grad_clip``) and, when set, ``zero_optimization.stage`` (``deepspeed.zero_stage``).
 """
-import contextlib
 import collections.abc
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -670,8 +670,8 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 
 def load_config(path, overrides=()) -> TrainConfig:
     """Read a YAML config (with its bases), apply 'key.sub=value' overrides (a mapping value merges into a
-    section of settings, as a base does; {} empties it), return a typed TrainConfig whose paths are absolute (`resolve_paths`: pkg://
-    resolved, relative ones from the current folder)."""
+    section of settings, as a base does; {} empties it), return a typed TrainConfig whose paths are absolute
+    (`resolve_paths`: pkg:// resolved, relative ones from the current folder)."""
     data = _read_yaml(Path(resolve_package_path(os.path.expanduser(str(path)), "config")))
     for text in overrides:
         keys, value = parse_override(text)
