@@ -251,7 +251,8 @@ def keeps_for_budget(available_bytes: float, graph_bytes: int, attention_bytes: 
 
 class MemoryBudget:
     """``sampler.memory_budget_gb`` -> (keep_graph_steps, keep_attention_steps); measures G, G_att and r once per
-    input shape and decides once per (shape, step count), so repeated iterations cost a dictionary look-up."""
+    input shape and decides once per (shape, step count, differentiated step count), so repeated iterations cost a
+    dictionary look-up."""
 
     def __init__(self, budget_gb: float, lean: bool = True):
         if isinstance(budget_gb, bool) or not isinstance(budget_gb, (int, float)) or not 0 < budget_gb < math.inf:
@@ -274,7 +275,13 @@ class MemoryBudget:
         shapes = (tuple(z_T.shape), tuple(cond.shape), None if uncond is None else tuple(uncond.shape),
                   float(guidance_scale) != 1.0, frozen_rows, cond.requires_grad,
                   uncond is not None and uncond.requires_grad)
-        if (shapes, num_steps) not in self._keep:
+        # the plan spreads the budget over the differentiated steps: a call with another grad_steps plans anew
+        key = (shapes, num_steps, differentiated)
+        if key not in self._keep and (shapes, num_steps) in self._keep:
+            # a plan restored from a state saved before the key held the differentiated count: a trainer's, whose
+            # count stays the run's
+            self._keep[key] = self._keep.pop((shapes, num_steps))
+        if key not in self._keep:
             # read before the measuring forwards: their graphs are transient
             reserved = reserved_now(z_T.device) + pending_bytes
             if shapes not in self._per_step:
@@ -282,10 +289,9 @@ class MemoryBudget:
                 self._per_step[shapes] = (graph_bytes_per_step(*args, self.lean), attention_keep_costs(*args))
             per_step, attention = self._per_step[shapes]
             attention_bytes, share = attention or (None, None)
-            self._keep[shapes, num_steps] = keeps_for_budget(max(self.budget_bytes - reserved, 0), per_step,
-                                                             attention_bytes, differentiated,
-                                                             attention_share=share)
-        return self._keep[shapes, num_steps]
+            self._keep[key] = keeps_for_budget(max(self.budget_bytes - reserved, 0), per_step, attention_bytes,
+                                               differentiated, attention_share=share)
+        return self._keep[key]
 
     def state_dict(self) -> dict:
         """The plans decided so far. A plan depends on the memory in use when it was made (the optimizer state a

@@ -818,7 +818,7 @@ class Trainer:
         saves = saved_steps(self.start, cfg.max_steps, cfg.checkpoint_every)
         kept, most_held = retention(existing, saves, cfg.keep_last, cfg.keep_every)
         plans = None if self.memory_budget is None else {
-            steps: keeps for (_, steps), keeps in self.memory_budget.state_dict()["plans"].items()}
+            key[1]: keeps for key, keeps in self.memory_budget.state_dict()["plans"].items()}  # by step count
         s = cfg.sampler
         low, high = s.num_steps_range or (s.num_steps, s.num_steps)
         total = torch.cuda.get_device_properties(self.device).total_memory if cuda else None

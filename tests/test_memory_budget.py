@@ -200,6 +200,13 @@ def test_budget_of_two_and_a_half_steps_keeps_two_graphs_and_the_gradient_is_unc
     assert keep == (2, 2)
     calls.clear()
     assert budget.keeps(unet, z_T, cond, uncond, 4, 3.0) == (2, 2) and not calls  # cached: no U-Net call
+    # a plan is made for the steps gradients pass through: 2 of 4 fit whole (it reused the 4-step plan); the
+    # plan for all four is still there
+    assert budget.keeps(unet, z_T, cond, uncond, 4, 3.0, grad_steps=2) == (2, 0)
+    assert budget.keeps(unet, z_T, cond, uncond, 4, 3.0) == (2, 2)
+    legacy = MemoryBudget(2.5 * per_step / GIB)  # a state saved when plans were keyed by shapes and step count
+    legacy.load_state_dict({**budget.state_dict(), "plans": {key[:2]: (1, 1) for key in budget.state_dict()["plans"]}})
+    assert legacy.keeps(unet, z_T, cond, uncond, 4, 3.0, grad_steps=2) == (1, 1)  # restored, not planned anew
     # memory the run holds later (the optimizer's state) comes off the budget: 1.5 G left keeps one graph less
     assert MemoryBudget(2.5 * per_step / GIB).keeps(unet, z_T, cond, uncond, 4, 3.0, pending_bytes=per_step) == (1, 3)
     with pytest.raises(ValueError, match="pending_bytes=-1"):

@@ -247,7 +247,7 @@ def test_memory_budget_picks_the_kept_graphs(tmp_path, world, budget_gb, kept):
     trainer.iteration(0)
     decisions = list(trainer.memory_budget._keep.items())
     assert len(decisions) == 1  # one shape: the frozen pass (no grad) asked nothing
-    (_, steps), keep = decisions[0]
+    (_, steps, _), keep = decisions[0]  # (shapes, step count, differentiated steps)
     assert keep == ((steps, 0) if kept == "all" else (0, 0))  # (whole graphs, attention-only keeps)
 
 
