@@ -120,12 +120,20 @@ class SamplingConfigs:
     vae_factor: int
 
 
+def _is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and all((path / name).is_dir() for name in DIFFUSERS_SUBFOLDERS)
+
+
+def _is_single_file(path: Path) -> bool:
+    return path.is_file() and path.suffix in CHECKPOINT_SUFFIXES
+
+
 def _config_root(path: Path, config: Optional[str]) -> Optional[Path]:
     """The folder whose scheduler/ and vae/ configs build the model at `path` (load_stable_diffusion's layouts),
     else None."""
-    if path.is_dir() and all((path / name).is_dir() for name in DIFFUSERS_SUBFOLDERS):
+    if _is_diffusers_folder(path):
         return path
-    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES and config and Path(str(config)).is_dir():
+    if _is_single_file(path) and config and Path(str(config)).is_dir():
         return Path(str(config))
     return None
 
@@ -187,13 +195,13 @@ def load_stable_diffusion(pretrained, dtype="fp32", attention: str = "sdpa", dev
     path = Path(str(pretrained))
     if not str(pretrained):
         raise ValueError(f"{key} is empty: point it at {EXPECTED_MODEL_LAYOUT}")
-    if path.is_dir() and all((path / name).is_dir() for name in DIFFUSERS_SUBFOLDERS):
+    if _is_diffusers_folder(path):
         if config:  # it would go unread: the folder's own configs build the model
             raise ValueError(f"{config_key}={config} is read only with a single-file checkpoint, but {key}={pretrained} "
                              f"is a diffusers folder with its own configs: leave {config_key} out")
         tokenizer, text_encoder, unet, vae = _from_folder(path)
         scheduler_dir = path / "scheduler"
-    elif path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+    elif _is_single_file(path):
         tokenizer, text_encoder, unet, vae = _from_single_file(path, config, key, config_key)
         scheduler_dir = Path(config) / "scheduler"
     else:
