@@ -16,6 +16,7 @@ the test split is the seed's size, the training split is 1008 (a file of your ow
 """
 import bisect
 import itertools
+import math
 import re
 import string
 import unicodedata
@@ -206,8 +207,12 @@ class PromptMixture:
         """Put the sets in this order: the draw and each set's shuffle depend on a set's position."""
         self.names = list(names)
         self.sets = {name: self.sets[name] for name in self.names}
-        total = sum(self.weights[name] for name in self.names)
-        self._cumulative = [c / total for c in itertools.accumulate(self.weights[name] for name in self.names)]
+        # weights over their largest: a sum of huge weights (1e308 each) would overflow to inf and send every draw
+        # to the last set
+        largest = max(self.weights[name] for name in self.names)
+        scaled = [self.weights[name] / largest for name in self.names]
+        total = math.fsum(scaled)
+        self._cumulative = [c / total for c in itertools.accumulate(scaled)]
         self._orders: Dict[int, Tuple[int, np.ndarray]] = {}
 
     def _order(self, set_index: int, epoch: int) -> np.ndarray:

@@ -212,6 +212,14 @@ def test_mixture_follows_the_weights_and_covers_each_set_per_pass():
     assert small[:7] != small[7:14]
 
 
+@pytest.mark.parametrize("scale", [1e-300, 5e307])
+def test_mixture_follows_weights_at_the_ends_of_the_float_range(scale):
+    # at 5e307 their sum (2e308) overflowed to inf: every draw went to the last set
+    mixture = PromptMixture(SETS, {"big": 3.0 * scale, "small": 1.0 * scale}, seed=1)
+    counts = collections.Counter(mixture.draw()[0] for _ in range(2000))
+    assert abs(counts["big"] / 2000 - 0.75) < 0.04  # binomial std 0.01
+
+
 def test_mixture_resumes_exactly_from_its_state():
     straight = PromptMixture(SETS, {"big": 1.0, "small": 2.0}, seed=5)
     expected = [straight.draw() for _ in range(60)]
