@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ("--threads", args.threads)):
         if value is not None and value < 1:
             parser.error(f"{flag} {value}: expected at least 1")
+    if args.out is not None and not args.out.strip():  # "" (an empty shell variable) would mean the default folder
+        parser.error(f"--out {args.out!r}: empty; give a folder, or leave --out out for the default")
     if args.threads is not None and args.threads > 4 * (os.cpu_count() or 1):  # torch overflows at 2^31
         parser.error(f"--threads {args.threads}: this machine has {os.cpu_count()} CPUs")
     return args
@@ -363,7 +365,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
-    out = Path(args.out) if args.out else default_out(args.config)
+    out = Path(args.out) if args.out is not None else default_out(args.config)
     _check_out(out)
     began = time.perf_counter()
     cfg, final, trained_now = train(args.config, out / "train", args.iters, args.overrides)

@@ -217,6 +217,17 @@ def test_demo_refuses_non_positive_counts_before_training(flag, value, tmp_path,
     assert exit_.value.code == 2 and f"{flag} {value}: expected at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("out", ["", "  "])
+def test_demo_refuses_an_empty_out_before_training(out, capsys, monkeypatch):
+    def train(*args):
+        raise AssertionError(f"--out {out!r} reached the training")  # it trained into out/demo
+
+    monkeypatch.setattr(demo, "train", train)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--out", out])
+    assert exit_.value.code == 2 and f"--out {out!r}: empty" in capsys.readouterr().err
+
+
 def test_unknown_target_attribute_is_an_error_listing_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match=r"--target sex: not among the evaluated attributes \['gender', 'race', "
                                          r"'age'\]"):
