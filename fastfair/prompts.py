@@ -104,8 +104,22 @@ def _unique(numbered, where: str, unit: str) -> None:
                              "spaces and Unicode normal form): remove one")
 
 
+def _strip(text: str) -> str:
+    """text without whitespace or invisible format characters (Unicode Cf: a byte-order mark where two files were
+    joined, a zero-width space) at its ends: str.strip keeps those, and a line of them alone became a prompt."""
+    def blank(char: str) -> bool:
+        return char.isspace() or unicodedata.category(char) == "Cf"
+
+    start, end = 0, len(text)
+    while start < end and blank(text[start]):
+        start += 1
+    while end > start and blank(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
 def _numbered_lines(path) -> List[Tuple[int, str]]:
-    """(line number, stripped line) of a text file's non-blank, non-'#' lines, repeats refused."""
+    """(line number, stripped line (`_strip`)) of a text file's non-blank, non-'#' lines, repeats refused."""
     data = Path(path).read_bytes()
     try:
         # utf-8-sig: a byte-order mark (Windows editors write one) would stick to the first line, hiding a '#'
@@ -117,7 +131,7 @@ def _numbered_lines(path) -> List[Tuple[int, str]]:
     # lines end at \n, \r\n or \r alone, as editors number them (str.splitlines also splits at form feeds,
     # U+2028 and others, which would renumber the lines and cut a prompt in two)
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    numbered = [(number, line.strip()) for number, line in enumerate(lines, start=1)]
+    numbered = [(number, _strip(line)) for number, line in enumerate(lines, start=1)]
     numbered = [(number, line) for number, line in numbered if line and not line.startswith("#")]
     _unique(numbered, f"{path}:", "line")
     return numbered
@@ -162,7 +176,7 @@ def factory_prompts(prompts, where: str) -> List[str]:
     if wrong:
         raise ValueError(f"{where} returned prompts that are not strings (prompt {wrong[0]}): return a list of "
                          "prompt strings")
-    numbered = [(number, prompt.strip()) for number, prompt in enumerate(prompts, start=1) if prompt.strip()]
+    numbered = [(number, _strip(prompt)) for number, prompt in enumerate(prompts, start=1) if _strip(prompt)]
     _unique(numbered, f"{where}: prompt ", "prompt")
     return [prompt for _, prompt in numbered]
 

@@ -9,9 +9,9 @@ import pytest
 
 from fastfair.config import DataConfig, PromptSetConfig
 from fastfair.prompts import (
-    OCCUPATION_TEMPLATE, PROMPT_DIR, SPORT_TEMPLATE, PromptMixture, build_prompt_mixture, fill_template,
-    indefinite_article, list_prompt_sets, load_prompt_file, load_prompt_set, read_lines, same_text_key,
-    template_field,
+    OCCUPATION_TEMPLATE, PROMPT_DIR, SPORT_TEMPLATE, PromptMixture, build_prompt_mixture, factory_prompts,
+    fill_template, indefinite_article, list_prompt_sets, load_prompt_file, load_prompt_set, read_lines,
+    same_text_key, template_field,
 )
 
 SIZES = {  # seed 0120 and 0134: (train, test)
@@ -123,6 +123,18 @@ def test_user_files_and_bad_arguments(tmp_path):
         load_prompt_set("poems")
     with pytest.raises(ValueError, match="split must be one of"):
         load_prompt_set("sports", "val")
+
+
+def test_invisible_characters_at_line_ends_are_stripped_like_spaces(tmp_path):
+    # two files joined (the second's byte-order mark mid-file), a zero-width space alone or after a word: each
+    # became a prompt of its own (or a repeat that was not seen as one)
+    path = tmp_path / "jobs.txt"
+    path.write_bytes("astronomer\n\ufeff# more jobs\n\ufeffbaker\n\u200b\n \u2060 \nchef\u200b\n".encode())
+    assert load_prompt_file(path) == ["astronomer", "baker", "chef"]
+    path.write_bytes("baker\n\ufeffbaker\n".encode())
+    with pytest.raises(ValueError, match=r"jobs\.txt:2: 'baker' repeats line 1"):
+        read_lines(path)
+    assert factory_prompts(["\u200b", "x\u200by\ufeff"], "f") == ["x\u200by"]  # inside a prompt: kept
 
 
 def test_lines_end_only_at_line_breaks_as_editors_number_them(tmp_path):
