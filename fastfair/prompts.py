@@ -41,8 +41,9 @@ SET_TEMPLATES: Dict[str, Optional[str]] = {  # None: the lines are full prompts
 # Letters whose spoken name starts with a vowel sound, for acronyms read letter by letter ("an FBI agent").
 _AN_LETTERS = set("AEFHILMNORSX")
 # Vowel letter but consonant sound ("a urologist", "a union organizer") and the reverse ("an hour").
+# The 'an' prefixes are tried first: "an uninsured driver", "an unidentified caller" but "a uniformed officer".
 _A_PREFIXES = ("uni", "use", "usu", "uro", "uti", "ure", "eu", "one", "once")
-_AN_PREFIXES = ("hour", "honest", "honor", "heir")
+_AN_PREFIXES = ("hour", "honest", "honor", "heir", "unin", "unimp", "uniden")
 _ARTICLE_AT_END = re.compile(r"(^|\s)(a|an)(?= $)", re.IGNORECASE)
 
 
@@ -52,8 +53,14 @@ def list_prompt_sets() -> List[str]:
 
 def indefinite_article(phrase: str) -> str:
     """'a' or 'an' for the phrase's first word, by sound: 'an electrician', 'a urologist', 'an IT manager',
-    'an X-ray technician' (a letter spelled out, before a hyphen too: 'a U-boat captain')."""
+    'an X-ray technician' (a letter spelled out, before a hyphen too: 'a U-boat captain'), 'an 8-ball player'."""
     word = phrase.split()[0]
+    if word[0].isdigit():  # as read aloud: "an 8-ball player", "an 11-year-old", "an 18,000-seat arena"
+        digits = re.match(r"[\d,]*", word)[0].replace(",", "")
+        eleven = digits[:2] in ("11", "18") and len(digits) % 3 == 2  # eleven, eighteen (thousand, million...)
+        return "an" if digits[0] == "8" or eleven else "a"
+    # an accented letter sounds as its base letter ("an élan coach")
+    word = "".join(char for char in unicodedata.normalize("NFD", word) if not unicodedata.combining(char))
     if (len(word) > 1 and word.isupper()) or word[1:2] == "-":
         return "an" if word[0].upper() in _AN_LETTERS else "a"
     word = word.lower()

@@ -89,6 +89,12 @@ def test_templated_prompts():
     ("umpire", "an"), ("IT manager", "an"), ("UX designer", "a"), ("FBI agent", "an"), ("hourly worker", "an"),
     ("X-ray technician", "an"), ("x-ray technician", "an"), ("U-boat captain", "a"), ("T-shirt printer", "a"),
     ("e-commerce manager", "an"), ("one-man band", "a"),
+    # numbers as read aloud, accented letters as their base letter, "uni" words that are "un-" + "i..."
+    ("8-ball player", "an"), ("11-year-old chess player", "an"), ("18th-century reenactor", "an"),
+    ("1st-grade teacher", "a"), ("100-meter sprinter", "a"), ("110-meter hurdler", "a"), ("80s DJ", "an"),
+    ("11,000-seat arena usher", "an"), ("1,100-seat arena usher", "a"), ("2nd-shift nurse", "a"),
+    ("élan coach", "an"), ("Éclair baker", "an"), ("über driver", "an"), ("uninsured driver", "an"),
+    ("unimpressed critic", "an"), ("unidentified caller", "an"), ("uniformed officer", "a"), ("unicyclist", "a"),
 ])
 def test_indefinite_article(item, article):
     assert indefinite_article(item) == article
