@@ -369,7 +369,8 @@ class _AdjustedDFT(torch.autograd.Function):
         nb = graph_branches(plan.use_cfg, plan.need_uncond)
         branch_weights = [1.0 - w, w] if nb == 2 else [w if plan.use_cfg else 1.0]
         cond_leaf, uncond_leaf = plan.leaves
-        inputs = [x for x in (cond_leaf, uncond_leaf) if x is not None] + list(params)
+        # a weight frozen since the forward gets no gradient, as autograd leaves it None (autograd.grad refused it)
+        inputs = [x for x in (cond_leaf, uncond_leaf) if x is not None] + [p for p in params if p.requires_grad]
         _check_backward_state(plan, bool(inputs), params, ctx.param_versions)
         sums: List[Optional[torch.Tensor]] = [None] * len(inputs)
 

@@ -61,6 +61,18 @@ def test_weights_changed_in_place_before_the_backward_are_refused():
         _loss(z0).backward()
 
 
+def test_a_weight_frozen_before_the_backward_gets_no_gradient_as_autograd_does():
+    """Frozen between sample and backward (a staged unfreeze schedule): plain autograd leaves its .grad None and
+    fills the others; the recompute raised autograd's 'does not require grad' without naming the cause."""
+    unet, weight, z_T, cond, uncond = _problem()
+    other = unet.conv_out.weight.requires_grad_(True)
+    grad_other = torch.autograd.grad(_loss(sample(unet, SCHED, z_T, cond, uncond, num_steps=2)), [other])[0]
+    z0 = sample(unet, SCHED, z_T, cond, uncond, num_steps=2)
+    weight.requires_grad_(False)
+    _loss(z0).backward()
+    assert weight.grad is None and torch.equal(other.grad, grad_other)
+
+
 def test_a_double_backward_is_refused_not_zeroed():
     """create_graph=True: the recompute's gradients carry no graph, so second-order terms were silently 0."""
     unet, weight, z_T, cond, uncond = _problem()
