@@ -11,11 +11,18 @@ cd "$(dirname "$0")/.."
 LIMIT="${1:-540}"
 RESULTS="$(mktemp -d)/gpu"
 mkdir -p "$RESULTS"
-WHEELS="${DEVICE_WHEELS:-.whl}"  # the carried wheels (a test points it elsewhere: a rehearsal's .whl is for 3.12)
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+# the carried wheels; none: run without (a test does: a rehearsal's .whl is for 3.12). Without them the machine has
+# no diffusers or deepspeed and most steps would fail: refused in seconds rather than after minutes of device time
+WHEELS="${DEVICE_WHEELS:-.whl}"
+if [ "$WHEELS" != none ]; then
+  compgen -G "$WHEELS/*.whl" >/dev/null || {
+    echo "no carried wheels in $WHEELS/: run bash bench/device_wheels.sh here, then the device call with carry" \
+         "[\".whl\"] (DEVICE_WHEELS=none runs without them)" >&2; exit 1; }
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     || { echo "installing the carried wheels failed" >&2; exit 1; }
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -c "import diffusers, deepspeed" \
+    || echo "WARNING: diffusers or deepspeed does not import from the carried wheels: the steps needing them fail" >&2
 fi
 # device time is rare: a failed step is reported and the later ones (the benchmarks) still run; the check bounds
 # its own steps to finish 30 s inside the limit (GPU_CHECK_SECONDS), the outer timeout is a backstop only

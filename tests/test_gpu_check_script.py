@@ -22,8 +22,7 @@ def test_a_hanging_step_is_stopped_and_the_summary_names_every_step_left_undone(
     out.mkdir()
     # no carried wheels: a .whl/ left in the checkout (bench/device_wheels.sh's, for the GPU machine's Python 3.12)
     # would be installed with this machine's python3, and fail
-    env = dict(os.environ, PYTHON=str(python), OUT=str(out), GPU_CHECK_RESERVE="2",
-               DEVICE_WHEELS=str(tmp_path / "no_wheels"))
+    env = dict(os.environ, PYTHON=str(python), OUT=str(out), GPU_CHECK_RESERVE="2", DEVICE_WHEELS="none")
     # a 44 s limit: gpu_check gets 14 s, its build step 12 s of them; no later step has the 10 s it needs
     run = subprocess.run(["bash", "bench/device_run.sh", "44"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
@@ -38,3 +37,15 @@ def test_a_hanging_step_is_stopped_and_the_summary_names_every_step_left_undone(
         names = set(archive.getnames())
     assert {"gpu/summary.md", "gpu/failed.txt", "gpu/device.txt", "gpu/console.log"} <= names
     assert "no time left (GPU_CHECK_SECONDS=14): skipped" in run.stdout
+
+
+def test_a_run_without_the_carried_wheels_is_refused_before_any_step(tmp_path):
+    """The GPU machine has no diffusers or deepspeed: a device call whose .whl/ was not built ran on, and most
+    steps failed after minutes of the session's rare device time."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), DEVICE_WHEELS=str(tmp_path / "no_wheels"))
+    run = subprocess.run(["bash", "bench/device_run.sh", "44"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1 and "no carried wheels in" in run.stderr and "bench/device_wheels.sh" in run.stderr
+    assert not any(out.iterdir())
