@@ -261,6 +261,14 @@ def main(argv=None) -> None:
     if not args.json:
         parser.error("--json OUT.json is required")
     args.dtypes = args.dtypes or ("fp16,fp32" if args.device == "cuda" else "fp32")
+    names = [name for name in args.dtypes.split(",") if name]
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown or not names:  # checked first: a later dtype's KeyError lost the earlier ones' runs
+        parser.error(f"--dtypes {args.dtypes!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'} "
+                     f"(choose from {', '.join(DTYPES)})")
+    args.dtypes = ",".join(names)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run(args)

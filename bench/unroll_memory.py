@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _memory import PeakMemory, peak_ratio, worker_env  # noqa: E402
 from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 
+IMPLS = ("fastfair", "fastfair_per_image", "reference")
+
 
 def worker(impl: str, steps: int, size: int, batch: int) -> dict:
     import torch
@@ -110,6 +112,10 @@ def main(argv=None) -> None:
     if not args.steps.strip(",") and not args.batches.strip(",") or min(counts, default=1) < 1:
         parser.error(f"--steps {args.steps!r} / --batches {args.batches!r}: comma-separated counts >= 1 (at least "
                      "one of them)")
+    impls = [impl for impl in args.impls.split(",") if impl]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:  # checked first: a KeyError after the known ones' workers lost their results
+        parser.error(f"--impls {args.impls!r}: unknown {', '.join(unknown)} (choose from {', '.join(IMPLS)})")
     env = worker_env()
 
     def run(impl: str, steps: int, batch: int) -> dict:
@@ -119,7 +125,7 @@ def main(argv=None) -> None:
               flush=True)
         return result
 
-    steps_sweep = [run(impl, int(s), args.batch) for impl in args.impls.split(",") for s in args.steps.split(",") if s]
+    steps_sweep = [run(impl, int(s), args.batch) for impl in impls for s in args.steps.split(",") if s]
     images_sweep = [run(impl, args.batch_steps, int(n)) for impl in ("fastfair", "fastfair_per_image")
                     for n in args.batches.split(",") if n]
     tables = ([markdown(steps_sweep)] if steps_sweep else []) + ([markdown_images(images_sweep)] if images_sweep

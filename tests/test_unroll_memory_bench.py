@@ -37,3 +37,13 @@ def test_the_steps_table_marks_an_implementation_left_out():
     rows = [{"impl": "fastfair", "steps": s, "peak_bytes": s * 2**20} for s in (5, 10)]
     table = unroll_memory.markdown(rows)
     assert "| 5 | 5.0 | - | - |" in table and "fastfair 10 steps / 5 steps: 2.000; reference: -" in table
+
+
+def test_an_unknown_implementation_is_refused_before_any_worker(capsys, bench_workers_in_process):
+    """The known implementations' workers ran first, then a KeyError lost their results."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        unroll_memory.main(["--steps", "2", "--impls", "fastfair,bogus", "--size", "8"])
+    assert "--impls 'fastfair,bogus': unknown bogus (choose from fastfair" in capsys.readouterr().err
+    assert not bench_workers_in_process
