@@ -243,14 +243,21 @@ def recompute_objective(objective: "Objective", rows: Optional[int] = None) -> "
 
 
 def models_on_disk(kind: str, root: Path, resolution: int) -> dict:
-    """The paths of ``kind``'s models under root: those a run saved there before (root/paths.json), else saved
-    now (``save_models``)."""
+    """The paths of ``kind``'s models under root: those a run saved there before (root/paths.json, which names
+    their kind: another kind's are refused, not benchmarked under this one's name), else saved now
+    (``save_models``). The resolution sets only the U-Net's default sample size, which no benchmark reads."""
     paths_file = Path(root) / "paths.json"
     if paths_file.exists():
-        return json.loads(paths_file.read_text())
+        saved = json.loads(paths_file.read_text())
+        if saved.get("kind") != kind:
+            then = f"{saved['kind']} models" if "kind" in saved else "models of an older bench (kind not recorded)"
+            raise SystemExit(f"--models-dir {root} holds {then}, not {kind} ones: give another --models-dir, or "
+                             "delete that folder")
+        return saved["paths"]
     print(f"saving {kind} models to {root}", flush=True)
     paths = save_models(kind, root, resolution)
-    paths_file.write_text(json.dumps(paths))
+    with atomic_path(paths_file) as partial:  # written last: a save stopped halfway leaves no paths.json
+        Path(partial).write_text(json.dumps({"kind": kind, "resolution": resolution, "paths": paths}))
     return paths
 
 
@@ -650,7 +657,7 @@ def main(argv=None) -> None:
     if unknown or not impls:
         parser.error(f"--impls {args.impls!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'} "
                      f"(choose from {', '.join(IMPLS)})")
-    for flag in ("images", "steps", "rounds", "iters", "micro_batch"):
+    for flag in ("images", "steps", "rounds", "iters", "micro_batch", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -664,11 +671,14 @@ def main(argv=None) -> None:
         parser.error(f"--sweep-steps {args.sweep_steps!r} / --sweep-images {args.sweep_images!r}: comma-separated "
                      "counts >= 1, e.g. 5,10,40")
     cuda = torch.cuda.is_available()
+    factor = 8 if args.model == "sd15" else 2  # the VAE's
+    if args.resolution is not None and (args.resolution < 1 or args.resolution % factor):
+        parser.error(f"--resolution {args.resolution}: a positive multiple of {factor} (the {args.model} VAE's factor)")
     resolution = args.resolution or ({"tiny": 16, "sd15": 512 if cuda else 128}[args.model])
     tmp = tempfile.TemporaryDirectory(prefix="fastfair-bench-") if args.models_dir is None else None
     paths = models_on_disk(args.model, Path(args.models_dir or tmp.name), resolution)
     base = {"model": args.model, "images": args.images, "steps": args.steps, "paths": paths, "dtype": args.dtype,
-            "latent": resolution // (8 if args.model == "sd15" else 2), "lora_rank": 50 if args.model == "sd15" else 4,
+            "latent": resolution // factor, "lora_rank": 50 if args.model == "sd15" else 4,
             "threads": args.threads, "warmup": args.warmup, "iters": args.iters, "micro_batch": args.micro_batch}
     runs, keep, flops_info = [], None, {}
 

@@ -85,7 +85,7 @@ def test_train_step_cli_end_to_end(setup, tmp_path, bench_workers_in_process):
     paths, *_ = setup
     models = tmp_path / "models"
     models.mkdir()
-    (models / "paths.json").write_text(json.dumps(paths))
+    (models / "paths.json").write_text(json.dumps({"kind": "tiny", "paths": paths}))
     out = tmp_path / "r.json"
     train_step.main(["--model", "tiny", "--images", "1", "--steps", "2", "--rounds", "1", "--iters", "1",
                      "--warmup", "0", "--models-dir", str(models), "--json", str(out),
@@ -113,7 +113,7 @@ def test_train_step_reports_each_run_as_it_finishes(setup, tmp_path, monkeypatch
     paths, *_ = setup
     models = tmp_path / "models"
     models.mkdir()
-    (models / "paths.json").write_text(json.dumps(paths))
+    (models / "paths.json").write_text(json.dumps({"kind": "tiny", "paths": paths}))
     real = train_step.run_worker
 
     def worker(cfg, peak_limit=None):
@@ -137,7 +137,7 @@ def test_train_step_probes_kept_steps_only_for_fastfair_fast(setup, tmp_path, mo
     paths, *_ = setup
     models = tmp_path / "models"
     models.mkdir()
-    (models / "paths.json").write_text(json.dumps(paths))
+    (models / "paths.json").write_text(json.dumps({"kind": "tiny", "paths": paths}))
     probed = []
 
     def worker(cfg, peak_limit=None):
@@ -158,7 +158,7 @@ def test_memory_sweep_reuses_the_main_point_and_reports_each_point(setup, tmp_pa
     paths, *_ = setup
     models = tmp_path / "models"
     models.mkdir()
-    (models / "paths.json").write_text(json.dumps(paths))
+    (models / "paths.json").write_text(json.dumps({"kind": "tiny", "paths": paths}))
     measured, reported = [], []
 
     def worker(cfg, peak_limit=None):
@@ -330,11 +330,26 @@ def test_checkpointing_has_the_public_codes_granularity():
     (["--iters", "0"], "--iters must be >= 1, got 0"),
     (["--micro-batch", "0"], "--micro-batch must be >= 1, got 0"),
     (["--sweep-steps", "5,0"], "comma-separated counts >= 1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),  # failed in the worker, after the models were saved
+    (["--resolution", "-16"], "--resolution -16: a positive multiple of 2"),
+    (["--resolution", "0"], "--resolution 0: a positive multiple of 2"),  # meant the default
+    (["--resolution", "15"], "--resolution 15: a positive multiple of 2"),  # rounded down
 ])
 def test_train_step_cli_names_the_bad_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         train_step.main(["--model", "tiny", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_saved_models_of_another_kind_are_refused_not_benchmarked_under_this_name(tmp_path):
+    """--models-dir shared between runs: tiny models were loaded and reported as sd15 ones."""
+    (tmp_path / "paths.json").write_text(json.dumps({"kind": "tiny", "resolution": 16, "paths": {"unet": "u"}}))
+    assert train_step.models_on_disk("tiny", tmp_path, 16) == {"unet": "u"}
+    with pytest.raises(SystemExit, match="holds tiny models, not sd15 ones: give another --models-dir"):
+        train_step.models_on_disk("sd15", tmp_path, 512)
+    (tmp_path / "paths.json").write_text(json.dumps({"unet": "u"}))  # as an older bench wrote it
+    with pytest.raises(SystemExit, match="holds models of an older bench"):
+        train_step.models_on_disk("tiny", tmp_path, 16)
 
 
 @pytest.mark.parametrize("argv, message", [(["--images", "0"], "--images must be >= 1, got 0"),
