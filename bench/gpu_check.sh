@@ -72,7 +72,8 @@ cuda_tests() {
     tests/test_kernels_triton.py tests/test_kernels_dispatch.py tests/test_dft_cuda.py tests/test_lean_graph.py \
     tests/test_keep_attention.py tests/test_dft_saved_state.py tests/test_host_copy.py \
     "tests/test_classifiers_train.py::test_resume_after_an_interruption_equals_an_uninterrupted_run" \
-    tests/test_kernels_rounding.py --deselect tests/test_kernels_native.py::test_cuda_sources_compile 2>&1 \
+    tests/test_kernels_rounding.py "tests/test_toy_world.py::test_detector_network_follows_the_images_device" \
+    --deselect tests/test_kernels_native.py::test_cuda_sources_compile 2>&1 \
     | tee "$OUT/tests_kernels.log"
 }
 

@@ -1,5 +1,7 @@
 """The toy world's parts that need no trained weights: portraits, captions, tokenizer, augmentation, box coding;
 the layout of its text encoder file."""
+import copy
+import math
 import os
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 from fastfair.toy import captions
 from fastfair.toy.augment import random_blur
-from fastfair.toy.detector import STRIDE, decode_boxes, detection_targets
+from fastfair.toy.detector import STRIDE, ToyDetectorNet, ToyFaceDetector, decode_boxes, detection_targets
 from fastfair.pipeline_folder import save_tokenizer
 from fastfair.toy.tokenizer import build_tokenizer, words_of
 from fastfair.toy.world import ATTRIBUTES, SKIN_TONES, draw_portraits, draw_random_portraits
@@ -123,6 +125,26 @@ def test_detector_box_coding_round_trips():
     peak = scores.flatten(1).argmax(1)
     centre_cells = (((boxes[:, 1] + boxes[:, 3]) / 2 // STRIDE) * 8 + (boxes[:, 0] + boxes[:, 2]) / 2 // STRIDE).long()
     assert torch.equal(peak, centre_cells)
+
+
+def test_box_coding_runs_on_the_device_of_its_input():
+    """The cell grid was made on the CPU: box coding of CUDA tensors failed (shapes only here: the meta device)."""
+    boxes = torch.tensor([[5.3, 7.1, 17.9, 22.4]], device="meta")
+    scores, regression = detection_targets(boxes, 8)
+    assert scores.device.type == regression.device.type == decode_boxes(regression).device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it)")
+def test_detector_network_follows_the_images_device():
+    """The trainer detects on its device: the network (no module of the trainer's) stayed on the CPU where it was
+    built, and the first toy iteration on CUDA failed."""
+    network = ToyDetectorNet()
+    portraits = draw_random_portraits(3, 0).images
+    expected = ToyFaceDetector(copy.deepcopy(network))(portraits)
+    found = ToyFaceDetector(network)(portraits.cuda())
+    assert len(found) == 3 and all(len(a) == len(b) for a, b in zip(found, expected))
+    assert all(math.isclose(x, y, abs_tol=1e-3) for a, b in zip(found, expected) for fa, fb in zip(a, b)
+               for x, y in zip(fa, fb))
 
 
 def test_text_encoder_file_uses_the_layout_every_transformers_reads(tmp_path):

@@ -64,27 +64,33 @@ class ToyFaceDetector:
             raise ValueError("images must be a tensor [N, 3, H, W] in [-1, 1] or a uint8 array [H, W, 3], got "
                              f"{getattr(images, 'shape', images)}")
         height, width = images.shape[-2:]
+        # the network follows the images (the trainer detects on its device, evaluation on the CPU): it is not a
+        # module of the trainer's, so nothing else moves it
+        if next(self.network.parameters()).device != images.device:
+            self.network.to(images.device)
         images = images.detach().float()
         if (height, width) != (IMAGE_SIZE, IMAGE_SIZE):
             images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
         output = self.network(images)
         scores = torch.sigmoid(output[:, 0])
         peaks = (scores == F.max_pool2d(scores[:, None], 3, 1, 1)[:, 0]) & (scores > self.threshold)
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)[None, :, None, None] / IMAGE_SIZE
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32,
+                             device=images.device)[None, :, None, None] / IMAGE_SIZE
         boxes = decode_boxes(output[:, 1:]) * scale
         return [[(*boxes[i, :, y, x].tolist(), scores[i, y, x].item()) for y, x in peaks[i].nonzero().tolist()]
                 for i in range(images.shape[0])]
 
 
-def cell_centres(cells: int) -> torch.Tensor:
-    return (torch.arange(cells, dtype=torch.float32) + 0.5) * STRIDE
+def cell_centres(cells: int, device=None) -> torch.Tensor:
+    return (torch.arange(cells, dtype=torch.float32, device=device) + 0.5) * STRIDE
 
 
 def decode_boxes(regression: torch.Tensor) -> torch.Tensor:
     """[N, 4, h, w] (dx, dy, log w/4, log h/4) -> [N, 4, h, w] boxes (x0, y0, x1, y1) in pixels."""
     cells = regression.shape[-1]
-    cx = cell_centres(cells)[None, None, :] + regression[:, 0] * STRIDE
-    cy = cell_centres(cells)[None, :, None] + regression[:, 1] * STRIDE
+    centres = cell_centres(cells, regression.device)
+    cx = centres[None, None, :] + regression[:, 0] * STRIDE
+    cy = centres[None, :, None] + regression[:, 1] * STRIDE
     half_w, half_h = torch.exp(regression[:, 2]) * STRIDE / 2, torch.exp(regression[:, 3]) * STRIDE / 2
     return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
 
@@ -93,7 +99,7 @@ def detection_targets(boxes: torch.Tensor, cells: int) -> Tuple[torch.Tensor, to
     """True boxes [N, 4] -> (score targets [N, h, w], regression targets [N, 4, h, w])."""
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     size = boxes[:, 2:] - boxes[:, :2]
-    grid = cell_centres(cells)
+    grid = cell_centres(cells, boxes.device)
     dx = (centre[:, 0, None, None] - grid[None, None, :]) / STRIDE  # [N, 1, w]
     dy = (centre[:, 1, None, None] - grid[None, :, None]) / STRIDE  # [N, h, 1]
     scores = torch.exp(-(dx ** 2 + dy ** 2) / (2 * TARGET_SIGMA ** 2))
