@@ -35,6 +35,7 @@ from typing import Dict, List
 import torch
 
 from fastfair.cli import file_instead_of_folder
+from fastfair.files import atomic_path, write_text
 
 CONFIGS = {"gender": "pkg://fastfair.toy/configs/gender.yaml",
            "gender_race": "pkg://fastfair.toy/configs/gender_race.yaml",
@@ -294,7 +295,8 @@ def _enlarge(path: Path, scale: int) -> None:
 
     with Image.open(path) as image:
         large = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    large.save(path)
+    with atomic_path(str(path)) as temporary:
+        large.save(temporary, format="PNG")
 
 
 def write_pictures(results: dict, eval_dir: Path, out: Path) -> List[Path]:
@@ -309,7 +311,8 @@ def write_pictures(results: dict, eval_dir: Path, out: Path) -> List[Path]:
     _enlarge(written[0], DISPLAY_SCALE)
     for plot in sorted((eval_dir / "plots").glob(f"g{guidance}_*.png")):
         written.append(out / plot.name.replace(f"g{guidance}_", "frequencies_"))
-        shutil.copyfile(plot, written[-1])
+        with atomic_path(str(written[-1])) as temporary:
+            shutil.copyfile(plot, temporary)
     return written
 
 
@@ -381,7 +384,7 @@ def main(argv=None) -> dict:
                "config": args.config, "iterations": cfg.max_steps, "checkpoint": str(final)}
     from fastfair.evaluation.report import nan_to_null
 
-    (out / "metrics.json").write_text(json.dumps(nan_to_null(metrics), indent=1, allow_nan=False))
+    write_text(out / "metrics.json", json.dumps(nan_to_null(metrics), indent=1, allow_nan=False))
     pictures = write_pictures(results, out / "eval", out)
     print("\n" + table(metrics))
     training = ("trained earlier" if train_seconds is None

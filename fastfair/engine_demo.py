@@ -24,6 +24,7 @@ import torch
 from .cli import file_instead_of_folder
 from .dft import sample
 from .evaluation.report import nan_to_null
+from .files import write_text
 from .testing import tiny_scheduler, tiny_unet
 
 TARGET_RGB = (0.6, -0.2, -0.4)  # in the decoder's [-1, 1] range: a reddish image
@@ -117,8 +118,8 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - start,
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:  # a diverged run's NaN as null: strict JSON
-        json.dump(nan_to_null(metrics), f, indent=1, allow_nan=False)
+    # a diverged run's NaN as null: strict JSON
+    write_text(os.path.join(args.out, "metrics.json"), json.dumps(nan_to_null(metrics), indent=1, allow_nan=False))
     _save_grid(torch.cat([images_before, images_after]), args.images, os.path.join(args.out, "before_after.png"))
     print(f"\ncolour loss on held-out noise: before {loss_before:.4f} -> after {loss_after:.4f} "
           f"({100 * metrics['relative_reduction']:.0f}% lower)")

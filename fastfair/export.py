@@ -30,7 +30,7 @@ from typing import Optional
 from fastfair.checkpoint import config_file, has_weights, list_checkpoints, load_weights
 from fastfair.cli import file_instead_of_folder
 from fastfair.config import load_config
-from fastfair.files import plain_mode
+from fastfair.files import plain_mode, write_text
 from fastfair.pipeline_folder import save_pipeline_folder
 
 PREFIX_TOKEN = "<fastfair-prefix>"
@@ -156,7 +156,7 @@ def export(checkpoint_dir, out, weights: str = "ema") -> Path:
             "resolution": cfg.model.resolution,  # the side it sampled at; null: the model's own
             "target": target, "model": cfg.model.pretrained, "checkpoint": str(checkpoint_dir.resolve()),
             "weights": weights}
-    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    write_text(out / EXPORT_INFO, json.dumps(info, indent=1) + "\n")
     # safetensors (and diffusers through it) write 0600; only what this export wrote (--out may hold other files)
     written = [out / writes, out / EXPORT_INFO]
     plain_mode(*(f for path in written for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file()))
@@ -203,7 +203,7 @@ def merged_export(checkpoint_dir, out, weights: str = "ema", model: Optional[str
         # the layout every transformers major reads (transformers 5's own left a 4.x text encoder random)
         save_pipeline_folder(pipe, str(out))
     info.update(merged=True, model=str(model), prompt_prefix=prefix)
-    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    write_text(out / EXPORT_INFO, json.dumps(info, indent=1) + "\n")
     plain_mode(*(f for f in out.rglob("*") if f.is_file()))
     return out
 

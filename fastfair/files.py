@@ -98,6 +98,13 @@ def atomic_path(path: str):
             os.remove(temporary)
 
 
+def write_text(path, text: str) -> None:
+    """Write text (UTF-8) to path atomically (``atomic_path``): a failed write (a full disk) leaves the old file."""
+    with atomic_path(str(path)) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
 def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None):
     """Atomically write tensors (made contiguous, on CPU) with string metadata."""
     from safetensors.torch import save_file

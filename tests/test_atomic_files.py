@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fastfair.files import atomic_path
+from fastfair.files import atomic_path, write_text
 
 
 def test_written_file_has_a_plain_files_mode_and_a_failed_write_keeps_the_old(tmp_path):
@@ -24,6 +24,16 @@ def test_written_file_has_a_plain_files_mode_and_a_failed_write_keeps_the_old(tm
                 handle.write(b"half")
             raise RuntimeError("killed")
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["clf.safetensors"]
+
+
+def test_write_text_replaces_whole_or_not_at_all(tmp_path):
+    """Reports and records (metrics.json, build.json, export.json) went through open(path, 'w'), which empties the
+    old file before a write that may fail (a full disk; here text that cannot be encoded)."""
+    target = tmp_path / "metrics.json"
+    write_text(target, '{"bias": 0.5}')
+    with pytest.raises(UnicodeEncodeError):
+        write_text(target, '{"bias": "\ud800"}')
+    assert target.read_text() == '{"bias": 0.5}' and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_state_dicts_are_unwrapped_from_their_containers(tmp_path):

@@ -25,6 +25,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from fastfair.files import atomic_path, write_text
+
 MODEL_NAMES = {"base": "Original", "finetuned": "Finetuned"}
 OTHER_PROTOCOLS = (("total_variation", "TV"), ("kl", "KL"), ("fairness_discrepancy", "FD"), ("delta", "Δ"))
 SEMANTICS = (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"))
@@ -189,7 +191,8 @@ def write_plots(results: dict, folder: Path) -> List[Path]:
             ax.legend(fontsize=7)
             fig.tight_layout()
             paths.append(folder / f"g{guidance}_{_slug(name)}.png")
-            fig.savefig(paths[-1], dpi=100)
+            with atomic_path(str(paths[-1])) as temporary:
+                fig.savefig(temporary, dpi=100, format="png")
             plt.close(fig)
     return paths
 
@@ -226,7 +229,8 @@ def write_grid(rows: Sequence[Sequence[Path]], path: Path) -> Path:
         for x, image in enumerate(row):
             grid.paste(image, (x * width, y * height))
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_path(str(path)) as temporary:
+        grid.save(temporary, format="PNG")
     return path
 
 
@@ -281,7 +285,7 @@ def write_report(results: dict, out, cache_roots: Dict[str, Path], grid_columns:
     """Every output file of the module docstring; returns {kind: path} of the main ones. cache_roots: {model: the
     folder its images' paths are relative to}."""
     out = Path(out)
-    (out / "metrics.json").write_text(json.dumps(nan_to_null(results), indent=1, allow_nan=False), encoding="utf-8")
+    write_text(out / "metrics.json", json.dumps(nan_to_null(results), indent=1, allow_nan=False))
     write_csv(results, out / "per_prompt.csv")
     header, rows = table_rows(results)
     (out / "summary.md").write_text("# fastfair evaluation\n\n" + markdown_table(header, rows) + "\n"

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from fastfair.evaluation.report import headline, headline_key, markdown_table, nan_to_null, semantic_columns
+from fastfair.files import atomic_path, write_text
 
 
 @dataclass
@@ -202,7 +203,8 @@ def plot_selection(selection: dict, results: dict, path: Path) -> Optional[Path]
     axes.set_title(f"guidance {selection['guidance']}" + (f"; best {selection['best']}" if selection["best"] else ""))
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(str(path)) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
     return path
 
@@ -211,7 +213,7 @@ def write_selection(selection: dict, results: dict, out) -> Dict[str, Path]:
     """selection.json, selection.md and selection.png under out; returns their paths."""
     out = Path(out)
     files = {"json": out / "selection.json", "markdown": out / "selection.md", "plot": out / "selection.png"}
-    files["json"].write_text(json.dumps(nan_to_null(selection), indent=1, allow_nan=False), encoding="utf-8")
-    files["markdown"].write_text(selection_table(selection, results), encoding="utf-8")
+    write_text(files["json"], json.dumps(nan_to_null(selection), indent=1, allow_nan=False))
+    write_text(files["markdown"], selection_table(selection, results))
     plot_selection(selection, results, files["plot"])
     return files

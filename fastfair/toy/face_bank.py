@@ -18,7 +18,7 @@ from torch import nn
 
 from fastfair.faces import Face, FaceBank, FaceEmbedder, align_faces, select_largest
 from fastfair.faces.bank import BANK_FORMAT
-from fastfair.files import save_safetensors
+from fastfair.files import save_safetensors, write_text
 from fastfair.toy.files import weights_path
 from fastfair.toy.world import draw_random_portraits
 
@@ -68,8 +68,8 @@ def save_face_bank(embeddings: torch.Tensor, folder: str, info: Dict) -> None:
     """
     save_safetensors({"embeddings": embeddings.to(torch.float16)}, os.path.join(folder, BANK_FILE),
                      {"format": BANK_FORMAT})
-    with open(os.path.join(folder, BANK_FILE.replace(".safetensors", ".json")), "w", encoding="utf-8") as handle:
-        json.dump({"embedding": "fastfair.toy.face_bank.toy_face_embedder", **info}, handle, indent=2)
+    write_text(os.path.join(folder, BANK_FILE.replace(".safetensors", ".json")),
+               json.dumps({"embedding": "fastfair.toy.face_bank.toy_face_embedder", **info}, indent=2))
 
 
 def load_toy_face_bank(weights_dir: Optional[str] = None) -> FaceBank:

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fastfair.files import save_safetensors
+from fastfair.files import save_safetensors, write_text
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PIPELINE = "pipeline"  # the diffusers folder inside the weights folder
@@ -27,8 +27,7 @@ def save_module(module: torch.nn.Module, folder: str, name: str, config: Dict) -
     """Write the module's state dict to NAME.safetensors and its config (JSON-serializable) to NAME.json."""
     os.makedirs(folder, exist_ok=True)
     save_safetensors(module.state_dict(), os.path.join(folder, name + ".safetensors"))
-    with open(os.path.join(folder, name + ".json"), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
+    write_text(os.path.join(folder, name + ".json"), json.dumps(config, indent=2, sort_keys=True))
 
 
 def load_module_files(name: str, weights_dir: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict]:
