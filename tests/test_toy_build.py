@@ -43,6 +43,8 @@ def test_quick_build_is_deterministic_and_its_output_loads(tmp_path):
     assert again == checksum
     assert [(second / name).stat().st_mode & 0o777 for name in ("private.txt", "tools/run.sh")] == [0o600, 0o755]
     assert "old_backup.safetensors" not in json.loads((second / BUILD_RECORD).read_text())["files"]
+    # a finished build leaves neither its marker nor its partial pipeline
+    assert not [path.name for path in first.iterdir() if path.name.startswith(".")]
 
     record = json.loads((first / BUILD_RECORD).read_text())
     sums = weight_checksums(str(first))
@@ -75,6 +77,30 @@ def test_quick_build_never_replaces_the_shipped_weights(tmp_path, capsys):
         parse_args(["--quick", "--out", str(tmp_path / "file")])
     assert "a file; give a folder for the toy world's files" in capsys.readouterr().err
     assert parse_args([]).out == str(WEIGHTS_DIR) and parse_args(["--quick", "--out", "x"]).out == "x"
+    with pytest.raises(SystemExit):  # an empty shell variable: it rebuilt the shipped weights for 16 minutes
+        parse_args(["--out", ""])
+    assert "--out '': empty" in capsys.readouterr().err
+
+
+def test_a_build_never_replaces_files_it_did_not_write(tmp_path, capsys):
+    """A user's own pipeline/ (a real model kept as ~/models/pipeline) was deleted, their build.json overwritten."""
+    from fastfair.toy.build import UNFINISHED_MARKER, build, parse_args
+
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "NOTES.txt").write_text("mine")
+    (tmp_path / "build.json").write_text("mine")
+    with pytest.raises(SystemExit):
+        parse_args(["--quick", "--out", str(tmp_path)])
+    assert "holds pipeline, build.json, which no toy build wrote" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds pipeline, build.json, which no toy build wrote"):
+        build(str(tmp_path), quick=True)
+    assert (tmp_path / "pipeline" / "NOTES.txt").read_text() == "mine"
+    # a build's folder: its record, or the marker of a build stopped halfway
+    (tmp_path / "build.json").write_text(json.dumps({"checksum": "x", "files": {}}))
+    assert parse_args(["--quick", "--out", str(tmp_path)]).out == str(tmp_path)
+    (tmp_path / "build.json").unlink()
+    (tmp_path / UNFINISHED_MARKER).touch()
+    assert parse_args(["--quick", "--out", str(tmp_path)]).out == str(tmp_path)
 
 
 def test_skew_summary_leaves_prompts_without_faces_out_of_both_means():

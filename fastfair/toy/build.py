@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 import torch
 
 from fastfair.cli import file_instead_of_folder
+from fastfair.files import write_text
 from fastfair.toy.measure import TOY_GUIDANCE_SCALE
 
 FULL = dict(text_steps=300, vae_steps=2000, vae_batch=16, pool_size=16384, unet_steps=3000, unet_batch=64,
@@ -50,6 +51,36 @@ class Stages:
         print(f"[toy build] {name}: {self.timings[name]['wall_s']} s", flush=True)
 
 
+# in --out while a build runs (a build stopped halfway leaves it, so a rerun may replace what it wrote)
+UNFINISHED_MARKER = ".fastfair_toy_build_unfinished"
+
+
+def foreign_files(out: str) -> List[str]:
+    """The files and folders a build writes that ``out`` already holds though no build made them (it holds neither
+    a build record nor an unfinished build's marker): a build would replace them, e.g. someone's own pipeline/."""
+    from fastfair.toy import files
+
+    folder = Path(out)
+    try:
+        record = json.loads((folder / files.BUILD_RECORD).read_text(encoding="utf-8"))
+        ours = isinstance(record, dict) and {"checksum", "files"} <= set(record)
+    except (OSError, ValueError):
+        ours = False
+    if ours or (folder / UNFINISHED_MARKER).exists():
+        return []
+    names = [files.PIPELINE, files.BUILD_RECORD] + [f"{name}{kind}" for name in files.BUILT_MODULES
+                                                    for kind in (".safetensors", ".json")]
+    return [name for name in names if (folder / name).exists()]
+
+
+def refuse_foreign_files(out: str) -> None:
+    """ValueError naming ``foreign_files(out)``, if any."""
+    foreign = foreign_files(out)
+    if foreign:
+        raise ValueError(f"--out {out} holds {', '.join(foreign)}, which no toy build wrote and a build would "
+                         "replace: give another --out, or move them away")
+
+
 def build(out: str, quick: bool = False) -> Dict:
     """Run every stage into ``out``; returns the build record (also written to ``out/build.json``)."""
     from fastfair.toy import files, models
@@ -70,7 +101,9 @@ def build(out: str, quick: bool = False) -> Dict:
     settings = QUICK if quick else FULL
     stages, checks = Stages(), {}
     started, load_before = time.perf_counter(), os.getloadavg()
+    refuse_foreign_files(out)
     os.makedirs(out, exist_ok=True)
+    Path(out, UNFINISHED_MARKER).touch()
     with stages.stage("text encoder"):
         tokenizer = build_tokenizer([c.prompt for c in CONCEPTS])
         text_encoder = pretrain_text_encoder(tokenizer, settings["text_steps"], SEED)
@@ -80,9 +113,12 @@ def build(out: str, quick: bool = False) -> Dict:
         unet = train_unet(vae, text_encoder, tokenizer, settings["unet_steps"], settings["unet_batch"],
                           settings["pool_size"], SEED + 2)
     pipeline = models.assemble_pipeline(vae, text_encoder, tokenizer, unet)
-    pipeline_dir = os.path.join(out, files.PIPELINE)
+    # written beside, then put in place: an earlier build's pipeline stays whole until the new one is
+    pipeline_dir, partial = os.path.join(out, files.PIPELINE), os.path.join(out, f".{files.PIPELINE}-partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    models.save_pipeline(pipeline, partial)
     shutil.rmtree(pipeline_dir, ignore_errors=True)
-    models.save_pipeline(pipeline, pipeline_dir)
+    os.replace(partial, pipeline_dir)
     check_count = settings["check_images"]
     check_images = draw_random_portraits(check_count, 10_000_019)
     classifiers = {}
@@ -118,8 +154,8 @@ def build(out: str, quick: bool = False) -> Dict:
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "versions": versions(), "checks": checks, "heldout_skew": skew,
     }
-    with open(os.path.join(out, files.BUILD_RECORD), "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
+    write_text(os.path.join(out, files.BUILD_RECORD), json.dumps(record, indent=2))
+    os.remove(os.path.join(out, UNFINISHED_MARKER))
     return record
 
 
@@ -157,6 +193,8 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--out", default=None, help="output folder (default: the package's weights, which a full "
                         "build replaces; --quick needs another folder)")
     args = parser.parse_args(argv)
+    if args.out is not None and not args.out.strip():  # "" (an empty shell variable) would mean the shipped weights
+        parser.error(f"--out {args.out!r}: empty; give a folder, or leave --out out to rebuild the shipped weights")
     args.out = args.out or str(WEIGHTS_DIR)
     if args.quick and Path(args.out).resolve() == Path(WEIGHTS_DIR).resolve():
         # its barely trained models would replace the shipped ones the demo and configs use
@@ -164,6 +202,10 @@ def parse_args(argv: Optional[List[str]] = None):
     problem = file_instead_of_folder("--out", args.out, "the toy world's files")
     if problem:
         parser.error(problem)
+    try:
+        refuse_foreign_files(args.out)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
