@@ -1119,7 +1119,20 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
         ds = json.loads(Path(cfg.deepspeed.config).read_text())
     except (OSError, ValueError) as error:
         return [f"deepspeed.config={cfg.deepspeed.config} cannot be read as JSON ({error})"]
-    if cfg.deepspeed.zero_stage is None and ds.get("zero_optimization", {}).get("stage") == 3:
+    if not isinstance(ds, dict):
+        return [f"deepspeed.config={cfg.deepspeed.config} holds a JSON {type(ds).__name__}: expected an object "
+                "({\"zero_optimization\": {\"stage\": 2}, ...}, as configs/ds/*.json)"]
+    for key in ("zero_optimization", "fp16", "bf16", "bfloat16"):
+        if key in ds and not isinstance(ds[key], dict):
+            legacy = " (DeepSpeed's older true/false form: write {\"stage\": 1} or {\"stage\": 0})" if (
+                key == "zero_optimization" and isinstance(ds[key], bool)) else ""
+            return [f"deepspeed.config={cfg.deepspeed.config}: {key} is {json.dumps(ds[key])}, expected an object"
+                    f"{legacy}"]
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # DeepSpeed reads "3" as 3: the check below missed it
+        return [f"deepspeed.config={cfg.deepspeed.config}: zero_optimization.stage is {json.dumps(stage)}, expected "
+                "the number 0, 1 or 2"]
+    if cfg.deepspeed.zero_stage is None and stage == 3:
         return [f"deepspeed.config={cfg.deepspeed.config} sets ZeRO stage 3, which partitions the parameters that "
                 "fastfair's direct U-Net calls cannot gather: use a stage 1 or 2 JSON or deepspeed.zero_stage=2"]
     unread = [key for key in ("optimizer", "scheduler") if key in ds]  # fastfair passes DeepSpeed its own

@@ -46,6 +46,9 @@ def deepspeed_engine(ds_config: dict, params: Dict[str, nn.Parameter], optimizer
     ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=TrainableParameters(params), optimizer=optimizer,
                                            lr_scheduler=lr_scheduler, config=ds_config, dist_init_required=False)
+    if engine.zero_optimization_stage() == 3:  # the stage as DeepSpeed read it (e.g. from a string): a backstop
+        raise ValueError("deepspeed: the config sets ZeRO stage 3, which partitions the parameters fastfair's direct "
+                         "U-Net calls cannot gather; use stage 1 or 2 (deepspeed.zero_stage=2)")
     return engine
 
 

@@ -643,6 +643,12 @@ def test_deepspeed_jsons_are_concrete_and_match_their_names(path, tmp_path):
     ({"bf16": {"enabled": True, "check_grad_overflow": True}}, "bf16", None),
     # in fp16 and bf16 DeepSpeed checks for overflow whatever compute_grad_norm says
     ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}, "bf16": {"enabled": True}}, "bf16", None),
+    # DeepSpeed reads "3" as stage 3, which the stage-3 refusal missed: the run died at its first U-Net call
+    ({"zero_optimization": {"stage": "3"}}, "fp32", 'zero_optimization.stage is "3", expected the number 0, 1 or 2'),
+    ({"zero_optimization": {"stage": 3}}, "fp32", "sets ZeRO stage 3, which partitions the parameters"),
+    # shapes that crashed the check with an AttributeError
+    ({"zero_optimization": True}, "fp32", "zero_optimization is true, expected an object (DeepSpeed's older"),
+    ({"fp16": "on"}, "fp32", 'fp16 is "on", expected an object'),
 ])
 def test_deepspeed_json_sections_fastfair_would_misread_or_ignore_are_named(tmp_path, settings, mixed, message):
     path = tmp_path / "ds.json"
@@ -652,6 +658,14 @@ def test_deepspeed_json_sections_fastfair_would_misread_or_ignore_are_named(tmp_
         check_files(cfg)
         return
     with pytest.raises(ConfigError, match=re.escape(message)):
+        check_files(cfg)
+
+
+def test_a_deepspeed_json_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text("[1, 2]")
+    cfg = config_with_files(tmp_path / "files", **{"deepspeed.config": path})
+    with pytest.raises(ConfigError, match=r"holds a JSON list: expected an object"):
         check_files(cfg)
 
 

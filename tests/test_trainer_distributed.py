@@ -4,6 +4,7 @@ import socket
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -148,14 +149,19 @@ def test_deepspeed_takes_the_client_optimizer_with_zero(monkeypatch):
 
     def initialize(model, optimizer, lr_scheduler, config, dist_init_required):
         seen.update(config)
-        return "engine", optimizer, None, lr_scheduler
+        return engine, optimizer, None, lr_scheduler
 
+    engine = types.SimpleNamespace(zero_optimization_stage=lambda: 2)
     monkeypatch.setattr(deepspeed, "initialize", initialize)
     ds = {"zero_optimization": {"stage": 2}}
     params = {"w": torch.nn.Parameter(torch.zeros(2))}
-    assert zero.deepspeed_engine(ds, params, None, None) == "engine"
+    assert zero.deepspeed_engine(ds, params, None, None) is engine
     assert seen == {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
     assert ds == {"zero_optimization": {"stage": 2}}
+    # the stage as DeepSpeed read it ("3" is stage 3 to it): refused, not left to fail at the first U-Net call
+    engine = types.SimpleNamespace(zero_optimization_stage=lambda: 3)
+    with pytest.raises(ValueError, match="sets ZeRO stage 3"):
+        zero.deepspeed_engine({"zero_optimization": {"stage": "3"}}, params, None, None)
 
 
 def test_a_fp16_deepspeed_state_loads_weights_only(tmp_path):
