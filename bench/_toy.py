@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from _workers import add_worker_flag, spawn
+from fastfair.files import write_text
 
 CONFIG = "pkg://fastfair.toy/configs/gender.yaml"
 FINAL_WINDOW = 20  # "final train loss": mean over the last this many iterations
@@ -48,6 +49,12 @@ def check_args(args, known: Sequence[str]) -> List[str]:
     unknown = sorted(set(chosen) - set(known))
     if unknown or not chosen:
         raise ValueError(f"--variants {args.variants!r}: choose from {', '.join(known)} (unknown: {unknown})")
+    repeated = sorted({v for v in chosen if chosen.count(v) > 1})
+    if repeated:  # the second run deleted the first's work folder and the table listed the variant twice
+        raise ValueError(f"--variants {args.variants!r}: {', '.join(repeated)} named twice; name each once")
+    seed = getattr(args, "seed", 0)
+    if not 0 <= seed < 2 ** 32:  # the config's range: refused here, not in a worker's traceback
+        raise ValueError(f"--seed {seed}: expected 0 to 2**32 - 1")
     for flag, value in (("--iters", args.iters), ("--eval-images", args.eval_images),
                         ("--images-per-prompt", args.images_per_prompt), ("--threads", getattr(args, "threads", None))):
         if value is not None and value < 1:  # None: the config's batch, torch's thread count
@@ -159,7 +166,8 @@ def write_outputs(out_dir, name: str, payload: dict, markdown: str, argv: Option
     out_dir.mkdir(parents=True, exist_ok=True)
     command = f"python bench/{name}.py " + " ".join(sys.argv[1:] if argv is None else argv)
     payload = {"command": command, "date": time.strftime("%Y-%m-%d"), **payload}
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
-    (out_dir / f"{name}.md").write_text(f"Command: `{command.strip()}` ({payload['date']}, CPU)\n\n{markdown}")
+    # atomic: a failed write would leave the committed table cut short
+    write_text(out_dir / f"{name}.json", json.dumps(payload, indent=1))
+    write_text(out_dir / f"{name}.md", f"Command: `{command.strip()}` ({payload['date']}, CPU)\n\n{markdown}")
     return out_dir / f"{name}.json"
 

@@ -76,6 +76,10 @@ def test_bad_variants_and_counts_are_refused():
         bad = SimpleNamespace(**{**vars(args), "variants": "paper", flag: value})
         with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} 0: expected at least 1"):
             _toy.check_args(bad, toy_gradients.VARIANTS)
+    with pytest.raises(ValueError, match="paper named twice"):
+        _toy.check_args(SimpleNamespace(**{**vars(args), "variants": "paper,paper"}), toy_gradients.VARIANTS)
+    with pytest.raises(ValueError, match=r"--seed -1: expected 0 to 2\*\*32 - 1"):
+        _toy.check_args(SimpleNamespace(**{**vars(args), "variants": "paper", "seed": -1}), toy_gradients.VARIANTS)
     with pytest.raises(ValueError, match="variant="):
         toy_gradients.reference_unroll(None, SCHED, None, None, None, num_steps=1, guidance_scale=1.0, variant="x")
 
