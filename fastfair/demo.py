@@ -117,6 +117,11 @@ def train(config: str, out: Path, iters, overrides: List[str]):
         # evaluation reads (the trainer would resume an earlier checkpoint and refuse to overwrite this one)
         print(f"{out}: trained to step {trained} already, nothing to train")
         return cfg, saved[trained], False
+    if saved and not any(map(checkpoint.is_resumable, saved.values())):
+        # the trainer's advice (another output_dir, resume='') names settings the demo sets itself
+        raise ValueError(f"{out} holds checkpoints (steps {', '.join(map(str, sorted(saved)))}) of which none can "
+                         f"be resumed (each lacks state.pt or a weight file), so training cannot go on to "
+                         f"{cfg.max_steps}: give another --out, or move {out} away")
     trainer, hint = None, "the same command"  # resume=auto is the demo's own setting, not the user's
     try:
         with process_group("cpu"):

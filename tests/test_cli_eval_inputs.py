@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastfair import demo
+from fastfair import checkpoint, demo
 from fastfair.evaluate import evaluate
 from fastfair.evaluate import main as evaluate_main
 from fastfair.evaluation.cache import StaleCacheError, from_png
@@ -499,6 +499,13 @@ def test_demo_rerun_with_more_iterations_evaluates_the_final_checkpoint(tmp_path
     fourth = demo.main(["--out", str(out), "--iters", "2"] + DEMO_FAST)
     assert fourth["checkpoint"] == second["checkpoint"] and fourth["after"] == second["after"]
     assert "re-evaluating, the cached images are of other settings (manifest)" in capsys.readouterr().out
+    # trained on from there, with no checkpoint left to resume: the demo's advice (the trainer's named
+    # output_dir and resume='', which the demo sets itself)
+    for folder in checkpoint.list_checkpoints(out / "train", resumable=False).values():
+        (folder / "state.pt").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"holds checkpoints \(steps 1, 2\) of which none can be resumed .*so "
+                                         r"training cannot go on to 3: give another --out, or move"):
+        demo.main(["--out", str(out), "--iters", "3"] + DEMO_FAST)
 
 
 def test_demo_deletes_only_an_evaluation_it_wrote(tmp_path, capsys, monkeypatch):
