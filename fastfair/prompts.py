@@ -55,7 +55,7 @@ def indefinite_article(phrase: str) -> str:
     """'a' or 'an' for the phrase's first word, by sound: 'an electrician', 'a urologist', 'an IT manager',
     'an X-ray technician' (a letter spelled out, before a hyphen too: 'a U-boat captain'), 'an 8-ball player'."""
     word = phrase.split()[0]
-    if word[0].isdigit():  # as read aloud: "an 8-ball player", "an 11-year-old", "an 18,000-seat arena"
+    if word[0].isdecimal():  # as read aloud: "an 8-ball player", "an 11-year-old", "an 18,000-seat arena"
         digits = re.match(r"[\d,]*", word)[0].replace(",", "")
         eleven = digits[:2] in ("11", "18") and len(digits) % 3 == 2  # eleven, eighteen (thousand, million...)
         return "an" if digits[0] == "8" or eleven else "a"
