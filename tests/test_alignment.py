@@ -148,10 +148,20 @@ def test_large_batch_keeps_dtype_and_device_of_probs():
 def test_alignment_threshold_is_inclusive():
     """Eq. 6 selects images with c_i >= C: a row whose confidence equals the threshold takes part."""
     logits = torch.tensor([[0.3, -0.2], [1.0, 0.0]])
-    q = torch.tensor([[0.75, 0.25], [0.5, 0.5]], dtype=torch.float32)
+    q = torch.tensor([[0.75, 0.25], [0.625, 0.375]], dtype=torch.float32)
     per_image = alignment_loss(logits, q, threshold=0.75, reduction="none")
     assert per_image[0] > 0 and per_image[1] == 0
-    assert alignment_loss(logits, q, threshold=0.5, reduction="none").gt(0).all()
+    assert alignment_loss(logits, q, threshold=0.625, reduction="none").gt(0).all()
+
+
+@pytest.mark.parametrize("q_row", [[0.5, 0.5], [0.4, 0.4, 0.2]])
+def test_a_tied_row_has_no_class_to_align_to(q_row):
+    """Images scored alike (bf16 rounding made them equal) get q = [0.5, 0.5]: at a threshold <= 1/K argmax sent
+    every one of them to class 0, pushing the batch to one class against a uniform target."""
+    q = torch.tensor([q_row] * 3 + [[0.9] + [0.1 / (len(q_row) - 1)] * (len(q_row) - 1)])
+    logits = torch.zeros_like(q)
+    per_image = alignment_loss(logits, q, threshold=0.0, reduction="none")
+    assert per_image[:3].eq(0).all() and per_image[3] > 0
 
 
 @pytest.mark.parametrize("target", [0.5, 0.75])

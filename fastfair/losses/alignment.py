@@ -70,6 +70,10 @@ def expected_ot_targets(probs, target, method="auto", num_samples=1024, generato
 def alignment_loss(logits, q, threshold, mask=None, reduction="mean"):
     """DAL (seed Eq. 6): cross-entropy to y_i = argmax q_i where c_i = max q_i >= threshold.
 
+    A row whose maximum is tied (q_i = [0.5, 0.5]: images the classifier scores alike, as bf16 rounding can make
+    them) has no class to align to and is left out, as a row below the threshold is (argmax would pick the first
+    class for every such image, against a uniform target, wherever threshold <= 1/K).
+
     logits: [N, K] (unnormalized, or log-probabilities); q: [N, K] from expected_ot_targets;
     mask: optional [N] bool, images that take part (False: no face). reduction: "mean" (sum / N, all
     N images counted as in Eq. 6), "sum", or "none" ([N], zero where excluded).
@@ -91,7 +95,8 @@ def alignment_loss(logits, q, threshold, mask=None, reduction="mean"):
         raise ValueError("alignment_loss: q must hold probabilities in [0, 1] (expected_ot_targets' output), got "
                          f"values in [{q.min().item():.4g}, {q.max().item():.4g}]; are logits and q swapped?")
     confidence, classes = q.detach().max(dim=-1)
-    selected = mask & (confidence >= threshold) & (confidence > 0)
+    tied = (q.detach() == confidence[:, None]).sum(dim=-1) > 1
+    selected = mask & (confidence >= threshold) & (confidence > 0) & ~tied
     # the left-out rows are not evaluated: 0 * their loss would be NaN for a -inf logit (a log-probability 0)
     chosen = F.cross_entropy(logits[selected], classes[selected], reduction="none")  # autocast: fp32
     per_image = chosen.new_zeros(logits.shape[0]).index_put((selected,), chosen)
