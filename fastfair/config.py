@@ -1022,9 +1022,11 @@ def validate(cfg: TrainConfig, world_size: int = 1, device="cpu") -> None:
         # a folder named $HOME would be made (one that exists, an earlier run's, is resumed as it is)
         if path and _ENVIRONMENT_VARIABLE.search(path) and not Path(path).exists():
             problems.append(f"{key}={path}: {_NOT_EXPANDED}")
-    if cfg.checkpoint_every > 0 and cfg.keep_every % cfg.checkpoint_every:
+    # a divisor of checkpoint_every keeps every checkpoint written; others name iterations never saved
+    if cfg.checkpoint_every > 0 and cfg.keep_every % cfg.checkpoint_every and cfg.checkpoint_every % cfg.keep_every:
         problems.append(f"keep_every={cfg.keep_every} is not a multiple of checkpoint_every="
-                        f"{cfg.checkpoint_every}: those checkpoints would never be written")
+                        f"{cfg.checkpoint_every}: some of those checkpoints would never be written (a divisor of it "
+                        "keeps all)")
     if cfg.batch.images_per_prompt % world_size:
         problems.append(f"batch.images_per_prompt={cfg.batch.images_per_prompt} is not divisible by the "
                         f"world size {world_size}: use a multiple of {world_size} or change the rank count")

@@ -379,6 +379,7 @@ def test_a_minimal_config_validates_on_cpu(tmp_path):
     (["batch.images_per_prompt=9"], "batch.images_per_prompt=9 is not divisible by the world size 2"),
     (["output_dir="], "output_dir is empty"),
     (["keep_every=300", "checkpoint_every=200"], "keep_every=300 is not a multiple of checkpoint_every=200"),
+    (["keep_every=150", "checkpoint_every=200"], "some of those checkpoints would never be written (a divisor"),
     (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)"),
     (["targets={}"], "targets is empty"),
     (["targets.form=sideways"], "targets.form must be one of"),  # fastfair.targets' own check
