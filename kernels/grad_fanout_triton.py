@@ -4,6 +4,7 @@ One program loads BLOCK elements of g once (upcast to fp32, or kept fp64) and, f
 coefficient c = scales[j] * branch_weights[b], stores c * g into that copy of the output, in the output's
 dtype. The coefficients are read from a small float64 tensor; offsets are int64.
 """
+import struct
 from collections import OrderedDict
 from typing import List, Tuple
 
@@ -40,45 +41,66 @@ class _CoefficientCache:
     used kept: a run with all steps differentiated repeats the same few lists (its chunks' scales) every iteration,
     and a cached list needs no copy (a CUDA graph can hold it). A new list (a random subset of steps,
     ``grad_steps``) is copied without a synchronization (host_copy.py), ordered on the stream it was made on: a
-    use on another stream first waits for that copy (an event; nothing waits once it is done). In a CUDA graph
-    capture a new list is refused: the capture would record a copy from a pinned buffer the allocator reuses."""
+    use on another stream first waits for that copy (an event; nothing waits once it is done) and marks the tensor
+    used there (record_stream: once evicted, its memory is not reused before that stream's kernels ran). In a CUDA
+    graph capture a new list is refused (the capture would record a copy from a pinned buffer the allocator
+    reuses), and a list used in one is never evicted: the graph reads its memory at every replay.
+
+    Keyed by the values' bits: 0.0 == -0.0 as floats, and a list differing only in a zero's sign took the other's
+    tensor (its zero gradients got the other sign); a NaN, unequal to itself, never hit."""
 
     size = 256
 
     def __init__(self):
-        self.entries: "OrderedDict[tuple, list]" = OrderedDict()
+        self.entries: "OrderedDict[tuple, list]" = OrderedDict()  # key -> [tensor, copy event, stream, in a graph]
         self.hits = self.misses = 0
 
     def get(self, values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
-        key = (values, device)
+        key = (struct.pack(f"<{len(values)}d", *values), device)
         entry = self.entries.get(key)
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        capturing = _capturing(device)
         if entry is None:
             if capturing:
                 raise RuntimeError("grad_fanout (triton): a coefficient list not used before is not copied to the "
                                    "GPU inside a CUDA graph capture; run the same call once before capturing")
             self.misses += 1
             tensor = to_device(torch.tensor(values, dtype=torch.float64), device)
-            done = torch.cuda.Event() if device.type == "cuda" else None
-            if done is not None:  # after the copy, on the stream it was queued on (the device's, not the current one's)
-                done.record(torch.cuda.current_stream(device))
-            entry = self.entries[key] = [tensor, done]
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
+            done = stream = None
+            if device.type == "cuda":  # after the copy, on the stream it was queued on (the device's current one)
+                stream = torch.cuda.current_stream(device)
+                done = torch.cuda.Event()
+                done.record(stream)
+            entry = self.entries[key] = [tensor, done, stream, False]
+            self._evict()
             return tensor
         self.hits += 1
         self.entries.move_to_end(key)
-        tensor, done = entry
-        if done is not None and not capturing:  # a capture began with a synchronization: the copy is done
+        tensor, done, stream, _ = entry
+        if capturing:
+            entry[3] = True
+        elif done is not None:  # a capture began with a synchronization: the copy is done
             if done.query():
                 entry[1] = None
             else:
                 torch.cuda.current_stream(device).wait_event(done)
+        if stream is not None and not capturing and torch.cuda.current_stream(device) != stream:
+            tensor.record_stream(torch.cuda.current_stream(device))
         return tensor
+
+    def _evict(self) -> None:
+        """Drop the least recently used lists beyond ``size``, except those a captured graph reads."""
+        for key in [key for key, entry in self.entries.items() if not entry[3]]:
+            if len(self.entries) <= self.size:
+                break
+            del self.entries[key]
 
     def clear(self) -> None:
         self.entries.clear()
         self.hits = self.misses = 0
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 _coefficients = _CoefficientCache()

@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import os
 import re
+import struct
 import subprocess
 import sys
 
@@ -64,7 +65,8 @@ def test_fanout_coefficients_are_made_once_per_list():
     try:
         for scale in (1.0, 2.0, 3.0):
             grad_fanout(g, [scale], [1.0], backend="triton")
-        assert len(_coefficients.entries) == 2 and all(key[0] != (1.0,) for key in _coefficients.entries)
+        assert len(_coefficients.entries) == 2
+        assert all(key[0] != struct.pack("<d", 1.0) for key in _coefficients.entries)
     finally:
         _coefficients.size = 256
     if g.is_cuda:
@@ -78,6 +80,40 @@ def test_fanout_coefficients_are_made_once_per_list():
         with pytest.raises(RuntimeError, match="not copied to the GPU inside a CUDA graph capture"):
             with torch.cuda.graph(graph):
                 grad_fanout(g, [0.125], [8.0], backend="triton")
+
+
+@runs_here
+def test_coefficient_lists_differing_in_a_zeros_sign_are_not_confused(one_thread):
+    """0.0 == -0.0: a list (-0.0, 0.0) took the cached (0.0, -0.0) and its zero gradients got the other sign
+    (the reference and the native backend keep them)."""
+    from fastfair.kernels import grad_fanout, grad_fanout_torch
+    from fastfair.kernels.grad_fanout_triton import _coefficients
+
+    g = torch.tensor([[1.0, -2.0]], device=DEVICE)
+    _coefficients.clear()
+    for scales in ([0.0], [-0.0]):
+        out = grad_fanout(g, scales, [1.0, -1.0], backend="triton")
+        expected = grad_fanout_torch(g.cpu(), scales, [1.0, -1.0])
+        assert torch.equal(out.cpu().signbit(), expected.signbit()), scales
+    assert _coefficients.misses == 2
+
+
+@runs_here
+def test_a_list_used_in_a_graph_capture_is_never_evicted(monkeypatch):
+    """A captured graph reads the cached tensor at every replay: evicted (256 newer lists), its memory was freed
+    and reused, and a replay read other numbers."""
+    from fastfair.kernels import grad_fanout_triton
+
+    cache = grad_fanout_triton._CoefficientCache()
+    cache.size = 2
+    device = torch.device(DEVICE)
+    held = cache.get((0.5, 2.0), device)
+    monkeypatch.setattr(grad_fanout_triton, "_capturing", lambda device: True)
+    assert cache.get((0.5, 2.0), device) is held  # used inside a capture
+    monkeypatch.setattr(grad_fanout_triton, "_capturing", lambda device: False)
+    for scale in range(5):
+        cache.get((float(scale),), device)
+    assert cache.get((0.5, 2.0), device) is held and cache.misses == 6 and len(cache.entries) == 2
 
 
 @runs_here
