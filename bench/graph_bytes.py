@@ -1,4 +1,4 @@
-"""Where one kept U-Net step's graph goes: the bytes autograd saves, by node type (notes for issue 9's planner).
+"""Where one kept U-Net step's graph goes: the bytes autograd saves, by node type (notes for fastfair.memory_budget's planner).
 
     python bench/graph_bytes.py --unet DIR [--latent 16] [--json OUT.json]
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -205,7 +206,8 @@ def device_name(device: str) -> str:
 
 def markdown(report: dict) -> str:
     meta = report["meta"]
-    lines = [f"Kernel benchmark, {meta['date']}, {meta['device']}, torch {meta['torch']}, "
+    command = [f"Command: `{meta['command']}`", ""] if meta.get("command") else []  # runs before it recorded none
+    lines = command + [f"Kernel benchmark, {meta['date']}, {meta['device']}, torch {meta['torch']}, "
              f"{meta['threads']} threads" + (f", copy {meta['copy_gbps']:.0f} GB/s" if meta["copy_gbps"] else ""),
              "", "| op | shape | dtype | backend | median (us) | speedup vs torch | GB/s | % of copy |",
              "|---|---|---|---|---:|---:|---:|---:|"]
@@ -272,6 +274,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run(args)
+    report["meta"]["command"] = " ".join(["python bench/kernels.py"] + [shlex.quote(a) for a in (
+        sys.argv[1:] if argv is None else argv)])
     table = markdown(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -1,4 +1,4 @@
-"""One training iteration: the baseline (bench/baseline.py) versus fastfair, time, memory and FLOPs (issue 9).
+"""One training iteration: the baseline (bench/baseline.py) versus fastfair, time, memory and FLOPs.
 
     python bench/train_step.py --model tiny|sd15 --images N --steps S --json OUT.json
            [--resolution PX] [--micro-batch M] [--rounds R] [--iters I] [--sweep-steps 5,10,20,40]

@@ -1,4 +1,4 @@
-"""The README's main job: debias the shipped toy model on CPU, then measure it before and after (issue 6).
+"""The README's main job: debias the shipped toy model on CPU, then measure it before and after.
 
     python -m fastfair.demo [--out DIR] [--config gender|gender_race|age|FILE] [--iters N]
                             [--images-per-prompt 40] [key=value ...]
@@ -16,7 +16,7 @@
    DIR/before_after.png (per held-out occupation, original row over finetuned row, same noise) and
    DIR/frequencies_<set>.png (Fig. 9: a class's frequency per occupation, before and after, target line).
 
-Bias (seed 0124): mean over class pairs of |freq_i - freq_j| per prompt, mean ± std over prompts.
+Bias (the method's paragraph 0124): mean over class pairs of |freq_i - freq_j| per prompt, mean ± std over prompts.
 Semantics: cos(E(finetuned_j), E(original_j)) of the toy encoders (``sim_latent``, ``sim_layout``,
 `fastfair.toy.semantics`) and each model's image diversity (mean pairwise 1 - cos), to show no collapse.
 """

@@ -522,10 +522,11 @@ def _detector_name(detector) -> str:
     return detector if isinstance(detector, str) else getattr(detector, "__name__", type(detector).__name__)
 
 
-def evaluation_parser(description: str, finetuned: bool = True) -> argparse.ArgumentParser:
+def evaluation_parser(description: str, finetuned: bool = True, prog: str = "python -m fastfair.evaluate"
+                      ) -> argparse.ArgumentParser:
     """The flags of `evaluate`'s arguments (`evaluate_options` reads them); finetuned=False leaves out
     --finetuned and --base-images, for a command that supplies those itself (`fastfair.select_checkpoint`)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", required=True,
                         help="diffusers folder, single-file checkpoint, pkg://PACKAGE/PATH, or 'toy'")
     parser.add_argument("--model-config", help="with a single-file --model: " + SINGLE_FILE_CONFIG_LAYOUT)

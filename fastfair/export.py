@@ -291,7 +291,8 @@ def _apply_export(pipe, lora_dir: Path, kind: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Export a fastfair checkpoint for diffusers.")
+    parser = argparse.ArgumentParser(prog="python -m fastfair.export", description="Export a fastfair checkpoint for "
+                                     "diffusers.")
     parser.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/gender/checkpoints/step_00000200")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA (default) or raw weights")

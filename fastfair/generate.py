@@ -181,7 +181,8 @@ def generate(model, lora, prompt: Union[str, Sequence[str]], num_images: int, ou
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Generate images with a fastfair-finetuned model.")
+    parser = argparse.ArgumentParser(prog="python -m fastfair.generate",
+                                     description="Generate images with a fastfair-finetuned model.")
     parser.add_argument("--model", required=True,
                         help="diffusers folder, single-file SD checkpoint, pkg://PACKAGE/PATH, or 'toy'")
     parser.add_argument("--model-config", default=None,

@@ -227,7 +227,7 @@ def _pruned(folder: Path, trained: bool) -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = evaluation_parser("Evaluate a run's checkpoints with shared base images and pick the best.",
-                               finetuned=False)
+                               finetuned=False, prog="python -m fastfair.select_checkpoint")
     parser.add_argument("checkpoints", nargs="+",
                         help="a training run's folder (its checkpoints, in step order), or checkpoint / export "
                              "folders")
