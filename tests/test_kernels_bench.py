@@ -1,5 +1,5 @@
-"""bench/kernels.py's command line: bad flags are refused before any measurement (the benchmark itself runs in
-bench/gpu_check.sh and `make bench`; its numbers live in bench/results)."""
+"""bench/kernels.py's command line: bad flags are refused before any measurement (the benchmark itself runs by
+hand and in bench/gpu_check.sh; its numbers live in bench/results)."""
 import sys
 from pathlib import Path
 
