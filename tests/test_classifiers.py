@@ -1,4 +1,5 @@
 """Classifier architectures, state-dict layout, heads, files, and label-table parsing."""
+import numpy as np
 import pytest
 import torch
 
@@ -253,3 +254,45 @@ def test_an_image_named_by_its_absolute_path_and_relative_to_the_data_folder_is_
     head, labels = resolve_labels(table, ["gender"])
     assert unique_rows(table, head, labels, str(tmp_path / "img")) == [0, 1]
     assert unique_rows(table, head, labels) == [0, 1, 2]  # without the folder, the names alone differ
+
+
+def test_every_unreadable_row_is_counted_at_once(tmp_path):
+    """42 rows of 'Other': the error named row 6 alone, one rerun per bad row."""
+    from fastfair.classifiers.data import read_label_table, resolve_labels
+
+    rows = [f"{k}.png,{'Other' if k % 3 == 0 else 'Male'}" for k in range(1, 10)] + ["10.png,Unknown", "11.png,"]
+    (tmp_path / "t.csv").write_text("file,gender\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"gender'?, 5 rows \(e.g. rows 3, 6, 9, 10, 11\): cannot read 'Other', "
+                                         r"'Unknown', an empty cell as one of .*; map them to a class or delete"):
+        resolve_labels(read_label_table(str(tmp_path / "t.csv")), ["gender"])
+
+
+def test_integers_written_with_a_zero_fraction_are_those_integers(tmp_path):
+    """pandas writes an integer column holding a NaN as 1.0, 2.0: 1 and 1.0 were two classes, in text order."""
+    from fastfair.classifiers.data import read_label_table, resolve_labels
+
+    (tmp_path / "t.csv").write_text("file,skin,Male\na.png,1,1.0\nb.png,1.0,-1.0\nc.png,10.0,0\nd.png,2.0,1\n")
+    head, labels = resolve_labels(read_label_table(str(tmp_path / "t.csv")), ["skin", "Male"])
+    assert head.classes("skin") == ("1", "2.0", "10.0")
+    assert labels.tolist() == [[0, 1], [0, 0], [2, 0], [1, 1]]
+
+
+@pytest.mark.parametrize("size", [(36, 12), (12, 36)])
+def test_a_face_image_is_its_centre_square_resized(tmp_path, size):
+    """The square is cut from the source (a 1 x 4000 image was first resized whole to 224 x 896000, 800 MB a load):
+    inside its border (where the filter reads past the square) the centre square resized alone, up to rounding."""
+    from PIL import Image
+
+    from fastfair.classifiers.data import load_face_image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    image.save(tmp_path / "wide.png")
+    side = min(size)
+    left, top = (size[0] - side) // 2, (size[1] - side) // 2
+    image.crop((left, top, left + side, top + side)).save(tmp_path / "square.png")
+    wide, square = (load_face_image(str(tmp_path / name), 8) for name in ("wide.png", "square.png"))
+    # PIL resizes in two 8-bit passes: the rows of a tall image's first pass differ by a rounding (1 of 255)
+    assert wide.shape == (3, 8, 8) and (wide - square)[:, 1:-1, 1:-1].abs().max() <= 1.001 / 127.5
+    Image.fromarray(rng.integers(0, 256, (4000, 1, 3), dtype=np.uint8)).save(tmp_path / "thin.png")
+    assert load_face_image(str(tmp_path / "thin.png"), 224).shape == (3, 224, 224)

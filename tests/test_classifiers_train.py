@@ -360,6 +360,11 @@ def test_a_resume_across_the_merge_of_integer_spellings_says_the_tables_need_not
     resorted = fingerprint_changes(fingerprint(("Asian", "White", "black"), [0, 1, 2]),
                                    fingerprint(("Asian", "black", "White"), [0, 2, 1]))
     assert "fastfair now sorts class names ignoring case (2026-12-02)" in resorted[0]
+    merged = fingerprint_changes(fingerprint(("1", "1.0", "2.0"), [0, 1, 2]), fingerprint(("1", "2.0"), [0, 0, 1]))
+    assert "an integer written with a zero fraction ('1', '1.0') as one class (2026-12-03)" in merged[0]
+    by_value = fingerprint_changes(fingerprint(("1", "10.0", "2.0"), [0, 1, 2]),
+                                   fingerprint(("1", "2.0", "10.0"), [0, 2, 1]))
+    assert "sorts integers written with a zero fraction ('2.0', '10.0') by value" in by_value[0]
 
 
 def test_a_large_seed_and_spaced_attribute_names_train(dataset, tmp_path):
@@ -423,7 +428,7 @@ def test_a_celeba_named_column_of_other_values_says_what_it_reads(tmp_path):
 
     table = tmp_path / "smile.csv"
     table.write_text("file,Smiling\na.png,yes\nb.png,no\n")
-    with pytest.raises(ValueError, match=r"cannot read 'yes' as a CelebA flag \(1 = yes; -1 or 0 = no\).*name the "
+    with pytest.raises(ValueError, match=r"cannot read 'no', 'yes' as a CelebA flag \(1 = yes; -1 or 0 = no\).*name the "
                                          r"attribute in lower case \(e.g. smiling\)"):
         resolve_labels(read_label_table(str(table)), ["Smiling"])
     head, labels = resolve_labels(read_label_table(str(table)), ["smiling"])
@@ -450,3 +455,42 @@ def test_a_class_without_training_rows_is_named(dataset, tmp_path, capsys):
     main(arguments(dataset, tmp_path / "c.safetensors", "--epochs", "1", "--attributes", "gender") +
          ["--labels", str(males)])
     assert "note: gender: no training rows of class(es) female" in capsys.readouterr().out
+
+
+def test_a_corrupt_image_is_refused_before_training_naming_its_split(dataset, tmp_path):
+    """A truncated file passed the existence check and ended the run at the first batch holding it (a validation
+    image: after a whole epoch); a resume met it again."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    first_val = None
+    for name in sorted(p.name for p in data.glob("*.png")):  # a validation image: the rows the split holds out
+        (data / name).write_bytes((dataset / name).read_bytes()[:60])
+        try:
+            main(arguments(data, tmp_path / f"{name}.safetensors", "--max-steps", "1"))
+        except ValueError as error:
+            if "validation image" in str(error):
+                first_val = (name, str(error))
+                break
+        (data / name).write_bytes((dataset / name).read_bytes())
+    assert first_val is not None
+    name, message = first_val
+    assert f"1 image file(s) in the label table cannot be decoded, e.g. validation image {data / name}" in message
+    assert "replace them with readable files or delete their rows" in message
+    assert not (tmp_path / f"{name}.safetensors").exists()
+
+
+def test_a_validation_split_without_a_class_is_noted(dataset, tmp_path, capsys):
+    """Balanced accuracy is over the classes present: a validation part of males only let a constant 'male' guess
+    score 1.0 and pick the saved epoch, without a word."""
+    lines = (dataset / "labels.csv").read_text().splitlines()
+    (tmp_path / "train.csv").write_text("\n".join(lines[:101]) + "\n")
+    (tmp_path / "val.csv").write_text("\n".join([lines[0]] + [line for line in lines[101:] if ",Male," in line]))
+    main(arguments(dataset, tmp_path / "c.safetensors", "--max-steps", "1", "--labels", str(tmp_path / "train.csv"),
+                   "--val-labels", str(tmp_path / "val.csv"), "--attributes", "gender"))
+    out = capsys.readouterr().out
+    assert "note: gender: no validation rows of class(es) female" in out
+    trained = sum(",Female," in line for line in lines[1:101])
+    assert f"training rows per class: gender female {trained}, male {100 - trained}" in out
+    assert "validation rows per class: gender female 0, male" in out

@@ -34,7 +34,7 @@ RACE_GROUPS = {"white": "WMELH", "middle eastern": "WMELH", "latino hispanic": "
 GENDER_NAMES = {"male": "male", "m": "male", "man": "male", "female": "female", "f": "female", "woman": "female"}
 YOUNG_BUCKETS = {"0-2", "3-9", "10-19", "20-29", "30-39"}
 OLD_BUCKETS = {"40-49", "50-59", "60-69", "more than 70", "70+"}
-_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit also takes '²', which int() refuses
+WHOLE_NUMBER = re.compile(r"(-?[0-9]+)(?:\.0*)?")  # an integer, or one with a zero fraction ("2.0"); ASCII digits
 
 
 class LabelTable:
@@ -123,18 +123,19 @@ def _normalized(value: str) -> str:
 def _lookup(values: Sequence[str], mapping, classes, where: str, accepted: Optional[str] = None) -> List[int]:
     """Class indices of ``values`` read by ``mapping``; accepted: what the message says it reads (default: one of
     the classes)."""
-    labels = []
-    for row, value in enumerate(values):
-        name = mapping(value)
-        if name is None:
-            what = "an empty cell" if not value.strip() else repr(value)
-            raise ValueError(f"{where}, row {row + 1}: cannot read {what} as {accepted or f'one of {classes}'}")
-        labels.append(classes.index(name))
-    return labels
+    names = [mapping(value) for value in values]
+    bad = [row for row, name in enumerate(names) if name is None]
+    if bad:  # all of them at once: one rerun per bad row would be no way to clean a table
+        shown = sorted({"an empty cell" if not values[row].strip() else repr(values[row]) for row in bad})
+        rows = (f"row {bad[0] + 1}" if len(bad) == 1 else
+                f"{len(bad)} rows (e.g. rows {', '.join(str(row + 1) for row in bad[:5])})")
+        raise ValueError(f"{where}, {rows}: cannot read {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''} "
+                         f"as {accepted or f'one of {classes}; map them to a class or delete those rows'}")
+    return [classes.index(name) for name in names]
 
 
 def _celeba_flag(value: str):
-    return {"1": "yes", "-1": "no", "0": "no"}.get(value.strip())
+    return {"1": "yes", "-1": "no", "0": "no"}.get(class_key(value))
 
 
 # what an attribute named as CelebA's (its exact spelling) reads; other spellings read class names
@@ -187,9 +188,9 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
     spelling: Dict[str, str] = {}  # class key -> the first row's spelling
     for value in values:
         spelling.setdefault(class_key(value), value.strip())
-    # numerically when all are integers, else in text order ignoring case: ('-1', '10', '9', 'b')
-    numeric = all(_INTEGER.fullmatch(v) for v in spelling.values())
-    distinct = sorted(spelling.values(), key=int if numeric else class_key)  # not by how the first row typed it
+    # numerically when all are integers (2.0 too), else in text order ignoring case: ('-1', '10', '9', 'b')
+    numeric = all(WHOLE_NUMBER.fullmatch(v) for v in spelling.values())
+    distinct = sorted(spelling.values(), key=(lambda v: int(class_key(v))) if numeric else class_key)
     if len(distinct) < 2:
         raise ValueError(f"{where}: needs at least 2 distinct values, found {distinct}")
     index = {class_key(v): i for i, v in enumerate(distinct)}
@@ -197,10 +198,12 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
 
 
 def class_key(name: str) -> str:
-    """What identifies a class name: case, surrounding spaces and an integer's leading zeros are typing, not meaning
-    (``Dark `` is ``dark``, ``07`` is ``7``, ``-0`` is ``0``)."""
+    """What identifies a class name: case, surrounding spaces, an integer's leading zeros and a zero fraction are
+    typing, not meaning (``Dark `` is ``dark``, ``07`` is ``7``, ``-0`` is ``0``, ``2.0`` is ``2``: pandas writes
+    an integer column holding a NaN as floats)."""
     name = name.strip()
-    return str(int(name)) if _INTEGER.fullmatch(name) else name.casefold()
+    whole = WHOLE_NUMBER.fullmatch(name)
+    return str(int(whole[1])) if whole else name.casefold()
 
 
 def resolve_labels(table: LabelTable, names: Sequence[str]) -> Tuple[AttributeHead, torch.Tensor]:
@@ -270,7 +273,8 @@ def align_labels(head: AttributeHead, other: AttributeHead, labels: torch.Tensor
 
 
 def load_face_image(path: str, size: int) -> torch.Tensor:
-    """[3, size, size] in [-1, 1]: shorter side resized to ``size`` (antialiased), centre crop."""
+    """[3, size, size] in [-1, 1]: the centre square, resized to ``size`` (antialiased). The square is cut from the
+    source, not from the whole image resized first: a 1 x 4000 image would be resized to 224 x 896000."""
     from PIL import Image
 
     from fastfair.image_files import open_image, to_rgb
@@ -278,14 +282,29 @@ def load_face_image(path: str, size: int) -> torch.Tensor:
     try:
         with open_image(path) as image:
             image = to_rgb(image, path)
-            scale = size / min(image.size)
-            width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-            image = image.resize((width, height), Image.BILINEAR)
-            left, top = (width - size) // 2, (height - size) // 2
-            rgb = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
+            side = min(image.size)
+            left, top = (image.width - side) / 2, (image.height - side) / 2
+            image = image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+            rgb = np.asarray(image, dtype=np.float32)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read training image {path}: {error}") from error
+        raise ValueError(f"cannot read image {path}: {error}") from error
     return torch.from_numpy(rgb).permute(2, 0, 1) / 127.5 - 1
+
+
+def image_problem(path: str) -> Optional[str]:
+    """Why the image at ``path`` cannot be decoded (a truncated or corrupt file), or None. A JPEG is decoded at
+    reduced scale (its draft mode reads the whole file at a fraction of the cost)."""
+    from fastfair.image_files import open_image, to_rgb
+
+    try:
+        with open_image(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (1, 1))
+            image.load()
+            to_rgb(image, path)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises SyntaxError on some malformed headers
+        return str(error) or type(error).__name__
+    return None
 
 
 class LabelledFaces(Dataset):
@@ -299,6 +318,9 @@ class LabelledFaces(Dataset):
         mid-epoch)."""
         return [name for name in (self.table.files[row] for row in self.indices)
                 if not os.path.isfile(os.path.join(self.root, name))]
+
+    def paths(self) -> List[str]:
+        return [os.path.join(self.root, self.table.files[row]) for row in self.indices]
 
     def __len__(self):
         return len(self.indices)

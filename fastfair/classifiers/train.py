@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fastfair.classifiers.data import (LabelledFaces, align_labels, class_key, file_key, read_label_table,
-                                       resolve_labels, unique_rows)
+from fastfair.classifiers.data import (WHOLE_NUMBER, LabelledFaces, align_labels, class_key, file_key,
+                                       image_problem, read_label_table, resolve_labels, unique_rows)
 from fastfair.classifiers.heads import AttributeHead
 from fastfair.classifiers.model import ARCHITECTURES, AttributeClassifier, save_classifier
 from fastfair.cli import device_problem, folder_instead_of_file
@@ -39,7 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--attributes", required=True, help="comma list: gender,race,age | celeba40 | column names")
     parser.add_argument("--out", required=True, help="classifier file to write (.safetensors)")
     parser.add_argument("--val-labels", help="separate validation table (same folder); default: a split")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out when no --val-labels")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of rows held out when no --val-labels (split by file: photos of one person may "
+                        "land on both sides; give --val-labels with other people's photos where that matters)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="mobilenet_v3_large")
     parser.add_argument("--width", type=int, default=16, help="small_cnn channel width")
     parser.add_argument("--init", help="initial network weights (torchvision layout, e.g. ImageNet); tensors of "
@@ -155,11 +157,52 @@ def prepare_data(args):
         if absent:  # its output is never trained; with a split, its rows all fell into the validation part
             print(f"note: {attribute.name}: no training rows of class(es) {', '.join(absent)} ({len(train)} rows): "
                   "the classifier cannot learn them")
+    if len(val):
+        held = val.labels[val.indices]
+        for a, attribute in enumerate(head.attributes):
+            absent = [name for c, name in enumerate(attribute.classes)
+                      if bool((trained[:, a] == c).any()) and not bool((held[:, a] == c).any())]
+            if absent:  # balanced accuracy is over the classes present: a constant guess could score 1.0
+                print(f"note: {attribute.name}: no validation rows of class(es) {', '.join(absent)} ({len(val)} "
+                      "rows): the validation accuracy, which picks the saved epoch, does not measure them")
+    for name, part in (("training", train), ("validation", val)):
+        counts = part.labels[part.indices]
+        print(f"{name} rows per class: " + "; ".join(
+            f"{attribute.name} " + ", ".join(f"{cls} {int((counts[:, a] == c).sum())}"
+                                             for c, cls in enumerate(attribute.classes))
+            for a, attribute in enumerate(head.attributes)))
     missing = sorted(set(train.missing_files() + val.missing_files()))
     if missing:
         raise ValueError(f"--data {args.data}: {len(missing)} image file(s) named in the label table do not exist, "
                          f"e.g. {', '.join(missing[:3])}")
+    check_images(train, val, args.workers, args.quiet)
     return head, train, val
+
+
+class _ImageProblems(torch.utils.data.Dataset):
+    def __init__(self, paths: List[str]):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        return image_problem(self.paths[item])
+
+
+def check_images(train: LabelledFaces, val: LabelledFaces, workers: int, quiet: bool = False) -> None:
+    """Decode every listed image before training: a corrupt one ended the run at the first batch holding it (a
+    validation image: after a whole epoch), and a resume met it again. ValueError naming them and the fix."""
+    paths = train.paths() + val.paths()
+    loader = DataLoader(_ImageProblems(paths), batch_size=64, num_workers=workers, collate_fn=list)
+    problems = [problem for batch in tqdm(loader, desc="checking images", disable=quiet, unit="batch")
+                for problem in batch]
+    bad = [(k, problem) for k, problem in enumerate(problems) if problem is not None]
+    if bad:
+        k, problem = bad[0]
+        part = "training" if k < len(train) else "validation"
+        raise ValueError(f"{len(bad)} image file(s) in the label table cannot be decoded, e.g. {part} image "
+                         f"{paths[k]} ({problem}); replace them with readable files or delete their rows")
 
 
 def attribute_loss(head, logits, labels):
@@ -215,9 +258,16 @@ def _examples(files: List[str]) -> str:
 
 def _why(old, new) -> str:
     """Where fastfair's reading of class names changed since a state was saved: the tables need not have."""
+    fractions = any("." in c for c in old.classes) and all(WHOLE_NUMBER.fullmatch(c) for c in old.classes)
     if len({class_key(c) for c in old.classes}) < len(old.classes):
+        if fractions:
+            return (" because fastfair now reads an integer written with a zero fraction ('1', '1.0') as one class "
+                    "(2026-12-03): the tables need not have changed")
         return (" because fastfair now reads names that differ only by an integer's leading zeros ('07', '7') as "
                 "one class (2026-11-30): the tables need not have changed")
+    if fractions and sorted(old.classes, key=lambda c: int(class_key(c))) == list(new.classes):
+        return (" because fastfair now sorts integers written with a zero fraction ('2.0', '10.0') by value "
+                "(2026-12-03): the tables need not have changed; train afresh (another --out) for the new order")
     if sorted(old.classes, key=class_key) == list(new.classes):
         return (" because fastfair now sorts class names ignoring case (2026-12-02): the tables need not have "
                 "changed; train afresh (another --out) for the new order")
