@@ -12,7 +12,7 @@ from PIL import Image
 from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank
 from fastfair.faces import build_bank as build_bank_module
-from fastfair.faces.build_bank import build_bank, list_images, main, partial_path, read_image
+from fastfair.faces.build_bank import build_bank, list_images, main, partial_path, read_image, skipped_path
 from fastfair.faces.detect import CallableDetector, get_detector
 from fastfair.faces.embed import FaceEmbedder
 from fastfair.faces.regions import locate_faces
@@ -66,6 +66,8 @@ def test_build_skips_unreadable_and_faceless_images_and_embeds_aligned_faces(fol
     out = str(tmp_path / "bank.safetensors")
     summary = build_bank(folder, out, embedder, detector, batch_size=2, progress_bar=False)
     assert summary == {"images": 9, "embedded": 7, "unreadable": 1, "no_face": 1, "unreadable_folders": 0}
+    # named, not only counted: the user could not tell which files to fix
+    assert open(skipped_path(out)).read() == "unreadable\tbroken.jpg\nno face found\tblank.png\n"
     bank = FaceBank.load(out, use_faiss=False)
     assert bank.files == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg", "sub/img5.png", "sub/img6.png"]
     image = read_image(os.path.join(folder, "sub/img5.png"))
@@ -124,7 +126,8 @@ def test_cli_builds_a_bank_with_a_local_sfnet_checkpoint(folder, tmp_path, capsy
     torch.save(tiny_embedder().network.state_dict(), weights)
     out = str(tmp_path / "cli.safetensors")
     main(["--images", folder, "--out", out, "--embedder", weights, "--detector", "none", "--batch-size", "4"])
-    assert "embedded 8 of 9 images; skipped 1 unreadable and 0 without a face" in capsys.readouterr().out
+    assert (f"embedded 8 of 9 images; skipped 1 unreadable and 0 without a face (listed in {out}.skipped.txt)"
+            in capsys.readouterr().out)
     bank = FaceBank.load(out, use_faiss=False)
     assert len(bank) == 8 and bank.dim == 8
     assert torch.allclose(bank.embeddings.norm(dim=1), torch.ones(8), atol=1e-5)

@@ -26,7 +26,7 @@ from fastfair.faces.align import align_faces
 from fastfair.faces.bank import FaceBank, json_mapping
 from fastfair.faces.detect import detector_from_flags, get_detector
 from fastfair.faces.embed import as_face_embedder, load_face_embedder
-from fastfair.files import save_safetensors
+from fastfair.files import save_safetensors, write_text
 from fastfair.faces.regions import locate_faces
 from fastfair.hooks import load_callable
 
@@ -274,12 +274,24 @@ def build_bank(image_dir: str, out: str, embedder: Callable, detector="opencv", 
         raise ValueError(f"no face was embedded from {len(files)} image(s) in {image_dir} ({found}): nothing to "
                          "save")
     info = {"settings": progress.settings, "summary": json.dumps(summary)}
+    skipped = skipped_path(out)
+    lists = (("unreadable", progress.unreadable), ("no face found", progress.no_face),
+             ("folder not read", unsearched))
+    if any(names for _, names in lists):  # the counts alone left the user to hunt for the files
+        write_text(skipped, "".join(f"{why}\t{name}\n" for why, names in lists for name in names))
+    elif os.path.exists(skipped):  # an earlier build's list, of files since fixed
+        os.remove(skipped)
     # in file order, as an uninterrupted build of the folder (a resume appends files added since the partial save)
     order = sorted(range(len(progress.embedded)), key=progress.embedded.__getitem__)
     FaceBank(torch.cat(embeddings)[order], [progress.embedded[i] for i in order], info).save(out, dtype=dtype)
     if os.path.exists(partial_path(out)):
         os.remove(partial_path(out))
     return summary
+
+
+def skipped_path(out: str) -> str:
+    """The list of what a build at ``out`` skipped: a line 'why<TAB>relative path' each."""
+    return out + ".skipped.txt"
 
 
 def parse_args(argv=None):
@@ -360,8 +372,11 @@ def main(argv=None):
                          getattr(torch, args.dtype), args.device, args.restart, json.dumps(settings))
     unsearched = (f"; {summary['unreadable_folders']} folder(s) could not be read"
                   if summary["unreadable_folders"] else "")
+    skipped = summary["unreadable"] + summary["no_face"] + summary["unreadable_folders"]
+    listed = f" (listed in {skipped_path(args.out)})" if skipped else ""
     print(f"face bank: embedded {summary['embedded']} of {summary['images']} images; skipped "
-          f"{summary['unreadable']} unreadable and {summary['no_face']} without a face{unsearched} -> {args.out}")
+          f"{summary['unreadable']} unreadable and {summary['no_face']} without a face{unsearched}{listed} -> "
+          f"{args.out}")
     return summary
 
 
