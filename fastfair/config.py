@@ -993,14 +993,37 @@ def _target_problems(cfg: TrainConfig) -> List[str]:
     return problems
 
 
-def _hook_problems(cfg: TrainConfig) -> List[str]:
-    """Every 'package.module:function' value must have that form (it is imported when the run starts)."""
+def _hooks(cfg: TrainConfig) -> List[Tuple[str, str]]:
+    """(key, 'package.module:function') of every hook the settings name (None where unset)."""
     hooks = [("faces.detector_fn", cfg.faces.detector_fn), ("faces.embedding_fn", cfg.faces.embedding_fn),
              ("semantics.factory", cfg.semantics.factory)]
     hooks += [(f"classifiers.{name}.factory", spec.factory) for name, spec in cfg.classifiers.items()]
     hooks += [(f"data.sets.{name}.factory", spec.factory) for name, spec in cfg.data.sets.items()]
-    return [f"{key}={value!r}: expected 'package.module:function'" for key, value in hooks
-            if value is not None and (value.count(":") != 1 or not all(value.split(":")))]
+    return hooks
+
+
+def _hook_problems(cfg: TrainConfig) -> List[str]:
+    """Every 'package.module:function' value must have that form (``check_hooks`` imports them)."""
+    return [f"{key}={value!r}: expected 'package.module:function'" for key, value in _hooks(cfg)
+            if value is not None and (value.count(":") != 1 or not all(value.split(":")) or value.startswith("."))]
+
+
+def check_hooks(cfg: TrainConfig) -> None:
+    """Import every hook the settings name (``fastfair.hooks.load_callable``), before any model loads: a misspelt
+    one was found only once Stable Diffusion and the judges had loaded. ConfigError naming each."""
+    from fastfair.hooks import load_callable
+
+    problems = []
+    left_out = {f"data.sets.{name}.factory" for name, spec in cfg.data.sets.items() if spec.weight == 0}
+    for key, value in _hooks(cfg):
+        if value is None or key in left_out:  # a set left out is not read
+            continue
+        try:
+            load_callable(value, key)
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError("hooks that cannot be imported:\n  " + "\n  ".join(problems))
 
 
 _ENVIRONMENT_VARIABLE = re.compile(r"\$(\w|\{)")

@@ -3,13 +3,14 @@ the face detector, the semantics encoders and the face embedding with its bank, 
 the autocast dtype they compute in; and the check of the targets against a classifier file's own class layout."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from torch import nn
 
 from fastfair.config import TrainConfig
-from fastfair.hooks import load_callable
+from fastfair.hooks import call_hook, load_callable
 from fastfair.models import torch_dtype
 
 
@@ -30,7 +31,17 @@ def _classifier(name, spec, device):
     from fastfair.classifiers.model import describes_itself, file_outputs
 
     if spec.factory:
-        module = load_callable(spec.factory, f"classifiers.{name}.factory")(spec)
+        key = f"classifiers.{name}.factory"
+        module = call_hook(spec.factory, key, (spec,), "factory(spec) -> a torch.nn.Module, images -> logits")
+        missing = [what for what, present in (
+            ("an nn.Module", isinstance(module, nn.Module)),
+            ("input_size (its image side)", hasattr(module, "input_size")),
+            ("head, or classifiers.<n>.attributes set", spec.attributes or hasattr(module, "head"))) if not present]
+        if missing:
+            raise ValueError(f"{key}={spec.factory!r} returned a {type(module).__name__}, which lacks "
+                             f"{'; '.join(missing)}: a classifier factory returns an nn.Module mapping images "
+                             "[N, 3, S, S] in [-1, 1] to logits, with .input_size = S and .head (its attributes' "
+                             "outputs; or give classifiers.<n>.attributes)")
     else:  # a file without fastfair's metadata (e.g. the public code's .pt): its outputs as the config maps them
         head = None
         if spec.attributes and not describes_itself(spec.path):
@@ -68,13 +79,26 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
             classifiers[attribute] = module
     faces = cfg.faces
     if faces.detector == "callable":
-        detector = get_detector(load_callable(faces.detector_fn, "faces.detector_fn"))
+        detector = load_callable(faces.detector_fn, "faces.detector_fn")
+        try:
+            inspect.signature(detector).bind(None)
+        except TypeError as error:
+            raise ValueError(f"faces.detector_fn={faces.detector_fn!r} cannot be called as detector(rgb uint8 "
+                             f"[H, W, 3]) -> faces ({error})") from None
+        except ValueError:  # no signature to read: the first call says
+            pass
+        detector = get_detector(detector)
     else:  # one backend, or a list tried in order per image (FallbackDetector); insightface with its model root
         detector = get_detector(detector_from_flags(faces.detector, faces.detector_path))
     sem = cfg.semantics
     if sem.factory:  # frozen and in eval mode, as every judge: batch statistics and dropout would make the loss of
         # an image depend on the others in its batch, and the encoders would collect gradients
-        semantics = load_callable(sem.factory, "semantics.factory")(sem).to(device, judge_dtype).eval()
+        semantics = call_hook(sem.factory, "semantics.factory", (sem,), "factory(settings) -> a semantics loss module")
+        if not (isinstance(semantics, nn.Module) and hasattr(semantics, "embed_originals")):
+            raise ValueError(f"semantics.factory={sem.factory!r} returned a {type(semantics).__name__}: expected an "
+                             "nn.Module with embed_originals(originals) -> embeddings and forward(images, "
+                             "embeddings) -> {name: [N] losses}, as fastfair.losses.SemanticsLoss")
+        semantics = semantics.to(device, judge_dtype).eval()
         semantics.requires_grad_(False)
     else:
         clip = ({"backend": "open_clip", "model_name": sem.clip_model, "checkpoint": sem.clip_path}
@@ -87,7 +111,7 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
         bank = FaceBank.load(faces.bank, device=device)
         flip = bank.flip
         if faces.embedding_fn:
-            embedder = load_callable(faces.embedding_fn, "faces.embedding_fn")()
+            embedder = call_hook(faces.embedding_fn, "faces.embedding_fn", (), "factory() -> a face embedder")
             if flip is not None:  # a bare network, as build_bank's --embedder-factory gives (so the factory a
                 # bank records serves here too), is embedded as build_bank did
                 embedder = as_face_embedder(embedder, flip)

@@ -313,10 +313,11 @@ def build_prompt_mixture(data, seed: int) -> PromptMixture:
         if spec.weight == 0:  # left out: its prompts are not read (a file it names need not exist)
             continue
         if spec.factory:
-            from fastfair.hooks import load_callable
+            from fastfair.hooks import call_hook
 
             where = f"data.sets.{name}.factory={spec.factory}"
-            sets[name] = factory_prompts(load_callable(spec.factory, f"data.sets.{name}.factory")(data.split), where)
+            sets[name] = factory_prompts(call_hook(spec.factory, f"data.sets.{name}.factory", (data.split,),
+                                                   "factory(split) -> a list of prompts"), where)
         elif spec.file:  # under a shipped set's name its lines are that set's items (occupations), in its template
             template = spec.template or SET_TEMPLATES.get(name)
             if template and not spec.template:

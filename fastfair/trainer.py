@@ -37,9 +37,9 @@ import yaml
 
 from fastfair import checkpoint
 from fastfair.cli import whole_number
-from fastfair.config import (ConfigError, TrainConfig, check_files, check_packages, config_to_dict, config_yaml,
-                             describe_changes, load_config, repeated_override, resume_changes, save_config,
-                             validate)
+from fastfair.config import (ConfigError, TrainConfig, check_files, check_hooks, check_packages, config_to_dict,
+                             config_yaml, describe_changes, load_config, repeated_override, resume_changes,
+                             save_config, validate)
 from fastfair.dft import sample
 from fastfair.ema import EMA
 from fastfair.finetune import FinetunedModel
@@ -96,7 +96,7 @@ class Trainer:
         cfg = self.cfg
         problems = []  # settings and files together: one try shows everything to set
         for check in (lambda: validate(cfg, self.world, self.device), lambda: check_files(cfg),
-                      lambda: check_packages(cfg)):
+                      lambda: check_packages(cfg), lambda: check_hooks(cfg)):
             try:
                 check()
             except ConfigError as error:
@@ -174,17 +174,30 @@ class Trainer:
     def _check_classifier_outputs(self) -> None:
         """Fail at start, not at the first iteration, when a classifier has fewer outputs than the targets read."""
         outputs = {}
+        noise = torch.Generator().manual_seed(0)  # its own: the run's random state is not touched
         for attribute, classifier in self.judges.classifiers.items():
             side = classifier.input_size
+            images = torch.rand(4, 3, side, side, generator=noise).mul(2).sub(1).to(self.device)
             with self._autocast():  # as the losses call it (its weights are in the half dtype then)
-                width = classifier(torch.zeros(1, 3, side, side, device=self.device)).shape[-1]
-            outputs[attribute] = torch.zeros(1, width)
+                output = classifier(images)
+            if not torch.is_tensor(output):
+                raise ValueError(f"classifiers: the classifier of {attribute!r} returned a {type(output).__name__}: "
+                                 "expected logits, a tensor [N, C] for images [N, 3, S, S]")
+            outputs[attribute] = output.float().cpu()
         try:
-            self.targets.attribute_logits(outputs)
+            logits = self.targets.attribute_logits(outputs)
         except KeyError as error:
             raise ValueError(f"classifiers: no classifier gives the target attribute {error}") from None
         except ValueError as error:
             raise ValueError(f"classifiers: {error}; check the classifier file against the targets' indices") from None
+        # probabilities, softmaxed again by the losses, flatten every confidence (0.99 read as 0.61): no run trains
+        # as meant on them
+        given = [name for name, values in logits.items() if values.shape[-1] > 1 and bool(
+            (values >= 0).all() and (values <= 1).all() and (values.sum(-1) - 1).abs().max() < 1e-3)]
+        if given:
+            raise ValueError(f"classifiers: the outputs for {', '.join(given)} are probabilities (in [0, 1], summing "
+                             "to 1 on random images); the losses take logits (or log-probabilities): return those "
+                             "from the classifier (no softmax at its end)")
         # also where the config declares the layout: a file that names its classes (e.g. one trained by an older
         # fastfair, whose race order differed) must not be read under other names
         problems = [p for a in self.targets.attributes

@@ -116,9 +116,16 @@ def test_a_box_no_face_can_fill_is_left_out_and_landmarks_must_be_five_points():
     assert [[f.box for f in image] for image in faces] == [[(2, 3, 12, 14)]] * 2
     points = np.arange(10.0) + 5
     assert np.array_equal(Face((0, 0, 9, 9), landmarks=points).landmarks, points.reshape(5, 2))
-    for bad in (points.reshape(2, 5), np.full((5, 2), np.nan)):
-        with pytest.raises(ValueError, match="Face.landmarks must be 5 finite"):
-            Face((0, 0, 9, 9), landmarks=bad)
+    with pytest.raises(ValueError, match=r"Face.landmarks must be 5 \(x, y\) points, shape \(5, 2\), got shape"):
+        Face((0, 0, 9, 9), landmarks=points.reshape(2, 5))
+    # NaN landmarks: a face no alignment can use, dropped as a NaN box is (they stopped the training step, and the
+    # message blamed their shape)
+    with pytest.raises(UnusableBox, match=r"Face.landmarks must be finite, got \[\[nan"):
+        Face((0, 0, 9, 9), landmarks=np.full((5, 2), np.nan))
+    nan_points = CallableDetector(lambda rgb: [Face((2, 3, 12, 14), landmarks=points),
+                                               {"box": (1, 1, 20, 20), "landmarks": np.full((5, 2), np.nan)}])
+    with pytest.warns(UserWarning, match="must be finite"):
+        assert [len(image) for image in nan_points.detect(torch.zeros(1, 3, 32, 32))] == [1]
     # landmarks collapsed to a point (or within 1e-7 px of one) have no similarity fit to the template: the
     # alignment raised for the whole batch, and a face-bank build stopped at that image on every rerun
     for collapsed in (np.full((5, 2), 4.0), np.full((5, 2), 4.0) + np.random.default_rng(0).normal(0, 1e-7, (5, 2))):

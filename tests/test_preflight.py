@@ -3,6 +3,9 @@ checkpoint size, retention and disk figures match what the run then really write
 look before a run."""
 import itertools
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from fastfair import checkpoint, preflight
 from fastfair.config import load_config
 from fastfair.preflight import Preflight, retention, saved_steps
 from fastfair.trainer import Trainer, main
+from child_env import child_env
 from test_trainer_world import world, write_config  # noqa: F401 (world: a fixture)
 
 
@@ -231,3 +235,15 @@ def test_print_config_prints_the_resolved_settings_and_touches_nothing(tmp_path,
     with pytest.raises(SystemExit) as stop:
         main(["--config", path, "--print-config", "--check"])
     assert stop.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_the_script_imports_a_hook_module_from_the_current_folder(tmp_path):
+    """`python fastfair/train.py` (and torchrun's ranks) had no current folder on sys.path, which `python -m` has:
+    a hook module beside the run was 'No module named' there only."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "cwd_hooks.py").write_text("from fastfair.toy import detect_faces as detect\n")
+    run = subprocess.run([sys.executable, str(repo / "fastfair" / "train.py"), "--config", str(repo / "configs" /
+                          "toy.yaml"), "--check", "--check-iterations", "1", f"output_dir={tmp_path / 'run'}",
+                          "faces.detector=callable", "faces.detector_fn=cwd_hooks:detect"],
+                         env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0 and "nothing was saved" in run.stdout, run.stderr[-3000:]

@@ -588,3 +588,60 @@ def test_the_optimizer_of_a_checkpoint_saved_without_its_name_is_told_by_its_sta
     assert saved_optimizer_name({"state": {0: {"step": 1, "state1": moments, "state2": moments}}}) == "adamw8bit"
     assert saved_optimizer_name({"state": {0: {"step": 1, "exp_avg": moments, "exp_avg_sq": moments}}}) == "adamw"
     assert saved_optimizer_name({"state": {}, "param_groups": []}) is None and saved_optimizer_name(None) is None
+
+
+HOOKS = '''
+import torch
+from fastfair.classifiers import load_classifier
+
+
+class Probabilities(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.input_size, self.head = inner, inner.input_size, inner.head
+
+    def forward(self, images):
+        return self.inner(images).softmax(-1)
+
+
+def plain(spec):
+    return torch.nn.Linear(3, 2)
+
+
+def probabilities(spec):
+    return Probabilities(load_classifier(CLASSIFIER))
+
+
+def identity(settings):
+    return torch.nn.Identity()
+
+
+def detector(images, threshold):
+    return [[] for _ in images]
+'''
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["classifiers={gender: {factory: 'run_hooks:plain'}}"],
+     r"classifiers\.gender\.factory='run_hooks:plain' returned a Linear, which lacks input_size \(its image side\); "
+     r"head, or classifiers.<n>.attributes set: a classifier factory returns"),
+    # the losses softmax again: 0.99 read as 0.61, no image above the confidence threshold, no error
+    (["classifiers={gender: {factory: 'run_hooks:probabilities'}}"],
+     r"the outputs for gender are probabilities \(in \[0, 1\], summing to 1 on random images\)"),
+    (["semantics.factory=run_hooks:identity"],
+     r"semantics\.factory='run_hooks:identity' returned a Identity: expected an nn.Module with embed_originals"),
+    (["faces.detector=callable", "faces.detector_fn=run_hooks:detector"],
+     r"faces\.detector_fn='run_hooks:detector' cannot be called as detector\(rgb uint8 \[H, W, 3\]\) -> faces"),
+])
+def test_a_hook_that_breaks_its_contract_is_refused_at_start_naming_its_key(tmp_path, world, monkeypatch, overrides,
+                                                                           message):
+    """A plain module lacked .head (AttributeError mid-start), a detector of two arguments or a semantics module
+    without embed_originals failed at the first iteration with a bare TypeError or AttributeError, and a classifier
+    returning probabilities trained silently on flattened confidences."""
+    from fastfair.trainer import process_group
+
+    (tmp_path / "run_hooks.py").write_text(HOOKS.replace("CLASSIFIER", repr(str(world["classifier"]))))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(write_config(tmp_path, world), overrides)
+    with process_group(), pytest.raises(ValueError, match=message):
+        Trainer(cfg)

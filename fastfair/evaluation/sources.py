@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Tuple
@@ -45,7 +46,8 @@ def resolve_model(model: str) -> str:
     installed package (as configs resolve it); anything else is taken as a local path."""
     if model in MODEL_REGISTRY:
         return str(MODEL_REGISTRY[model]())
-    path = resolve_package_path(str(model), "--model")
+    # ~ as configs read paths: after --model= the shell leaves it unexpanded
+    path = resolve_package_path(os.path.expanduser(str(model)), "--model")
     if not Path(path).exists():
         raise ValueError(f"--model {model}: no such file or folder, and not a registered name "
                          f"({', '.join(MODEL_REGISTRY)})")
@@ -54,7 +56,7 @@ def resolve_model(model: str) -> str:
 
 def resolve_model_config(model_config: Optional[str]) -> Optional[str]:
     """--model-config as configs read model.config: ``pkg://package/path`` -> that folder in the installed package."""
-    return resolve_package_path(str(model_config), "--model-config") if model_config else None
+    return resolve_package_path(os.path.expanduser(str(model_config)), "--model-config") if model_config else None
 
 
 EXPECTED_EXPORT = "an export folder (python -m fastfair.export CKPT --out DIR)"

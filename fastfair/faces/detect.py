@@ -44,9 +44,10 @@ class Face:
         if self.landmarks is not None:
             points = np.asarray(self.landmarks, dtype=np.float64)
             # [5, 2] (x, y) rows, or those 10 numbers flat; MTCNN's own [2, 5] (xs; ys) reshaped would mix them
-            if points.shape not in ((5, 2), (10,)) or not np.isfinite(points).all():
-                raise ValueError(f"Face.landmarks must be 5 finite (x, y) points, shape (5, 2), got shape "
-                                 f"{points.shape}")
+            if points.shape not in ((5, 2), (10,)):
+                raise ValueError(f"Face.landmarks must be 5 (x, y) points, shape (5, 2), got shape {points.shape}")
+            if not np.isfinite(points).all():  # unusable as a NaN box is: the face is dropped, not the step
+                raise UnusableBox(f"Face.landmarks must be finite, got {points.tolist()}")
             self.landmarks = points.reshape(5, 2)
             spread = float(np.sqrt(((self.landmarks - self.landmarks.mean(0)) ** 2).sum(1).mean()))
             if not spread > 1e-3 * max(box[2] - box[0], box[3] - box[1]):
