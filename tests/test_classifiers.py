@@ -296,3 +296,17 @@ def test_a_face_image_is_its_centre_square_resized(tmp_path, size):
     assert wide.shape == (3, 8, 8) and (wide - square)[:, 1:-1, 1:-1].abs().max() <= 1.001 / 127.5
     Image.fromarray(rng.integers(0, 256, (4000, 1, 3), dtype=np.uint8)).save(tmp_path / "thin.png")
     assert load_face_image(str(tmp_path / "thin.png"), 224).shape == (3, 224, 224)
+
+
+def test_a_table_with_blank_lines_first_or_other_separators_is_read_or_explained(tmp_path):
+    from fastfair.classifiers.data import read_label_table
+
+    (tmp_path / "blank.csv").write_text("\n\nfile,gender\na.png,Male\n")  # the header was read as empty
+    assert read_label_table(str(tmp_path / "blank.csv")).files == ["a.png"]
+    for separator, name in (("\t", "tabs"), (";", "semicolons")):
+        (tmp_path / "t.csv").write_text(f"file{separator}gender\na.png{separator}Male\n")
+        with pytest.raises(ValueError, match=f"look separated by {name}: save it comma-separated"):
+            read_label_table(str(tmp_path / "t.csv"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="no file-name column"):
+        read_label_table(str(tmp_path / "empty.csv"))

@@ -89,6 +89,8 @@ def read_label_table(path: str) -> LabelTable:
         raise ValueError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
                          "save the table as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     lines = text.splitlines()
+    while lines and not lines[0].strip():  # blank lines before the header: csv took the first as an empty header
+        lines.pop(0)
     if lines and lines[0].strip().isdigit():  # list_attr_celeba.txt
         if len(lines) < 2:
             raise ValueError(f"{path}: a count line and nothing else; CelebA's attribute list has a line of "
@@ -106,7 +108,9 @@ def read_label_table(path: str) -> LabelTable:
     reader.fieldnames = header
     file_column = next((name for wanted in FILE_COLUMNS for name in header if _header_key(name) == wanted), None)
     if file_column is None:
-        raise ValueError(f"{path}: no file-name column; expected one of {FILE_COLUMNS}, found {header}")
+        separator = next((name for char, name in (("\t", "tabs"), (";", "semicolons")) if lines and char in lines[0]), None)
+        hint = f" (its columns look separated by {separator}: save it comma-separated)" if separator else ""
+        raise ValueError(f"{path}: no file-name column; expected one of {FILE_COLUMNS}, found {header}{hint}")
     rows = list(reader)
     files = [(row[file_column] or "").strip() for row in rows]
     if "" in files:
