@@ -887,7 +887,9 @@ class Trainer:
         held.push(closing(bar.close))
         for it in range(self.start, cfg.max_steps):
             began = time.perf_counter()
+            lr = self.lr_scheduler.get_last_lr()[0]  # the rate this iteration's step applies (warm-up, decay)
             parts = self.iteration(it)
+            parts["lr"] = lr
             self.step = it + 1
             parts["images_per_s"] = cfg.batch.images_per_prompt / (time.perf_counter() - began)
             parts["skipped_steps"] = self.skipped

@@ -42,7 +42,7 @@ def test_two_iterations_train_only_the_target(tmp_path, world, target):
 def test_train_writes_checkpoints_config_and_grids(tmp_path, world):
     from safetensors.torch import load_file
 
-    path = write_config(tmp_path, world, "prefix")
+    path = write_config(tmp_path, world, "prefix", optim={"lr": 0.01, "ema_decay": 0.5, "warmup_steps": 1})
     Trainer(load_config(path)).train()
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file()
@@ -57,6 +57,8 @@ def test_train_writes_checkpoints_config_and_grids(tmp_path, world):
 
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2] and lines[1]["loss"] == events.Scalars("loss")[1].value
+    # the rate each step applied: half of optim.lr in the one warm-up step, then optim.lr
+    assert [line["lr"] for line in lines] == pytest.approx([0.005, 0.01])
     ckpt = run / "checkpoints" / "step_00000002"
     names = set(load_file(str(ckpt / "weights.safetensors")))
     assert len(names) == 1 and names == set(load_file(str(ckpt / "ema.safetensors")))
