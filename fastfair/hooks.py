@@ -32,7 +32,8 @@ def load_callable(spec: str, key: str):
     try:
         function = getattr(imported, name)
     except AttributeError:
-        raise ValueError(f"{key}={spec!r}: {module} has no {name!r}; expected 'package.module:function'") from None
+        raise ValueError(f"{key}={spec!r}: cannot import it (module {module!r} has no attribute {name!r}); expected "
+                         "'package.module:function'") from None
     if not callable(function):
         raise ValueError(f"{key}={spec!r}: {name} is not callable; expected 'package.module:function'")
     return function

@@ -267,3 +267,11 @@ def test_images_in_0_255_are_refused_while_overshoot_and_non_finite_values_pass(
     assert to_uint8_rgb(overshoot)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]  # a decoder's overshoot: clamped
     diverged = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
     assert to_uint8_rgb(diverged)[0, 0, :, 0].tolist() == [128, 128, 128, 191]  # a diverged step's images pass
+
+
+def test_a_detector_returning_no_list_is_named():
+    """None (a detector that forgot its return) raised 'NoneType object is not iterable' at the first iteration."""
+    for returned in (None, "face", {"box": (1, 1, 5, 5)}):
+        with pytest.raises(ValueError, match=f"a face detector returned a {type(returned).__name__} for an image: "
+                                             "expected a list of its faces"):
+            CallableDetector(lambda rgb: returned).detect(torch.zeros(1, 3, 16, 16))

@@ -242,6 +242,9 @@ def usable_faces(items) -> List[Face]:
     """A detector's faces (`as_face` forms) with the boxes no face can fill left out, warned of: an empty or
     inverted box, a non-finite coordinate, landmarks collapsed to a point (one such box raised and ended the whole
     training step or batch)."""
+    if items is None or isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):  # None: nameless
+        raise ValueError(f"a face detector returned a {type(items).__name__} for an image: expected a list of its "
+                         "faces (boxes (x0, y0, x1, y1[, score]), dicts or Face), empty where it finds none")
     faces = []
     for item in items:
         try:
