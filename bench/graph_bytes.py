@@ -1,4 +1,4 @@
-"""Where one kept U-Net step's graph goes: the bytes autograd saves, by node type (notes for fastfair.memory_budget's planner).
+"""Where one kept U-Net step's graph goes: the bytes autograd saves, by node type (for fastfair.memory_budget).
 
     python bench/graph_bytes.py --unet DIR [--latent 16] [--json OUT.json]
 

@@ -428,8 +428,8 @@ def test_a_celeba_named_column_of_other_values_says_what_it_reads(tmp_path):
 
     table = tmp_path / "smile.csv"
     table.write_text("file,Smiling\na.png,yes\nb.png,no\n")
-    with pytest.raises(ValueError, match=r"cannot read 'no', 'yes' as a CelebA flag \(1 = yes; -1 or 0 = no\).*name the "
-                                         r"attribute in lower case \(e.g. smiling\)"):
+    with pytest.raises(ValueError, match=r"cannot read 'no', 'yes' as a CelebA flag \(1 = yes; -1 or 0 = no\).*name "
+                                         r"the attribute in lower case \(e.g. smiling\)"):
         resolve_labels(read_label_table(str(table)), ["Smiling"])
     head, labels = resolve_labels(read_label_table(str(table)), ["smiling"])
     assert head.classes("smiling") == ("no", "yes") and labels[:, 0].tolist() == [1, 0]

@@ -108,7 +108,8 @@ def read_label_table(path: str) -> LabelTable:
     reader.fieldnames = header
     file_column = next((name for wanted in FILE_COLUMNS for name in header if _header_key(name) == wanted), None)
     if file_column is None:
-        separator = next((name for char, name in (("\t", "tabs"), (";", "semicolons")) if lines and char in lines[0]), None)
+        first = lines[0] if lines else ""
+        separator = next((name for char, name in (("\t", "tabs"), (";", "semicolons")) if char in first), None)
         hint = f" (its columns look separated by {separator}: save it comma-separated)" if separator else ""
         raise ValueError(f"{path}: no file-name column; expected one of {FILE_COLUMNS}, found {header}{hint}")
     rows = list(reader)
