@@ -1014,9 +1014,15 @@ def check_hooks(cfg: TrainConfig) -> None:
     from fastfair.hooks import load_callable
 
     problems = []
+    # what the run does not call, as build_judges reads the settings: a set left out, the face embedding without
+    # the face loss, a detector function under another faces.detector
     left_out = {f"data.sets.{name}.factory" for name, spec in cfg.data.sets.items() if spec.weight == 0}
+    if not (cfg.loss.face_loss and cfg.loss.lambda_face > 0):
+        left_out.add("faces.embedding_fn")
+    if cfg.faces.detector != "callable":
+        left_out.add("faces.detector_fn")
     for key, value in _hooks(cfg):
-        if value is None or key in left_out:  # a set left out is not read
+        if value is None or key in left_out:
             continue
         try:
             load_callable(value, key)
@@ -1154,7 +1160,9 @@ def _deepspeed_problems(cfg: TrainConfig) -> List[str]:
             return [f"deepspeed.config={cfg.deepspeed.config}: {key} is {json.dumps(ds[key])}, expected an object"
                     f"{legacy}"]
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # DeepSpeed reads "3" as 3: the check below missed it
+    if isinstance(stage, str) and stage.strip() in ("0", "1", "2", "3"):  # as DeepSpeed reads it: "3" is 3
+        stage = int(stage)
+    if cfg.deepspeed.zero_stage is None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
         return [f"deepspeed.config={cfg.deepspeed.config}: zero_optimization.stage is {json.dumps(stage)}, expected "
                 "the number 0, 1 or 2"]
     if cfg.deepspeed.zero_stage is None and stage == 3:

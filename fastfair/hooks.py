@@ -70,7 +70,7 @@ def resolve_package_path(value: str, key: str = "path") -> str:
         raise ValueError(f"{key}={value!r}: {package!r} is not an importable package; {expected}")
     if not spec.submodule_search_locations:
         raise ValueError(f"{key}={value!r}: {package!r} is a module, not a package (a folder of files); {expected}")
-    root = Path(list(spec.submodule_search_locations)[0])
+    root = Path(os.path.normpath(list(spec.submodule_search_locations)[0]))  # a sys.path entry may hold '..'
     path = root / relative
     # '..' checked on the path as written: a link inside the package (to weights kept elsewhere) is its own
     inside = Path(os.path.normpath(path)) == root or root in Path(os.path.normpath(path)).parents

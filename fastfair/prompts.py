@@ -56,8 +56,11 @@ def indefinite_article(phrase: str) -> str:
     'an X-ray technician' (a letter spelled out, before a hyphen too: 'a U-boat captain'), 'an 8-ball player'."""
     word = phrase.split()[0]
     if word[0].isdecimal():  # as read aloud: "an 8-ball player", "an 11-year-old", "an 18,000-seat arena"
-        digits = re.match(r"[\d,]*", word)[0].replace(",", "")
-        eleven = digits[:2] in ("11", "18") and len(digits) % 3 == 2  # eleven, eighteen (thousand, million...)
+        written = re.match(r"[\d,]*", word)[0]
+        digits = written.replace(",", "")
+        # eleven, eighteen (thousand, million...), and years read in hundreds ("an 1800s farmer", "an 1812 veteran")
+        year = len(written) == 4
+        eleven = digits[:2] in ("11", "18") and (len(digits) % 3 == 2 or year)
         return "an" if digits[0] == "8" or eleven else "a"
     # an accented letter sounds as its base letter ("an élan coach")
     word = "".join(char for char in unicodedata.normalize("NFD", word) if not unicodedata.combining(char))

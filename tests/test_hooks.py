@@ -80,7 +80,13 @@ def test_call_hook_names_a_function_that_cannot_take_the_arguments(tmp_path, mon
         call_hook("hook_sig:none", "classifiers.c.factory", (object(),), "factory(spec) -> a module")
 
 
-def test_package_paths_stay_inside_their_package():
+def test_package_paths_stay_inside_their_package(tmp_path, monkeypatch):
+    # a package found through a sys.path entry holding '..' (sys.path.insert(0, here + '/..')) is inside itself
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "mypkg" / "data").mkdir(parents=True)
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "sub" / ".."))
+    assert Path(resolve_package_path("pkg://mypkg/data/x.txt")) == tmp_path / "mypkg" / "data" / "x.txt"
     for value in ("pkg://fastfair/../../etc/passwd", "pkg://fastfair.toy//etc/passwd"):
         with pytest.raises(ValueError, match="leads outside the package"):
             resolve_package_path(value, "model.pretrained")
@@ -101,6 +107,11 @@ def test_every_hook_is_imported_before_the_model_loads(tmp_path, monkeypatch):
         check_hooks(cfg)
     assert "data.sets.toy_occupations.factory='fastfair.toy:no_such_fn'" in str(error.value)
     assert "classifiers.toy.factory='fastfair.toy:no_such_classifier'" in str(error.value)
+    # hooks the run does not call are not imported: the face embedding without the face loss, a detector function
+    # under another detector (a module installed elsewhere only, say)
+    check_hooks(load_config(REPO / "configs" / "toy.yaml", [
+        f"output_dir={tmp_path}", "loss.lambda_face=0", "faces.embedding_fn=elsewhere_only:embedder",
+        "faces.detector=none", "faces.detector_fn=elsewhere_only:detect"]))
     monkeypatch.setattr(trainer, "load_stable_diffusion", lambda *a, **k: pytest.fail("the model loaded first"))
     with trainer.process_group(), pytest.raises(ConfigError, match="hooks that cannot be imported"):
         trainer.Trainer(cfg, "cpu")

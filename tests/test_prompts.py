@@ -93,6 +93,7 @@ def test_templated_prompts():
     ("8-ball player", "an"), ("11-year-old chess player", "an"), ("18th-century reenactor", "an"),
     ("1st-grade teacher", "a"), ("100-meter sprinter", "a"), ("110-meter hurdler", "a"), ("80s DJ", "an"),
     ("11,000-seat arena usher", "an"), ("1,100-seat arena usher", "a"), ("2nd-shift nurse", "a"),
+    ("1800s farmer", "an"), ("1812 veteran", "an"), ("1100s monk", "an"), ("1900s farmer", "a"),
     ("élan coach", "an"), ("Éclair baker", "an"), ("über driver", "an"), ("uninsured driver", "an"),
     ("unimpressed critic", "an"), ("unidentified caller", "an"), ("uniformed officer", "a"), ("unicyclist", "a"),
 ])
