@@ -39,8 +39,8 @@ M images (the public code's), fastfair's recompute M images per U-Net call (``re
 decoder and judges M images per call (``loss.judge_images``).
 
 The loss (``Objective``): alignment cross-entropy of a face classifier on the image's centre crop (no detector:
-detection is not differentiable and costs the same in both) to the expected-OT targets of a uniform gender
-distribution, plus 1 - cos of CLIP and DINOv2 embeddings against the frozen model's image of the same noise.
+detection is not differentiable and costs the same in both) to the expected-OT targets of a skewed gender
+distribution (a uniform one ties a single image's target: no class, no alignment loss), plus 1 - cos of CLIP and DINOv2 embeddings against the frozen model's image of the same noise.
 Models: ``tiny`` (test-sized, fastfair.testing.make_world) or ``sd15`` (SD 1.5 shapes: U-Net 860M,
 VAE, CLIP ViT-L/14 text encoder; CLIP ViT-H/14 and DINOv2 ViT-B/14 vision towers; MobileNetV3-Large
 classifier). Frozen weights in --dtype (default fp16 on CUDA, fp32 on CPU), LoRA in fp32. FLOP model: bench/flops.py.
@@ -84,7 +84,9 @@ GUIDANCE = 7.5
 
 class Objective:
     """decode(z) -> images [N, 3, H, W]; logits(images) -> [N, K] of the classifier on the centre crop;
-    targets(logits) -> expected-OT q [N, K] for a uniform target; embed_originals(images) -> {name: [N, D]};
+    targets(logits) -> expected-OT q [N, K] for the target p_k proportional to K - k (not uniform: one image's q
+    is the target itself, and a tied q has no class to align to, which would leave the alignment loss, and its
+    backward through the classifier and decoder, out of the benchmark); embed_originals(images) -> {name: [N, D]};
     loss(images, logits, q, originals, total) = sum_rows (CE_q + sum_enc (1 - cos)) / total."""
 
     def __init__(self, vae, classifier, semantics):
@@ -108,8 +110,9 @@ class Objective:
         from fastfair.losses import expected_ot_targets
 
         probs = logits.detach().double().softmax(-1)
-        uniform = torch.full((probs.shape[-1],), 1.0 / probs.shape[-1], dtype=torch.float64)
-        return expected_ot_targets(probs, uniform).to(logits.dtype)
+        k = probs.shape[-1]
+        target = torch.arange(k, 0, -1, dtype=torch.float64)
+        return expected_ot_targets(probs, target / target.sum()).to(logits.dtype)
 
     def embed_originals(self, images: torch.Tensor) -> dict:
         return self.semantics.embed_originals(images)

@@ -48,7 +48,7 @@ def test_floating_point_images_are_refused_by_name(tmp_path):
         with pytest.raises(ValueError, match=r"f.tif: a floating-point image .* save it with 8 or 16 bits"):
             to_rgb(image, tmp_path / "f.tif")
     assert read_image(str(tmp_path / "f.tif")) is None  # the bank skips it as unreadable
-    with pytest.raises(ValueError, match="cannot read training image .*f.tif"):
+    with pytest.raises(ValueError, match="cannot read image .*f.tif"):
         load_face_image(str(tmp_path / "f.tif"), 4)
 
 
@@ -82,7 +82,7 @@ def test_an_image_past_the_decompression_bomb_limit_is_an_unreadable_file(tmp_pa
     with pytest.raises(ValueError, match="big.png: .*decompression bomb"):
         read_rgb(tmp_path / "big.png")
     assert read_image(str(tmp_path / "big.png")) is None  # the face bank skips and counts it
-    with pytest.raises(ValueError, match="cannot read training image .*big.png"):  # classifier training names it
+    with pytest.raises(ValueError, match="cannot read image .*big.png"):  # classifier training names it
         load_face_image(str(tmp_path / "big.png"), 4)
 
 

@@ -36,8 +36,15 @@ def mirror_free_embedder():
     return batch_dependent_embedder(flip=False)
 
 
+class _BatchDependentSemantics(_BatchDependent):
+    """With a semantics module's interface (semantics.factory's contract), its forward unused here."""
+
+    def embed_originals(self, originals):
+        return {"net": self(originals)}
+
+
 def batch_dependent_semantics(spec):
-    return _BatchDependent()
+    return _BatchDependentSemantics()
 
 
 def _config(root, world, *overrides):
