@@ -37,7 +37,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q "${IMAGE[@]}"
 step "a clone of HEAD in $CLONE, the carried wheels in $SITE"
-rm -rf "$CLONE" "$SITE"
+rm -rf "$CLONE" "$SITE" "$WORK/sd15"  # an earlier rehearsal's sd15 models: saved by an older bench, maybe
 git clone -q . "$CLONE"
 bash bench/device_wheels.sh "$CLONE/.whl" > /dev/null
 "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
