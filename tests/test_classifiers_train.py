@@ -69,7 +69,10 @@ CUDA_DROPOUT = ("--device", "cuda", "--arch", "mobilenet_v3_large")  # its dropo
 
 @pytest.mark.parametrize("device", [(), pytest.param(CUDA_DROPOUT, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))], ids=["cpu", "cuda"])
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(dataset, tmp_path, device):
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(dataset, tmp_path, device, monkeypatch):
+    if device:  # cuDNN's default weight-gradient algorithms may sum with atomics: no two runs bit-equal
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     straight, resumed = tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors"
     main(arguments(dataset, straight, "--epochs", "2", "--checkpoint-every", "4", *device))
     assert main(arguments(dataset, resumed, "--epochs", "2", "--checkpoint-every", "4", "--max-steps", "19",

@@ -16,6 +16,9 @@ def test_cuda_copy_is_queued_not_waited_for():
     the values once the stream gets to it."""
     device = torch.device("cuda")
     host = torch.arange(7, dtype=torch.long)
+    # the process's first pinned block comes from cudaHostAlloc, which may wait for the device: taken before the
+    # stream is made busy, its block cached for the copy below
+    host.clone().pin_memory()  # freed at once, into the cache
     torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)  # keeps the stream busy for a while
     on_gpu = to_device(host, device)
