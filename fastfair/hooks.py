@@ -39,16 +39,21 @@ def load_callable(spec: str, key: str):
     return function
 
 
-def call_hook(spec: str, key: str, arguments: tuple, expected: str):
-    """``load_callable(spec, key)(*arguments)``; a function that cannot take those arguments is refused naming the
-    key and ``expected`` (its signature and what it returns), not with a bare TypeError from the call."""
-    function = load_callable(spec, key)
+def check_call(function, spec: str, key: str, arguments: tuple, expected: str) -> None:
+    """A hook that cannot take ``arguments`` is refused naming the key and ``expected`` (its signature and what it
+    returns), not with a bare TypeError from the call, which may come only mid-run."""
     try:
         inspect.signature(function).bind(*arguments)
     except TypeError as error:
         raise ValueError(f"{key}={spec!r} cannot be called as {expected} ({error})") from None
     except ValueError:  # no signature to read (some builtins): the call itself says
         pass
+
+
+def call_hook(spec: str, key: str, arguments: tuple, expected: str):
+    """``load_callable(spec, key)(*arguments)``, its signature checked first (``check_call``)."""
+    function = load_callable(spec, key)
+    check_call(function, spec, key, arguments, expected)
     return function(*arguments)
 
 

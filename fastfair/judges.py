@@ -3,14 +3,13 @@ the face detector, the semantics encoders and the face embedding with its bank, 
 the autocast dtype they compute in; and the check of the targets against a classifier file's own class layout."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from torch import nn
 
 from fastfair.config import TrainConfig
-from fastfair.hooks import call_hook, load_callable
+from fastfair.hooks import call_hook, check_call, load_callable
 from fastfair.models import torch_dtype
 
 
@@ -79,14 +78,8 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
             classifiers[attribute] = module
     faces = cfg.faces
     if faces.detector == "callable":
-        detector = load_callable(faces.detector_fn, "faces.detector_fn")
-        try:
-            inspect.signature(detector).bind(None)
-        except TypeError as error:
-            raise ValueError(f"faces.detector_fn={faces.detector_fn!r} cannot be called as detector(rgb uint8 "
-                             f"[H, W, 3]) -> faces ({error})") from None
-        except ValueError:  # no signature to read: the first call says
-            pass
+        detector = load_callable(faces.detector_fn, "faces.detector_fn")  # called per image, mid-run: checked now
+        check_call(detector, faces.detector_fn, "faces.detector_fn", (None,), "detector(rgb uint8 [H, W, 3]) -> faces")
         detector = get_detector(detector)
     else:  # one backend, or a list tried in order per image (FallbackDetector); insightface with its model root
         detector = get_detector(detector_from_flags(faces.detector, faces.detector_path))
