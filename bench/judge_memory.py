@@ -139,7 +139,7 @@ def main(argv=None) -> None:
 def write_report(results: list, args, argv, resolution: int) -> None:
     """The JSON and Markdown files of the runs so far, each replaced whole (a run stopped mid-write keeps the
     last report)."""
-    from fastfair.files import atomic_path
+    from fastfair.files import write_text
 
     meta = {"device": results[0]["device"], "device_name": results[0].get("device_name"), "model": args.model,
             "resolution": resolution, "date": time.strftime("%Y-%m-%d")}
@@ -149,8 +149,7 @@ def write_report(results: list, args, argv, resolution: int) -> None:
                        (os.path.splitext(args.json)[0] + ".md",
                         f"Command: `{command}`\n\nDevice: {name}; model {args.model} at {resolution}x{resolution} "
                         f"pixels; {meta['date']}.\n\n{markdown(results)}\n")):
-        with atomic_path(path) as temporary:
-            Path(temporary).write_text(text)
+        write_text(path, text)
 
 
 if __name__ == "__main__":

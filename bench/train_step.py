@@ -73,7 +73,7 @@ from _memory import PeakMemory, worker_env  # noqa: E402
 from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 from baseline import baseline_iteration, checkpointed, set_classic_attention  # noqa: E402
 from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
-from fastfair.files import atomic_path  # noqa: E402
+from fastfair.files import write_text  # noqa: E402
 
 IMPLS = ("baseline_sdpa", "baseline", "fastfair", "fastfair_k5", "fastfair_fast")
 PROMPT = "a photo of the face of a doctor"
@@ -259,8 +259,8 @@ def models_on_disk(kind: str, root: Path, resolution: int) -> dict:
         return saved["paths"]
     print(f"saving {kind} models to {root}", flush=True)
     paths = save_models(kind, root, resolution)
-    with atomic_path(paths_file) as partial:  # written last: a save stopped halfway leaves no paths.json
-        Path(partial).write_text(json.dumps({"kind": kind, "resolution": resolution, "paths": paths}))
+    # written last, atomically: a save stopped halfway leaves no paths.json
+    write_text(paths_file, json.dumps({"kind": kind, "resolution": resolution, "paths": paths}))
     return paths
 
 
@@ -623,8 +623,7 @@ def write_report(runs: list, sweep: list, args, argv, flops_info: dict, impls: l
         for path, text in ((args.json, json.dumps({"device": meta["device"], "meta": meta, "results": rows,
                                                     "sweep": sweep, "runs": runs}, indent=1)),
                            (os.path.splitext(args.json)[0] + ".md", f"Command: `{command}`\n\n{table}\n")):
-            with atomic_path(path) as temporary:  # replaced whole: a run stopped mid-write keeps the last report
-                Path(temporary).write_text(text)
+            write_text(path, text)  # replaced whole: a run stopped mid-write keeps the last report
 
 
 def main(argv=None) -> None:

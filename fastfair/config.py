@@ -778,11 +778,10 @@ def config_yaml(cfg: TrainConfig) -> str:
 
 
 def save_config(cfg: TrainConfig, path) -> None:
-    """Write the resolved config as YAML atomically, a plain file on disk (fastfair.files.atomic_path)."""
-    from fastfair.files import atomic_path  # imports torch: not at this module's import
+    """Write the resolved config as YAML atomically, a plain file on disk (fastfair.files.write_text)."""
+    from fastfair.files import write_text  # imports torch: not at this module's import
 
-    with atomic_path(str(path)) as temporary:
-        Path(temporary).write_text(config_yaml(cfg))
+    write_text(path, config_yaml(cfg))
 
 
 # ----------------------------------------------------------------------------- validation

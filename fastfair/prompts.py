@@ -186,7 +186,7 @@ def factory_prompts(prompts, where: str) -> List[str]:
     if wrong:
         raise ValueError(f"{where} returned prompts that are not strings (prompt {wrong[0]}): return a list of "
                          "prompt strings")
-    numbered = [(number, _strip(prompt)) for number, prompt in enumerate(prompts, start=1) if _strip(prompt)]
+    numbered = [(number, stripped) for number, prompt in enumerate(prompts, start=1) if (stripped := _strip(prompt))]
     _unique(numbered, f"{where}: prompt ", "prompt")
     return [prompt for _, prompt in numbered]
 

@@ -38,17 +38,16 @@ def deepspeed_engine(ds_config: dict, params: Dict[str, nn.Parameter], optimizer
     except ImportError:
         raise MissingPackage("deepspeed.config is set but deepspeed is not installed: "
                              "pip install 'fastfair[train]'") from None
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        raise ValueError("deepspeed: ZeRO stage 3 partitions the parameters, which fastfair's direct U-Net calls "
-                         "cannot gather; use stage 1 or 2 (deepspeed.zero_stage=2)")
+    refused = ("deepspeed: the config sets ZeRO stage 3, which partitions the parameters fastfair's direct U-Net "
+               "calls cannot gather; use stage 1 or 2 (deepspeed.zero_stage=2)")
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ValueError(refused)
     # fastfair passes a torch optimizer; DeepSpeed calls that "untested" with ZeRO but supports it.
     ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=TrainableParameters(params), optimizer=optimizer,
                                            lr_scheduler=lr_scheduler, config=ds_config, dist_init_required=False)
     if engine.zero_optimization_stage() == 3:  # the stage as DeepSpeed read it (e.g. from a string): a backstop
-        raise ValueError("deepspeed: the config sets ZeRO stage 3, which partitions the parameters fastfair's direct "
-                         "U-Net calls cannot gather; use stage 1 or 2 (deepspeed.zero_stage=2)")
+        raise ValueError(refused)
     return engine
 
 

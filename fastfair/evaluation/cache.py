@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from fastfair.dft import sample
-from fastfair.files import NO_FILE_LOCKS, atomic_path
+from fastfair.files import NO_FILE_LOCKS, write_text
 from fastfair.image_files import read_rgb
 
 MANIFEST = "manifest.json"
@@ -152,8 +152,7 @@ def from_png(paths: Sequence[Path]) -> torch.Tensor:
 
 def _write_json(path: Path, data) -> None:
     """Write atomically through a temp file of this process's own (two writers never rename each other's)."""
-    with atomic_path(str(path)) as temporary:
-        Path(temporary).write_text(json.dumps(data, indent=1, sort_keys=True))
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 @dataclass

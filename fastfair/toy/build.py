@@ -68,9 +68,7 @@ def foreign_files(out: str) -> List[str]:
         ours = False
     if ours or (folder / UNFINISHED_MARKER).exists():
         return []
-    names = [files.PIPELINE, files.BUILD_RECORD] + [f"{name}{kind}" for name in files.BUILT_MODULES
-                                                    for kind in (".safetensors", ".json")]
-    return [name for name in names if (folder / name).exists()]
+    return [name for name in [files.PIPELINE] + files.built_names() if (folder / name).exists()]
 
 
 def refuse_foreign_files(out: str) -> None:

@@ -57,14 +57,17 @@ def load_module(name: str, build: Callable[[Dict], torch.nn.Module], weights_dir
 BUILT_MODULES = ("classifier_train", "classifier_eval", "detector", "face_bank")
 
 
+def built_names() -> List[str]:
+    """The names a build writes in its folder: BUILD_RECORD and BUILT_MODULES' files (PIPELINE is a folder)."""
+    return [BUILD_RECORD] + [f"{name}{kind}" for name in BUILT_MODULES for kind in (".safetensors", ".json")]
+
+
 def built_files(folder: str) -> List[Path]:
     """The files of a build in folder, sorted: PIPELINE's, BUILD_RECORD and BUILT_MODULES' (other files there are
     the user's, e.g. an --out folder that held something before)."""
     folder = Path(folder)
-    named = [folder / BUILD_RECORD] + [folder / f"{name}{kind}" for name in BUILT_MODULES
-                                        for kind in (".safetensors", ".json")]
     return sorted([path for path in (folder / PIPELINE).rglob("*") if path.is_file()]
-                  + [path for path in named if path.is_file()])
+                  + [folder / name for name in built_names() if (folder / name).is_file()])
 
 
 def make_world_readable(folder: str) -> None:
