@@ -76,10 +76,10 @@ class AlignmentGroup:
     target: torch.Tensor
 
     def attribute_classes(self, cells: torch.Tensor) -> dict:
-        """{attribute: [N] class index} of [N] cell indices (e.g. argmax q)."""
-        out = {}
+        """{attribute: [N] class index} of [N] cell indices (e.g. argmax q); a cell -1 (none) is -1 in each."""
+        out, none = {}, cells < 0
         for name, size in zip(reversed(self.attributes), reversed(self.sizes)):
-            out[name] = cells % size
+            out[name] = torch.where(none, -1, cells % size)
             cells = cells // size
         return {name: out[name] for name in self.attributes}
 

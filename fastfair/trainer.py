@@ -336,6 +336,7 @@ class Trainer:
         [N]: the images whose face loss targets the original's own face, which already shows every target class
         with at least loss.original_face_confidence)."""
         from fastfair.losses import alignment_loss, global_expected_ot_targets
+        from fastfair.losses.alignment import target_cells
         from fastfair.losses.face import original_shows_targets
 
         align = found.new_zeros(found.shape, dtype=torch.float32)
@@ -351,13 +352,12 @@ class Trainer:
                                            num_samples=self.cfg.loss.ot_samples, generator=self._ot_generator)
             align = align + alignment_loss(log_p, q.to(log_p), self.cfg.loss.confidence_threshold, mask=found,
                                            reduction="none")
-            group_classes = group.attribute_classes(q.argmax(-1))
+            original_cells = group.log_probs(orig_logits).argmax(-1)
+            original_cells = torch.where(orig_found.to(original_cells.device), original_cells, -1)
+            group_classes = group.attribute_classes(target_cells(q, original_cells))
             target_classes.update(group_classes)
             if keep_confidence is not None:
-                has_target = q.sum(-1) > 0
-                use_original &= original_shows_targets(
-                    orig_logits, {name: torch.where(has_target, c, -1) for name, c in group_classes.items()},
-                    keep_confidence)
+                use_original &= original_shows_targets(orig_logits, group_classes, keep_confidence)
         return align, target_classes, use_original
 
     @torch.no_grad()

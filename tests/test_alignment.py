@@ -164,6 +164,19 @@ def test_a_tied_row_has_no_class_to_align_to(q_row):
     assert per_image[:3].eq(0).all() and per_image[3] > 0
 
 
+def test_target_cells_prefer_the_original_among_tied_maxima():
+    """argmax q where the maximum is one class (below the threshold too); a tied row takes the preferred class
+    (the original's) where it is among the maxima, else -1; an all-zero row (no face) -1."""
+    from fastfair.losses.alignment import target_cells
+
+    q = torch.tensor([[0.2, 0.8, 0.0], [0.4, 0.4, 0.2], [0.4, 0.4, 0.2], [0.4, 0.4, 0.2], [0.0, 0.0, 0.0],
+                      [0.3, 0.3, 0.4]], dtype=torch.float64)
+    preferred = torch.tensor([0, 1, 2, -1, 1, 0])
+    assert target_cells(q, preferred).tolist() == [1, 1, -1, -1, -1, 2]
+    with pytest.raises(ValueError, match=r"q \[N, K\] and preferred \[N\]"):
+        target_cells(q, preferred[:3])
+
+
 @pytest.mark.parametrize("target", [0.5, 0.75])
 def test_toy_optimization_reaches_target(target):
     """Free logits of 64 images start 90/10; gradient descent on the DAL alone reaches the target."""

@@ -51,6 +51,9 @@ def test_conditional_group_is_the_implied_joint():
     cells = torch.tensor([0, 1, 7, 15])
     assert {k: v.tolist() for k, v in group.attribute_classes(cells).items()} == {
         "gender": [0, 0, 0, 1], "race": [0, 0, 3, 3], "age": [0, 1, 1, 1]}
+    # no target cell (-1): no class in any attribute (Python's -1 % 2 would read as the last one)
+    assert {k: v.tolist() for k, v in group.attribute_classes(torch.tensor([-1, 15])).items()} == {
+        "gender": [-1, 1], "race": [-1, 3], "age": [-1, 1]}
     # 75/25 inside every gender x race cell
     within = joint / joint.sum(-1, keepdim=True)
     assert torch.allclose(within, torch.tensor([0.75, 0.25], dtype=torch.float64).expand(2, 4, 2))

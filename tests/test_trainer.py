@@ -647,3 +647,44 @@ def test_a_hook_that_breaks_its_contract_is_refused_at_start_naming_its_key(tmp_
     cfg = load_config(write_config(tmp_path, world), overrides)
     with process_group(), pytest.raises(ValueError, match=message):
         Trainer(cfg)
+
+
+def test_a_tied_target_keeps_the_original_class(tmp_path, world, monkeypatch):
+    """A tied OT row (q = [0.5, 0.5]: nothing steers the image to either class) takes the original image's class as
+    its target: the image-preservation weight keeps it close (lambda_img_1) and its face loss may target the
+    original's own face. argmax sent every such row to class 0, judging originals of class 1 as to be changed."""
+    import fastfair.losses
+    import fastfair.losses.face
+    from fastfair.trainer import process_group
+
+    seen = {}
+
+    def spy(name, function):
+        def wrapper(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            return function(*args, **kwargs)
+        return wrapper
+
+    def tied_targets(probs, target, **kwargs):
+        return torch.full_like(probs, 1.0 / probs.shape[-1])
+
+    monkeypatch.setattr(fastfair.losses, "semantic_weights", spy("weights", fastfair.losses.semantic_weights))
+    monkeypatch.setattr(fastfair.losses, "global_expected_ot_targets", tied_targets)
+    monkeypatch.setattr(fastfair.losses.face, "original_shows_targets",
+                        spy("shows", fastfair.losses.face.original_shows_targets))
+    overrides = ["faces.detector=none", "loss.original_face_confidence=0"]
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world, face_loss=True), overrides))
+        g = torch.Generator().manual_seed(3)
+        originals, images = (torch.rand(8, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2))
+        with torch.no_grad():
+            regions = fastfair.faces.locate_faces(originals, trainer.judges.detector, trainer.cfg.faces.margin)
+            original_classes = {name: logit.argmax(-1) for name, logit in
+                                trainer._attribute_logits(originals, regions).items()}
+        assert any(c.ne(0).any() for c in original_classes.values())  # the case argmax judged wrongly
+        trainer.losses(originals, images.requires_grad_())
+    differs = seen["weights"][0][0]
+    assert not any(d.any() for d in differs.values())
+    shown_targets = seen["shows"][0][1]
+    assert {name: c.tolist() for name, c in shown_targets.items()} == {
+        name: c.tolist() for name, c in original_classes.items()}

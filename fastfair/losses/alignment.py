@@ -95,8 +95,7 @@ def alignment_loss(logits, q, threshold, mask=None, reduction="mean"):
         raise ValueError("alignment_loss: q must hold probabilities in [0, 1] (expected_ot_targets' output), got "
                          f"values in [{q.min().item():.4g}, {q.max().item():.4g}]; are logits and q swapped?")
     confidence, classes = q.detach().max(dim=-1)
-    tied = (q.detach() == confidence[:, None]).sum(dim=-1) > 1
-    selected = mask & (confidence >= threshold) & (confidence > 0) & ~tied
+    selected = mask & (confidence >= threshold) & (confidence > 0) & ~_tied_rows(q.detach(), confidence)
     # the left-out rows are not evaluated: 0 * their loss would be NaN for a -inf logit (a log-probability 0)
     chosen = F.cross_entropy(logits[selected], classes[selected], reduction="none")  # autocast: fp32
     per_image = chosen.new_zeros(logits.shape[0]).index_put((selected,), chosen)
@@ -105,6 +104,33 @@ def alignment_loss(logits, q, threshold, mask=None, reduction="mean"):
     if reduction == "sum":
         return per_image.sum()
     return per_image.mean()
+
+
+def target_cells(q: torch.Tensor, preferred: torch.Tensor) -> torch.Tensor:
+    """[N] long: the class each image is steered to, y_i = argmax q_i (below the threshold too: the image-preservation
+    weights and the face loss's target use it, as the public code does); -1 where there is none: an all-zero row
+    (no face) or a tied row whose maxima do not include ``preferred``. A tied row takes ``preferred`` [N] long (the
+    original image's class, -1: none) where it is among the maxima: nothing steers such an image away from it, so
+    its original is kept close rather than judged by an arbitrary first class.
+
+    q: [N, K] from expected_ot_targets.
+    """
+    if q.ndim != 2 or preferred.shape != q.shape[:1]:
+        raise ValueError(f"target_cells: q [N, K] and preferred [N] expected, got {tuple(q.shape)} and "
+                         f"{tuple(preferred.shape)}")
+    q = q.detach()
+    confidence, cells = q.max(dim=-1)
+    tied = _tied_rows(q, confidence)
+    preferred = preferred.to(q.device)
+    among = (preferred >= 0) & (q.gather(1, preferred.clamp(min=0)[:, None])[:, 0] == confidence)
+    none = torch.full_like(cells, -1)
+    cells = torch.where(tied, torch.where(among, preferred, none), cells)
+    return torch.where(confidence > 0, cells, none)
+
+
+def _tied_rows(q: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """[N] bool: rows of q [N, K] whose maximum ``confidence`` [N] is shared by two classes or more."""
+    return (q == confidence[:, None]).sum(dim=-1) > 1
 
 
 @contextmanager

@@ -3,8 +3,9 @@
     L = L_align + lambda_img L_img + lambda_face L_face
 
 with a per-image, per-pixel lambda_img:
-- lambda_img_1 when the image's target class (argmax q_i) equals the original image's class (the
-  classifier's argmax on the original's face) for every attribute: keep the image close;
+- lambda_img_1 when the image's target class (argmax q_i; a tied row's is the original's class where it is among
+  the maxima, `fastfair.losses.alignment.target_cells`) equals the original image's class (the classifier's argmax
+  on the original's face) for every attribute: keep the image close;
 - otherwise lambda_img_2 outside the face region and lambda_img_3 inside it (the face must change);
 - an image without a face gets only L_img, weighted lambda_img_no_face (default: lambda_img_2).
 Each lambda_img is one number or one per attribute (seed 0123: gender 0.2 x, race 0.6 x); an image
