@@ -40,6 +40,9 @@ from fastfair.models import latent_size, sampling_configs, vae_factor
 from fastfair.prompts import SPLITS, list_prompt_sets, load_prompt_file, load_prompt_set
 
 
+SEMANTICS_CALL = "factory(settings) -> a fastfair SemanticsLoss"  # --semantics's contract, for the messages
+
+
 def load_prompts(spec: str, max_prompts: Optional[int] = None) -> list:
     """'name:split' of a shipped set (split defaults to test), a text file of full prompts, used as written (no
     template: a file of bare items, as a training data.sets.occupations.file holds, would be evaluated as 'nurse'),
@@ -241,7 +244,10 @@ def _scorer(judges, detector, margin, clip, dino, device, semantics, fid_referen
     if isinstance(semantics, str):
         from fastfair.hooks import load_callable
 
-        semantics = load_callable(semantics, "--semantics")(None)
+        spec, semantics = semantics, load_callable(semantics, "--semantics")(None)
+        if not callable(getattr(getattr(semantics, "encoders", None), "items", None)):  # the scorer embeds with each
+            raise ValueError(f"--semantics {spec!r} returned a {type(semantics).__name__}: expected {SEMANTICS_CALL} "
+                             "(its .encoders {name: module} embed the images)")
     scorer = Scorer(judges, detector, margin, clip, dino, device, semantics=semantics)
     return scorer, _fid_scorer(fid_reference, fid_inception, device) if fid_reference else None
 
@@ -325,9 +331,10 @@ def _check_judge_inputs(clip, dino, semantics, fid_reference, fid_inception, ima
             raise ValueError(f"{flag} {folder}: {' and '.join(found)}; give a local transformers {name} model folder "
                              "(as save_pretrained writes it)")
     if isinstance(semantics, str):
-        from fastfair.hooks import load_callable
+        from fastfair.hooks import check_call, load_callable
 
-        load_callable(semantics, "--semantics")  # imported now; called once the images are made
+        # imported and its signature checked now; called once the images are made
+        check_call(load_callable(semantics, "--semantics"), semantics, "--semantics", (None,), SEMANTICS_CALL)
     if fid_reference:
         from fastfair.evaluation.fid import reference_images
 

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from fastfair.config import TrainConfig
+from fastfair.faces.detect import DETECTOR_CALL
 from fastfair.hooks import call_hook, check_call, load_callable
 from fastfair.models import torch_dtype
 
@@ -79,7 +80,7 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
     faces = cfg.faces
     if faces.detector == "callable":
         detector = load_callable(faces.detector_fn, "faces.detector_fn")  # called per image, mid-run: checked now
-        check_call(detector, faces.detector_fn, "faces.detector_fn", (None,), "detector(rgb uint8 [H, W, 3]) -> faces")
+        check_call(detector, faces.detector_fn, "faces.detector_fn", (None,), DETECTOR_CALL)
         detector = get_detector(detector)
     else:  # one backend, or a list tried in order per image (FallbackDetector); insightface with its model root
         detector = get_detector(detector_from_flags(faces.detector, faces.detector_path))

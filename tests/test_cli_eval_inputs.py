@@ -285,6 +285,38 @@ def test_detector_list_falls_back_per_image(tmp_path):
     assert both["settings"]["detector"] == "no_face_anywhere,none"
 
 
+def detector_of_two_images(rgb, other):
+    """Not a detector: it needs two images."""
+    return []
+
+
+def semantics_taking_nothing():
+    """Not a --semantics factory: it takes no settings."""
+    return None
+
+
+def not_a_semantics_model(settings):
+    return torch.nn.Flatten()
+
+
+@pytest.mark.parametrize("flag", ["--detector", "--detector-list"])
+def test_a_detector_hook_that_cannot_take_an_image_is_refused_before_any_image(flag, tmp_path):
+    """A detector hook is called per image, after the images are made: its signature is checked first (alone and in
+    a fallback list)."""
+    spec = f"{__name__}:detector_of_two_images" + (",none" if flag == "--detector-list" else "")
+    with pytest.raises(ValueError, match=r"--detector='.*:detector_of_two_images' cannot be called as "
+                                         r"detector\(rgb uint8 \[H, W, 3\]\) -> faces"):
+        evaluate_main(["--model", "toy", "--classifier", CLASSIFIER, "--max-prompts", "1", "--detector", spec,
+                       "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_semantics_hook_returning_no_semantics_model_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"--semantics '.*:not_a_semantics_model' returned a Flatten: expected "
+                                         r"factory\(settings\) -> a fastfair SemanticsLoss \(its .encoders"):
+        run(tmp_path / "eval", semantics=f"{__name__}:not_a_semantics_model")
+
+
 @pytest.mark.parametrize("spec", ["opencvv", "", "insightface,,x"])
 def test_unknown_detector_is_an_error_before_any_image(spec, tmp_path):
     with pytest.raises(ValueError, match=f"--detector {spec!r}: expected opencv | insightface | mtcnn | none"):
@@ -717,6 +749,8 @@ def test_semantics_model_folders_of_another_kind_are_named_before_any_image(tmp_
     (dict(dino="/nonexistent/dinov2"), "--dino /nonexistent/dinov2: not a folder"),
     (dict(clip="/nonexistent/clip"), "--clip /nonexistent/clip: not a folder"),
     (dict(semantics="fastfair.toy:no_such_fn"), r"--semantics='fastfair.toy:no_such_fn': cannot import it"),
+    (dict(semantics=f"{__name__}:semantics_taking_nothing"),
+     r"--semantics='.*:semantics_taking_nothing' cannot be called as factory\(settings\) -> a fastfair SemanticsLoss"),
     (dict(fid_reference="/nonexistent/ref", fid_inception="x.pt"), "--fid-reference /nonexistent/ref: not a folder"),
     (dict(prompts=[PROMPT, PROMPT]), r"prompts: .* is given 2 times; give each prompt once"),
 ])

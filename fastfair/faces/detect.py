@@ -174,6 +174,7 @@ class FallbackDetector(Detector):
 
 
 BACKENDS = DETECTOR_BACKENDS
+DETECTOR_CALL = "detector(rgb uint8 [H, W, 3]) -> faces"  # a detector hook's contract, for the messages
 
 
 def get_detector(spec: Union[str, Detector, Callable, list] = "opencv", **options) -> Detector:
@@ -221,9 +222,11 @@ def detector_from_flags(spec: str, path: Optional[str] = None):
     detectors = []
     for name in names:
         if ":" in name:  # package.module:function
-            from fastfair.hooks import load_callable
+            from fastfair.hooks import check_call, load_callable
 
-            detectors.append(load_callable(name, "--detector"))
+            function = load_callable(name, "--detector")  # called per image, after the images are made: checked now
+            check_call(function, name, "--detector", (None,), DETECTOR_CALL)
+            detectors.append(function)
         elif name == "insightface" and path:
             detectors.append(get_detector(name, root=path))
         else:
