@@ -114,7 +114,7 @@ def test_fairface_csv_maps_seven_races_to_four_groups_and_age_buckets(tmp_path):
     assert labels[:, 0].tolist() == [1, 0, 1, 0, 1, 0, 1]  # male = 1
     assert labels[:, 2].tolist() == [0, 1, 0, 1, 0, 0, 1]  # young (< 40) = 0
     bad = write(tmp_path, "bad.csv", "file,race\na.jpg,Martian\n")
-    with pytest.raises(ValueError, match="row 1: cannot read 'Martian'"):
+    with pytest.raises(ValueError, match="line 2: cannot read 'Martian'"):
         resolve_labels(read_label_table(bad), ["race"])
     with pytest.raises(ValueError, match="no column 'race'"):
         resolve_labels(read_label_table(write(tmp_path, "norace.csv", "file,x\na.jpg,1\n")), ["race"])
@@ -146,20 +146,20 @@ def test_label_table_headers_match_ignoring_case_and_spaces(tmp_path):
     assert head == head_from_names(["gender", "race"]) and labels.tolist() == [[0, 0], [1, 1]]
     with pytest.raises(ValueError, match="columns 'gender' and 'Gender' are one name .* rename or delete one"):
         read_label_table(write(tmp_path, "twice.csv", "file,gender,Gender\n0.png,Female,Male\n"))
-    with pytest.raises(ValueError, match=r"row 2: no file name in column 'file'"):
+    with pytest.raises(ValueError, match=r"line 3: no file name in column 'file'"):
         read_label_table(write(tmp_path, "nofile.csv", "file,gender\n0.png,Female\n,Male\n"))
 
 
 def test_custom_attribute_refuses_empty_cells_and_merges_case_variants(tmp_path):
     from fastfair.classifiers.heads import Attribute
 
-    with pytest.raises(ValueError, match=r"empty.csv, column 'hair': row 2 is empty \(1 empty row\(s\) in all\)"):
+    with pytest.raises(ValueError, match=r"empty.csv, column 'hair': line 3 is empty \(1 empty row\(s\) in all\)"):
         resolve_labels(read_label_table(write(tmp_path, "empty.csv", "file,hair\na,blond\nb,\nc,dark\n")), ["hair"])
     table = read_label_table(write(tmp_path, "case.csv", "file,hair\na,Blond\nb,blond\nc,dark \nd,Dark\ne,BLOND\n"))
     head, labels = resolve_labels(table, ["hair"])
     assert head.attributes == [Attribute("hair", ("Blond", "dark"))]  # each spelled as in its first row
     assert labels.flatten().tolist() == [0, 0, 1, 1, 0]
-    with pytest.raises(ValueError, match="row 2: cannot read an empty cell as one of"):
+    with pytest.raises(ValueError, match="line 3: cannot read an empty cell as one of"):
         resolve_labels(read_label_table(write(tmp_path, "g.csv", "file,gender\na,Male\nb,\n")), ["gender"])
 
 
@@ -189,7 +189,7 @@ def test_an_image_listed_twice_is_used_once_or_refused_when_its_labels_differ(tm
     table = read_label_table(write(tmp_path, "conflict.csv", "file,gender,race\na.png,Male,White\nb.png,Female,Black\n"
                                                              "a.png,Female,White\n"))
     head, labels = resolve_labels(table, ["gender", "race"])
-    with pytest.raises(ValueError, match=r"a.png is listed in rows 1 \(gender=male\) and 3 \(gender=female\) with "
+    with pytest.raises(ValueError, match=r"a.png is listed on lines 2 \(gender=male\) and 4 \(gender=female\) with "
                                          "different labels"):
         unique_rows(table, head, labels)
 
@@ -223,7 +223,7 @@ def test_label_table_mistakes_are_refused_naming_the_fix(tmp_path):
     from fastfair.classifiers.heads import Attribute
 
     for name, text in (("nan.csv", "file,age\na.jpg,20-29\nb.jpg,nan\n"), ("inf.csv", "file,age\na.jpg,30\nb.jpg,inf\n")):
-        with pytest.raises(ValueError, match=r"row 2: cannot read '(nan|inf)' as one of"):  # not an old person
+        with pytest.raises(ValueError, match=r"line 3: cannot read '(nan|inf)' as one of"):  # not an old person
             resolve_labels(read_label_table(write(tmp_path, name, text)), ["age"])
     for header in ("file,gender, gender", "file,gender,gender"):  # the second column was read, silently
         with pytest.raises(ValueError, match=r"columns 'gender' and 'gender' are one name"):
@@ -257,12 +257,12 @@ def test_an_image_named_by_its_absolute_path_and_relative_to_the_data_folder_is_
 
 
 def test_every_unreadable_row_is_counted_at_once(tmp_path):
-    """42 rows of 'Other': the error named row 6 alone, one rerun per bad row."""
+    """Rows of 'Other': the error named one row alone, one rerun per bad row; lines as an editor numbers them."""
     from fastfair.classifiers.data import read_label_table, resolve_labels
 
     rows = [f"{k}.png,{'Other' if k % 3 == 0 else 'Male'}" for k in range(1, 10)] + ["10.png,Unknown", "11.png,"]
     (tmp_path / "t.csv").write_text("file,gender\n" + "\n".join(rows) + "\n")
-    with pytest.raises(ValueError, match=r"gender'?, 5 rows \(e.g. rows 3, 6, 9, 10, 11\): cannot read 'Other', "
+    with pytest.raises(ValueError, match=r"gender'?, 5 rows \(e.g. lines 4, 7, 10, 11, 12\): cannot read 'Other', "
                                          r"'Unknown', an empty cell as one of .*; map them to a class or delete"):
         resolve_labels(read_label_table(str(tmp_path / "t.csv")), ["gender"])
 
@@ -310,3 +310,21 @@ def test_a_table_with_blank_lines_first_or_other_separators_is_read_or_explained
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="no file-name column"):
         read_label_table(str(tmp_path / "empty.csv"))
+
+
+def test_label_table_errors_name_the_file_lines(tmp_path):
+    """Blank lines (before the header and between rows) and a quoted cell spanning two lines: the error names the
+    line an editor shows, not the row's index among the data rows (CelebA's list too, after its two header lines)."""
+    from fastfair.classifiers.data import read_label_table, resolve_labels
+
+    (tmp_path / "t.csv").write_text('\n\nfile,gender,note\na.png,Male,"two\nlines"\n\nb.png,Martian,x\n')
+    table = read_label_table(str(tmp_path / "t.csv"))
+    assert table.files == ["a.png", "b.png"] and table.lines == [4, 7]
+    with pytest.raises(ValueError, match="gender'?, line 7: cannot read 'Martian'"):
+        resolve_labels(table, ["gender"])
+    (tmp_path / "list.txt").write_text("2\nMale Young\na.jpg 1 -1\n\nb.jpg 1\n")
+    with pytest.raises(ValueError, match=r"line 5 \(b.jpg\) do not have a file name and 2 values"):
+        read_label_table(str(tmp_path / "list.txt"))
+    (tmp_path / "list.txt").write_text("2\nMale Young\na.jpg 1 -1\n\nb.jpg 2 1\n")
+    with pytest.raises(ValueError, match="line 5: cannot read '2' as a CelebA flag"):
+        resolve_labels(read_label_table(str(tmp_path / "list.txt")), ["Male"])

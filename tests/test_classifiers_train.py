@@ -220,7 +220,7 @@ def test_the_validation_split_is_by_image_file(dataset, tmp_path):
     conflict = tmp_path / "conflict.csv"
     conflict.write_text("\n".join(lines + [lines[1].replace("Male", "Female") if ",Male," in lines[1]
                                            else lines[1].replace("Female", "Male")]) + "\n")
-    with pytest.raises(ValueError, match=r"0.png is listed in rows 1 \(gender=\w+\) and 141 \(gender=\w+\)"):
+    with pytest.raises(ValueError, match=r"0.png is listed on lines 2 \(gender=\w+\) and 142 \(gender=\w+\)"):
         main(arguments(dataset, tmp_path / "x.safetensors") + ["--labels", str(conflict)])
     train, val = tmp_path / "train.csv", tmp_path / "val.csv"
     train.write_text("\n".join(lines[:101]) + "\n")

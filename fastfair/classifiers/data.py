@@ -38,10 +38,13 @@ WHOLE_NUMBER = re.compile(r"(-?[0-9]+)(?:\.0*)?")  # an integer, or one with a z
 
 
 class LabelTable:
-    """Rows of a label file: ``files`` [M] and ``columns`` {name: [M] strings}."""
+    """Rows of a label file: ``files`` [M], ``columns`` {name: [M] strings} and ``lines`` [M], each row's line in
+    the file (1-based, as an editor numbers them; default: the header's line 1, then a row per line)."""
 
-    def __init__(self, files: List[str], columns: Dict[str, List[str]], source: str):
+    def __init__(self, files: List[str], columns: Dict[str, List[str]], source: str,
+                 lines: Optional[List[int]] = None):
         self.files, self.columns, self.source = files, columns, source
+        self.lines = list(range(2, len(files) + 2)) if lines is None else list(lines)
         _check_distinct(list(columns), source)
         # header typed by hand: matched ignoring case and surrounding spaces
         self.folded: Dict[str, str] = {_header_key(name): name for name in columns}
@@ -55,6 +58,12 @@ class LabelTable:
 
     def has(self, name: str) -> bool:
         return self.find(name) is not None
+
+    def where(self, rows: Sequence[int]) -> str:
+        """'line L' or 'N rows (e.g. lines L1, ...)' of row indices ``rows``, for the messages."""
+        if len(rows) == 1:
+            return f"line {self.lines[rows[0]]}"
+        return f"{len(rows)} rows (e.g. lines {', '.join(str(self.lines[row]) for row in rows[:5])})"
 
     def column(self, name: str) -> List[str]:
         if not self.has(name):
@@ -89,19 +98,23 @@ def read_label_table(path: str) -> LabelTable:
         raise ValueError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
                          "save the table as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     lines = text.splitlines()
-    while lines and not lines[0].strip():  # blank lines before the header: csv took the first as an empty header
+    skipped = 0  # blank lines before the header: csv took the first as an empty header
+    while lines and not lines[0].strip():
         lines.pop(0)
+        skipped += 1
     if lines and lines[0].strip().isdigit():  # list_attr_celeba.txt
         if len(lines) < 2:
             raise ValueError(f"{path}: a count line and nothing else; CelebA's attribute list has a line of "
                              "attribute names next, then a row per file")
         names = lines[1].split()
         _check_distinct(names, path)
-        rows = [line.split() for line in lines[2:] if line.strip()]
-        bad = [r[0] for r in rows if len(r) != len(names) + 1][:3]
+        numbered = [(skipped + 3 + i, line.split()) for i, line in enumerate(lines[2:]) if line.strip()]
+        rows = [r for _, r in numbered]
+        bad = [f"line {number} ({r[0]})" for number, r in numbered if len(r) != len(names) + 1][:3]
         if bad:
-            raise ValueError(f"{path}: rows {bad} do not have a file name and {len(names)} values")
-        return LabelTable([r[0] for r in rows], {n: [r[i + 1] for r in rows] for i, n in enumerate(names)}, path)
+            raise ValueError(f"{path}: {', '.join(bad)} do not have a file name and {len(names)} values")
+        return LabelTable([r[0] for r in rows], {n: [r[i + 1] for r in rows] for i, n in enumerate(names)}, path,
+                          [number for number, _ in numbered])
     reader = csv.DictReader(lines)
     header = [name.strip() for name in reader.fieldnames or []]
     _check_distinct(header, path)  # a dict of columns keeps the last of a repeated name
@@ -112,29 +125,36 @@ def read_label_table(path: str) -> LabelTable:
         separator = next((name for char, name in (("\t", "tabs"), (";", "semicolons")) if char in first), None)
         hint = f" (its columns look separated by {separator}: save it comma-separated)" if separator else ""
         raise ValueError(f"{path}: no file-name column; expected one of {FILE_COLUMNS}, found {header}{hint}")
-    rows = list(reader)
+    rows, numbers, read = [], [], 1  # read: the lines csv has consumed (a quoted cell may span several)
+    for row in reader:
+        first = read + 1
+        while not lines[first - 1].strip():  # csv skips blank lines between rows
+            first += 1
+        rows.append(row)
+        numbers.append(skipped + first)
+        read = reader.line_num
     files = [(row[file_column] or "").strip() for row in rows]
     if "" in files:
-        raise ValueError(f"{path}, row {files.index('') + 1}: no file name in column {file_column!r}; fill it in or "
-                         "delete the row")
+        raise ValueError(f"{path}, line {numbers[files.index('')]}: no file name in column {file_column!r}; fill it "
+                         "in or delete the row")
     columns = {c: [(row[c] or "").strip() for row in rows] for c in header if c and c != file_column}
-    return LabelTable(files, columns, path)
+    return LabelTable(files, columns, path, numbers)
 
 
 def _normalized(value: str) -> str:
     return " ".join(value.replace("_", " ").replace("-", " ").lower().split())
 
 
-def _lookup(values: Sequence[str], mapping, classes, where: str, accepted: Optional[str] = None) -> List[int]:
-    """Class indices of ``values`` read by ``mapping``; accepted: what the message says it reads (default: one of
-    the classes)."""
+def _lookup(table: LabelTable, column: str, mapping, classes, where: str, accepted: Optional[str] = None
+            ) -> List[int]:
+    """Class indices of the table's ``column`` read by ``mapping``; accepted: what the message says it reads
+    (default: one of the classes)."""
+    values = table.column(column)
     names = [mapping(value) for value in values]
     bad = [row for row, name in enumerate(names) if name is None]
     if bad:  # all of them at once: one rerun per bad row would be no way to clean a table
         shown = sorted({"an empty cell" if not values[row].strip() else repr(values[row]) for row in bad})
-        rows = (f"row {bad[0] + 1}" if len(bad) == 1 else
-                f"{len(bad)} rows (e.g. rows {', '.join(str(row + 1) for row in bad[:5])})")
-        raise ValueError(f"{where}, {rows}: cannot read {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''} "
+        raise ValueError(f"{where}, {table.where(bad)}: cannot read {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''} "
                          f"as {accepted or f'one of {classes}; map them to a class or delete those rows'}")
     return [classes.index(name) for name in names]
 
@@ -173,23 +193,23 @@ def attribute_labels(table: LabelTable, name: str) -> Tuple[Attribute, List[int]
                          f"are {sorted(table.columns)} (rename the one that holds it)")
     if name == "gender":
         if table.has("gender"):
-            return Attribute("gender", GENDER), _lookup(table.column("gender"), lambda v: GENDER_NAMES.get(
+            return Attribute("gender", GENDER), _lookup(table, "gender", lambda v: GENDER_NAMES.get(
                 v.strip().lower()), GENDER, where)
-        flags = _lookup(table.column("Male"), _celeba_flag, BINARY, where + " (CelebA column 'Male')")
+        flags = _lookup(table, "Male", _celeba_flag, BINARY, where + " (CelebA column 'Male')")
         return Attribute("gender", GENDER), flags  # no=female (0), yes=male (1)
     if name == "race":
-        return Attribute("race", RACE), _lookup(table.column("race"), lambda v: RACE_GROUPS.get(_normalized(v)),
+        return Attribute("race", RACE), _lookup(table, "race", lambda v: RACE_GROUPS.get(_normalized(v)),
                                                 RACE, where)
     if name == "age":
         if table.has("age"):
-            return Attribute("age", AGE), _lookup(table.column("age"), _age_group, AGE, where)
-        young = _lookup(table.column("Young"), _celeba_flag, BINARY, where + " (CelebA column 'Young')")
+            return Attribute("age", AGE), _lookup(table, "age", _age_group, AGE, where)
+        young = _lookup(table, "Young", _celeba_flag, BINARY, where + " (CelebA column 'Young')")
         return Attribute("age", AGE), [1 - flag for flag in young]  # Young=1 -> young (0)
     values = table.column(name)
-    empty = [row + 1 for row, value in enumerate(values) if not value.strip()]
+    empty = [row for row, value in enumerate(values) if not value.strip()]
     if empty:
-        raise ValueError(f"{table.source}, column {table.find(name)!r}: row {empty[0]} is empty ({len(empty)} empty "
-                         "row(s) in all); give every row a class or delete the rows")
+        raise ValueError(f"{table.source}, column {table.find(name)!r}: line {table.lines[empty[0]]} is empty "
+                         f"({len(empty)} empty row(s) in all); give every row a class or delete the rows")
     spelling: Dict[str, str] = {}  # class key -> the first row's spelling
     for value in values:
         spelling.setdefault(class_key(value), value.strip())
@@ -221,7 +241,7 @@ def resolve_labels(table: LabelTable, names: Sequence[str]) -> Tuple[AttributeHe
     for name in names:
         if name in CELEBA_ATTRIBUTES and table.has(name):
             attribute = Attribute(name, BINARY)
-            labels = _lookup(table.column(name), _celeba_flag, BINARY, f"{table.source}, column {table.find(name)!r}",
+            labels = _lookup(table, name, _celeba_flag, BINARY, f"{table.source}, column {table.find(name)!r}",
                              CELEBA_FLAGS)
         else:
             attribute, labels = attribute_labels(table, name)
@@ -251,8 +271,8 @@ def unique_rows(table: LabelTable, head: AttributeHead, labels: torch.Tensor, ro
         earlier = first.setdefault(file_key(name, root), row)
         if earlier != row and not torch.equal(labels[earlier], labels[row]):
             differ = set((labels[earlier] != labels[row]).nonzero().flatten().tolist())
-            raise ValueError(f"{table.source}: {name} is listed in rows {earlier + 1} "
-                             f"({_row_labels(head, labels[earlier], differ)}) and {row + 1} "
+            raise ValueError(f"{table.source}: {name} is listed on lines {table.lines[earlier]} "
+                             f"({_row_labels(head, labels[earlier], differ)}) and {table.lines[row]} "
                              f"({_row_labels(head, labels[row], differ)}) with different labels; keep the right one")
     return sorted(first.values())
 
