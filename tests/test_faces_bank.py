@@ -433,3 +433,18 @@ def test_the_nearest_bank_face_under_autocast_is_the_exact_search_s(dtype):
     with torch.autocast("cpu", dtype=dtype):
         index, similarity = both.nearest(queries)
     assert similarity.dtype == torch.float32 and torch.equal(index, expected)
+
+
+@pytest.mark.parametrize("use_faiss", [False, True])
+def test_a_query_holding_a_nan_has_no_nearest_bank_face(use_faiss):
+    """A diverged step's face embedding: its similarity is NaN, not a bank face's (the torch search said -inf and
+    row 0); the other queries in the batch keep their nearest faces."""
+    if use_faiss:
+        pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(0)
+    bank = FaceBank(torch.randn(50, 8, generator=generator), use_faiss=use_faiss)
+    queries = bank.embeddings[[3, 7, 11]].clone()
+    queries[1, 2], queries[2, 0] = float("nan"), float("inf")
+    index, similarity = bank.nearest(queries)
+    assert index.tolist() == [3, 0, 0] and similarity[0] == pytest.approx(1.0, abs=1e-5)
+    assert similarity[1:].isnan().all()

@@ -130,12 +130,18 @@ class FaceBank:
 
     @torch.no_grad()
     def nearest(self, queries: torch.Tensor, chunk_size: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
-        """queries [N, D] -> (indices [N] long, cosine similarities [N] float32) of each nearest bank row."""
+        """queries [N, D] -> (indices [N] long, cosine similarities [N] float32) of each nearest bank row; a query
+        holding a NaN or infinity (a diverged step's face) has none: similarity NaN, index 0 (a placeholder, so
+        `neighbours` stays a plain gather; its face loss is NaN anyway, and the step skipped)."""
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [N, {self.dim}], got {tuple(queries.shape)}")
+        finite = torch.isfinite(queries.detach()).all(dim=1)
         queries = F.normalize(queries.detach().float(), dim=-1)
-        if self.use_faiss:
-            return self._nearest_faiss(queries)
+        index, best = self._nearest_faiss(queries) if self.use_faiss else self._nearest_torch(queries, chunk_size)
+        nan = torch.full_like(best, float("nan"))
+        return torch.where(finite, index, torch.zeros_like(index)), torch.where(finite, best, nan)
+
+    def _nearest_torch(self, queries, chunk_size):
         self.embeddings = bank = self.embeddings.to(queries.device)  # moved once, not on every call
         best = torch.full((queries.shape[0],), -float("inf"), device=queries.device)
         index = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
