@@ -63,6 +63,22 @@ def test_gradients_equal_reference(mode, cfg, steps):
         assert max_rel(g_ours, g_diff) <= 1e-4
 
 
+@pytest.mark.parametrize("cond_grad", [True, False])
+@pytest.mark.parametrize("mode,steps,keep", [("paper", 2, 0), ("exact", 5, 0), ("paper", 5, 2)])
+def test_trainable_weights_get_both_guidance_branches_with_frozen_embeddings(cond_grad, mode, steps, keep):
+    """A U-Net LoRA trained under a frozen text encoder: the prompts' embeddings (the empty prompt's at least) need
+    no gradient, the weights do; their gradient takes both CFG branches, (1 - w) of it through the unconditional
+    one, which a backward that recomputes that branch only for an embedding needing grad would leave out."""
+    unet, train, z_T, cond, uncond, target = make_problem()
+    cond, uncond = cond.detach().requires_grad_(cond_grad), uncond.detach()
+    grads = []
+    for fn, options in ((sample, dict(keep_graph_steps=keep)), (reference_sample, {})):
+        z0 = fn(unet, SCHED, z_T, cond, uncond, guidance_scale=7.5, num_steps=steps, coefficients=mode, **options)
+        loss = ((z0 - target) ** 2).sum() + z0.sin().sum()
+        grads.append(torch.autograd.grad(loss, ([cond] if cond_grad else []) + train))
+    assert max_rel(*grads) <= 1e-8
+
+
 def test_diffusers_cross_check_steps_the_schedule_it_is_given():
     """reference_sample(step="diffusers") steps with a scheduler rebuilt from the config: an option set after a
     conversion (listed in the config's _use_default_values) must survive the rebuild, or the cross-check would

@@ -145,6 +145,8 @@ def test_original_face_is_the_target_where_the_original_already_has_the_target_c
     use = original_is_target(probs, targets, confidence=0.9)
     assert use.tolist() == [True, False, False]  # row 1: other class; row 2: not confident
     assert original_is_target(probs, torch.tensor([-1, -1, -1])).sum() == 0
+    # the confidence is a lower bound that counts: exactly 0.75 at a confidence 0.75 is shown
+    assert original_is_target(torch.tensor([[0.75, 0.25]]), torch.tensor([0]), confidence=0.75).tolist() == [True]
     loss = face_realism_loss(current, bank, original_embeddings=original, use_original=use)
     cosine = F.cosine_similarity(current[0], original[0], dim=0)
     assert torch.allclose(loss[0], 1 - cosine, atol=1e-6)

@@ -8,6 +8,18 @@ from fastfair.losses import (LossWeights, combine_losses, face_box_mask, scale_g
 WEIGHTS = LossWeights(lambda_img_1=8.0, lambda_img_2=2.0, lambda_img_3=0.5, lambda_face=0.1, lambda_img_no_face=1.0)
 
 
+def test_the_library_defaults_are_the_trainer_s():
+    """LossWeights() used as a library gets the weights a run's loss section defaults to (seed 0121's gender
+    setting)."""
+    from dataclasses import fields
+
+    from fastfair.config import LossConfig
+
+    names = [f.name for f in fields(LossWeights)]
+    assert LossWeights() == LossWeights(**{name: getattr(LossConfig(), name) for name in names})
+    assert (LossWeights().lambda_img_1, LossWeights().lambda_img_2, LossWeights().lambda_img_3) == (8.0, 1.6, 0.32)
+
+
 def test_scale_gradient_is_identity_forward_and_scales_backward():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     scale = torch.rand(2, 1, 4, 4, dtype=torch.float64)
