@@ -299,6 +299,16 @@ def test_sampler_keeps_and_lean_graph_reach_the_engine(tmp_path, world, monkeypa
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
+def recorder(seen: dict):
+    """spy(name, function): ``function`` wrapped to record its last call's (args, kwargs) in ``seen[name]``."""
+    def spy(name, function):
+        def wrapper(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            return function(*args, **kwargs)
+        return wrapper
+    return spy
+
+
 def quarter_box_detector(rgb):
     """One face per image: the square [W/4, W/2) x [H/4, H/2) (faces.detector=callable)."""
     height, width = rgb.shape[:2]
@@ -318,12 +328,7 @@ def test_face_region_and_face_target_settings_reach_the_losses(tmp_path, world, 
     from fastfair.trainer import process_group
 
     seen = {}
-
-    def spy(name, function):
-        def wrapper(*args, **kwargs):
-            seen[name] = (args, kwargs)
-            return function(*args, **kwargs)
-        return wrapper
+    spy = recorder(seen)
 
     monkeypatch.setattr(fastfair.losses, "semantic_weights", spy("weights", fastfair.losses.semantic_weights))
     monkeypatch.setattr(fastfair.losses, "global_expected_ot_targets",
@@ -658,12 +663,7 @@ def test_a_tied_target_keeps_the_original_class(tmp_path, world, monkeypatch):
     from fastfair.trainer import process_group
 
     seen = {}
-
-    def spy(name, function):
-        def wrapper(*args, **kwargs):
-            seen[name] = (args, kwargs)
-            return function(*args, **kwargs)
-        return wrapper
+    spy = recorder(seen)
 
     def tied_targets(probs, target, **kwargs):
         return torch.full_like(probs, 1.0 / probs.shape[-1])
