@@ -688,3 +688,85 @@ def test_a_tied_target_keeps_the_original_class(tmp_path, world, monkeypatch):
     shown_targets = seen["shows"][0][1]
     assert {name: c.tolist() for name, c in shown_targets.items()} == {
         name: c.tolist() for name, c in original_classes.items()}
+
+
+def test_every_target_group_is_aligned(tmp_path, world):
+    """Independent attributes are separate transport groups: the alignment loss of an image is the sum of each
+    group's cross-entropy (one group's alone would leave the other attributes unsteered)."""
+    from fastfair.losses import alignment_loss, expected_ot_targets
+    from fastfair.targets import load_targets
+
+    trainer = Trainer(load_config(write_config(tmp_path, world)))
+    trainer.targets = load_targets({"form": "independent", "attributes": [
+        {"name": "gender", "classes": {"female": 0, "male": 1}, "probabilities": "uniform"},
+        {"name": "age", "classes": {"young": 0, "old": 1}, "probabilities": {"young": 0.75, "old": 0.25}}]})
+    trainer.groups = trainer.targets.groups()
+    assert len(trainer.groups) == 2
+    g = torch.Generator().manual_seed(0)
+    logits = {name: torch.randn(6, 2, generator=g, dtype=torch.float64) for name in ("gender", "age")}
+    found = torch.tensor([True, True, True, True, True, False])
+    align, _, _ = trainer._alignment(logits, found, logits, found)
+    parts = []
+    for group in trainer.groups:
+        log_p = group.log_probs(logits)
+        q = expected_ot_targets(log_p.exp(), group.target, valid=found)
+        parts.append(alignment_loss(log_p, q, trainer.cfg.loss.confidence_threshold, mask=found, reduction="none"))
+    assert all(part.sum() > 0 for part in parts)
+    assert torch.allclose(align.double(), parts[0] + parts[1])
+
+
+def test_the_step_count_range_is_drawn_whole():
+    """sampler.num_steps_range [low, high] draws every count from low to high, both included."""
+    cfg = SimpleNamespace(seed=0, sampler=SimpleNamespace(num_steps_range=[18, 21], num_steps=20))
+    assert {Trainer._steps(SimpleNamespace(cfg=cfg), it) for it in range(200)} == {18, 19, 20, 21}
+
+
+def face_when_bright(rgb):
+    """A detector that sees a face (the whole image) in bright images only."""
+    height, width = rgb.shape[:2]
+    return [(0, 0, width, height)] if rgb.mean() > 127 else []
+
+
+def test_images_or_originals_without_a_face_get_no_face_loss_and_no_original_target(tmp_path, world, monkeypatch):
+    """The face loss counts the finetuned images with a face only, and targets the original's face only where the
+    original has one (loss.original_face_confidence)."""
+    import fastfair.losses.face
+    from fastfair.losses.face import original_shows_targets
+    from fastfair.trainer import process_group
+
+    seen = {}
+    spy = recorder(seen)
+    original = fastfair.losses.face.face_realism_loss
+    monkeypatch.setattr(fastfair.losses.face, "face_realism_loss", spy("face", original))
+    monkeypatch.setattr(fastfair.losses.face, "original_shows_targets", spy("shows", original_shows_targets))
+    overrides = ["faces.detector=callable", "faces.detector_fn=test_trainer:face_when_bright",
+                 "loss.original_face_confidence=0"]
+    bright = torch.tensor([1, 1, 0, 0, 1, 1, 0, 0], dtype=torch.bool)  # originals
+    shown = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool)  # finetuned images
+    with process_group():
+        trainer = Trainer(load_config(write_config(tmp_path, world, face_loss=True,
+                                                   batch={"images_per_prompt": 8}), overrides))
+        g = torch.Generator().manual_seed(0)
+        noise = [torch.rand(8, 3, 16, 16, generator=g) * 0.2 for _ in range(2)]
+        originals = torch.where(bright[:, None, None, None], 0.7 + noise[0], -0.9 + noise[0])
+        images = torch.where(shown[:, None, None, None], 0.7 + noise[1], -0.9 + noise[1]).requires_grad_()
+        parts = trainer.losses(originals, images)
+    args, kwargs = seen["face"]
+    per_image = original(*args, **kwargs)
+    assert per_image[~shown].ne(0).all()  # what the masking removes
+    assert torch.allclose(parts["face"], (per_image * shown).mean())
+    use_original = args[3]
+    shows = original_shows_targets(*seen["shows"][0])
+    assert (shows & shown & ~bright).any()  # an original without a face whose classifier output shows the target
+    assert torch.equal(use_original, shows & shown & bright)
+
+
+def test_logging_and_images_come_every_n_steps(tmp_path, world):
+    """logging.log_every / image_every N: the scalars and grids of steps N, 2N, ... (not 1, N + 1, ...)."""
+    import json
+
+    path = write_config(tmp_path, world, max_steps=3, logging={"log_every": 2, "image_every": 3})
+    Trainer(load_config(path)).train()
+    run = tmp_path / "run"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert sorted(p.name for p in (run / "images").iterdir()) == ["step_00000003.png"]
