@@ -582,8 +582,17 @@ def test_resume_restores_the_skipped_step_count(tmp_path, world):
     assert trainer.skipped == 1
     trainer.save(1)
     resumed = Trainer(cfg)
-    resumed.resume(tmp_path / "run" / "checkpoints" / "step_00000001")
-    assert resumed.start == 1 and resumed.skipped == 1
+    folder = tmp_path / "run" / "checkpoints" / "step_00000001"
+    resumed.resume(folder)
+    assert resumed.start == 1 and resumed.skipped == 1 and resumed.steps_taken == 0
+    # a checkpoint from before steps_taken was saved: the iterations not skipped (the EMA's step count)
+    state = torch.load(folder / "state.pt", weights_only=True)
+    del state["steps_taken"]
+    state["iteration"] = 3
+    torch.save(state, folder / "state.pt")
+    resumed = Trainer(cfg)
+    resumed.resume(folder)
+    assert (resumed.start, resumed.skipped, resumed.steps_taken) == (3, 1, 2)
 
 
 def test_the_optimizer_of_a_checkpoint_saved_without_its_name_is_told_by_its_state():
