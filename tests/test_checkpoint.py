@@ -33,6 +33,12 @@ def test_retention_keeps_last_and_every(tmp_path):
     assert state["iteration"] == 7 and torch.equal(weights["w"], torch.full((2,), 7.0))
 
 
+def test_the_weights_and_their_ema_are_kept_apart(tmp_path):
+    folder = checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.zeros(2)}, {})
+    weights, ema, _ = checkpoint.load_checkpoint(folder)
+    assert torch.equal(weights["w"], torch.ones(2)) and torch.equal(ema["w"], torch.zeros(2))
+
+
 def test_interrupted_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
     _save(tmp_path, 1)
 

@@ -330,6 +330,9 @@ def test_validation_split_holds_the_nearest_count_of_rows():
 
     train_rows, val_rows = split_rows(19, 0.1, seed=0)
     assert len(val_rows) == 2 and sorted(train_rows + val_rows) == list(range(19))
+    # --seed draws the split: the same one again, another one for another seed (an evaluation classifier trained
+    # with its own seed holds out other rows)
+    assert split_rows(100, 0.2, seed=0) == split_rows(100, 0.2, seed=0) != split_rows(100, 0.2, seed=1)
 
 
 def test_learning_rate_follows_the_cosine_decay(dataset, tmp_path):

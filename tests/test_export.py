@@ -152,6 +152,15 @@ def test_a_run_drawing_its_step_count_exports_its_num_steps(tmp_path, world):
     Trainer(cfg).train()
     export(tmp_path / "run" / "checkpoints" / "step_00000001", tmp_path / "export")
     assert export_info(tmp_path / "export")["num_steps"] == cfg.sampler.num_steps == 3
+    # a run saved before num_steps had to lie inside the range: the middle of its range
+    import yaml
+
+    folder = tmp_path / "run" / "checkpoints" / "step_00000001"
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    saved["sampler"]["num_steps"] = 20
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    export(folder, tmp_path / "old_export")
+    assert export_info(tmp_path / "old_export")["num_steps"] == 4
 
 
 def test_generate_cli_writes_images(tmp_path, world, capsys, monkeypatch):
@@ -184,6 +193,10 @@ def test_generate_cli_writes_images(tmp_path, world, capsys, monkeypatch):
           "--out", str(tmp_path / "batched"), "--steps", "2", "--batch-size", "2"])
     assert [len(call["latents"]) for call in called[1:]] == [2, 1]  # the last batch: what is left
     assert torch.equal(torch.cat([call["latents"] for call in called[1:]])[:2], noise)
+    main(["--model", str(world["sd"]), "--prompt", "a cook", "--num-images", "2", "--out", str(tmp_path / "seed5"),
+          "--steps", "1", "--seed", "5"])  # --seed: evaluate's noise of that seed
+    assert torch.equal(called[-1]["latents"], paired_noise(5, "a cook", range(2), noise.shape[1:]))
+    assert not torch.equal(called[-1]["latents"], noise)
     assert sorted(f.name for f in (tmp_path / "batched").iterdir()) == ["00000.png", "00001.png", "00002.png"]
     for name in ("00000.png", "00001.png"):  # equal up to the rounding of another batch shape's arithmetic
         together, batched = (np.asarray(Image.open(tmp_path / folder / name), dtype=np.int16)

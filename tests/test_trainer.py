@@ -214,6 +214,18 @@ def test_iteration_reports_batch_class_frequencies_and_bias(tmp_path, world):
     assert {female * 4, male * 4} <= set(range(5))  # frequencies of a batch of 4 images
 
 
+def test_batch_statistics_count_the_images_with_a_face_only():
+    """The logged frequencies and bias are of the faces found: an image without one is no vote for a class."""
+    from fastfair.targets import load_targets
+
+    targets = load_targets({"attributes": [{"name": "gender", "classes": {"female": 0, "male": 1},
+                                            "probabilities": "uniform"}]})
+    logits = {"gender": torch.tensor([[9.0, 0.0], [0.0, 9.0], [9.0, 0.0], [9.0, 0.0]])}
+    stats = Trainer._batch_statistics(SimpleNamespace(targets=targets, world=1), logits,
+                                      torch.tensor([True, True, False, False]))
+    assert (stats["freq/gender/female"], stats["freq/gender/male"], stats["bias/gender"]) == (0.5, 0.5, 0.0)
+
+
 def test_adamw8bit_keeps_8bit_state_and_resumes_exactly(tmp_path, world, monkeypatch):
     """optim.name=adamw8bit (bitsandbytes, CPU-capable since 0.48): uint8 moments, and a 2 + 2 run with a resume
     equals 4 straight (the quantized state round-trips through the checkpoint)."""
