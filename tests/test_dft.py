@@ -79,6 +79,48 @@ def test_trainable_weights_get_both_guidance_branches_with_frozen_embeddings(con
     assert max_rel(*grads) <= 1e-8
 
 
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_each_kernel_backend_gives_the_reference_gradient_in_float64(monkeypatch, backend):
+    """FASTFAIR_KERNELS=<backend>: the engine's solver steps and gradient fan-out in that backend, with and without
+    guidance, kept graphs and chunks. Triton runs on CPU only in its interpreter, which must be set before triton
+    is imported: that case reruns this test in a child process with TRITON_INTERPRET=1."""
+    import os
+    import subprocess
+    import sys
+
+    from fastfair.kernels import unavailable_reason
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("triton is not installed")
+        test = f"{__file__}::test_each_kernel_backend_gives_the_reference_gradient_in_float64[triton]"
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test],
+                                env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
+        return
+    reason = unavailable_reason(backend, "cpu")
+    if reason is not None:
+        pytest.fail(f"{backend} should run on CPU here: {reason}")
+    monkeypatch.setenv("FASTFAIR_KERNELS", backend)
+    calls = []
+    import fastfair.kernels as kernels
+
+    for op in ("solver_step", "grad_fanout"):
+        real = kernels.dispatch.backend_function(op, backend)
+        monkeypatch.setitem(kernels.dispatch._FUNCTIONS[op], backend,
+                            lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
+    problem = make_problem()
+    for cfg, options in ((True, dict(recompute_chunk=2)), (False, dict(keep_graph_steps=1)), (True, {})):
+        z_ours, g_ours = grads_of(sample, problem, cfg, num_steps=4, coefficients="paper", **options)
+        z_ref, g_ref = grads_of(reference_sample, problem, cfg, num_steps=4, coefficients="paper")
+        assert (z_ours - z_ref).abs().max() < 1e-12
+        assert max_rel(g_ours, g_ref) <= 1e-8
+    assert {"solver_step", "grad_fanout"} <= set(calls)  # the backend did the work, not a fallback
+
+
 def test_diffusers_cross_check_steps_the_schedule_it_is_given():
     """reference_sample(step="diffusers") steps with a scheduler rebuilt from the config: an option set after a
     conversion (listed in the config's _use_default_values) must survive the rebuild, or the cross-check would
