@@ -24,6 +24,10 @@ def setup(tmp_path_factory):
     model, scheduler, objective, _ = train_step.load_setup(paths, "cpu", lora_rank=4)
     for module in (model.text_encoder, model.unet, objective.decoder, objective.classifier, objective.semantics):
         module.double()
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): the finetuned passes would equal the frozen ones
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+        assert not torch.allclose(model.encode(["a doctor"]), model.encode_original(["a doctor"]))
     return paths, model, scheduler, objective
 
 
@@ -301,6 +305,10 @@ def test_checkpointing_has_the_public_codes_granularity():
     plain_out = call()
     plain_grad, = torch.autograd.grad(plain_out.square().sum(), emb)
     with checkpointed(unet):
+        # the public code's diffusers 0.19.3 checkpointed no mid block and no inner transformer block
+        assert unet.down_blocks[0].gradient_checkpointing and not unet.mid_block.gradient_checkpointing
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in unet.modules()
+                       if hasattr(m, "transformer_blocks"))
         public = saved_tensor_bytes(call, held)
         out = call()
         grad, = torch.autograd.grad(out.square().sum(), emb)

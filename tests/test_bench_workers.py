@@ -68,3 +68,17 @@ def test_without_the_flag_the_script_is_no_worker(script):
 def test_peak_ratios_of_missing_or_unmeasured_peaks_print_as_a_dash():
     assert peak_ratio(3, 4) == "0.750"
     assert peak_ratio(None, 4) == peak_ratio(3, None) == peak_ratio(3, 0) == "-"
+
+
+def test_cpu_peak_memory_is_the_growth_since_start():
+    """PeakMemory('cpu'): the resident set's highest point above its level at start(), not the process's whole
+    peak (which counts torch and every earlier test)."""
+    import torch
+    from _memory import PeakMemory
+
+    meter = PeakMemory("cpu")
+    meter.start()
+    block = torch.ones(16 * 2**20)  # 64 MiB, every page touched
+    grown = meter.peak()
+    del block
+    assert 64 * 2**20 <= grown < 96 * 2**20

@@ -128,6 +128,8 @@ def test_full_run_outputs_pairing_and_resume(files, tmp_path):
 
     with pytest.raises(ValueError, match="other settings.*steps"):
         run(files, out, num_steps=3)
+    with pytest.raises(ValueError, match="other settings.*dtype"):  # images of another precision
+        run(files, out, dtype="bf16")
 
 
 def test_evaluating_a_runs_own_training_prompts_is_warned_of(files, tmp_path):

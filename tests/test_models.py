@@ -233,3 +233,19 @@ def test_the_adapters_are_back_on_after_the_original_is_encoded(sd_dir):
     from fastfair.finetune import _lora_layers
 
     assert all(not layer.disable_adapters for layer in _lora_layers(model.unet) + _lora_layers(model.text_encoder))
+
+
+def test_the_latent_decoder_undoes_the_latent_scaling(sd_dir):
+    """The sampler's latents are the VAE's scaled by its scaling_factor (0.18215 for SD 1.x): decoded divided by it,
+    in float32 from a half VAE, clamped to [-1, 1] unless asked not to."""
+    from fastfair.models import LatentDecoder
+
+    vae = load_stable_diffusion(sd_dir).vae
+    assert vae.config.scaling_factor != 1
+    z = torch.randn(2, vae.config.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        expected = vae.decode(z / vae.config.scaling_factor).sample
+        assert torch.equal(LatentDecoder(vae, clamp=False)(z), expected)
+        assert torch.equal(LatentDecoder(vae)(z), expected.clamp(-1, 1))
+        half = LatentDecoder(load_stable_diffusion(sd_dir, dtype="bf16").vae, clamp=False)(z)
+    assert half.dtype == torch.float32 and (half - expected).abs().max() < 0.1 * expected.abs().max()
