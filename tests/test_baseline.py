@@ -248,6 +248,30 @@ def test_flop_model_counts_input_only_backwards():
     assert sliced["total"] - lean["total"] == 2 * 3
 
 
+def test_each_phase_of_the_flop_model_is_its_docstrings_formula(monkeypatch):
+    """bench/flops.py's table, term by term, with a distinct value per unit (a dropped or doubled term shows)."""
+    import flops
+
+    U, Ub, Ur, Ua, D, J, E, T = 1000, 1100, 800, 300, 70, 50, 40, 3
+    unit = dict(unet=U, unet_input_backward=Ub, unet_recompute=Ur, unet_attention=Ua, vae_decode=D, judges=J,
+                embed=E, text=T)
+    N, S, M, K, k, a = 2, 20, 3, 10, 4, 2
+    assert flops.iteration_flops("baseline", unit, N, S, micro_batches=M) == {
+        "sampling": 6 * N * S * U, "decode_losses": 3 * N * D + 2 * N * J,
+        "backward": 2 * N * S * Ur + 2 * N * S * Ub + N * D + N * J, "text": (4 + 2 * M) * T + 2 * M * 2 * T,
+        "total": 6 * N * S * U + 3 * N * D + 2 * N * J + 2 * N * S * (Ur + Ub) + N * D + N * J
+        + (4 + 2 * M) * T + 4 * M * T}
+    ours = flops.iteration_flops("fastfair", unit, N, S, keep_graph_steps=k, grad_steps=K, keep_attention_steps=a)
+    assert {key: value for key, value in ours.items() if key != "total"} == {
+        "sampling": 4 * N * S * U, "decode_losses": 4 * N * D + 3 * N * J + N * E,
+        "backward": 2 * N * (K - k - a) * U + 2 * N * a * (U - Ua) + 2 * N * K * Ub, "text": 4 * T + 4 * T}
+    assert ours["total"] == sum(value for key, value in ours.items() if key != "total")
+    # the matmul rate: 2 n^3 FLOPs per n x n product, over the best timed batch
+    clock = iter(range(0, 1000, 2))
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: float(next(clock)))
+    assert flops.matmul_rate("cpu", torch.float32, size=8, seconds=50) == pytest.approx(2 * 8**3 / (2 / 5))
+
+
 def test_sliced_decoder_costs_one_more_forward_than_blockwise():
     """The FLOP model's ``sliced_judges`` term, counted on a real VAE: the decode's forward and backward to z with
     the decoder checkpointed block-wise, then also per slice (``loss.judge_images``), differ by one decoder forward
