@@ -419,6 +419,23 @@ def test_engine_demo_writes_a_diverged_runs_loss_as_null(tmp_path):
         "colour_loss_after"] is None
 
 
+def test_the_summary_counts_per_image_and_the_baseline_s_micro_batches():
+    """s_per_image is s_per_iter over the images; the FLOP model gets the baseline's gradient passes, one per
+    started micro-batch (3 images in passes of 2: 2 passes), fastfair's one."""
+    import flops
+
+    unit = dict(unet=100, unet_input_backward=100, vae_decode=7, judges=5, embed=3, text=1)
+    runs = [{"impl": impl, "s_per_iter_samples": [seconds], "phases_samples": {}, "peak_bytes": 100,
+             "micro_batch": 2 if impl == "baseline_sdpa" else None}
+            for impl, seconds in (("baseline_sdpa", 6.0), ("fastfair", 3.0))]
+    args = argparse.Namespace(model="tiny", images=3, steps=4, dtype="auto")
+    rows = train_step.summarize(runs, args, {"unit_flops": unit, "matmul_flops_per_s": 1e3})
+    assert [row["s_per_image"] for row in rows] == [2.0, 1.0]
+    assert rows[0]["model_flops"] == flops.iteration_flops("baseline_sdpa", unit, 3, 4, 2)
+    assert rows[1]["model_flops"] == flops.iteration_flops("fastfair", unit, 3, 4, 1)
+    assert rows[1]["speedup_per_image_vs_baseline_sdpa"] == 2.0
+
+
 def test_peak_ratios_are_left_blank_where_a_cpu_run_s_resident_set_did_not_grow():
     runs = [{"impl": impl, "s_per_iter_samples": [1.0], "phases_samples": {}, "peak_bytes": peak, "micro_batch": 2,
              "device": "cpu", "latent": [4, 8, 8]} for impl, peak in (("baseline_sdpa", 0), ("fastfair", -4096))]
