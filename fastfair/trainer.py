@@ -348,12 +348,13 @@ class Trainer:
             # a diverged step's images (non-finite probabilities) take no part in the targets: their loss is NaN,
             # and the step is skipped (a whole-image detector finds a face even in them)
             valid = found & torch.isfinite(log_p.detach()).all(-1)
+            # in log_p's dtype: the alignment loss and the target cells then see the same rows as tied
             q = global_expected_ot_targets(log_p.detach().exp().double(), group.target, valid=valid,
-                                           num_samples=self.cfg.loss.ot_samples, generator=self._ot_generator)
-            align = align + alignment_loss(log_p, q.to(log_p), self.cfg.loss.confidence_threshold, mask=found,
-                                           reduction="none")
+                                           num_samples=self.cfg.loss.ot_samples, generator=self._ot_generator).to(log_p)
+            align = align + alignment_loss(log_p, q, self.cfg.loss.confidence_threshold, mask=found, reduction="none")
             original_cells = group.log_probs(orig_logits).argmax(-1)
             original_cells = torch.where(orig_found.to(original_cells.device), original_cells, -1)
+            # a joint group's tied row whose maxima lack the original's cell has no cell: no class in any attribute
             group_classes = group.attribute_classes(target_cells(q, original_cells))
             target_classes.update(group_classes)
             if keep_confidence is not None:

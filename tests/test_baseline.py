@@ -24,9 +24,10 @@ def setup(tmp_path_factory):
     model, scheduler, objective, _ = train_step.load_setup(paths, "cpu", lora_rank=4)
     for module in (model.text_encoder, model.unet, objective.decoder, objective.classifier, objective.semantics):
         module.double()
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # LoRA starts as the identity (B = 0): the finetuned passes would equal the frozen ones
         for p in model.parameters():
-            p.normal_(0, 0.05)
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.05)
         assert not torch.allclose(model.encode(["a doctor"]), model.encode_original(["a doctor"]))
     return paths, model, scheduler, objective
 

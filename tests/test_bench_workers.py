@@ -77,8 +77,11 @@ def test_cpu_peak_memory_is_the_growth_since_start():
     from _memory import PeakMemory
 
     meter = PeakMemory("cpu")
-    meter.start()
+    try:
+        meter.start()
+    except OSError as error:  # /proc/self/clear_refs: Linux, writable
+        pytest.skip(f"the resident-set peak cannot be reset here: {error}")
     block = torch.ones(16 * 2**20)  # 64 MiB, every page touched
     grown = meter.peak()
     del block
-    assert 64 * 2**20 <= grown < 96 * 2**20
+    assert 56 * 2**20 <= grown < 96 * 2**20  # the kernel's resident-set counts may lag by some pages

@@ -322,6 +322,12 @@ def test_label_table_errors_name_the_file_lines(tmp_path):
     assert table.files == ["a.png", "b.png"] and table.lines == [4, 7]
     with pytest.raises(ValueError, match="gender'?, line 7: cannot read 'Martian'"):
         resolve_labels(table, ["gender"])
+    # a line of spaces is a row (csv skips empty lines only), last or between rows; a header cell over two lines
+    for text, line in (("file,gender\na.jpg,male\nb.jpg,female\n  \n", 4), ("file,gender\na.jpg,male\n\t\nb,x\n", 3),
+                       ('"file",gender\na.jpg,male\n,female\n', 3), ('file,"gen\nder"\n,female\n', 3)):
+        (tmp_path / "blank.csv").write_text(text)
+        with pytest.raises(ValueError, match=f"line {line}: no file name in column 'file'"):
+            read_label_table(str(tmp_path / "blank.csv"))
     (tmp_path / "list.txt").write_text("2\nMale Young\na.jpg 1 -1\n\nb.jpg 1\n")
     with pytest.raises(ValueError, match=r"line 5 \(b.jpg\) do not have a file name and 2 values"):
         read_label_table(str(tmp_path / "list.txt"))

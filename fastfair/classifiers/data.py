@@ -125,10 +125,10 @@ def read_label_table(path: str) -> LabelTable:
         separator = next((name for char, name in (("\t", "tabs"), (";", "semicolons")) if char in first), None)
         hint = f" (its columns look separated by {separator}: save it comma-separated)" if separator else ""
         raise ValueError(f"{path}: no file-name column; expected one of {FILE_COLUMNS}, found {header}{hint}")
-    rows, numbers, read = [], [], 1  # read: the lines csv has consumed (a quoted cell may span several)
+    rows, numbers, read = [], [], reader.line_num  # read: the lines csv has consumed (a quoted cell spans several)
     for row in reader:
         first = read + 1
-        while not lines[first - 1].strip():  # csv skips blank lines between rows
+        while first < reader.line_num and lines[first - 1] == "":  # csv skips empty lines (not blank ones)
             first += 1
         rows.append(row)
         numbers.append(skipped + first)
@@ -154,7 +154,8 @@ def _lookup(table: LabelTable, column: str, mapping, classes, where: str, accept
     bad = [row for row, name in enumerate(names) if name is None]
     if bad:  # all of them at once: one rerun per bad row would be no way to clean a table
         shown = sorted({"an empty cell" if not values[row].strip() else repr(values[row]) for row in bad})
-        raise ValueError(f"{where}, {table.where(bad)}: cannot read {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''} "
+        more = ", ..." if len(shown) > 5 else ""
+        raise ValueError(f"{where}, {table.where(bad)}: cannot read {', '.join(shown[:5])}{more} "
                          f"as {accepted or f'one of {classes}; map them to a class or delete those rows'}")
     return [classes.index(name) for name in names]
 
