@@ -40,6 +40,22 @@ def _grads(step, **kwargs):
     return [p.grad.clone() for p in params]
 
 
+def test_the_iteration_loss_is_the_whole_batch_s_whatever_the_micro_batches(setup):
+    """baseline_step returns the iteration's loss (the sum over its micro-batches of their share), as fastfair_step
+    does: the same value for one pass of 2 images, two passes of 1, and fastfair's batched pass."""
+    _, model, scheduler, objective = setup
+    z_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    common = dict(model=model, scheduler=scheduler, objective=objective, z_T=z_T, prompt="a doctor", num_steps=2)
+    whole = train_step.baseline_step(micro_batch=None, **common)
+    parts = train_step.baseline_step(micro_batch=1, **common)
+    ours = train_step.fastfair_step(**common)
+    for p in model.parameters():  # the gradients these accumulated: no later test's business
+        p.grad = None
+    assert whole.item() > 0
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-6)  # float32: the objective takes logits as float
+    assert ours.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
 def recomputed(objective, rows):
     """A copy of ``objective`` with fastfair's recomputed judges, in slices of ``rows`` images when set (the
     bench's fastfair workers with --micro-batch)."""
