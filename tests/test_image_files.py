@@ -91,3 +91,6 @@ def test_a_32_bit_integer_image_is_scaled_as_16_bit(tmp_path):
     image = Image.fromarray(np.full((2, 3), round(0.3 * 65535), dtype=np.int32))
     assert image.mode == "I"
     np.testing.assert_array_equal(np.asarray(to_rgb(image)), np.full((2, 3, 3), round(0.3 * 255), dtype=np.uint8))
+    # rounded, not truncated: 25699 / 257 = 99.996 is level 100
+    image = Image.fromarray(np.full((2, 3), 257 * 100 - 1, dtype=np.int32))
+    assert np.asarray(to_rgb(image)).min() == np.asarray(to_rgb(image)).max() == 100

@@ -334,3 +334,11 @@ def test_a_set_without_prompts_and_a_template_without_a_field_are_named(tmp_path
         build_prompt_mixture(SimpleNamespace(sets={"mine": spec}, split="train"), 0)
     with pytest.raises(ValueError, match="template 'a photo' must hold exactly one plain named field"):
         load_prompt_set("occupations", "train", "a photo")
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -1.0])
+def test_a_mixture_weight_must_be_finite_and_not_negative(weight):
+    """Used as a library (a run config refuses these first): a NaN weight dropped its set silently, an infinite one
+    made every draw NaN-driven."""
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        PromptMixture({"a": ["x"], "b": ["y"]}, {"a": 1.0, "b": weight})

@@ -841,3 +841,27 @@ def test_a_failing_close_never_replaces_the_exception_that_ends_the_run(capsys):
     with pytest.raises(RuntimeError, match="writer thread died"):  # a normal end: the failure is the error
         with contextlib.ExitStack() as stack:
             stack.push(closing(close))
+
+
+def test_stop_signals_in_a_worker_thread_leave_the_process_s_handlers():
+    """A run in another thread (a notebook's or a server's): signal.signal refuses there, so the block runs with
+    the process's own handling, untouched."""
+    import threading
+
+    from fastfair.run_control import StopSignals, stop_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def run():
+        try:
+            with stop_signals() as stop:
+                seen["stop"] = stop
+        except Exception as error:  # noqa: BLE001 - the thread's failure is the test's
+            seen["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert "error" not in seen and isinstance(seen["stop"], StopSignals)
+    assert signal.getsignal(signal.SIGTERM) is before
