@@ -40,7 +40,8 @@ decoder and judges M images per call (``loss.judge_images``).
 
 The loss (``Objective``): alignment cross-entropy of a face classifier on the image's centre crop (no detector:
 detection is not differentiable and costs the same in both) to the expected-OT targets of a skewed gender
-distribution (a uniform one ties a single image's target: no class, no alignment loss), plus 1 - cos of CLIP and DINOv2 embeddings against the frozen model's image of the same noise.
+distribution (a uniform one ties a single image's target: no class, no alignment loss), plus 1 - cos of CLIP and
+DINOv2 embeddings against the frozen model's image of the same noise.
 Models: ``tiny`` (test-sized, fastfair.testing.make_world) or ``sd15`` (SD 1.5 shapes: U-Net 860M,
 VAE, CLIP ViT-L/14 text encoder; CLIP ViT-H/14 and DINOv2 ViT-B/14 vision towers; MobileNetV3-Large
 classifier). Frozen weights in --dtype (default fp16 on CUDA, fp32 on CPU), LoRA in fp32. FLOP model: bench/flops.py.

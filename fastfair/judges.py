@@ -9,8 +9,7 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from fastfair.config import TrainConfig
-from fastfair.faces.detect import DETECTOR_CALL
-from fastfair.hooks import call_hook, check_call, load_callable
+from fastfair.hooks import call_hook
 from fastfair.models import torch_dtype
 
 
@@ -60,7 +59,7 @@ def _classifier(name, spec, device):
 def build_judges(cfg: TrainConfig, device) -> Judges:
     from fastfair.faces import FaceBank, get_detector, load_face_embedder
     from fastfair.faces.embed import as_face_embedder
-    from fastfair.faces.detect import detector_from_flags
+    from fastfair.faces.detect import detector_from_flags, detector_hook
     from fastfair.losses import SemanticsLoss
 
     # frozen, and run inside the trainer's autocast, which computes in the half dtype anyway: stored in it, as the
@@ -79,9 +78,7 @@ def build_judges(cfg: TrainConfig, device) -> Judges:
             classifiers[attribute] = module
     faces = cfg.faces
     if faces.detector == "callable":
-        detector = load_callable(faces.detector_fn, "faces.detector_fn")  # called per image, mid-run: checked now
-        check_call(detector, faces.detector_fn, "faces.detector_fn", (None,), DETECTOR_CALL)
-        detector = get_detector(detector)
+        detector = get_detector(detector_hook(faces.detector_fn, "faces.detector_fn"))
     else:  # one backend, or a list tried in order per image (FallbackDetector); insightface with its model root
         detector = get_detector(detector_from_flags(faces.detector, faces.detector_path))
     sem = cfg.semantics

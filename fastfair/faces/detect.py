@@ -174,7 +174,16 @@ class FallbackDetector(Detector):
 
 
 BACKENDS = DETECTOR_BACKENDS
-DETECTOR_CALL = "detector(rgb uint8 [H, W, 3]) -> faces"  # a detector hook's contract, for the messages
+
+
+def detector_hook(spec: str, key: str) -> Callable:
+    """The 'package.module:function' detector ``spec`` names (``key``: its config key or flag), imported and its
+    signature checked now: it is called per image, mid-run or after the images are made."""
+    from fastfair.hooks import check_call, load_callable
+
+    function = load_callable(spec, key)
+    check_call(function, spec, key, (None,), "detector(rgb uint8 [H, W, 3]) -> faces")
+    return function
 
 
 def get_detector(spec: Union[str, Detector, Callable, list] = "opencv", **options) -> Detector:
@@ -222,11 +231,7 @@ def detector_from_flags(spec: str, path: Optional[str] = None):
     detectors = []
     for name in names:
         if ":" in name:  # package.module:function
-            from fastfair.hooks import check_call, load_callable
-
-            function = load_callable(name, "--detector")  # called per image, after the images are made: checked now
-            check_call(function, name, "--detector", (None,), DETECTOR_CALL)
-            detectors.append(function)
+            detectors.append(detector_hook(name, "--detector"))
         elif name == "insightface" and path:
             detectors.append(get_detector(name, root=path))
         else:
