@@ -500,3 +500,95 @@ def test_a_validation_split_without_a_class_is_noted(dataset, tmp_path, capsys):
     trained = sum(",Female," in line for line in lines[1:101])
     assert f"training rows per class: gender female {trained}, male {100 - trained}" in out
     assert "validation rows per class: gender female 0, male" in out
+
+
+def test_split_groups_holds_whole_groups_near_the_fraction():
+    from fastfair.classifiers.train import split_groups
+
+    groups = [f"p{i // 3}" for i in range(30)] + ["big"] * 12  # ten people of 3 photos, one of 12
+    train_rows, val_rows = split_groups(groups, 0.2, seed=0)
+    assert sorted(train_rows + val_rows) == list(range(42))
+    assert not {groups[r] for r in train_rows} & {groups[r] for r in val_rows}
+    assert len(val_rows) in (9, 12)  # whole groups taken while nearer round(42 * 0.2) = 8: 3 + 3 + 3, or 12 alone
+    assert split_groups(groups, 0.2, seed=0) == (train_rows, val_rows)
+    assert any(split_groups(groups, 0.2, seed)[1] != val_rows for seed in range(1, 6))  # --seed draws the people
+    # a fraction no group is small enough for still holds one group out (the smallest), none for a fraction of 0
+    assert split_groups(["a"] * 5 + ["b"] * 9, 0.1, seed=0) == (list(range(5, 14)), list(range(5)))
+    assert split_groups(["a"] * 5 + ["b"] * 9, 0.0, seed=0) == (list(range(14)), [])
+
+
+def grouped_tables(dataset, tmp_path, people=35):
+    """labels.csv with a 'Person' column (photos i, i + 35, ... show one person), and the same groups as CelebA's
+    identity file, in another order and with './'-prefixed names."""
+    lines = (dataset / "labels.csv").read_text().splitlines()
+    person = [f"person{i % people}" for i in range(140)]
+    column = tmp_path / "people.csv"
+    column.write_text("\n".join([lines[0] + ",Person"] + [f"{line},{p}" for line, p in zip(lines[1:], person)]) + "\n")
+    identity = tmp_path / "identity.txt"
+    identity.write_text("".join(f"./{i}.png {person[i]}\n" for i in reversed(range(140))))
+    return column, identity, person
+
+
+def split_files(args):
+    from fastfair.classifiers.train import parse_args, prepare_data
+
+    _, train_set, val_set = prepare_data(parse_args(args))
+    return ([train_set.table.files[r] for r in train_set.indices], [val_set.table.files[r] for r in val_set.indices])
+
+
+def test_groups_keep_each_persons_photos_on_one_side_of_the_split(dataset, tmp_path, capsys):
+    column, identity, person = grouped_tables(dataset, tmp_path)
+    base = arguments(dataset, tmp_path / "x.safetensors") + ["--labels", str(column)]
+    people = {f"{i}.png": p for i, p in enumerate(person)}
+    by_column = split_files(base + ["--groups", "person"])  # column names match ignoring case
+    assert "7 of 35 groups held out for validation (28 of 140 rows)" in capsys.readouterr().out
+    train_people, val_people = ({people[f] for f in part} for part in by_column)
+    assert len(by_column[1]) == 28 and not train_people & val_people
+    assert split_files(base + ["--groups", str(identity)]) == by_column  # the same groups from CelebA's file format
+    csv_groups = tmp_path / "groups.csv"
+    csv_groups.write_text("image_id,identity\n" + "".join(f"{i}.png,{person[i]}\n" for i in range(140)))
+    assert split_files(base + ["--groups", str(csv_groups)]) == by_column
+    # split by file, the same people land on both sides
+    train_files, val_files = split_files(base)
+    assert {people[f] for f in train_files} & {people[f] for f in val_files}
+
+
+def test_groups_are_refused_where_a_row_has_none_or_they_cross_tables(dataset, tmp_path):
+    column, identity, person = grouped_tables(dataset, tmp_path)
+    base = arguments(dataset, tmp_path / "x.safetensors") + ["--labels", str(column)]
+    with pytest.raises(ValueError, match=r"--groups nobody: neither a column of .*people.csv \(its columns are "
+                                         r"\['Person', 'age', .*\) nor a file"):
+        split_files(base + ["--groups", "nobody"])
+    partial = tmp_path / "partial.txt"
+    partial.write_text("".join(f"{i}.png {person[i]}\n" for i in range(139)))
+    with pytest.raises(ValueError, match=r"no group for the image of .*people.csv, line 141 \(139.png\)"):
+        split_files(base + ["--groups", str(partial)])
+    twice = tmp_path / "twice.txt"
+    twice.write_text(identity.read_text() + "\n0.png someone_else\n")
+    with pytest.raises(ValueError, match=r"0.png is given group 'person0' on line 140 and 'someone_else' on line "
+                                         r"142"):
+        split_files(base + ["--groups", str(twice)])
+    one_word = tmp_path / "one_word.txt"
+    one_word.write_text("0.png person0\n1.png\n")
+    with pytest.raises(ValueError, match=r"one_word.txt, line 2: expected an image file name and its group"):
+        split_files(base + ["--groups", str(one_word)])
+    blank = tmp_path / "blank.csv"
+    lines = column.read_text().splitlines()
+    blank.write_text("\n".join(lines[:5] + [lines[5].rsplit(",", 1)[0] + ","] + lines[6:]) + "\n")
+    with pytest.raises(ValueError, match=r"blank.csv, line 6: no group in column 'Person'"):
+        split_files(arguments(dataset, tmp_path / "x.safetensors") + ["--labels", str(blank), "--groups", "person"])
+    wide = tmp_path / "wide.csv"
+    wide.write_text("file,identity,age\n0.png,a,3\n")
+    with pytest.raises(ValueError, match=r"one group column; its other columns are \['age', 'identity'\]"):
+        split_files(base + ["--groups", str(wide)])
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"  # files apart, people shared (person0 .. person34)
+    train.write_text("\n".join(lines[:101]) + "\n")
+    val.write_text("\n".join(lines[:1] + lines[101:]) + "\n")
+    split_files(base + ["--labels", str(train), "--val-labels", str(val)])  # split by file: accepted
+    with pytest.raises(ValueError, match=r"--val-labels .*val.csv: 35 group\(s\) of --groups person have images in "
+                                         r"--labels .*train.csv too, e.g. person0, person1, person10"):
+        split_files(base + ["--labels", str(train), "--val-labels", str(val), "--groups", "person"])
+    one_person = tmp_path / "one.txt"
+    one_person.write_text("".join(f"{i}.png everyone\n" for i in range(140)))
+    with pytest.raises(ValueError, match=r"held out all 140: lower it; a group holding every row is held out whole"):
+        split_files(base + ["--groups", str(one_person)])

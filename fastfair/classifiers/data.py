@@ -278,6 +278,59 @@ def unique_rows(table: LabelTable, head: AttributeHead, labels: torch.Tensor, ro
     return sorted(first.values())
 
 
+def read_group_file(path: str, root: Optional[str] = None) -> Dict[str, str]:
+    """{file_key(image, root): group} from ``path``: lines ``image group`` (CelebA's identity_CelebA.txt; the group
+    is the last word, so an image name may hold spaces), or a CSV with a file-name column and one other column.
+    Refused, naming the lines, where a line is not such a pair or an image is given two groups."""
+    with open(path, encoding="utf-8-sig") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    if "," in first:
+        table = read_label_table(path)
+        if len(table.columns) != 1:
+            raise ValueError(f"--groups {path}: a group table has a file-name column and one group column; its "
+                             f"other columns are {sorted(table.columns)}")
+        pairs = list(zip(table.lines, table.files, next(iter(table.columns.values()))))
+    else:
+        with open(path, encoding="utf-8-sig") as handle:
+            pairs = [(number, *(line.rsplit(None, 1) + [""])[:2]) for number, line in enumerate(handle, 1)
+                     if line.strip()]
+    groups: Dict[str, str] = {}
+    first_line: Dict[str, int] = {}
+    for number, name, group in pairs:
+        if not name.strip() or not group.strip():
+            raise ValueError(f"--groups {path}, line {number}: expected an image file name and its group (e.g. "
+                             "'000001.jpg 2880'), got one word")
+        key = file_key(name.strip(), root)
+        if groups.setdefault(key, group.strip()) != group.strip():
+            raise ValueError(f"--groups {path}: {name.strip()} is given group {groups[key]!r} on line "
+                             f"{first_line[key]} and {group.strip()!r} on line {number}; keep the right one")
+        first_line.setdefault(key, number)
+    return groups
+
+
+def row_groups(spec: str, table: LabelTable, root: Optional[str] = None) -> List[str]:
+    """Each row's group, e.g. the person its photo shows, from ``spec`` (``--groups``): a column of ``table``, or a
+    file ``read_group_file`` reads. Refused, naming the rows, where a row has none."""
+    if table.has(spec):
+        groups = table.column(spec)
+        empty = [row for row, group in enumerate(groups) if not group]
+        if empty:
+            raise ValueError(f"--groups {spec}: {table.source}, {table.where(empty)}: no group in column "
+                             f"{table.find(spec)!r}; fill it in or delete the row")
+        return list(groups)
+    if not os.path.isfile(spec):
+        raise ValueError(f"--groups {spec}: neither a column of {table.source} (its columns are "
+                         f"{sorted(table.columns)}) nor a file; name the column or the file that gives each image's "
+                         "group (e.g. CelebA's identity_CelebA.txt)")
+    mapping = read_group_file(spec, root)
+    groups = [mapping.get(file_key(name, root)) for name in table.files]
+    missing = [row for row, group in enumerate(groups) if group is None]
+    if missing:
+        raise ValueError(f"--groups {spec}: no group for the image of {table.source}, {table.where(missing)} "
+                         f"({table.files[missing[0]]}); list every image in it")
+    return groups
+
+
 def align_labels(head: AttributeHead, other: AttributeHead, labels: torch.Tensor, where: str) -> torch.Tensor:
     """``labels`` [M, A] of classes ``other`` re-indexed to ``head``'s classes (matched as ``class_key``); refused,
     naming the classes, unless both name the same classes (custom attributes' classes come from the rows)."""

@@ -4,8 +4,9 @@
         --out clf.safetensors
 
 Loss: the sum over attributes of the cross-entropy of that attribute's logits. After every epoch the
-validation split (``--val-labels`` or a seeded ``--val-fraction`` of the image files) is scored per attribute,
-by accuracy and balanced accuracy (the mean over classes of the share of that class's images predicted right);
+validation split (``--val-labels`` or a seeded ``--val-fraction`` of the image files, of whole people with
+``--groups``) is scored per attribute, by accuracy and balanced accuracy (the mean over classes of the share of
+that class's images predicted right);
 the epoch with the best mean balanced accuracy over attributes is written to ``--out``: with imbalanced labels
 plain accuracy rewards predicting the majority class (0.9 for always "male" on 90% male rows; balanced: 0.5).
 The full training state (weights, optimizer, RNG, data position, and the rows trained on) goes atomically to
@@ -17,7 +18,8 @@ import argparse
 import json
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fastfair.classifiers.data import (WHOLE_NUMBER, LabelledFaces, align_labels, class_key, file_key,
-                                       image_problem, read_label_table, resolve_labels, unique_rows)
+                                       image_problem, read_label_table, resolve_labels, row_groups, unique_rows)
 from fastfair.classifiers.heads import AttributeHead
 from fastfair.classifiers.model import ARCHITECTURES, AttributeClassifier, save_classifier
 from fastfair.cli import device_problem, folder_instead_of_file
@@ -41,7 +43,10 @@ def parse_args(argv=None):
     parser.add_argument("--val-labels", help="separate validation table (same folder); default: a split")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of rows held out when no --val-labels (split by file: photos of one person may "
-                        "land on both sides; give --val-labels with other people's photos where that matters)")
+                        "land on both sides; --groups keeps each person's photos on one)")
+    parser.add_argument("--groups", help="each image's group, e.g. the person it shows, kept whole on one side of the "
+                        "split: a column of --labels, or a file of 'image group' lines (CelebA's identity_CelebA.txt) "
+                        "or a CSV of file and group; with --val-labels, no group may have images in both tables")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="mobilenet_v3_large")
     parser.add_argument("--width", type=int, default=16, help="small_cnn channel width")
     parser.add_argument("--init", help="initial network weights (torchvision layout, e.g. ImageNet); tensors of "
@@ -102,6 +107,26 @@ def split_rows(count: int, fraction: float, seed: int):
     return sorted(order[held:]), sorted(order[:held])
 
 
+def split_groups(groups: Sequence[str], fraction: float, seed: int):
+    """(train rows, validation rows) with every group's rows on one side: whole groups, in a seeded random order,
+    are held out while that brings the held rows nearer round(count * fraction) (at least one group when that is
+    > 0, however large)."""
+    sizes = Counter(groups)
+    names = sorted(sizes)
+    target = int(round(len(groups) * fraction))
+    held: Set[str] = set()
+    count = 0
+    order = [names[i] for i in torch.randperm(len(names), generator=seeded(seed)).tolist()]
+    for name in order:
+        if count + sizes[name] - target < target - count:  # nearer the target with this group than without
+            held.add(name)
+            count += sizes[name]
+    if target and not held:
+        held.add(min(order, key=sizes.__getitem__))
+    return ([row for row, group in enumerate(groups) if group not in held],
+            [row for row, group in enumerate(groups) if group in held])
+
+
 def distinct_rows(table, head, labels, root: str) -> List[int]:
     rows = unique_rows(table, head, labels, root)
     if len(rows) < len(table):
@@ -142,14 +167,31 @@ def prepare_data(args):
             raise ValueError(f"--val-labels {args.val_labels}: {len(both)} image file(s) are also in --labels "
                              f"{args.labels}, e.g. {', '.join(both[:3])}; validating on training images overstates "
                              "accuracy: remove them from one table")
+        if args.groups:
+            groups = row_groups(args.groups, table, args.data)
+            val_groups = row_groups(args.groups, val_table, args.data)
+            shared = sorted({groups[r] for r in rows} & {val_groups[r] for r in val_rows})
+            if shared:
+                raise ValueError(f"--val-labels {args.val_labels}: {len(shared)} group(s) of --groups {args.groups} "
+                                 f"have images in --labels {args.labels} too, e.g. {', '.join(shared[:3])}; "
+                                 "validating on people trained on overstates accuracy: move them to one table")
         train = LabelledFaces(args.data, table, labels, rows, args.size)
         val = LabelledFaces(args.data, val_table, val_labels, val_rows, args.size)
-    else:  # split by file: a file listed twice is in one split
-        train_at, val_at = split_rows(len(rows), args.val_fraction, args.seed)
+    else:  # split by file (a file listed twice is in one split), or by group
+        if args.groups:
+            groups = row_groups(args.groups, table, args.data)
+            train_at, val_at = split_groups([groups[r] for r in rows], args.val_fraction, args.seed)
+            held = {groups[rows[i]] for i in val_at}
+            print(f"--groups {args.groups}: {len(held)} of {len({groups[r] for r in rows})} groups held out for "
+                  f"validation ({len(val_at)} of {len(rows)} rows)")
+        else:
+            train_at, val_at = split_rows(len(rows), args.val_fraction, args.seed)
         train = LabelledFaces(args.data, table, labels, [rows[i] for i in train_at], args.size)
         val = LabelledFaces(args.data, table, labels, [rows[i] for i in val_at], args.size)
     if len(train) == 0:
-        held = "" if args.val_labels else f" (--val-fraction {args.val_fraction} held out all {len(val)}: lower it)"
+        whole = "; a group holding every row is held out whole: check --groups" if args.groups else ""
+        held = "" if args.val_labels else (f" (--val-fraction {args.val_fraction} held out all {len(val)}: lower "
+                                           f"it{whole})")
         raise ValueError(f"{args.labels}: no training rows{held}")
     trained = train.labels[train.indices]
     for a, attribute in enumerate(head.attributes):
