@@ -23,6 +23,30 @@ def test_mobilenet_v3_large_matches_torchvisions_layout():
     }
     assert {k: shapes[k] for k in expected} == expected
     assert "features.1.block.2.0.weight" not in shapes  # no SE in block 1
+    # what the layout leaves unsaid, as torchvision's: hardswish from block 7 and in the stem, tail and classifier,
+    # ReLU before (and inside every squeeze-excitation); BatchNorm eps 0.001, momentum 0.01
+    kinds = [type(m).__name__ for m in network.modules()]
+    assert (kinds.count("Hardswish"), kinds.count("ReLU"), kinds.count("Hardsigmoid")) == (21, 19, 8)
+    assert isinstance(network.features[6].block[0][2], torch.nn.ReLU)
+    assert isinstance(network.features[7].block[0][2], torch.nn.Hardswish)
+    assert isinstance(network.classifier[1], torch.nn.Hardswish)
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 46 and all((m.eps, m.momentum) == (0.001, 0.01) for m in norms)
+
+
+def test_mobilenet_blocks_add_their_input_and_squeeze_excitation_scales_it():
+    from fastfair.classifiers.mobilenet_v3 import LARGE, InvertedResidual, SqueezeExcitation
+
+    torch.manual_seed(0)
+    block = InvertedResidual(LARGE[2]).eval()  # 24 -> 24 channels, stride 1: a residual block
+    torch.nn.init.zeros_(block.block[-1][1].weight)  # the projection's BatchNorm: the branch adds 0
+    x = torch.randn(2, 24, 8, 8)
+    assert torch.equal(block(x), x)
+    excite = SqueezeExcitation(24, 8)
+    for layer in (excite.fc1, excite.fc2):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    assert torch.allclose(excite(x), x * 0.5)  # hardsigmoid(0) = 0.5 scales the input
 
 
 def test_fairface_head_classifier_roundtrips_through_a_file_in_torchvision_layout(tmp_path):
@@ -66,6 +90,10 @@ def test_small_cnn_file_and_head_mismatch(tmp_path):
     assert loaded.arch == "small_cnn" and loaded.input_size == 32 and loaded(torch.zeros(3, 3, 32, 32)).shape == (3, 2)
     with pytest.raises(ValueError, match="was asked for"):
         load_classifier(path, head=head_from_names(["race"]))
+    from fastfair.classifiers.heads import Attribute
+
+    with pytest.raises(ValueError, match=r"predicts gender\(2\), but gender\(2\) was asked for"):  # other classes
+        load_classifier(path, head=AttributeHead([Attribute("gender", ("male", "female"))]))
     # a differing architecture or input size is refused, not dropped unseen; an agreeing one loads
     assert load_classifier(path, arch="small_cnn", input_size=32).input_size == 32
     with pytest.raises(ValueError, match="built with input_size 32, but 224 was asked for: leave input_size unset"):
@@ -94,6 +122,12 @@ def test_heads_validate_and_serialize():
     assert celeba_head().num_outputs == 80 and celeba_head().index("Male") == 20
     with pytest.raises(ValueError, match="unknown attribute"):
         head_from_names(["hair"])
+    from fastfair.classifiers.heads import Attribute
+
+    with pytest.raises(ValueError, match="attribute names must be unique"):
+        AttributeHead([Attribute("hair", ("dark", "blond")), Attribute("hair", ("short", "long"))])
+    with pytest.raises(ValueError, match="'hair' needs at least 2 classes"):
+        AttributeHead([Attribute("hair", ("dark",))])
 
 
 def write(tmp_path, name, text):
@@ -161,6 +195,23 @@ def test_custom_attribute_refuses_empty_cells_and_merges_case_variants(tmp_path)
     assert labels.flatten().tolist() == [0, 0, 1, 1, 0]
     with pytest.raises(ValueError, match="line 3: cannot read an empty cell as one of"):
         resolve_labels(read_label_table(write(tmp_path, "g.csv", "file,gender\na,Male\nb,\n")), ["gender"])
+    with pytest.raises(ValueError, match=r"attribute 'hair'.*: needs at least 2 distinct values, found \['dark'\]"):
+        resolve_labels(read_label_table(write(tmp_path, "one.csv", "file,hair\na,dark\nb,Dark\n")), ["hair"])
+
+
+def test_gender_spellings_read_as_female_or_male(tmp_path):
+    table = read_label_table(write(tmp_path, "g.csv", "file,gender\na,M\nb,f\nc,Man\nd,WOMAN\ne, male \nf,Female\n"))
+    assert resolve_labels(table, ["gender"])[1].flatten().tolist() == [1, 0, 1, 0, 1, 0]  # female 0, male 1
+
+
+def test_a_face_image_reads_as_minus_one_to_one(tmp_path):
+    from PIL import Image
+
+    from fastfair.classifiers.data import load_face_image
+
+    Image.new("RGB", (6, 4), (255, 0, 255)).save(tmp_path / "magenta.png")
+    image = load_face_image(str(tmp_path / "magenta.png"), 4)
+    assert torch.equal(image, torch.tensor([1.0, -1.0, 1.0])[:, None, None].expand(3, 4, 4))
 
 
 def test_custom_classes_sort_numerically_only_when_all_are_integers(tmp_path):

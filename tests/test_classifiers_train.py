@@ -1,4 +1,5 @@
 """The classifier training CLI end to end on a generated FairFace-style folder whose labels are visible."""
+import json
 import os
 
 import numpy as np
@@ -104,7 +105,8 @@ def test_saved_state_missing_images_and_bad_outputs_are_refused_before_training(
     before = open(saved, "rb").read()
     with pytest.raises(ValueError, match="holds an earlier run's training state; pass --resume"):
         main(arguments(dataset, out, "--epochs", "1"))
-    for changed in (["--lr", "0.5"], ["--weight-decay", "0.5"], ["--no-flip"]):  # what changes the result
+    # what changes the result (--val-fraction 0.201 holds out as many rows as 0.2: the data alone would not differ)
+    for changed in (["--lr", "0.5"], ["--weight-decay", "0.5"], ["--no-flip"], ["--val-fraction", "0.201"]):
         with pytest.raises(ValueError, match="was made with"):
             main(arguments(dataset, out, "--epochs", "1", "--resume") + changed)
     with pytest.raises(ValueError, match=r"--max-steps 1: the resumed run is already at step \d+"):
@@ -119,6 +121,8 @@ def test_saved_state_missing_images_and_bad_outputs_are_refused_before_training(
                            (["--lr", "inf"], "--lr inf: expected a finite learning rate > 0"),
                            (["--lr", "nan"], "--lr nan: expected a finite learning rate > 0"),
                            (["--lr", "-1"], "--lr -1.0: expected a finite learning rate > 0"),
+                           (["--lr", "0"], "--lr 0.0: expected a finite learning rate > 0"),
+                           (["--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
                            (["--weight-decay", "-1"], "--weight-decay -1.0: expected a finite number >= 0"),
                            (["--workers", "-1"], "--workers -1: expected 0 (load in this process) or more")):
         with pytest.raises(SystemExit):
@@ -274,6 +278,7 @@ def test_a_last_batch_of_one_image_joins_the_batch_before(dataset, tmp_path):
     assert epoch_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5, 6]]
     assert epoch_batches(list(range(6)), 3) == [[0, 1, 2], [3, 4, 5]]
     assert epoch_batches([4], 3) == [[4]]
+    assert epoch_batches(list(range(8)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # a last batch of two stays
     # 112 training images in batches of 37 leave one; at --size 8 the last stage's features are 1x1, where
     # BatchNorm cannot normalize a batch of one
     result = main(arguments(dataset, tmp_path / "c.safetensors", "--epochs", "1", "--size", "8", "--batch-size", "37"))
@@ -422,9 +427,12 @@ def test_without_validation_rows_the_file_says_it_scored_the_training_rows(datas
     from fastfair.files import read_safetensors_metadata
 
     out = tmp_path / "c.safetensors"
-    main(arguments(dataset, out, "--epochs", "1", "--val-fraction", "0"))
+    result = main(arguments(dataset, out, "--epochs", "1", "--val-fraction", "0"))
     metadata = read_safetensors_metadata(str(out))
     assert "train_balanced_accuracy" in metadata and "val_balanced_accuracy" not in metadata
+    # scored on the training rows, not on the empty validation part (which scores 0)
+    balanced = result["best"]["balanced_accuracy"]
+    assert json.loads(metadata["train_balanced_accuracy"]) == balanced and min(balanced.values()) > 0
     with pytest.raises(ValueError, match=r"no training rows \(--val-fraction 0.999 held out all 140: lower it\)"):
         main(arguments(dataset, tmp_path / "e.safetensors", "--val-fraction", "0.999"))
 
@@ -460,7 +468,9 @@ def test_a_class_without_training_rows_is_named(dataset, tmp_path, capsys):
     males.write_text("\n".join([lines[0]] + [line for line in lines[1:] if ",Male," in line]) + "\n")
     main(arguments(dataset, tmp_path / "c.safetensors", "--epochs", "1", "--attributes", "gender") +
          ["--labels", str(males)])
-    assert "note: gender: no training rows of class(es) female" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: gender: no training rows of class(es) female" in out
+    assert "no validation rows" not in out  # a class not trained on is not noted again for validation
 
 
 def test_a_corrupt_image_is_refused_before_training_naming_its_split(dataset, tmp_path):
@@ -592,3 +602,70 @@ def test_groups_are_refused_where_a_row_has_none_or_they_cross_tables(dataset, t
     one_person.write_text("".join(f"{i}.png everyone\n" for i in range(140)))
     with pytest.raises(ValueError, match=r"held out all 140: lower it; a group holding every row is held out whole"):
         split_files(base + ["--groups", str(one_person)])
+
+
+def test_an_epoch_that_only_ties_the_best_does_not_replace_it(dataset, tmp_path, monkeypatch):
+    from fastfair.classifiers import train as training
+    from fastfair.files import read_safetensors_metadata
+
+    scores = iter([({"gender": 0.8}, {"gender": 0.6}), ({"gender": 0.9}, {"gender": 0.6})])
+    monkeypatch.setattr(training, "evaluate", lambda *args: next(scores))
+    out = tmp_path / "c.safetensors"
+    result = main(arguments(dataset, out, "--epochs", "2") + ["--attributes", "gender"])
+    assert result["best"]["epoch"] == 1 and read_safetensors_metadata(str(out))["epoch"] == "1"
+
+
+def test_flips_mirror_a_seeded_share_of_the_batch_drawn_anew_per_position():
+    from fastfair.classifiers.train import flip_some
+
+    images = torch.arange(64 * 4, dtype=torch.float32).reshape(64, 1, 1, 4)
+
+    def mirrored(*position):
+        out = flip_some(images, *position)
+        kept = [torch.equal(o, i) for o, i in zip(out, images)]
+        flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
+        assert all(k != f for k, f in zip(kept, flipped))  # each image as it was or mirrored
+        return flipped
+
+    first = mirrored(0, 0, 0)
+    assert 16 < sum(first) < 48
+    assert mirrored(0, 0, 0) == first  # seeded by position: a resumed run repeats it
+    for other in ((0, 0, 1), (0, 1, 0), (1, 0, 0)):  # another batch, epoch or seed: another draw
+        assert mirrored(*other) != first, other
+
+
+def test_a_corrupt_image_is_named_as_a_training_or_a_validation_image(tmp_path):
+    from fastfair.classifiers.data import LabelledFaces, read_label_table
+    from fastfair.classifiers.train import check_images
+
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    good = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "t.csv").write_text("file,gender\na.png,Male\nb.png,Female\nc.png,Male\n")
+    table = read_label_table(str(tmp_path / "t.csv"))
+    labels = torch.zeros(3, 1, dtype=torch.long)
+    train, val = LabelledFaces(str(tmp_path), table, labels, [0, 1], 8), LabelledFaces(str(tmp_path), table, labels,
+                                                                                        [2], 8)
+    check_images(train, val, 0, quiet=True)
+    for name, part in (("c.png", "validation"), ("b.png", "training")):  # the first of each part's rows
+        (tmp_path / name).write_bytes(good[:30])
+        with pytest.raises(ValueError, match=rf"1 image file\(s\) .* e.g. {part} image .*{name}"):
+            check_images(train, val, 0, quiet=True)
+        (tmp_path / name).write_bytes(good)
+
+
+def test_init_refuses_a_file_covering_less_than_half_of_the_network(tmp_path):
+    from fastfair.classifiers.heads import head_from_names
+    from fastfair.classifiers.model import AttributeClassifier
+    from fastfair.classifiers.train import initial_weights
+
+    classifier = AttributeClassifier(head_from_names(["gender"]), "small_cnn", 24, width=16)
+    state = classifier.network.state_dict()
+    # the first three stages: 39 % of the weights (the fourth stage alone holds 60 %)
+    torch.save({k: v for k, v in state.items() if k.startswith(("features.0.", "features.1.", "features.3.",
+                                                                 "features.4.", "features.6.", "features.7."))},
+               tmp_path / "part.pt")
+    with pytest.raises(ValueError, match=r"--init .*part.pt: its tensors match only 23,920 of the 61,"):
+        initial_weights(classifier, str(tmp_path / "part.pt"))
+    torch.save({k: v for k, v in state.items() if not k.startswith("classifier.")}, tmp_path / "backbone.pt")
+    initial_weights(classifier, str(tmp_path / "backbone.pt"))  # all but the head: loaded
