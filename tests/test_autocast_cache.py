@@ -54,6 +54,15 @@ def test_no_stale_casts_turns_the_cache_off_only_where_needed(faulty, monkeypatc
         assert not torch.is_autocast_cache_enabled()
 
 
+def test_no_stale_casts_turns_the_cache_back_on_after_an_error(monkeypatch):
+    """A U-Net call that raises (e.g. out of memory, caught by the caller) does not leave the region's cache off."""
+    monkeypatch.setattr(autocast_cache, "caches_no_grad_casts", lambda: True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="out of memory"), autocast_cache.no_stale_casts():
+            raise RuntimeError("out of memory")
+        assert torch.is_autocast_cache_enabled()
+
+
 @pytest.mark.parametrize("force_guard", [False, True])
 @pytest.mark.parametrize("keep_graph_steps", [0, 1])
 def test_weights_get_their_gradient_after_no_grad_sampling_in_the_same_region(keep_graph_steps, force_guard,

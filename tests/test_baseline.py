@@ -462,3 +462,46 @@ def test_peak_ratios_are_left_blank_where_a_cpu_run_s_resident_set_did_not_grow(
     table = train_step.markdown(rows, [], {"device": "cpu", "model": "tiny", "images": 2, "steps": 3, "latent": [4],
                                            "date": "today", "rounds": 1})
     assert all("| - |" in line for line in table.splitlines() if line.startswith(("| baseline_sdpa", "| fastfair")))
+
+
+def test_engine_demo_colour_loss_is_the_mean_over_images_of_the_squared_colour_distance():
+    from fastfair import engine_demo
+
+    assert engine_demo.TARGET_RGB == (0.6, -0.2, -0.4)
+    colours = torch.tensor([[0.6, -0.2, -0.4], [0.0, 0.0, 0.0]])
+    images = colours[:, :, None, None].expand(2, 3, 4, 5).clone()
+    images[1, :, 0, 0] = 0.5  # the image's mean colour counts, not a pixel: 0.025 in each channel
+    distance = (0.025 - 0.6) ** 2 + (0.025 + 0.2) ** 2 + (0.025 + 0.4) ** 2  # summed over the channels
+    assert engine_demo.colour_loss(images).item() == pytest.approx((0 + distance) / 2)
+    assert engine_demo.colour_loss(images[:1]).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_engine_demo_grid_puts_before_over_after_image_by_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fastfair import engine_demo
+
+    levels = torch.linspace(-1, 1, 6)  # 2 rows of 3 images, each one grey level, 4 x 2 pixels
+    images = levels[:, None, None, None].expand(6, 3, 4, 2)
+    engine_demo._save_grid(images, 3, str(tmp_path / "grid.png"))
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * 4 * 4, 3 * 2 * 4, 3)  # each image scaled 4 x
+    for index, level in enumerate(levels):
+        row, column = divmod(index, 3)
+        block = grid[row * 16:(row + 1) * 16, column * 8:(column + 1) * 8]
+        assert (block == round((level.item() + 1) * 127.5)).all(), index
+
+
+def test_engine_demo_reports_the_relative_reduction_of_its_loss(tmp_path):
+    import json
+
+    from fastfair import engine_demo
+
+    metrics = engine_demo.main(["--out", str(tmp_path), "--iters", "1", "--steps", "1", "--images", "3"])
+    assert metrics["colour_loss_after"] != metrics["colour_loss_before"]
+    before, after = metrics["colour_loss_before"], metrics["colour_loss_after"]
+    assert metrics["relative_reduction"] == pytest.approx(1 - after / before)
+    assert json.loads((tmp_path / "metrics.json").read_text())["relative_reduction"] == metrics["relative_reduction"]
+    untrained = engine_demo.main(["--out", str(tmp_path / "none"), "--iters", "0", "--steps", "1", "--images", "3"])
+    assert untrained["iterations"] == 0 and untrained["colour_loss_after"] == untrained["colour_loss_before"]

@@ -918,6 +918,31 @@ def test_a_file_flag_given_a_folder_is_named_before_the_work(tmp_path):
     assert folder_instead_of_file("--out", str(tmp_path / "bank.safetensors"), "bank", "bank.safetensors") is None
 
 
+def test_a_file_flag_below_a_file_or_a_folder_flag_without_write_access_is_named(tmp_path, monkeypatch):
+    from fastfair.cli import file_instead_of_folder, folder_instead_of_file
+
+    (tmp_path / "f").write_text("")
+    below = tmp_path / "f" / "new" / "deeper" / "bank.safetensors"
+    assert folder_instead_of_file("--out", str(below), "bank", "bank.safetensors") == (
+        f"--out {below}: {tmp_path / 'f'} is a file, not a folder; give a path in a folder")
+    assert folder_instead_of_file("--out", str(tmp_path / "new" / "deeper" / "bank.safetensors"), "bank",
+                                  "bank.safetensors") is None  # folders still to make
+    real_access = os.access
+    # as for a user without write permission there (root writes anywhere)
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK and real_access(path, mode))
+    assert file_instead_of_folder("--out", tmp_path / "new", "the images") == (
+        f"--out {tmp_path / 'new'}: {tmp_path} is not writable; give a folder you can write the images in")
+
+
+def test_a_cuda_device_index_past_the_last_is_named(monkeypatch):
+    from fastfair.cli import device_problem
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_problem("--device", "cuda:1") is None and device_problem("--device", "cuda") is None
+    assert device_problem("--device", "cuda:2") == "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 onwards"
+
+
 def test_prompts_from_a_shipped_set_a_file_or_a_prompt_set_factory(tmp_path, monkeypatch):
     from fastfair.evaluate import load_prompts
     from fastfair.prompts import load_prompt_set
@@ -1108,3 +1133,40 @@ def test_a_prompt_holding_the_prefix_token_is_refused_where_fastfair_adds_it(tmp
     with pytest.raises(ValueError, match=rf"--prompts: the prompt 'a {PREFIX_TOKEN} nurse': holds"):
         run(tmp_path / "eval", prompts=[f"a {PREFIX_TOKEN} nurse"])
     assert not (tmp_path / "gen").exists() and not (tmp_path / "eval").exists()
+
+
+def _record_pipeline_calls(monkeypatch) -> list:
+    """StableDiffusionPipeline.__call__ records its keyword arguments and returns blank images (no sampling)."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    called = []
+
+    def fake_call(pipe, *args, **kwargs):
+        called.append(kwargs)
+        return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))
+                                       for _ in range(kwargs["num_images_per_prompt"])])
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", fake_call)
+    return called
+
+
+def test_generate_gives_each_image_its_own_noise_whatever_the_batch(tmp_path, monkeypatch):
+    """Image k of a batch that does not start at 0 starts from evaluate's noise of image k, not of image 0."""
+    from fastfair.evaluation.cache import paired_noise
+
+    called = _record_pipeline_calls(monkeypatch)
+    generate_main(["--model", "toy", "--prompt", PROMPT, "--num-images", "5", "--batch-size", "2", "--seed", "3",
+                   "--out", str(tmp_path / "images")])
+    assert [len(call["latents"]) for call in called] == [2, 2, 1]
+    shape = called[0]["latents"].shape[1:]
+    assert torch.equal(torch.cat([call["latents"] for call in called]), paired_noise(3, PROMPT, range(5), shape))
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{k:05d}.png" for k in range(5)]
+
+
+def test_generate_without_an_export_samples_with_the_default_steps_and_guidance(tmp_path, monkeypatch):
+    """No export records the run's sampling: 20 steps at guidance 7.5 (the module docstring's defaults)."""
+    called = _record_pipeline_calls(monkeypatch)
+    generate_main(["--model", "toy", "--prompt", PROMPT, "--num-images", "1", "--out", str(tmp_path / "images")])
+    assert (called[0]["num_inference_steps"], called[0]["guidance_scale"]) == (20, 7.5)

@@ -1,5 +1,6 @@
 """`python -m fastfair.toy.build --quick`: runs, is deterministic, and its output loads like the shipped weights."""
 import json
+import os
 import subprocess
 import sys
 
@@ -116,3 +117,76 @@ def test_skew_summary_leaves_prompts_without_faces_out_of_both_means():
     assert skew["mean_gender_bias_data"] == round(abs(2 * first.probabilities["gender"][0] - 1), 3)
     nothing = summarize_skew({second.prompt: report[second.prompt]})
     assert nothing["mean_gender_bias_generated"] is None and nothing["mean_gender_bias_data"] is None
+
+
+def test_skew_summary_reports_the_generated_female_share():
+    from fastfair.toy.build import summarize_skew
+    from fastfair.toy.captions import concepts
+
+    first = concepts("heldout", "occupation")[0]
+    skew = summarize_skew({first.prompt: {"faces_found": 4, "gender": {"frequencies": [0.25, 0.75], "bias": 0.5}}})
+    assert skew["per_prompt"][first.prompt] == {"data_female": round(first.probabilities["gender"][0], 3),
+                                                "generated_female": 0.25, "faces_found": 4}
+
+
+def test_quick_build_refuses_the_shipped_weights_however_the_path_is_spelled(capsys):
+    from fastfair.toy.build import parse_args
+    from fastfair.toy.files import WEIGHTS_DIR
+
+    for spelled in (f"{WEIGHTS_DIR}{os.sep}", f"{WEIGHTS_DIR}{os.sep}.", os.path.relpath(WEIGHTS_DIR)):
+        with pytest.raises(SystemExit):
+            parse_args(["--quick", "--out", spelled])
+        assert "--quick writes barely trained models" in capsys.readouterr().err
+
+
+def test_learning_rate_warms_up_to_its_peak_then_decays_to_five_percent():
+    from fastfair.toy.training import learning_rate
+
+    assert [learning_rate(step, 100, 2.0, 4) for step in range(4)] == [0.5, 1.0, 1.5, 2.0]
+    assert learning_rate(4, 100, 2.0, 4) == pytest.approx(2.0)  # the cosine starts at the peak
+    assert learning_rate(52, 100, 2.0, 4) == pytest.approx(2.0 * (0.05 + 0.95 * 0.5))  # half way
+    assert learning_rate(100, 100, 2.0, 4) == pytest.approx(0.1)  # 5 % of the peak at the end, not 0
+
+
+def test_fit_ends_with_the_parameters_ema_of_its_steps():
+    """With ema_decay the parameters end as the EMA of each step's weights (warm-up decay min(d, (1+t)/(10+t)))."""
+    from fastfair.toy.training import EMA, fit
+
+    def run(ema_decay):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.zeros(3))
+        seen = []
+
+        def loss_at(step):
+            seen.append(weight.detach().clone())  # the weights after steps 0 .. step - 1
+            return ((weight - torch.tensor([1.0, -2.0, 3.0])) ** 2).sum()
+        losses = fit([weight], loss_at, steps=30, lr=0.1, description="test", warmup=2, ema_decay=ema_decay)
+        return weight.detach(), seen, losses
+
+    raw, seen, losses = run(None)
+    averaged, seen_again, losses_again = run(0.8)
+    assert losses_again == losses  # the EMA leaves the optimization alone
+    after_each = seen[1:] + [raw]
+    expected = seen[0].clone()
+    for step, weights in enumerate(after_each):
+        expected = expected.lerp(weights, 1 - min(0.8, (1 + step) / (10 + step)))
+    torch.testing.assert_close(averaged, expected)
+    assert not torch.allclose(averaged, raw)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    ema = EMA([weight], 0.9)
+    with torch.no_grad():
+        weight.fill_(1.0)
+    ema.update(0)  # decay min(0.9, 1/10): mostly the new weight
+    ema.copy_to_parameters()
+    assert weight.item() == pytest.approx(0.9)
+
+
+def test_a_build_record_of_another_tool_does_not_make_a_folder_a_builds(tmp_path, capsys):
+    """Only a toy build's record (checksum and files) marks the folder's pipeline/ as a build's to replace."""
+    from fastfair.toy.build import parse_args
+
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "build.json").write_text(json.dumps({"checksum": "x", "tool": "someone else's"}))
+    with pytest.raises(SystemExit):
+        parse_args(["--quick", "--out", str(tmp_path)])
+    assert "holds pipeline, build.json, which no toy build wrote" in capsys.readouterr().err

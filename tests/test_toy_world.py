@@ -191,3 +191,32 @@ def test_measure_leaves_images_without_a_face_unclassified():
                                ToyClassifier("small_cnn", {"width": 8}))
     assert all(p[[0, 2]].tolist() == [-1, -1] and p[1] >= 0 for p in predicted.values())
     assert sum(frequencies(predicted["gender"], 2)) == pytest.approx(1)
+
+
+def test_a_saved_pipeline_folder_has_the_layout_transformers_4_reads(tmp_path):
+    """save_pipeline_folder: the text encoder's keys under ``text_model.``; beside tokenizer.json the slow tokenizer's
+    vocab.json and merges.txt, whose first line is the version header transformers 4 skips (a merge written there
+    is lost)."""
+    import json
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fastfair.pipeline_folder import save_pipeline_folder
+
+    tokenizer = build_tokenizer([c.prompt for c in captions.CONCEPTS])
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                           num_attention_heads=2, vocab_size=50, max_position_embeddings=8))
+
+    def save_pretrained(folder, safe_serialization):  # as a diffusers pipeline saves its parts
+        encoder.save_pretrained(os.path.join(folder, "text_encoder"), safe_serialization=safe_serialization)
+        tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    save_pipeline_folder(SimpleNamespace(tokenizer=tokenizer, save_pretrained=save_pretrained), str(tmp_path))
+    keys = load_file(str(tmp_path / "text_encoder" / "model.safetensors"))
+    assert keys and all(name.startswith("text_model.") for name in keys)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    lines = (tmp_path / "tokenizer" / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [" ".join(m) if not isinstance(m, str) else m for m in model["merges"]]
+    assert lines[0].startswith("#version") and lines[1:] == merges and merges
+    assert json.loads((tmp_path / "tokenizer" / "vocab.json").read_text(encoding="utf-8")) == model["vocab"]
