@@ -223,3 +223,69 @@ def test_budget_of_two_and_a_half_steps_keeps_two_graphs_and_the_gradient_is_unc
     assert (recomputed_kept, recomputed_lean) == (2, 4)  # whole kept graphs are not recomputed
     for a, b in zip(kept, lean):  # attention-kept steps: equal to rounding (fastfair.keep_attention)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_budget_edges_start_at_every_step_equal_shares_and_a_whole_attention_share():
+    """A budget equal to the reserved bytes still fits steps that hold nothing; a plan that already keeps every
+    step is a valid start (it can only upgrade); attention keeps as large as graphs give whole graphs even at
+    r = 1; and at r = 1 an upgrade saves nothing, so no byte is spent on one."""
+    assert keep_graph_steps_for_budget(100, 0, 20, reserved_bytes=100) == 20
+    assert keep_graph_steps_for_budget(0, 0, 20) == 20
+    G, A = 100, 10
+    assert keeps_for_budget(10 ** 9, G, A, 4, start=(2, 2), attention_share=0.3) == (4, 0)
+    assert keeps_for_budget(0, G, A, 4, start=(4, 0), attention_share=0.3) == (4, 0)
+    assert keeps_for_budget(250, G, G, 20, attention_share=1.0) == (2, 0)
+    assert keeps_for_budget(10 ** 9, G, A, 4, attention_share=1.0) == (0, 4)
+
+
+def test_step_bytes_leave_out_the_text_embeddings_without_cfg():
+    """No CFG (guidance 1): the U-Net reads cond itself (a view of its storage), which its cross-attention
+    projections save for their weights' gradients; the embeddings exist anyway and are not a step's memory."""
+    unet, z_T, cond, _ = _problem("unet")
+    held = [*unet.parameters(), cond]
+
+    def engine_holds(keep):
+        return saved_tensor_bytes(lambda: sample(unet, SCHED, z_T, cond, None, num_steps=2, guidance_scale=1.0,
+                                                 keep_graph_steps=keep), held=held)
+
+    measured = graph_bytes_per_step(unet, z_T, 500, cond, None, 1.0)
+    assert measured == engine_holds(2) - engine_holds(1) + z_T.numel() * 4  # + the kept eps (float32)
+
+
+def test_step_bytes_refuse_a_frozen_row_count_that_leaves_no_image():
+    unet, z_T, cond, uncond = _problem("unet")
+    for frozen_rows in (2, -1, 1.0):
+        for measure in (graph_bytes_per_step, attention_keep_costs):
+            with pytest.raises(ValueError, match=rf"frozen_rows={frozen_rows!r}: expected an integer in \[0, batch=2"):
+                measure(unet, z_T, 0, cond, uncond, 3.0, frozen_rows=frozen_rows)
+
+
+def test_reserved_now_is_the_memory_allocated_on_a_cuda_device_only(monkeypatch):
+    from fastfair.memory_budget import reserved_now
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 12345)
+    assert reserved_now(torch.device("cuda", 0)) == 12345
+    assert reserved_now(torch.device("cpu")) == 0
+
+
+def test_a_plan_counts_allocated_memory_and_is_made_per_frozen_rows_steps_and_lean_setting(monkeypatch):
+    """R includes what reserved_now sees (CUDA's allocated memory), a budget already spent keeps nothing (not an
+    error), grad_steps above the step count plan only the steps there are, plans for other frozen_rows are made
+    anew, and the lean_graph setting is the one G is measured with."""
+    unet, z_T, cond, uncond = _problem("unet", torch.float64)
+    per_step = graph_bytes_per_step(unet, z_T, 0, cond, uncond, 3.0)
+    gb = 2.5 * per_step / GIB
+    assert MemoryBudget(gb).keeps(unet, z_T, cond, uncond, 4, 3.0) == (2, 2)
+    assert MemoryBudget(1.0).keeps(unet, z_T, cond, uncond, 4, 3.0, grad_steps=10) == (4, 0)
+    budget = MemoryBudget(gb)
+    budget.keeps(unet, z_T, cond, uncond, 4, 3.0)
+    frozen = MemoryBudget(gb).keeps(unet, z_T, cond, uncond, 4, 3.0, frozen_rows=1)
+    assert frozen != (2, 2) and budget.keeps(unet, z_T, cond, uncond, 4, 3.0, frozen_rows=1) == frozen
+    assert MemoryBudget(gb).keeps(unet, z_T, cond, uncond, 4, 3.0, pending_bytes=10 * per_step) == (0, 0)
+    # lean_graph off holds more per kept step: 4 G of the lean G upgrades only three attention keeps
+    assert graph_bytes_per_step(unet, z_T, 0, cond, uncond, 3.0, lean=False) > per_step
+    assert MemoryBudget(4 * per_step / GIB).keeps(unet, z_T, cond, uncond, 4, 3.0) == (4, 0)
+    assert MemoryBudget(4 * per_step / GIB, lean=False).keeps(unet, z_T, cond, uncond, 4, 3.0) == (3, 1)
+    monkeypatch.setattr("fastfair.memory_budget.reserved_now", lambda device: per_step)
+    assert MemoryBudget(gb).keeps(unet, z_T, cond, uncond, 4, 3.0) == (1, 3)  # as with pending_bytes=per_step
+    assert MemoryBudget(gb).keeps(unet, z_T, cond, uncond, 4, 3.0, pending_bytes=per_step) == (0, 4)

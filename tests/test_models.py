@@ -80,6 +80,10 @@ def test_trainable_weights_fp32_and_where_asked(sd_dir, target, prefix):
     model = _model(sd_dir, target, prefix_tokens=3)
     names = list(model.trainable)
     assert names and all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    # the frozen weights stay in the model's dtype (an fp32 copy of them would double their memory)
+    frozen = [p for m in (model.text_encoder, model.unet) for p in m.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert model.trains_unet == any(n.startswith("unet.") for n in names)
     if prefix:
         assert all(n.startswith(prefix) for n in names)
     else:
@@ -126,6 +130,7 @@ def test_prefix_starts_as_the_mean_row_or_distinct_random_tokens_of_the_seed(sd_
     ("text_lora", "finetune.lora.text_modules", ["q_proj", "nosuchmodule"], "'nosuchmodule'"),  # peft: q_proj only
     ("text_lora", "finetune.lora.text_modules", ["nosuchmodule"], "'nosuchmodule'"),  # peft: its own words
     ("unet_lora", "finetune.lora.unet_modules", ["to_q", "to_out.1", "bogus"], "'to_out.1', 'bogus'"),
+    ("text_lora", "finetune.lora.text_modules", ["proj"], "'proj'"),  # the end of q_proj's name, not a component
 ])
 def test_lora_modules_that_name_no_layer_are_refused_by_key(sd_dir, target, key, modules, unmatched):
     """Each listed module must name a layer: peft adapted the others of a list unsaid (a typo trained fewer
@@ -146,6 +151,9 @@ def test_lora_adapters_off_for_original(sd_dir):
         for p in model.parameters():
             p.normal_(0, 0.5)
     assert not torch.equal(model.encode(["a dog"]), model.encode_original(["a dog"]))
+    from fastfair.finetune import _lora_layers
+
+    assert {layer.scaling["default"] for layer in _lora_layers(model.text_encoder)} == {1.0}  # alpha null: = rank
     assert torch.equal(model.encode_original(["a dog"]), _model(sd_dir, "prefix").encode_original(["a dog"]))
 
 
@@ -154,8 +162,12 @@ def test_unet_full_keeps_frozen_copy(sd_dir):
     with model.original_unet() as unet:
         assert unet is not model.unet and not any(p.requires_grad for p in unet.parameters())
     model = _model(sd_dir, "unet_lora")
+    from fastfair.finetune import _lora_layers
+
     with model.original_unet() as unet:
         assert unet is model.unet
+        assert all(layer.disable_adapters for layer in _lora_layers(unet))
+    assert not any(layer.disable_adapters for layer in _lora_layers(model.unet))
 
 
 @pytest.mark.parametrize("target", ["text_lora", "unet_full"])

@@ -139,6 +139,9 @@ def test_recompute_judges_shares_one_wrapper_per_module():
                                                  {"gender": shared, "age": shared}, rows=2)
     assert isinstance(sliced, Recomputed) and sliced.rows == 2 and vae.decoder.gradient_checkpointing
     assert semantics.encoders["a"].rows == judges["gender"].rows == 2 and judges["gender"] is judges["age"]
+    # a decoder already sliced is not wrapped again (Recomputed refuses a wrapper around a wrapper)
+    again, semantics_again, _ = recompute_judges(sliced, semantics, {}, rows=2)
+    assert again is sliced and semantics_again is semantics
 
 
 class Probe(torch.autograd.Function):
@@ -202,6 +205,8 @@ def test_recomputed_in_slices_refuses_what_it_cannot_slice():
         Recomputed(judge, rows=2)(x, x)
     with pytest.raises(TypeError, match="slices one tensor argument"):
         Recomputed(judge, rows=2)(x=x)
+    with pytest.raises(TypeError, match="slices one tensor argument"):
+        Recomputed(judge, rows=2)(x, scale=2.0)
 
     class Pooled(nn.Module):  # mixes the rows: a slice's output has one row, not one per image
         def forward(self, x):
@@ -253,3 +258,21 @@ def test_decoder_in_slices_same_gradient_and_images():
         sliced = torch.autograd.grad(sliced_images.sin().sum(), z)[0]
         torch.testing.assert_close(sliced_images, images, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(sliced, plain, rtol=1e-12, atol=1e-12)
+
+
+
+def test_recomputed_without_a_graph_to_build_is_a_plain_call(monkeypatch):
+    """No checkpoint (its bookkeeping and RNG stashing) where no graph is built: grad disabled, or no input that
+    requires grad (a frozen judge scoring the originals with grad on)."""
+    import fastfair.recompute as recompute
+
+    calls, real = [], recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    judge = _frozen(Judge())
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, requires_grad=True)
+    wrapped = Recomputed(judge)
+    with torch.no_grad():
+        wrapped(x)
+    wrapped(x.detach())
+    assert calls == []
+    assert wrapped(x).grad_fn is not None and calls == [1]  # a graph to build: checkpointed
