@@ -669,3 +669,15 @@ def test_init_refuses_a_file_covering_less_than_half_of_the_network(tmp_path):
         initial_weights(classifier, str(tmp_path / "part.pt"))
     torch.save({k: v for k, v in state.items() if not k.startswith("classifier.")}, tmp_path / "backbone.pt")
     initial_weights(classifier, str(tmp_path / "backbone.pt"))  # all but the head: loaded
+
+
+def test_a_group_csv_row_without_a_group_is_named(tmp_path):
+    from fastfair.classifiers.data import read_group_file
+
+    groups = tmp_path / "groups.csv"
+    groups.write_text("file,person\na.png,p1\n./b.png,p2\nc.png,\n")
+    with pytest.raises(ValueError, match=r"groups.csv, line 4: expected an image file name and its group"):
+        read_group_file(str(groups))
+    groups.write_text("file,person\na.png,p1\n./b.png,p2\n")
+    assert read_group_file(str(groups)) == {"a.png": "p1", "b.png": "p2"}
+    assert read_group_file(str(groups), root="/data") == {"/data/a.png": "p1", "/data/b.png": "p2"}

@@ -299,7 +299,7 @@ def read_group_file(path: str, root: Optional[str] = None) -> Dict[str, str]:
     for number, name, group in pairs:
         if not name.strip() or not group.strip():
             raise ValueError(f"--groups {path}, line {number}: expected an image file name and its group (e.g. "
-                             "'000001.jpg 2880'), got one word")
+                             "'000001.jpg 2880', or in a CSV '000001.jpg,2880'), found one of them only")
         key = file_key(name.strip(), root)
         if groups.setdefault(key, group.strip()) != group.strip():
             raise ValueError(f"--groups {path}: {name.strip()} is given group {groups[key]!r} on line "
