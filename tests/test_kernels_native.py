@@ -61,11 +61,17 @@ def test_solver_step_cpu_reads_every_fp16_eps_exactly(z_dtype, one_thread):
             assert torch.equal(got[~nan], want[~nan])
 
 
-def test_threaded_chunks():
-    """Several OpenMP chunks (grain 2^14 elements), each written once and in the right place."""
+@pytest.mark.parametrize("dtype", testing.FLOATS, ids=str)
+def test_threaded_chunks(dtype):
+    """Several OpenMP chunks (grain 2^14 elements), each written once and in the right place, for every eps and
+    fan-out output dtype: an fp16 eps and fp16/bf16 outputs take tiled paths of their own, fp32/fp64 outputs
+    another, and a chunk starting past 0 must index each stream from there."""
+    shape = (5, 4, 61, 67)
     with testing.torch_threads(2):
-        testing.check_solver_step("native", testing.StepCase((5, 4, 61, 67), torch.float32, torch.bfloat16, True, 2))
-        testing.check_grad_fanout("native", testing.FanoutCase((5, 4, 61, 67), torch.float32, torch.float16, 3, 2))
+        for cfg, order in ((True, 2), (False, 2), (True, 1)):
+            testing.check_solver_step("native", testing.StepCase(shape, torch.float32, dtype, cfg, order))
+        for g_dtype in (torch.float32, torch.float64):
+            testing.check_grad_fanout("native", testing.FanoutCase(shape, g_dtype, dtype, 3, 2))
 
 
 def test_order1_ignores_m_prev_cpu():
@@ -83,6 +89,38 @@ def test_op_checks_guard_direct_calls(native_ops):
                                    1.0, 1.0, 0.5)
     with pytest.raises(ValueError, match="out has"):
         native_ops.grad_fanout_out(z, [1.0, 2.0], [1.0], torch.empty(1, 1, *z.shape))
+    with pytest.raises(ValueError, match="out has"):  # a larger out is as wrong: its layout is not out[j, b]
+        native_ops.grad_fanout_out(z, [1.0], [1.0], torch.empty(2, 1, *z.shape))
+
+
+def test_op_checks_guard_direct_calls_layout_and_dtype(native_ops):
+    """The ops read raw memory in z's layout and each tensor's own dtype: a direct call with a strided view, an
+    eps_u of another dtype than eps_c (read with eps_c's element size) or an out buffer of another dtype than z
+    raises instead of reading or writing the wrong elements."""
+    z = torch.randn(2, 4, 8, 8)
+    out = (torch.empty_like(z), torch.empty_like(z))
+    scalars = (7.5, 1.0, -0.5, 0.9, 0.3, 0.0)
+    with pytest.raises(ValueError, match="eps_c must be contiguous"):
+        native_ops.solver_step_out(z, z.transpose(2, 3), None, None, *out, *scalars)
+    with pytest.raises(TypeError, match="eps_u and eps_c dtypes differ"):
+        native_ops.solver_step_out(z, z, z.half(), None, *out, *scalars)
+    with pytest.raises(TypeError, match="z_next has dtype"):
+        native_ops.solver_step_out(z, z, None, None, torch.empty_like(z, dtype=torch.float64), out[1], *scalars)
+    with pytest.raises(ValueError, match="g must be contiguous"):
+        native_ops.grad_fanout_out(z.transpose(2, 3), [1.0], [1.0], torch.empty(1, 1, *z.shape))
+
+
+def test_op_order1_ignores_m_prev_in_direct_calls(native_ops):
+    """At b1 = 0 the op itself leaves a passed m_prev unread (the Python dispatcher drops it first, a direct call
+    does not): a NaN m_prev changes nothing."""
+    (z, eps_c, eps_u, _), scalars = testing.step_inputs(testing.StepCase((3, 4, 17, 13), torch.float32,
+                                                                         torch.float32, True, 1))
+    want = solver_step(z, eps_c, eps_u, None, **scalars, backend="torch")
+    got = (torch.empty_like(z), torch.empty_like(z))
+    native_ops.solver_step_out(z, eps_c, eps_u, torch.full_like(z, float("nan")), *got,
+                               *(scalars[k] for k in ("guidance", "cz", "ce", "a", "b0", "b1")))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **testing.STEP_TOL[torch.float32])
 
 
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
