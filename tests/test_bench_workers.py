@@ -23,6 +23,9 @@ def body(spec):
     print("to stderr", file=sys.stderr)
     if spec.get("fail"):
         raise SystemExit("the worker gave up: " + spec["fail"])
+    if spec.get("killed"):  # the kernel's OOM killer, a time limit: its JSON-looking output is no result
+        print(json.dumps({{"half": "done"}}), flush=True)
+        os.kill(os.getpid(), 9)
     return {{"spec": spec, "pid": os.getpid(), "env": os.environ.get("FASTFAIR_TEST_WORKER")}}
 
 parser = argparse.ArgumentParser()
@@ -50,6 +53,12 @@ def test_a_failed_worker_is_named_with_its_stderr(script):
     with pytest.raises(RuntimeError, match=r"worker broken of bench_script.py failed with exit code 1; its stderr "
                                            r"ends:\nto stderr\nthe worker gave up: on purpose"):
         spawn(script, {"fail": "on purpose"}, "broken")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_worker_killed_by_a_signal_has_failed_whatever_it_printed(script):
+    with pytest.raises(RuntimeError, match="worker killed of bench_script.py failed with exit code -9"):
+        spawn(script, {"killed": True}, "killed")
 
 
 def test_a_worker_shows_its_stderr_as_it_runs_when_asked(script, capfd):

@@ -36,3 +36,12 @@ def test_an_unknown_target_is_named():
     run = subprocess.run([sys.executable, str(BENCH), "--targets", "text_lora,prefix"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 2 and "--targets 'text_lora,prefix': choose from" in run.stderr
+
+
+
+def test_the_table_gives_parts_over_whole():
+    rows = [{"target": "text_lora", "way": way, "peak_bytes": peak * 2**20, "seconds": seconds}
+            for way, peak, seconds in (("whole", 8, 4.0), ("parts", 2, 1.0))]
+    table = finetuned_copy.markdown(rows)
+    assert "| text_lora | whole | 8.0 | 4.00 | - | - |" in table
+    assert "| text_lora | parts | 2.0 | 1.00 | 0.250 | 0.25 |" in table

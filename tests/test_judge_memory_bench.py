@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -46,3 +47,58 @@ def test_bad_flags_are_refused_before_any_model_is_built(tmp_path, flags, messag
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and message in run.stderr
     assert not (tmp_path / "m").exists()
+
+
+
+def _result(mode, images, peak, seconds, grad_norm=1.0):
+    return {"mode": mode, "images": images, "peak_bytes": peak * 2**20, "seconds": seconds, "grad_norm": grad_norm}
+
+
+def test_the_table_gives_each_mode_over_keep_and_seconds_per_image():
+    table = judge_memory.markdown([_result("keep", 2, 8, 4.0), _result("blockwise", 2, 4, 5.0),
+                                   _result("sliced", 2, 2, 6.0, 1.001)])
+    assert "| 2 | 8.0 | 4.0 | 2.0 | 0.500 | 0.250 | 2.00 | 2.50 | 3.00 |" in table
+    assert "differs by at most 1.0e-03" in table
+
+
+@pytest.mark.parametrize("mode, rows", [("keep", []), ("blockwise", [None]), ("sliced", [1])])
+def test_each_mode_recomputes_its_judges_as_named_and_times_one_run(monkeypatch, mode, rows):
+    import torch
+    import train_step
+
+    recomputed, clock = [], [0.0]
+
+    def judged_loss(objective, z_orig, z):  # one second each (warm-up, then the measured run)
+        clock[0] += 1.0
+        return torch.tensor(1.0), z
+
+    monkeypatch.setattr(train_step, "load_objective", lambda *a: "objective")
+    monkeypatch.setattr(train_step, "recompute_objective", lambda objective, n: recomputed.append(n))
+    monkeypatch.setattr(train_step, "judged_loss", judged_loss)
+    monkeypatch.setattr(judge_memory, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(judge_memory, "PeakMemory", lambda device: SimpleNamespace(start=lambda: None, peak=lambda: 0))
+    threads = torch.get_num_threads()
+    try:
+        result = judge_memory.worker(mode, 2, 4, {})
+    finally:
+        torch.set_num_threads(threads)
+    assert recomputed == rows and result["images"] == 2
+    assert result["seconds"] == 1.0  # the measured run's, not the warm-up's
+
+
+def test_the_report_is_written_after_every_run(tmp_path, monkeypatch):
+    """A GPU run may stop at a time limit: the runs that finished are in the JSON and Markdown already."""
+    def spawn(script, cfg, name, env=None):
+        if cfg["mode"] == "blockwise":
+            raise RuntimeError("worker died")
+        return {**_result(cfg["mode"], cfg["images"], 8, 1.0), "device": "cpu", "latent": cfg["latent"]}
+
+    monkeypatch.setattr(judge_memory, "spawn", spawn)
+    import train_step
+
+    monkeypatch.setattr(train_step, "models_on_disk", lambda *a: {})
+    out = tmp_path / "judges.json"
+    with pytest.raises(RuntimeError, match="worker died"):
+        judge_memory.main(["--model", "tiny", "--images", "1", "--json", str(out)])
+    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["keep"]
+    assert "\n| 1 | 8.0 |" in out.with_suffix(".md").read_text()

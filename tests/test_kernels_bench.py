@@ -2,8 +2,10 @@
 hand and in bench/gpu_check.sh; its numbers live in bench/results)."""
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
@@ -22,3 +24,101 @@ def test_bad_flags_are_refused_before_measuring(argv, message, capsys, monkeypat
     with pytest.raises(SystemExit):
         kernels_bench.main(["--json", str(tmp_path / "k.json"), *argv])
     assert message in capsys.readouterr().err
+
+
+def test_bandwidth_counts_every_tensor_read_and_written():
+    """Minimal bytes moved per element: the step reads z, m_prev (fp32) and eps_c, eps_u (U-Net dtype) and writes
+    z_next, m (fp32); the fan-out reads g (fp32) and writes 4 steps x 2 branches in the U-Net dtype."""
+    assert kernels_bench.step_bytes(10, torch.float16) == 10 * (4 * 4 + 2 * 2)
+    assert kernels_bench.step_bytes(10, torch.float32) == 10 * 6 * 4
+    assert kernels_bench.fanout_bytes(10, torch.bfloat16) == 10 * (4 + 8 * 2)
+    assert kernels_bench.fanout_bytes(10, torch.float32) == 10 * (4 + 8 * 4)
+
+
+def test_each_result_is_the_median_sample_and_its_speedup_is_torch_over_backend(monkeypatch):
+    samples = {"torch": iter([1.0, 1.0, 1.0, 1.0, 100.0]), "native": iter([0.25, 0.25, 9.0, 0.25, 0.25])}
+    monkeypatch.setattr(kernels_bench, "_sample", lambda fn, device, inner: next(samples[fn()]))
+    calls = {name: lambda name=name: name for name in samples}  # each call returns its name
+    assert kernels_bench.median_times(calls, "cpu", 5, 1e-6) == {"torch": 1.0, "native": 0.25}
+    # the run's rows: speedup = torch's time / the backend's, bandwidth = the op's bytes / the backend's time
+    monkeypatch.setattr(kernels_bench, "SHAPES", [(1, 4, 8, 8)])
+    monkeypatch.setattr(kernels_bench, "fused_backends", lambda device: [])
+    monkeypatch.setattr(kernels_bench, "median_times", lambda calls, *a: {"torch": 2e-6, "native": 5e-7})
+    args = SimpleNamespace(device="cpu", quick=True, large=False, note=[], dtypes="fp32")
+    rows = {(r["op"], r["backend"]): r for r in kernels_bench.run(args)["results"]}
+    n = 4 * 8 * 8
+    for op, nbytes in (("solver_step", kernels_bench.step_bytes(n, torch.float32)),
+                       ("grad_fanout", kernels_bench.fanout_bytes(n, torch.float32))):
+        assert rows[(op, "torch")]["speedup_vs_torch"] == 1.0
+        assert rows[(op, "native")]["speedup_vs_torch"] == 4.0
+        assert rows[(op, "native")]["achieved_gbps"] == pytest.approx(nbytes / 5e-7 / 1e9)
+        assert rows[(op, "native")]["bandwidth_frac_of_copy"] is None  # no copy measured on CPU
+    monkeypatch.setattr(kernels_bench, "copy_bandwidth", lambda device, reps: 1e12)  # as on CUDA
+    rows = {(r["op"], r["backend"]): r for r in kernels_bench.run(args)["results"]}
+    frac = rows[("solver_step", "native")]["bandwidth_frac_of_copy"]
+    assert frac == pytest.approx(kernels_bench.step_bytes(n, torch.float32) / 5e-7 / 1e12) and frac < 1
+
+
+def test_a_cpu_sample_is_seconds_per_call(monkeypatch):
+    clock = [0.0]
+
+    def call():
+        clock[0] += 0.5
+
+    monkeypatch.setattr(kernels_bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert kernels_bench._sample(call, "cpu", 4) == 0.5
+
+
+def _row(op, backend, shape, dtype, speedup, frac=None):
+    return dict(op=op, backend=backend, shape=list(shape), dtype=dtype, speedup_vs_torch=speedup,
+                bandwidth_frac_of_copy=frac)
+
+
+def test_the_targets_table_checks_each_device_s_own_targets():
+    meta = {"device": "GPU", "date": "today", "copy_gbps": 4000.0}
+    gpu = kernels_bench.summarize({"meta": meta, "results": [
+        _row("solver_step", "torch", (8, 4, 64, 64), "fp16", 1.0),
+        _row("solver_step", "native", (1, 4, 64, 64), "fp16", 2.0),  # B = 1: no target
+        _row("solver_step", "native", (8, 4, 64, 64), "fp16", 4.5),
+        _row("grad_fanout", "triton", (32, 4, 64, 64), "fp16", 3.9),
+        _row("solver_step", "triton", (64, 4, 256, 256), "fp16", 1.0, 0.85),
+        _row("grad_fanout", "native", (64, 4, 256, 256), "fp16", 1.0, 0.79)]}).splitlines()
+    assert gpu[4:] == ["| solver_step 8x4x64x64 fp16 | native | 4.50x | >= 4x | yes |",
+                       "| grad_fanout 32x4x64x64 fp16 | triton | 3.90x | >= 4x | NO |",
+                       "| solver_step 64x4x256x256 fp16 | triton | 85% of copy | >= 80% | yes |",
+                       "| grad_fanout 64x4x256x256 fp16 | native | 79% of copy | >= 80% | NO |"]
+    cpu = kernels_bench.summarize({"meta": {**meta, "device": "x86_64 CPU, 2 cores", "copy_gbps": None}, "results": [
+        _row("solver_step", "native", (8, 4, 64, 64), "fp32", 2.5),
+        _row("grad_fanout", "native", (8, 4, 64, 64), "fp32", 1.5)]}).splitlines()
+    assert cpu[4:] == ["| solver_step 8x4x64x64 fp32 | native | 2.50x | >= 2x | yes |"]
+
+
+def test_a_slow_first_call_does_not_set_the_calls_per_sample(monkeypatch):
+    """The first calls (a Triton compile, lazy allocations) run before the call that sizes each sample: a
+    compile-length first call would leave one call per sample, and launch-bound calls would time the timer."""
+    clock, calls, inners = [0.0], [], []
+
+    def call():
+        calls.append(1)
+        clock[0] += 100.0 if len(calls) == 1 else 0.25
+
+    monkeypatch.setattr(kernels_bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(kernels_bench, "_sample", lambda fn, device, inner: inners.append(inner) or 1.0)
+    kernels_bench.median_times({"op": call}, "cpu", 3, 2.0)
+    assert inners == [8, 8, 8]
+
+
+def test_copy_bandwidth_counts_the_read_and_the_write(monkeypatch):
+    """The ceiling the kernels' bandwidth is a fraction of: a 512 MiB copy reads and writes 512 MiB each."""
+    made = []
+
+    def empty(n, dtype, device):
+        made.append((n, dtype, device))
+        return SimpleNamespace(numel=lambda: n)
+
+    monkeypatch.setattr(kernels_bench, "torch", SimpleNamespace(float32=torch.float32, empty=empty,
+                                                                empty_like=lambda t: t))
+    monkeypatch.setattr(kernels_bench, "median_times", lambda calls, device, reps, sample_s: {"copy": 0.5})
+    assert kernels_bench.copy_bandwidth("cuda", 3) == 2 * 2**29 / 0.5
+    assert made == [(2**27, torch.float32, "cuda")]
+    assert kernels_bench.copy_bandwidth("cpu", 3) is None

@@ -135,3 +135,41 @@ def test_toy_components_end_to_end(tmp_path, bench_workers_in_process):
     assert row["grad_steps"] == 5 and "20-step DPM-Solver++ with the gradient through a random 5 of them" in table
     assert "\nseed: 3\n" in (tmp_path / "runs" / "unet_lora" / "train" / "config.yaml").read_text()
     assert "| original | — |" in table and f"| unet_lora | {row['trainable_parameters']:,} |" in table
+
+
+def test_final_loss_is_the_mean_of_the_last_window():
+    history = [{"loss": float(i)} for i in range(30)]
+    assert _toy.final_mean(history) == sum(range(10, 30)) / 20
+    assert _toy.final_mean(history[:4]) == 1.5  # fewer than the window: all of them
+
+
+def _heldout(before, after):
+    return {"before": {"gender_bias": before, "gender_bias_std": 0.01},
+            "after": {"gender_bias": after, "gender_bias_std": 0.02},
+            "semantics": {"sim_latent": 0.9, "sim_layout": 0.8, "diversity_before": 0.3, "diversity_after": 0.25}}
+
+
+META = {"iters": 2, "eval_images": 1, "threads": 1, "seed": 0, "batch": 2, "steps": 20, "grad_steps": None,
+        "guidance": 3.0, "lr": 5e-5}
+
+
+def test_the_tables_show_the_bias_after_and_its_change():
+    history = [{"loss": 1.0, "align": 0.5, "img": 0.25, "face": 0.125, "bias/gender": 0.5}] * 2
+    result = {"name": "paper", "history": history, "heldout": _heldout(0.8, 0.2), "seconds_per_iteration": 1.5,
+              "trainable_parameters": 1234, "coefficients": "paper"}
+    row = toy_gradients.markdown([result], None, None, META).splitlines()[-1]
+    assert row.startswith("| paper | 1.0000 | 0.5000 | 0.2500 | 0.1250 | 0.500 | 0.800 ± 0.010 | 0.200 ± 0.020 "
+                          "| -75% | 0.900 | 0.800 | 0.250 (0.300) | 1.50 |")
+    lines = toy_components.markdown([result], META).splitlines()
+    assert lines[-2].startswith("| original | — | 0.800 ± 0.010 |")
+    assert lines[-1] == "| paper | 1,234 | 0.200 ± 0.020 | 0.900 | 0.800 | 0.250 | 1.0000 | 1.50 |"
+
+
+def test_the_closed_form_error_is_the_largest_over_steps_and_batches():
+    batch = {"measured": {v: [1.0, 1.0] for v in toy_gradients.VARIANTS},
+             "closed_form": {v: [1.0, 1.0] for v in toy_gradients.VARIANTS}}
+    other = {"measured": {**batch["measured"], "paper": [1.0, 1.3]}, "closed_form": batch["closed_form"]}
+    summary = toy_gradients.summarize_scales({"batches": [batch, other]})
+    assert summary["closed_form_max_rel_error"]["paper"] == pytest.approx(0.3)
+    assert summary["closed_form_max_rel_error"]["exact"] == 0.0
+    assert summary["mean"]["measured"]["paper"] == pytest.approx([1.0, 1.15])

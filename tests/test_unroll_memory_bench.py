@@ -47,3 +47,46 @@ def test_an_unknown_implementation_is_refused_before_any_worker(capsys, bench_wo
         unroll_memory.main(["--steps", "2", "--impls", "fastfair,bogus", "--size", "8"])
     assert "--impls 'fastfair,bogus': unknown bogus (choose from fastfair" in capsys.readouterr().err
     assert not bench_workers_in_process
+
+
+
+def test_the_tables_ratios_are_per_image_over_whole_and_fastfair_over_reference():
+    rows = [{"impl": impl, "steps": 20, "images": 2, "peak_bytes": peak * 2**20, "seconds": seconds}
+            for impl, peak, seconds in (("fastfair", 8, 4.0), ("fastfair_per_image", 2, 6.0))]
+    assert "| 2 | 8.0 | 2.0 | 0.250 | 2.000 | 3.000 |" in unroll_memory.markdown_images(rows)
+    rows = [{"impl": impl, "steps": 5, "peak_bytes": peak * 2**20}
+            for impl, peak in (("fastfair", 1), ("reference", 4))]
+    assert "| 5 | 1.0 | 4.0 | 0.250 |" in unroll_memory.markdown(rows)
+
+
+def test_the_warm_up_runs_before_the_peak_is_reset(monkeypatch):
+    """The warm-up's allocations are no part of the measured backward's peak."""
+    import torch
+
+    import fastfair.dft
+
+    events = []
+
+    class Memory:
+        def __init__(self, device):
+            pass
+
+        def start(self):
+            events.append("start")
+
+        def peak(self):
+            events.append("peak")
+            return 0
+
+    def sample(unet, scheduler, z_T, cond, uncond, num_steps):
+        events.append(("sample", num_steps, torch.is_grad_enabled()))
+        return z_T.clone().requires_grad_()
+
+    monkeypatch.setattr(unroll_memory, "PeakMemory", Memory)
+    monkeypatch.setattr(fastfair.dft, "sample", sample)
+    threads = torch.get_num_threads()
+    try:
+        unroll_memory.worker("fastfair", 5, 8, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert events == [("sample", 2, False), "start", ("sample", 5, True), "peak"]
