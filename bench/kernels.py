@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from fastfair.files import atomic_path
 from fastfair.kernels import dispatch, grad_fanout, grad_fanout_torch, solver_step, solver_step_torch, testing
 
 SHAPES = [(1, 4, 64, 64), (8, 4, 64, 64), (32, 4, 64, 64), (8, 4, 128, 128)]
@@ -154,7 +155,9 @@ def fanout_bytes(n: int, dtype: torch.dtype) -> int:
     return n * (4 + FANOUT_STEPS * FANOUT_BRANCHES * dtype.itemsize)
 
 
-def run(args) -> dict:
+def run(args, written=None) -> dict:
+    """The report; ``written(report)``, when given, gets it as it stands after each shape (``meta.complete`` False
+    until the last), so a run stopped by a time limit keeps what it measured."""
     device = args.device
     # On CPU, many short samples: their median drops the ones a busy machine stalled (OpenMP waits on a
     # descheduled thread). On CUDA, fewer longer ones (events measure the stream).
@@ -170,6 +173,13 @@ def run(args) -> dict:
     backends = fused_backends(device)
     copy_bw = copy_bandwidth(device, reps)
     results = []
+    meta = dict(date=datetime.date.today().isoformat(), device=device_name(device), torch=torch.__version__,
+                threads=torch.get_num_threads(), python=platform.python_version(), reps=reps,
+                copy_gbps=copy_bw / 1e9 if copy_bw else None, notes=notes,
+                fanout=f"{FANOUT_STEPS} steps x {FANOUT_BRANCHES} branches, g fp32 -> dtype",
+                step="CFG, order 2, trajectory fp32, eps in dtype", command=getattr(args, "command", None),
+                complete=False)
+    report = dict(meta=meta, results=results)
     benches = [("solver_step", step_calls, step_bytes), ("grad_fanout", fanout_calls, fanout_bytes)]
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
@@ -190,12 +200,12 @@ def run(args) -> dict:
                                         dtype=dtype_name, trajectory_dtype="fp32", median_s=seconds,
                                         speedup_vs_torch=times["torch"] / seconds, achieved_gbps=None,
                                         bandwidth_frac_of_copy=None))
-    meta = dict(date=datetime.date.today().isoformat(), device=device_name(device), torch=torch.__version__,
-                threads=torch.get_num_threads(), python=platform.python_version(), reps=reps,
-                copy_gbps=copy_bw / 1e9 if copy_bw else None, notes=notes,
-                fanout=f"{FANOUT_STEPS} steps x {FANOUT_BRANCHES} branches, g fp32 -> dtype",
-                step="CFG, order 2, trajectory fp32, eps in dtype")
-    return dict(meta=meta, results=results)
+            if written is not None:
+                written(report)
+    meta["complete"] = True
+    if written is not None:
+        written(report)
+    return report
 
 
 def device_name(device: str) -> str:
@@ -217,6 +227,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['backend']} | "
                      f"{r['median_s'] * 1e6:.1f} | {r['speedup_vs_torch']:.2f} | {gbps} | {frac} |")
     lines += [f"- {note}" for note in meta["notes"]]
+    if not meta.get("complete", True):  # reports before the field were written whole
+        lines.append("- partial: the run stopped before its last shape (a time limit?); the rows are what it "
+                     "measured")
     return "\n".join(lines) + "\n"
 
 
@@ -273,16 +286,18 @@ def main(argv=None) -> None:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args)
-    report["meta"]["command"] = " ".join(["python bench/kernels.py"] + [shlex.quote(a) for a in (
+    args.command = " ".join(["python bench/kernels.py"] + [shlex.quote(a) for a in (
         sys.argv[1:] if argv is None else argv)])
-    table = markdown(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    print(markdown(run(args, written=lambda report: write_report(report, args.json))))
+
+
+def write_report(report: dict, path: str) -> None:
+    """``report`` to ``path`` (JSON) and its Markdown table beside it, each replaced atomically."""
+    for target, text in ((path, json.dumps(report, indent=1)), (os.path.splitext(path)[0] + ".md", markdown(report))):
+        with atomic_path(target) as temporary:
+            with open(temporary, "w") as f:
+                f.write(text)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,35 @@ def test_copy_bandwidth_counts_the_read_and_the_write(monkeypatch):
     assert kernels_bench.copy_bandwidth("cuda", 3) == 2 * 2**29 / 0.5
     assert made == [(2**27, torch.float32, "cuda")]
     assert kernels_bench.copy_bandwidth("cpu", 3) is None
+
+
+def test_a_run_stopped_partway_keeps_the_shapes_it_measured(monkeypatch, tmp_path):
+    """gpu_check.sh runs the benchmark under a time limit: each shape's rows are written (JSON and Markdown, each
+    atomically) as they come, marked partial until the last."""
+    import json
+
+    monkeypatch.setattr(kernels_bench, "SHAPES", [(1, 4, 8, 8), (2, 4, 8, 8)])
+    monkeypatch.setattr(kernels_bench, "fused_backends", lambda device: [])
+    timed = []
+
+    def median_times(calls, *args):
+        timed.append(1)
+        if len(timed) > 2:  # the second shape's first op: the time limit strikes
+            raise KeyboardInterrupt
+        return {"torch": 2e-6, "native": 5e-7}
+
+    monkeypatch.setattr(kernels_bench, "median_times", median_times)
+    out = tmp_path / "k.json"
+    with pytest.raises(KeyboardInterrupt):
+        kernels_bench.main(["--json", str(out), "--device", "cpu"])
+    report = json.loads(out.read_text())
+    assert report["meta"]["complete"] is False and {tuple(r["shape"]) for r in report["results"]} == {(1, 4, 8, 8)}
+    assert len(report["results"]) == 4 and report["meta"]["command"].startswith("python bench/kernels.py --json")
+    assert "- partial: the run stopped before its last shape" in (tmp_path / "k.md").read_text()
+    timed.clear()
+    monkeypatch.setattr(kernels_bench, "median_times", lambda calls, *args: {"torch": 2e-6, "native": 5e-7})
+    kernels_bench.main(["--json", str(out), "--device", "cpu"])
+    report = json.loads(out.read_text())
+    assert report["meta"]["complete"] is True and len(report["results"]) == 8
+    assert "partial" not in (tmp_path / "k.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
