@@ -7,7 +7,9 @@ optimizer state and gradients), applies fp16 dynamic loss scaling or bf16, clips
 partition the parameters themselves, which the direct U-Net calls cannot see: it is refused.
 
 Checkpoints: each rank's optimizer shard is gathered to rank 0 and stored in the checkpoint's ``state.pt``
-(so the checkpoint stays one atomic folder); a resume needs the same number of ranks.
+(so the checkpoint stays one atomic folder). A resume on another number of ranks re-partitions them: each
+parameter's fp32 master weights and optimizer state are put together from the saved partitions and cut again
+along this run's (``resharded``).
 """
 from __future__ import annotations
 
@@ -60,11 +62,19 @@ def gather_optimizer_shards(engine) -> Optional[List[dict]]:
 
 
 def load_optimizer_shard(engine, shards: List[dict]) -> None:
+    """This rank's part of the checkpoint's optimizer state into ``engine``. Shards saved by another number of
+    ranks are re-partitioned first (``resharded``: ZeRO-1/2 and bf16; another optimizer wrapper is refused)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    if len(shards) != world:
-        raise ValueError(f"resume: the checkpoint holds DeepSpeed optimizer shards of {len(shards)} ranks; this run "
-                         f"has {world}. Resume with the same number of processes.")
     optimizer = engine.optimizer
+    if len(shards) != world:
+        if type(optimizer).__name__ not in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
+            raise ValueError(f"resume: the checkpoint holds DeepSpeed optimizer shards of {len(shards)} ranks; this "
+                             f"run has {world}, and its {type(optimizer).__name__} cannot re-partition them. Resume "
+                             "with the same number of processes.")
+        if rank == 0:
+            print(f"resume: re-partitioning the optimizer state that {len(shards)} rank(s) saved over this run's "
+                  f"{world}")
+        shards = [resharded(engine, shards)] * world  # each rank reads its own index
     # Each of DeepSpeed's optimizers stores its clip_grad in its state and takes the saving run's back on loading:
     # kept from this run, so that optim.grad_clip as resumed takes effect (as lr and weight decay do).
     clip = getattr(optimizer, "clip_grad", None)
@@ -76,6 +86,67 @@ def load_optimizer_shard(engine, shards: List[dict]) -> None:
         optimizer.load_state_dict(shards[rank])
     if hasattr(optimizer, "clip_grad"):
         optimizer.clip_grad = clip
+
+
+def reassembled(shards: List[dict]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{engine parameter name: {"fp32": master weights, state key: optimizer state}}, each flat [numel], from the
+    ZeRO-1/2 or bf16 shards of any number of ranks. A shard's ``param_slice_mappings[g]`` gives each parameter's
+    (start, numel) in that rank's flat partition of group g; a parameter cut by a partition boundary continues
+    at the start of the next rank's, so its fragments, taken in rank order, concatenate to the whole."""
+    pieces: Dict[str, Dict[str, List[torch.Tensor]]] = {}
+    for shard in shards:
+        base = shard["base_optimizer_state"]
+        if not isinstance(base, dict):
+            raise ValueError("resume: the checkpoint's DeepSpeed optimizer state is in the elastic layout "
+                             "(zero_optimization.elastic_checkpoint), which fastfair re-partitions only over the same "
+                             "number of processes: resume with as many as saved it")
+        for g, (mapping, fp32) in enumerate(zip(shard["param_slice_mappings"],
+                                                shard["single_partition_of_fp32_groups"])):
+            state = base["state"].get(base["param_groups"][g]["params"][0], {})
+            flat = {"fp32": fp32, **{k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1}}
+            for name, address in mapping.items():
+                parts = pieces.setdefault(name, {})
+                for key, tensor in flat.items():
+                    parts.setdefault(key, []).append(tensor[address.start:address.start + address.numel])
+    return {name: {key: torch.cat(values) for key, values in parts.items()} for name, parts in pieces.items()}
+
+
+def resharded(engine, shards: List[dict]) -> dict:
+    """This rank's shard, as ``engine.optimizer.state_dict()`` lays it out in this run, holding the values of
+    ``shards`` (saved by another number of ranks): each of this rank's parameter fragments (``_hp_mapping``: where
+    in the parameter, where in the partition) is cut from the reassembled whole; per-group scalars (Adam's step)
+    and the loss-scaler state are the saving run's (equal on every rank)."""
+    optimizer = engine.optimizer
+    template = optimizer.state_dict()
+    whole = reassembled(shards)
+    saved = shards[0]["base_optimizer_state"]
+    flat_params = [group["params"][0] for group in optimizer.optimizer.param_groups]  # this rank's partitions
+    fp32 = [torch.zeros(p.numel(), dtype=torch.float32) for p in flat_params]
+    states = []
+    for g, flat in enumerate(flat_params):
+        old = saved["state"].get(saved["param_groups"][g]["params"][0], {})
+        states.append({key: (torch.zeros(flat.numel(), dtype=value.dtype) if torch.is_tensor(value) and value.dim() == 1
+                             else value) for key, value in old.items()})
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    for p in engine.module.parameters():
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:  # no fragment of it in this rank's partition
+            continue
+        where, there = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
+        g, values = mapping.param_group_index, whole[names[id(p)]]
+        fp32[g][there.start:there.start + there.numel] = values["fp32"][where.start:where.start + where.numel]
+        for key, tensor in states[g].items():
+            if torch.is_tensor(tensor) and tensor.dim() == 1:
+                tensor[there.start:there.start + there.numel] = values[key][where.start:where.start + where.numel]
+    base = template["base_optimizer_state"]
+    shard = {**template, "single_partition_of_fp32_groups": fp32,
+             "base_optimizer_state": {"state": {group["params"][0]: state
+                                                for group, state in zip(base["param_groups"], states)},
+                                      "param_groups": base["param_groups"]}}
+    for key in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad"):  # scalars the saving ranks shared
+        if key in shards[0]:
+            shard[key] = shards[0][key]
+    return shard
 
 
 def allow_deepspeed_state_in_weights_only_load() -> None:
