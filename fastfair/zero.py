@@ -104,6 +104,13 @@ def reassembled(shards: List[dict]) -> Dict[str, Dict[str, torch.Tensor]]:
                                                 shard["single_partition_of_fp32_groups"])):
             state = base["state"].get(base["param_groups"][g]["params"][0], {})
             flat = {"fp32": fp32, **{k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1}}
+            padding = (shard.get("group_paddings") or [0] * (g + 1))[g]  # ZeRO-1/2 save fp32 without it
+            for key, value in flat.items():
+                if not (value.is_floating_point() and fp32.numel() <= value.numel() <= fp32.numel() + padding):
+                    raise ValueError(f"resume: the checkpoint's optimizer state {key!r} ({value.dtype}, "
+                                     f"{value.numel()} values for a partition of {fp32.numel()}) is not one float per "
+                                     "weight, as 8-bit AdamW's quantized blocks are not; fastfair re-partitions only "
+                                     "such states: resume with as many processes as saved it")
             for name, address in mapping.items():
                 parts = pieces.setdefault(name, {})
                 for key, tensor in flat.items():

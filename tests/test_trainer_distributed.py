@@ -161,6 +161,16 @@ def test_shards_reassemble_parameters_cut_by_partition_boundaries():
     assert set(whole) == {"a", "b"} and set(whole["a"]) == {"fp32", "exp_avg", "exp_avg_sq"}
     assert whole["a"]["fp32"].tolist() == [0, 1, 2, 3, 4] and whole["b"]["fp32"].tolist() == [5, 6, 7, 8, 9, 10]
     assert whole["b"]["exp_avg_sq"].tolist() == [205, 206, 207, 208, 209, 210]
+    adam = shards[0]["base_optimizer_state"]["state"][0]
+    quantized = dict(adam, state1=torch.zeros(4, dtype=torch.uint8))
+    shards[0]["base_optimizer_state"]["state"][0] = quantized  # bitsandbytes' 8-bit AdamW: blocks of codes
+    with pytest.raises(ValueError, match=r"optimizer state 'state1' \(torch.uint8, 4 values for a partition of 4\) "
+                                         r"is not one float per weight"):
+        zero.reassembled(shards)
+    quantized.update(state1=torch.zeros(4), absmax1=torch.ones(1))
+    with pytest.raises(ValueError, match=r"'absmax1' \(torch.float32, 1 values for a partition of 4\)"):
+        zero.reassembled(shards)
+    shards[0]["base_optimizer_state"]["state"][0] = adam
     shards[1]["base_optimizer_state"] = [{"exp_avg": flat}]  # DeepSpeed's elastic layout
     with pytest.raises(ValueError, match="elastic layout .* resume with as many as saved it"):
         zero.reassembled(shards)
