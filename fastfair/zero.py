@@ -62,19 +62,20 @@ def gather_optimizer_shards(engine) -> Optional[List[dict]]:
 
 
 def load_optimizer_shard(engine, shards: List[dict]) -> None:
-    """This rank's part of the checkpoint's optimizer state into ``engine``. Shards saved by another number of
-    ranks are re-partitioned first (``resharded``: ZeRO-1/2 and bf16; another optimizer wrapper is refused)."""
+    """This rank's part of the checkpoint's optimizer state into ``engine``. ZeRO-1/2 shards (DeepSpeed's
+    ``DeepSpeedZeroOptimizer`` and ``BF16_Optimizer``) saved by another number of ranks are re-partitioned first
+    (``resharded``); without ZeRO (stage 0) every rank saved the whole state, and any one of them serves."""
     rank, world = dist.get_rank(), dist.get_world_size()
     optimizer = engine.optimizer
+    partitioned = type(optimizer).__name__ in ("DeepSpeedZeroOptimizer", "BF16_Optimizer")
     if len(shards) != world:
-        if type(optimizer).__name__ not in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
-            raise ValueError(f"resume: the checkpoint holds DeepSpeed optimizer shards of {len(shards)} ranks; this "
-                             f"run has {world}, and its {type(optimizer).__name__} cannot re-partition them. Resume "
-                             "with the same number of processes.")
-        if rank == 0:
-            print(f"resume: re-partitioning the optimizer state that {len(shards)} rank(s) saved over this run's "
-                  f"{world}")
-        shards = [resharded(engine, shards)] * world  # each rank reads its own index
+        if partitioned:
+            if rank == 0:
+                print(f"resume: re-partitioning the optimizer state that {len(shards)} rank(s) saved over this run's "
+                      f"{world}")
+            shards = [resharded(engine, shards)] * world  # each rank reads its own index
+        else:
+            shards = [shards[0]] * world
     # Each of DeepSpeed's optimizers stores its clip_grad in its state and takes the saving run's back on loading:
     # kept from this run, so that optim.grad_clip as resumed takes effect (as lr and weight decay do).
     clip = getattr(optimizer, "clip_grad", None)
@@ -82,24 +83,25 @@ def load_optimizer_shard(engine, shards: List[dict]) -> None:
         # ZeRO-1/2, and bf16 with fp32 gradient accumulation: every shard in, its own rank's kept, from its fp32
         # master weights
         optimizer.load_state_dict(shards, load_from_fp32_weights=True)
-    else:
+    else:  # stage 0: the whole state on every rank
         optimizer.load_state_dict(shards[rank])
     if hasattr(optimizer, "clip_grad"):
         optimizer.clip_grad = clip
 
 
-def reassembled(shards: List[dict]) -> Dict[str, Dict[str, torch.Tensor]]:
+def reassembled(shards: List[dict], names: Optional[set] = None) -> Dict[str, Dict[str, torch.Tensor]]:
     """{engine parameter name: {"fp32": master weights, state key: optimizer state}}, each flat [numel], from the
     ZeRO-1/2 or bf16 shards of any number of ranks. A shard's ``param_slice_mappings[g]`` gives each parameter's
     (start, numel) in that rank's flat partition of group g; a parameter cut by a partition boundary continues
-    at the start of the next rank's, so its fragments, taken in rank order, concatenate to the whole."""
+    at the start of the next rank's, so its fragments, taken in rank order, concatenate to the whole. ``names``:
+    only those parameters (a rank needs its own partition's; all of them would be the whole state per rank)."""
     pieces: Dict[str, Dict[str, List[torch.Tensor]]] = {}
     for shard in shards:
         base = shard["base_optimizer_state"]
         if not isinstance(base, dict):
             raise ValueError("resume: the checkpoint's DeepSpeed optimizer state is in the elastic layout "
-                             "(zero_optimization.elastic_checkpoint), which fastfair re-partitions only over the same "
-                             "number of processes: resume with as many as saved it")
+                             "(zero_optimization.elastic_checkpoint), which fastfair does not re-partition: resume "
+                             "with as many processes as saved it")
         for g, (mapping, fp32) in enumerate(zip(shard["param_slice_mappings"],
                                                 shard["single_partition_of_fp32_groups"])):
             state = base["state"].get(base["param_groups"][g]["params"][0], {})
@@ -112,6 +114,8 @@ def reassembled(shards: List[dict]) -> Dict[str, Dict[str, torch.Tensor]]:
                                      "weight, as 8-bit AdamW's quantized blocks are not; fastfair re-partitions only "
                                      "such states: resume with as many processes as saved it")
             for name, address in mapping.items():
+                if names is not None and name not in names:
+                    continue
                 parts = pieces.setdefault(name, {})
                 for key, tensor in flat.items():
                     parts.setdefault(key, []).append(tensor[address.start:address.start + address.numel])
@@ -125,7 +129,8 @@ def resharded(engine, shards: List[dict]) -> dict:
     and the loss-scaler state are the saving run's (equal on every rank)."""
     optimizer = engine.optimizer
     template = optimizer.state_dict()
-    whole = reassembled(shards)
+    names = {name for name, p in engine.module.named_parameters() if getattr(p, "_hp_mapping", None) is not None}
+    whole = reassembled(shards, names)
     saved = shards[0]["base_optimizer_state"]
     flat_params = [group["params"][0] for group in optimizer.optimizer.param_groups]  # this rank's partitions
     fp32 = [torch.zeros(p.numel(), dtype=torch.float32) for p in flat_params]

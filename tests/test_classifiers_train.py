@@ -681,3 +681,18 @@ def test_a_group_csv_row_without_a_group_is_named(tmp_path):
     groups.write_text("file,person\na.png,p1\n./b.png,p2\n")
     assert read_group_file(str(groups)) == {"a.png": "p1", "b.png": "p2"}
     assert read_group_file(str(groups), root="/data") == {"/data/a.png": "p1", "/data/b.png": "p2"}
+
+
+def test_a_resume_with_other_groups_is_refused_by_name(dataset, tmp_path):
+    column, identity, _ = grouped_tables(dataset, tmp_path)
+    out = tmp_path / "c.safetensors"
+    base = arguments(dataset, out, "--epochs", "1", "--attributes", "gender") + ["--labels", str(column)]
+    assert main(base + ["--groups", str(identity), "--max-steps", "1"]) is None
+    with pytest.raises(ValueError, match=r"--resume: .* was made with \{'groups': '.*identity.txt'\}"):
+        main(base + ["--groups", "person", "--resume"])
+    assert main(base + ["--groups", str(identity), "--resume"]) is not None  # the same file: continues
+    headless = tmp_path / "headless.csv"
+    headless.write_text("0.png,person0\n")
+    with pytest.raises(ValueError, match=r"--groups .*headless.csv: no file-name column.* \(a group CSV has a header, "
+                                         r"e.g. 'file,group'\)"):
+        main(arguments(dataset, tmp_path / "d.safetensors") + ["--labels", str(column), "--groups", str(headless)])

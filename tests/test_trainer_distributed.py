@@ -120,25 +120,28 @@ def test_deepspeed_bf16_resume_keeps_the_fp32_master_weights(tmp_path):
         assert torch.equal(finals["resumed"][key], value), key
 
 
-def test_deepspeed_shards_of_another_number_of_ranks_are_refused_by_an_optimizer_that_cannot_re_partition(
-        monkeypatch):
-    """ZeRO-1/2 and bf16 shards are re-partitioned over another number of ranks (below); another DeepSpeed
-    optimizer wrapper would take its own rank's shard of another layout (an IndexError, or a partition of the wrong
-    size): refused by name."""
+def test_deepspeed_state_without_zero_loads_on_any_number_of_ranks(monkeypatch):
+    """Without ZeRO (stage 0: DeepSpeed's FP16_Optimizer and the like) every rank saved the whole optimizer state:
+    on another number of ranks each loads the first; on as many, its own. (ZeRO shards are re-partitioned: below.)"""
     from types import SimpleNamespace
 
     import fastfair.zero as zero
 
-    loaded = []
-    engine = SimpleNamespace(optimizer=SimpleNamespace(load_state_dict=loaded.append))
-    monkeypatch.setattr(zero.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(zero.dist, "get_world_size", lambda: 1)
-    with pytest.raises(ValueError, match="optimizer shards of 2 ranks; this run has 1, and its SimpleNamespace cannot "
-                                         "re-partition them. Resume with the same number"):
-        zero.load_optimizer_shard(engine, [{"rank": 0}, {"rank": 1}])
-    assert loaded == []
-    zero.load_optimizer_shard(engine, [{"rank": 0}])  # the same world size: its rank's shard
-    assert loaded == [{"rank": 0}]
+    class FP16_Optimizer:
+        def __init__(self):
+            self.loaded = []
+
+        def load_state_dict(self, state):
+            self.loaded.append(state)
+
+    for rank, world, shards, expected in ((0, 1, [{"rank": 0}, {"rank": 1}], {"rank": 0}),
+                                          (2, 3, [{"rank": 0}, {"rank": 1}], {"rank": 0}),
+                                          (1, 2, [{"rank": 0}, {"rank": 1}], {"rank": 1})):
+        engine = SimpleNamespace(optimizer=FP16_Optimizer())
+        monkeypatch.setattr(zero.dist, "get_rank", lambda: rank)
+        monkeypatch.setattr(zero.dist, "get_world_size", lambda: world)
+        zero.load_optimizer_shard(engine, shards)
+        assert engine.optimizer.loaded == [expected]
 
 
 def test_shards_reassemble_parameters_cut_by_partition_boundaries():
@@ -172,7 +175,7 @@ def test_shards_reassemble_parameters_cut_by_partition_boundaries():
         zero.reassembled(shards)
     shards[0]["base_optimizer_state"]["state"][0] = adam
     shards[1]["base_optimizer_state"] = [{"exp_avg": flat}]  # DeepSpeed's elastic layout
-    with pytest.raises(ValueError, match="elastic layout .* resume with as many as saved it"):
+    with pytest.raises(ValueError, match="elastic layout .* does not re-partition: resume with as many processes"):
         zero.reassembled(shards)
 
 
@@ -209,12 +212,13 @@ def test_deepspeed_resumes_on_another_number_of_processes(tmp_path):
             for key in one:
                 torch.testing.assert_close(ds[key], one[key], rtol=1e-4, atol=5e-5)
     state = torch.load(tmp_path / "ds" / "run" / "checkpoints" / "step_00000001" / "state.pt", weights_only=False)
-    loaded_exactly(state["zero_shards"], {"zero_optimization": {"stage": 2}})
+    loaded_exactly(state["zero_shards"], {"zero_optimization": {"stage": 2}}, "DeepSpeedZeroOptimizer")
 
 
 def test_deepspeed_bf16_resumes_on_another_number_of_processes(tmp_path):
-    """ZeRO-2 bf16 (DeepSpeed's BF16_Optimizer, whose Adam state exists only after a step): 2 processes train step
-    1, 1 process resumes to step 2. In bf16 the number of processes changes the gradient's rounding (5 % here) and
+    """ZeRO-1 bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, whose Adam state exists only after
+    a step; ZeRO-2 bf16 runs the fp32 test's DeepSpeedZeroOptimizer): 2 processes train step 1, 1 process resumes
+    to step 2. In bf16 the number of processes changes the gradient's rounding (5 % here) and
     Adam's step amplifies that, so the weights are compared at lr 1e-9, where steps barely move them: the fp32
     master weights are the saved ones (not their bf16 copies, 1e-4 away), and the Adam moments continue the
     saved ones (restarted, exp_avg would be 10 % of a straight run's)."""
@@ -222,8 +226,8 @@ def test_deepspeed_bf16_resumes_on_another_number_of_processes(tmp_path):
 
     world = make_world(tmp_path / "world")
     ds_json = tmp_path / "zero2_bf16.json"
-    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
-                                   "steps_per_print": 10**9}))
+    bf16 = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    ds_json.write_text(json.dumps({**bf16, "steps_per_print": 10**9}))
     states = {}
     for name, runs in (("moved", ((2, 1), (1, 2))), ("straight", ((2, 2),))):
         config = write_config(tmp_path / name, world, "text_unet_lora", optim={"lr": 1e-9, "ema_decay": 0.5})
@@ -243,10 +247,10 @@ def test_deepspeed_bf16_resumes_on_another_number_of_processes(tmp_path):
         assert float((moved - straight).norm()) < 0.1 * float(straight.norm()), moment
     # at lr 1e-9 a master weight and its bf16 copy agree: the step-1 shards go into a 1-process engine directly
     state = torch.load(tmp_path / "moved" / "run" / "checkpoints" / "step_00000001" / "state.pt", weights_only=False)
-    loaded_exactly(state["zero_shards"], {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
+    loaded_exactly(state["zero_shards"], bf16, "BF16_Optimizer")
 
 
-def loaded_exactly(shards, ds_config):
+def loaded_exactly(shards, ds_config, optimizer_class):
     """Shards of 2 ranks into a 1-process DeepSpeed engine over parameters of their sizes (a flat partition's
     layout depends on the sizes and the order alone): its fp32 master weights and Adam state are then the saved
     ones, bit for bit, and Adam's step count is theirs."""
@@ -256,12 +260,19 @@ def loaded_exactly(shards, ds_config):
     from fastfair.process_group import process_group
 
     whole = zero.reassembled(shards)
+    if optimizer_class == "DeepSpeedZeroOptimizer":  # as an fp16 run's (fp16 needs CUDA): its scale carries over
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+        scaler = DynamicLossScaler(init_scale=128.0, scale_window=100, min_scale=1.0, delayed_shift=2,
+                                   consecutive_hysteresis=False, raise_error_at_min_scale=False, dtype=torch.float16)
+        shards = [{**shard, "loss_scaler": scaler, "dynamic_loss_scale": True} for shard in shards]
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     params = {f"params.{i}": torch.nn.Parameter(torch.zeros(whole[f"params.{i}"]["fp32"].numel(), dtype=dtype))
               for i in range(len(whole))}
     with process_group():
         engine = zero.deepspeed_engine({**ds_config, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1},
                                        params, torch.optim.AdamW(params.values(), lr=1e-3), None)
+        assert type(engine.optimizer).__name__ == optimizer_class
         zero.load_optimizer_shard(engine, shards)
         for name, p in params.items():
             assert torch.equal(safe_get_full_fp32_param(p).flatten(), whole[name]["fp32"]), name
@@ -272,6 +283,8 @@ def loaded_exactly(shards, ds_config):
         for moment in ("exp_avg", "exp_avg_sq"):
             expected = torch.cat([whole[f"params.{i}"][moment] for i in range(len(whole))])
             assert torch.equal(state[moment][:expected.numel()], expected), moment
+        if optimizer_class == "DeepSpeedZeroOptimizer":
+            assert engine.optimizer.loss_scaler.cur_scale == 128.0 and engine.optimizer.dynamic_loss_scale
 
 
 def test_deepspeed_takes_the_client_optimizer_with_zero(monkeypatch):

@@ -285,7 +285,10 @@ def read_group_file(path: str, root: Optional[str] = None) -> Dict[str, str]:
     with open(path, encoding="utf-8-sig") as handle:
         first = next((line for line in handle if line.strip()), "")
     if "," in first:
-        table = read_label_table(path)
+        try:
+            table = read_label_table(path)
+        except ValueError as error:  # e.g. no header: its message names the file, not the flag
+            raise ValueError(f"--groups {error} (a group CSV has a header, e.g. 'file,group')") from None
         if len(table.columns) != 1:
             raise ValueError(f"--groups {path}: a group table has a file-name column and one group column; its "
                              f"other columns are {sorted(table.columns)}")
@@ -299,7 +302,8 @@ def read_group_file(path: str, root: Optional[str] = None) -> Dict[str, str]:
     for number, name, group in pairs:
         if not name.strip() or not group.strip():
             raise ValueError(f"--groups {path}, line {number}: expected an image file name and its group (e.g. "
-                             "'000001.jpg 2880', or in a CSV '000001.jpg,2880'), found one of them only")
+                             "'000001.jpg 2880', or under a CSV's 'file,group' header '000001.jpg,2880'), found one of "
+                             "them only")
         key = file_key(name.strip(), root)
         if groups.setdefault(key, group.strip()) != group.strip():
             raise ValueError(f"--groups {path}: {name.strip()} is given group {groups[key]!r} on line "

@@ -277,11 +277,13 @@ def state_path(out: str) -> str:
 
 # the arguments a resume must repeat (--init is not: it is not read on a resume, and may be gone since)
 RESUME_KEYS = ("data", "labels", "val_labels", "attributes", "arch", "width", "size", "batch_size", "epochs", "lr",
-               "weight_decay", "no_flip", "seed", "val_fraction")
+               "weight_decay", "no_flip", "seed", "val_fraction", "groups")
 PATH_KEYS = ("data", "labels", "val_labels")  # compared as the files they name, not as typed
 
 
 def _as_compared(key: str, value):
+    if key == "groups" and value and os.path.isfile(value):  # a file of groups; else a column name
+        return os.path.realpath(value)
     return os.path.realpath(value) if key in PATH_KEYS and value else value
 
 
