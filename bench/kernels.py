@@ -251,7 +251,8 @@ def summarize(report: dict) -> str:
             rows.append((label, r["backend"], f"{100 * frac:.0f}% of copy", ">= 80%", frac >= 0.8))
         elif r["op"].startswith("step_loop"):
             rows.append((label, r["backend"], f"{r['speedup_vs_torch']:.2f}x", "captured", True))
-    lines = [f"Targets ({report['meta']['device']}, {report['meta']['date']})", "",
+    partial = "" if report["meta"].get("complete", True) else "; partial: the run stopped before its last shape"
+    lines = [f"Targets ({report['meta']['device']}, {report['meta']['date']}{partial})", "",
              "| target | backend | measured | goal | met |", "|---|---|---:|---|---|"]
     lines += [f"| {t} | {b} | {m} | {g} | {'yes' if ok else 'NO'} |" for t, b, m, g, ok in rows]
     return "\n".join(lines) + "\n"

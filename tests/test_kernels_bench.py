@@ -147,10 +147,11 @@ def test_a_run_stopped_partway_keeps_the_shapes_it_measured(monkeypatch, tmp_pat
     assert report["meta"]["complete"] is False and {tuple(r["shape"]) for r in report["results"]} == {(1, 4, 8, 8)}
     assert len(report["results"]) == 4 and report["meta"]["command"].startswith("python bench/kernels.py --json")
     assert "- partial: the run stopped before its last shape" in (tmp_path / "k.md").read_text()
+    assert "; partial: the run stopped before its last shape)" in kernels_bench.summarize(report)  # gpu_summary.sh
     timed.clear()
     monkeypatch.setattr(kernels_bench, "median_times", lambda calls, *args: {"torch": 2e-6, "native": 5e-7})
     kernels_bench.main(["--json", str(out), "--device", "cpu"])
     report = json.loads(out.read_text())
     assert report["meta"]["complete"] is True and len(report["results"]) == 8
-    assert "partial" not in (tmp_path / "k.md").read_text()
+    assert "partial" not in (tmp_path / "k.md").read_text() and "partial" not in kernels_bench.summarize(report)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
