@@ -215,6 +215,10 @@ def test_deepspeed_resumes_on_another_number_of_processes(tmp_path):
     loaded_exactly(state["zero_shards"], {"zero_optimization": {"stage": 2}}, "DeepSpeedZeroOptimizer")
 
 
+# DeepSpeed's BF16_Optimizer step fails with 2 CPU processes on torch 2.4.1 (gloo's all_gather_into_tensor modifies
+# a view made in no_grad mode under grad mode), before any checkpoint: DeepSpeed's and torch's, not the resume's
+@pytest.mark.skipif(tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5),
+                    reason="DeepSpeed's BF16_Optimizer cannot step on 2 CPU processes with torch 2.4")
 def test_deepspeed_bf16_resumes_on_another_number_of_processes(tmp_path):
     """ZeRO-1 bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, whose Adam state exists only after
     a step; ZeRO-2 bf16 runs the fp32 test's DeepSpeedZeroOptimizer): 2 processes train step 1, 1 process resumes
