@@ -696,3 +696,62 @@ def test_a_resume_with_other_groups_is_refused_by_name(dataset, tmp_path):
     with pytest.raises(ValueError, match=r"--groups .*headless.csv: no file-name column.* \(a group CSV has a header, "
                                          r"e.g. 'file,group'\)"):
         main(arguments(dataset, tmp_path / "d.safetensors") + ["--labels", str(column), "--groups", str(headless)])
+
+
+def test_split_groups_never_takes_a_group_that_only_ties_the_distance():
+    """A group whose rows leave the held count as far from the target as before is not taken: with 1 + 2 rows and
+    a target of 2, holding both would be as near as holding one, and would leave no training rows."""
+    from fastfair.classifiers.train import split_groups
+
+    splits = {tuple(map(tuple, split_groups(["a", "b", "b"], 2 / 3, seed))) for seed in range(10)}
+    assert splits == {((1, 2), (0,)), ((0,), (1, 2))}  # either group alone, depending on the seeded order
+    # the target is round(count * fraction), not its floor: 10 people and 0.17 hold 2 of them, not 1
+    assert len(split_groups([f"p{i}" for i in range(10)], 0.17, seed=0)[1]) == 2
+
+
+def test_group_file_names_may_hold_spaces_and_a_conflict_names_the_first_line(tmp_path):
+    from fastfair.classifiers.data import read_group_file
+
+    groups = tmp_path / "identity.txt"
+    groups.write_text("my photo.png p1\nc.png p2\n")
+    assert read_group_file(str(groups)) == {"my photo.png": "p1", "c.png": "p2"}  # the group is the last word
+    groups.write_text("a.png p1\na.png p1\na.png p2\n")
+    with pytest.raises(ValueError, match=r"a.png is given group 'p1' on line 1 and 'p2' on line 3"):
+        read_group_file(str(groups))
+
+
+def test_groups_split_the_distinct_rows_of_a_table_that_repeats_one(dataset, tmp_path, capsys):
+    column, _, person = grouped_tables(dataset, tmp_path)
+    lines = column.read_text().splitlines()
+    column.write_text("\n".join(lines[:2] + lines[1:]) + "\n")  # 0.png listed twice with the same labels
+    people = {f"{i}.png": p for i, p in enumerate(person)}
+    train_files, val_files = split_files(arguments(dataset, tmp_path / "x.safetensors")
+                                         + ["--labels", str(column), "--groups", "person"])
+    assert "of 140 rows)" in capsys.readouterr().out
+    assert sorted(train_files + val_files) == sorted(people)
+    assert val_files and not {people[f] for f in train_files} & {people[f] for f in val_files}
+
+
+def test_val_labels_of_other_people_are_accepted_and_one_shared_person_is_refused(dataset, tmp_path):
+    column, _, person = grouped_tables(dataset, tmp_path)
+    lines = column.read_text().splitlines()
+    base = arguments(dataset, tmp_path / "x.safetensors") + ["--groups", "person"]
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    ours = [line for line, p in zip(lines[1:], person) if p not in ("person33", "person34")]
+    theirs = [line for line, p in zip(lines[1:], person) if p in ("person33", "person34")]
+    train.write_text("\n".join(lines[:1] + ours) + "\n")
+    val.write_text("\n".join(lines[:1] + theirs) + "\n")
+    _, val_files = split_files(base + ["--labels", str(train), "--val-labels", str(val)])
+    assert {person[int(f.split(".")[0])] for f in val_files} == {"person33", "person34"}
+    val.write_text("\n".join(lines[:1] + theirs + ours[:1]) + "\n")  # 0.png (person0) moved to the validation table
+    train.write_text("\n".join(lines[:1] + ours[1:]) + "\n")
+    with pytest.raises(ValueError, match=r"1 group\(s\) of --groups person have images in --labels .* e.g. person0;"):
+        split_files(base + ["--labels", str(train), "--val-labels", str(val)])
+
+
+def test_a_resume_names_the_same_group_file_however_spelled(dataset, tmp_path):
+    column, identity, _ = grouped_tables(dataset, tmp_path)
+    base = arguments(dataset, tmp_path / "c.safetensors", "--epochs", "1", "--attributes", "gender") + [
+        "--labels", str(column)]
+    assert main(base + ["--groups", str(identity), "--max-steps", "1"]) is None
+    assert main(base + ["--groups", f"{tmp_path}/./{identity.name}", "--resume"]) is not None

@@ -155,3 +155,14 @@ def test_a_run_stopped_partway_keeps_the_shapes_it_measured(monkeypatch, tmp_pat
     assert report["meta"]["complete"] is True and len(report["results"]) == 8
     assert "partial" not in (tmp_path / "k.md").read_text() and "partial" not in kernels_bench.summarize(report)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_report_from_before_the_complete_field_is_not_called_partial():
+    """Reports written before ``meta.complete`` existed were written whole, at the end of their run."""
+    meta = {"date": "today", "device": "x86_64 CPU, 2 cores", "torch": "2", "threads": 2, "copy_gbps": None,
+            "notes": []}
+    results = [dict(_row("solver_step", "native", (8, 4, 64, 64), "fp32", 2.5), median_s=1e-6, achieved_gbps=1.0)]
+    for report in ({"meta": meta, "results": results}, {"meta": dict(meta, complete=True), "results": results}):
+        assert "partial" not in kernels_bench.markdown(report) and "partial" not in kernels_bench.summarize(report)
+    partial = {"meta": dict(meta, complete=False), "results": results}
+    assert "partial" in kernels_bench.markdown(partial) and "partial" in kernels_bench.summarize(partial)

@@ -179,6 +179,64 @@ def test_shards_reassemble_parameters_cut_by_partition_boundaries():
         zero.reassembled(shards)
 
 
+def _cut_in_two(shard):
+    """A 1-rank ZeRO shard as two ranks would have saved it: each group's flat partition (master weights and the
+    1-dim Adam state) cut in the middle, each parameter's (start, numel) split at the cut."""
+    halves = []
+    for half in range(2):
+        mappings, fp32s, state = [], [], {}
+        for g, mapping in enumerate(shard["param_slice_mappings"]):
+            fp32 = shard["single_partition_of_fp32_groups"][g]
+            cut = fp32.numel() // 2
+            low, high = (0, cut) if half == 0 else (cut, None)
+            fp32s.append(fp32[low:high].clone())
+            cuts = {}
+            for name, a in mapping.items():
+                begin, end = max(a.start, low), min(a.start + a.numel, cut if half == 0 else fp32.numel())
+                if begin < end:
+                    cuts[name] = type(a)(numel=end - begin, start=begin - low)
+            mappings.append(cuts)
+            index = shard["base_optimizer_state"]["param_groups"][g]["params"][0]
+            state[index] = {k: v[low:high].clone() if torch.is_tensor(v) and v.dim() == 1 else v
+                            for k, v in shard["base_optimizer_state"]["state"][index].items()}
+        halves.append({**shard, "param_slice_mappings": mappings, "single_partition_of_fp32_groups": fp32s,
+                       "base_optimizer_state": {**shard["base_optimizer_state"], "state": state}})
+    return halves
+
+
+def test_shards_of_two_parameter_groups_are_repartitioned_group_by_group():
+    """ZeRO-2 over two parameter groups (with and without weight decay): the state of a stepped engine, as 2 ranks
+    would have saved it, loads into a fresh 1-process engine as each parameter's own master weights and moments."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    import fastfair.zero as zero
+    from fastfair.process_group import process_group
+
+    def engine(seed):
+        torch.manual_seed(seed)
+        params = {f"p{i}": torch.nn.Parameter(torch.randn(n)) for i, n in enumerate((5, 3, 7))}
+        groups = [{"params": [params["p0"], params["p1"]]}, {"params": [params["p2"]], "weight_decay": 0.0}]
+        return params, zero.deepspeed_engine({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 1,
+                                              "train_batch_size": 1}, params, torch.optim.AdamW(groups, lr=0.1), None)
+
+    with process_group():
+        params, stepped = engine(0)
+        stepped.backward(sum((p * p * (i + 1)).sum() for i, p in enumerate(params.values())))
+        stepped.step()
+        saved = stepped.optimizer.state_dict()
+        expected = zero.reassembled([saved])  # one rank's partition: each parameter's own slice of it
+        assert len(saved["param_slice_mappings"]) == 2 and set(expected["params.2"]) == {"fp32", "exp_avg",
+                                                                                          "exp_avg_sq"}
+        fresh_params, fresh = engine(1)
+        zero.load_optimizer_shard(fresh, _cut_in_two(saved))
+        loaded = zero.reassembled([fresh.optimizer.state_dict()])
+        for i, p in enumerate(fresh_params.values()):
+            name = f"params.{i}"
+            assert torch.equal(safe_get_full_fp32_param(p), dict(params)[f"p{i}"].detach()), name
+            for key, value in expected[name].items():
+                assert torch.equal(loaded[name][key], value), (name, key)
+
+
 def _launch(tmp_path, config, ds_json, processes, max_steps, *overrides):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
            f"--master_port={free_port()}", str(REPO / "fastfair" / "train.py"), "--config", str(config),
