@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fake_memory import recording_peak_memory
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -580,21 +582,10 @@ def test_the_worker_times_only_the_iterations_after_warm_up(monkeypatch, impl, c
     ``baseline`` impl only, the recomputed judges to fastfair's."""
     events = []
 
-    class Memory:
-        def __init__(self, device):
-            pass
-
-        def start(self):
-            events.append("start")
-
-        def peak(self):
-            events.append("peak")
-            return 7
-
     unet = SimpleNamespace(config=SimpleNamespace(in_channels=4))
     optimizer = SimpleNamespace(zero_grad=lambda set_to_none: None, step=lambda: events.append("step"))
     monkeypatch.setattr(train_step, "load_setup", lambda *a: (SimpleNamespace(unet=unet), None, None, optimizer))
-    monkeypatch.setattr(train_step, "PeakMemory", Memory)
+    monkeypatch.setattr(train_step, "PeakMemory", recording_peak_memory(events, 7))
     monkeypatch.setattr(train_step, "set_classic_attention", lambda u: events.append("classic"))
     monkeypatch.setattr(train_step, "recompute_objective", lambda o, rows: events.append("recompute"))
     for step in ("baseline_step", "fastfair_step"):

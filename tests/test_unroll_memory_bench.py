@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from fake_memory import recording_peak_memory
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "unroll_memory.py"
 sys.path.insert(0, str(BENCH.parent))
 
@@ -67,22 +69,11 @@ def test_the_warm_up_runs_before_the_peak_is_reset(monkeypatch):
 
     events = []
 
-    class Memory:
-        def __init__(self, device):
-            pass
-
-        def start(self):
-            events.append("start")
-
-        def peak(self):
-            events.append("peak")
-            return 0
-
     def sample(unet, scheduler, z_T, cond, uncond, num_steps):
         events.append(("sample", num_steps, torch.is_grad_enabled()))
         return z_T.clone().requires_grad_()
 
-    monkeypatch.setattr(unroll_memory, "PeakMemory", Memory)
+    monkeypatch.setattr(unroll_memory, "PeakMemory", recording_peak_memory(events, 0))
     monkeypatch.setattr(fastfair.dft, "sample", sample)
     threads = torch.get_num_threads()
     try:
