@@ -129,8 +129,10 @@ def resharded(engine, shards: List[dict]) -> dict:
     and the loss-scaler state are the saving run's (equal on every rank)."""
     optimizer = engine.optimizer
     template = optimizer.state_dict()
-    names = {name for name, p in engine.module.named_parameters() if getattr(p, "_hp_mapping", None) is not None}
-    whole = reassembled(shards, names)
+    name_of = {id(p): name for name, p in engine.module.named_parameters()}
+    # a parameter without an _hp_mapping has no fragment in this rank's partition
+    here = [p for p in engine.module.parameters() if getattr(p, "_hp_mapping", None) is not None]
+    whole = reassembled(shards, {name_of[id(p)] for p in here})
     saved = shards[0]["base_optimizer_state"]
     flat_params = [group["params"][0] for group in optimizer.optimizer.param_groups]  # this rank's partitions
     fp32 = [torch.zeros(p.numel(), dtype=torch.float32) for p in flat_params]
@@ -139,13 +141,10 @@ def resharded(engine, shards: List[dict]) -> dict:
         old = saved["state"].get(saved["param_groups"][g]["params"][0], {})
         states.append({key: (torch.zeros(flat.numel(), dtype=value.dtype) if torch.is_tensor(value) and value.dim() == 1
                              else value) for key, value in old.items()})
-    names = {id(p): name for name, p in engine.module.named_parameters()}
-    for p in engine.module.parameters():
-        mapping = getattr(p, "_hp_mapping", None)
-        if mapping is None:  # no fragment of it in this rank's partition
-            continue
+    for p in here:
+        mapping = p._hp_mapping
         where, there = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
-        g, values = mapping.param_group_index, whole[names[id(p)]]
+        g, values = mapping.param_group_index, whole[name_of[id(p)]]
         fp32[g][there.start:there.start + there.numel] = values["fp32"][where.start:where.start + where.numel]
         for key, tensor in states[g].items():
             if torch.is_tensor(tensor) and tensor.dim() == 1:
