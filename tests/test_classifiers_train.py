@@ -681,6 +681,9 @@ def test_a_group_csv_row_without_a_group_is_named(tmp_path):
     groups.write_text("file,person\na.png,p1\n./b.png,p2\n")
     assert read_group_file(str(groups)) == {"a.png": "p1", "b.png": "p2"}
     assert read_group_file(str(groups), root="/data") == {"/data/a.png": "p1", "/data/b.png": "p2"}
+    groups.write_bytes("a.png Jos\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"--groups .*groups.csv: not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        read_group_file(str(groups))
 
 
 def test_a_resume_with_other_groups_is_refused_by_name(dataset, tmp_path):

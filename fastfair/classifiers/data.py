@@ -282,9 +282,13 @@ def read_group_file(path: str, root: Optional[str] = None) -> Dict[str, str]:
     """{file_key(image, root): group} from ``path``: lines ``image group`` (CelebA's identity_CelebA.txt; the group
     is the last word, so an image name may hold spaces), or a CSV with a file-name column and one other column.
     Refused, naming the lines, where a line is not such a pair or an image is given two groups."""
-    with open(path, encoding="utf-8-sig") as handle:
-        first = next((line for line in handle if line.strip()), "")
-    if "," in first:
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            lines = handle.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--groups {path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                         f"{error.start}); save it as UTF-8") from None
+    if "," in next((line for line in lines if line.strip()), ""):
         try:
             table = read_label_table(path)
         except ValueError as error:  # e.g. no header: its message names the file, not the flag
@@ -294,9 +298,7 @@ def read_group_file(path: str, root: Optional[str] = None) -> Dict[str, str]:
                              f"other columns are {sorted(table.columns)}")
         pairs = list(zip(table.lines, table.files, next(iter(table.columns.values()))))
     else:
-        with open(path, encoding="utf-8-sig") as handle:
-            pairs = [(number, *(line.rsplit(None, 1) + [""])[:2]) for number, line in enumerate(handle, 1)
-                     if line.strip()]
+        pairs = [(number, *(line.rsplit(None, 1) + [""])[:2]) for number, line in enumerate(lines, 1) if line.strip()]
     groups: Dict[str, str] = {}
     first_line: Dict[str, int] = {}
     for number, name, group in pairs:
