@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Optional
 
 from fastfair.optional import MissingPackage
 from fastfair.process_group import OtherRankFailed
+from fastfair.run_control import noticing_ctrl_c
 
 
 @contextlib.contextmanager
@@ -20,18 +21,26 @@ def user_errors(prog: str, resume: Optional[str] = None) -> Iterator[None]:
     installation keeps its traceback); FASTFAIR_TRACEBACK=1 re-raises it with its traceback (bitsandbytes' note
     on a hub kernel fastfair never uses is quieted where fastfair is imported: fastfair/__init__.py).
     Ctrl-C ends it with status 130 and ``prog: interrupted``, then ``resume`` (how to go on) when given."""
-    try:
-        yield
-    except (ValueError, OSError, MissingPackage, OtherRankFailed) as error:
-        if os.environ.get("FASTFAIR_TRACEBACK") == "1":
-            raise
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        if os.environ.get("FASTFAIR_TRACEBACK") == "1":
-            raise
+    def interrupted():
         print(f"{prog}: interrupted" + (f"; {resume}" if resume else ""), file=sys.stderr)
         raise SystemExit(130) from None
+
+    with noticing_ctrl_c() as ctrl_c:
+        try:
+            yield
+        except Exception as error:
+            if os.environ.get("FASTFAIR_TRACEBACK") == "1":
+                raise
+            if ctrl_c.came:  # a Ctrl-C that a library turned into another exception: interrupted all the same
+                interrupted()
+            if not isinstance(error, (ValueError, OSError, MissingPackage, OtherRankFailed)):
+                raise
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            if os.environ.get("FASTFAIR_TRACEBACK") == "1":
+                raise
+            interrupted()
 
 
 def folder_instead_of_file(flag: str, path: str, what: str, example: str) -> Optional[str]:

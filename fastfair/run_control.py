@@ -43,6 +43,40 @@ def stop_signals():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
+class CtrlC:
+    """SIGINT's handler during a command: notes that Ctrl-C came (``came``), then calls the handler it replaced
+    (Python's, which raises KeyboardInterrupt)."""
+
+    def __init__(self, previous):
+        self.previous, self.came = previous, False
+
+    def __call__(self, signum, frame) -> None:
+        self.came = True
+        self.previous(signum, frame)
+
+
+@contextlib.contextmanager
+def noticing_ctrl_c():
+    """A `CtrlC` for the block, so that a Ctrl-C a library turned into another exception still ends a command as
+    interrupted (numpy 1.x's ``np.unique(axis=0)``, interrupted in its comparison of rows, raises a TypeError
+    instead; the run ended with a traceback and status 1). Only where SIGINT has Python's own handler (a
+    background job ignores it; a caller may have its own) and in the main thread; inside another such block, that
+    block's."""
+    previous = signal.getsignal(signal.SIGINT)
+    if isinstance(previous, CtrlC):
+        yield previous
+        return
+    notice = CtrlC(previous)
+    if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
+        yield notice
+        return
+    signal.signal(signal.SIGINT, notice)
+    try:
+        yield notice
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def closing(close):
     """An ExitStack exit callback (`stack.push(closing(f))`) calling close(). When the block ends by an exception (a
     stop signal's SystemExit, an error), a failure of close() is printed and the ending exception goes on: the exit

@@ -52,7 +52,8 @@ from fastfair.preflight import DEFAULT_ITERATIONS as DEFAULT_CHECK_ITERATIONS
 from fastfair.preflight import Preflight, free_bytes, retention, saved_steps, tensor_bytes
 from fastfair.process_group import OtherRankFailed, on_every_rank, process_group
 from fastfair.prompts import build_prompt_mixture
-from fastfair.run_control import StopSignals, cannot_write, closing, isatty, progress_options, stop_signals
+from fastfair.run_control import (StopSignals, cannot_write, closing, isatty, noticing_ctrl_c, progress_options,
+                                  stop_signals)
 from fastfair.run_log import RunLog, image_file, last_logged_step, naming_errors
 
 
@@ -1012,23 +1013,32 @@ def main(argv=None) -> None:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
     trainer = None
-    try:
-        with process_group(device.split(":")[0]):
-            trainer = Trainer(cfg, device)
-            if args.check:
-                iterations = DEFAULT_CHECK_ITERATIONS if args.check_iterations is None else args.check_iterations
-                report = trainer.check(iterations)
-                if trainer.rank == 0:
-                    print(report.summary() + "\nnothing was saved: the same command without --check runs it")
-                if report.problems():
-                    raise SystemExit(1)
-                return
-            trainer.train()
-    except KeyboardInterrupt:  # Ctrl-C: where the run stopped and how to go on, not the traceback of its frames
+
+    def interrupted():  # Ctrl-C: where the run stopped and how to go on, not the traceback of its frames
         if int(os.environ.get("RANK", 0)) == 0:
             message = "check interrupted; nothing was saved" if args.check else interrupted_message(cfg, trainer)
             print(message, file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+
+    with noticing_ctrl_c() as ctrl_c:
+        try:
+            with process_group(device.split(":")[0]):
+                trainer = Trainer(cfg, device)
+                if args.check:
+                    iterations = DEFAULT_CHECK_ITERATIONS if args.check_iterations is None else args.check_iterations
+                    report = trainer.check(iterations)
+                    if trainer.rank == 0:
+                        print(report.summary() + "\nnothing was saved: the same command without --check runs it")
+                    if report.problems():
+                        raise SystemExit(1)
+                    return
+                trainer.train()
+        except KeyboardInterrupt:
+            interrupted()
+        except Exception:
+            if not ctrl_c.came:
+                raise
+            interrupted()  # a Ctrl-C that a library turned into another exception (fastfair.run_control)
 
 
 def interrupted_message(cfg: TrainConfig, trainer: Optional[Trainer], hint: Optional[str] = None) -> str:

@@ -890,6 +890,34 @@ def test_user_errors_end_with_status_2_or_their_traceback_when_asked(monkeypatch
         raise ValueError("bad setting")
 
 
+def converted_ctrl_c():
+    """Ctrl-C arriving inside a library that turns the KeyboardInterrupt into another error (numpy 1.x's
+    np.unique(axis=0), interrupted in its comparison of rows, raises this TypeError)."""
+    import signal
+
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+        raise TypeError("Cannot compare structured arrays unless they have a common dtype") from None
+
+
+def test_a_ctrl_c_a_library_turned_into_another_error_still_ends_as_interrupted(monkeypatch, capsys):
+    """Status 130 and the resume hint, not a traceback and status 1 (or 2 for a ValueError); an error without a
+    Ctrl-C keeps its own course, and SIGINT's handler is Python's again afterwards, inner blocks sharing the outer's."""
+    import signal
+
+    from fastfair.cli import user_errors
+
+    monkeypatch.delenv("FASTFAIR_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_, user_errors("prog", "the same command resumes"):
+        with user_errors("inner"):  # fastfair/train.py's main runs inside its own user_errors
+            converted_ctrl_c()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "inner: interrupted\n"
+    with pytest.raises(TypeError, match="structured"), user_errors("prog"):
+        raise TypeError("Cannot compare structured arrays unless they have a common dtype")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_folder_flag_given_a_file_or_a_path_below_one_is_named_before_the_work(tmp_path):
     from fastfair.cli import file_instead_of_folder
 

@@ -865,3 +865,22 @@ def test_stop_signals_in_a_worker_thread_leave_the_process_s_handlers():
     worker.join()
     assert "error" not in seen and isinstance(seen["stop"], StopSignals)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_ctrl_c_a_library_turned_into_another_error_ends_the_run_as_interrupted(tmp_path, world, monkeypatch,
+                                                                                  capsys):
+    """numpy 1.x's np.unique(axis=0) (the alignment targets' rows) turns a Ctrl-C landing in its comparison into a
+    TypeError: the run ended with that traceback and status 1 (seen on the torch 2.4 stack). It now says where it
+    stopped, status 130, as for any Ctrl-C."""
+    from fastfair import trainer as training
+    from test_cli_eval_inputs import converted_ctrl_c
+
+    monkeypatch.setattr(Trainer, "train", lambda self: converted_ctrl_c())
+    config = write_config(tmp_path, world)
+    with pytest.raises(SystemExit) as exit_:
+        training.main(["--config", str(config), "logging.image_every=0"])
+    assert exit_.value.code == 130
+    assert "interrupted before training began; no checkpoint saved yet" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "train", lambda self: int("not a number"))  # no Ctrl-C: the error itself
+    with pytest.raises(ValueError, match="invalid literal"):
+        training.main(["--config", str(config), "logging.image_every=0"])
