@@ -68,23 +68,20 @@ def load_optimizer_shard(engine, shards: List[dict]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     optimizer = engine.optimizer
     partitioned = type(optimizer).__name__ in ("DeepSpeedZeroOptimizer", "BF16_Optimizer")
-    if len(shards) != world:
-        if partitioned:
-            if rank == 0:
-                print(f"resume: re-partitioning the optimizer state that {len(shards)} rank(s) saved over this run's "
-                      f"{world}")
-            shards = [resharded(engine, shards)] * world  # each rank reads its own index
-        else:
-            shards = [shards[0]] * world
+    if partitioned and len(shards) != world:
+        if rank == 0:
+            print(f"resume: re-partitioning the optimizer state that {len(shards)} rank(s) saved over this run's "
+                  f"{world}")
+        shards = [resharded(engine, shards)] * world  # each rank reads its own index
     # Each of DeepSpeed's optimizers stores its clip_grad in its state and takes the saving run's back on loading:
     # kept from this run, so that optim.grad_clip as resumed takes effect (as lr and weight decay do).
     clip = getattr(optimizer, "clip_grad", None)
-    if type(optimizer).__name__ in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
+    if partitioned:
         # ZeRO-1/2, and bf16 with fp32 gradient accumulation: every shard in, its own rank's kept, from its fp32
         # master weights
         optimizer.load_state_dict(shards, load_from_fp32_weights=True)
-    else:  # stage 0: the whole state on every rank
-        optimizer.load_state_dict(shards[rank])
+    else:  # stage 0: every rank saved the whole state; on another number of ranks, the first serves
+        optimizer.load_state_dict(shards[rank] if len(shards) == world else shards[0])
     if hasattr(optimizer, "clip_grad"):
         optimizer.clip_grad = clip
 

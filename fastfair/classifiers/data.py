@@ -299,19 +299,18 @@ def read_group_file(path: str, root: Optional[str] = None) -> Dict[str, str]:
         pairs = list(zip(table.lines, table.files, next(iter(table.columns.values()))))
     else:
         pairs = [(number, *(line.rsplit(None, 1) + [""])[:2]) for number, line in enumerate(lines, 1) if line.strip()]
-    groups: Dict[str, str] = {}
-    first_line: Dict[str, int] = {}
+    first: Dict[str, Tuple[str, int]] = {}  # image -> (its group, the line giving it first)
     for number, name, group in pairs:
-        if not name.strip() or not group.strip():
+        name, group = name.strip(), group.strip()
+        if not name or not group:
             raise ValueError(f"--groups {path}, line {number}: expected an image file name and its group (e.g. "
                              "'000001.jpg 2880', or under a CSV's 'file,group' header '000001.jpg,2880'), found one of "
                              "them only")
-        key = file_key(name.strip(), root)
-        if groups.setdefault(key, group.strip()) != group.strip():
-            raise ValueError(f"--groups {path}: {name.strip()} is given group {groups[key]!r} on line "
-                             f"{first_line[key]} and {group.strip()!r} on line {number}; keep the right one")
-        first_line.setdefault(key, number)
-    return groups
+        earlier, line = first.setdefault(file_key(name, root), (group, number))
+        if earlier != group:
+            raise ValueError(f"--groups {path}: {name} is given group {earlier!r} on line {line} and {group!r} on "
+                             f"line {number}; keep the right one")
+    return {key: group for key, (group, _) in first.items()}
 
 
 def row_groups(spec: str, table: LabelTable, root: Optional[str] = None) -> List[str]:

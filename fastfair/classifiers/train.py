@@ -282,9 +282,9 @@ PATH_KEYS = ("data", "labels", "val_labels")  # compared as the files they name,
 
 
 def _as_compared(key: str, value):
-    if key == "groups" and value and os.path.isfile(value):  # a file of groups; else a column name
-        return os.path.realpath(value)
-    return os.path.realpath(value) if key in PATH_KEYS and value else value
+    # --groups names a file of groups or a column
+    path = key in PATH_KEYS or (key == "groups" and bool(value) and os.path.isfile(value))
+    return os.path.realpath(value) if path and value else value
 
 
 def data_fingerprint(head, train_set, val_set) -> dict:
