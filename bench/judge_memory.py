@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from _memory import PeakMemory, peak_ratio, worker_env  # noqa: E402
 from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
+from fastfair.run_control import sigterm_as_exit  # noqa: E402
 
 MODES = ("keep", "blockwise", "sliced")
 
@@ -153,4 +154,5 @@ def write_report(results: list, args, argv, resolution: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # gpu_check.sh's time limit: the model folder in /tmp and a stopped write are removed
+        main()

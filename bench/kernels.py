@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from fastfair.files import atomic_path
+from fastfair.run_control import sigterm_as_exit
 from fastfair.kernels import dispatch, grad_fanout, grad_fanout_torch, solver_step, solver_step_torch, testing
 
 SHAPES = [(1, 4, 64, 64), (8, 4, 64, 64), (32, 4, 64, 64), (8, 4, 128, 128)]
@@ -180,6 +181,8 @@ def run(args, written=None) -> dict:
                 step="CFG, order 2, trajectory fp32, eps in dtype", command=getattr(args, "command", None),
                 complete=False)
     report = dict(meta=meta, results=results)
+    if written is not None:  # a run stopped in its first shape replaces an older report at the path: no stale rows
+        written(report)
     benches = [("solver_step", step_calls, step_bytes), ("grad_fanout", fanout_calls, fanout_bytes)]
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
@@ -229,7 +232,7 @@ def markdown(report: dict) -> str:
     lines += [f"- {note}" for note in meta["notes"]]
     if not meta.get("complete", True):  # reports before the field were written whole
         lines.append("- partial: the run stopped before its last shape (a time limit?); the rows are what it "
-                     "measured")
+                     "measured" + ("" if report["results"] else " (none)"))
     return "\n".join(lines) + "\n"
 
 
@@ -302,4 +305,5 @@ def write_report(report: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # gpu_check.sh's time limit: the report write it stops leaves no temporary file
+        main()

@@ -43,6 +43,26 @@ def stop_signals():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
+def _exit_at_sigterm(signum, frame) -> None:
+    sys.exit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """SIGTERM raises SystemExit(143) in the block, so that cleanups run: the default action ends the process at
+    once, leaving the temporary file of a `fastfair.files.atomic_path` write it stopped (``timeout``, as
+    bench/gpu_check.sh runs each step, sends SIGTERM). Main thread only (Python runs handlers there only); the
+    previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_at_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 class CtrlC:
     """SIGINT's handler during a command: notes that Ctrl-C came (``came``), then calls the handler it replaced
     (Python's, which raises KeyboardInterrupt)."""

@@ -166,3 +166,40 @@ def test_a_report_from_before_the_complete_field_is_not_called_partial():
         assert "partial" not in kernels_bench.markdown(report) and "partial" not in kernels_bench.summarize(report)
     partial = {"meta": dict(meta, complete=False), "results": results}
     assert "partial" in kernels_bench.markdown(partial) and "partial" in kernels_bench.summarize(partial)
+
+
+def test_a_run_stopped_in_its_first_shape_replaces_an_older_report(monkeypatch, tmp_path):
+    """An older report at the path would have stood for this run's (its date alone telling them apart): the run
+    writes its empty, partial report before measuring anything."""
+    import json
+
+    out = tmp_path / "k.json"
+    out.write_text(json.dumps({"meta": {"complete": True}, "results": [{"op": "stale"}]}))
+    monkeypatch.setattr(kernels_bench, "fused_backends", lambda device: [])
+    monkeypatch.setattr(kernels_bench, "median_times", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        kernels_bench.main(["--json", str(out), "--device", "cpu"])
+    report = json.loads(out.read_text())
+    assert report["meta"]["complete"] is False and report["results"] == []
+    assert "the rows are what it measured (none)" in (tmp_path / "k.md").read_text()
+
+
+def test_the_benchmark_ends_with_status_143_at_sigterm(tmp_path):
+    """Run as gpu_check.sh runs it, under `timeout`: main runs under sigterm_as_exit, so a stopped report write
+    leaves no temporary file (tests/test_run_safety.py shows the mechanism)."""
+    import signal
+    import subprocess
+    import time
+
+    from child_env import child_env
+
+    out = tmp_path / "k.json"
+    run = subprocess.Popen([sys.executable, str(BENCH / "kernels.py"), "--json", str(out), "--device", "cpu",
+                            "--quick", "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           env=child_env())
+    deadline = time.monotonic() + 120
+    while not out.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first (empty) report: main has begun, under its handler
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM, run.stderr.read().decode()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

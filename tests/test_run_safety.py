@@ -884,3 +884,51 @@ def test_a_ctrl_c_a_library_turned_into_another_error_ends_the_run_as_interrupte
     monkeypatch.setattr(Trainer, "train", lambda self: int("not a number"))  # no Ctrl-C: the error itself
     with pytest.raises(ValueError, match="invalid literal"):
         training.main(["--config", str(config), "logging.image_every=0"])
+
+
+_STOPPED_WRITE = """
+import os, signal, sys, time
+from fastfair.files import atomic_path
+from fastfair.run_control import sigterm_as_exit
+guard = sigterm_as_exit() if sys.argv[2] == "guarded" else open(os.devnull)
+with guard:
+    with atomic_path(sys.argv[1]) as temporary:
+        with open(temporary, "w") as handle:
+            handle.write("half a report")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_sigterm_as_exit_lets_a_stopped_atomic_write_remove_its_temporary_file(tmp_path, guarded):
+    """`timeout` (bench/gpu_check.sh's limit on each step) sends SIGTERM; its default action ends the process at
+    once, leaving a write's `.tmp-*` file beside the report. Under sigterm_as_exit it ends with status 143 and
+    atomic_path's cleanup runs; the unguarded run shows what the guard is for."""
+    target = tmp_path / "report.json"
+    ended = subprocess.run([sys.executable, "-c", _STOPPED_WRITE, str(target), "guarded" if guarded else "bare"],
+                           capture_output=True, text=True, timeout=60, env=child_env())
+    left = sorted(path.name for path in tmp_path.iterdir())
+    if guarded:
+        assert ended.returncode == 128 + signal.SIGTERM and left == [], (ended.stderr, left)
+    else:
+        assert ended.returncode == -signal.SIGTERM and len(left) == 1 and left[0].startswith(".tmp-")
+
+
+def test_sigterm_as_exit_restores_the_handler_it_replaced():
+    from fastfair.run_control import sigterm_as_exit
+
+    def mine(*args):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with sigterm_as_exit():
+            assert signal.getsignal(signal.SIGTERM) is not mine
+            with pytest.raises(SystemExit) as stopped:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs at the next bytecode; never reached
+            assert stopped.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
