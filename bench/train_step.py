@@ -75,6 +75,7 @@ from _workers import add_worker_flag, spawn, worker_or_none  # noqa: E402
 from baseline import baseline_iteration, checkpointed, set_classic_attention  # noqa: E402
 from flops import count_flops, count_input_backward_flops, iteration_flops, matmul_rate  # noqa: E402
 from fastfair.files import write_text  # noqa: E402
+from fastfair.run_control import sigterm_as_exit  # noqa: E402
 
 IMPLS = ("baseline_sdpa", "baseline", "fastfair", "fastfair_k5", "fastfair_fast")
 PROMPT = "a photo of the face of a doctor"
@@ -496,7 +497,8 @@ def summarize(runs: list, args, flops_info: dict) -> list:
         phases = {name: statistics.median([v for r in mine for v in r["phases_samples"].get(name, [])])
                   for name in mine[0]["phases_samples"]}
         row = {"impl": impl, "model": args.model, "images": args.images, "steps": args.steps,
-               "s_per_iter": statistics.median(times), "peak_bytes": int(statistics.median(r["peak_bytes"] for r in mine)),
+               "s_per_iter": statistics.median(times),
+               "peak_bytes": int(statistics.median(r["peak_bytes"] for r in mine)),
                "phases_s": phases, "timed_iterations": len(times), "micro_batch": mine[0]["micro_batch"],
                "judge_images": mine[0].get("judge_images")}
         row["s_per_image"] = row["s_per_iter"] / args.images
@@ -527,8 +529,10 @@ def summarize(runs: list, args, flops_info: dict) -> list:
     return rows
 
 
-def _ratio(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _ratio(value: Optional[float], spec: str = ".3f", scale: float = 1.0) -> str:
+    """value / scale formatted by spec; "-" where it was not measured (no baseline_sdpa in --impls, no FLOP model):
+    a 0.00 there read as a measured speedup of zero."""
+    return "-" if value is None else format(value / scale, spec)
 
 
 def _keeps_label(row: dict) -> str:
@@ -547,11 +551,14 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
         ph, mf = r["phases_s"], r.get("model_flops", {})
         lines.append(
             f"| {r['impl']}{_keeps_label(r)} "
-            f"| {r['s_per_iter']:.3f} | {r['s_per_image']:.3f} | {r.get('speedup_per_image_vs_baseline_sdpa', 0):.2f} "
-            f"| {r.get('model_speedup_vs_baseline_sdpa', 0):.2f} | {r['peak_bytes'] / 2**20:.1f} "
-            f"| {_ratio(r.get('peak_vs_baseline_sdpa'))} | {ph.get('sampling', 0):.3f} | {ph.get('decode_losses', 0):.3f} "
-            f"| {ph.get('backward', 0):.3f} | {ph.get('optimizer', 0):.4f} | {mf.get('total', 0) / 1e12:.4f} "
-            f"| {r.get('achieved_flops_per_s', 0) / 1e12:.4f} | {r.get('floor_s', 0):.4f} | {r.get('s_over_floor', 0):.1f} |")
+            f"| {r['s_per_iter']:.3f} | {r['s_per_image']:.3f} "
+            f"| {_ratio(r.get('speedup_per_image_vs_baseline_sdpa'), '.2f')} "
+            f"| {_ratio(r.get('model_speedup_vs_baseline_sdpa'), '.2f')} | {r['peak_bytes'] / 2**20:.1f} "
+            f"| {_ratio(r.get('peak_vs_baseline_sdpa'))} | {ph.get('sampling', 0):.3f} "
+            f"| {ph.get('decode_losses', 0):.3f} | {ph.get('backward', 0):.3f} | {ph.get('optimizer', 0):.4f} "
+            f"| {_ratio(mf.get('total'), '.4f', 1e12)} "
+            f"| {_ratio(r.get('achieved_flops_per_s'), '.4f', 1e12)} | {_ratio(r.get('floor_s'), '.4f')} "
+            f"| {_ratio(r.get('s_over_floor'), '.1f')} |")
     if meta.get("matmul_flops_per_s"):
         lines += ["", f"Measured dense matmul rate: {meta['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s "
                       f"({meta['matmul_dtype']}); FLOP model: bench/flops.py."]
@@ -559,7 +566,8 @@ def markdown(rows: list, sweep: list, meta: dict) -> str:
         plain, attention = meta.get("kept_graph_bytes_plain"), meta.get("kept_attention_bytes")
         share = meta.get("kept_attention_share")
         lines += ["", f"fastfair_fast: one kept step's graph holds {meta['kept_graph_bytes'] / 2**20:.1f} MiB "
-                      + (f"({plain / 2**20:.1f} MiB with plain autograd, without fastfair.lean_graph) " if plain else "")
+                      + (f"({plain / 2**20:.1f} MiB with plain autograd, without fastfair.lean_graph) " if plain
+                         else "")
                       + (f"and a step keeping its attention outputs only {attention / 2**20:.2f} MiB " if attention
                          else "")
                       + "(counted exactly, fastfair.memory_budget)"
@@ -740,4 +748,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # gpu_check.sh's time limit: the model folder in /tmp and a stopped write are removed
+        main()

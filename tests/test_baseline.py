@@ -628,3 +628,43 @@ def test_the_flop_model_refit_gives_baseline_sdpa_over_each_impl(tmp_path, monke
     assert ours["new_model_speedup"] == base["new_flops"] / ours["new_flops"] > 1
     assert ours["old_model_speedup"] == base["old_flops"] / ours["old_flops"] > ours["new_model_speedup"]
     assert "| fastfair | 1.500 |" in (tmp_path / "refit.md").read_text()
+
+
+def test_a_ratio_with_nothing_to_compare_against_is_blank_not_zero():
+    """Without baseline_sdpa in --impls, or without a FLOP model (the first run counts it), the ratio and FLOP
+    columns have nothing to show: "-", where a 0.00 read as a measured speedup of zero."""
+    runs = [{"impl": "baseline", "s_per_iter_samples": [2.0], "phases_samples": {"sampling": [1.0]},
+             "peak_bytes": 2**20, "micro_batch": 1}]
+    args = argparse.Namespace(model="tiny", images=1, steps=4, dtype="auto")
+    table = train_step.markdown(train_step.summarize(runs, args, {}), [], {
+        "device": "cpu", "model": "tiny", "images": 1, "steps": 4, "latent": [4], "date": "today", "rounds": 1})
+    lines = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
+    row = dict(zip([c.strip() for c in lines[0]], [c.strip() for c in lines[1]]))
+    assert row["impl"] == "baseline" and row["s/iter"] == "2.000" and row["sampling s"] == "1.000"
+    for column in ("speedup vs baseline_sdpa", "FLOP-model speedup", "peak / baseline_sdpa", "model TFLOP",
+                   "achieved TFLOP/s", "floor s", "s / floor"):
+        assert row[column] == "-", (column, row[column])
+
+
+def test_train_step_at_sigterm_ends_with_status_143_and_removes_its_model_folder(tmp_path):
+    """gpu_check.sh runs it under `timeout`, which sends SIGTERM: Python's default action ended the process at
+    once, leaving the random-weight models it wrote to a temporary folder (gigabytes for sd15) and possibly a
+    report's temporary file. Under sigterm_as_exit the folder is removed on the way out."""
+    import signal
+    import subprocess
+    import time
+
+    from child_env import child_env
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    run = subprocess.Popen([sys.executable, str(BENCH / "train_step.py"), "--model", "tiny", "--images", "1",
+                            "--steps", "2", "--rounds", "50", "--impls", "baseline", "--json", str(tmp_path / "t.json")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env(TMPDIR=str(scratch)))
+    deadline = time.monotonic() + 180
+    while not list(scratch.glob("fastfair-bench-*/paths.json")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the models are on disk: main is past its imports, under its handler
+    assert list(scratch.glob("fastfair-bench-*/paths.json")), run.stderr.read().decode()
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM, run.stderr.read().decode()
+    assert not list(scratch.glob("fastfair-bench-*")) and not list(tmp_path.glob(".tmp-*"))
