@@ -26,6 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(tmp_path, config, ds_json, processes, max_steps, *overrides):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+           f"--master_port={free_port()}", str(REPO / "fastfair" / "train.py"), "--config", str(config),
+           "--deepspeed_config", str(ds_json), f"max_steps={max_steps}", "resume=auto", *overrides]
+    run = subprocess.run(cmd, env=child_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1"), capture_output=True,
+                         text=True, timeout=400, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
 def test_two_processes_equal_one(tmp_path):
     world = make_world(tmp_path / "world")
     config = write_config(tmp_path / "two", world, "text_unet_lora")
@@ -70,17 +80,12 @@ def test_deepspeed_zero2_with_resume_equals_plain_run(tmp_path):
     ds_json = tmp_path / "zero2_fp32.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10**9}))
     config = write_config(tmp_path / "ds", world, "text_unet_lora")
-    env = child_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     ckpt = tmp_path / "ds" / "run" / "checkpoints"
     for max_steps, check in ((2, ["--check", "--check-iterations", "1"]), (1, []), (2, [])):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(REPO / "fastfair" / "train.py"), "--config", str(config), "--deepspeed_config", str(ds_json),
-               *check, f"max_steps={max_steps}", "resume=auto"]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        stdout = _launch(tmp_path, config, ds_json, 2, max_steps, *check)
         if check:
-            assert "(2 on each of 2 processes)" in run.stdout and "iterations   1 checked" in run.stdout, run.stdout
-            assert run.stdout.count("nothing was saved") == 1  # rank 0 reports
+            assert "(2 on each of 2 processes)" in stdout and "iterations   1 checked" in stdout, stdout
+            assert stdout.count("nothing was saved") == 1  # rank 0 reports
             assert not any(ckpt.iterdir())
     state = torch.load(ckpt / "step_00000002" / "state.pt", weights_only=False)
     assert len(state["zero_shards"]) == 2 and state["optimizer"] is None
@@ -104,16 +109,11 @@ def test_deepspeed_bf16_resume_keeps_the_fp32_master_weights(tmp_path):
     ds_json = tmp_path / "zero2_bf16.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
                                    "steps_per_print": 10**9}))
-    env = child_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     finals = {}
     for name, steps in (("resumed", (1, 2)), ("straight", (2,))):
         config = write_config(tmp_path / name, world, "text_unet_lora")
         for max_steps in steps:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                   str(REPO / "fastfair" / "train.py"), "--config", str(config), "--deepspeed_config", str(ds_json),
-                   "precision.mixed=bf16", f"max_steps={max_steps}", "resume=auto"]
-            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
-            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+            _launch(tmp_path, config, ds_json, 2, max_steps, "precision.mixed=bf16")
         finals[name] = load_file(str(tmp_path / name / "run" / "checkpoints" / "step_00000002" / "weights.safetensors"))
     assert set(finals["resumed"]) == set(finals["straight"]) and finals["straight"]
     for key, value in finals["straight"].items():
@@ -235,16 +235,6 @@ def test_shards_of_two_parameter_groups_are_repartitioned_group_by_group():
             assert torch.equal(safe_get_full_fp32_param(p), dict(params)[f"p{i}"].detach()), name
             for key, value in expected[name].items():
                 assert torch.equal(loaded[name][key], value), (name, key)
-
-
-def _launch(tmp_path, config, ds_json, processes, max_steps, *overrides):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-           f"--master_port={free_port()}", str(REPO / "fastfair" / "train.py"), "--config", str(config),
-           "--deepspeed_config", str(ds_json), f"max_steps={max_steps}", "resume=auto", *overrides]
-    run = subprocess.run(cmd, env=child_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1"), capture_output=True,
-                         text=True, timeout=400, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout
 
 
 def test_deepspeed_resumes_on_another_number_of_processes(tmp_path):
